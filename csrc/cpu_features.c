@@ -1,0 +1,62 @@
+/* Runtime CPU feature detection (see cpu_features.h). */
+#include "cpu_features.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+static unsigned long long pe_xgetbv(unsigned int index) {
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(index));
+    return ((unsigned long long)edx << 32) | eax;
+}
+
+static pe_simd_level detect(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return PE_SIMD_SCALAR;
+    int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1, avx = (c >> 28) & 1;
+    if (!osxsave || !avx) return PE_SIMD_SCALAR;
+    unsigned long long xcr0 = pe_xgetbv(0);
+    if ((xcr0 & 0x6) != 0x6) return PE_SIMD_SCALAR; /* OS saves XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return PE_SIMD_SCALAR;
+    int avx2 = (b >> 5) & 1;
+    int avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    int vnni = (c >> 11) & 1;
+    if (!(avx2 && fma && f16c)) return PE_SIMD_SCALAR;
+    if (avx512f && avx512dq && avx512bw && avx512vl && vnni && (xcr0 & 0xe6) == 0xe6) return PE_SIMD_AVX512;
+    return PE_SIMD_AVX2;
+}
+
+int pe_cpu_has_avx512bf16(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1;
+}
+#else
+static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }
+int pe_cpu_has_avx512bf16(void) { return 0; }
+#endif
+
+const char *pe_simd_level_name(pe_simd_level level) {
+    switch (level) {
+    case PE_SIMD_AVX512: return "avx512";
+    case PE_SIMD_AVX2: return "avx2";
+    default: return "scalar";
+    }
+}
+
+pe_simd_level pe_simd_level_get(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        pe_simd_level level = detect();
+        const char *cap = getenv("PYENGINE_SIMD");
+        if (cap) {
+            if (strcmp(cap, "scalar") == 0) level = PE_SIMD_SCALAR;
+            else if (strcmp(cap, "avx2") == 0 && level > PE_SIMD_AVX2) level = PE_SIMD_AVX2;
+        }
+        cached = (int)level;
+    }
+    return (pe_simd_level)cached;
+}

@@ -1,0 +1,18 @@
+/* Runtime CPU feature detection: one build runs on any x86-64, and the kernels pick
+ * their SIMD variant from what the processor (and the OS, for AVX state) supports. */
+#ifndef PE_CPU_FEATURES_H
+#define PE_CPU_FEATURES_H
+
+typedef enum {
+    PE_SIMD_SCALAR = 0,
+    PE_SIMD_AVX2 = 1,    /* AVX2 + FMA + F16C */
+    PE_SIMD_AVX512 = 2,  /* AVX-512 F/BW/VL/DQ + VNNI (+ BF16 when present) */
+} pe_simd_level;
+
+/* Best level this machine supports, capped by the PYENGINE_SIMD environment variable
+ * ("scalar", "avx2", "avx512") so every variant can be tested on one machine. */
+pe_simd_level pe_simd_level_get(void);
+const char *pe_simd_level_name(pe_simd_level level);
+int pe_cpu_has_avx512bf16(void);
+
+#endif

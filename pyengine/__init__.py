@@ -1,0 +1,8 @@
+"""pyengine: run gpt-oss GGUF models with a compiled core and serve them over an OpenAI API."""
+
+__version__ = "0.1.0"
+
+from pyengine._cpu import simd_level
+from pyengine.errors import ModelLoadError
+
+__all__ = ["__version__", "ModelLoadError", "simd_level"]

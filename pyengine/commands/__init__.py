@@ -1,0 +1,1 @@
+"""Subcommands of the `pyengine` CLI, one module each (see pyengine.cli)."""

@@ -1,0 +1,5 @@
+"""Errors the user sees: one class per kind of failure, each message one clear sentence."""
+
+
+class ModelLoadError(ValueError):
+    """A model file (or a name that should lead to one) cannot be loaded as it is."""

@@ -1,0 +1,55 @@
+/* Tensor element types as ggml numbers them, and one table of type traits (block size, bytes per
+ * block, kernels) in the manner of ggml's type_traits: adding a format is one file and one row.
+ *
+ * Layout of every block type: see gguf-py's gguf/quants.py (the executable spec) and
+ * shared/docs/gpt-oss-spec.md section 4. Every kernel here validates nothing: callers (Python)
+ * check types, sizes and alignment before a pointer reaches C. */
+#ifndef PE_QUANTS_H
+#define PE_QUANTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum pe_type {
+    PE_TYPE_F32 = 0,
+    PE_TYPE_F16 = 1,
+    PE_TYPE_Q4_0 = 2,
+    PE_TYPE_Q4_1 = 3,
+    PE_TYPE_Q5_0 = 6,
+    PE_TYPE_Q5_1 = 7,
+    PE_TYPE_Q8_0 = 8,
+    PE_TYPE_Q2_K = 10,
+    PE_TYPE_Q3_K = 11,
+    PE_TYPE_Q4_K = 12,
+    PE_TYPE_Q5_K = 13,
+    PE_TYPE_Q6_K = 14,
+    PE_TYPE_BF16 = 30,
+    PE_TYPE_MXFP4 = 39,
+};
+
+/* dst[0..n) = the n elements of the quantized row at src; n is a multiple of blck_size. */
+typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
+/* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
+typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
+
+typedef struct {
+    int type;
+    const char *name;
+    int blck_size;  /* elements per block */
+    int type_size;  /* bytes per block */
+    pe_dequant_row_fn dequant_row;  /* best SIMD variant for this CPU */
+    pe_dot_f32_fn dot_f32;          /* best SIMD variant for this CPU */
+} pe_type_traits;
+
+/* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */
+const pe_type_traits *pe_type_traits_get(int type);
+
+/* Bytes of one row of n elements (n a multiple of the block size). */
+size_t pe_row_size(int type, int64_t n);
+
+/* IEEE half / bfloat16 conversions (exact, round-to-nearest-even for the narrowing ones). */
+float pe_fp16_to_fp32(uint16_t h);
+uint16_t pe_fp32_to_fp16(float f);
+float pe_bf16_to_fp32(uint16_t h);
+
+#endif

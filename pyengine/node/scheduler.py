@@ -1,0 +1,271 @@
+"""Slots, a bounded queue, and one worker thread that steps every active sequence in turn.
+
+One slot per --parallel sequence, each with its own KV state. New requests join between steps
+(continuous admission); a cancelled request (client gone) leaves before the next step, so its slot
+is free within one step. Each step hands the list of active slots to `Backend.step`: with the
+engine's current one-sequence-per-Engine contract that runs them one after another (interleaved,
+not batched); an engine with a multi-sequence decode runs them in one forward pass there.
+
+Results travel to the request's asyncio queue through `loop.call_soon_threadsafe`, so the event
+loop never blocks on the model."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyengine.node.backend import Backend, SamplingParams, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.node.metrics import Metrics
+from pyengine.node.stops import StopMatcher
+
+log = logging.getLogger("pyengine")
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer accepts work."""
+
+
+@dataclass
+class Chunk:
+    """New output of one job: text pieces, tool-call pieces, logprobs of the tokens behind them."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    finish_reason: str
+    usage: dict[str, Any]
+    timings: dict[str, Any]
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500
+    type: str = "server_error"
+
+
+@dataclass
+class Job:
+    """One generation request as the worker thread sees it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    chat: bool
+    max_tokens: int
+    stops: list[str]
+    endpoint: str
+    loop: asyncio.AbstractEventLoop
+    request_id: str = ""
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    t_prompt_done: float = 0.0
+    t_last_token: float = 0.0
+    n_cached: int = 0
+    n_prompt_eval: int = 0
+    n_generated: int = 0
+    tool_seen: bool = False
+    stopper: StopMatcher | None = None
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this job before its next step (thread-safe)."""
+        self.cancelled = True
+
+    def post(self, event: Chunk | Finished | Failed) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            self.cancelled = True  # the event loop is gone
+
+
+class Scheduler:
+    """Runs jobs on `n_parallel` slots of `backend`, at most `max_queue` waiting."""
+
+    def __init__(self, backend: Backend, n_parallel: int = 1, max_queue: int = 64,
+                 metrics: Metrics | None = None, verbose: bool = False) -> None:
+        self.backend = backend
+        self.n_ctx = backend.info.n_ctx
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.verbose = verbose
+        self.slots: list[Slot] = [backend.new_slot() for _ in range(n_parallel)]
+        self.free: list[Slot] = list(reversed(self.slots))
+        self.queue: collections.deque[Job] = collections.deque()
+        self.active: list[tuple[Job, Slot]] = []
+        self.cond = threading.Condition()
+        self.stopping: str | None = None
+        self.steps = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="pyengine-scheduler", daemon=True)
+        self.thread.start()
+
+    @property
+    def n_parallel(self) -> int:
+        return len(self.slots)
+
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def n_active(self) -> int:
+        return len(self.active)
+
+    def kv_tokens(self) -> int:
+        return sum(slot.n_past for slot in self.slots)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises QueueFull or ShuttingDown instead of waiting."""
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown(self.stopping)
+            if len(self.queue) >= self.max_queue and not self.free:
+                raise QueueFull(f"all {self.n_parallel} slots are busy and {len(self.queue)} "
+                                "requests are waiting; retry later")
+            job.stopper = StopMatcher(job.stops)
+            self.queue.append(job)
+            self.cond.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """Cancel `job`; if it is still waiting, drop it from the queue at once."""
+        job.cancel()
+        with self.cond:
+            if job in self.queue:
+                self.queue.remove(job)
+
+    def shutdown(self, reason: str = "the server is shutting down", timeout: float = 10.0) -> None:
+        """Stop after the current step; every waiting or running job ends with a 503 error."""
+        with self.cond:
+            if self.stopping is None:
+                self.stopping = reason
+            self.cond.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.queue and not self.active:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                admitted = []
+                while self.queue and self.free:
+                    admitted.append((self.queue.popleft(), self.free.pop()))
+            for job, slot in admitted:
+                self._admit(job, slot)
+            for job, slot in [a for a in self.active if a[0].cancelled]:
+                self._release(job, slot, "cancelled")
+            if not self.active:
+                continue
+            try:
+                outputs = self.backend.step([slot for _, slot in self.active])
+            except Exception as e:  # a model failure ends the requests of this step, not the node
+                log.exception("generation step failed")
+                for job, slot in list(self.active):
+                    job.post(Failed(f"generation failed: {e}"))
+                    self._release(job, slot, "error")
+                continue
+            for (job, slot), out in zip(list(self.active), outputs):
+                self._advance(job, slot, out)
+        for job, slot in list(self.active):
+            job.post(Failed(self.stopping, 503, "unavailable_error"))
+            self._release(job, slot, "cancelled")
+        with self.cond:
+            waiting, self.queue = list(self.queue), collections.deque()
+        for job in waiting:
+            job.post(Failed(self.stopping, 503, "unavailable_error"))
+
+    def _admit(self, job: Job, slot: Slot) -> None:
+        job.t_start = time.perf_counter()
+        try:
+            job.n_cached = slot.start(job.prompt, job.params, job.chat)
+        except Exception as e:
+            log.exception("could not start a request")
+            job.post(Failed(f"could not start generation: {e}"))
+            self._free(slot)
+            return
+        self.active.append((job, slot))
+
+    def _free(self, slot: Slot) -> None:
+        with self.cond:
+            self.free.append(slot)
+
+    def _release(self, job: Job, slot: Slot, outcome: str) -> None:
+        self.active.remove((job, slot))
+        self._free(slot)
+        self.metrics.count_request(job.endpoint, outcome)
+
+    def _advance(self, job: Job, slot: Slot, out: StepOutput) -> None:
+        now = time.perf_counter()
+        job.n_prompt_eval += out.prompt_evaluated
+        if out.token is None:
+            return
+        if job.n_generated == 0:
+            job.t_prompt_done = job.t_prompt_done or now
+            self.metrics.observe_ttft(now - job.t_submit)
+        else:
+            self.metrics.observe_token_gap(now - job.t_last_token)
+        job.t_last_token = now
+        job.n_generated += 1
+        content, stopped = job.stopper.feed(out.content)
+        if out.tool_calls:
+            job.tool_seen = True
+        chunk = Chunk(out.reasoning, content, out.tool_calls,
+                      [out.logprob] if out.logprob and job.params.logprobs else [])
+        if chunk.reasoning or chunk.content or chunk.tool_calls or chunk.logprobs:
+            job.post(chunk)
+        if stopped:
+            reason = "stop"
+        elif out.done:
+            reason = "tool_calls" if out.tool_call or job.tool_seen else "stop"
+        elif job.n_generated >= job.max_tokens or slot.n_past >= self.n_ctx:
+            reason = "length"
+        else:
+            return
+        if not stopped:
+            rest = job.stopper.flush()
+            if rest:
+                job.post(Chunk(content=rest))
+        self._finish(job, slot, reason, now)
+
+    def _finish(self, job: Job, slot: Slot, reason: str, now: float) -> None:
+        n_prompt = len(job.prompt)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": job.n_generated,
+                 "total_tokens": n_prompt + job.n_generated,
+                 "prompt_tokens_details": {"cached_tokens": job.n_cached}}
+        prompt_ms = (job.t_prompt_done - job.t_start) * 1e3
+        predicted_ms = (now - job.t_prompt_done) * 1e3
+        timings = {
+            "cache_n": job.n_cached, "prompt_n": job.n_prompt_eval, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / max(job.n_prompt_eval, 1),
+            "prompt_per_second": job.n_prompt_eval / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
+            "predicted_n": job.n_generated, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / max(job.n_generated, 1),
+            "predicted_per_second": job.n_generated / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
+        }
+        job.post(Finished(reason, usage, timings))
+        self.metrics.count_tokens(prompt=n_prompt, cached=job.n_cached, generated=job.n_generated)
+        self._release(job, slot, "ok")
+        if self.verbose:
+            log.info("request %s: prompt eval time = %.2f ms / %d tokens (%.2f ms per token, "
+                     "%.2f tokens per second)", job.request_id, prompt_ms, job.n_prompt_eval,
+                     timings["prompt_per_token_ms"], timings["prompt_per_second"])
+            log.info("request %s:        eval time = %.2f ms / %d tokens (%.2f ms per token, "
+                     "%.2f tokens per second)", job.request_id, predicted_ms, job.n_generated,
+                     timings["predicted_per_token_ms"], timings["predicted_per_second"])
+            log.info("request %s:       total time = %.2f ms / %d tokens", job.request_id,
+                     (now - job.t_submit) * 1e3, job.n_prompt_eval + job.n_generated)

@@ -1,0 +1,234 @@
+"""Request bodies as pydantic models and errors in the OpenAI shape.
+
+Every validation failure becomes one `APIError` with an HTTP status and the
+`{"error": {"message", "type", "code"}}` body the official openai client parses, so a bad
+request is answered in one clear sentence and never reaches the scheduler."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class APIError(Exception):
+    """An error answered to the client as `{"error": {...}}` with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | int | None = None, param: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code if code is not None else status
+        self.param = param
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        err = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        err.update(self.extra)
+        return {"error": err}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", "invalid_request_error", param)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """Decode a JSON body into `model`, raising a 400 APIError that names the bad field."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"Malformed JSON in request body: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise bad_request(f"Invalid parameter {loc}: {msg}" if loc else msg, loc) from None
+
+
+class _Open(BaseModel):
+    """Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(_Open):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts of type "text" are joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") not in ("text", "input_text", "output_text"):
+                raise ValueError(f"content part type {part.get('type')!r} is not supported "
+                                 "(this model reads text only)")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class FunctionDef(_Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class _Sampling(_Open):
+    """Sampling fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 16 or any(not s for s in items):
+            raise ValueError("stop takes at most 16 non-empty strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k, b in (v or {}).items():
+            if not k.lstrip("-").isdigit() or int(k) < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError("logit_bias values must lie in [-100, 100]")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        effort = (self.chat_template_kwargs or {}).get("reasoning_effort")
+        if effort is not None and effort not in ("low", "medium", "high"):
+            raise ValueError("chat_template_kwargs.reasoning_effort must be low, medium or high")
+        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
+            raise ValueError("tool_choice must be none, auto, required or a function object")
+        for m in self.messages:
+            m.text()
+        return self
+
+    def effort(self) -> str | None:
+        """reasoning_effort, top level first, then chat_template_kwargs."""
+        return self.reasoning_effort or (self.chat_template_kwargs or {}).get("reasoning_effort")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
+            raise ValueError("only one prompt per request is supported")
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
+        return v
+
+
+class TokenizeRequest(_Open):
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Open):
+    tokens: list[int]
+
+
+class PullRequest(_Open):
+    model: str
+    task_id: str | None = None
+    path: str | None = None
+    download_url: str | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
@@ -66,14 +66,9 @@ class NodeServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(args: argparse.Namespace) -> int:
-    config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
-                                 models_dir=args.models_dir, ctx_size=args.ctx_size,
-                                 parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
-                                 api_key=args.api_key, verbose=args.verbose)
-    if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
-        raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")
-    app = create_app(config, lambda: load_engine_backend(config), run_router_client)
+def serve(config: NodeConfig, load_backend: Callable[[], Backend]) -> int:
+    """Serve until Ctrl-C / SIGTERM (exit code 0) or a failed model load (exit code 1)."""
+    app = create_app(config, load_backend, run_router_client)
     state = app.state.node
     server = NodeServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                        timeout_graceful_shutdown=15), state)
@@ -81,6 +76,16 @@ def run(args: argparse.Namespace) -> int:
     log.info("Listening on http://%s:%d", config.host, config.port)
     server.run()
     return server.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
+                                 models_dir=args.models_dir, ctx_size=args.ctx_size,
+                                 parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
+                                 api_key=args.api_key, verbose=args.verbose)
+    if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
+        raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")
+    return serve(config, lambda: load_engine_backend(config))
 
 
 def main(argv: list[str] | None = None) -> int:

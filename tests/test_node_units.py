@@ -1,0 +1,79 @@
+"""Node pieces without a server: stop strings, settings precedence, model names, metrics text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, strategies as st
+
+from pyengine.node.backend import ModelInfo
+from pyengine.node.config import NodeConfig
+from pyengine.node.metrics import Histogram, Metrics
+from pyengine.node.pull import router_dir_name
+from pyengine.node.stops import StopMatcher
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Reference: the text before the earliest occurrence of any stop string."""
+    hits = [text.find(s) for s in stops if s in text]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+@given(st.text(alphabet="ab cü", max_size=40), st.lists(st.text(alphabet="ab cü", min_size=1, max_size=4), max_size=3),
+       st.lists(st.integers(1, 5), max_size=40))
+def test_streamed_stop_matching_equals_cutting_the_whole_text(text, stops, sizes):
+    m = StopMatcher(stops)
+    out, stopped, pos = "", False, 0
+    for size in sizes + [len(text)]:
+        piece, pos = text[pos:pos + size], pos + size
+        emitted, stopped = m.feed(piece)
+        out += emitted
+        if stopped or pos >= len(text):
+            break
+    if not stopped:
+        out += m.flush()
+    assert (out, stopped) == cut_at_stop(text, stops)
+
+
+def test_stop_matcher_holds_back_a_possible_start():
+    m = StopMatcher(["</end>"])
+    assert m.feed("hello </e") == ("hello ", False)
+    assert m.feed("ndless") == ("</endless", False)
+    assert m.feed(" x </end> y") == (" x ", True)
+
+
+def test_config_flags_beat_environment(tmp_path):
+    env = {"LLM_NODE_PORT": "9000", "LLM_NODE_MODELS_DIR": str(tmp_path), "LLM_ROUTER_URL": "http://r:8080",
+           "LLM_NODE_HEARTBEAT_SECS": "3", "LLM_NODE_IP": "10.0.0.5", "LLM_NODE_BIND_ADDRESS": "0.0.0.0"}
+    cfg = NodeConfig.from_env(env)
+    assert (cfg.port, cfg.models_dir, cfg.router_url, cfg.heartbeat_secs, cfg.advertise_ip, cfg.host) == (
+        9000, tmp_path, "http://r:8080", 3.0, "10.0.0.5", "0.0.0.0")
+    cfg = NodeConfig.from_env(env, port=8123, host="127.0.0.1", models_dir="~/m", parallel=None)
+    assert (cfg.port, cfg.host, cfg.models_dir, cfg.parallel) == (8123, "127.0.0.1", Path("~/m").expanduser(), 1)
+    default = NodeConfig.from_env({})
+    assert (default.port, default.host, default.router_url) == (8081, "127.0.0.1", None)
+    assert default.models_dir == Path("~/.llm-router/models").expanduser()
+
+
+def test_model_names_the_node_answers_to():
+    info = ModelInfo("gpt-oss-20b", 4096, 131072, 201088, 1, 1, aliases=("gpt-oss_20b",))
+    assert all(info.answers_to(n) for n in (None, "", "gpt-oss-20b", "GPT-OSS-20B", "gpt-oss:20b"))
+    assert not info.answers_to("gpt-oss-120b")
+    assert router_dir_name("gpt-oss:20b") == "gpt-oss_20b" and router_dir_name("gpt-oss") == "gpt-oss_latest"
+
+
+def test_histogram_is_cumulative_and_metrics_render():
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    assert h.lines("x") == ['x_bucket{le="0.1"} 2', 'x_bucket{le="1.0"} 3', 'x_bucket{le="+Inf"} 4',
+                            "x_sum 3.650000", "x_count 4"]
+    m = Metrics()
+    m.count_request("chat", "ok")
+    m.count_tokens(prompt=7, cached=3, generated=5)
+    m.gauge("queue_depth", "Waiting.", lambda: 2)
+    m.expert_counts = lambda: [[1, 0], [0, 4]]
+    text = m.render()
+    assert 'pyengine_requests_total{endpoint="chat",outcome="ok"} 1' in text
+    assert "pyengine_prompt_tokens_cached_total 3" in text and "pyengine_queue_depth 2" in text
+    assert 'pyengine_expert_selections_total{layer="1",expert="1"} 4' in text

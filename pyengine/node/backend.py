@@ -131,9 +131,11 @@ class Backend(ABC):
                     reasoning_effort: str | None) -> list[int]:
         """Prompt tokens for a chat, ending where the assistant starts its answer.
 
-        `messages` are normalised by the node: {"role", "content": str, "thinking": str | None,
-        "tool_calls": [{"id", "name", "arguments": str}] | None, "tool_call_id", "name"};
-        `tools` are OpenAI function definitions ({"name", "description", "parameters"})."""
+        `messages` are normalised by the node: {"role", "content": str, "thinking": str | None
+        (from reasoning_content / reasoning / thinking), "tool_calls": [{"id", "name",
+        "arguments": str}] | None, "tool_call_id", "name"}; `tools` are OpenAI function
+        definitions ({"name", "description", "parameters"}). Raise ValueError for a history
+        that cannot be rendered (answered as 400)."""
 
     @abstractmethod
     def new_slot(self) -> Slot:

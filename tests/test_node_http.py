@@ -436,3 +436,24 @@ def test_shutdown_ends_streams_with_error_chunk():
         err = json.loads(rest[-2][len("data: "):])["error"]
         assert err["code"] == 503 and "shutting down" in err["message"]
         _error(httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503)
+
+
+def test_queued_stream_that_disconnects_leaves_the_queue():
+    backend = ScriptedBackend(delay=0.01, script=lambda p: "<|channel|>final<|message|>" + "busy " * 150 + "<|return|>")
+    with run_node(backend, parallel=1) as (url, state):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
+                                  json={"messages": [{"role": "user", "content": "first"}]})
+            while not state.scheduler.n_active():
+                time.sleep(0.01)
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                              json={"messages": [{"role": "user", "content": "queued"}], "stream": True}) as r:
+                lines = r.iter_lines()
+                next(lines)
+                time.sleep(0.2)
+                assert state.scheduler.queue_depth() == 1
+            t0 = time.monotonic()
+            while state.scheduler.queue_depth():
+                assert time.monotonic() - t0 < 2.0, "a departed client stayed queued"
+                time.sleep(0.01)
+            assert running.result().status_code == 200

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from node_scripted import ScriptedBackend
+from node_scripted import ScriptedBackend, default_script
 from node_server import run_node
 
 openai = pytest.importorskip("openai")
@@ -335,23 +335,28 @@ def test_503_while_loading_then_ready():
 
 
 def test_queue_full_is_503_and_neighbours_unharmed():
-    with run_node(ScriptedBackend(delay=0.01), parallel=1, max_queue=1) as (url, _):
+    backend = ScriptedBackend(delay=0.01, script=lambda p: "<|channel|>final<|message|>" + "wait " * 60 + "<|return|>")
+    with run_node(backend, parallel=1, max_queue=1) as (url, state):
         def long_request():
             return httpx.post(f"{url}/v1/chat/completions", timeout=60,
                               json={"messages": [{"role": "user", "content": "long"}]})
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(long_request)
-            time.sleep(0.15)
             second = pool.submit(long_request)
-            time.sleep(0.15)
+            while state.scheduler.n_active() + state.scheduler.queue_depth() < 2:
+                time.sleep(0.005)
             err = _error(httpx.post(f"{url}/v1/chat/completions",
                                     json={"messages": [{"role": "user", "content": "third"}]}), 503)
             assert err["type"] == "unavailable_error"
             assert first.result().status_code == 200 and second.result().status_code == 200
+        assert 'outcome="rejected"} 1' in httpx.get(f"{url}/metrics").text
 
 
 def test_parallel_streams_interleave_and_stay_separate():
-    backend = ScriptedBackend(delay=0.003)
+    def script(prompt_text: str) -> str:
+        return default_script(prompt_text).replace("You said:", "Well, " * 40 + "you said:")
+
+    backend = ScriptedBackend(delay=0.002, script=script)
     with run_node(backend, parallel=4) as (url, state):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         times: dict[int, list[float]] = {}
@@ -368,7 +373,7 @@ def test_parallel_streams_interleave_and_stay_separate():
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(one, range(4)))
-        assert results == [f"You said: request number {i}" for i in range(4)]
+        assert results == ["Well, " * 40 + f"you said: request number {i}" for i in range(4)]
         assert max(backend.step_sizes) == 4
         first_ends = min(t[-1] for t in times.values())
         assert all(t[0] < first_ends for t in times.values())

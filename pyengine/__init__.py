@@ -7,3 +7,4 @@ from pyengine.errors import ModelLoadError
 
 __all__ = ["__version__", "ModelLoadError", "simd_level"]
 from pyengine.quants import dequantize
+from pyengine.engine import Engine

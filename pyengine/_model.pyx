@@ -240,23 +240,15 @@ cdef class Model:
             self.keep.append(a)
             return a
 
-        def weight(name, n_in, n_out, n_expert=0):
-            t = get(name)
-            data, ty, t_in, t_out, t_exp = _tensor_weight_args(t, 3 if n_expert else 2)
-            if (t_in, t_out) != (n_in, n_out) or (n_expert and t_exp != n_expert):
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match "
-                                 f"{(n_in, n_out, n_expert) if n_expert else (n_in, n_out)}")
-            self.keep.append(data)
-            return _weight(data, ty, n_in, n_out, max(n_expert, 1), name)
-
         cdef cnp.ndarray[cnp.float32_t, ndim=1] a1
         cdef cnp.ndarray[cnp.float32_t, ndim=2] a2
+        cdef pe_layer *Ly
         tok = get("token_embd.weight")
         if len(tok.shape) != 2 or int(tok.shape[0]) != D:
             raise ValueError(f"token_embd.weight: shape {tuple(tok.shape)} does not match ({D}, n_vocab)")
         self.n_vocab = int(tok.shape[1])
-        self.m.tok_embd = weight("token_embd.weight", D, self.n_vocab)
-        self.m.output = weight("output.weight" if "output.weight" in tensors else "token_embd.weight",
+        self.m.tok_embd = self._weight(tensors, "token_embd.weight", D, self.n_vocab)
+        self.m.output = self._weight(tensors, "output.weight" if "output.weight" in tensors else "token_embd.weight",
                                D, self.n_vocab)
         a1 = floats("output_norm.weight", (D,))
         self.m.out_norm = &a1[0]
@@ -268,21 +260,21 @@ cdef class Model:
             p = f"blk.{l}."
             Ly = &self.c_layers[l]
             a1 = floats(p + "attn_norm.weight", (D,)); Ly.attn_norm = &a1[0]
-            Ly.wq = weight(p + "attn_q.weight", D, H * hd)
-            Ly.wk = weight(p + "attn_k.weight", D, Hkv * hd)
-            Ly.wv = weight(p + "attn_v.weight", D, Hkv * hd)
-            Ly.wo = weight(p + "attn_output.weight", H * hd, D)
+            Ly.wq = self._weight(tensors, p + "attn_q.weight", D, H * hd)
+            Ly.wk = self._weight(tensors, p + "attn_k.weight", D, Hkv * hd)
+            Ly.wv = self._weight(tensors, p + "attn_v.weight", D, Hkv * hd)
+            Ly.wo = self._weight(tensors, p + "attn_output.weight", H * hd, D)
             a1 = floats(p + "attn_q.bias", (H * hd,), True); Ly.bq = &a1[0]
             a1 = floats(p + "attn_k.bias", (Hkv * hd,), True); Ly.bk = &a1[0]
             a1 = floats(p + "attn_v.bias", (Hkv * hd,), True); Ly.bv = &a1[0]
             a1 = floats(p + "attn_output.bias", (D,), True); Ly.bo = &a1[0]
             a1 = floats(p + "attn_sinks.weight", (H,)); Ly.sinks = &a1[0]
             a1 = floats(p + "post_attention_norm.weight", (D,)); Ly.post_norm = &a1[0]
-            Ly.moe.router = weight(p + "ffn_gate_inp.weight", D, E)
+            Ly.moe.router = self._weight(tensors, p + "ffn_gate_inp.weight", D, E)
             a1 = floats(p + "ffn_gate_inp.bias", (E,), True); Ly.moe.router_b = &a1[0]
-            Ly.moe.gate = weight(p + "ffn_gate_exps.weight", D, F, E)
-            Ly.moe.up = weight(p + "ffn_up_exps.weight", D, F, E)
-            Ly.moe.down = weight(p + "ffn_down_exps.weight", F, D, E)
+            Ly.moe.gate = self._weight(tensors, p + "ffn_gate_exps.weight", D, F, E)
+            Ly.moe.up = self._weight(tensors, p + "ffn_up_exps.weight", D, F, E)
+            Ly.moe.down = self._weight(tensors, p + "ffn_down_exps.weight", F, D, E)
             a2 = floats(p + "ffn_gate_exps.bias", (E, F), True); Ly.moe.gate_b = &a2[0, 0]
             a2 = floats(p + "ffn_up_exps.bias", (E, F), True); Ly.moe.up_b = &a2[0, 0]
             a2 = floats(p + "ffn_down_exps.bias", (E, D), True); Ly.moe.down_b = &a2[0, 0]
@@ -309,6 +301,18 @@ cdef class Model:
             raise ValueError("sliding layers need a positive sliding_window")
         self.m.eps = float(hp.rms_eps)
         self.m.layers = self.c_layers
+
+    cdef pe_weight _weight(self, dict tensors, str name, int64_t n_in, int64_t n_out,
+                           int64_t n_expert=0) except *:
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        t = tensors[name]
+        data, ty, t_in, t_out, t_exp = _tensor_weight_args(t, 3 if n_expert else 2)
+        if (t_in, t_out) != (n_in, n_out) or (n_expert and t_exp != n_expert):
+            want = [n_in, n_out] + ([n_expert] if n_expert else [])
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
+        self.keep.append(data)
+        return _weight(data, ty, n_in, n_out, max(n_expert, 1), name)
 
     def __dealloc__(self):
         free(self.c_layers)

@@ -1,8 +1,13 @@
-/* The type-traits table (see quants.h). This first version holds the float types; the block
- * formats and SIMD variants are added one row each. */
+/* The type-traits table (see quants.h) and its run-time SIMD dispatch, plus the exact half/bfloat16
+ * conversions every kernel file shares. The kernels live in quants_ref.c (scalar), quants_avx2.c and
+ * quants_avx512.c. */
 #include "quants.h"
 
+#include <pthread.h>
 #include <string.h>
+
+#include "cpu_features.h"
+#include "quants_impl.h"
 
 float pe_fp16_to_fp32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
@@ -53,49 +58,58 @@ float pe_bf16_to_fp32(uint16_t h) {
     return f;
 }
 
-static void dequant_f32(const void *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * 4); }
-
-static void dequant_f16(const void *src, float *dst, int64_t n) {
-    const uint16_t *s = src;
-    for (int64_t i = 0; i < n; i++) dst[i] = pe_fp16_to_fp32(s[i]);
-}
-
-static void dequant_bf16(const void *src, float *dst, int64_t n) {
-    const uint16_t *s = src;
-    for (int64_t i = 0; i < n; i++) dst[i] = pe_bf16_to_fp32(s[i]);
-}
-
-static float dot_f32(const void *row, const float *x, int64_t n) {
-    const float *w = row;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += w[i] * x[i];
-    return sum;
-}
-
-static float dot_f16(const void *row, const float *x, int64_t n) {
-    const uint16_t *w = row;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += pe_fp16_to_fp32(w[i]) * x[i];
-    return sum;
-}
-
-static float dot_bf16(const void *row, const float *x, int64_t n) {
-    const uint16_t *w = row;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += pe_bf16_to_fp32(w[i]) * x[i];
-    return sum;
-}
-
-static const pe_type_traits traits[] = {
-    {PE_TYPE_F32, "F32", 1, 4, dequant_f32, dot_f32},
-    {PE_TYPE_F16, "F16", 1, 2, dequant_f16, dot_f16},
-    {PE_TYPE_BF16, "BF16", 1, 2, dequant_bf16, dot_bf16},
+static pe_type_traits traits[] = {
+    {PE_TYPE_F32, "F32", 1, 4, NULL, NULL},
+    {PE_TYPE_F16, "F16", 1, 2, NULL, NULL},
+    {PE_TYPE_BF16, "BF16", 1, 2, NULL, NULL},
+    {PE_TYPE_Q4_0, "Q4_0", 32, 18, NULL, NULL},
+    {PE_TYPE_Q4_1, "Q4_1", 32, 20, NULL, NULL},
+    {PE_TYPE_Q5_0, "Q5_0", 32, 22, NULL, NULL},
+    {PE_TYPE_Q5_1, "Q5_1", 32, 24, NULL, NULL},
+    {PE_TYPE_Q8_0, "Q8_0", 32, 34, NULL, NULL},
+    {PE_TYPE_Q2_K, "Q2_K", 256, 84, NULL, NULL},
+    {PE_TYPE_Q3_K, "Q3_K", 256, 110, NULL, NULL},
+    {PE_TYPE_Q4_K, "Q4_K", 256, 144, NULL, NULL},
+    {PE_TYPE_Q5_K, "Q5_K", 256, 176, NULL, NULL},
+    {PE_TYPE_Q6_K, "Q6_K", 256, 210, NULL, NULL},
+    {PE_TYPE_MXFP4, "MXFP4", 32, 17, NULL, NULL},
 };
 
+static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
+
+/* Each row starts from the scalar reference; each SIMD level the CPU allows overrides what it has. */
+static void traits_init(void) {
+    const pe_simd_level level = pe_simd_level_get();
+    for (size_t i = 0; i < sizeof traits / sizeof traits[0]; i++) {
+        pe_kernel_pair k = {NULL, NULL};
+        pe_kernels_ref(traits[i].type, &k);
+        if (level >= PE_SIMD_AVX2) pe_kernels_avx2(traits[i].type, &k);
+        if (level >= PE_SIMD_AVX512) pe_kernels_avx512(traits[i].type, &k);
+        traits[i].dequant_row = k.dequant_row;
+        traits[i].dot_f32 = k.dot_f32;
+    }
+}
+
 const pe_type_traits *pe_type_traits_get(int type) {
+    pthread_once(&traits_once, traits_init);
     for (size_t i = 0; i < sizeof traits / sizeof traits[0]; i++)
         if (traits[i].type == type) return &traits[i];
     return NULL;
+}
+
+void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows, int64_t n) {
+    const pe_dequant_row_fn f = pe_type_traits_get(type)->dequant_row;
+    const uint8_t *s = src;
+#pragma omp parallel for schedule(static) if (n_rows * n >= (1 << 18))
+    for (int64_t r = 0; r < n_rows; r++) f(s + r * src_stride, dst + r * n, n);
+}
+
+void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
+                 int64_t n) {
+    const pe_dot_f32_fn f = pe_type_traits_get(type)->dot_f32;
+    const uint8_t *s = src;
+#pragma omp parallel for schedule(static) if (n_rows * n >= (1 << 18))
+    for (int64_t r = 0; r < n_rows; r++) out[r] = f(s + r * src_stride, x, n);
 }
 
 size_t pe_row_size(int type, int64_t n) {

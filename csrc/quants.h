@@ -47,6 +47,12 @@ const pe_type_traits *pe_type_traits_get(int type);
 /* Bytes of one row of n elements (n a multiple of the block size). */
 size_t pe_row_size(int type, int64_t n);
 
+/* Row loops over a 2-D tensor (row r at src + r * src_stride bytes), split across OpenMP threads:
+ * dst[r * n + i] = element i of row r; out[r] = dot_f32(row r, x). */
+void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows, int64_t n);
+void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
+                 int64_t n);
+
 /* IEEE half / bfloat16 conversions (exact, round-to-nearest-even for the narrowing ones). */
 float pe_fp16_to_fp32(uint16_t h);
 uint16_t pe_fp32_to_fp16(float f);

@@ -6,3 +6,5 @@ from pyengine._cpu import simd_level
 from pyengine.errors import ModelLoadError
 
 __all__ = ["__version__", "ModelLoadError", "simd_level"]
+from pyengine.quants import dequantize
+from pyengine.engine import Engine

@@ -1,0 +1,26 @@
+/* Threaded y = W x over a batch of tokens, for weights of any type in the type-traits table.
+ *
+ * Determinism: every output element is computed by exactly one thread, with one dot product in a
+ * fixed element order, so results are bit-identical for any thread count. */
+#ifndef PE_MATMUL_H
+#define PE_MATMUL_H
+
+#include <stdint.h>
+
+/* A read-only view of a (possibly expert-stacked) weight matrix: n_out rows of n_in elements.
+ * Rows and experts may be strided (zero-copy views into fused tensors). */
+typedef struct {
+    const uint8_t *data;   /* row 0 of expert 0 */
+    int type;              /* ggml type id; pe_type_traits_get(type) != NULL (checked by the caller) */
+    int64_t n_in, n_out;
+    int64_t row_stride;    /* bytes from one output row to the next */
+    int64_t expert_stride; /* bytes from one expert to the next (0 for a plain matrix) */
+} pe_weight;
+
+/* y[t*ldy + r] = dot(row r of expert `expert`, x[t*ldx ...]) + (bias ? bias[r] : 0),
+ * for t < n_tok, r < n_out. One token: the type's fused dot; more: rows dequantized once per tile
+ * and reused for every token. Returns 0, or -1 when scratch memory cannot be allocated. */
+int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
+              const float *bias, float *y, int64_t ldy, int n_threads);
+
+#endif

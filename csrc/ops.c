@@ -1,0 +1,89 @@
+/* Per-vector operations (see ops.h). Reductions run in one fixed order, in double where cheap. */
+#include "ops.h"
+
+#include <math.h>
+
+void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] * (x[i] * scale);
+}
+
+/* YaRN correction dimension for beta rotations (transformers find_correction_dim). */
+static double yarn_corr_dim(double beta, int dim, double base, double orig_ctx) {
+    return dim * log(orig_ctx / (beta * 2.0 * M_PI)) / (2.0 * log(base));
+}
+
+double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
+                          double orig_ctx, double beta_fast, double beta_slow) {
+    const int half = head_dim / 2;
+    for (int i = 0; i < half; i++) omega[i] = pow(base, -2.0 * i / head_dim);
+    if (!yarn || factor <= 1.0) return 1.0;
+    double low = yarn_corr_dim(beta_fast, head_dim, base, orig_ctx);
+    double high = yarn_corr_dim(beta_slow, head_dim, base, orig_ctx);
+    if (low < 0) low = 0;
+    if (high > head_dim - 1) high = head_dim - 1;
+    if (low == high) high += 0.001;
+    for (int i = 0; i < half; i++) {
+        double ramp = (i - low) / (high - low);
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        const double keep = 1.0 - ramp; /* weight of the original (extrapolation) frequency */
+        omega[i] = omega[i] / factor * (1.0 - keep) + omega[i] * keep;
+    }
+    return 0.1 * log(factor) + 1.0;
+}
+
+void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos, double mscale) {
+    for (int i = 0; i < half; i++) {
+        const double a = (double)pos * omega[i];
+        cos_t[i] = (float)(mscale * cos(a));
+        sin_t[i] = (float)(mscale * sin(a));
+    }
+}
+
+void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (int64_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos_t[i] - b * sin_t[i];
+            v[i + half] = b * cos_t[i] + a * sin_t[i];
+        }
+    }
+}
+
+void pe_softmax(float *x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n) {
+    const float alpha = 1.702f, limit = 7.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float gi = g[i] < limit ? g[i] : limit;
+        float ui = u[i] < -limit ? -limit : u[i];
+        ui = ui > limit ? limit : ui;
+        out[i] = gi / (1.0f + expf(-alpha * gi)) * (ui + 1.0f);
+    }
+}
+
+void pe_topk(const float *x, int n, int k, int *idx) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int i = 0; i < n; i++) {
+            int taken = 0;
+            for (int p = 0; p < j; p++) taken |= idx[p] == i;
+            if (!taken && (best < 0 || x[i] > x[best])) best = i;
+        }
+        idx[j] = best;
+    }
+}

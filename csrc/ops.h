@@ -1,0 +1,32 @@
+/* Small per-vector operations of the gpt-oss block: RMSNorm, RoPE with YaRN, softmax, SwiGLU-OAI,
+ * top-k. Formulas: shared/docs/gpt-oss-spec.md section 3. */
+#ifndef PE_OPS_H
+#define PE_OPS_H
+
+#include <stdint.h>
+
+/* out_i = g_i * x_i / sqrt(mean(x^2) + eps). out may alias x. */
+void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps);
+
+/* Per-pair angular frequencies omega'_i (i < head_dim/2) of NeoX RoPE, with YaRN when factor > 1:
+ * fractional correction range (transformers' truncate=false). Returns the magnitude factor M that
+ * multiplies cos and sin (0.1 ln f + 1 with YaRN, 1 without). */
+double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
+                          double orig_ctx, double beta_fast, double beta_slow);
+
+/* cos_i = M cos(pos * omega_i), sin_i = M sin(pos * omega_i); angle computed in double directly. */
+void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos, double mscale);
+
+/* Rotates n_heads consecutive head vectors in place, NeoX pairs (i, i + head_dim/2). */
+void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t);
+
+/* In-place softmax over n values. */
+void pe_softmax(float *x, int n);
+
+/* out = min(g,7) * sigmoid(1.702 min(g,7)) * (clamp(u,-7,7) + 1). */
+void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n);
+
+/* Indices of the k largest values, largest first; ties go to the lower index. */
+void pe_topk(const float *x, int n, int k, int *idx);
+
+#endif

@@ -1,0 +1,197 @@
+/* AVX2 kernels (+ FMA, F16C), 8 float32 lanes, for CPUs without AVX-512. Hot formats (float rows,
+ * Q8_0, Q4_0, MXFP4) have fused dot kernels; the others dot through the scalar reference dequantizer
+ * into an L1 buffer. Dequantization stays bit-identical to the reference (-ffp-contract=off). */
+#include "quants_impl.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float half_scale(uint8_t e) {
+    const uint32_t bits = pe_e8m0_half_bits(e);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Fixed-order horizontal sum of 8 lanes. */
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* ---- float rows: 8-lane main loop, then a scalar tail added in index order ------------------------ */
+
+#define PE_FLOAT_DOT(name, load8, elem_t, convert)                                            \
+    static float name(const void *row, const float *x, int64_t n) {                           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                            \
+        int64_t i = 0;                                                                        \
+        for (; i + 32 <= n; i += 32) {                                                        \
+            a0 = _mm256_fmadd_ps(load8(row, i), _mm256_loadu_ps(x + i), a0);                  \
+            a1 = _mm256_fmadd_ps(load8(row, i + 8), _mm256_loadu_ps(x + i + 8), a1);          \
+            a2 = _mm256_fmadd_ps(load8(row, i + 16), _mm256_loadu_ps(x + i + 16), a2);        \
+            a3 = _mm256_fmadd_ps(load8(row, i + 24), _mm256_loadu_ps(x + i + 24), a3);        \
+        }                                                                                     \
+        for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load8(row, i), _mm256_loadu_ps(x + i), a0); \
+        float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));        \
+        for (; i < n; i++) sum += convert(((const elem_t *)row)[i]) * x[i];                   \
+        return sum;                                                                           \
+    }
+
+#define LD_F32(r, i) _mm256_loadu_ps((const float *)(r) + (i))
+#define LD_F16(r, i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(r) + (i))))
+#define LD_BF16(r, i) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(r) + (i)))), 16))
+#define PE_IDENTITY(v) (v)
+
+PE_FLOAT_DOT(dot_f32, LD_F32, float, PE_IDENTITY)
+PE_FLOAT_DOT(dot_f16, LD_F16, uint16_t, pe_fp16_to_fp32)
+PE_FLOAT_DOT(dot_bf16, LD_BF16, uint16_t, pe_bf16_to_fp32)
+
+/* ---- 32-element blocks: codes as 4 x 8 int8 -> float ------------------------------------------- */
+
+static inline void i8x32_to_ps(__m128i lo16, __m128i hi16, __m256 v[4]) {
+    v[0] = i8x8_to_ps(lo16);
+    v[1] = i8x8_to_ps(_mm_srli_si128(lo16, 8));
+    v[2] = i8x8_to_ps(hi16);
+    v[3] = i8x8_to_ps(_mm_srli_si128(hi16, 8));
+}
+
+/* Low and high nibbles of 16 bytes mapped through a 16-entry int8 table. */
+static inline void nib_lookup(const uint8_t *qs, __m128i table, __m256 v[4]) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m));
+    i8x32_to_ps(lo, hi, v);
+}
+
+static __m128i mxfp4_table(void) { return _mm_loadu_si128((const __m128i *)pe_mxfp4_values); }
+static __m128i q4_0_table(void) { return _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); }
+
+/* acc + d * (codes . x[0..32)) */
+static inline __m256 dot_codes(const __m256 v[4], const float *x, float d, __m256 acc) {
+    __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(x));
+    t = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), t);
+    t = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(x + 16), t);
+    t = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), t);
+    return _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc);
+}
+
+static inline void store_scaled(float *dst, const __m256 v[4], float d) {
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(dst + 8 * k, _mm256_mul_ps(vd, v[k]));
+}
+
+static void dequant_q8_0(const void *src, float *dst, int64_t n) {
+    const pe_block_q8_0 *b = src;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        __m256 v[4];
+        i8x32_to_ps(_mm_loadu_si128((const __m128i *)b->qs), _mm_loadu_si128((const __m128i *)b->qs + 1), v);
+        store_scaled(dst, v, h2f(b->d));
+    }
+}
+
+static void dequant_mxfp4(const void *src, float *dst, int64_t n) {
+    const pe_block_mxfp4 *b = src;
+    const __m128i table = mxfp4_table();
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        __m256 v[4];
+        nib_lookup(b->qs, table, v);
+        store_scaled(dst, v, half_scale(b->e));
+    }
+}
+
+static void dequant_q4_0(const void *src, float *dst, int64_t n) {
+    const pe_block_q4_0 *b = src;
+    const __m128i table = q4_0_table();
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        __m256 v[4];
+        nib_lookup(b->qs, table, v);
+        store_scaled(dst, v, h2f(b->d));
+    }
+}
+
+#define PE_SUM4(a) hsum(_mm256_add_ps(_mm256_add_ps((a)[0], (a)[1]), _mm256_add_ps((a)[2], (a)[3])))
+
+static float dot_q8_0(const void *row, const float *x, int64_t n) {
+    const pe_block_q8_0 *b = row;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        __m256 v[4];
+        i8x32_to_ps(_mm_loadu_si128((const __m128i *)b->qs), _mm_loadu_si128((const __m128i *)b->qs + 1), v);
+        acc[i & 3] = dot_codes(v, x, h2f(b->d), acc[i & 3]);
+    }
+    return PE_SUM4(acc);
+}
+
+static float dot_mxfp4(const void *row, const float *x, int64_t n) {
+    const pe_block_mxfp4 *b = row;
+    const __m128i table = mxfp4_table();
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        __m256 v[4];
+        nib_lookup(b->qs, table, v);
+        acc[i & 3] = dot_codes(v, x, half_scale(b->e), acc[i & 3]);
+    }
+    return PE_SUM4(acc);
+}
+
+static float dot_q4_0(const void *row, const float *x, int64_t n) {
+    const pe_block_q4_0 *b = row;
+    const __m128i table = q4_0_table();
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        __m256 v[4];
+        nib_lookup(b->qs, table, v);
+        acc[i & 3] = dot_codes(v, x, h2f(b->d), acc[i & 3]);
+    }
+    return PE_SUM4(acc);
+}
+
+/* Dot through the reference dequantizer into an L1 buffer; 4 lane accumulators in a fixed order. */
+#define PE_BLOCK_DOT(name, dequant, blck, tsize)                                                 \
+    static float name(const void *row, const float *x, int64_t n) {                              \
+        float tmp[blck] __attribute__((aligned(32)));                                            \
+        const uint8_t *src = row;                                                                \
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        for (int64_t i = 0; i < n; i += (blck), src += (tsize), x += (blck)) {                   \
+            dequant(src, tmp, (blck));                                                           \
+            for (int j = 0; j < (blck); j += 8)                                                  \
+                a[(j / 8) & 3] = _mm256_fmadd_ps(_mm256_load_ps(tmp + j), _mm256_loadu_ps(x + j), a[(j / 8) & 3]); \
+        }                                                                                        \
+        return PE_SUM4(a);                                                                       \
+    }
+
+PE_BLOCK_DOT(dot_q4_1, pe_ref_dequant_q4_1, PE_QK, 20)
+PE_BLOCK_DOT(dot_q5_0, pe_ref_dequant_q5_0, PE_QK, 22)
+PE_BLOCK_DOT(dot_q5_1, pe_ref_dequant_q5_1, PE_QK, 24)
+PE_BLOCK_DOT(dot_q2_k, pe_ref_dequant_q2_k, PE_QK_K, 84)
+PE_BLOCK_DOT(dot_q3_k, pe_ref_dequant_q3_k, PE_QK_K, 110)
+PE_BLOCK_DOT(dot_q4_k, pe_ref_dequant_q4_k, PE_QK_K, 144)
+PE_BLOCK_DOT(dot_q5_k, pe_ref_dequant_q5_k, PE_QK_K, 176)
+PE_BLOCK_DOT(dot_q6_k, pe_ref_dequant_q6_k, PE_QK_K, 210)
+
+void pe_kernels_avx2(int type, pe_kernel_pair *k) {
+    switch (type) {
+    case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
+    case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
+    case PE_TYPE_BF16: k->dot_f32 = dot_bf16; break;
+    case PE_TYPE_Q4_0: *k = (pe_kernel_pair){dequant_q4_0, dot_q4_0}; break;
+    case PE_TYPE_Q4_1: k->dot_f32 = dot_q4_1; break;
+    case PE_TYPE_Q5_0: k->dot_f32 = dot_q5_0; break;
+    case PE_TYPE_Q5_1: k->dot_f32 = dot_q5_1; break;
+    case PE_TYPE_Q8_0: *k = (pe_kernel_pair){dequant_q8_0, dot_q8_0}; break;
+    case PE_TYPE_MXFP4: *k = (pe_kernel_pair){dequant_mxfp4, dot_mxfp4}; break;
+    case PE_TYPE_Q2_K: k->dot_f32 = dot_q2_k; break;
+    case PE_TYPE_Q3_K: k->dot_f32 = dot_q3_k; break;
+    case PE_TYPE_Q4_K: k->dot_f32 = dot_q4_k; break;
+    case PE_TYPE_Q5_K: k->dot_f32 = dot_q5_k; break;
+    case PE_TYPE_Q6_K: k->dot_f32 = dot_q6_k; break;
+    default: break;
+    }
+}

@@ -1,0 +1,345 @@
+/* AVX-512 kernels (F/BW/VL/DQ + F16C/FMA), 16 float32 lanes. Dequantization reproduces the scalar
+ * reference bit for bit (same float32 products, no FMA: this file is built with -ffp-contract=off);
+ * dots accumulate in lanes with explicit FMA and reduce in a fixed order, so they are deterministic
+ * but differ from the scalar dot in the last bits. */
+#include "quants_impl.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float half_scale(uint8_t e) {
+    const uint32_t bits = pe_e8m0_half_bits(e);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+static inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+static inline __m128i lo_nib(__m128i v) { return _mm_and_si128(v, _mm_set1_epi8(15)); }
+static inline __m128i hi_nib(__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)); }
+/* (v >> s) & mask on each byte. */
+static inline __m128i bits8(__m128i v, int s, int mask) {
+    return _mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm_set1_epi8((char)mask));
+}
+
+/* ---- float rows ------------------------------------------------------------------------------ */
+
+#define PE_FLOAT_DOT(name, load16, loadmask)                                                   \
+    static float name(const void *row, const float *x, int64_t n) {                            \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+        int64_t i = 0;                                                                         \
+        for (; i + 64 <= n; i += 64) {                                                         \
+            a0 = _mm512_fmadd_ps(load16(row, i), _mm512_loadu_ps(x + i), a0);                  \
+            a1 = _mm512_fmadd_ps(load16(row, i + 16), _mm512_loadu_ps(x + i + 16), a1);        \
+            a2 = _mm512_fmadd_ps(load16(row, i + 32), _mm512_loadu_ps(x + i + 32), a2);        \
+            a3 = _mm512_fmadd_ps(load16(row, i + 48), _mm512_loadu_ps(x + i + 48), a3);        \
+        }                                                                                      \
+        for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load16(row, i), _mm512_loadu_ps(x + i), a0); \
+        if (i < n) {                                                                           \
+            const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);                              \
+            a0 = _mm512_fmadd_ps(loadmask(row, i, m), _mm512_maskz_loadu_ps(m, x + i), a0);    \
+        }                                                                                      \
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))); \
+    }
+
+#define LD_F32(r, i) _mm512_loadu_ps((const float *)(r) + (i))
+#define LDM_F32(r, i, m) _mm512_maskz_loadu_ps(m, (const float *)(r) + (i))
+#define LD_F16(r, i) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(r) + (i))))
+#define LDM_F16(r, i, m) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(r) + (i)))
+#define BF16_WIDEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+#define LD_BF16(r, i) BF16_WIDEN(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(r) + (i))))
+#define LDM_BF16(r, i, m) BF16_WIDEN(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(r) + (i)))
+
+PE_FLOAT_DOT(dot_f32, LD_F32, LDM_F32)
+PE_FLOAT_DOT(dot_f16, LD_F16, LDM_F16)
+PE_FLOAT_DOT(dot_bf16, LD_BF16, LDM_BF16)
+
+static void dequant_bf16(const void *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LD_BF16(src, i));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, m, LDM_BF16(src, i, m));
+    }
+}
+
+/* ---- 32-element blocks ----------------------------------------------------------------------- */
+
+static void dequant_q8_0(const void *src, float *dst, int64_t n) {
+    const pe_block_q8_0 *b = src;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(h2f(b->d));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
+        _mm512_storeu_ps(dst, _mm512_mul_ps(i8_to_ps(q0), d));
+        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(i8_to_ps(q1), d));
+    }
+}
+
+static float dot_q8_0(const void *row, const float *x, int64_t n) {
+    const pe_block_q8_0 *b = row;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
+        __m512 t = _mm512_mul_ps(i8_to_ps(q0), _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(i8_to_ps(q1), _mm512_loadu_ps(x + 16), t);
+        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+/* A 16-entry float table indexed by 4-bit codes: lo/hi nibbles of 16 bytes -> 2 x 16 floats. */
+static inline void lookup32(const uint8_t *qs, __m512 table, __m512 *lo, __m512 *hi) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    *lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo_nib(q)), table);
+    *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi_nib(q)), table);
+}
+
+static __m512 mxfp4_table(void) {
+    float t[16];
+    for (int i = 0; i < 16; i++) t[i] = (float)pe_mxfp4_values[i];
+    return _mm512_loadu_ps(t);
+}
+
+static __m512 q4_0_table(void) {
+    float t[16];
+    for (int i = 0; i < 16; i++) t[i] = (float)(i - 8);
+    return _mm512_loadu_ps(t);
+}
+
+static void dequant_mxfp4(const void *src, float *dst, int64_t n) {
+    const pe_block_mxfp4 *b = src;
+    const __m512 table = mxfp4_table();
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(half_scale(b->e));
+        __m512 lo, hi;
+        lookup32(b->qs, table, &lo, &hi);
+        _mm512_storeu_ps(dst, _mm512_mul_ps(d, lo));
+        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, hi));
+    }
+}
+
+static float dot_mxfp4(const void *row, const float *x, int64_t n) {
+    const pe_block_mxfp4 *b = row;
+    const __m512 table = mxfp4_table();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        __m512 lo, hi;
+        lookup32(b->qs, table, &lo, &hi);
+        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
+        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(half_scale(b->e)), acc[i & 3]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+static void dequant_q4_0(const void *src, float *dst, int64_t n) {
+    const pe_block_q4_0 *b = src;
+    const __m512 table = q4_0_table();
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(h2f(b->d));
+        __m512 lo, hi;
+        lookup32(b->qs, table, &lo, &hi);
+        _mm512_storeu_ps(dst, _mm512_mul_ps(d, lo));
+        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, hi));
+    }
+}
+
+static float dot_q4_0(const void *row, const float *x, int64_t n) {
+    const pe_block_q4_0 *b = row;
+    const __m512 table = q4_0_table();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        __m512 lo, hi;
+        lookup32(b->qs, table, &lo, &hi);
+        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
+        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+static void dequant_q4_1(const void *src, float *dst, int64_t n) {
+    const pe_block_q4_1 *b = src;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(h2f(b->d)), m = _mm512_set1_ps(h2f(b->m));
+        const __m128i q = _mm_loadu_si128((const __m128i *)b->qs);
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(d, u8_to_ps(lo_nib(q))), m));
+        _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(d, u8_to_ps(hi_nib(q))), m));
+    }
+}
+
+/* The 5-bit codes of a Q5 block as two vectors of 16 int32: nibble | (qh bit j) << 4. */
+static inline void q5_codes(const uint8_t *qs, const uint8_t *qh, __m512i *lo, __m512i *hi) {
+    uint32_t h;
+    memcpy(&h, qh, 4);
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    *lo = _mm512_cvtepu8_epi32(lo_nib(q));
+    *hi = _mm512_cvtepu8_epi32(hi_nib(q));
+    *lo = _mm512_mask_add_epi32(*lo, (__mmask16)(h & 0xffff), *lo, sixteen);
+    *hi = _mm512_mask_add_epi32(*hi, (__mmask16)(h >> 16), *hi, sixteen);
+}
+
+static void dequant_q5_0(const void *src, float *dst, int64_t n) {
+    const pe_block_q5_0 *b = src;
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(h2f(b->d));
+        __m512i lo, hi;
+        q5_codes(b->qs, b->qh, &lo, &hi);
+        _mm512_storeu_ps(dst, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, sixteen))));
+        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, sixteen))));
+    }
+}
+
+static void dequant_q5_1(const void *src, float *dst, int64_t n) {
+    const pe_block_q5_1 *b = src;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
+        const __m512 d = _mm512_set1_ps(h2f(b->d)), m = _mm512_set1_ps(h2f(b->m));
+        __m512i lo, hi;
+        q5_codes(b->qs, b->qh, &lo, &hi);
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m));
+        _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m));
+    }
+}
+
+/* ---- K-quants: 256-element super-blocks --------------------------------------------------------- */
+
+/* dst[0..16) = dl * q - ml, q given as 16 unsigned bytes (numpy order: product, then difference). */
+static inline void put16_u8(float *dst, __m128i q, float dl, float ml) {
+    _mm512_storeu_ps(dst, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(dl), u8_to_ps(q)), _mm512_set1_ps(ml)));
+}
+
+static inline void put16_i8(float *dst, __m128i q, float dl) {
+    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_set1_ps(dl), i8_to_ps(q)));
+}
+
+static void dequant_q2_k(const void *src, float *dst, int64_t n) {
+    const pe_block_q2_k *b = src;
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 2; p++) {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * p));
+                for (int j = 0; j < 4; j++) {
+                    const uint8_t sc = b->scales[8 * h + 2 * j + p];
+                    const float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+                    put16_u8(dst + 128 * h + 32 * j + 16 * p, bits8(q, 2 * j, 3), dl, ml);
+                }
+            }
+    }
+}
+
+static void dequant_q3_k(const void *src, float *dst, int64_t n) {
+    const pe_block_q3_k *b = src;
+    const __m128i one = _mm_set1_epi8(1);
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
+        const float d = h2f(b->d);
+        for (int h = 0; h < 2; h++)
+            for (int p = 0; p < 2; p++) {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * p));
+                const __m128i hm = _mm_loadu_si128((const __m128i *)(b->hmask + 16 * p));
+                for (int j = 0; j < 4; j++) {
+                    const int k = 8 * h + 2 * j + p;
+                    const __m128i missing = _mm_xor_si128(bits8(hm, 4 * h + j, 1), one);
+                    const __m128i v = _mm_sub_epi8(bits8(q, 2 * j, 3), _mm_slli_epi16(missing, 2));
+                    put16_i8(dst + 128 * h + 32 * j + 16 * p, v, d * (float)pe_q3_k_scale(b->scales, k));
+                }
+            }
+    }
+}
+
+static void dequant_q4_k(const void *src, float *dst, int64_t n) {
+    const pe_block_q4_k *b = src;
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, mn;
+            pe_k_scale_min(b->scales, s, &sc, &mn);
+            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+            for (int p = 0; p < 2; p++) {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * (s / 2) + 16 * p));
+                put16_u8(dst + 32 * s + 16 * p, bits8(q, 4 * (s % 2), 15), d1, m1);
+            }
+        }
+    }
+}
+
+static void dequant_q5_k(const void *src, float *dst, int64_t n) {
+    const pe_block_q5_k *b = src;
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, mn;
+            pe_k_scale_min(b->scales, s, &sc, &mn);
+            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+            for (int p = 0; p < 2; p++) {
+                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * (s / 2) + 16 * p));
+                const __m128i qh = _mm_loadu_si128((const __m128i *)(b->qh + 16 * p));
+                const __m128i v = _mm_or_si128(bits8(q, 4 * (s % 2), 15), _mm_slli_epi16(bits8(qh, s, 1), 4));
+                put16_u8(dst + 32 * s + 16 * p, v, d1, m1);
+            }
+        }
+    }
+}
+
+static void dequant_q6_k(const void *src, float *dst, int64_t n) {
+    const pe_block_q6_k *b = src;
+    const __m128i bias = _mm_set1_epi8(32);
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
+        const float d = h2f(b->d);
+        for (int e = 0; e < PE_QK_K; e += 16) {
+            const int h = e / 128, r = e % 128;
+            const __m128i ql = _mm_loadu_si128((const __m128i *)(b->ql + 64 * h + r % 64));
+            const __m128i qh = _mm_loadu_si128((const __m128i *)(b->qh + 32 * h + r % 32));
+            const __m128i v = _mm_or_si128(bits8(ql, 4 * (r / 64), 15), _mm_slli_epi16(bits8(qh, 2 * (r / 32), 3), 4));
+            put16_i8(dst + e, _mm_sub_epi8(v, bias), d * (float)b->scales[e / 16]);
+        }
+    }
+}
+
+/* Dot through a dequantized super-block in L1; 4 lane accumulators in a fixed order. */
+#define PE_BLOCK_DOT(name, dequant, blck, tsize)                                                 \
+    static float name(const void *row, const float *x, int64_t n) {                              \
+        float tmp[blck] __attribute__((aligned(64)));                                            \
+        const uint8_t *src = row;                                                                \
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+        for (int64_t i = 0; i < n; i += (blck), src += (tsize), x += (blck)) {                   \
+            dequant(src, tmp, (blck));                                                           \
+            for (int j = 0; j < (blck); j += 16)                                                 \
+                a[(j / 16) & 3] = _mm512_fmadd_ps(_mm512_load_ps(tmp + j), _mm512_loadu_ps(x + j), a[(j / 16) & 3]); \
+        }                                                                                        \
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))); \
+    }
+
+PE_BLOCK_DOT(dot_q4_1, dequant_q4_1, PE_QK, 20)
+PE_BLOCK_DOT(dot_q5_0, dequant_q5_0, PE_QK, 22)
+PE_BLOCK_DOT(dot_q5_1, dequant_q5_1, PE_QK, 24)
+PE_BLOCK_DOT(dot_q2_k, dequant_q2_k, PE_QK_K, 84)
+PE_BLOCK_DOT(dot_q3_k, dequant_q3_k, PE_QK_K, 110)
+PE_BLOCK_DOT(dot_q4_k, dequant_q4_k, PE_QK_K, 144)
+PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
+PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
+
+void pe_kernels_avx512(int type, pe_kernel_pair *k) {
+    switch (type) {
+    case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
+    case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
+    case PE_TYPE_BF16: *k = (pe_kernel_pair){dequant_bf16, dot_bf16}; break;
+    case PE_TYPE_Q4_0: *k = (pe_kernel_pair){dequant_q4_0, dot_q4_0}; break;
+    case PE_TYPE_Q4_1: *k = (pe_kernel_pair){dequant_q4_1, dot_q4_1}; break;
+    case PE_TYPE_Q5_0: *k = (pe_kernel_pair){dequant_q5_0, dot_q5_0}; break;
+    case PE_TYPE_Q5_1: *k = (pe_kernel_pair){dequant_q5_1, dot_q5_1}; break;
+    case PE_TYPE_Q8_0: *k = (pe_kernel_pair){dequant_q8_0, dot_q8_0}; break;
+    case PE_TYPE_MXFP4: *k = (pe_kernel_pair){dequant_mxfp4, dot_mxfp4}; break;
+    case PE_TYPE_Q2_K: *k = (pe_kernel_pair){dequant_q2_k, dot_q2_k}; break;
+    case PE_TYPE_Q3_K: *k = (pe_kernel_pair){dequant_q3_k, dot_q3_k}; break;
+    case PE_TYPE_Q4_K: *k = (pe_kernel_pair){dequant_q4_k, dot_q4_k}; break;
+    case PE_TYPE_Q5_K: *k = (pe_kernel_pair){dequant_q5_k, dot_q5_k}; break;
+    case PE_TYPE_Q6_K: *k = (pe_kernel_pair){dequant_q6_k, dot_q6_k}; break;
+    default: break;
+    }
+}

@@ -1,0 +1,88 @@
+/* Private to the quants_*.c files: the block layouts (byte order as in gguf-py's gguf/quants.py and
+ * shared/docs/gpt-oss-spec.md section 4) and the hook through which each SIMD level offers kernels.
+ *
+ * Dequantization must be bit-identical to gguf.quants.dequantize, which evaluates in float32 numpy
+ * without fused multiply-add; every quants_*.c file is compiled with -ffp-contract=off and writes the
+ * products in numpy's order (e.g. Q4_K: (d*sc)*q - dmin*m). The dot kernels use explicit FMA. */
+#ifndef PE_QUANTS_IMPL_H
+#define PE_QUANTS_IMPL_H
+
+#include "quants.h"
+
+#define PE_QK 32   /* elements per block of the 32-element formats */
+#define PE_QK_K 256 /* elements per super-block of the K-quants */
+
+typedef struct { uint16_t d; uint8_t qs[16]; } pe_block_q4_0;
+typedef struct { uint16_t d, m; uint8_t qs[16]; } pe_block_q4_1;
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } pe_block_q5_0;
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } pe_block_q5_1;
+typedef struct { uint16_t d; int8_t qs[32]; } pe_block_q8_0;
+typedef struct { uint8_t e; uint8_t qs[16]; } pe_block_mxfp4;
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } pe_block_q2_k;
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } pe_block_q3_k;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } pe_block_q4_k;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } pe_block_q5_k;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } pe_block_q6_k;
+
+_Static_assert(sizeof(pe_block_q4_0) == 18, "Q4_0 block");
+_Static_assert(sizeof(pe_block_q4_1) == 20, "Q4_1 block");
+_Static_assert(sizeof(pe_block_q5_0) == 22, "Q5_0 block");
+_Static_assert(sizeof(pe_block_q5_1) == 24, "Q5_1 block");
+_Static_assert(sizeof(pe_block_q8_0) == 34, "Q8_0 block");
+_Static_assert(sizeof(pe_block_mxfp4) == 17, "MXFP4 block");
+_Static_assert(sizeof(pe_block_q2_k) == 84, "Q2_K block");
+_Static_assert(sizeof(pe_block_q3_k) == 110, "Q3_K block");
+_Static_assert(sizeof(pe_block_q4_k) == 144, "Q4_K block");
+_Static_assert(sizeof(pe_block_q5_k) == 176, "Q5_K block");
+_Static_assert(sizeof(pe_block_q6_k) == 210, "Q6_K block");
+
+/* E2M1 values doubled (bit 3 = sign); the block scale is then 2^(e-128), see pe_e8m0_half. */
+extern const int8_t pe_mxfp4_values[16];
+
+/* 2^(e-128) as float bits, exactly as ggml_e8m0_to_fp32_half: denormal for e < 2. */
+static inline uint32_t pe_e8m0_half_bits(uint8_t e) {
+    return e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+}
+
+/* The 6-bit scale and min of sub-block j (0..7) of a Q4_K/Q5_K super-block. */
+static inline void pe_k_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+        *mn = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* Signed 6-bit scale k (0..15) of a Q3_K super-block. */
+static inline int pe_q3_k_scale(const uint8_t *s, int k) {
+    int lo = k < 8 ? s[k] & 15 : s[k - 8] >> 4;
+    int hi = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+/* Scalar reference dequantizers (quants_ref.c), also the fallback of SIMD files for rare types. */
+void pe_ref_dequant_q4_0(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q4_1(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q5_0(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q5_1(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q8_0(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_mxfp4(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q2_k(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q3_k(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q4_k(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q5_k(const void *src, float *dst, int64_t n);
+void pe_ref_dequant_q6_k(const void *src, float *dst, int64_t n);
+
+/* A SIMD level's kernels for one type; a level fills only the fields it implements. */
+typedef struct {
+    pe_dequant_row_fn dequant_row;
+    pe_dot_f32_fn dot_f32;
+} pe_kernel_pair;
+
+void pe_kernels_ref(int type, pe_kernel_pair *k);
+void pe_kernels_avx2(int type, pe_kernel_pair *k);
+void pe_kernels_avx512(int type, pe_kernel_pair *k);
+
+#endif

@@ -1,0 +1,514 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Binding of the C gpt-oss forward pass: builds the C weight views from the loader's tensors.
+
+Everything a pointer depends on (type id, shape, strides, byte size, token ids, positions) is checked
+here before it reaches C; the numpy views are kept referenced so the memory map stays alive. The
+module also exposes the individual kernels, which the tests compare against float64 numpy."""
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdlib cimport malloc, free
+
+cnp.import_array()
+
+cdef extern from "quants.h":
+    ctypedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n) noexcept nogil
+    ctypedef struct pe_type_traits:
+        int type
+        const char *name
+        int blck_size
+        int type_size
+        pe_dequant_row_fn dequant_row
+    const pe_type_traits *pe_type_traits_get(int type)
+
+cdef extern from "matmul.h":
+    ctypedef struct pe_weight:
+        const uint8_t *data
+        int type
+        int64_t n_in, n_out, row_stride, expert_stride
+    int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
+                  const float *bias, float *y, int64_t ldy, int n_threads) nogil
+
+cdef extern from "ops.h":
+    void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
+    double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
+                              double orig_ctx, double beta_fast, double beta_slow) nogil
+    void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos,
+                       double mscale) nogil
+    void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) nogil
+    void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n) nogil
+    void pe_topk(const float *x, int n, int k, int *idx) nogil
+
+cdef extern from "attention.h":
+    ctypedef struct pe_kv_layer:
+        float *k
+        float *v
+        int64_t n_slots
+    void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok, int64_t pos0,
+                     int64_t kv_dim) nogil
+    int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const pe_kv_layer *kv,
+                     int n_head, int n_head_kv, int head_dim, int64_t window, const float *sinks,
+                     int n_threads) nogil
+
+cdef extern from "moe.h":
+    ctypedef struct pe_moe:
+        pe_weight router
+        const float *router_b
+        pe_weight gate, up, down
+        const float *gate_b
+        const float *up_b
+        const float *down_b
+        int n_expert, n_used
+        int64_t n_embd, n_ff
+    int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads) nogil
+
+cdef extern from "gptoss.h":
+    ctypedef struct pe_layer:
+        const float *attn_norm
+        pe_weight wq, wk, wv, wo
+        const float *bq
+        const float *bk
+        const float *bv
+        const float *bo
+        const float *sinks
+        const float *post_norm
+        pe_moe moe
+        int sliding
+    ctypedef struct pe_model:
+        int n_layer, n_head, n_head_kv, head_dim
+        int64_t n_embd, n_vocab, window
+        float eps
+        const double *omega
+        const double *omega_swa
+        double rope_mscale
+        pe_weight tok_embd, output
+        const float *out_norm
+        const pe_layer *layers
+    int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
+                          int64_t n_past, float *logits, int logits_all, int n_threads) nogil
+
+
+# ---- validation: the only way a weight pointer is made ------------------------------------------
+
+cdef const pe_type_traits *_traits(int ggml_type) except NULL:
+    cdef const pe_type_traits *tt = pe_type_traits_get(ggml_type)
+    if tt == NULL:
+        raise ValueError(f"unsupported tensor type {ggml_type}")
+    return tt
+
+
+cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, int64_t n_expert,
+                       str name) except *:
+    """A pe_weight over `data` (uint8, (n_out, row_bytes) or (n_expert, n_out, row_bytes)) after
+    checking every size and stride against the type's block layout."""
+    cdef const pe_type_traits *tt = _traits(ggml_type)
+    cdef pe_weight w
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise ValueError(f"{name}: data must be a uint8 numpy array")
+    if n_in <= 0 or n_out <= 0 or n_expert <= 0 or n_in % tt.blck_size:
+        raise ValueError(f"{name}: row of {n_in} elements is not a whole number of "
+                         f"{tt.name.decode()} blocks")
+    cdef int64_t row_bytes = n_in // tt.blck_size * tt.type_size
+    cdef tuple expect = (n_out, row_bytes)
+    if data.ndim == 3:
+        expect = (n_expert, n_out, row_bytes)
+    if data.ndim not in (2, 3) or (data.ndim == 2 and n_expert != 1) or tuple(data.shape) != expect:
+        raise ValueError(f"{name}: data shape {data.shape} does not match {expect}")
+    if data.strides[data.ndim - 1] != 1 or data.strides[data.ndim - 2] < row_bytes:
+        raise ValueError(f"{name}: rows must be contiguous and must not overlap (strides {data.strides})")
+    if data.ndim == 3 and data.strides[0] <= 0:
+        raise ValueError(f"{name}: expert stride {data.strides[0]} must be positive")
+    w.data = <const uint8_t *> cnp.PyArray_DATA(data)
+    w.type = ggml_type
+    w.n_in = n_in
+    w.n_out = n_out
+    w.row_stride = data.strides[data.ndim - 2]
+    w.expert_stride = data.strides[0] if data.ndim == 3 else 0
+    return w
+
+
+def _tensor_weight_args(t, int n_dims):
+    """(data, type, n_in, n_out, n_expert) of a loader Tensor with the expected number of dimensions."""
+    shape = tuple(int(s) for s in t.shape)
+    if len(shape) != n_dims:
+        raise ValueError(f"{t.name}: expected {n_dims} dimensions, got shape {shape}")
+    n_expert = shape[2] if n_dims == 3 else 1
+    return t.data, int(t.ggml_type), shape[0], shape[1], n_expert
+
+
+def dequantize_rows(data, int ggml_type, int64_t n_in):
+    """float32 (rows, n_in) of a uint8 (rows, row_bytes) view (any row stride), via the C kernels."""
+    cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[0] if data.ndim == 2 else 0, 1,
+                               "dequantize_rows")
+    cdef const pe_type_traits *tt = _traits(ggml_type)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((w.n_out, n_in), dtype=np.float32)
+    cdef int64_t r
+    for r in range(w.n_out):
+        tt.dequant_row(w.data + r * w.row_stride, &out[r, 0], n_in)
+    return out
+
+
+def _floats(t, tuple shape):
+    """A small tensor (norm gain, bias, sinks) as a contiguous float32 array of the given shape."""
+    got = tuple(int(s) for s in t.shape)
+    n = int(np.prod(shape))
+    if int(np.prod(got)) != n or got[0] != shape[len(shape) - 1]:
+        raise ValueError(f"{t.name}: shape {got} does not match {tuple(reversed(shape))}")
+    data = t.data
+    if not isinstance(data, np.ndarray) or data.ndim != 2:
+        raise ValueError(f"{t.name}: expected 2-D row data, got {getattr(data, 'shape', None)}")
+    rows = dequantize_rows(data, int(t.ggml_type), got[0])
+    return np.ascontiguousarray(rows.reshape(shape), dtype=np.float32)
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+cdef class KVCache:
+    """f32 K and V rings per layer: n_ctx rows for full layers, window + n_batch for sliding ones
+    (allocated zeroed and lazily, so untouched pages cost no memory)."""
+    cdef public object k, v
+    cdef public int64_t n_ctx
+    cdef public object n_slots
+    cdef pe_kv_layer *layers
+    cdef int n_layer
+
+    def __cinit__(self, Model model, int64_t n_ctx, int64_t n_batch):
+        cdef int l
+        if n_ctx <= 0 or n_batch <= 0:
+            raise ValueError("n_ctx and n_batch must be positive")
+        self.n_layer = model.m.n_layer
+        self.n_ctx = n_ctx
+        self.k, self.v, self.n_slots = [], [], []
+        kv_dim = model.m.n_head_kv * model.m.head_dim
+        for l in range(self.n_layer):
+            slots = min(n_ctx, model.m.window + n_batch) if model.c_layers[l].sliding else n_ctx
+            self.n_slots.append(slots)
+            self.k.append(np.zeros((slots, kv_dim), dtype=np.float32))
+            self.v.append(np.zeros((slots, kv_dim), dtype=np.float32))
+        self.layers = <pe_kv_layer *> malloc(self.n_layer * sizeof(pe_kv_layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        for l in range(self.n_layer):
+            self.layers[l].k = <float *> cnp.PyArray_DATA(self.k[l])
+            self.layers[l].v = <float *> cnp.PyArray_DATA(self.v[l])
+            self.layers[l].n_slots = self.n_slots[l]
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    def max_batch(self, int64_t window) -> int:
+        """Most tokens one forward call may add without a sliding ring overwriting keys it needs."""
+        return min(self.n_slots) - window + 1 if min(self.n_slots) < self.n_ctx else self.n_ctx
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+cdef class Model:
+    """C views of a gpt-oss model's tensors (as open_model returns them) and its hyperparameters."""
+    cdef pe_model m
+    cdef pe_layer *c_layers
+    cdef object keep          # every array a C pointer points into
+    cdef object omega, omega_swa
+    cdef public int64_t n_vocab
+
+    def __cinit__(self):
+        self.c_layers = NULL
+
+    def __init__(self, dict tensors, hp):
+        cdef int l
+        self.keep = []
+        D, H, Hkv, hd = int(hp.n_embd), int(hp.n_head), int(hp.n_head_kv), int(hp.head_dim)
+        E, K, F, L = int(hp.n_expert), int(hp.n_expert_used), int(hp.n_ff_exp), int(hp.n_layer)
+        if min(D, H, Hkv, hd, E, K, F, L) <= 0 or H % Hkv or K > E or hd % 2:
+            raise ValueError(f"inconsistent hyperparameters: {hp}")
+        if len(hp.swa_layers) != L:
+            raise ValueError("swa_layers must have one entry per layer")
+
+        def get(name):
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name}")
+            return tensors[name]
+
+        def floats(name, shape, optional=False):
+            if optional and name not in tensors:
+                a = np.zeros(shape, dtype=np.float32)
+            else:
+                a = _floats(get(name), shape)
+            self.keep.append(a)
+            return a
+
+        cdef cnp.ndarray[cnp.float32_t, ndim=1] a1
+        cdef cnp.ndarray[cnp.float32_t, ndim=2] a2
+        cdef pe_layer *Ly
+        tok = get("token_embd.weight")
+        if len(tok.shape) != 2 or int(tok.shape[0]) != D:
+            raise ValueError(f"token_embd.weight: shape {tuple(tok.shape)} does not match ({D}, n_vocab)")
+        self.n_vocab = int(tok.shape[1])
+        self.m.tok_embd = self._weight(tensors, "token_embd.weight", D, self.n_vocab)
+        self.m.output = self._weight(tensors, "output.weight" if "output.weight" in tensors else "token_embd.weight",
+                               D, self.n_vocab)
+        a1 = floats("output_norm.weight", (D,))
+        self.m.out_norm = &a1[0]
+
+        self.c_layers = <pe_layer *> malloc(L * sizeof(pe_layer))
+        if self.c_layers == NULL:
+            raise MemoryError()
+        for l in range(L):
+            p = f"blk.{l}."
+            Ly = &self.c_layers[l]
+            a1 = floats(p + "attn_norm.weight", (D,)); Ly.attn_norm = &a1[0]
+            Ly.wq = self._weight(tensors, p + "attn_q.weight", D, H * hd)
+            Ly.wk = self._weight(tensors, p + "attn_k.weight", D, Hkv * hd)
+            Ly.wv = self._weight(tensors, p + "attn_v.weight", D, Hkv * hd)
+            Ly.wo = self._weight(tensors, p + "attn_output.weight", H * hd, D)
+            a1 = floats(p + "attn_q.bias", (H * hd,), True); Ly.bq = &a1[0]
+            a1 = floats(p + "attn_k.bias", (Hkv * hd,), True); Ly.bk = &a1[0]
+            a1 = floats(p + "attn_v.bias", (Hkv * hd,), True); Ly.bv = &a1[0]
+            a1 = floats(p + "attn_output.bias", (D,), True); Ly.bo = &a1[0]
+            a1 = floats(p + "attn_sinks.weight", (H,)); Ly.sinks = &a1[0]
+            a1 = floats(p + "post_attention_norm.weight", (D,)); Ly.post_norm = &a1[0]
+            Ly.moe.router = self._weight(tensors, p + "ffn_gate_inp.weight", D, E)
+            a1 = floats(p + "ffn_gate_inp.bias", (E,), True); Ly.moe.router_b = &a1[0]
+            Ly.moe.gate = self._weight(tensors, p + "ffn_gate_exps.weight", D, F, E)
+            Ly.moe.up = self._weight(tensors, p + "ffn_up_exps.weight", D, F, E)
+            Ly.moe.down = self._weight(tensors, p + "ffn_down_exps.weight", F, D, E)
+            a2 = floats(p + "ffn_gate_exps.bias", (E, F), True); Ly.moe.gate_b = &a2[0, 0]
+            a2 = floats(p + "ffn_up_exps.bias", (E, F), True); Ly.moe.up_b = &a2[0, 0]
+            a2 = floats(p + "ffn_down_exps.bias", (E, D), True); Ly.moe.down_b = &a2[0, 0]
+            Ly.moe.n_expert = E
+            Ly.moe.n_used = K
+            Ly.moe.n_embd = D
+            Ly.moe.n_ff = F
+            Ly.sliding = 1 if hp.swa_layers[l] else 0
+
+        yarn = hp.rope_scaling == "yarn"
+        self.omega, mscale = rope_freqs(hd, float(hp.rope_base), yarn, float(hp.rope_factor),
+                                        float(hp.rope_orig_ctx), float(hp.yarn_beta_fast),
+                                        float(hp.yarn_beta_slow))
+        self.omega_swa, _ = rope_freqs(hd, float(hp.rope_base_swa or hp.rope_base), yarn,
+                                       float(hp.rope_factor), float(hp.rope_orig_ctx),
+                                       float(hp.yarn_beta_fast), float(hp.yarn_beta_slow))
+        self.m.omega = <const double *> cnp.PyArray_DATA(self.omega)
+        self.m.omega_swa = <const double *> cnp.PyArray_DATA(self.omega_swa)
+        self.m.rope_mscale = mscale
+        self.m.n_layer, self.m.n_head, self.m.n_head_kv, self.m.head_dim = L, H, Hkv, hd
+        self.m.n_embd, self.m.n_vocab = D, self.n_vocab
+        self.m.window = int(hp.sliding_window) if any(hp.swa_layers) else 0
+        if any(hp.swa_layers) and self.m.window <= 0:
+            raise ValueError("sliding layers need a positive sliding_window")
+        self.m.eps = float(hp.rms_eps)
+        self.m.layers = self.c_layers
+
+    cdef pe_weight _weight(self, dict tensors, str name, int64_t n_in, int64_t n_out,
+                           int64_t n_expert=0) except *:
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        t = tensors[name]
+        data, ty, t_in, t_out, t_exp = _tensor_weight_args(t, 3 if n_expert else 2)
+        if (t_in, t_out) != (n_in, n_out) or (n_expert and t_exp != n_expert):
+            want = [n_in, n_out] + ([n_expert] if n_expert else [])
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
+        self.keep.append(data)
+        return _weight(data, ty, n_in, n_out, max(n_expert, 1), name)
+
+    def __dealloc__(self):
+        free(self.c_layers)
+
+    @property
+    def window(self) -> int:
+        return self.m.window
+
+    def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
+        """(bytes per context position of the full layers, fixed bytes of the sliding rings)."""
+        row = 2 * 4 * self.m.n_head_kv * self.m.head_dim
+        n_swa = sum(1 for l in range(self.m.n_layer) if self.c_layers[l].sliding)
+        return row * (self.m.n_layer - n_swa), row * n_swa * (self.m.window + n_batch)
+
+    def forward(self, KVCache cache, tokens, int64_t n_past, bint logits_all, int n_threads):
+        """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.ascontiguousarray(tokens, dtype=np.int32)
+        cdef int64_t n = tok.shape[0]
+        if cache.n_layer != self.m.n_layer:
+            raise ValueError("cache belongs to another model")
+        if n <= 0:
+            raise ValueError("no tokens")
+        if tok.min() < 0 or tok.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range [0, {self.n_vocab})")
+        if n_past < 0 or n_past + n > cache.n_ctx:
+            raise ValueError(f"{n_past} + {n} tokens exceed the context of {cache.n_ctx}")
+        if n > cache.max_batch(self.m.window):
+            raise ValueError(f"{n} tokens in one call exceed the sliding-window cache")
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((n if logits_all else 1, self.n_vocab),
+                                                                 dtype=np.float32)
+        cdef int rc
+        with nogil:
+            rc = pe_gptoss_forward(&self.m, cache.layers, &tok[0], n, n_past, &out[0, 0],
+                                   logits_all, n_threads)
+        if rc:
+            raise MemoryError("out of memory for the forward pass scratch buffers")
+        return out if logits_all else out[0]
+
+
+# ---- kernels, for tests --------------------------------------------------------------------------
+
+def _f32(a, ndim):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.ndim != ndim:
+        raise ValueError(f"expected a {ndim}-D array")
+    return a
+
+
+def rmsnorm(x, g, float eps):
+    """RMSNorm of each row of x (n, d) with gain g (d,)."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] ga = _f32(g, 1)
+    if ga.shape[0] != xa.shape[1] or xa.shape[1] == 0:
+        raise ValueError("gain length must equal the row length")
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty_like(xa)
+    cdef int64_t i
+    for i in range(xa.shape[0]):
+        pe_rmsnorm(&out[i, 0], &xa[i, 0], &ga[0], xa.shape[1], eps)
+    return out
+
+
+def rope_freqs(int head_dim, double base, bint yarn, double factor, double orig_ctx,
+               double beta_fast, double beta_slow):
+    """(omega float64 (head_dim/2,), magnitude factor M) of RoPE with optional YaRN."""
+    if head_dim <= 0 or head_dim % 2 or base <= 1 or (yarn and (factor <= 0 or orig_ctx <= 0
+                                                                 or beta_fast <= 0 or beta_slow <= 0)):
+        raise ValueError("invalid RoPE parameters")
+    cdef cnp.ndarray[cnp.float64_t, ndim=1] omega = np.empty(head_dim // 2, dtype=np.float64)
+    m = pe_rope_yarn_freqs(&omega[0], head_dim, base, yarn, factor, orig_ctx, beta_fast, beta_slow)
+    return omega, m
+
+
+def rope(x, positions, omega, double mscale):
+    """NeoX RoPE of x (n_tok, n_heads, head_dim) at the given positions."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=3] xa = _f32(x, 3).copy()
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] pos = np.ascontiguousarray(positions, dtype=np.int64)
+    cdef cnp.ndarray[cnp.float64_t, ndim=1] om = np.ascontiguousarray(omega, dtype=np.float64)
+    cdef int hd = xa.shape[2]
+    if pos.shape[0] != xa.shape[0] or om.shape[0] * 2 != hd or hd == 0:
+        raise ValueError("shape mismatch")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] c = np.empty(hd // 2, dtype=np.float32)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] s = np.empty(hd // 2, dtype=np.float32)
+    cdef int64_t t
+    for t in range(xa.shape[0]):
+        pe_rope_table(&c[0], &s[0], &om[0], hd // 2, pos[t], mscale)
+        pe_rope_apply(&xa[t, 0, 0], xa.shape[1], hd, &c[0], &s[0])
+    return xa
+
+
+def swiglu_oai(g, u):
+    """SwiGLU-OAI of equal-length vectors."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] ga = _f32(g, 1)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] ua = _f32(u, 1)
+    if ga.shape[0] != ua.shape[0] or ga.shape[0] == 0:
+        raise ValueError("shape mismatch")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] out = np.empty_like(ga)
+    pe_swiglu_oai(&out[0], &ga[0], &ua[0], ga.shape[0])
+    return out
+
+
+def topk(x, int k):
+    """Indices of the k largest entries of x, largest first."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] xa = _f32(x, 1)
+    if not 0 < k <= xa.shape[0]:
+        raise ValueError("need 0 < k <= len(x)")
+    cdef cnp.ndarray[int, ndim=1] idx = np.empty(k, dtype=np.intc)
+    pe_topk(&xa[0], xa.shape[0], k, &idx[0])
+    return idx
+
+
+def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, int n_threads=1):
+    """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
+    (n_expert, n_out, row_bytes) of the given type, any row/expert stride."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
+    n_exp = data.shape[0] if data.ndim == 3 else 1
+    cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0,
+                               n_exp, "matmul")
+    if xa.shape[1] != n_in or xa.shape[0] == 0 or not 0 <= expert < n_exp or n_threads < 1:
+        raise ValueError("shape mismatch")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] b
+    cdef const float *bp = NULL
+    if bias is not None:
+        b = _f32(bias, 1)
+        if b.shape[0] != w.n_out:
+            raise ValueError("bias length must equal n_out")
+        bp = &b[0]
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] y = np.empty((xa.shape[0], w.n_out), dtype=np.float32)
+    cdef int rc
+    with nogil:
+        rc = pe_matmul(&w, expert, &xa[0, 0], n_in, xa.shape[0], bp, &y[0, 0], w.n_out, n_threads)
+    if rc:
+        raise MemoryError()
+    return y
+
+
+def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int n_threads=1):
+    """Attention of q (n_tok, n_head, hd) at positions pos0.. over keys/values k, v (pos0 + n_tok,
+    n_head_kv, hd) of positions 0.., stored in a ring of n_slots rows first."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=3] qa = _f32(q, 3)
+    cdef cnp.ndarray[cnp.float32_t, ndim=3] ka = _f32(k, 3)
+    cdef cnp.ndarray[cnp.float32_t, ndim=3] va = _f32(v, 3)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1] sa = _f32(sinks, 1)
+    cdef int64_t n_tok = qa.shape[0], n_pos = ka.shape[0]
+    cdef int H = qa.shape[1], hd = qa.shape[2], Hkv = ka.shape[1]
+    if (n_tok == 0 or n_pos != pos0 + n_tok or va.shape[0] != n_pos or ka.shape[2] != hd
+            or va.shape[1] != Hkv or va.shape[2] != hd or Hkv == 0 or H % Hkv or sa.shape[0] != H
+            or n_threads < 1 or window < 0 or pos0 < 0):
+        raise ValueError("shape mismatch")
+    need = min(n_pos, window - 1 + n_tok) if window else n_pos
+    if n_slots < need:
+        raise ValueError(f"a ring of {n_slots} rows cannot hold the {need} positions this needs")
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] kc = np.zeros((n_slots, Hkv * hd), dtype=np.float32)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] vc = np.zeros((n_slots, Hkv * hd), dtype=np.float32)
+    cdef pe_kv_layer kv
+    kv.k = &kc[0, 0]
+    kv.v = &vc[0, 0]
+    kv.n_slots = n_slots
+    pe_kv_store(&kv, &ka[0, 0, 0], &va[0, 0, 0], n_pos, 0, Hkv * hd)
+    cdef cnp.ndarray[cnp.float32_t, ndim=3] out = np.empty_like(qa)
+    cdef int rc
+    with nogil:
+        rc = pe_attention(&out[0, 0, 0], &qa[0, 0, 0], n_tok, pos0, &kv, H, Hkv, hd, window, &sa[0],
+                          n_threads)
+    if rc:
+        raise MemoryError()
+    return out
+
+
+def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k, int n_threads=1):
+    """MoE block of x (n_tok, d) with float32 weights: router (E, d), gate/up (E, F, d), down (E, d, F),
+    biases (E,), (E, F), (E, F), (E, d)."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
+    arrays = [_f32(router_w, 2), _f32(router_b, 1), _f32(gate_w, 3), _f32(gate_b, 2), _f32(up_w, 3),
+              _f32(up_b, 2), _f32(down_w, 3), _f32(down_b, 2)]
+    rw, rb, gw, gb, uw, ub, dw, db = arrays
+    E, D, F = rw.shape[0], xa.shape[1], gw.shape[1]
+    if (xa.shape[0] == 0 or rw.shape[1] != D or rb.shape != (E,) or gw.shape != (E, F, D)
+            or uw.shape != (E, F, D) or dw.shape != (E, D, F) or gb.shape != (E, F)
+            or ub.shape != (E, F) or db.shape != (E, D) or not 0 < k <= E or n_threads < 1):
+        raise ValueError("shape mismatch")
+    cdef pe_moe m
+    m.router = _weight(rw.view(np.uint8), 0, D, E, 1, "router")
+    m.gate = _weight(gw.view(np.uint8), 0, D, F, E, "gate")
+    m.up = _weight(uw.view(np.uint8), 0, D, F, E, "up")
+    m.down = _weight(dw.view(np.uint8), 0, F, D, E, "down")
+    m.router_b = <const float *> cnp.PyArray_DATA(rb)
+    m.gate_b = <const float *> cnp.PyArray_DATA(gb)
+    m.up_b = <const float *> cnp.PyArray_DATA(ub)
+    m.down_b = <const float *> cnp.PyArray_DATA(db)
+    m.n_expert, m.n_used, m.n_embd, m.n_ff = E, k, D, F
+    cdef cnp.ndarray[cnp.float32_t, ndim=2] y = np.empty_like(xa)
+    cdef int rc
+    with nogil:
+        rc = pe_moe_forward(&m, &xa[0, 0], xa.shape[0], &y[0, 0], n_threads)
+    if rc:
+        raise MemoryError()
+    return y

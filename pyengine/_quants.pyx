@@ -1,0 +1,81 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin bridge to the C quant kernels (csrc/quants*.c). Callers validate: pyengine.quants checks
+types and shapes in Python so that no bad pointer or size ever reaches C."""
+
+from libc.stdint cimport int64_t, uint8_t
+import numpy as np
+
+cdef extern from "quants.h":
+    ctypedef struct pe_type_traits:
+        int type
+        const char *name
+        int blck_size
+        int type_size
+    const pe_type_traits *pe_type_traits_get(int type)
+    void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows,
+                            int64_t n) nogil
+    void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out,
+                     int64_t n_rows, int64_t n) nogil
+
+
+def type_info(int ggml_type):
+    """(name, elements per block, bytes per block) of a supported ggml type, else None."""
+    cdef const pe_type_traits *t = pe_type_traits_get(ggml_type)
+    if t == NULL:
+        return None
+    return t.name.decode(), t.blck_size, t.type_size
+
+
+def _check_rows(rows, int ggml_type):
+    info = type_info(ggml_type)
+    if info is None:
+        raise ValueError(f"ggml type {ggml_type} is not supported by the quant kernels")
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2:
+        raise ValueError("rows must be a 2-D uint8 array")
+    if rows.shape[1] % info[2]:
+        raise ValueError(f"row bytes ({rows.shape[1]}) are not a whole number of {info[0]} blocks "
+                         f"of {info[2]} bytes")
+    return rows.shape[1] // info[2] * info[1]
+
+
+def dequantize_rows(rows, int ggml_type):
+    """float32 (n_rows, n) from a 2-D uint8 array of whole blocks; its last axis must be contiguous."""
+    cdef int64_t n = _check_rows(rows, ggml_type)
+    if rows.shape[0] and rows.strides[1] != 1:
+        rows = np.ascontiguousarray(rows)
+    out = np.empty((rows.shape[0], n), dtype=np.float32)
+    if rows.size == 0 or n == 0:
+        return out
+    cdef const uint8_t[:, :] src = rows
+    cdef float[:, ::1] dst = out
+    cdef int64_t stride = rows.strides[0], n_rows = rows.shape[0]
+    with nogil:
+        pe_dequantize_rows(ggml_type, &src[0, 0], stride, &dst[0, 0], n_rows, n)
+    return out
+
+
+def dot_rows(rows, x, int ggml_type):
+    """float32 (n_rows,) of each quantized row dotted with the float32 vector x (a mat-vec)."""
+    cdef int64_t n = _check_rows(rows, ggml_type)
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] != n:
+        raise ValueError(f"x must be a 1-D float32 array of {n} elements, one per row element")
+    if rows.shape[0] and rows.strides[1] != 1:
+        rows = np.ascontiguousarray(rows)
+    x = np.ascontiguousarray(x)
+    out = np.zeros(rows.shape[0], dtype=np.float32)
+    if rows.size == 0 or n == 0:
+        return out
+    cdef const uint8_t[:, :] src = rows
+    cdef const float[::1] xv = x
+    cdef float[::1] res = out
+    cdef int64_t stride = rows.strides[0], n_rows = rows.shape[0]
+    with nogil:
+        pe_dot_rows(ggml_type, &src[0, 0], stride, &xv[0], &res[0], n_rows, n)
+    return out
+
+
+def dot(row, x, int ggml_type) -> float:
+    """The dot product of one quantized row (1-D uint8, whole blocks) with float32 x."""
+    if not isinstance(row, np.ndarray) or row.ndim != 1:
+        raise ValueError("row must be a 1-D uint8 array")
+    return float(dot_rows(row.reshape(1, -1), x, ggml_type)[0])

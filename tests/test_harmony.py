@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from pyengine import harmony
+from pyengine import chat_template, harmony
 from pyengine.tokenizer import Tokenizer
 
 import vocab
@@ -414,3 +415,68 @@ def test_malformed_tool_json_is_returned_raw():
 def test_truncated_completion():
     assert harmony.parse("<|channel|>analysis<|message|>half a thou")["reasoning_content"] == "half a thou"
     assert harmony.parse("<|channel|>final<|message|>partial <|en")["content"] == "partial <|en"
+
+
+# ---------------------------------------------------------------------------------------------
+# chat_template="gguf": the file's own jinja template vs transformers
+# ---------------------------------------------------------------------------------------------
+
+TEMPLATE = (Path(__file__).parent / "data" / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")
+
+TEMPLATE_CHATS = [
+    ([{"role": "user", "content": "Hi"}], None, {}),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}], None, {"reasoning_effort": "high"}),
+    (
+        [
+            {"role": "developer", "content": "Use tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "reasoning_content": "Need the tool.", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "It is 21 °C.", "reasoning_content": "Answer."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        [WEATHER, SEARCH, NO_ARGS],
+        {"reasoning_effort": "low"},
+    ),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [SEARCH], {"builtin_tools": ["browser", "python"]}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TEMPLATE_CHATS)))
+def test_gguf_template_matches_transformers(tok, case):
+    cu = pytest.importorskip("transformers.utils.chat_template_utils")
+    messages, tools, kwargs = TEMPLATE_CHATS[case]
+    ours = chat_template.render_template(TEMPLATE, messages, tools, add_generation_prompt=True, **kwargs)
+    ref = cu.render_jinja_template(
+        conversations=[chat_template.template_messages(messages)],
+        tools=tools,
+        chat_template=TEMPLATE,
+        add_generation_prompt=True,
+        **kwargs,
+    )
+    rendered, _indices = ref
+    assert ours == rendered[0]
+    assert "<|start|>assistant" in ours
+    if "builtin_tools" not in kwargs:
+        ids = chat_template.apply_chat_template(
+            tok, {"tokenizer.chat_template": TEMPLATE}, messages, tools, kwargs.get("reasoning_effort", "medium"),
+            chat_template="gguf",
+        )
+        assert tok.decode(ids) == ours
+        assert 200006 in ids and 200008 in ids  # control tokens parsed as such
+
+
+def test_gguf_template_errors(tok):
+    with pytest.raises(chat_template.ChatTemplateError, match="embeds no chat template"):
+        chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}], chat_template="gguf")
+    with pytest.raises(chat_template.ChatTemplateError, match="channel"):
+        chat_template.render_template(TEMPLATE, [{"role": "assistant", "content": "<|channel|>analysis<|message|>x"}])
+    with pytest.raises(chat_template.ChatTemplateError, match="compile"):
+        chat_template.render_template("{% if %}", [])
+    # The sandbox refuses attribute tricks.
+    with pytest.raises(Exception):
+        chat_template.render_template("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [])
+    assert chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}]) == harmony.render_chat(
+        tok, [{"role": "user", "content": "x"}]
+    )

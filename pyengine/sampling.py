@@ -126,10 +126,12 @@ class Sampler:
         ids, probs = self.candidates(logits, history)
         if ids.shape[0] == 1:
             return int(ids[0])
-        order = np.argsort(ids, kind="stable")  # a fixed order makes a seed mean the same draw
-        cdf = np.cumsum(probs[order])
+        if np.any(ids[1:] < ids[:-1]):  # a fixed (id) order makes a seed mean the same draw
+            order = np.argsort(ids, kind="stable")
+            ids, probs = ids[order], probs[order]
+        cdf = np.cumsum(probs)
         k = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return int(ids[order][min(k, ids.shape[0] - 1)])
+        return int(ids[min(k, ids.shape[0] - 1)])
 
 
 def _top_p(x: np.ndarray, ids: np.ndarray, top_p: float) -> np.ndarray:

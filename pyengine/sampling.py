@@ -1,0 +1,151 @@
+"""Choosing the next token from logits: penalties, top-k/top-p/min-p, temperature, seed, logprobs.
+
+Semantics follow llama.cpp's default sampler chain (what llama-cpp-python users get):
+logit bias -> repetition/frequency/presence penalties over the last `repeat_last_n` tokens ->
+top-k -> top-p -> min-p -> temperature -> draw. Note that top-p and min-p therefore see the
+distribution at temperature 1 (OpenAI/HF apply temperature first). temperature <= 0 is greedy.
+Logprobs describe the model's own distribution: log-softmax of the raw logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# top-p looks at this many best tokens first and sorts the whole vocabulary only if they do not
+# reach the requested mass.
+_TOP_P_PROBE = 1024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the user asks for; defaults leave the model's distribution untouched (temperature 1)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # llama.cpp: divide positive logits, multiply negative ones
+    repeat_last_n: int = 64  # window for all three penalties; -1 = whole history, 0 = none
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token seen
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the count of the token
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise ValueError(f"repeat_last_n must be >= -1, got {self.repeat_last_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of a logit vector."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = np.max(x)
+    return x - m - np.log(np.sum(np.exp(x - m)))
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most likely (token id, logprob) pairs, best first (ties: lower id first)."""
+    if n <= 0:
+        return []
+    n = min(n, logprobs.shape[0])
+    idx = np.argpartition(-logprobs, n - 1)[:n]
+    idx = idx[np.lexsort((idx, -logprobs[idx]))]
+    return [(int(i), float(logprobs[i])) for i in idx]
+
+
+class Sampler:
+    """Applies SamplingParams to logit vectors; owns the random generator (seeded => reproducible)."""
+
+    def __init__(self, params: SamplingParams | None = None) -> None:
+        self.params = params or SamplingParams()
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def adjusted_logits(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
+        """float64 logits after logit bias and the penalties."""
+        p = self.params
+        x = np.array(logits, dtype=np.float64)
+        if x.ndim != 1:
+            raise ValueError(f"logits must be one vector, got shape {x.shape}")
+        for token, bias in p.logit_bias.items():
+            if not 0 <= int(token) < x.shape[0]:
+                raise ValueError(f"logit_bias token {token} is outside the vocabulary")
+            x[int(token)] += bias
+        window = list(history) if p.repeat_last_n == -1 else list(history)[-p.repeat_last_n :] if p.repeat_last_n else []
+        if window and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+            ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
+            keep = (ids >= 0) & (ids < x.shape[0])
+            ids, counts = ids[keep], counts[keep]
+            seen = x[ids]
+            seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+            x[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
+        return x
+
+    def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that remain after every filter; probabilities sum to 1."""
+        p = self.params
+        x = self.adjusted_logits(logits, history)
+        if p.greedy:
+            best = int(np.argmax(x))
+            return np.array([best]), np.array([1.0])
+        ids = np.arange(x.shape[0])
+        if 0 < p.top_k < x.shape[0]:
+            ids = np.argpartition(-x, p.top_k - 1)[: p.top_k]
+        if p.top_p < 1.0:
+            ids = _top_p(x, ids, p.top_p)
+        if p.min_p > 0.0:
+            sub = x[ids]
+            ids = ids[sub >= np.max(sub) + np.log(p.min_p)]
+        scaled = x[ids] / p.temperature
+        probs = np.exp(scaled - np.max(scaled))
+        return ids, probs / probs.sum()
+
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
+        """The full-vocabulary probability vector the next draw uses (zeros where filtered)."""
+        ids, probs = self.candidates(logits, history)
+        out = np.zeros(np.asarray(logits).shape[0])
+        out[ids] = probs
+        return out
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """Draw the next token id."""
+        ids, probs = self.candidates(logits, history)
+        if ids.shape[0] == 1:
+            return int(ids[0])
+        if np.any(ids[1:] < ids[:-1]):  # a fixed (id) order makes a seed mean the same draw
+            order = np.argsort(ids, kind="stable")
+            ids, probs = ids[order], probs[order]
+        cdf = np.cumsum(probs)
+        k = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(k, ids.shape[0] - 1)])
+
+
+def _top_p(x: np.ndarray, ids: np.ndarray, top_p: float) -> np.ndarray:
+    """Smallest set of the best candidates whose probability reaches top_p (at least one)."""
+    sub = x[ids]
+    probs = np.exp(sub - np.max(sub))
+    probs /= probs.sum()
+    if ids.shape[0] > _TOP_P_PROBE:
+        probe = np.argpartition(-probs, _TOP_P_PROBE - 1)[:_TOP_P_PROBE]
+        order = probe[np.lexsort((ids[probe], -probs[probe]))]
+        if np.sum(probs[order]) < top_p:
+            order = np.lexsort((ids, -probs))
+    else:
+        order = np.lexsort((ids, -probs))
+    cum = np.cumsum(probs[order])
+    n = int(np.searchsorted(cum, top_p, side="left")) + 1
+    return ids[order[: min(n, order.shape[0])]]

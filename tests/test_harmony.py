@@ -1,0 +1,482 @@
+"""Harmony rendering and parsing vs openai-harmony (token for token, message for message)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pyengine import chat_template, harmony
+from pyengine.tokenizer import Tokenizer
+
+import vocab
+
+oh = pytest.importorskip("openai_harmony")
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_metadata(vocab.harmony_metadata())
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    return vocab.load_harmony_encoding(tmp_path_factory.mktemp("tiktoken"))
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a location.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "City and country, e.g. Paris, France"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+                "days": {"type": "integer", "description": "Forecast days", "default": 1},
+                "detailed": {"type": "boolean", "default": False},
+            },
+            "required": ["location"],
+        },
+    },
+}
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search_docs",
+        "description": "Search the documentation.\nReturns at most `limit` hits.",
+        "parameters": {
+            "type": "object",
+            "description": "Search options",
+            "properties": {
+                "query": {"type": "string", "title": "Query text", "examples": ["install", "gguf"]},
+                "filters": {
+                    "type": "object",
+                    "description": "Optional filters",
+                    "properties": {
+                        "tags": {"type": "array", "items": {"type": "string"}, "description": "Tags to match"},
+                        "since": {"type": ["string", "null"], "description": "ISO date"},
+                        "score": {"type": "number", "nullable": True},
+                        "nested": {"type": "object", "properties": {"depth": {"type": "integer", "default": 2}}},
+                    },
+                    "required": ["tags"],
+                },
+                "limit": {"type": "integer", "default": 10},
+                "mode": {
+                    "description": "Matching mode",
+                    "oneOf": [
+                        {"type": "string", "enum": ["exact", "fuzzy"], "description": "Named mode"},
+                        {"type": "number", "description": "Similarity threshold", "default": 0.5},
+                    ],
+                },
+                "sort": {"type": "string", "enum": ["asc", "desc"], "default": "desc", "description": "Order"},
+                "points": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "number"}}}},
+                "anything": {},
+                "raw": {"type": "array"},
+            },
+            "required": ["query"],
+        },
+    },
+}
+NO_ARGS = {"type": "function", "function": {"name": "get_time", "description": "Current UTC time."}}
+EMPTY_OBJECT = {
+    "type": "function",
+    "function": {"name": "ping", "description": "", "parameters": {"type": "object", "properties": {}}},
+}
+ALL_TOOLS = [WEATHER, SEARCH, NO_ARGS, EMPTY_OBJECT]
+
+
+def reference_conversation(messages, tools, effort, date):
+    """The same conversation built with openai-harmony's own types."""
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort[effort.upper()])
+    if date is not None:
+        system = system.with_conversation_start_date(date)
+    out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    instructions = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+    if instructions or tools:
+        dev = oh.DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions("\n\n".join(instructions))
+        if tools:
+            dev = dev.with_function_tools(
+                [
+                    oh.ToolDescription.new(
+                        t["function"]["name"], t["function"].get("description", ""), parameters=t["function"].get("parameters")
+                    )
+                    for t in tools
+                ]
+            )
+        out.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
+    names = {}
+    for m in messages:
+        if m["role"] == "user":
+            out.append(oh.Message.from_role_and_content(oh.Role.USER, m["content"]))
+        elif m["role"] == "assistant":
+            if m.get("reasoning_content"):
+                out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["reasoning_content"]).with_channel("analysis"))
+            if m.get("tool_calls"):
+                if m.get("content"):
+                    out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["content"]).with_channel("commentary"))
+                for call in m["tool_calls"]:
+                    names[call["id"]] = call["function"]["name"]
+                    out.append(
+                        oh.Message.from_role_and_content(oh.Role.ASSISTANT, call["function"]["arguments"])
+                        .with_channel("commentary")
+                        .with_recipient(f"functions.{call['function']['name']}")
+                        .with_content_type("<|constrain|>json")
+                    )
+            else:
+                out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m.get("content") or "").with_channel("final"))
+        elif m["role"] == "tool":
+            author = oh.Author.new(oh.Role.TOOL, f"functions.{names[m['tool_call_id']]}")
+            out.append(
+                oh.Message.from_author_and_content(author, m["content"]).with_recipient("assistant").with_channel("commentary")
+            )
+    return oh.Conversation.from_messages(out)
+
+
+TEXTS = [
+    "Hi",
+    "What's the weather in Paris?",
+    "  leading spaces and trailing  \n",
+    "Ünïcödé ✓ 日本語 😀👍🏽 résumé",
+    "code:\n```python\nprint('x')\n```",
+    "<|start|> is just text here",
+    "",
+    "1234567 + 89 = ?",
+]
+
+
+def random_conversation(rng: random.Random):
+    tools = rng.sample(ALL_TOOLS, rng.randint(0, 3)) if rng.random() < 0.6 else []
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(TEXTS[:5])})
+    if rng.random() < 0.3:
+        messages.append({"role": "developer", "content": "Answer in French."})
+    call_no = 0
+    for _turn in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": rng.choice(TEXTS)})
+        if rng.random() < 0.3:
+            break
+        if tools and rng.random() < 0.5:
+            calls = []
+            for _ in range(rng.randint(1, 2)):
+                tool = rng.choice(tools)["function"]
+                call_no += 1
+                args = json.dumps({"location": rng.choice(["Paris", "東京", "São Paulo"]), "n": call_no})
+                calls.append({"id": f"call_{call_no}", "type": "function", "function": {"name": tool["name"], "arguments": args}})
+            msg = {"role": "assistant", "tool_calls": calls, "reasoning_content": rng.choice(["Need a tool.", None])}
+            if rng.random() < 0.3:
+                msg["content"] = "Let me check."
+            messages.append(msg)
+            for call in calls:
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": rng.choice(['{"temp": 21}', "sunny", ""])})
+            if rng.random() < 0.5:
+                continue
+        messages.append(
+            {
+                "role": "assistant",
+                "content": rng.choice(TEXTS[:5]),
+                "reasoning_content": rng.choice(["Let me think step by step.", None]),
+            }
+        )
+    return messages, tools
+
+
+def render_both(tok, enc, messages, tools, effort, date, drop=True):
+    ours = harmony.render_chat(tok, messages, tools or None, effort, date, auto_drop_analysis=drop)
+    conv = reference_conversation(messages, tools, effort, date)
+    config = oh.RenderConversationConfig(auto_drop_analysis=drop)
+    ref = enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT, config)
+    return ours, ref
+
+
+def test_spec_example(tok, enc):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ours, ref = render_both(tok, enc, msgs, [], "low", "2025-06-28")
+    assert ours == ref
+    assert tok.decode(ours).endswith("<|start|>developer<|message|># Instructions\n\nBe brief.<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant")
+
+
+def test_tool_namespace_with_nested_schema(tok, enc):
+    msgs = [{"role": "user", "content": "Weather?"}]
+    ours, ref = render_both(tok, enc, msgs, ALL_TOOLS, "high", None)
+    assert tok.decode(ours) == enc.decode_utf8(ref)
+    assert ours == ref
+    assert "Calls to these tools must go to the commentary channel: 'functions'." in tok.decode(ours)
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high"])
+@pytest.mark.parametrize("date", [None, "2025-08-05"])
+def test_efforts_and_dates(tok, enc, effort, date):
+    msgs = [{"role": "developer", "content": "Dev"}, {"role": "user", "content": "Q"}]
+    ours, ref = render_both(tok, enc, msgs, [WEATHER], effort, date)
+    assert ours == ref
+
+
+def test_random_conversations_token_for_token(tok, enc):
+    rng = random.Random(2024)
+    for _ in range(200):
+        messages, tools = random_conversation(rng)
+        effort = rng.choice(["low", "medium", "high"])
+        date = rng.choice([None, "2025-01-31"])
+        drop = rng.random() < 0.8
+        ours, ref = render_both(tok, enc, messages, tools, effort, date, drop)
+        assert ours == ref, (messages, tools, effort, date, drop)
+
+
+def test_analysis_dropping_rules(tok):
+    history = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "reasoning_content": "R1", "content": "F1"},
+        {"role": "user", "content": "b"},
+    ]
+    text = tok.decode(harmony.render_chat(tok, history))
+    assert "R1" not in text and "F1" in text
+    pending_call = history + [
+        {"role": "assistant", "reasoning_content": "R2", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    text = tok.decode(harmony.render_chat(tok, pending_call, [WEATHER]))
+    assert "R1" in text and "R2" in text  # last assistant message is a call, not final: nothing dropped
+    assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>" in text
+    assert text.count("<|call|>") == 1 and "<|return|>" not in text
+
+
+def test_rejects_bad_input(tok):
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        harmony.render_chat(tok, [{"role": "user", "content": "x"}], reasoning_effort="max")
+    with pytest.raises(ValueError, match="role"):
+        harmony.render_chat(tok, [{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="tool message"):
+        harmony.render_chat(tok, [{"role": "tool", "content": "x", "tool_call_id": "nope"}])
+
+
+def test_content_parts_are_joined(tok):
+    a = harmony.render_chat(tok, [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}])
+    assert a == harmony.render_chat(tok, [{"role": "user", "content": "Hello"}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_parse(enc, tokens):
+    """openai-harmony's parse, mapped to the OpenAI message shape the same way pyengine maps it."""
+    msgs = enc.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
+    content, reasoning, calls = [], [], []
+    for m in msgs:
+        if m.author.role != oh.Role.ASSISTANT:
+            continue
+        text = "".join(c.text for c in m.content)
+        if m.recipient and m.recipient not in ("assistant", "all"):
+            name = m.recipient.removeprefix("functions.")
+            calls.append({"type": "function", "function": {"name": name, "arguments": text}})
+        elif m.channel == "analysis":
+            reasoning.append(text)
+        else:
+            content.append(text)
+    return {
+        "role": "assistant",
+        "content": "".join(content) if content else None,
+        "reasoning_content": "".join(reasoning) if reasoning else None,
+        "tool_calls": calls,
+    }
+
+
+def without_ids(message):
+    out = dict(message)
+    out["tool_calls"] = [{k: v for k, v in c.items() if k != "id"} for c in message["tool_calls"]]
+    return out
+
+
+def completion_tokens(enc, parts, stop):
+    """Tokens a model emits after '<|start|>assistant': rendered messages, minus that prefix."""
+    tokens = []
+    for m in parts:
+        tokens += enc.render(m)
+    assert tokens[:2] == enc.encode("<|start|>assistant", allowed_special="all")
+    tokens = tokens[2:]
+    if stop == "return":
+        tokens[-1] = 200002
+    return tokens
+
+
+def A(text, channel, recipient=None, ctype=None):
+    m = oh.Message.from_role_and_content(oh.Role.ASSISTANT, text).with_channel(channel)
+    if recipient:
+        m = m.with_recipient(recipient)
+    if ctype:
+        m = m.with_content_type(ctype)
+    return m
+
+
+COMPLETIONS = [
+    ([A("The user greets. Reply.", "analysis"), A("Hello! How can I help?", "final")], "return"),
+    ([A("Just answer.", "final")], "return"),
+    ([A("Need weather 😀.", "analysis"), A('{"location": "Paris"}', "commentary", "functions.get_weather", "<|constrain|>json")], "call"),
+    ([A("Check.", "analysis"), A("Checking now…", "commentary"), A('{"q": "x"}', "commentary", "functions.search_docs", "<|constrain|>json")], "call"),
+    ([A('{"broken": ', "commentary", "functions.get_weather", "json")], "call"),
+    ([A("multi\nline\n\n  analysis ✓", "analysis"), A("日本語の答え <b>x</b> a<|b", "final")], "return"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(COMPLETIONS)))
+def test_parse_matches_openai_harmony(tok, enc, case):
+    parts, stop = COMPLETIONS[case]
+    tokens = completion_tokens(enc, parts, stop)
+    text = tok.decode(tokens)
+    assert without_ids(harmony.parse(text)) == reference_parse(enc, tokens)
+
+
+def stream_result(chunks):
+    parser = harmony.StreamingParser()
+    deltas = []
+    for c in chunks:
+        deltas += parser.feed(c)
+    deltas += parser.finish()
+    content = "".join(d.get("content", "") for d in deltas) or None
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas) or None
+    calls = {}
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            entry = calls.setdefault(c["index"], {"type": "function", "function": {"name": None, "arguments": ""}})
+            if "id" in c:
+                entry["function"]["name"] = c["function"]["name"]
+            entry["function"]["arguments"] += c["function"].get("arguments", "")
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": [calls[i] for i in sorted(calls)]}, parser
+
+
+STREAM_TEXTS = [
+    "<|channel|>analysis<|message|>I think <x> <|a|> about it.<|end|><|start|>assistant<|channel|>final<|message|>Answer <| here<|return|>",
+    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": [1, 2]}<|call|>",
+    "<|channel|>commentary<|channel|>analysis<|message|>stray<|end|><|channel|>final<|message|>ok",
+    " to=functions.g<|channel|>commentary<|constrain|>json<|message|>{bad json<|call|>",
+    "Plain answer without any header<|return|>",
+]
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_streaming_equals_parse_at_every_split(text):
+    expected = without_ids(harmony.parse(text))
+    for k in range(len(text) + 1):
+        got, parser = stream_result([text[:k], text[k:]])
+        assert got == expected, k
+        assert without_ids(parser.message()) == expected
+    got, _ = stream_result(list(text))
+    assert got == expected
+
+
+def test_streaming_never_leaks_control_text():
+    text = STREAM_TEXTS[0]
+    parser = harmony.StreamingParser()
+    for ch in text:
+        for d in parser.feed(ch):
+            for v in d.values():
+                if isinstance(v, str):
+                    assert "<|end|>" not in v and "<|start|>" not in v and "<|channel|>" not in v
+
+
+def test_tolerated_deviations_parse_like_the_canonical_form(tok, enc):
+    canonical_call = completion_tokens(
+        enc, [A('{"x": 1}', "commentary", "functions.get_weather", "<|constrain|>json")], "call"
+    )
+    ref = reference_parse(enc, canonical_call)
+    # <|constrain|>json glued to the recipient, recipient before the channel.
+    glued = ' to=functions.get_weather<|channel|>commentary<|constrain|>json<|message|>{"x": 1}<|call|>'
+    assert without_ids(harmony.parse(glued)) == ref
+    canonical = completion_tokens(enc, [A("think", "analysis"), A("answer", "final")], "return")
+    ref = reference_parse(enc, canonical)
+    # A stray <|channel|>commentary before the real channel.
+    stray = "<|channel|>commentary<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>answer<|return|>"
+    assert without_ids(harmony.parse(stray)) == ref
+    stray_to = "<|channel|>commentary to=assistant<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>answer<|return|>"
+    assert without_ids(harmony.parse(stray_to)) == ref
+    # The second message without <|start|>assistant.
+    missing_start = "<|channel|>analysis<|message|>think<|end|><|channel|>final<|message|>answer<|return|>"
+    assert without_ids(harmony.parse(missing_start)) == ref
+    # The completion given with its <|start|>assistant prefix.
+    assert without_ids(harmony.parse("<|start|>assistant" + tok.decode(canonical))) == ref
+
+
+def test_malformed_tool_json_is_returned_raw():
+    out = harmony.parse('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": [1,<|call|>')
+    assert out["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": [1,'}
+    assert out["tool_calls"][0]["id"].startswith("call_")
+    assert out["content"] is None
+
+
+def test_truncated_completion():
+    assert harmony.parse("<|channel|>analysis<|message|>half a thou")["reasoning_content"] == "half a thou"
+    assert harmony.parse("<|channel|>final<|message|>partial <|en")["content"] == "partial <|en"
+
+
+# ---------------------------------------------------------------------------------------------
+# chat_template="gguf": the file's own jinja template vs transformers
+# ---------------------------------------------------------------------------------------------
+
+TEMPLATE = (Path(__file__).parent / "data" / "openai-gpt-oss-120b.jinja").read_text(encoding="utf-8")
+
+TEMPLATE_CHATS = [
+    ([{"role": "user", "content": "Hi"}], None, {}),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}], None, {"reasoning_effort": "high"}),
+    (
+        [
+            {"role": "developer", "content": "Use tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "reasoning_content": "Need the tool.", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "It is 21 °C.", "reasoning_content": "Answer."},
+            {"role": "user", "content": "Thanks"},
+        ],
+        [WEATHER, SEARCH, NO_ARGS],
+        {"reasoning_effort": "low"},
+    ),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [SEARCH], {"builtin_tools": ["browser", "python"]}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TEMPLATE_CHATS)))
+def test_gguf_template_matches_transformers(tok, case):
+    cu = pytest.importorskip("transformers.utils.chat_template_utils")
+    messages, tools, kwargs = TEMPLATE_CHATS[case]
+    ours = chat_template.render_template(TEMPLATE, messages, tools, add_generation_prompt=True, **kwargs)
+    ref = cu.render_jinja_template(
+        conversations=[chat_template.template_messages(messages)],
+        tools=tools,
+        chat_template=TEMPLATE,
+        add_generation_prompt=True,
+        **kwargs,
+    )
+    rendered, _indices = ref
+    assert ours == rendered[0]
+    assert "<|start|>assistant" in ours
+    if "builtin_tools" not in kwargs:
+        ids = chat_template.apply_chat_template(
+            tok, {"tokenizer.chat_template": TEMPLATE}, messages, tools, kwargs.get("reasoning_effort", "medium"),
+            chat_template="gguf",
+        )
+        assert tok.decode(ids) == ours
+        assert 200006 in ids and 200008 in ids  # control tokens parsed as such
+
+
+def test_gguf_template_errors(tok):
+    with pytest.raises(chat_template.ChatTemplateError, match="embeds no chat template"):
+        chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}], chat_template="gguf")
+    with pytest.raises(chat_template.ChatTemplateError, match="channel"):
+        chat_template.render_template(TEMPLATE, [{"role": "assistant", "content": "<|channel|>analysis<|message|>x"}])
+    with pytest.raises(chat_template.ChatTemplateError, match="compile"):
+        chat_template.render_template("{% if %}", [])
+    # The sandbox refuses attribute tricks.
+    with pytest.raises(Exception):
+        chat_template.render_template("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [])
+    assert chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}]) == harmony.render_chat(
+        tok, [{"role": "user", "content": "x"}]
+    )

@@ -1,0 +1,141 @@
+"""Samplers vs direct float64 numpy computations of the same definitions, and seed reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyengine.sampling import SamplingParams, Sampler, log_softmax, top_logprobs
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def reference_distribution(logits, history, p: SamplingParams):
+    """The llama.cpp chain written out the slow, obvious way (full sorts, python loops)."""
+    x = logits.astype(np.float64).copy()
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n else []
+    for t in set(window):
+        c = window.count(t)
+        x[t] = x[t] / p.repeat_penalty if x[t] > 0 else x[t] * p.repeat_penalty
+        x[t] -= c * p.frequency_penalty + p.presence_penalty
+    if p.temperature <= 0:
+        out = np.zeros_like(x)
+        out[np.argmax(x)] = 1.0
+        return out
+    keep = np.ones(x.shape[0], dtype=bool)
+    order = sorted(range(x.shape[0]), key=lambda i: (-x[i], i))
+    if p.top_k:
+        keep[:] = False
+        keep[order[: p.top_k]] = True
+    if p.top_p < 1.0:
+        kept = [i for i in order if keep[i]]
+        probs = softmax(x[kept])
+        cum, n = 0.0, 0
+        for n, q in enumerate(probs, start=1):
+            cum += q
+            if cum >= p.top_p:
+                break
+        keep[:] = False
+        keep[kept[:n]] = True
+    if p.min_p > 0:
+        probs = softmax(np.where(keep, x, -np.inf))
+        keep &= probs >= p.min_p * probs.max()
+    out = np.where(keep, x / p.temperature, -np.inf)
+    return softmax(out)
+
+
+CASES = [
+    SamplingParams(),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0.0),
+    SamplingParams(top_k=5),
+    SamplingParams(top_p=0.9),
+    SamplingParams(top_p=0.5, temperature=1.3),
+    SamplingParams(min_p=0.05),
+    SamplingParams(top_k=40, top_p=0.95, min_p=0.02, temperature=0.8),
+    SamplingParams(repeat_penalty=1.3, repeat_last_n=8),
+    SamplingParams(repeat_penalty=1.1, repeat_last_n=-1, frequency_penalty=0.4, presence_penalty=0.6),
+    SamplingParams(frequency_penalty=-0.5, presence_penalty=1.0, repeat_last_n=0),
+    SamplingParams(logit_bias={3: 5.0, 7: -100.0}, top_k=10),
+]
+
+
+@pytest.mark.parametrize("params", CASES, ids=repr)
+def test_distribution_matches_reference(params):
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        logits = (rng.standard_normal(300) * rng.uniform(0.5, 4)).astype(np.float32)
+        history = [int(t) for t in rng.integers(0, 300, size=40)] + [3, 3, 3]
+        got = Sampler(params).distribution(logits, history)
+        want = reference_distribution(logits, history, params)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        assert abs(got.sum() - 1) < 1e-12
+
+
+def test_top_p_fast_path_on_a_full_vocabulary():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal(201088) * 3).astype(np.float32)
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        params = SamplingParams(top_p=top_p)
+        ids, probs = Sampler(params).candidates(logits)
+        full = softmax(logits.astype(np.float64))
+        order = np.lexsort((np.arange(full.shape[0]), -full))
+        n = int(np.searchsorted(np.cumsum(full[order]), top_p)) + 1
+        assert set(ids.tolist()) == set(order[:n].tolist())
+
+
+def test_samples_follow_the_distribution():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal(12).astype(np.float32)
+    params = SamplingParams(temperature=0.9, top_k=8, seed=42)
+    sampler = Sampler(params)
+    n = 40000
+    counts = np.bincount([sampler.sample(logits) for _ in range(n)], minlength=12)
+    expected = sampler.distribution(logits) * n
+    assert counts[expected == 0].sum() == 0
+    mask = expected > 0
+    chi2 = (((counts - expected) ** 2)[mask] / expected[mask]).sum()
+    assert chi2 < 30  # 7 degrees of freedom: p < 1e-4 of failing by chance
+
+
+def test_seed_reproducible_and_seeds_differ():
+    logits = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    a = Sampler(SamplingParams(seed=7, temperature=1.5))
+    b = Sampler(SamplingParams(seed=7, temperature=1.5))
+    c = Sampler(SamplingParams(seed=8, temperature=1.5))
+    sa = [a.sample(logits) for _ in range(50)]
+    assert sa == [b.sample(logits) for _ in range(50)]
+    assert sa != [c.sample(logits) for _ in range(50)]
+
+
+def test_greedy_is_argmax_after_bias():
+    logits = np.random.default_rng(4).standard_normal(500).astype(np.float32)
+    s = Sampler(SamplingParams(temperature=0))
+    assert s.sample(logits) == int(np.argmax(logits))
+    s = Sampler(SamplingParams(temperature=0, logit_bias={17: 100.0}))
+    assert s.sample(logits) == 17
+
+
+def test_logprobs_and_top_alternatives():
+    logits = np.random.default_rng(5).standard_normal(2000).astype(np.float32) * 3
+    lp = log_softmax(logits)
+    ref = logits.astype(np.float64) - np.log(np.sum(np.exp(logits.astype(np.float64))))
+    np.testing.assert_allclose(lp, ref, rtol=1e-12, atol=1e-12)
+    top = top_logprobs(lp, 5)
+    want = np.argsort(-lp, kind="stable")[:5]
+    assert [i for i, _ in top] == want.tolist()
+    assert [v for _, v in top] == [float(lp[i]) for i in want]
+    assert top_logprobs(lp, 0) == []
+
+
+def test_invalid_params_rejected():
+    for bad in ({"top_p": 1.5}, {"min_p": -0.1}, {"top_k": -1}, {"repeat_penalty": 0}, {"repeat_last_n": -2}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="outside"):
+        Sampler(SamplingParams(logit_bias={5000: 1.0})).sample(np.zeros(10, dtype=np.float32))

@@ -1,0 +1,203 @@
+"""Test helper: the o200k_harmony vocabulary as a gpt-oss GGUF stores it, built from bpe-openai.
+
+bpe-openai ships the o200k_base ranks offline. From them we make what a real gpt-oss GGUF holds
+(GPT-2 byte-to-unicode token strings, token types, merges derived from the ranks, the harmony
+special tokens at 199998..201087) and the o200k_base.tiktoken file openai-harmony loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from pathlib import Path
+
+import numpy as np
+
+N_VOCAB = 201088
+N_BASE = 199998
+
+# gpt-oss special tokens (shared/docs/gpt-oss-spec.md 5.4); every other id from 199998 up is reserved.
+HARMONY_SPECIALS = {
+    199998: "<|startoftext|>",
+    199999: "<|endoftext|>",
+    200002: "<|return|>",
+    200003: "<|constrain|>",
+    200005: "<|channel|>",
+    200006: "<|start|>",
+    200007: "<|end|>",
+    200008: "<|message|>",
+    200012: "<|call|>",
+    200018: "<|endofprompt|>",
+}
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()
+
+
+def to_gpt2_text(piece: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[b] for b in piece)
+
+
+@functools.lru_cache(maxsize=1)
+def o200k_ranks() -> dict[bytes, int]:
+    import bpe_openai
+
+    return dict(bpe_openai.get_encoding("o200k_base")._mergeable_ranks)
+
+
+@functools.lru_cache(maxsize=1)
+def o200k_pattern() -> str:
+    import bpe_openai
+
+    return bpe_openai.get_encoding("o200k_base")._pat_str
+
+
+def special_token_text(token_id: int) -> str:
+    return HARMONY_SPECIALS.get(token_id, f"<|reserved_{token_id}|>")
+
+
+def harmony_specials() -> dict[str, int]:
+    return {special_token_text(i): i for i in range(N_BASE, N_VOCAB)}
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[str]:
+    """Merge rules in priority order, derived from ranks the way HF's TikTokenConverter does it.
+
+    For each token (in rank order) every split into two tokens is a merge; merges are ordered by
+    the merged token's rank, then by the ranks of the two halves.
+    """
+    merges: list[tuple[int, int, int, str]] = []
+    for piece, rank in ranks.items():
+        if len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            lr, rr = ranks.get(left), ranks.get(right)
+            if lr is not None and rr is not None:
+                merges.append((rank, lr, rr, f"{to_gpt2_text(left)} {to_gpt2_text(right)}"))
+    merges.sort()
+    return [m[3] for m in merges]
+
+
+@functools.lru_cache(maxsize=4)
+def harmony_metadata(pre: str = "gpt-4o", arch: str = "gpt-oss", with_merges: bool = False) -> dict:
+    """The tokenizer part of a gpt-oss GGUF's metadata as a dict (what ModelFile.metadata holds).
+
+    Ollama's gptoss files use pre="default", arch "gptoss", and eos 199999 with eos_token_ids.
+    """
+    ranks = o200k_ranks()
+    tokens = [""] * N_VOCAB
+    for piece, rank in ranks.items():
+        tokens[rank] = to_gpt2_text(piece)
+    for i in range(N_BASE, N_VOCAB):
+        tokens[i] = special_token_text(i)
+    token_type = np.ones(N_VOCAB, dtype=np.int32)
+    token_type[N_BASE:] = 3
+    meta = {
+        "general.architecture": arch,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": token_type,
+        "tokenizer.ggml.bos_token_id": 199998,
+        "tokenizer.ggml.eos_token_id": 200002,
+        "tokenizer.ggml.padding_token_id": 199999,
+    }
+    if arch == "gptoss":
+        meta["tokenizer.ggml.eos_token_id"] = 199999
+        meta["tokenizer.ggml.eos_token_ids"] = [199999, 200002, 200012]
+        meta["tokenizer.ggml.add_bos_token"] = False
+    if with_merges:
+        meta["tokenizer.ggml.merges"] = merges_from_ranks(ranks)
+    return meta
+
+
+def write_vocab_gguf(path: Path, pre: str = "gpt-4o", arch: str = "gpt-oss") -> Path:
+    """A vocab-only GGUF (metadata, no tensors) like llama.cpp's models/ggml-vocab-*.gguf."""
+    import gguf
+
+    meta = harmony_metadata(pre, arch, with_merges=True)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"].tolist())
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_tiktoken_file(folder: Path) -> Path:
+    """o200k_base.tiktoken (base64 token, space, rank per line) for TIKTOKEN_ENCODINGS_BASE."""
+    path = Path(folder) / "o200k_base.tiktoken"
+    ranks = o200k_ranks()
+    lines = [f"{base64.b64encode(p).decode()} {r}\n" for p, r in sorted(ranks.items(), key=lambda x: x[1])]
+    path.write_text("".join(lines))
+    return path
+
+
+def load_harmony_encoding(folder: Path):
+    """openai-harmony's HARMONY_GPT_OSS encoding, offline, from an o200k file written to folder."""
+    import os
+
+    import openai_harmony
+
+    write_tiktoken_file(folder)
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(folder)
+    return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """Every KV pair of a GGUF v3 file (gguf-py's reader takes a minute on a 201k-token vocab)."""
+    import struct
+
+    data = Path(path).read_bytes()
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n : pos].decode("utf-8")
+
+    def value(kind: int):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item_kind, count = take("<I"), take("<Q")
+            return [value(item_kind) for _ in range(count)]
+        return take(scalar[kind])
+
+    if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] != 3:
+        raise ValueError(f"{path} is not a GGUF v3 file")
+    pos = 8
+    _n_tensors, n_kv = take("<Q"), take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<I"))
+    return meta

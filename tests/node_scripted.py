@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
-from pyengine.node.backend import Backend, ModelInfo, SamplingParams, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.node.backend import Backend, ModelInfo, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.sampling import SamplingParams
 
 oh = pytest.importorskip("openai_harmony")
 bpe_openai = pytest.importorskip("bpe_openai")
@@ -70,7 +71,7 @@ class ScriptedSlot(Slot):
     def n_past(self) -> int:
         return len(self.cache)
 
-    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool) -> int:
+    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
         prompt = list(prompt)
         n = 0
         while n < min(len(self.cache), len(prompt) - 1) and self.cache[n] == prompt[n]:
@@ -78,7 +79,7 @@ class ScriptedSlot(Slot):
         self.cache = prompt[:n]
         self.pending = prompt[n:]
         self.chat = chat
-        self.params = params
+        self.logprobs = logprobs
         enc = self.backend.enc
         text = self.backend.script(enc.decode(prompt))
         self.output = enc.encode(text, allowed_special="all")
@@ -104,11 +105,11 @@ class ScriptedSlot(Slot):
             row[tok % len(row)] += 1
         out = StepOutput(token=tok, done=tok in EOG, tool_call=tok == CALL)
         piece = self.backend.token_bytes(tok)
-        if self.params.logprobs:
+        if self.logprobs is not None:
             alt = self.backend.token_bytes(tok + 1)
             out.logprob = TokenLogprob(piece.decode("utf-8", "replace"), -0.25, list(piece),
                                        [(piece.decode("utf-8", "replace"), -0.25, list(piece)),
-                                        (alt.decode("utf-8", "replace"), -1.5, list(alt))][:self.params.top_logprobs])
+                                        (alt.decode("utf-8", "replace"), -1.5, list(alt))][:self.logprobs])
         if not self.chat:
             if tok not in EOG:
                 self.bytes += piece

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given, strategies as st
 
 from pyengine.node.backend import ModelInfo
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Histogram, Metrics
-from pyengine.node.pull import router_dir_name
+from pyengine.node.pull import target_path
 from pyengine.node.stops import StopMatcher
 
 
@@ -65,7 +66,11 @@ def test_model_names_the_node_answers_to():
     info = ModelInfo("gpt-oss-20b", 4096, 131072, 201088, 1, 1, aliases=("gpt-oss_20b",))
     assert all(info.answers_to(n) for n in (None, "", "gpt-oss-20b", "GPT-OSS-20B", "gpt-oss:20b"))
     assert not info.answers_to("gpt-oss-120b")
-    assert router_dir_name("gpt-oss:20b") == "gpt-oss_20b" and router_dir_name("gpt-oss") == "gpt-oss_latest"
+    assert target_path(Path("/m"), "gpt-oss:20b") == Path("/m/gpt-oss_20b/model.gguf")
+    assert target_path(Path("/m"), "gpt-oss") == Path("/m/gpt-oss_latest/model.gguf")
+    for bad in ("../etc", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError):
+            target_path(Path("/m"), bad)
 
 
 def test_histogram_is_cumulative_and_metrics_render():

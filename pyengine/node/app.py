@@ -21,11 +21,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
-from pyengine.node.backend import Backend, SamplingParams, TokenLogprob
+from pyengine.node.backend import Backend, TokenLogprob
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
 from pyengine.node.schemas import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    Message, PullRequest, TokenizeRequest, bad_request, parse_body)
+from pyengine.sampling import SamplingParams
 from pyengine.node.scheduler import Chunk, Failed, Finished, Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("pyengine")
@@ -130,14 +131,13 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
     if any(t >= n_vocab for t in bias):
         raise bad_request(f"logit_bias names a token id outside the vocabulary (0..{n_vocab - 1})",
                           "logit_bias")
-    p = SamplingParams(logit_bias=bias, seed=req.seed)
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"):
-        if getattr(req, name) is not None:
-            setattr(p, name, getattr(req, name))
-    rep = req.repetition_penalty or req.repeat_penalty
-    if rep is not None:
-        p.repetition_penalty = rep
-    return p
+    given = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p",
+                                                    "presence_penalty", "frequency_penalty", "seed")}
+    given["repeat_penalty"] = req.repetition_penalty or req.repeat_penalty
+    try:
+        return SamplingParams(logit_bias=bias, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise bad_request(f"Invalid sampling parameters: {e}") from None
 
 
 def _history(messages: list[Message]) -> list[dict[str, Any]]:
@@ -238,7 +238,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            f"`{backend.info.name}`", "invalid_request_error", "model_not_found", "model")
 
     def make_job(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
-                 limit: int | None, endpoint: str) -> Job:
+                 limit: int | None, endpoint: str, logprobs: int | None) -> Job:
         backend, scheduler = state.ready()
         n_ctx = backend.info.n_ctx
         if len(prompt) >= n_ctx:
@@ -248,7 +248,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            n_prompt_tokens=len(prompt), n_ctx=n_ctx)
         room = n_ctx - len(prompt)
         job = Job(prompt=prompt, params=params, chat=chat, max_tokens=min(limit or room, room),
-                  stops=req.stop_list(), endpoint=endpoint, loop=asyncio.get_running_loop(),
+                  stops=req.stop_list(), endpoint=endpoint, loop=asyncio.get_running_loop(), logprobs=logprobs,
                   request_id=request.scope["state"]["request_id"])
         try:
             scheduler.submit(job)
@@ -321,7 +321,6 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         backend, _ = state.ready()
         check_model(req.model, backend)
         params = _sampling(req, backend.info.n_vocab)
-        params.logprobs, params.top_logprobs = req.logprobs, req.top_logprobs or 0
         tools = None
         if req.tools and req.tool_choice != "none":
             tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
@@ -329,7 +328,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
         except ValueError as e:
             raise bad_request(f"cannot render these messages: {e}", "messages") from None
-        job = make_job(request, prompt, req, params, True, req.token_limit(), "chat")
+        job = make_job(request, prompt, req, params, True, req.token_limit(), "chat",
+                       (req.top_logprobs or 0) if req.logprobs else None)
         cid, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), backend.info.name
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "system_fingerprint": FINGERPRINT}
@@ -383,7 +383,6 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         backend, _ = state.ready()
         check_model(req.model, backend)
         params = _sampling(req, backend.info.n_vocab)
-        params.logprobs, params.top_logprobs = req.logprobs is not None, req.logprobs or 0
         if isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
             prompt = list(req.prompt)
             if any(not 0 <= t < backend.info.n_vocab for t in prompt):
@@ -393,7 +392,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.tokenize, text, True)
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
-        job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions")
+        job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs)
         cid, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), backend.info.name
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
         base = {"id": cid, "object": "text_completion", "created": created, "model": name,
@@ -424,7 +423,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         total, fin = await collect(request, job)
         state.response_ms.append((time.perf_counter() - t0) * 1e3)
         choice = {"index": 0, "text": echo + total.content, "finish_reason": fin.finish_reason,
-                  "logprobs": _legacy_logprobs(total.logprobs, len(echo)) if params.logprobs else None}
+                  "logprobs": _legacy_logprobs(total.logprobs, len(echo)) if req.logprobs is not None else None}
         return JSONResponse({**base, "choices": [choice], "usage": fin.usage, "timings": fin.timings})
 
     @app.get("/v1/models")
@@ -477,7 +476,10 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         req = parse_body(await request.body(), PullRequest)
         if not req.path and not req.download_url:
             raise bad_request("pull needs a path or a download_url", "path")
-        start_pull(req, config)
+        try:
+            start_pull(req, config)
+        except ValueError as e:
+            raise bad_request(str(e), "model") from None
         return JSONResponse({"status": "accepted"})
 
     return app

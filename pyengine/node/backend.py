@@ -16,22 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-
-@dataclass
-class SamplingParams:
-    """What a request asks of the sampler; defaults are the gpt-oss recommendation (T=1, top_p=1)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
+from pyengine.sampling import SamplingParams
 
 
 @dataclass
@@ -99,13 +84,19 @@ class Slot(ABC):
     """One sequence's model state, used only from the scheduler's worker thread."""
 
     @abstractmethod
-    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool) -> int:
+    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
         """Prepare to generate after `prompt`; return how many leading prompt tokens are reused
-        from this slot's cache. `chat` selects the Harmony parser (else raw text out)."""
+        from this slot's cache. `chat` selects the Harmony parser (else raw text out);
+        `logprobs` None: none, n: each token's logprob and the n most likely alternatives."""
 
     @abstractmethod
     def step(self) -> StepOutput:
         """Do one unit of work: a chunk of prompt evaluation, or one sampled token."""
+
+    def flush(self) -> StepOutput:
+        """Text still held back (a partial UTF-8 sequence, an undecided Harmony header) when the
+        scheduler ends the request before the model did (max_tokens, full context)."""
+        return StepOutput()
 
     @property
     @abstractmethod

@@ -15,6 +15,7 @@ from typing import Callable
 
 import httpx
 
+from pyengine.model_paths import router_dir_name
 from pyengine.node.config import NodeConfig
 from pyengine.node.schemas import PullRequest
 
@@ -22,13 +23,11 @@ log = logging.getLogger("pyengine")
 CHUNK = 8 << 20
 
 
-def router_dir_name(model: str) -> str:
-    """`gpt-oss:20b` -> `gpt-oss_20b`; `gpt-oss` -> `gpt-oss_latest`."""
-    name = model.replace("/", "_")
-    return name.replace(":", "_") if ":" in name else f"{name}_latest"
-
-
 def target_path(models_dir: Path, model: str) -> Path:
+    """Where the router's storage convention puts `model`; ValueError for an id that is not one
+    folder name (a `/`, a `\\` or a leading dot could escape the models folder)."""
+    if not model or model.startswith(".") or "/" in model or "\\" in model or "\0" in model:
+        raise ValueError(f"invalid model id {model!r}")
     return Path(models_dir) / router_dir_name(model) / "model.gguf"
 
 
@@ -84,6 +83,8 @@ def run_pull(req: PullRequest, config: NodeConfig) -> Path | None:
 
 
 def start_pull(req: PullRequest, config: NodeConfig) -> threading.Thread:
+    """Check the id (ValueError), then copy or download on a background thread."""
+    target_path(config.models_dir, req.model)
     t = threading.Thread(target=run_pull, args=(req, config), name="pyengine-pull", daemon=True)
     t.start()
     return t

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyengine.node.backend import Backend, SamplingParams, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.node.backend import Backend, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.sampling import SamplingParams
 from pyengine.node.metrics import Metrics
 from pyengine.node.stops import StopMatcher
 
@@ -70,6 +71,7 @@ class Job:
     stops: list[str]
     endpoint: str
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None
     request_id: str = ""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -192,7 +194,7 @@ class Scheduler:
     def _admit(self, job: Job, slot: Slot) -> None:
         job.t_start = time.perf_counter()
         try:
-            job.n_cached = slot.start(job.prompt, job.params, job.chat)
+            job.n_cached = slot.start(job.prompt, job.params, job.chat, job.logprobs)
         except Exception as e:
             log.exception("could not start a request")
             job.post(Failed(f"could not start generation: {e}"))
@@ -225,7 +227,7 @@ class Scheduler:
         if out.tool_calls:
             job.tool_seen = True
         chunk = Chunk(out.reasoning, content, out.tool_calls,
-                      [out.logprob] if out.logprob and job.params.logprobs else [])
+                      [out.logprob] if out.logprob and job.logprobs is not None else [])
         if chunk.reasoning or chunk.content or chunk.tool_calls or chunk.logprobs:
             job.post(chunk)
         if stopped:
@@ -234,6 +236,10 @@ class Scheduler:
             reason = "tool_calls" if out.tool_call or job.tool_seen else "stop"
         elif job.n_generated >= job.max_tokens or slot.n_past >= self.n_ctx:
             reason = "length"
+            tail = slot.flush()
+            content, stopped = job.stopper.feed(tail.content)
+            if tail.reasoning or content or tail.tool_calls:
+                job.post(Chunk(tail.reasoning, content, tail.tool_calls))
         else:
             return
         if not stopped:

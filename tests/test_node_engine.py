@@ -1,0 +1,177 @@
+"""End to end: the node over the real engine, tokenizer, Harmony parser and sampler.
+
+A tiny random gpt-oss GGUF (tests/gguf_factory.py) carrying the real o200k_harmony vocabulary
+(tests/vocab.py) is served with two slots; the official openai client's greedy answers are
+checked against a greedy decode computed independently, from fresh-context logits of a separate
+Engine (no slot, no prefix reuse, no chunked prefill, no sampler)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+import gguf_factory
+import vocab
+from node_server import run_node
+from pyengine import harmony
+from pyengine.engine import Engine
+from pyengine.model_file import open_model
+from pyengine.node.config import NodeConfig
+from pyengine.node.engine_backend import EngineBackend
+
+openai = pytest.importorskip("openai")
+N_CTX = 256
+CONTROL = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
+
+
+def _real_vocab(writer, n_vocab, rng):
+    meta = vocab.harmony_metadata()
+    assert n_vocab == len(meta["tokenizer.ggml.tokens"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"].tolist())
+    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "gpt-oss-tiny.gguf"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gguf_factory, "_add_tokenizer", _real_vocab)
+    try:
+        gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="f16", expert_type="mxfp4", tie_output=True,
+                                       with_tokenizer=True, n_vocab=vocab.N_VOCAB, seed=7)
+    finally:
+        mp.undo()
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(model_path):
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=N_CTX, threads=1))
+    with run_node(backend, parallel=2) as (url, _):
+        yield url, backend
+
+
+def greedy_reference(model_path, prompt: list[int], n: int, eog: frozenset[int]) -> list[int]:
+    """Greedy continuation from full fresh-context logits at every step."""
+    engine = Engine(open_model(model_path), n_ctx=N_CTX, n_threads=1)
+    tokens = list(prompt)
+    for _ in range(n):
+        nxt = int(np.argmax(engine.logits(tokens)[-1]))
+        tokens.append(nxt)
+        if nxt in eog:
+            break
+    return tokens[len(prompt):]
+
+
+def test_models_endpoint_reports_the_file(served, model_path):
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    (m,) = client.models.list().data
+    assert m.id == "gpt-oss-tiny" and m.model_extra["context_length"] == N_CTX
+    assert m.model_extra["meta"]["n_vocab"] == vocab.N_VOCAB and m.model_extra["size"] == model_path.stat().st_size
+
+
+def test_greedy_completion_matches_reference_streamed_and_not(served, model_path):
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    prompt = "<|start|>user<|message|>Say something about Köln.<|end|><|start|>assistant"
+    ids = backend.tokenize(prompt, special=True)
+    ref = greedy_reference(model_path, ids, 12, backend.tokenizer.eog_ids)
+    ref_text = backend.tokenizer.decode([t for t in ref if t not in backend.tokenizer.eog_ids])
+    r = client.completions.create(model="gpt-oss-tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == ref_text
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
+    streamed = list(client.completions.create(model="gpt-oss-tiny", prompt=ids, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == ref_text
+    assert streamed[-1].usage.completion_tokens == len(ref)
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_greedy_chat_two_slots_at_once(served, model_path):
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    questions = ["What is 2+2?", "Name a colour, please."]
+
+    def chat(q: str, stream: bool):
+        kwargs = dict(model="gpt-oss-tiny", messages=[{"role": "user", "content": q}], max_tokens=10,
+                      temperature=0, reasoning_effort="low")
+        if not stream:
+            r = client.chat.completions.create(**kwargs)
+            m = r.choices[0].message
+            return m.content or "", m.model_extra.get("reasoning_content") or "", r.usage.completion_tokens
+        text = reasoning = ""
+        usage = None
+        for c in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+            if c.choices:
+                text += c.choices[0].delta.content or ""
+                reasoning += (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+            usage = c.usage or usage
+        return text, reasoning, usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: chat(*a), [(q, s) for q in questions for s in (False, True)]))
+    for i, q in enumerate(questions):
+        whole, streamed = results[2 * i], results[2 * i + 1]
+        assert whole == streamed
+        prompt = backend.render_chat([{"role": "user", "content": q, "thinking": None, "tool_calls": None,
+                                       "tool_call_id": None, "name": None}], None, "low")
+        assert "Reasoning: low" in backend.detokenize(prompt)
+        ref = greedy_reference(model_path, prompt, 10, backend.tokenizer.eog_ids)
+        expected = harmony.parse(backend.tokenizer.decode(ref))
+        assert whole[0] == (expected["content"] or "") and whole[1] == (expected["reasoning_content"] or "")
+        assert whole[2] == len(ref) and whole[0]
+        for text in whole[:2]:
+            assert not any(mark in text for mark in CONTROL)
+
+
+def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from node_server import free_port
+
+    models = tmp_path / "models"
+    (models / "gpt-oss_tiny").mkdir(parents=True)
+    shutil.copy(model_path, models / "gpt-oss_tiny" / "model.gguf")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyengine.cli", "serve", "--model", "gpt-oss:tiny",
+                             "--models-dir", str(models), "--port", str(port), "--ctx-size", "128",
+                             "--threads", "1", "--verbose"],
+                            cwd=tmp_path, env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "gpt-oss:tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
+        assert r["usage"]["completion_tokens"] == 4 and r["model"] == "gpt-oss-tiny"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        err = proc.stderr.read()
+        for line in ("[INFO] Loading model: ", "[INFO] Architecture detected: ", "[INFO] Model loaded successfully",
+                     "prompt eval time = "):
+            assert line in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -81,7 +81,9 @@ class ScriptedSlot(Slot):
         self.chat = chat
         self.logprobs = logprobs
         enc = self.backend.enc
-        text = self.backend.script(enc.decode(prompt))
+        prompt_text = enc.decode(prompt)
+        self.fail = bool(self.backend.fail_word) and self.backend.fail_word in prompt_text
+        text = self.backend.script(prompt_text)
         self.output = enc.encode(text, allowed_special="all")
         self.pos = 0
         self.parser = oh.StreamableParser(enc, role=oh.Role.ASSISTANT)
@@ -98,6 +100,8 @@ class ScriptedSlot(Slot):
             return StepOutput(prompt_evaluated=len(chunk))
         if self.pos >= len(self.output):
             return StepOutput(token=ENDOFTEXT, done=True)
+        if self.fail and self.pos >= 3:
+            raise RuntimeError("scripted failure")
         tok = self.output[self.pos]
         self.pos += 1
         self.cache.append(tok)
@@ -138,7 +142,8 @@ class ScriptedSlot(Slot):
 
 
 class ScriptedBackend(Backend):
-    """A test double (see the module docstring); `delay` seconds per step emulate model compute."""
+    """A test double (see the module docstring); `delay` seconds per step emulate model compute;
+    a slot whose prompt contains `fail_word` raises in its fourth generated step."""
 
     def __init__(self, script: Callable[[str], str] = default_script, n_ctx: int = 4096,
                  delay: float = 0.002, chunk: int = 64) -> None:
@@ -155,6 +160,7 @@ class ScriptedBackend(Backend):
         self.last_tools: list[dict[str, Any]] | None = None
         self.last_prompt_text = ""
         self.step_sizes: list[int] = []
+        self.fail_word = ""
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.enc.encode(text, allowed_special="all" if special else set())

@@ -462,3 +462,22 @@ def test_queued_stream_that_disconnects_leaves_the_queue():
                 assert time.monotonic() - t0 < 2.0, "a departed client stayed queued"
                 time.sleep(0.01)
             assert running.result().status_code == 200
+
+
+def test_a_failing_request_does_not_harm_its_neighbour():
+    backend = ScriptedBackend(delay=0.005, script=lambda p: "<|channel|>final<|message|>" + "ok " * 60 + "<|return|>")
+    backend.fail_word = "boom"
+    with run_node(backend, parallel=2) as (url, state):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            good = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": "fine"}]})
+            while not state.scheduler.n_active():
+                time.sleep(0.005)
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                              json={"messages": [{"role": "user", "content": "boom"}], "stream": True}) as r:
+                events = sse_events(r)
+            assert events[-1] == "[DONE]" and "scripted failure" in json.loads(events[-2])["error"]["message"]
+            bad = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "boom"}]})
+            assert _error(bad, 500)["type"] == "server_error"
+            assert good.result().json()["choices"][0]["message"]["content"] == "ok " * 60
+        assert httpx.get(f"{url}/health").status_code == 200

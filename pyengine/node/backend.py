@@ -12,11 +12,14 @@ forward pass, and nothing above this module changes."""
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pyengine.sampling import SamplingParams
+
+log = logging.getLogger("pyengine")
 
 
 @dataclass
@@ -45,7 +48,8 @@ class StepOutput:
 
     `token` is None when the step only evaluated prompt tokens (`prompt_evaluated` of them).
     `done` means the model ended its turn (an end-of-generation token); `tool_call` that the
-    turn ended by calling a tool."""
+    turn ended by calling a tool; `error` that this slot's step failed (its request ends, the
+    others go on)."""
 
     token: int | None = None
     reasoning: str = ""
@@ -55,6 +59,7 @@ class StepOutput:
     prompt_evaluated: int = 0
     done: bool = False
     tool_call: bool = False
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,16 @@ class Backend(ABC):
         """A fresh sequence slot with its own KV cache."""
 
     def step(self, slots: list[Slot]) -> list[StepOutput]:
-        """One scheduler step over every active slot (see the module docstring)."""
-        return [slot.step() for slot in slots]
+        """One scheduler step over every active slot (see the module docstring). A slot whose
+        step raises gets an `error` output; the other slots are unaffected."""
+        outputs = []
+        for slot in slots:
+            try:
+                outputs.append(slot.step())
+            except Exception as e:
+                log.exception("a generation step failed")
+                outputs.append(StepOutput(error=f"generation failed: {e}"))
+        return outputs
 
     def expert_counts(self) -> list[list[int]]:
         """Per layer, how often each expert was selected so far (empty if not tracked)."""

@@ -175,7 +175,7 @@ class Scheduler:
                 continue
             try:
                 outputs = self.backend.step([slot for _, slot in self.active])
-            except Exception as e:  # a model failure ends the requests of this step, not the node
+            except Exception as e:  # a batched step failed as a whole: its requests end, not the node
                 log.exception("generation step failed")
                 for job, slot in list(self.active):
                     job.post(Failed(f"generation failed: {e}"))
@@ -213,6 +213,10 @@ class Scheduler:
 
     def _advance(self, job: Job, slot: Slot, out: StepOutput) -> None:
         now = time.perf_counter()
+        if out.error:
+            job.post(Failed(out.error))
+            self._release(job, slot, "error")
+            return
         job.n_prompt_eval += out.prompt_evaluated
         if out.token is None:
             return

@@ -7,7 +7,9 @@ answer 503 while it loads; the router client starts once the app serves."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -26,8 +28,8 @@ from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
 from pyengine.node.schemas import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    Message, PullRequest, TokenizeRequest, bad_request, parse_body)
-from pyengine.sampling import SamplingParams
 from pyengine.node.scheduler import Chunk, Failed, Finished, Job, QueueFull, Scheduler, ShuttingDown
+from pyengine.sampling import SamplingParams
 
 log = logging.getLogger("pyengine")
 FINGERPRINT = f"pyengine-{__version__}"
@@ -44,9 +46,8 @@ class NodeState:
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
         self.metrics = Metrics()
-        self.loaded = threading.Event()
         self.on_load_error: Callable[[str], None] = lambda message: None
-        self.response_ms: list[float] = []
+        self.response_ms: collections.deque[float] = collections.deque(maxlen=100)
 
     def load(self) -> None:
         try:
@@ -59,8 +60,6 @@ class NodeState:
             self.load_error = str(e)
             log.error("%s", e)
             self.on_load_error(str(e))
-        finally:
-            self.loaded.set()
 
     def _gauges(self, s: Scheduler) -> None:
         m = self.metrics
@@ -89,7 +88,7 @@ class NodeState:
         return s.n_active() + s.queue_depth() if s else 0
 
     def average_response_ms(self) -> float:
-        recent = self.response_ms[-100:]
+        recent = list(self.response_ms)
         return sum(recent) / len(recent) if recent else 0.0
 
     def shutdown(self, wait: bool = True) -> None:
@@ -120,7 +119,7 @@ class RequestIdAndAuth:
         if self.api_key and scope["path"] not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if given != self.api_key:
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 err = APIError(401, "Invalid API key", "authentication_error", "invalid_api_key")
                 return await JSONResponse(err.body(), 401)(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
@@ -211,7 +210,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             if router_task:
                 router_task.cancel()
             await run_in_threadpool(state.shutdown)
-            if state.backend:
+            worker_done = state.scheduler is None or not state.scheduler.thread.is_alive()
+            if state.backend and worker_done:  # never unmap weights under a running step
                 state.backend.close()
 
     app = FastAPI(title="pyengine node", version=__version__, lifespan=lifespan)

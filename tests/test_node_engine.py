@@ -52,7 +52,8 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_path):
-    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=N_CTX, threads=1))
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=N_CTX, threads=2))
+    assert backend.workers == 2  # two slots step at once, one thread each
     with run_node(backend, parallel=2) as (url, _):
         yield url, backend
 

@@ -10,6 +10,7 @@ from the same primitives (prefix reuse, sampler, UTF-8-safe detokenizer)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -136,6 +137,9 @@ class EngineBackend(Backend):
             size_bytes=int(model_file.file_size), n_layer=int(hp.n_layer), n_expert=int(hp.n_expert),
             aliases=tuple(sorted(names - {model_file.name})))
         self._slots = iter(self.engines)
+        self.n_threads = first.n_threads
+        self.workers = max(1, min(n_slots, self.n_threads))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pyengine-slot") if self.workers > 1 else None
 
     @classmethod
     def load(cls, config: NodeConfig) -> "EngineBackend":
@@ -153,6 +157,24 @@ class EngineBackend(Backend):
                     reasoning_effort: str | None) -> list[int]:
         return harmony.render_chat(self.tokenizer, messages, tools, reasoning_effort or "medium")
 
+    def step(self, slots: list[Slot]) -> list[StepOutput]:
+        """Run up to `workers` slots at once, splitting the threads between them (the forward
+        pass releases the GIL). This is concurrency, not batching: each sequence still reads
+        the weights on its own."""
+        if self.pool is None or len(slots) == 1:
+            for slot in slots:
+                slot.engine.n_threads = self.n_threads
+            return super().step(slots)
+        groups = min(len(slots), self.workers)
+        for slot in slots:
+            slot.engine.n_threads = max(1, self.n_threads // groups)
+        chunks = [slots[i::groups] for i in range(groups)]
+        results = list(self.pool.map(super().step, chunks))
+        out: list[StepOutput] = [StepOutput()] * len(slots)
+        for i, res in enumerate(results):
+            out[i::groups] = res
+        return out
+
     def new_slot(self) -> Slot:
         return EngineSlot(self, next(self._slots))
 
@@ -165,4 +187,6 @@ class EngineBackend(Backend):
         return TokenLogprob(text, logprob, raw, [(*piece(t)[:1], lp, piece(t)[1]) for t, lp in top])
 
     def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
         self.model_file.close()

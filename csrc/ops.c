@@ -3,6 +3,8 @@
 
 #include <math.h>
 
+static const double PE_PI = 3.14159265358979323846;
+
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -12,7 +14,7 @@ void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps
 
 /* YaRN correction dimension for beta rotations (transformers find_correction_dim). */
 static double yarn_corr_dim(double beta, int dim, double base, double orig_ctx) {
-    return dim * log(orig_ctx / (beta * 2.0 * M_PI)) / (2.0 * log(base));
+    return dim * log(orig_ctx / (beta * 2.0 * PE_PI)) / (2.0 * log(base));
 }
 
 double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,

@@ -30,6 +30,7 @@ DEFAULT_ALIGNMENT = 32
 SUPPORTED_VERSIONS = (2, 3)
 # Arrays with more elements than this are decoded on first access instead of at open.
 LAZY_ARRAY_MIN = 1024
+MAX_ARRAY_NESTING = 8
 # ggml retired type id 4 (Q4_2); Ollama's first gpt-oss files reused it for MXFP4 in OpenAI's
 # nibble order, 17-byte blocks of 32 (see layouts.py, which repacks it to type 39).
 OPENAI_MXFP4_TYPE = 4
@@ -189,7 +190,7 @@ class _Cursor:
         self.pos += size
         return v
 
-    def array(self, key: str, lazy_ok: bool) -> Any:
+    def array(self, key: str, lazy_ok: bool, depth: int = 0) -> Any:
         etype = self.value_type(f"the element type of {key}")
         count = self.u64(f"the length of {key}")
         if etype == GGUFValueType.STRING:
@@ -204,7 +205,9 @@ class _Cursor:
             lazy = LazyArray(etype, count, start, offsets)
             return lazy if lazy_ok and count > LAZY_ARRAY_MIN else Metadata(self.buf, {key: lazy}, {})[key]
         if etype == GGUFValueType.ARRAY:
-            return [self.array(key, False) for _ in range(self._bounded(count, 12, key))]
+            if depth >= MAX_ARRAY_NESTING:
+                raise ModelLoadError(f"{self.path.name}: {key} nests arrays more than {MAX_ARRAY_NESTING} deep")
+            return [self.array(key, False, depth + 1) for _ in range(self._bounded(count, 12, key))]
         itemsize = np.dtype(_NUMPY_DTYPES[etype]).itemsize
         self.need(count * itemsize, f"the array {key}")
         lazy = LazyArray(etype, count, self.pos, None)
@@ -292,6 +295,7 @@ class GGUFFile:
     def _directory(self, entries: list[tuple[str, tuple[int, ...], int, int]]) -> dict[str, RawTensor]:
         data_size = self.size - self.data_offset
         tensors: dict[str, RawTensor] = {}
+        past_end: list[tuple[int, str]] = []
         for name, shape, ggml_type, offset in entries:
             where = f"tensor {name}"
             if name in tensors:
@@ -315,11 +319,15 @@ class GGUFFile:
                                      f"{self.alignment}")
                 continue
             if offset + nbytes > data_size:
-                self.problems.append(f"{where} data ({nbytes} bytes at offset {offset}) runs past the end "
-                                     f"of the file (the data section holds {data_size} bytes)")
+                past_end.append((self.data_offset + offset + nbytes, name))
                 continue
             tensors[name] = RawTensor(name, ggml_type, shape, self.data_offset + offset, nbytes,
                                       self.file_index, openai_mxfp4)
+        if past_end:
+            need, name = max(past_end)
+            self.problems.append(f"{self.path.name} is truncated: {len(past_end)} tensor(s) run past the end "
+                                 f"of the file (the data needs at least {need} bytes, the file has {self.size}; "
+                                 f"e.g. tensor {past_end[0][1]})")
         self._check_overlaps(tensors)
         return tensors
 

@@ -103,20 +103,21 @@ def _tensor_type(name: str, wtype: str, expert_type: str) -> QT:
     return TYPES[wtype]
 
 
-def _add_tokenizer(w: GGUFWriter, n_vocab: int, rng: np.random.Generator) -> None:
+def _add_tokenizer(w: GGUFWriter, n_vocab: int, n_merges: int, rng: np.random.Generator) -> None:
     tokens = [f"t{i}" for i in range(n_vocab - 3)] + ["<|start|>", "<|end|>", "<|return|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-4o")
     w.add_token_list(tokens)
     w.add_token_types([1] * (n_vocab - 3) + [3, 3, 3])
-    w.add_token_merges([f"t{rng.integers(10)} t{rng.integers(10)}" for _ in range(50)])
+    left, right = rng.integers(0, 1000, n_merges), rng.integers(0, 1000, n_merges)
+    w.add_token_merges([f"t{a} t{b}" for a, b in zip(left.tolist(), right.tolist())])
     w.add_eos_token_id(n_vocab - 1)
 
 
 def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "llama.cpp",
                       wtype: str = "f32", expert_type: str = "f32", seed: int = 0,
                       drop_keys: tuple[str, ...] = (), drop_tensors: tuple[str, ...] = (),
-                      tie_output: bool = False, with_tokenizer: bool = False, write_ff_key: bool | None = None,
+                      tie_output: bool = False, with_tokenizer: bool = False, n_merges: int = 50, write_ff_key: bool | None = None,
                       extra_keys: dict | None = None, split_max_tensors: int = 0,
                       name: str = "gpt-oss-tiny", **dim_overrides: int) -> dict[str, np.ndarray]:
     """Write a random small gpt-oss GGUF file and return the float32 weights it represents.
@@ -128,6 +129,7 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
     names to leave out. tie_output: omit output.weight (then weights["output.weight"] is the
     embedding). write_ff_key: write expert_feed_forward_length (default: not for Ollama layouts,
     which never write it). split_max_tensors > 0 writes NAME-0000i-of-0000N.gguf shards instead.
+    with_tokenizer: write gpt2-style tokenizer keys (n_vocab tokens, token_type, n_merges merges).
     dim_overrides: see dims()."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
@@ -160,7 +162,7 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
     for key, value in (extra_keys or {}).items():
         w.add_key_value(key, value[0], value[1]) if isinstance(value, tuple) else w.add_string(key, value)
     if with_tokenizer:
-        _add_tokenizer(w, d["n_vocab"], rng)
+        _add_tokenizer(w, d["n_vocab"], n_merges, rng)
 
     represented: dict[str, np.ndarray] = {}
 

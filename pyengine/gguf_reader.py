@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +334,7 @@ class GGUFFile:
 
     def _check_overlaps(self, tensors: dict[str, RawTensor]) -> None:
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        for (_, end_a, a), (start_b, _, b) in pairwise(spans):
             if start_b < end_a:
                 self.problems.append(f"tensor {b} overlaps the data of tensor {a}")
 

@@ -20,7 +20,7 @@ from pyengine.log import logger
 from pyengine.model_paths import SPLIT_RE, resolve_model
 from pyengine.tensor import Tensor
 
-__all__ = ["GptOssHParams", "ModelFile", "Tensor", "open_model", "open_gguf_files", "check_files"]
+__all__ = ["GptOssHParams", "ModelFile", "Tensor", "check_files", "open_gguf_files", "open_model"]
 
 
 def _shard_paths(path: Path, count: int) -> list[Path]:

@@ -38,8 +38,8 @@ OLLAMA_NAMES = {"attn_output.weight": "attn_out.weight", "attn_output.bias": "at
 def dims(n_vocab: int = 300, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
          head_dim: int = 16, n_expert: int = 4, n_expert_used: int = 2, n_ff: int = 64) -> dict:
     """The default small dimensions (all multiples of 32 where a block type may be used)."""
-    return dict(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
-                head_dim=head_dim, n_expert=n_expert, n_expert_used=n_expert_used, n_ff=n_ff)
+    return {"n_vocab": n_vocab, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_head_kv": n_head_kv,
+            "head_dim": head_dim, "n_expert": n_expert, "n_expert_used": n_expert_used, "n_ff": n_ff}
 
 
 def random_weights(seed: int = 0, **dim_overrides: int) -> dict[str, np.ndarray]:
@@ -98,7 +98,7 @@ def _encode(a: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray]:
 def _tensor_type(name: str, wtype: str, expert_type: str) -> QT:
     if name.endswith("_exps.weight"):
         return TYPES[expert_type]
-    if name.endswith(".bias") or name.endswith("norm.weight") or "sinks" in name or "gate_inp" in name:
+    if name.endswith((".bias", "norm.weight")) or "sinks" in name or "gate_inp" in name:
         return QT.F32
     return TYPES[wtype]
 

@@ -5,18 +5,15 @@ import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 from gguf import GGUFValueType as VT
+from gguf_factory import write_gptoss_gguf
 
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import GGUFFile
-
-sys.path.insert(0, str(Path(__file__).parent))
-from gguf_factory import write_gptoss_gguf  # noqa: E402
 
 SCALARS = [(VT.UINT8, 200), (VT.INT8, -7), (VT.UINT16, 60000), (VT.INT16, -30000), (VT.UINT32, 4_000_000_000),
            (VT.INT32, -2_000_000_000), (VT.FLOAT32, 1.5), (VT.BOOL, True), (VT.UINT64, 2**63 + 5),

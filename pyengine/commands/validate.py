@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import GGUFFile, RawTensor, type_name
-from pyengine.model_file import check_files, model_arch, open_gguf_files
+from pyengine.model_file import check_files, model_arch, open_gguf_files, vocab_problems
 from pyengine.model_paths import resolve_model
 
 MXFP4 = int(GGMLQuantizationType.MXFP4)
@@ -58,7 +58,8 @@ def validate(model: str, models_dir: str | None = None, deep: bool = False) -> l
         try:
             arch_name, arch = model_arch(files[0].metadata)
             hparams = arch.read_hparams(files[0].metadata, arch_name, raw)
-            found = arch.normalise(raw, lambda t: files[t.file_index].tensor_bytes(t), hparams)[1]
+            tensors, found = arch.normalise(raw, lambda t: files[t.file_index].tensor_bytes(t), hparams)
+            found += vocab_problems(files[0].metadata, tensors)
             if problems:  # tensors the directory lost are not also reported missing
                 found = [p for p in found if not p.startswith("Missing required tensor")]
             problems += found

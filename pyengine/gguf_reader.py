@@ -114,6 +114,9 @@ class Metadata(Mapping):
             self._values[key] = value
         return value
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._values  # Mapping's default would decode the value to find out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 

@@ -95,6 +95,8 @@ def test_big_arrays_are_decoded_lazily(tmp_path):
         from pyengine.gguf_reader import LazyArray
         assert isinstance(f.metadata._values["a.big_strings"], LazyArray)
         assert isinstance(f.metadata._values["a.small_strings"], list)
+        assert "a.big_strings" in f.metadata and f.metadata.count("a.big_strings") == 3000
+        assert isinstance(f.metadata._values["a.big_strings"], LazyArray)
         assert len(f.metadata["a.big_strings"]) == 3000
         assert isinstance(f.metadata._values["a.big_strings"], list)
 

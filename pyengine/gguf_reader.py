@@ -131,13 +131,17 @@ class Metadata(Mapping):
         return len(value) if isinstance(value, (list, np.ndarray)) else 1
 
     def _decode(self, key: str, lazy: LazyArray) -> Any:
-        if lazy.value_type == GGUFValueType.STRING:
-            return decode_strings(self._buf, lazy.offsets)
-        arr = np.frombuffer(self._buf, dtype=_NUMPY_DTYPES[lazy.value_type], count=lazy.count,
-                            offset=lazy.offset)
-        if key == "tokenizer.ggml.token_type":
-            return arr.astype(np.int32)
-        return arr.tolist()
+        return decode_array(self._buf, key, lazy)
+
+
+def decode_array(buf: memoryview, key: str, lazy: LazyArray) -> Any:
+    """The Python value of a located array (see Metadata for the types)."""
+    if lazy.value_type == GGUFValueType.STRING:
+        return decode_strings(buf, lazy.offsets)
+    arr = np.frombuffer(buf, dtype=_NUMPY_DTYPES[lazy.value_type], count=lazy.count, offset=lazy.offset)
+    if key == "tokenizer.ggml.token_type":
+        return arr.astype(np.int32)
+    return arr.tolist()
 
 
 class _Cursor:
@@ -207,18 +211,18 @@ class _Cursor:
                 raise ModelLoadError(f"{self.path.name} is truncated: in {key}, {e}") from None
             start, self.pos = self.pos, int(offsets[-1])
             lazy = LazyArray(etype, count, start, offsets)
-            return lazy if lazy_ok and count > LAZY_ARRAY_MIN else Metadata(self.buf, {key: lazy}, {})[key]
+            return lazy if lazy_ok and count > LAZY_ARRAY_MIN else decode_array(self.buf, key, lazy)
         if etype == GGUFValueType.ARRAY:
             if depth >= MAX_ARRAY_NESTING:
                 raise ModelLoadError(f"{self.path.name}: {key} nests arrays more than {MAX_ARRAY_NESTING} deep")
-            return [self.array(key, False, depth + 1) for _ in range(self._bounded(count, 12, key))]
+            return [self.array(key, False, depth + 1) for _ in range(self.bounded(count, 12, key))]
         itemsize = np.dtype(_NUMPY_DTYPES[etype]).itemsize
         self.need(count * itemsize, f"the array {key}")
         lazy = LazyArray(etype, count, self.pos, None)
         self.pos += count * itemsize
-        return lazy if lazy_ok and count > LAZY_ARRAY_MIN else Metadata(self.buf, {key: lazy}, {})[key]
+        return lazy if lazy_ok and count > LAZY_ARRAY_MIN else decode_array(self.buf, key, lazy)
 
-    def _bounded(self, count: int, min_item: int, what: str) -> int:
+    def bounded(self, count: int, min_item: int, what: str) -> int:
         if count > (len(self.buf) - self.pos) // min_item:
             raise ModelLoadError(f"{self.path.name} is truncated: {what} claims {count} entries, "
                                  f"more than the rest of the file can hold")
@@ -254,11 +258,13 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{self.path.name} is not a GGUF file: bad magic {magic:#010x}")
         self.version = cur.u32("the version")
+        if int.from_bytes(self.version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+            raise ModelLoadError(f"{self.path.name} is a big-endian GGUF file, which is not supported")
         if self.version not in SUPPORTED_VERSIONS:
             raise ModelLoadError(f"{self.path.name}: unsupported GGUF version {self.version} "
                                  f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
-        n_tensors = cur._bounded(cur.u64("the tensor count"), 8 + 4 + 4 + 8, "the tensor directory")
-        n_kv = cur._bounded(cur.u64("the key/value count"), 8 + 4 + 1, "the metadata")
+        n_tensors = cur.bounded(cur.u64("the tensor count"), 8 + 4 + 4 + 8, "the tensor directory")
+        n_kv = cur.bounded(cur.u64("the key/value count"), 8 + 4 + 1, "the metadata")
         values: dict[str, Any] = {}
         types: dict[str, GGUFValueType] = {}
         for i in range(n_kv):

@@ -75,7 +75,7 @@ def check_files(files: list[GGUFFile]) -> tuple[dict[str, RawTensor], list[str]]
             if name in raw:
                 problems.append(f"Duplicate tensor name: {name} (in {files[raw[name].file_index].path.name} "
                                 f"and {f.path.name})")
-            raw[name] = RawTensor(t.name, t.ggml_type, t.shape, t.offset, t.nbytes, i, t.openai_mxfp4)
+            raw[name] = t
     if len(files) > 1:
         want = files[0].metadata.get("split.tensors.count")
         have = sum(len(f.tensors) for f in files)

@@ -110,6 +110,7 @@ def _header(magic=gguf.GGUF_MAGIC, version=3, n_tensors=0, n_kv=0):
     (b"GGUF" + b"\0" * 10, "only 14 bytes"),
     (_header(magic=0x12345678), "bad magic"),
     (_header(version=7), "unsupported GGUF version 7"),
+    (_header(version=3 << 24), "big-endian GGUF file"),
     (_header(n_kv=1) + struct.pack("<Q", 3) + b"abc", "truncated"),
     (_header(n_kv=10**12), "more than the rest of the file can hold"),
     (_header(n_kv=1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 99), "unknown value type 99"),

@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scan_tensor(f: GGUFFile, t: RawTensor) -> str | None:
     """The first data problem of a tensor (NaN/Inf value, NaN block scale), or None."""
     data = f.tensor_bytes(t)
+    # OpenAI-order MXFP4 holds the same values in another order: the order does not matter here.
     ggml_type = MXFP4 if t.openai_mxfp4 else t.ggml_type
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     if ggml_type == MXFP4 and np.any(data.reshape(-1, size)[:, 0] == E8M0_NAN):

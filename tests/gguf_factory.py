@@ -24,8 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "mxfp4": QT.MXFP4}

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGUFValueType as VT
-from gguf_factory import write_gptoss_gguf, write_sparse_gptoss_gguf
+from gguf_factory import write_sparse_gptoss_gguf
 
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import GGUFFile

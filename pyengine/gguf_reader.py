@@ -169,13 +169,14 @@ class _Cursor:
         self.pos += 8
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, strict: bool = True) -> str:
+        """A length-prefixed UTF-8 string; names must be valid UTF-8, values get U+FFFD for bad bytes."""
         n = self.u64(what)
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
-            return raw.decode("utf-8")
+            return raw.decode("utf-8", "strict" if strict else "replace")
         except UnicodeDecodeError:
             raise ModelLoadError(f"{self.path.name}: {what} is not valid UTF-8") from None
 
@@ -188,7 +189,7 @@ class _Cursor:
 
     def value(self, vtype: GGUFValueType, key: str, lazy_ok: bool = True) -> Any:
         if vtype == GGUFValueType.STRING:
-            return self.string(f"the string value of {key}")
+            return self.string(f"the string value of {key}", strict=False)
         if vtype == GGUFValueType.ARRAY:
             return self.array(key, lazy_ok)
         fmt = _SCALAR_FORMATS[vtype]

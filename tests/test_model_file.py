@@ -1,16 +1,20 @@
 """open_model: every gpt-oss layout and spelling gives the same canonical tensors; hyperparameter
 defaults and errors; split models; model-name resolution inside the models folder."""
 
+import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
-from gguf.quants import dequantize
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
 from gguf_factory import LAYOUTS, bf16_round, write_gptoss_gguf
 
 from pyengine.errors import ModelLoadError
@@ -310,3 +314,68 @@ def test_vocabulary_must_match_the_embedding(tmp_path):
     write_gptoss_gguf(path, extra_keys={"tokenizer.ggml.tokens": (["a", "b"], VT.ARRAY)}, n_vocab=300)
     with pytest.raises(ModelLoadError, match="tokenizer.ggml.tokens has"):
         open_model(path)
+
+
+# ---- llama.cpp as the judge: canonical tensors are what llama.cpp's gpt-oss loader expects ---------
+
+LLAMA_LOGITS = """
+import json, sys
+import llama_cpp
+import numpy as np
+m = llama_cpp.Llama(sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+m.eval([5, 17, 3, 250, 9, 42, 0, 299])
+print(json.dumps(np.array(m.scores[:8]).tolist()))
+"""
+
+
+def llama_cpp_logits(path: Path, cwd: Path) -> np.ndarray:
+    r = subprocess.run([sys.executable, "-c", LLAMA_LOGITS, str(path)], cwd=cwd, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def export_llama_cpp(src: Path, dst: Path, round_expert_biases: bool = False) -> None:
+    """Write a model's canonical tensors (bytes as the loader gives them) as a llama.cpp gpt-oss file."""
+    with open_model(src) as mf:
+        w = GGUFWriter(str(dst), "gpt-oss")
+        for key in mf.metadata:
+            if key.startswith("general."):
+                continue
+            name = "gpt-oss." + key[len(mf.arch) + 1:] if key.startswith(f"{mf.arch}.") else key
+            value, vtype = mf.metadata[key], mf.metadata.types[key]
+            if vtype == VT.ARRAY:
+                w.add_array(name, value.tolist() if isinstance(value, np.ndarray) else value)
+            else:
+                w.add_key_value(name, value, vtype)
+        if "gpt-oss.expert_feed_forward_length" not in {f"gpt-oss.{k[len(mf.arch) + 1:]}" for k in mf.metadata}:
+            w.add_uint32("gpt-oss.expert_feed_forward_length", mf.hparams.n_ff_exp)  # llama.cpp requires it
+            w.add_string("gpt-oss.rope.scaling.type", mf.hparams.rope_scaling)
+        for name, t in mf.tensors.items():
+            data = np.ascontiguousarray(t.data)
+            if round_expert_biases and name.endswith("_exps.bias"):
+                data = quantize(values(t), QT.BF16).view(np.uint16)
+                data = (data.astype(np.uint32) << 16).view(np.uint8)
+            w.add_tensor(name, data.reshape(*t.shape[::-1][:-1], -1), raw_dtype=QT(t.ggml_type))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def test_llama_cpp_gives_the_same_logits_for_every_layout(tmp_path):
+    pytest.importorskip("llama_cpp")
+    # Q8_0 matrices crash this llama.cpp build's AMX path at these tiny shapes; BF16 + MXFP4 do not.
+    kw = {"with_tokenizer": True, "expert_type": "mxfp4", "wtype": "bf16", "seed": 7}
+    write_gptoss_gguf(tmp_path / "ll.gguf", arch="gpt-oss", layout="llama.cpp", **kw)
+    write_gptoss_gguf(tmp_path / "g2.gguf", arch="gptoss", layout="ollama-gen2", **kw)
+    write_gptoss_gguf(tmp_path / "g1.gguf", arch="gptoss", layout="ollama-gen1", **kw)
+    export_llama_cpp(tmp_path / "g2.gguf", tmp_path / "g2-ll.gguf")
+    export_llama_cpp(tmp_path / "g1.gguf", tmp_path / "g1-ll.gguf")
+    export_llama_cpp(tmp_path / "ll.gguf", tmp_path / "ll-bf16-biases.gguf", round_expert_biases=True)
+    reference = llama_cpp_logits(tmp_path / "ll.gguf", tmp_path)
+    assert reference.shape == (8, 300) and np.isfinite(reference).all() and np.abs(reference).max() > 1
+    np.testing.assert_array_equal(llama_cpp_logits(tmp_path / "g2-ll.gguf", tmp_path), reference)
+    # Gen-1 (fused, type-4 MXFP4, BF16 expert biases) = the type-39 file with BF16-rounded biases.
+    np.testing.assert_array_equal(llama_cpp_logits(tmp_path / "g1-ll.gguf", tmp_path),
+                                  llama_cpp_logits(tmp_path / "ll-bf16-biases.gguf", tmp_path))

@@ -118,39 +118,46 @@ static void dequant_q4_0(const void *src, float *dst, int64_t n) {
 
 #define PE_SUM4(a) hsum(_mm256_add_ps(_mm256_add_ps((a)[0], (a)[1]), _mm256_add_ps((a)[2], (a)[3])))
 
+/* Four block accumulators in registers, blocks dealt round-robin; the tail goes to the first. */
+#define PE_DOT4(blocks, nb, x, step)                                                            \
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    int64_t i = 0;                                                                              \
+    for (; i + 4 <= (nb); i += 4) {                                                             \
+        a[0] = step((blocks) + i, (x) + PE_QK * i, a[0]);                                       \
+        a[1] = step((blocks) + i + 1, (x) + PE_QK * (i + 1), a[1]);                             \
+        a[2] = step((blocks) + i + 2, (x) + PE_QK * (i + 2), a[2]);                             \
+        a[3] = step((blocks) + i + 3, (x) + PE_QK * (i + 3), a[3]);                             \
+    }                                                                                           \
+    for (; i < (nb); i++) a[0] = step((blocks) + i, (x) + PE_QK * i, a[0]);                     \
+    return PE_SUM4(a)
+
+static inline __m256 step_q8_0(const pe_block_q8_0 *b, const float *x, __m256 acc) {
+    __m256 v[4];
+    i8x32_to_ps(_mm_loadu_si128((const __m128i *)b->qs), _mm_loadu_si128((const __m128i *)b->qs + 1), v);
+    return dot_codes(v, x, h2f(b->d), acc);
+}
+
+static inline __m256 step_nib(const uint8_t *qs, const float *x, float scale, __m128i table, __m256 acc) {
+    __m256 v[4];
+    nib_lookup(qs, table, v);
+    return dot_codes(v, x, scale, acc);
+}
+
+#define STEP_MXFP4(b, x, acc) step_nib((b)->qs, x, half_scale((b)->e), table, acc)
+#define STEP_Q4_0(b, x, acc) step_nib((b)->qs, x, h2f((b)->d), table, acc)
+
 static float dot_q8_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q8_0 *b = row;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m256 v[4];
-        i8x32_to_ps(_mm_loadu_si128((const __m128i *)b->qs), _mm_loadu_si128((const __m128i *)b->qs + 1), v);
-        acc[i & 3] = dot_codes(v, x, h2f(b->d), acc[i & 3]);
-    }
-    return PE_SUM4(acc);
+    PE_DOT4((const pe_block_q8_0 *)row, n / PE_QK, x, step_q8_0);
 }
 
 static float dot_mxfp4(const void *row, const float *x, int64_t n) {
-    const pe_block_mxfp4 *b = row;
     const __m128i table = mxfp4_table();
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m256 v[4];
-        nib_lookup(b->qs, table, v);
-        acc[i & 3] = dot_codes(v, x, half_scale(b->e), acc[i & 3]);
-    }
-    return PE_SUM4(acc);
+    PE_DOT4((const pe_block_mxfp4 *)row, n / PE_QK, x, STEP_MXFP4);
 }
 
 static float dot_q4_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q4_0 *b = row;
     const __m128i table = q4_0_table();
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m256 v[4];
-        nib_lookup(b->qs, table, v);
-        acc[i & 3] = dot_codes(v, x, h2f(b->d), acc[i & 3]);
-    }
-    return PE_SUM4(acc);
+    PE_DOT4((const pe_block_q4_0 *)row, n / PE_QK, x, STEP_Q4_0);
 }
 
 /* Dot through the reference dequantizer into an L1 buffer; 4 lane accumulators in a fixed order. */

@@ -78,23 +78,36 @@ static void dequant_q8_0(const void *src, float *dst, int64_t n) {
     }
 }
 
-static float dot_q8_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q8_0 *b = row;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
-        __m512 t = _mm512_mul_ps(i8_to_ps(q0), _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(i8_to_ps(q1), _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+/* Four block accumulators in registers, blocks dealt round-robin; the tail goes to the first. */
+#define PE_DOT4(blocks, nb, x, step)                                                            \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+    int64_t i = 0;                                                                              \
+    for (; i + 4 <= (nb); i += 4) {                                                             \
+        a0 = step((blocks) + i, (x) + PE_QK * i, a0);                                           \
+        a1 = step((blocks) + i + 1, (x) + PE_QK * (i + 1), a1);                                 \
+        a2 = step((blocks) + i + 2, (x) + PE_QK * (i + 2), a2);                                 \
+        a3 = step((blocks) + i + 3, (x) + PE_QK * (i + 3), a3);                                 \
+    }                                                                                           \
+    for (; i < (nb); i++) a0 = step((blocks) + i, (x) + PE_QK * i, a0);                         \
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)))
+
+static inline __m512 step_q8_0(const pe_block_q8_0 *b, const float *x, __m512 acc) {
+    const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
+    __m512 t = _mm512_mul_ps(i8_to_ps(q0), _mm512_loadu_ps(x));
+    t = _mm512_fmadd_ps(i8_to_ps(q1), _mm512_loadu_ps(x + 16), t);
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc);
 }
 
-/* A 16-entry float table indexed by 4-bit codes: lo/hi nibbles of 16 bytes -> 2 x 16 floats. */
+static float dot_q8_0(const void *row, const float *x, int64_t n) {
+    PE_DOT4((const pe_block_q8_0 *)row, n / PE_QK, x, step_q8_0);
+}
+
+/* A 16-entry float table indexed by 4-bit codes: lo/hi nibbles of 16 bytes -> 2 x 16 floats.
+ * vpermps reads only the low 4 bits of each index, so the low nibble needs no mask. */
 static inline void lookup32(const uint8_t *qs, __m512 table, __m512 *lo, __m512 *hi) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    *lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo_nib(q)), table);
-    *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi_nib(q)), table);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+    *lo = _mm512_permutexvar_ps(q, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
 }
 
 static __m512 mxfp4_table(void) {
@@ -121,18 +134,23 @@ static void dequant_mxfp4(const void *src, float *dst, int64_t n) {
     }
 }
 
+/* The 256 e8m0 half scales, so that the per-block broadcast is a plain load (filled at dispatch). */
+static float e8m0_half[256];
+
+/* acc + scale * (codes . x[0..32)) for a block of 16 nibble bytes. */
+static inline __m512 step_nib(const uint8_t *qs, const float *x, float scale, __m512 table, __m512 acc) {
+    __m512 lo, hi;
+    lookup32(qs, table, &lo, &hi);
+    const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(scale), acc);
+}
+
+#define STEP_MXFP4(b, x, acc) step_nib((b)->qs, x, e8m0_half[(b)->e], table, acc)
+#define STEP_Q4_0(b, x, acc) step_nib((b)->qs, x, h2f((b)->d), table, acc)
+
 static float dot_mxfp4(const void *row, const float *x, int64_t n) {
-    const pe_block_mxfp4 *b = row;
     const __m512 table = mxfp4_table();
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m512 lo, hi;
-        lookup32(b->qs, table, &lo, &hi);
-        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(half_scale(b->e)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    PE_DOT4((const pe_block_mxfp4 *)row, n / PE_QK, x, STEP_MXFP4);
 }
 
 static void dequant_q4_0(const void *src, float *dst, int64_t n) {
@@ -148,17 +166,8 @@ static void dequant_q4_0(const void *src, float *dst, int64_t n) {
 }
 
 static float dot_q4_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q4_0 *b = row;
     const __m512 table = q4_0_table();
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m512 lo, hi;
-        lookup32(b->qs, table, &lo, &hi);
-        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    PE_DOT4((const pe_block_q4_0 *)row, n / PE_QK, x, STEP_Q4_0);
 }
 
 static void dequant_q4_1(const void *src, float *dst, int64_t n) {
@@ -325,6 +334,7 @@ PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
 
 void pe_kernels_avx512(int type, pe_kernel_pair *k) {
+    for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;

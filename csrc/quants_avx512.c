@@ -333,23 +333,100 @@ PE_BLOCK_DOT(dot_q4_k, dequant_q4_k, PE_QK_K, 144)
 PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
 
+/* ---- int8 activations: VNNI (vpdpbusd) on 32-byte blocks -------------------------------------------- */
+
+/* round-half-away-from-zero of |v| <= 127.5, as C roundf, then narrowed to int8. */
+static inline __m128i round_to_i8(__m512 v) {
+    const __m512 a = _mm512_abs_ps(v);
+    __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    t = _mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f));
+    const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+    return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_or_ps(t, sign)));
+}
+
+void pe_avx512_quantize_q8(const float *x, void *dst, int64_t n) {
+    pe_block_q8_0 *b = dst;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        const __m512 vid = _mm512_set1_ps(id);
+        _mm_storeu_si128((__m128i *)b->qs, round_to_i8(_mm512_mul_ps(v0, vid)));
+        _mm_storeu_si128((__m128i *)b->qs + 1, round_to_i8(_mm512_mul_ps(v1, vid)));
+    }
+}
+
+/* acc + scale * sum(w * x) for 32 int8 weights (any sign, incl. -128) and 32 int8 activations in
+ * [-127, 127]: vpdpbusd wants unsigned x signed, so |w| times x carrying w's sign. */
+static inline __m256 step_i8(__m256i w, const pe_block_q8_0 *x, float dw, __m256 acc) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x->qs);
+    const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * h2f(x->d)), acc);
+}
+
+/* Fixed-order horizontal sum of 8 lanes. */
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 4-bit codes in element order: low nibbles of qs[0..16) then high nibbles. */
+static inline __m256i nibbles32(const uint8_t *qs) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+}
+
+#define PE_DOT_Q8_4(blocks, xq, nb, step)                                                        \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+    int64_t i = 0;                                                                               \
+    for (; i + 4 <= (nb); i += 4) {                                                              \
+        a0 = step((blocks) + i, (xq) + i, a0);                                                   \
+        a1 = step((blocks) + i + 1, (xq) + i + 1, a1);                                           \
+        a2 = step((blocks) + i + 2, (xq) + i + 2, a2);                                           \
+        a3 = step((blocks) + i + 3, (xq) + i + 3, a3);                                           \
+    }                                                                                            \
+    for (; i < (nb); i++) a0 = step((blocks) + i, (xq) + i, a0);                                 \
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+
+#define STEP_Q8_Q8_0(b, x, acc) step_i8(_mm256_loadu_si256((const __m256i *)(b)->qs), x, h2f((b)->d), acc)
+#define STEP_Q8_Q4_0(b, x, acc) step_i8(_mm256_sub_epi8(nibbles32((b)->qs), eight), x, h2f((b)->d), acc)
+#define STEP_Q8_MXFP4(b, x, acc) step_i8(_mm256_shuffle_epi8(table, nibbles32((b)->qs)), x, e8m0_half[(b)->e], acc)
+
+static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
+    PE_DOT_Q8_4((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q8_0);
+}
+
+static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
+    const __m256i eight = _mm256_set1_epi8(8);
+    PE_DOT_Q8_4((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q4_0);
+}
+
+static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
+    PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
+}
+
 void pe_kernels_avx512(int type, pe_kernel_pair *k) {
     for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
-    case PE_TYPE_BF16: *k = (pe_kernel_pair){dequant_bf16, dot_bf16}; break;
-    case PE_TYPE_Q4_0: *k = (pe_kernel_pair){dequant_q4_0, dot_q4_0}; break;
-    case PE_TYPE_Q4_1: *k = (pe_kernel_pair){dequant_q4_1, dot_q4_1}; break;
-    case PE_TYPE_Q5_0: *k = (pe_kernel_pair){dequant_q5_0, dot_q5_0}; break;
-    case PE_TYPE_Q5_1: *k = (pe_kernel_pair){dequant_q5_1, dot_q5_1}; break;
-    case PE_TYPE_Q8_0: *k = (pe_kernel_pair){dequant_q8_0, dot_q8_0}; break;
-    case PE_TYPE_MXFP4: *k = (pe_kernel_pair){dequant_mxfp4, dot_mxfp4}; break;
-    case PE_TYPE_Q2_K: *k = (pe_kernel_pair){dequant_q2_k, dot_q2_k}; break;
-    case PE_TYPE_Q3_K: *k = (pe_kernel_pair){dequant_q3_k, dot_q3_k}; break;
-    case PE_TYPE_Q4_K: *k = (pe_kernel_pair){dequant_q4_k, dot_q4_k}; break;
-    case PE_TYPE_Q5_K: *k = (pe_kernel_pair){dequant_q5_k, dot_q5_k}; break;
-    case PE_TYPE_Q6_K: *k = (pe_kernel_pair){dequant_q6_k, dot_q6_k}; break;
+    case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16; break;
+    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0, k->dot_q8 = dot_q8_q4_0; break;
+    case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
+    case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;
+    case PE_TYPE_Q5_1: k->dequant_row = dequant_q5_1, k->dot_f32 = dot_q5_1; break;
+    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0, k->dot_q8 = dot_q8_q8_0; break;
+    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4, k->dot_q8 = dot_q8_mxfp4; break;
+    case PE_TYPE_Q2_K: k->dequant_row = dequant_q2_k, k->dot_f32 = dot_q2_k; break;
+    case PE_TYPE_Q3_K: k->dequant_row = dequant_q3_k, k->dot_f32 = dot_q3_k; break;
+    case PE_TYPE_Q4_K: k->dequant_row = dequant_q4_k, k->dot_f32 = dot_q4_k; break;
+    case PE_TYPE_Q5_K: k->dequant_row = dequant_q5_k, k->dot_f32 = dot_q5_k; break;
+    case PE_TYPE_Q6_K: k->dequant_row = dequant_q6_k, k->dot_f32 = dot_q6_k; break;
     default: break;
     }
 }

@@ -30,6 +30,19 @@ def type_info(int ggml_type):
     return t.name.decode(), t.blck_size, t.type_size
 
 
+def _natural_alignment(int ggml_type) -> int:
+    """Byte alignment the kernels assume for a row start: f32 elements, f16 fields, or none (MXFP4)."""
+    return 4 if ggml_type == 0 else 1 if ggml_type == 39 else 2
+
+
+def _kernel_ready(rows, int ggml_type):
+    """rows, or a C-contiguous aligned copy when its last axis is strided or its rows are misaligned."""
+    align = _natural_alignment(ggml_type)
+    if rows.shape[0] and (rows.strides[1] != 1 or rows.ctypes.data % align or rows.strides[0] % align):
+        return np.array(rows, order="C", copy=True)
+    return rows
+
+
 def _check_rows(rows, int ggml_type):
     info = type_info(ggml_type)
     if info is None:
@@ -45,8 +58,7 @@ def _check_rows(rows, int ggml_type):
 def dequantize_rows(rows, int ggml_type):
     """float32 (n_rows, n) from a 2-D uint8 array of whole blocks; its last axis must be contiguous."""
     cdef int64_t n = _check_rows(rows, ggml_type)
-    if rows.shape[0] and rows.strides[1] != 1:
-        rows = np.ascontiguousarray(rows)
+    rows = _kernel_ready(rows, ggml_type)
     out = np.empty((rows.shape[0], n), dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out
@@ -63,9 +75,8 @@ def dot_rows(rows, x, int ggml_type):
     cdef int64_t n = _check_rows(rows, ggml_type)
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] != n:
         raise ValueError(f"x must be a 1-D float32 array of {n} elements, one per row element")
-    if rows.shape[0] and rows.strides[1] != 1:
-        rows = np.ascontiguousarray(rows)
-    x = np.ascontiguousarray(x)
+    rows = _kernel_ready(rows, ggml_type)
+    x = np.require(x, requirements=("C", "A"))
     out = np.zeros(rows.shape[0], dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out
@@ -95,7 +106,7 @@ def quantize_row_q8(x):
     """Q8_0 blocks (uint8, n/32*34 bytes) of a 1-D float32 vector whose length is a multiple of 32."""
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] % 32:
         raise ValueError("x must be a 1-D float32 array whose length is a multiple of 32")
-    x = np.ascontiguousarray(x)
+    x = np.require(x, requirements=("C", "A"))
     out = np.empty(x.shape[0] // 32 * 34, dtype=np.uint8)
     if x.shape[0] == 0:
         return out
@@ -114,9 +125,8 @@ def dot_rows_q8(rows, xq, int ggml_type):
         raise ValueError(f"ggml type {ggml_type} has no int8-activation dot kernel")
     if not isinstance(xq, np.ndarray) or xq.dtype != np.uint8 or xq.ndim != 1 or xq.shape[0] != n // 32 * 34:
         raise ValueError(f"xq must be the 1-D uint8 Q8_0 blocks of {n} activations ({n // 32 * 34} bytes)")
-    if rows.shape[0] and rows.strides[1] != 1:
-        rows = np.ascontiguousarray(rows)
-    xq = np.ascontiguousarray(xq)
+    rows = _kernel_ready(rows, ggml_type)
+    xq = np.array(xq, copy=True) if xq.ctypes.data % 2 else np.ascontiguousarray(xq)
     out = np.zeros(rows.shape[0], dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out

@@ -247,6 +247,20 @@ def test_dot_rejects_bad_input():
         quants.dot(row[:-1], np.zeros(64, np.float32), T.Q8_0)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_misaligned_buffers(qtype):
+    rng = np.random.default_rng(9)
+    blck = SIZES[qtype][0]
+    n = 256 if blck == 256 else 64
+    data = random_blocks(qtype, 4 * n // blck, rng, e8m0=(110, 140)).reshape(4, -1)
+    odd = np.empty(data.size + 1, np.uint8)[1:].reshape(data.shape)  # rows start at odd addresses
+    odd[...] = data
+    assert_bit_identical(odd, qtype)
+    x = np.frombuffer(b"\0" + rng.standard_normal(n).astype(np.float32).tobytes(), np.float32, offset=1)
+    assert not x.flags.aligned
+    assert_dot_close(odd[1], x, qtype)
+
+
 def test_dequantize_layouts():
     rng = np.random.default_rng(5)
     data = random_blocks(T.Q4_K, 64, rng).reshape(16, -1)

@@ -82,7 +82,7 @@ static void (*quantize_q8)(const float *x, void *dst, int64_t n);
 static void traits_init(void) {
     const pe_simd_level level = pe_simd_level_get();
     for (size_t i = 0; i < sizeof traits / sizeof traits[0]; i++) {
-        pe_kernel_pair k = {NULL, NULL, NULL};
+        pe_kernel_set k = {NULL, NULL, NULL};
         pe_kernels_ref(traits[i].type, &k);
         if (level >= PE_SIMD_AVX2) pe_kernels_avx2(traits[i].type, &k);
         if (level >= PE_SIMD_AVX512) pe_kernels_avx512(traits[i].type, &k);

@@ -262,7 +262,7 @@ static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
     PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
 }
 
-void pe_kernels_avx2(int type, pe_kernel_pair *k) {
+void pe_kernels_avx2(int type, pe_kernel_set *k) {
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;

@@ -1,7 +1,7 @@
-/* AVX-512 kernels (F/BW/VL/DQ + F16C/FMA), 16 float32 lanes. Dequantization reproduces the scalar
- * reference bit for bit (same float32 products, no FMA: this file is built with -ffp-contract=off);
- * dots accumulate in lanes with explicit FMA and reduce in a fixed order, so they are deterministic
- * but differ from the scalar dot in the last bits. */
+/* AVX-512 kernels (F/BW/VL/DQ/VNNI + F16C/FMA): 16 float32 lanes, int8 dots with vpdpbusd.
+ * Dequantization reproduces the scalar reference bit for bit (same float32 products, no FMA: this
+ * file is built with -ffp-contract=off); dots accumulate in lanes with explicit FMA and reduce in a
+ * fixed order, so they are deterministic but differ from the scalar dot in the last bits. */
 #include "quants_impl.h"
 
 #include <immintrin.h>
@@ -410,7 +410,7 @@ static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
     PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
 }
 
-void pe_kernels_avx512(int type, pe_kernel_pair *k) {
+void pe_kernels_avx512(int type, pe_kernel_set *k) {
     for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;

@@ -329,7 +329,6 @@ PE_BLOCK_DOT(dot_q5_0, dequant_q5_0, PE_QK, 22)
 PE_BLOCK_DOT(dot_q5_1, dequant_q5_1, PE_QK, 24)
 PE_BLOCK_DOT(dot_q2_k, dequant_q2_k, PE_QK_K, 84)
 PE_BLOCK_DOT(dot_q3_k, dequant_q3_k, PE_QK_K, 110)
-PE_BLOCK_DOT(dot_q4_k, dequant_q4_k, PE_QK_K, 144)
 PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
 
@@ -408,6 +407,43 @@ static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
 static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
     PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
+}
+
+/* Q4_K without a dequantized buffer: per sub-block j, d*sc_j * (q . x) - dmin*m_j * sum(x). Low
+ * nibbles go through vpermps (it ignores the high bits), high nibbles through a shift and cvtdq2ps,
+ * to balance the two vector ports. */
+static float dot_q4_k(const void *row, const float *x, int64_t n) {
+    const pe_block_q4_k *b = row;
+    float t[16];
+    for (int i = 0; i < 16; i++) t[i] = (float)i;
+    const __m512 table = _mm512_loadu_ps(t);
+    __m512 acc_q0 = _mm512_setzero_ps(), acc_q1 = acc_q0, acc_m0 = acc_q0, acc_m1 = acc_q0;
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, x += PE_QK_K) {
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        float dsc[8], dmn[8];
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, mn;
+            pe_k_scale_min(b->scales, s, &sc, &mn);
+            dsc[s] = d * (float)sc;
+            dmn[s] = dmin * (float)mn;
+        }
+        for (int c = 0; c < 4; c++) {
+            const float *xc = x + 64 * c;
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 32 * c)));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 32 * c + 16)));
+            const __m512 xa0 = _mm512_loadu_ps(xc), xa1 = _mm512_loadu_ps(xc + 16);
+            const __m512 xb0 = _mm512_loadu_ps(xc + 32), xb1 = _mm512_loadu_ps(xc + 48);
+            const __m512 ta = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, table), xa1,
+                                              _mm512_mul_ps(_mm512_permutexvar_ps(v0, table), xa0));
+            const __m512 tb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), xb1,
+                                              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), xb0));
+            acc_q0 = _mm512_fmadd_ps(ta, _mm512_set1_ps(dsc[2 * c]), acc_q0);
+            acc_q1 = _mm512_fmadd_ps(tb, _mm512_set1_ps(dsc[2 * c + 1]), acc_q1);
+            acc_m0 = _mm512_fmadd_ps(_mm512_add_ps(xa0, xa1), _mm512_set1_ps(dmn[2 * c]), acc_m0);
+            acc_m1 = _mm512_fmadd_ps(_mm512_add_ps(xb0, xb1), _mm512_set1_ps(dmn[2 * c + 1]), acc_m1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc_q0, acc_q1), _mm512_add_ps(acc_m0, acc_m1)));
 }
 
 void pe_kernels_avx512(int type, pe_kernel_set *k) {

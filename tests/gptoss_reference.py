@@ -5,7 +5,12 @@ run transformers on exactly the values a GGUF file represents (after its own qua
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def hf_model_from_gguf_weights(weights: dict[str, np.ndarray], hp) -> "torch.nn.Module":
@@ -28,7 +33,10 @@ def hf_model_from_gguf_weights(weights: dict[str, np.ndarray], hp) -> "torch.nn.
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"  # the plain per-expert loop (also works in float64)
     model = GptOssForCausalLM(cfg).to(torch.float32)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
     sd = {"model.embed_tokens.weight": t(weights["token_embd.weight"]),
           "model.norm.weight": t(weights["output_norm.weight"]),
           "lm_head.weight": t(weights["output.weight"])}

@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from gguf_factory import write_gptoss_gguf
 
 SCRIPT = """

@@ -173,7 +173,10 @@ def moe_ref(x, rw, rb, gw, gb, uw, ub, dw, db, k):
 
 def test_moe_grouping_matches_per_token_reference():
     E, D, F, k, n = 6, 32, 48, 2, 11
-    r = lambda *s: RNG.standard_normal(s).astype(np.float32)
+
+    def r(*s):
+        return RNG.standard_normal(s).astype(np.float32)
+
     args = [r(E, D), r(E), r(E, F, D) * 0.3, r(E, F), r(E, F, D) * 0.3, r(E, F), r(E, D, F) * 0.3, r(E, D)]
     x = r(n, D)
     y = K.moe(x, *args, k)

@@ -8,7 +8,6 @@ Prompts of 400 tokens cross the 128-token window three times."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import pyengine  # noqa: E402
 from gguf_factory import write_gptoss_gguf  # noqa: E402
 from gptoss_reference import hf_logits, hf_model_from_gguf_weights, to_float64  # noqa: E402
+
+import pyengine  # noqa: E402
 
 N_TOK = 400
 N_LAYER = 3

@@ -177,3 +177,11 @@ def test_no_further_from_transformers_than_llama_cpp(models, types, tmp_path):
     near = rel(trunc, np.load(out).astype(np.float64))
     print(f"{types}: engine(yarn_truncate) vs llama.cpp {near:.2e}")
     assert near < 0.5 * theirs  # the rest: f16 KV cache, Q8_0 activations, chaotic tiny model
+
+
+def test_engine_defaults(models):
+    path, _ = models[("f32", "f32")]
+    eng = pyengine.Engine(path)
+    assert eng.n_ctx == eng.hparams.n_ctx_train == 4096  # tiny KV cache: the model's context fits
+    assert eng.n_threads == pyengine.engine.physical_cores() >= 1
+    assert eng.logits([1, 2, 3]).shape == (3, 300)

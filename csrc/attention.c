@@ -46,6 +46,8 @@ static void attend_one(float *o, const float *q, int64_t p, const pe_kv_layer *k
 
 int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const pe_kv_layer *kv,
                  int n_head, int n_head_kv, int head_dim, int64_t window, const float *sinks, int n_threads) {
+    const int64_t work = n_tok * n_head * (pos0 + n_tok) * head_dim; /* upper bound of multiply-adds */
+    if (n_threads > work / 32768) n_threads = (int)(work / 32768);
     if (n_threads < 1) n_threads = 1;
     const int64_t kv_dim = (int64_t)n_head_kv * head_dim, q_dim = (int64_t)n_head * head_dim;
     const int group = n_head / n_head_kv;

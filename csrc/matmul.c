@@ -10,6 +10,8 @@
 #include "quants.h"
 
 enum { PE_TILE_ROWS = 16 };
+/* multiply-adds per thread below which waking another thread costs more than it saves */
+#define PE_MIN_WORK_PER_THREAD 32768
 
 static int matmul_one(const pe_weight *w, const uint8_t *base, const float *x, const float *bias,
                       float *y, int n_threads) {
@@ -60,6 +62,8 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
               const float *bias, float *y, int64_t ldy, int n_threads) {
     const uint8_t *base = w->data + expert * w->expert_stride;
     if (n_tok <= 0) return 0;
+    const int64_t work = w->n_out * w->n_in * n_tok;
+    if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
     if (n_threads < 1) n_threads = 1;
     if (n_tok == 1) return matmul_one(w, base, x, bias, y, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

@@ -3,6 +3,8 @@
 
 #include <math.h>
 
+static const double PE_PI = 3.14159265358979323846;
+
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -12,16 +14,20 @@ void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps
 
 /* YaRN correction dimension for beta rotations (transformers find_correction_dim). */
 static double yarn_corr_dim(double beta, int dim, double base, double orig_ctx) {
-    return dim * log(orig_ctx / (beta * 2.0 * M_PI)) / (2.0 * log(base));
+    return dim * log(orig_ctx / (beta * 2.0 * PE_PI)) / (2.0 * log(base));
 }
 
 double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
-                          double orig_ctx, double beta_fast, double beta_slow) {
+                          double orig_ctx, double beta_fast, double beta_slow, int truncate) {
     const int half = head_dim / 2;
     for (int i = 0; i < half; i++) omega[i] = pow(base, -2.0 * i / head_dim);
     if (!yarn || factor <= 1.0) return 1.0;
     double low = yarn_corr_dim(beta_fast, head_dim, base, orig_ctx);
     double high = yarn_corr_dim(beta_slow, head_dim, base, orig_ctx);
+    if (truncate) {
+        low = floor(low);
+        high = ceil(high);
+    }
     if (low < 0) low = 0;
     if (high > head_dim - 1) high = head_dim - 1;
     if (low == high) high += 0.001;

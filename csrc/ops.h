@@ -9,10 +9,11 @@
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps);
 
 /* Per-pair angular frequencies omega'_i (i < head_dim/2) of NeoX RoPE, with YaRN when factor > 1:
- * fractional correction range (transformers' truncate=false). Returns the magnitude factor M that
+ * fractional correction range (transformers' truncate=false, the reference), or floor/ceil of it
+ * when truncate (what llama.cpp's ggml_rope_yarn_corr_dims does). Returns the magnitude factor M that
  * multiplies cos and sin (0.1 ln f + 1 with YaRN, 1 without). */
 double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
-                          double orig_ctx, double beta_fast, double beta_slow);
+                          double orig_ctx, double beta_fast, double beta_slow, int truncate);
 
 /* cos_i = M cos(pos * omega_i), sin_i = M sin(pos * omega_i); angle computed in double directly. */
 void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos, double mscale);

@@ -59,35 +59,45 @@ float pe_bf16_to_fp32(uint16_t h) {
 }
 
 static pe_type_traits traits[] = {
-    {PE_TYPE_F32, "F32", 1, 4, NULL, NULL},
-    {PE_TYPE_F16, "F16", 1, 2, NULL, NULL},
-    {PE_TYPE_BF16, "BF16", 1, 2, NULL, NULL},
-    {PE_TYPE_Q4_0, "Q4_0", 32, 18, NULL, NULL},
-    {PE_TYPE_Q4_1, "Q4_1", 32, 20, NULL, NULL},
-    {PE_TYPE_Q5_0, "Q5_0", 32, 22, NULL, NULL},
-    {PE_TYPE_Q5_1, "Q5_1", 32, 24, NULL, NULL},
-    {PE_TYPE_Q8_0, "Q8_0", 32, 34, NULL, NULL},
-    {PE_TYPE_Q2_K, "Q2_K", 256, 84, NULL, NULL},
-    {PE_TYPE_Q3_K, "Q3_K", 256, 110, NULL, NULL},
-    {PE_TYPE_Q4_K, "Q4_K", 256, 144, NULL, NULL},
-    {PE_TYPE_Q5_K, "Q5_K", 256, 176, NULL, NULL},
-    {PE_TYPE_Q6_K, "Q6_K", 256, 210, NULL, NULL},
-    {PE_TYPE_MXFP4, "MXFP4", 32, 17, NULL, NULL},
+    {PE_TYPE_F32, "F32", 1, 4, NULL, NULL, NULL},
+    {PE_TYPE_F16, "F16", 1, 2, NULL, NULL, NULL},
+    {PE_TYPE_BF16, "BF16", 1, 2, NULL, NULL, NULL},
+    {PE_TYPE_Q4_0, "Q4_0", 32, 18, NULL, NULL, NULL},
+    {PE_TYPE_Q4_1, "Q4_1", 32, 20, NULL, NULL, NULL},
+    {PE_TYPE_Q5_0, "Q5_0", 32, 22, NULL, NULL, NULL},
+    {PE_TYPE_Q5_1, "Q5_1", 32, 24, NULL, NULL, NULL},
+    {PE_TYPE_Q8_0, "Q8_0", 32, 34, NULL, NULL, NULL},
+    {PE_TYPE_Q2_K, "Q2_K", 256, 84, NULL, NULL, NULL},
+    {PE_TYPE_Q3_K, "Q3_K", 256, 110, NULL, NULL, NULL},
+    {PE_TYPE_Q4_K, "Q4_K", 256, 144, NULL, NULL, NULL},
+    {PE_TYPE_Q5_K, "Q5_K", 256, 176, NULL, NULL, NULL},
+    {PE_TYPE_Q6_K, "Q6_K", 256, 210, NULL, NULL, NULL},
+    {PE_TYPE_MXFP4, "MXFP4", 32, 17, NULL, NULL, NULL},
 };
 
 static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
+static void (*quantize_q8)(const float *x, void *dst, int64_t n);
 
 /* Each row starts from the scalar reference; each SIMD level the CPU allows overrides what it has. */
 static void traits_init(void) {
     const pe_simd_level level = pe_simd_level_get();
     for (size_t i = 0; i < sizeof traits / sizeof traits[0]; i++) {
-        pe_kernel_pair k = {NULL, NULL};
+        pe_kernel_set k = {NULL, NULL, NULL};
         pe_kernels_ref(traits[i].type, &k);
         if (level >= PE_SIMD_AVX2) pe_kernels_avx2(traits[i].type, &k);
         if (level >= PE_SIMD_AVX512) pe_kernels_avx512(traits[i].type, &k);
         traits[i].dequant_row = k.dequant_row;
         traits[i].dot_f32 = k.dot_f32;
+        traits[i].dot_q8 = k.dot_q8;
     }
+    quantize_q8 = level >= PE_SIMD_AVX512 ? pe_avx512_quantize_q8
+                : level >= PE_SIMD_AVX2   ? pe_avx2_quantize_q8
+                                          : pe_ref_quantize_q8;
+}
+
+void pe_quantize_row_q8(const float *x, void *dst, int64_t n) {
+    pthread_once(&traits_once, traits_init);
+    quantize_q8(x, dst, n);
 }
 
 const pe_type_traits *pe_type_traits_get(int type) {
@@ -110,6 +120,14 @@ void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, 
     const uint8_t *s = src;
 #pragma omp parallel for schedule(static) if (n_rows * n >= (1 << 18))
     for (int64_t r = 0; r < n_rows; r++) out[r] = f(s + r * src_stride, x, n);
+}
+
+void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out, int64_t n_rows,
+                    int64_t n) {
+    const pe_dot_q8_fn f = pe_type_traits_get(type)->dot_q8;
+    const uint8_t *s = src;
+#pragma omp parallel for schedule(static) if (n_rows * n >= (1 << 18))
+    for (int64_t r = 0; r < n_rows; r++) out[r] = f(s + r * src_stride, xq, n);
 }
 
 size_t pe_row_size(int type, int64_t n) {

@@ -32,6 +32,9 @@ typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
 /* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
 typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
 
+/* sum_i row[i] * x[i] with x given as pe_quantize_row_q8 blocks (integer products, float per block). */
+typedef float (*pe_dot_q8_fn)(const void *row, const void *xq, int64_t n);
+
 typedef struct {
     int type;
     const char *name;
@@ -39,7 +42,13 @@ typedef struct {
     int type_size;  /* bytes per block */
     pe_dequant_row_fn dequant_row;  /* best SIMD variant for this CPU */
     pe_dot_f32_fn dot_f32;          /* best SIMD variant for this CPU */
+    pe_dot_q8_fn dot_q8;            /* int8-activation dot (VNNI on AVX-512); NULL when absent */
 } pe_type_traits;
+
+/* Activations for dot_q8: n (a multiple of 32) floats -> n/32 blocks of {f16 d, int8 q[32]}, the Q8_0
+ * layout and rounding (d = amax/127, q = round-half-away(x/d)), bit-identical to ggml's reference
+ * quantize_row_q8_0 and gguf.quants.quantize(x, Q8_0). dst holds pe_row_size(PE_TYPE_Q8_0, n) bytes. */
+void pe_quantize_row_q8(const float *x, void *dst, int64_t n);
 
 /* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */
 const pe_type_traits *pe_type_traits_get(int type);
@@ -52,6 +61,9 @@ size_t pe_row_size(int type, int64_t n);
 void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows, int64_t n);
 void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
                  int64_t n);
+/* As pe_dot_rows with pe_quantize_row_q8 activations; only for types whose dot_q8 is not NULL. */
+void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out, int64_t n_rows,
+                    int64_t n);
 
 /* IEEE half / bfloat16 conversions (exact, round-to-nearest-even for the narrowing ones). */
 float pe_fp16_to_fp32(uint16_t h);

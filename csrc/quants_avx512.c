@@ -1,7 +1,7 @@
-/* AVX-512 kernels (F/BW/VL/DQ + F16C/FMA), 16 float32 lanes. Dequantization reproduces the scalar
- * reference bit for bit (same float32 products, no FMA: this file is built with -ffp-contract=off);
- * dots accumulate in lanes with explicit FMA and reduce in a fixed order, so they are deterministic
- * but differ from the scalar dot in the last bits. */
+/* AVX-512 kernels (F/BW/VL/DQ/VNNI + F16C/FMA): 16 float32 lanes, int8 dots with vpdpbusd.
+ * Dequantization reproduces the scalar reference bit for bit (same float32 products, no FMA: this
+ * file is built with -ffp-contract=off); dots accumulate in lanes with explicit FMA and reduce in a
+ * fixed order, so they are deterministic but differ from the scalar dot in the last bits. */
 #include "quants_impl.h"
 
 #include <immintrin.h>
@@ -78,23 +78,36 @@ static void dequant_q8_0(const void *src, float *dst, int64_t n) {
     }
 }
 
-static float dot_q8_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q8_0 *b = row;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
-        __m512 t = _mm512_mul_ps(i8_to_ps(q0), _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(i8_to_ps(q1), _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+/* Four block accumulators in registers, blocks dealt round-robin; the tail goes to the first. */
+#define PE_DOT4(blocks, nb, x, step)                                                            \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+    int64_t i = 0;                                                                              \
+    for (; i + 4 <= (nb); i += 4) {                                                             \
+        a0 = step((blocks) + i, (x) + PE_QK * i, a0);                                           \
+        a1 = step((blocks) + i + 1, (x) + PE_QK * (i + 1), a1);                                 \
+        a2 = step((blocks) + i + 2, (x) + PE_QK * (i + 2), a2);                                 \
+        a3 = step((blocks) + i + 3, (x) + PE_QK * (i + 3), a3);                                 \
+    }                                                                                           \
+    for (; i < (nb); i++) a0 = step((blocks) + i, (x) + PE_QK * i, a0);                         \
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)))
+
+static inline __m512 step_q8_0(const pe_block_q8_0 *b, const float *x, __m512 acc) {
+    const __m128i q0 = _mm_loadu_si128((const __m128i *)b->qs), q1 = _mm_loadu_si128((const __m128i *)b->qs + 1);
+    __m512 t = _mm512_mul_ps(i8_to_ps(q0), _mm512_loadu_ps(x));
+    t = _mm512_fmadd_ps(i8_to_ps(q1), _mm512_loadu_ps(x + 16), t);
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc);
 }
 
-/* A 16-entry float table indexed by 4-bit codes: lo/hi nibbles of 16 bytes -> 2 x 16 floats. */
+static float dot_q8_0(const void *row, const float *x, int64_t n) {
+    PE_DOT4((const pe_block_q8_0 *)row, n / PE_QK, x, step_q8_0);
+}
+
+/* A 16-entry float table indexed by 4-bit codes: lo/hi nibbles of 16 bytes -> 2 x 16 floats.
+ * vpermps reads only the low 4 bits of each index, so the low nibble needs no mask. */
 static inline void lookup32(const uint8_t *qs, __m512 table, __m512 *lo, __m512 *hi) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    *lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo_nib(q)), table);
-    *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi_nib(q)), table);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+    *lo = _mm512_permutexvar_ps(q, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
 }
 
 static __m512 mxfp4_table(void) {
@@ -121,18 +134,23 @@ static void dequant_mxfp4(const void *src, float *dst, int64_t n) {
     }
 }
 
+/* The 256 e8m0 half scales, so that the per-block broadcast is a plain load (filled at dispatch). */
+static float e8m0_half[256];
+
+/* acc + scale * (codes . x[0..32)) for a block of 16 nibble bytes. */
+static inline __m512 step_nib(const uint8_t *qs, const float *x, float scale, __m512 table, __m512 acc) {
+    __m512 lo, hi;
+    lookup32(qs, table, &lo, &hi);
+    const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(scale), acc);
+}
+
+#define STEP_MXFP4(b, x, acc) step_nib((b)->qs, x, e8m0_half[(b)->e], table, acc)
+#define STEP_Q4_0(b, x, acc) step_nib((b)->qs, x, h2f((b)->d), table, acc)
+
 static float dot_mxfp4(const void *row, const float *x, int64_t n) {
-    const pe_block_mxfp4 *b = row;
     const __m512 table = mxfp4_table();
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m512 lo, hi;
-        lookup32(b->qs, table, &lo, &hi);
-        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(half_scale(b->e)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    PE_DOT4((const pe_block_mxfp4 *)row, n / PE_QK, x, STEP_MXFP4);
 }
 
 static void dequant_q4_0(const void *src, float *dst, int64_t n) {
@@ -148,17 +166,8 @@ static void dequant_q4_0(const void *src, float *dst, int64_t n) {
 }
 
 static float dot_q4_0(const void *row, const float *x, int64_t n) {
-    const pe_block_q4_0 *b = row;
     const __m512 table = q4_0_table();
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m512 lo, hi;
-        lookup32(b->qs, table, &lo, &hi);
-        __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), t);
-        acc[i & 3] = _mm512_fmadd_ps(t, _mm512_set1_ps(h2f(b->d)), acc[i & 3]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    PE_DOT4((const pe_block_q4_0 *)row, n / PE_QK, x, STEP_Q4_0);
 }
 
 static void dequant_q4_1(const void *src, float *dst, int64_t n) {
@@ -320,26 +329,140 @@ PE_BLOCK_DOT(dot_q5_0, dequant_q5_0, PE_QK, 22)
 PE_BLOCK_DOT(dot_q5_1, dequant_q5_1, PE_QK, 24)
 PE_BLOCK_DOT(dot_q2_k, dequant_q2_k, PE_QK_K, 84)
 PE_BLOCK_DOT(dot_q3_k, dequant_q3_k, PE_QK_K, 110)
-PE_BLOCK_DOT(dot_q4_k, dequant_q4_k, PE_QK_K, 144)
 PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
 
-void pe_kernels_avx512(int type, pe_kernel_pair *k) {
+/* ---- int8 activations: VNNI (vpdpbusd) on 32-byte blocks -------------------------------------------- */
+
+/* round-half-away-from-zero of |v| <= 127.5, as C roundf, then narrowed to int8. */
+static inline __m128i round_to_i8(__m512 v) {
+    const __m512 a = _mm512_abs_ps(v);
+    __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    t = _mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f));
+    const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+    return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_or_ps(t, sign)));
+}
+
+void pe_avx512_quantize_q8(const float *x, void *dst, int64_t n) {
+    pe_block_q8_0 *b = dst;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        const __m512 vid = _mm512_set1_ps(id);
+        _mm_storeu_si128((__m128i *)b->qs, round_to_i8(_mm512_mul_ps(v0, vid)));
+        _mm_storeu_si128((__m128i *)b->qs + 1, round_to_i8(_mm512_mul_ps(v1, vid)));
+    }
+}
+
+/* acc + scale * sum(w * x) for 32 int8 weights (any sign, incl. -128) and 32 int8 activations in
+ * [-127, 127]: vpdpbusd wants unsigned x signed, so |w| times x carrying w's sign. */
+static inline __m256 step_i8(__m256i w, const pe_block_q8_0 *x, float dw, __m256 acc) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x->qs);
+    const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * h2f(x->d)), acc);
+}
+
+/* Fixed-order horizontal sum of 8 lanes. */
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 4-bit codes in element order: low nibbles of qs[0..16) then high nibbles. */
+static inline __m256i nibbles32(const uint8_t *qs) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+}
+
+#define PE_DOT_Q8_4(blocks, xq, nb, step)                                                        \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+    int64_t i = 0;                                                                               \
+    for (; i + 4 <= (nb); i += 4) {                                                              \
+        a0 = step((blocks) + i, (xq) + i, a0);                                                   \
+        a1 = step((blocks) + i + 1, (xq) + i + 1, a1);                                           \
+        a2 = step((blocks) + i + 2, (xq) + i + 2, a2);                                           \
+        a3 = step((blocks) + i + 3, (xq) + i + 3, a3);                                           \
+    }                                                                                            \
+    for (; i < (nb); i++) a0 = step((blocks) + i, (xq) + i, a0);                                 \
+    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+
+#define STEP_Q8_Q8_0(b, x, acc) step_i8(_mm256_loadu_si256((const __m256i *)(b)->qs), x, h2f((b)->d), acc)
+#define STEP_Q8_Q4_0(b, x, acc) step_i8(_mm256_sub_epi8(nibbles32((b)->qs), eight), x, h2f((b)->d), acc)
+#define STEP_Q8_MXFP4(b, x, acc) step_i8(_mm256_shuffle_epi8(table, nibbles32((b)->qs)), x, e8m0_half[(b)->e], acc)
+
+static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
+    PE_DOT_Q8_4((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q8_0);
+}
+
+static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
+    const __m256i eight = _mm256_set1_epi8(8);
+    PE_DOT_Q8_4((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q4_0);
+}
+
+static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
+    PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
+}
+
+/* Q4_K without a dequantized buffer: per sub-block j, d*sc_j * (q . x) - dmin*m_j * sum(x). Low
+ * nibbles go through vpermps (it ignores the high bits), high nibbles through a shift and cvtdq2ps,
+ * to balance the two vector ports. */
+static float dot_q4_k(const void *row, const float *x, int64_t n) {
+    const pe_block_q4_k *b = row;
+    float t[16];
+    for (int i = 0; i < 16; i++) t[i] = (float)i;
+    const __m512 table = _mm512_loadu_ps(t);
+    __m512 acc_q0 = _mm512_setzero_ps(), acc_q1 = acc_q0, acc_m0 = acc_q0, acc_m1 = acc_q0;
+    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, x += PE_QK_K) {
+        const float d = h2f(b->d), dmin = h2f(b->dmin);
+        float dsc[8], dmn[8];
+        for (int s = 0; s < 8; s++) {
+            uint8_t sc, mn;
+            pe_k_scale_min(b->scales, s, &sc, &mn);
+            dsc[s] = d * (float)sc;
+            dmn[s] = dmin * (float)mn;
+        }
+        for (int c = 0; c < 4; c++) {
+            const float *xc = x + 64 * c;
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 32 * c)));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 32 * c + 16)));
+            const __m512 xa0 = _mm512_loadu_ps(xc), xa1 = _mm512_loadu_ps(xc + 16);
+            const __m512 xb0 = _mm512_loadu_ps(xc + 32), xb1 = _mm512_loadu_ps(xc + 48);
+            const __m512 ta = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, table), xa1,
+                                              _mm512_mul_ps(_mm512_permutexvar_ps(v0, table), xa0));
+            const __m512 tb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), xb1,
+                                              _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), xb0));
+            acc_q0 = _mm512_fmadd_ps(ta, _mm512_set1_ps(dsc[2 * c]), acc_q0);
+            acc_q1 = _mm512_fmadd_ps(tb, _mm512_set1_ps(dsc[2 * c + 1]), acc_q1);
+            acc_m0 = _mm512_fmadd_ps(_mm512_add_ps(xa0, xa1), _mm512_set1_ps(dmn[2 * c]), acc_m0);
+            acc_m1 = _mm512_fmadd_ps(_mm512_add_ps(xb0, xb1), _mm512_set1_ps(dmn[2 * c + 1]), acc_m1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc_q0, acc_q1), _mm512_add_ps(acc_m0, acc_m1)));
+}
+
+void pe_kernels_avx512(int type, pe_kernel_set *k) {
+    for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
-    case PE_TYPE_BF16: *k = (pe_kernel_pair){dequant_bf16, dot_bf16}; break;
-    case PE_TYPE_Q4_0: *k = (pe_kernel_pair){dequant_q4_0, dot_q4_0}; break;
-    case PE_TYPE_Q4_1: *k = (pe_kernel_pair){dequant_q4_1, dot_q4_1}; break;
-    case PE_TYPE_Q5_0: *k = (pe_kernel_pair){dequant_q5_0, dot_q5_0}; break;
-    case PE_TYPE_Q5_1: *k = (pe_kernel_pair){dequant_q5_1, dot_q5_1}; break;
-    case PE_TYPE_Q8_0: *k = (pe_kernel_pair){dequant_q8_0, dot_q8_0}; break;
-    case PE_TYPE_MXFP4: *k = (pe_kernel_pair){dequant_mxfp4, dot_mxfp4}; break;
-    case PE_TYPE_Q2_K: *k = (pe_kernel_pair){dequant_q2_k, dot_q2_k}; break;
-    case PE_TYPE_Q3_K: *k = (pe_kernel_pair){dequant_q3_k, dot_q3_k}; break;
-    case PE_TYPE_Q4_K: *k = (pe_kernel_pair){dequant_q4_k, dot_q4_k}; break;
-    case PE_TYPE_Q5_K: *k = (pe_kernel_pair){dequant_q5_k, dot_q5_k}; break;
-    case PE_TYPE_Q6_K: *k = (pe_kernel_pair){dequant_q6_k, dot_q6_k}; break;
+    case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16; break;
+    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0, k->dot_q8 = dot_q8_q4_0; break;
+    case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
+    case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;
+    case PE_TYPE_Q5_1: k->dequant_row = dequant_q5_1, k->dot_f32 = dot_q5_1; break;
+    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0, k->dot_q8 = dot_q8_q8_0; break;
+    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4, k->dot_q8 = dot_q8_mxfp4; break;
+    case PE_TYPE_Q2_K: k->dequant_row = dequant_q2_k, k->dot_f32 = dot_q2_k; break;
+    case PE_TYPE_Q3_K: k->dequant_row = dequant_q3_k, k->dot_f32 = dot_q3_k; break;
+    case PE_TYPE_Q4_K: k->dequant_row = dequant_q4_k, k->dot_f32 = dot_q4_k; break;
+    case PE_TYPE_Q5_K: k->dequant_row = dequant_q5_k, k->dot_f32 = dot_q5_k; break;
+    case PE_TYPE_Q6_K: k->dequant_row = dequant_q6_k, k->dot_f32 = dot_q6_k; break;
     default: break;
     }
 }

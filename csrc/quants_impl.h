@@ -75,14 +75,21 @@ void pe_ref_dequant_q4_k(const void *src, float *dst, int64_t n);
 void pe_ref_dequant_q5_k(const void *src, float *dst, int64_t n);
 void pe_ref_dequant_q6_k(const void *src, float *dst, int64_t n);
 
-/* A SIMD level's kernels for one type; a level fills only the fields it implements. */
+/* A SIMD level's kernels for one type; a level fills only the fields it implements (set whole
+ * structs only in the reference, single fields in the SIMD files). */
 typedef struct {
     pe_dequant_row_fn dequant_row;
     pe_dot_f32_fn dot_f32;
-} pe_kernel_pair;
+    pe_dot_q8_fn dot_q8;
+} pe_kernel_set;
 
-void pe_kernels_ref(int type, pe_kernel_pair *k);
-void pe_kernels_avx2(int type, pe_kernel_pair *k);
-void pe_kernels_avx512(int type, pe_kernel_pair *k);
+/* pe_quantize_row_q8 per level (all bit-identical). */
+void pe_ref_quantize_q8(const float *x, void *dst, int64_t n);
+void pe_avx2_quantize_q8(const float *x, void *dst, int64_t n);
+void pe_avx512_quantize_q8(const float *x, void *dst, int64_t n);
+
+void pe_kernels_ref(int type, pe_kernel_set *k);
+void pe_kernels_avx2(int type, pe_kernel_set *k);
+void pe_kernels_avx512(int type, pe_kernel_set *k);
 
 #endif

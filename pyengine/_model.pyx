@@ -33,7 +33,7 @@ cdef extern from "matmul.h":
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
     double pe_rope_yarn_freqs(double *omega, int head_dim, double base, int yarn, double factor,
-                              double orig_ctx, double beta_fast, double beta_slow) nogil
+                              double orig_ctx, double beta_fast, double beta_slow, int truncate) nogil
     void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos,
                        double mscale) nogil
     void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) nogil
@@ -217,7 +217,7 @@ cdef class Model:
     def __cinit__(self):
         self.c_layers = NULL
 
-    def __init__(self, dict tensors, hp):
+    def __init__(self, dict tensors, hp, bint yarn_truncate=False):
         cdef int l
         self.keep = []
         D, H, Hkv, hd = int(hp.n_embd), int(hp.n_head), int(hp.n_head_kv), int(hp.head_dim)
@@ -287,10 +287,10 @@ cdef class Model:
         yarn = hp.rope_scaling == "yarn"
         self.omega, mscale = rope_freqs(hd, float(hp.rope_base), yarn, float(hp.rope_factor),
                                         float(hp.rope_orig_ctx), float(hp.yarn_beta_fast),
-                                        float(hp.yarn_beta_slow))
+                                        float(hp.yarn_beta_slow), yarn_truncate)
         self.omega_swa, _ = rope_freqs(hd, float(hp.rope_base_swa or hp.rope_base), yarn,
                                        float(hp.rope_factor), float(hp.rope_orig_ctx),
-                                       float(hp.yarn_beta_fast), float(hp.yarn_beta_slow))
+                                       float(hp.yarn_beta_fast), float(hp.yarn_beta_slow), yarn_truncate)
         self.m.omega = <const double *> cnp.PyArray_DATA(self.omega)
         self.m.omega_swa = <const double *> cnp.PyArray_DATA(self.omega_swa)
         self.m.rope_mscale = mscale
@@ -377,13 +377,15 @@ def rmsnorm(x, g, float eps):
 
 
 def rope_freqs(int head_dim, double base, bint yarn, double factor, double orig_ctx,
-               double beta_fast, double beta_slow):
-    """(omega float64 (head_dim/2,), magnitude factor M) of RoPE with optional YaRN."""
+               double beta_fast, double beta_slow, bint truncate=False):
+    """(omega float64 (head_dim/2,), magnitude factor M) of RoPE with optional YaRN; truncate rounds
+    the YaRN correction range outwards to whole dimensions as llama.cpp does."""
     if head_dim <= 0 or head_dim % 2 or base <= 1 or (yarn and (factor <= 0 or orig_ctx <= 0
                                                                  or beta_fast <= 0 or beta_slow <= 0)):
         raise ValueError("invalid RoPE parameters")
     cdef cnp.ndarray[cnp.float64_t, ndim=1] omega = np.empty(head_dim // 2, dtype=np.float64)
-    m = pe_rope_yarn_freqs(&omega[0], head_dim, base, yarn, factor, orig_ctx, beta_fast, beta_slow)
+    m = pe_rope_yarn_freqs(&omega[0], head_dim, base, yarn, factor, orig_ctx, beta_fast, beta_slow,
+                           truncate)
     return omega, m
 
 

@@ -11,11 +11,15 @@ cdef extern from "quants.h":
         const char *name
         int blck_size
         int type_size
+        void *dot_q8
     const pe_type_traits *pe_type_traits_get(int type)
     void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows,
                             int64_t n) nogil
     void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out,
                      int64_t n_rows, int64_t n) nogil
+    void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out,
+                        int64_t n_rows, int64_t n) nogil
+    void pe_quantize_row_q8(const float *x, void *dst, int64_t n) nogil
 
 
 def type_info(int ggml_type):
@@ -24,6 +28,19 @@ def type_info(int ggml_type):
     if t == NULL:
         return None
     return t.name.decode(), t.blck_size, t.type_size
+
+
+def _natural_alignment(int ggml_type) -> int:
+    """Byte alignment the kernels assume for a row start: f32 elements, f16 fields, or none (MXFP4)."""
+    return 4 if ggml_type == 0 else 1 if ggml_type == 39 else 2
+
+
+def _kernel_ready(rows, int ggml_type):
+    """rows, or a C-contiguous aligned copy when its last axis is strided or its rows are misaligned."""
+    align = _natural_alignment(ggml_type)
+    if rows.shape[0] and (rows.strides[1] != 1 or rows.ctypes.data % align or rows.strides[0] % align):
+        return np.array(rows, order="C", copy=True)
+    return rows
 
 
 def _check_rows(rows, int ggml_type):
@@ -41,8 +58,7 @@ def _check_rows(rows, int ggml_type):
 def dequantize_rows(rows, int ggml_type):
     """float32 (n_rows, n) from a 2-D uint8 array of whole blocks; its last axis must be contiguous."""
     cdef int64_t n = _check_rows(rows, ggml_type)
-    if rows.shape[0] and rows.strides[1] != 1:
-        rows = np.ascontiguousarray(rows)
+    rows = _kernel_ready(rows, ggml_type)
     out = np.empty((rows.shape[0], n), dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out
@@ -59,9 +75,8 @@ def dot_rows(rows, x, int ggml_type):
     cdef int64_t n = _check_rows(rows, ggml_type)
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] != n:
         raise ValueError(f"x must be a 1-D float32 array of {n} elements, one per row element")
-    if rows.shape[0] and rows.strides[1] != 1:
-        rows = np.ascontiguousarray(rows)
-    x = np.ascontiguousarray(x)
+    rows = _kernel_ready(rows, ggml_type)
+    x = np.require(x, requirements=("C", "A"))
     out = np.zeros(rows.shape[0], dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out
@@ -79,3 +94,46 @@ def dot(row, x, int ggml_type) -> float:
     if not isinstance(row, np.ndarray) or row.ndim != 1:
         raise ValueError("row must be a 1-D uint8 array")
     return float(dot_rows(row.reshape(1, -1), x, ggml_type)[0])
+
+
+def has_dot_q8(int ggml_type) -> bool:
+    """Whether ggml_type has an int8-activation dot kernel (dot_rows_q8)."""
+    cdef const pe_type_traits *t = pe_type_traits_get(ggml_type)
+    return t != NULL and t.dot_q8 != NULL
+
+
+def quantize_row_q8(x):
+    """Q8_0 blocks (uint8, n/32*34 bytes) of a 1-D float32 vector whose length is a multiple of 32."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] % 32:
+        raise ValueError("x must be a 1-D float32 array whose length is a multiple of 32")
+    x = np.require(x, requirements=("C", "A"))
+    out = np.empty(x.shape[0] // 32 * 34, dtype=np.uint8)
+    if x.shape[0] == 0:
+        return out
+    cdef const float[::1] xv = x
+    cdef uint8_t[::1] dst = out
+    cdef int64_t n = x.shape[0]
+    with nogil:
+        pe_quantize_row_q8(&xv[0], &dst[0], n)
+    return out
+
+
+def dot_rows_q8(rows, xq, int ggml_type):
+    """float32 (n_rows,) of each quantized row dotted with Q8_0 activations xq (quantize_row_q8)."""
+    cdef int64_t n = _check_rows(rows, ggml_type)
+    if not has_dot_q8(ggml_type):
+        raise ValueError(f"ggml type {ggml_type} has no int8-activation dot kernel")
+    if not isinstance(xq, np.ndarray) or xq.dtype != np.uint8 or xq.ndim != 1 or xq.shape[0] != n // 32 * 34:
+        raise ValueError(f"xq must be the 1-D uint8 Q8_0 blocks of {n} activations ({n // 32 * 34} bytes)")
+    rows = _kernel_ready(rows, ggml_type)
+    xq = np.array(xq, copy=True) if xq.ctypes.data % 2 else np.ascontiguousarray(xq)
+    out = np.zeros(rows.shape[0], dtype=np.float32)
+    if rows.size == 0 or n == 0:
+        return out
+    cdef const uint8_t[:, :] src = rows
+    cdef const uint8_t[::1] xv = xq
+    cdef float[::1] res = out
+    cdef int64_t stride = rows.strides[0], n_rows = rows.shape[0]
+    with nogil:
+        pe_dot_rows_q8(ggml_type, &src[0, 0], stride, &xv[0], &res[0], n_rows, n)
+    return out

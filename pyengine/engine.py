@@ -63,12 +63,14 @@ class Engine:
     for the f32 KV cache). n_threads: CPU threads (None: physical cores). n_batch: most tokens per
     forward call (longer inputs are split). seed: kept for sampling. verbose: debug log lines.
     n_gpu_layers: accepted for llama-cpp-python compatibility; this CPU engine runs every layer on
-    the CPU and logs a warning when it is > 0."""
+    the CPU and logs a warning when it is > 0. yarn_truncate: round the YaRN correction range to
+    whole dimensions as llama.cpp does (default False: the reference/transformers math; the two
+    differ noticeably beyond the first few dozen positions, see docs/forward.md)."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
                  verbose: bool = False, n_gpu_layers: int = 0,
-                 models_dir: str | os.PathLike | None = None) -> None:
+                 models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False) -> None:
         configure(verbose)
         if n_threads is not None and int(n_threads) < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
@@ -85,7 +87,7 @@ class Engine:
         self.n_gpu_layers = int(n_gpu_layers)
         if self.n_gpu_layers > 0:
             logger.warning("n_gpu_layers=%d ignored: this engine runs on the CPU", self.n_gpu_layers)
-        self._model = Model(self.model_file.tensors, self.hparams)
+        self._model = Model(self.model_file.tensors, self.hparams, bool(yarn_truncate))
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
         self._cache = KVCache(self._model, self.n_ctx, self.n_batch)

@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ DEFAULT_ALIGNMENT = 32
 SUPPORTED_VERSIONS = (2, 3)
 # Arrays with more elements than this are decoded on first access instead of at open.
 LAZY_ARRAY_MIN = 1024
+MAX_ARRAY_NESTING = 8
 # ggml retired type id 4 (Q4_2); Ollama's first gpt-oss files reused it for MXFP4 in OpenAI's
 # nibble order, 17-byte blocks of 32 (see layouts.py, which repacks it to type 39).
 OPENAI_MXFP4_TYPE = 4
@@ -112,6 +114,9 @@ class Metadata(Mapping):
             self._values[key] = value
         return value
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._values  # Mapping's default would decode the value to find out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
@@ -126,13 +131,17 @@ class Metadata(Mapping):
         return len(value) if isinstance(value, (list, np.ndarray)) else 1
 
     def _decode(self, key: str, lazy: LazyArray) -> Any:
-        if lazy.value_type == GGUFValueType.STRING:
-            return decode_strings(self._buf, lazy.offsets)
-        arr = np.frombuffer(self._buf, dtype=_NUMPY_DTYPES[lazy.value_type], count=lazy.count,
-                            offset=lazy.offset)
-        if key == "tokenizer.ggml.token_type":
-            return arr.astype(np.int32)
-        return arr.tolist()
+        return decode_array(self._buf, key, lazy)
+
+
+def decode_array(buf: memoryview, key: str, lazy: LazyArray) -> Any:
+    """The Python value of a located array (see Metadata for the types)."""
+    if lazy.value_type == GGUFValueType.STRING:
+        return decode_strings(buf, lazy.offsets)
+    arr = np.frombuffer(buf, dtype=_NUMPY_DTYPES[lazy.value_type], count=lazy.count, offset=lazy.offset)
+    if key == "tokenizer.ggml.token_type":
+        return arr.astype(np.int32)
+    return arr.tolist()
 
 
 class _Cursor:
@@ -160,13 +169,14 @@ class _Cursor:
         self.pos += 8
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, strict: bool = True) -> str:
+        """A length-prefixed UTF-8 string; names must be valid UTF-8, values get U+FFFD for bad bytes."""
         n = self.u64(what)
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
-            return raw.decode("utf-8")
+            return raw.decode("utf-8", "strict" if strict else "replace")
         except UnicodeDecodeError:
             raise ModelLoadError(f"{self.path.name}: {what} is not valid UTF-8") from None
 
@@ -179,7 +189,7 @@ class _Cursor:
 
     def value(self, vtype: GGUFValueType, key: str, lazy_ok: bool = True) -> Any:
         if vtype == GGUFValueType.STRING:
-            return self.string(f"the string value of {key}")
+            return self.string(f"the string value of {key}", strict=False)
         if vtype == GGUFValueType.ARRAY:
             return self.array(key, lazy_ok)
         fmt = _SCALAR_FORMATS[vtype]
@@ -189,7 +199,7 @@ class _Cursor:
         self.pos += size
         return v
 
-    def array(self, key: str, lazy_ok: bool) -> Any:
+    def array(self, key: str, lazy_ok: bool, depth: int = 0) -> Any:
         etype = self.value_type(f"the element type of {key}")
         count = self.u64(f"the length of {key}")
         if etype == GGUFValueType.STRING:
@@ -202,16 +212,18 @@ class _Cursor:
                 raise ModelLoadError(f"{self.path.name} is truncated: in {key}, {e}") from None
             start, self.pos = self.pos, int(offsets[-1])
             lazy = LazyArray(etype, count, start, offsets)
-            return lazy if lazy_ok and count > LAZY_ARRAY_MIN else Metadata(self.buf, {key: lazy}, {})[key]
+            return lazy if lazy_ok and count > LAZY_ARRAY_MIN else decode_array(self.buf, key, lazy)
         if etype == GGUFValueType.ARRAY:
-            return [self.array(key, False) for _ in range(self._bounded(count, 12, key))]
+            if depth >= MAX_ARRAY_NESTING:
+                raise ModelLoadError(f"{self.path.name}: {key} nests arrays more than {MAX_ARRAY_NESTING} deep")
+            return [self.array(key, False, depth + 1) for _ in range(self.bounded(count, 12, key))]
         itemsize = np.dtype(_NUMPY_DTYPES[etype]).itemsize
         self.need(count * itemsize, f"the array {key}")
         lazy = LazyArray(etype, count, self.pos, None)
         self.pos += count * itemsize
-        return lazy if lazy_ok and count > LAZY_ARRAY_MIN else Metadata(self.buf, {key: lazy}, {})[key]
+        return lazy if lazy_ok and count > LAZY_ARRAY_MIN else decode_array(self.buf, key, lazy)
 
-    def _bounded(self, count: int, min_item: int, what: str) -> int:
+    def bounded(self, count: int, min_item: int, what: str) -> int:
         if count > (len(self.buf) - self.pos) // min_item:
             raise ModelLoadError(f"{self.path.name} is truncated: {what} claims {count} entries, "
                                  f"more than the rest of the file can hold")
@@ -247,11 +259,13 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{self.path.name} is not a GGUF file: bad magic {magic:#010x}")
         self.version = cur.u32("the version")
+        if int.from_bytes(self.version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+            raise ModelLoadError(f"{self.path.name} is a big-endian GGUF file, which is not supported")
         if self.version not in SUPPORTED_VERSIONS:
             raise ModelLoadError(f"{self.path.name}: unsupported GGUF version {self.version} "
                                  f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
-        n_tensors = cur._bounded(cur.u64("the tensor count"), 8 + 4 + 4 + 8, "the tensor directory")
-        n_kv = cur._bounded(cur.u64("the key/value count"), 8 + 4 + 1, "the metadata")
+        n_tensors = cur.bounded(cur.u64("the tensor count"), 8 + 4 + 4 + 8, "the tensor directory")
+        n_kv = cur.bounded(cur.u64("the key/value count"), 8 + 4 + 1, "the metadata")
         values: dict[str, Any] = {}
         types: dict[str, GGUFValueType] = {}
         for i in range(n_kv):
@@ -292,6 +306,7 @@ class GGUFFile:
     def _directory(self, entries: list[tuple[str, tuple[int, ...], int, int]]) -> dict[str, RawTensor]:
         data_size = self.size - self.data_offset
         tensors: dict[str, RawTensor] = {}
+        past_end: list[tuple[int, str]] = []
         for name, shape, ggml_type, offset in entries:
             where = f"tensor {name}"
             if name in tensors:
@@ -315,17 +330,21 @@ class GGUFFile:
                                      f"{self.alignment}")
                 continue
             if offset + nbytes > data_size:
-                self.problems.append(f"{where} data ({nbytes} bytes at offset {offset}) runs past the end "
-                                     f"of the file (the data section holds {data_size} bytes)")
+                past_end.append((self.data_offset + offset + nbytes, name))
                 continue
             tensors[name] = RawTensor(name, ggml_type, shape, self.data_offset + offset, nbytes,
                                       self.file_index, openai_mxfp4)
+        if past_end:
+            need, name = max(past_end)
+            self.problems.append(f"{self.path.name} is truncated: {len(past_end)} tensor(s) run past the end "
+                                 f"of the file (the data needs at least {need} bytes, the file has {self.size}; "
+                                 f"e.g. tensor {past_end[0][1]})")
         self._check_overlaps(tensors)
         return tensors
 
     def _check_overlaps(self, tensors: dict[str, RawTensor]) -> None:
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        for (_, end_a, a), (start_b, _, b) in pairwise(spans):
             if start_b < end_a:
                 self.problems.append(f"tensor {b} overlaps the data of tensor {a}")
 

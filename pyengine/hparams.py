@@ -16,6 +16,11 @@ import numpy as np
 
 from pyengine.errors import ModelLoadError
 
+# Plausibility bounds: far above any real gpt-oss, low enough that a corrupt value cannot make the
+# loader loop over billions of layers or allocate absurd shapes.
+MAX_DIM = 1 << 20
+MAX_LAYERS = 4096
+MAX_CTX = 1 << 31
 REQUIRED_KEYS = (
     "context_length", "embedding_length", "block_count", "attention.head_count",
     "attention.head_count_kv", "attention.key_length", "attention.layer_norm_rms_epsilon",
@@ -69,7 +74,8 @@ class _Reader:
             return None
         return self.md[key]
 
-    def uint(self, name: str, required: bool = True, default: int | None = None, minimum: int = 1) -> int:
+    def uint(self, name: str, required: bool = True, default: int | None = None, minimum: int = 1,
+             maximum: int = MAX_DIM) -> int:
         """An unsigned integer, or a per-layer array whose entries are all equal."""
         v = self.raw(name, required)
         if v is None:
@@ -81,8 +87,8 @@ class _Reader:
             v = v[0]
         if not _is_int(v):
             raise ModelLoadError(f"Key {self.key(name)} must be an unsigned integer, got {_describe(v)}")
-        if v < minimum:
-            raise ModelLoadError(f"Key {self.key(name)} must be at least {minimum}, got {v}")
+        if not minimum <= v <= maximum:
+            raise ModelLoadError(f"Key {self.key(name)} must be from {minimum} to {maximum}, got {v}")
         return int(v)
 
     def float(self, name: str, required: bool = True, default: float | None = None,
@@ -138,7 +144,7 @@ def read_hparams(metadata: Mapping[str, Any], prefix: str, n_ff_exp_from_tensors
     for name in REQUIRED_KEYS:
         r.raw(name, True)
     n_embd = r.uint("embedding_length")
-    n_layer = r.uint("block_count")
+    n_layer = r.uint("block_count", maximum=MAX_LAYERS)
     n_head = r.uint("attention.head_count")
     n_head_kv = r.uint("attention.head_count_kv")
     head_dim = r.uint("attention.key_length")
@@ -146,7 +152,7 @@ def read_hparams(metadata: Mapping[str, Any], prefix: str, n_ff_exp_from_tensors
     n_expert_used = r.uint("expert_used_count")
     n_ff_exp = r.uint("expert_feed_forward_length", required=n_ff_exp_from_tensors is None,
                       default=n_ff_exp_from_tensors)
-    n_ctx_train = r.uint("context_length")
+    n_ctx_train = r.uint("context_length", maximum=MAX_CTX)
     rope_factor = r.float("rope.scaling.factor", False, 1.0)
     scaling = r.string("rope.scaling.type")
     if scaling is None:
@@ -161,10 +167,10 @@ def read_hparams(metadata: Mapping[str, Any], prefix: str, n_ff_exp_from_tensors
         value_dim=r.uint("attention.value_length", False, head_dim),
         n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
         rms_eps=r.float("attention.layer_norm_rms_epsilon"),
-        sliding_window=r.uint("attention.sliding_window"),
+        sliding_window=r.uint("attention.sliding_window", maximum=MAX_CTX),
         rope_base=rope_base, rope_base_swa=r.float("rope.freq_base_swa", False, rope_base),
         rope_scaling=scaling, rope_factor=rope_factor,
-        rope_orig_ctx=r.uint("rope.scaling.original_context_length", False, n_ctx_train),
+        rope_orig_ctx=r.uint("rope.scaling.original_context_length", False, n_ctx_train, maximum=MAX_CTX),
         yarn_beta_fast=r.float("rope.scaling.yarn_beta_fast", False, 32.0),
         yarn_beta_slow=r.float("rope.scaling.yarn_beta_slow", False, 1.0),
         swa_layers=swa_pattern(r.raw("attention.sliding_window_pattern", False), n_layer,

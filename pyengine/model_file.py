@@ -20,7 +20,7 @@ from pyengine.log import logger
 from pyengine.model_paths import SPLIT_RE, resolve_model
 from pyengine.tensor import Tensor
 
-__all__ = ["GptOssHParams", "ModelFile", "Tensor", "open_model", "open_gguf_files", "check_files"]
+__all__ = ["GptOssHParams", "ModelFile", "Tensor", "check_files", "open_gguf_files", "open_model"]
 
 
 def _shard_paths(path: Path, count: int) -> list[Path]:
@@ -75,7 +75,7 @@ def check_files(files: list[GGUFFile]) -> tuple[dict[str, RawTensor], list[str]]
             if name in raw:
                 problems.append(f"Duplicate tensor name: {name} (in {files[raw[name].file_index].path.name} "
                                 f"and {f.path.name})")
-            raw[name] = RawTensor(t.name, t.ggml_type, t.shape, t.offset, t.nbytes, i, t.openai_mxfp4)
+            raw[name] = t
     if len(files) > 1:
         want = files[0].metadata.get("split.tensors.count")
         have = sum(len(f.tensors) for f in files)
@@ -90,6 +90,17 @@ def model_arch(metadata: Mapping[str, Any]) -> tuple[str, Architecture]:
         raise ModelLoadError("Missing required key: general.architecture")
     name = metadata["general.architecture"]
     return name, lookup(name)
+
+
+def vocab_problems(metadata: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> list[str]:
+    """The tokenizer's vocabulary must match the embedding rows (when both are present)."""
+    embd = tensors.get("token_embd.weight")
+    if embd is None or "tokenizer.ggml.tokens" not in metadata:
+        return []
+    n_tokens, n_rows = metadata.count("tokenizer.ggml.tokens"), embd.shape[-1]
+    if n_tokens != n_rows:
+        return [f"tokenizer.ggml.tokens has {n_tokens} entries but token_embd.weight has {n_rows} rows"]
+    return []
 
 
 class ModelFile:
@@ -151,7 +162,7 @@ def open_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | 
         logger.info("Architecture detected: %s (%s)", arch.canonical, arch.llm_arch)
         hparams = arch.read_hparams(metadata, arch_name, raw)
         tensors, problems = arch.normalise(raw, lambda t: files[t.file_index].tensor_bytes(t), hparams)
-        _raise_first(problems)
+        _raise_first(problems + vocab_problems(metadata, tensors))
     except BaseException:
         for f in files:
             f.close()

@@ -24,8 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
 TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "mxfp4": QT.MXFP4}
@@ -38,8 +38,8 @@ OLLAMA_NAMES = {"attn_output.weight": "attn_out.weight", "attn_output.bias": "at
 def dims(n_vocab: int = 300, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
          head_dim: int = 16, n_expert: int = 4, n_expert_used: int = 2, n_ff: int = 64) -> dict:
     """The default small dimensions (all multiples of 32 where a block type may be used)."""
-    return dict(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
-                head_dim=head_dim, n_expert=n_expert, n_expert_used=n_expert_used, n_ff=n_ff)
+    return {"n_vocab": n_vocab, "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_head_kv": n_head_kv,
+            "head_dim": head_dim, "n_expert": n_expert, "n_expert_used": n_expert_used, "n_ff": n_ff}
 
 
 def random_weights(seed: int = 0, **dim_overrides: int) -> dict[str, np.ndarray]:
@@ -98,25 +98,26 @@ def _encode(a: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray]:
 def _tensor_type(name: str, wtype: str, expert_type: str) -> QT:
     if name.endswith("_exps.weight"):
         return TYPES[expert_type]
-    if name.endswith(".bias") or name.endswith("norm.weight") or "sinks" in name or "gate_inp" in name:
+    if name.endswith((".bias", "norm.weight")) or "sinks" in name or "gate_inp" in name:
         return QT.F32
     return TYPES[wtype]
 
 
-def _add_tokenizer(w: GGUFWriter, n_vocab: int, rng: np.random.Generator) -> None:
+def _add_tokenizer(w: GGUFWriter, n_vocab: int, n_merges: int, rng: np.random.Generator) -> None:
     tokens = [f"t{i}" for i in range(n_vocab - 3)] + ["<|start|>", "<|end|>", "<|return|>"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-4o")
     w.add_token_list(tokens)
     w.add_token_types([1] * (n_vocab - 3) + [3, 3, 3])
-    w.add_token_merges([f"t{rng.integers(10)} t{rng.integers(10)}" for _ in range(50)])
+    left, right = rng.integers(0, 1000, n_merges), rng.integers(0, 1000, n_merges)
+    w.add_token_merges([f"t{a} t{b}" for a, b in zip(left.tolist(), right.tolist())])
     w.add_eos_token_id(n_vocab - 1)
 
 
 def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "llama.cpp",
                       wtype: str = "f32", expert_type: str = "f32", seed: int = 0,
                       drop_keys: tuple[str, ...] = (), drop_tensors: tuple[str, ...] = (),
-                      tie_output: bool = False, with_tokenizer: bool = False, write_ff_key: bool | None = None,
+                      tie_output: bool = False, with_tokenizer: bool = False, n_merges: int = 50, write_ff_key: bool | None = None,
                       extra_keys: dict | None = None, split_max_tensors: int = 0,
                       name: str = "gpt-oss-tiny", **dim_overrides: int) -> dict[str, np.ndarray]:
     """Write a random small gpt-oss GGUF file and return the float32 weights it represents.
@@ -128,6 +129,7 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
     names to leave out. tie_output: omit output.weight (then weights["output.weight"] is the
     embedding). write_ff_key: write expert_feed_forward_length (default: not for Ollama layouts,
     which never write it). split_max_tensors > 0 writes NAME-0000i-of-0000N.gguf shards instead.
+    with_tokenizer: write gpt2-style tokenizer keys (n_vocab tokens, token_type, n_merges merges).
     dim_overrides: see dims()."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
@@ -140,27 +142,11 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
 
     w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(name)
-    p = arch
-    keys = {
-        "context_length": (4096, "uint32"), "embedding_length": (d["n_embd"], "uint32"),
-        "block_count": (d["n_layer"], "uint32"), "feed_forward_length": (d["n_ff"], "uint32"),
-        "attention.head_count": (d["n_head"], "uint32"), "attention.head_count_kv": (d["n_head_kv"], "uint32"),
-        "attention.key_length": (d["head_dim"], "uint32"), "attention.value_length": (d["head_dim"], "uint32"),
-        "attention.layer_norm_rms_epsilon": (1e-5, "float32"), "attention.sliding_window": (128, "uint32"),
-        "expert_count": (d["n_expert"], "uint32"), "expert_used_count": (d["n_expert_used"], "uint32"),
-        "rope.freq_base": (150000.0, "float32"), "rope.scaling.factor": (32.0, "float32"),
-        "rope.scaling.original_context_length": (4096, "uint32"),
-    }
-    if write_ff_key:
-        keys["expert_feed_forward_length"] = (d["n_ff"], "uint32")
-        keys["rope.scaling.type"] = ("yarn", "string")
-    for key, (value, kind) in keys.items():
-        if key not in drop_keys:
-            getattr(w, f"add_{kind}")(f"{p}.{key}", value)
+    _add_hparams(w, arch, d, drop_keys, write_ff_key)
     for key, value in (extra_keys or {}).items():
         w.add_key_value(key, value[0], value[1]) if isinstance(value, tuple) else w.add_string(key, value)
     if with_tokenizer:
-        _add_tokenizer(w, d["n_vocab"], rng)
+        _add_tokenizer(w, d["n_vocab"], n_merges, rng)
 
     represented: dict[str, np.ndarray] = {}
 
@@ -203,6 +189,79 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
     w.write_tensors_to_file()
     w.close()
     return represented
+
+
+def _add_hparams(w: GGUFWriter, p: str, d: dict, drop_keys: tuple[str, ...], write_ff_key: bool,
+                 n_ctx: int = 4096) -> None:
+    keys = {
+        "context_length": (n_ctx, "uint32"),
+        "embedding_length": (d["n_embd"], "uint32"),
+        "block_count": (d["n_layer"], "uint32"), "feed_forward_length": (d["n_ff"], "uint32"),
+        "attention.head_count": (d["n_head"], "uint32"), "attention.head_count_kv": (d["n_head_kv"], "uint32"),
+        "attention.key_length": (d["head_dim"], "uint32"), "attention.value_length": (d["head_dim"], "uint32"),
+        "attention.layer_norm_rms_epsilon": (1e-5, "float32"), "attention.sliding_window": (128, "uint32"),
+        "expert_count": (d["n_expert"], "uint32"), "expert_used_count": (d["n_expert_used"], "uint32"),
+        "rope.freq_base": (150000.0, "float32"), "rope.scaling.factor": (32.0, "float32"),
+        "rope.scaling.original_context_length": (4096, "uint32"),
+    }
+    if write_ff_key:
+        keys["expert_feed_forward_length"] = (d["n_ff"], "uint32")
+        keys["rope.scaling.type"] = ("yarn", "string")
+    for key, (value, kind) in keys.items():
+        if key not in drop_keys:
+            getattr(w, f"add_{kind}")(f"{p}.{key}", value)
+
+
+GPT_OSS_20B = {"n_vocab": 201088, "n_embd": 2880, "n_layer": 24, "n_head": 64, "n_head_kv": 8, "head_dim": 64,
+               "n_expert": 32, "n_expert_used": 4, "n_ff": 2880}
+
+
+def write_sparse_gptoss_gguf(path: str | Path, *, arch: str = "gpt-oss", n_merges: int = 446189,
+                             **dim_overrides: int) -> int:
+    """Write a gpt-oss file with real gpt-oss-20b shapes and types (Q8_0 embeddings/attention, MXFP4
+    experts, F32 rest: 459 tensors, ~12 GB) and the full-size tokenizer arrays, whose tensor data is
+    all zeros and left as a hole in a sparse file (no disk used). For load-time and memory tests.
+    Returns the file size in bytes."""
+    d = {**GPT_OSS_20B, **dim_overrides}
+    w = GGUFWriter(str(path), arch)
+    w.add_name("gpt-oss-20b-sparse")
+    _add_hparams(w, arch, d, (), True, n_ctx=131072)
+    _add_tokenizer(w, d["n_vocab"], n_merges, np.random.default_rng(0))
+    data_size = 0
+    for name, a in _shapes(d).items():
+        qtype = _tensor_type(name, "q8_0", "mxfp4")
+        block, size = GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(a)) // block * size
+        w.add_tensor_info(name, a, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        data_size += GGUFWriter.ggml_pad(nbytes, w.data_alignment)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    total = GGUFWriter.ggml_pad(fout.tell(), w.data_alignment) + data_size
+    fout.truncate(total)
+    fout.close()
+    return total
+
+
+def _shapes(d: dict) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor shapes in numpy order, without generating any values."""
+    e, f, x, v = d["n_embd"], d["n_ff"], d["n_expert"], d["n_vocab"]
+    q, kv = d["n_head"] * d["head_dim"], d["n_head_kv"] * d["head_dim"]
+    shapes = {"token_embd.weight": (v, e), "output_norm.weight": (e,), "output.weight": (v, e)}
+    for i in range(d["n_layer"]):
+        b = f"blk.{i}"
+        shapes.update({
+            f"{b}.attn_norm.weight": (e,), f"{b}.attn_q.weight": (q, e), f"{b}.attn_q.bias": (q,),
+            f"{b}.attn_k.weight": (kv, e), f"{b}.attn_k.bias": (kv,), f"{b}.attn_v.weight": (kv, e),
+            f"{b}.attn_v.bias": (kv,), f"{b}.attn_output.weight": (e, q), f"{b}.attn_output.bias": (e,),
+            f"{b}.attn_sinks.weight": (d["n_head"],), f"{b}.post_attention_norm.weight": (e,),
+            f"{b}.ffn_gate_inp.weight": (x, e), f"{b}.ffn_gate_inp.bias": (x,),
+            f"{b}.ffn_gate_exps.weight": (x, f, e), f"{b}.ffn_gate_exps.bias": (x, f),
+            f"{b}.ffn_up_exps.weight": (x, f, e), f"{b}.ffn_up_exps.bias": (x, f),
+            f"{b}.ffn_down_exps.weight": (x, e, f), f"{b}.ffn_down_exps.bias": (x, e),
+        })
+    return shapes
 
 
 def _put_bf16(w: GGUFWriter, name: str, a: np.ndarray, represented: dict) -> None:

@@ -5,7 +5,12 @@ run transformers on exactly the values a GGUF file represents (after its own qua
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def hf_model_from_gguf_weights(weights: dict[str, np.ndarray], hp) -> "torch.nn.Module":
@@ -26,8 +31,12 @@ def hf_model_from_gguf_weights(weights: dict[str, np.ndarray], hp) -> "torch.nn.
                          "original_max_position_embeddings": hp.rope_orig_ctx,
                          "beta_fast": hp.yarn_beta_fast, "beta_slow": hp.yarn_beta_slow, "truncate": False})
     cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"  # the plain per-expert loop (also works in float64)
     model = GptOssForCausalLM(cfg).to(torch.float32)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
     sd = {"model.embed_tokens.weight": t(weights["token_embd.weight"]),
           "model.norm.weight": t(weights["output_norm.weight"]),
           "lm_head.weight": t(weights["output.weight"])}
@@ -64,3 +73,41 @@ def hf_logits(model, tokens) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor(np.asarray(tokens, dtype=np.int64))[None], use_cache=False)
     return out.logits[0].double().numpy()
+
+
+def yarn_omega(d: int, base: float, factor: float, orig: float, beta_fast: float, beta_slow: float
+               ) -> tuple[np.ndarray, float]:
+    """YaRN angular frequencies in float64 from the paper's formulas (fractional correction range,
+    transformers' truncate=False), and the cos/sin magnitude 0.1 ln(factor) + 1."""
+    import math
+
+    def corr(beta: float) -> float:
+        return d * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(base))
+    low, high = max(corr(beta_fast), 0.0), min(corr(beta_slow), d - 1.0)
+    i = np.arange(d // 2, dtype=np.float64)
+    ramp = np.clip((i - low) / (high - low), 0, 1)
+    omega = base ** (-2 * i / d)
+    return omega / factor * ramp + omega * (1 - ramp), 0.1 * math.log(factor) + 1
+
+
+def to_float64(model, hp) -> "torch.nn.Module":
+    """The same transformers model computing in float64, RoPE angles included (transformers forms
+    p * omega in float32, which at positions in the hundreds perturbs logits by ~1e-5..1e-4 on
+    sharp attention; this removes that from the reference). Checks its frequencies against
+    transformers' own float32 ones first."""
+    import torch
+
+    omega, mscale = yarn_omega(hp.head_dim, hp.rope_base, hp.rope_factor, hp.rope_orig_ctx,
+                               hp.yarn_beta_fast, hp.yarn_beta_slow)
+    rot = model.model.rotary_emb
+    np.testing.assert_allclose(rot.inv_freq.double().numpy(), omega, rtol=1e-6)
+    assert abs(rot.attention_scaling - mscale) < 1e-6
+    model = model.double()
+    om = torch.from_numpy(omega)
+
+    def forward(x, position_ids):
+        ang = position_ids.double()[..., None] * om
+        return (torch.cos(ang) * mscale).to(x.dtype), (torch.sin(ang) * mscale).to(x.dtype)
+
+    rot.forward = forward
+    return model

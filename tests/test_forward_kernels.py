@@ -173,7 +173,10 @@ def moe_ref(x, rw, rb, gw, gb, uw, ub, dw, db, k):
 
 def test_moe_grouping_matches_per_token_reference():
     E, D, F, k, n = 6, 32, 48, 2, 11
-    r = lambda *s: RNG.standard_normal(s).astype(np.float32)
+
+    def r(*s):
+        return RNG.standard_normal(s).astype(np.float32)
+
     args = [r(E, D), r(E), r(E, F, D) * 0.3, r(E, F), r(E, F, D) * 0.3, r(E, F), r(E, D, F) * 0.3, r(E, D)]
     x = r(n, D)
     y = K.moe(x, *args, k)
@@ -181,3 +184,10 @@ def test_moe_grouping_matches_per_token_reference():
     assert np.array_equal(y, K.moe(x, *args, k, n_threads=2))
     one = np.concatenate([K.moe(x[i:i + 1], *args, k) for i in range(n)])
     assert np.array_equal(y, one)  # f32 weights: batch grouping and one-token calls agree exactly
+
+
+def test_rope_yarn_truncated_range_like_llama_cpp():
+    omega, _ = K.rope_freqs(64, 150000.0, True, 32.0, 4096.0, 32.0, 1.0, truncate=True)
+    base = 150000.0 ** (-np.arange(32) / 32)
+    ramp = np.clip((np.arange(32) - 8.0) / (18.0 - 8.0), 0, 1)  # [floor(8.09), ceil(17.40)]
+    np.testing.assert_allclose(omega, base / 32 * ramp + base * (1 - ramp), rtol=1e-13)

@@ -102,6 +102,38 @@ def check_dot(qtype, seed: int = 0) -> None:
         assert np.array_equal(out.view(np.uint32), expect.view(np.uint32)), "dot not deterministic"
 
 
+Q8_TYPES = [T.Q8_0, T.Q4_0, T.MXFP4]
+
+
+def random_activations(n: int, rng) -> np.ndarray:
+    """float32 activations whose 32-blocks span many magnitudes, with one all-zero block."""
+    x = rng.standard_normal(n) * np.repeat(np.exp2(rng.integers(-20, 16, n // 32)), 32)
+    x[32:64] = 0.0
+    return x.astype(np.float32)
+
+
+def check_quantize_q8(seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for n in (2880, 4096):
+        x = random_activations(n, rng)
+        expect = gguf.quants.quantize(x.reshape(1, -1), T.Q8_0).reshape(-1)
+        assert np.array_equal(pyengine._quants.quantize_row_q8(x), expect)
+
+
+def check_dot_q8(qtype, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for n in (2880, 4096):
+        x = random_activations(n, rng)
+        xq = pyengine._quants.quantize_row_q8(x)
+        xd = reference(xq.reshape(1, -1), T.Q8_0)[0].astype(np.float64)
+        rows = np.stack([random_blocks(qtype, n // 32, rng, e8m0=(100, 150)) for _ in range(70)])
+        got = pyengine._quants.dot_rows_q8(rows, xq, int(qtype))
+        terms = reference(rows, qtype).astype(np.float64) * xd
+        err = np.abs(got - terms.sum(axis=1))
+        assert (err <= 1e-5 * np.abs(terms).sum(axis=1) + 1e-30).all(), (qtype.name, err.max())
+        assert np.array_equal(got, pyengine._quants.dot_rows_q8(rows, xq, int(qtype)))
+
+
 def check_level(expected_level: str) -> None:
     """Everything above, at the SIMD level this process dispatches to (run in child processes)."""
     assert pyengine.simd_level() == expected_level
@@ -109,6 +141,9 @@ def check_level(expected_level: str) -> None:
     for qtype in TYPES:
         check_random_blocks(qtype, seed=int(qtype))
         check_dot(qtype, seed=int(qtype))
+    check_quantize_q8()
+    for qtype in Q8_TYPES:
+        check_dot_q8(qtype, seed=int(qtype))
 
 
 # ---- the current (best) SIMD level, in-process ---------------------------------------------------
@@ -142,6 +177,27 @@ def test_dot_is_deterministic():
     rng = np.random.default_rng(3)
     row, x = random_blocks(T.MXFP4, 90, rng, e8m0=(110, 140)), rng.standard_normal(2880).astype(np.float32)
     assert len({np.float32(quants.dot(row, x, T.MXFP4)).tobytes() for _ in range(5)}) == 1
+
+
+def test_quantize_row_q8_bit_identical_to_gguf_q8_0():
+    check_quantize_q8()
+
+
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+def test_dot_q8_matches_float64(qtype):
+    check_dot_q8(qtype)
+
+
+def test_dot_q8_only_where_implemented():
+    assert [t.name for t in TYPES if pyengine._quants.has_dot_q8(int(t))] == ["Q4_0", "Q8_0", "MXFP4"]
+    xq = pyengine._quants.quantize_row_q8(np.ones(256, np.float32))
+    with pytest.raises(ValueError, match="no int8-activation dot"):
+        pyengine._quants.dot_rows_q8(np.zeros((1, 144), np.uint8), xq, int(T.Q4_K))
+    with pytest.raises(ValueError, match="Q8_0 blocks of 256"):
+        pyengine._quants.dot_rows_q8(np.zeros((1, 8 * 34), np.uint8), xq[:-1], int(T.Q8_0))
+    for bad in (np.ones(33, np.float32), np.ones(64, np.float64), np.ones((2, 32), np.float32)):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            pyengine._quants.quantize_row_q8(bad)
 
 
 # ---- the lower SIMD levels, in child processes ---------------------------------------------------
@@ -189,6 +245,20 @@ def test_dot_rejects_bad_input():
         quants.dot(row.reshape(2, -1), np.zeros(64, np.float32), T.Q8_0)
     with pytest.raises(ValueError, match="whole number"):
         quants.dot(row[:-1], np.zeros(64, np.float32), T.Q8_0)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_misaligned_buffers(qtype):
+    rng = np.random.default_rng(9)
+    blck = SIZES[qtype][0]
+    n = 256 if blck == 256 else 64
+    data = random_blocks(qtype, 4 * n // blck, rng, e8m0=(110, 140)).reshape(4, -1)
+    odd = np.empty(data.size + 1, np.uint8)[1:].reshape(data.shape)  # rows start at odd addresses
+    odd[...] = data
+    assert_bit_identical(odd, qtype)
+    x = np.frombuffer(b"\0" + rng.standard_normal(n).astype(np.float32).tobytes(), np.float32, offset=1)
+    assert not x.flags.aligned
+    assert_dot_close(odd[1], x, qtype)
 
 
 def test_dequantize_layouts():
@@ -270,10 +340,13 @@ def write_tiny_gpt_oss(path: Path, rng) -> None:
 @pytest.mark.reference
 def test_mxfp4_tensors_written_by_llama_cpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
+    ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_MXFP4_MOE", None)
+    if ftype is None:
+        pytest.skip("this llama.cpp build predates MXFP4")
     src, dst = tmp_path / "tiny-f32.gguf", tmp_path / "tiny-mxfp4.gguf"
     write_tiny_gpt_oss(src, np.random.default_rng(11))
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE: 3-D expert tensors -> MXFP4, other matrices -> Q8_0
+    params.ftype = ftype  # 3-D expert tensors -> MXFP4, other matrices -> Q8_0
     params.nthread = 1
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     counts = {}

@@ -50,7 +50,7 @@ def _rust_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _json_compact(value: Any) -> str:
@@ -432,7 +432,7 @@ def _parse_header(header: str, role: str | None) -> tuple[str, str | None, str |
             content_type = last
             recipient_part = next((p for p in reversed(parts) if p.startswith("to=")), parts[-1] if parts else None)
             if recipient_part is not None:
-                recipient = recipient_part[3:] if recipient_part.startswith("to=") else recipient_part
+                recipient = recipient_part.removeprefix("to=")
     if recipient in ("assistant", "all"):
         recipient = None
     return author, recipient, channel, content_type
@@ -521,7 +521,7 @@ class StreamingParser:
             return []
         if recipient is not None:
             self._kind = "tool"
-            name = recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
+            name = recipient.removeprefix("functions.")
             call_id = f"call_{secrets.token_hex(12)}"
             self._calls.append({"id": call_id, "name": name, "args": []})
             return [

@@ -182,10 +182,6 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
-        """encode(text) for many texts, spread over threads (tiktoken releases the GIL)."""
-        return self._encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
-
     def token_id(self, text: str) -> int:
         """Id of a special token by its spelling, e.g. '<|start|>'; KeyError if absent."""
         return self.special_tokens[text]

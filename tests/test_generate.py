@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import vocab
 
 from pyengine.generate import Generator, common_prefix_length, generate
 from pyengine.sampling import SamplingParams, log_softmax
 from pyengine.tokenizer import Tokenizer
-
-import vocab
 
 N_VOCAB = 201088
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyengine.sampling import SamplingParams, Sampler, log_softmax, top_logprobs
+from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 
 
 def softmax(x):
@@ -82,7 +82,7 @@ def test_top_p_fast_path_on_a_full_vocabulary():
     logits = (rng.standard_normal(201088) * 3).astype(np.float32)
     for top_p in (0.1, 0.5, 0.9, 0.999):
         params = SamplingParams(top_p=top_p)
-        ids, probs = Sampler(params).candidates(logits)
+        ids, _ = Sampler(params).candidates(logits)
         full = softmax(logits.astype(np.float64))
         order = np.lexsort((np.arange(full.shape[0]), -full))
         n = int(np.searchsorted(np.cumsum(full[order]), top_p)) + 1

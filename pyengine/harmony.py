@@ -396,7 +396,6 @@ def render_chat(
 
 _CONTENT_TERMINATORS = (END, RETURN, CALL, ENDOFTEXT, START, CHANNEL)
 _HEADER_TERMINATORS = (END, RETURN, CALL, ENDOFTEXT)
-_ROLES = ("assistant", "user", "system", "developer", "tool")
 
 
 def _parse_header(header: str, role: str | None) -> tuple[str, str | None, str | None, str | None]:
@@ -481,10 +480,10 @@ class StreamingParser:
             end = next((k for k, c in enumerate(after) if c.isspace() or c == "<"), len(after))
             channel = after[:end] or channel
             header = header[:idx] + " " + after[end:]
-        words = header.replace(CONSTRAIN, " ").split()
-        if words and self._role is not None and words[0] == self._role:
-            words.pop(0)
-        self._pending_text = " ".join(words)
+        text = header.replace(CONSTRAIN, "").lstrip()
+        if self._role is not None and text.split(maxsplit=1)[:1] == [self._role]:
+            text = text[len(self._role) :].lstrip()
+        self._pending_text = text
         self._header, self._role = "", None
         self._state = "content"
         self._kind = "reasoning_content" if channel == "analysis" else "content"

@@ -357,7 +357,7 @@ STREAM_TEXTS = [
     "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": [1, 2]}<|call|>",
     "<|channel|>commentary<|channel|>analysis<|message|>stray<|end|><|channel|>final<|message|>ok",
     " to=functions.g<|channel|>commentary<|constrain|>json<|message|>{bad json<|call|>",
-    "Plain answer without any header<|return|>",
+    "Plain answer  without\nany header<|return|>",
 ]
 
 
@@ -409,6 +409,11 @@ def test_malformed_tool_json_is_returned_raw():
     assert out["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": [1,'}
     assert out["tool_calls"][0]["id"].startswith("call_")
     assert out["content"] is None
+
+
+def test_headerless_text_is_kept_verbatim():
+    assert harmony.parse("Plain answer  without\nany header<|return|>")["content"] == "Plain answer  without\nany header"
+    assert harmony.parse("<|channel|>final<|message|>a<|end|>then  text\n")["content"] == "athen  text\n"
 
 
 def test_truncated_completion():

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import vocab  # noqa: E402
+import vocab
 
-from pyengine.sampling import SamplingParams, Sampler  # noqa: E402
-from pyengine.tokenizer import Tokenizer  # noqa: E402
+from pyengine.sampling import Sampler, SamplingParams
+from pyengine.tokenizer import Tokenizer
 
 
 def corpus() -> dict[str, str]:
@@ -27,7 +27,13 @@ def corpus() -> dict[str, str]:
     code = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:60])
     licenses = Path("/usr/share/common-licenses")
     docs = "".join(p.read_text(errors="ignore") for p in sorted(licenses.glob("*")) if p.is_file())
-    inp = Path(__file__).resolve().parents[2] / "shared" / "vendor-data" / "llama.cpp-vocab" / "ggml-vocab-qwen35.gguf.inp"
+    inp = (
+        Path(__file__).resolve().parents[2]
+        / "shared"
+        / "vendor-data"
+        / "llama.cpp-vocab"
+        / "ggml-vocab-qwen35.gguf.inp"
+    )
     multi = inp.read_text() * 200 if inp.exists() else ""
     return {"python code": code, "English licence texts": docs, "llama.cpp .inp x200": multi}
 
@@ -52,8 +58,8 @@ def main() -> None:
         if not text:
             continue
         ids = tok.encode(text)
-        dt = best_of(lambda: tok.encode(text))
-        dt_dec = best_of(lambda: tok.decode(ids))
+        dt = best_of(lambda text=text: tok.encode(text))
+        dt_dec = best_of(lambda ids=ids: tok.decode(ids))
         det_times = []
         det = tok.streaming_detokenizer()
         t = time.perf_counter()
@@ -71,7 +77,10 @@ def main() -> None:
     for label, params in [
         ("greedy", SamplingParams(temperature=0)),
         ("temperature 1", SamplingParams(seed=1)),
-        ("top_k 40 + top_p 0.95 + min_p 0.05 + penalties", SamplingParams(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=1)),
+        (
+            "top_k 40 + top_p 0.95 + min_p 0.05 + penalties",
+            SamplingParams(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=1),
+        ),
         ("top_p 0.9", SamplingParams(top_p=0.9, seed=1)),
     ]:
         s = Sampler(params)

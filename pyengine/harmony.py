@@ -130,9 +130,11 @@ def _object_to_typescript(schema: Mapping[str, Any], indent: str) -> str:
     out += "{\n"
     props = schema.get("properties")
     if isinstance(props, dict):
-        required = {r for r in schema.get("required", []) if isinstance(r, str)} if isinstance(
-            schema.get("required"), list
-        ) else set()
+        required = (
+            {r for r in schema.get("required", []) if isinstance(r, str)}
+            if isinstance(schema.get("required"), list)
+            else set()
+        )
         for key, val in props.items():
             val = val if isinstance(val, dict) else {}
             optional = "" if key in required else "?"
@@ -261,7 +263,9 @@ def to_harmony_messages(
     instructions = [_text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
     out = [HarmonyMessage("system", system_text(effort, current_date, bool(fn_tools)))]
     if instructions or fn_tools:
-        out.append(HarmonyMessage("developer", developer_text("\n\n".join(instructions) if instructions else None, fn_tools)))
+        out.append(
+            HarmonyMessage("developer", developer_text("\n\n".join(instructions) if instructions else None, fn_tools))
+        )
     call_names: dict[str, str] = {}
     for m in messages:
         role = m.get("role")
@@ -277,7 +281,11 @@ def to_harmony_messages(
                 raise ValueError("a tool message needs a name or the tool_call_id of an earlier tool call")
             out.append(
                 HarmonyMessage(
-                    "tool", _text_of(m.get("content")), name=f"functions.{name}", recipient="assistant", channel="commentary"
+                    "tool",
+                    _text_of(m.get("content")),
+                    name=f"functions.{name}",
+                    recipient="assistant",
+                    channel="commentary",
                 )
             )
         else:
@@ -536,6 +544,8 @@ class StreamingParser:
                 }
             ]
         self._kind = "reasoning_content" if channel == "analysis" else "content"
+        # An empty message still counts: its field becomes "" rather than None.
+        (self._reasoning if self._kind == "reasoning_content" else self._content).append("")
         return []
 
     def _run(self, final: bool) -> list[dict[str, Any]]:

@@ -85,7 +85,9 @@ class Sampler:
             if not 0 <= int(token) < x.shape[0]:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary")
             x[int(token)] += bias
-        window = list(history) if p.repeat_last_n == -1 else list(history)[-p.repeat_last_n :] if p.repeat_last_n else []
+        window = (
+            list(history) if p.repeat_last_n == -1 else list(history)[-p.repeat_last_n :] if p.repeat_last_n else []
+        )
         if window and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
             ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
             keep = (ids >= 0) & (ids < x.shape[0])

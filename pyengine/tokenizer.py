@@ -17,7 +17,7 @@ import tiktoken
 from pyengine.errors import ModelLoadError
 
 # The o200k split pattern (tiktoken/bpe-openai `_pat_str` for o200k_base), one alternative per line.
-O200K_PATTERN = "|".join(
+O200K_PATTERN = "|".join(  # noqa: FLY002 - one alternative per line reads better
     [
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -137,9 +137,7 @@ class Tokenizer:
         if types is None:
             types = [TOKEN_NORMAL] * len(tokens)
         if len(types) != len(tokens):
-            raise ModelLoadError(
-                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-            )
+            raise ModelLoadError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
 
         pieces: list[bytes] = []
         ranks: dict[bytes, int] = {}

@@ -67,8 +67,10 @@ class ToyEngine:
 
 
 def run(gen_or_engine, tok, prompt, **kw):
-    events = list(gen_or_engine.generate(prompt, **kw)) if isinstance(gen_or_engine, Generator) else list(
-        generate(gen_or_engine, tok, prompt, **kw)
+    events = (
+        list(gen_or_engine.generate(prompt, **kw))
+        if isinstance(gen_or_engine, Generator)
+        else list(generate(gen_or_engine, tok, prompt, **kw))
     )
     return events, [e.id for e in events], "".join(e.text for e in events)
 
@@ -100,7 +102,9 @@ def test_stop_strings_never_leak(tok):
     for seed in range(20):
         eng = ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6)
         params = SamplingParams(seed=seed)
-        _, ids_free, _ = run(ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6), tok, PROMPT, max_tokens=80, sampling=params)
+        _, ids_free, _ = run(
+            ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6), tok, PROMPT, max_tokens=80, sampling=params
+        )
         full = tok.decode([i for i in ids_free if i not in tok.eog_ids])
         stops = ["STOP", "日本 😀"]
         events, ids, text = run(eng, tok, PROMPT, max_tokens=80, sampling=params, stop=stops)
@@ -169,7 +173,10 @@ def test_prefix_reuse_evaluates_only_the_new_suffix(tok):
     # A prompt that diverges early truncates the cache; an identical prompt re-evaluates one token.
     diverged = PROMPT[:3] + [999, 1000]
     _, ids3, _ = run(gen, tok, diverged, max_tokens=5, sampling=params)
-    assert gen.n_prompt_reused == 3 and ids3 == run(ToyEngine(cands, seed=3, eog_weight=-50), tok, diverged, max_tokens=5, sampling=params)[1]
+    assert (
+        gen.n_prompt_reused == 3
+        and ids3 == run(ToyEngine(cands, seed=3, eog_weight=-50), tok, diverged, max_tokens=5, sampling=params)[1]
+    )
     before = eng.n_evaluated
     run(gen, tok, diverged, max_tokens=1, sampling=params)
     assert eng.n_evaluated - before == 1 and gen.n_prompt_reused == len(diverged) - 1

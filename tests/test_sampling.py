@@ -18,7 +18,7 @@ def reference_distribution(logits, history, p: SamplingParams):
     x = logits.astype(np.float64).copy()
     for t, b in p.logit_bias.items():
         x[t] += b
-    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n else []
+    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :] if p.repeat_last_n else []
     for t in set(window):
         c = window.count(t)
         x[t] = x[t] / p.repeat_penalty if x[t] > 0 else x[t] * p.repeat_penalty

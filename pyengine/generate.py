@@ -79,7 +79,12 @@ class Generator:
         keep = common_prefix_length(self._cached, prompt)
         keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated again for its logits
         if keep < eng.n_past:
-            eng.truncate(keep)
+            try:
+                eng.truncate(keep)
+            except (ValueError, NotImplementedError):
+                # The engine cannot rewind that far (e.g. a sliding-window cache): start over.
+                eng.reset()
+                keep = 0
         self._cached = prompt[:keep]
         self.n_prompt_reused = keep
         self.n_prompt_evaluated = len(prompt) - keep

@@ -144,6 +144,8 @@ class Tokenizer:
         special: dict[str, int] = {}
         for token_id, (text, kind) in enumerate(zip(tokens, types)):
             kind = int(kind)
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
                 piece = text.encode("utf-8")
                 special.setdefault(text, token_id)

@@ -188,6 +188,27 @@ def test_prefix_reuse_evaluates_only_the_new_suffix(tok):
     assert gen.n_prompt_reused == 0 and ids4 == ids3
 
 
+class NoRewindEngine(ToyEngine):
+    """An engine that can only drop its last 2 tokens (like a sliding-window cache)."""
+
+    def truncate(self, n: int) -> None:
+        if len(self.cache) - n > 2:
+            raise ValueError("cannot rewind that far")
+        super().truncate(n)
+
+
+def test_engine_that_cannot_rewind_is_reset(tok):
+    cands = candidate_ids(tok)
+    eng = NoRewindEngine(cands, seed=4, eog_weight=-50)
+    gen = Generator(eng, tok)
+    params = SamplingParams(seed=1)
+    run(gen, tok, PROMPT, max_tokens=8, sampling=params)
+    other = PROMPT[:2] + [42, 43]
+    _, ids, _ = run(gen, tok, other, max_tokens=8, sampling=params)
+    assert gen.n_prompt_reused == 0 and gen.n_prompt_evaluated == len(other)
+    assert ids == run(ToyEngine(cands, seed=4, eog_weight=-50), tok, other, max_tokens=8, sampling=params)[1]
+
+
 def test_logprobs_match_the_engine_distribution(tok):
     cands = candidate_ids(tok)
     eng = ToyEngine(cands, seed=9, eog_weight=-50)

@@ -150,7 +150,7 @@ def test_context_limit_finishes_with_length(tok):
     with pytest.raises(ValueError, match="outside"):
         run(eng, tok, [N_VOCAB])
     with pytest.raises(ValueError, match="max_tokens"):
-        run(eng, tok, PROMPT, max_tokens=0)
+        Generator(eng, tok).generate(PROMPT, max_tokens=0)  # raised at the call, before iteration
 
 
 def test_prefix_reuse_evaluates_only_the_new_suffix(tok):

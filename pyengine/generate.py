@@ -69,7 +69,8 @@ class Generator:
         self._cached: list[int] = []
         self.n_prompt_reused = 0
         self.n_prompt_evaluated = 0
-        self._call_ids = frozenset(i for t, i in tokenizer.special_tokens.items() if t == "<|call|>")
+        call_id = tokenizer.special_tokens.get("<|call|>")
+        self._call_ids = frozenset() if call_id is None else frozenset({call_id})
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
         eng = self.engine
@@ -79,7 +80,12 @@ class Generator:
         keep = common_prefix_length(self._cached, prompt)
         keep = min(keep, len(prompt) - 1)  # the last prompt token is evaluated again for its logits
         if keep < eng.n_past:
-            eng.truncate(keep)
+            try:
+                eng.truncate(keep)
+            except (ValueError, NotImplementedError):
+                # The engine cannot rewind that far (e.g. a sliding-window cache): start over.
+                eng.reset()
+                keep = 0
         self._cached = prompt[:keep]
         self.n_prompt_reused = keep
         self.n_prompt_evaluated = len(prompt) - keep
@@ -107,13 +113,17 @@ class Generator:
         logprobs: int | None = None,
         stop_token_ids: Iterable[int] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield TokenEvents until an end-of-generation token, a stop string, max_tokens or a full context.
+        """TokenEvents until an end-of-generation token, a stop string, max_tokens or a full context.
+
+        Arguments are checked here (ValueError), before the first token is evaluated.
 
         logprobs=None: no logprobs; an int n: each event gets its token's logprob and the n best.
         stop_token_ids default to the tokenizer's EOG ids; <|call|> finishes with "tool_calls".
         """
         prompt = [int(t) for t in prompt]
         n_vocab, n_ctx = self.engine.n_vocab, self.engine.n_ctx
+        if logprobs is not None and logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {logprobs}")
         if not prompt:
             raise ValueError("the prompt is empty")
         bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
@@ -125,7 +135,18 @@ class Generator:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         stops = [s for s in stop if s]
         eog = frozenset(self.tokenizer.eog_ids if stop_token_ids is None else stop_token_ids)
-        sampler = Sampler(sampling)
+        return self._run(prompt, max_tokens, Sampler(sampling), stops, logprobs, eog)
+
+    def _run(
+        self,
+        prompt: list[int],
+        max_tokens: int | None,
+        sampler: Sampler,
+        stops: list[str],
+        logprobs: int | None,
+        eog: frozenset[int],
+    ) -> Iterator[TokenEvent]:
+        n_ctx = self.engine.n_ctx
         history = list(prompt)
         detok = self.tokenizer.streaming_detokenizer()
         held = ""

@@ -50,7 +50,7 @@ def _rust_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _json_compact(value: Any) -> str:
@@ -130,9 +130,11 @@ def _object_to_typescript(schema: Mapping[str, Any], indent: str) -> str:
     out += "{\n"
     props = schema.get("properties")
     if isinstance(props, dict):
-        required = {r for r in schema.get("required", []) if isinstance(r, str)} if isinstance(
-            schema.get("required"), list
-        ) else set()
+        required = (
+            {r for r in schema.get("required", []) if isinstance(r, str)}
+            if isinstance(schema.get("required"), list)
+            else set()
+        )
         for key, val in props.items():
             val = val if isinstance(val, dict) else {}
             optional = "" if key in required else "?"
@@ -261,7 +263,9 @@ def to_harmony_messages(
     instructions = [_text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
     out = [HarmonyMessage("system", system_text(effort, current_date, bool(fn_tools)))]
     if instructions or fn_tools:
-        out.append(HarmonyMessage("developer", developer_text("\n\n".join(instructions) if instructions else None, fn_tools)))
+        out.append(
+            HarmonyMessage("developer", developer_text("\n\n".join(instructions) if instructions else None, fn_tools))
+        )
     call_names: dict[str, str] = {}
     for m in messages:
         role = m.get("role")
@@ -277,7 +281,11 @@ def to_harmony_messages(
                 raise ValueError("a tool message needs a name or the tool_call_id of an earlier tool call")
             out.append(
                 HarmonyMessage(
-                    "tool", _text_of(m.get("content")), name=f"functions.{name}", recipient="assistant", channel="commentary"
+                    "tool",
+                    _text_of(m.get("content")),
+                    name=f"functions.{name}",
+                    recipient="assistant",
+                    channel="commentary",
                 )
             )
         else:
@@ -396,7 +404,6 @@ def render_chat(
 
 _CONTENT_TERMINATORS = (END, RETURN, CALL, ENDOFTEXT, START, CHANNEL)
 _HEADER_TERMINATORS = (END, RETURN, CALL, ENDOFTEXT)
-_ROLES = ("assistant", "user", "system", "developer", "tool")
 
 
 def _parse_header(header: str, role: str | None) -> tuple[str, str | None, str | None, str | None]:
@@ -432,7 +439,7 @@ def _parse_header(header: str, role: str | None) -> tuple[str, str | None, str |
             content_type = last
             recipient_part = next((p for p in reversed(parts) if p.startswith("to=")), parts[-1] if parts else None)
             if recipient_part is not None:
-                recipient = recipient_part[3:] if recipient_part.startswith("to=") else recipient_part
+                recipient = recipient_part.removeprefix("to=")
     if recipient in ("assistant", "all"):
         recipient = None
     return author, recipient, channel, content_type
@@ -481,10 +488,10 @@ class StreamingParser:
             end = next((k for k, c in enumerate(after) if c.isspace() or c == "<"), len(after))
             channel = after[:end] or channel
             header = header[:idx] + " " + after[end:]
-        words = header.replace(CONSTRAIN, " ").split()
-        if words and self._role is not None and words[0] == self._role:
-            words.pop(0)
-        self._pending_text = " ".join(words)
+        text = header.replace(CONSTRAIN, "").lstrip()
+        if self._role is not None and text.split(maxsplit=1)[:1] == [self._role]:
+            text = text[len(self._role) :].lstrip()
+        self._pending_text = text
         self._header, self._role = "", None
         self._state = "content"
         self._kind = "reasoning_content" if channel == "analysis" else "content"
@@ -521,7 +528,7 @@ class StreamingParser:
             return []
         if recipient is not None:
             self._kind = "tool"
-            name = recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
+            name = recipient.removeprefix("functions.")
             call_id = f"call_{secrets.token_hex(12)}"
             self._calls.append({"id": call_id, "name": name, "args": []})
             return [
@@ -537,6 +544,8 @@ class StreamingParser:
                 }
             ]
         self._kind = "reasoning_content" if channel == "analysis" else "content"
+        # An empty message still counts: its field becomes "" rather than None.
+        (self._reasoning if self._kind == "reasoning_content" else self._content).append("")
         return []
 
     def _run(self, final: bool) -> list[dict[str, Any]]:

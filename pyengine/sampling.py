@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# top-p looks at this many best tokens first and sorts the whole vocabulary only if they do not
-# reach the requested mass.
-_TOP_P_PROBE = 1024
+# top-p looks at this many best tokens first and sorts the whole vocabulary only if none of these
+# sets reaches the requested mass.
+_TOP_P_PROBES = (1024, 16384)
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,9 @@ class Sampler:
             if not 0 <= int(token) < x.shape[0]:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary")
             x[int(token)] += bias
-        window = list(history) if p.repeat_last_n == -1 else list(history)[-p.repeat_last_n :] if p.repeat_last_n else []
+        window = (
+            list(history) if p.repeat_last_n == -1 else list(history)[-p.repeat_last_n :] if p.repeat_last_n else []
+        )
         if window and (p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
             ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
             keep = (ids >= 0) & (ids < x.shape[0])
@@ -135,17 +137,22 @@ class Sampler:
 
 
 def _top_p(x: np.ndarray, ids: np.ndarray, top_p: float) -> np.ndarray:
-    """Smallest set of the best candidates whose probability reaches top_p (at least one)."""
+    """Smallest set of the best candidates whose probability reaches top_p (at least one);
+    ties are ordered by token id."""
+    if np.any(ids[1:] < ids[:-1]):
+        ids = np.sort(ids)
     sub = x[ids]
     probs = np.exp(sub - np.max(sub))
     probs /= probs.sum()
-    if ids.shape[0] > _TOP_P_PROBE:
-        probe = np.argpartition(-probs, _TOP_P_PROBE - 1)[:_TOP_P_PROBE]
-        order = probe[np.lexsort((ids[probe], -probs[probe]))]
-        if np.sum(probs[order]) < top_p:
-            order = np.lexsort((ids, -probs))
-    else:
-        order = np.lexsort((ids, -probs))
+    order = None
+    for probe in _TOP_P_PROBES:
+        if ids.shape[0] > probe:
+            part = np.argpartition(-probs, probe - 1)[:probe]
+            if probs[part].sum() >= top_p:
+                order = part[np.lexsort((part, -probs[part]))]
+                break
+    if order is None:
+        order = np.argsort(-probs, kind="stable")
     cum = np.cumsum(probs[order])
     n = int(np.searchsorted(cum, top_p, side="left")) + 1
     return ids[order[: min(n, order.shape[0])]]

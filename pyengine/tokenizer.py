@@ -17,7 +17,7 @@ import tiktoken
 from pyengine.errors import ModelLoadError
 
 # The o200k split pattern (tiktoken/bpe-openai `_pat_str` for o200k_base), one alternative per line.
-O200K_PATTERN = "|".join(
+O200K_PATTERN = "|".join(  # noqa: FLY002 - one alternative per line reads better
     [
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -137,15 +137,15 @@ class Tokenizer:
         if types is None:
             types = [TOKEN_NORMAL] * len(tokens)
         if len(types) != len(tokens):
-            raise ModelLoadError(
-                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-            )
+            raise ModelLoadError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
 
         pieces: list[bytes] = []
         ranks: dict[bytes, int] = {}
         special: dict[str, int] = {}
         for token_id, (text, kind) in enumerate(zip(tokens, types)):
             kind = int(kind)
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
                 piece = text.encode("utf-8")
                 special.setdefault(text, token_id)
@@ -181,10 +181,6 @@ class Tokenizer:
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
-
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
-        """encode(text) for many texts, spread over threads (tiktoken releases the GIL)."""
-        return self._encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def token_id(self, text: str) -> int:
         """Id of a special token by its spelling, e.g. '<|start|>'; KeyError if absent."""

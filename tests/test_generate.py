@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import vocab
 
 from pyengine.generate import Generator, common_prefix_length, generate
 from pyengine.sampling import SamplingParams, log_softmax
 from pyengine.tokenizer import Tokenizer
-
-import vocab
 
 N_VOCAB = 201088
 
@@ -68,8 +67,10 @@ class ToyEngine:
 
 
 def run(gen_or_engine, tok, prompt, **kw):
-    events = list(gen_or_engine.generate(prompt, **kw)) if isinstance(gen_or_engine, Generator) else list(
-        generate(gen_or_engine, tok, prompt, **kw)
+    events = (
+        list(gen_or_engine.generate(prompt, **kw))
+        if isinstance(gen_or_engine, Generator)
+        else list(generate(gen_or_engine, tok, prompt, **kw))
     )
     return events, [e.id for e in events], "".join(e.text for e in events)
 
@@ -101,7 +102,9 @@ def test_stop_strings_never_leak(tok):
     for seed in range(20):
         eng = ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6)
         params = SamplingParams(seed=seed)
-        _, ids_free, _ = run(ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6), tok, PROMPT, max_tokens=80, sampling=params)
+        _, ids_free, _ = run(
+            ToyEngine(candidate_ids(tok), seed=seed, eog_weight=-6), tok, PROMPT, max_tokens=80, sampling=params
+        )
         full = tok.decode([i for i in ids_free if i not in tok.eog_ids])
         stops = ["STOP", "日本 😀"]
         events, ids, text = run(eng, tok, PROMPT, max_tokens=80, sampling=params, stop=stops)
@@ -147,7 +150,7 @@ def test_context_limit_finishes_with_length(tok):
     with pytest.raises(ValueError, match="outside"):
         run(eng, tok, [N_VOCAB])
     with pytest.raises(ValueError, match="max_tokens"):
-        run(eng, tok, PROMPT, max_tokens=0)
+        Generator(eng, tok).generate(PROMPT, max_tokens=0)  # raised at the call, before iteration
 
 
 def test_prefix_reuse_evaluates_only_the_new_suffix(tok):
@@ -170,7 +173,10 @@ def test_prefix_reuse_evaluates_only_the_new_suffix(tok):
     # A prompt that diverges early truncates the cache; an identical prompt re-evaluates one token.
     diverged = PROMPT[:3] + [999, 1000]
     _, ids3, _ = run(gen, tok, diverged, max_tokens=5, sampling=params)
-    assert gen.n_prompt_reused == 3 and ids3 == run(ToyEngine(cands, seed=3, eog_weight=-50), tok, diverged, max_tokens=5, sampling=params)[1]
+    assert (
+        gen.n_prompt_reused == 3
+        and ids3 == run(ToyEngine(cands, seed=3, eog_weight=-50), tok, diverged, max_tokens=5, sampling=params)[1]
+    )
     before = eng.n_evaluated
     run(gen, tok, diverged, max_tokens=1, sampling=params)
     assert eng.n_evaluated - before == 1 and gen.n_prompt_reused == len(diverged) - 1
@@ -180,6 +186,27 @@ def test_prefix_reuse_evaluates_only_the_new_suffix(tok):
     eng.eval([5, 6, 7])
     _, ids4, _ = run(gen, tok, diverged, max_tokens=5, sampling=params)
     assert gen.n_prompt_reused == 0 and ids4 == ids3
+
+
+class NoRewindEngine(ToyEngine):
+    """An engine that can only drop its last 2 tokens (like a sliding-window cache)."""
+
+    def truncate(self, n: int) -> None:
+        if len(self.cache) - n > 2:
+            raise ValueError("cannot rewind that far")
+        super().truncate(n)
+
+
+def test_engine_that_cannot_rewind_is_reset(tok):
+    cands = candidate_ids(tok)
+    eng = NoRewindEngine(cands, seed=4, eog_weight=-50)
+    gen = Generator(eng, tok)
+    params = SamplingParams(seed=1)
+    run(gen, tok, PROMPT, max_tokens=8, sampling=params)
+    other = PROMPT[:2] + [42, 43]
+    _, ids, _ = run(gen, tok, other, max_tokens=8, sampling=params)
+    assert gen.n_prompt_reused == 0 and gen.n_prompt_evaluated == len(other)
+    assert ids == run(ToyEngine(cands, seed=4, eog_weight=-50), tok, other, max_tokens=8, sampling=params)[1]
 
 
 def test_logprobs_match_the_engine_distribution(tok):

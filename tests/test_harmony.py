@@ -7,11 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
+import vocab
 
 from pyengine import chat_template, harmony
 from pyengine.tokenizer import Tokenizer
-
-import vocab
 
 oh = pytest.importorskip("openai_harmony")
 
@@ -104,7 +103,9 @@ def reference_conversation(messages, tools, effort, date):
             dev = dev.with_function_tools(
                 [
                     oh.ToolDescription.new(
-                        t["function"]["name"], t["function"].get("description", ""), parameters=t["function"].get("parameters")
+                        t["function"]["name"],
+                        t["function"].get("description", ""),
+                        parameters=t["function"].get("parameters"),
                     )
                     for t in tools
                 ]
@@ -116,10 +117,14 @@ def reference_conversation(messages, tools, effort, date):
             out.append(oh.Message.from_role_and_content(oh.Role.USER, m["content"]))
         elif m["role"] == "assistant":
             if m.get("reasoning_content"):
-                out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["reasoning_content"]).with_channel("analysis"))
+                out.append(
+                    oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["reasoning_content"]).with_channel("analysis")
+                )
             if m.get("tool_calls"):
                 if m.get("content"):
-                    out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["content"]).with_channel("commentary"))
+                    out.append(
+                        oh.Message.from_role_and_content(oh.Role.ASSISTANT, m["content"]).with_channel("commentary")
+                    )
                 for call in m["tool_calls"]:
                     names[call["id"]] = call["function"]["name"]
                     out.append(
@@ -129,11 +134,15 @@ def reference_conversation(messages, tools, effort, date):
                         .with_content_type("<|constrain|>json")
                     )
             else:
-                out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, m.get("content") or "").with_channel("final"))
+                out.append(
+                    oh.Message.from_role_and_content(oh.Role.ASSISTANT, m.get("content") or "").with_channel("final")
+                )
         elif m["role"] == "tool":
             author = oh.Author.new(oh.Role.TOOL, f"functions.{names[m['tool_call_id']]}")
             out.append(
-                oh.Message.from_author_and_content(author, m["content"]).with_recipient("assistant").with_channel("commentary")
+                oh.Message.from_author_and_content(author, m["content"])
+                .with_recipient("assistant")
+                .with_channel("commentary")
             )
     return oh.Conversation.from_messages(out)
 
@@ -168,13 +177,17 @@ def random_conversation(rng: random.Random):
                 tool = rng.choice(tools)["function"]
                 call_no += 1
                 args = json.dumps({"location": rng.choice(["Paris", "東京", "São Paulo"]), "n": call_no})
-                calls.append({"id": f"call_{call_no}", "type": "function", "function": {"name": tool["name"], "arguments": args}})
+                calls.append(
+                    {"id": f"call_{call_no}", "type": "function", "function": {"name": tool["name"], "arguments": args}}
+                )
             msg = {"role": "assistant", "tool_calls": calls, "reasoning_content": rng.choice(["Need a tool.", None])}
             if rng.random() < 0.3:
                 msg["content"] = "Let me check."
             messages.append(msg)
             for call in calls:
-                messages.append({"role": "tool", "tool_call_id": call["id"], "content": rng.choice(['{"temp": 21}', "sunny", ""])})
+                messages.append(
+                    {"role": "tool", "tool_call_id": call["id"], "content": rng.choice(['{"temp": 21}', "sunny", ""])}
+                )
             if rng.random() < 0.5:
                 continue
         messages.append(
@@ -199,7 +212,9 @@ def test_spec_example(tok, enc):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     ours, ref = render_both(tok, enc, msgs, [], "low", "2025-06-28")
     assert ours == ref
-    assert tok.decode(ours).endswith("<|start|>developer<|message|># Instructions\n\nBe brief.<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant")
+    assert tok.decode(ours).endswith(
+        "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
+    )
 
 
 def test_tool_namespace_with_nested_schema(tok, enc):
@@ -238,8 +253,11 @@ def test_analysis_dropping_rules(tok):
     text = tok.decode(harmony.render_chat(tok, history))
     assert "R1" not in text and "F1" in text
     pending_call = history + [
-        {"role": "assistant", "reasoning_content": "R2", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "reasoning_content": "R2",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
     text = tok.decode(harmony.render_chat(tok, pending_call, [WEATHER]))
@@ -258,7 +276,9 @@ def test_rejects_bad_input(tok):
 
 
 def test_content_parts_are_joined(tok):
-    a = harmony.render_chat(tok, [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}])
+    a = harmony.render_chat(
+        tok, [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    )
     assert a == harmony.render_chat(tok, [{"role": "user", "content": "Hello"}])
 
 
@@ -320,8 +340,21 @@ def A(text, channel, recipient=None, ctype=None):
 COMPLETIONS = [
     ([A("The user greets. Reply.", "analysis"), A("Hello! How can I help?", "final")], "return"),
     ([A("Just answer.", "final")], "return"),
-    ([A("Need weather 😀.", "analysis"), A('{"location": "Paris"}', "commentary", "functions.get_weather", "<|constrain|>json")], "call"),
-    ([A("Check.", "analysis"), A("Checking now…", "commentary"), A('{"q": "x"}', "commentary", "functions.search_docs", "<|constrain|>json")], "call"),
+    (
+        [
+            A("Need weather 😀.", "analysis"),
+            A('{"location": "Paris"}', "commentary", "functions.get_weather", "<|constrain|>json"),
+        ],
+        "call",
+    ),
+    (
+        [
+            A("Check.", "analysis"),
+            A("Checking now…", "commentary"),
+            A('{"q": "x"}', "commentary", "functions.search_docs", "<|constrain|>json"),
+        ],
+        "call",
+    ),
     ([A('{"broken": ', "commentary", "functions.get_weather", "json")], "call"),
     ([A("multi\nline\n\n  analysis ✓", "analysis"), A("日本語の答え <b>x</b> a<|b", "final")], "return"),
 ]
@@ -333,6 +366,28 @@ def test_parse_matches_openai_harmony(tok, enc, case):
     tokens = completion_tokens(enc, parts, stop)
     text = tok.decode(tokens)
     assert without_ids(harmony.parse(text)) == reference_parse(enc, tokens)
+
+
+def test_random_completions_parse_like_openai_harmony(tok, enc):
+    rng = random.Random(77)
+    texts = [t for t in TEXTS if "<|" not in t] + ['{"a": [1, 2, {"b": null}]}', "ok <b>bold</b> < | > <|x"]
+    kinds = ["analysis", "preamble", "final", "call_constrain", "call_json"]
+    for _ in range(120):
+        parts = []
+        for _ in range(rng.randint(1, 3)):
+            kind, text = rng.choice(kinds), rng.choice(texts)
+            if kind == "analysis":
+                parts.append(A(text, "analysis"))
+            elif kind == "preamble":
+                parts.append(A(text, "commentary"))
+            elif kind == "final":
+                parts.append(A(text, "final"))
+            else:
+                ctype = "<|constrain|>json" if kind == "call_constrain" else "json"
+                parts.append(A(text, "commentary", f"functions.{rng.choice(['f', 'get_weather'])}", ctype))
+        stop = "call" if parts[-1].recipient else "return"
+        tokens = completion_tokens(enc, parts, stop)
+        assert without_ids(harmony.parse(tok.decode(tokens))) == reference_parse(enc, tokens), tok.decode(tokens)
 
 
 def stream_result(chunks):
@@ -350,15 +405,20 @@ def stream_result(chunks):
             if "id" in c:
                 entry["function"]["name"] = c["function"]["name"]
             entry["function"]["arguments"] += c["function"].get("arguments", "")
-    return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": [calls[i] for i in sorted(calls)]}, parser
+    return {
+        "role": "assistant",
+        "content": content,
+        "reasoning_content": reasoning,
+        "tool_calls": [calls[i] for i in sorted(calls)],
+    }, parser
 
 
 STREAM_TEXTS = [
     "<|channel|>analysis<|message|>I think <x> <|a|> about it.<|end|><|start|>assistant<|channel|>final<|message|>Answer <| here<|return|>",
-    "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": [1, 2]}<|call|>",
+    '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": [1, 2]}<|call|>',
     "<|channel|>commentary<|channel|>analysis<|message|>stray<|end|><|channel|>final<|message|>ok",
     " to=functions.g<|channel|>commentary<|constrain|>json<|message|>{bad json<|call|>",
-    "Plain answer without any header<|return|>",
+    "Plain answer  without\nany header<|return|>",
 ]
 
 
@@ -412,6 +472,13 @@ def test_malformed_tool_json_is_returned_raw():
     assert out["content"] is None
 
 
+def test_headerless_text_is_kept_verbatim():
+    assert (
+        harmony.parse("Plain answer  without\nany header<|return|>")["content"] == "Plain answer  without\nany header"
+    )
+    assert harmony.parse("<|channel|>final<|message|>a<|end|>then  text\n")["content"] == "athen  text\n"
+
+
 def test_truncated_completion():
     assert harmony.parse("<|channel|>analysis<|message|>half a thou")["reasoning_content"] == "half a thou"
     assert harmony.parse("<|channel|>final<|message|>partial <|en")["content"] == "partial <|en"
@@ -425,13 +492,26 @@ TEMPLATE = (Path(__file__).parent / "data" / "openai-gpt-oss-120b.jinja").read_t
 
 TEMPLATE_CHATS = [
     ([{"role": "user", "content": "Hi"}], None, {}),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}], None, {"reasoning_effort": "high"}),
+    (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}],
+        None,
+        {"reasoning_effort": "high"},
+    ),
     (
         [
             {"role": "developer", "content": "Use tools."},
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "reasoning_content": "Need the tool.", "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+            {
+                "role": "assistant",
+                "reasoning_content": "Need the tool.",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
             {"role": "assistant", "content": "It is 21 °C.", "reasoning_content": "Answer."},
             {"role": "user", "content": "Thanks"},
@@ -439,7 +519,11 @@ TEMPLATE_CHATS = [
         [WEATHER, SEARCH, NO_ARGS],
         {"reasoning_effort": "low"},
     ),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], [SEARCH], {"builtin_tools": ["browser", "python"]}),
+    (
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        [SEARCH],
+        {"builtin_tools": ["browser", "python"]},
+    ),
 ]
 
 
@@ -460,7 +544,11 @@ def test_gguf_template_matches_transformers(tok, case):
     assert "<|start|>assistant" in ours
     if "builtin_tools" not in kwargs:
         ids = chat_template.apply_chat_template(
-            tok, {"tokenizer.chat_template": TEMPLATE}, messages, tools, kwargs.get("reasoning_effort", "medium"),
+            tok,
+            {"tokenizer.chat_template": TEMPLATE},
+            messages,
+            tools,
+            kwargs.get("reasoning_effort", "medium"),
             chat_template="gguf",
         )
         assert tok.decode(ids) == ours
@@ -475,8 +563,8 @@ def test_gguf_template_errors(tok):
     with pytest.raises(chat_template.ChatTemplateError, match="compile"):
         chat_template.render_template("{% if %}", [])
     # The sandbox refuses attribute tricks.
-    with pytest.raises(Exception):
-        chat_template.render_template("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [])
+    with pytest.raises(chat_template.ChatTemplateError, match="unsafe|undefined"):
+        chat_template.render_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", [])
     assert chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}]) == harmony.render_chat(
         tok, [{"role": "user", "content": "x"}]
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyengine.sampling import SamplingParams, Sampler, log_softmax, top_logprobs
+from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 
 
 def softmax(x):
@@ -18,7 +18,7 @@ def reference_distribution(logits, history, p: SamplingParams):
     x = logits.astype(np.float64).copy()
     for t, b in p.logit_bias.items():
         x[t] += b
-    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:] if p.repeat_last_n else []
+    window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n :] if p.repeat_last_n else []
     for t in set(window):
         c = window.count(t)
         x[t] = x[t] / p.repeat_penalty if x[t] > 0 else x[t] * p.repeat_penalty
@@ -82,7 +82,7 @@ def test_top_p_fast_path_on_a_full_vocabulary():
     logits = (rng.standard_normal(201088) * 3).astype(np.float32)
     for top_p in (0.1, 0.5, 0.9, 0.999):
         params = SamplingParams(top_p=top_p)
-        ids, probs = Sampler(params).candidates(logits)
+        ids, _ = Sampler(params).candidates(logits)
         full = softmax(logits.astype(np.float64))
         order = np.lexsort((np.arange(full.shape[0]), -full))
         n = int(np.searchsorted(np.cumsum(full[order]), top_p)) + 1
@@ -139,3 +139,54 @@ def test_invalid_params_rejected():
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="outside"):
         Sampler(SamplingParams(logit_bias={5000: 1.0})).sample(np.zeros(10, dtype=np.float32))
+
+
+def llama_cpp_distribution(llama_cpp, logits, history, p: SamplingParams):
+    """llama.cpp's own samplers (via llama-cpp-python) applied one by one, then the softmax."""
+    import ctypes
+
+    n = logits.shape[0]
+    data = (llama_cpp.llama_token_data * n)(*[llama_cpp.llama_token_data(i, float(logits[i]), 0.0) for i in range(n)])
+    arr = llama_cpp.llama_token_data_array(data, n, -1, False)
+    samplers = []
+    if p.logit_bias:
+        bias = (llama_cpp.llama_logit_bias * len(p.logit_bias))(
+            *[llama_cpp.llama_logit_bias(t, b) for t, b in p.logit_bias.items()]
+        )
+        samplers.append(llama_cpp.llama_sampler_init_logit_bias(n, len(p.logit_bias), bias))
+    penalties = llama_cpp.llama_sampler_init_penalties(
+        n, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+    )
+    for t in history:
+        llama_cpp.llama_sampler_accept(penalties, t)
+    samplers.append(penalties)
+    if p.top_k:
+        samplers.append(llama_cpp.llama_sampler_init_top_k(p.top_k))
+    samplers.append(llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+    samplers.append(llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+    samplers.append(llama_cpp.llama_sampler_init_temp(p.temperature))
+    for s in samplers:
+        llama_cpp.llama_sampler_apply(s, ctypes.byref(arr))
+        llama_cpp.llama_sampler_free(s)
+    ids = np.array([arr.data[i].id for i in range(arr.size)])
+    kept = np.array([arr.data[i].logit for i in range(arr.size)], dtype=np.float64)
+    out = np.zeros(n)
+    finite = np.isfinite(kept)
+    out[ids[finite]] = softmax(kept[finite])
+    return out
+
+
+LLAMA_CASES = [c for c in CASES if c.repeat_last_n >= 1 and c.temperature > 0]
+
+
+@pytest.mark.parametrize("params", LLAMA_CASES, ids=repr)
+def test_distribution_matches_llama_cpp_samplers(params):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    rng = np.random.default_rng(10)
+    for _ in range(3):
+        logits = (rng.standard_normal(300) * rng.uniform(0.5, 4)).astype(np.float32)
+        history = [int(t) for t in rng.integers(0, 300, size=40)] + [3, 3, 3]
+        got = Sampler(params).distribution(logits, history)
+        want = llama_cpp_distribution(llama_cpp, logits, history, params)
+        assert set(np.flatnonzero(got)) == set(np.flatnonzero(want))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+import vocab
 
 from pyengine.errors import ModelLoadError
 from pyengine.tokenizer import Tokenizer, token_text_to_bytes
-
-import vocab
 
 bpe_openai = pytest.importorskip("bpe_openai")
 tiktoken = pytest.importorskip("tiktoken")

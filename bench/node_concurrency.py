@@ -22,12 +22,10 @@ sys.path.insert(0, str(TESTS))
 
 import httpx  # noqa: E402
 
-import gguf_factory  # noqa: E402
-import vocab  # noqa: E402
 from node_server import run_node  # noqa: E402
 from pyengine.node.config import NodeConfig  # noqa: E402
 from pyengine.node.engine_backend import EngineBackend  # noqa: E402
-from test_node_engine import _real_vocab  # noqa: E402
+from test_node_engine import write_model  # noqa: E402
 
 SIZES = {"tiny": {}, "mid": dict(n_embd=512, n_layer=4, n_head=8, n_head_kv=2, head_dim=64, n_expert=8,
                                  n_expert_used=2, n_ff=512)}
@@ -42,9 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     path = Path(tempfile.gettempdir()) / f"pyengine-bench-{args.size}.gguf"
     if not path.exists():
-        gguf_factory._add_tokenizer = _real_vocab
-        gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="f16", expert_type="mxfp4", tie_output=True,
-                                       with_tokenizer=True, n_vocab=vocab.N_VOCAB, seed=7, **SIZES[args.size])
+        write_model(path, **SIZES[args.size])
     backend = EngineBackend.load(NodeConfig(model=str(path), parallel=4, ctx_size=512, threads=args.threads))
     with run_node(backend, parallel=4) as (url, _):
         def one(i: int) -> tuple[int, float]:

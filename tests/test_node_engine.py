@@ -11,6 +11,7 @@ import concurrent.futures
 
 import numpy as np
 import pytest
+from gguf import GGUFValueType
 
 import gguf_factory
 import vocab
@@ -26,27 +27,26 @@ N_CTX = 256
 CONTROL = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 
 
-def _real_vocab(writer, n_vocab, rng):
+def real_vocab_keys() -> dict:
+    """The o200k_harmony vocabulary as GGUF keys, for write_gptoss_gguf(extra_keys=...)."""
     meta = vocab.harmony_metadata()
-    assert n_vocab == len(meta["tokenizer.ggml.tokens"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    writer.add_token_list(meta["tokenizer.ggml.tokens"])
-    writer.add_token_types(meta["tokenizer.ggml.token_type"].tolist())
-    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
-    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["tokenizer.ggml.pre"],
+            "tokenizer.ggml.tokens": (meta["tokenizer.ggml.tokens"], GGUFValueType.ARRAY),
+            "tokenizer.ggml.token_type": (meta["tokenizer.ggml.token_type"].tolist(), GGUFValueType.ARRAY),
+            "tokenizer.ggml.bos_token_id": (meta["tokenizer.ggml.bos_token_id"], GGUFValueType.UINT32),
+            "tokenizer.ggml.eos_token_id": (meta["tokenizer.ggml.eos_token_id"], GGUFValueType.UINT32)}
+
+
+def write_model(path, **dims) -> None:
+    """A random gpt-oss GGUF (F16 matrices, MXFP4 experts) carrying the real vocabulary."""
+    gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="f16", expert_type="mxfp4", tie_output=True,
+                                   extra_keys=real_vocab_keys(), n_vocab=vocab.N_VOCAB, seed=7, **dims)
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "gpt-oss-tiny.gguf"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(gguf_factory, "_add_tokenizer", _real_vocab)
-    try:
-        gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="f16", expert_type="mxfp4", tie_output=True,
-                                       with_tokenizer=True, n_vocab=vocab.N_VOCAB, seed=7)
-    finally:
-        mp.undo()
+    write_model(path)
     return path
 
 

@@ -20,15 +20,15 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-import httpx  # noqa: E402
+import httpx
+from node_server import run_node
+from test_node_engine import write_model
 
-from node_server import run_node  # noqa: E402
-from pyengine.node.config import NodeConfig  # noqa: E402
-from pyengine.node.engine_backend import EngineBackend  # noqa: E402
-from test_node_engine import write_model  # noqa: E402
+from pyengine.node.config import NodeConfig
+from pyengine.node.engine_backend import EngineBackend
 
-SIZES = {"tiny": {}, "mid": dict(n_embd=512, n_layer=4, n_head=8, n_head_kv=2, head_dim=64, n_expert=8,
-                                 n_expert_used=2, n_ff=512)}
+SIZES = {"tiny": {}, "mid": {"n_embd": 512, "n_layer": 4, "n_head": 8, "n_head_kv": 2, "head_dim": 64,
+                             "n_expert": 8, "n_expert_used": 2, "n_ff": 512}}
 NO_EOG = {"199999": -100, "200002": -100, "200012": -100}
 
 

@@ -15,12 +15,20 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pytest
 
-from pyengine.node.backend import Backend, ModelInfo, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.node.backend import (
+    Backend,
+    ModelInfo,
+    Slot,
+    StepOutput,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from pyengine.sampling import SamplingParams
 
 oh = pytest.importorskip("openai_harmony")
@@ -60,7 +68,7 @@ def default_script(prompt_text: str) -> str:
 class ScriptedSlot(Slot):
     """One sequence: prompt evaluated `chunk` tokens per step, then one scripted token per step."""
 
-    def __init__(self, backend: "ScriptedBackend") -> None:
+    def __init__(self, backend: ScriptedBackend) -> None:
         self.backend = backend
         self.cache: list[int] = []
         self.pending: list[int] = []

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from node_server import free_port
 
 TESTS = Path(__file__).resolve().parent
@@ -31,7 +30,8 @@ def test_unloadable_model_exits_1_with_an_error_line(tmp_path):
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF but not really")
     proc = subprocess.run([sys.executable, "-m", "pyengine.node.cli", "--model", str(bogus),
-                           "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                           "--port", str(free_port())], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 1
     assert any(line.startswith("[ERROR] ") for line in proc.stderr.splitlines()), proc.stderr
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import gguf_factory
 import numpy as np
 import pytest
-from gguf import GGUFValueType
-
-import gguf_factory
 import vocab
+from gguf import GGUFValueType
 from node_server import run_node
+
 from pyengine import harmony
 from pyengine.engine import Engine
 from pyengine.model_file import open_model
@@ -71,7 +71,7 @@ def greedy_reference(model_path, prompt: list[int], n: int, eog: frozenset[int])
 
 
 def test_models_endpoint_reports_the_file(served, model_path):
-    url, backend = served
+    url, _ = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     (m,) = client.models.list().data
     assert m.id == "gpt-oss-tiny" and m.model_extra["context_length"] == N_CTX
@@ -101,8 +101,8 @@ def test_greedy_chat_two_slots_at_once(served, model_path):
     questions = ["What is 2+2?", "Name a colour, please."]
 
     def chat(q: str, stream: bool):
-        kwargs = dict(model="gpt-oss-tiny", messages=[{"role": "user", "content": q}], max_tokens=10,
-                      temperature=0, reasoning_effort="low")
+        kwargs = {"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": q}], "max_tokens": 10,
+                  "temperature": 0, "reasoning_effort": "low"}
         if not stream:
             r = client.chat.completions.create(**kwargs)
             m = r.choices[0].message
@@ -141,7 +141,6 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
     import time
 
     import httpx
-
     from node_server import free_port
 
     models = tmp_path / "models"

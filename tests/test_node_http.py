@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from node_scripted import ScriptedBackend, default_script
 from node_server import run_node
 
@@ -286,7 +285,7 @@ def test_malformed_json_and_bad_completion_prompts(node):
 
 
 def test_prompt_over_context_is_400_exceed_context_size(node):
-    url, backend, _ = node
+    url = node[0]
     long_text = "word " * 5000
     err = _error(httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]}), 400)
     assert err["type"] == "exceed_context_size_error" and err["n_ctx"] == 4096 and err["n_prompt_tokens"] > 4096
@@ -400,8 +399,7 @@ def test_client_disconnect_frees_the_slot():
         assert 'pyengine_requests_total{endpoint="chat",outcome="cancelled"} 1' in text
 
 
-def test_prefix_cache_reuse_is_reported(node):
-    url = node[0]
+def test_prefix_cache_reuse_is_reported():
     body = {"messages": [{"role": "user", "content": "same prompt for cache"}], "max_tokens": 2}
     with run_node(ScriptedBackend(), parallel=1) as (url, _):
         httpx.post(f"{url}/v1/chat/completions", json=body)
@@ -445,23 +443,22 @@ def test_shutdown_ends_streams_with_error_chunk():
 
 def test_queued_stream_that_disconnects_leaves_the_queue():
     backend = ScriptedBackend(delay=0.01, script=lambda p: "<|channel|>final<|message|>" + "busy " * 150 + "<|return|>")
-    with run_node(backend, parallel=1) as (url, state):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
-                                  json={"messages": [{"role": "user", "content": "first"}]})
-            while not state.scheduler.n_active():
-                time.sleep(0.01)
-            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
-                              json={"messages": [{"role": "user", "content": "queued"}], "stream": True}) as r:
-                lines = r.iter_lines()
-                next(lines)
-                time.sleep(0.2)
-                assert state.scheduler.queue_depth() == 1
-            t0 = time.monotonic()
-            while state.scheduler.queue_depth():
-                assert time.monotonic() - t0 < 2.0, "a departed client stayed queued"
-                time.sleep(0.01)
-            assert running.result().status_code == 200
+    with run_node(backend, parallel=1) as (url, state), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=60,
+                              json={"messages": [{"role": "user", "content": "first"}]})
+        while not state.scheduler.n_active():
+            time.sleep(0.01)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "queued"}], "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            time.sleep(0.2)
+            assert state.scheduler.queue_depth() == 1
+        t0 = time.monotonic()
+        while state.scheduler.queue_depth():
+            assert time.monotonic() - t0 < 2.0, "a departed client stayed queued"
+            time.sleep(0.01)
+        assert running.result().status_code == 200
 
 
 def test_a_failing_request_does_not_harm_its_neighbour():

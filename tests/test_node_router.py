@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from node_scripted import ScriptedBackend
 from node_server import free_port, run_node, serve_app
+
 from pyengine.node import router_client
 from pyengine.node.router_client import run_router_client
 

@@ -15,10 +15,16 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,9 +32,26 @@ from pyengine import __version__
 from pyengine.node.backend import Backend, TokenLogprob
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
-from pyengine.node.schemas import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   Message, PullRequest, TokenizeRequest, bad_request, parse_body)
-from pyengine.node.scheduler import Chunk, Failed, Finished, Job, QueueFull, Scheduler, ShuttingDown
+from pyengine.node.scheduler import (
+    Chunk,
+    Failed,
+    Finished,
+    Job,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+)
+from pyengine.node.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    PullRequest,
+    TokenizeRequest,
+    bad_request,
+    parse_body,
+)
 from pyengine.sampling import SamplingParams
 
 log = logging.getLogger("pyengine")
@@ -56,7 +79,7 @@ class NodeState:
                                        self.metrics, self.config.verbose)
             self.backend = backend
             self._gauges(self.scheduler)
-        except Exception as e:  # reported on /health and by the CLI, which then exits
+        except Exception as e:  # noqa: BLE001 - any load failure is reported on /health and ends the CLI
             self.load_error = str(e)
             log.error("%s", e)
             self.on_load_error(str(e))

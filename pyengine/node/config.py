@@ -28,7 +28,7 @@ class NodeConfig:
     advertise_ip: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> "NodeConfig":
+    def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:
         """Defaults, overridden by LLM_NODE_* / LLM_ROUTER_URL, overridden by non-None `flags`."""
         env = dict(os.environ if env is None else env)
         cfg = cls()

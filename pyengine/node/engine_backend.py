@@ -10,9 +10,10 @@ from the same primitives (prefix reuse, sampler, UTF-8-safe detokenizer)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,14 @@ from pyengine import harmony
 from pyengine.engine import Engine
 from pyengine.generate import common_prefix_length
 from pyengine.model_file import ModelFile, open_model
-from pyengine.node.backend import Backend, ModelInfo, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.node.backend import (
+    Backend,
+    ModelInfo,
+    Slot,
+    StepOutput,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from pyengine.node.config import NodeConfig
 from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from pyengine.tokenizer import Tokenizer
@@ -29,7 +37,7 @@ from pyengine.tokenizer import Tokenizer
 class EngineSlot(Slot):
     """One sequence on its own Engine (KV cache); `cached` mirrors the tokens that cache holds."""
 
-    def __init__(self, backend: "EngineBackend", engine: Engine) -> None:
+    def __init__(self, backend: EngineBackend, engine: Engine) -> None:
         self.backend = backend
         self.engine = engine
         self.cached: list[int] = []
@@ -142,7 +150,7 @@ class EngineBackend(Backend):
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pyengine-slot") if self.workers > 1 else None
 
     @classmethod
-    def load(cls, config: NodeConfig) -> "EngineBackend":
+    def load(cls, config: NodeConfig) -> EngineBackend:
         """Open --model (a path or a name in the models folder) and build the slots."""
         mf = open_model(config.model, models_dir=config.models_dir)
         return cls(mf, config.parallel, config.ctx_size, config.threads, config.verbose, (config.model,))

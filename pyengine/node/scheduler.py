@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyengine.node.backend import Backend, Slot, StepOutput, TokenLogprob, ToolCallDelta
-from pyengine.sampling import SamplingParams
 from pyengine.node.metrics import Metrics
 from pyengine.node.stops import StopMatcher
+from pyengine.sampling import SamplingParams
 
 log = logging.getLogger("pyengine")
 

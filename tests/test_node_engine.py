@@ -175,3 +175,10 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_default_context_is_shared_between_slots(model_path):
+    one = EngineBackend.load(NodeConfig(model=str(model_path), parallel=1, threads=1))
+    four = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, threads=1))
+    assert four.info.n_ctx == max(512, one.info.n_ctx // 4)
+    assert {e.n_ctx for e in four.engines} == {four.info.n_ctx}

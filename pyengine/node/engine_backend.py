@@ -34,6 +34,9 @@ from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from pyengine.tokenizer import Tokenizer
 
 
+MIN_SLOT_CTX = 512
+
+
 class EngineSlot(Slot):
     """One sequence on its own Engine (KV cache); `cached` mirrors the tokens that cache holds."""
 
@@ -131,6 +134,10 @@ class EngineBackend(Backend):
         self.model_file = model_file
         self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
         first = Engine(model_file, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose)
+        if n_ctx is None and n_slots > 1:
+            # The engine's default context fits one KV cache in memory; n_slots caches share it.
+            first = Engine(model_file, n_ctx=max(MIN_SLOT_CTX, first.n_ctx // n_slots), n_threads=n_threads,
+                           verbose=verbose)
         self.engines = [first] + [Engine(model_file, n_ctx=first.n_ctx, n_threads=n_threads, verbose=verbose)
                                   for _ in range(n_slots - 1)]
         self.call_ids = frozenset(i for t, i in self.tokenizer.special_tokens.items() if t == "<|call|>")

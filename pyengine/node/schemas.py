@@ -178,6 +178,15 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v and v.get("type", "text") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported: this node has no "
+                             "constrained decoding, so it cannot guarantee JSON output")
+        return v
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:

@@ -33,7 +33,6 @@ from pyengine.node.config import NodeConfig
 from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from pyengine.tokenizer import Tokenizer
 
-
 MIN_SLOT_CTX = 512
 
 

@@ -199,6 +199,7 @@ class Scheduler:
             log.exception("could not start a request")
             job.post(Failed(f"could not start generation: {e}"))
             self._free(slot)
+            self.metrics.count_request(job.endpoint, "error")
             return
         self.active.append((job, slot))
 

@@ -79,6 +79,12 @@ class ScriptedSlot(Slot):
     def n_past(self) -> int:
         return len(self.cache)
 
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        n = 0
+        while n < min(len(self.cache), len(prompt)) and self.cache[n] == prompt[n]:
+            n += 1
+        return n
+
     def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
         prompt = list(prompt)
         n = 0

@@ -412,6 +412,24 @@ def test_prefix_cache_reuse_is_reported():
         assert second["timings"]["cache_n"] == cached and second["timings"]["prompt_n"] == 1
 
 
+def test_a_conversation_returns_to_the_slot_that_holds_its_prefix():
+    def chat(url: str, text: str) -> dict:
+        return httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": text}], "max_tokens": 3}).json()
+
+    with run_node(ScriptedBackend(delay=0.002), parallel=3) as (url, _):
+        for round_ in range(2):
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                answers = list(pool.map(lambda t: chat(url, t), [f"conversation {c} " * 60 for c in "abc"]))
+            for a in answers:
+                usage = a["usage"]
+                cached = usage["prompt_tokens_details"]["cached_tokens"]
+                if round_:
+                    assert cached == usage["prompt_tokens"] - 1
+                else:  # a fresh slot: another conversation's cache is never evicted for the system prompt
+                    assert cached == 0
+
+
 def test_metrics_exposition(node):
     url = node[0]
     httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "m"}]})

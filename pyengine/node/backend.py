@@ -99,6 +99,10 @@ class Slot(ABC):
     def step(self) -> StepOutput:
         """Do one unit of work: a chunk of prompt evaluation, or one sampled token."""
 
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` this slot's cache already holds (slot choice)."""
+        return 0
+
     def flush(self) -> StepOutput:
         """Text still held back (a partial UTF-8 sequence, an undecided Harmony header) when the
         scheduler ends the request before the model did (max_tokens, full context)."""

@@ -50,6 +50,9 @@ class EngineSlot(Slot):
     def n_past(self) -> int:
         return self.engine.n_past
 
+    def cached_prefix(self, prompt: Sequence[int]) -> int:
+        return common_prefix_length(self.cached, prompt) if self.engine.n_past == len(self.cached) else 0
+
     def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
         prompt = [int(t) for t in prompt]
         if self.engine.n_past != len(self.cached):

@@ -1,7 +1,10 @@
 """Slots, a bounded queue, and one worker thread that steps every active sequence in turn.
 
 One slot per --parallel sequence, each with its own KV state. New requests join between steps
-(continuous admission); a cancelled request (client gone) leaves before the next step, so its slot
+(continuous admission), each taking the free slot where reuse saves the most: prompt tokens already
+cached there minus cached tokens it would throw away (a conversation's next turn finds its own
+earlier turns; a new one takes an empty slot rather than evict another conversation for a shared
+system prompt); a cancelled request (client gone) leaves before the next step, so its slot
 is free within one step. Each step hands the list of active slots to `Backend.step`: with the
 engine's current one-sequence-per-Engine contract that runs them one after another (interleaved,
 not batched); an engine with a multi-sequence decode runs them in one forward pass there.
@@ -96,6 +99,12 @@ class Job:
             self.cancelled = True  # the event loop is gone
 
 
+def _reuse_value(slot: Slot, prompt: list[int]) -> int:
+    """Prompt tokens `slot` would reuse minus the cached tokens it would discard."""
+    shared = slot.cached_prefix(prompt)
+    return shared - (slot.n_past - shared)
+
+
 class Scheduler:
     """Runs jobs on `n_parallel` slots of `backend`, at most `max_queue` waiting."""
 
@@ -166,7 +175,10 @@ class Scheduler:
                     break
                 admitted = []
                 while self.queue and self.free:
-                    admitted.append((self.queue.popleft(), self.free.pop()))
+                    job = self.queue.popleft()
+                    slot = max(self.free, key=lambda s: _reuse_value(s, job.prompt))
+                    self.free.remove(slot)
+                    admitted.append((job, slot))
             for job, slot in admitted:
                 self._admit(job, slot)
             for job, slot in [a for a in self.active if a[0].cancelled]:

@@ -430,6 +430,19 @@ def test_a_conversation_returns_to_the_slot_that_holds_its_prefix():
                     assert cached == 0
 
 
+def test_next_turn_after_long_reasoning_reuses_its_slot():
+    def script(prompt_text: str) -> str:
+        return "<|channel|>analysis<|message|>" + "hmm " * 200 + "<|end|><|start|>assistant<|channel|>final<|message|>Done.<|return|>"
+
+    with run_node(ScriptedBackend(script=script), parallel=2) as (url, _):
+        first = [{"role": "user", "content": "Plan a trip."}]
+        r1 = httpx.post(f"{url}/v1/chat/completions", json={"messages": first}).json()
+        follow = first + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                          {"role": "user", "content": "Shorter, please."}]
+        r2 = httpx.post(f"{url}/v1/chat/completions", json={"messages": follow}).json()
+        assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] >= r1["usage"]["prompt_tokens"] - 1
+
+
 def test_metrics_exposition(node):
     url = node[0]
     httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "m"}]})

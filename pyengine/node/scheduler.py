@@ -2,9 +2,9 @@
 
 One slot per --parallel sequence, each with its own KV state. New requests join between steps
 (continuous admission), each taking the free slot where reuse saves the most: prompt tokens already
-cached there minus cached tokens it would throw away (a conversation's next turn finds its own
-earlier turns; a new one takes an empty slot rather than evict another conversation for a shared
-system prompt); a cancelled request (client gone) leaves before the next step, so its slot
+cached there minus the tokens of that slot's last prompt it would throw away (a conversation's
+next turn finds its own earlier turns; a new one takes an empty slot rather than evict another
+conversation for a shared system prompt); a cancelled request (client gone) leaves before the next step, so its slot
 is free within one step. Each step hands the list of active slots to `Backend.step`: with the
 engine's current one-sequence-per-Engine contract that runs them one after another (interleaved,
 not batched); an engine with a multi-sequence decode runs them in one forward pass there.
@@ -99,12 +99,6 @@ class Job:
             self.cancelled = True  # the event loop is gone
 
 
-def _reuse_value(slot: Slot, prompt: list[int]) -> int:
-    """Prompt tokens `slot` would reuse minus the cached tokens it would discard."""
-    shared = slot.cached_prefix(prompt)
-    return shared - (slot.n_past - shared)
-
-
 class Scheduler:
     """Runs jobs on `n_parallel` slots of `backend`, at most `max_queue` waiting."""
 
@@ -119,6 +113,7 @@ class Scheduler:
         self.free: list[Slot] = list(reversed(self.slots))
         self.queue: collections.deque[Job] = collections.deque()
         self.active: list[tuple[Job, Slot]] = []
+        self.last_prompt_len: dict[int, int] = {}
         self.cond = threading.Condition()
         self.stopping: str | None = None
         self.steps = itertools.count()
@@ -176,7 +171,7 @@ class Scheduler:
                 admitted = []
                 while self.queue and self.free:
                     job = self.queue.popleft()
-                    slot = max(self.free, key=lambda s: _reuse_value(s, job.prompt))
+                    slot = max(self.free, key=lambda s: self._reuse_value(s, job.prompt))
                     self.free.remove(slot)
                     admitted.append((job, slot))
             for job, slot in admitted:
@@ -203,6 +198,12 @@ class Scheduler:
         for job in waiting:
             job.post(Failed(self.stopping, 503, "unavailable_error"))
 
+    def _reuse_value(self, slot: Slot, prompt: list[int]) -> tuple[int, int]:
+        """Prompt tokens `slot` would reuse minus the tokens of its last prompt that would be lost
+        (its generated tokens count for nothing: a next turn re-renders them anyway); then the reuse."""
+        shared = slot.cached_prefix(prompt)
+        return shared - max(0, self.last_prompt_len.get(id(slot), 0) - shared), shared
+
     def _admit(self, job: Job, slot: Slot) -> None:
         job.t_start = time.perf_counter()
         try:
@@ -213,6 +214,7 @@ class Scheduler:
             self._free(slot)
             self.metrics.count_request(job.endpoint, "error")
             return
+        self.last_prompt_len[id(slot)] = len(job.prompt)
         self.active.append((job, slot))
 
     def _free(self, slot: Slot) -> None:

@@ -162,9 +162,11 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
                 pass
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        r = httpx.post(f"{url}/v1/chat/completions", json={
-            "model": "gpt-oss:tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
-        assert r["usage"]["completion_tokens"] == 4 and r["model"] == "gpt-oss-tiny"
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "gpt-oss:tiny"
+        for name in ("gpt-oss:tiny", "gpt-oss-tiny", "gpt-oss_tiny"):
+            r = httpx.post(f"{url}/v1/chat/completions", json={
+                "model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
+            assert r["usage"]["completion_tokens"] == 4 and r["model"] == "gpt-oss:tiny"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
         err = proc.stderr.read()

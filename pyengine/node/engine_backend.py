@@ -132,7 +132,7 @@ class EngineBackend(Backend):
     """The loaded model: a tokenizer and `n_slots` Engines sharing one ModelFile's weights."""
 
     def __init__(self, model_file: ModelFile, n_slots: int = 1, n_ctx: int | None = None,
-                 n_threads: int | None = None, verbose: bool = False, aliases: Sequence[str] = ()) -> None:
+                 n_threads: int | None = None, verbose: bool = False, name: str | None = None) -> None:
         self.model_file = model_file
         self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
         first = Engine(model_file, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose)
@@ -145,14 +145,15 @@ class EngineBackend(Backend):
         self.call_ids = frozenset(i for t, i in self.tokenizer.special_tokens.items() if t == "<|call|>")
         hp = model_file.hparams
         path = Path(model_file.path)
-        names = {str(a) for a in aliases} | {path.name, path.stem}
+        name = name or model_file.name
+        names = {model_file.name, path.name, path.stem}
         if path.name == "model.gguf":
             names.add(path.parent.name)
         self.info = ModelInfo(
-            name=model_file.name, n_ctx=first.n_ctx, n_ctx_train=int(hp.n_ctx_train), n_vocab=first.n_vocab,
+            name=name, n_ctx=first.n_ctx, n_ctx_train=int(hp.n_ctx_train), n_vocab=first.n_vocab,
             n_params=sum(int(np.prod(t.shape)) for t in model_file.tensors.values()),
             size_bytes=int(model_file.file_size), n_layer=int(hp.n_layer), n_expert=int(hp.n_expert),
-            aliases=tuple(sorted(names - {model_file.name})))
+            aliases=tuple(sorted(names - {name})))
         self._slots = iter(self.engines)
         self.n_threads = first.n_threads
         self.workers = max(1, min(n_slots, self.n_threads))
@@ -160,9 +161,13 @@ class EngineBackend(Backend):
 
     @classmethod
     def load(cls, config: NodeConfig) -> EngineBackend:
-        """Open --model (a path or a name in the models folder) and build the slots."""
+        """Open --model (a path or a name in the models folder) and build the slots. A model given
+        by name is served under that name (the one the router and clients use); a path under the
+        file's general.name."""
         mf = open_model(config.model, models_dir=config.models_dir)
-        return cls(mf, config.parallel, config.ctx_size, config.threads, config.verbose, (config.model,))
+        by_name = "/" not in config.model and not config.model.endswith(".gguf")
+        return cls(mf, config.parallel, config.ctx_size, config.threads, config.verbose,
+                   config.model if by_name else None)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, special=special)

@@ -168,8 +168,9 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
                 "model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
             assert r["usage"]["completion_tokens"] == 4 and r["model"] == "gpt-oss:tiny"
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=20)
+        assert proc.wait(timeout=20) == 130
         err = proc.stderr.read()
+        assert "Traceback" not in err, err
         for line in ("[INFO] Loading model: ", "[INFO] Architecture detected: ", "[INFO] Model loaded successfully",
                      "prompt eval time = "):
             assert line in err, err

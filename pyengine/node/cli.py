@@ -68,14 +68,18 @@ class NodeServer(uvicorn.Server):
 
 
 def serve(config: NodeConfig, load_backend: Callable[[], Backend]) -> int:
-    """Serve until Ctrl-C / SIGTERM (exit code 0) or a failed model load (exit code 1)."""
+    """Serve until Ctrl-C (exit code 130) / SIGTERM (ends by that signal, as uvicorn does) or a
+    failed model load (exit code 1)."""
     app = create_app(config, load_backend, run_router_client)
     state = app.state.node
     server = NodeServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                        timeout_graceful_shutdown=15), state)
     state.on_load_error = server.fail
     log.info("Listening on http://%s:%d", config.host, config.port)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has stopped cleanly
+        return 130
     return server.exit_code
 
 

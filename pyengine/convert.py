@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -111,7 +111,7 @@ class GptOssConfig:
     vocab_size: int
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "GptOssConfig":
+    def from_hf(cls, cfg: dict) -> GptOssConfig:
         archs = cfg.get("architectures") or []
         if "GptOssForCausalLM" not in archs and cfg.get("model_type") != "gpt_oss":
             raise ModelLoadError(f"not a gpt-oss checkpoint (architectures {archs}, "

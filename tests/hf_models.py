@@ -22,8 +22,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 VOCAB_SIZE = 201088
 N_BASE_TOKENS = 199998
@@ -207,10 +211,10 @@ def make_hf_gptoss(out_dir: str | os.PathLike, *, seed: int = 0, n_layer: int = 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    def t(a: np.ndarray) -> "torch.Tensor":
+    def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch_dtype)
 
-    def normal(*shape: int, std: float) -> "torch.Tensor":
+    def normal(*shape: int, std: float) -> torch.Tensor:
         return t(rng.standard_normal(shape) * std)
 
     sd: dict[str, torch.Tensor] = {
@@ -274,7 +278,7 @@ def hf_state_dict_f32(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_hf_gptoss(hf_dir: str | os.PathLike, *, yarn_truncate: bool | None = None
-                   ) -> "torch.nn.Module":
+                   ) -> torch.nn.Module:
     """A float32 transformers GptOssForCausalLM (eval mode, eager attention) with the folder's
     weights; MXFP4 experts are dequantized here (transformers' own MXFP4 path wants a GPU).
 

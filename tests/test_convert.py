@@ -440,3 +440,19 @@ def test_rejects_other_checkpoints(hf_f32: Path, tmp_path: Path) -> None:
         convert(bad, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     assert run_cli(tmp_path / "nowhere", tmp_path / "x.gguf") == 1
+
+
+def test_transformers_saved_sharded_folder(hf_f32: Path, ours, tmp_path: Path) -> None:
+    """A folder written by transformers' save_pretrained (rope settings as `rope_parameters`,
+    several *.safetensors shards, like the published checkpoints) converts to the same file."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    saved = tmp_path / "saved"
+    model = transformers.GptOssForCausalLM.from_pretrained(hf_f32, dtype=torch.float32)
+    model.save_pretrained(saved, max_shard_size="30MB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (saved / f).symlink_to(hf_f32 / f)
+    assert len(list(saved.glob("*.safetensors"))) > 1
+    assert "rope_scaling" not in json.loads((saved / "config.json").read_text())
+    out = convert(saved, tmp_path / "m.gguf", outtype="f32", arch_name="gpt-oss")
+    assert_same_gguf(out, ours("f32", outtype="f32", arch_name="gpt-oss"))

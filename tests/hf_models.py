@@ -22,8 +22,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 VOCAB_SIZE = 201088
 N_BASE_TOKENS = 199998
@@ -207,10 +211,10 @@ def make_hf_gptoss(out_dir: str | os.PathLike, *, seed: int = 0, n_layer: int = 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    def t(a: np.ndarray) -> "torch.Tensor":
+    def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch_dtype)
 
-    def normal(*shape: int, std: float) -> "torch.Tensor":
+    def normal(*shape: int, std: float) -> torch.Tensor:
         return t(rng.standard_normal(shape) * std)
 
     sd: dict[str, torch.Tensor] = {
@@ -273,14 +277,20 @@ def hf_state_dict_f32(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def load_hf_gptoss(hf_dir: str | os.PathLike) -> "torch.nn.Module":
+def load_hf_gptoss(hf_dir: str | os.PathLike, *, yarn_truncate: bool | None = None
+                   ) -> torch.nn.Module:
     """A float32 transformers GptOssForCausalLM (eval mode, eager attention) with the folder's
-    weights; MXFP4 experts are dequantized here (transformers' own MXFP4 path wants a GPU)."""
+    weights; MXFP4 experts are dequantized here (transformers' own MXFP4 path wants a GPU).
+
+    yarn_truncate=True rounds the YaRN correction range outward to whole dims, as llama.cpp does
+    (the published config says false; see gpt-oss-spec.md §3.4.3): use it to compare with llama.cpp."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     cfg.pop("quantization_config", None)
+    if yarn_truncate is not None:
+        cfg["rope_scaling"] = dict(cfg["rope_scaling"], truncate=yarn_truncate)
     config = GptOssConfig(**cfg)
     config._attn_implementation = "eager"
     with torch.device("cpu"):

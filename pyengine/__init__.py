@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from pyengine._cpu import simd_level
-from pyengine.errors import ModelLoadError
-
-__all__ = ["__version__", "ModelLoadError", "simd_level"]
-from pyengine.quants import dequantize
 from pyengine.engine import Engine
+from pyengine.errors import ModelLoadError
+from pyengine.quants import dequantize
+
+__all__ = ["__version__", "Engine", "ModelLoadError", "dequantize", "simd_level"]

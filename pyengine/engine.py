@@ -1,18 +1,28 @@
-"""The user-facing model object: a gpt-oss GGUF file, its KV cache and the C forward pass.
+"""The user-facing model object: a gpt-oss GGUF file, its KV cache, the C forward pass, and the
+tokenizer / chat format / generate loop on top of it.
 
-Argument names follow llama-cpp-python's `Llama` (n_ctx, n_threads, n_batch, seed, verbose,
-n_gpu_layers) so code written for it reads the same here."""
+Argument and method names follow llama-cpp-python's `Llama` (n_ctx, n_threads, n_batch, seed,
+verbose, n_gpu_layers; tokenize, detokenize, generate, create_completion, create_chat_completion)
+so code written for it reads the same here."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
+from pyengine import completions
 from pyengine._model import KVCache, Model
+from pyengine.chat_template import apply_chat_template
+from pyengine.generate import Generator, TokenEvent
 from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
+from pyengine.sampling import SamplingParams
+from pyengine.tokenizer import Tokenizer
 
 MAX_DEFAULT_CTX = 131072       # default context cap (128K)
 KV_MEMORY_SHARE = 0.5          # default n_ctx keeps the KV cache under this share of free memory
@@ -63,7 +73,8 @@ class Engine:
     for the f32 KV cache). n_threads: CPU threads (None: physical cores). n_batch: most tokens per
     forward call (longer inputs are split). seed: kept for sampling. verbose: debug log lines.
     n_gpu_layers: accepted for llama-cpp-python compatibility; this CPU engine runs every layer on
-    the CPU and logs a warning when it is > 0. yarn_truncate: round the YaRN correction range to
+    the CPU and logs a warning when it is > 0. seed: the default for sampling calls that give no
+    seed of their own (None: a fresh random one). yarn_truncate: round the YaRN correction range to
     whole dimensions as llama.cpp does (default False: the reference/transformers math; the two
     differ noticeably beyond the first few dozen positions, see docs/forward.md)."""
 
@@ -84,6 +95,8 @@ class Engine:
         self.n_threads = int(n_threads) if n_threads else physical_cores()
         self.n_batch = int(n_batch)
         self.seed = seed
+        self._seeds = np.random.default_rng(seed)
+        self._cancel = threading.Event()
         self.n_gpu_layers = int(n_gpu_layers)
         if self.n_gpu_layers > 0:
             logger.warning("n_gpu_layers=%d ignored: this engine runs on the CPU", self.n_gpu_layers)
@@ -167,3 +180,107 @@ class Engine:
         self.reset()
         if keep:
             self.eval(keep)
+
+    # --- text, chat format and generation -------------------------------------------------
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The file's own o200k tokenizer (built on first use)."""
+        return Tokenizer.from_metadata(self.metadata)
+
+    @cached_property
+    def _generator(self) -> Generator:
+        return Generator(self, self.tokenizer)
+
+    def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of text; special=True turns control-token spellings into control tokens."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.tokenizer.encode(text, special=special, add_bos=add_bos)
+
+    def detokenize(self, tokens: Iterable[int], skip_special: bool = False) -> str:
+        """Text of token ids (control tokens spelled out unless skip_special)."""
+        return self.tokenizer.decode([int(t) for t in tokens], skip_special=skip_special)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            tools: Iterable[Mapping[str, Any]] | None = None,
+                            reasoning_effort: str = "medium", current_date: str | None = None,
+                            add_generation_prompt: bool = True, chat_template: str | None = None) -> list[int]:
+        """Prompt token ids for OpenAI-style messages: the built-in harmony renderer (token for
+        token what openai-harmony renders), or chat_template="gguf" for the file's own jinja
+        template (sandboxed), or a jinja template's text."""
+        return apply_chat_template(self.tokenizer, self.metadata, messages, tools, reasoning_effort,
+                                   current_date, add_generation_prompt, chat_template)
+
+    def cancel(self) -> None:
+        """Ask a running generate/create_* call (in another thread) to stop after the current
+        token or prompt chunk; its last event / chunk has finish_reason "stop"."""
+        self._cancel.set()
+
+    def generate(self, tokens: Sequence[int], max_tokens: int | None = None, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Mapping[int | str, float] | None = None, seed: int | None = None,
+                 stop: str | Iterable[str] | None = None, logprobs: int | None = None,
+                 stop_token_ids: Iterable[int] | None = None) -> Iterator[TokenEvent]:
+        """The token-streaming loop: TokenEvents (id, text, logprob, top_logprobs, finish_reason)
+        after the prompt tokens, until an end-of-generation token, a stop string, max_tokens, the
+        context end or cancel(). temperature <= 0 is greedy. The KV cache keeps the longest
+        common prefix with the previous call's tokens (a chat that grew by a turn evaluates only
+        the new turn). Bad arguments raise ValueError before any token is evaluated."""
+        params = SamplingParams(
+            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
+            repeat_penalty=float(repeat_penalty), presence_penalty=float(presence_penalty),
+            frequency_penalty=float(frequency_penalty),
+            logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
+            seed=int(seed) if seed is not None else int(self._seeds.integers(2 ** 63)))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        self._cancel.clear()
+        return self._generator.generate(tokens, max_tokens if max_tokens and max_tokens > 0 else None,
+                                        params, stops, logprobs, stop_token_ids, self._cancel.is_set)
+
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
+                          top_k: int = 40, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
+                          frequency_penalty: float = 0.0, logit_bias: Mapping[int | str, float] | None = None,
+                          stop: str | list[str] | None = None, seed: int | None = None,
+                          logprobs: int | None = None, echo: bool = False, stream: bool = False
+                          ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """A plain-text completion shaped like llama-cpp-python's (an OpenAI `text_completion`);
+        stream=True gives an iterator of chunks. The non-stream result also carries `tokens`, the
+        generated token ids. A string prompt is tokenized with control tokens recognised."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenize(prompt, special=True)
+        else:
+            ids = [int(t) for t in prompt]
+            text = self.detokenize(ids)
+        events = self.generate(ids, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                               presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs)
+        return completions.completion(events, self.tokenizer, str(self.model_file.path), ids, text, echo,
+                                      logprobs is not None, stream)
+
+    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]],
+                               tools: Sequence[Mapping[str, Any]] | None = None,
+                               tool_choice: str | Mapping[str, Any] | None = None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, stream: bool = False, stop: str | list[str] | None = None,
+                               seed: int | None = None, max_tokens: int | None = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0, logit_bias: Mapping[int | str, float] | None = None,
+                               logprobs: bool = False, top_logprobs: int | None = None,
+                               reasoning_effort: str = "medium", current_date: str | None = None,
+                               chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """A chat completion shaped like llama-cpp-python's (OpenAI `chat.completion`, or
+        `chat.completion.chunk`s with stream=True), with gpt-oss's `reasoning_content` and
+        `tool_calls` parsed from the harmony output; finish_reason is stop, length or tool_calls.
+        tool_choice="none" leaves the tools out of the prompt; other values are accepted but not
+        enforced (the model decides)."""
+        if tool_choice == "none":
+            tools = None
+        prompt = self.apply_chat_template(messages, tools, reasoning_effort, current_date, True, chat_template)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        events = self.generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                               presence_penalty, frequency_penalty, logit_bias, seed, None,
+                               (top_logprobs or 0) if logprobs else None)
+        return completions.chat_completion(events, self.tokenizer, str(self.model_file.path), prompt, stops,
+                                           logprobs, stream)

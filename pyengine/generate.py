@@ -9,13 +9,14 @@ is held back until it is decided, so a stop string never leaks into the output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from pyengine.stops import StopMatcher
 from pyengine.tokenizer import Tokenizer
 
 
@@ -49,17 +50,6 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 class Generator:
     """Generation over one engine, keeping its KV cache between calls for prefix reuse."""
 
@@ -72,7 +62,8 @@ class Generator:
         call_id = tokenizer.special_tokens.get("<|call|>")
         self._call_ids = frozenset() if call_id is None else frozenset({call_id})
 
-    def _prefill(self, prompt: list[int]) -> np.ndarray:
+    def _prefill(self, prompt: list[int], cancelled: Callable[[], bool]) -> np.ndarray | None:
+        """Logits after the prompt, evaluating only what the cache lacks; None when cancelled."""
         eng = self.engine
         if eng.n_past != len(self._cached):
             eng.reset()
@@ -89,7 +80,12 @@ class Generator:
         self._cached = prompt[:keep]
         self.n_prompt_reused = keep
         self.n_prompt_evaluated = len(prompt) - keep
-        logits = self._eval(prompt[keep:])
+        rest = prompt[keep:]
+        step = max(1, int(getattr(eng, "n_batch", len(rest))))
+        for start in range(0, len(rest), step):
+            if cancelled():
+                return None
+            logits = self._eval(rest[start:start + step])
         return logits
 
     def _eval(self, tokens: list[int]) -> np.ndarray:
@@ -112,6 +108,7 @@ class Generator:
         stop: Iterable[str] = (),
         logprobs: int | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Iterator[TokenEvent]:
         """TokenEvents until an end-of-generation token, a stop string, max_tokens or a full context.
 
@@ -119,6 +116,9 @@ class Generator:
 
         logprobs=None: no logprobs; an int n: each event gets its token's logprob and the n best.
         stop_token_ids default to the tokenizer's EOG ids; <|call|> finishes with "tool_calls".
+        cancelled: polled between prompt chunks and between tokens; when it returns True the
+        generation ends (after the current token, finish_reason "stop"; during the prompt, with
+        no event at all).
         """
         prompt = [int(t) for t in prompt]
         n_vocab, n_ctx = self.engine.n_vocab, self.engine.n_ctx
@@ -135,7 +135,7 @@ class Generator:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         stops = [s for s in stop if s]
         eog = frozenset(self.tokenizer.eog_ids if stop_token_ids is None else stop_token_ids)
-        return self._run(prompt, max_tokens, Sampler(sampling), stops, logprobs, eog)
+        return self._run(prompt, max_tokens, Sampler(sampling), stops, logprobs, eog, cancelled or (lambda: False))
 
     def _run(
         self,
@@ -145,13 +145,16 @@ class Generator:
         stops: list[str],
         logprobs: int | None,
         eog: frozenset[int],
+        cancelled: Callable[[], bool],
     ) -> Iterator[TokenEvent]:
         n_ctx = self.engine.n_ctx
         history = list(prompt)
         detok = self.tokenizer.streaming_detokenizer()
-        held = ""
+        matcher = StopMatcher(stops)
 
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, cancelled)
+        if logits is None:
+            return
         n_generated = 0
         while True:
             token = sampler.sample(logits, history)
@@ -163,19 +166,19 @@ class Generator:
                 top = top_logprobs(all_lp, logprobs)
             if token in eog:
                 reason = "tool_calls" if token in self._call_ids else "stop"
-                yield TokenEvent(token, held + detok.flush(), lp, top, reason)
+                yield TokenEvent(token, matcher.flush() + detok.flush(), lp, top, reason)
                 return
-            held += detok.add(token)
-            cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                yield TokenEvent(token, held[:cut], lp, top, "stop")
+            text, hit = matcher.feed(detok.add(token))
+            if hit:
+                yield TokenEvent(token, text, lp, top, "stop")
                 return
             if (max_tokens is not None and n_generated >= max_tokens) or len(self._cached) >= n_ctx:
-                yield TokenEvent(token, held + detok.flush(), lp, top, "length")
+                yield TokenEvent(token, text + matcher.flush() + detok.flush(), lp, top, "length")
                 return
-            release = len(held) - _stop_holdback(held, stops)
-            yield TokenEvent(token, held[:release], lp, top)
-            held = held[release:]
+            if cancelled():
+                yield TokenEvent(token, text + matcher.flush() + detok.flush(), lp, top, "stop")
+                return
+            yield TokenEvent(token, text, lp, top)
             history.append(token)
             logits = self._eval([token])
 

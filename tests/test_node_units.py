@@ -12,7 +12,7 @@ from pyengine.node.backend import ModelInfo
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Histogram, Metrics
 from pyengine.node.pull import target_path
-from pyengine.node.stops import StopMatcher
+from pyengine.stops import StopMatcher
 
 
 def cut_at_stop(text: str, stops: list[str], ends: list[int]) -> tuple[str, bool]:

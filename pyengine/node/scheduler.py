@@ -25,7 +25,7 @@ from typing import Any
 
 from pyengine.node.backend import Backend, Slot, StepOutput, TokenLogprob, ToolCallDelta
 from pyengine.node.metrics import Metrics
-from pyengine.node.stops import StopMatcher
+from pyengine.stops import StopMatcher
 from pyengine.sampling import SamplingParams
 
 log = logging.getLogger("pyengine")

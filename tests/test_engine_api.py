@@ -1,0 +1,234 @@
+"""Engine's llama-cpp-python-style API on a random-weight gpt-oss carrying the real o200k vocabulary:
+tokenize/detokenize against bpe-openai, apply_chat_template against openai-harmony, greedy
+generation against transformers' own generate() on the same weights, the OpenAI shapes of
+create_completion / create_chat_completion (validated with the openai client's types), the
+prompt-prefix cache with a sliding window shorter than the conversation, seeds and cancellation."""
+
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGUFValueType
+
+import gguf_factory
+import vocab
+from pyengine import Engine, completions
+from pyengine.generate import TokenEvent
+
+N_CTX = 512
+WINDOW = 32  # shorter than every chat prompt below, so the sliding-window layers wrap
+
+
+def vocab_keys(arch: str) -> dict:
+    meta = vocab.harmony_metadata()
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["tokenizer.ggml.pre"],
+            "tokenizer.ggml.tokens": (meta["tokenizer.ggml.tokens"], GGUFValueType.ARRAY),
+            "tokenizer.ggml.token_type": (meta["tokenizer.ggml.token_type"].tolist(), GGUFValueType.ARRAY),
+            "tokenizer.ggml.bos_token_id": (meta["tokenizer.ggml.bos_token_id"], GGUFValueType.UINT32),
+            "tokenizer.ggml.eos_token_id": (meta["tokenizer.ggml.eos_token_id"], GGUFValueType.UINT32),
+            f"{arch}.attention.sliding_window": (WINDOW, GGUFValueType.UINT32)}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(path, represented float32 weights) of a 3-layer f32 model with the real vocabulary."""
+    path = tmp_path_factory.mktemp("api") / "gpt-oss-tiny.gguf"
+    weights = gguf_factory.write_gptoss_gguf(
+        path, arch="gpt-oss", wtype="f32", expert_type="f32", tie_output=True, n_layer=3,
+        drop_keys=("attention.sliding_window",), extra_keys=vocab_keys("gpt-oss"),
+        n_vocab=vocab.N_VOCAB, seed=11)
+    return path, weights
+
+
+@pytest.fixture(scope="module")
+def eng(model):
+    return Engine(model[0], n_ctx=N_CTX, n_threads=2, n_batch=64)
+
+
+CHAT = [{"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "Why is the sky blue? Explain Rayleigh scattering briefly."}]
+
+
+def test_tokenize_and_detokenize_match_o200k(eng):
+    bpe_openai = pytest.importorskip("bpe_openai")
+    ref = bpe_openai.get_encoding("o200k_base")
+    rng = np.random.default_rng(0)
+    alphabet = list("abc XYZ 019 \n\t.,;!?'\"-_") + ["é", "ß", "日本", "😀", "  ", "\u200b", "ü"]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 40))))
+        ids = eng.tokenize(text)
+        assert ids == ref.encode(text)
+        assert eng.detokenize(ids) == text
+    assert eng.tokenize("<|start|>user", special=True) == [200006, 1428]
+    assert eng.tokenize("<|start|>", special=False) == ref.encode("<|start|>")
+    assert eng.tokenize("hi", add_bos=True)[0] == 199998
+    assert eng.tokenize(b"caf\xc3\xa9") == ref.encode("café")
+
+
+def test_apply_chat_template_matches_openai_harmony(eng, tmp_path):
+    harmony = pytest.importorskip("openai_harmony")
+    enc = vocab.load_harmony_encoding(tmp_path)
+    convo = harmony.Conversation.from_messages([
+        harmony.Message.from_role_and_content(
+            harmony.Role.SYSTEM, harmony.SystemContent.new().with_reasoning_effort(harmony.ReasoningEffort.LOW)),
+        harmony.Message.from_role_and_content(
+            harmony.Role.DEVELOPER, harmony.DeveloperContent.new().with_instructions(CHAT[0]["content"])),
+        harmony.Message.from_role_and_content(harmony.Role.USER, CHAT[1]["content"]),
+    ])
+    expected = enc.render_conversation_for_completion(convo, harmony.Role.ASSISTANT)
+    assert eng.apply_chat_template(CHAT, reasoning_effort="low") == list(expected)
+
+
+def test_greedy_generation_matches_transformers(model, eng):
+    pytest.importorskip("transformers")
+    import torch
+    from gptoss_reference import hf_model_from_gguf_weights, to_float64
+
+    prompt = eng.apply_chat_template(CHAT)
+    n_new = 24
+    got = [ev.id for ev in eng.generate(prompt, max_tokens=n_new, temperature=0, stop_token_ids=())]
+    hf = to_float64(hf_model_from_gguf_weights(model[1], eng.hparams), eng.hparams)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=n_new)
+    assert got == out[0, len(prompt):].tolist()
+    assert len(prompt) > WINDOW
+
+
+def test_prefix_cache_reuses_the_conversation_and_agrees_with_a_fresh_context(model, eng):
+    first = eng.create_chat_completion(CHAT, max_tokens=12, temperature=0, logprobs=True)
+    turn2 = CHAT + [{"role": "assistant", "content": first["choices"][0]["message"]["content"] or "ok"},
+                    {"role": "user", "content": "And at sunset, why is it red?"}]
+    prompt2 = eng.apply_chat_template(turn2)
+    reused = list(eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
+    gen = eng._generator
+    assert gen.n_prompt_reused > WINDOW and gen.n_prompt_evaluated < len(prompt2) - WINDOW
+    fresh_eng = Engine(model[0], n_ctx=N_CTX, n_threads=1)
+    fresh = list(fresh_eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
+    assert [e.id for e in reused] == [e.id for e in fresh]
+    np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], rtol=1e-4, atol=1e-4)
+
+
+def test_create_completion_shape_stream_and_tokens(eng):
+    openai = pytest.importorskip("openai")
+    kw = dict(max_tokens=8, temperature=0.9, seed=123, logprobs=2)
+    whole = eng.create_completion("The capital of France is", **kw)
+    openai.types.Completion.model_validate(whole)
+    choice = whole["choices"][0]
+    assert whole["object"] == "text_completion" and choice["finish_reason"] in ("stop", "length")
+    assert len(whole["tokens"]) == whole["usage"]["completion_tokens"] <= 8
+    assert whole["usage"]["prompt_tokens"] == len(eng.tokenize("The capital of France is"))
+    assert choice["text"] == eng.detokenize(whole["tokens"][:-1] if choice["finish_reason"] == "stop"
+                                            else whole["tokens"])
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(whole["tokens"])
+    assert all(len(t) <= 2 for t in lp["top_logprobs"]) and all(v <= 0 for v in lp["token_logprobs"])
+
+    chunks = list(eng.create_completion("The capital of France is", stream=True, **kw))
+    openai.types.Completion.model_validate(chunks[-1])  # earlier chunks: finish_reason None, as OpenAI streams
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+    other = eng.create_completion("The capital of France is", **{**kw, "seed": 124})
+    again = eng.create_completion("The capital of France is", **kw)
+    assert again["tokens"] == whole["tokens"]
+    assert other["tokens"] != whole["tokens"]
+    echoed = eng.create_completion("Hello", max_tokens=2, temperature=0, echo=True)
+    assert echoed["choices"][0]["text"].startswith("Hello")
+
+
+def test_create_chat_completion_shape_and_stream(eng):
+    openai = pytest.importorskip("openai")
+    kw = dict(max_tokens=16, temperature=0.7, seed=7, logprobs=True, top_logprobs=3)
+    whole = eng.create_chat_completion(CHAT, **kw)
+    openai.types.chat.ChatCompletion.model_validate(whole)
+    msg = whole["choices"][0]["message"]
+    assert msg["role"] == "assistant" and whole["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    lp = whole["choices"][0]["logprobs"]["content"]
+    assert len(lp) == whole["usage"]["completion_tokens"] and all(len(e["top_logprobs"]) == 3 for e in lp)
+    for text in (msg["content"] or "", msg["reasoning_content"] or ""):
+        assert "<|" not in text
+
+    chunks = list(eng.create_chat_completion(CHAT, stream=True, **kw))
+    for c in chunks:
+        openai.types.chat.ChatCompletionChunk.model_validate(c)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks)
+    assert content == (msg["content"] or "") and reasoning == (msg["reasoning_content"] or "")
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def scripted(eng, text: str) -> list[TokenEvent]:
+    """TokenEvents spelling out a harmony completion, one token each, ending as the model would."""
+    ids = eng.tokenize(text, special=True)
+    events = [TokenEvent(i, eng.detokenize([i])) for i in ids[:-1]]
+    last = ids[-1]
+    reason = "tool_calls" if last == 200012 else "stop"
+    events.append(TokenEvent(last, "", finish_reason=reason))
+    return events
+
+
+ANSWER = ("<|channel|>analysis<|message|>User asks about the sky. Rayleigh.<|end|>"
+          "<|start|>assistant<|channel|>final<|message|>Short waves scatter more. END here.<|return|>")
+CALL = ("<|channel|>analysis<|message|>Need weather.<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        "<|message|>{\"city\": \"Paris\"}<|call|>")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_output_is_split_into_reasoning_content_and_tool_calls(eng, stream):
+    def run(text, stop):
+        out = completions.chat_completion(iter(scripted(eng, text)), eng.tokenizer, "m", [1, 2], stop, False, stream)
+        if not stream:
+            c = out["choices"][0]
+            return c["message"], c["finish_reason"]
+        msg = {"content": "", "reasoning_content": "", "tool_calls": []}
+        finish = None
+        for ch in out:
+            d = ch["choices"][0]["delta"]
+            msg["content"] += d.get("content") or ""
+            msg["reasoning_content"] += d.get("reasoning_content") or ""
+            for tc in d.get("tool_calls") or []:
+                if tc.get("id"):
+                    msg["tool_calls"].append({"id": tc["id"], "type": "function",
+                                              "function": {"name": tc["function"]["name"], "arguments": ""}})
+                msg["tool_calls"][tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
+            finish = ch["choices"][0]["finish_reason"] or finish
+        return msg, finish
+
+    msg, finish = run(ANSWER, [])
+    assert (msg["reasoning_content"], msg["content"], finish) == (
+        "User asks about the sky. Rayleigh.", "Short waves scatter more. END here.", "stop")
+    msg, finish = run(ANSWER, ["END", "sky"])  # stop strings cut the answer, never the reasoning
+    assert (msg["reasoning_content"], msg["content"], finish) == (
+        "User asks about the sky. Rayleigh.", "Short waves scatter more. ", "stop")
+    msg, finish = run(CALL, [])
+    assert finish == "tool_calls" and msg["reasoning_content"] == "Need weather."
+    (call,) = msg["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}
+    assert call["id"].startswith("call_")
+
+
+def test_cancel_from_another_thread_stops_generation(eng):
+    stream = eng.create_completion("Count: one two three", max_tokens=200, temperature=1.0, seed=1, stream=True)
+    chunks = [next(stream)]
+    t = threading.Thread(target=eng.cancel)
+    t.start()
+    t.join()
+    chunks += list(stream)
+    assert len(chunks) <= 3 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # The next call is not affected by the earlier cancel.
+    assert eng.create_completion("Count:", max_tokens=3, temperature=0, stop=[])["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_arguments_raise_before_generating(eng):
+    with pytest.raises(ValueError):
+        eng.create_completion("x", top_p=2.0)
+    with pytest.raises(ValueError):
+        eng.generate([vocab.N_VOCAB + 5], max_tokens=2)
+    with pytest.raises(ValueError):
+        eng.generate(list(range(1000, 1000 + N_CTX)), max_tokens=2)
+    with pytest.raises(ValueError):
+        eng.apply_chat_template([{"role": "wizard", "content": "x"}])

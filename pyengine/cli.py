@@ -11,7 +11,7 @@ from pyengine import __version__
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 
-COMMANDS = ("info", "validate", "convert", "serve")
+COMMANDS = ("info", "validate", "convert", "run", "chat", "serve")
 
 
 def main(argv=None) -> int:

@@ -88,8 +88,9 @@ def completion(events: Iterator[TokenEvent], tokenizer: Tokenizer, model: str, p
     return result
 
 
-class _ChatState:
-    """Parses harmony text as it arrives and applies the stop strings to the answer."""
+class ChatStream:
+    """Parses harmony text as it arrives and applies the stop strings to the answer: deltas(event)
+    gives OpenAI delta dicts (reasoning_content, content, tool_calls); finish_reason(last event)."""
 
     def __init__(self, stop: list[str]) -> None:
         self.parser = StreamingParser()
@@ -137,7 +138,7 @@ def chat_completion(events: Iterator[TokenEvent], tokenizer: Tokenizer, model: s
                     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """create_chat_completion's result: one `chat.completion` dict, or an iterator of chunks."""
     cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-    state = _ChatState(stop)
+    state = ChatStream(stop)
     if stream:
         def chunk(delta: dict[str, Any], finish: str | None, lp: list | None = None) -> dict[str, Any]:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

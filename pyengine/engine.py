@@ -212,6 +212,11 @@ class Engine:
         return apply_chat_template(self.tokenizer, self.metadata, messages, tools, reasoning_effort,
                                    current_date, add_generation_prompt, chat_template)
 
+    @property
+    def n_prompt_reused(self) -> int:
+        """Prompt tokens the last generate call took from the KV cache instead of evaluating."""
+        return self._generator.n_prompt_reused
+
     def cancel(self) -> None:
         """Ask a running generate/create_* call (in another thread) to stop after the current
         token or prompt chunk; its last event / chunk has finish_reason "stop"."""

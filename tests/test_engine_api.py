@@ -8,8 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-from gguf import GGUFValueType
-
 import gguf_factory
 import vocab
 from pyengine import Engine, completions
@@ -19,23 +17,13 @@ N_CTX = 512
 WINDOW = 32  # shorter than every chat prompt below, so the sliding-window layers wrap
 
 
-def vocab_keys(arch: str) -> dict:
-    meta = vocab.harmony_metadata()
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["tokenizer.ggml.pre"],
-            "tokenizer.ggml.tokens": (meta["tokenizer.ggml.tokens"], GGUFValueType.ARRAY),
-            "tokenizer.ggml.token_type": (meta["tokenizer.ggml.token_type"].tolist(), GGUFValueType.ARRAY),
-            "tokenizer.ggml.bos_token_id": (meta["tokenizer.ggml.bos_token_id"], GGUFValueType.UINT32),
-            "tokenizer.ggml.eos_token_id": (meta["tokenizer.ggml.eos_token_id"], GGUFValueType.UINT32),
-            f"{arch}.attention.sliding_window": (WINDOW, GGUFValueType.UINT32)}
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(path, represented float32 weights) of a 3-layer f32 model with the real vocabulary."""
     path = tmp_path_factory.mktemp("api") / "gpt-oss-tiny.gguf"
     weights = gguf_factory.write_gptoss_gguf(
         path, arch="gpt-oss", wtype="f32", expert_type="f32", tie_output=True, n_layer=3,
-        drop_keys=("attention.sliding_window",), extra_keys=vocab_keys("gpt-oss"),
+        drop_keys=("attention.sliding_window",), extra_keys=vocab.gguf_keys("gpt-oss", attention_sliding_window=WINDOW),
         n_vocab=vocab.N_VOCAB, seed=11)
     return path, weights
 

@@ -13,7 +13,6 @@ import gguf_factory
 import numpy as np
 import pytest
 import vocab
-from gguf import GGUFValueType
 from node_server import run_node
 
 from pyengine import harmony
@@ -27,20 +26,10 @@ N_CTX = 256
 CONTROL = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 
 
-def real_vocab_keys() -> dict:
-    """The o200k_harmony vocabulary as GGUF keys, for write_gptoss_gguf(extra_keys=...)."""
-    meta = vocab.harmony_metadata()
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["tokenizer.ggml.pre"],
-            "tokenizer.ggml.tokens": (meta["tokenizer.ggml.tokens"], GGUFValueType.ARRAY),
-            "tokenizer.ggml.token_type": (meta["tokenizer.ggml.token_type"].tolist(), GGUFValueType.ARRAY),
-            "tokenizer.ggml.bos_token_id": (meta["tokenizer.ggml.bos_token_id"], GGUFValueType.UINT32),
-            "tokenizer.ggml.eos_token_id": (meta["tokenizer.ggml.eos_token_id"], GGUFValueType.UINT32)}
-
-
 def write_model(path, **dims) -> None:
     """A random gpt-oss GGUF (F16 matrices, MXFP4 experts) carrying the real vocabulary."""
     gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="f16", expert_type="mxfp4", tie_output=True,
-                                   extra_keys=real_vocab_keys(), n_vocab=vocab.N_VOCAB, seed=7, **dims)
+                                   extra_keys=vocab.gguf_keys(), n_vocab=vocab.N_VOCAB, seed=7, **dims)
 
 
 @pytest.fixture(scope="module")

@@ -201,3 +201,20 @@ def read_gguf_metadata(path: Path) -> dict:
         key = string()
         meta[key] = value(take("<I"))
     return meta
+
+
+def gguf_keys(arch: str = "gpt-oss", **int_keys: int) -> dict:
+    """The o200k_harmony vocabulary as write_gptoss_gguf(extra_keys=...) takes it, plus uint32
+    hyperparameters given as suffix=value (e.g. attention_sliding_window=32 for
+    ARCH.attention.sliding_window; drop the factory's own key with drop_keys)."""
+    from gguf import GGUFValueType
+
+    meta = harmony_metadata()
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": meta["tokenizer.ggml.pre"],
+            "tokenizer.ggml.tokens": (meta["tokenizer.ggml.tokens"], GGUFValueType.ARRAY),
+            "tokenizer.ggml.token_type": (meta["tokenizer.ggml.token_type"].tolist(), GGUFValueType.ARRAY),
+            "tokenizer.ggml.bos_token_id": (meta["tokenizer.ggml.bos_token_id"], GGUFValueType.UINT32),
+            "tokenizer.ggml.eos_token_id": (meta["tokenizer.ggml.eos_token_id"], GGUFValueType.UINT32)}
+    for suffix, value in int_keys.items():
+        keys[f"{arch}.{suffix.replace('_', '.', 1)}"] = (value, GGUFValueType.UINT32)
+    return keys

@@ -1,0 +1,130 @@
+"""What `pyengine run` and `pyengine chat` share: model/sampling options, opening the engine, and
+streaming one reply to the terminal (reasoning dimmed, the answer plain, tool calls marked)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from pyengine.completions import ChatStream
+from pyengine.engine import Engine
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, or a model name in the models folder")
+    p.add_argument("--models-dir", help="models folder for names (default $LLM_NODE_MODELS_DIR, "
+                                        "else ~/.llm-router/models)")
+    p.add_argument("--n-ctx", "-c", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--max-tokens", "-n", type=int, default=None,
+                   help="most tokens per reply (default: until the model ends its turn or the context is full)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="0 = greedy (default 1.0, OpenAI's recommendation for gpt-oss)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--system", default=None, help="instructions (the developer message)")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
+
+
+def open_engine(args: argparse.Namespace) -> Engine:
+    return Engine(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
+                  verbose=args.verbose, models_dir=args.models_dir)
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "min_p": args.min_p, "max_tokens": args.max_tokens}
+
+
+def use_color(out: TextIO) -> bool:
+    return out.isatty() and "NO_COLOR" not in os.environ
+
+
+@dataclass
+class Reply:
+    """One streamed reply: the answer, the reasoning, tool calls, and how long each part took."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    n_prompt: int = 0
+    n_generated: int = 0
+    prompt_s: float = 0.0
+    generate_s: float = 0.0
+
+    def stats(self) -> str:
+        rate = (self.n_generated - 1) / self.generate_s if self.generate_s > 0 and self.n_generated > 1 else 0.0
+        return (f"{self.n_prompt} prompt tokens in {self.prompt_s:.2f} s, {self.n_generated} generated "
+                f"({rate:.1f} tok/s), finish: {self.finish_reason}")
+
+
+def stream_chat_reply(eng: Engine, prompt: list[int], args: argparse.Namespace, out: TextIO = sys.stdout) -> Reply:
+    """Generate after a harmony prompt, printing deltas as they arrive; Ctrl-C ends the reply."""
+    color = use_color(out)
+    state = ChatStream([])
+    reply = Reply(n_prompt=len(prompt))
+    mode = None  # what the terminal is printing: "reasoning" | "content" | None
+    start = time.perf_counter()
+    first = None
+    last = None
+    try:
+        for ev in eng.generate(prompt, **sampling(args)):
+            last = ev
+            reply.n_generated += 1
+            if first is None:
+                first = time.perf_counter()
+            for d in state.deltas(ev):
+                mode = _print_delta(d, mode, reply, args.hide_reasoning, color, out)
+    except KeyboardInterrupt:
+        reply.finish_reason = "cancelled"
+    else:
+        reply.finish_reason = state.finish_reason(last)
+    end = time.perf_counter()
+    if color and mode == "reasoning":
+        out.write(RESET)
+    out.write("\n")
+    out.flush()
+    reply.prompt_s = (first or end) - start
+    reply.generate_s = end - (first or end)
+    return reply
+
+
+def _print_delta(d: dict[str, Any], mode: str | None, reply: Reply, hide_reasoning: bool, color: bool,
+                 out: TextIO) -> str | None:
+    if "reasoning_content" in d:
+        reply.reasoning += d["reasoning_content"]
+        if hide_reasoning:
+            return mode
+        if mode != "reasoning":
+            out.write(DIM if color else "[reasoning] ")
+        out.write(d["reasoning_content"])
+        mode = "reasoning"
+    elif "content" in d:
+        reply.content += d["content"]
+        if mode == "reasoning":
+            out.write(RESET + "\n\n" if color else "\n\n")
+        out.write(d["content"])
+        mode = "content"
+    else:
+        for tc in d["tool_calls"]:
+            if tc.get("id"):
+                reply.tool_calls.append({"id": tc["id"], "type": "function",
+                                         "function": {"name": tc["function"]["name"], "arguments": ""}})
+                out.write((RESET if color and mode == "reasoning" else "") +
+                          f"\n[tool call] {tc['function']['name']} ")
+            reply.tool_calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
+            out.write(tc["function"]["arguments"])
+        mode = "tool"
+    out.flush()
+    return mode

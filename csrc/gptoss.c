@@ -6,10 +6,12 @@
 #include "ops.h"
 #include "quants.h"
 
-int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
-                      int64_t n_past, float *logits, int logits_all, int n_threads) {
+int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                           float *logits, int logits_all, int n_threads, int64_t *expert_counts) {
     const int64_t D = m->n_embd, hd = m->head_dim, half = hd / 2;
     const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
+    int64_t n_tok = 0;
+    for (int64_t s = 0; s < n_seq; s++) n_tok += seqs[s].n_tok;
     int rc = -1;
     float *x = malloc((size_t)n_tok * D * sizeof(float));     /* residual stream */
     float *a = malloc((size_t)n_tok * D * sizeof(float));     /* normalised input of a sub-block */
@@ -27,11 +29,14 @@ int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens,
     for (int64_t i = 0; i < n_tok; i++)
         et->dequant_row(m->tok_embd.data + (int64_t)tokens[i] * m->tok_embd.row_stride, x + i * D, D);
 
-    for (int64_t i = 0; i < n_tok; i++) {
-        pe_rope_table(cs + i * 2 * half, cs + i * 2 * half + half, m->omega, (int)half, n_past + i, m->rope_mscale);
-        pe_rope_table(cs_swa + i * 2 * half, cs_swa + i * 2 * half + half, m->omega_swa, (int)half, n_past + i,
-                      m->rope_mscale);
-    }
+    /* RoPE tables at each token's own position */
+    for (int64_t s = 0, i = 0; s < n_seq; s++)
+        for (int64_t j = 0; j < seqs[s].n_tok; j++, i++) {
+            const int64_t pos = seqs[s].n_past + j;
+            pe_rope_table(cs + i * 2 * half, cs + i * 2 * half + half, m->omega, (int)half, pos, m->rope_mscale);
+            pe_rope_table(cs_swa + i * 2 * half, cs_swa + i * 2 * half + half, m->omega_swa, (int)half, pos,
+                          m->rope_mscale);
+        }
 
     for (int l = 0; l < m->n_layer; l++) {
         const pe_layer *L = &m->layers[l];
@@ -46,25 +51,39 @@ int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens,
             pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
             pe_rope_apply(k + i * kv_dim, m->n_head_kv, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
         }
-        pe_kv_store(&kv[l], k, v, n_tok, n_past, kv_dim);
-        if (pe_attention(o, q, n_tok, n_past, &kv[l], m->n_head, m->n_head_kv, (int)hd,
-                         L->sliding ? m->window : 0, L->sinks, n_threads))
-            goto done;
+        /* each sequence stores into and attends over its own cache */
+        for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++) {
+            pe_kv_layer *kv = &seqs[s].kv[l];
+            pe_kv_store(kv, k + i * kv_dim, v + i * kv_dim, seqs[s].n_tok, seqs[s].n_past, kv_dim);
+            if (pe_attention(o + i * q_dim, q + i * q_dim, seqs[s].n_tok, seqs[s].n_past, kv, m->n_head,
+                             m->n_head_kv, (int)hd, L->sliding ? m->window : 0, L->sinks, n_threads))
+                goto done;
+        }
         if (pe_matmul(&L->wo, 0, o, q_dim, n_tok, L->bo, t, D, n_threads)) goto done;
         for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
 
         /* mixture of experts: RMSNorm -> router -> experts -> weighted sum */
         for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->post_norm, D, m->eps);
-        if (pe_moe_forward(&L->moe, a, n_tok, t, n_threads)) goto done;
+        if (pe_moe_forward(&L->moe, a, n_tok, t, n_threads,
+                           expert_counts ? expert_counts + (int64_t)l * L->moe.n_expert : NULL))
+            goto done;
         for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
     }
 
-    /* final RMSNorm -> output head (no bias) */
-    const int64_t first = logits_all ? 0 : n_tok - 1, n_out = n_tok - first;
-    for (int64_t i = first; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, m->out_norm, D, m->eps);
-    if (pe_matmul(&m->output, 0, a + first * D, D, n_out, NULL, logits, m->n_vocab, n_threads)) goto done;
+    /* final RMSNorm -> output head (no bias): every token's row, or each sequence's last token's */
+    int64_t n_out = 0;
+    for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++)
+        for (int64_t j = logits_all ? 0 : seqs[s].n_tok - 1; j < seqs[s].n_tok; j++, n_out++)
+            pe_rmsnorm(a + n_out * D, x + (i + j) * D, m->out_norm, D, m->eps);
+    if (pe_matmul(&m->output, 0, a, D, n_out, NULL, logits, m->n_vocab, n_threads)) goto done;
     rc = 0;
 done:
     free(x); free(a); free(t); free(q); free(k); free(v); free(o); free(cs); free(cs_swa);
     return rc;
+}
+
+int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
+                      int64_t n_past, float *logits, int logits_all, int n_threads, int64_t *expert_counts) {
+    const pe_seq seq = {kv, n_tok, n_past};
+    return pe_gptoss_forward_seqs(m, &seq, 1, tokens, logits, logits_all, n_threads, expert_counts);
 }

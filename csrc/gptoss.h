@@ -32,10 +32,26 @@ typedef struct {
     const pe_layer *layers;
 } pe_model;
 
-/* Runs tokens[0..n_tok) at positions n_past.. through the model, storing their K/V in kv[layer].
- * logits: [n_tok][n_vocab] when logits_all, else [n_vocab] for the last token.
+/* One sequence's share of a forward call: its tokens are consecutive in the call's token array and
+ * sit at positions n_past, n_past + 1, ... of its own cache kv[layer]. */
+typedef struct {
+    pe_kv_layer *kv;  /* [n_layer] */
+    int64_t n_tok;    /* >= 1 */
+    int64_t n_past;
+} pe_seq;
+
+/* Runs the tokens of n_seq sequences (seqs[s].n_tok each, concatenated in `tokens`) through the
+ * model in one pass: every matrix and expert is read once for all of them; RoPE, the cache store
+ * and attention use each sequence's own positions and cache.
+ * logits: [total tokens][n_vocab] when logits_all, else [n_seq][n_vocab] (each sequence's last token).
+ * expert_counts: NULL, or [n_layer][n_expert] counters to which each routed (token, rank) adds one.
  * Returns 0, or -1 when scratch memory cannot be allocated. */
+int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                           float *logits, int logits_all, int n_threads, int64_t *expert_counts);
+
+/* One sequence: tokens[0..n_tok) at positions n_past.. of kv (pe_gptoss_forward_seqs with n_seq = 1).
+ * logits: [n_tok][n_vocab] when logits_all, else [n_vocab] for the last token. */
 int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
-                      int64_t n_past, float *logits, int logits_all, int n_threads);
+                      int64_t n_past, float *logits, int logits_all, int n_threads, int64_t *expert_counts);
 
 #endif

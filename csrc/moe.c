@@ -8,7 +8,7 @@
 
 #include "ops.h"
 
-int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads) {
+int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads, int64_t *counts) {
     const int E = m->n_expert, K = m->n_used;
     const int64_t D = m->n_embd, F = m->n_ff;
     int rc = -1;
@@ -33,6 +33,8 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
 
     /* counting sort of (token, rank) entries by expert, token order kept inside each bucket */
     for (int64_t i = 0; i < n_tok * K; i++) count[sel[i] + 1]++;
+    if (counts)
+        for (int e = 0; e < E; e++) counts[e] += count[e + 1];
     for (int e = 0; e < E; e++) count[e + 1] += count[e];
     {
         int64_t *fill = malloc((size_t)E * sizeof(int64_t));

@@ -19,7 +19,9 @@ typedef struct {
 } pe_moe;
 
 /* y[t] = sum over the n_used selected experts e (in rank order) of w_e * (down_e(swiglu(gate_e x,
- * up_e x)) + down_b_e). x and y are [n_tok][n_embd]. Returns 0, or -1 on allocation failure. */
-int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads);
+ * up_e x)) + down_b_e). x and y are [n_tok][n_embd]. counts: NULL, or [n_expert] counters to which
+ * each routed (token, rank) adds one (serial code: safe with any n_threads). Returns 0, or -1 on
+ * allocation failure. */
+int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads, int64_t *counts);
 
 #endif

@@ -61,7 +61,8 @@ cdef extern from "moe.h":
         const float *down_b
         int n_expert, n_used
         int64_t n_embd, n_ff
-    int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads) nogil
+    int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads,
+                       int64_t *counts) nogil
 
 cdef extern from "gptoss.h":
     ctypedef struct pe_layer:
@@ -85,8 +86,14 @@ cdef extern from "gptoss.h":
         pe_weight tok_embd, output
         const float *out_norm
         const pe_layer *layers
+    ctypedef struct pe_seq:
+        pe_kv_layer *kv
+        int64_t n_tok, n_past
     int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
-                          int64_t n_past, float *logits, int logits_all, int n_threads) nogil
+                          int64_t n_past, float *logits, int logits_all, int n_threads,
+                          int64_t *expert_counts) nogil
+    int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                               float *logits, int logits_all, int n_threads, int64_t *expert_counts) nogil
 
 
 # ---- validation: the only way a weight pointer is made ------------------------------------------
@@ -170,6 +177,7 @@ cdef class KVCache:
     cdef public object k, v
     cdef public int64_t n_ctx
     cdef public object n_slots
+    cdef readonly object layout   # the model shape this cache fits (Model.cache_layout)
     cdef pe_kv_layer *layers
     cdef int n_layer
 
@@ -179,6 +187,7 @@ cdef class KVCache:
             raise ValueError("n_ctx and n_batch must be positive")
         self.n_layer = model.m.n_layer
         self.n_ctx = n_ctx
+        self.layout = model.cache_layout
         self.k, self.v, self.n_slots = [], [], []
         kv_dim = model.m.n_head_kv * model.m.head_dim
         for l in range(self.n_layer):
@@ -212,6 +221,7 @@ cdef class Model:
     cdef pe_layer *c_layers
     cdef object keep          # every array a C pointer points into
     cdef object omega, omega_swa
+    cdef object counts        # int64 [n_layer][n_expert]: expert selections so far
     cdef public int64_t n_vocab
 
     def __cinit__(self):
@@ -301,6 +311,7 @@ cdef class Model:
             raise ValueError("sliding layers need a positive sliding_window")
         self.m.eps = float(hp.rms_eps)
         self.m.layers = self.c_layers
+        self.counts = np.zeros((L, E), dtype=np.int64)
 
     cdef pe_weight _weight(self, dict tensors, str name, int64_t n_in, int64_t n_out,
                            int64_t n_expert=0) except *:
@@ -327,31 +338,92 @@ cdef class Model:
         n_swa = sum(1 for l in range(self.m.n_layer) if self.c_layers[l].sliding)
         return row * (self.m.n_layer - n_swa), row * n_swa * (self.m.window + n_batch)
 
-    def forward(self, KVCache cache, tokens, int64_t n_past, bint logits_all, int n_threads):
-        """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""
-        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.ascontiguousarray(tokens, dtype=np.int32)
-        cdef int64_t n = tok.shape[0]
-        if cache.n_layer != self.m.n_layer:
+    @property
+    def cache_layout(self) -> tuple:
+        """What a KV cache must match to be used with this model: (n_layer, K/V row length,
+        window, sliding flag per layer)."""
+        return (self.m.n_layer, self.m.n_head_kv * self.m.head_dim, self.m.window,
+                tuple(bool(self.c_layers[l].sliding) for l in range(self.m.n_layer)))
+
+    @property
+    def expert_counts(self):
+        """int64 (n_layer, n_expert): how often each expert was routed a token by this model's
+        forward calls so far (a copy)."""
+        return self.counts.copy()
+
+    cdef cnp.ndarray _check_seq(self, object cache, tokens, int64_t n_past):
+        """The int32 tokens of one sequence after checking them and its cache."""
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok
+        if not isinstance(cache, KVCache) or cache.layout != self.cache_layout:
             raise ValueError("cache belongs to another model")
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError("tokens must be a 1-D sequence of integer token ids")
+        cdef int64_t n = arr.shape[0]
         if n <= 0:
             raise ValueError("no tokens")
-        if tok.min() < 0 or tok.max() >= self.n_vocab:
+        if arr.min() < 0 or arr.max() >= self.n_vocab:
             raise ValueError(f"token id out of range [0, {self.n_vocab})")
         if n_past < 0 or n_past + n > cache.n_ctx:
             raise ValueError(f"{n_past} + {n} tokens exceed the context of {cache.n_ctx}")
         if n > cache.max_batch(self.m.window):
             raise ValueError(f"{n} tokens in one call exceed the sliding-window cache")
+        tok = np.ascontiguousarray(arr, dtype=np.int32)
+        return tok
+
+    def forward(self, KVCache cache, tokens, int64_t n_past, bint logits_all, int n_threads):
+        """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = self._check_seq(cache, tokens, n_past)
+        cdef int64_t n = tok.shape[0]
         if n_threads < 1:
             raise ValueError("n_threads must be >= 1")
         cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((n if logits_all else 1, self.n_vocab),
                                                                  dtype=np.float32)
+        cdef cnp.ndarray[cnp.int64_t, ndim=2] counts = self.counts
         cdef int rc
         with nogil:
             rc = pe_gptoss_forward(&self.m, cache.layers, &tok[0], n, n_past, &out[0, 0],
-                                   logits_all, n_threads)
+                                   logits_all, n_threads, &counts[0, 0])
         if rc:
             raise MemoryError("out of memory for the forward pass scratch buffers")
         return out if logits_all else out[0]
+
+    def forward_seqs(self, caches, tokens, n_pasts, bint logits_all, int n_threads):
+        """One forward pass over several sequences: tokens[s] appended at positions n_pasts[s]..
+        of caches[s] (each a distinct cache of this model). Returns float32 logits
+        (sum of lengths, n_vocab) when logits_all, else (len(caches), n_vocab) of each
+        sequence's last token."""
+        caches, tokens, n_pasts = list(caches), list(tokens), [int(p) for p in n_pasts]
+        if not caches or len(tokens) != len(caches) or len(n_pasts) != len(caches):
+            raise ValueError("caches, tokens and n_pasts must be non-empty and of equal length")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice: each sequence needs its own")
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        checked = [self._check_seq(c, t, p) for c, t, p in zip(caches, tokens, n_pasts)]
+        cdef int64_t n_seq = len(caches), s
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.concatenate(checked)
+        cdef int64_t n = tok.shape[0]
+        cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((n if logits_all else n_seq, self.n_vocab),
+                                                                 dtype=np.float32)
+        cdef cnp.ndarray[cnp.int64_t, ndim=2] counts = self.counts
+        cdef pe_seq *seqs = <pe_seq *> malloc(n_seq * sizeof(pe_seq))
+        if seqs == NULL:
+            raise MemoryError()
+        cdef KVCache c
+        for s in range(n_seq):
+            c = caches[s]
+            seqs[s].kv = c.layers
+            seqs[s].n_tok = checked[s].shape[0]
+            seqs[s].n_past = n_pasts[s]
+        cdef int rc
+        with nogil:
+            rc = pe_gptoss_forward_seqs(&self.m, seqs, n_seq, &tok[0], &out[0, 0], logits_all, n_threads,
+                                        &counts[0, 0])
+        free(seqs)
+        if rc:
+            raise MemoryError("out of memory for the forward pass scratch buffers")
+        return out
 
 
 # ---- kernels, for tests --------------------------------------------------------------------------
@@ -485,9 +557,10 @@ def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int
     return out
 
 
-def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k, int n_threads=1):
+def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k, int n_threads=1,
+        bint return_counts=False):
     """MoE block of x (n_tok, d) with float32 weights: router (E, d), gate/up (E, F, d), down (E, d, F),
-    biases (E,), (E, F), (E, F), (E, d)."""
+    biases (E,), (E, F), (E, F), (E, d). return_counts: also the int64 (E,) selections per expert."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
     arrays = [_f32(router_w, 2), _f32(router_b, 1), _f32(gate_w, 3), _f32(gate_b, 2), _f32(up_w, 3),
               _f32(up_b, 2), _f32(down_w, 3), _f32(down_b, 2)]
@@ -498,6 +571,7 @@ def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k
             or ub.shape != (E, F) or db.shape != (E, D) or not 0 < k <= E or n_threads < 1):
         raise ValueError("shape mismatch")
     cdef pe_moe m
+    cdef cnp.ndarray[cnp.int64_t, ndim=1] counts = np.zeros(E, dtype=np.int64)
     m.router = _weight(rw.view(np.uint8), 0, D, E, 1, "router")
     m.gate = _weight(gw.view(np.uint8), 0, D, F, E, "gate")
     m.up = _weight(uw.view(np.uint8), 0, D, F, E, "up")
@@ -510,7 +584,7 @@ def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k
     cdef cnp.ndarray[cnp.float32_t, ndim=2] y = np.empty_like(xa)
     cdef int rc
     with nogil:
-        rc = pe_moe_forward(&m, &xa[0, 0], xa.shape[0], &y[0, 0], n_threads)
+        rc = pe_moe_forward(&m, &xa[0, 0], xa.shape[0], &y[0, 0], n_threads, &counts[0])
     if rc:
         raise MemoryError()
-    return y
+    return (y, counts) if return_counts else y

@@ -396,11 +396,11 @@ cdef class Model:
         caches, tokens, n_pasts = list(caches), list(tokens), [int(p) for p in n_pasts]
         if not caches or len(tokens) != len(caches) or len(n_pasts) != len(caches):
             raise ValueError("caches, tokens and n_pasts must be non-empty and of equal length")
-        if len({id(c) for c in caches}) != len(caches):
+        if len({id(x) for x in caches}) != len(caches):
             raise ValueError("a cache appears twice: each sequence needs its own")
         if n_threads < 1:
             raise ValueError("n_threads must be >= 1")
-        checked = [self._check_seq(c, t, p) for c, t, p in zip(caches, tokens, n_pasts)]
+        checked = [self._check_seq(x, t, p) for x, t, p in zip(caches, tokens, n_pasts)]
         cdef int64_t n_seq = len(caches), s
         cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.concatenate(checked)
         cdef int64_t n = tok.shape[0]

@@ -100,7 +100,8 @@ class Engine:
         self.n_gpu_layers = int(n_gpu_layers)
         if self.n_gpu_layers > 0:
             logger.warning("n_gpu_layers=%d ignored: this engine runs on the CPU", self.n_gpu_layers)
-        self._model = Model(self.model_file.tensors, self.hparams, bool(yarn_truncate))
+        self.yarn_truncate = bool(yarn_truncate)
+        self._model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate)
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
         self._cache = KVCache(self._model, self.n_ctx, self.n_batch)
@@ -162,6 +163,12 @@ class Engine:
             if logits_all or last:
                 outs.append(out)
         return np.concatenate(outs) if logits_all else outs[-1]
+
+    @property
+    def expert_counts(self) -> np.ndarray:
+        """int64 (n_layer, n_expert): how often each expert was routed a token by this engine's
+        forward passes (including the eval_batch calls it led)."""
+        return self._model.expert_counts
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 (len(tokens), n_vocab): every position's logits, in a fresh context."""
@@ -289,3 +296,40 @@ class Engine:
                                (top_logprobs or 0) if logprobs else None)
         return completions.chat_completion(events, self.tokenizer, str(self.model_file.path), prompt, stops,
                                            logprobs, stream)
+
+
+def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
+               n_threads: int | None = None) -> list[np.ndarray]:
+    """Engine.eval for several sequences at once: tokens[i] are appended to engines[i]'s cache in
+    one forward pass per round, so every weight matrix is read once for all sequences (continuous
+    batching of decode steps; prompt chunks may ride along). The engines must be distinct and
+    share one ModelFile (and yarn_truncate); the first one's model runs the pass and counts the
+    expert selections. Returns each sequence's last-token logits (n_vocab,). Inputs longer than an
+    engine's n_batch take several rounds. All inputs are checked before anything is evaluated."""
+    engines = list(engines)
+    if not engines or len(tokens) != len(engines):
+        raise ValueError("eval_batch needs one token list per engine, and at least one engine")
+    if len({id(e) for e in engines}) != len(engines):
+        raise ValueError("eval_batch: an engine appears twice")
+    lead = engines[0]
+    if any(e.model_file is not lead.model_file or e.yarn_truncate != lead.yarn_truncate for e in engines):
+        raise ValueError("eval_batch: the engines must share one ModelFile and yarn_truncate")
+    threads = int(n_threads) if n_threads is not None else lead.n_threads
+    if threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    arrays = [e._check_tokens(t) for e, t in zip(engines, tokens)]
+    if any(a.size == 0 for a in arrays):
+        raise ValueError("eval needs at least one token")
+    chunks = []
+    for e, a in zip(engines, arrays):
+        step = min(e.n_batch, e._cache.max_batch(e._model.window))
+        chunks.append([a[i:i + step] for i in range(0, a.size, step)])
+    last: list[np.ndarray] = [np.empty(0, np.float32)] * len(engines)
+    for r in range(max(len(c) for c in chunks)):
+        live = [i for i, c in enumerate(chunks) if r < len(c)]
+        out = lead._model.forward_seqs([engines[i]._cache for i in live], [chunks[i][r] for i in live],
+                                       [engines[i].n_past for i in live], False, threads)
+        for row, i in zip(out, live):
+            engines[i]._tokens.extend(int(t) for t in chunks[i][r])
+            last[i] = row
+    return last

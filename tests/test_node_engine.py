@@ -1,7 +1,7 @@
 """End to end: the node over the real engine, tokenizer, Harmony parser and sampler.
 
 A tiny random gpt-oss GGUF (tests/gguf_factory.py) carrying the real o200k_harmony vocabulary
-(tests/vocab.py) is served with two slots; the official openai client's greedy answers are
+(tests/vocab.py) is served with two slots (their steps batched into one forward pass); the official openai client's greedy answers are
 checked against a greedy decode computed independently, from fresh-context logits of a separate
 Engine (no slot, no prefix reuse, no chunked prefill, no sampler)."""
 
@@ -42,7 +42,6 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(model_path):
     backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=N_CTX, threads=2))
-    assert backend.workers == 2  # two slots step at once, one thread each
     with run_node(backend, parallel=2) as (url, _):
         yield url, backend
 

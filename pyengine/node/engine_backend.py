@@ -4,21 +4,22 @@ parser, and the llama.cpp-order sampler.
 
 A slot's step is either one chunk (n_batch tokens) of prompt evaluation or one token: sample
 from the last logits, parse its text, evaluate it for the next logits. Chunking the prompt lets
-other slots keep streaming while a long prompt is read. The pull-style loop in pyengine.generate
+other slots keep streaming while a long prompt is read. The evaluations of all slots of one
+scheduler step run in one forward pass (pyengine.engine.eval_batch: continuous batching). The pull-style loop in pyengine.generate
 evaluates the whole prompt in one call, which is why the node keeps its own step loop built
 from the same primitives (prefix reuse, sampler, UTF-8-safe detokenizer)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pyengine import harmony
-from pyengine.engine import Engine
+from pyengine.engine import Engine, eval_batch
+from pyengine.log import logger
 from pyengine.generate import common_prefix_length
 from pyengine.model_file import ModelFile, open_model
 from pyengine.node.backend import (
@@ -81,22 +82,20 @@ class EngineSlot(Slot):
 
     def _eval(self, tokens: list[int]) -> np.ndarray:
         try:
-            logits = self.engine.eval(tokens)
+            return self.engine.eval(tokens)
         except BaseException:
             self.engine.reset()
             self.cached = []
             raise
-        self.cached += tokens
-        return logits
 
-    def step(self) -> StepOutput:
+    def plan(self) -> tuple[StepOutput, list[int]]:
+        """The host side of one step: take the next prompt chunk, or sample the next token and
+        turn it into output. Returns the output and the tokens to evaluate next (none when the
+        turn ended or the context is full)."""
         if self.pending:
             chunk = self.pending[:self.engine.n_batch]
             self.pending = self.pending[len(chunk):]
-            logits = self._eval(chunk)
-            if not self.pending:
-                self.logits = logits
-            return StepOutput(prompt_evaluated=len(chunk))
+            return StepOutput(prompt_evaluated=len(chunk)), chunk
         b = self.backend
         token = self.sampler.sample(self.logits, self.history)
         done = token in b.tokenizer.eog_ids
@@ -110,10 +109,20 @@ class EngineSlot(Slot):
             text = self.detok.add(token) + (self.detok.flush() if done else "")
             deltas = self.parser.feed(text) + (self.parser.finish() if done else [])
             _apply(out, deltas)
-        if not done:
-            self.history.append(token)
-            if self.engine.n_past < self.engine.n_ctx:
-                self.logits = self._eval([token])
+        if done:
+            return out, []
+        self.history.append(token)
+        return out, [token] if self.engine.n_past < self.engine.n_ctx else []
+
+    def evaluated(self, tokens: list[int], logits: np.ndarray) -> None:
+        """Record that `tokens` (from plan) are now in the cache, followed by `logits`."""
+        self.cached += tokens
+        self.logits = logits
+
+    def step(self) -> StepOutput:
+        out, tokens = self.plan()
+        if tokens:
+            self.evaluated(tokens, self._eval(tokens))
         return out
 
 
@@ -156,8 +165,6 @@ class EngineBackend(Backend):
             aliases=tuple(sorted(names - {name})))
         self._slots = iter(self.engines)
         self.n_threads = first.n_threads
-        self.workers = max(1, min(n_slots, self.n_threads))
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pyengine-slot") if self.workers > 1 else None
 
     @classmethod
     def load(cls, config: NodeConfig) -> EngineBackend:
@@ -180,22 +187,41 @@ class EngineBackend(Backend):
         return harmony.render_chat(self.tokenizer, messages, tools, reasoning_effort or "medium")
 
     def step(self, slots: list[Slot]) -> list[StepOutput]:
-        """Run up to `workers` slots at once, splitting the threads between them (the forward
-        pass releases the GIL). This is concurrency, not batching: each sequence still reads
-        the weights on its own."""
-        if self.pool is None or len(slots) == 1:
-            for slot in slots:
-                slot.engine.n_threads = self.n_threads
-            return super().step(slots)
-        groups = min(len(slots), self.workers)
-        for slot in slots:
-            slot.engine.n_threads = max(1, self.n_threads // groups)
-        chunks = [slots[i::groups] for i in range(groups)]
-        results = list(self.pool.map(super().step, chunks))
-        out: list[StepOutput] = [StepOutput()] * len(slots)
-        for i, res in enumerate(results):
-            out[i::groups] = res
-        return out
+        """Continuous batching: every slot plans its step (samples its next token or takes its
+        next prompt chunk), then all their tokens run in one forward pass over the slots' own
+        caches, so the weights are read once per step for all sequences. If that pass fails,
+        each slot is evaluated on its own, so a failure ends only the request that caused it."""
+        outputs: list[StepOutput] = []
+        work: list[tuple[int, EngineSlot, list[int]]] = []
+        for i, slot in enumerate(slots):  # every slot here came from new_slot: an EngineSlot
+            try:
+                out, tokens = slot.plan()
+            except Exception as e:
+                logger.exception("a generation step failed")
+                out, tokens = StepOutput(error=f"generation failed: {e}"), []
+            outputs.append(out)
+            if tokens:
+                work.append((i, slot, tokens))
+        if not work:
+            return outputs
+        try:
+            logits = eval_batch([s.engine for _, s, _ in work], [t for _, _, t in work], self.n_threads)
+        except Exception:
+            logger.warning("batched step failed; evaluating the %d slots one by one", len(work), exc_info=True)
+            for i, slot, tokens in work:
+                try:
+                    slot.evaluated(tokens, slot._eval(tokens))
+                except Exception as e:
+                    logger.exception("a generation step failed")
+                    outputs[i] = StepOutput(error=f"generation failed: {e}")
+            return outputs
+        for (_, slot, tokens), row in zip(work, logits):
+            slot.evaluated(tokens, row)
+        return outputs
+
+    def expert_counts(self) -> list[list[int]]:
+        """Expert selections per layer, summed over every slot's engine."""
+        return [[int(n) for n in row] for row in sum(e.expert_counts for e in self.engines)]
 
     def new_slot(self) -> Slot:
         return EngineSlot(self, next(self._slots))
@@ -209,6 +235,4 @@ class EngineBackend(Backend):
         return TokenLogprob(text, logprob, raw, [(*piece(t)[:1], lp, piece(t)[1]) for t, lp in top])
 
     def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
         self.model_file.close()

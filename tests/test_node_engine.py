@@ -1,9 +1,10 @@
 """End to end: the node over the real engine, tokenizer, Harmony parser and sampler.
 
 A tiny random gpt-oss GGUF (tests/gguf_factory.py) carrying the real o200k_harmony vocabulary
-(tests/vocab.py) is served with two slots (their steps batched into one forward pass); the official openai client's greedy answers are
-checked against a greedy decode computed independently, from fresh-context logits of a separate
-Engine (no slot, no prefix reuse, no chunked prefill, no sampler)."""
+(tests/vocab.py) is served with two slots (their steps batched into one forward pass); the
+official openai client's greedy answers are checked against a greedy decode computed
+independently, from fresh-context logits of a separate Engine (no slot, no prefix reuse, no
+chunked prefill, no sampler)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,74 @@
+"""End to end: continuous batching in the node over the real engine.
+
+Four concurrent greedy streams are served by four slots whose steps run in one forward pass
+(EngineBackend.step -> eval_batch); each stream must equal its single-stream answer and an
+independent greedy decode from fresh-context logits. The expert selection counters reach
+/metrics and add up to the tokens the engine evaluated times the experts used per token."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import httpx
+import pytest
+from node_server import run_node
+from test_node_engine import N_CTX, greedy_reference, write_model
+
+import pyengine.node.engine_backend as engine_backend
+from pyengine.node.config import NodeConfig
+from pyengine.node.engine_backend import EngineBackend
+
+PROMPTS = ["<|start|>user<|message|>Tell me a story.<|end|><|start|>assistant",
+           "Once upon a time",
+           "<|start|>user<|message|>Zähle bis zehn, bitte, und dann noch einmal rückwärts.<|end|><|start|>assistant",
+           "1, 2, 3,"]
+N_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "gpt-oss-tiny.gguf"
+    write_model(path)
+    return path
+
+
+def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
+    calls: list[list[int]] = []
+
+    def recording(engines, tokens, n_threads=None):
+        calls.append([len(t) for t in tokens])
+        return real(engines, tokens, n_threads)
+
+    real = engine_backend.eval_batch
+    monkeypatch.setattr(engine_backend, "eval_batch", recording)
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=N_CTX, threads=2))
+    eog = backend.tokenizer.eog_ids
+    with run_node(backend, parallel=4) as (url, _):
+        def complete(prompt: str) -> str:
+            r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        single = [complete(p) for p in PROMPTS]
+        assert max(len(c) for c in calls) == 1
+        n_single = len(calls)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            batched = list(pool.map(complete, PROMPTS))
+        assert batched == single
+        assert max(len(c) for c in calls[n_single:]) == 4  # four sequences did share forward passes
+        for prompt, text in zip(PROMPTS, single):
+            ids = backend.tokenize(prompt, special=True)
+            ref = greedy_reference(model_path, ids, N_TOKENS, eog)
+            assert text == backend.tokenizer.decode([t for t in ref if t not in eog])
+            assert text
+
+        metrics = httpx.get(f"{url}/metrics").text
+    per_layer: dict[int, int] = {}
+    for layer, expert, n in re.findall(r'pyengine_expert_selections_total\{layer="(\d+)",expert="(\d+)"\} (\d+)',
+                                       metrics):
+        per_layer[int(layer)] = per_layer.get(int(layer), 0) + int(n)
+    hp = backend.model_file.hparams
+    evaluated = sum(sum(c) for c in calls)  # every token any forward pass of the node evaluated
+    assert per_layer == {layer: evaluated * hp.n_expert_used for layer in range(hp.n_layer)}

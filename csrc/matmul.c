@@ -10,17 +10,24 @@
 #include "quants.h"
 
 enum { PE_TILE_ROWS = 16 };
+/* most tokens for which the fused row-by-row dot beats dequantizing tiles (measured, docs/node.md) */
+enum { PE_ROWWISE_MAX_TOK = 8 };
 /* multiply-adds per thread below which waking another thread costs more than it saves */
 #define PE_MIN_WORK_PER_THREAD 32768
 
-static int matmul_one(const pe_weight *w, const uint8_t *base, const float *x, const float *bias,
-                      float *y, int n_threads) {
+/* Each row is read from memory once and dotted with every token while it is in cache, with the
+ * type's fused dot: per token, exactly the one-token result (a decode step of several sequences
+ * gives each the logits it would get alone). */
+static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
+                       const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < n_out; r++) {
-        float s = tt->dot_f32(base + r * stride, x, n_in);
-        y[r] = bias ? s + bias[r] : s;
+        for (int64_t t = 0; t < n_tok; t++) {
+            float s = tt->dot_f32(base + r * stride, x + t * ldx, n_in);
+            y[t * ldy + r] = bias ? s + bias[r] : s;
+        }
     }
     return 0;
 }
@@ -65,6 +72,6 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
     const int64_t work = w->n_out * w->n_in * n_tok;
     if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
     if (n_threads < 1) n_threads = 1;
-    if (n_tok == 1) return matmul_one(w, base, x, bias, y, n_threads);
+    if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 }

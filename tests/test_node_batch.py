@@ -18,6 +18,7 @@ from test_node_engine import N_CTX, greedy_reference, write_model
 import pyengine.node.engine_backend as engine_backend
 from pyengine.node.config import NodeConfig
 from pyengine.node.engine_backend import EngineBackend
+from pyengine.sampling import SamplingParams
 
 PROMPTS = ["<|start|>user<|message|>Tell me a story.<|end|><|start|>assistant",
            "Once upon a time",
@@ -72,3 +73,29 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
     hp = backend.model_file.hparams
     evaluated = sum(sum(c) for c in calls)  # every token any forward pass of the node evaluated
     assert per_layer == {layer: evaluated * hp.n_expert_used for layer in range(hp.n_layer)}
+
+
+def test_a_failing_slot_ends_only_its_own_request(model_path, monkeypatch):
+    """When the batched pass fails, the slots are evaluated one by one: the healthy one goes on
+    exactly as if it had been alone, the failing one gets an error output."""
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=3, ctx_size=N_CTX, threads=1))
+    ids = backend.tokenize(PROMPTS[1], special=True)
+    alone, good, bad = backend.new_slot(), backend.new_slot(), backend.new_slot()
+    for slot in (alone, good, bad):
+        slot.start(ids, SamplingParams(temperature=0), False, None)
+    ref = [backend.step([alone])[0].token for _ in range(4)]  # prompt, then 3 tokens
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("batched pass failed")
+
+    def bad_eval(*_args, **_kw):
+        raise MemoryError("no memory for this one")
+
+    monkeypatch.setattr(engine_backend, "eval_batch", broken)
+    monkeypatch.setattr(bad.engine, "eval", bad_eval)
+    first = backend.step([good, bad])
+    assert first[0].prompt_evaluated == len(ids) and first[0].error is None
+    assert first[1].error and "no memory" in first[1].error
+    monkeypatch.undo()
+    got = [backend.step([good])[0].token for _ in range(3)]
+    assert ref[0] is None and got == ref[1:]

@@ -5,9 +5,10 @@ parser, and the llama.cpp-order sampler.
 A slot's step is either one chunk (n_batch tokens) of prompt evaluation or one token: sample
 from the last logits, parse its text, evaluate it for the next logits. Chunking the prompt lets
 other slots keep streaming while a long prompt is read. The evaluations of all slots of one
-scheduler step run in one forward pass (pyengine.engine.eval_batch: continuous batching). The pull-style loop in pyengine.generate
-evaluates the whole prompt in one call, which is why the node keeps its own step loop built
-from the same primitives (prefix reuse, sampler, UTF-8-safe detokenizer)."""
+scheduler step run in one forward pass (pyengine.engine.eval_batch: continuous batching). The
+pull-style loop in pyengine.generate evaluates the whole prompt in one call, which is why the
+node keeps its own step loop built from the same primitives (prefix reuse, sampler, UTF-8-safe
+detokenizer)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import numpy as np
 
 from pyengine import harmony
 from pyengine.engine import Engine, eval_batch
-from pyengine.log import logger
 from pyengine.generate import common_prefix_length
+from pyengine.log import logger
 from pyengine.model_file import ModelFile, open_model
 from pyengine.node.backend import (
     Backend,

@@ -5,6 +5,7 @@ A `ModelLoadError` anywhere becomes one `[ERROR] ...` line on stderr and exit co
 
 import argparse
 import importlib
+import os
 import sys
 
 from pyengine import __version__
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"[ERROR] {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`pyengine info --json | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

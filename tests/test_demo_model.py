@@ -23,7 +23,7 @@ TEMPLATE = Path(__file__).parent / "data" / "openai-gpt-oss-120b.jinja"
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyengine.cli", "demo-model", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def random_texts(n: int, seed: int, marks: bool = True) -> list[str]:
     combining marks (Unicode category M), around which llama.cpp's o200k regex differs from o200k."""
     rng = np.random.default_rng(seed)
     alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.;:!?'\"()-_\n\t")
-    alphabet += list("éüßçøñÆΩπλжДяשׁعربي中文日本語한국어हिन्दी😀🚀👍🏽\u200d\u00a0") + ["  ", "'s", "'LL", "\r\n", "...", "1234567"]
+    alphabet += list("éüßçøñÆΩπλжДяשׁعربي中文日本語한국어हिन्दी😀🚀👍🏽\u200d\u00a0")
+    alphabet += ["  ", "'s", "'LL", "\r\n", "...", "1234567"]
     if not marks:
         alphabet = [a for a in alphabet if not any(unicodedata.category(ch).startswith("M") for ch in a)]
     return ["".join(rng.choice(alphabet, size=rng.integers(1, 80))) for _ in range(n)]
@@ -154,7 +155,7 @@ def test_llama_cpp_runs_it_like_pyengine(files, name: str, max_err: float, rms_e
     out = tmp_path / "llama.npy"
     # a subprocess: a crash inside llama.cpp must not take the test run with it
     r = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(path), json.dumps(toks), json.dumps(texts),
-                        str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     ref = bpe_openai.get_encoding("o200k_base")
     for text, ids in zip(texts, json.loads(r.stdout.strip().splitlines()[-1])):

@@ -11,7 +11,7 @@ import sys
 import time
 
 from pyengine.convert import ARCH_NAMES, OUTTYPES
-from pyengine.demo_model import DEFAULT_PATH, write_demo_model
+from pyengine.demo_model import DEFAULT_PATH, demo_config, write_demo_model
 from pyengine.log import logger
 
 
@@ -40,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("[ERROR] interrupted; no output file written", file=sys.stderr)
         return 130
+    c = demo_config(args.layers, args.embd)
     logger.info("wrote %s (%.1f MiB) in %.1f s: gpt-oss structure (arch %s, %d layers, n_embd %d, "
-                "8 experts / 4 used, %s), real o200k_harmony tokenizer and chat template",
+                "%d experts / %d used, %s), real o200k_harmony tokenizer and chat template",
                 out, out.stat().st_size / 2**20, time.monotonic() - start, args.arch_name,
-                args.layers, args.embd, args.outtype)
+                c.n_layer, c.n_embd, c.n_expert, c.n_expert_used, args.outtype)
     logger.info("the weights are RANDOM: this model produces nonsense text; it is for trying the "
                 "commands, not for answers")
     return 0

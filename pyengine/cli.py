@@ -12,7 +12,7 @@ from pyengine import __version__
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 
-COMMANDS = ("info", "validate", "convert", "run", "chat", "bench", "serve")
+COMMANDS = ("info", "validate", "convert", "demo-model", "run", "chat", "bench", "serve")
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"pyengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"pyengine.commands.{name}")
+        module = importlib.import_module(f"pyengine.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -12,7 +12,7 @@ from pyengine import __version__
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 
-COMMANDS = ("info", "validate", "convert", "demo-model", "run", "chat", "bench", "serve")
+COMMANDS = ("info", "validate", "convert", "demo-model", "synth", "run", "chat", "bench", "serve")
 
 
 def main(argv=None) -> int:

@@ -5,13 +5,14 @@ A `ModelLoadError` anywhere becomes one `[ERROR] ...` line on stderr and exit co
 
 import argparse
 import importlib
+import os
 import sys
 
 from pyengine import __version__
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 
-COMMANDS = ("info", "validate", "convert", "run", "chat", "serve")
+COMMANDS = ("info", "validate", "convert", "demo-model", "synth", "run", "chat", "bench", "serve")
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"pyengine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"pyengine.commands.{name}")
+        module = importlib.import_module(f"pyengine.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     except ModelLoadError as e:
         print(f"[ERROR] {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`pyengine info --json | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

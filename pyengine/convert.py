@@ -14,7 +14,8 @@ runs, without a llama.cpp checkout. What it writes follows llama.cpp's converter
   like llama.cpp's MXFP4_MOE); a row length that is not a block multiple falls back to F16.
 
 The file is written to a temporary name beside the target and renamed at the end, so an error or
-Ctrl-C never leaves a half-written OUT.gguf behind.
+Ctrl-C never leaves a half-written OUT.gguf behind. `write_gguf` is that writer for any source of
+HF-named tensors (pyengine.demo_model feeds it random weights).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -31,7 +33,7 @@ from gguf import GGUFWriter, quants
 
 from pyengine.errors import ModelLoadError
 from pyengine.hf_checkpoint import HFCheckpoint
-from pyengine.hf_tokenizer import read_tokenizer
+from pyengine.hf_tokenizer import GGUFTokenizer, read_tokenizer
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "mxfp4")
 ARCH_NAMES = ("gptoss", "gpt-oss")
@@ -181,8 +183,7 @@ def _metadata(w: GGUFWriter, c: GptOssConfig, arch: str, layout: str, file_type:
     w.add_quantization_version(2)
 
 
-def _tokenizer_metadata(w: GGUFWriter, folder: Path, c: GptOssConfig, hf_config: dict) -> None:
-    tok = read_tokenizer(folder, c.vocab_size, hf_config)
+def _tokenizer_metadata(w: GGUFWriter, tok: GGUFTokenizer) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok.pre)
     w.add_token_list(tok.tokens)
@@ -200,10 +201,19 @@ def _tokenizer_metadata(w: GGUFWriter, folder: Path, c: GptOssConfig, hf_config:
         w.add_chat_template(tok.chat_template)
 
 
+class TensorSource(Protocol):
+    """HF-named tensors the planner reads: an HFCheckpoint, or generated weights."""
+
+    def __contains__(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def raw(self, name: str) -> np.ndarray: ...
+    def float32(self, name: str) -> np.ndarray: ...
+
+
 class _Planner:
     """Builds the ordered list of output tensors for one checkpoint and option set."""
 
-    def __init__(self, ckpt: HFCheckpoint, c: GptOssConfig, outtype: str, layout: str):
+    def __init__(self, ckpt: TensorSource, c: GptOssConfig, outtype: str, layout: str):
         self.ckpt, self.c, self.outtype, self.layout = ckpt, c, outtype, layout
         self.mxfp4_source = "model.layers.0.mlp.experts.gate_up_proj_blocks" in ckpt
 
@@ -301,6 +311,17 @@ class _Planner:
 ProgressFn = Callable[[int, int, PlannedTensor], None]
 
 
+def _check_options(outtype: str, arch_name: str, layout: str, out: Path, force: bool) -> None:
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {OUTTYPES}")
+    if arch_name not in ARCH_NAMES:
+        raise ValueError(f"arch_name must be one of {ARCH_NAMES}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+
+
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: str = "bf16",
             arch_name: str = "gptoss", layout: str = "llama.cpp", force: bool = False,
             progress: ProgressFn | None = None) -> Path:
@@ -311,18 +332,26 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: 
     layout: "llama.cpp" tensor names, or "ollama" (Ollama's Gen-2 gptoss names and key set).
     Raises FileExistsError if out_path exists and not force; ModelLoadError for a bad checkpoint.
     progress(i, n, tensor) is called after each tensor is written."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {OUTTYPES}")
-    if arch_name not in ARCH_NAMES:
-        raise ValueError(f"arch_name must be one of {ARCH_NAMES}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}")
     folder, out = Path(hf_dir), Path(out_path)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    _check_options(outtype, arch_name, layout, out, force)
     ckpt = HFCheckpoint(folder)
-    c = GptOssConfig.from_hf(ckpt.config)
-    planner = _Planner(ckpt, c, outtype, layout)
+    try:
+        c = GptOssConfig.from_hf(ckpt.config)
+        tok = read_tokenizer(folder, c.vocab_size, ckpt.config)
+        return write_gguf(ckpt, c, tok, out, outtype=outtype, arch_name=arch_name, layout=layout,
+                          name=folder.resolve().name, force=force, progress=progress)
+    finally:
+        ckpt.close()
+
+
+def write_gguf(source: TensorSource, c: GptOssConfig, tok: GGUFTokenizer, out_path: str | os.PathLike,
+               *, outtype: str, arch_name: str = "gptoss", layout: str = "llama.cpp", name: str,
+               force: bool = False, progress: ProgressFn | None = None) -> Path:
+    """Write a gpt-oss GGUF from HF-named tensors in `source` (config `c`, tokenizer `tok`) to
+    `out_path` atomically; the options mean what they mean for `convert`. Returns the path."""
+    out = Path(out_path)
+    _check_options(outtype, arch_name, layout, out, force)
+    planner = _Planner(source, c, outtype, layout)
     tensors = planner.plan()
 
     fd, tmp_name = tempfile.mkstemp(prefix=f"{out.name}.tmp-", dir=out.parent or ".")
@@ -330,8 +359,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: 
     tmp = Path(tmp_name)
     writer = GGUFWriter(tmp, arch_name)
     try:
-        _metadata(writer, c, arch_name, layout, planner.file_type(), folder.resolve().name)
-        _tokenizer_metadata(writer, folder, c, ckpt.config)
+        _metadata(writer, c, arch_name, layout, planner.file_type(), name)
+        _tokenizer_metadata(writer, tok)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape[:-1] + (t.row_bytes,), np.dtype(np.uint8),
                                    t.nbytes, raw_dtype=t.qtype)
@@ -354,6 +383,4 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        ckpt.close()
     return out

@@ -1,8 +1,8 @@
-"""Test helper: the o200k_harmony vocabulary as a gpt-oss GGUF stores it, built from bpe-openai.
+"""Test helper: the o200k_harmony vocabulary as GGUF metadata dicts and files, plus openai-harmony.
 
-bpe-openai ships the o200k_base ranks offline. From them we make what a real gpt-oss GGUF holds
-(GPT-2 byte-to-unicode token strings, token types, merges derived from the ranks, the harmony
-special tokens at 199998..201087) and the o200k_base.tiktoken file openai-harmony loads.
+The vocabulary itself (ranks from bpe-openai, GPT-2 token strings, harmony specials, merges) is
+pyengine.o200k; this adds what only tests need: the metadata dict ModelFile would hold, a vocab-only
+GGUF, the o200k_base.tiktoken file openai-harmony loads, and a fast GGUF metadata reader.
 """
 
 from __future__ import annotations
@@ -13,81 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
-N_VOCAB = 201088
-N_BASE = 199998
-
-# gpt-oss special tokens (shared/docs/gpt-oss-spec.md 5.4); every other id from 199998 up is reserved.
-HARMONY_SPECIALS = {
-    199998: "<|startoftext|>",
-    199999: "<|endoftext|>",
-    200002: "<|return|>",
-    200003: "<|constrain|>",
-    200005: "<|channel|>",
-    200006: "<|start|>",
-    200007: "<|end|>",
-    200008: "<|message|>",
-    200012: "<|call|>",
-    200018: "<|endofprompt|>",
-}
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    table = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-BYTE_TO_UNICODE = _byte_to_unicode()
-
-
-def to_gpt2_text(piece: bytes) -> str:
-    return "".join(BYTE_TO_UNICODE[b] for b in piece)
-
-
-@functools.lru_cache(maxsize=1)
-def o200k_ranks() -> dict[bytes, int]:
-    import bpe_openai
-
-    return dict(bpe_openai.get_encoding("o200k_base")._mergeable_ranks)
-
-
-@functools.lru_cache(maxsize=1)
-def o200k_pattern() -> str:
-    import bpe_openai
-
-    return bpe_openai.get_encoding("o200k_base")._pat_str
-
-
-def special_token_text(token_id: int) -> str:
-    return HARMONY_SPECIALS.get(token_id, f"<|reserved_{token_id}|>")
-
-
-def harmony_specials() -> dict[str, int]:
-    return {special_token_text(i): i for i in range(N_BASE, N_VOCAB)}
-
-
-def merges_from_ranks(ranks: dict[bytes, int]) -> list[str]:
-    """Merge rules in priority order, derived from ranks the way HF's TikTokenConverter does it.
-
-    For each token (in rank order) every split into two tokens is a merge; merges are ordered by
-    the merged token's rank, then by the ranks of the two halves.
-    """
-    merges: list[tuple[int, int, int, str]] = []
-    for piece, rank in ranks.items():
-        if len(piece) < 2:
-            continue
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            lr, rr = ranks.get(left), ranks.get(right)
-            if lr is not None and rr is not None:
-                merges.append((rank, lr, rr, f"{to_gpt2_text(left)} {to_gpt2_text(right)}"))
-    merges.sort()
-    return [m[3] for m in merges]
+from pyengine.o200k import (  # noqa: F401  (re-exported for the tests)
+    BYTE_TO_UNICODE,
+    HARMONY_SPECIALS,
+    N_BASE,
+    N_VOCAB,
+    harmony_specials,
+    merges,
+    merges_from_ranks,
+    o200k_pattern,
+    o200k_ranks,
+    special_token_text,
+    to_gpt2_text,
+    token_types,
+    tokens,
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,20 +36,12 @@ def harmony_metadata(pre: str = "gpt-4o", arch: str = "gpt-oss", with_merges: bo
 
     Ollama's gptoss files use pre="default", arch "gptoss", and eos 199999 with eos_token_ids.
     """
-    ranks = o200k_ranks()
-    tokens = [""] * N_VOCAB
-    for piece, rank in ranks.items():
-        tokens[rank] = to_gpt2_text(piece)
-    for i in range(N_BASE, N_VOCAB):
-        tokens[i] = special_token_text(i)
-    token_type = np.ones(N_VOCAB, dtype=np.int32)
-    token_type[N_BASE:] = 3
     meta = {
         "general.architecture": arch,
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": token_type,
+        "tokenizer.ggml.tokens": list(tokens()),
+        "tokenizer.ggml.token_type": np.array(token_types(), dtype=np.int32),
         "tokenizer.ggml.bos_token_id": 199998,
         "tokenizer.ggml.eos_token_id": 200002,
         "tokenizer.ggml.padding_token_id": 199999,
@@ -119,7 +51,7 @@ def harmony_metadata(pre: str = "gpt-4o", arch: str = "gpt-oss", with_merges: bo
         meta["tokenizer.ggml.eos_token_ids"] = [199999, 200002, 200012]
         meta["tokenizer.ggml.add_bos_token"] = False
     if with_merges:
-        meta["tokenizer.ggml.merges"] = merges_from_ranks(ranks)
+        meta["tokenizer.ggml.merges"] = list(merges())
     return meta
 
 

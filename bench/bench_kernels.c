@@ -1,0 +1,212 @@
+/* pyengine-bench-kernels: times the C core's kernels at gpt-oss-20b shapes, next to the machine's
+ * measured memory read bandwidth.
+ *
+ *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB]
+ *
+ * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
+ * reported in GB/s of weight bytes and as a share of the bandwidth) and a 64-token matrix product
+ * (prefill: bound by arithmetic, reported in GFLOP/s), on a matrix of n_in = 2880 columns and as
+ * many rows as fill MIB megabytes (default 256, beyond the caches). Then the MoE layer of
+ * gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens.
+ * Weights are random blocks whose scale fields are set to a small normal value (no NaN or
+ * denormal slow paths); the timing does not depend on the values. Best of REPS runs. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cpu_features.h"
+#include "matmul.h"
+#include "moe.h"
+#include "quants.h"
+
+#define N_EMBD 2880
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ull;
+}
+
+static float frand(void) { return (float)((rng() >> 40) * (1.0 / (1ull << 24))) * 2.0f - 1.0f; }
+
+/* Byte offsets of the f16 scale fields inside one block (-1 ends), and of an E8M0 scale byte. */
+typedef struct { int type; int f16[3]; int e8m0; } scale_fields;
+static const scale_fields SCALES[] = {
+    {PE_TYPE_Q4_0, {0, -1}, -1},      {PE_TYPE_Q4_1, {0, 2, -1}, -1},   {PE_TYPE_Q5_0, {0, -1}, -1},
+    {PE_TYPE_Q5_1, {0, 2, -1}, -1},   {PE_TYPE_Q8_0, {0, -1}, -1},      {PE_TYPE_Q2_K, {80, 82, -1}, -1},
+    {PE_TYPE_Q3_K, {108, -1}, -1},    {PE_TYPE_Q4_K, {0, 2, -1}, -1},   {PE_TYPE_Q5_K, {0, 2, -1}, -1},
+    {PE_TYPE_Q6_K, {208, -1}, -1},    {PE_TYPE_MXFP4, {-1}, 0},
+};
+
+/* Fill n_rows rows of n elements of `type` with random valid data. */
+static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
+    const pe_type_traits *t = pe_type_traits_get(type);
+    const size_t row = pe_row_size(type, n);
+    const int64_t n_blocks = n_rows * (n / t->blck_size);
+    if (type == PE_TYPE_F32 || type == PE_TYPE_F16 || type == PE_TYPE_BF16) {
+        for (int64_t i = 0; i < n_rows * n; i++) {
+            const float v = frand() * 0.02f;
+            uint32_t bits;
+            memcpy(&bits, &v, 4);
+            if (type == PE_TYPE_F32) memcpy(dst + 4 * i, &v, 4);
+            else if (type == PE_TYPE_F16) { uint16_t h = pe_fp32_to_fp16(v); memcpy(dst + 2 * i, &h, 2); }
+            else { uint16_t h = (uint16_t)(bits >> 16); memcpy(dst + 2 * i, &h, 2); }
+        }
+        return;
+    }
+    for (size_t i = 0; i < row * n_rows; i += 8) {
+        uint64_t r = rng();
+        memcpy(dst + i, &r, row * n_rows - i < 8 ? row * n_rows - i : 8);
+    }
+    for (size_t s = 0; s < sizeof SCALES / sizeof SCALES[0]; s++) {
+        if (SCALES[s].type != type) continue;
+        for (int64_t b = 0; b < n_blocks; b++) {
+            uint8_t *blk = dst + b * t->type_size;
+            for (int k = 0; k < 3 && SCALES[s].f16[k] >= 0; k++) {
+                const uint16_t h = 0x2000; /* 2^-7 */
+                memcpy(blk + SCALES[s].f16[k], &h, 2);
+            }
+            if (SCALES[s].e8m0 >= 0) blk[SCALES[s].e8m0] = 120;
+        }
+    }
+}
+
+/* Best-of-reps seconds of one pe_matmul call. */
+static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, float *y, int threads, int reps) {
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        const double t0 = now();
+        if (pe_matmul(w, 0, x, w->n_in, n_tok, NULL, y, w->n_out, threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
+        const double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    return best;
+}
+
+/* Read bandwidth: sum a buffer much larger than the caches, as 64-bit words, with every thread
+ * (an integer sum vectorizes, so the loop is bound by memory, not by the adder). */
+static double bandwidth(int threads, size_t bytes) {
+    const int64_t n = (int64_t)(bytes / sizeof(uint64_t));
+    uint64_t *buf = malloc(bytes);
+    if (!buf) return 0;
+#pragma omp parallel for num_threads(threads)
+    for (int64_t i = 0; i < n; i++) buf[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    double best = 1e30;
+    uint64_t sink = 0;
+    for (int r = 0; r < 5; r++) {
+        uint64_t sum = 0;
+        const double t0 = now();
+#pragma omp parallel for num_threads(threads) reduction(+ : sum)
+        for (int64_t i = 0; i < n; i++) sum += buf[i];
+        const double dt = now() - t0;
+        sink += sum;
+        if (dt < best) best = dt;
+    }
+    free(buf);
+    return sink == 42 ? 0 : bytes / best / 1e9;
+}
+
+static void bench_moe(int threads, int reps, double bw) {
+    const int E = 32, K = 4;
+    const int64_t D = N_EMBD, F = N_EMBD;
+    const size_t exp_row = pe_row_size(PE_TYPE_MXFP4, D);
+    uint8_t *gate = malloc(exp_row * F * E), *up = malloc(exp_row * F * E), *down = malloc(exp_row * D * E);
+    float *router = malloc(sizeof(float) * D * E), *rb = calloc(E, sizeof(float));
+    float *gb = calloc((size_t)E * F, sizeof(float)), *ub = calloc((size_t)E * F, sizeof(float));
+    float *db = calloc((size_t)E * D, sizeof(float));
+    float *x = malloc(sizeof(float) * D * 64), *y = malloc(sizeof(float) * D * 64);
+    if (!gate || !up || !down || !router || !rb || !gb || !ub || !db || !x || !y) { fprintf(stderr, "out of memory\n"); exit(1); }
+    fill(PE_TYPE_MXFP4, gate, F * E, D);
+    fill(PE_TYPE_MXFP4, up, F * E, D);
+    fill(PE_TYPE_MXFP4, down, D * E, F);
+    for (int64_t i = 0; i < D * E; i++) router[i] = frand();
+    for (int64_t i = 0; i < D * 64; i++) x[i] = frand();
+    pe_moe m = {
+        .router = {(const uint8_t *)router, PE_TYPE_F32, D, E, (int64_t)(D * sizeof(float)), 0},
+        .router_b = rb,
+        .gate = {gate, PE_TYPE_MXFP4, D, F, (int64_t)exp_row, (int64_t)(exp_row * F)},
+        .up = {up, PE_TYPE_MXFP4, D, F, (int64_t)exp_row, (int64_t)(exp_row * F)},
+        .down = {down, PE_TYPE_MXFP4, F, D, (int64_t)pe_row_size(PE_TYPE_MXFP4, F), (int64_t)(pe_row_size(PE_TYPE_MXFP4, F) * D)},
+        .gate_b = gb, .up_b = ub, .down_b = db, .n_expert = E, .n_used = K, .n_embd = D, .n_ff = F,
+    };
+    printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
+    printf("%-8s %12s %12s %12s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "% of BW");
+    const int64_t toks[] = {1, 64};
+    for (int k = 0; k < 2; k++) {
+        const int64_t n = toks[k];
+        double best = 1e30;
+        for (int r = 0; r < reps; r++) {
+            const double t0 = now();
+            if (pe_moe_forward(&m, x, n, y, threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
+            const double dt = now() - t0;
+            if (dt < best) best = dt;
+        }
+        /* bytes: the distinct experts the tokens chose (at most E), 3 matrices each, + the router */
+        const int64_t used = n * K < E ? n * K : E;
+        const double bytes = (double)used * (2.0 * exp_row * F + pe_row_size(PE_TYPE_MXFP4, F) * D) + 4.0 * D * E;
+        const double flops = 2.0 * n * K * 3.0 * D * F;
+        printf("%-8lld %12.3f %12.2f %12.2f %9.0f%%\n", (long long)n, best * 1e3, bytes / best / 1e9,
+               flops / best / 1e9, 100.0 * bytes / best / 1e9 / bw);
+    }
+    free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
+}
+
+int main(int argc, char **argv) {
+    int threads = omp_get_max_threads(), reps = 5;
+    size_t mib = 256;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-r") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB]\n", argv[0]);
+            return strcmp(argv[i], "-h") && strcmp(argv[i], "--help") ? 2 : 0;
+        }
+    }
+    if (threads < 1 || reps < 1 || mib < 1) { fprintf(stderr, "-t, -r and -m must be >= 1\n"); return 2; }
+    const double bw = bandwidth(threads, (size_t)1 << 30);
+    printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
+           pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
+    printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);
+    printf("%-6s %8s %14s %10s %14s %16s\n", "type", "rows", "decode GB/s", "% of BW", "decode GF/s", "prefill GFLOP/s");
+    const int types[] = {PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0, PE_TYPE_Q4_0, PE_TYPE_Q4_1,
+                         PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K,
+                         PE_TYPE_Q6_K, PE_TYPE_MXFP4};
+    for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
+        const int type = types[k];
+        const pe_type_traits *t = pe_type_traits_get(type);
+        if (!t) continue;
+        /* K-quants have 256-element blocks and 2880 is not a multiple: they get 3072 columns */
+        const int64_t n_in = N_EMBD % t->blck_size ? 3072 : N_EMBD;
+        const size_t row = pe_row_size(type, n_in);
+        const int64_t rows = (int64_t)((mib << 20) / row);
+        uint8_t *w = malloc(row * rows);
+        float *y = malloc(sizeof(float) * rows * 64);
+        float *xx = malloc(sizeof(float) * n_in * 64);
+        if (!w || !y || !xx) { fprintf(stderr, "out of memory\n"); return 1; }
+        for (int64_t i = 0; i < n_in * 64; i++) xx[i] = frand();
+        fill(type, w, rows, n_in);
+        pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0};
+        time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
+        const double dec = time_matmul(&pw, xx, 1, y, threads, reps);
+        const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
+        pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0};
+        const double pre = time_matmul(&pp, xx, 64, y, threads, reps);
+        const double gbs = row * rows / dec / 1e9;
+        printf("%-6s %8lld %14.2f %9.0f%% %14.2f %16.2f\n", t->name, (long long)rows, gbs, 100.0 * gbs / bw,
+               2.0 * n_in * rows / dec / 1e9, 2.0 * n_in * pre_rows * 64 / pre / 1e9);
+        free(w); free(y); free(xx);
+    }
+    bench_moe(threads, reps, bw);
+    return 0;
+}

@@ -1,0 +1,130 @@
+"""pyengine and llama.cpp (llama-cpp-python) on the same GGUF, in one run, side by side.
+
+    python bench/compare_llamacpp.py MODEL.gguf [-p 512] [-n 128] [-t 2] [-r 3] [-d 0]
+                                     [--no-extra-bufts] [--only pyengine|llama.cpp]
+
+Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
+`reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
+own child process (one after the other, so they never share the CPU, and a crash of one is
+reported, not fatal). Prints both llama-bench tables, the pyengine/llama.cpp ratio per test, and
+a header (date, machine, command, commit, load average) to paste into bench/RESULTS.md.
+--no-extra-bufts turns off llama.cpp's repacked CPU weight buffers: the llama-cpp-python 0.3.36
+build here crashes (SIGSEGV) with them on files that have Q8_0 weights."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pyengine.bench import BenchResult, Runner, cpu_name, markdown, time_test
+
+
+def _rows(runner: Runner, n_vocab: int, base: dict, args) -> list[dict]:
+    rows = []
+    for n_prompt, n_gen in ((args.p, 0), (0, args.n)):
+        if n_prompt or n_gen:
+            ns = time_test(runner, n_vocab, n_prompt, n_gen, args.n_depth, args.r)
+            rows.append(BenchResult(n_prompt=n_prompt, n_gen=n_gen, samples_ns=ns, **base).to_json())
+    return rows
+
+
+def _base(args, backend: str, n_threads: int) -> dict:
+    from pyengine.model_file import open_model
+
+    mf = open_model(args.model)
+    n_params = int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in mf.raw_tensors.values()))
+    label = mf.metadata.get("general.size_label") or f"{mf.hparams.n_layer}L"
+    return dict(model_filename=args.model, model_type=f"{mf.arch} {label}", model_size=mf.file_size, model_n_params=n_params,
+                n_batch=args.b, n_threads=n_threads, n_depth=args.n_depth, backends=backend)
+
+
+def child_pyengine(args) -> list[dict]:
+    from pyengine import Engine
+
+    eng = Engine(args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t, n_batch=args.b)
+    return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, "pyengine", eng.n_threads), args)
+
+
+def child_llamacpp(args) -> list[dict]:
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    if args.no_extra_bufts:
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        high_level.llama_cpp.llama_model_default_params = params
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16,
+                          n_threads=args.t, n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b,
+                          verbose=False)
+    backend = f"llama.cpp {llama_cpp.__version__}" + (" (no extra bufts)" if args.no_extra_bufts else "")
+    return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
+
+
+def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
+    r = subprocess.run([sys.executable, __file__, *argv, "--child", engine], capture_output=True, text=True)
+    if r.returncode != 0:
+        why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+        if engine == "llama.cpp" and r.returncode == -11 and "--no-extra-bufts" not in argv:
+            why += "; try --no-extra-bufts"
+        return f"{engine} failed ({why}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    fields = BenchResult.__dataclass_fields__
+    return [BenchResult(**{k: v for k, v in row.items() if k in fields}) for row in rows]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("-b", type=int, default=512)
+    ap.add_argument("-r", type=int, default=3)
+    ap.add_argument("-d", "--n-depth", type=int, default=0)
+    ap.add_argument("--no-extra-bufts", action="store_true")
+    ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
+    ap.add_argument("--child", choices=("pyengine", "llama.cpp"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args)
+        print(json.dumps(rows))
+        return 0
+
+    argv = sys.argv[1:]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "?"
+    print(f"### {datetime.date.today()} · {cpu_name()} ({os.cpu_count()} CPUs, {platform.system()}) · commit {commit}")
+    print(f"`python bench/compare_llamacpp.py {' '.join(argv)}` · load average before: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    results = {}
+    for engine in ("pyengine", "llama.cpp"):
+        if args.only in (None, engine):
+            results[engine] = run_child(engine, argv)
+            if isinstance(results[engine], str):
+                print(f"**{results[engine]}**\n")
+    rows = [r for v in results.values() if not isinstance(v, str) for r in v]
+    if rows:
+        print(markdown(rows))
+    ours, theirs = results.get("pyengine"), results.get("llama.cpp")
+    if isinstance(ours, list) and isinstance(theirs, list):
+        print("\n| test | pyengine t/s | llama.cpp t/s | ratio |\n| --- | ---: | ---: | ---: |")
+        for a, b in zip(ours, theirs):
+            print(f"| {a.test} | {a.avg_ts:.2f} | {b.avg_ts:.2f} | {a.avg_ts / b.avg_ts:.2f}x |")
+    print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Timing the engine the way llama-bench does: `pp<N>` (prompt processing, one batched eval of N
+tokens) and `tg<N>` (N one-token decode steps), each after an optional `depth` of tokens already
+in the cache, repeated, reported as tokens/s mean ± standard deviation with llama-bench's JSON
+field names. Tokens are random ids: speed does not depend on what they say."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BenchResult:
+    """One llama-bench test row (field names as llama-bench's JSON output)."""
+
+    model_filename: str
+    model_type: str
+    model_size: int
+    model_n_params: int
+    n_batch: int
+    n_threads: int
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    backends: str = "CPU"
+    cpu_info: str = field(default_factory=lambda: cpu_name())
+    samples_ns: list[int] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prompt + self.n_gen
+
+    @property
+    def samples_ts(self) -> list[float]:
+        return [self.n_tokens * 1e9 / ns for ns in self.samples_ns]
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.samples_ts)
+
+    @property
+    def stddev_ts(self) -> float:
+        return statistics.stdev(self.samples_ts) if len(self.samples_ns) > 1 else 0.0
+
+    @property
+    def test(self) -> str:
+        name = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return f"{name} @ d{self.n_depth}" if self.n_depth else name
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        avg_ns = statistics.fmean(self.samples_ns)
+        out.update(avg_ns=int(avg_ns), stddev_ns=int(statistics.stdev(self.samples_ns)) if len(self.samples_ns) > 1 else 0,
+                   avg_ts=self.avg_ts, stddev_ts=self.stddev_ts, samples_ts=self.samples_ts)
+        return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Runner:
+    """What a backend must offer to be timed: reset the context, evaluate tokens after it."""
+
+    def __init__(self, reset: Callable[[], None], eval_tokens: Callable[[Sequence[int]], object]) -> None:
+        self.reset = reset
+        self.eval = eval_tokens
+
+
+def time_test(runner: Runner, n_vocab: int, n_prompt: int, n_gen: int, n_depth: int, reps: int,
+              seed: int = 0) -> list[int]:
+    """Nanoseconds of each repetition of one test (a warm-up run first, not counted)."""
+    rng = np.random.default_rng(seed)
+    depth = rng.integers(0, n_vocab, n_depth).tolist()
+    tokens = rng.integers(0, n_vocab, max(n_prompt, n_gen)).tolist()
+
+    def once() -> int:
+        runner.reset()
+        if depth:
+            runner.eval(depth)
+        start = time.perf_counter_ns()
+        if n_prompt:
+            runner.eval(tokens[:n_prompt])
+        for t in tokens[:n_gen]:
+            runner.eval([t])
+        return time.perf_counter_ns() - start
+
+    runner.reset()
+    runner.eval(tokens[: min(max(n_prompt, 1), 16)])  # warm-up: page in the weights, spin up threads
+    return [once() for _ in range(reps)]
+
+
+def markdown(rows: Sequence[BenchResult]) -> str:
+    """llama-bench's table: model | size | params | backend | threads | test | t/s."""
+    lines = ["| model | size | params | backend | threads | test | t/s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.model_type} | {r.model_size / 2 ** 30:.2f} GiB | {r.model_n_params / 1e9:.2f} B | "
+                     f"{r.backends} | {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
+    return "\n".join(lines)

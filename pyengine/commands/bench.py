@@ -1,0 +1,60 @@
+"""Time prompt processing and decoding like llama-bench: `pyengine bench MODEL -p 512 -n 128`.
+
+Prints llama-bench's markdown table (pp512 / tg128, t/s as mean ± stddev) or its JSON fields
+(-o json). Random token ids; a warm-up run first; the page cache is whatever it is (run twice
+for warm numbers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import numpy as np
+
+from pyengine.bench import BenchResult, Runner, markdown, time_test
+from pyengine.engine import Engine
+from pyengine.gguf_reader import type_name
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, or a model name in the models folder")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the pp test (0: none)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="decoded tokens of the tg test (0: none)")
+    p.add_argument("-d", "--n-depth", type=int, default=0, help="tokens already in the cache before each test")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="n_batch (default 512)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test (default 5)")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    p.add_argument("--models-dir", help="models folder for names")
+
+
+def model_type(eng: Engine) -> str:
+    """llama-bench's model column: architecture, size label, dominant weight type."""
+    weights: Counter[str] = Counter()
+    for t in eng.model_file.raw_tensors.values():
+        weights[type_name(t.ggml_type)] += t.nbytes
+    dominant = weights.most_common(1)[0][0] if weights else "?"
+    label = eng.metadata.get("general.size_label") or f"{eng.hparams.n_layer}L"
+    return f"{eng.model_file.arch} {label} {dominant}"
+
+
+def n_params(eng: Engine) -> int:
+    return int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in eng.model_file.raw_tensors.values()))
+
+
+def run(args: argparse.Namespace) -> int:
+    n_ctx = args.n_depth + max(args.n_prompt, args.n_gen) + 16
+    eng = Engine(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=args.batch_size,
+                 models_dir=args.models_dir)
+    runner = Runner(eng.reset, eng.eval)
+    base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng),
+                model_size=eng.model_file.file_size, model_n_params=n_params(eng),
+                n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth)
+    rows = []
+    for n_prompt, n_gen in ((args.n_prompt, 0), (0, args.n_gen)):
+        if n_prompt or n_gen:
+            ns = time_test(runner, eng.n_vocab, n_prompt, n_gen, args.n_depth, args.repetitions)
+            rows.append(BenchResult(n_prompt=n_prompt, n_gen=n_gen, samples_ns=ns, **base))
+    print(json.dumps([r.to_json() for r in rows], indent=2) if args.output == "json" else markdown(rows))
+    return 0

@@ -1,0 +1,72 @@
+"""`pyengine synth` (real-shape random GGUFs) and `pyengine bench` (llama-bench output): the synth
+file has gpt-oss-20b's exact tensor shapes and ggml-org's type layout and runs with finite logits;
+bench reports every llama-bench field it names, consistent with its own samples."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gguf_factory import GPT_OSS_20B
+from pyengine import Engine
+from pyengine.gguf_reader import type_name
+from pyengine.model_file import open_model
+
+
+def pyengine(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pyengine.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    r = pyengine("synth", "--shape", "gpt-oss-20b", "--layers", "1", "--arch-name", "gpt-oss", "one.gguf", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return d / "one.gguf"
+
+
+def test_synth_has_the_real_shapes_and_types(synth, tmp_path):
+    mf = open_model(synth)
+    hp, raw = mf.hparams, mf.raw_tensors
+    d = GPT_OSS_20B
+    assert (hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_expert, hp.n_expert_used, hp.n_layer) == (
+        d["n_embd"], d["n_head"], d["n_head_kv"], d["head_dim"], d["n_expert"], d["n_expert_used"], 1)
+    assert mf.metadata.count("tokenizer.ggml.tokens") == d["n_vocab"]
+    assert raw["blk.0.ffn_gate_exps.weight"].shape == (d["n_embd"], d["n_ff"], d["n_expert"])
+    assert raw["blk.0.ffn_down_exps.weight"].shape == (d["n_ff"], d["n_embd"], d["n_expert"])
+    assert raw["token_embd.weight"].shape == (d["n_embd"], d["n_vocab"])
+    types = {n: type_name(t.ggml_type) for n, t in raw.items()}
+    assert {types[n] for n in types if "_exps.weight" in n} == {"MXFP4"}
+    assert {types[n] for n in ("token_embd.weight", "output.weight", "blk.0.attn_q.weight")} == {"Q8_0"}
+    assert types["blk.0.attn_sinks.weight"] == "F32"
+
+    eng = Engine(mf, n_ctx=64, n_threads=2)
+    logits = eng.logits(np.random.default_rng(0).integers(0, d["n_vocab"], 8))
+    assert np.isfinite(logits).all() and logits.std() > 0.1
+
+    r = pyengine("synth", "one.gguf", "--layers", "1", cwd=synth.parent)
+    assert r.returncode == 1 and "exists" in r.stderr
+    r = pyengine("synth", "x.gguf", "--layers", "0", cwd=tmp_path)
+    assert r.returncode == 1 and "--layers must be >= 1" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_bench_reports_llama_bench_fields(tmp_path):
+    r = pyengine("demo-model", "demo.gguf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = pyengine("bench", "demo.gguf", "-p", "16", "-n", "4", "-r", "2", "-d", "8", "-t", "1", "-o", "json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["n_prompt"], x["n_gen"], x["n_depth"], x["n_threads"]) for x in rows] == [(16, 0, 8, 1), (0, 4, 8, 1)]
+    for x in rows:
+        assert len(x["samples_ns"]) == len(x["samples_ts"]) == 2
+        n = x["n_prompt"] + x["n_gen"]
+        assert x["samples_ts"] == pytest.approx([n * 1e9 / ns for ns in x["samples_ns"]])
+        assert x["avg_ts"] == pytest.approx(np.mean(x["samples_ts"]))
+        assert x["model_size"] == (tmp_path / "demo.gguf").stat().st_size and x["model_n_params"] > 0
+    r = pyengine("bench", "demo.gguf", "-p", "8", "-n", "2", "-r", "1", cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| model | size | params | backend | threads | test | t/s |"
+    assert lines[2].split("|")[6].strip() == "pp8" and lines[3].split("|")[6].strip() == "tg2"

@@ -147,7 +147,7 @@ static void bench_moe(int threads, int reps, double bw) {
         double best = 1e30;
         for (int r = 0; r < reps; r++) {
             const double t0 = now();
-            if (pe_moe_forward(&m, x, n, y, threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
+            if (pe_moe_forward(&m, x, n, y, threads, NULL)) { fprintf(stderr, "out of memory\n"); exit(1); }
             const double dt = now() - t0;
             if (dt < best) best = dt;
         }

@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
+from pyengine.node import openapi
 from pyengine.node.backend import Backend, TokenLogprob
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
@@ -156,6 +157,8 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
     given = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p",
                                                     "presence_penalty", "frequency_penalty", "seed")}
     given["repeat_penalty"] = req.repetition_penalty or req.repeat_penalty
+    if given["seed"] == -1:
+        given["seed"] = None
     try:
         return SamplingParams(logit_bias=bias, **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
@@ -240,6 +243,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     app = FastAPI(title="pyengine node", version=__version__, lifespan=lifespan)
     app.state.node = state
     app.add_middleware(RequestIdAndAuth, api_key=config.api_key)
+    openapi.install(app)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:

@@ -224,3 +224,14 @@ def test_router_url_flag_wins_over_the_environment(entry, tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, caplog):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setattr(GpuProbe, "COMMAND", str(smi))
+    probe = GpuProbe()
+    assert probe.read() == [] and probe.read() == []
+    assert caplog.text.count("could not read the GPUs") == 1
+    assert GpuProbe.devices([]) == [] and GpuProbe.heartbeat_fields([]) == {}

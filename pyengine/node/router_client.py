@@ -78,6 +78,9 @@ class GpuProbe:
     COMMAND = "nvidia-smi"
     QUERY = "--query-gpu=name,memory.total,memory.used,utilization.gpu,compute_cap"
 
+    def __init__(self) -> None:
+        self.warned = False
+
     def read(self) -> list[dict[str, Any]]:
         """One dict per GPU: name, memory_total_mb, memory_used_mb, utilization (%), compute_cap."""
         exe = shutil.which(self.COMMAND)
@@ -93,7 +96,9 @@ class GpuProbe:
                              "utilization": float(util), "compute_cap": cap})
             return gpus
         except (OSError, subprocess.SubprocessError, ValueError) as e:
-            log.warning("could not read the GPUs with nvidia-smi: %s", e)
+            if not self.warned:  # once, not at every heartbeat
+                log.warning("could not read the GPUs with nvidia-smi (reporting none): %s", e)
+                self.warned = True
             return []
 
     @staticmethod

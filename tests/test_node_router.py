@@ -235,3 +235,16 @@ def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, caplog):
     assert probe.read() == [] and probe.read() == []
     assert caplog.text.count("could not read the GPUs") == 1
     assert GpuProbe.devices([]) == [] and GpuProbe.heartbeat_fields([]) == {}
+
+
+def test_pull_refuses_what_it_cannot_fetch(tmp_path):
+    with run_node(ScriptedBackend(), models_dir=tmp_path / "models") as (url, _):
+        for body, param in (({"model": "m", "path": str(tmp_path / "missing.gguf")}, "path"),
+                            ({"model": "m", "path": "/dev/zero"}, "path"),
+                            ({"model": "m", "path": "~no-such-user/model.gguf"}, "path"),
+                            ({"model": "m", "download_url": "http\r://x"}, "download_url"),
+                            ({"model": "m", "download_url": "ftp://host/model.gguf"}, "download_url"),
+                            ({"model": "../up", "download_url": "http://127.0.0.1:9/m.gguf"}, "model")):
+            r = httpx.post(f"{url}/pull", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        assert not (tmp_path / "models").exists() or not list((tmp_path / "models").rglob("*"))

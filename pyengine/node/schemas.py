@@ -7,8 +7,10 @@ request is answered in one clear sentence and never reaches the scheduler."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
+import httpx
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -47,6 +49,7 @@ _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
 _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}
 _RESPONSE_FORMAT = {"type": "object", "properties": {"type": {"const": "text"}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
+URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
 _PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
                      {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
                      {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
@@ -285,8 +288,20 @@ class DetokenizeRequest(_Open):
 class PullRequest(_Open):
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": ["path"], "properties": {"path": {"type": "string", "minLength": 1}}},
-        {"required": ["download_url"], "properties": {"download_url": {"type": "string", "minLength": 1}}}]})
+        {"required": ["download_url"], "properties": {"download_url": {"type": "string"}}}]})
     model: str
     task_id: str | None = None
     path: str | None = None
-    download_url: str | None = None
+    download_url: Annotated[str | None, _nullable({"type": "string", "pattern": URL_PATTERN})] = None
+
+    @field_validator("download_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        message = "download_url must be an http:// or https:// URL without spaces or control characters"
+        if v is not None and not re.fullmatch(URL_PATTERN, v):
+            raise ValueError(message)
+        try:
+            httpx.URL(v or "")
+        except httpx.InvalidURL:
+            raise ValueError(message) from None
+        return v

@@ -209,32 +209,32 @@ def _sse(chunk: type[BaseModel]) -> dict[str, Any]:
         "description": "`data: {chunk}` events, then `data: [DONE]` (when `stream` is true)"}}}
 
 
+def _ok(description: str, content: dict[str, Any], *errors: int) -> dict[str, Any]:
+    return {"200": {"description": description, "content": content}, **_errors(*errors)}
+
+
+GENERATION_ERRORS = (400, 401, 404, 500, 503)
 # (path, method) -> (request body model or None, {status: response object})
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
-    ("/v1/chat/completions", "post"): (ChatCompletionRequest, {
-        "200": {"description": "A chat completion, or its SSE stream", "content": {**_json(ChatCompletion), **_sse(ChatCompletionChunk)}},
-        **_errors(400, 401, 404, 500, 503)}),
-    ("/v1/completions", "post"): (CompletionRequest, {
-        "200": {"description": "A text completion, or its SSE stream", "content": {**_json(TextCompletion), **_sse(TextCompletionChunk)}},
-        **_errors(400, 401, 404, 500, 503)}),
-    ("/v1/models", "get"): (None, {"200": {"description": "The loaded model", "content": _json(ModelList)},
-                                   **_errors(401)}),
-    ("/health", "get"): (None, {"200": {"description": "Ready", "content": _json(HealthOk)}, **_errors(503)}),
-    ("/v1/health", "get"): (None, {"200": {"description": "Ready", "content": _json(HealthOk)}, **_errors(503)}),
-    ("/metrics", "get"): (None, {"200": {"description": "Prometheus text exposition",
-                                         "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                 **_errors(401)}),
-    ("/tokenize", "post"): (TokenizeRequest, {"200": {"description": "Token ids (with pieces if asked)",
-                                                      "content": _json(TokenizeResponse)},
-                                              **_errors(400, 401, 503)}),
-    ("/detokenize", "post"): (DetokenizeRequest, {"200": {"description": "The text of the tokens",
-                                                          "content": _json(DetokenizeResponse)},
-                                                  **_errors(400, 401, 503)}),
-    ("/pull", "post"): (PullRequest, {"200": {"description": "The copy or download started",
-                                              "content": _json(PullAccepted)}, **_errors(400, 401)}),
+    ("/v1/chat/completions", "post"): (ChatCompletionRequest, _ok(
+        "A chat completion, or its SSE stream", {**_json(ChatCompletion), **_sse(ChatCompletionChunk)},
+        *GENERATION_ERRORS)),
+    ("/v1/completions", "post"): (CompletionRequest, _ok(
+        "A text completion, or its SSE stream", {**_json(TextCompletion), **_sse(TextCompletionChunk)},
+        *GENERATION_ERRORS)),
+    ("/v1/models", "get"): (None, _ok("The loaded model", _json(ModelList), 401)),
+    ("/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
+    ("/v1/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
+    ("/metrics", "get"): (None, _ok("Prometheus text exposition",
+                                    {"text/plain": {"schema": {"type": "string"}}}, 401)),
+    ("/tokenize", "post"): (TokenizeRequest, _ok("Token ids (with pieces if asked)", _json(TokenizeResponse),
+                                                 400, 401, 503)),
+    ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
+                                                     400, 401, 503)),
+    ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted), 400, 401)),
 }
-RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk, ModelList, HealthOk, TokenizeResponse,
-                   DetokenizeResponse, PullAccepted)
+RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
+                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

@@ -293,8 +293,16 @@ def test_prompt_over_context_is_400_exceed_context_size(node):
     err = _error(httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]}), 400)
     assert err["type"] == "exceed_context_size_error" and err["n_ctx"] == 4096 and err["n_prompt_tokens"] > 4096
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model="scripted-oss", prompt=long_text)
+    err = raised.value.body
+    assert err["type"] == "exceed_context_size_error" and err["n_ctx"] == 4096
+    assert err["n_prompt_tokens"] == len(node[1].tokenize(long_text, special=True))
+    # a prompt that fills the context leaves no room to generate; one token less fits
+    err = _error(httpx.post(f"{url}/v1/completions", json={"prompt": [1000] * 4096, "max_tokens": 1}), 400)
+    assert (err["type"], err["n_prompt_tokens"], err["n_ctx"]) == ("exceed_context_size_error", 4096, 4096)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [1000] * 4095, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4095
 
 
 def test_unknown_model_is_404_known_aliases_pass(client):

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
+from pyengine.node import openapi
 from pyengine.node.backend import Backend, TokenLogprob
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
@@ -156,10 +158,20 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
     given = {name: getattr(req, name) for name in ("temperature", "top_p", "top_k", "min_p",
                                                     "presence_penalty", "frequency_penalty", "seed")}
     given["repeat_penalty"] = req.repetition_penalty or req.repeat_penalty
+    if given["seed"] == -1:
+        given["seed"] = None
     try:
         return SamplingParams(logit_bias=bias, **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise bad_request(f"Invalid sampling parameters: {e}") from None
+
+
+def _is_file(path: str) -> bool:
+    """A regular file (not /dev/zero, not a folder); False for names the OS refuses outright."""
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, an unknown ~user
+        return False
 
 
 def _history(messages: list[Message]) -> list[dict[str, Any]]:
@@ -240,6 +252,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     app = FastAPI(title="pyengine node", version=__version__, lifespan=lifespan)
     app.state.node = state
     app.add_middleware(RequestIdAndAuth, api_key=config.api_key)
+    openapi.install(app)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -499,6 +512,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         req = parse_body(await request.body(), PullRequest)
         if not req.path and not req.download_url:
             raise bad_request("pull needs a path or a download_url", "path")
+        if req.path and not await run_in_threadpool(_is_file, req.path):
+            raise bad_request(f"path {req.path!r} is not a readable file on this node", "path")
         try:
             start_pull(req, config)
         except ValueError as e:

@@ -14,6 +14,12 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def _number(value: float) -> str:
+    """A sample value in full precision (`:g` would print 1234567 as 1.23457e+06)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 class Histogram:
     """Cumulative-bucket histogram as Prometheus defines it (le buckets, _sum, _count)."""
 
@@ -94,7 +100,7 @@ class Metrics:
                     f"# TYPE {p}time_per_output_token_seconds histogram",
                     *self.tpot.lines(f"{p}time_per_output_token_seconds")]
         for name, (help_, read) in sorted(self.gauges.items()):
-            out += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} gauge", f"{p}{name} {read():g}"]
+            out += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} gauge", f"{p}{name} {_number(read())}"]
         counts = self.expert_counts()
         if counts:
             out += [f"# HELP {p}expert_selections_total Times each expert was routed a token, per layer.",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import socket
+import subprocess
 from typing import Any
 from urllib.parse import urlparse
 
@@ -67,6 +69,61 @@ class HostLoad:
             return 0.0
 
 
+class GpuProbe:
+    """The machine's NVIDIA GPUs as nvidia-smi reports them; none where it is missing or fails.
+
+    These are hardware facts for the router's bookkeeping: this version of the engine computes on
+    the CPU even where a GPU is present (docs/node.md)."""
+
+    COMMAND = "nvidia-smi"
+    QUERY = "--query-gpu=name,memory.total,memory.used,utilization.gpu,compute_cap"
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def read(self) -> list[dict[str, Any]]:
+        """One dict per GPU: name, memory_total_mb, memory_used_mb, utilization (%), compute_cap."""
+        exe = shutil.which(self.COMMAND)
+        if not exe:
+            return []
+        try:
+            out = subprocess.run([exe, self.QUERY, "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout
+            gpus = []
+            for line in out.strip().splitlines():
+                name, total, used, util, cap = (f.strip() for f in line.split(","))
+                gpus.append({"name": name, "memory_total_mb": float(total), "memory_used_mb": float(used),
+                             "utilization": float(util), "compute_cap": cap})
+            return gpus
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            if not self.warned:  # once, not at every heartbeat
+                log.warning("could not read the GPUs with nvidia-smi (reporting none): %s", e)
+                self.warned = True
+            return []
+
+    @staticmethod
+    def devices(gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Registration's gpu_devices: one entry per model with its count and memory in bytes."""
+        out: dict[str, dict[str, Any]] = {}
+        for g in gpus:
+            entry = out.setdefault(g["name"], {"model": g["name"], "count": 0,
+                                               "memory": int(g["memory_total_mb"] * 1024 * 1024)})
+            entry["count"] += 1
+        return list(out.values())
+
+    @staticmethod
+    def heartbeat_fields(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+        """The heartbeat's optional gpu_* figures over all GPUs (none without a GPU)."""
+        if not gpus:
+            return {}
+        total = sum(g["memory_total_mb"] for g in gpus)
+        used = sum(g["memory_used_mb"] for g in gpus)
+        return {"gpu_usage": round(sum(g["utilization"] for g in gpus) / len(gpus), 1),
+                "gpu_memory_usage": round(100.0 * used / total, 1) if total else 0.0,
+                "gpu_memory_total_mb": int(total), "gpu_memory_used_mb": int(used),
+                "gpu_model_name": gpus[0]["name"], "gpu_compute_capability": gpus[0]["compute_cap"]}
+
+
 class RouterClient:
     """Registers `state`'s node with the router at `config.router_url` and sends heartbeats."""
 
@@ -77,12 +134,17 @@ class RouterClient:
         self.node_id: str | None = None
         self.token: str | None = None
         self.load = HostLoad()
+        self.gpus = GpuProbe()
 
     def registration(self) -> dict[str, Any]:
-        return {"machine_name": socket.gethostname(),
+        devices = GpuProbe.devices(self.gpus.read())
+        body = {"machine_name": socket.gethostname(),
                 "ip_address": self.config.advertise_ip or local_ip_toward(self.base),
                 "runtime_version": __version__, "runtime_port": self.config.port - 1,
-                "gpu_available": False, "gpu_devices": []}
+                "gpu_available": bool(devices), "gpu_devices": devices}
+        if devices:
+            body.update(gpu_count=sum(d["count"] for d in devices), gpu_model=devices[0]["model"])
+        return body
 
     def heartbeat(self) -> dict[str, Any]:
         s = self.state
@@ -91,13 +153,15 @@ class RouterClient:
                 "memory_usage": self.load.memory_usage(), "active_requests": s.active_requests(),
                 "average_response_time_ms": round(s.average_response_ms(), 1),
                 "loaded_models": [s.model_name()] if ready else [],
-                "initializing": not ready and not s.load_error, "ready_models": [int(ready), 1]}
+                "initializing": not ready and not s.load_error, "ready_models": [int(ready), 1],
+                **GpuProbe.heartbeat_fields(self.gpus.read())}
 
     async def register(self, client: httpx.AsyncClient) -> bool:
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
             await asyncio.sleep(delay)
+            body = await asyncio.to_thread(self.registration)  # nvidia-smi may take a moment
             try:
-                r = await client.post(f"{self.base}/api/nodes", json=self.registration())
+                r = await client.post(f"{self.base}/api/nodes", json=body)
             except httpx.HTTPError as e:
                 log.warning("router registration attempt %d failed: %s", attempt + 1, e)
                 continue
@@ -105,9 +169,9 @@ class RouterClient:
                 log.error("the router at %s refused this node (403: it requires a GPU); "
                           "serving standalone", self.base)
                 return False
-            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-            if r.status_code in (200, 201) and body.get("node_id") and body.get("agent_token"):
-                self.node_id, self.token = str(body["node_id"]), str(body["agent_token"])
+            reply = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            if r.status_code in (200, 201) and reply.get("node_id") and reply.get("agent_token"):
+                self.node_id, self.token = str(reply["node_id"]), str(reply["agent_token"])
                 log.info("Registered with router %s as node %s", self.base, self.node_id)
                 return True
             log.warning("router registration attempt %d failed: HTTP %d %s", attempt + 1,
@@ -132,8 +196,9 @@ class RouterClient:
                 return
             while True:
                 await asyncio.sleep(self.config.heartbeat_secs)
+                beat = await asyncio.to_thread(self.heartbeat)
                 try:
-                    r = await client.post(f"{self.base}/api/health", json=self.heartbeat(),
+                    r = await client.post(f"{self.base}/api/health", json=beat,
                                           headers={"X-Agent-Token": self.token})
                 except httpx.HTTPError as e:
                     log.warning("heartbeat to the router failed: %s", e)

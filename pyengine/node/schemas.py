@@ -7,16 +7,52 @@ request is answered in one clear sentence and never reaches the scheduler."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
+import httpx
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema calls 3.0 an integer; strict validation would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
+
+
+def _nullable(schema: dict[str, Any]) -> Any:
+    """The published JSON schema of an optional field whose validator checks more than its type."""
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}]})
+
+
+_STOP = {"anyOf": [{"type": "string", "minLength": 1},
+                   {"type": "array", "maxItems": 16, "items": {"type": "string", "minLength": 1}}]}
+_LOGIT_BIAS = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+               "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+_CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "properties": {"type": {"enum": list(TEXT_PART_TYPES)}, "text": {"type": "string"}},
+    "required": ["type"]}}]}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}
+_RESPONSE_FORMAT = {"type": "object", "properties": {"type": {"const": "text"}}}
+_TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
+URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
+_PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
+                     {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                     {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
 
 
 class APIError(Exception):
@@ -51,7 +87,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise bad_request("Request body must be a JSON object.")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
@@ -78,7 +114,7 @@ class ToolCall(_Open):
 
 class Message(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str | list[dict[str, Any]] | None, _nullable(_CONTENT)] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -94,10 +130,13 @@ class Message(_Open):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") not in ("text", "input_text", "output_text"):
+            if part.get("type") not in TEXT_PART_TYPES:
                 raise ValueError(f"content part type {part.get('type')!r} is not supported "
                                  "(this model reads text only)")
-            parts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise ValueError("a text content part needs a string `text`")
+            parts.append(text)
         return "".join(parts)
 
 
@@ -124,17 +163,17 @@ class _Sampling(_Open):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     repeat_penalty: float | None = Field(None, gt=0.0)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    n: int | None = None
+    logit_bias: Annotated[dict[str, float] | None, _nullable(_LOGIT_BIAS)] = None
+    seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
+    n: Annotated[Int | None, _nullable({"const": 1})] = None
 
     @field_validator("n")
     @classmethod
@@ -169,16 +208,19 @@ class _Sampling(_Open):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _nullable(_TOOL_CHOICE)] = None
     parallel_tool_calls: bool | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any] | None, _nullable(_TEMPLATE_KWARGS)] = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
 
     @field_validator("response_format")
     @classmethod
@@ -210,10 +252,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: Annotated[str | list[str] | list[Int], WithJsonSchema(_PROMPT)]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    suffix: Annotated[str | None, _nullable({"type": "string", "maxLength": 0})] = None
 
     @field_validator("prompt")
     @classmethod
@@ -240,11 +282,26 @@ class TokenizeRequest(_Open):
 
 
 class DetokenizeRequest(_Open):
-    tokens: list[int]
+    tokens: list[Annotated[int, Field(ge=0), INTEGRAL]]
 
 
 class PullRequest(_Open):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["path"], "properties": {"path": {"type": "string", "minLength": 1}}},
+        {"required": ["download_url"], "properties": {"download_url": {"type": "string"}}}]})
     model: str
     task_id: str | None = None
     path: str | None = None
-    download_url: str | None = None
+    download_url: Annotated[str | None, _nullable({"type": "string", "pattern": URL_PATTERN})] = None
+
+    @field_validator("download_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        message = "download_url must be an http:// or https:// URL without spaces or control characters"
+        if v is not None and not re.fullmatch(URL_PATTERN, v):
+            raise ValueError(message)
+        try:
+            httpx.URL(v or "")
+        except httpx.InvalidURL:
+            raise ValueError(message) from None
+        return v

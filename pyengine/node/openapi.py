@@ -1,0 +1,263 @@
+"""The node's published OpenAPI document (GET /openapi.json).
+
+The routes read their bodies themselves (`schemas.parse_body`, so every failure is one OpenAI-shaped
+400), which leaves FastAPI blind to them; this module tells it what each route accepts — the
+request models of `schemas.py` — and what it answers, status by status, so clients and fuzzers
+(schemathesis in the tests) see the real contract."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import models_json_schema
+
+from pyengine.node.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PullRequest,
+    TokenizeRequest,
+)
+
+REF = "#/components/schemas/{model}"
+
+
+class _Doc(BaseModel):
+    """Response shapes are documented, not enforced: more fields may come."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    code: str | int
+    param: str | None = None
+    n_prompt_tokens: int | None = None
+    n_ctx: int | None = None
+
+
+class ErrorResponse(_Doc):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Doc):
+    cached_tokens: int
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ResponseToolCall(_Doc):
+    id: str
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class AssistantMessage(_Doc):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None
+
+
+class ChatCompletion(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    timings: dict[str, float]
+
+
+class Delta(_Doc):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(_Doc):
+    index: int
+    delta: Delta
+    finish_reason: FinishReason | None
+    logprobs: dict[str, Any] | None
+
+
+class ChatCompletionChunk(_Doc):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    timings: dict[str, float] | None = None
+
+
+class TextChoice(_Doc):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None
+
+
+class TextCompletion(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    timings: dict[str, float]
+
+
+class TextChunkChoice(_Doc):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: dict[str, Any] | None
+
+
+class TextCompletionChunk(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+    timings: dict[str, float] | None = None
+
+
+class ModelEntry(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int | None = None
+    size: int | None = None
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelEntry]
+    ready_models: list[int]
+    initializing: bool
+
+
+class HealthOk(_Doc):
+    status: Literal["ok"]
+
+
+class TokenPiece(_Doc):
+    id: int
+    piece: str
+
+
+class TokenizeResponse(_Doc):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeResponse(_Doc):
+    content: str
+
+
+class PullAccepted(_Doc):
+    status: Literal["accepted"]
+
+
+def _json(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    why = {400: "Invalid request (malformed JSON, a bad parameter, or a prompt over the context)",
+           401: "Missing or wrong API key (only with --api-key)",
+           404: "The request names a model this node does not serve",
+           500: "Generation failed for this request",
+           503: "The model is loading, the queue is full, or the node is shutting down"}
+    return {str(s): {"description": why[s], "content": _json(ErrorResponse)} for s in statuses}
+
+
+def _sse(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1: the schema of an event stream describes each event):
+    `data:` a JSON chunk, an error object (generation failed or the node stops), or `[DONE]`."""
+    payload = {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": REF.format(model=chunk.__name__)}, {"$ref": REF.format(model="ErrorResponse")}]}}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}},
+        "description": "`data: {chunk}` events, then `data: [DONE]` (when `stream` is true)"}}}
+
+
+def _ok(description: str, content: dict[str, Any], *errors: int) -> dict[str, Any]:
+    return {"200": {"description": description, "content": content}, **_errors(*errors)}
+
+
+GENERATION_ERRORS = (400, 401, 404, 500, 503)
+# (path, method) -> (request body model or None, {status: response object})
+ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
+    ("/v1/chat/completions", "post"): (ChatCompletionRequest, _ok(
+        "A chat completion, or its SSE stream", {**_json(ChatCompletion), **_sse(ChatCompletionChunk)},
+        *GENERATION_ERRORS)),
+    ("/v1/completions", "post"): (CompletionRequest, _ok(
+        "A text completion, or its SSE stream", {**_json(TextCompletion), **_sse(TextCompletionChunk)},
+        *GENERATION_ERRORS)),
+    ("/v1/models", "get"): (None, _ok("The loaded model", _json(ModelList), 401)),
+    ("/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
+    ("/v1/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
+    ("/metrics", "get"): (None, _ok("Prometheus text exposition",
+                                    {"text/plain": {"schema": {"type": "string"}}}, 401)),
+    ("/tokenize", "post"): (TokenizeRequest, _ok("Token ids (with pieces if asked)", _json(TokenizeResponse),
+                                                 400, 401, 503)),
+    ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
+                                                     400, 401, 503)),
+    ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted), 400, 401)),
+}
+RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
+                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted)
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document of `app`'s routes with the bodies and responses of ROUTES filled in."""
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                      description="OpenAI-compatible API of one gpt-oss model (pyengine).")
+    requests = {m for m, _ in ROUTES.values() if m}
+    _, defs = models_json_schema([(m, "validation") for m in requests] +
+                                 [(m, "serialization") for m in RESPONSE_MODELS], ref_template=REF)
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for (path, method), (body, responses) in ROUTES.items():
+        op = doc["paths"][path][method]
+        op["responses"] = responses
+        if body:
+            op["requestBody"] = {"required": True, "content": _json(body)}
+    return doc
+
+
+def install(app: FastAPI) -> None:
+    """Make `app` publish build_openapi(app) at /openapi.json (built once, on first request)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import threading
+import time
 
 import httpx
 import pytest
@@ -39,6 +41,12 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
 
     def recording(engines, tokens, n_threads=None):
         calls.append([len(t) for t in tokens])
+        if len(calls) == first_concurrent:
+            # Hold the scheduler's first step until all four requests have been sent, so they
+            # are waiting together however slowly this machine serves HTTP.
+            for _ in range(4):
+                assert started.acquire(timeout=60)
+            time.sleep(0.5)
         return real(engines, tokens, n_threads)
 
     real = engine_backend.eval_batch
@@ -47,14 +55,18 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
     eog = backend.tokenizer.eog_ids
     with run_node(backend, parallel=4) as (url, _):
         def complete(prompt: str) -> str:
+            started.release()
             r = httpx.post(f"{url}/v1/completions", timeout=120, json={
                 "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0})
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
+        first_concurrent, started = -1, threading.Semaphore(0)
         single = [complete(p) for p in PROMPTS]
         assert max(len(c) for c in calls) == 1
         n_single = len(calls)
+        started = threading.Semaphore(0)
+        first_concurrent = n_single + 1
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             batched = list(pool.map(complete, PROMPTS))
         assert batched == single

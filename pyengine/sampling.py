@@ -95,13 +95,16 @@ class Sampler:
             seen = x[ids]
             seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
             x[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
+        # Extreme penalties or biases may overflow: +inf becomes the largest finite value (so
+        # differences stay defined), NaN becomes -inf (never drawn).
+        np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
         return x
 
     def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities) that remain after every filter; probabilities sum to 1."""
         p = self.params
         x = self.adjusted_logits(logits, history)
-        if p.greedy:
+        if p.greedy or np.max(x) == -np.inf:  # greedy, or every token banned: take the argmax
             best = int(np.argmax(x))
             return np.array([best]), np.array([1.0])
         ids = np.arange(x.shape[0])
@@ -112,8 +115,8 @@ class Sampler:
         if p.min_p > 0.0:
             sub = x[ids]
             ids = ids[sub >= np.max(sub) + np.log(p.min_p)]
-        scaled = x[ids] / p.temperature
-        probs = np.exp(scaled - np.max(scaled))
+        # subtract the maximum before dividing, so a tiny temperature cannot make inf - inf
+        probs = np.exp((x[ids] - np.max(x[ids])) / p.temperature)
         return ids, probs / probs.sum()
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:

@@ -190,3 +190,16 @@ def test_distribution_matches_llama_cpp_samplers(params):
         want = llama_cpp_distribution(llama_cpp, logits, history, params)
         assert set(np.flatnonzero(got)) == set(np.flatnonzero(want))
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-300), SamplingParams(temperature=1e300),
+                                    SamplingParams(repeat_penalty=1e-300), SamplingParams(repeat_penalty=1e300),
+                                    SamplingParams(temperature=0.7, top_p=0.5, logit_bias={3: 1e308, 4: 1e308}),
+                                    SamplingParams(logit_bias={i: -np.inf for i in range(50)})])
+def test_extreme_values_give_a_proper_distribution(params):
+    logits = np.random.default_rng(1).standard_normal(50) * 5
+    history = [3, 4, 5, 3]
+    with np.errstate(invalid="raise"):  # inf - inf or 0 / 0 would raise; underflow to 0 is fine
+        probs = Sampler(params).distribution(logits, history)
+    assert np.isfinite(probs).all() and probs.min() >= 0 and probs.sum() == pytest.approx(1.0)
+    assert 0 <= Sampler(params).sample(logits, history) < 50

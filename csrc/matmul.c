@@ -7,9 +7,11 @@
 #include <omp.h>
 #endif
 
+#include "cpu_features.h"
+#include "gemm.h"
 #include "quants.h"
 
-enum { PE_TILE_ROWS = 16 };
+enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
 /* multiply-adds per thread below which waking another thread costs more than it saves */
 #define PE_MIN_WORK_PER_THREAD 32768
 
@@ -25,25 +27,42 @@ static int matmul_one(const pe_weight *w, const uint8_t *base, const float *x, c
     return 0;
 }
 
+/* The register-blocked kernel for this CPU, or NULL: then each output is one F32 dot_f32 (the same
+ * summation order, only slower). */
+static pe_gemm_f32_fn gemm_f32_get(void) {
+    return pe_simd_level_get() >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : NULL;
+}
+
 static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx,
                         int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const pe_type_traits *f32 = pe_type_traits_get(PE_TYPE_F32);
+    const pe_gemm_f32_fn gemm = gemm_f32_get();
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const int64_t n_tiles = (n_out + PE_TILE_ROWS - 1) / PE_TILE_ROWS;
-    float *tiles = malloc((size_t)n_threads * PE_TILE_ROWS * (size_t)n_in * sizeof(float));
-    if (!tiles) return -1;
+    /* per thread: the dequantized tile, then the kernel's scratch; 64-byte aligned */
+    const int64_t tile_floats = (PE_TILE_ROWS * n_in + 15) / 16 * 16;
+    const int64_t per_thread = tile_floats + (gemm ? PE_GEMM_SCRATCH_FLOATS : 0);
+    float *scratch = aligned_alloc(64, (size_t)n_threads * (size_t)per_thread * sizeof(float));
+    if (!scratch) return -1;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *tile = tiles;
+        float *tile = scratch;
 #ifdef _OPENMP
-        tile += (size_t)omp_get_thread_num() * PE_TILE_ROWS * (size_t)n_in;
+        tile += (size_t)omp_get_thread_num() * (size_t)per_thread;
 #endif
 #pragma omp for schedule(static)
         for (int64_t ti = 0; ti < n_tiles; ti++) {
             const int64_t r0 = ti * PE_TILE_ROWS;
             const int64_t nr = n_out - r0 < PE_TILE_ROWS ? n_out - r0 : PE_TILE_ROWS;
             for (int64_t i = 0; i < nr; i++) tt->dequant_row(base + (r0 + i) * stride, tile + i * n_in, n_in);
+            if (gemm) {
+                gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
+                if (bias)
+                    for (int64_t t = 0; t < n_tok; t++)
+                        for (int64_t i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+                continue;
+            }
             for (int64_t t = 0; t < n_tok; t++) {
                 const float *xt = x + t * ldx;
                 float *yt = y + t * ldy + r0;
@@ -54,7 +73,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
             }
         }
     }
-    free(tiles);
+    free(scratch);
     return 0;
 }
 

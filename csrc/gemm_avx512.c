@@ -11,17 +11,21 @@
 
 #include <immintrin.h>
 
-enum { MR = 4, NR = 6 };
+/* MR x NR outputs per block; KC elements per block of k (a multiple of 64), so that one pass's
+ * slices of the weight tile and of NR tokens stay in L1. */
+enum { MR = 4, NR = 6, KC = 1024 };
 
-/* Partial sums of pass j for rows [0, R) x tokens [0, T) into p[(r * ldp_r) + t * 16 ...]. */
+/* Pass j over the elements [i0, i1) (i0 a multiple of 64; i1 too unless it is k) for rows [0, R) x
+ * tokens [0, T): continues the partial sums at p[r * ldp_r + t * 16 ...] (starts them at i0 = 0). */
 static inline __attribute__((always_inline)) void pass(const int R, const int T, const float *a, int64_t lda,
-                                                       const float *b, int64_t ldb, int64_t k, int j, float *p,
-                                                       int64_t ldp_r) {
+                                                       const float *b, int64_t ldb, int64_t i0, int64_t i1,
+                                                       int64_t k, int j, float *p, int64_t ldp_r) {
     __m512 acc[MR][NR];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const int64_t n64 = k / 64 * 64;
-    for (int64_t i = 16 * j; i < n64; i += 64) {
+        for (int t = 0; t < T; t++)
+            acc[r][t] = i0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(p + r * ldp_r + t * 16);
+    const int64_t n64 = i1 / 64 * 64;
+    for (int64_t i = i0 + 16 * j; i < n64; i += 64) {
         __m512 bv[NR];
         for (int t = 0; t < T; t++) bv[t] = _mm512_loadu_ps(b + t * ldb + i);
         for (int r = 0; r < R; r++) {
@@ -29,7 +33,7 @@ static inline __attribute__((always_inline)) void pass(const int R, const int T,
             for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(av, bv[t], acc[r][t]);
         }
     }
-    if (j == 0) {
+    if (j == 0 && i1 == k) {
         int64_t i = n64;
         for (; i + 16 <= k; i += 16)
             for (int r = 0; r < R; r++)
@@ -48,13 +52,13 @@ static inline __attribute__((always_inline)) void pass(const int R, const int T,
         for (int t = 0; t < T; t++) _mm512_store_ps(p + r * ldp_r + t * 16, acc[r][t]);
 }
 
-typedef void (*pass_fn)(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t k, int j, float *p,
-                        int64_t ldp_r);
+typedef void (*pass_fn)(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t i0, int64_t i1,
+                        int64_t k, int j, float *p, int64_t ldp_r);
 
 #define PASS(R, T)                                                                                        \
-    static void pass_##R##_##T(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t k, int j, \
-                               float *p, int64_t ldp_r) {                                                 \
-        pass(R, T, a, lda, b, ldb, k, j, p, ldp_r);                                                       \
+    static void pass_##R##_##T(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t i0,       \
+                               int64_t i1, int64_t k, int j, float *p, int64_t ldp_r) {                  \
+        pass(R, T, a, lda, b, ldb, i0, i1, k, j, p, ldp_r);                                               \
     }
 #define PASS_ROW(R) PASS(R, 1) PASS(R, 2) PASS(R, 3) PASS(R, 4) PASS(R, 5) PASS(R, 6)
 PASS_ROW(1)
@@ -70,15 +74,19 @@ void pe_gemm_f32_avx512(const float *a, int64_t lda, int64_t m, const float *b, 
     const int64_t ldp_r = (int64_t)PE_GEMM_TOK_CHUNK * 16, ldp_j = PE_GEMM_MAX_ROWS * ldp_r;
     for (int64_t t0 = 0; t0 < n; t0 += PE_GEMM_TOK_CHUNK) {
         const int64_t nt = n - t0 < PE_GEMM_TOK_CHUNK ? n - t0 : PE_GEMM_TOK_CHUNK;
-        for (int j = 0; j < 4; j++)
-            for (int64_t tb = 0; tb < nt; tb += NR) {
-                const int T = nt - tb < NR ? (int)(nt - tb) : NR;
-                for (int64_t rb = 0; rb < m; rb += MR) {
-                    const int R = m - rb < MR ? (int)(m - rb) : MR;
-                    passes[R - 1][T - 1](a + rb * lda, lda, b + (t0 + tb) * ldb, ldb, k, j,
-                                         scratch + j * ldp_j + rb * ldp_r + tb * 16, ldp_r);
+        for (int64_t i0 = 0; i0 < k || i0 == 0; i0 += KC) {
+            const int64_t i1 = k - i0 <= KC + 63 ? k : i0 + KC; /* the tail joins the last block */
+            for (int j = 0; j < 4; j++)
+                for (int64_t tb = 0; tb < nt; tb += NR) {
+                    const int T = nt - tb < NR ? (int)(nt - tb) : NR;
+                    for (int64_t rb = 0; rb < m; rb += MR) {
+                        const int R = m - rb < MR ? (int)(m - rb) : MR;
+                        passes[R - 1][T - 1](a + rb * lda, lda, b + (t0 + tb) * ldb, ldb, i0, i1, k, j,
+                                             scratch + j * ldp_j + rb * ldp_r + tb * 16, ldp_r);
+                    }
                 }
-            }
+            if (i1 == k) break;
+        }
         for (int64_t t = 0; t < nt; t++)
             for (int64_t r = 0; r < m; r++) {
                 const float *p = scratch + r * ldp_r + t * 16;

@@ -18,6 +18,8 @@ K = pytest.importorskip("pyengine._model")
 
 N_OUT = [1, 5, 17, 37]
 N_TOK = [2, 3, 7, 13, 49, 70]
+# Types whose 2-token products use the fused one-token dot (csrc/matmul.c fused_is_fast).
+FUSED_2 = [T.F32, T.Q4_0, T.Q8_0, T.Q4_K, T.MXFP4]
 
 
 def n_ins(qtype) -> list[int]:
@@ -72,6 +74,9 @@ def check_bit_invariants(qtype, seed: int) -> None:
     if qtype == T.F32:
         for t in (0, 5, 48, 69):
             assert np.array_equal(y[t:t + 1], K.matmul(rows, int(T.F32), n_in, x[t:t + 1])), t
+    if qtype in FUSED_2:
+        one = np.concatenate([K.matmul(rows, int(qtype), n_in, x[t:t + 1]) for t in (3, 4)])
+        assert np.array_equal(K.matmul(rows, int(qtype), n_in, x[3:5]), one), qtype.name
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)

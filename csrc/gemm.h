@@ -21,6 +21,10 @@ enum {
 typedef void (*pe_gemm_f32_fn)(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n,
                                int64_t k, float *c, int64_t ldc, float *scratch);
 
+/* dst[0..n) = the IEEE half values at src, exactly (the type table has no AVX-512 F16 dequant_row;
+ * the scalar one is the bottleneck of batched F16 products). */
+void pe_f16_to_f32_avx512(const void *src, float *dst, int64_t n);
+
 void pe_gemm_f32_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n,
                         int64_t k, float *c, int64_t ldc, float *scratch);
 

@@ -62,6 +62,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const pe_type_traits *f32 = pe_type_traits_get(PE_TYPE_F32);
     const pe_gemm_f32_fn gemm = gemm_f32_get();
+    const pe_dequant_row_fn dequant = gemm && w->type == PE_TYPE_F16 ? pe_f16_to_f32_avx512 : tt->dequant_row;
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const int64_t n_tiles = (n_out + PE_TILE_ROWS - 1) / PE_TILE_ROWS;
     /* per thread: the dequantized tile, then the kernel's scratch; 64-byte aligned */
@@ -79,7 +80,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
         for (int64_t ti = 0; ti < n_tiles; ti++) {
             const int64_t r0 = ti * PE_TILE_ROWS;
             const int64_t nr = n_out - r0 < PE_TILE_ROWS ? n_out - r0 : PE_TILE_ROWS;
-            for (int64_t i = 0; i < nr; i++) tt->dequant_row(base + (r0 + i) * stride, tile + i * n_in, n_in);
+            for (int64_t i = 0; i < nr; i++) dequant(base + (r0 + i) * stride, tile + i * n_in, n_in);
             if (gemm) {
                 gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
                 if (bias)

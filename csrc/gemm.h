@@ -13,7 +13,7 @@ enum {
     PE_GEMM_MAX_ROWS = 16,   /* rows of a weight tile */
     PE_GEMM_TOK_CHUNK = 48,  /* tokens whose partial sums are held in scratch at once */
 };
-/* floats of scratch one pe_gemm_f32 call needs: 4 partial-sum vectors of 16 lanes per output */
+/* floats of scratch one pe_gemm_f32 call needs: 4 partial-sum vectors of (at most) 16 lanes per output */
 #define PE_GEMM_SCRATCH_FLOATS ((int64_t)4 * PE_GEMM_MAX_ROWS * PE_GEMM_TOK_CHUNK * 16)
 
 /* c[t*ldc + r] = sum_i a[r*lda + i] * b[t*ldb + i] for r < m (m <= PE_GEMM_MAX_ROWS), t < n, i < k.
@@ -21,11 +21,14 @@ enum {
 typedef void (*pe_gemm_f32_fn)(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n,
                                int64_t k, float *c, int64_t ldc, float *scratch);
 
-/* dst[0..n) = the IEEE half values at src, exactly (the type table has no AVX-512 F16 dequant_row;
+/* dst[0..n) = the IEEE half values at src, exactly (the type table has no SIMD F16 dequant_row;
  * the scalar one is the bottleneck of batched F16 products). */
 void pe_f16_to_f32_avx512(const void *src, float *dst, int64_t n);
+void pe_f16_to_f32_avx2(const void *src, float *dst, int64_t n);
 
 void pe_gemm_f32_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n,
                         int64_t k, float *c, int64_t ldc, float *scratch);
+void pe_gemm_f32_avx2(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n, int64_t k,
+                      float *c, int64_t ldc, float *scratch);
 
 #endif

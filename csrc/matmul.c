@@ -30,7 +30,8 @@ static int matmul_one(const pe_weight *w, const uint8_t *base, const float *x, c
 /* The register-blocked kernel for this CPU, or NULL: then each output is one F32 dot_f32 (the same
  * summation order, only slower). */
 static pe_gemm_f32_fn gemm_f32_get(void) {
-    return pe_simd_level_get() >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : NULL;
+    const pe_simd_level level = pe_simd_level_get();
+    return level >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : level == PE_SIMD_AVX2 ? pe_gemm_f32_avx2 : NULL;
 }
 
 /* Types whose fused dot_f32 is fast enough that, for a couple of tokens, one fused dot per
@@ -62,7 +63,9 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const pe_type_traits *f32 = pe_type_traits_get(PE_TYPE_F32);
     const pe_gemm_f32_fn gemm = gemm_f32_get();
-    const pe_dequant_row_fn dequant = gemm && w->type == PE_TYPE_F16 ? pe_f16_to_f32_avx512 : tt->dequant_row;
+    pe_dequant_row_fn dequant = tt->dequant_row;
+    if (w->type == PE_TYPE_F16 && gemm)
+        dequant = gemm == pe_gemm_f32_avx512 ? pe_f16_to_f32_avx512 : pe_f16_to_f32_avx2;
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const int64_t n_tiles = (n_out + PE_TILE_ROWS - 1) / PE_TILE_ROWS;
     /* per thread: the dequantized tile, then the kernel's scratch; 64-byte aligned */

@@ -63,20 +63,20 @@ def check_bit_invariants(qtype, seed: int) -> None:
     """Same bits: 1 vs 2 threads, this type vs F32 rows of its dequantized values, and (F32) each
     row of the batch vs that token alone (the one-token path is the F32 dot_f32)."""
     rng = np.random.default_rng(seed)
-    n_in = n_ins(qtype)[-1]
     n_out, n_tok = 133, 70
-    rows = weights(qtype, n_out, n_in, rng)
-    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-    y = K.matmul(rows, int(qtype), n_in, x)
-    assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, n_threads=2)), qtype.name
-    f32 = np.ascontiguousarray(dequantized(rows, qtype)).view(np.uint8)
-    assert np.array_equal(y, K.matmul(f32, int(T.F32), n_in, x)), qtype.name
-    if qtype == T.F32:
-        for t in (0, 5, 48, 69):
-            assert np.array_equal(y[t:t + 1], K.matmul(rows, int(T.F32), n_in, x[t:t + 1])), t
-    if qtype in FUSED_2:
-        one = np.concatenate([K.matmul(rows, int(qtype), n_in, x[t:t + 1]) for t in (3, 4)])
-        assert np.array_equal(K.matmul(rows, int(qtype), n_in, x[3:5]), one), qtype.name
+    for n_in in n_ins(qtype):
+        rows = weights(qtype, n_out, n_in, rng)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        y = K.matmul(rows, int(qtype), n_in, x)
+        assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, n_threads=2)), (qtype.name, n_in)
+        f32 = np.ascontiguousarray(dequantized(rows, qtype)).view(np.uint8)
+        assert np.array_equal(y, K.matmul(f32, int(T.F32), n_in, x)), (qtype.name, n_in)
+        if qtype == T.F32:
+            for t in (0, 5, 48, 69):
+                assert np.array_equal(y[t:t + 1], K.matmul(rows, int(T.F32), n_in, x[t:t + 1])), (n_in, t)
+        if qtype in FUSED_2:
+            one = np.concatenate([K.matmul(rows, int(qtype), n_in, x[t:t + 1]) for t in (3, 4)])
+            assert np.array_equal(K.matmul(rows, int(qtype), n_in, x[3:5]), one), (qtype.name, n_in)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)

@@ -7,50 +7,72 @@
 #include <omp.h>
 #endif
 
+#include "cpu_features.h"
+#include "gemm.h"
 #include "quants.h"
 
-enum { PE_TILE_ROWS = 16 };
-/* most tokens for which the fused row-by-row dot beats dequantizing tiles (measured, docs/node.md) */
-enum { PE_ROWWISE_MAX_TOK = 8 };
+enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
 /* multiply-adds per thread below which waking another thread costs more than it saves */
 #define PE_MIN_WORK_PER_THREAD 32768
 
-/* Each row is read from memory once and dotted with every token while it is in cache, with the
- * type's fused dot: per token, exactly the one-token result (a decode step of several sequences
- * gives each the logits it would get alone). */
+/* Up to PE_ROWWISE_MAX_TOK tokens (one decode step of several sequences): each row is read from
+ * memory once and dotted with every token while it is in cache, with the type's fused dot: per
+ * token exactly the one-token result, so a sequence decoded in a batch gets the logits it would
+ * get alone. */
+enum { PE_ROWWISE_MAX_TOK = 8 };
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t r = 0; r < n_out; r++) {
+    for (int64_t r = 0; r < n_out; r++)
         for (int64_t t = 0; t < n_tok; t++) {
             float s = tt->dot_f32(base + r * stride, x + t * ldx, n_in);
             y[t * ldy + r] = bias ? s + bias[r] : s;
         }
-    }
     return 0;
+}
+
+/* The register-blocked kernel for this CPU, or NULL: then each output is one F32 dot_f32 (the same
+ * summation order, only slower). */
+static pe_gemm_f32_fn gemm_f32_get(void) {
+    const pe_simd_level level = pe_simd_level_get();
+    return level >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : level == PE_SIMD_AVX2 ? pe_gemm_f32_avx2 : NULL;
 }
 
 static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx,
                         int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const pe_type_traits *f32 = pe_type_traits_get(PE_TYPE_F32);
+    const pe_gemm_f32_fn gemm = gemm_f32_get();
+    pe_dequant_row_fn dequant = tt->dequant_row;
+    if (w->type == PE_TYPE_F16 && gemm)
+        dequant = gemm == pe_gemm_f32_avx512 ? pe_f16_to_f32_avx512 : pe_f16_to_f32_avx2;
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const int64_t n_tiles = (n_out + PE_TILE_ROWS - 1) / PE_TILE_ROWS;
-    float *tiles = malloc((size_t)n_threads * PE_TILE_ROWS * (size_t)n_in * sizeof(float));
-    if (!tiles) return -1;
+    /* per thread: the dequantized tile, then the kernel's scratch; 64-byte aligned */
+    const int64_t tile_floats = (PE_TILE_ROWS * n_in + 15) / 16 * 16;
+    const int64_t per_thread = tile_floats + (gemm ? PE_GEMM_SCRATCH_FLOATS : 0);
+    float *scratch = aligned_alloc(64, (size_t)n_threads * (size_t)per_thread * sizeof(float));
+    if (!scratch) return -1;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *tile = tiles;
+        float *tile = scratch;
 #ifdef _OPENMP
-        tile += (size_t)omp_get_thread_num() * PE_TILE_ROWS * (size_t)n_in;
+        tile += (size_t)omp_get_thread_num() * (size_t)per_thread;
 #endif
 #pragma omp for schedule(static)
         for (int64_t ti = 0; ti < n_tiles; ti++) {
             const int64_t r0 = ti * PE_TILE_ROWS;
             const int64_t nr = n_out - r0 < PE_TILE_ROWS ? n_out - r0 : PE_TILE_ROWS;
-            for (int64_t i = 0; i < nr; i++) tt->dequant_row(base + (r0 + i) * stride, tile + i * n_in, n_in);
+            for (int64_t i = 0; i < nr; i++) dequant(base + (r0 + i) * stride, tile + i * n_in, n_in);
+            if (gemm) {
+                gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
+                if (bias)
+                    for (int64_t t = 0; t < n_tok; t++)
+                        for (int64_t i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+                continue;
+            }
             for (int64_t t = 0; t < n_tok; t++) {
                 const float *xt = x + t * ldx;
                 float *yt = y + t * ldy + r0;
@@ -61,7 +83,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
             }
         }
     }
-    free(tiles);
+    free(scratch);
     return 0;
 }
 

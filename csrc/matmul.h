@@ -18,8 +18,10 @@ typedef struct {
 } pe_weight;
 
 /* y[t*ldy + r] = dot(row r of expert `expert`, x[t*ldx ...]) + (bias ? bias[r] : 0),
- * for t < n_tok, r < n_out. One token: the type's fused dot; more: rows dequantized once per tile
- * and reused for every token. Returns 0, or -1 when scratch memory cannot be allocated. */
+ * for t < n_tok, r < n_out. One token (two, for types with a fast fused dot): the type's fused dot;
+ * more: tiles of rows dequantized once to f32 and multiplied by every token with a register-blocked
+ * kernel (gemm.h) that sums exactly as the F32 dot_f32 does, so F32 weights give the same bits
+ * batched or one token at a time. Returns 0, or -1 when scratch memory cannot be allocated. */
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 

@@ -1,0 +1,114 @@
+"""Batched matmul (prefill: pe_matmul with n_tok > 1, the register-blocked kernel) against float64
+numpy for every weight type, on odd shapes: n_out not a multiple of the 16-row tile or the 4-row
+block, n_tok 2..70 (crossing the 6-token block and the 48-token scratch chunk), n_in with tails that
+are not multiples of 64 or 16. Also the invariants the forward pass relies on: the batch gives the
+same bits for any thread count, as one-token decode on F32 weights, and as F32 weights holding the
+dequantized values (every type goes through the same f32 kernel), at every SIMD level."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_quants import SIZES, TYPES, T, random_blocks, reference
+
+K = pytest.importorskip("pyengine._model")
+
+N_OUT = [1, 5, 17, 37]
+N_TOK = [2, 3, 7, 13, 49, 70]
+
+
+def n_ins(qtype) -> list[int]:
+    blck = SIZES[qtype][0]
+    if blck == 1:
+        return [7, 16, 50, 129, 200]  # tails of 15, 0, 2 (+ a 16-chunk), 1, 8 (+ 16-chunks)
+    if blck == 32:
+        return [32, 96, 160]
+    return [256, 768]
+
+
+def weights(qtype, n_out: int, n_in: int, rng) -> np.ndarray:
+    """uint8 (n_out, row_bytes) of random blocks (MXFP4 block scales 2^-8..2^8: finite products)."""
+    row_bytes = n_in // SIZES[qtype][0] * SIZES[qtype][1]
+    blocks = random_blocks(qtype, n_out * n_in // SIZES[qtype][0], rng, e8m0=(120, 137))
+    return blocks.reshape(n_out, row_bytes)
+
+
+def dequantized(rows: np.ndarray, qtype) -> np.ndarray:
+    return reference(rows, qtype).reshape(rows.shape[0], -1)
+
+
+def check_against_float64(qtype, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for n_in in n_ins(qtype):
+        for n_out in N_OUT:
+            rows = weights(qtype, n_out, n_in, rng)
+            w = dequantized(rows, qtype).astype(np.float64)
+            for n_tok in N_TOK:
+                x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+                b = rng.standard_normal(n_out).astype(np.float32)
+                y = K.matmul(rows, int(qtype), n_in, x, b)
+                ref = x.astype(np.float64) @ w.T + b
+                bound = np.abs(x.astype(np.float64)) @ np.abs(w).T + np.abs(b)
+                err = np.abs(y - ref)
+                assert np.all(err <= 2e-6 * bound + 1e-30), \
+                    (qtype.name, n_in, n_out, n_tok, float((err / bound).max()))
+
+
+def check_bit_invariants(qtype, seed: int) -> None:
+    """Same bits: 1 vs 2 threads, this type vs F32 rows of its dequantized values, and (F32) each
+    row of the batch vs that token alone (the one-token path is the F32 dot_f32), and up to 8 tokens
+    (the row-wise path) each token vs that token alone, for every type."""
+    rng = np.random.default_rng(seed)
+    n_out, n_tok = 133, 70
+    for n_in in n_ins(qtype):
+        rows = weights(qtype, n_out, n_in, rng)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        y = K.matmul(rows, int(qtype), n_in, x)
+        assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, n_threads=2)), (qtype.name, n_in)
+        f32 = np.ascontiguousarray(dequantized(rows, qtype)).view(np.uint8)
+        assert np.array_equal(y, K.matmul(f32, int(T.F32), n_in, x)), (qtype.name, n_in)
+        if qtype == T.F32:
+            for t in (0, 5, 48, 69):
+                assert np.array_equal(y[t:t + 1], K.matmul(rows, int(T.F32), n_in, x[t:t + 1])), (n_in, t)
+        # up to 8 tokens (a batched decode step): every token gets exactly its one-token result
+        one = np.concatenate([K.matmul(rows, int(qtype), n_in, x[t:t + 1]) for t in range(3, 11)])
+        assert np.array_equal(K.matmul(rows, int(qtype), n_in, x[3:11]), one), (qtype.name, n_in)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_batched_matmul_matches_float64(qtype):
+    check_against_float64(qtype, seed=int(qtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_batched_matmul_bit_invariants(qtype):
+    check_bit_invariants(qtype, seed=100 + int(qtype))
+
+
+def test_batched_matmul_strided_rows_and_experts():
+    rng = np.random.default_rng(7)
+    n_exp, n_out, n_in, n_tok = 3, 21, 160, 9
+    raw = weights(T.Q8_0, n_exp * 2 * n_out, n_in, rng).reshape(n_exp, 2 * n_out, -1)
+    rows = raw[:, ::2]  # every other row of every expert: strided rows and experts
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    for e in range(n_exp):
+        w = dequantized(np.ascontiguousarray(rows[e]), T.Q8_0).astype(np.float64)
+        ref = x.astype(np.float64) @ w.T
+        y = K.matmul(rows, int(T.Q8_0), n_in, x, expert=e)
+        assert np.all(np.abs(y - ref) <= 2e-6 * (np.abs(x) @ np.abs(w).T)), e
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2"])
+def test_batched_matmul_other_simd_levels(level, tmp_path):
+    """The same checks with PYENGINE_SIMD capping the kernels (fresh process: dispatch is cached)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_matmul as m; "
+            "from test_quants import T; "
+            "[(m.check_against_float64(q, 1), m.check_bit_invariants(q, 2)) for q in (T.F32, T.F16, T.Q4_K)]; "
+            "print('ok')")
+    env = dict(os.environ, PYENGINE_SIMD=level)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

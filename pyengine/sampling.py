@@ -93,8 +93,9 @@ class Sampler:
             keep = (ids >= 0) & (ids < x.shape[0])
             ids, counts = ids[keep], counts[keep]
             seen = x[ids]
-            seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
-            x[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
+            with np.errstate(over="ignore", invalid="ignore"):  # extreme penalties: handled below
+                seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+                x[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
         # Extreme penalties or biases may overflow: +inf becomes the largest finite value (so
         # differences stay defined), NaN becomes -inf (never drawn).
         np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)

@@ -1,0 +1,48 @@
+"""Load-to-ready time and resident memory, pyengine vs llama.cpp, on one GGUF.
+
+    python bench/load_time.py pyengine|llama.cpp MODEL.gguf [--no-extra-bufts]
+
+Prints the seconds from process start (imports included) to a loaded model, the RSS after loading
+and after 11 evaluated tokens, and the peak RSS. Run each engine in its own process."""
+
+import resource
+import sys
+import time
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def main() -> None:
+    engine, path = sys.argv[1], sys.argv[2]
+    t0 = time.perf_counter()
+    if engine == "pyengine":
+        import pyengine
+
+        model = pyengine.Engine(path, n_ctx=4096, n_threads=2)
+    else:
+        import llama_cpp
+        import llama_cpp.llama as high_level
+
+        if "--no-extra-bufts" in sys.argv:
+            default = llama_cpp.llama_model_default_params
+
+            def params():
+                p = default()
+                p.use_extra_bufts = False
+                return p
+            high_level.llama_cpp.llama_model_default_params = params
+        model = llama_cpp.Llama(path, n_ctx=4096, n_threads=2, verbose=False)
+    loaded, rss_loaded = time.perf_counter() - t0, rss()
+    model.eval([1, 2, 3])
+    for _ in range(8):
+        model.eval([5])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"{engine}: load {loaded:.2f} s (imports included), RSS after load {rss_loaded / 2**30:.2f} GiB, "
+          f"after 11 tokens {rss() / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

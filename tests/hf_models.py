@@ -26,26 +26,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pyengine import o200k
+
 if TYPE_CHECKING:
     import torch
 
-VOCAB_SIZE = 201088
-N_BASE_TOKENS = 199998
-BOS_ID, PAD_ID, EOS_ID = 199998, 199999, 200002
-
-# ids 199998.. of o200k_harmony; every other id up to 201087 is "<|reserved_ID|>"
-_HARMONY_SPECIALS = {
-    199998: "<|startoftext|>",
-    199999: "<|endoftext|>",
-    200002: "<|return|>",
-    200003: "<|constrain|>",
-    200005: "<|channel|>",
-    200006: "<|start|>",
-    200007: "<|end|>",
-    200008: "<|message|>",
-    200012: "<|call|>",
-    200018: "<|endofprompt|>",
-}
+# The o200k_harmony vocabulary's sizes and ids, as the engine itself knows them.
+VOCAB_SIZE, N_BASE_TOKENS = o200k.N_VOCAB, o200k.N_BASE
+BOS_ID, PAD_ID, EOS_ID = o200k.BOS_ID, o200k.PAD_ID, o200k.EOS_ID
+special_token_name = o200k.special_token_text
 
 # A short harmony-style template (not the official one); enough to check that a converter carries
 # chat_template.jinja into the GGUF verbatim and that llama.cpp parses it.
@@ -66,11 +55,6 @@ def cache_dir() -> Path:
     d = Path(tempfile.gettempdir()) / "pyengine-test-cache"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def special_token_name(token_id: int) -> str:
-    """The o200k_harmony name of special/reserved id `token_id` (199998 <= id < 201088)."""
-    return _HARMONY_SPECIALS.get(token_id, f"<|reserved_{token_id}|>")
 
 
 def o200k_tokenizer_json() -> Path:

@@ -25,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     eng = _terminal.open_engine(args)
     if args.raw:
+        if len(eng.tokenize(prompt, special=True)) >= eng.n_ctx:
+            print(f"[ERROR] the prompt does not fit the context of {eng.n_ctx} tokens (use --n-ctx)",
+                  file=sys.stderr)
+            return 1
         sys.stdout.write(prompt)
         stream = eng.create_completion(prompt, stream=True, seed=args.seed, **_terminal.sampling(args))
         try:
@@ -38,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
     ids = eng.apply_chat_template(messages, reasoning_effort=args.reasoning_effort)
+    if len(ids) >= eng.n_ctx:
+        print(f"[ERROR] the prompt has {len(ids)} tokens; the context holds {eng.n_ctx} (use --n-ctx)",
+              file=sys.stderr)
+        return 1
     reply = _terminal.stream_chat_reply(eng, ids, args)
     if args.stats:
         print(f"[INFO] {reply.stats()}", file=sys.stderr)

@@ -24,8 +24,8 @@ typedef struct {
  * kernel (gemm.h) that sums exactly as the F32 dot_f32 does, so F32 weights give the same bits
  * batched or one token at a time. With w->int8_act set and a type that has a dot_q8 kernel (Q8_0,
  * Q4_0, MXFP4), the row-wise path (up to 8 tokens) first quantizes each token's x once with
- * pe_quantize_row_q8 and then uses dot_q8, as llama.cpp does: faster, not bit-identical to the f32
- * path. Returns 0, or -1 when scratch memory cannot be allocated. */
+ * pe_quantize_row_q8 and then uses dot_q8, as llama.cpp does (not bit-identical to the f32
+ * path). Returns 0, or -1 when scratch memory cannot be allocated. */
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 

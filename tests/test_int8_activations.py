@@ -193,3 +193,20 @@ def test_batched_decode_equals_single_decode_with_int8(model):
     np.testing.assert_array_equal(np.array(got), np.array(ref).transpose(1, 0, 2))
     with pytest.raises(ValueError, match="int8_activations"):
         eval_batch([engs[0], Engine(mf, n_ctx=200)], [[1], [2]])
+
+
+def test_cli_int8_flags_reach_the_engine(model, capsys):
+    import argparse
+    import json
+
+    from pyengine import cli
+    from pyengine.commands import _terminal
+
+    path, _ = model
+    assert cli.main(["bench", str(path), "-p", "8", "-n", "4", "-r", "1", "-o", "json", "--int8"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["n_gen"] for r in rows] == [0, 4] and all(r["avg_ts"] > 0 for r in rows)
+    for flag, want in (([], False), (["--int8"], True)):
+        p = argparse.ArgumentParser()
+        _terminal.add_arguments(p)
+        assert _terminal.open_engine(p.parse_args([str(path), "-c", "64", *flag])).int8_activations is want

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
     p.add_argument("--int8", action="store_true",
-                   help="int8 activations for Q8_0/Q4_0/MXFP4 matrix-vector products (faster decode, ~1e-2 logits)")
+                   help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
 
 
 def open_engine(args: argparse.Namespace) -> Engine:

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--models-dir", help="models folder for names")
     p.add_argument("--int8", action="store_true",
-                   help="int8 activations for Q8_0/Q4_0/MXFP4 matrix-vector products (faster decode, ~1e-2 logits)")
+                   help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
 
 
 def model_type(eng: Engine) -> str:

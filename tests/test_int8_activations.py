@@ -32,10 +32,11 @@ def rows_of(qtype, n_out: int, n_in: int, rng) -> np.ndarray:
     return blocks.reshape(n_out, -1)
 
 
+@pytest.mark.parametrize("n_in", [96, 160, 512])  # 3 and 5 blocks: the kernels' pair and odd-block tails
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
-def test_matmul_int8_equals_q8_kernels_and_float64(qtype):
-    rng = np.random.default_rng(int(qtype))
-    n_in, n_out = 512, 300                       # 153600 multiply-adds per token: 2 threads
+def test_matmul_int8_equals_q8_kernels_and_float64(qtype, n_in):
+    rng = np.random.default_rng(int(qtype) + n_in)
+    n_out = 300                                  # n_in 512: 153600 multiply-adds per token, 2 threads
     rows = rows_of(qtype, n_out, n_in, rng)
     w = reference(rows, qtype).reshape(n_out, -1).astype(np.float64)
     b = rng.standard_normal(n_out).astype(np.float32)

@@ -403,12 +403,17 @@ static inline __m512i nibbles64(const uint8_t *qs0, const uint8_t *qs1) {
     return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
 }
 
-/* pair(b, x, acc): blocks b[0], b[1] with x[0], x[1]; step(b, x, acc256): one block. */
+/* pair(b, x, acc): blocks b[0], b[1] with x[0], x[1]; step(b, x, acc256): one block. The weight
+ * stream is prefetched 1 KiB ahead (past a row's end: the next row, or a hint that cannot fault):
+ * on mmapped model files this took the MXFP4 int8 dot from ~1.4x slower than the f32-activation
+ * dot to par, and Q8_0 to ~10-20 % faster (24 layers' experts streamed, 2 threads). */
+enum { PE_Q8_PREFETCH_BYTES = 1024 };
 #define PE_DOT_Q8_PAIRS(blocks, xq, nb, pair, step)                                              \
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;                                                    \
     __m256 tail = _mm256_setzero_ps();                                                           \
     int64_t i = 0;                                                                               \
     for (; i + 4 <= (nb); i += 4) {                                                              \
+        _mm_prefetch((const char *)((blocks) + i) + PE_Q8_PREFETCH_BYTES, _MM_HINT_T0);          \
         a0 = pair((blocks) + i, (xq) + i, a0);                                                   \
         a1 = pair((blocks) + i + 2, (xq) + i + 2, a1);                                           \
     }                                                                                            \

@@ -141,9 +141,11 @@ static void bench_moe(int threads, int reps, double bw) {
     };
     printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
     printf("%-8s %12s %12s %12s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "% of BW");
-    const int64_t toks[] = {1, 64};
-    for (int k = 0; k < 2; k++) {
+    const int64_t toks[] = {1, 64, 1};
+    for (int k = 0; k < 3; k++) {
         const int64_t n = toks[k];
+        const int int8 = k == 2; /* the last row: 1 token with int8 activations */
+        m.gate.int8_act = m.up.int8_act = m.down.int8_act = int8;
         double best = 1e30;
         for (int r = 0; r < reps; r++) {
             const double t0 = now();
@@ -155,7 +157,9 @@ static void bench_moe(int threads, int reps, double bw) {
         const int64_t used = n * K < E ? n * K : E;
         const double bytes = (double)used * (2.0 * exp_row * F + pe_row_size(PE_TYPE_MXFP4, F) * D) + 4.0 * D * E;
         const double flops = 2.0 * n * K * 3.0 * D * F;
-        printf("%-8lld %12.3f %12.2f %12.2f %9.0f%%\n", (long long)n, best * 1e3, bytes / best / 1e9,
+        char label[16];
+        snprintf(label, sizeof label, int8 ? "%lld (int8)" : "%lld", (long long)n);
+        printf("%-8s %12.3f %12.2f %12.2f %9.0f%%\n", label, best * 1e3, bytes / best / 1e9,
                flops / best / 1e9, 100.0 * bytes / best / 1e9 / bw);
     }
     free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
@@ -178,7 +182,8 @@ int main(int argc, char **argv) {
     printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
            pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
     printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);
-    printf("%-6s %8s %14s %10s %14s %16s\n", "type", "rows", "decode GB/s", "% of BW", "decode GF/s", "prefill GFLOP/s");
+    printf("%-6s %8s %14s %10s %14s %16s %12s\n", "type", "rows", "decode GB/s", "% of BW", "decode GF/s",
+           "prefill GFLOP/s", "int8 GB/s");
     const int types[] = {PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0, PE_TYPE_Q4_0, PE_TYPE_Q4_1,
                          PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K,
                          PE_TYPE_Q6_K, PE_TYPE_MXFP4};
@@ -196,15 +201,21 @@ int main(int argc, char **argv) {
         if (!w || !y || !xx) { fprintf(stderr, "out of memory\n"); return 1; }
         for (int64_t i = 0; i < n_in * 64; i++) xx[i] = frand();
         fill(type, w, rows, n_in);
-        pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0};
+        pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, 0};
         time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
         const double dec = time_matmul(&pw, xx, 1, y, threads, reps);
         const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
-        pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0};
+        pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, 0};
         const double pre = time_matmul(&pp, xx, 64, y, threads, reps);
         const double gbs = row * rows / dec / 1e9;
-        printf("%-6s %8lld %14.2f %9.0f%% %14.2f %16.2f\n", t->name, (long long)rows, gbs, 100.0 * gbs / bw,
+        printf("%-6s %8lld %14.2f %9.0f%% %14.2f %16.2f", t->name, (long long)rows, gbs, 100.0 * gbs / bw,
                2.0 * n_in * rows / dec / 1e9, 2.0 * n_in * pre_rows * 64 / pre / 1e9);
+        if (t->dot_q8) { /* decode with int8 activations (Engine(int8_activations=True)) */
+            pw.int8_act = 1;
+            printf(" %12.2f\n", row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9);
+        } else {
+            printf(" %12s\n", "-");
+        }
         free(w); free(y); free(xx);
     }
     bench_moe(threads, reps, bw);

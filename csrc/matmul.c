@@ -20,10 +20,31 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
  * token exactly the one-token result, so a sequence decoded in a batch gets the logits it would
  * get alone. */
 enum { PE_ROWWISE_MAX_TOK = 8 };
+
+/* The row-wise loop with int8 activations: each token's x is quantized once (serially, so the
+ * result does not depend on the thread count), then every row is dotted with the Q8 blocks. */
+static int matmul_rows_q8(const pe_weight *w, const pe_type_traits *tt, const uint8_t *base, const float *x,
+                          int64_t ldx, int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
+    const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
+    const size_t xq_row = pe_row_size(PE_TYPE_Q8_0, n_in);
+    uint8_t *xq = malloc(xq_row * (size_t)n_tok);
+    if (!xq) return -1;
+    for (int64_t t = 0; t < n_tok; t++) pe_quantize_row_q8(x + t * ldx, xq + t * xq_row, n_in);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t r = 0; r < n_out; r++)
+        for (int64_t t = 0; t < n_tok; t++) {
+            float s = tt->dot_q8(base + r * stride, xq + t * xq_row, n_in);
+            y[t * ldy + r] = bias ? s + bias[r] : s;
+        }
+    free(xq);
+    return 0;
+}
+
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
+    if (w->int8_act && tt->dot_q8) return matmul_rows_q8(w, tt, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < n_out; r++)
         for (int64_t t = 0; t < n_tok; t++) {

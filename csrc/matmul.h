@@ -15,13 +15,17 @@ typedef struct {
     int64_t n_in, n_out;
     int64_t row_stride;    /* bytes from one output row to the next */
     int64_t expert_stride; /* bytes from one expert to the next (0 for a plain matrix) */
+    int int8_act;          /* nonzero: row-wise products use int8 activations (see pe_matmul) */
 } pe_weight;
 
 /* y[t*ldy + r] = dot(row r of expert `expert`, x[t*ldx ...]) + (bias ? bias[r] : 0),
  * for t < n_tok, r < n_out. One token (two, for types with a fast fused dot): the type's fused dot;
  * more: tiles of rows dequantized once to f32 and multiplied by every token with a register-blocked
  * kernel (gemm.h) that sums exactly as the F32 dot_f32 does, so F32 weights give the same bits
- * batched or one token at a time. Returns 0, or -1 when scratch memory cannot be allocated. */
+ * batched or one token at a time. With w->int8_act set and a type that has a dot_q8 kernel (Q8_0,
+ * Q4_0, MXFP4), the row-wise path (up to 8 tokens) first quantizes each token's x once with
+ * pe_quantize_row_q8 and then uses dot_q8, as llama.cpp does (not bit-identical to the f32
+ * path). Returns 0, or -1 when scratch memory cannot be allocated. */
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 

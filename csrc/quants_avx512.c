@@ -379,34 +379,75 @@ static inline __m256i nibbles32(const uint8_t *qs) {
     return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
 }
 
-#define PE_DOT_Q8_4(blocks, xq, nb, step)                                                        \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+/* Two blocks per 512-bit vector, two vectors (four blocks) per iteration: lanes 0-7 hold block i's
+ * int32 partial sums, lanes 8-15 block i+1's, each scaled by its own d_w * d_x. vpdpbusd wants
+ * unsigned x signed, so |w| times x negated where w < 0. A last odd block takes the 256-bit step. */
+static inline __m512i pair_i8(const void *lo, const void *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(lo)),
+                              _mm256_loadu_si256(hi), 1);
+}
+
+static inline __m512 step2_i8(__m512i w, const pe_block_q8_0 *x, float s0, float s1, __m512 acc) {
+    const __m512i xv = pair_i8(x[0].qs, x[1].qs);
+    const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
+    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs);
+    const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc);
+}
+
+/* 64 4-bit codes of blocks qs0 and qs1, each in element order (as nibbles32, twice). */
+static inline __m512i nibbles64(const uint8_t *qs0, const uint8_t *qs1) {
+    const __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs0))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs1)), 1);
+    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
+}
+
+/* pair(b, x, acc): blocks b[0], b[1] with x[0], x[1]; step(b, x, acc256): one block. The weight
+ * stream is prefetched 1 KiB ahead (past a row's end: the next row, or a hint that cannot fault):
+ * on mmapped model files this took the MXFP4 int8 dot from ~1.4x slower than the f32-activation
+ * dot to par, and Q8_0 to ~10-20 % faster (24 layers' experts streamed, 2 threads). */
+enum { PE_Q8_PREFETCH_BYTES = 1024 };
+#define PE_DOT_Q8_PAIRS(blocks, xq, nb, pair, step)                                              \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;                                                    \
+    __m256 tail = _mm256_setzero_ps();                                                           \
     int64_t i = 0;                                                                               \
     for (; i + 4 <= (nb); i += 4) {                                                              \
-        a0 = step((blocks) + i, (xq) + i, a0);                                                   \
-        a1 = step((blocks) + i + 1, (xq) + i + 1, a1);                                           \
-        a2 = step((blocks) + i + 2, (xq) + i + 2, a2);                                           \
-        a3 = step((blocks) + i + 3, (xq) + i + 3, a3);                                           \
+        _mm_prefetch((const char *)((blocks) + i) + PE_Q8_PREFETCH_BYTES, _MM_HINT_T0);          \
+        a0 = pair((blocks) + i, (xq) + i, a0);                                                   \
+        a1 = pair((blocks) + i + 2, (xq) + i + 2, a1);                                           \
     }                                                                                            \
-    for (; i < (nb); i++) a0 = step((blocks) + i, (xq) + i, a0);                                 \
-    return hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+    if (i + 2 <= (nb)) a0 = pair((blocks) + i, (xq) + i, a0), i += 2;                            \
+    if (i < (nb)) tail = step((blocks) + i, (xq) + i, tail);                                     \
+    const __m512 a = _mm512_add_ps(a0, a1);                                                      \
+    return hsum256(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), tail))
 
 #define STEP_Q8_Q8_0(b, x, acc) step_i8(_mm256_loadu_si256((const __m256i *)(b)->qs), x, h2f((b)->d), acc)
 #define STEP_Q8_Q4_0(b, x, acc) step_i8(_mm256_sub_epi8(nibbles32((b)->qs), eight), x, h2f((b)->d), acc)
 #define STEP_Q8_MXFP4(b, x, acc) step_i8(_mm256_shuffle_epi8(table, nibbles32((b)->qs)), x, e8m0_half[(b)->e], acc)
+#define PAIR_Q8_Q8_0(b, x, acc) \
+    step2_i8(pair_i8((b)[0].qs, (b)[1].qs), x, h2f((b)[0].d) * h2f((x)[0].d), h2f((b)[1].d) * h2f((x)[1].d), acc)
+#define PAIR_Q8_Q4_0(b, x, acc)                                                                  \
+    step2_i8(_mm512_sub_epi8(nibbles64((b)[0].qs, (b)[1].qs), eight2), x, h2f((b)[0].d) * h2f((x)[0].d), \
+             h2f((b)[1].d) * h2f((x)[1].d), acc)
+#define PAIR_Q8_MXFP4(b, x, acc)                                                                 \
+    step2_i8(_mm512_shuffle_epi8(table2, nibbles64((b)[0].qs, (b)[1].qs)), x,                    \
+             e8m0_half[(b)[0].e] * h2f((x)[0].d), e8m0_half[(b)[1].e] * h2f((x)[1].d), acc)
 
 static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
-    PE_DOT_Q8_4((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q8_0);
+    PE_DOT_Q8_PAIRS((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_Q8_0, STEP_Q8_Q8_0);
 }
 
 static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
     const __m256i eight = _mm256_set1_epi8(8);
-    PE_DOT_Q8_4((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q4_0);
+    const __m512i eight2 = _mm512_set1_epi8(8);
+    PE_DOT_Q8_PAIRS((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_Q4_0, STEP_Q8_Q4_0);
 }
 
 static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
-    PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
+    const __m512i table2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
+    PE_DOT_Q8_PAIRS((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_MXFP4, STEP_Q8_MXFP4);
 }
 
 /* Q4_K without a dequantized buffer: per sub-block j, d*sc_j * (q . x) - dmin*m_j * sum(x). Low

@@ -27,6 +27,7 @@ cdef extern from "matmul.h":
         const uint8_t *data
         int type
         int64_t n_in, n_out, row_stride, expert_stride
+        int int8_act
     int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
                   const float *bias, float *y, int64_t ldy, int n_threads) nogil
 
@@ -106,9 +107,10 @@ cdef const pe_type_traits *_traits(int ggml_type) except NULL:
 
 
 cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, int64_t n_expert,
-                       str name) except *:
+                       str name, bint int8_activations=False) except *:
     """A pe_weight over `data` (uint8, (n_out, row_bytes) or (n_expert, n_out, row_bytes)) after
-    checking every size and stride against the type's block layout."""
+    checking every size and stride against the type's block layout. int8_activations: matrix-vector
+    products quantize x to Q8 blocks (types with a dot_q8 kernel; others ignore it)."""
     cdef const pe_type_traits *tt = _traits(ggml_type)
     cdef pe_weight w
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
@@ -132,6 +134,7 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     w.n_out = n_out
     w.row_stride = data.strides[data.ndim - 2]
     w.expert_stride = data.strides[0] if data.ndim == 3 else 0
+    w.int8_act = 1 if int8_activations else 0
     return w
 
 
@@ -223,12 +226,14 @@ cdef class Model:
     cdef object omega, omega_swa
     cdef object counts        # int64 [n_layer][n_expert]: expert selections so far
     cdef public int64_t n_vocab
+    cdef readonly bint int8_activations
 
     def __cinit__(self):
         self.c_layers = NULL
 
-    def __init__(self, dict tensors, hp, bint yarn_truncate=False):
+    def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False):
         cdef int l
+        self.int8_activations = int8_activations
         self.keep = []
         D, H, Hkv, hd = int(hp.n_embd), int(hp.n_head), int(hp.n_head_kv), int(hp.head_dim)
         E, K, F, L = int(hp.n_expert), int(hp.n_expert_used), int(hp.n_ff_exp), int(hp.n_layer)
@@ -323,7 +328,7 @@ cdef class Model:
             want = [n_in, n_out] + ([n_expert] if n_expert else [])
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
         self.keep.append(data)
-        return _weight(data, ty, n_in, n_out, max(n_expert, 1), name)
+        return _weight(data, ty, n_in, n_out, max(n_expert, 1), name, self.int8_activations)
 
     def __dealloc__(self):
         free(self.c_layers)
@@ -499,13 +504,15 @@ def topk(x, int k):
     return idx
 
 
-def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, int n_threads=1):
+def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, int n_threads=1,
+           bint int8_activations=False):
     """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
-    (n_expert, n_out, row_bytes) of the given type, any row/expert stride."""
+    (n_expert, n_out, row_bytes) of the given type, any row/expert stride; int8_activations as in
+    pe_matmul (matmul.h)."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
     n_exp = data.shape[0] if data.ndim == 3 else 1
     cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0,
-                               n_exp, "matmul")
+                               n_exp, "matmul", int8_activations)
     if xa.shape[1] != n_in or xa.shape[0] == 0 or not 0 <= expert < n_exp or n_threads < 1:
         raise ValueError("shape mismatch")
     cdef cnp.ndarray[cnp.float32_t, ndim=1] b

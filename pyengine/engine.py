@@ -76,12 +76,17 @@ class Engine:
     the CPU and logs a warning when it is > 0. seed: the default for sampling calls that give no
     seed of their own (None: a fresh random one). yarn_truncate: round the YaRN correction range to
     whole dimensions as llama.cpp does (default False: the reference/transformers math; the two
-    differ noticeably beyond the first few dozen positions, see docs/forward.md)."""
+    differ noticeably beyond the first few dozen positions, see docs/forward.md). int8_activations:
+    matrix-vector products (decode, up to 8 tokens per call) of Q8_0, Q4_0 and MXFP4 weights
+    quantize the activations to 8-bit blocks first and use integer dot products, as llama.cpp does
+    (each product moves by ~0.5 % relative; whether decode gets faster depends on the CPU, see
+    docs/forward.md). Default False: the f32-activation path."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
                  verbose: bool = False, n_gpu_layers: int = 0,
-                 models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False) -> None:
+                 models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
+                 int8_activations: bool = False) -> None:
         configure(verbose)
         if n_threads is not None and int(n_threads) < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
@@ -101,7 +106,8 @@ class Engine:
         if self.n_gpu_layers > 0:
             logger.warning("n_gpu_layers=%d ignored: this engine runs on the CPU", self.n_gpu_layers)
         self.yarn_truncate = bool(yarn_truncate)
-        self._model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate)
+        self.int8_activations = bool(int8_activations)
+        self._model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, self.int8_activations)
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
         self._cache = KVCache(self._model, self.n_ctx, self.n_batch)
@@ -303,7 +309,7 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
     """Engine.eval for several sequences at once: tokens[i] are appended to engines[i]'s cache in
     one forward pass per round, so every weight matrix is read once for all sequences (continuous
     batching of decode steps; prompt chunks may ride along). The engines must be distinct and
-    share one ModelFile (and yarn_truncate); the first one's model runs the pass and counts the
+    share one ModelFile (and yarn_truncate and int8_activations); the first one's model runs the pass and counts the
     expert selections. Returns each sequence's last-token logits (n_vocab,). Inputs longer than an
     engine's n_batch take several rounds. All inputs are checked before anything is evaluated."""
     engines = list(engines)
@@ -312,8 +318,9 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
     if len({id(e) for e in engines}) != len(engines):
         raise ValueError("eval_batch: an engine appears twice")
     lead = engines[0]
-    if any(e.model_file is not lead.model_file or e.yarn_truncate != lead.yarn_truncate for e in engines):
-        raise ValueError("eval_batch: the engines must share one ModelFile and yarn_truncate")
+    if any(e.model_file is not lead.model_file or e.yarn_truncate != lead.yarn_truncate
+           or e.int8_activations != lead.int8_activations for e in engines):
+        raise ValueError("eval_batch: the engines must share one ModelFile, yarn_truncate and int8_activations")
     threads = int(n_threads) if n_threads is not None else lead.n_threads
     if threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")

@@ -34,11 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="instructions (the developer message)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
     return Engine(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
-                  verbose=args.verbose, models_dir=args.models_dir)
+                  verbose=args.verbose, models_dir=args.models_dir, int8_activations=args.int8)
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,9 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from pyengine.bench import BenchResult, Runner, cpu_name, markdown, time_test
+from pyengine.bench import BenchResult, Runner, cpu_name, markdown, model_type, n_params, time_test
 
 
 def _rows(runner: Runner, n_vocab: int, base: dict, args) -> list[dict]:
@@ -41,9 +39,8 @@ def _base(args, backend: str, n_threads: int) -> dict:
     from pyengine.model_file import open_model
 
     mf = open_model(args.model)
-    n_params = int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in mf.raw_tensors.values()))
-    label = mf.metadata.get("general.size_label") or f"{mf.hparams.n_layer}L"
-    return dict(model_filename=args.model, model_type=f"{mf.arch} {label}", model_size=mf.file_size, model_n_params=n_params,
+    return dict(model_filename=args.model, model_type=model_type(mf), model_size=mf.file_size,
+                model_n_params=n_params(mf),
                 n_batch=args.b, n_threads=n_threads, n_depth=args.n_depth, backends=backend)
 
 
@@ -58,19 +55,12 @@ def child_pyengine(args) -> list[dict]:
 
 def child_llamacpp(args) -> list[dict]:
     import llama_cpp
-    import llama_cpp.llama as high_level
 
-    if args.no_extra_bufts:
-        default = llama_cpp.llama_model_default_params
+    from pyengine.llama_cpp_peer import open_llama
 
-        def params():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-        high_level.llama_cpp.llama_model_default_params = params
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16,
-                          n_threads=args.t, n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b,
-                          verbose=False)
+    llm = open_llama(args.model, extra_bufts=not args.no_extra_bufts,
+                     n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t,
+                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False)
     backend = f"llama.cpp {llama_cpp.__version__}" + (" (no extra bufts)" if args.no_extra_bufts else "")
     return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
 

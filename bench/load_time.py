@@ -23,18 +23,10 @@ def main() -> None:
 
         model = pyengine.Engine(path, n_ctx=4096, n_threads=2)
     else:
-        import llama_cpp
-        import llama_cpp.llama as high_level
+        from pyengine.llama_cpp_peer import open_llama
 
-        if "--no-extra-bufts" in sys.argv:
-            default = llama_cpp.llama_model_default_params
-
-            def params():
-                p = default()
-                p.use_extra_bufts = False
-                return p
-            high_level.llama_cpp.llama_model_default_params = params
-        model = llama_cpp.Llama(path, n_ctx=4096, n_threads=2, verbose=False)
+        model = open_llama(path, extra_bufts="--no-extra-bufts" not in sys.argv, n_ctx=4096, n_threads=2,
+                           verbose=False)
     loaded, rss_loaded = time.perf_counter() - t0, rss()
     model.eval([1, 2, 3])
     for _ in range(8):

@@ -8,10 +8,14 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from pyengine.gguf_reader import type_name
+from pyengine.model_file import ModelFile
 
 
 @dataclass
@@ -58,6 +62,21 @@ class BenchResult:
         out.update(avg_ns=int(avg_ns), stddev_ns=int(statistics.stdev(self.samples_ns)) if len(self.samples_ns) > 1 else 0,
                    avg_ts=self.avg_ts, stddev_ts=self.stddev_ts, samples_ts=self.samples_ts)
         return out
+
+
+def model_type(mf: ModelFile) -> str:
+    """llama-bench's model column: architecture, size label, dominant weight type."""
+    weights: Counter[str] = Counter()
+    for t in mf.raw_tensors.values():
+        weights[type_name(t.ggml_type)] += t.nbytes
+    dominant = weights.most_common(1)[0][0] if weights else "?"
+    label = mf.metadata.get("general.size_label") or f"{mf.hparams.n_layer}L"
+    return f"{mf.arch} {label} {dominant}"
+
+
+def n_params(mf: ModelFile) -> int:
+    """Elements in every tensor of the file (llama-bench's model_n_params)."""
+    return int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in mf.raw_tensors.values()))
 
 
 def cpu_name() -> str:

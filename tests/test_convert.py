@@ -282,24 +282,10 @@ def test_outtype_mxfp4_matches_llama_quantize(form: str, ours, request: pytest.F
 # ----------------------------------------------------------------------- llama.cpp runs our files
 
 def _llama(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama as high_level
+    pytest.importorskip("llama_cpp")
+    from pyengine.llama_cpp_peer import open_llama
 
-    # This llama.cpp build crashes (SIGSEGV) evaluating any file with Q8_0 weights when its CPU
-    # "extra buffer types" (weight repacking / AMX) are on, llama.cpp's own files included.
-    default = llama_cpp.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    high_level.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True,
-                               verbose=False)
-    finally:
-        high_level.llama_cpp.llama_model_default_params = default
+    return open_llama(path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
 
 
 def test_llama_cpp_runs_our_file_like_transformers(hf_f32: Path, ours) -> None:

@@ -120,19 +120,10 @@ def test_bad_shape_is_refused(tmp_path: Path) -> None:
 LLAMA_SCRIPT = """
 import json, sys
 import numpy as np
-import llama_cpp
-import llama_cpp.llama as high_level
-
-# this llama.cpp build crashes on Q8_0 weights with its CPU extra buffer types (repacking) on
-default = llama_cpp.llama_model_default_params
-def params():
-    p = default()
-    p.use_extra_bufts = False
-    return p
-high_level.llama_cpp.llama_model_default_params = params
+from pyengine.llama_cpp_peer import open_llama
 
 path, toks, texts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-ll = llama_cpp.Llama(path, logits_all=True, n_threads=2, n_ctx=512, verbose=False)
+ll = open_llama(path, logits_all=True, n_threads=2, n_ctx=512, verbose=False)
 ll.eval(toks)
 np.save(sys.argv[4], np.array(ll.scores[:len(toks)], dtype=np.float32))
 print(json.dumps([ll.tokenize(t.encode(), add_bos=False, special=False) for t in texts]))

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 
-import numpy as np
-
-from pyengine.bench import BenchResult, Runner, markdown, time_test
+from pyengine.bench import BenchResult, Runner, markdown, model_type, n_params, time_test
 from pyengine.engine import Engine
-from pyengine.gguf_reader import type_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,27 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
 
 
-def model_type(eng: Engine) -> str:
-    """llama-bench's model column: architecture, size label, dominant weight type."""
-    weights: Counter[str] = Counter()
-    for t in eng.model_file.raw_tensors.values():
-        weights[type_name(t.ggml_type)] += t.nbytes
-    dominant = weights.most_common(1)[0][0] if weights else "?"
-    label = eng.metadata.get("general.size_label") or f"{eng.hparams.n_layer}L"
-    return f"{eng.model_file.arch} {label} {dominant}"
-
-
-def n_params(eng: Engine) -> int:
-    return int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in eng.model_file.raw_tensors.values()))
-
-
 def run(args: argparse.Namespace) -> int:
     n_ctx = args.n_depth + max(args.n_prompt, args.n_gen) + 16
     eng = Engine(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=args.batch_size,
                  models_dir=args.models_dir, int8_activations=args.int8)
     runner = Runner(eng.reset, eng.eval)
-    base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng),
-                model_size=eng.model_file.file_size, model_n_params=n_params(eng),
+    base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng.model_file),
+                model_size=eng.model_file.file_size, model_n_params=n_params(eng.model_file),
                 n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth)
     rows = []
     for n_prompt, n_gen in ((args.n_prompt, 0), (0, args.n_gen)):

@@ -1,0 +1,390 @@
+/* One source, two targets: every file in csrc/cuda/ compiles with nvcc as CUDA (the real backend,
+ * pyengine._cuda) and with a C++ compiler as plain host code (-DPE_CUDA_EMU, pyengine._cuda_emu)
+ * against the small emulator of the CUDA execution model below, so that machines and CI without a
+ * GPU still run every kernel and check it against the CPU path.
+ *
+ * The emulator runs the blocks of a launch one after another. The threads of a block are
+ * cooperative user-level contexts (ucontext) that switch only where CUDA threads synchronise:
+ * __syncthreads(), __syncwarp() and the warp shuffles. Kernels therefore must not rely on implicit
+ * warp lock-step (which is also what CUDA itself has required since Volta). Launch errors a GPU
+ * would report (empty grid, more than 1024 threads per block, more than 48 KiB of dynamic shared
+ * memory) are reported by cudaGetLastError() here as well.
+ *
+ * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
+ * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
+ * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, and the standard math functions. */
+#ifndef PE_CU_COMPAT_H
+#define PE_CU_COMPAT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef PE_CUDA_EMU
+/* ---------------------------------------------------------------- real CUDA ------------------ */
+#include <cuda_runtime.h>
+
+#define PE_GLOBAL __global__
+#define PE_DEVICE __device__
+#define PE_HOSTDEV __host__ __device__
+#define PE_SHARED __shared__
+#define PE_DYN_SHARED(T, name)                                   \
+    extern __shared__ __align__(16) unsigned char pe_dyn_smem_[]; \
+    T *name = reinterpret_cast<T *>(pe_dyn_smem_)
+#define PE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define PE_CU_HAVE_GRAPHS 1
+
+template <typename T>
+__device__ inline T pe_shfl_xor(T v, int lane_mask) {
+    return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+template <typename T>
+__device__ inline T pe_shfl(T v, int src_lane) {
+    return __shfl_sync(0xffffffffu, v, src_lane);
+}
+
+PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+#else
+/* ---------------------------------------------------------------- the emulator --------------- */
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <vector>
+
+#define PE_GLOBAL
+#define PE_DEVICE static
+#define PE_HOSTDEV static
+#define PE_SHARED static
+#define PE_DYN_SHARED(T, name) T *name = reinterpret_cast<T *>(pe_emu::state().dyn_smem.data())
+#define PE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    pe_emu::launch(dim3(grid), dim3(block), (size_t)(smem), [&]() { kernel(__VA_ARGS__); })
+#define PE_CU_HAVE_GRAPHS 0
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define warpSize 32
+
+using std::max;
+using std::min;
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+typedef int cudaError_t;
+enum {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorNoDevice = 100,
+    cudaErrorNotSupported = 801,
+};
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4,
+};
+typedef struct pe_emu_stream_ *cudaStream_t;
+typedef struct pe_emu_event_ *cudaEvent_t;
+struct cudaDeviceProp {
+    char name[256];
+    size_t totalGlobalMem;
+    int multiProcessorCount, major, minor;
+};
+
+namespace pe_emu {
+
+enum { RUN, WAIT_BLOCK, WAIT_WARP, DONE };
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct Thread {
+    ucontext_t ctx;
+    dim3 tid;
+    int state;
+    uint64_t slot; /* this lane's value during a shuffle */
+};
+
+struct State {
+    dim3 block_idx, block_dim, grid_dim;
+    Thread *cur = nullptr;
+    int cur_linear = 0;
+    std::vector<Thread> threads;
+    std::vector<char> stacks;
+    std::vector<unsigned char> dyn_smem;
+    ucontext_t sched;
+    const std::function<void()> *body = nullptr;
+    cudaError_t last_error = cudaSuccess;
+};
+
+inline State &state() {
+    static State s;
+    return s;
+}
+inline std::mutex &launch_mutex() {
+    static std::mutex m;
+    return m;
+}
+
+inline void entry() {
+    State &s = state();
+    (*s.body)();
+    s.cur->state = DONE;
+}
+
+inline void wait(int kind) {
+    State &s = state();
+    s.cur->state = kind;
+    swapcontext(&s.cur->ctx, &s.sched);
+}
+
+inline void run_block() {
+    State &s = state();
+    const int n = (int)(s.block_dim.x * s.block_dim.y * s.block_dim.z);
+    for (int i = 0; i < n; i++) {
+        Thread &t = s.threads[i];
+        t.tid = dim3(i % s.block_dim.x, (i / s.block_dim.x) % s.block_dim.y, i / (s.block_dim.x * s.block_dim.y));
+        t.state = RUN;
+        getcontext(&t.ctx);
+        t.ctx.uc_stack.ss_sp = s.stacks.data() + (size_t)i * STACK_BYTES;
+        t.ctx.uc_stack.ss_size = STACK_BYTES;
+        t.ctx.uc_link = &s.sched;
+        makecontext(&t.ctx, entry, 0);
+    }
+    for (;;) {
+        for (int i = 0; i < n; i++)
+            if (s.threads[i].state == RUN) {
+                s.cur = &s.threads[i];
+                s.cur_linear = i;
+                swapcontext(&s.sched, &s.threads[i].ctx);
+            }
+        int live = 0, at_block = 0;
+        for (int i = 0; i < n; i++) {
+            live += s.threads[i].state != DONE;
+            at_block += s.threads[i].state == WAIT_BLOCK;
+        }
+        if (live == 0) return;
+        if (at_block == live) {
+            for (int i = 0; i < n; i++)
+                if (s.threads[i].state == WAIT_BLOCK) s.threads[i].state = RUN;
+            continue;
+        }
+        bool released = false;
+        for (int w = 0; w * 32 < n; w++) {
+            int lanes_live = 0, lanes_waiting = 0;
+            for (int i = w * 32; i < n && i < w * 32 + 32; i++) {
+                lanes_live += s.threads[i].state != DONE;
+                lanes_waiting += s.threads[i].state == WAIT_WARP;
+            }
+            if (lanes_live && lanes_waiting == lanes_live) {
+                for (int i = w * 32; i < n && i < w * 32 + 32; i++)
+                    if (s.threads[i].state == WAIT_WARP) s.threads[i].state = RUN;
+                released = true;
+            }
+        }
+        if (!released) {
+            fprintf(stderr, "pyengine CUDA emulator: deadlock in block (%u,%u,%u): threads wait at "
+                            "different barriers\n", s.block_idx.x, s.block_idx.y, s.block_idx.z);
+            abort();
+        }
+    }
+}
+
+inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()> &body) {
+    std::lock_guard<std::mutex> lock(launch_mutex());
+    State &s = state();
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+    if (!grid.x || !grid.y || !grid.z || !n || n > 1024 || block.z > 64 || grid.y > 65535 ||
+        grid.z > 65535 || grid.x > 2147483647u) {
+        s.last_error = cudaErrorInvalidConfiguration;
+        return;
+    }
+    if (smem > 48 * 1024) {
+        s.last_error = cudaErrorInvalidValue;
+        return;
+    }
+    s.grid_dim = grid;
+    s.block_dim = block;
+    s.body = &body;
+    if (s.threads.size() < n) s.threads.resize(n);
+    if (s.stacks.size() < n * STACK_BYTES) s.stacks.resize(n * STACK_BYTES);
+    s.dyn_smem.assign(smem + 16, 0xA5); /* garbage, as on a GPU */
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                s.block_idx = dim3(x, y, z);
+                run_block();
+            }
+    s.cur = nullptr;
+}
+
+template <typename T>
+inline T shuffle(T v, int src_of_lane_xor, bool is_xor) {
+    static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+    State &s = state();
+    Thread *me = s.cur;
+    const int lin = s.cur_linear, base = lin & ~31, lane = lin & 31;
+    me->slot = 0;
+    memcpy(&me->slot, &v, sizeof v);
+    wait(WAIT_WARP);
+    const int src = is_xor ? (lane ^ src_of_lane_xor) & 31 : src_of_lane_xor & 31;
+    T out;
+    memcpy(&out, &s.threads[base + src].slot, sizeof out);
+    wait(WAIT_WARP); /* nobody overwrites a slot before every lane has read */
+    return out;
+}
+
+}  // namespace pe_emu
+
+#define threadIdx (pe_emu::state().cur->tid)
+#define blockIdx (pe_emu::state().block_idx)
+#define blockDim (pe_emu::state().block_dim)
+#define gridDim (pe_emu::state().grid_dim)
+
+inline void __syncthreads() { pe_emu::wait(pe_emu::WAIT_BLOCK); }
+inline void __syncwarp(unsigned = 0xffffffffu) { pe_emu::wait(pe_emu::WAIT_WARP); }
+template <typename T>
+inline T pe_shfl_xor(T v, int lane_mask) { return pe_emu::shuffle(v, lane_mask, true); }
+template <typename T>
+inline T pe_shfl(T v, int src_lane) { return pe_emu::shuffle(v, src_lane, false); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask) { return pe_emu::shuffle(v, lane_mask, true); }
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane) { return pe_emu::shuffle(v, src_lane, false); }
+template <typename T>
+inline T atomicAdd(T *p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
+template <typename T>
+inline T __ldg(const T *p) { return *p; }
+inline float pe_cu_bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline float __uint_as_float(uint32_t u) { return pe_cu_bits_to_float(u); }
+inline uint32_t __float_as_uint(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* host runtime: device memory is host memory, streams and events are synchronous */
+inline cudaError_t pe_emu_set(cudaError_t e) { return pe_emu::state().last_error = e; }
+inline cudaError_t cudaGetLastError() {
+    const cudaError_t e = pe_emu::state().last_error;
+    pe_emu::state().last_error = cudaSuccess;
+    return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return pe_emu::state().last_error; }
+inline const char *cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorNotSupported: return "operation not supported";
+    default: return "unknown error";
+    }
+}
+inline cudaError_t cudaMalloc(void **p, size_t n) {
+    *p = aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    return *p ? cudaSuccess : pe_emu_set(cudaErrorMemoryAllocation);
+}
+template <typename T>
+inline cudaError_t cudaMalloc(T **p, size_t n) { return cudaMalloc(reinterpret_cast<void **>(p), n); }
+inline cudaError_t cudaFree(void *p) {
+    free(p);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMallocHost(void **p, size_t n) { return cudaMalloc(p, n); }
+inline cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
+inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) {
+    if (n) memmove(d, s, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
+    return cudaMemcpy(d, s, n, k);
+}
+inline cudaError_t cudaMemcpy2D(void *d, size_t dpitch, const void *s, size_t spitch, size_t width, size_t height,
+                                cudaMemcpyKind) {
+    if (width > dpitch || width > spitch) return pe_emu_set(cudaErrorInvalidValue);
+    for (size_t r = 0; r < height; r++) memcpy((char *)d + r * dpitch, (const char *)s + r * spitch, width);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy2DAsync(void *d, size_t dpitch, const void *s, size_t spitch, size_t width,
+                                     size_t height, cudaMemcpyKind k, cudaStream_t = nullptr) {
+    return cudaMemcpy2D(d, dpitch, s, spitch, width, height, k);
+}
+inline cudaError_t cudaMemset(void *p, int v, size_t n) {
+    memset(p, v, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t = nullptr) { return cudaMemset(p, v, n); }
+inline cudaError_t cudaStreamCreate(cudaStream_t *s) {
+    *s = nullptr;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : pe_emu_set(cudaErrorInvalidValue); }
+inline cudaError_t cudaGetDeviceCount(int *n) {
+    *n = 1;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
+    memset(p, 0, sizeof *p);
+    strcpy(p->name, "pyengine CUDA emulator (CPU)");
+    p->totalGlobalMem = (size_t)8 << 30;
+    p->multiProcessorCount = 4;
+    p->major = 9;
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
+    *free_b = *total_b = (size_t)8 << 30;
+    return cudaSuccess;
+}
+
+#endif /* PE_CUDA_EMU */
+
+/* ---------------------------------------------------------------- both ----------------------- */
+
+/* IEEE half -> float, exact (subnormals included), on host and device. */
+PE_HOSTDEV inline float pe_cu_fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    if (exp == 0) {
+        const float f = (float)mant * 5.9604644775390625e-8f; /* mant * 2^-24, exact */
+        return sign ? -f : f;
+    }
+    if (exp == 31) return pe_cu_bits_to_float(sign | 0x7f800000u | (mant << 13));
+    return pe_cu_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+/* bfloat16 -> float, exact. */
+PE_HOSTDEV inline float pe_cu_bf16_to_fp32(uint16_t h) { return pe_cu_bits_to_float((uint32_t)h << 16); }
+
+#endif /* PE_CU_COMPAT_H */

@@ -152,20 +152,20 @@ def moe_combine(slots, wts):
     return dy.download(shape, np.float32)
 
 
-def kv_store(kc, vc, k, v, positions, int64_t kv_dim):
-    """Copies of the caches kc, vc (n_slots, kv_dim) with rows pos % n_slots set to the first kv_dim
-    columns of the rows of k, v (n_tok, ld)."""
+def kv_store(kc, vc, rows, int64_t k_col, int64_t v_col, positions, int64_t kv_dim):
+    """Copies of the caches kc, vc (n_slots, kv_dim) with row pos[t] % n_slots set to columns
+    k_col.. / v_col.. (kv_dim each) of row t of rows (n_tok, ld), e.g. fused q|k|v projections."""
     kc = _cuk_arr(kc, np.float32, 2, "kc")
     vc = _cuk_arr(vc, np.float32, 2, "vc")
-    k = _cuk_arr(k, np.float32, 2, "k")
-    v = _cuk_arr(v, np.float32, 2, "v")
+    rows = _cuk_arr(rows, np.float32, 2, "rows")
     pos = _cuk_arr(positions, np.int64, 1, "positions")
-    if (kc.shape[1] != kv_dim or vc.shape != kc.shape or k.shape != v.shape or k.shape[1] < kv_dim
-            or pos.shape[0] != k.shape[0] or pos.min() < 0):
+    ld = rows.shape[1]
+    if (kv_dim <= 0 or kc.shape[1] != kv_dim or vc.shape != kc.shape or not 0 <= k_col <= ld - kv_dim
+            or not 0 <= v_col <= ld - kv_dim or pos.shape[0] != rows.shape[0] or pos.min() < 0):
         raise ValueError("shape mismatch")
-    dkc, dvc, dk, dv, dp = _dev_upload(kc), _dev_upload(vc), _dev_upload(k), _dev_upload(v), _dev_upload(pos)
-    _check(pe_cu_kv_store(_cuk_f(dkc), _cuk_f(dvc), kc.shape[0], _cuk_f(dk), _cuk_f(dv), k.shape[1],
-                          k.shape[0], _cuk_i64(dp), kv_dim, NULL))
+    dkc, dvc, dr, dp = _dev_upload(kc), _dev_upload(vc), _dev_upload(rows), _dev_upload(pos)
+    _check(pe_cu_kv_store(_cuk_f(dkc), _cuk_f(dvc), kc.shape[0], _cuk_f(dr) + k_col, _cuk_f(dr) + v_col, ld,
+                          rows.shape[0], _cuk_i64(dp), kv_dim, NULL))
     return dkc.download(kc.shape, np.float32), dvc.download(vc.shape, np.float32)
 
 

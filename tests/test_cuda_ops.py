@@ -11,7 +11,7 @@ from cuda_backends import BACKENDS
 from pyengine import _model as K
 
 RNG = np.random.default_rng(20261127)
-backends = pytest.mark.parametrize("cu", BACKENDS, ids=[m.__name__.rsplit(".", 1)[-1] for m in BACKENDS])
+backends = pytest.mark.parametrize("cu", BACKENDS)
 
 
 def rel(a, b):
@@ -117,13 +117,13 @@ def test_moe_combine_rank_order(cu):
 
 @backends
 def test_kv_store_ring_wraps(cu):
-    n_slots, kv_dim, ld = 10, 24, 24 + 9
+    n_slots, kv_dim, ld = 10, 24, 9 + 24 + 4
     kc, vc = f32(n_slots, kv_dim), f32(n_slots, kv_dim)
-    k, v = f32(7, ld), f32(7, ld)
-    pos = np.arange(95, 102, dtype=np.int64)  # rows 5..9 then 0..1
-    got_k, got_v = cu.kv_store(kc, vc, k, v, pos, kv_dim)
+    rows = f32(7, ld)  # k at column 2, v at column 9 of each row
+    pos = np.arange(95, 102, dtype=np.int64)  # slots 5..9 then 0..1
+    got_k, got_v = cu.kv_store(kc, vc, rows, 2, 9, pos, kv_dim)
     ref_k, ref_v = kc.copy(), vc.copy()
-    ref_k[pos % n_slots], ref_v[pos % n_slots] = k[:, :kv_dim], v[:, :kv_dim]
+    ref_k[pos % n_slots], ref_v[pos % n_slots] = rows[:, 2:2 + kv_dim], rows[:, 9:9 + kv_dim]
     assert np.array_equal(got_k, ref_k) and np.array_equal(got_v, ref_v)
 
 
@@ -156,7 +156,7 @@ def run_attention(cu, pos, n_slots, H, Hkv, hd, window, max_keys=None, extra=0):
             kc[j % n_slots], vc[j % n_slots] = k[j].ravel(), v[j].ravel()
     fused = np.concatenate([q.reshape(n_tok, q_dim), k[pos].reshape(n_tok, kv_dim), v[pos].reshape(n_tok, kv_dim),
                             f32(n_tok, extra)], axis=1)
-    kc, vc = cu.kv_store(kc, vc, fused[:, q_dim:], fused[:, q_dim + kv_dim:], pos, kv_dim)
+    kc, vc = cu.kv_store(kc, vc, fused, q_dim, q_dim + kv_dim, pos, kv_dim)
     if max_keys is None:
         max_keys = int(max(p + 1 - (max(0, p - window + 1) if window else 0) for p in pos))
     ldo = q_dim + 3

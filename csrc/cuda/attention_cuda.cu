@@ -166,11 +166,11 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
     if (pairs * n_chunks > CUK_INT_LIMIT) return (int)cudaErrorInvalidValue;
     const int64_t chunk_len = (max_keys + n_chunks - 1) / n_chunks;
     float *ml = scratch, *acc = scratch + 2 * pairs * n_chunks;
-    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)(pairs * n_chunks), 32 * CUK_ATT_WARPS, 0, (cudaStream_t)stream, q, ldq, pos, kc, vc,
-              n_slots, n_head, n_head_kv, head_dim, window, n_chunks, chunk_len, ml, acc);
+    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)(pairs * n_chunks), 32 * CUK_ATT_WARPS, 0, (cudaStream_t)stream,
+              q, ldq, pos, kc, vc, n_slots, n_head, n_head_kv, head_dim, window, n_chunks, chunk_len, ml, acc);
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
-    PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo, sinks, n_head,
-              head_dim, n_chunks, ml, acc);
+    PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo,
+              sinks, n_head, head_dim, n_chunks, ml, acc);
     return (int)cudaGetLastError();
 }

@@ -15,8 +15,11 @@
 #include "attention_cuda.h"
 #include "gptoss_cuda.h"
 #include "matmul_cuda.h"
-#include "moe.h"
 #include "ops_cuda.h"
+
+extern "C" {
+#include "moe.h"
+}
 
 #define PE_CU_TRY(expr)                     \
     do {                                    \
@@ -35,11 +38,12 @@ struct pe_cu_ctx {
     int64_t *pos;
     int32_t *sel;      /* [n_layer][max_pairs]: each layer's routing of this call */
     int32_t *pair_tok; /* [max_pairs]: p / n_used (the token of pair p), constant */
-    int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts, head rows */
+    int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts */
+    int32_t *out_idx;  /* [max_tok]: the rows the output head reads */
     /* pinned host */
     float *h_x, *h_a, *h_t;
     int64_t *h_pos;
-    int32_t *h_sel, *h_idx;
+    int32_t *h_sel, *h_idx, *h_out_idx;
     /* decode graph */
     int use_graphs;
 #if PE_CU_HAVE_GRAPHS
@@ -89,12 +93,14 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->sel, (size_t)m->n_layer * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->pair_tok, P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->idx, 2 * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->out_idx, max_tok * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_a, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_t, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_pos, max_tok * sizeof(int64_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_sel, (size_t)m->n_layer * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_idx, 2 * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_out_idx, max_tok * sizeof(int32_t));
     if (!e) {
         for (int64_t p = 0; p < P; p++) c->h_idx[p] = (int32_t)(p / m->n_used);
         e = (int)cudaMemcpy(c->pair_tok, c->h_idx, P * sizeof(int32_t), cudaMemcpyHostToDevice);
@@ -120,12 +126,14 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
     cudaFree(c->sel);
     cudaFree(c->pair_tok);
     cudaFree(c->idx);
+    cudaFree(c->out_idx);
     cudaFreeHost(c->h_x);
     cudaFreeHost(c->h_a);
     cudaFreeHost(c->h_t);
     cudaFreeHost(c->h_pos);
     cudaFreeHost(c->h_sel);
     cudaFreeHost(c->h_idx);
+    cudaFreeHost(c->h_out_idx);
     if (c->stream) cudaStreamDestroy(c->stream);
     cudaGetLastError(); /* frees after an earlier failure must not leave a sticky error behind */
     free(c);
@@ -289,8 +297,8 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         }
         PE_CU_TRY(pe_cu_add(c->x, c->t, n_tok * D, s));
     }
-    /* final norm of the rows the head needs (indices uploaded in c->idx by the caller) */
-    PE_CU_TRY(pe_cu_gather_rows(c->a, c->x, c->idx, n_out, D, s));
+    /* final norm of the rows the head needs (indices uploaded in c->out_idx by the caller) */
+    PE_CU_TRY(pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));
     return pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s);
 }
 
@@ -348,11 +356,11 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     int64_t n_out = 0;
     for (int64_t q = 0, i = 0; q < n_seq; i += seqs[q].n_tok, q++) {
         for (int64_t j = 0; j < seqs[q].n_tok; j++) c->h_pos[i + j] = seqs[q].n_past + j;
-        for (int64_t j = logits_all ? 0 : seqs[q].n_tok - 1; j < seqs[q].n_tok; j++) c->h_idx[n_out++] = (int32_t)(i + j);
+        for (int64_t j = logits_all ? 0 : seqs[q].n_tok - 1; j < seqs[q].n_tok; j++) c->h_out_idx[n_out++] = (int32_t)(i + j);
     }
     PE_CU_TRY(cudaMemcpyAsync(c->x, c->h_x, n_tok * D * sizeof(float), cudaMemcpyHostToDevice, s));
     PE_CU_TRY(cudaMemcpyAsync(c->pos, c->h_pos, n_tok * sizeof(int64_t), cudaMemcpyHostToDevice, s));
-    PE_CU_TRY(cudaMemcpyAsync(c->idx, c->h_idx, n_out * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    PE_CU_TRY(cudaMemcpyAsync(c->out_idx, c->h_out_idx, n_out * sizeof(int32_t), cudaMemcpyHostToDevice, s));
 
     int any_cpu_moe = 0;
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;

@@ -9,12 +9,13 @@
 
 #include <stdint.h>
 
-#include "gptoss.h"
 #include "matmul_cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#include "gptoss.h" /* the CPU model: a C header */
 
 typedef struct {
     int on_gpu;                          /* 0: the CPU runs this layer (it comes before every GPU layer) */

@@ -65,10 +65,10 @@ def check_products(y_padded: np.ndarray, n_out: int, x: np.ndarray, w64: np.ndar
     assert_close(y_padded[:, :n_out], ref, bound, what)
 
 
-def test_type_supported():
-    for cu in BACKENDS:
-        assert all(cu.matmul_type_supported(int(t)) for t in TYPES)
-        assert not any(cu.matmul_type_supported(t) for t in (4, 5, 9, 15, 16, 20, 29, 31, 40, -1))
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_type_supported(cu):
+    assert all(cu.matmul_type_supported(int(t)) for t in TYPES)
+    assert not any(cu.matmul_type_supported(t) for t in (4, 5, 9, 15, 16, 20, 29, 31, 40, -1))
 
 
 @pytest.mark.parametrize("cu", BACKENDS)

@@ -17,7 +17,10 @@
 #define CUQ_EINVAL 1            /* cudaErrorInvalidValue */
 #define CUQ_MV_WARPS 8          /* output rows (warps) per matvec block */
 #define CUQ_MV_UNROLL 4         /* 32-element groups in flight per warp (generic loop) */
-#define CUQ_MV_STEPS 8          /* block pairs in flight per warp (MXFP4 and Q8_0 loops) */
+/* Block pairs in flight per warp in the MXFP4 / Q8_0 loops: 544 bytes per warp for one x row (so ~25
+ * warps per SM cover DRAM latency), half that with more rows (fewer registers, no spills). */
+#define CUQ_MV_STEPS_MXFP4(NX) ((NX) == 1 ? 16 : 8)
+#define CUQ_MV_STEPS_Q8_0(NX) ((NX) == 1 ? 8 : 4)
 #define CUQ_MV_MAX_NX 8         /* x rows sharing one pass over the weights */
 #define CUQ_SMEM_BYTES 49152    /* dynamic shared memory without an opt-in */
 #define CUQ_MAX_GRID_Y 65535
@@ -110,10 +113,11 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
     const int64_t nb = n_in / 32;
     const int j = lane & 15, h = lane >> 4;
     const int64_t steps = (nb + 1) / 2;
-    for (int64_t s0 = 0; s0 < steps; s0 += CUQ_MV_STEPS) {
-        uint8_t q[CUQ_MV_STEPS], e[CUQ_MV_STEPS];
+    constexpr int S = CUQ_MV_STEPS_MXFP4(NX);
+    for (int64_t s0 = 0; s0 < steps; s0 += S) {
+        uint8_t q[S], e[S];
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_STEPS; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             q[u] = e[u] = 0;
             if (s0 + u < steps && b < nb) {
@@ -122,7 +126,7 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
             }
         }
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_STEPS; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             if (s0 + u < steps && b < nb) {
                 const float d = cuq_e8m0_half(e[u]);
@@ -145,10 +149,11 @@ PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const fl
                                       float *acc) {
     const int64_t nb = n_in / 32, steps = (nb + 1) / 2;
     const int j = lane & 15, h = lane >> 4;
-    for (int64_t s0 = 0; s0 < steps; s0 += CUQ_MV_STEPS) {
-        uint16_t q[CUQ_MV_STEPS], d[CUQ_MV_STEPS];
+    constexpr int S = CUQ_MV_STEPS_Q8_0(NX);
+    for (int64_t s0 = 0; s0 < steps; s0 += S) {
+        uint16_t q[S], d[S];
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_STEPS; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             q[u] = d[u] = 0;
             if (s0 + u < steps && b < nb) {
@@ -158,7 +163,7 @@ PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const fl
             }
         }
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_STEPS; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             if (s0 + u < steps && b < nb) {
                 const float scale = pe_cu_fp16_to_fp32(d[u]);
@@ -175,11 +180,12 @@ PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const fl
 
 /* Block (x, y): output rows x*8 .. x*8+7 (one per warp) for the x rows row0 + y*NX .. + NX - 1 (NX = 1
  * with experts). x is copied into dynamic shared memory first when x_smem; even = the weight data and
- * strides are even (Q8_0 then takes its 16-bit load loop). */
+ * strides are even (Q8_0 then takes its 16-bit load loop). At most 64 registers (4 blocks = 32 warps
+ * per SM; 3 blocks for 8 x rows, which need ~80). */
 template <int T, int NX>
-PE_GLOBAL void cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const float *x, int64_t ldx,
-                                 int64_t n_rows, int64_t row0, int x_smem, int even, const float *bias,
-                                 float *y, int64_t ldy) {
+PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 3 : 4)
+    cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const float *x, int64_t ldx, int64_t n_rows,
+                      int64_t row0, int x_smem, int even, const float *bias, float *y, int64_t ldy) {
     PE_DYN_SHARED(float, xs);
     const int64_t i0 = row0 + (int64_t)blockIdx.y * NX;
     const int nx = n_rows - i0 < NX ? (int)(n_rows - i0) : NX;

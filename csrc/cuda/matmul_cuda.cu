@@ -28,6 +28,15 @@
 #define CUQ_TK 32               /* gemm: elements of k per step */
 #define CUQ_TPAD (CUQ_TILE + 1) /* padded k-major tile rows: conflict-free stores and loads */
 
+/* Two floats read from 8-byte aligned shared memory with one load instruction. */
+#ifdef PE_CUDA_EMU
+struct cuq_f2 {
+    float x, y;
+};
+#else
+typedef float2 cuq_f2;
+#endif
+
 extern "C" int pe_cu_type_supported(int type) {
     switch (type) {
     case CUQ_F32: case CUQ_F16: case CUQ_BF16: case CUQ_Q4_0: case CUQ_Q4_1: case CUQ_Q5_0: case CUQ_Q5_1:
@@ -105,9 +114,10 @@ PE_DEVICE inline void cuq_mv_row(const uint8_t *row, int64_t n_in, const float *
 }
 
 /* MXFP4: two blocks per warp step; lane l takes byte l % 16 of block 2s + l / 16, i.e. elements
- * j = l % 16 and j + 16. The upper half-warp reads x[j + 16] first so each shared-memory load of
- * the warp touches 32 distinct banks. */
-template <int NX>
+ * j = l % 16 and j + 16. PAIRS: x is in shared memory in pair order (position 2j + h of a 32-block
+ * holds element j + 16h, see cuq_matvec_kernel), one 8-byte load per byte. Otherwise the upper
+ * half-warp reads x[j + 16] first so each 4-byte load of the warp touches 32 distinct banks. */
+template <int NX, bool PAIRS>
 PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const float *const *xr, int lane,
                                        float *acc) {
     const int64_t nb = n_in / 32;
@@ -130,6 +140,15 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
             const int64_t b = 2 * (s0 + u) + h;
             if (s0 + u < steps && b < nb) {
                 const float d = cuq_e8m0_half(e[u]);
+                if (PAIRS) {
+                    const float w_lo = (float)cuq_e2m1(q[u] & 15), w_hi = (float)cuq_e2m1(q[u] >> 4);
+#pragma unroll
+                    for (int i = 0; i < NX; i++) {
+                        const cuq_f2 v = *(const cuq_f2 *)(xr[i] + 32 * b + 2 * j);
+                        acc[i] += d * (w_lo * v.x + w_hi * v.y);
+                    }
+                    continue;
+                }
                 const float w_first = (float)cuq_e2m1(h ? q[u] >> 4 : q[u] & 15);
                 const float w_second = (float)cuq_e2m1(h ? q[u] & 15 : q[u] >> 4);
                 const int64_t k_first = 32 * b + j + 16 * h, k_second = 32 * b + j + 16 * (1 - h);
@@ -143,8 +162,9 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
 
 /* Q8_0 with 2-byte aligned blocks (data and strides even): two 34-byte blocks per warp step; lane l
  * reads quants 2j, 2j + 1 (j = l % 16) of block 2s + l / 16 as one 16-bit load and the f16 scale as
- * another. The upper half-warp reads x[2j + 1] first (no shared-memory bank conflict). */
-template <int NX>
+ * another. PAIRS (x in shared memory): x[2j], x[2j + 1] as one 8-byte load; otherwise the upper
+ * half-warp reads x[2j + 1] first (no shared-memory bank conflict). */
+template <int NX, bool PAIRS>
 PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const float *const *xr, int lane,
                                       float *acc) {
     const int64_t nb = n_in / 32, steps = (nb + 1) / 2;
@@ -168,6 +188,14 @@ PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const fl
             if (s0 + u < steps && b < nb) {
                 const float scale = pe_cu_fp16_to_fp32(d[u]);
                 const float w_lo = (float)(int8_t)(q[u] & 0xff), w_hi = (float)(int8_t)(q[u] >> 8);
+                if (PAIRS) {
+#pragma unroll
+                    for (int i = 0; i < NX; i++) {
+                        const cuq_f2 v = *(const cuq_f2 *)(xr[i] + 32 * b + 2 * j);
+                        acc[i] += scale * (w_lo * v.x + w_hi * v.y);
+                    }
+                    continue;
+                }
                 const float w_first = h ? w_hi : w_lo, w_second = h ? w_lo : w_hi;
                 const int64_t k_first = 32 * b + 2 * j + h, k_second = 32 * b + 2 * j + (1 - h);
 #pragma unroll
@@ -179,11 +207,12 @@ PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const fl
 }
 
 /* Block (x, y): output rows x*8 .. x*8+7 (one per warp) for the x rows row0 + y*NX .. + NX - 1 (NX = 1
- * with experts). x is copied into dynamic shared memory first when x_smem; even = the weight data and
+ * with experts). x is copied into dynamic shared memory first when x_smem (for MXFP4 in pair order:
+ * the two x values of one quant byte side by side); even = the weight data and
  * strides are even (Q8_0 then takes its 16-bit load loop). At most 64 registers (4 blocks = 32 warps
- * per SM; 3 blocks for 8 x rows, which need ~80). */
+ * per SM; 3 blocks for 4 x rows, 2 for 8: more registers, no spills). */
 template <int T, int NX>
-PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 3 : 4)
+PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 2 : NX >= 4 ? 3 : 4)
     cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const float *x, int64_t ldx, int64_t n_rows,
                       int64_t row0, int x_smem, int even, const float *bias, float *y, int64_t ldy) {
     PE_DYN_SHARED(float, xs);
@@ -192,7 +221,11 @@ PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 3 : 4)
     const float *xp = x + i0 * ldx;
     int64_t lxs = ldx;
     if (x_smem) {
-        for (int64_t t = threadIdx.x; t < nx * w.n_in; t += blockDim.x) xs[t] = xp[(t / w.n_in) * ldx + t % w.n_in];
+        for (int64_t t = threadIdx.x; t < nx * w.n_in; t += blockDim.x) {
+            const int64_t k = t % w.n_in;
+            const int64_t src = T == CUQ_MXFP4 ? (k & ~31) + ((k & 31) >> 1) + 16 * (k & 1) : k;
+            xs[t] = xp[(t / w.n_in) * ldx + src];
+        }
         __syncthreads();
         xp = xs;
         lxs = w.n_in;
@@ -210,10 +243,14 @@ PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 3 : 4)
         acc[i] = 0.0f;
         xr[i] = xp + (i < nx ? i : 0) * lxs;
     }
-    if (T == CUQ_MXFP4)
-        cuq_mv_row_mxfp4<NX>(row, w.n_in, xr, lane, acc);
+    if (T == CUQ_MXFP4 && x_smem)
+        cuq_mv_row_mxfp4<NX, true>(row, w.n_in, xr, lane, acc);
+    else if (T == CUQ_MXFP4)
+        cuq_mv_row_mxfp4<NX, false>(row, w.n_in, xr, lane, acc);
+    else if (T == CUQ_Q8_0 && even && x_smem)
+        cuq_mv_row_q8_0<NX, true>(row, w.n_in, xr, lane, acc);
     else if (T == CUQ_Q8_0 && even)
-        cuq_mv_row_q8_0<NX>(row, w.n_in, xr, lane, acc);
+        cuq_mv_row_q8_0<NX, false>(row, w.n_in, xr, lane, acc);
     else
         cuq_mv_row<T, NX>(row, w.n_in, xr, lane, acc);
 #pragma unroll

@@ -73,7 +73,7 @@ def _cuq_f32_2d(a, int64_t min_cols, str what):
     return a
 
 
-def matmul_dequant(data, int ggml_type, int64_t n_in, int64_t expert=0):
+def matmul_dequant(data, int ggml_type, int64_t n_in, int64_t expert=0) -> np.ndarray:
     """float32 (n_out, n_in): every row of expert `expert` of the weights, dequantized on the GPU."""
     flat, n_out, n_exp, row_stride, expert_stride = _cuq_weight_span(data, ggml_type, n_in)
     if not 0 <= expert < n_exp:
@@ -120,7 +120,7 @@ def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t e
     return dy.download(ya.shape, np.float32)
 
 
-def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None, y=None):
+def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None, y=None) -> np.ndarray:
     """Decode products on the GPU: y[i, r] = dot(row r of expert experts[i] (0 without experts), x[i, :n_in])
     + bias[experts[i], r]. x (n_rows, ldx >= n_in) float32, bias (n_expert, n_out) (n_expert = 1 for a
     plain matrix), experts int32 (n_rows,); y (n_rows, ldy >= n_out), if given, is the initial output
@@ -128,7 +128,7 @@ def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None,
     return _cuq_products(data, ggml_type, n_in, x, bias, experts, 0, y, False)
 
 
-def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None):
+def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None) -> np.ndarray:
     """Prefill products on the GPU: y[i, r] = dot(row r of expert `expert`, x[i, :n_in]) + bias[r];
     shapes as matmul_matvec, bias (n_out,)."""
     return _cuq_products(data, ggml_type, n_in, x, bias, None, expert, y, True)

@@ -1,0 +1,41 @@
+/* CUDA attention with sinks over a ring KV cache (the GPU counterpart of csrc/attention.c).
+ *
+ * Flash-decoding: each (token, head) pair's key range is cut into a fixed number of chunks chosen on
+ * the host from max_keys and the pair count; one block per (pair, chunk) computes a partial online
+ * softmax, a second kernel merges the chunks and adds the sink. All pointers are device memory; every
+ * call is asynchronous on `stream`, allocates nothing and never waits on the host (graph-capturable:
+ * the grid depends only on host arguments, never on the positions stored on the device). Returns 0 or
+ * a cudaError_t code. */
+#ifndef PE_ATTENTION_CUDA_H
+#define PE_ATTENTION_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Row pos[t] % n_slots of kc and vc (rows of kv_dim floats) = k + t*ld and v + t*ld. */
+int pe_cu_kv_store(float *kc, float *vc, int64_t n_slots, const float *k, const float *v, int64_t ld,
+                   int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream);
+
+/* Floats of scratch pe_cu_attention needs for these arguments. */
+size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, int64_t max_keys);
+
+/* As pe_attention: query head h of token t (q + t*ldq + h*head_dim, position pos[t]) attends the keys at
+ * positions lo..pos[t] (lo = max(0, pos[t] - window + 1) when window > 0, else 0), stored in row
+ * j % n_slots of kc/vc ([n_slots][n_head_kv*head_dim]), kv head h / (n_head / n_head_kv), scale
+ * 1/sqrt(head_dim); sinks[h] joins the softmax denominator without a value. Output at
+ * out + t*ldo + h*head_dim. max_keys: host upper bound of the keys any token attends (it sizes the
+ * grid and the scratch; a larger true count is still attended in full, only slower). head_dim <= 256,
+ * n_head a multiple of n_head_kv. */
+int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                    const float *kc, const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
+                    int64_t window, const float *sinks, int64_t max_keys, float *scratch, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

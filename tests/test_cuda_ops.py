@@ -50,7 +50,7 @@ def test_rope_strided_rows_far_positions(cu, head_dim, yarn):
     c, s = m * np.cos(a), m * np.sin(a)
     x1, x2 = heads[..., :half].astype(np.float64), heads[..., half:].astype(np.float64)
     assert rel(got, np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)) < 1e-6
-    np.testing.assert_allclose(got, K.rope(heads, pos, omega, m), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, K.rope(heads, pos, omega, m), rtol=1e-6, atol=1e-7)
 
 
 @backends
@@ -177,6 +177,9 @@ ATTENTION_CASES = {
     "prefill_window_wider_than_context": (np.arange(20, 27), 40, 4, 4, 16, 64, None),
     "max_keys_overestimated": (np.array([39]), 40, 4, 2, 16, 0, 1000),
     "max_keys_underestimated": (np.array([200]), 201, 4, 2, 16, 0, 130),
+    "head_dim_24": (np.arange(70, 73), 73, 6, 3, 24, 0, None),
+    "head_dim_256": (np.array([150]), 151, 2, 1, 256, 0, None),
+    "gptoss_heads_prefill_window": (np.arange(120, 123), 32 - 1 + 3, 64, 8, 64, 32, None),
 }
 
 
@@ -186,18 +189,18 @@ def test_attention_matches_cpu_and_float64(cu, case):
     pos, n_slots, H, Hkv, hd, window, max_keys = ATTENTION_CASES[case]
     pos = pos.astype(np.int64)
     out, q, k, v, sinks = run_attention(cu, pos, n_slots, H, Hkv, hd, window, max_keys, extra=2)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, window)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, window)) < 2e-6  # measured ~1.5e-7 (emulator)
     cpu = K.attention(q, k, v, sinks, int(pos[0]), window, n_slots)
-    assert rel(out, cpu) < 1e-5
+    assert rel(out, cpu) < 2e-6
 
 
 @backends
 def test_attention_tokens_at_unrelated_positions(cu):
     pos = np.array([17, 3, 64, 0, 40], dtype=np.int64)  # each token attends its own prefix
     out, q, k, v, sinks = run_attention(cu, pos, 65, 4, 2, 16, 0)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, 0)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, 0)) < 2e-6
     out, q, k, v, sinks = run_attention(cu, pos, 65, 4, 2, 16, 9)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, 9)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, 9)) < 2e-6
 
 
 @backends

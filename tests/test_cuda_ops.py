@@ -129,7 +129,7 @@ def test_kv_store_ring_wraps(cu):
 
 def attention_ref(q, k, v, sinks, pos, window):
     """float64 attention of q (n_tok, H, hd) at positions pos over k, v (positions, Hkv, hd)."""
-    n_tok, H, hd = q.shape
+    _, H, hd = q.shape
     group = H // k.shape[1]
     out = np.zeros(q.shape)
     for t, p in enumerate(pos):

@@ -177,6 +177,7 @@ ATTENTION_CASES = {
     "prefill_window_wider_than_context": (np.arange(20, 27), 40, 4, 4, 16, 64, None),
     "max_keys_overestimated": (np.array([39]), 40, 4, 2, 16, 0, 1000),
     "max_keys_underestimated": (np.array([200]), 201, 4, 2, 16, 0, 130),
+    "window_3_ring_3": (np.array([77]), 3, 4, 2, 16, 3, None),
     "head_dim_24": (np.arange(70, 73), 73, 6, 3, 24, 0, None),
     "head_dim_256": (np.array([150]), 151, 2, 1, 256, 0, None),
     "gptoss_heads_prefill_window": (np.arange(120, 123), 32 - 1 + 3, 64, 8, 64, 32, None),

@@ -84,9 +84,10 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
 
     float m = -INFINITY, l = 0.0f, acc[CUK_ATT_DIMS_PER_LANE];
     for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) acc[i] = 0.0f;
+    int64_t slot = (lo + begin + warp) % n_slots; /* ring row of key j, advanced without a division */
     for (int64_t j = begin + warp; j < end; j += CUK_ATT_WARPS) {
-        const int64_t row = ((lo + j) % n_slots) * kv_dim + kv_off;
-        const float *kr = kc + row, *vr = vc + row;
+        const float *kr = kc + slot * kv_dim + kv_off, *vr = vc + slot * kv_dim + kv_off;
+        for (slot += CUK_ATT_WARPS; slot >= n_slots;) slot -= n_slots;
         float s = 0.0f;
         for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
             const int d = lane + 32 * i;

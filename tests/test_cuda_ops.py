@@ -180,7 +180,10 @@ ATTENTION_CASES = {
     "window_3_ring_3": (np.array([77]), 3, 4, 2, 16, 3, None),
     "head_dim_24": (np.arange(70, 73), 73, 6, 3, 24, 0, None),
     "head_dim_256": (np.array([150]), 151, 2, 1, 256, 0, None),
-    "gptoss_heads_prefill_window": (np.arange(120, 123), 32 - 1 + 3, 64, 8, 64, 32, None),
+    "gqa_group_12_hd136": (np.arange(60, 62), 62, 12, 1, 136, 0, None),
+    "gqa_group_7": (np.array([99]), 100, 14, 2, 16, 0, None),
+    "gptoss_heads_prefill_window": (np.arange(200, 207), 128 - 1 + 7, 64, 8, 64, 128, None),
+    "gptoss_heads_decode_full": (np.array([700]), 701, 64, 8, 64, 0, None),
 }
 
 
@@ -208,7 +211,7 @@ def test_attention_tokens_at_unrelated_positions(cu):
 def test_attention_scratch_and_chunks(cu):
     # one chunk per 64 keys at most, and enough chunks to fill the GPU when there are few pairs
     assert cu.attention_scratch_floats(1, 4, 16, 200) == 4 * 4 * (16 + 2)
-    assert cu.attention_scratch_floats(1, 64, 64, 8192) == 64 * 17 * (64 + 2)
+    assert cu.attention_scratch_floats(1, 64, 64, 8192) == 64 * 33 * (64 + 2)
     assert cu.attention_scratch_floats(512, 64, 64, 8192) == 512 * 64 * (64 + 2)
     with pytest.raises(ValueError):
         cu.attention(f32(1, 16), np.array([0]), f32(4, 16), f32(4, 16), 1, 1, 16, 0, f32(1), 0)

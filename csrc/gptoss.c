@@ -2,12 +2,15 @@
 #include "gptoss.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "ops.h"
 #include "quants.h"
 
-int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
-                           float *logits, int logits_all, int n_threads, int64_t *expert_counts) {
+/* Embedding and layers [0, layer_end); then either the residual stream goes to x_out (x_out != NULL)
+ * or the output head writes logits. */
+static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens, int layer_end,
+                   float *x_out, float *logits, int logits_all, int n_threads, int64_t *expert_counts) {
     const int64_t D = m->n_embd, hd = m->head_dim, half = hd / 2;
     const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
     int64_t n_tok = 0;
@@ -38,7 +41,7 @@ int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq,
                           m->rope_mscale);
         }
 
-    for (int l = 0; l < m->n_layer; l++) {
+    for (int l = 0; l < layer_end; l++) {
         const pe_layer *L = &m->layers[l];
         const float *rope = L->sliding ? cs_swa : cs;
 
@@ -70,6 +73,12 @@ int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq,
         for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
     }
 
+    if (x_out) {
+        memcpy(x_out, x, (size_t)n_tok * D * sizeof(float));
+        rc = 0;
+        goto done;
+    }
+
     /* final RMSNorm -> output head (no bias): every token's row, or each sequence's last token's */
     int64_t n_out = 0;
     for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++)
@@ -80,6 +89,16 @@ int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq,
 done:
     free(x); free(a); free(t); free(q); free(k); free(v); free(o); free(cs); free(cs_swa);
     return rc;
+}
+
+int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                           float *logits, int logits_all, int n_threads, int64_t *expert_counts) {
+    return forward(m, seqs, n_seq, tokens, m->n_layer, NULL, logits, logits_all, n_threads, expert_counts);
+}
+
+int pe_gptoss_forward_layers(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                             int layer_end, float *x, int n_threads, int64_t *expert_counts) {
+    return forward(m, seqs, n_seq, tokens, layer_end, x, NULL, 0, n_threads, expert_counts);
 }
 
 int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,

@@ -49,6 +49,12 @@ typedef struct {
 int pe_gptoss_forward_seqs(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
                            float *logits, int logits_all, int n_threads, int64_t *expert_counts);
 
+/* The first part of pe_gptoss_forward_seqs when layers run on different devices: the token embedding
+ * and layers [0, layer_end) (0 <= layer_end <= n_layer); x receives the residual stream [total tokens]
+ * [n_embd] that the remaining layers continue from. */
+int pe_gptoss_forward_layers(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                             int layer_end, float *x, int n_threads, int64_t *expert_counts);
+
 /* One sequence: tokens[0..n_tok) at positions n_past.. of kv (pe_gptoss_forward_seqs with n_seq = 1).
  * logits: [n_tok][n_vocab] when logits_all, else [n_vocab] for the last token. */
 int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,

@@ -7,7 +7,7 @@ module also exposes the individual kernels, which the tests compare against floa
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
@@ -217,6 +217,11 @@ cdef class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
+    def _c_layers(self) -> int:
+        """Address of the C pe_kv_layer array (for pyengine._cuda's split CPU/GPU caches; valid
+        while this object lives)."""
+        return <uintptr_t> self.layers
+
 
 cdef class Model:
     """C views of a gpt-oss model's tensors (as open_model returns them) and its hyperparameters."""
@@ -336,6 +341,11 @@ cdef class Model:
     @property
     def window(self) -> int:
         return self.m.window
+
+    def _c_model(self) -> int:
+        """Address of the C pe_model (for pyengine._cuda, which uploads its weights and runs the CPU
+        part of split models; valid while this object lives)."""
+        return <uintptr_t> &self.m
 
     def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
         """(bytes per context position of the full layers, fixed bytes of the sliding rings)."""

@@ -33,6 +33,8 @@ class BenchResult:
     n_depth: int
     backends: str = "CPU"
     cpu_info: str = field(default_factory=lambda: cpu_name())
+    gpu_info: str = ""
+    n_gpu_layers: int = 0
     samples_ns: list[int] = field(default_factory=list)
 
     @property
@@ -123,10 +125,13 @@ def time_test(runner: Runner, n_vocab: int, n_prompt: int, n_gen: int, n_depth: 
 
 
 def markdown(rows: Sequence[BenchResult]) -> str:
-    """llama-bench's table: model | size | params | backend | threads | test | t/s."""
-    lines = ["| model | size | params | backend | threads | test | t/s |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    """llama-bench's table: model | size | params | backend | [ngl |] threads | test | t/s (the ngl
+    column, layers on the GPU, only when a row ran on one)."""
+    gpu = any(r.n_gpu_layers for r in rows)
+    lines = ["| model | size | params | backend | " + ("ngl | " if gpu else "") + "threads | test | t/s |",
+             "| --- | ---: | ---: | --- | " + ("---: | " if gpu else "") + "---: | ---: | ---: |"]
     for r in rows:
+        ngl = f"{r.n_gpu_layers} | " if gpu else ""
         lines.append(f"| {r.model_type} | {r.model_size / 2 ** 30:.2f} GiB | {r.model_n_params / 1e9:.2f} B | "
-                     f"{r.backends} | {r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
+                     f"{r.backends} | {ngl}{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
     return "\n".join(lines)

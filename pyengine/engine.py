@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pyengine import completions
+from pyengine import completions, cuda
 from pyengine._model import KVCache, Model
 from pyengine.chat_template import apply_chat_template
 from pyengine.generate import Generator, TokenEvent
@@ -72,8 +72,13 @@ class Engine:
     (None or 0: the model's trained context, capped at 128K and at what half the free memory holds
     for the f32 KV cache). n_threads: CPU threads (None: physical cores). n_batch: most tokens per
     forward call (longer inputs are split). seed: kept for sampling. verbose: debug log lines.
-    n_gpu_layers: accepted for llama-cpp-python compatibility; this CPU engine runs every layer on
-    the CPU and logs a warning when it is > 0. seed: the default for sampling calls that give no
+    device: "cpu" (default), "cuda" or "cuda:N": where the forward pass runs (the CUDA backend needs
+    pyengine built with nvcc and an NVIDIA GPU; PYENGINE_CUDA_EMULATOR=1 runs the same kernels in the
+    CPU emulator instead). n_gpu_layers (cuda): how many of the last layers run on the GPU (None or
+    -1: all; the first ones then run on the CPU, as in llama.cpp); ignored with a warning on the CPU.
+    cpu_moe (cuda): keep the expert weights in host memory and run the experts on the CPU, attention
+    on the GPU (how gpt-oss-120b fits a small GPU). cuda_graphs (cuda): replay single-token decode
+    steps as a captured CUDA graph (default True). seed: the default for sampling calls that give no
     seed of their own (None: a fresh random one). yarn_truncate: round the YaRN correction range to
     whole dimensions as llama.cpp does (default False: the reference/transformers math; the two
     differ noticeably beyond the first few dozen positions, see docs/forward.md). int8_activations:
@@ -84,9 +89,10 @@ class Engine:
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
-                 verbose: bool = False, n_gpu_layers: int = 0,
+                 verbose: bool = False, n_gpu_layers: int | None = None,
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
-                 int8_activations: bool = False) -> None:
+                 int8_activations: bool = False, device: str = "cpu", cpu_moe: bool = False,
+                 cuda_graphs: bool = True) -> None:
         configure(verbose)
         if n_threads is not None and int(n_threads) < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
@@ -102,18 +108,34 @@ class Engine:
         self.seed = seed
         self._seeds = np.random.default_rng(seed)
         self._cancel = threading.Event()
-        self.n_gpu_layers = int(n_gpu_layers)
-        if self.n_gpu_layers > 0:
-            logger.warning("n_gpu_layers=%d ignored: this engine runs on the CPU", self.n_gpu_layers)
+        kind, index = cuda.parse_device(device)
+        self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
+        self.n_gpu_layers = -1 if n_gpu_layers is None else int(n_gpu_layers)
+        self.cpu_moe = bool(cpu_moe)
+        if kind == "cpu" and self.n_gpu_layers > 0:
+            logger.warning("n_gpu_layers=%d ignored: device='cpu' (use device='cuda')", self.n_gpu_layers)
+        if kind == "cuda" and self.n_gpu_layers == 0:
+            raise ValueError("device='cuda' with n_gpu_layers=0 puts nothing on the GPU: use device='cpu'")
+        if kind == "cuda" and int8_activations:
+            raise ValueError("int8_activations is a CPU option (the CUDA kernels use f32 activations)")
         self.yarn_truncate = bool(yarn_truncate)
         self.int8_activations = bool(int8_activations)
-        self._model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, self.int8_activations)
+        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, self.int8_activations)
+        if kind == "cuda":
+            self._model = cuda.shared_model(self.model_file, cpu_model, self.hparams, self.n_gpu_layers,
+                                            self.cpu_moe, self.n_batch, cuda_graphs, index)
+        else:
+            self._model = cpu_model
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
-        self._cache = KVCache(self._model, self.n_ctx, self.n_batch)
+        if kind == "cuda":
+            self._cache = cuda.backend().CudaKVCache(self._model, self.n_ctx, self.n_batch,
+                                                     lambda: KVCache(cpu_model, self.n_ctx, self.n_batch))
+        else:
+            self._cache = KVCache(self._model, self.n_ctx, self.n_batch)
         self._tokens: list[int] = []
-        logger.debug("n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (f32)", self.n_ctx,
-                     self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20)
+        logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (f32)", self.device,
+                     self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20)
 
     def _choose_n_ctx(self, n_ctx: int | None) -> int:
         trained = int(self.hparams.n_ctx_train)
@@ -123,7 +145,7 @@ class Engine:
             return int(n_ctx)
         per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch)
         n = min(trained, MAX_DEFAULT_CTX)
-        free = available_memory()
+        free = cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
         if free is not None and per_pos:
             fits = int((free * KV_MEMORY_SHARE - fixed) // per_pos)
             if fits < n:
@@ -319,8 +341,10 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
         raise ValueError("eval_batch: an engine appears twice")
     lead = engines[0]
     if any(e.model_file is not lead.model_file or e.yarn_truncate != lead.yarn_truncate
-           or e.int8_activations != lead.int8_activations for e in engines):
-        raise ValueError("eval_batch: the engines must share one ModelFile, yarn_truncate and int8_activations")
+           or e.int8_activations != lead.int8_activations or e._model is not lead._model and e.device != "cpu"
+           or e.device != lead.device for e in engines):
+        raise ValueError("eval_batch: the engines must share one ModelFile, device, yarn_truncate and "
+                         "int8_activations (and, on a GPU, one uploaded model)")
     threads = int(n_threads) if n_threads is not None else lead.n_threads
     if threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")

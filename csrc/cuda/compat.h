@@ -66,8 +66,8 @@ PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 #include <vector>
 
 #define PE_GLOBAL
-#define PE_DEVICE static
-#define PE_HOSTDEV static
+#define PE_DEVICE
+#define PE_HOSTDEV
 #define PE_SHARED static
 #define PE_DYN_SHARED(T, name) T *name = reinterpret_cast<T *>(pe_emu::state().dyn_smem.data())
 #define PE_LAUNCH(kernel, grid, block, smem, stream, ...) \

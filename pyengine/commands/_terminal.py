@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from pyengine.commands._device import gpu_arguments, gpu_options
 from pyengine.completions import ChatStream
 from pyengine.engine import Engine
 
@@ -36,11 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
     p.add_argument("--int8", action="store_true",
                    help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
+    gpu_arguments(p)
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
     return Engine(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
-                  verbose=args.verbose, models_dir=args.models_dir, int8_activations=args.int8)
+                  verbose=args.verbose, models_dir=args.models_dir, int8_activations=args.int8,
+                  **gpu_options(args))
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from pyengine import cuda
 from pyengine.bench import BenchResult, Runner, markdown, model_type, n_params, time_test
+from pyengine.commands._device import gpu_arguments, gpu_options
 from pyengine.engine import Engine
 
 
@@ -25,16 +27,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", help="models folder for names")
     p.add_argument("--int8", action="store_true",
                    help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
+    gpu_arguments(p)
+
+
+def device_fields(eng: Engine) -> dict:
+    """backends / gpu_info / n_gpu_layers of a GPU engine (llama-bench's names); {} on the CPU."""
+    if eng.device == "cpu":
+        return {}
+    cu = cuda.backend()
+    backend = "CUDA" if cu.BACKEND == "cuda" else "CUDA (emulator)"
+    return {"backends": backend, "gpu_info": cu.device_info(int(eng.device.partition(":")[2] or 0))["name"],
+            "n_gpu_layers": int(eng.hparams.n_layer) - eng._model.first_gpu_layer}
 
 
 def run(args: argparse.Namespace) -> int:
     n_ctx = args.n_depth + max(args.n_prompt, args.n_gen) + 16
     eng = Engine(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=args.batch_size,
-                 models_dir=args.models_dir, int8_activations=args.int8)
+                 models_dir=args.models_dir, int8_activations=args.int8, **gpu_options(args))
     runner = Runner(eng.reset, eng.eval)
     base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng.model_file),
                 model_size=eng.model_file.file_size, model_n_params=n_params(eng.model_file),
-                n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth)
+                n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth, **device_fields(eng))
     rows = []
     for n_prompt, n_gen in ((args.n_prompt, 0), (0, args.n_gen)):
         if n_prompt or n_gen:

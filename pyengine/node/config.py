@@ -26,6 +26,9 @@ class NodeConfig:
     router_url: str | None = None
     heartbeat_secs: float = 10.0
     advertise_ip: str | None = None
+    device: str = "cpu"
+    n_gpu_layers: int | None = None
+    cpu_moe: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:
@@ -44,6 +47,8 @@ class NodeConfig:
             cfg.verbose = True
         cfg.router_url = env.get("LLM_ROUTER_URL") or None
         cfg.advertise_ip = env.get("LLM_NODE_IP") or None
+        if env.get("LLM_NODE_DEVICE"):
+            cfg.device = env["LLM_NODE_DEVICE"]
         for key, value in flags.items():
             if value is not None and value is not False:
                 setattr(cfg, key, Path(value) if key == "models_dir" else value)

@@ -142,16 +142,17 @@ class EngineBackend(Backend):
     """The loaded model: a tokenizer and `n_slots` Engines sharing one ModelFile's weights."""
 
     def __init__(self, model_file: ModelFile, n_slots: int = 1, n_ctx: int | None = None,
-                 n_threads: int | None = None, verbose: bool = False, name: str | None = None) -> None:
+                 n_threads: int | None = None, verbose: bool = False, name: str | None = None,
+                 device: str = "cpu", n_gpu_layers: int | None = None, cpu_moe: bool = False) -> None:
         self.model_file = model_file
         self.tokenizer = Tokenizer.from_metadata(model_file.metadata)
-        first = Engine(model_file, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose)
+        opts = dict(n_threads=n_threads, verbose=verbose, device=device, n_gpu_layers=n_gpu_layers,
+                    cpu_moe=cpu_moe)
+        first = Engine(model_file, n_ctx=n_ctx, **opts)
         if n_ctx is None and n_slots > 1:
             # The engine's default context fits one KV cache in memory; n_slots caches share it.
-            first = Engine(model_file, n_ctx=max(MIN_SLOT_CTX, first.n_ctx // n_slots), n_threads=n_threads,
-                           verbose=verbose)
-        self.engines = [first] + [Engine(model_file, n_ctx=first.n_ctx, n_threads=n_threads, verbose=verbose)
-                                  for _ in range(n_slots - 1)]
+            first = Engine(model_file, n_ctx=max(MIN_SLOT_CTX, first.n_ctx // n_slots), **opts)
+        self.engines = [first] + [Engine(model_file, n_ctx=first.n_ctx, **opts) for _ in range(n_slots - 1)]
         self.call_ids = frozenset(i for t, i in self.tokenizer.special_tokens.items() if t == "<|call|>")
         hp = model_file.hparams
         path = Path(model_file.path)
@@ -175,7 +176,7 @@ class EngineBackend(Backend):
         mf = open_model(config.model, models_dir=config.models_dir)
         by_name = "/" not in config.model and not config.model.endswith(".gguf")
         return cls(mf, config.parallel, config.ctx_size, config.threads, config.verbose,
-                   config.model if by_name else None)
+                   config.model if by_name else None, config.device, config.n_gpu_layers, config.cpu_moe)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, special=special)

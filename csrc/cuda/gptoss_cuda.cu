@@ -1,0 +1,396 @@
+/* The gpt-oss forward pass on a CUDA device (see gptoss_cuda.h). It follows csrc/gptoss.c line for
+ * line; the differences are where the work runs:
+ * - the token embedding (and any CPU layers) run on the host, then the residual stream is uploaded;
+ * - up to 8 tokens (decode): matrix-vector kernels read each weight row once for all of them, and the
+ *   mixture of experts runs one row per (token, rank) pair with the expert id read on the device, so
+ *   the whole step needs no host round trip and is captured once into a CUDA graph and replayed;
+ * - more tokens (prefill): the routing goes to the host, which groups the (token, rank) pairs by
+ *   expert; each expert with tokens runs one tiled matrix-matrix product per weight.
+ * - cpu_moe layers hand the normalised activations to the CPU experts (pe_moe_forward) and back. */
+#include "compat.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention_cuda.h"
+#include "gptoss_cuda.h"
+#include "matmul_cuda.h"
+#include "ops_cuda.h"
+
+extern "C" {
+#include "moe.h"
+}
+
+#define PE_CU_TRY(expr)                     \
+    do {                                    \
+        const int pe_cu_rc_ = (int)(expr);  \
+        if (pe_cu_rc_) return pe_cu_rc_;    \
+    } while (0)
+
+enum { GPT_CU_MATVEC_MAX = 8, GPT_CU_HEAD_CHUNK = 32 };
+
+struct pe_cu_ctx {
+    int64_t max_tok, max_pairs, bytes;
+    cudaStream_t stream;
+    /* device */
+    float *x, *a, *t, *q, *k, *v, *o, *logits, *rlog, *wts, *xg, *g, *u, *slots, *attn;
+    size_t attn_floats;
+    int64_t *pos;
+    int32_t *sel;      /* [n_layer][max_pairs]: each layer's routing of this call */
+    int32_t *pair_tok; /* [max_pairs]: p / n_used (the token of pair p), constant */
+    int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts */
+    int32_t *out_idx;  /* [max_tok]: the rows the output head reads */
+    /* pinned host */
+    float *h_x, *h_a, *h_t;
+    int64_t *h_pos;
+    int32_t *h_sel, *h_idx, *h_out_idx;
+    /* decode graph */
+    int use_graphs;
+#if PE_CU_HAVE_GRAPHS
+    cudaGraphExec_t graph;
+#endif
+    const void *graph_key;
+    int64_t graph_slots;
+};
+
+static int gpt_cu_alloc(pe_cu_ctx *c, void *pp, size_t n) {
+    void **p = (void **)pp;
+    const cudaError_t e = cudaMalloc(p, n ? n : 1);
+    if (e == cudaSuccess) c->bytes += (int64_t)n;
+    return (int)e;
+}
+
+static int gpt_cu_alloc_host(void *pp, size_t n) {
+    return (int)cudaMallocHost((void **)pp, n ? n : 1);
+}
+
+extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graphs, int *err) {
+    pe_cu_ctx *c = (pe_cu_ctx *)calloc(1, sizeof(pe_cu_ctx));
+    *err = cudaErrorMemoryAllocation;
+    if (!c) return NULL;
+    const int64_t D = m->n_embd, F = m->n_ff, q_dim = (int64_t)m->n_head * m->head_dim;
+    const int64_t kv_dim = (int64_t)m->n_head_kv * m->head_dim, P = max_tok * m->n_used;
+    c->max_tok = max_tok;
+    c->max_pairs = P;
+    c->use_graphs = use_graphs;
+    int e = (int)cudaStreamCreate(&c->stream);
+    const size_t f = sizeof(float);
+    if (!e) e = gpt_cu_alloc(c, &c->x, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc(c, &c->a, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc(c, &c->t, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc(c, &c->q, max_tok * q_dim * f);
+    if (!e) e = gpt_cu_alloc(c, &c->k, max_tok * kv_dim * f);
+    if (!e) e = gpt_cu_alloc(c, &c->v, max_tok * kv_dim * f);
+    if (!e) e = gpt_cu_alloc(c, &c->o, max_tok * q_dim * f);
+    if (!e) e = gpt_cu_alloc(c, &c->logits, GPT_CU_HEAD_CHUNK * m->n_vocab * f);
+    if (!e) e = gpt_cu_alloc(c, &c->rlog, max_tok * m->n_expert * f);
+    if (!e) e = gpt_cu_alloc(c, &c->wts, P * f);
+    if (!e) e = gpt_cu_alloc(c, &c->xg, P * D * f);
+    if (!e) e = gpt_cu_alloc(c, &c->g, P * F * f);
+    if (!e) e = gpt_cu_alloc(c, &c->u, P * F * f);
+    if (!e) e = gpt_cu_alloc(c, &c->slots, P * D * f);
+    if (!e) e = gpt_cu_alloc(c, &c->pos, max_tok * sizeof(int64_t));
+    if (!e) e = gpt_cu_alloc(c, &c->sel, (size_t)m->n_layer * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->pair_tok, P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->idx, 2 * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->out_idx, max_tok * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_x, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc_host(&c->h_a, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc_host(&c->h_t, max_tok * D * f);
+    if (!e) e = gpt_cu_alloc_host(&c->h_pos, max_tok * sizeof(int64_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_sel, (size_t)m->n_layer * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_idx, 2 * P * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_out_idx, max_tok * sizeof(int32_t));
+    if (!e) {
+        for (int64_t p = 0; p < P; p++) c->h_idx[p] = (int32_t)(p / m->n_used);
+        e = (int)cudaMemcpy(c->pair_tok, c->h_idx, P * sizeof(int32_t), cudaMemcpyHostToDevice);
+    }
+    if (e) {
+        *err = e;
+        pe_cu_ctx_free(c);
+        return NULL;
+    }
+    *err = 0;
+    return c;
+}
+
+extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
+    if (!c) return;
+#if PE_CU_HAVE_GRAPHS
+    if (c->graph) cudaGraphExecDestroy(c->graph);
+#endif
+    float *dev[] = {c->x, c->a, c->t, c->q, c->k, c->v, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
+                    c->slots, c->attn};
+    for (float *p : dev) cudaFree(p);
+    cudaFree(c->pos);
+    cudaFree(c->sel);
+    cudaFree(c->pair_tok);
+    cudaFree(c->idx);
+    cudaFree(c->out_idx);
+    cudaFreeHost(c->h_x);
+    cudaFreeHost(c->h_a);
+    cudaFreeHost(c->h_t);
+    cudaFreeHost(c->h_pos);
+    cudaFreeHost(c->h_sel);
+    cudaFreeHost(c->h_idx);
+    cudaFreeHost(c->h_out_idx);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    cudaGetLastError(); /* frees after an earlier failure must not leave a sticky error behind */
+    free(c);
+}
+
+extern "C" int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c) { return c->bytes; }
+
+/* Most keys a token of this sequence attends to in layer l; with fixed_grid the ring size, an
+ * upper bound for every later step too (what a captured graph must be sized for). */
+static int64_t gpt_cu_max_keys(const pe_cu_model *m, const pe_cu_seq *s, int l, int fixed_grid) {
+    const pe_cu_kv_layer *kv = &s->kv[l];
+    int64_t n = fixed_grid ? kv->n_slots : s->n_past + s->n_tok;
+    if (m->layers[l].sliding && m->window < n) n = m->window;
+    return n < kv->n_slots ? n : kv->n_slots;
+}
+
+static int gpt_cu_ensure_attn(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
+                              int fixed_grid) {
+    size_t need = 0;
+    for (int64_t s = 0; s < n_seq; s++)
+        for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
+            const size_t n = pe_cu_attention_scratch_floats(seqs[s].n_tok, m->n_head, m->head_dim,
+                                                            gpt_cu_max_keys(m, &seqs[s], l, fixed_grid));
+            need = n > need ? n : need;
+        }
+    if (need <= c->attn_floats) return 0;
+    PE_CU_TRY(cudaStreamSynchronize(c->stream));
+    if (c->attn) {
+        cudaFree(c->attn);
+        c->bytes -= (int64_t)(c->attn_floats * sizeof(float));
+        c->attn = NULL;
+        c->attn_floats = 0;
+    }
+    PE_CU_TRY(gpt_cu_alloc(c, &c->attn, need * sizeof(float)));
+    c->attn_floats = need;
+    c->graph_key = NULL; /* a captured graph points at the old scratch */
+    return 0;
+}
+
+/* y = W x (+ bias) for n rows of x: the matrix-vector kernel for decode, the tiled one for prefill. */
+static int gpt_cu_matmul(const pe_cu_weight *w, const float *x, int64_t ldx, int64_t n, const float *bias, float *y,
+                         int64_t ldy, cudaStream_t s) {
+    if (n <= GPT_CU_MATVEC_MAX) return pe_cu_matvec(w, NULL, x, ldx, n, bias, y, ldy, s);
+    return pe_cu_gemm(w, 0, x, ldx, n, bias, y, ldy, s);
+}
+
+/* Experts for few tokens: one row per (token, rank) pair, expert ids stay on the device. */
+static int gpt_cu_moe_pairs(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ctx *c, const int32_t *sel,
+                            int64_t n_tok) {
+    const int64_t D = m->n_embd, F = m->n_ff, P = n_tok * m->n_used;
+    cudaStream_t s = c->stream;
+    PE_CU_TRY(pe_cu_gather_rows(c->xg, c->a, c->pair_tok, P, D, s));
+    PE_CU_TRY(pe_cu_matvec(&L->gate, sel, c->xg, D, P, L->gate_b, c->g, F, s));
+    PE_CU_TRY(pe_cu_matvec(&L->up, sel, c->xg, D, P, L->up_b, c->u, F, s));
+    PE_CU_TRY(pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s));
+    PE_CU_TRY(pe_cu_matvec(&L->down, sel, c->g, F, P, L->down_b, c->slots, D, s));
+    return pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, m->n_used, D, s);
+}
+
+/* Experts for many tokens: the host sorts the (token, rank) pairs by expert (a counting sort that
+ * keeps token order, as moe.c does) and each expert with tokens multiplies them in one product. */
+static int gpt_cu_moe_grouped(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ctx *c, const int32_t *sel,
+                              int64_t n_tok, int64_t *counts) {
+    const int E = m->n_expert, K = m->n_used;
+    const int64_t D = m->n_embd, F = m->n_ff, P = n_tok * K;
+    cudaStream_t s = c->stream;
+    PE_CU_TRY(cudaMemcpyAsync(c->h_sel, sel, P * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    PE_CU_TRY(cudaStreamSynchronize(s));
+    int64_t *start = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
+    if (!start || !fill) {
+        free(start);
+        free(fill);
+        return -1;
+    }
+    for (int64_t i = 0; i < P; i++) start[c->h_sel[i] + 1]++;
+    if (counts)
+        for (int e = 0; e < E; e++) counts[e] += start[e + 1];
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(fill, start, (size_t)E * sizeof(int64_t));
+    int32_t *tok = c->h_idx, *entry = c->h_idx + c->max_pairs;
+    for (int64_t i = 0; i < P; i++) {
+        const int64_t j = fill[c->h_sel[i]]++;
+        entry[j] = (int32_t)i;
+        tok[j] = (int32_t)(i / K);
+    }
+    free(fill);
+    int rc = (int)cudaMemcpyAsync(c->idx, c->h_idx, 2 * c->max_pairs * sizeof(int32_t), cudaMemcpyHostToDevice, s);
+    if (!rc) rc = pe_cu_gather_rows(c->xg, c->a, c->idx, P, D, s);
+    for (int e = 0; e < E && !rc; e++) {
+        const int64_t off = start[e], n = start[e + 1] - start[e];
+        if (!n) continue;
+        rc = pe_cu_gemm(&L->gate, e, c->xg + off * D, D, n, L->gate_b + (int64_t)e * F, c->g + off * F, F, s);
+        if (!rc) rc = pe_cu_gemm(&L->up, e, c->xg + off * D, D, n, L->up_b + (int64_t)e * F, c->u + off * F, F, s);
+    }
+    if (!rc) rc = pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s);
+    for (int e = 0; e < E && !rc; e++) { /* down projections land in xg (free now), in sorted order */
+        const int64_t off = start[e], n = start[e + 1] - start[e];
+        if (n) rc = pe_cu_gemm(&L->down, e, c->g + off * F, F, n, L->down_b + (int64_t)e * D, c->xg + off * D, D, s);
+    }
+    free(start);
+    if (!rc) rc = pe_cu_scatter_rows(c->slots, c->xg, c->idx + c->max_pairs, P, D, s);
+    if (!rc) rc = pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, K, D, s);
+    return rc;
+}
+
+/* Experts kept in host memory: the CPU runs the layer's whole MoE block on the normalised input. */
+static int gpt_cu_moe_cpu(const pe_cu_model *m, int l, pe_cu_ctx *c, int64_t n_tok, int n_threads,
+                          int64_t *counts) {
+    const int64_t D = m->n_embd;
+    cudaStream_t s = c->stream;
+    PE_CU_TRY(cudaMemcpyAsync(c->h_a, c->a, n_tok * D * sizeof(float), cudaMemcpyDeviceToHost, s));
+    PE_CU_TRY(cudaStreamSynchronize(s));
+    if (pe_moe_forward(&m->cpu->layers[l].moe, c->h_a, n_tok, c->h_t, n_threads, counts)) return -1;
+    return (int)cudaMemcpyAsync(c->t, c->h_t, n_tok * D * sizeof(float), cudaMemcpyHostToDevice, s);
+}
+
+/* The GPU layers, from the uploaded residual stream c->x (positions in c->pos) to the output head's
+ * input: every token's (or each sequence's last token's) final normalised row in c->a. */
+static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq, int64_t n_tok,
+                         int64_t n_out, int fixed_grid, int n_threads, int64_t *expert_counts) {
+    const int64_t D = m->n_embd, hd = m->head_dim;
+    const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
+    cudaStream_t s = c->stream;
+    for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
+        const pe_cu_layer *L = &m->layers[l];
+        const double *omega = L->sliding ? m->omega_swa : m->omega;
+
+        /* attention */
+        PE_CU_TRY(pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
+        PE_CU_TRY(gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, c->q, q_dim, s));
+        PE_CU_TRY(gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, c->k, kv_dim, s));
+        PE_CU_TRY(gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, c->v, kv_dim, s));
+        PE_CU_TRY(pe_cu_rope(c->q, n_tok, q_dim, m->n_head, (int)hd, c->pos, omega, m->rope_mscale, s));
+        PE_CU_TRY(pe_cu_rope(c->k, n_tok, kv_dim, m->n_head_kv, (int)hd, c->pos, omega, m->rope_mscale, s));
+        for (int64_t q = 0, i = 0; q < n_seq; i += seqs[q].n_tok, q++) {
+            const pe_cu_kv_layer *kv = &seqs[q].kv[l];
+            PE_CU_TRY(pe_cu_kv_store(kv->k, kv->v, kv->n_slots, c->k + i * kv_dim, c->v + i * kv_dim, kv_dim,
+                                     seqs[q].n_tok, c->pos + i, kv_dim, s));
+            PE_CU_TRY(pe_cu_attention(c->o + i * q_dim, q_dim, c->q + i * q_dim, q_dim, seqs[q].n_tok, c->pos + i,
+                                      kv->k, kv->v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
+                                      L->sliding ? m->window : 0, L->sinks,
+                                      gpt_cu_max_keys(m, &seqs[q], l, fixed_grid), c->attn, s));
+        }
+        PE_CU_TRY(gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
+        PE_CU_TRY(pe_cu_add(c->x, c->t, n_tok * D, s));
+
+        /* mixture of experts */
+        PE_CU_TRY(pe_cu_rmsnorm(c->a, c->x, L->post_norm, n_tok, D, m->eps, s));
+        int64_t *counts = expert_counts ? expert_counts + (int64_t)l * m->n_expert : NULL;
+        if (L->cpu_moe) {
+            PE_CU_TRY(gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
+        } else {
+            int32_t *sel = c->sel + (int64_t)l * c->max_pairs;
+            PE_CU_TRY(gpt_cu_matmul(&L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
+            PE_CU_TRY(pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            if (n_tok <= GPT_CU_MATVEC_MAX)
+                PE_CU_TRY(gpt_cu_moe_pairs(m, L, c, sel, n_tok));
+            else
+                PE_CU_TRY(gpt_cu_moe_grouped(m, L, c, sel, n_tok, counts));
+        }
+        PE_CU_TRY(pe_cu_add(c->x, c->t, n_tok * D, s));
+    }
+    /* final norm of the rows the head needs (indices uploaded in c->out_idx by the caller) */
+    PE_CU_TRY(pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));
+    return pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s);
+}
+
+#if PE_CU_HAVE_GRAPHS
+/* One decode step (one sequence, one token) as a replayed CUDA graph; captured on first use for a
+ * cache (its device pointers and ring sizes are baked into the graph). */
+static int gpt_cu_graph_step(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seq, int n_threads) {
+    const void *key = seq->kv[m->n_layer - 1].k;
+    const int64_t slots = seq->kv[m->n_layer - 1].n_slots;
+    if (!c->graph || c->graph_key != key || c->graph_slots != slots) {
+        if (c->graph) {
+            cudaGraphExecDestroy(c->graph);
+            c->graph = NULL;
+        }
+        cudaGraph_t g = NULL;
+        PE_CU_TRY(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+        const int rc = gpt_cu_layers(m, c, seq, 1, 1, 1, 1, n_threads, NULL);
+        const cudaError_t end = cudaStreamEndCapture(c->stream, &g);
+        if (rc || end != cudaSuccess) {
+            if (g) cudaGraphDestroy(g);
+            return rc ? rc : (int)end;
+        }
+        const cudaError_t inst = cudaGraphInstantiate(&c->graph, g, 0);
+        cudaGraphDestroy(g);
+        PE_CU_TRY(inst);
+        c->graph_key = key;
+        c->graph_slots = slots;
+    }
+    return (int)cudaGraphLaunch(c->graph, c->stream);
+}
+#endif
+
+extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
+                             const int32_t *tokens, float *logits, int logits_all, int n_threads,
+                             int64_t *expert_counts) {
+    const int64_t D = m->n_embd, V = m->n_vocab;
+    cudaStream_t s = c->stream;
+    int64_t n_tok = 0;
+    for (int64_t q = 0; q < n_seq; q++) n_tok += seqs[q].n_tok;
+    if (n_tok > c->max_tok) return cudaErrorInvalidValue;
+
+    /* embedding and the CPU layers on the host, then the residual stream goes up */
+    pe_seq *cpu = (pe_seq *)malloc((size_t)n_seq * sizeof(pe_seq));
+    if (!cpu) return -1;
+    for (int64_t q = 0; q < n_seq; q++) {
+        cpu[q].kv = seqs[q].cpu_kv;
+        cpu[q].n_tok = seqs[q].n_tok;
+        cpu[q].n_past = seqs[q].n_past;
+    }
+    int cpu_rc = pe_gptoss_forward_layers(m->cpu, cpu, n_seq, tokens, m->first_gpu_layer, c->h_x, n_threads,
+                                          expert_counts);
+    free(cpu);
+    if (cpu_rc) return -1;
+
+    int64_t n_out = 0;
+    for (int64_t q = 0, i = 0; q < n_seq; i += seqs[q].n_tok, q++) {
+        for (int64_t j = 0; j < seqs[q].n_tok; j++) c->h_pos[i + j] = seqs[q].n_past + j;
+        for (int64_t j = logits_all ? 0 : seqs[q].n_tok - 1; j < seqs[q].n_tok; j++) c->h_out_idx[n_out++] = (int32_t)(i + j);
+    }
+    PE_CU_TRY(cudaMemcpyAsync(c->x, c->h_x, n_tok * D * sizeof(float), cudaMemcpyHostToDevice, s));
+    PE_CU_TRY(cudaMemcpyAsync(c->pos, c->h_pos, n_tok * sizeof(int64_t), cudaMemcpyHostToDevice, s));
+    PE_CU_TRY(cudaMemcpyAsync(c->out_idx, c->h_out_idx, n_out * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+
+    int any_cpu_moe = 0;
+    for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
+    const int graph = PE_CU_HAVE_GRAPHS && c->use_graphs && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
+    PE_CU_TRY(gpt_cu_ensure_attn(m, c, seqs, n_seq, graph));
+#if PE_CU_HAVE_GRAPHS
+    if (graph)
+        PE_CU_TRY(gpt_cu_graph_step(m, c, seqs, n_threads));
+    else
+#endif
+        PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, 0, n_threads, expert_counts));
+
+    /* output head in chunks of rows, each downloaded as it is done */
+    for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
+        const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
+        PE_CU_TRY(gpt_cu_matmul(&m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
+        PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+        PE_CU_TRY(cudaStreamSynchronize(s));
+    }
+
+    /* expert selections of the decode path (the grouped and CPU paths counted as they went) */
+    if (expert_counts && n_tok <= GPT_CU_MATVEC_MAX) {
+        const int64_t P = n_tok * m->n_used;
+        for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
+            if (m->layers[l].cpu_moe) continue;
+            PE_CU_TRY(cudaMemcpyAsync(c->h_sel, c->sel + (int64_t)l * c->max_pairs, P * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, s));
+            PE_CU_TRY(cudaStreamSynchronize(s));
+            for (int64_t p = 0; p < P; p++) expert_counts[(int64_t)l * m->n_expert + c->h_sel[p]]++;
+        }
+    }
+    return (int)cudaGetLastError();
+}

@@ -1,0 +1,79 @@
+/* The gpt-oss forward pass on a CUDA device: the same model as csrc/gptoss.c, step for step, with the
+ * weights uploaded once and the activations kept on the device. Layers may be split between the CPU
+ * and the GPU (the first layers on the CPU, as with llama.cpp's n_gpu_layers), and a layer's experts
+ * may stay in host memory (cpu_moe: the GPU computes attention, the CPU the mixture of experts).
+ *
+ * Every pointer and shape is validated by the caller (pyengine/_cuda_model.pxi). */
+#ifndef PE_GPTOSS_CUDA_H
+#define PE_GPTOSS_CUDA_H
+
+#include <stdint.h>
+
+#include "matmul_cuda.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "gptoss.h" /* the CPU model: a C header */
+
+typedef struct {
+    int on_gpu;                          /* 0: the CPU runs this layer (it comes before every GPU layer) */
+    int cpu_moe;                         /* 1: the experts stay in host memory and the CPU runs them */
+    int sliding;
+    const float *attn_norm, *post_norm;  /* device [n_embd] */
+    pe_cu_weight wq, wk, wv, wo;
+    const float *bq, *bk, *bv, *bo;      /* device; zeros where the file has no bias */
+    const float *sinks;                  /* device [n_head] */
+    pe_cu_weight router;
+    const float *router_b;               /* device [n_expert] */
+    pe_cu_weight gate, up, down;         /* expert-stacked (unused with cpu_moe) */
+    const float *gate_b, *up_b, *down_b; /* device [n_expert][n_ff] / [n_expert][n_embd] */
+} pe_cu_layer;
+
+typedef struct {
+    int n_layer, n_head, n_head_kv, head_dim, n_expert, n_used;
+    int64_t n_embd, n_ff, n_vocab, window;
+    float eps;
+    const double *omega, *omega_swa;     /* device [head_dim / 2] */
+    double rope_mscale;
+    pe_cu_weight output;
+    const float *out_norm;               /* device [n_embd] */
+    const pe_cu_layer *layers;           /* host array [n_layer] */
+    int first_gpu_layer;                 /* layers before it run on the CPU */
+    const pe_model *cpu;                 /* the CPU model: embeddings, CPU layers, cpu_moe experts */
+} pe_cu_model;
+
+typedef struct {
+    float *k, *v;                        /* device [n_slots][n_head_kv * head_dim] */
+    int64_t n_slots;
+} pe_cu_kv_layer;
+
+/* One sequence of a forward call (see pe_seq): its GPU cache rows kv[l] for GPU layers, its CPU
+ * cache cpu_kv[l] for CPU layers. */
+typedef struct {
+    pe_cu_kv_layer *kv;
+    pe_kv_layer *cpu_kv;
+    int64_t n_tok, n_past;
+} pe_cu_seq;
+
+/* Scratch memory and the stream of one model for calls of at most max_tok tokens in total. */
+typedef struct pe_cu_ctx pe_cu_ctx;
+
+/* NULL when memory runs out (the CUDA error is then in *err). use_graphs: capture single-token decode
+ * steps of one sequence into a CUDA graph and replay it. */
+pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graphs, int *err);
+void pe_cu_ctx_free(pe_cu_ctx *c);
+/* Device bytes the context holds. */
+int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c);
+
+/* As pe_gptoss_forward_seqs (tokens and logits in host memory; logits [total][n_vocab] when logits_all,
+ * else [n_seq][n_vocab]). Returns 0, a CUDA error code, or -1 when host memory runs out. */
+int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq, const int32_t *tokens,
+                  float *logits, int logits_all, int n_threads, int64_t *expert_counts);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

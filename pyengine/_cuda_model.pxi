@@ -1,0 +1,368 @@
+# The gpt-oss model on the GPU (csrc/cuda/gptoss_cuda.cu): uploads the CPU model's weight views once,
+# owns the device KV caches, and runs forward calls with the same contract as pyengine._model.Model.
+
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+cdef extern from "quants.h":
+    size_t pe_row_size(int type, int64_t n)
+
+cdef extern from "matmul.h":
+    ctypedef struct pe_weight:
+        const uint8_t *data
+        int type
+        int64_t n_in, n_out, row_stride, expert_stride
+        int int8_act
+
+cdef extern from "attention.h":
+    ctypedef struct pe_kv_layer:
+        float *k
+        float *v
+        int64_t n_slots
+
+cdef extern from "moe.h":
+    ctypedef struct pe_moe:
+        pe_weight router
+        const float *router_b
+        pe_weight gate, up, down
+        const float *gate_b
+        const float *up_b
+        const float *down_b
+        int n_expert, n_used
+        int64_t n_embd, n_ff
+
+cdef extern from "gptoss.h":
+    ctypedef struct pe_layer:
+        const float *attn_norm
+        pe_weight wq, wk, wv, wo
+        const float *bq
+        const float *bk
+        const float *bv
+        const float *bo
+        const float *sinks
+        const float *post_norm
+        pe_moe moe
+        int sliding
+    ctypedef struct pe_model:
+        int n_layer, n_head, n_head_kv, head_dim
+        int64_t n_embd, n_vocab, window
+        float eps
+        const double *omega
+        const double *omega_swa
+        double rope_mscale
+        pe_weight tok_embd, output
+        const float *out_norm
+        const pe_layer *layers
+
+cdef extern from "gptoss_cuda.h":
+    ctypedef struct gm_weight "pe_cu_weight":
+        const uint8_t *data
+        int type
+        int64_t n_in, n_out, row_stride, expert_stride
+    ctypedef struct pe_cu_layer:
+        int on_gpu, cpu_moe, sliding
+        const float *attn_norm
+        const float *post_norm
+        gm_weight wq, wk, wv, wo
+        const float *bq
+        const float *bk
+        const float *bv
+        const float *bo
+        const float *sinks
+        gm_weight router
+        const float *router_b
+        gm_weight gate, up, down
+        const float *gate_b
+        const float *up_b
+        const float *down_b
+    ctypedef struct pe_cu_model:
+        int n_layer, n_head, n_head_kv, head_dim, n_expert, n_used
+        int64_t n_embd, n_ff, n_vocab, window
+        float eps
+        const double *omega
+        const double *omega_swa
+        double rope_mscale
+        gm_weight output
+        const float *out_norm
+        const pe_cu_layer *layers
+        int first_gpu_layer
+        const pe_model *cpu
+    ctypedef struct pe_cu_kv_layer:
+        float *k
+        float *v
+        int64_t n_slots
+    ctypedef struct pe_cu_seq:
+        pe_cu_kv_layer *kv
+        pe_kv_layer *cpu_kv
+        int64_t n_tok, n_past
+    ctypedef struct pe_cu_ctx:
+        pass
+    pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graphs, int *err)
+    void pe_cu_ctx_free(pe_cu_ctx *c)
+    int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c)
+    int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
+                      const int32_t *tokens, float *logits, int logits_all, int n_threads,
+                      int64_t *expert_counts) nogil
+
+
+cdef class CudaModel:
+    """A CPU Model's weights on the device. Layers [first_gpu_layer, n_layer) and the output head run
+    on the GPU; the token embedding and any earlier layers on the CPU (n_gpu_layers). cpu_moe: the
+    GPU layers' experts stay in host memory and the CPU runs them. Same forward/forward_seqs contract
+    as pyengine._model.Model."""
+    cdef pe_cu_model m
+    cdef pe_cu_layer *layers
+    cdef pe_cu_ctx *ctx
+    cdef readonly object cpu          # the CPU Model (owns the host weights the CPU part reads)
+    cdef object bufs                  # every DevBuf a device pointer points into
+    cdef object counts
+    cdef readonly int64_t weight_bytes
+    cdef readonly int first_gpu_layer
+    cdef readonly bint cpu_moe, graphs
+    cdef int64_t max_tok
+    cdef public int64_t n_vocab
+    cdef readonly bint int8_activations
+
+    def __cinit__(self):
+        self.layers = NULL
+        self.ctx = NULL
+
+    def __init__(self, cpu, hp, int n_gpu_layers=-1, bint cpu_moe=False, int64_t max_tok=512,
+                 bint graphs=True):
+        cdef const pe_model *cm = <const pe_model *> <uintptr_t> cpu._c_model()
+        cdef int L = cm.n_layer, l
+        if n_gpu_layers < 0 or n_gpu_layers > L:
+            n_gpu_layers = L
+        if n_gpu_layers == 0:
+            raise ValueError("n_gpu_layers=0 puts no layer on the GPU: use the CPU engine")
+        if max_tok < 1:
+            raise ValueError("max_tok must be positive")
+        self.cpu = cpu
+        self.bufs = []
+        self.weight_bytes = 0
+        self.cpu_moe = cpu_moe
+        self.graphs = graphs
+        self.int8_activations = False
+        self.n_vocab = cm.n_vocab
+        self.first_gpu_layer = L - n_gpu_layers
+        memset(&self.m, 0, sizeof(self.m))
+        self.m.n_layer, self.m.n_head, self.m.n_head_kv, self.m.head_dim = L, cm.n_head, cm.n_head_kv, cm.head_dim
+        self.m.n_expert, self.m.n_used = cm.layers[0].moe.n_expert, cm.layers[0].moe.n_used
+        self.m.n_embd, self.m.n_ff, self.m.n_vocab = cm.n_embd, cm.layers[0].moe.n_ff, cm.n_vocab
+        self.m.window, self.m.eps, self.m.rope_mscale = cm.window, cm.eps, cm.rope_mscale
+        self.m.first_gpu_layer = self.first_gpu_layer
+        self.m.cpu = cm
+        half = cm.head_dim // 2
+        self.m.omega = <const double *> self._floats(cm.omega, half * 8)
+        self.m.omega_swa = <const double *> self._floats(cm.omega_swa, half * 8)
+        self.m.output = self._weight(&cm.output, 1)
+        self.m.out_norm = <const float *> self._floats(cm.out_norm, cm.n_embd * 4)
+        self.layers = <pe_cu_layer *> malloc(L * sizeof(pe_cu_layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        memset(self.layers, 0, L * sizeof(pe_cu_layer))
+        self.m.layers = self.layers
+        cdef const pe_layer *c
+        cdef pe_cu_layer *g
+        cdef int64_t D = cm.n_embd, q_dim = cm.n_head * cm.head_dim, kv_dim = cm.n_head_kv * cm.head_dim
+        cdef int64_t E = self.m.n_expert, F = self.m.n_ff
+        for l in range(self.first_gpu_layer, L):
+            c = &cm.layers[l]
+            g = &self.layers[l]
+            g.on_gpu, g.cpu_moe, g.sliding = 1, cpu_moe, c.sliding
+            g.attn_norm = <const float *> self._floats(c.attn_norm, D * 4)
+            g.post_norm = <const float *> self._floats(c.post_norm, D * 4)
+            g.wq, g.wk = self._weight(&c.wq, 1), self._weight(&c.wk, 1)
+            g.wv, g.wo = self._weight(&c.wv, 1), self._weight(&c.wo, 1)
+            g.bq = <const float *> self._floats(c.bq, q_dim * 4)
+            g.bk = <const float *> self._floats(c.bk, kv_dim * 4)
+            g.bv = <const float *> self._floats(c.bv, kv_dim * 4)
+            g.bo = <const float *> self._floats(c.bo, D * 4)
+            g.sinks = <const float *> self._floats(c.sinks, cm.n_head * 4)
+            if not cpu_moe:
+                g.router = self._weight(&c.moe.router, 1)
+                g.router_b = <const float *> self._floats(c.moe.router_b, E * 4)
+                g.gate, g.up = self._weight(&c.moe.gate, E), self._weight(&c.moe.up, E)
+                g.down = self._weight(&c.moe.down, E)
+                g.gate_b = <const float *> self._floats(c.moe.gate_b, E * F * 4)
+                g.up_b = <const float *> self._floats(c.moe.up_b, E * F * 4)
+                g.down_b = <const float *> self._floats(c.moe.down_b, E * D * 4)
+        self.counts = np.zeros((L, E), dtype=np.int64)
+        self._make_ctx(max_tok)
+
+    cdef void *_floats(self, const void *host, int64_t nbytes) except NULL:
+        cdef DevBuf b = DevBuf(nbytes)
+        _check(pe_cu_copy_to_device(b.p, host, nbytes))
+        self.bufs.append(b)
+        self.weight_bytes += nbytes
+        return b.p
+
+    cdef gm_weight _weight(self, const pe_weight *w, int64_t n_expert) except *:
+        """A packed device copy of a (possibly strided, expert-stacked) host weight view."""
+        cdef gm_weight d
+        cdef int64_t rb = pe_row_size(w.type, w.n_in), e
+        cdef DevBuf b = DevBuf(rb * w.n_out * n_expert)
+        for e in range(n_expert):
+            _check(pe_cu_copy_2d_to_device(<uint8_t *> b.p + e * rb * w.n_out, rb,
+                                           w.data + e * w.expert_stride, w.row_stride, rb, w.n_out))
+        self.bufs.append(b)
+        self.weight_bytes += b.nbytes
+        d.data = <const uint8_t *> b.p
+        d.type = w.type
+        d.n_in, d.n_out = w.n_in, w.n_out
+        d.row_stride = rb
+        d.expert_stride = rb * w.n_out if n_expert > 1 else 0
+        return d
+
+    cdef _make_ctx(self, int64_t max_tok):
+        cdef int err = 0
+        if self.ctx != NULL:
+            pe_cu_ctx_free(self.ctx)
+            self.ctx = NULL
+        self.ctx = pe_cu_ctx_create(&self.m, max_tok, self.graphs, &err)
+        if self.ctx == NULL:
+            _check(err if err else 2)
+        self.max_tok = max_tok
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            pe_cu_ctx_free(self.ctx)
+        free(self.layers)
+
+    @property
+    def window(self) -> int:
+        return self.m.window
+
+    @property
+    def n_layer(self) -> int:
+        return self.m.n_layer
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Device bytes of the activations and scratch buffers."""
+        return pe_cu_ctx_bytes(self.ctx)
+
+    def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
+        return self.cpu.kv_bytes_per_token(n_batch)
+
+    @property
+    def cache_layout(self) -> tuple:
+        return self.cpu.cache_layout
+
+    @property
+    def expert_counts(self):
+        """int64 (n_layer, n_expert): expert selections of this model's forward calls so far."""
+        return self.counts.copy()
+
+    def _layer_on_gpu(self, int l) -> bool:
+        return l >= self.first_gpu_layer
+
+    def _check(self, cache, tokens, int64_t n_past):
+        if not isinstance(cache, CudaKVCache) or (<CudaKVCache> cache).model is not self:
+            raise ValueError("cache belongs to another model")
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError("tokens must be a 1-D sequence of integer token ids")
+        if arr.shape[0] <= 0:
+            raise ValueError("no tokens")
+        if arr.min() < 0 or arr.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range [0, {self.n_vocab})")
+        if n_past < 0 or n_past + arr.shape[0] > cache.n_ctx:
+            raise ValueError(f"{n_past} + {arr.shape[0]} tokens exceed the context of {cache.n_ctx}")
+        if arr.shape[0] > cache.max_batch(self.m.window):
+            raise ValueError(f"{arr.shape[0]} tokens in one call exceed the sliding-window cache")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def forward(self, cache, tokens, int64_t n_past, bint logits_all, int n_threads):
+        """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""
+        out = self.forward_seqs([cache], [tokens], [n_past], logits_all, n_threads)
+        return out if logits_all else out[0]
+
+    def forward_seqs(self, caches, tokens, n_pasts, bint logits_all, int n_threads):
+        """As Model.forward_seqs: one pass over several sequences, each with its own cache."""
+        caches, tokens, n_pasts = list(caches), list(tokens), [int(p) for p in n_pasts]
+        if not caches or len(tokens) != len(caches) or len(n_pasts) != len(caches):
+            raise ValueError("caches, tokens and n_pasts must be non-empty and of equal length")
+        if len({id(x) for x in caches}) != len(caches):
+            raise ValueError("a cache appears twice: each sequence needs its own")
+        if n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        checked = [self._check(x, t, p) for x, t, p in zip(caches, tokens, n_pasts)]
+        cdef int64_t n_seq = len(caches), s
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.concatenate(checked)
+        cdef int64_t n = tok.shape[0]
+        if n > self.max_tok:
+            self._make_ctx(n)
+        cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((n if logits_all else n_seq, self.n_vocab),
+                                                                 dtype=np.float32)
+        cdef cnp.ndarray[cnp.int64_t, ndim=2] counts = self.counts
+        cdef pe_cu_seq *seqs = <pe_cu_seq *> malloc(n_seq * sizeof(pe_cu_seq))
+        if seqs == NULL:
+            raise MemoryError()
+        cdef CudaKVCache c
+        for s in range(n_seq):
+            c = caches[s]
+            seqs[s].kv = c.layers
+            seqs[s].cpu_kv = <pe_kv_layer *> <uintptr_t> c.cpu_cache._c_layers() if c.cpu_cache is not None else NULL
+            seqs[s].n_tok = checked[s].shape[0]
+            seqs[s].n_past = n_pasts[s]
+        cdef int rc
+        with nogil:
+            rc = pe_cu_forward(&self.m, self.ctx, seqs, n_seq, &tok[0], &out[0, 0], logits_all, n_threads,
+                               &counts[0, 0])
+        free(seqs)
+        if rc == -1:
+            raise MemoryError("out of host memory for the forward pass")
+        _check(rc)
+        return out
+
+
+cdef class CudaKVCache:
+    """f32 K and V rings per GPU layer in device memory (n_ctx rows for full layers, window + n_batch
+    for sliding ones, as the CPU KVCache), plus a CPU KVCache for the layers the CPU runs."""
+    cdef readonly CudaModel model
+    cdef readonly int64_t n_ctx
+    cdef readonly object n_slots, layout, cpu_cache
+    cdef object bufs
+    cdef pe_cu_kv_layer *layers
+    cdef readonly int64_t nbytes
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __init__(self, CudaModel model, int64_t n_ctx, int64_t n_batch, cpu_cache_factory=None):
+        cdef int l, L = model.m.n_layer
+        if n_ctx <= 0 or n_batch <= 0:
+            raise ValueError("n_ctx and n_batch must be positive")
+        self.model = model
+        self.n_ctx = n_ctx
+        self.layout = model.cache_layout
+        self.cpu_cache = cpu_cache_factory() if model.first_gpu_layer > 0 else None
+        self.bufs, self.n_slots = [], []
+        self.nbytes = 0
+        self.layers = <pe_cu_kv_layer *> malloc(L * sizeof(pe_cu_kv_layer))
+        if self.layers == NULL:
+            raise MemoryError()
+        memset(self.layers, 0, L * sizeof(pe_cu_kv_layer))
+        cdef int64_t kv_dim = model.m.n_head_kv * model.m.head_dim, slots
+        cdef DevBuf k, v
+        for l in range(L):
+            slots = min(n_ctx, model.m.window + n_batch) if self.layout[3][l] else n_ctx
+            self.n_slots.append(slots)
+            if l < model.first_gpu_layer:
+                continue
+            k, v = DevBuf(slots * kv_dim * 4), DevBuf(slots * kv_dim * 4)
+            k.zero()
+            v.zero()
+            self.bufs += [k, v]
+            self.nbytes += k.nbytes + v.nbytes
+            self.layers[l].k = <float *> k.p
+            self.layers[l].v = <float *> v.p
+            self.layers[l].n_slots = slots
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    def max_batch(self, int64_t window) -> int:
+        """Most tokens one forward call may add without a sliding ring overwriting keys it needs."""
+        return min(self.n_slots) - window + 1 if min(self.n_slots) < self.n_ctx else self.n_ctx

@@ -1,0 +1,20 @@
+"""The device flags shared by run, chat, bench, serve and llm-router-node (llama.cpp's spellings)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def gpu_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="cpu (default), cuda or cuda:N: where the forward pass runs")
+    p.add_argument("--n-gpu-layers", "-ngl", type=int, default=None,
+                   help="with --device cuda: how many of the last layers run on the GPU (default: all)")
+    p.add_argument("--cpu-moe", action="store_true",
+                   help="with --device cuda: keep the expert weights in host memory, run the experts on the CPU")
+
+
+def gpu_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine keyword arguments of the device flags."""
+    return {"device": args.device or "cpu", "n_gpu_layers": args.n_gpu_layers, "cpu_moe": args.cpu_moe}

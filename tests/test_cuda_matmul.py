@@ -1,0 +1,197 @@
+"""CUDA quantized matrix kernels (csrc/cuda/matmul_cuda.cu) on every backend of cuda_backends.BACKENDS
+(the CPU emulator always, the real GPU when present), against references no one here wrote:
+dequantization bit-identical to gguf.quants.dequantize (random blocks with random scales, every finite
+F16/BF16 bit pattern), matvec (plain, batched, per-row experts) and gemm against float64 numpy on the
+gguf-dequantized weights and against the CPU engine's pyengine._model.matmul. Shapes are small (the
+emulator runs ~1 us per thread switch) but cross every tile edge: n_out not a multiple of the 8-row
+matvec block or the 64-row gemm tile, x rows crossing the 8-row batch and the 64-row tile, float rows
+whose length is not a multiple of 32, an odd number of MXFP4 blocks; padded strides with NaN in the
+padding (a read past a row poisons the result) and NaN-filled output padding (must stay untouched)."""
+
+import numpy as np
+import pytest
+
+from cuda_backends import BACKENDS
+from test_quants import F16_FIELDS, SIZES, TYPES, T, random_blocks, reference
+
+K = pytest.importorskip("pyengine._model")
+
+# Max |y - y64| / (|x| @ |W|.T + |b|) measured on the emulator over these tests is about 1e-7 (see
+# docs/cuq.md); one wrong weight or x element would cost ~1/n_in of that bound (>= 1e-3 here).
+REL_TOL = 2e-6
+
+
+def n_in_for(qtype) -> int:
+    blck = SIZES[qtype][0]
+    return {1: 75, 32: 160, 256: 512}[blck]  # float: 2 groups + tail; 5 blocks (odd); 2 super-blocks
+
+
+def padded_weights(qtype, n_exp: int, n_out: int, n_in: int, rng, e8m0=(120, 137)) -> np.ndarray:
+    """A strided uint8 view (n_exp, n_out, row_bytes) of random blocks inside a buffer with padding
+    after every row and every expert (padding bytes 0xFF: NaN as F32/F16/BF16, wild codes as blocks)."""
+    blck, tsize = SIZES[qtype]
+    row_bytes = n_in // blck * tsize
+    pad = tsize if blck == 1 else 3  # keeps float rows aligned, block rows odd-sized
+    buf = np.full((n_exp, n_out + 1, row_bytes + pad), 0xFF, dtype=np.uint8)
+    blocks = random_blocks(qtype, n_exp * n_out * n_in // blck, rng, e8m0=e8m0)
+    buf[:, :n_out, :row_bytes] = blocks.reshape(n_exp, n_out, row_bytes)
+    return buf[:, :n_out, :row_bytes]
+
+
+def dequant64(data: np.ndarray, qtype) -> np.ndarray:
+    """float64 (n_exp, n_out, n_in) of gguf.quants.dequantize."""
+    return reference(np.ascontiguousarray(data), qtype).astype(np.float64)
+
+
+def nan_padded(a: np.ndarray, pad: int) -> np.ndarray:
+    out = np.full((a.shape[0], a.shape[1] + pad), np.nan, dtype=np.float32)
+    out[:, :a.shape[1]] = a
+    return out
+
+
+def assert_close(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, what: str) -> float:
+    rel = float((np.abs(y.astype(np.float64) - ref) / bound).max())
+    assert np.isfinite(y).all() and rel <= REL_TOL, (what, rel)
+    return rel
+
+
+def check_products(y_padded: np.ndarray, n_out: int, x: np.ndarray, w64: np.ndarray, b: np.ndarray,
+                   what: str) -> None:
+    """y_padded[:, :n_out] against x @ w64[i].T + b[i] in float64 (w64, b per x row); pads still NaN."""
+    assert np.isnan(y_padded[:, n_out:]).all(), f"{what}: wrote past n_out"
+    x64 = x.astype(np.float64)
+    ref = np.einsum("ik,irk->ir", x64, w64) + b
+    bound = np.einsum("ik,irk->ir", np.abs(x64), np.abs(w64)) + np.abs(b) + 1e-30
+    assert_close(y_padded[:, :n_out], ref, bound, what)
+
+
+def test_type_supported():
+    for cu in BACKENDS:
+        assert all(cu.matmul_type_supported(int(t)) for t in TYPES)
+        assert not any(cu.matmul_type_supported(t) for t in (4, 5, 9, 15, 16, 20, 29, 31, 40, -1))
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequant_bit_identical(cu, qtype):
+    rng = np.random.default_rng(int(qtype))
+    n_in = n_in_for(qtype)
+    data = padded_weights(qtype, 2, 9, n_in, rng, e8m0=(0, 256))
+    if qtype in F16_FIELDS:  # scales: any finite f16 bit pattern, subnormals and 65504 included
+        raw = np.ascontiguousarray(data).reshape(2, 9, -1, SIZES[qtype][1])
+        for off in F16_FIELDS[qtype]:
+            bits = rng.integers(0, 1 << 16, raw.shape[:3], dtype=np.uint16)
+            bits[(bits & 0x7C00) == 0x7C00] &= 0x83FF
+            raw[..., off:off + 2] = bits.view(np.uint8).reshape(*raw.shape[:3], 2)
+        data[...] = raw.reshape(data.shape)
+    for expert in (0, 1):
+        got = cu.matmul_dequant(data, int(qtype), n_in, expert)
+        ref = reference(np.ascontiguousarray(data[expert]), qtype)
+        cpu = K.dequantize_rows(np.ascontiguousarray(data[expert]), int(qtype), n_in)
+        assert got.shape == ref.shape == (9, n_in)
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), \
+            f"{np.count_nonzero(got.view(np.uint32) != ref.view(np.uint32))} elements differ"
+        assert np.array_equal(got.view(np.uint32), np.asarray(cpu, np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_dequant_every_finite_f16_bf16_pattern(cu):
+    every = np.arange(1 << 16, dtype=np.uint16)
+    for qtype, exp_mask in ((T.F16, 0x7C00), (T.BF16, 0x7F80)):
+        finite = every[(every & exp_mask) != exp_mask]  # 248 resp. 255 rows of 256
+        rows = finite.view(np.uint8).reshape(-1, 512)
+        got = cu.matmul_dequant(rows, int(qtype), 256)
+        assert np.array_equal(got.view(np.uint32), reference(rows, qtype).view(np.uint32)), qtype.name
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec_plain_and_batched(cu, qtype):
+    rng = np.random.default_rng(100 + int(qtype))
+    n_in, n_out = n_in_for(qtype), 37
+    data = padded_weights(qtype, 1, n_out, n_in, rng)[0]
+    w64 = dequant64(data, qtype)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    for n_rows in (1, 2, 3, 8, 11):  # batch widths 1, 2, 4 (one idle), 8, and 8 + 3
+        x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+        y = cu.matmul_matvec(data, int(qtype), n_in, nan_padded(x, 5), b[None, :],
+                             y=np.full((n_rows, n_out + 3), np.nan, np.float32))
+        check_products(y, n_out, x, np.broadcast_to(w64, (n_rows,) + w64.shape), b, f"rows={n_rows}")
+        cpu = K.matmul(data, int(qtype), n_in, x, b)
+        assert_close(y[:, :n_out], cpu.astype(np.float64),
+                     np.abs(x.astype(np.float64)) @ np.abs(w64).T + np.abs(b) + 1e-30, "vs CPU")
+    y = cu.matmul_matvec(data, int(qtype), n_in, x)  # no bias
+    check_products(y, n_out, x, np.broadcast_to(w64, (x.shape[0],) + w64.shape), np.zeros(n_out), "no bias")
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec_per_row_experts(cu, qtype):
+    rng = np.random.default_rng(200 + int(qtype))
+    n_in, n_out, n_exp, n_rows = n_in_for(qtype), 13, 3, 7
+    data = padded_weights(qtype, n_exp, n_out, n_in, rng)
+    w64 = dequant64(data, qtype)
+    b = rng.standard_normal((n_exp, n_out)).astype(np.float32)
+    experts = np.array([2, 0, 1, 2, 2, 0, 1], dtype=np.int32)
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+    y = cu.matmul_matvec(data, int(qtype), n_in, nan_padded(x, 2), b, experts,
+                         y=np.full((n_rows, n_out + 1), np.nan, np.float32))
+    check_products(y, n_out, x, w64[experts], b[experts], "experts")
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gemm(cu, qtype):
+    rng = np.random.default_rng(300 + int(qtype))
+    n_in, n_out, n_rows = n_in_for(qtype), 67, 70  # 2 x 2 tiles, both partial
+    data = padded_weights(qtype, 2, n_out, n_in, rng)
+    w64 = dequant64(data, qtype)[1]
+    b = rng.standard_normal(n_out).astype(np.float32)
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+    y = cu.matmul_gemm(data, int(qtype), n_in, nan_padded(x, 3), b, 1,
+                       y=np.full((n_rows, n_out + 2), np.nan, np.float32))
+    check_products(y, n_out, x, np.broadcast_to(w64, (n_rows,) + w64.shape), b, "gemm")
+    cpu = K.matmul(np.ascontiguousarray(data[1]), int(qtype), n_in, x, b)
+    assert_close(y[:, :n_out], cpu.astype(np.float64),
+                 np.abs(x.astype(np.float64)) @ np.abs(w64).T + np.abs(b) + 1e-30, "vs CPU")
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", [T.MXFP4, T.Q8_0, T.BF16], ids=lambda t: t.name)
+def test_gpt_oss_width(cu, qtype):
+    """n_embd 2880 rows: x in shared memory for one row, from global memory for a batch of 8."""
+    rng = np.random.default_rng(400 + int(qtype))
+    n_in, n_out = 2880, 9
+    data = padded_weights(qtype, 1, n_out, n_in, rng)[0]
+    w64 = dequant64(data, qtype)
+    for n_rows in (1, 8):
+        x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+        y = cu.matmul_matvec(data, int(qtype), n_in, x)
+        check_products(y, n_out, x, np.broadcast_to(w64, (n_rows,) + w64.shape), np.zeros(n_out), "wide")
+    y = cu.matmul_gemm(data, int(qtype), n_in, x)
+    check_products(y, n_out, x, np.broadcast_to(w64, (n_rows,) + w64.shape), np.zeros(n_out), "wide gemm")
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_rejects_bad_input(cu):
+    rng = np.random.default_rng(5)
+    data = padded_weights(T.Q8_0, 2, 4, 64, rng)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    q8 = int(T.Q8_0)
+    bad = [
+        lambda: cu.matmul_dequant(data, 16, 64),                       # unsupported type
+        lambda: cu.matmul_dequant(data, q8, 96),                       # row bytes do not match
+        lambda: cu.matmul_dequant(data, q8, 64, 2),                    # expert out of range
+        lambda: cu.matmul_dequant(data.astype(np.int8), q8, 64),       # not uint8
+        lambda: cu.matmul_matvec(data, q8, 64, x, experts=[0, 2]),     # expert id out of range
+        lambda: cu.matmul_matvec(data, q8, 64, x, experts=[0]),        # one id per row
+        lambda: cu.matmul_matvec(data, q8, 64, x[:, :63]),             # x too narrow
+        lambda: cu.matmul_matvec(data, q8, 64, x, np.zeros(4)),        # bias needs (n_exp, n_out)
+        lambda: cu.matmul_gemm(data, q8, 64, x, np.zeros(5)),          # bias length
+        lambda: cu.matmul_gemm(data, q8, 64, x, None, -1),             # expert out of range
+        lambda: cu.matmul_gemm(data, q8, 64, x, y=np.zeros((2, 3), np.float32)),  # y too narrow
+        lambda: cu.matmul_dequant(np.zeros((2, 6), np.uint8)[:, :4], int(T.F32), 1),  # F32 rows 6 bytes apart
+    ]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()

@@ -68,14 +68,13 @@ size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, i
 }
 
 /* Partial softmax of one chunk for each of the block's heads; ml gets (max, sum) and acc_out head_dim
- * floats per (token, head, chunk). A chunk without keys leaves max = -inf, sum = 0, acc = 0. The last
- * chunk runs to the token's true key count even past chunk_len, so an underestimated max_keys costs
- * speed, never keys. Shared memory: k [tile][head_dim + 1] (padded: lane i reads row i), v
+ * floats per (token, head, chunk). The chunks split the token's true key count (known only here, from
+ * pos) evenly in whole tiles, so the work spreads over the grid at every position whatever max_keys
+ * was; a chunk without keys leaves max = -inf, sum = 0, acc = 0. Shared memory: k [tile][head_dim + 1] (padded: lane i reads row i), v
  * [tile][head_dim], q [hb][head_dim], p [hb][32]. */
 PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_t *pos, const float *kc,
                                        const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
-                                       int tile_keys, int64_t window, int64_t n_chunks, int64_t chunk_len,
-                                       float *ml, float *acc_out) {
+                                       int tile_keys, int64_t window, int64_t n_chunks, float *ml, float *acc_out) {
     PE_DYN_SHARED(float, smem);
     const int hb = (int)(blockDim.x / 32), group = n_head / n_head_kv;
     float *k_sh = smem, *v_sh = k_sh + tile_keys * (head_dim + 1);
@@ -94,9 +93,10 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
     const int64_t p = pos[t];
     const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int64_t n_keys = p - lo + 1; /* <= 0 for a negative position: no keys */
+    const int64_t per_chunk = n_keys > 0 ? (n_keys + n_chunks - 1) / n_chunks : 0;
+    const int64_t chunk_len = (per_chunk + tile_keys - 1) / tile_keys * tile_keys;
     const int64_t begin = chunk * chunk_len;
-    int64_t end = chunk == n_chunks - 1 ? n_keys : begin + chunk_len;
-    if (end > n_keys) end = n_keys;
+    const int64_t end = begin + chunk_len < n_keys ? begin + chunk_len : n_keys;
     const int64_t kv_dim = (int64_t)n_head_kv * head_dim, kv_off = (int64_t)kvh * head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
     const float *qw = q_sh + warp * head_dim;
@@ -188,12 +188,10 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
     const int group = n_head / n_head_kv, hb = cuk_att_heads_per_block(group), tk = cuk_att_tile_keys(head_dim);
     const int64_t blocks = n_tok * n_head_kv * (group / hb) * n_chunks;
     if (blocks > CUK_INT_LIMIT || pairs > CUK_INT_LIMIT) return (int)cudaErrorInvalidValue;
-    int64_t chunk_len = (max_keys + n_chunks - 1) / n_chunks;
-    chunk_len = (chunk_len + tk - 1) / tk * tk; /* whole tiles */
     const size_t smem = ((size_t)tk * (2 * head_dim + 1) + (size_t)hb * (head_dim + 32)) * sizeof(float);
     float *ml = scratch, *acc = scratch + 2 * pairs * n_chunks;
     PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)blocks, 32 * hb, smem, (cudaStream_t)stream, q, ldq, pos, kc, vc,
-              n_slots, n_head, n_head_kv, head_dim, tk, window, n_chunks, chunk_len, ml, acc);
+              n_slots, n_head, n_head_kv, head_dim, tk, window, n_chunks, ml, acc);
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
     PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo,

@@ -70,8 +70,8 @@ size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, i
 /* Partial softmax of one chunk for each of the block's heads; ml gets (max, sum) and acc_out head_dim
  * floats per (token, head, chunk). The chunks split the token's true key count (known only here, from
  * pos) evenly in whole tiles, so the work spreads over the grid at every position whatever max_keys
- * was; a chunk without keys leaves max = -inf, sum = 0, acc = 0. Shared memory: k [tile][head_dim + 1] (padded: lane i reads row i), v
- * [tile][head_dim], q [hb][head_dim], p [hb][32]. */
+ * was; a chunk without keys leaves max = -inf, sum = 0, acc = 0. Shared memory: k [tile][head_dim + 1]
+ * (padded: lane i reads row i without bank conflicts), v [tile][head_dim], q [hb][head_dim], p [hb][32]. */
 PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_t *pos, const float *kc,
                                        const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
                                        int tile_keys, int64_t window, int64_t n_chunks, float *ml, float *acc_out) {
@@ -143,14 +143,14 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
         }
     }
     for (int o = 16; o > 0; o >>= 1) l += pe_shfl_xor(l, o);
-    const int64_t slot = ((t * n_head + h0 + warp) * n_chunks + chunk);
+    const int64_t part = (t * n_head + h0 + warp) * n_chunks + chunk;
     if (lane == 0) {
-        ml[2 * slot] = m;
-        ml[2 * slot + 1] = l;
+        ml[2 * part] = m;
+        ml[2 * part + 1] = l;
     }
     for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
         const int d = lane + 32 * i;
-        if (d < head_dim) acc_out[slot * head_dim + d] = acc[i];
+        if (d < head_dim) acc_out[part * head_dim + d] = acc[i];
     }
 }
 

@@ -2,6 +2,7 @@
 
     python bench/compare_llamacpp.py MODEL.gguf [-p 512] [-n 128] [-t 2] [-r 3] [-d 0]
                                      [--no-extra-bufts] [--only pyengine|llama.cpp] [--int8]
+                                     [--device cuda]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
@@ -10,7 +11,9 @@ reported, not fatal). Prints both llama-bench tables, the pyengine/llama.cpp rat
 a header (date, machine, command, commit, load average) to paste into bench/RESULTS.md.
 --no-extra-bufts turns off llama.cpp's repacked CPU weight buffers: the llama-cpp-python 0.3.36
 build here crashes (SIGSEGV) with them on files that have Q8_0 weights. --int8 runs pyengine with
-int8_activations=True (llama.cpp always quantizes activations for these weight types)."""
+int8_activations=True (llama.cpp always quantizes activations for these weight types). --device cuda
+runs pyengine on the GPU and llama.cpp with every layer offloaded (n_gpu_layers=-1, flash attention
+on): that needs a llama-cpp-python built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on")."""
 
 from __future__ import annotations
 
@@ -48,8 +51,10 @@ def child_pyengine(args) -> list[dict]:
     from pyengine import Engine
 
     eng = Engine(args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t, n_batch=args.b,
-                 int8_activations=args.int8)
+                 int8_activations=args.int8, device=args.device)
     backend = "pyengine (int8 activations)" if args.int8 else "pyengine"
+    if args.device != "cpu":
+        backend += " CUDA"
     return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, backend, eng.n_threads), args)
 
 
@@ -58,10 +63,14 @@ def child_llamacpp(args) -> list[dict]:
 
     from pyengine.llama_cpp_peer import open_llama
 
+    gpu = {"n_gpu_layers": -1, "flash_attn": True} if args.device != "cpu" else {}
+    if gpu and not llama_cpp.llama_supports_gpu_offload():
+        raise SystemExit("this llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
     llm = open_llama(args.model, extra_bufts=not args.no_extra_bufts,
                      n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t,
-                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False)
-    backend = f"llama.cpp {llama_cpp.__version__}" + (" (no extra bufts)" if args.no_extra_bufts else "")
+                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False, **gpu)
+    backend = f"llama.cpp {llama_cpp.__version__}" + (" CUDA" if gpu else "") + (
+        " (no extra bufts)" if args.no_extra_bufts else "")
     return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
 
 
@@ -88,6 +97,7 @@ def main() -> int:
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
     ap.add_argument("--int8", action="store_true", help="pyengine with int8_activations=True")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
     ap.add_argument("--child", choices=("pyengine", "llama.cpp"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -29,6 +29,7 @@ cdef extern from "runtime_cuda.h":
     int pe_cu_copy_2d_to_device(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
                                 size_t height)
     int pe_cu_synchronize()
+    int pe_cu_time_copy(void *dst, const void *src, size_t n, int reps, double *seconds)
 
 
 class CudaError(RuntimeError):
@@ -75,6 +76,17 @@ def set_device(int device) -> None:
 def synchronize() -> None:
     """Waits for the device and raises the first error of asynchronous work."""
     _check(pe_cu_synchronize())
+
+
+def copy_bandwidth(size_t nbytes=1 << 30, int reps=10) -> float:
+    """Bytes per second a device-to-device copy moves, counting what it reads and what it writes
+    (the figure memory-bound kernels are compared with)."""
+    if nbytes == 0 or reps < 1:
+        raise ValueError("nbytes and reps must be positive")
+    cdef DevBuf a = DevBuf(nbytes), b = DevBuf(nbytes)
+    cdef double sec = 0
+    _check(pe_cu_time_copy(b.p, a.p, nbytes, reps, &sec))
+    return 2.0 * nbytes / sec if sec > 0 else float("inf")
 
 
 cdef class DevBuf:

@@ -4,8 +4,6 @@
 # validates everything a pointer depends on (type, shapes, strides, expert ids, alignment), uploads,
 # launches on the default stream, downloads and frees.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
-
 cdef extern from "matmul_cuda.h":
     ctypedef struct pe_cu_weight:
         const uint8_t *data
@@ -37,20 +35,23 @@ def _cuq_weight_span(data, int ggml_type, int64_t n_in):
     _, blck, tsize = type_info(ggml_type)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (2, 3):
         raise ValueError("weights must be a uint8 array (n_out, row_bytes) or (n_expert, n_out, row_bytes)")
-    if n_in <= 0 or n_in % blck or data.shape[-1] != n_in // blck * tsize:
-        raise ValueError(f"rows of {data.shape[-1]} bytes do not hold {n_in} elements of this type")
-    if data.strides[-1] != 1 or any(s <= 0 for s in data.strides) or 0 in data.shape:
+    # (no negative indices: this module is compiled with wraparound=False)
+    nd = data.ndim
+    row_bytes, n_out = data.shape[nd - 1], data.shape[nd - 2]
+    if n_in <= 0 or n_in % blck or row_bytes != n_in // blck * tsize:
+        raise ValueError(f"rows of {row_bytes} bytes do not hold {n_in} elements of this type")
+    if data.strides[nd - 1] != 1 or min(data.strides) <= 0 or min(data.shape) == 0:
         raise ValueError("weights need a contiguous last axis, positive strides and no empty axis")
     n_exp = data.shape[0] if data.ndim == 3 else 1
-    row_stride = data.strides[-2]
+    row_stride = data.strides[nd - 2]
     expert_stride = data.strides[0] if data.ndim == 3 else 0
-    if row_stride < data.shape[-1] or (n_exp > 1 and expert_stride < row_stride * data.shape[-2]):
+    if row_stride < row_bytes or (n_exp > 1 and expert_stride < row_stride * n_out):
         raise ValueError("weight rows or experts overlap")
     if blck == 1 and (row_stride % tsize or expert_stride % tsize):
         raise ValueError(f"{tsize}-byte elements need strides that are a multiple of {tsize}")
-    span = (n_exp - 1) * expert_stride + (data.shape[-2] - 1) * row_stride + data.shape[-1]
+    span = (n_exp - 1) * expert_stride + (n_out - 1) * row_stride + row_bytes
     flat = np.ascontiguousarray(np.lib.stride_tricks.as_strided(data, shape=(span,), strides=(1,)))
-    return flat, data.shape[-2], n_exp, row_stride, expert_stride
+    return flat, n_out, n_exp, row_stride, expert_stride
 
 
 cdef pe_cu_weight _cuq_weight(object dev, int ggml_type, int64_t n_in, int64_t n_out, int64_t row_stride,
@@ -72,7 +73,7 @@ def _cuq_f32_2d(a, int64_t min_cols, str what):
     return a
 
 
-def matmul_dequant(data, int ggml_type, int64_t n_in, int64_t expert=0):
+def matmul_dequant(data, int ggml_type, int64_t n_in, int64_t expert=0) -> np.ndarray:
     """float32 (n_out, n_in): every row of expert `expert` of the weights, dequantized on the GPU."""
     flat, n_out, n_exp, row_stride, expert_stride = _cuq_weight_span(data, ggml_type, n_in)
     if not 0 <= expert < n_exp:
@@ -119,7 +120,7 @@ def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t e
     return dy.download(ya.shape, np.float32)
 
 
-def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None, y=None):
+def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None, y=None) -> np.ndarray:
     """Decode products on the GPU: y[i, r] = dot(row r of expert experts[i] (0 without experts), x[i, :n_in])
     + bias[experts[i], r]. x (n_rows, ldx >= n_in) float32, bias (n_expert, n_out) (n_expert = 1 for a
     plain matrix), experts int32 (n_rows,); y (n_rows, ldy >= n_out), if given, is the initial output
@@ -127,7 +128,7 @@ def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None,
     return _cuq_products(data, ggml_type, n_in, x, bias, experts, 0, y, False)
 
 
-def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None):
+def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None) -> np.ndarray:
     """Prefill products on the GPU: y[i, r] = dot(row r of expert `expert`, x[i, :n_in]) + bias[r];
     shapes as matmul_matvec, bias (n_out,)."""
     return _cuq_products(data, ggml_type, n_in, x, bias, None, expert, y, True)

@@ -100,6 +100,8 @@ cdef extern from "gptoss_cuda.h":
     pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graphs, int *err)
     void pe_cu_ctx_free(pe_cu_ctx *c)
     int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c)
+    void pe_cu_ctx_profile(pe_cu_ctx *c, int enable)
+    int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls)
     int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
                       const int32_t *tokens, float *logits, int logits_all, int n_threads,
                       int64_t *expert_counts) nogil
@@ -241,6 +243,23 @@ cdef class CudaModel:
     def scratch_bytes(self) -> int:
         """Device bytes of the activations and scratch buffers."""
         return pe_cu_ctx_bytes(self.ctx)
+
+    def profile(self, bint enable) -> None:
+        """Time every operation of the following forward calls with CUDA events (each synchronises;
+        CUDA graphs are off meanwhile). Enabling or disabling clears the totals."""
+        pe_cu_ctx_profile(self.ctx, enable)
+
+    def profile_results(self) -> dict:
+        """{operation: (milliseconds, calls)} since profiling was enabled."""
+        cdef const char *name
+        cdef double ms
+        cdef int64_t calls
+        cdef int op = 0
+        out = {}
+        while pe_cu_ctx_profile_read(self.ctx, op, &name, &ms, &calls) == 0:
+            out[name.decode()] = (ms, calls)
+            op += 1
+        return out
 
     def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
         return self.cpu.kv_bytes_per_token(n_batch)

@@ -13,23 +13,25 @@ import weakref
 from types import ModuleType
 from typing import Any
 
+from pyengine.errors import DeviceError
+
 EMULATOR_ENV = "PYENGINE_CUDA_EMULATOR"
 
 _models: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def backend() -> ModuleType:
-    """The CUDA backend module, or a RuntimeError that says why there is none."""
+    """The CUDA backend module, or a DeviceError that says why there is none."""
     if os.environ.get(EMULATOR_ENV) == "1":
         return importlib.import_module("pyengine._cuda_emu")
     try:
         mod = importlib.import_module("pyengine._cuda")
     except ImportError as e:
-        raise RuntimeError("device='cuda': this pyengine was built without its CUDA backend (nvcc was not "
+        raise DeviceError("device='cuda': this pyengine was built without its CUDA backend (nvcc was not "
                            "found at install time); reinstall on a machine with the CUDA toolkit "
                            "(PYENGINE_CUDA=ON makes a missing nvcc an install error)") from e
     if mod.device_count() == 0:
-        raise RuntimeError("device='cuda': no CUDA device is visible (no NVIDIA driver, or "
+        raise DeviceError("device='cuda': no CUDA device is visible (no NVIDIA driver, or "
                            "CUDA_VISIBLE_DEVICES hides them all)")
     return mod
 
@@ -50,7 +52,7 @@ def shared_model(model_file: Any, cpu_model: Any, hparams: Any, n_gpu_layers: in
     (the node's slots) share its weights on the GPU too."""
     cu = backend()
     if device_index >= cu.device_count():
-        raise ValueError(f"cuda:{device_index}: only {cu.device_count()} CUDA device(s) visible")
+        raise DeviceError(f"cuda:{device_index}: only {cu.device_count()} CUDA device(s) visible")
     cu.set_device(device_index)
     key = (n_gpu_layers, bool(cpu_moe), bool(graphs), device_index, cu.BACKEND)
     per_file = _models.setdefault(model_file, {})

@@ -3,3 +3,7 @@
 
 class ModelLoadError(ValueError):
     """A model file (or a name that should lead to one) cannot be loaded as it is."""
+
+
+class DeviceError(ModelLoadError):
+    """The device the model should run on is not there (no CUDA backend in this build, no GPU)."""

@@ -59,6 +59,7 @@ PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 #include <ucontext.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -106,7 +107,10 @@ enum cudaMemcpyKind {
     cudaMemcpyDefault = 4,
 };
 typedef struct pe_emu_stream_ *cudaStream_t;
-typedef struct pe_emu_event_ *cudaEvent_t;
+struct pe_emu_event_ {
+    std::chrono::steady_clock::time_point t;
+};
+typedef pe_emu_event_ *cudaEvent_t;
 struct cudaDeviceProp {
     char name[256];
     size_t totalGlobalMem;
@@ -366,6 +370,24 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
 }
 inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
     *free_b = *total_b = (size_t)8 << 30;
+    return cudaSuccess;
+}
+
+inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = new pe_emu_event_();
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    delete e;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+    e->t = std::chrono::steady_clock::now();
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();
     return cudaSuccess;
 }
 

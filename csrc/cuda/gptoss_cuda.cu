@@ -29,6 +29,16 @@ extern "C" {
 
 enum { GPT_CU_MATVEC_MAX = 8, GPT_CU_HEAD_CHUNK = 32 };
 
+/* The operations the profile times (pe_cu_op_name gives their names). */
+enum {
+    OP_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
+    OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_COUNT
+};
+static const char *const gpt_cu_op_names[OP_COUNT] = {
+    "rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
+    "experts_gate_up", "swiglu", "experts_down", "moe_combine", "experts_grouped", "cpu_moe",
+    "output_head"};
+
 struct pe_cu_ctx {
     int64_t max_tok, max_pairs, bytes;
     cudaStream_t stream;
@@ -51,7 +61,30 @@ struct pe_cu_ctx {
 #endif
     const void *graph_key;
     int64_t graph_slots;
+    /* profile: per-operation device time, measured with events around each call (graphs off) */
+    int profile;
+    cudaEvent_t ev0, ev1;
+    double op_ms[OP_COUNT];
+    int64_t op_calls[OP_COUNT];
 };
+
+/* Runs expr; in profile mode times it (synchronously) under operation id. */
+#define GPT_CU_OP(c, id, expr)                                        \
+    do {                                                              \
+        if ((c)->profile) cudaEventRecord((c)->ev0, (c)->stream);     \
+        PE_CU_TRY(expr);                                              \
+        if ((c)->profile) PE_CU_TRY(gpt_cu_op_done(c, id));           \
+    } while (0)
+
+static int gpt_cu_op_done(pe_cu_ctx *c, int id) {
+    float ms = 0.0f;
+    PE_CU_TRY(cudaEventRecord(c->ev1, c->stream));
+    PE_CU_TRY(cudaEventSynchronize(c->ev1));
+    PE_CU_TRY(cudaEventElapsedTime(&ms, c->ev0, c->ev1));
+    c->op_ms[id] += ms;
+    c->op_calls[id]++;
+    return 0;
+}
 
 static int gpt_cu_alloc(pe_cu_ctx *c, void *pp, size_t n) {
     void **p = (void **)pp;
@@ -74,6 +107,8 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     c->max_pairs = P;
     c->use_graphs = use_graphs;
     int e = (int)cudaStreamCreate(&c->stream);
+    if (!e) e = (int)cudaEventCreate(&c->ev0);
+    if (!e) e = (int)cudaEventCreate(&c->ev1);
     const size_t f = sizeof(float);
     if (!e) e = gpt_cu_alloc(c, &c->x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc(c, &c->a, max_tok * D * f);
@@ -134,12 +169,28 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
     cudaFreeHost(c->h_sel);
     cudaFreeHost(c->h_idx);
     cudaFreeHost(c->h_out_idx);
+    if (c->ev0) cudaEventDestroy(c->ev0);
+    if (c->ev1) cudaEventDestroy(c->ev1);
     if (c->stream) cudaStreamDestroy(c->stream);
     cudaGetLastError(); /* frees after an earlier failure must not leave a sticky error behind */
     free(c);
 }
 
 extern "C" int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c) { return c->bytes; }
+
+extern "C" void pe_cu_ctx_profile(pe_cu_ctx *c, int enable) {
+    c->profile = enable;
+    memset(c->op_ms, 0, sizeof c->op_ms);
+    memset(c->op_calls, 0, sizeof c->op_calls);
+}
+
+extern "C" int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls) {
+    if (op < 0 || op >= OP_COUNT) return -1;
+    *name = gpt_cu_op_names[op];
+    *ms = c->op_ms[op];
+    *calls = c->op_calls[op];
+    return 0;
+}
 
 /* Most keys a token of this sequence attends to in layer l; with fixed_grid the ring size, an
  * upper bound for every later step too (what a captured graph must be sized for). */
@@ -185,12 +236,13 @@ static int gpt_cu_moe_pairs(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ct
                             int64_t n_tok) {
     const int64_t D = m->n_embd, F = m->n_ff, P = n_tok * m->n_used;
     cudaStream_t s = c->stream;
-    PE_CU_TRY(pe_cu_gather_rows(c->xg, c->a, c->pair_tok, P, D, s));
-    PE_CU_TRY(pe_cu_matvec(&L->gate, sel, c->xg, D, P, L->gate_b, c->g, F, s));
-    PE_CU_TRY(pe_cu_matvec(&L->up, sel, c->xg, D, P, L->up_b, c->u, F, s));
-    PE_CU_TRY(pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s));
-    PE_CU_TRY(pe_cu_matvec(&L->down, sel, c->g, F, P, L->down_b, c->slots, D, s));
-    return pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, m->n_used, D, s);
+    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_gather_rows(c->xg, c->a, c->pair_tok, P, D, s));
+    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate, sel, c->xg, D, P, L->gate_b, c->g, F, s));
+    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->up, sel, c->xg, D, P, L->up_b, c->u, F, s));
+    GPT_CU_OP(c, OP_SWIGLU, pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s));
+    GPT_CU_OP(c, OP_EXPERTS_DOWN, pe_cu_matvec(&L->down, sel, c->g, F, P, L->down_b, c->slots, D, s));
+    GPT_CU_OP(c, OP_COMBINE, pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, m->n_used, D, s));
+    return 0;
 }
 
 /* Experts for many tokens: the host sorts the (token, rank) pairs by expert (a counting sort that
@@ -263,43 +315,45 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         const double *omega = L->sliding ? m->omega_swa : m->omega;
 
         /* attention */
-        PE_CU_TRY(pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
-        PE_CU_TRY(gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, c->q, q_dim, s));
-        PE_CU_TRY(gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, c->k, kv_dim, s));
-        PE_CU_TRY(gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, c->v, kv_dim, s));
-        PE_CU_TRY(pe_cu_rope(c->q, n_tok, q_dim, m->n_head, (int)hd, c->pos, omega, m->rope_mscale, s));
-        PE_CU_TRY(pe_cu_rope(c->k, n_tok, kv_dim, m->n_head_kv, (int)hd, c->pos, omega, m->rope_mscale, s));
+        GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
+        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, c->q, q_dim, s));
+        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, c->k, kv_dim, s));
+        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, c->v, kv_dim, s));
+        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->q, n_tok, q_dim, m->n_head, (int)hd, c->pos, omega, m->rope_mscale, s));
+        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->k, n_tok, kv_dim, m->n_head_kv, (int)hd, c->pos, omega, m->rope_mscale, s));
         for (int64_t q = 0, i = 0; q < n_seq; i += seqs[q].n_tok, q++) {
             const pe_cu_kv_layer *kv = &seqs[q].kv[l];
-            PE_CU_TRY(pe_cu_kv_store(kv->k, kv->v, kv->n_slots, c->k + i * kv_dim, c->v + i * kv_dim, kv_dim,
-                                     seqs[q].n_tok, c->pos + i, kv_dim, s));
-            PE_CU_TRY(pe_cu_attention(c->o + i * q_dim, q_dim, c->q + i * q_dim, q_dim, seqs[q].n_tok, c->pos + i,
+            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->n_slots, c->k + i * kv_dim, c->v + i * kv_dim,
+                                                     kv_dim, seqs[q].n_tok, c->pos + i, kv_dim, s));
+            GPT_CU_OP(c, OP_ATTENTION,
+                      pe_cu_attention(c->o + i * q_dim, q_dim, c->q + i * q_dim, q_dim, seqs[q].n_tok, c->pos + i,
                                       kv->k, kv->v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
                                       L->sliding ? m->window : 0, L->sinks,
                                       gpt_cu_max_keys(m, &seqs[q], l, fixed_grid), c->attn, s));
         }
-        PE_CU_TRY(gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
-        PE_CU_TRY(pe_cu_add(c->x, c->t, n_tok * D, s));
+        GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
+        GPT_CU_OP(c, OP_ADD, pe_cu_add(c->x, c->t, n_tok * D, s));
 
         /* mixture of experts */
-        PE_CU_TRY(pe_cu_rmsnorm(c->a, c->x, L->post_norm, n_tok, D, m->eps, s));
+        GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->post_norm, n_tok, D, m->eps, s));
         int64_t *counts = expert_counts ? expert_counts + (int64_t)l * m->n_expert : NULL;
         if (L->cpu_moe) {
-            PE_CU_TRY(gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
+            GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
         } else {
             int32_t *sel = c->sel + (int64_t)l * c->max_pairs;
-            PE_CU_TRY(gpt_cu_matmul(&L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
-            PE_CU_TRY(pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(&L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
+            GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
             if (n_tok <= GPT_CU_MATVEC_MAX)
                 PE_CU_TRY(gpt_cu_moe_pairs(m, L, c, sel, n_tok));
             else
-                PE_CU_TRY(gpt_cu_moe_grouped(m, L, c, sel, n_tok, counts));
+                GPT_CU_OP(c, OP_EXPERTS_GROUPED, gpt_cu_moe_grouped(m, L, c, sel, n_tok, counts));
         }
-        PE_CU_TRY(pe_cu_add(c->x, c->t, n_tok * D, s));
+        GPT_CU_OP(c, OP_ADD, pe_cu_add(c->x, c->t, n_tok * D, s));
     }
     /* final norm of the rows the head needs (indices uploaded in c->out_idx by the caller) */
-    PE_CU_TRY(pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));
-    return pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s);
+    GPT_CU_OP(c, OP_NORM, pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));
+    GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s));
+    return 0;
 }
 
 #if PE_CU_HAVE_GRAPHS
@@ -364,7 +418,7 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
 
     int any_cpu_moe = 0;
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
-    const int graph = PE_CU_HAVE_GRAPHS && c->use_graphs && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
+    const int graph = PE_CU_HAVE_GRAPHS && c->use_graphs && !c->profile && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
     PE_CU_TRY(gpt_cu_ensure_attn(m, c, seqs, n_seq, graph));
 #if PE_CU_HAVE_GRAPHS
     if (graph)
@@ -376,7 +430,7 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     /* output head in chunks of rows, each downloaded as it is done */
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
         const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
-        PE_CU_TRY(gpt_cu_matmul(&m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
+        GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(&m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
         PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
     }

@@ -67,6 +67,12 @@ void pe_cu_ctx_free(pe_cu_ctx *c);
 /* Device bytes the context holds. */
 int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c);
 
+/* Profile mode (graphs off): every operation of later forward calls is timed with events; enabling
+ * or disabling clears the totals. pe_cu_ctx_profile_read gives operation op's name, milliseconds and
+ * calls so far (op from 0 while it returns 0). */
+void pe_cu_ctx_profile(pe_cu_ctx *c, int enable);
+int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls);
+
 /* As pe_gptoss_forward_seqs (tokens and logits in host memory; logits [total][n_vocab] when logits_all,
  * else [n_seq][n_vocab]). Returns 0, a CUDA error code, or -1 when host memory runs out. */
 int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq, const int32_t *tokens,

@@ -4,10 +4,11 @@
  * Decode is memory-bound, so the matvec kernel is laid out for bandwidth: one warp per output row,
  * 8 warps per block; the warp walks the row 32 elements at a time with lane l on element l, so a
  * warp load instruction reads adjacent bytes of one block (coalesced) and the block scale by
- * broadcast; 4 groups are loaded before they are used (memory-level parallelism); x is staged in
- * shared memory when it fits; one warp-shuffle reduction per row at the end. MXFP4 (the gpt-oss
- * experts) has its own loop: the warp takes two 17-byte blocks per step, lane l reading byte l % 16
- * of block l / 16, so all 32 lanes load distinct bytes. See docs/cuq.md for the numbers. */
+ * broadcast; several groups are loaded before they are used (memory-level parallelism); x is staged
+ * in shared memory when it fits; one warp-shuffle reduction per row at the end. MXFP4 (the gpt-oss
+ * experts) and Q8_0 have their own loops: the warp takes two blocks per step, lane l reading byte
+ * (MXFP4) or byte pair (Q8_0) l % 16 of block l / 16, so all 32 lanes load distinct bytes. See
+ * docs/cuq.md for the design and the expected bandwidth. */
 #include "compat.h"
 
 #include "matmul_cuda.h"
@@ -15,13 +16,26 @@
 
 #define CUQ_EINVAL 1            /* cudaErrorInvalidValue */
 #define CUQ_MV_WARPS 8          /* output rows (warps) per matvec block */
-#define CUQ_MV_UNROLL 4         /* 32-element groups in flight per warp */
+#define CUQ_MV_UNROLL 4         /* 32-element groups in flight per warp (generic loop) */
+/* Block pairs in flight per warp in the MXFP4 / Q8_0 loops: 544 bytes per warp for one x row (so ~25
+ * warps per SM cover DRAM latency), half that with more rows (fewer registers, no spills). */
+#define CUQ_MV_STEPS_MXFP4(NX) ((NX) == 1 ? 16 : 8)
+#define CUQ_MV_STEPS_Q8_0(NX) ((NX) == 1 ? 8 : 4)
 #define CUQ_MV_MAX_NX 8         /* x rows sharing one pass over the weights */
 #define CUQ_SMEM_BYTES 49152    /* dynamic shared memory without an opt-in */
 #define CUQ_MAX_GRID_Y 65535
 #define CUQ_TILE 64             /* gemm: x rows and weight rows per block */
 #define CUQ_TK 32               /* gemm: elements of k per step */
 #define CUQ_TPAD (CUQ_TILE + 1) /* padded k-major tile rows: conflict-free stores and loads */
+
+/* Two floats read from 8-byte aligned shared memory with one load instruction. */
+#ifdef PE_CUDA_EMU
+struct cuq_f2 {
+    float x, y;
+};
+#else
+typedef float2 cuq_f2;
+#endif
 
 extern "C" int pe_cu_type_supported(int type) {
     switch (type) {
@@ -100,18 +114,20 @@ PE_DEVICE inline void cuq_mv_row(const uint8_t *row, int64_t n_in, const float *
 }
 
 /* MXFP4: two blocks per warp step; lane l takes byte l % 16 of block 2s + l / 16, i.e. elements
- * j = l % 16 and j + 16. The upper half-warp reads x[j + 16] first so each shared-memory load of
- * the warp touches 32 distinct banks. */
-template <int NX>
+ * j = l % 16 and j + 16. PAIRS: x is in shared memory in pair order (position 2j + h of a 32-block
+ * holds element j + 16h, see cuq_matvec_kernel), one 8-byte load per byte. Otherwise the upper
+ * half-warp reads x[j + 16] first so each 4-byte load of the warp touches 32 distinct banks. */
+template <int NX, bool PAIRS>
 PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const float *const *xr, int lane,
                                        float *acc) {
     const int64_t nb = n_in / 32;
     const int j = lane & 15, h = lane >> 4;
     const int64_t steps = (nb + 1) / 2;
-    for (int64_t s0 = 0; s0 < steps; s0 += CUQ_MV_UNROLL) {
-        uint8_t q[CUQ_MV_UNROLL], e[CUQ_MV_UNROLL];
+    constexpr int S = CUQ_MV_STEPS_MXFP4(NX);
+    for (int64_t s0 = 0; s0 < steps; s0 += S) {
+        uint8_t q[S], e[S];
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_UNROLL; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             q[u] = e[u] = 0;
             if (s0 + u < steps && b < nb) {
@@ -120,10 +136,19 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
             }
         }
 #pragma unroll
-        for (int u = 0; u < CUQ_MV_UNROLL; u++) {
+        for (int u = 0; u < S; u++) {
             const int64_t b = 2 * (s0 + u) + h;
             if (s0 + u < steps && b < nb) {
                 const float d = cuq_e8m0_half(e[u]);
+                if (PAIRS) {
+                    const float w_lo = (float)cuq_e2m1(q[u] & 15), w_hi = (float)cuq_e2m1(q[u] >> 4);
+#pragma unroll
+                    for (int i = 0; i < NX; i++) {
+                        const cuq_f2 v = *(const cuq_f2 *)(xr[i] + 32 * b + 2 * j);
+                        acc[i] += d * (w_lo * v.x + w_hi * v.y);
+                    }
+                    continue;
+                }
                 const float w_first = (float)cuq_e2m1(h ? q[u] >> 4 : q[u] & 15);
                 const float w_second = (float)cuq_e2m1(h ? q[u] & 15 : q[u] >> 4);
                 const int64_t k_first = 32 * b + j + 16 * h, k_second = 32 * b + j + 16 * (1 - h);
@@ -135,19 +160,72 @@ PE_DEVICE inline void cuq_mv_row_mxfp4(const uint8_t *row, int64_t n_in, const f
     }
 }
 
+/* Q8_0 with 2-byte aligned blocks (data and strides even): two 34-byte blocks per warp step; lane l
+ * reads quants 2j, 2j + 1 (j = l % 16) of block 2s + l / 16 as one 16-bit load and the f16 scale as
+ * another. PAIRS (x in shared memory): x[2j], x[2j + 1] as one 8-byte load; otherwise the upper
+ * half-warp reads x[2j + 1] first (no shared-memory bank conflict). */
+template <int NX, bool PAIRS>
+PE_DEVICE inline void cuq_mv_row_q8_0(const uint8_t *row, int64_t n_in, const float *const *xr, int lane,
+                                      float *acc) {
+    const int64_t nb = n_in / 32, steps = (nb + 1) / 2;
+    const int j = lane & 15, h = lane >> 4;
+    constexpr int S = CUQ_MV_STEPS_Q8_0(NX);
+    for (int64_t s0 = 0; s0 < steps; s0 += S) {
+        uint16_t q[S], d[S];
+#pragma unroll
+        for (int u = 0; u < S; u++) {
+            const int64_t b = 2 * (s0 + u) + h;
+            q[u] = d[u] = 0;
+            if (s0 + u < steps && b < nb) {
+                const uint16_t *blk = (const uint16_t *)(row + 34 * b);
+                d[u] = blk[0];
+                q[u] = blk[1 + j];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < S; u++) {
+            const int64_t b = 2 * (s0 + u) + h;
+            if (s0 + u < steps && b < nb) {
+                const float scale = pe_cu_fp16_to_fp32(d[u]);
+                const float w_lo = (float)(int8_t)(q[u] & 0xff), w_hi = (float)(int8_t)(q[u] >> 8);
+                if (PAIRS) {
+#pragma unroll
+                    for (int i = 0; i < NX; i++) {
+                        const cuq_f2 v = *(const cuq_f2 *)(xr[i] + 32 * b + 2 * j);
+                        acc[i] += scale * (w_lo * v.x + w_hi * v.y);
+                    }
+                    continue;
+                }
+                const float w_first = h ? w_hi : w_lo, w_second = h ? w_lo : w_hi;
+                const int64_t k_first = 32 * b + 2 * j + h, k_second = 32 * b + 2 * j + (1 - h);
+#pragma unroll
+                for (int i = 0; i < NX; i++)
+                    acc[i] += scale * (w_first * xr[i][k_first] + w_second * xr[i][k_second]);
+            }
+        }
+    }
+}
+
 /* Block (x, y): output rows x*8 .. x*8+7 (one per warp) for the x rows row0 + y*NX .. + NX - 1 (NX = 1
- * with experts). x is copied into dynamic shared memory first when x_smem. */
+ * with experts). x is copied into dynamic shared memory first when x_smem (for MXFP4 in pair order:
+ * the two x values of one quant byte side by side); even = the weight data and
+ * strides are even (Q8_0 then takes its 16-bit load loop). At most 64 registers (4 blocks = 32 warps
+ * per SM; 3 blocks for 4 x rows, 2 for 8: more registers, no spills). */
 template <int T, int NX>
-PE_GLOBAL void cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const float *x, int64_t ldx,
-                                 int64_t n_rows, int64_t row0, int x_smem, const float *bias, float *y,
-                                 int64_t ldy) {
+PE_GLOBAL void __launch_bounds__(32 * CUQ_MV_WARPS, NX >= 8 ? 2 : NX >= 4 ? 3 : 4)
+    cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const float *x, int64_t ldx, int64_t n_rows,
+                      int64_t row0, int x_smem, int even, const float *bias, float *y, int64_t ldy) {
     PE_DYN_SHARED(float, xs);
     const int64_t i0 = row0 + (int64_t)blockIdx.y * NX;
     const int nx = n_rows - i0 < NX ? (int)(n_rows - i0) : NX;
     const float *xp = x + i0 * ldx;
     int64_t lxs = ldx;
     if (x_smem) {
-        for (int64_t t = threadIdx.x; t < nx * w.n_in; t += blockDim.x) xs[t] = xp[(t / w.n_in) * ldx + t % w.n_in];
+        for (int64_t t = threadIdx.x; t < nx * w.n_in; t += blockDim.x) {
+            const int64_t k = t % w.n_in;
+            const int64_t src = T == CUQ_MXFP4 ? (k & ~31) + ((k & 31) >> 1) + 16 * (k & 1) : k;
+            xs[t] = xp[(t / w.n_in) * ldx + src];
+        }
         __syncthreads();
         xp = xs;
         lxs = w.n_in;
@@ -165,8 +243,14 @@ PE_GLOBAL void cuq_matvec_kernel(pe_cu_weight w, const int32_t *experts, const f
         acc[i] = 0.0f;
         xr[i] = xp + (i < nx ? i : 0) * lxs;
     }
-    if (T == CUQ_MXFP4)
-        cuq_mv_row_mxfp4<NX>(row, w.n_in, xr, lane, acc);
+    if (T == CUQ_MXFP4 && x_smem)
+        cuq_mv_row_mxfp4<NX, true>(row, w.n_in, xr, lane, acc);
+    else if (T == CUQ_MXFP4)
+        cuq_mv_row_mxfp4<NX, false>(row, w.n_in, xr, lane, acc);
+    else if (T == CUQ_Q8_0 && even && x_smem)
+        cuq_mv_row_q8_0<NX, true>(row, w.n_in, xr, lane, acc);
+    else if (T == CUQ_Q8_0 && even)
+        cuq_mv_row_q8_0<NX, false>(row, w.n_in, xr, lane, acc);
     else
         cuq_mv_row<T, NX>(row, w.n_in, xr, lane, acc);
 #pragma unroll
@@ -183,13 +267,14 @@ struct cuq_run_matvec {
                       const float *bias, float *y, int64_t ldy, cudaStream_t stream) {
         const int64_t smem = (int64_t)NX * w->n_in * (int64_t)sizeof(float);
         const int x_smem = smem <= CUQ_SMEM_BYTES;
+        const int even = (((uintptr_t)w->data | (uintptr_t)w->row_stride | (uintptr_t)w->expert_stride) & 1) == 0;
         const int64_t groups = (n_rows + NX - 1) / NX;
         auto kern = cuq_matvec_kernel<T, NX>;
         for (int64_t g0 = 0; g0 < groups; g0 += CUQ_MAX_GRID_Y) {
             const int64_t gy = groups - g0 < CUQ_MAX_GRID_Y ? groups - g0 : CUQ_MAX_GRID_Y;
             dim3 grid((unsigned)((w->n_out + CUQ_MV_WARPS - 1) / CUQ_MV_WARPS), (unsigned)gy);
             PE_LAUNCH(kern, grid, 32 * CUQ_MV_WARPS, x_smem ? (size_t)smem : 0, stream, *w, experts, x, ldx, n_rows,
-                      g0 * NX, x_smem, bias, y, ldy);
+                      g0 * NX, x_smem, even, bias, y, ldy);
         }
         return (int)cudaGetLastError();
     }

@@ -4,8 +4,8 @@
  * Block layouts and byte order: gguf-py's gguf/quants.py and csrc/quants_impl.h. Each element is
  * computed with the same float32 operations, in the same order, as csrc/quants_ref.c (itself
  * bit-identical to gguf.quants.dequantize). A product that flows into an add or subtract goes
- * through cuq_mul, so no compiler can fuse it into an FMA whatever its contraction flags are:
- * no special nvcc flag (e.g. --fmad=false) is needed for these files.
+ * through cuq_mul, so nvcc cannot fuse it into an FMA whatever its --fmad setting: this header
+ * needs no special nvcc flag.
  *
  * The element functions take the block holding the element and its index inside the block, so one
  * warp lane can decode one element: the lanes of a warp then read adjacent bytes (coalesced) and
@@ -17,7 +17,6 @@
 #include "compat.h"
 
 #include <stdint.h>
-#include <string.h>
 
 /* ggml type ids (the same numbers as enum pe_type in csrc/quants.h). */
 enum {
@@ -60,23 +59,13 @@ CUQ_TRAITS(CUQ_Q5_K, 256, 176)
 CUQ_TRAITS(CUQ_Q6_K, 256, 210)
 #undef CUQ_TRAITS
 
-/* a * b rounded to float32 and never contracted with a following add. */
+/* a * b rounded to float32 and never contracted with a following add: __fmul_rn on the GPU (never
+ * fused, whatever --fmad says); the emulator build is compiled with -ffp-contract=off. */
 PE_DEVICE inline float cuq_mul(float a, float b) {
 #ifdef PE_CUDA_EMU
-    volatile float p = a * b;
-    return p;
+    return a * b;
 #else
     return __fmul_rn(a, b);
-#endif
-}
-
-PE_DEVICE inline float cuq_bits_to_float(uint32_t bits) {
-#ifdef PE_CUDA_EMU
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#else
-    return __uint_as_float(bits);
 #endif
 }
 
@@ -88,7 +77,7 @@ PE_DEVICE inline float cuq_half(const uint8_t *p) {
 /* MXFP4 block scale 2^(e-128) (the E2M1 values below are doubled), denormal for e < 2, as
  * ggml_e8m0_to_fp32_half. */
 PE_DEVICE inline float cuq_e8m0_half(uint8_t e) {
-    return cuq_bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
+    return pe_cu_bits_to_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
 }
 
 /* Doubled E2M1 value of a 4-bit code (bit 3 = sign): magnitudes 0,1,2,3,4,6,8,12 packed 4 bits each. */
@@ -118,80 +107,58 @@ PE_DEVICE inline int cuq_q3_k_scale(const uint8_t *s, int k) {
     return (lo | (hi << 4)) - 32;
 }
 
-/* Element k (0 <= k < blck) of the block at b. For the float types b points at the element, k = 0. */
-template <int T> PE_DEVICE inline float cuq_elem(const uint8_t *b, int k);
-
-template <> PE_DEVICE inline float cuq_elem<CUQ_F32>(const uint8_t *b, int k) {
-    return *(const float *)b;
-}
-template <> PE_DEVICE inline float cuq_elem<CUQ_F16>(const uint8_t *b, int k) {
-    return pe_cu_fp16_to_fp32(*(const uint16_t *)b);
-}
-template <> PE_DEVICE inline float cuq_elem<CUQ_BF16>(const uint8_t *b, int k) {
-    return pe_cu_bf16_to_fp32(*(const uint16_t *)b);
-}
-/* Q4_0: f16 d | 16 bytes of nibbles; d * (q - 8). */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q4_0>(const uint8_t *b, int k) {
-    return cuq_half(b) * (float)(cuq_nibble32(b + 2, k) - 8);
-}
-/* Q4_1: f16 d | f16 m | 16 bytes of nibbles; d * q + m. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q4_1>(const uint8_t *b, int k) {
-    return cuq_mul(cuq_half(b), (float)cuq_nibble32(b + 4, k)) + cuq_half(b + 2);
-}
-/* Q5_0: f16 d | u32 high bits | 16 bytes of nibbles; d * (q - 16). */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q5_0>(const uint8_t *b, int k) {
-    const int q = cuq_nibble32(b + 6, k) | cuq_qh_bit(b + 2, k) << 4;
-    return cuq_half(b) * (float)(q - 16);
-}
-/* Q5_1: f16 d | f16 m | u32 high bits | 16 bytes of nibbles; d * q + m. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q5_1>(const uint8_t *b, int k) {
-    const int q = cuq_nibble32(b + 8, k) | cuq_qh_bit(b + 4, k) << 4;
-    return cuq_mul(cuq_half(b), (float)q) + cuq_half(b + 2);
-}
-/* Q8_0: f16 d | 32 int8; q * d. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q8_0>(const uint8_t *b, int k) {
-    return (float)(int8_t)b[2 + k] * cuq_half(b);
-}
-/* MXFP4: e8m0 e | 16 bytes of nibbles (E2M1 codes); 2^(e-128) * doubled value. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_MXFP4>(const uint8_t *b, int k) {
-    return cuq_e8m0_half(b[0]) * (float)cuq_e2m1(cuq_nibble32(b + 1, k));
-}
-/* Q2_K: scales[16] | qs[64] | f16 d | f16 dmin; (d * sc) * q - dmin * m. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q2_K>(const uint8_t *b, int k) {
-    const int half = k >> 7, j = (k & 127) >> 5, l = k & 31, sc = b[k >> 4];
-    const float dl = cuq_half(b + 80) * (float)(sc & 15);
-    const int q = (b[16 + 32 * half + l] >> (2 * j)) & 3;
-    return cuq_mul(dl, (float)q) - cuq_mul(cuq_half(b + 82), (float)(sc >> 4));
-}
-/* Q3_K: hmask[32] | qs[64] | scales[12] | f16 d; (d * sc) * (q - (hbit ? 0 : 4)). */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q3_K>(const uint8_t *b, int k) {
-    const int half = k >> 7, j = (k & 127) >> 5, l = k & 31;
-    const float dl = cuq_half(b + 108) * (float)cuq_q3_k_scale(b + 96, k >> 4);
-    const int lo = (b[32 + 32 * half + l] >> (2 * j)) & 3;
-    const int hbit = (b[l] >> (4 * half + j)) & 1;
-    return dl * (float)(lo - (hbit ? 0 : 4));
-}
-/* Q4_K: f16 d | f16 dmin | scales[12] | qs[128]; (d * sc) * q - dmin * m. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q4_K>(const uint8_t *b, int k) {
-    const int s = k >> 5, l = k & 31;
-    const float d1 = cuq_half(b) * (float)cuq_k_scale_min(b + 4, s, 0);
-    const int q = (b[16 + 32 * (s >> 1) + l] >> (4 * (s & 1))) & 15;
-    return cuq_mul(d1, (float)q) - cuq_mul(cuq_half(b + 2), (float)cuq_k_scale_min(b + 4, s, 1));
-}
-/* Q5_K: f16 d | f16 dmin | scales[12] | qh[32] | qs[128]; (d * sc) * q - dmin * m. */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q5_K>(const uint8_t *b, int k) {
-    const int s = k >> 5, l = k & 31;
-    const float d1 = cuq_half(b) * (float)cuq_k_scale_min(b + 4, s, 0);
-    const int q = ((b[48 + 32 * (s >> 1) + l] >> (4 * (s & 1))) & 15) | ((b[16 + l] >> s) & 1) << 4;
-    return cuq_mul(d1, (float)q) - cuq_mul(cuq_half(b + 2), (float)cuq_k_scale_min(b + 4, s, 1));
-}
-/* Q6_K: ql[128] | qh[64] | int8 scales[16] | f16 d; (d * sc) * (q - 32). */
-template <> PE_DEVICE inline float cuq_elem<CUQ_Q6_K>(const uint8_t *b, int k) {
-    const int half = k >> 7, r = k & 127;
-    const int lo = (b[64 * half + (r & 63)] >> (4 * (r >> 6))) & 15;
-    const int hi = (b[128 + 32 * half + (r & 31)] >> (2 * (r >> 5))) & 3;
-    const float dl = cuq_half(b + 208) * (float)(int8_t)b[192 + (k >> 4)];
-    return dl * (float)((lo | hi << 4) - 32);
+/* Element k (0 <= k < blck) of the block at b; for the float types b points at the element, k = 0.
+ * Formulas and operation order as csrc/quants_ref.c. */
+template <int T> PE_DEVICE inline float cuq_elem(const uint8_t *b, int k) {
+    if constexpr (T == CUQ_F32) {
+        return *(const float *)b;
+    } else if constexpr (T == CUQ_F16) {
+        return pe_cu_fp16_to_fp32(*(const uint16_t *)b);
+    } else if constexpr (T == CUQ_BF16) {
+        return pe_cu_bf16_to_fp32(*(const uint16_t *)b);
+    } else if constexpr (T == CUQ_Q4_0) { /* f16 d | 16 bytes of nibbles; d * (q - 8) */
+        return cuq_half(b) * (float)(cuq_nibble32(b + 2, k) - 8);
+    } else if constexpr (T == CUQ_Q4_1) { /* f16 d | f16 m | 16 bytes of nibbles; d * q + m */
+        return cuq_mul(cuq_half(b), (float)cuq_nibble32(b + 4, k)) + cuq_half(b + 2);
+    } else if constexpr (T == CUQ_Q5_0) { /* f16 d | u32 high bits | 16 bytes of nibbles; d * (q - 16) */
+        const int q = cuq_nibble32(b + 6, k) | cuq_qh_bit(b + 2, k) << 4;
+        return cuq_half(b) * (float)(q - 16);
+    } else if constexpr (T == CUQ_Q5_1) { /* f16 d | f16 m | u32 high bits | 16 bytes of nibbles; d * q + m */
+        const int q = cuq_nibble32(b + 8, k) | cuq_qh_bit(b + 4, k) << 4;
+        return cuq_mul(cuq_half(b), (float)q) + cuq_half(b + 2);
+    } else if constexpr (T == CUQ_Q8_0) { /* f16 d | 32 int8; q * d */
+        return (float)(int8_t)b[2 + k] * cuq_half(b);
+    } else if constexpr (T == CUQ_MXFP4) { /* e8m0 e | 16 bytes of E2M1 nibbles; 2^(e-128) * doubled value */
+        return cuq_e8m0_half(b[0]) * (float)cuq_e2m1(cuq_nibble32(b + 1, k));
+    } else if constexpr (T == CUQ_Q2_K) { /* scales[16] | qs[64] | f16 d | f16 dmin; (d*sc) * q - dmin*m */
+        const int half = k >> 7, j = (k & 127) >> 5, l = k & 31, sc = b[k >> 4];
+        const float dl = cuq_half(b + 80) * (float)(sc & 15);
+        const int q = (b[16 + 32 * half + l] >> (2 * j)) & 3;
+        return cuq_mul(dl, (float)q) - cuq_mul(cuq_half(b + 82), (float)(sc >> 4));
+    } else if constexpr (T == CUQ_Q3_K) { /* hmask[32] | qs[64] | scales[12] | f16 d; (d*sc) * (q - 4*!h) */
+        const int half = k >> 7, j = (k & 127) >> 5, l = k & 31;
+        const float dl = cuq_half(b + 108) * (float)cuq_q3_k_scale(b + 96, k >> 4);
+        const int lo = (b[32 + 32 * half + l] >> (2 * j)) & 3;
+        const int hbit = (b[l] >> (4 * half + j)) & 1;
+        return dl * (float)(lo - (hbit ? 0 : 4));
+    } else if constexpr (T == CUQ_Q4_K) { /* f16 d | f16 dmin | scales[12] | qs[128]; (d*sc) * q - dmin*m */
+        const int s = k >> 5, l = k & 31;
+        const float d1 = cuq_half(b) * (float)cuq_k_scale_min(b + 4, s, 0);
+        const int q = (b[16 + 32 * (s >> 1) + l] >> (4 * (s & 1))) & 15;
+        return cuq_mul(d1, (float)q) - cuq_mul(cuq_half(b + 2), (float)cuq_k_scale_min(b + 4, s, 1));
+    } else if constexpr (T == CUQ_Q5_K) { /* f16 d | f16 dmin | scales[12] | qh[32] | qs[128] */
+        const int s = k >> 5, l = k & 31;
+        const float d1 = cuq_half(b) * (float)cuq_k_scale_min(b + 4, s, 0);
+        const int q = ((b[48 + 32 * (s >> 1) + l] >> (4 * (s & 1))) & 15) | ((b[16 + l] >> s) & 1) << 4;
+        return cuq_mul(d1, (float)q) - cuq_mul(cuq_half(b + 2), (float)cuq_k_scale_min(b + 4, s, 1));
+    } else { /* Q6_K: ql[128] | qh[64] | int8 scales[16] | f16 d; (d*sc) * (q - 32) */
+        static_assert(T == CUQ_Q6_K, "unknown weight type");
+        const int half = k >> 7, r = k & 127;
+        const int lo = (b[64 * half + (r & 63)] >> (4 * (r >> 6))) & 15;
+        const int hi = (b[128 + 32 * half + (r & 31)] >> (2 * (r >> 5))) & 3;
+        const float dl = cuq_half(b + 208) * (float)(int8_t)b[192 + (k >> 4)];
+        return dl * (float)((lo | hi << 4) - 32);
+    }
 }
 
 /* Element k (0 <= k < elements per row) of the row at row. */

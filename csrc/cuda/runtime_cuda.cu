@@ -63,6 +63,26 @@ int pe_cu_copy_2d_to_device(void *dst, size_t dpitch, const void *src, size_t sp
     return (int)cudaMemcpy2D(dst, dpitch, src, spitch, width, height, cudaMemcpyHostToDevice);
 }
 
+int pe_cu_time_copy(void *dst, const void *src, size_t n, int reps, double *seconds) {
+    cudaEvent_t a, b;
+    float ms = 0.0f;
+    if (cudaEventCreate(&a) != cudaSuccess) return (int)cudaGetLastError();
+    if (cudaEventCreate(&b) != cudaSuccess) {
+        cudaEventDestroy(a);
+        return (int)cudaGetLastError();
+    }
+    int rc = (int)cudaMemcpy(dst, src, n, cudaMemcpyDeviceToDevice);
+    if (!rc) rc = (int)cudaEventRecord(a, 0);
+    for (int i = 0; i < reps && !rc; i++) rc = (int)cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, 0);
+    if (!rc) rc = (int)cudaEventRecord(b, 0);
+    if (!rc) rc = (int)cudaEventSynchronize(b);
+    if (!rc) rc = (int)cudaEventElapsedTime(&ms, a, b);
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    *seconds = rc ? 0.0 : ms / 1e3 / (reps > 0 ? reps : 1);
+    return rc;
+}
+
 int pe_cu_synchronize(void) {
     const cudaError_t e = cudaDeviceSynchronize();
     return (int)(e != cudaSuccess ? e : cudaGetLastError());

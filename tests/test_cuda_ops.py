@@ -50,7 +50,7 @@ def test_rope_strided_rows_far_positions(cu, head_dim, yarn):
     c, s = m * np.cos(a), m * np.sin(a)
     x1, x2 = heads[..., :half].astype(np.float64), heads[..., half:].astype(np.float64)
     assert rel(got, np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)) < 1e-6
-    np.testing.assert_allclose(got, K.rope(heads, pos, omega, m), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, K.rope(heads, pos, omega, m), rtol=1e-6, atol=1e-7)
 
 
 @backends
@@ -129,7 +129,7 @@ def test_kv_store_ring_wraps(cu):
 
 def attention_ref(q, k, v, sinks, pos, window):
     """float64 attention of q (n_tok, H, hd) at positions pos over k, v (positions, Hkv, hd)."""
-    n_tok, H, hd = q.shape
+    _, H, hd = q.shape
     group = H // k.shape[1]
     out = np.zeros(q.shape)
     for t, p in enumerate(pos):
@@ -177,6 +177,13 @@ ATTENTION_CASES = {
     "prefill_window_wider_than_context": (np.arange(20, 27), 40, 4, 4, 16, 64, None),
     "max_keys_overestimated": (np.array([39]), 40, 4, 2, 16, 0, 1000),
     "max_keys_underestimated": (np.array([200]), 201, 4, 2, 16, 0, 130),
+    "window_3_ring_3": (np.array([77]), 3, 4, 2, 16, 3, None),
+    "head_dim_24": (np.arange(70, 73), 73, 6, 3, 24, 0, None),
+    "head_dim_256": (np.array([150]), 151, 2, 1, 256, 0, None),
+    "gqa_group_12_hd136": (np.arange(60, 62), 62, 12, 1, 136, 0, None),
+    "gqa_group_7": (np.array([99]), 100, 14, 2, 16, 0, None),
+    "gptoss_heads_prefill_window": (np.arange(200, 207), 128 - 1 + 7, 64, 8, 64, 128, None),
+    "gptoss_heads_decode_full": (np.array([700]), 701, 64, 8, 64, 0, None),
 }
 
 
@@ -186,25 +193,25 @@ def test_attention_matches_cpu_and_float64(cu, case):
     pos, n_slots, H, Hkv, hd, window, max_keys = ATTENTION_CASES[case]
     pos = pos.astype(np.int64)
     out, q, k, v, sinks = run_attention(cu, pos, n_slots, H, Hkv, hd, window, max_keys, extra=2)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, window)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, window)) < 2e-6  # measured ~1.5e-7 (emulator)
     cpu = K.attention(q, k, v, sinks, int(pos[0]), window, n_slots)
-    assert rel(out, cpu) < 1e-5
+    assert rel(out, cpu) < 2e-6
 
 
 @backends
 def test_attention_tokens_at_unrelated_positions(cu):
     pos = np.array([17, 3, 64, 0, 40], dtype=np.int64)  # each token attends its own prefix
     out, q, k, v, sinks = run_attention(cu, pos, 65, 4, 2, 16, 0)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, 0)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, 0)) < 2e-6
     out, q, k, v, sinks = run_attention(cu, pos, 65, 4, 2, 16, 9)
-    assert rel(out, attention_ref(q, k, v, sinks, pos, 9)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, pos, 9)) < 2e-6
 
 
 @backends
 def test_attention_scratch_and_chunks(cu):
     # one chunk per 64 keys at most, and enough chunks to fill the GPU when there are few pairs
     assert cu.attention_scratch_floats(1, 4, 16, 200) == 4 * 4 * (16 + 2)
-    assert cu.attention_scratch_floats(1, 64, 64, 8192) == 64 * 17 * (64 + 2)
+    assert cu.attention_scratch_floats(1, 64, 64, 8192) == 64 * 33 * (64 + 2)
     assert cu.attention_scratch_floats(512, 64, 64, 8192) == 512 * 64 * (64 + 2)
     with pytest.raises(ValueError):
         cu.attention(f32(1, 16), np.array([0]), f32(4, 16), f32(4, 16), 1, 1, 16, 0, f32(1), 0)

@@ -1,29 +1,41 @@
 /* Flash-decoding attention with sinks (see attention_cuda.h; the CPU reference is csrc/attention.c).
  *
- * Pass 1: block (pair, chunk), 4 warps. q sits in shared memory; warp w takes keys w, w+4, ... of the
- * chunk, its lanes split the head dimensions (lane + 32 i), a butterfly sums the dot product, and the
- * warp keeps an online softmax (max m, sum l, acc[head_dim]). The 4 warps merge in shared memory into
- * one partial (m, l, acc) per chunk. Pass 2: one block per pair rescales the chunk partials to the
- * common max, adds exp(sink - max) to the denominator (in double, like the CPU) and writes the output. */
+ * Pass 1: one block per (token, kv head, set of hb query heads of its GQA group, key chunk), one warp
+ * per query head. The block stages tiles of keys and values in shared memory once for all its heads;
+ * in each tile lane i scores key i against its warp's q, the warp takes the tile max, rescales its
+ * running (max m, per-lane sums l, acc[head_dim] with lanes over dimensions) and adds the tile's
+ * weighted values. Each warp writes one partial (m, l, acc) per chunk. Pass 2: one block per (token,
+ * head) rescales the chunk partials to the common max, adds exp(sink - max) to the denominator (in
+ * double, like the CPU) and writes the output. */
 #include "compat.h"
 #include "attention_cuda.h"
 
-#define CUK_ATT_WARPS 4
 #define CUK_ATT_MAX_DIM 256
 #define CUK_ATT_DIMS_PER_LANE (CUK_ATT_MAX_DIM / 32)
-#define CUK_ATT_TARGET_BLOCKS 1056 /* 8 four-warp blocks on each of an H100's 132 SMs */
-#define CUK_ATT_MIN_CHUNK 64       /* keys: shorter chunks cost more in setup than they gain */
+#define CUK_ATT_MAX_HEADS_PER_BLOCK 8 /* warps per block */
+#define CUK_ATT_TARGET_WARPS 2112     /* 16 warps on each of an H100's 132 SMs */
+#define CUK_ATT_MIN_CHUNK 64          /* keys: shorter chunks cost more in setup than they gain */
 #define CUK_ATT_MAX_CHUNKS 256
 #define CUK_INT_LIMIT 0x7fffffff
 
-/* Chunks per (token, head) pair: enough blocks to fill the GPU, none shorter than CUK_ATT_MIN_CHUNK. */
+/* Chunks per (token, head) pair: enough warps to fill the GPU, none shorter than CUK_ATT_MIN_CHUNK. */
 static int64_t cuk_att_chunks(int64_t n_tok, int n_head, int64_t max_keys) {
     const int64_t pairs = n_tok * n_head;
-    int64_t c = (CUK_ATT_TARGET_BLOCKS + pairs - 1) / pairs;
+    int64_t c = (CUK_ATT_TARGET_WARPS + pairs - 1) / pairs;
     const int64_t by_len = (max_keys + CUK_ATT_MIN_CHUNK - 1) / CUK_ATT_MIN_CHUNK;
     if (c > by_len) c = by_len;
     if (c > CUK_ATT_MAX_CHUNKS) c = CUK_ATT_MAX_CHUNKS;
     return c < 1 ? 1 : c;
+}
+
+/* Keys per shared-memory tile: one per lane, half a warp when head_dim > 128 (48 KiB of shared memory). */
+static int cuk_att_tile_keys(int head_dim) { return head_dim > 128 ? 16 : 32; }
+
+/* Query heads per block: the largest divisor of the GQA group up to CUK_ATT_MAX_HEADS_PER_BLOCK. */
+static int cuk_att_heads_per_block(int group) {
+    for (int hb = CUK_ATT_MAX_HEADS_PER_BLOCK; hb > 1; hb--)
+        if (group % hb == 0) return hb;
+    return 1;
 }
 
 PE_GLOBAL void cuk_kv_store_kernel(float *kc, float *vc, int64_t n_slots, const float *k, const float *v, int64_t ld,
@@ -55,79 +67,90 @@ size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, i
     return (size_t)(n_tok * n_head * cuk_att_chunks(n_tok, n_head, max_keys)) * (size_t)(head_dim + 2);
 }
 
-/* Partial softmax of one chunk; ml gets (max, sum) per block, acc head_dim floats per block. A chunk
- * with no keys leaves max = -inf, sum = 0, acc = 0. The last chunk runs to the token's true key count
- * even past chunk_len, so an underestimated max_keys costs speed, never keys. */
+/* Partial softmax of one chunk for each of the block's heads; ml gets (max, sum) and acc_out head_dim
+ * floats per (token, head, chunk). The chunks split the token's true key count (known only here, from
+ * pos) evenly in whole tiles, so the work spreads over the grid at every position whatever max_keys
+ * was; a chunk without keys leaves max = -inf, sum = 0, acc = 0. Shared memory: k [tile][head_dim + 1]
+ * (padded: lane i reads row i without bank conflicts), v [tile][head_dim], q [hb][head_dim], p [hb][32]. */
 PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_t *pos, const float *kc,
                                        const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
-                                       int64_t window, int64_t n_chunks, int64_t chunk_len, float *ml, float *acc_out) {
-    PE_SHARED float q_sh[CUK_ATT_MAX_DIM];
-    PE_SHARED float m_sh[CUK_ATT_WARPS], l_sh[CUK_ATT_WARPS];
-    PE_SHARED float acc_sh[CUK_ATT_WARPS][CUK_ATT_MAX_DIM];
-    const int64_t blk = blockIdx.x, pair = blk / n_chunks, chunk = blk % n_chunks;
-    const int64_t t = pair / n_head;
-    const int h = (int)(pair % n_head);
+                                       int tile_keys, int64_t window, int64_t n_chunks, float *ml, float *acc_out) {
+    PE_DYN_SHARED(float, smem);
+    const int hb = (int)(blockDim.x / 32), group = n_head / n_head_kv;
+    float *k_sh = smem, *v_sh = k_sh + tile_keys * (head_dim + 1);
+    float *q_sh = v_sh + tile_keys * head_dim, *p_sh = q_sh + hb * head_dim;
+    int64_t b = blockIdx.x;
+    const int64_t chunk = b % n_chunks;
+    b /= n_chunks;
+    const int set = (int)(b % (group / hb));
+    b /= group / hb;
+    const int kvh = (int)(b % n_head_kv);
+    const int64_t t = b / n_head_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float *qh = q + t * ldq + (int64_t)h * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_sh[d] = qh[d];
+    const int h0 = kvh * group + set * hb; /* the block's heads h0 .. h0 + hb - 1 are contiguous in q */
+    for (int i = threadIdx.x; i < hb * head_dim; i += blockDim.x) q_sh[i] = q[t * ldq + (int64_t)h0 * head_dim + i];
 
     const int64_t p = pos[t];
     const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int64_t n_keys = p - lo + 1; /* <= 0 for a negative position: no keys */
+    const int64_t per_chunk = n_keys > 0 ? (n_keys + n_chunks - 1) / n_chunks : 0;
+    const int64_t chunk_len = (per_chunk + tile_keys - 1) / tile_keys * tile_keys;
     const int64_t begin = chunk * chunk_len;
-    int64_t end = chunk == n_chunks - 1 ? n_keys : begin + chunk_len;
-    if (end > n_keys) end = n_keys;
-    const int64_t kv_dim = (int64_t)n_head_kv * head_dim;
-    const int64_t kv_off = (int64_t)(h / (n_head / n_head_kv)) * head_dim;
+    const int64_t end = begin + chunk_len < n_keys ? begin + chunk_len : n_keys;
+    const int64_t kv_dim = (int64_t)n_head_kv * head_dim, kv_off = (int64_t)kvh * head_dim;
     const float scale = 1.0f / sqrtf((float)head_dim);
-    __syncthreads();
+    const float *qw = q_sh + warp * head_dim;
+    float *pw = p_sh + warp * 32;
 
     float m = -INFINITY, l = 0.0f, acc[CUK_ATT_DIMS_PER_LANE];
     for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) acc[i] = 0.0f;
-    for (int64_t j = begin + warp; j < end; j += CUK_ATT_WARPS) {
-        const int64_t row = ((lo + j) % n_slots) * kv_dim + kv_off;
-        const float *kr = kc + row, *vr = vc + row;
-        float s = 0.0f;
-        for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
-            const int d = lane + 32 * i;
-            if (d < head_dim) s += q_sh[d] * kr[d];
+    for (int64_t first = begin; first < end; first += tile_keys) {
+        const int nk = end - first < tile_keys ? (int)(end - first) : tile_keys;
+        __syncthreads(); /* q is written; nobody still reads the previous tile */
+        for (int r = warp; r < nk; r += hb) {
+            const int64_t row = ((lo + first + r) % n_slots) * kv_dim + kv_off;
+            for (int d = lane; d < head_dim; d += 32) {
+                k_sh[r * (head_dim + 1) + d] = kc[row + d];
+                v_sh[r * head_dim + d] = vc[row + d];
+            }
         }
-        for (int o = 16; o > 0; o >>= 1) s += pe_shfl_xor(s, o);
-        s *= scale;
-        const float m_new = fmaxf(m, s);
-        if (m_new == -INFINITY) continue; /* a -inf score adds nothing */
-        const float corr = expf(m - m_new), e = expf(s - m_new);
-        l = l * corr + e;
-        for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
-            const int d = lane + 32 * i;
-            if (d < head_dim) acc[i] = acc[i] * corr + e * vr[d];
+        __syncthreads();
+        float s = -INFINITY;
+        if (lane < nk) {
+            const float *kr = k_sh + lane * (head_dim + 1);
+            float dot = 0.0f;
+            for (int d = 0; d < head_dim; d++) dot += qw[d] * kr[d];
+            s = dot * scale;
         }
-        m = m_new;
+        float tile_max = s;
+        for (int o = 16; o > 0; o >>= 1) tile_max = fmaxf(tile_max, pe_shfl_xor(tile_max, o));
+        const float m_new = fmaxf(m, tile_max);
+        if (m_new != -INFINITY) { /* uniform in the warp; a tile of -inf scores adds nothing */
+            const float corr = expf(m - m_new), e = s == -INFINITY ? 0.0f : expf(s - m_new);
+            l = l * corr + e;
+            pw[lane] = e;
+            __syncwarp();
+            for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) acc[i] *= corr;
+            for (int r = 0; r < nk; r++) {
+                const float w = pw[r];
+                const float *vr = v_sh + r * head_dim;
+                for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
+                    const int d = lane + 32 * i;
+                    if (d < head_dim) acc[i] += w * vr[d];
+                }
+            }
+            m = m_new;
+        }
     }
-
+    for (int o = 16; o > 0; o >>= 1) l += pe_shfl_xor(l, o);
+    const int64_t part = (t * n_head + h0 + warp) * n_chunks + chunk;
     if (lane == 0) {
-        m_sh[warp] = m;
-        l_sh[warp] = l;
+        ml[2 * part] = m;
+        ml[2 * part + 1] = l;
     }
     for (int i = 0; i < CUK_ATT_DIMS_PER_LANE; i++) {
         const int d = lane + 32 * i;
-        if (d < head_dim) acc_sh[warp][d] = acc[i];
-    }
-    __syncthreads();
-    float mx = -INFINITY;
-    for (int w = 0; w < CUK_ATT_WARPS; w++) mx = fmaxf(mx, m_sh[w]);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float a = 0.0f;
-        for (int w = 0; w < CUK_ATT_WARPS; w++)
-            if (m_sh[w] != -INFINITY) a += acc_sh[w][d] * expf(m_sh[w] - mx);
-        acc_out[blk * head_dim + d] = a;
-    }
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int w = 0; w < CUK_ATT_WARPS; w++)
-            if (m_sh[w] != -INFINITY) sum += l_sh[w] * expf(m_sh[w] - mx);
-        ml[2 * blk] = mx;
-        ml[2 * blk + 1] = sum;
+        if (d < head_dim) acc_out[part * head_dim + d] = acc[i];
     }
 }
 
@@ -161,13 +184,14 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
         ldq < (int64_t)n_head * head_dim || ldo < (int64_t)n_head * head_dim)
         return (int)cudaErrorInvalidValue;
     if (n_tok == 0) return 0;
-    const int64_t n_chunks = cuk_att_chunks(n_tok, n_head, max_keys);
-    const int64_t pairs = n_tok * n_head;
-    if (pairs * n_chunks > CUK_INT_LIMIT) return (int)cudaErrorInvalidValue;
-    const int64_t chunk_len = (max_keys + n_chunks - 1) / n_chunks;
+    const int64_t n_chunks = cuk_att_chunks(n_tok, n_head, max_keys), pairs = n_tok * n_head;
+    const int group = n_head / n_head_kv, hb = cuk_att_heads_per_block(group), tk = cuk_att_tile_keys(head_dim);
+    const int64_t blocks = n_tok * n_head_kv * (group / hb) * n_chunks;
+    if (blocks > CUK_INT_LIMIT || pairs > CUK_INT_LIMIT) return (int)cudaErrorInvalidValue;
+    const size_t smem = ((size_t)tk * (2 * head_dim + 1) + (size_t)hb * (head_dim + 32)) * sizeof(float);
     float *ml = scratch, *acc = scratch + 2 * pairs * n_chunks;
-    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)(pairs * n_chunks), 32 * CUK_ATT_WARPS, 0, (cudaStream_t)stream,
-              q, ldq, pos, kc, vc, n_slots, n_head, n_head_kv, head_dim, window, n_chunks, chunk_len, ml, acc);
+    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)blocks, 32 * hb, smem, (cudaStream_t)stream, q, ldq, pos, kc, vc,
+              n_slots, n_head, n_head_kv, head_dim, tk, window, n_chunks, ml, acc);
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
     PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo,

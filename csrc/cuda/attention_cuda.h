@@ -27,9 +27,10 @@ size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, i
  * positions lo..pos[t] (lo = max(0, pos[t] - window + 1) when window > 0, else 0), stored in row
  * j % n_slots of kc/vc ([n_slots][n_head_kv*head_dim]), kv head h / (n_head / n_head_kv), scale
  * 1/sqrt(head_dim); sinks[h] joins the softmax denominator without a value. Output at
- * out + t*ldo + h*head_dim. max_keys: host upper bound of the keys any token attends (it sizes the
- * grid and the scratch; a larger true count is still attended in full, only slower). head_dim <= 256,
- * n_head a multiple of n_head_kv. */
+ * out + t*ldo + h*head_dim. max_keys: host bound of the keys any token attends; it fixes the number
+ * of chunks (the grid and the scratch), while each token's true key count, derived on the device from
+ * pos, is split evenly over those chunks (any count is attended in full). head_dim <= 256, n_head a
+ * multiple of n_head_kv. */
 int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
                     const float *kc, const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
                     int64_t window, const float *sinks, int64_t max_keys, float *scratch, void *stream);

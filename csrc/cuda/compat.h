@@ -71,8 +71,8 @@ PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 #define PE_HOSTDEV
 #define PE_SHARED static
 #define PE_DYN_SHARED(T, name) T *name = reinterpret_cast<T *>(pe_emu::state().dyn_smem.data())
-#define PE_LAUNCH(kernel, grid, block, smem, stream, ...) \
-    pe_emu::launch(dim3(grid), dim3(block), (size_t)(smem), [&]() { kernel(__VA_ARGS__); })
+#define PE_LAUNCH(kernel, grid, block, smem, stream, ...)                                  \
+    ((void)(stream), pe_emu::launch(dim3(grid), dim3(block), (size_t)(smem), [&]() { kernel(__VA_ARGS__); }))
 #define PE_CU_HAVE_GRAPHS 0
 #define __global__
 #define __device__

@@ -435,15 +435,17 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
         PE_CU_TRY(cudaStreamSynchronize(s));
     }
 
-    /* expert selections of the decode path (the grouped and CPU paths counted as they went) */
+    /* expert selections of the decode path (the grouped and CPU paths counted as they went): every
+     * layer's row of pairs in one strided copy */
     if (expert_counts && n_tok <= GPT_CU_MATVEC_MAX) {
-        const int64_t P = n_tok * m->n_used;
+        const int64_t P = n_tok * m->n_used, pitch = c->max_pairs * (int64_t)sizeof(int32_t);
+        PE_CU_TRY(cudaMemcpy2DAsync(c->h_sel, pitch, c->sel, pitch, P * sizeof(int32_t), m->n_layer,
+                                    cudaMemcpyDeviceToHost, s));
+        PE_CU_TRY(cudaStreamSynchronize(s));
         for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
             if (m->layers[l].cpu_moe) continue;
-            PE_CU_TRY(cudaMemcpyAsync(c->h_sel, c->sel + (int64_t)l * c->max_pairs, P * sizeof(int32_t),
-                                      cudaMemcpyDeviceToHost, s));
-            PE_CU_TRY(cudaStreamSynchronize(s));
-            for (int64_t p = 0; p < P; p++) expert_counts[(int64_t)l * m->n_expert + c->h_sel[p]]++;
+            for (int64_t p = 0; p < P; p++)
+                expert_counts[(int64_t)l * m->n_expert + c->h_sel[(int64_t)l * c->max_pairs + p]]++;
         }
     }
     return (int)cudaGetLastError();

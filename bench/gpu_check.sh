@@ -43,6 +43,11 @@ timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pyte
   -k "cuda and q8_0-mxfp4" "$REPO/tests/test_cuda_engine.py::test_prefill_and_decode_match_cpu" \
   > "$LOG/memcheck.txt" 2>&1; echo "memcheck exit $?" | tee -a "$LOG/memcheck.txt"
 
+step "compute-sanitizer racecheck of the attention and matvec kernels (shared-memory races the emulator cannot see)"
+timeout 180 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
+  -k "cuda and (attention or matvec)" "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_matmul.py" \
+  > "$LOG/racecheck.txt" 2>&1; echo "racecheck exit $?" | tee -a "$LOG/racecheck.txt"
+
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 step "synth gpt-oss-20b-shaped file"
 MODEL=/tmp/synth20b.gguf

@@ -6,9 +6,10 @@
  * The emulator runs the blocks of a launch one after another. The threads of a block are
  * cooperative user-level contexts (ucontext) that switch only where CUDA threads synchronise:
  * __syncthreads(), __syncwarp() and the warp shuffles. Kernels therefore must not rely on implicit
- * warp lock-step (which is also what CUDA itself has required since Volta). Launch errors a GPU
- * would report (empty grid, more than 1024 threads per block, more than 48 KiB of dynamic shared
- * memory) are reported by cudaGetLastError() here as well.
+ * warp lock-step (which is also what CUDA itself has required since Volta), and a full-warp shuffle
+ * or __syncwarp with lanes that already returned aborts with a message (undefined on a GPU). Launch
+ * errors a GPU would report (empty grid, more than 1024 threads per block, more than 48 KiB of
+ * dynamic shared memory) are reported by cudaGetLastError() here as well.
  *
  * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
  * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
@@ -195,10 +196,17 @@ inline void run_block() {
         }
         bool released = false;
         for (int w = 0; w * 32 < n; w++) {
-            int lanes_live = 0, lanes_waiting = 0;
-            for (int i = w * 32; i < n && i < w * 32 + 32; i++) {
+            int lanes_live = 0, lanes_waiting = 0, lanes = 0;
+            for (int i = w * 32; i < n && i < w * 32 + 32; i++, lanes++) {
                 lanes_live += s.threads[i].state != DONE;
                 lanes_waiting += s.threads[i].state == WAIT_WARP;
+            }
+            if (lanes_waiting && lanes_live < lanes) {
+                /* a full-mask shuffle or __syncwarp after some lanes returned: undefined on a GPU */
+                fprintf(stderr, "pyengine CUDA emulator: warp %d of block (%u,%u,%u) shuffles or syncs with "
+                                "%d of its %d lanes exited\n", w, s.block_idx.x, s.block_idx.y, s.block_idx.z,
+                        lanes - lanes_live, lanes);
+                abort();
             }
             if (lanes_live && lanes_waiting == lanes_live) {
                 for (int i = w * 32; i < n && i < w * 32 + 32; i++)

@@ -121,6 +121,7 @@ cdef class CudaModel:
     cdef readonly int64_t weight_bytes
     cdef readonly int first_gpu_layer
     cdef readonly bint cpu_moe, graphs
+    cdef readonly int device          # the CUDA device the weights live on
     cdef int64_t max_tok
     cdef public int64_t n_vocab
     cdef readonly bint int8_activations
@@ -130,7 +131,7 @@ cdef class CudaModel:
         self.ctx = NULL
 
     def __init__(self, cpu, hp, int n_gpu_layers=-1, bint cpu_moe=False, int64_t max_tok=512,
-                 bint graphs=True):
+                 bint graphs=True, int device=0):
         cdef const pe_model *cm = <const pe_model *> <uintptr_t> cpu._c_model()
         cdef int L = cm.n_layer, l
         if n_gpu_layers < 0 or n_gpu_layers > L:
@@ -139,6 +140,8 @@ cdef class CudaModel:
             raise ValueError("n_gpu_layers=0 puts no layer on the GPU: use the CPU engine")
         if max_tok < 1:
             raise ValueError("max_tok must be positive")
+        self.device = device
+        _check(pe_cu_set_device(device))
         self.cpu = cpu
         self.bufs = []
         self.weight_bytes = 0
@@ -319,6 +322,7 @@ cdef class CudaModel:
         if seqs == NULL:
             raise MemoryError()
         cdef CudaKVCache c
+        _check(pe_cu_set_device(self.device))  # the current device is per thread (the node's worker)
         for s in range(n_seq):
             c = caches[s]
             seqs[s].kv = c.layers
@@ -353,6 +357,7 @@ cdef class CudaKVCache:
         cdef int l, L = model.m.n_layer
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError("n_ctx and n_batch must be positive")
+        _check(pe_cu_set_device(model.device))
         self.model = model
         self.n_ctx = n_ctx
         self.layout = model.cache_layout

@@ -53,11 +53,10 @@ def shared_model(model_file: Any, cpu_model: Any, hparams: Any, n_gpu_layers: in
     cu = backend()
     if device_index >= cu.device_count():
         raise DeviceError(f"cuda:{device_index}: only {cu.device_count()} CUDA device(s) visible")
-    cu.set_device(device_index)
     key = (n_gpu_layers, bool(cpu_moe), bool(graphs), device_index, cu.BACKEND)
     per_file = _models.setdefault(model_file, {})
     model = per_file.get(key)
     if model is None:
-        model = cu.CudaModel(cpu_model, hparams, n_gpu_layers, cpu_moe, max_tok, graphs)
+        model = cu.CudaModel(cpu_model, hparams, n_gpu_layers, cpu_moe, max_tok, graphs, device_index)
         per_file[key] = model
     return model

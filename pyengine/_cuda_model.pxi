@@ -100,6 +100,7 @@ cdef extern from "gptoss_cuda.h":
     pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graphs, int *err)
     void pe_cu_ctx_free(pe_cu_ctx *c)
     int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c)
+    int pe_cu_ctx_graphs(const pe_cu_ctx *c)
     void pe_cu_ctx_profile(pe_cu_ctx *c, int enable)
     int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls)
     int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
@@ -241,6 +242,12 @@ cdef class CudaModel:
     @property
     def n_layer(self) -> int:
         return self.m.n_layer
+
+    @property
+    def graphs_active(self) -> bool:
+        """Whether single-token decode steps replay a CUDA graph (False when turned off, in the
+        emulator, or after the driver refused a capture and the model fell back to direct launches)."""
+        return BACKEND == "cuda" and bool(pe_cu_ctx_graphs(self.ctx))
 
     @property
     def scratch_bytes(self) -> int:

@@ -178,6 +178,8 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
 
 extern "C" int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c) { return c->bytes; }
 
+extern "C" int pe_cu_ctx_graphs(const pe_cu_ctx *c) { return c->use_graphs; }
+
 extern "C" void pe_cu_ctx_profile(pe_cu_ctx *c, int enable) {
     c->profile = enable;
     memset(c->op_ms, 0, sizeof c->op_ms);
@@ -193,7 +195,8 @@ extern "C" int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **n
 }
 
 /* Most keys a token of this sequence attends to in layer l; with fixed_grid the ring size, an
- * upper bound for every later step too (what a captured graph must be sized for). */
+ * upper bound for every later step too. Decode calls always size attention this way, so a replayed
+ * graph and a direct launch split the keys into the same chunks and give the same bits. */
 static int64_t gpt_cu_max_keys(const pe_cu_model *m, const pe_cu_seq *s, int l, int fixed_grid) {
     const pe_cu_kv_layer *kv = &s->kv[l];
     int64_t n = fixed_grid ? kv->n_slots : s->n_past + s->n_tok;
@@ -419,13 +422,19 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     int any_cpu_moe = 0;
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
     const int graph = PE_CU_HAVE_GRAPHS && c->use_graphs && !c->profile && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
-    PE_CU_TRY(gpt_cu_ensure_attn(m, c, seqs, n_seq, graph));
+    const int fixed_grid = n_tok <= GPT_CU_MATVEC_MAX;
+    PE_CU_TRY(gpt_cu_ensure_attn(m, c, seqs, n_seq, fixed_grid));
+    int rc = 1;
 #if PE_CU_HAVE_GRAPHS
-    if (graph)
-        PE_CU_TRY(gpt_cu_graph_step(m, c, seqs, n_threads));
-    else
+    if (graph && (rc = gpt_cu_graph_step(m, c, seqs, n_threads)) != 0) {
+        /* capture or instantiation refused (a driver without some graph feature): run this and every
+         * later step directly; a real fault (sticky error) fails the direct run as well */
+        cudaGetLastError();
+        c->use_graphs = 0;
+        c->graph_key = NULL;
+    }
 #endif
-        PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, 0, n_threads, expert_counts));
+    if (rc) PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, fixed_grid, n_threads, expert_counts));
 
     /* output head in chunks of rows, each downloaded as it is done */
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {

@@ -28,7 +28,7 @@ def backend() -> ModuleType:
         mod = importlib.import_module("pyengine._cuda")
     except ImportError as e:
         raise DeviceError("device='cuda': this pyengine was built without its CUDA backend (nvcc was not "
-                           "found at install time); reinstall on a machine with the CUDA toolkit "
+                           "found at install time, or PYENGINE_CUDA=OFF); reinstall on a machine with the CUDA toolkit "
                            "(PYENGINE_CUDA=ON makes a missing nvcc an install error)") from e
     if mod.device_count() == 0:
         raise DeviceError("device='cuda': no CUDA device is visible (no NVIDIA driver, or "

@@ -13,7 +13,7 @@ def _backends() -> list:
     except ImportError:
         return out
     if real.device_count() > 0:
-        out.append(pytest.param(real, id="cuda"))
+        out.append(pytest.param(real, id="cuda", marks=pytest.mark.cuda))
     return out
 
 

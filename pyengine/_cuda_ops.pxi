@@ -13,6 +13,8 @@ cdef extern from "ops_cuda.h" nogil:
                      void *stream)
     int pe_cu_swiglu_oai(float *out, const float *g, const float *u, int64_t n, void *stream)
     int pe_cu_add(float *x, const float *t, int64_t n, void *stream)
+    int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int64_t n_rows, int64_t n,
+                          float eps, void *stream)
     int pe_cu_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n_rows, int64_t d,
                           void *stream)
     int pe_cu_scatter_rows(float *dst, const float *src, const int32_t *idx, int64_t n_rows, int64_t d,
@@ -66,6 +68,19 @@ def rmsnorm(x, g, float eps, bint in_place=False):
     dout = dx if in_place else _dev_upload(np.zeros_like(x))
     _check(pe_cu_rmsnorm(_cuk_f(dout), _cuk_f(dx), _cuk_f(dg), x.shape[0], x.shape[1], eps, NULL))
     return dout.download(x.shape, np.float32)
+
+
+def add_rmsnorm(x, t, g, float eps):
+    """(x + t, RMSNorm of x + t) for rows x, t (n_rows, n) and gain g (n,): the fused residual add."""
+    x = _cuk_arr(x, np.float32, 2, "x")
+    t = _cuk_arr(t, np.float32, 2, "t")
+    g = _cuk_arr(g, np.float32, 1, "g")
+    if t.shape[0] != x.shape[0] or t.shape[1] != x.shape[1] or g.shape[0] != x.shape[1]:
+        raise ValueError("shape mismatch")
+    dx, dt, dg = _dev_upload(x), _dev_upload(t), _dev_upload(g)
+    dout = _dev_upload(np.zeros_like(x))
+    _check(pe_cu_add_rmsnorm(_cuk_f(dout), _cuk_f(dx), _cuk_f(dt), _cuk_f(dg), x.shape[0], x.shape[1], eps, NULL))
+    return dx.download(x.shape, np.float32), dout.download(x.shape, np.float32)
 
 
 def rope(x, int n_heads, int head_dim, positions, omega, double mscale):

@@ -35,6 +35,15 @@ def test_rmsnorm(cu, n_rows, n):
 
 
 @backends
+@pytest.mark.parametrize("n_rows,n", [(1, 2880), (3, 100)])
+def test_add_rmsnorm_is_add_then_rmsnorm(cu, n_rows, n):
+    x, t, g = f32(n_rows, n, scale=3.0), f32(n_rows, n), f32(n)
+    s, out = cu.add_rmsnorm(x, t, g, 1e-5)
+    assert np.array_equal(s, x + t)
+    assert np.array_equal(out, cu.rmsnorm(x + t, g, 1e-5))
+
+
+@backends
 @pytest.mark.parametrize("head_dim,yarn", [(16, False), (64, True)])
 def test_rope_strided_rows_far_positions(cu, head_dim, yarn):
     n_heads, extra = 3, 5  # rows of a fused buffer: the columns after the rotated heads stay untouched

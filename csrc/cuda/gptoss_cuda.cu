@@ -31,11 +31,11 @@ enum { GPT_CU_MATVEC_MAX = 8, GPT_CU_HEAD_CHUNK = 32 };
 
 /* The operations the profile times (pe_cu_op_name gives their names). */
 enum {
-    OP_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
+    OP_NORM, OP_ADD_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
     OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_COUNT
 };
 static const char *const gpt_cu_op_names[OP_COUNT] = {
-    "rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
+    "rmsnorm", "add_rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
     "experts_gate_up", "swiglu", "experts_down", "moe_combine", "experts_grouped", "cpu_moe",
     "output_head"};
 
@@ -317,8 +317,9 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         const pe_cu_layer *L = &m->layers[l];
         const double *omega = L->sliding ? m->omega_swa : m->omega;
 
-        /* attention */
-        GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
+        /* attention (its input norm came with the previous layer's last residual add) */
+        if (l == m->first_gpu_layer)
+            GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
         GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, c->q, q_dim, s));
         GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, c->k, kv_dim, s));
         GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, c->v, kv_dim, s));
@@ -335,10 +336,9 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
                                       gpt_cu_max_keys(m, &seqs[q], l, fixed_grid), c->attn, s));
         }
         GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
-        GPT_CU_OP(c, OP_ADD, pe_cu_add(c->x, c->t, n_tok * D, s));
 
-        /* mixture of experts */
-        GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->post_norm, n_tok, D, m->eps, s));
+        /* mixture of experts, on x + attention output, normalised */
+        GPT_CU_OP(c, OP_ADD_NORM, pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
         int64_t *counts = expert_counts ? expert_counts + (int64_t)l * m->n_expert : NULL;
         if (L->cpu_moe) {
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
@@ -351,7 +351,11 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             else
                 GPT_CU_OP(c, OP_EXPERTS_GROUPED, gpt_cu_moe_grouped(m, L, c, sel, n_tok, counts));
         }
-        GPT_CU_OP(c, OP_ADD, pe_cu_add(c->x, c->t, n_tok * D, s));
+        if (l + 1 < m->n_layer)
+            GPT_CU_OP(c, OP_ADD_NORM,
+                      pe_cu_add_rmsnorm(c->a, c->x, c->t, m->layers[l + 1].attn_norm, n_tok, D, m->eps, s));
+        else
+            GPT_CU_OP(c, OP_ADD, pe_cu_add(c->x, c->t, n_tok * D, s));
     }
     /* final norm of the rows the head needs (indices uploaded in c->out_idx by the caller) */
     GPT_CU_OP(c, OP_NORM, pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));

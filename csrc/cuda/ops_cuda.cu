@@ -34,13 +34,20 @@ PE_DEVICE inline double cuk_shfl_xor_double(double v, int mask) {
     return a.d;
 }
 
-PE_GLOBAL void cuk_rmsnorm_kernel(float *out, const float *x, const float *g, int64_t n, float eps) {
+/* One block per row. ADD: the row first takes the residual update (x += t, stored), fused so the
+ * decode step spends one launch on "add the sub-block's output, normalise for the next one". */
+template <bool ADD>
+PE_GLOBAL void cuk_rmsnorm_kernel(float *out, float *x, const float *t, const float *g, int64_t n, float eps) {
     PE_SHARED double part[8];
     PE_SHARED float scale_sh;
-    const float *xr = x + (int64_t)blockIdx.x * n;
+    float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = out + (int64_t)blockIdx.x * n;
     double ss = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        if (ADD) xr[i] = v = v + t[(int64_t)blockIdx.x * n + i];
+        ss += (double)v * v;
+    }
     for (int o = 16; o > 0; o >>= 1) ss += cuk_shfl_xor_double(ss, o);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
     __syncthreads();
@@ -57,8 +64,17 @@ PE_GLOBAL void cuk_rmsnorm_kernel(float *out, const float *x, const float *g, in
 int pe_cu_rmsnorm(float *out, const float *x, const float *g, int64_t n_rows, int64_t n, float eps, void *stream) {
     if (n_rows < 0 || n <= 0 || n_rows > 0x7fffffff) return (int)cudaErrorInvalidValue;
     if (n_rows == 0) return 0;
-    PE_LAUNCH(cuk_rmsnorm_kernel, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out, x, g, n,
-              eps);
+    PE_LAUNCH(cuk_rmsnorm_kernel<false>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out,
+              (float *)x, (const float *)NULL, g, n, eps);
+    return (int)cudaGetLastError();
+}
+
+int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int64_t n_rows, int64_t n, float eps,
+                      void *stream) {
+    if (n_rows < 0 || n <= 0 || n_rows > 0x7fffffff || out == x) return (int)cudaErrorInvalidValue;
+    if (n_rows == 0) return 0;
+    PE_LAUNCH(cuk_rmsnorm_kernel<true>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out, x, t,
+              g, n, eps);
     return (int)cudaGetLastError();
 }
 

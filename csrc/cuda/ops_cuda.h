@@ -16,6 +16,9 @@ extern "C" {
 /* Per contiguous row of n floats, as pe_rmsnorm: out = g * (x * (1 / sqrt(mean(x^2) + eps))), the sum
  * of squares in double. out may alias x. */
 int pe_cu_rmsnorm(float *out, const float *x, const float *g, int64_t n_rows, int64_t n, float eps, void *stream);
+/* x += t, then out = rmsnorm(x) (both per row of n), in one pass; out must not alias x. */
+int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int64_t n_rows, int64_t n, float eps,
+                      void *stream);
 
 /* NeoX RoPE in place: token t's n_heads head vectors start at x + t*ld; pair (i, i + head_dim/2) is
  * rotated by cos/sin = (float)(mscale * cos((double)pos[t] * omega[i])), as pe_rope_table/pe_rope_apply.

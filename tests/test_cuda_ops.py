@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from cuda_backends import BACKENDS
+from test_forward_kernels import attention_ref
 
 from pyengine import _model as K
 
@@ -134,21 +135,6 @@ def test_kv_store_ring_wraps(cu):
     ref_k, ref_v = kc.copy(), vc.copy()
     ref_k[pos % n_slots], ref_v[pos % n_slots] = rows[:, 2:2 + kv_dim], rows[:, 9:9 + kv_dim]
     assert np.array_equal(got_k, ref_k) and np.array_equal(got_v, ref_v)
-
-
-def attention_ref(q, k, v, sinks, pos, window):
-    """float64 attention of q (n_tok, H, hd) at positions pos over k, v (positions, Hkv, hd)."""
-    _, H, hd = q.shape
-    group = H // k.shape[1]
-    out = np.zeros(q.shape)
-    for t, p in enumerate(pos):
-        lo = max(0, p - window + 1) if window else 0
-        for h in range(H):
-            z = k[lo:p + 1, h // group].astype(np.float64) @ q[t, h] / math.sqrt(hd)
-            mx = max(z.max(), sinks[h])
-            e = np.exp(z - mx)
-            out[t, h] = e @ v[lo:p + 1, h // group] / (e.sum() + math.exp(sinks[h] - mx))
-    return out
 
 
 def run_attention(cu, pos, n_slots, H, Hkv, hd, window, max_keys=None, extra=0):

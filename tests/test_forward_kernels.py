@@ -69,12 +69,13 @@ def test_rope_matches_transformers_rotary_embedding():
     assert rel(out, np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)) < 1e-6
 
 
-def attention_ref(q, k, v, sinks, pos0, window):
-    n_tok, H, hd = q.shape
+def attention_ref(q, k, v, sinks, positions, window):
+    """float64 attention of q (n_tok, H, hd) at the given positions over k, v (positions, Hkv, hd),
+    with per-head sinks and an optional sliding window (shared with the CUDA tests)."""
+    _, H, hd = q.shape
     group = H // k.shape[1]
     out = np.zeros(q.shape)
-    for t in range(n_tok):
-        p = pos0 + t
+    for t, p in enumerate(positions):
         lo = max(0, p - window + 1) if window else 0
         for h in range(H):
             z = k[lo:p + 1, h // group].astype(np.float64) @ q[t, h] / math.sqrt(hd)
@@ -92,7 +93,7 @@ def test_attention_sinks_gqa_window(window, n_slots):
     v = RNG.standard_normal((pos0 + n_tok, Hkv, hd)).astype(np.float32)
     sinks = RNG.standard_normal(H).astype(np.float32) * 2
     out = K.attention(q, k, v, sinks, pos0, window, n_slots)
-    assert rel(out, attention_ref(q, k, v, sinks, pos0, window)) < 1e-5
+    assert rel(out, attention_ref(q, k, v, sinks, range(pos0, pos0 + q.shape[0]), window)) < 1e-5
     assert np.array_equal(out, K.attention(q, k, v, sinks, pos0, window, n_slots, n_threads=2))
 
 

@@ -14,6 +14,10 @@
 #include "matmul_cuda.h"
 #include "quant_dev.cuh"
 
+#ifndef PE_CUDA_EMU
+#include <mma.h> /* nvcuda::wmma; the emulator's lives in compat.h */
+#endif
+
 #define CUQ_EINVAL 1            /* cudaErrorInvalidValue */
 #define CUQ_MV_WARPS 8          /* output rows (warps) per matvec block */
 #define CUQ_MV_UNROLL 4         /* 32-element groups in flight per warp (generic loop) */
@@ -27,6 +31,9 @@
 #define CUQ_TILE 64             /* gemm: x rows and weight rows per block */
 #define CUQ_TK 32               /* gemm: elements of k per step */
 #define CUQ_TPAD (CUQ_TILE + 1) /* padded k-major tile rows: conflict-free stores and loads */
+#define CUQ_TC_MIN_ROWS 16      /* gemm: x rows from which the tensor-core kernel runs */
+#define CUQ_TC_LD (CUQ_TK + 4)  /* tensor-core tiles [row][k]: a 16-byte multiple, rows 4 banks apart */
+#define CUQ_TC_WARPS 4          /* tensor-core gemm: 2 x 2 warps of 32 x 32 outputs */
 
 /* Two floats read from 8-byte aligned shared memory with one load instruction. */
 #ifdef PE_CUDA_EMU
@@ -349,6 +356,97 @@ PE_GLOBAL void cuq_gemm_kernel(pe_cu_weight w, const uint8_t *base, const float 
     }
 }
 
+/* ---- gemm on tensor cores (3xTF32): 64 x rows by 64 weight rows per block of 4 warps ----------- */
+
+/* hi = tf32(v), lo = tf32(v - hi) for each element of a fragment just loaded into hi; v - hi is exact,
+ * so hi + lo carries 21 significant bits of v (f32 has 24). */
+template <typename F> PE_DEVICE inline void cuq_tf32_split(F &hi, F &lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; i++) {
+        const float v = hi.x[i];
+        hi.x[i] = nvcuda::wmma::__float_to_tf32(v);
+        lo.x[i] = nvcuda::wmma::__float_to_tf32(v - hi.x[i]);
+    }
+}
+
+/* The block stages its x tile and dequantizes its weight tile (exact element function) per k step of
+ * 32, both [row][k] in padded shared memory (thread t stores element (t / 32 + 4u, t % 32): adjacent
+ * threads read adjacent x floats / quant bytes and store to adjacent banks). Warp (wm, wn) owns the
+ * outputs (wm * 32 .. + 31, wn * 32 .. + 31): 2 x 2 fragments of 16 x 16, each k slice of 8 adding
+ * x_lo w_hi + x_hi w_lo + x_hi w_hi on the tensor cores with f32 accumulation (x_lo w_lo, ~2^-22 of
+ * the product, is dropped). x is matrix_a row-major, the weight tile [n][k] is matrix_b (k x n)
+ * column-major. The epilogue goes through a 16 x 16 shared scratch per warp to add the bias and
+ * mask the partial tiles. */
+template <int T>
+PE_GLOBAL void __launch_bounds__(32 * CUQ_TC_WARPS, 4)
+    cuq_gemm_tc_kernel(pe_cu_weight w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_rows,
+                       int64_t row0, const float *bias, float *y, int64_t ldy) {
+    namespace wmma = nvcuda::wmma;
+    typedef wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> frag_x;
+    typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> frag_w;
+    typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> frag_acc;
+    alignas(32) PE_SHARED float xs[CUQ_TILE * CUQ_TC_LD];
+    alignas(32) PE_SHARED float ws[CUQ_TILE * CUQ_TC_LD];
+    alignas(32) PE_SHARED float scratch[CUQ_TC_WARPS][16 * 16];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, wm = warp >> 1, wn = warp & 1;
+    const int64_t m0 = row0 + (int64_t)blockIdx.y * CUQ_TILE, n0 = (int64_t)blockIdx.x * CUQ_TILE;
+    frag_acc acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t k0 = 0; k0 < w.n_in; k0 += CUQ_TK) {
+        const int64_t k = k0 + lane;
+#pragma unroll 4
+        for (int u = 0; u < CUQ_TILE / CUQ_TC_WARPS; u++) {
+            const int r = warp + CUQ_TC_WARPS * u;
+            const int64_t m = m0 + r, n = n0 + r;
+            xs[r * CUQ_TC_LD + lane] = (m < n_rows && k < w.n_in) ? x[m * ldx + k] : 0.0f;
+            ws[r * CUQ_TC_LD + lane] =
+                (n < w.n_out && k < w.n_in) ? cuq_row_elem<T>(base + n * w.row_stride, k) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < CUQ_TK; ks += 8) {
+            frag_x xh[2], xl[2];
+            frag_w wh[2], wl[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                wmma::load_matrix_sync(xh[i], xs + (wm * 32 + 16 * i) * CUQ_TC_LD + ks, CUQ_TC_LD);
+                cuq_tf32_split(xh[i], xl[i]);
+                wmma::load_matrix_sync(wh[i], ws + (wn * 32 + 16 * i) * CUQ_TC_LD + ks, CUQ_TC_LD);
+                cuq_tf32_split(wh[i], wl[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    wmma::mma_sync(acc[i][j], xl[i], wh[j], acc[i][j]);
+                    wmma::mma_sync(acc[i][j], xh[i], wl[j], acc[i][j]);
+                    wmma::mma_sync(acc[i][j], xh[i], wh[j], acc[i][j]);
+                }
+        }
+        __syncthreads();
+    }
+    float *o = scratch[warp];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            wmma::store_matrix_sync(o, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+#pragma unroll
+            for (int e = lane; e < 16 * 16; e += 32) {
+                const int64_t m = m0 + wm * 32 + 16 * i + e / 16, n = n0 + wn * 32 + 16 * j + e % 16;
+                if (m < n_rows && n < w.n_out) y[m * ldy + n] = o[e] + (bias ? bias[n] : 0.0f);
+            }
+            __syncwarp(); /* every lane has read the scratch before the next fragment overwrites it */
+        }
+}
+
+/* n_rows >= CUQ_TC_MIN_ROWS: the tensor-core kernel (at least one full 16-row fragment of x); fewer
+ * rows (e.g. an expert that got few tokens) stay on the f32 SIMT kernel, where a 64-row tile of
+ * tensor-core work would be mostly padding. Same tiles, same grid. */
 struct cuq_run_gemm {
     template <int T>
     static int run(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
@@ -356,11 +454,12 @@ struct cuq_run_gemm {
         if (!cuq_weight_ok<T>(w) || expert < 0 || !x || !y || n_rows < 0 || ldx < w->n_in || ldy < w->n_out)
             return CUQ_EINVAL;
         const int64_t tiles_m = (n_rows + CUQ_TILE - 1) / CUQ_TILE;
-        auto kern = cuq_gemm_kernel<T>;
+        const bool tc = n_rows >= CUQ_TC_MIN_ROWS;
+        auto kern = tc ? cuq_gemm_tc_kernel<T> : cuq_gemm_kernel<T>;
         for (int64_t t0 = 0; t0 < tiles_m; t0 += CUQ_MAX_GRID_Y) {
             const int64_t gy = tiles_m - t0 < CUQ_MAX_GRID_Y ? tiles_m - t0 : CUQ_MAX_GRID_Y;
             dim3 grid((unsigned)((w->n_out + CUQ_TILE - 1) / CUQ_TILE), (unsigned)gy);
-            PE_LAUNCH(kern, grid, 256, 0, stream, *w, w->data + expert * w->expert_stride, x, ldx, n_rows,
+            PE_LAUNCH(kern, grid, tc ? 32 * CUQ_TC_WARPS : 256, 0, stream, *w, w->data + expert * w->expert_stride, x, ldx, n_rows,
                       t0 * CUQ_TILE, bias, y, ldy);
         }
         return (int)cudaGetLastError();

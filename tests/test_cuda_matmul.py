@@ -211,6 +211,46 @@ def test_gemm_tensor_cores(cu, qtype):
         assert TC_REL_TOL <= rel_plain / 10, (n_rows, rel_plain)
 
 
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", [T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_gemm_experts_grouped(cu, qtype):
+    """One launch for every expert: rows before start[0] untouched, an empty expert, a 3-row group, a group
+    crossing a 64-row tile; groups of >= 16 rows bit-identical to one pe_cu_gemm per expert (same kernel);
+    130 experts (two launches of 128 groups) with rows only in experts 0, 64 and 129."""
+    rng = np.random.default_rng(600 + int(qtype))
+    n_in, n_out = n_in_for(qtype), 67
+    for n_exp, start in ((4, [5, 25, 25, 28, 100]), (130, [0] + [2] * 64 + [20] * 65 + [37])):
+        data = padded_weights(qtype, n_exp, n_out, n_in, rng)
+        w64 = dequant64(data, qtype)
+        b = rng.standard_normal((n_exp, n_out)).astype(np.float32)
+        x = rng.standard_normal((start[-1] + 3, n_in)).astype(np.float32)
+        y = cu.matmul_gemm_experts(data, int(qtype), n_in, nan_padded(x, 3), start, b,
+                                   y=np.full((x.shape[0], n_out + 2), np.nan, np.float32))
+        assert np.isnan(y[:start[0]]).all() and np.isnan(y[start[-1]:]).all(), "rows outside the groups"
+        for e in range(n_exp):
+            lo, hi = start[e], start[e + 1]
+            if lo == hi:
+                continue
+            check_products(y[lo:hi], n_out, x[lo:hi], np.broadcast_to(w64[e], (hi - lo,) + w64[e].shape), b[e],
+                           f"expert {e}", TC_REL_TOL)
+            if hi - lo >= 16:
+                single = cu.matmul_gemm(data, int(qtype), n_in, x[lo:hi], b[e], e)
+                assert np.array_equal(y[lo:hi, :n_out], single), f"expert {e} differs from pe_cu_gemm"
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_gemm_experts_rejects_bad_input(cu):
+    rng = np.random.default_rng(7)
+    data = padded_weights(T.Q8_0, 2, 4, 64, rng)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    q8 = int(T.Q8_0)
+    for start in ([0, 4, 2], [0, 3, 7], [-1, 3], [0], [0, 1, 2, 3], [[0, 3]]):
+        with pytest.raises(ValueError):
+            cu.matmul_gemm_experts(data, q8, 64, x, start)
+    with pytest.raises(ValueError):
+        cu.matmul_gemm_experts(data, q8, 64, x, [0, 3, 6], np.zeros(4))  # bias needs (n_expert, n_out)
+
+
 def test_tf32_reference_rounding():
     """The numpy TF32 rounding above: nearest, ties away from zero, 13 low bits cleared."""
     bits = np.array([0x3F800000, 0x3F800FFF, 0x3F801000, 0x3F803000, 0xBF801000, 0x3F7FF000], np.uint32)

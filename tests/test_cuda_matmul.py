@@ -251,6 +251,25 @@ def test_gemm_experts_rejects_bad_input(cu):
         cu.matmul_gemm_experts(data, q8, 64, x, [0, 3, 6], np.zeros(4))  # bias needs (n_expert, n_out)
 
 
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_gemm_tensor_cores_split_is_exact(cu):
+    """Identity weights: each output is x_lo * 1 + x_hi * 0 + x_hi * 1 with every sum exact (hi + lo fits
+    in 23 bits), so it must equal tf32(x) + tf32(x - tf32(x)) bit for bit on any hardware. This pins the
+    TF32 rounding (nearest, ties away: a truncating split gives other bits) and the hi/lo split."""
+    rng = np.random.default_rng(700)
+    n = 64
+    eye = np.eye(n, dtype=np.float32).view(np.uint8)
+    x = rng.standard_normal((16, n)).astype(np.float32)
+    y = cu.matmul_gemm(eye, int(T.F32), n, x)
+    hi = tf32(x)
+    want = hi + tf32(x - hi)
+    assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
+    u = x.view(np.uint32)
+    hi_t = (u & np.uint32(0xFFFFE000)).view(np.float32)
+    trunc = hi_t + ((x - hi_t).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+    assert (want != trunc).mean() > 0.2 and (want != x).mean() > 0.1  # measured 0.45 and 0.25
+
+
 def test_tf32_reference_rounding():
     """The numpy TF32 rounding above: nearest, ties away from zero, 13 low bits cleared."""
     bits = np.array([0x3F800000, 0x3F800FFF, 0x3F801000, 0x3F803000, 0xBF801000, 0x3F7FF000], np.uint32)

@@ -18,6 +18,8 @@ cdef extern from "matmul_cuda.h":
                      int64_t n_rows, const float *bias, float *y, int64_t ldy, void *stream) nogil
     int pe_cu_gemm(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
                    const float *bias, float *y, int64_t ldy, void *stream) nogil
+    int pe_cu_gemm_experts(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
+                           int64_t ldx, const float *bias, float *y, int64_t ldy, void *stream) nogil
 
 
 def matmul_type_supported(int ggml_type) -> bool:
@@ -132,3 +134,33 @@ def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=
     """Prefill products on the GPU: y[i, r] = dot(row r of expert `expert`, x[i, :n_in]) + bias[r];
     shapes as matmul_matvec, bias (n_out,)."""
     return _cuq_products(data, ggml_type, n_in, x, bias, None, expert, y, True)
+
+
+def matmul_gemm_experts(data, int ggml_type, int64_t n_in, x, start, bias=None, y=None) -> np.ndarray:
+    """Grouped prefill products on the GPU (one launch for all experts): for each expert e < len(start) - 1
+    and row i in [start[e], start[e + 1]): y[i, r] = dot(row r of expert e, x[i, :n_in]) + bias[e, r].
+    start: nondecreasing int64 offsets into the rows of x; bias (n_expert, n_out); other rows of y
+    (initial buffer as in matmul_matvec) come back untouched."""
+    flat, n_out, n_exp, row_stride, expert_stride = _cuq_weight_span(data, ggml_type, n_in)
+    xa = _cuq_f32_2d(x, n_in, "x")
+    n_rows = xa.shape[0]
+    ya = _cuq_f32_2d(np.full((n_rows, n_out), np.nan, np.float32) if y is None else y, n_out, "y")
+    if ya.shape[0] != n_rows:
+        raise ValueError("y needs one row per row of x")
+    sa = np.ascontiguousarray(start, dtype=np.int64)
+    if (sa.ndim != 1 or not 2 <= sa.shape[0] <= n_exp + 1 or sa[0] < 0 or sa[sa.shape[0] - 1] > n_rows
+            or (np.diff(sa) < 0).any()):
+        raise ValueError("start must be 2 .. n_expert + 1 nondecreasing row offsets within x")
+    ba = None
+    if bias is not None:
+        ba = np.ascontiguousarray(bias, dtype=np.float32)
+        if ba.shape != (n_exp, n_out):
+            raise ValueError(f"bias must have shape {(n_exp, n_out)}")
+    dw, dx, dy = _dev_upload(flat), _dev_upload(xa), _dev_upload(ya)
+    db = _dev_upload(ba) if ba is not None else None
+    cdef pe_cu_weight w = _cuq_weight(dw, ggml_type, n_in, n_out, row_stride, expert_stride)
+    cdef const float *bp = <const float *><uintptr_t>db.ptr if db is not None else NULL
+    cdef const int64_t[::1] sv = sa
+    _check(pe_cu_gemm_experts(&w, &sv[0], sa.shape[0] - 1, <const float *><uintptr_t>dx.ptr, xa.shape[1], bp,
+                              <float *><uintptr_t>dy.ptr, ya.shape[1], NULL))
+    return dy.download(ya.shape, np.float32)

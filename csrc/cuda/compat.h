@@ -399,6 +399,105 @@ inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b)
     return cudaSuccess;
 }
 
+/* nvcuda::wmma, the parts the kernels use (tf32 m16n16k8 and its f32 accumulator), layout-agnostic:
+ * every lane holds the WHOLE tile in x[] (num_elements = rows * cols of the operand, kept row by row)
+ * and loads, multiplies and stores all of it itself, so the lanes agree without talking and
+ * elementwise loops over num_elements / x[i] act on the same values as the real, distributed
+ * fragment. A kernel must never rely on which element a lane holds. Products and sums in f32. */
+namespace nvcuda {
+namespace wmma {
+struct matrix_a;
+struct matrix_b;
+struct accumulator;
+struct row_major;
+struct col_major;
+namespace precision {
+struct tf32;
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K> struct pe_frag_shape;
+template <int M, int N, int K> struct pe_frag_shape<matrix_a, M, N, K> {
+    static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K> struct pe_frag_shape<matrix_b, M, N, K> {
+    static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K> struct pe_frag_shape<accumulator, M, N, K> {
+    static constexpr int rows = M, cols = N;
+};
+template <typename T> struct pe_frag_storage {
+    typedef T type;
+};
+template <> struct pe_frag_storage<precision::tf32> {
+    typedef float type;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static constexpr int rows = pe_frag_shape<Use, M, N, K>::rows, cols = pe_frag_shape<Use, M, N, K>::cols;
+    enum { num_elements = rows * cols };
+    typename pe_frag_storage<T>::type x[num_elements];
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L> &f, const V &v) {
+    for (int i = 0; i < f.num_elements; i++) f.x[i] = v;
+}
+
+/* Element (r, c) of a tile at p with leading dimension ldm: rows contiguous or columns contiguous. */
+template <typename F, typename P>
+inline void pe_frag_load(F &f, const P *p, unsigned ldm, bool col) {
+    for (int r = 0; r < F::rows; r++)
+        for (int c = 0; c < F::cols; c++) f.x[r * F::cols + c] = col ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <typename Use, int M, int N, int K, typename T, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major> &f, const P *p, unsigned ldm) {
+    pe_frag_load(f, p, ldm, false);
+}
+template <typename Use, int M, int N, int K, typename T, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major> &f, const P *p, unsigned ldm) {
+    pe_frag_load(f, p, ldm, true);
+}
+template <int M, int N, int K, typename T, typename P>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const P *p, unsigned ldm, layout_t layout) {
+    pe_frag_load(f, p, ldm, layout == mem_col_major);
+}
+template <int M, int N, int K, typename T, typename P>
+inline void store_matrix_sync(P *p, const fragment<accumulator, M, N, K, T> &f, unsigned ldm, layout_t layout) {
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++)
+            (layout == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+}
+
+/* d = a b + c, each sum in order of k from c, f32 products (the build does not contract them). */
+template <int M, int N, int K, typename TA, typename TB, typename LA, typename LB, typename TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC> &d, const fragment<matrix_a, M, N, K, TA, LA> &a,
+                     const fragment<matrix_b, M, N, K, TB, LB> &b, const fragment<accumulator, M, N, K, TC> &c) {
+    TC out[M * N];
+    for (int i = 0; i < M * N; i++) out[i] = c.x[i];
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < K; k++) {
+            const TC am = a.x[m * K + k];
+            for (int n = 0; n < N; n++) out[m * N + n] += am * (TC)b.x[k * N + n];
+        }
+    for (int i = 0; i < M * N; i++) d.x[i] = out[i];
+}
+
+/* cvt.rna.tf32.f32: round to 10 mantissa bits, to nearest, ties away from zero (the magnitude bits
+ * get half an ulp added, then truncated); inf and NaN pass unchanged. */
+inline float __float_to_tf32(float in) {
+    uint32_t u;
+    memcpy(&u, &in, sizeof u);
+    if ((u & 0x7f800000u) == 0x7f800000u) return in;
+    u = (u + 0x1000u) & ~0x1fffu;
+    float out;
+    memcpy(&out, &u, sizeof out);
+    return out;
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 #endif /* PE_CUDA_EMU */
 
 /* ---------------------------------------------------------------- both ----------------------- */

@@ -14,6 +14,10 @@
 #include "matmul_cuda.h"
 #include "quant_dev.cuh"
 
+#ifndef PE_CUDA_EMU
+#include <mma.h> /* nvcuda::wmma; the emulator's lives in compat.h */
+#endif
+
 #define CUQ_EINVAL 1            /* cudaErrorInvalidValue */
 #define CUQ_MV_WARPS 8          /* output rows (warps) per matvec block */
 #define CUQ_MV_UNROLL 4         /* 32-element groups in flight per warp (generic loop) */
@@ -27,6 +31,10 @@
 #define CUQ_TILE 64             /* gemm: x rows and weight rows per block */
 #define CUQ_TK 32               /* gemm: elements of k per step */
 #define CUQ_TPAD (CUQ_TILE + 1) /* padded k-major tile rows: conflict-free stores and loads */
+#define CUQ_TC_MIN_ROWS 16      /* gemm: x rows from which the tensor-core kernel runs */
+#define CUQ_TC_LD (CUQ_TK + 4)  /* tensor-core tiles [row][k]: a 16-byte multiple, rows 4 banks apart */
+#define CUQ_TC_WARPS 4          /* tensor-core gemm: 2 x 2 warps of 32 x 32 outputs */
+#define CUQ_GROUPS 128          /* experts per grouped gemm launch (gpt-oss-120b has 128) */
 
 /* Two floats read from 8-byte aligned shared memory with one load instruction. */
 #ifdef PE_CUDA_EMU
@@ -349,6 +357,133 @@ PE_GLOBAL void cuq_gemm_kernel(pe_cu_weight w, const uint8_t *base, const float 
     }
 }
 
+/* ---- gemm on tensor cores (3xTF32): 64 x rows by 64 weight rows per block of 4 warps ----------- */
+
+/* hi = tf32(v), lo = tf32(v - hi) for each element of a fragment just loaded into hi; v - hi is exact,
+ * so hi + lo carries 21 significant bits of v (f32 has 24). */
+template <typename F> PE_DEVICE inline void cuq_tf32_split(F &hi, F &lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; i++) {
+        const float v = hi.x[i];
+        hi.x[i] = nvcuda::wmma::__float_to_tf32(v);
+        lo.x[i] = nvcuda::wmma::__float_to_tf32(v - hi.x[i]);
+    }
+}
+
+/* Outputs (0 .. rows - 1, n0 .. n0 + 63), n0 = blockIdx.x * 64, of the x rows at x (rows <= 64) and the
+ * weights at base, into y. The block stages its x tile and dequantizes its weight tile (exact element function) per k step of
+ * 32, both [row][k] in padded shared memory (thread t stores element (t / 32 + 4u, t % 32): adjacent
+ * threads read adjacent x floats / quant bytes and store to adjacent banks). Warp (wm, wn) owns the
+ * outputs (wm * 32 .. + 31, wn * 32 .. + 31): 2 x 2 fragments of 16 x 16, each k slice of 8 adding
+ * x_lo w_hi + x_hi w_lo + x_hi w_hi on the tensor cores with f32 accumulation (x_lo w_lo, ~2^-22 of
+ * the product, is dropped). x is matrix_a row-major, the weight tile [n][k] is matrix_b (k x n)
+ * column-major. The epilogue goes through a 16 x 16 shared scratch per warp to add the bias and
+ * mask the partial tiles. */
+template <int T>
+PE_DEVICE inline void cuq_gemm_tc_block(const pe_cu_weight &w, const uint8_t *base, const float *x, int64_t ldx,
+                                        int rows, const float *bias, float *y, int64_t ldy) {
+    namespace wmma = nvcuda::wmma;
+    typedef wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> frag_x;
+    typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> frag_w;
+    typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> frag_acc;
+    alignas(32) PE_SHARED float xs[CUQ_TILE * CUQ_TC_LD];
+    alignas(32) PE_SHARED float ws[CUQ_TILE * CUQ_TC_LD];
+    alignas(32) PE_SHARED float scratch[CUQ_TC_WARPS][16 * 16];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5, wm = warp >> 1, wn = warp & 1;
+    const int64_t n0 = (int64_t)blockIdx.x * CUQ_TILE;
+    frag_acc acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t k0 = 0; k0 < w.n_in; k0 += CUQ_TK) {
+        const int64_t k = k0 + lane;
+#pragma unroll 4
+        for (int u = 0; u < CUQ_TILE / CUQ_TC_WARPS; u++) {
+            const int r = warp + CUQ_TC_WARPS * u;
+            const int64_t n = n0 + r;
+            xs[r * CUQ_TC_LD + lane] = (r < rows && k < w.n_in) ? x[r * ldx + k] : 0.0f;
+            ws[r * CUQ_TC_LD + lane] =
+                (n < w.n_out && k < w.n_in) ? cuq_row_elem<T>(base + n * w.row_stride, k) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < CUQ_TK; ks += 8) {
+            frag_x xh[2], xl[2];
+            frag_w wh[2], wl[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                wmma::load_matrix_sync(xh[i], xs + (wm * 32 + 16 * i) * CUQ_TC_LD + ks, CUQ_TC_LD);
+                cuq_tf32_split(xh[i], xl[i]);
+                wmma::load_matrix_sync(wh[i], ws + (wn * 32 + 16 * i) * CUQ_TC_LD + ks, CUQ_TC_LD);
+                cuq_tf32_split(wh[i], wl[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    wmma::mma_sync(acc[i][j], xl[i], wh[j], acc[i][j]);
+                    wmma::mma_sync(acc[i][j], xh[i], wl[j], acc[i][j]);
+                    wmma::mma_sync(acc[i][j], xh[i], wh[j], acc[i][j]);
+                }
+        }
+        __syncthreads();
+    }
+    float *o = scratch[warp];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            wmma::store_matrix_sync(o, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+#pragma unroll
+            for (int e = lane; e < 16 * 16; e += 32) {
+                const int m = wm * 32 + 16 * i + e / 16;
+                const int64_t n = n0 + wn * 32 + 16 * j + e % 16;
+                if (m < rows && n < w.n_out) y[m * ldy + n] = o[e] + (bias ? bias[n] : 0.0f);
+            }
+            __syncwarp(); /* every lane has read the scratch before the next fragment overwrites it */
+        }
+}
+
+template <int T>
+PE_GLOBAL void __launch_bounds__(32 * CUQ_TC_WARPS, 4)
+    cuq_gemm_tc_kernel(pe_cu_weight w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_rows,
+                       int64_t row0, const float *bias, float *y, int64_t ldy) {
+    const int64_t m0 = row0 + (int64_t)blockIdx.y * CUQ_TILE;
+    const int rows = n_rows - m0 < CUQ_TILE ? (int)(n_rows - m0) : CUQ_TILE;
+    cuq_gemm_tc_block<T>(w, base, x + m0 * ldx, ldx, rows, bias, y + m0 * ldy, ldy);
+}
+
+/* The row groups of one grouped launch (a kernel argument, ~1 KiB): expert e0 + i owns the x rows
+ * row[i] .. row[i + 1] - 1 and the 64-row tiles tile[i] .. tile[i + 1] - 1 of the launch. */
+struct cuq_groups {
+    int32_t e0, n;
+    int32_t row[CUQ_GROUPS + 1], tile[CUQ_GROUPS + 1];
+};
+
+/* Block (x, y): weight tile x of the expert whose tiles hold tile0 + y (binary search for the last
+ * group starting at or before it: that one is nonempty). */
+template <int T>
+PE_GLOBAL void __launch_bounds__(32 * CUQ_TC_WARPS, 3)
+    cuq_gemm_experts_kernel(pe_cu_weight w, cuq_groups g, int64_t tile0, const float *x, int64_t ldx,
+                            const float *bias, float *y, int64_t ldy) {
+    const int32_t tile = (int32_t)(tile0 + blockIdx.y);
+    int lo = 0, hi = g.n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (g.tile[mid] <= tile) lo = mid;
+        else hi = mid;
+    }
+    const int64_t e = g.e0 + lo, m0 = g.row[lo] + (int64_t)(tile - g.tile[lo]) * CUQ_TILE;
+    const int rows = g.row[lo + 1] - m0 < CUQ_TILE ? (int)(g.row[lo + 1] - m0) : CUQ_TILE;
+    cuq_gemm_tc_block<T>(w, w.data + e * w.expert_stride, x + m0 * ldx, ldx, rows, bias ? bias + e * w.n_out : bias,
+                         y + m0 * ldy, ldy);
+}
+
+/* n_rows >= CUQ_TC_MIN_ROWS: the tensor-core kernel (at least one full 16-row fragment of x); fewer
+ * rows (e.g. an expert that got few tokens) stay on the f32 SIMT kernel, where a 64-row tile of
+ * tensor-core work would be mostly padding. Same tiles, same grid. */
 struct cuq_run_gemm {
     template <int T>
     static int run(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
@@ -356,11 +491,12 @@ struct cuq_run_gemm {
         if (!cuq_weight_ok<T>(w) || expert < 0 || !x || !y || n_rows < 0 || ldx < w->n_in || ldy < w->n_out)
             return CUQ_EINVAL;
         const int64_t tiles_m = (n_rows + CUQ_TILE - 1) / CUQ_TILE;
-        auto kern = cuq_gemm_kernel<T>;
+        const bool tc = n_rows >= CUQ_TC_MIN_ROWS;
+        auto kern = tc ? cuq_gemm_tc_kernel<T> : cuq_gemm_kernel<T>;
         for (int64_t t0 = 0; t0 < tiles_m; t0 += CUQ_MAX_GRID_Y) {
             const int64_t gy = tiles_m - t0 < CUQ_MAX_GRID_Y ? tiles_m - t0 : CUQ_MAX_GRID_Y;
             dim3 grid((unsigned)((w->n_out + CUQ_TILE - 1) / CUQ_TILE), (unsigned)gy);
-            PE_LAUNCH(kern, grid, 256, 0, stream, *w, w->data + expert * w->expert_stride, x, ldx, n_rows,
+            PE_LAUNCH(kern, grid, tc ? 32 * CUQ_TC_WARPS : 256, 0, stream, *w, w->data + expert * w->expert_stride, x, ldx, n_rows,
                       t0 * CUQ_TILE, bias, y, ldy);
         }
         return (int)cudaGetLastError();
@@ -371,4 +507,45 @@ extern "C" int pe_cu_gemm(const pe_cu_weight *w, int64_t expert, const float *x,
                           const float *bias, float *y, int64_t ldy, void *stream) {
     if (!w) return CUQ_EINVAL;
     return cuq_dispatch<cuq_run_gemm>(w->type, w, expert, x, ldx, n_rows, bias, y, ldy, (cudaStream_t)stream);
+}
+
+/* Groups of up to CUQ_GROUPS experts per launch, every group on the tensor-core kernel (a small group
+ * costs one partial tile, but runs beside the others instead of in a launch of its own). */
+struct cuq_run_gemm_experts {
+    template <int T>
+    static int run(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x, int64_t ldx,
+                   const float *bias, float *y, int64_t ldy, cudaStream_t stream) {
+        if (!cuq_weight_ok<T>(w) || !start || n_expert < 1 || !x || !y || ldx < w->n_in || ldy < w->n_out ||
+            start[0] < 0 || start[n_expert] > INT32_MAX)
+            return CUQ_EINVAL;
+        for (int64_t e = 0; e < n_expert; e++)
+            if (start[e + 1] < start[e]) return CUQ_EINVAL;
+        auto kern = cuq_gemm_experts_kernel<T>;
+        const unsigned tiles_n = (unsigned)((w->n_out + CUQ_TILE - 1) / CUQ_TILE);
+        for (int64_t e0 = 0; e0 < n_expert; e0 += CUQ_GROUPS) {
+            cuq_groups g;
+            memset(&g, 0, sizeof g);
+            g.e0 = (int32_t)e0;
+            g.n = (int32_t)(n_expert - e0 < CUQ_GROUPS ? n_expert - e0 : CUQ_GROUPS);
+            int32_t tiles = 0;
+            for (int i = 0; i <= g.n; i++) {
+                g.row[i] = (int32_t)start[e0 + i];
+                g.tile[i] = tiles;
+                if (i < g.n) tiles += (int32_t)((start[e0 + i + 1] - start[e0 + i] + CUQ_TILE - 1) / CUQ_TILE);
+            }
+            for (int32_t t0 = 0; t0 < tiles; t0 += CUQ_MAX_GRID_Y) {
+                const int32_t gy = tiles - t0 < CUQ_MAX_GRID_Y ? tiles - t0 : CUQ_MAX_GRID_Y;
+                PE_LAUNCH(kern, dim3(tiles_n, (unsigned)gy), 32 * CUQ_TC_WARPS, 0, stream, *w, g, (int64_t)t0, x, ldx,
+                          bias, y, ldy);
+            }
+        }
+        return (int)cudaGetLastError();
+    }
+};
+
+extern "C" int pe_cu_gemm_experts(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
+                                  int64_t ldx, const float *bias, float *y, int64_t ldy, void *stream) {
+    if (!w) return CUQ_EINVAL;
+    return cuq_dispatch<cuq_run_gemm_experts>(w->type, w, start, n_expert, x, ldx, bias, y, ldy,
+                                              (cudaStream_t)stream);
 }

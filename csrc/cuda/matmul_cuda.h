@@ -38,9 +38,20 @@ int pe_cu_matvec(const pe_cu_weight *w, const int32_t *experts, const float *x, 
                  const float *bias, float *y, int64_t ldy, void *stream);
 
 /* Prefill products: as pe_cu_matvec with e_i = expert for every row; bias NULL or [n_out] (already
- * offset to the expert). Tiled: each 64x32 weight tile is dequantized once per 64 rows of x. */
+ * offset to the expert). Tiled: each 64x32 weight tile is dequantized once per 64 rows of x; from
+ * 16 rows on, 3xTF32 tensor cores (f32-level accuracy), below that f32 FMA. */
 int pe_cu_gemm(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
                const float *bias, float *y, int64_t ldy, void *stream);
+
+/* Prefill products of many experts in one grid (MoE): the rows of x are sorted by expert, expert e
+ * owning rows start[e] .. start[e+1]-1 (start: a HOST array of n_expert + 1 nondecreasing offsets,
+ * start[0] >= 0, start[n_expert] <= INT32_MAX; rows outside are not touched):
+ *   y[i*ldy + r] = dot(row r of expert e, x + i*ldx) + (bias ? bias[e*n_out + r] : 0).
+ * The same results as one pe_cu_gemm per expert with at least 16 rows (the tensor-core kernel, used
+ * here for every group), but one launch per 128 experts, so the tiles of all experts fill the GPU
+ * together. The caller checks that experts 0 .. n_expert-1 exist. */
+int pe_cu_gemm_experts(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x, int64_t ldx,
+                       const float *bias, float *y, int64_t ldy, void *stream);
 
 #ifdef __cplusplus
 }

@@ -5,7 +5,7 @@
  *   mixture of experts runs one row per (token, rank) pair with the expert id read on the device, so
  *   the whole step needs no host round trip and is captured once into a CUDA graph and replayed;
  * - more tokens (prefill): the routing goes to the host, which groups the (token, rank) pairs by
- *   expert; each expert with tokens runs one tiled matrix-matrix product per weight.
+ *   expert; one grouped tensor-core product per weight covers every expert's tokens.
  * - cpu_moe layers hand the normalised activations to the CPU experts (pe_moe_forward) and back. */
 #include "compat.h"
 
@@ -27,7 +27,8 @@ extern "C" {
         if (pe_cu_rc_) return pe_cu_rc_;    \
     } while (0)
 
-enum { GPT_CU_MATVEC_MAX = 8, GPT_CU_HEAD_CHUNK = 32 };
+static const int64_t GPT_CU_MATVEC_MAX = 8;  /* rows per call up to which products are matrix-vector */
+static const int64_t GPT_CU_HEAD_CHUNK = 32; /* output-head rows per logits download */
 
 /* The operations the profile times (pe_cu_op_name gives their names). */
 enum {
@@ -278,17 +279,11 @@ static int gpt_cu_moe_grouped(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_
     free(fill);
     int rc = (int)cudaMemcpyAsync(c->idx, c->h_idx, 2 * c->max_pairs * sizeof(int32_t), cudaMemcpyHostToDevice, s);
     if (!rc) rc = pe_cu_gather_rows(c->xg, c->a, c->idx, P, D, s);
-    for (int e = 0; e < E && !rc; e++) {
-        const int64_t off = start[e], n = start[e + 1] - start[e];
-        if (!n) continue;
-        rc = pe_cu_gemm(&L->gate, e, c->xg + off * D, D, n, L->gate_b + (int64_t)e * F, c->g + off * F, F, s);
-        if (!rc) rc = pe_cu_gemm(&L->up, e, c->xg + off * D, D, n, L->up_b + (int64_t)e * F, c->u + off * F, F, s);
-    }
+    /* every expert's rows in one grid per weight; down projections land in xg (free by then) */
+    if (!rc) rc = pe_cu_gemm_experts(&L->gate, start, E, c->xg, D, L->gate_b, c->g, F, s);
+    if (!rc) rc = pe_cu_gemm_experts(&L->up, start, E, c->xg, D, L->up_b, c->u, F, s);
     if (!rc) rc = pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s);
-    for (int e = 0; e < E && !rc; e++) { /* down projections land in xg (free now), in sorted order */
-        const int64_t off = start[e], n = start[e + 1] - start[e];
-        if (n) rc = pe_cu_gemm(&L->down, e, c->g + off * F, F, n, L->down_b + (int64_t)e * D, c->xg + off * D, D, s);
-    }
+    if (!rc) rc = pe_cu_gemm_experts(&L->down, start, E, c->g, F, L->down_b, c->xg, D, s);
     free(start);
     if (!rc) rc = pe_cu_scatter_rows(c->slots, c->xg, c->idx + c->max_pairs, P, D, s);
     if (!rc) rc = pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, K, D, s);
@@ -402,7 +397,7 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     if (n_tok > c->max_tok) return cudaErrorInvalidValue;
 
     /* embedding and the CPU layers on the host, then the residual stream goes up */
-    pe_seq *cpu = (pe_seq *)malloc((size_t)n_seq * sizeof(pe_seq));
+    pe_seq *cpu = (pe_seq *)calloc((size_t)n_seq, sizeof(pe_seq));
     if (!cpu) return -1;
     for (int64_t q = 0; q < n_seq; q++) {
         cpu[q].kv = seqs[q].cpu_kv;
@@ -423,13 +418,13 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     PE_CU_TRY(cudaMemcpyAsync(c->pos, c->h_pos, n_tok * sizeof(int64_t), cudaMemcpyHostToDevice, s));
     PE_CU_TRY(cudaMemcpyAsync(c->out_idx, c->h_out_idx, n_out * sizeof(int32_t), cudaMemcpyHostToDevice, s));
 
-    int any_cpu_moe = 0;
-    for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
-    const int graph = PE_CU_HAVE_GRAPHS && c->use_graphs && !c->profile && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
     const int fixed_grid = n_tok <= GPT_CU_MATVEC_MAX;
     PE_CU_TRY(gpt_cu_ensure_attn(m, c, seqs, n_seq, fixed_grid));
     int rc = 1;
 #if PE_CU_HAVE_GRAPHS
+    int any_cpu_moe = 0;
+    for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
+    const int graph = c->use_graphs && !c->profile && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
     if (graph && (rc = gpt_cu_graph_step(m, c, seqs, n_threads)) != 0) {
         /* capture or instantiation refused (a driver without some graph feature): run this and every
          * later step directly; a real fault (sticky error) fails the direct run as well */

@@ -57,7 +57,9 @@ PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 
 #else
 /* ---------------------------------------------------------------- the emulator --------------- */
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -65,6 +67,8 @@ PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #define PE_GLOBAL
@@ -322,14 +326,42 @@ inline const char *cudaGetErrorString(cudaError_t e) {
     default: return "unknown error";
     }
 }
+/* Device allocations end at an inaccessible guard page (a read or write past the end, beyond CUDA's
+ * 256-byte rounding, faults at once) and start filled with NaN bytes (0xFF): like GPU memory they are
+ * not zeroed, and a kernel that reads what nobody wrote spreads NaNs the tests see. */
+inline std::mutex &pe_emu_alloc_mutex() {
+    static std::mutex m;
+    return m;
+}
+inline std::unordered_map<void *, std::pair<void *, size_t>> &pe_emu_allocations() {
+    static std::unordered_map<void *, std::pair<void *, size_t>> m;
+    return m;
+}
 inline cudaError_t cudaMalloc(void **p, size_t n) {
-    *p = aligned_alloc(256, (n + 255) / 256 * 256 + 256);
-    return *p ? cudaSuccess : pe_emu_set(cudaErrorMemoryAllocation);
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), body = (n + 255) / 256 * 256;
+    const size_t span = (body + page - 1) / page * page + page;
+    void *base = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) {
+        *p = nullptr;
+        return pe_emu_set(cudaErrorMemoryAllocation);
+    }
+    char *guard = (char *)base + span - page;
+    mprotect(guard, page, PROT_NONE);
+    *p = guard - body;
+    memset(*p, 0xFF, body);
+    std::lock_guard<std::mutex> lock(pe_emu_alloc_mutex());
+    pe_emu_allocations()[*p] = {base, span};
+    return cudaSuccess;
 }
 template <typename T>
 inline cudaError_t cudaMalloc(T **p, size_t n) { return cudaMalloc(reinterpret_cast<void **>(p), n); }
 inline cudaError_t cudaFree(void *p) {
-    free(p);
+    if (!p) return cudaSuccess;
+    std::lock_guard<std::mutex> lock(pe_emu_alloc_mutex());
+    auto it = pe_emu_allocations().find(p);
+    if (it == pe_emu_allocations().end()) return pe_emu_set(cudaErrorInvalidValue);
+    munmap(it->second.first, it->second.second);
+    pe_emu_allocations().erase(it);
     return cudaSuccess;
 }
 inline cudaError_t cudaMallocHost(void **p, size_t n) { return cudaMalloc(p, n); }

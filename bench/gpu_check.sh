@@ -48,6 +48,14 @@ timeout 180 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pyt
   -k "cuda and (attention or matvec)" "$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_matmul.py" \
   > "$LOG/racecheck.txt" 2>&1; echo "racecheck exit $?" | tee -a "$LOG/racecheck.txt"
 
+step "end to end with the real tokenizer: greedy replies on the CPU and the GPU must be the same text"
+python3 -m pyengine.cli demo-model /tmp/demo.gguf --force > /dev/null 2>&1
+for dev in cpu cuda; do
+  python3 -m pyengine.cli run /tmp/demo.gguf "Why is the sky blue?" -n 32 --temperature 0 --device $dev \
+    > "$LOG/demo-$dev.txt" 2> "$LOG/demo-$dev.err"
+done
+cmp -s "$LOG/demo-cpu.txt" "$LOG/demo-cuda.txt" && echo "same reply" || echo "REPLIES DIFFER (see demo-*.txt)"
+
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 step "synth gpt-oss-20b-shaped file"
 MODEL=/tmp/synth20b.gguf

@@ -240,9 +240,16 @@ static int gpt_cu_moe_pairs(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ct
                             int64_t n_tok) {
     const int64_t D = m->n_embd, F = m->n_ff, P = n_tok * m->n_used;
     cudaStream_t s = c->stream;
-    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_gather_rows(c->xg, c->a, c->pair_tok, P, D, s));
-    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate, sel, c->xg, D, P, L->gate_b, c->g, F, s));
-    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->up, sel, c->xg, D, P, L->up_b, c->u, F, s));
+    /* one token: its pairs all read its row (ldx 0); several: gather each pair's token row */
+    const float *xp = c->a;
+    int64_t ldx = 0;
+    if (n_tok > 1) {
+        GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_gather_rows(c->xg, c->a, c->pair_tok, P, D, s));
+        xp = c->xg;
+        ldx = D;
+    }
+    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate, sel, xp, ldx, P, L->gate_b, c->g, F, s));
+    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->up, sel, xp, ldx, P, L->up_b, c->u, F, s));
     GPT_CU_OP(c, OP_SWIGLU, pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s));
     GPT_CU_OP(c, OP_EXPERTS_DOWN, pe_cu_matvec(&L->down, sel, c->g, F, P, L->down_b, c->slots, D, s));
     GPT_CU_OP(c, OP_COMBINE, pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, m->n_used, D, s));

@@ -289,7 +289,9 @@ struct cuq_run_matvec {
     template <int T>
     static int run(const pe_cu_weight *w, const int32_t *experts, const float *x, int64_t ldx, int64_t n_rows,
                    const float *bias, float *y, int64_t ldy, cudaStream_t stream) {
-        if (!cuq_weight_ok<T>(w) || !x || !y || n_rows < 0 || ldx < w->n_in || ldy < w->n_out) return CUQ_EINVAL;
+        const int broadcast = experts && ldx == 0; /* every pair of one token reads the same x */
+        if (!cuq_weight_ok<T>(w) || !x || !y || n_rows < 0 || (ldx < w->n_in && !broadcast) || ldy < w->n_out)
+            return CUQ_EINVAL;
         if (n_rows == 0) return 0;
         if (experts || n_rows == 1) return launch<T, 1>(w, experts, x, ldx, n_rows, bias, y, ldy, stream);
         if (n_rows == 2) return launch<T, 2>(w, experts, x, ldx, n_rows, bias, y, ldy, stream);

@@ -33,7 +33,8 @@ int pe_cu_dequant(const pe_cu_weight *w, int64_t expert, float *dst, void *strea
 /* Decode products: for i < n_rows, r < n_out:
  *   y[i*ldy + r] = dot(row r of expert e_i, x + i*ldx) + (bias ? bias[e_i*n_out + r] : 0),
  *   e_i = experts ? experts[i] : 0 (device int32 [n_rows], already range-checked).
- * Without experts each weight row is read once per group of up to 8 rows of x. */
+ * Without experts each weight row is read once per group of up to 8 rows of x. With experts, ldx = 0
+ * is allowed: every row reads the same x (the n_used expert pairs of one token, no gather). */
 int pe_cu_matvec(const pe_cu_weight *w, const int32_t *experts, const float *x, int64_t ldx, int64_t n_rows,
                  const float *bias, float *y, int64_t ldy, void *stream);
 

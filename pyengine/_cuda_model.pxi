@@ -63,6 +63,9 @@ cdef extern from "gptoss_cuda.h":
         int on_gpu, cpu_moe, sliding
         const float *attn_norm
         const float *post_norm
+        int qkv_fused
+        gm_weight wqkv
+        const float *bqkv
         gm_weight wq, wk, wv, wo
         const float *bq
         const float *bk
@@ -178,11 +181,19 @@ cdef class CudaModel:
             g.on_gpu, g.cpu_moe, g.sliding = 1, cpu_moe, c.sliding
             g.attn_norm = <const float *> self._floats(c.attn_norm, D * 4)
             g.post_norm = <const float *> self._floats(c.post_norm, D * 4)
-            g.wq, g.wk = self._weight(&c.wq, 1), self._weight(&c.wk, 1)
-            g.wv, g.wo = self._weight(&c.wv, 1), self._weight(&c.wo, 1)
-            g.bq = <const float *> self._floats(c.bq, q_dim * 4)
-            g.bk = <const float *> self._floats(c.bk, kv_dim * 4)
-            g.bv = <const float *> self._floats(c.bv, kv_dim * 4)
+            if c.wq.type == c.wk.type == c.wv.type:
+                # one product for q, k and v: their rows stacked in one buffer, biases likewise
+                g.qkv_fused = 1
+                g.wqkv = self._stacked(&c.wq, &c.wk, &c.wv)
+                bqkv = np.concatenate([np.asarray(<const float[:q_dim]> c.bq), np.asarray(<const float[:kv_dim]> c.bk),
+                                       np.asarray(<const float[:kv_dim]> c.bv)])
+                g.bqkv = <const float *> self._floats(cnp.PyArray_DATA(bqkv), bqkv.nbytes)
+            else:
+                g.wq, g.wk, g.wv = self._weight(&c.wq, 1), self._weight(&c.wk, 1), self._weight(&c.wv, 1)
+                g.bq = <const float *> self._floats(c.bq, q_dim * 4)
+                g.bk = <const float *> self._floats(c.bk, kv_dim * 4)
+                g.bv = <const float *> self._floats(c.bv, kv_dim * 4)
+            g.wo = self._weight(&c.wo, 1)
             g.bo = <const float *> self._floats(c.bo, D * 4)
             g.sinks = <const float *> self._floats(c.sinks, cm.n_head * 4)
             if not cpu_moe:
@@ -218,6 +229,26 @@ cdef class CudaModel:
         d.n_in, d.n_out = w.n_in, w.n_out
         d.row_stride = rb
         d.expert_stride = rb * w.n_out if n_expert > 1 else 0
+        return d
+
+    cdef gm_weight _stacked(self, const pe_weight *a, const pe_weight *b, const pe_weight *c) except *:
+        """One packed device matrix holding the rows of a, then b, then c (same type and row length)."""
+        cdef gm_weight d
+        cdef int64_t rb = pe_row_size(a.type, a.n_in), row = 0
+        cdef const pe_weight *parts[3]
+        parts[0], parts[1], parts[2] = a, b, c
+        cdef DevBuf buf = DevBuf(rb * (a.n_out + b.n_out + c.n_out))
+        for i in range(3):
+            _check(pe_cu_copy_2d_to_device(<uint8_t *> buf.p + row * rb, rb, parts[i].data, parts[i].row_stride, rb,
+                                           parts[i].n_out))
+            row += parts[i].n_out
+        self.bufs.append(buf)
+        self.weight_bytes += buf.nbytes
+        d.data = <const uint8_t *> buf.p
+        d.type = a.type
+        d.n_in, d.n_out = a.n_in, row
+        d.row_stride = rb
+        d.expert_stride = 0
         return d
 
     cdef _make_ctx(self, int64_t max_tok):

@@ -44,7 +44,7 @@ struct pe_cu_ctx {
     int64_t max_tok, max_pairs, bytes;
     cudaStream_t stream;
     /* device */
-    float *x, *a, *t, *q, *k, *v, *o, *logits, *rlog, *wts, *xg, *g, *u, *slots, *attn;
+    float *x, *a, *t, *qkv, *o, *logits, *rlog, *wts, *xg, *g, *u, *slots, *attn;
     size_t attn_floats;
     int64_t *pos;
     int32_t *sel;      /* [n_layer][max_pairs]: each layer's routing of this call */
@@ -114,9 +114,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc(c, &c->a, max_tok * D * f);
     if (!e) e = gpt_cu_alloc(c, &c->t, max_tok * D * f);
-    if (!e) e = gpt_cu_alloc(c, &c->q, max_tok * q_dim * f);
-    if (!e) e = gpt_cu_alloc(c, &c->k, max_tok * kv_dim * f);
-    if (!e) e = gpt_cu_alloc(c, &c->v, max_tok * kv_dim * f);
+    if (!e) e = gpt_cu_alloc(c, &c->qkv, max_tok * (q_dim + 2 * kv_dim) * f);
     if (!e) e = gpt_cu_alloc(c, &c->o, max_tok * q_dim * f);
     if (!e) e = gpt_cu_alloc(c, &c->logits, GPT_CU_HEAD_CHUNK * m->n_vocab * f);
     if (!e) e = gpt_cu_alloc(c, &c->rlog, max_tok * m->n_expert * f);
@@ -155,7 +153,7 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
 #if PE_CU_HAVE_GRAPHS
     if (c->graph) cudaGraphExecDestroy(c->graph);
 #endif
-    float *dev[] = {c->x, c->a, c->t, c->q, c->k, c->v, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
+    float *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
                     c->slots, c->attn};
     for (float *p : dev) cudaFree(p);
     cudaFree(c->pos);
@@ -313,7 +311,7 @@ static int gpt_cu_moe_cpu(const pe_cu_model *m, int l, pe_cu_ctx *c, int64_t n_t
 static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq, int64_t n_tok,
                          int64_t n_out, int fixed_grid, int n_threads, int64_t *expert_counts) {
     const int64_t D = m->n_embd, hd = m->head_dim;
-    const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
+    const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd, qkv_dim = q_dim + 2 * kv_dim;
     cudaStream_t s = c->stream;
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
         const pe_cu_layer *L = &m->layers[l];
@@ -322,20 +320,27 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         /* attention (its input norm came with the previous layer's last residual add) */
         if (l == m->first_gpu_layer)
             GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
-        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, c->q, q_dim, s));
-        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, c->k, kv_dim, s));
-        GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, c->v, kv_dim, s));
-        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->q, n_tok, q_dim, m->n_head, (int)hd, c->pos, omega, m->rope_mscale, s));
-        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->k, n_tok, kv_dim, m->n_head_kv, (int)hd, c->pos, omega, m->rope_mscale, s));
-        for (int64_t q = 0, i = 0; q < n_seq; i += seqs[q].n_tok, q++) {
-            const pe_cu_kv_layer *kv = &seqs[q].kv[l];
-            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->n_slots, c->k + i * kv_dim, c->v + i * kv_dim,
-                                                     kv_dim, seqs[q].n_tok, c->pos + i, kv_dim, s));
+        /* rows of c->qkv: q | k | v of one token */
+        float *q = c->qkv, *k = c->qkv + q_dim, *v = c->qkv + q_dim + kv_dim;
+        if (L->qkv_fused) {
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wqkv, c->a, D, n_tok, L->bqkv, c->qkv, qkv_dim, s));
+        } else {
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, q, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, k, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, v, qkv_dim, s));
+        }
+        /* q and k heads are adjacent and share the token's angles: one rotation over both */
+        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
+                                         m->rope_mscale, s));
+        for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
+            const pe_cu_kv_layer *kv = &seqs[j].kv[l];
+            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->n_slots, k + i * qkv_dim, v + i * qkv_dim,
+                                                     qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
             GPT_CU_OP(c, OP_ATTENTION,
-                      pe_cu_attention(c->o + i * q_dim, q_dim, c->q + i * q_dim, q_dim, seqs[q].n_tok, c->pos + i,
+                      pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
                                       kv->k, kv->v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
                                       L->sliding ? m->window : 0, L->sinks,
-                                      gpt_cu_max_keys(m, &seqs[q], l, fixed_grid), c->attn, s));
+                                      gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
         }
         GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
 

@@ -22,7 +22,10 @@ typedef struct {
     int cpu_moe;                         /* 1: the experts stay in host memory and the CPU runs them */
     int sliding;
     const float *attn_norm, *post_norm;  /* device [n_embd] */
-    pe_cu_weight wq, wk, wv, wo;
+    int qkv_fused;                       /* 1: wqkv holds the q, k and v rows (same type), one product */
+    pe_cu_weight wqkv;                   /* [q_dim + 2 kv_dim rows] when qkv_fused */
+    const float *bqkv;                   /* device [q_dim + 2 kv_dim] when qkv_fused */
+    pe_cu_weight wq, wk, wv, wo;         /* wq, wk, wv when not qkv_fused */
     const float *bq, *bk, *bv, *bo;      /* device; zeros where the file has no bias */
     const float *sinks;                  /* device [n_head] */
     pe_cu_weight router;

@@ -171,6 +171,18 @@ def test_llama_cpp_quantized_files_match_cpu(gpu, kquant_files, ftype):
     assert rel(dev.eval([5]), cpu.eval([5])) < TOL
 
 
+def test_bad_input_raises_before_the_gpu_sees_it(gpu, files):
+    dev = pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, n_threads=2, device="cuda")
+    with pytest.raises(ValueError, match="out of range"):
+        dev.eval([dev.n_vocab])
+    with pytest.raises(ValueError, match="exceed the context"):
+        dev.eval(list(range(33)))
+    with pytest.raises(ValueError, match="another model"):
+        dev._model.forward(pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32)._cache, [1], 0, False, 1)
+    assert dev.n_past == 0
+    assert dev.eval([1, 2]).shape == (dev.n_vocab,)   # still usable
+
+
 def test_device_errors(files, monkeypatch):
     path = str(files[("f32", "f32")])
     with pytest.raises(ValueError, match="unknown device"):

@@ -74,6 +74,9 @@ cdef extern from "gptoss_cuda.h":
         const float *sinks
         gm_weight router
         const float *router_b
+        int gate_up_fused
+        gm_weight gate_up
+        const float *gate_up_b
         gm_weight gate, up, down
         const float *gate_b
         const float *up_b
@@ -114,8 +117,10 @@ cdef extern from "gptoss_cuda.h":
 cdef class CudaModel:
     """A CPU Model's weights on the device. Layers [first_gpu_layer, n_layer) and the output head run
     on the GPU; the token embedding and any earlier layers on the CPU (n_gpu_layers). cpu_moe: the
-    GPU layers' experts stay in host memory and the CPU runs them. Same forward/forward_seqs contract
-    as pyengine._model.Model."""
+    GPU layers' experts stay in host memory and the CPU runs them. fuse: stack q|k|v and each expert's
+    gate|up rows into one matrix where the types match (one product each; False keeps them apart,
+    which files with mixed types get anyway). Same forward/forward_seqs contract as
+    pyengine._model.Model."""
     cdef pe_cu_model m
     cdef pe_cu_layer *layers
     cdef pe_cu_ctx *ctx
@@ -135,7 +140,7 @@ cdef class CudaModel:
         self.ctx = NULL
 
     def __init__(self, cpu, hp, int n_gpu_layers=-1, bint cpu_moe=False, int64_t max_tok=512,
-                 bint graphs=True, int device=0):
+                 bint graphs=True, int device=0, bint fuse=True):
         cdef const pe_model *cm = <const pe_model *> <uintptr_t> cpu._c_model()
         cdef int L = cm.n_layer, l
         if n_gpu_layers < 0 or n_gpu_layers > L:
@@ -181,7 +186,7 @@ cdef class CudaModel:
             g.on_gpu, g.cpu_moe, g.sliding = 1, cpu_moe, c.sliding
             g.attn_norm = <const float *> self._floats(c.attn_norm, D * 4)
             g.post_norm = <const float *> self._floats(c.post_norm, D * 4)
-            if c.wq.type == c.wk.type == c.wv.type:
+            if fuse and c.wq.type == c.wk.type == c.wv.type:
                 # one product for q, k and v: their rows stacked in one buffer, biases likewise
                 g.qkv_fused = 1
                 g.wqkv = self._stacked(&c.wq, &c.wk, &c.wv)
@@ -199,10 +204,18 @@ cdef class CudaModel:
             if not cpu_moe:
                 g.router = self._weight(&c.moe.router, 1)
                 g.router_b = <const float *> self._floats(c.moe.router_b, E * 4)
-                g.gate, g.up = self._weight(&c.moe.gate, E), self._weight(&c.moe.up, E)
+                if fuse and c.moe.gate.type == c.moe.up.type:
+                    # one product per expert for gate and up: each expert's gate rows, then its up rows
+                    g.gate_up_fused = 1
+                    g.gate_up = self._experts_stacked(&c.moe.gate, &c.moe.up, E)
+                    gate_up_b = np.concatenate([np.asarray(<const float[:E, :F]> c.moe.gate_b),
+                                                np.asarray(<const float[:E, :F]> c.moe.up_b)], axis=1)
+                    g.gate_up_b = <const float *> self._floats(cnp.PyArray_DATA(gate_up_b), gate_up_b.nbytes)
+                else:
+                    g.gate, g.up = self._weight(&c.moe.gate, E), self._weight(&c.moe.up, E)
+                    g.gate_b = <const float *> self._floats(c.moe.gate_b, E * F * 4)
+                    g.up_b = <const float *> self._floats(c.moe.up_b, E * F * 4)
                 g.down = self._weight(&c.moe.down, E)
-                g.gate_b = <const float *> self._floats(c.moe.gate_b, E * F * 4)
-                g.up_b = <const float *> self._floats(c.moe.up_b, E * F * 4)
                 g.down_b = <const float *> self._floats(c.moe.down_b, E * D * 4)
         self.counts = np.zeros((L, E), dtype=np.int64)
         self._make_ctx(max_tok)
@@ -249,6 +262,25 @@ cdef class CudaModel:
         d.n_in, d.n_out = a.n_in, row
         d.row_stride = rb
         d.expert_stride = 0
+        return d
+
+    cdef gm_weight _experts_stacked(self, const pe_weight *a, const pe_weight *b, int64_t n_expert) except *:
+        """Expert-stacked device matrices holding, per expert, the rows of a then the rows of b."""
+        cdef gm_weight d
+        cdef int64_t rb = pe_row_size(a.type, a.n_in), per = a.n_out + b.n_out, e
+        cdef DevBuf buf = DevBuf(rb * per * n_expert)
+        for e in range(n_expert):
+            _check(pe_cu_copy_2d_to_device(<uint8_t *> buf.p + e * per * rb, rb, a.data + e * a.expert_stride,
+                                           a.row_stride, rb, a.n_out))
+            _check(pe_cu_copy_2d_to_device(<uint8_t *> buf.p + (e * per + a.n_out) * rb, rb,
+                                           b.data + e * b.expert_stride, b.row_stride, rb, b.n_out))
+        self.bufs.append(buf)
+        self.weight_bytes += buf.nbytes
+        d.data = <const uint8_t *> buf.p
+        d.type = a.type
+        d.n_in, d.n_out = a.n_in, per
+        d.row_stride = rb
+        d.expert_stride = rb * per
         return d
 
     cdef _make_ctx(self, int64_t max_tok):

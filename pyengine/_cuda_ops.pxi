@@ -13,6 +13,8 @@ cdef extern from "ops_cuda.h" nogil:
                      void *stream)
     int pe_cu_swiglu_oai(float *out, const float *g, const float *u, int64_t n, void *stream)
     int pe_cu_add(float *x, const float *t, int64_t n, void *stream)
+    int pe_cu_swiglu_oai_rows(float *out, const float *g, const float *u, int64_t n_rows, int64_t n, int64_t ld,
+                              void *stream)
     int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int64_t n_rows, int64_t n,
                           float eps, void *stream)
     int pe_cu_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n_rows, int64_t d,
@@ -118,6 +120,18 @@ def swiglu_oai(g, u):
     dg, du, dout = _dev_upload(g), _dev_upload(u), _dev_upload(np.zeros_like(g))
     _check(pe_cu_swiglu_oai(_cuk_f(dout), _cuk_f(dg), _cuk_f(du), g.shape[0], NULL))
     return dout.download(g.shape, np.float32)
+
+
+def swiglu_oai_rows(gu):
+    """SwiGLU-OAI of each row of gu (n_rows, 2n): its first half the gate, its second the up values."""
+    gu = _cuk_arr(gu, np.float32, 2, "gu")
+    if gu.shape[1] % 2:
+        raise ValueError("rows must hold gate and up halves of equal length")
+    cdef int64_t n_rows = gu.shape[0], n = gu.shape[1] // 2
+    dgu, dout = _dev_upload(gu), _dev_upload(np.zeros((n_rows, n), np.float32))
+    cdef float *g = _cuk_f(dgu)
+    _check(pe_cu_swiglu_oai_rows(_cuk_f(dout), g, g + n, n_rows, n, 2 * n, NULL))
+    return dout.download((n_rows, n), np.float32)
 
 
 def add(x, t):

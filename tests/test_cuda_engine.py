@@ -114,6 +114,21 @@ def test_graph_replay_equals_direct_launches(gpu, files):
     assert np.array_equal(direct.expert_counts, graph.expert_counts)
 
 
+def test_stacked_qkv_and_gate_up_equal_separate_products(gpu, files):
+    """The fused upload (q|k|v rows in one matrix, each expert's gate|up rows in one) computes what
+    the separate matrices do, which files whose q/k/v or gate/up types differ still use."""
+    path = files[("q8_0", "mxfp4")]
+    fused = pyengine.Engine(str(path), n_ctx=64, n_threads=2, device="cuda")
+    cpu_model = pyengine.Engine(str(path), n_ctx=64, n_threads=2)._model
+    apart = gpu.CudaModel(cpu_model, fused.hparams, fuse=False)
+    cache = gpu.CudaKVCache(apart, 64, 512)
+    toks = prompt(12, seed=13)
+    got = apart.forward(cache, toks, 0, True, 2)
+    np.testing.assert_allclose(got, fused.logits(toks), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apart.forward(cache, [3], 12, False, 2), fused.eval([3]), rtol=1e-5, atol=1e-5)
+    assert apart.weight_bytes == fused._model.weight_bytes
+
+
 def test_batched_sequences_match_single(gpu, files):
     path = files[("q8_0", "mxfp4")]
     mf = open_model(str(path))

@@ -36,6 +36,13 @@ def test_rmsnorm(cu, n_rows, n):
 
 
 @backends
+def test_swiglu_rows_of_stacked_gate_and_up(cu):
+    gu = f32(5, 2 * 37, scale=6.0)
+    want = np.stack([K.swiglu_oai(r[:37], r[37:]) for r in gu])
+    assert np.array_equal(cu.swiglu_oai_rows(gu), want)
+
+
+@backends
 @pytest.mark.parametrize("n_rows,n", [(1, 2880), (3, 100)])
 def test_add_rmsnorm_is_add_then_rmsnorm(cu, n_rows, n):
     x, t, g = f32(n_rows, n, scale=3.0), f32(n_rows, n), f32(n)

@@ -120,7 +120,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->rlog, max_tok * m->n_expert * f);
     if (!e) e = gpt_cu_alloc(c, &c->wts, P * f);
     if (!e) e = gpt_cu_alloc(c, &c->xg, P * D * f);
-    if (!e) e = gpt_cu_alloc(c, &c->g, P * F * f);
+    if (!e) e = gpt_cu_alloc(c, &c->g, P * 2 * F * f); /* gate | up of each pair */
     if (!e) e = gpt_cu_alloc(c, &c->u, P * F * f);
     if (!e) e = gpt_cu_alloc(c, &c->slots, P * D * f);
     if (!e) e = gpt_cu_alloc(c, &c->pos, max_tok * sizeof(int64_t));
@@ -246,10 +246,16 @@ static int gpt_cu_moe_pairs(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ct
         xp = c->xg;
         ldx = D;
     }
-    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate, sel, xp, ldx, P, L->gate_b, c->g, F, s));
-    GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->up, sel, xp, ldx, P, L->up_b, c->u, F, s));
-    GPT_CU_OP(c, OP_SWIGLU, pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s));
-    GPT_CU_OP(c, OP_EXPERTS_DOWN, pe_cu_matvec(&L->down, sel, c->g, F, P, L->down_b, c->slots, D, s));
+    /* h = swiglu(gate x, up x) into c->u, [P][F] */
+    if (L->gate_up_fused) {
+        GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate_up, sel, xp, ldx, P, L->gate_up_b, c->g, 2 * F, s));
+        GPT_CU_OP(c, OP_SWIGLU, pe_cu_swiglu_oai_rows(c->u, c->g, c->g + F, P, F, 2 * F, s));
+    } else {
+        GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->gate, sel, xp, ldx, P, L->gate_b, c->g, F, s));
+        GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_matvec(&L->up, sel, xp, ldx, P, L->up_b, c->u, F, s));
+        GPT_CU_OP(c, OP_SWIGLU, pe_cu_swiglu_oai(c->u, c->g, c->u, P * F, s));
+    }
+    GPT_CU_OP(c, OP_EXPERTS_DOWN, pe_cu_matvec(&L->down, sel, c->u, F, P, L->down_b, c->slots, D, s));
     GPT_CU_OP(c, OP_COMBINE, pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, m->n_used, D, s));
     return 0;
 }
@@ -284,11 +290,17 @@ static int gpt_cu_moe_grouped(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_
     free(fill);
     int rc = (int)cudaMemcpyAsync(c->idx, c->h_idx, 2 * c->max_pairs * sizeof(int32_t), cudaMemcpyHostToDevice, s);
     if (!rc) rc = pe_cu_gather_rows(c->xg, c->a, c->idx, P, D, s);
-    /* every expert's rows in one grid per weight; down projections land in xg (free by then) */
-    if (!rc) rc = pe_cu_gemm_experts(&L->gate, start, E, c->xg, D, L->gate_b, c->g, F, s);
-    if (!rc) rc = pe_cu_gemm_experts(&L->up, start, E, c->xg, D, L->up_b, c->u, F, s);
-    if (!rc) rc = pe_cu_swiglu_oai(c->g, c->g, c->u, P * F, s);
-    if (!rc) rc = pe_cu_gemm_experts(&L->down, start, E, c->g, F, L->down_b, c->xg, D, s);
+    /* every expert's rows in one grid per weight; h = swiglu(gate x, up x) into c->u; down
+     * projections land in xg (free by then) */
+    if (L->gate_up_fused) {
+        if (!rc) rc = pe_cu_gemm_experts(&L->gate_up, start, E, c->xg, D, L->gate_up_b, c->g, 2 * F, s);
+        if (!rc) rc = pe_cu_swiglu_oai_rows(c->u, c->g, c->g + F, P, F, 2 * F, s);
+    } else {
+        if (!rc) rc = pe_cu_gemm_experts(&L->gate, start, E, c->xg, D, L->gate_b, c->g, F, s);
+        if (!rc) rc = pe_cu_gemm_experts(&L->up, start, E, c->xg, D, L->up_b, c->u, F, s);
+        if (!rc) rc = pe_cu_swiglu_oai(c->u, c->g, c->u, P * F, s);
+    }
+    if (!rc) rc = pe_cu_gemm_experts(&L->down, start, E, c->u, F, L->down_b, c->xg, D, s);
     free(start);
     if (!rc) rc = pe_cu_scatter_rows(c->slots, c->xg, c->idx + c->max_pairs, P, D, s);
     if (!rc) rc = pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, K, D, s);

@@ -30,7 +30,11 @@ typedef struct {
     const float *sinks;                  /* device [n_head] */
     pe_cu_weight router;
     const float *router_b;               /* device [n_expert] */
-    pe_cu_weight gate, up, down;         /* expert-stacked (unused with cpu_moe) */
+    int gate_up_fused;                   /* 1: gate_up holds each expert's gate rows, then its up rows */
+    pe_cu_weight gate_up;                /* [n_expert][2 n_ff rows] when gate_up_fused: one product */
+    const float *gate_up_b;              /* device [n_expert][2 n_ff] when gate_up_fused */
+    pe_cu_weight gate, up, down;         /* expert-stacked (gate, up unused when gate_up_fused; none
+                                          * with cpu_moe) */
     const float *gate_b, *up_b, *down_b; /* device [n_expert][n_ff] / [n_expert][n_embd] */
 } pe_cu_layer;
 

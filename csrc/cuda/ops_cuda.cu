@@ -176,20 +176,30 @@ int pe_cu_router(const float *logits, int64_t n_rows, int n_expert, int k, int32
     return (int)cudaGetLastError();
 }
 
-PE_GLOBAL void cuk_swiglu_oai_kernel(float *out, const float *g, const float *u, int64_t n) {
+/* Rows of n outputs; row r's gate and up values start at g + r*ld and u + r*ld. */
+PE_GLOBAL void cuk_swiglu_oai_kernel(float *out, const float *g, const float *u, int64_t n_rows, int64_t n,
+                                     int64_t ld) {
     const float alpha = 1.702f, limit = 7.0f;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float gi = g[i] < limit ? g[i] : limit;
-        float ui = u[i] < -limit ? -limit : u[i];
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_rows * n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t j = i / n * ld + i % n;
+        const float gi = g[j] < limit ? g[j] : limit;
+        float ui = u[j] < -limit ? -limit : u[j];
         ui = ui > limit ? limit : ui;
         out[i] = gi / (1.0f + expf(-alpha * gi)) * (ui + 1.0f);
     }
 }
 
 int pe_cu_swiglu_oai(float *out, const float *g, const float *u, int64_t n, void *stream) {
-    if (n < 0) return (int)cudaErrorInvalidValue;
-    if (n == 0) return 0;
-    PE_LAUNCH(cuk_swiglu_oai_kernel, cuk_ew_blocks(n), CUK_EW_THREADS, 0, (cudaStream_t)stream, out, g, u, n);
+    return pe_cu_swiglu_oai_rows(out, g, u, 1, n, n, stream);
+}
+
+int pe_cu_swiglu_oai_rows(float *out, const float *g, const float *u, int64_t n_rows, int64_t n, int64_t ld,
+                          void *stream) {
+    if (n < 0 || n_rows < 0 || ld < n) return (int)cudaErrorInvalidValue;
+    if (n == 0 || n_rows == 0) return 0;
+    PE_LAUNCH(cuk_swiglu_oai_kernel, cuk_ew_blocks(n_rows * n), CUK_EW_THREADS, 0, (cudaStream_t)stream, out, g, u,
+              n_rows, n, ld);
     return (int)cudaGetLastError();
 }
 

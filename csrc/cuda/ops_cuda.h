@@ -32,6 +32,10 @@ int pe_cu_router(const float *logits, int64_t n_rows, int n_expert, int k, int32
 
 /* out = min(g,7) * sigmoid(1.702 min(g,7)) * (clamp(u,-7,7) + 1) over n values (out may alias g or u). */
 int pe_cu_swiglu_oai(float *out, const float *g, const float *u, int64_t n, void *stream);
+/* The same per row: out[r*n + i] from g[r*ld + i] and u[r*ld + i] (gate and up rows side by side,
+ * as the stacked gate|up expert product writes them: u = g + n, ld = 2n). out may alias neither. */
+int pe_cu_swiglu_oai_rows(float *out, const float *g, const float *u, int64_t n_rows, int64_t n, int64_t ld,
+                          void *stream);
 
 /* x += t over n values. */
 int pe_cu_add(float *x, const float *t, int64_t n, void *stream);

@@ -127,8 +127,4 @@ def _dev_upload(a) -> DevBuf:
     return buf
 
 
-cdef inline void *_p(DevBuf b):
-    return b.p if b is not None else NULL
-
-
 include "_cuda_parts.pxi"

@@ -8,7 +8,9 @@
 # WHEEL_DIR (default .whl): wheels to install first, for a machine without a package index (the
 # device machine has numpy, torch, tiktoken, jinja2, pyyaml, pytest but not gguf): prepare them with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf
-# Environment: SYNTH_LAYERS (default 24: the whole 20b shape), SKIP_BENCH=1 to stop after the tests.
+# Environment: SYNTH_LAYERS (default 24: the whole 20b shape), SKIP_BENCH=1 to stop after the tests,
+# NCU=1 to add Nsight Compute counters of one decode layer. Expected: ~10 minutes without NCU
+# (build ~1, tests and sanitizers ~4, synth ~2-3, bench and profile ~2).
 set -uo pipefail
 LOG=$(realpath -m "${1:?usage: bench/gpu_check.sh LOG_DIR [WHEEL_DIR]}")
 WHEELS=${2:-.whl}
@@ -69,8 +71,8 @@ step "per-operation profile of decode at depth 512"
 timeout 180 python3 "$REPO/bench/bench_cuda.py" "$MODEL" --depth 512 --tokens 32 --json "$LOG/profile.json" \
   2>&1 | tee "$LOG/profile.txt"
 
-step "per-kernel counters of one decode layer (ncu)"
-if command -v ncu > /dev/null; then
+step "per-kernel counters of one decode layer (ncu; NCU=1 only: it adds minutes)"
+if [ "${NCU:-0}" = 1 ] && command -v ncu > /dev/null; then
   timeout 180 ncu --launch-skip 400 --launch-count 40 --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     --csv python3 "$REPO/bench/bench_cuda.py" "$MODEL" --depth 64 --tokens 4 > "$LOG/ncu.csv" 2>&1
 fi

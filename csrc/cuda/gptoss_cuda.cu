@@ -153,21 +153,11 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
 #if PE_CU_HAVE_GRAPHS
     if (c->graph) cudaGraphExecDestroy(c->graph);
 #endif
-    float *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
-                    c->slots, c->attn};
-    for (float *p : dev) cudaFree(p);
-    cudaFree(c->pos);
-    cudaFree(c->sel);
-    cudaFree(c->pair_tok);
-    cudaFree(c->idx);
-    cudaFree(c->out_idx);
-    cudaFreeHost(c->h_x);
-    cudaFreeHost(c->h_a);
-    cudaFreeHost(c->h_t);
-    cudaFreeHost(c->h_pos);
-    cudaFreeHost(c->h_sel);
-    cudaFreeHost(c->h_idx);
-    cudaFreeHost(c->h_out_idx);
+    void *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
+                   c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx};
+    void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
+    for (void *p : dev) cudaFree(p);
+    for (void *p : host) cudaFreeHost(p);
     if (c->ev0) cudaEventDestroy(c->ev0);
     if (c->ev1) cudaEventDestroy(c->ev1);
     if (c->stream) cudaStreamDestroy(c->stream);

@@ -7,52 +7,7 @@ from libc.string cimport memset
 cdef extern from "quants.h":
     size_t pe_row_size(int type, int64_t n)
 
-cdef extern from "matmul.h":
-    ctypedef struct pe_weight:
-        const uint8_t *data
-        int type
-        int64_t n_in, n_out, row_stride, expert_stride
-        int int8_act
-
-cdef extern from "attention.h":
-    ctypedef struct pe_kv_layer:
-        float *k
-        float *v
-        int64_t n_slots
-
-cdef extern from "moe.h":
-    ctypedef struct pe_moe:
-        pe_weight router
-        const float *router_b
-        pe_weight gate, up, down
-        const float *gate_b
-        const float *up_b
-        const float *down_b
-        int n_expert, n_used
-        int64_t n_embd, n_ff
-
-cdef extern from "gptoss.h":
-    ctypedef struct pe_layer:
-        const float *attn_norm
-        pe_weight wq, wk, wv, wo
-        const float *bq
-        const float *bk
-        const float *bv
-        const float *bo
-        const float *sinks
-        const float *post_norm
-        pe_moe moe
-        int sliding
-    ctypedef struct pe_model:
-        int n_layer, n_head, n_head_kv, head_dim
-        int64_t n_embd, n_vocab, window
-        float eps
-        const double *omega
-        const double *omega_swa
-        double rope_mscale
-        pe_weight tok_embd, output
-        const float *out_norm
-        const pe_layer *layers
+from _core cimport pe_kv_layer, pe_layer, pe_model, pe_weight
 
 cdef extern from "gptoss_cuda.h":
     ctypedef struct gm_weight "pe_cu_weight":

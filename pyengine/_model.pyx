@@ -10,6 +10,8 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
+from _core cimport pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
+
 cnp.import_array()
 
 cdef extern from "quants.h":
@@ -23,11 +25,6 @@ cdef extern from "quants.h":
     const pe_type_traits *pe_type_traits_get(int type)
 
 cdef extern from "matmul.h":
-    ctypedef struct pe_weight:
-        const uint8_t *data
-        int type
-        int64_t n_in, n_out, row_stride, expert_stride
-        int int8_act
     int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
                   const float *bias, float *y, int64_t ldy, int n_threads) nogil
 
@@ -42,10 +39,6 @@ cdef extern from "ops.h":
     void pe_topk(const float *x, int n, int k, int *idx) nogil
 
 cdef extern from "attention.h":
-    ctypedef struct pe_kv_layer:
-        float *k
-        float *v
-        int64_t n_slots
     void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok, int64_t pos0,
                      int64_t kv_dim) nogil
     int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const pe_kv_layer *kv,
@@ -53,43 +46,10 @@ cdef extern from "attention.h":
                      int n_threads) nogil
 
 cdef extern from "moe.h":
-    ctypedef struct pe_moe:
-        pe_weight router
-        const float *router_b
-        pe_weight gate, up, down
-        const float *gate_b
-        const float *up_b
-        const float *down_b
-        int n_expert, n_used
-        int64_t n_embd, n_ff
     int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads,
                        int64_t *counts) nogil
 
 cdef extern from "gptoss.h":
-    ctypedef struct pe_layer:
-        const float *attn_norm
-        pe_weight wq, wk, wv, wo
-        const float *bq
-        const float *bk
-        const float *bv
-        const float *bo
-        const float *sinks
-        const float *post_norm
-        pe_moe moe
-        int sliding
-    ctypedef struct pe_model:
-        int n_layer, n_head, n_head_kv, head_dim
-        int64_t n_embd, n_vocab, window
-        float eps
-        const double *omega
-        const double *omega_swa
-        double rope_mscale
-        pe_weight tok_embd, output
-        const float *out_norm
-        const pe_layer *layers
-    ctypedef struct pe_seq:
-        pe_kv_layer *kv
-        int64_t n_tok, n_past
     int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
                           int64_t n_past, float *logits, int logits_all, int n_threads,
                           int64_t *expert_counts) nogil

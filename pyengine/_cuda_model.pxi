@@ -4,6 +4,8 @@
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
+from pyengine._model import KVCache, sequence_tokens
+
 cdef extern from "quants.h":
     size_t pe_row_size(int type, int64_t n)
 
@@ -258,10 +260,6 @@ cdef class CudaModel:
         return self.m.window
 
     @property
-    def n_layer(self) -> int:
-        return self.m.n_layer
-
-    @property
     def graphs_active(self) -> bool:
         """Whether single-token decode steps replay a CUDA graph (False when turned off, in the
         emulator, or after the driver refused a capture and the model fell back to direct launches)."""
@@ -301,24 +299,11 @@ cdef class CudaModel:
         """int64 (n_layer, n_expert): expert selections of this model's forward calls so far."""
         return self.counts.copy()
 
-    def _layer_on_gpu(self, int l) -> bool:
-        return l >= self.first_gpu_layer
-
-    def _check(self, cache, tokens, int64_t n_past):
+    def _sequence(self, cache, tokens, int64_t n_past):
+        """The int32 tokens of one sequence after checking them and its cache."""
         if not isinstance(cache, CudaKVCache) or (<CudaKVCache> cache).model is not self:
             raise ValueError("cache belongs to another model")
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError("tokens must be a 1-D sequence of integer token ids")
-        if arr.shape[0] <= 0:
-            raise ValueError("no tokens")
-        if arr.min() < 0 or arr.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range [0, {self.n_vocab})")
-        if n_past < 0 or n_past + arr.shape[0] > cache.n_ctx:
-            raise ValueError(f"{n_past} + {arr.shape[0]} tokens exceed the context of {cache.n_ctx}")
-        if arr.shape[0] > cache.max_batch(self.m.window):
-            raise ValueError(f"{arr.shape[0]} tokens in one call exceed the sliding-window cache")
-        return np.ascontiguousarray(arr, dtype=np.int32)
+        return sequence_tokens(tokens, n_past, cache, self.n_vocab, self.m.window)
 
     def forward(self, cache, tokens, int64_t n_past, bint logits_all, int n_threads):
         """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""
@@ -334,7 +319,7 @@ cdef class CudaModel:
             raise ValueError("a cache appears twice: each sequence needs its own")
         if n_threads < 1:
             raise ValueError("n_threads must be >= 1")
-        checked = [self._check(x, t, p) for x, t, p in zip(caches, tokens, n_pasts)]
+        checked = [self._sequence(x, t, p) for x, t, p in zip(caches, tokens, n_pasts)]
         cdef int64_t n_seq = len(caches), s
         cdef cnp.ndarray[cnp.int32_t, ndim=1] tok = np.concatenate(checked)
         cdef int64_t n = tok.shape[0]
@@ -378,7 +363,7 @@ cdef class CudaKVCache:
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, CudaModel model, int64_t n_ctx, int64_t n_batch, cpu_cache_factory=None):
+    def __init__(self, CudaModel model, int64_t n_ctx, int64_t n_batch):
         cdef int l, L = model.m.n_layer
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError("n_ctx and n_batch must be positive")
@@ -386,7 +371,7 @@ cdef class CudaKVCache:
         self.model = model
         self.n_ctx = n_ctx
         self.layout = model.cache_layout
-        self.cpu_cache = cpu_cache_factory() if model.first_gpu_layer > 0 else None
+        self.cpu_cache = KVCache(model.cpu, n_ctx, n_batch) if model.first_gpu_layer > 0 else None
         self.bufs, self.n_slots = [], []
         self.nbytes = 0
         self.layers = <pe_cu_kv_layer *> malloc(L * sizeof(pe_cu_kv_layer))

@@ -132,6 +132,25 @@ def _floats(t, tuple shape):
     return np.ascontiguousarray(rows.reshape(shape), dtype=np.float32)
 
 
+def sequence_tokens(tokens, int64_t n_past, cache, int64_t n_vocab, int64_t window):
+    """The int32 token ids of one sequence of a forward call, after checking them against the
+    vocabulary and where they land in `cache` (its n_ctx and its sliding rings' max_batch): the checks
+    every forward pass (CPU or GPU) makes before a pointer reaches C."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError("tokens must be a 1-D sequence of integer token ids")
+    cdef int64_t n = arr.shape[0]
+    if n <= 0:
+        raise ValueError("no tokens")
+    if arr.min() < 0 or arr.max() >= n_vocab:
+        raise ValueError(f"token id out of range [0, {n_vocab})")
+    if n_past < 0 or n_past + n > cache.n_ctx:
+        raise ValueError(f"{n_past} + {n} tokens exceed the context of {cache.n_ctx}")
+    if n > cache.max_batch(window):
+        raise ValueError(f"{n} tokens in one call exceed the sliding-window cache")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 # ---- the model -----------------------------------------------------------------------------------
 
 cdef class KVCache:
@@ -328,23 +347,9 @@ cdef class Model:
 
     cdef cnp.ndarray _check_seq(self, object cache, tokens, int64_t n_past):
         """The int32 tokens of one sequence after checking them and its cache."""
-        cdef cnp.ndarray[cnp.int32_t, ndim=1] tok
         if not isinstance(cache, KVCache) or cache.layout != self.cache_layout:
             raise ValueError("cache belongs to another model")
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError("tokens must be a 1-D sequence of integer token ids")
-        cdef int64_t n = arr.shape[0]
-        if n <= 0:
-            raise ValueError("no tokens")
-        if arr.min() < 0 or arr.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range [0, {self.n_vocab})")
-        if n_past < 0 or n_past + n > cache.n_ctx:
-            raise ValueError(f"{n_past} + {n} tokens exceed the context of {cache.n_ctx}")
-        if n > cache.max_batch(self.m.window):
-            raise ValueError(f"{n} tokens in one call exceed the sliding-window cache")
-        tok = np.ascontiguousarray(arr, dtype=np.int32)
-        return tok
+        return sequence_tokens(tokens, n_past, cache, self.n_vocab, self.m.window)
 
     def forward(self, KVCache cache, tokens, int64_t n_past, bint logits_all, int n_threads):
         """Logits of `tokens` appended at positions n_past.. (their K/V go into the cache)."""

@@ -128,11 +128,8 @@ class Engine:
             self._model = cpu_model
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
-        if kind == "cuda":
-            self._cache = cuda.backend().CudaKVCache(self._model, self.n_ctx, self.n_batch,
-                                                     lambda: KVCache(cpu_model, self.n_ctx, self.n_batch))
-        else:
-            self._cache = KVCache(self._model, self.n_ctx, self.n_batch)
+        cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
+        self._cache = cache(self._model, self.n_ctx, self.n_batch)
         self._tokens: list[int] = []
         logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (f32)", self.device,
                      self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20)
@@ -340,9 +337,9 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
     if len({id(e) for e in engines}) != len(engines):
         raise ValueError("eval_batch: an engine appears twice")
     lead = engines[0]
-    if any(e.model_file is not lead.model_file or e.yarn_truncate != lead.yarn_truncate
-           or e.int8_activations != lead.int8_activations or e._model is not lead._model and e.device != "cpu"
-           or e.device != lead.device for e in engines):
+    if any(e.model_file is not lead.model_file or e.device != lead.device or e.yarn_truncate != lead.yarn_truncate
+           or e.int8_activations != lead.int8_activations
+           or (e.device != "cpu" and e._model is not lead._model) for e in engines):
         raise ValueError("eval_batch: the engines must share one ModelFile, device, yarn_truncate and "
                          "int8_activations (and, on a GPU, one uploaded model)")
     threads = int(n_threads) if n_threads is not None else lead.n_threads

@@ -14,5 +14,7 @@ typedef enum {
 pe_simd_level pe_simd_level_get(void);
 const char *pe_simd_level_name(pe_simd_level level);
 int pe_cpu_has_avx512bf16(void);
+/* AVX-512 VBMI (vpermb): the 4-bit int8 kernels need it on top of PE_SIMD_AVX512. */
+int pe_cpu_has_avx512vbmi(void);
 
 #endif

@@ -22,21 +22,29 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
 enum { PE_ROWWISE_MAX_TOK = 8 };
 
 /* The row-wise loop with int8 activations: each token's x is quantized once (serially, so the
- * result does not depend on the thread count), then every row is dotted with the Q8 blocks. */
+ * result does not depend on the thread count); threads take groups of PE_DOT_Q8_ROWS rows, and each
+ * group is dotted with every token while its rows are in L1. */
 static int matmul_rows_q8(const pe_weight *w, const pe_type_traits *tt, const uint8_t *base, const float *x,
                           int64_t ldx, int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    const size_t xq_row = pe_row_size(PE_TYPE_Q8_0, n_in);
-    uint8_t *xq = malloc(xq_row * (size_t)n_tok);
-    if (!xq) return -1;
-    for (int64_t t = 0; t < n_tok; t++) pe_quantize_row_q8(x + t * ldx, xq + t * xq_row, n_in);
+    const size_t act_bytes = pe_act_q8_bytes(n_in);
+    uint8_t *buf = aligned_alloc(64, act_bytes * (size_t)n_tok);
+    if (!buf) return -1;
+    pe_act_q8 xq[PE_ROWWISE_MAX_TOK];
+    for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
+    const int64_t n_groups = (n_out + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t r = 0; r < n_out; r++)
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t r0 = g * PE_DOT_Q8_ROWS;
+        const int nr = n_out - r0 < PE_DOT_Q8_ROWS ? (int)(n_out - r0) : PE_DOT_Q8_ROWS;
         for (int64_t t = 0; t < n_tok; t++) {
-            float s = tt->dot_q8(base + r * stride, xq + t * xq_row, n_in);
-            y[t * ldy + r] = bias ? s + bias[r] : s;
+            float *yt = y + t * ldy + r0;
+            tt->dot_q8(base + r0 * stride, stride, nr, &xq[t], n_in, yt);
+            if (bias)
+                for (int i = 0; i < nr; i++) yt[i] += bias[r0 + i];
         }
-    free(xq);
+    }
+    free(buf);
     return 0;
 }
 

@@ -4,6 +4,7 @@
 #include "quants.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_features.h"
@@ -76,7 +77,6 @@ static pe_type_traits traits[] = {
 };
 
 static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
-static void (*quantize_q8)(const float *x, void *dst, int64_t n);
 
 /* Each row starts from the scalar reference; each SIMD level the CPU allows overrides what it has. */
 static void traits_init(void) {
@@ -90,14 +90,6 @@ static void traits_init(void) {
         traits[i].dot_f32 = k.dot_f32;
         traits[i].dot_q8 = k.dot_q8;
     }
-    quantize_q8 = level >= PE_SIMD_AVX512 ? pe_avx512_quantize_q8
-                : level >= PE_SIMD_AVX2   ? pe_avx2_quantize_q8
-                                          : pe_ref_quantize_q8;
-}
-
-void pe_quantize_row_q8(const float *x, void *dst, int64_t n) {
-    pthread_once(&traits_once, traits_init);
-    quantize_q8(x, dst, n);
 }
 
 const pe_type_traits *pe_type_traits_get(int type) {
@@ -122,12 +114,22 @@ void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, 
     for (int64_t r = 0; r < n_rows; r++) out[r] = f(s + r * src_stride, x, n);
 }
 
-void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out, int64_t n_rows,
-                    int64_t n) {
+int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
+                   int64_t n) {
     const pe_dot_q8_fn f = pe_type_traits_get(type)->dot_q8;
+    void *buf = aligned_alloc(64, pe_act_q8_bytes(n));
+    if (!buf) return -1;
+    const pe_act_q8 xq = pe_act_q8_quantize(x, n, buf);
     const uint8_t *s = src;
+    const int64_t n_groups = (n_rows + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
 #pragma omp parallel for schedule(static) if (n_rows * n >= (1 << 18))
-    for (int64_t r = 0; r < n_rows; r++) out[r] = f(s + r * src_stride, xq, n);
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t r0 = g * PE_DOT_Q8_ROWS;
+        const int nr = n_rows - r0 < PE_DOT_Q8_ROWS ? (int)(n_rows - r0) : PE_DOT_Q8_ROWS;
+        f(s + r0 * src_stride, src_stride, nr, &xq, n, out + r0);
+    }
+    free(buf);
+    return 0;
 }
 
 size_t pe_row_size(int type, int64_t n) {

@@ -32,8 +32,30 @@ typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
 /* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
 typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
 
-/* sum_i row[i] * x[i] with x given as pe_quantize_row_q8 blocks (integer products, float per block). */
-typedef float (*pe_dot_q8_fn)(const void *row, const void *xq, int64_t n);
+/* One token's activations for the int8 kernels (llama.cpp's approach, with float scales): n floats
+ * (n a multiple of 32) as int8 codes q = round-half-away(x / d), d = max|x| / 127 per 32 elements,
+ * plus each 32- and 16-element block's code sum (exact integers in float) for formats whose codes
+ * carry an offset or a block minimum. Built by pe_act_q8_quantize into one buffer; every array is
+ * zero-padded so that kernels may read up to four blocks past the end. */
+typedef struct {
+    const int8_t *qs;  /* n (+ 128 zero) codes */
+    const float *d;    /* n/32 (+ 4 zero) scales */
+    const float *s32;  /* n/32 (+ 4 zero) sums of 32 codes */
+    const float *s16;  /* n/16 (+ 8 zero) sums of 16 codes */
+} pe_act_q8;
+
+/* Bytes of the buffer for n activations. */
+size_t pe_act_q8_bytes(int64_t n);
+/* Quantize x[0..n) into buf (pe_act_q8_bytes(n) bytes, 64-byte aligned) and return views into it. */
+pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf);
+
+/* The int8 kernels take up to this many rows per call. */
+#define PE_DOT_Q8_ROWS 8
+/* out[r] = sum_i row_r[i] * x[i] for the nr (1..PE_DOT_Q8_ROWS) rows at rows + r * stride, over n
+ * elements (whole blocks). Integer products per block, scaled in float; a row's result does not
+ * depend on nr or on its place in the group (thread-count and batch independent). */
+typedef void (*pe_dot_q8_fn)(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n,
+                             float *out);
 
 typedef struct {
     int type;
@@ -42,13 +64,8 @@ typedef struct {
     int type_size;  /* bytes per block */
     pe_dequant_row_fn dequant_row;  /* best SIMD variant for this CPU */
     pe_dot_f32_fn dot_f32;          /* best SIMD variant for this CPU */
-    pe_dot_q8_fn dot_q8;            /* int8-activation dot (VNNI on AVX-512); NULL when absent */
+    pe_dot_q8_fn dot_q8;            /* int8-activation rows kernel (AVX-512 VNNI); NULL when absent */
 } pe_type_traits;
-
-/* Activations for dot_q8: n (a multiple of 32) floats -> n/32 blocks of {f16 d, int8 q[32]}, the Q8_0
- * layout and rounding (d = amax/127, q = round-half-away(x/d)), bit-identical to ggml's reference
- * quantize_row_q8_0 and gguf.quants.quantize(x, Q8_0). dst holds pe_row_size(PE_TYPE_Q8_0, n) bytes. */
-void pe_quantize_row_q8(const float *x, void *dst, int64_t n);
 
 /* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */
 const pe_type_traits *pe_type_traits_get(int type);
@@ -61,9 +78,10 @@ size_t pe_row_size(int type, int64_t n);
 void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows, int64_t n);
 void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
                  int64_t n);
-/* As pe_dot_rows with pe_quantize_row_q8 activations; only for types whose dot_q8 is not NULL. */
-void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out, int64_t n_rows,
-                    int64_t n);
+/* As pe_dot_rows through the int8 kernel (x quantized once with pe_act_q8_quantize); only for types
+ * whose dot_q8 is not NULL. Returns 0, or -1 when the activation buffer cannot be allocated. */
+int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out, int64_t n_rows,
+                   int64_t n);
 
 /* IEEE half / bfloat16 conversions (exact, round-to-nearest-even for the narrowing ones). */
 float pe_fp16_to_fp32(uint16_t h);

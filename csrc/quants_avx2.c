@@ -183,96 +183,17 @@ PE_BLOCK_DOT(dot_q4_k, pe_ref_dequant_q4_k, PE_QK_K, 144)
 PE_BLOCK_DOT(dot_q5_k, pe_ref_dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, pe_ref_dequant_q6_k, PE_QK_K, 210)
 
-/* ---- int8 activations ---------------------------------------------------------------------------- */
-
-/* round-half-away-from-zero (as C roundf) of 8 floats with |v| <= 127.5, as int32. */
-static inline __m256i round_away(__m256 v) {
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    const __m256 a = _mm256_andnot_ps(sign_bit, v);
-    __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, t), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    t = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
-    return _mm256_cvttps_epi32(_mm256_or_ps(t, _mm256_and_ps(v, sign_bit)));
-}
-
-void pe_avx2_quantize_q8(const float *x, void *dst, int64_t n) {
-    pe_block_q8_0 *b = dst;
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(x + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, v[k]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float d = _mm_cvtss_f32(m4) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        b->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
-        const __m256 vid = _mm256_set1_ps(id);
-        __m256i q[4];
-        for (int k = 0; k < 4; k++) q[k] = round_away(_mm256_mul_ps(v[k], vid));
-        /* packs works per 128-bit lane; the final dword permutation restores element order */
-        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)b->qs, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    }
-}
-
-/* acc + scale * sum(w * x): |w| (unsigned) times x carrying w's sign, pairwise int16 then int32. */
-static inline __m256 step_i8(__m256i w, const pe_block_q8_0 *x, float dw, __m256 acc) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x->qs);
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-    const __m256i s = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * h2f(x->d)), acc);
-}
-
-/* 32 4-bit codes in element order: low nibbles of qs[0..16) then high nibbles. */
-static inline __m256i nibbles32(const uint8_t *qs) {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
-    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
-}
-
-#define PE_DOT_Q8_4(blocks, xq, nb, step)                                                        \
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-    int64_t i = 0;                                                                               \
-    for (; i + 4 <= (nb); i += 4) {                                                              \
-        a[0] = step((blocks) + i, (xq) + i, a[0]);                                               \
-        a[1] = step((blocks) + i + 1, (xq) + i + 1, a[1]);                                       \
-        a[2] = step((blocks) + i + 2, (xq) + i + 2, a[2]);                                       \
-        a[3] = step((blocks) + i + 3, (xq) + i + 3, a[3]);                                       \
-    }                                                                                            \
-    for (; i < (nb); i++) a[0] = step((blocks) + i, (xq) + i, a[0]);                             \
-    return PE_SUM4(a)
-
-#define STEP_Q8_Q8_0(b, x, acc) step_i8(_mm256_loadu_si256((const __m256i *)(b)->qs), x, h2f((b)->d), acc)
-#define STEP_Q8_Q4_0(b, x, acc) step_i8(_mm256_sub_epi8(nibbles32((b)->qs), eight), x, h2f((b)->d), acc)
-#define STEP_Q8_MXFP4(b, x, acc) step_i8(_mm256_shuffle_epi8(table, nibbles32((b)->qs)), x, half_scale((b)->e), acc)
-
-static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
-    PE_DOT_Q8_4((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q8_0);
-}
-
-static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
-    const __m256i eight = _mm256_set1_epi8(8);
-    PE_DOT_Q8_4((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_Q4_0);
-}
-
-static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
-    PE_DOT_Q8_4((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, STEP_Q8_MXFP4);
-}
-
 void pe_kernels_avx2(int type, pe_kernel_set *k) {
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
     case PE_TYPE_BF16: k->dot_f32 = dot_bf16; break;
-    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0, k->dot_q8 = dot_q8_q4_0; break;
+    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
     case PE_TYPE_Q4_1: k->dot_f32 = dot_q4_1; break;
     case PE_TYPE_Q5_0: k->dot_f32 = dot_q5_0; break;
     case PE_TYPE_Q5_1: k->dot_f32 = dot_q5_1; break;
-    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0, k->dot_q8 = dot_q8_q8_0; break;
-    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4, k->dot_q8 = dot_q8_mxfp4; break;
+    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0; break;
+    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4; break;
     case PE_TYPE_Q2_K: k->dot_f32 = dot_q2_k; break;
     case PE_TYPE_Q3_K: k->dot_f32 = dot_q3_k; break;
     case PE_TYPE_Q4_K: k->dot_f32 = dot_q4_k; break;

@@ -332,124 +332,6 @@ PE_BLOCK_DOT(dot_q3_k, dequant_q3_k, PE_QK_K, 110)
 PE_BLOCK_DOT(dot_q5_k, dequant_q5_k, PE_QK_K, 176)
 PE_BLOCK_DOT(dot_q6_k, dequant_q6_k, PE_QK_K, 210)
 
-/* ---- int8 activations: VNNI (vpdpbusd) on 32-byte blocks -------------------------------------------- */
-
-/* round-half-away-from-zero of |v| <= 127.5, as C roundf, then narrowed to int8. */
-static inline __m128i round_to_i8(__m512 v) {
-    const __m512 a = _mm512_abs_ps(v);
-    __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    t = _mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f));
-    const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
-    return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_or_ps(t, sign)));
-}
-
-void pe_avx512_quantize_q8(const float *x, void *dst, int64_t n) {
-    pe_block_q8_0 *b = dst;
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        b->d = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
-        const __m512 vid = _mm512_set1_ps(id);
-        _mm_storeu_si128((__m128i *)b->qs, round_to_i8(_mm512_mul_ps(v0, vid)));
-        _mm_storeu_si128((__m128i *)b->qs + 1, round_to_i8(_mm512_mul_ps(v1, vid)));
-    }
-}
-
-/* acc + scale * sum(w * x) for 32 int8 weights (any sign, incl. -128) and 32 int8 activations in
- * [-127, 127]: vpdpbusd wants unsigned x signed, so |w| times x carrying w's sign. */
-static inline __m256 step_i8(__m256i w, const pe_block_q8_0 *x, float dw, __m256 acc) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x->qs);
-    const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * h2f(x->d)), acc);
-}
-
-/* Fixed-order horizontal sum of 8 lanes. */
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* 32 4-bit codes in element order: low nibbles of qs[0..16) then high nibbles. */
-static inline __m256i nibbles32(const uint8_t *qs) {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
-    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
-}
-
-/* Two blocks per 512-bit vector, two vectors (four blocks) per iteration: lanes 0-7 hold block i's
- * int32 partial sums, lanes 8-15 block i+1's, each scaled by its own d_w * d_x. vpdpbusd wants
- * unsigned x signed, so |w| times x negated where w < 0. A last odd block takes the 256-bit step. */
-static inline __m512i pair_i8(const void *lo, const void *hi) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(lo)),
-                              _mm256_loadu_si256(hi), 1);
-}
-
-static inline __m512 step2_i8(__m512i w, const pe_block_q8_0 *x, float s0, float s1, __m512 acc) {
-    const __m512i xv = pair_i8(x[0].qs, x[1].qs);
-    const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
-    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs);
-    const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc);
-}
-
-/* 64 4-bit codes of blocks qs0 and qs1, each in element order (as nibbles32, twice). */
-static inline __m512i nibbles64(const uint8_t *qs0, const uint8_t *qs1) {
-    const __m512i v = _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs0))),
-        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs1)), 1);
-    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
-}
-
-/* pair(b, x, acc): blocks b[0], b[1] with x[0], x[1]; step(b, x, acc256): one block. The weight
- * stream is prefetched 1 KiB ahead (past a row's end: the next row, or a hint that cannot fault):
- * on mmapped model files this took the MXFP4 int8 dot from ~1.4x slower than the f32-activation
- * dot to par, and Q8_0 to ~10-20 % faster (24 layers' experts streamed, 2 threads). */
-enum { PE_Q8_PREFETCH_BYTES = 1024 };
-#define PE_DOT_Q8_PAIRS(blocks, xq, nb, pair, step)                                              \
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;                                                    \
-    __m256 tail = _mm256_setzero_ps();                                                           \
-    int64_t i = 0;                                                                               \
-    for (; i + 4 <= (nb); i += 4) {                                                              \
-        _mm_prefetch((const char *)((blocks) + i) + PE_Q8_PREFETCH_BYTES, _MM_HINT_T0);          \
-        a0 = pair((blocks) + i, (xq) + i, a0);                                                   \
-        a1 = pair((blocks) + i + 2, (xq) + i + 2, a1);                                           \
-    }                                                                                            \
-    if (i + 2 <= (nb)) a0 = pair((blocks) + i, (xq) + i, a0), i += 2;                            \
-    if (i < (nb)) tail = step((blocks) + i, (xq) + i, tail);                                     \
-    const __m512 a = _mm512_add_ps(a0, a1);                                                      \
-    return hsum256(_mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)), tail))
-
-#define STEP_Q8_Q8_0(b, x, acc) step_i8(_mm256_loadu_si256((const __m256i *)(b)->qs), x, h2f((b)->d), acc)
-#define STEP_Q8_Q4_0(b, x, acc) step_i8(_mm256_sub_epi8(nibbles32((b)->qs), eight), x, h2f((b)->d), acc)
-#define STEP_Q8_MXFP4(b, x, acc) step_i8(_mm256_shuffle_epi8(table, nibbles32((b)->qs)), x, e8m0_half[(b)->e], acc)
-#define PAIR_Q8_Q8_0(b, x, acc) \
-    step2_i8(pair_i8((b)[0].qs, (b)[1].qs), x, h2f((b)[0].d) * h2f((x)[0].d), h2f((b)[1].d) * h2f((x)[1].d), acc)
-#define PAIR_Q8_Q4_0(b, x, acc)                                                                  \
-    step2_i8(_mm512_sub_epi8(nibbles64((b)[0].qs, (b)[1].qs), eight2), x, h2f((b)[0].d) * h2f((x)[0].d), \
-             h2f((b)[1].d) * h2f((x)[1].d), acc)
-#define PAIR_Q8_MXFP4(b, x, acc)                                                                 \
-    step2_i8(_mm512_shuffle_epi8(table2, nibbles64((b)[0].qs, (b)[1].qs)), x,                    \
-             e8m0_half[(b)[0].e] * h2f((x)[0].d), e8m0_half[(b)[1].e] * h2f((x)[1].d), acc)
-
-static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
-    PE_DOT_Q8_PAIRS((const pe_block_q8_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_Q8_0, STEP_Q8_Q8_0);
-}
-
-static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
-    const __m256i eight = _mm256_set1_epi8(8);
-    const __m512i eight2 = _mm512_set1_epi8(8);
-    PE_DOT_Q8_PAIRS((const pe_block_q4_0 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_Q4_0, STEP_Q8_Q4_0);
-}
-
-static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
-    const __m512i table2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_values));
-    PE_DOT_Q8_PAIRS((const pe_block_mxfp4 *)row, (const pe_block_q8_0 *)xq, n / PE_QK, PAIR_Q8_MXFP4, STEP_Q8_MXFP4);
-}
-
 /* Q4_K without a dequantized buffer: per sub-block j, d*sc_j * (q . x) - dmin*m_j * sum(x). Low
  * nibbles go through vpermps (it ignores the high bits), high nibbles through a shift and cvtdq2ps,
  * to balance the two vector ports. */
@@ -493,12 +375,12 @@ void pe_kernels_avx512(int type, pe_kernel_set *k) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
     case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
     case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16; break;
-    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0, k->dot_q8 = dot_q8_q4_0; break;
+    case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
     case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
     case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;
     case PE_TYPE_Q5_1: k->dequant_row = dequant_q5_1, k->dot_f32 = dot_q5_1; break;
-    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0, k->dot_q8 = dot_q8_q8_0; break;
-    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4, k->dot_q8 = dot_q8_mxfp4; break;
+    case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0; break;
+    case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4; break;
     case PE_TYPE_Q2_K: k->dequant_row = dequant_q2_k, k->dot_f32 = dot_q2_k; break;
     case PE_TYPE_Q3_K: k->dequant_row = dequant_q3_k, k->dot_f32 = dot_q3_k; break;
     case PE_TYPE_Q4_K: k->dequant_row = dequant_q4_k, k->dot_f32 = dot_q4_k; break;
@@ -506,4 +388,5 @@ void pe_kernels_avx512(int type, pe_kernel_set *k) {
     case PE_TYPE_Q6_K: k->dequant_row = dequant_q6_k, k->dot_f32 = dot_q6_k; break;
     default: break;
     }
+    k->dot_q8 = pe_dot_q8_avx512(type);
 }

@@ -83,10 +83,10 @@ typedef struct {
     pe_dot_q8_fn dot_q8;
 } pe_kernel_set;
 
-/* pe_quantize_row_q8 per level (all bit-identical). */
-void pe_ref_quantize_q8(const float *x, void *dst, int64_t n);
-void pe_avx2_quantize_q8(const float *x, void *dst, int64_t n);
-void pe_avx512_quantize_q8(const float *x, void *dst, int64_t n);
+/* The AVX-512 VNNI int8 rows kernel of a type, or NULL: Q8_0, Q4_0, MXFP4 in dot_q8_avx512.c, the
+ * other block formats in dot_q8k_avx512.c (pe_dot_q8k_avx512). */
+pe_dot_q8_fn pe_dot_q8_avx512(int type);
+pe_dot_q8_fn pe_dot_q8k_avx512(int type);
 
 void pe_kernels_ref(int type, pe_kernel_set *k);
 void pe_kernels_avx2(int type, pe_kernel_set *k);

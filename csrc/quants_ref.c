@@ -211,68 +211,17 @@ PE_REF_DOT_FLOAT(dot_f32, float, PE_IDENTITY)
 PE_REF_DOT_FLOAT(dot_f16, uint16_t, pe_fp16_to_fp32)
 PE_REF_DOT_FLOAT(dot_bf16, uint16_t, pe_bf16_to_fp32)
 
-/* ---- int8 activations (the Q8_0 layout) ------------------------------------------------------ */
-
-void pe_ref_quantize_q8(const float *x, void *dst, int64_t n) {
-    pe_block_q8_0 *b = dst;
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, x += PE_QK) {
-        float amax = 0.0f;
-        for (int j = 0; j < PE_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        b->d = pe_fp32_to_fp16(d);
-        for (int j = 0; j < PE_QK; j++) b->qs[j] = (int8_t)roundf(x[j] * id);
-    }
-}
-
-/* Blockwise integer sums, each scaled in float and added in block order (as ggml's vec_dot). */
-static float dot_q8_q8_0(const void *row, const void *xq, int64_t n) {
-    const pe_block_q8_0 *w = row, *x = xq;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / PE_QK; i++) {
-        int32_t s = 0;
-        for (int j = 0; j < PE_QK; j++) s += w[i].qs[j] * x[i].qs[j];
-        sum += (float)s * (pe_fp16_to_fp32(w[i].d) * pe_fp16_to_fp32(x[i].d));
-    }
-    return sum;
-}
-
-static float dot_q8_q4_0(const void *row, const void *xq, int64_t n) {
-    const pe_block_q4_0 *w = row;
-    const pe_block_q8_0 *x = xq;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / PE_QK; i++) {
-        int32_t s = 0;
-        for (int j = 0; j < 16; j++)
-            s += ((w[i].qs[j] & 15) - 8) * x[i].qs[j] + ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + 16];
-        sum += (float)s * (pe_fp16_to_fp32(w[i].d) * pe_fp16_to_fp32(x[i].d));
-    }
-    return sum;
-}
-
-static float dot_q8_mxfp4(const void *row, const void *xq, int64_t n) {
-    const pe_block_mxfp4 *w = row;
-    const pe_block_q8_0 *x = xq;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / PE_QK; i++) {
-        int32_t s = 0;
-        for (int j = 0; j < 16; j++)
-            s += pe_mxfp4_values[w[i].qs[j] & 15] * x[i].qs[j] + pe_mxfp4_values[w[i].qs[j] >> 4] * x[i].qs[j + 16];
-        sum += (float)s * (bits_to_float(pe_e8m0_half_bits(w[i].e)) * pe_fp16_to_fp32(x[i].d));
-    }
-    return sum;
-}
-
 void pe_kernels_ref(int type, pe_kernel_set *k) {
     switch (type) {
     case PE_TYPE_F32: *k = (pe_kernel_set){dequant_f32, dot_f32, NULL}; break;
     case PE_TYPE_F16: *k = (pe_kernel_set){dequant_f16, dot_f16, NULL}; break;
     case PE_TYPE_BF16: *k = (pe_kernel_set){dequant_bf16, dot_bf16, NULL}; break;
-    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, dot_q8_q4_0}; break;
+    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, NULL}; break;
     case PE_TYPE_Q4_1: *k = (pe_kernel_set){pe_ref_dequant_q4_1, dot_q4_1, NULL}; break;
     case PE_TYPE_Q5_0: *k = (pe_kernel_set){pe_ref_dequant_q5_0, dot_q5_0, NULL}; break;
     case PE_TYPE_Q5_1: *k = (pe_kernel_set){pe_ref_dequant_q5_1, dot_q5_1, NULL}; break;
-    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, dot_q8_q8_0}; break;
-    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, dot_q8_mxfp4}; break;
+    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, NULL}; break;
+    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, NULL}; break;
     case PE_TYPE_Q2_K: *k = (pe_kernel_set){pe_ref_dequant_q2_k, dot_q2_k, NULL}; break;
     case PE_TYPE_Q3_K: *k = (pe_kernel_set){pe_ref_dequant_q3_k, dot_q3_k, NULL}; break;
     case PE_TYPE_Q4_K: *k = (pe_kernel_set){pe_ref_dequant_q4_k, dot_q4_k, NULL}; break;

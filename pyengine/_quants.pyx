@@ -17,9 +17,15 @@ cdef extern from "quants.h":
                             int64_t n) nogil
     void pe_dot_rows(int type, const void *src, int64_t src_stride, const float *x, float *out,
                      int64_t n_rows, int64_t n) nogil
-    void pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const void *xq, float *out,
-                        int64_t n_rows, int64_t n) nogil
-    void pe_quantize_row_q8(const float *x, void *dst, int64_t n) nogil
+    ctypedef struct pe_act_q8:
+        const signed char *qs
+        const float *d
+        const float *s32
+        const float *s16
+    size_t pe_act_q8_bytes(int64_t n)
+    pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) nogil
+    int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out,
+                       int64_t n_rows, int64_t n) nogil
 
 
 def type_info(int ggml_type):
@@ -102,38 +108,55 @@ def has_dot_q8(int ggml_type) -> bool:
     return t != NULL and t.dot_q8 != NULL
 
 
-def quantize_row_q8(x):
-    """Q8_0 blocks (uint8, n/32*34 bytes) of a 1-D float32 vector whose length is a multiple of 32."""
+def _check_act(x):
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 1 or x.shape[0] % 32:
         raise ValueError("x must be a 1-D float32 array whose length is a multiple of 32")
-    x = np.require(x, requirements=("C", "A"))
-    out = np.empty(x.shape[0] // 32 * 34, dtype=np.uint8)
-    if x.shape[0] == 0:
-        return out
-    cdef const float[::1] xv = x
-    cdef uint8_t[::1] dst = out
+    return np.require(x, requirements=("C", "A"))
+
+
+def quantize_act_q8(x):
+    """The int8 kernels' activations of a 1-D float32 vector (length a multiple of 32), as numpy
+    arrays: codes (int8, n), scales (float32, n/32), code sums per 32 (n/32) and per 16 (n/16)."""
+    x = _check_act(x)
     cdef int64_t n = x.shape[0]
-    with nogil:
-        pe_quantize_row_q8(&xv[0], &dst[0], n)
-    return out
+    buf = np.zeros(pe_act_q8_bytes(n) + 64, dtype=np.uint8)
+    cdef uint8_t[::1] b = buf
+    cdef size_t pad = (-buf.ctypes.data) % 64
+    cdef const float[::1] xv = x
+    cdef pe_act_q8 a
+    if n:
+        with nogil:
+            a = pe_act_q8_quantize(&xv[0], n, &b[pad])
+    base = buf.ctypes.data
+    def view(size_t ptr, dtype, int64_t count):
+        off = <size_t> ptr - base
+        return buf[off: off + count * np.dtype(dtype).itemsize].view(dtype).copy()
+    if not n:
+        return (np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    return (view(<size_t> a.qs, np.int8, n), view(<size_t> a.d, np.float32, n // 32),
+            view(<size_t> a.s32, np.float32, n // 32), view(<size_t> a.s16, np.float32, n // 16))
 
 
-def dot_rows_q8(rows, xq, int ggml_type):
-    """float32 (n_rows,) of each quantized row dotted with Q8_0 activations xq (quantize_row_q8)."""
+def dot_rows_q8(rows, x, int ggml_type):
+    """float32 (n_rows,) of each quantized row dotted with float32 x through the int8 kernel (x
+    quantized once as quantize_act_q8 does)."""
     cdef int64_t n = _check_rows(rows, ggml_type)
     if not has_dot_q8(ggml_type):
         raise ValueError(f"ggml type {ggml_type} has no int8-activation dot kernel")
-    if not isinstance(xq, np.ndarray) or xq.dtype != np.uint8 or xq.ndim != 1 or xq.shape[0] != n // 32 * 34:
-        raise ValueError(f"xq must be the 1-D uint8 Q8_0 blocks of {n} activations ({n // 32 * 34} bytes)")
+    x = _check_act(x)
+    if x.shape[0] != n:
+        raise ValueError(f"x must hold {n} elements, one per row element")
     rows = _kernel_ready(rows, ggml_type)
-    xq = np.array(xq, copy=True) if xq.ctypes.data % 2 else np.ascontiguousarray(xq)
     out = np.zeros(rows.shape[0], dtype=np.float32)
     if rows.size == 0 or n == 0:
         return out
     cdef const uint8_t[:, :] src = rows
-    cdef const uint8_t[::1] xv = xq
+    cdef const float[::1] xv = x
     cdef float[::1] res = out
     cdef int64_t stride = rows.strides[0], n_rows = rows.shape[0]
+    cdef int rc
     with nogil:
-        pe_dot_rows_q8(ggml_type, &src[0, 0], stride, &xv[0], &res[0], n_rows, n)
+        rc = pe_dot_rows_q8(ggml_type, &src[0, 0], stride, &xv[0], &res[0], n_rows, n)
+    if rc:
+        raise MemoryError("no memory for the quantized activations")
     return out

@@ -1,7 +1,7 @@
 """pyengine and llama.cpp (llama-cpp-python) on the same GGUF, in one run, side by side.
 
     python bench/compare_llamacpp.py MODEL.gguf [-p 512] [-n 128] [-t 2] [-r 3] [-d 0]
-                                     [--no-extra-bufts] [--only pyengine|llama.cpp] [--int8]
+                                     [--no-extra-bufts] [--only pyengine|llama.cpp] [--exact]
                                      [--device cuda]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
@@ -10,8 +10,9 @@ own child process (one after the other, so they never share the CPU, and a crash
 reported, not fatal). Prints both llama-bench tables, the pyengine/llama.cpp ratio per test, and
 a header (date, machine, command, commit, load average) to paste into bench/RESULTS.md.
 --no-extra-bufts turns off llama.cpp's repacked CPU weight buffers: the llama-cpp-python 0.3.36
-build here crashes (SIGSEGV) with them on files that have Q8_0 weights. --int8 runs pyengine with
-int8_activations=True (llama.cpp always quantizes activations for these weight types). --device cuda
+build here crashes (SIGSEGV) with them on files that have Q8_0 weights. --exact runs pyengine with
+exact=True (float32 activations everywhere; by default quantized weights get int8 activations, as
+llama.cpp always does). --device cuda
 runs pyengine on the GPU and llama.cpp with every layer offloaded (n_gpu_layers=-1, flash attention
 on): that needs a llama-cpp-python built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on")."""
 
@@ -51,8 +52,8 @@ def child_pyengine(args) -> list[dict]:
     from pyengine import Engine
 
     eng = Engine(args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t, n_batch=args.b,
-                 int8_activations=args.int8, device=args.device)
-    backend = "pyengine (int8 activations)" if args.int8 else "pyengine"
+                 exact=args.exact, device=args.device)
+    backend = "pyengine (exact)" if args.exact else "pyengine"
     if args.device != "cpu":
         backend += " CUDA"
     return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, backend, eng.n_threads), args)
@@ -96,7 +97,7 @@ def main() -> int:
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
-    ap.add_argument("--int8", action="store_true", help="pyengine with int8_activations=True")
+    ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
     ap.add_argument("--child", choices=("pyengine", "llama.cpp"), help=argparse.SUPPRESS)

@@ -90,7 +90,6 @@ cdef class CudaModel:
     cdef readonly int device          # the CUDA device the weights live on
     cdef int64_t max_tok
     cdef public int64_t n_vocab
-    cdef readonly bint int8_activations
 
     def __cinit__(self):
         self.layers = NULL
@@ -113,7 +112,6 @@ cdef class CudaModel:
         self.weight_bytes = 0
         self.cpu_moe = cpu_moe
         self.graphs = graphs
-        self.int8_activations = False
         self.n_vocab = cm.n_vocab
         self.first_gpu_layer = L - n_gpu_layers
         memset(&self.m, 0, sizeof(self.m))

@@ -81,17 +81,18 @@ class Engine:
     steps as a captured CUDA graph (default True). seed: the default for sampling calls that give no
     seed of their own (None: a fresh random one). yarn_truncate: round the YaRN correction range to
     whole dimensions as llama.cpp does (default False: the reference/transformers math; the two
-    differ noticeably beyond the first few dozen positions, see docs/forward.md). int8_activations:
-    matrix-vector products (decode, up to 8 tokens per call) of Q8_0, Q4_0 and MXFP4 weights
-    quantize the activations to 8-bit blocks first and use integer dot products, as llama.cpp does
-    (each product moves by ~0.5 % relative; whether decode gets faster depends on the CPU, see
-    docs/forward.md). Default False: the f32-activation path."""
+    differ noticeably beyond the first few dozen positions, see docs/forward.md). exact: keep every
+    CPU product in float32 activations (the reference path). Default False: products of quantized
+    weights that have an int8 kernel on this CPU (AVX-512 VNNI) quantize each token's activations to
+    8-bit blocks first and use integer dot products, as llama.cpp does (each product moves by ~0.5 %
+    relative; the logits stay well inside llama.cpp's own distance from the reference, see
+    docs/forward.md). F32/F16/BF16 weights are always exact."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
                  verbose: bool = False, n_gpu_layers: int | None = None,
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
-                 int8_activations: bool = False, device: str = "cpu", cpu_moe: bool = False,
+                 exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True) -> None:
         configure(verbose)
         if n_threads is not None and int(n_threads) < 1:
@@ -116,11 +117,9 @@ class Engine:
             logger.warning("n_gpu_layers=%d ignored: device='cpu' (use device='cuda')", self.n_gpu_layers)
         if kind == "cuda" and self.n_gpu_layers == 0:
             raise ValueError("device='cuda' with n_gpu_layers=0 puts nothing on the GPU: use device='cpu'")
-        if kind == "cuda" and int8_activations:
-            raise ValueError("int8_activations is a CPU option (the CUDA kernels use f32 activations)")
         self.yarn_truncate = bool(yarn_truncate)
-        self.int8_activations = bool(int8_activations)
-        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, self.int8_activations)
+        self.exact = bool(exact)
+        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, not self.exact)
         if kind == "cuda":
             self._model = cuda.shared_model(self.model_file, cpu_model, self.hparams, self.n_gpu_layers,
                                             self.cpu_moe, self.n_batch, cuda_graphs, index)
@@ -328,7 +327,7 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
     """Engine.eval for several sequences at once: tokens[i] are appended to engines[i]'s cache in
     one forward pass per round, so every weight matrix is read once for all sequences (continuous
     batching of decode steps; prompt chunks may ride along). The engines must be distinct and
-    share one ModelFile (and yarn_truncate and int8_activations); the first one's model runs the pass and counts the
+    share one ModelFile (and yarn_truncate and exact); the first one's model runs the pass and counts the
     expert selections. Returns each sequence's last-token logits (n_vocab,). Inputs longer than an
     engine's n_batch take several rounds. All inputs are checked before anything is evaluated."""
     engines = list(engines)
@@ -338,10 +337,10 @@ def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
         raise ValueError("eval_batch: an engine appears twice")
     lead = engines[0]
     if any(e.model_file is not lead.model_file or e.device != lead.device or e.yarn_truncate != lead.yarn_truncate
-           or e.int8_activations != lead.int8_activations
+           or e.exact != lead.exact
            or (e.device != "cpu" and e._model is not lead._model) for e in engines):
         raise ValueError("eval_batch: the engines must share one ModelFile, device, yarn_truncate and "
-                         "int8_activations (and, on a GPU, one uploaded model)")
+                         "exact (and, on a GPU, one uploaded model)")
     threads = int(n_threads) if n_threads is not None else lead.n_threads
     if threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")

@@ -51,8 +51,8 @@ def prompt(n, seed=0):
 
 
 def engines(path, **gpu_opts):
-    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2)
-    gpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, device="cuda", **gpu_opts)
+    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True)
+    gpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda", **gpu_opts)
     return cpu, gpu
 
 
@@ -72,12 +72,12 @@ def test_prefill_and_decode_match_cpu(gpu, files, types):
 
 def test_split_layers_and_cpu_experts_match_cpu(gpu, files):
     path = files[("q8_0", "mxfp4")]
-    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2)
+    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True)
     toks = prompt(20, seed=2)
     want = cpu.logits(toks)
     want_next = cpu.eval([7])
     for opts in ({"n_gpu_layers": 1}, {"n_gpu_layers": 2, "cpu_moe": True}, {"cpu_moe": True}):
-        dev = pyengine.Engine(str(path), n_ctx=256, n_threads=2, device="cuda", **opts)
+        dev = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda", **opts)
         assert rel(dev.logits(toks), want) < TOL, opts
         assert rel(dev.eval([7]), want_next) < TOL, opts
 
@@ -103,8 +103,8 @@ def test_graph_replay_equals_direct_launches(gpu, files):
     """Decode steps replayed from a captured CUDA graph give the same bits as launching the same
     kernels directly (on the emulator both run directly: there this only checks the option)."""
     path = files[("q8_0", "mxfp4")]
-    direct = pyengine.Engine(str(path), n_ctx=256, n_threads=2, device="cuda", cuda_graphs=False)
-    graph = pyengine.Engine(str(path), n_ctx=256, n_threads=2, device="cuda")
+    direct = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda", cuda_graphs=False)
+    graph = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda")
     assert not direct._model.graphs_active
     assert graph._model.graphs_active == (gpu.BACKEND == "cuda")
     toks = prompt(10, seed=11)
@@ -118,8 +118,8 @@ def test_stacked_qkv_and_gate_up_equal_separate_products(gpu, files):
     """The fused upload (q|k|v rows in one matrix, each expert's gate|up rows in one) computes what
     the separate matrices do, which files whose q/k/v or gate/up types differ still use."""
     path = files[("q8_0", "mxfp4")]
-    fused = pyengine.Engine(str(path), n_ctx=64, n_threads=2, device="cuda")
-    cpu_model = pyengine.Engine(str(path), n_ctx=64, n_threads=2)._model
+    fused = pyengine.Engine(str(path), n_ctx=64, n_threads=2, exact=True, device="cuda")
+    cpu_model = pyengine.Engine(str(path), n_ctx=64, n_threads=2, exact=True)._model
     apart = gpu.CudaModel(cpu_model, fused.hparams, fuse=False)
     cache = gpu.CudaKVCache(apart, 64, 512)
     toks = prompt(12, seed=13)
@@ -132,11 +132,11 @@ def test_stacked_qkv_and_gate_up_equal_separate_products(gpu, files):
 def test_batched_sequences_match_single(gpu, files):
     path = files[("q8_0", "mxfp4")]
     mf = open_model(str(path))
-    a, b = (pyengine.Engine(mf, n_ctx=256, n_threads=2, device="cuda") for _ in range(2))
+    a, b = (pyengine.Engine(mf, n_ctx=256, n_threads=2, exact=True, device="cuda") for _ in range(2))
     assert a._model is b._model                 # engines sharing a ModelFile share one upload
     pa, pb = prompt(9, seed=4), prompt(5, seed=5)
     la, lb = eval_batch([a, b], [pa, pb])
-    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2)
+    cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True)
     assert rel(la, cpu.logits(pa)[-1]) < TOL
     assert rel(lb, cpu.logits(pb)[-1]) < TOL
     la, lb = eval_batch([a, b], [[3], [4]])     # a decode round of two sequences
@@ -149,8 +149,8 @@ def test_sliding_ring_wraps_on_gpu(gpu, tmp_path):
     path = tmp_path / "swa.gguf"
     write_gptoss_gguf(path, arch="gpt-oss", n_layer=2, seed=6, drop_keys=("attention.sliding_window",),
                       extra_keys={"gpt-oss.attention.sliding_window": (16, GGUFValueType.UINT32)})
-    cpu = pyengine.Engine(str(path), n_ctx=128, n_threads=2, n_batch=8)
-    dev = pyengine.Engine(str(path), n_ctx=128, n_threads=2, n_batch=8, device="cuda")
+    cpu = pyengine.Engine(str(path), n_ctx=128, n_threads=2, exact=True, n_batch=8)
+    dev = pyengine.Engine(str(path), n_ctx=128, n_threads=2, exact=True, n_batch=8, device="cuda")
     toks = prompt(40, seed=7)
     assert rel(dev.logits(toks), cpu.logits(toks)) < TOL
 
@@ -187,13 +187,13 @@ def test_llama_cpp_quantized_files_match_cpu(gpu, kquant_files, ftype):
 
 
 def test_bad_input_raises_before_the_gpu_sees_it(gpu, files):
-    dev = pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, n_threads=2, device="cuda")
+    dev = pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, n_threads=2, exact=True, device="cuda")
     with pytest.raises(ValueError, match="out of range"):
         dev.eval([dev.n_vocab])
     with pytest.raises(ValueError, match="exceed the context"):
         dev.eval(list(range(33)))
     with pytest.raises(ValueError, match="another model"):
-        dev._model.forward(pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32)._cache, [1], 0, False, 1)
+        dev._model.forward(pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, exact=True)._cache, [1], 0, False, 1)
     assert dev.n_past == 0
     assert dev.eval([1, 2]).shape == (dev.n_vocab,)   # still usable
 
@@ -205,7 +205,5 @@ def test_device_errors(files, monkeypatch):
     monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
     with pytest.raises(ValueError, match="n_gpu_layers=0"):
         pyengine.Engine(path, device="cuda", n_gpu_layers=0)
-    with pytest.raises(ValueError, match="int8_activations"):
-        pyengine.Engine(path, device="cuda", int8_activations=True)
     with pytest.raises(ValueError, match="cuda:3"):
         pyengine.Engine(path, device="cuda:3")

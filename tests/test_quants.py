@@ -112,26 +112,37 @@ def random_activations(n: int, rng) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def check_quantize_q8(seed: int = 0) -> None:
+def check_quantize_act_q8(seed: int = 0) -> None:
+    """pe_act_q8_quantize against numpy in float32: d = amax / 127, q = round-half-away(x * (1 / d))."""
     rng = np.random.default_rng(seed)
-    for n in (2880, 4096):
-        x = random_activations(n, rng)
-        expect = gguf.quants.quantize(x.reshape(1, -1), T.Q8_0).reshape(-1)
-        assert np.array_equal(pyengine._quants.quantize_row_q8(x), expect)
+    for n in (2880, 4096, 32):
+        x = random_activations(n, rng) if n > 64 else rng.standard_normal(n).astype(np.float32)
+        b = x.reshape(-1, 32)
+        d = (np.abs(b).max(1) / np.float32(127)).astype(np.float32)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+        v = (b * inv[:, None]).astype(np.float32)
+        q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
+        qs, dd, s32, s16 = pyengine._quants.quantize_act_q8(x)
+        assert np.array_equal(qs, q.reshape(-1)) and np.array_equal(dd, d)
+        assert np.array_equal(s32, q.astype(np.int64).sum(1).astype(np.float32))
+        assert np.array_equal(s16, q.reshape(-1, 16).astype(np.int64).sum(1).astype(np.float32))
 
 
 def check_dot_q8(qtype, seed: int = 0) -> None:
+    """The int8 kernel against float64 on the quantized activations, bit-identical however the rows
+    are grouped (one call for all rows vs one per row)."""
     rng = np.random.default_rng(seed)
-    for n in (2880, 4096):
-        x = random_activations(n, rng)
-        xq = pyengine._quants.quantize_row_q8(x)
-        xd = reference(xq.reshape(1, -1), T.Q8_0)[0].astype(np.float64)
-        rows = np.stack([random_blocks(qtype, n // 32, rng, e8m0=(100, 150)) for _ in range(70)])
-        got = pyengine._quants.dot_rows_q8(rows, xq, int(qtype))
+    for n in (2880, 4096, 96, 160):  # 3 and 5 blocks: the kernels' tails
+        x = random_activations(n, rng) if n > 64 else rng.standard_normal(n).astype(np.float32)
+        qs, d, _, _ = pyengine._quants.quantize_act_q8(x)
+        xd = (qs.reshape(-1, 32).astype(np.float64) * d[:, None]).reshape(-1)
+        rows = np.stack([random_blocks(qtype, n // 32, rng, e8m0=(100, 150)) for _ in range(13)])
+        got = pyengine._quants.dot_rows_q8(rows, x, int(qtype))
         terms = reference(rows, qtype).astype(np.float64) * xd
         err = np.abs(got - terms.sum(axis=1))
         assert (err <= 1e-5 * np.abs(terms).sum(axis=1) + 1e-30).all(), (qtype.name, err.max())
-        assert np.array_equal(got, pyengine._quants.dot_rows_q8(rows, xq, int(qtype)))
+        one = np.array([pyengine._quants.dot_rows_q8(rows[i:i + 1], x, int(qtype))[0] for i in range(len(rows))])
+        assert np.array_equal(got.view(np.uint32), one.view(np.uint32))
 
 
 def check_level(expected_level: str) -> None:
@@ -141,9 +152,7 @@ def check_level(expected_level: str) -> None:
     for qtype in TYPES:
         check_random_blocks(qtype, seed=int(qtype))
         check_dot(qtype, seed=int(qtype))
-    check_quantize_q8()
-    for qtype in Q8_TYPES:
-        check_dot_q8(qtype, seed=int(qtype))
+    check_quantize_act_q8()
 
 
 # ---- the current (best) SIMD level, in-process ---------------------------------------------------
@@ -179,25 +188,31 @@ def test_dot_is_deterministic():
     assert len({np.float32(quants.dot(row, x, T.MXFP4)).tobytes() for _ in range(5)}) == 1
 
 
-def test_quantize_row_q8_bit_identical_to_gguf_q8_0():
-    check_quantize_q8()
+HAS_Q8 = pytest.mark.skipif(not pyengine._quants.has_dot_q8(int(T.Q8_0)),
+                            reason="no int8 kernels on this CPU (AVX-512 VNNI)")
 
 
+def test_quantize_act_q8_matches_numpy():
+    check_quantize_act_q8()
+
+
+@HAS_Q8
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
 def test_dot_q8_matches_float64(qtype):
     check_dot_q8(qtype)
 
 
-def test_dot_q8_only_where_implemented():
-    assert [t.name for t in TYPES if pyengine._quants.has_dot_q8(int(t))] == ["Q4_0", "Q8_0", "MXFP4"]
-    xq = pyengine._quants.quantize_row_q8(np.ones(256, np.float32))
-    with pytest.raises(ValueError, match="no int8-activation dot"):
-        pyengine._quants.dot_rows_q8(np.zeros((1, 144), np.uint8), xq, int(T.Q4_K))
-    with pytest.raises(ValueError, match="Q8_0 blocks of 256"):
-        pyengine._quants.dot_rows_q8(np.zeros((1, 8 * 34), np.uint8), xq[:-1], int(T.Q8_0))
+@HAS_Q8
+def test_dot_q8_rejects_bad_input():
+    x = np.ones(256, np.float32)
+    if not pyengine._quants.has_dot_q8(int(T.F16)):
+        with pytest.raises(ValueError, match="no int8-activation dot"):
+            pyengine._quants.dot_rows_q8(np.zeros((1, 512), np.uint8), x, int(T.F16))
+    with pytest.raises(ValueError, match="must hold 288 elements"):
+        pyengine._quants.dot_rows_q8(np.zeros((1, 9 * 34), np.uint8), x, int(T.Q8_0))
     for bad in (np.ones(33, np.float32), np.ones(64, np.float64), np.ones((2, 32), np.float32)):
         with pytest.raises(ValueError, match="multiple of 32"):
-            pyengine._quants.quantize_row_q8(bad)
+            pyengine._quants.quantize_act_q8(bad)
 
 
 # ---- the lower SIMD levels, in child processes ---------------------------------------------------

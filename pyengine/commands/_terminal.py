@@ -35,14 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="instructions (the developer message)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
+    p.add_argument("--exact", action="store_true",
+                   help="float32 activations in every product (default: int8 activations for quantized "
+                        "weights, as llama.cpp; see docs/forward.md)")
     gpu_arguments(p)
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
     return Engine(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
-                  verbose=args.verbose, models_dir=args.models_dir, int8_activations=args.int8,
+                  verbose=args.verbose, models_dir=args.models_dir, exact=args.exact,
                   **gpu_options(args))
 
 

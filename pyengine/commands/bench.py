@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test (default 5)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--models-dir", help="models folder for names")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 activations in Q8_0/Q4_0/MXFP4 decode products, as llama.cpp (see docs/forward.md)")
+    p.add_argument("--exact", action="store_true",
+                   help="float32 activations in every product (default: int8 activations for quantized "
+                        "weights, as llama.cpp; see docs/forward.md)")
     gpu_arguments(p)
 
 
@@ -43,7 +44,7 @@ def device_fields(eng: Engine) -> dict:
 def run(args: argparse.Namespace) -> int:
     n_ctx = args.n_depth + max(args.n_prompt, args.n_gen) + 16
     eng = Engine(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=args.batch_size,
-                 models_dir=args.models_dir, int8_activations=args.int8, **gpu_options(args))
+                 models_dir=args.models_dir, exact=args.exact, **gpu_options(args))
     runner = Runner(eng.reset, eng.eval)
     base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng.model_file),
                 model_size=eng.model_file.file_size, model_n_params=n_params(eng.model_file),

@@ -79,7 +79,7 @@ def test_quantized_matches_transformers_on_dequantized_weights(models, types):
 @pytest.mark.parametrize("types", [("f32", "f32"), ("q8_0", "mxfp4")])
 def test_decode_one_token_at_a_time_equals_prefill(models, types):
     path, _ = models[types]
-    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=16)  # ring of 144 < 400: wraps
+    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=16, exact=True)  # ring of 144 < 400: wraps
     toks = prompt(eng.n_vocab, n=300, seed=2)
     prefill = eng.logits(toks)
     eng.reset()

@@ -6,8 +6,9 @@
  * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
  * reported in GB/s of weight bytes and as a share of the bandwidth) and a 64-token matrix product
  * (prefill: bound by arithmetic, reported in GFLOP/s), on a matrix of n_in = 2880 columns and as
- * many rows as fill MIB megabytes (default 256, beyond the caches). Then the MoE layer of
- * gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens.
+ * many rows as fill MIB megabytes (default 256, beyond the caches); each on the default path (int8
+ * activations for types with int8 kernels) and on the exact float32-activation path. Then the MoE
+ * layer of gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens.
  * Weights are random blocks whose scale fields are set to a small normal value (no NaN or
  * denormal slow paths); the timing does not depend on the values. Best of REPS runs. */
 #include <math.h>
@@ -93,23 +94,43 @@ static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, flo
     return best;
 }
 
-/* Read bandwidth: sum a buffer much larger than the caches, as 64-bit words, with every thread
- * (an integer sum vectorizes, so the loop is bound by memory, not by the adder). */
+/* Read bandwidth: every thread streams its own contiguous slice of a buffer much larger than the
+ * caches with 256-bit loads into eight independent XOR accumulators (so the loop is bound by memory,
+ * not by a dependency chain); best of 7. On the 2-core dev boxes one stream per thread read faster
+ * than several interleaved streams or software prefetch (bench/RESULTS.md). */
+#if defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx2"))) static uint64_t stream_read(const uint8_t *p, size_t bytes) {
+    __m256i a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+    for (size_t o = 0; o + 256 <= bytes; o += 256)
+        for (int i = 0; i < 8; i++) a[i] = _mm256_xor_si256(a[i], _mm256_load_si256((const __m256i *)(p + o + 32 * i)));
+    for (int i = 1; i < 8; i++) a[0] = _mm256_xor_si256(a[0], a[i]);
+    return (uint64_t)_mm256_extract_epi64(a[0], 0);
+}
+#else
+static uint64_t stream_read(const uint8_t *p, size_t bytes) {
+    uint64_t s = 0;
+    for (size_t o = 0; o + 8 <= bytes; o += 8) { uint64_t v; memcpy(&v, p + o, 8); s ^= v; }
+    return s;
+}
+#endif
+
 static double bandwidth(int threads, size_t bytes) {
-    const int64_t n = (int64_t)(bytes / sizeof(uint64_t));
-    uint64_t *buf = malloc(bytes);
+    uint8_t *buf = aligned_alloc(4096, bytes);
     if (!buf) return 0;
 #pragma omp parallel for num_threads(threads)
-    for (int64_t i = 0; i < n; i++) buf[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    for (int64_t i = 0; i < (int64_t)(bytes / 8); i++) ((uint64_t *)buf)[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
     double best = 1e30;
     uint64_t sink = 0;
-    for (int r = 0; r < 5; r++) {
-        uint64_t sum = 0;
+    for (int r = 0; r < 7; r++) {
         const double t0 = now();
-#pragma omp parallel for num_threads(threads) reduction(+ : sum)
-        for (int64_t i = 0; i < n; i++) sum += buf[i];
+#pragma omp parallel num_threads(threads) reduction(^ : sink)
+        {
+            const size_t slice = bytes / (size_t)omp_get_num_threads() / 4096 * 4096;
+            sink ^= stream_read(buf + (size_t)omp_get_thread_num() * slice, slice);
+        }
         const double dt = now() - t0;
-        sink += sum;
         if (dt < best) best = dt;
     }
     free(buf);
@@ -141,10 +162,10 @@ static void bench_moe(int threads, int reps, double bw) {
     };
     printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
     printf("%-8s %12s %12s %12s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "% of BW");
-    const int64_t toks[] = {1, 64, 1};
-    for (int k = 0; k < 3; k++) {
+    const int64_t toks[] = {1, 64, 1, 64};
+    for (int k = 0; k < 4; k++) {
         const int64_t n = toks[k];
-        const int int8 = k == 2; /* the last row: 1 token with int8 activations */
+        const int int8 = k < 2; /* the default (int8 activations), then the exact float32 path */
         m.gate.int8_act = m.up.int8_act = m.down.int8_act = int8;
         double best = 1e30;
         for (int r = 0; r < reps; r++) {
@@ -158,7 +179,7 @@ static void bench_moe(int threads, int reps, double bw) {
         const double bytes = (double)used * (2.0 * exp_row * F + pe_row_size(PE_TYPE_MXFP4, F) * D) + 4.0 * D * E;
         const double flops = 2.0 * n * K * 3.0 * D * F;
         char label[16];
-        snprintf(label, sizeof label, int8 ? "%lld (int8)" : "%lld", (long long)n);
+        snprintf(label, sizeof label, int8 ? "%lld" : "%lld (exact)", (long long)n);
         printf("%-8s %12.3f %12.2f %12.2f %9.0f%%\n", label, best * 1e3, bytes / best / 1e9,
                flops / best / 1e9, 100.0 * bytes / best / 1e9 / bw);
     }
@@ -182,8 +203,8 @@ int main(int argc, char **argv) {
     printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
            pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
     printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);
-    printf("%-6s %8s %14s %10s %14s %16s %12s\n", "type", "rows", "decode GB/s", "% of BW", "decode GF/s",
-           "prefill GFLOP/s", "int8 GB/s");
+    printf("%-6s %8s %12s %8s %16s %14s %16s\n", "type", "rows", "decode GB/s", "% of BW", "prefill GFLOP/s",
+           "exact dec GB/s", "exact pre GFLOP/s");
     const int types[] = {PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0, PE_TYPE_Q4_0, PE_TYPE_Q4_1,
                          PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K,
                          PE_TYPE_Q6_K, PE_TYPE_MXFP4};
@@ -201,21 +222,18 @@ int main(int argc, char **argv) {
         if (!w || !y || !xx) { fprintf(stderr, "out of memory\n"); return 1; }
         for (int64_t i = 0; i < n_in * 64; i++) xx[i] = frand();
         fill(type, w, rows, n_in);
-        pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, 0};
-        time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
-        const double dec = time_matmul(&pw, xx, 1, y, threads, reps);
-        const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
-        pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, 0};
-        const double pre = time_matmul(&pp, xx, 64, y, threads, reps);
-        const double gbs = row * rows / dec / 1e9;
-        printf("%-6s %8lld %14.2f %9.0f%% %14.2f %16.2f", t->name, (long long)rows, gbs, 100.0 * gbs / bw,
-               2.0 * n_in * rows / dec / 1e9, 2.0 * n_in * pre_rows * 64 / pre / 1e9);
-        if (t->dot_q8) { /* decode with int8 activations (Engine(int8_activations=True)) */
-            pw.int8_act = 1;
-            printf(" %12.2f\n", row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9);
-        } else {
-            printf(" %12s\n", "-");
+        /* the default path (int8 activations where the type has kernels), then the exact one */
+        double dec[2], pre[2];
+        for (int exact = 0; exact < 2; exact++) {
+            pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact};
+            time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
+            dec[exact] = row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9;
+            const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
+            pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact};
+            pre[exact] = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
         }
+        printf("%-6s %8lld %12.2f %7.0f%% %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0],
+               100.0 * dec[0] / bw, pre[0], dec[1], pre[1]);
         free(w); free(y); free(xx);
     }
     bench_moe(threads, reps, bw);

@@ -2,10 +2,17 @@
  * Q8_0, Q4_0 and MXFP4 (what gpt-oss files are made of). Eight rows share one pass over the
  * activations, so the per-block work (scales, sums, the horizontal fold) is paid once per group.
  *
+ * Activations carry two int8 digits (pe_act_q8: x = d * (q + ql / 254)), so the products are as
+ * close to float32 activations as makes no difference to the logits (llama.cpp's one Q8_0 digit
+ * moves a random test model's logits by ~0.1-0.4 relative; two digits by ~1e-3): each product is
+ * two vpdpbusd, combined exactly as 254 * (w . q) + (w . ql). Decode is bound by reading weights,
+ * so the second digit costs little time.
+ *
  * vpdpbusd multiplies unsigned by signed bytes, so weight codes are made unsigned by an offset
  * (Q8_0: q + 128, Q4_0: the raw nibble = q + 8, MXFP4: doubled E2M1 value + 12), and the offset
- * times the activation block's code sum (pe_act_q8.s32) is subtracted before scaling. Integer
- * arithmetic is exact; each (row, block) sum is converted to float once and scaled by d_w * d_x,
+ * times the activation block's combined code sum (pe_act_q8.s32x) is subtracted before scaling.
+ * Integer arithmetic is exact; each (row, block) sum is converted to float once and scaled by
+ * d_w * d_x / 254,
  * so a row's result depends only on its own data, never on its neighbours in the group (rows past
  * nr repeat the last row and are not stored).
  *
@@ -71,12 +78,21 @@ static inline __m512i load4x16(const uint8_t *p0, const uint8_t *p1, const uint8
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* int32 partial sums of four rows (r[0..3]) with one block whose 16 code bytes sit at offset o. */
-static inline __m512i block4(const uint8_t *const r[4], int64_t o, __m512i table, __m512i xlo, __m512i xhi) {
+/* 254 * (w . q) + (w . ql): the two activation digits' integer dot products, combined exactly. */
+static inline __m512i two_digits(__m512i a, __m512i al) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(a, _mm512_set1_epi32(254)), al);
+}
+
+/* int32 partial sums of four rows (r[0..3]) with one block whose 16 code bytes sit at offset o;
+ * x[0], x[1]: the block's first and second 16 codes broadcast to every lane, x[2], x[3]: the same of
+ * the second digits. */
+static inline __m512i block4(const uint8_t *const r[4], int64_t o, __m512i table, const __m512i x[4]) {
     const __m512i v = load4x16(r[0] + o, r[1] + o, r[2] + o, r[3] + o);
     const __m512i lo = _mm512_permutexvar_epi8(v, table);
     const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), table);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+    const __m512i z = _mm512_setzero_si512();
+    return two_digits(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x[0]), hi, x[1]),
+                      _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x[2]), hi, x[3]));
 }
 
 /* Sum of the four lanes of each 128-bit lane, in a fixed order -> 4 floats. */
@@ -101,7 +117,7 @@ static inline void dot_q8_nibbles(const uint8_t *rows, int64_t stride, int nr, c
     for (int s = 0; s < 2; s++)
         for (int j = 0; j < 16; j++) off[s][j] = (int32_t)((r[4 * s + j / 4] - rows) + (j % 4) * BLOCK);
     const __m512i idx0 = _mm512_loadu_si512(off[0]), idx1 = _mm512_loadu_si512(off[1]);
-    const __m512 voff = _mm512_set1_ps(OFFSET);
+    const __m512 voff = _mm512_set1_ps(OFFSET), inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
@@ -111,18 +127,20 @@ static inline void dot_q8_nibbles(const uint8_t *rows, int64_t stride, int nr, c
         __m512i a0[4], a1[4];
         for (int i = 0; i < 4; i++) {
             if (i >= nblk) { a0[i] = a1[i] = _mm512_setzero_si512(); continue; }
-            const int8_t *xq = x->qs + 32 * (b + i);
-            const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xq));
-            const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + 16)));
-            a0[i] = block4(r, o + i * BLOCK + QS, table, xlo, xhi);
-            a1[i] = block4(r + 4, o + i * BLOCK + QS, table, xlo, xhi);
+            const int8_t *xq = x->qs + 32 * (b + i), *xl = x->ql + 32 * (b + i);
+            const __m512i xv[4] = {_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xq)),
+                                   _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + 16))),
+                                   _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xl)),
+                                   _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xl + 16)))};
+            a0[i] = block4(r, o + i * BLOCK + QS, table, xv);
+            a1[i] = block4(r + 4, o + i * BLOCK + QS, table, xv);
         }
         prefetch_next(next + 8 * o, 32 * BLOCK);
         const __mmask16 m = nblk == 4 ? 0xffff : (__mmask16)(0x1111 * ((1u << nblk) - 1));
         const __m512i w0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx0, rows + o, 1);
         const __m512i w1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx1, rows + o, 1);
-        const __m512 dx = _mm512_broadcast_f32x4(_mm_loadu_ps(x->d + b));
-        const __m512 sx = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x->s32 + b)), voff);
+        const __m512 dx = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x->d + b)), inv254);
+        const __m512 sx = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x->s32x + b)), voff);
         const __m512 s0 = _mm512_mul_ps(e8m0 ? scales_e8m0(w0) : scales_f16(w0), dx);
         const __m512 s1 = _mm512_mul_ps(e8m0 ? scales_e8m0(w1) : scales_f16(w1), dx);
         acc0 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(fold4(a0)), sx), s0, acc0);
@@ -187,20 +205,24 @@ static void dot_q8_q8_0(const uint8_t *rows, int64_t stride, int nr, const pe_ac
     int32_t off[16];
     for (int j = 0; j < 16; j++) off[j] = (int32_t)((r[ROW_OF(j)] - rows) + BLK_OF(j) * BLOCK_Q8_0);
     const __m512i vidx = _mm512_loadu_si512(off);
-    const __m512 voff = _mm512_set1_ps(128.0f);
+    const __m512 voff = _mm512_set1_ps(128.0f), inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
         const int64_t o = b * BLOCK_Q8_0;
-        const __m512i xv = _mm512_loadu_si512(x->qs + 32 * b);
+        const __m512i xv = _mm512_loadu_si512(x->qs + 32 * b), xl = _mm512_loadu_si512(x->ql + 32 * b);
         __m512i a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_q8_0(r[i] + o, two), xv);
+        for (int i = 0; i < 8; i++) {
+            const __m512i w = codes_q8_0(r[i] + o, two), z = _mm512_setzero_si512();
+            a[i] = two_digits(_mm512_dpbusd_epi32(z, w, xv), _mm512_dpbusd_epi32(z, w, xl));
+        }
         prefetch_next(next + 8 * o, 16 * BLOCK_Q8_0);
-        const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), two ? 0xffff : 0x0f0f, vidx, rows + o, 1);
-        const __m512 t = _mm512_fnmadd_ps(pair_lanes(x->s32 + b), voff, _mm512_cvtepi32_ps(fold8(a)));
-        acc = _mm512_fmadd_ps(t, _mm512_mul_ps(scales_f16(w), pair_lanes(x->d + b)), acc);
+        const __m512i ws = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), two ? 0xffff : 0x0f0f, vidx, rows + o, 1);
+        const __m512 t = _mm512_fnmadd_ps(pair_lanes(x->s32x + b), voff, _mm512_cvtepi32_ps(fold8(a)));
+        const __m512 dx = _mm512_mul_ps(pair_lanes(x->d + b), inv254);
+        acc = _mm512_fmadd_ps(t, _mm512_mul_ps(scales_f16(ws), dx), acc);
     }
     /* rows 0-3: lanes 0-3 + 4-7; rows 4-7: lanes 8-11 + 12-15 */
     const __m256 lo = _mm512_castps512_ps256(acc), hi = _mm512_extractf32x8_ps(acc, 1);

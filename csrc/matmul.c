@@ -9,6 +9,7 @@
 
 #include "cpu_features.h"
 #include "gemm.h"
+#include "gemm_q8.h"
 #include "quants.h"
 
 enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
@@ -116,6 +117,40 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     return 0;
 }
 
+/* More tokens with int8 activations: every token quantized once, then threads take tiles of 16 rows,
+ * each repacked once and multiplied by all tokens (gemm_q8_avx512.c). */
+static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
+                           const float *bias, float *y, int64_t ldy, int n_threads) {
+    const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
+    const size_t act_bytes = pe_act_q8_bytes(n_in), scratch_bytes = pe_gemm_q8_scratch_bytes(n_in);
+    uint8_t *buf = aligned_alloc(64, act_bytes * (size_t)n_tok);
+    pe_act_q8 *xq = malloc(sizeof(pe_act_q8) * (size_t)n_tok);
+    uint8_t *scratch = malloc(scratch_bytes * (size_t)n_threads);
+    if (!buf || !xq || !scratch) {
+        free(buf); free(xq); free(scratch);
+        return -1;
+    }
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
+    const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
+#pragma omp parallel num_threads(n_threads)
+    {
+        uint8_t *mine = scratch;
+#ifdef _OPENMP
+        mine += (size_t)omp_get_thread_num() * scratch_bytes;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t ti = 0; ti < n_tiles; ti++) {
+            const int64_t r0 = ti * PE_GEMM_Q8_TILE;
+            const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
+            pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL,
+                            y + r0, ldy, mine);
+        }
+    }
+    free(buf); free(xq); free(scratch);
+    return 0;
+}
+
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads) {
     const uint8_t *base = w->data + expert * w->expert_stride;
@@ -124,5 +159,7 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
     if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
     if (n_threads < 1) n_threads = 1;
     if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
+    if (w->int8_act && pe_gemm_q8_supported(w->type))
+        return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 }

@@ -32,16 +32,22 @@ typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
 /* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
 typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
 
-/* One token's activations for the int8 kernels (llama.cpp's approach, with float scales): n floats
- * (n a multiple of 32) as int8 codes q = round-half-away(x / d), d = max|x| / 127 per 32 elements,
- * plus each 32- and 16-element block's code sum (exact integers in float) for formats whose codes
- * carry an offset or a block minimum. Built by pe_act_q8_quantize into one buffer; every array is
- * zero-padded so that kernels may read up to four blocks past the end. */
+/* One token's activations for the int8 kernels: n floats (n a multiple of 32), per 32 elements a
+ * float scale d = max|x| / 127 and int8 codes q = round-half-away(x / d) (llama.cpp's Q8_0 rounding,
+ * with a float scale), plus each 32- and 16-element block's code sum for formats whose codes carry
+ * an offset or a block minimum. The 32-element formats' kernels also use a second digit, the
+ * rounding remainder: ql = round-half-away((x / d - q) * 254), so that x = d * (q + ql / 254) to
+ * within d / 508, 254 times closer than q alone (two vpdpbusd per product, combined exactly in
+ * int32 as 254 * (w . q) + (w . ql)); s32x holds the combined sums 254 * sum(q) + sum(ql). Built
+ * by pe_act_q8_quantize into one buffer; every array is zero-padded so that kernels may read up
+ * to four blocks past the end. */
 typedef struct {
     const int8_t *qs;  /* n (+ 128 zero) codes */
+    const int8_t *ql;  /* n (+ 128 zero) second digits */
     const float *d;    /* n/32 (+ 4 zero) scales */
     const float *s32;  /* n/32 (+ 4 zero) sums of 32 codes */
     const float *s16;  /* n/16 (+ 8 zero) sums of 16 codes */
+    const float *s32x; /* n/32 (+ 4 zero) combined two-digit sums of 32 */
 } pe_act_q8;
 
 /* Bytes of the buffer for n activations. */

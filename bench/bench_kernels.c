@@ -1,7 +1,7 @@
 /* pyengine-bench-kernels: times the C core's kernels at gpt-oss-20b shapes, next to the machine's
  * measured memory read bandwidth.
  *
- *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB]
+ *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]
  *
  * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
  * reported in GB/s of weight bytes and as a share of the bandwidth) and a 64-token matrix product
@@ -189,17 +189,23 @@ static void bench_moe(int threads, int reps, double bw) {
 int main(int argc, char **argv) {
     int threads = omp_get_max_threads(), reps = 5;
     size_t mib = 256;
+    int only_bw = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-r") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]);
+        else if (!strcmp(argv[i], "--bandwidth")) only_bw = 1;
         else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]\n", argv[0]);
             return strcmp(argv[i], "-h") && strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
     if (threads < 1 || reps < 1 || mib < 1) { fprintf(stderr, "-t, -r and -m must be >= 1\n"); return 2; }
     const double bw = bandwidth(threads, (size_t)1 << 30);
+    if (only_bw) { /* just the probe, for scripts (bench/compare_llamacpp.py) */
+        printf("%.2f\n", bw);
+        return 0;
+    }
     printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
            pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
     printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);

@@ -7,12 +7,16 @@
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
 own child process (one after the other, so they never share the CPU, and a crash of one is
-reported, not fatal). Prints both llama-bench tables, the pyengine/llama.cpp ratio per test, and
-a header (date, machine, command, commit, load average) to paste into bench/RESULTS.md.
---no-extra-bufts turns off llama.cpp's repacked CPU weight buffers: the llama-cpp-python 0.3.36
-build here crashes (SIGSEGV) with them on files that have Q8_0 weights. --exact runs pyengine with
-exact=True (float32 activations everywhere; by default quantized weights get int8 activations, as
-llama.cpp always does). --device cuda
+reported, not fatal). llama.cpp runs in both CPU configurations: its default, with the repacked
+weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that have it), and
+without them; a configuration that crashes is reported, and each test's ratio is taken against the
+faster configuration that ran (named in the ratio table). Prints the llama-bench tables, the
+memory read bandwidth (pyengine-bench-kernels --bandwidth, same threads), each decode speed as a
+share of the limit it implies (weight bytes per token / bandwidth), and a header (date, machine,
+command, commit, load average) to paste into bench/RESULTS.md. --no-extra-bufts runs llama.cpp
+without the repacked buffers only. --exact runs pyengine with exact=True (float32 activations
+everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
+--device cuda
 runs pyengine on the GPU and llama.cpp with every layer offloaded (n_gpu_layers=-1, flash attention
 on): that needs a llama-cpp-python built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on")."""
 
@@ -23,11 +27,13 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from pyengine.bench import BenchResult, Runner, cpu_name, markdown, model_type, n_params, time_test
+from pyengine.bench import BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, time_test
+from pyengine.model_file import open_model
 
 
 def _rows(runner: Runner, n_vocab: int, base: dict, args) -> list[dict]:
@@ -40,8 +46,6 @@ def _rows(runner: Runner, n_vocab: int, base: dict, args) -> list[dict]:
 
 
 def _base(args, backend: str, n_threads: int) -> dict:
-    from pyengine.model_file import open_model
-
     mf = open_model(args.model)
     return dict(model_filename=args.model, model_type=model_type(mf), model_size=mf.file_size,
                 model_n_params=n_params(mf),
@@ -59,7 +63,7 @@ def child_pyengine(args) -> list[dict]:
     return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, backend, eng.n_threads), args)
 
 
-def child_llamacpp(args) -> list[dict]:
+def child_llamacpp(args, repacked: bool) -> list[dict]:
     import llama_cpp
 
     from pyengine.llama_cpp_peer import open_llama
@@ -67,20 +71,30 @@ def child_llamacpp(args) -> list[dict]:
     gpu = {"n_gpu_layers": -1, "flash_attn": True} if args.device != "cpu" else {}
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("this llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
-    llm = open_llama(args.model, extra_bufts=not args.no_extra_bufts,
+    llm = open_llama(args.model, extra_bufts=repacked,
                      n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t,
                      n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False, **gpu)
     backend = f"llama.cpp {llama_cpp.__version__}" + (" CUDA" if gpu else "") + (
-        " (no extra bufts)" if args.no_extra_bufts else "")
+        " repacked" if repacked else " (no extra bufts)")
     return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
+
+
+CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain")
+
+
+def bandwidth(threads: int) -> float:
+    """GB/s from the kernel bench's read probe, or 0 when it is not installed."""
+    exe = shutil.which("pyengine-bench-kernels")
+    if not exe:
+        return 0.0
+    r = subprocess.run([exe, "-t", str(threads), "--bandwidth"], capture_output=True, text=True)
+    return float(r.stdout.strip()) if r.returncode == 0 else 0.0
 
 
 def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
     r = subprocess.run([sys.executable, __file__, *argv, "--child", engine], capture_output=True, text=True)
     if r.returncode != 0:
         why = f"signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
-        if engine == "llama.cpp" and r.returncode == -11 and "--no-extra-bufts" not in argv:
-            why += "; try --no-extra-bufts"
         return f"{engine} failed ({why}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     fields = BenchResult.__dataclass_fields__
@@ -100,10 +114,10 @@ def main() -> int:
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
-    ap.add_argument("--child", choices=("pyengine", "llama.cpp"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args)
+        rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args, args.child == "llama.cpp")
         print(json.dumps(rows))
         return 0
 
@@ -113,20 +127,31 @@ def main() -> int:
     print(f"### {datetime.date.today()} · {cpu_name()} ({os.cpu_count()} CPUs, {platform.system()}) · commit {commit}")
     print(f"`python bench/compare_llamacpp.py {' '.join(argv)}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    bw = bandwidth(args.t)
     results = {}
-    for engine in ("pyengine", "llama.cpp"):
-        if args.only in (None, engine):
-            results[engine] = run_child(engine, argv)
-            if isinstance(results[engine], str):
-                print(f"**{results[engine]}**\n")
+    llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
+    for engine in (() if args.only == "llama.cpp" else ("pyengine",)) + llama:
+        results[engine] = run_child(engine, argv)
+        if isinstance(results[engine], str):
+            print(f"**{results[engine]}**\n")
     rows = [r for v in results.values() if not isinstance(v, str) for r in v]
     if rows:
         print(markdown(rows))
-    ours, theirs = results.get("pyengine"), results.get("llama.cpp")
-    if isinstance(ours, list) and isinstance(theirs, list):
-        print("\n| test | pyengine t/s | llama.cpp t/s | ratio |\n| --- | ---: | ---: | ---: |")
-        for a, b in zip(ours, theirs):
-            print(f"| {a.test} | {a.avg_ts:.2f} | {b.avg_ts:.2f} | {a.avg_ts / b.avg_ts:.2f}x |")
+    per_token = decode_bytes(open_model(args.model))
+    if bw:
+        print(f"\nmemory read bandwidth ({args.t} threads, pyengine-bench-kernels --bandwidth): {bw:.1f} GB/s; "
+              f"a decoded token reads {per_token / 1e9:.3f} GB of weights: limit {bw * 1e9 / per_token:.2f} tok/s")
+    ours = results.get("pyengine")
+    peers = [v for k, v in results.items() if k != "pyengine" and isinstance(v, list)]
+    if isinstance(ours, list):
+        print("\n| test | pyengine t/s | best llama.cpp t/s | llama.cpp configuration | ratio | decode % of bandwidth (pyengine / llama.cpp) |")
+        print("| --- | ---: | ---: | --- | ---: | ---: |")
+        for i, a in enumerate(ours):
+            best = max((p[i] for p in peers), key=lambda r: r.avg_ts, default=None)
+            share = (lambda r: f"{100 * r.avg_ts * per_token / (bw * 1e9):.0f} %") if bw and a.n_gen else None
+            print(f"| {a.test} | {a.avg_ts:.2f} | {best.avg_ts:.2f} | {best.backends} | {a.avg_ts / best.avg_ts:.2f}x | "
+                  f"{share(a) + ' / ' + share(best) if share else '-'} |" if best else
+                  f"| {a.test} | {a.avg_ts:.2f} | - | - | - | {share(a) if share else '-'} |")
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

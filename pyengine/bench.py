@@ -81,6 +81,21 @@ def n_params(mf: ModelFile) -> int:
     return int(sum(int(np.prod(t.shape, dtype=np.int64)) for t in mf.raw_tensors.values()))
 
 
+def decode_bytes(mf: ModelFile) -> int:
+    """Weight bytes one decoded token reads: every tensor once, except the token embedding (one
+    row) and the stacked experts (n_expert_used of n_expert). Divided into a measured read
+    bandwidth, it gives the decode speed limit (bench/compare_llamacpp.py)."""
+    hp, total = mf.hparams, 0
+    for name, t in mf.raw_tensors.items():
+        if name.startswith("token_embd."):
+            total += t.nbytes // int(t.shape[-1])
+        elif "_exps." in name and len(t.shape) == 3:
+            total += t.nbytes * hp.n_expert_used // hp.n_expert
+        else:
+            total += t.nbytes
+    return int(total)
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:

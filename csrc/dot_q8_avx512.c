@@ -38,7 +38,7 @@
 
 /* ---- shared pieces ----------------------------------------------------------------------------- */
 
-/* Scales of the folded lanes from the 32-bit words gathered at each (row, block) block start. */
+/* Scales of the folded lanes from the 32-bit words holding each (row, block)'s scale field. */
 static inline __m512 scales_f16(__m512i words) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words)); }
 
 /* e8m0 byte e -> 2^(e-128) (the doubled E2M1 values' scale), as pe_e8m0_half_bits: denormal below 2. */
@@ -113,10 +113,23 @@ static inline void dot_q8_nibbles(const uint8_t *rows, int64_t stride, int nr, c
     int8_t t64[64];
     for (int i = 0; i < 64; i++) t64[i] = table16[i & 15];
     const __m512i table = _mm512_loadu_si512(t64);
-    int32_t off[2][16];
-    for (int s = 0; s < 2; s++)
-        for (int j = 0; j < 16; j++) off[s][j] = (int32_t)((r[4 * s + j / 4] - rows) + (j % 4) * BLOCK);
-    const __m512i idx0 = _mm512_loadu_si512(off[0]), idx1 = _mm512_loadu_si512(off[1]);
+    /* scale bytes: for block i of the step, bytes i * BLOCK (+ 1 for f16 scales) of each row's
+     * step; gathered into dword lane 4k + i (row k) by one masked byte load and one vpermb per row */
+    const int sb = e8m0 ? 1 : 2;
+    uint8_t perm[64] = {0};
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < sb; j++) perm[4 * (4 * k + i) + j] = (uint8_t)(i * BLOCK + j);
+    const __m512i sperm = _mm512_loadu_si512(perm);
+    __mmask64 load_mask[5], lane_mask[4] = {0, 0, 0, 0};
+    for (int nblk = 0; nblk <= 4; nblk++) {
+        load_mask[nblk] = 0;
+        for (int i = 0; i < nblk; i++)
+            for (int j = 0; j < sb; j++) load_mask[nblk] |= 1ull << (i * BLOCK + j);
+    }
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < sb; j++) lane_mask[k] |= 1ull << (4 * (4 * k + i) + j);
     const __m512 voff = _mm512_set1_ps(OFFSET), inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
@@ -136,9 +149,11 @@ static inline void dot_q8_nibbles(const uint8_t *rows, int64_t stride, int nr, c
             a1[i] = block4(r + 4, o + i * BLOCK + QS, table, xv);
         }
         prefetch_next(next + 8 * o, 32 * BLOCK);
-        const __mmask16 m = nblk == 4 ? 0xffff : (__mmask16)(0x1111 * ((1u << nblk) - 1));
-        const __m512i w0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx0, rows + o, 1);
-        const __m512i w1 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx1, rows + o, 1);
+        __m512i w0 = _mm512_setzero_si512(), w1 = w0;
+        for (int k = 0; k < 4; k++) {
+            w0 = _mm512_mask_permutexvar_epi8(w0, lane_mask[k], sperm, _mm512_maskz_loadu_epi8(load_mask[nblk], r[k] + o));
+            w1 = _mm512_mask_permutexvar_epi8(w1, lane_mask[k], sperm, _mm512_maskz_loadu_epi8(load_mask[nblk], r[4 + k] + o));
+        }
         const __m512 dx = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x->d + b)), inv254);
         const __m512 sx = _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(x->s32x + b)), voff);
         const __m512 s0 = _mm512_mul_ps(e8m0 ? scales_e8m0(w0) : scales_f16(w0), dx);

@@ -2,6 +2,8 @@
  * each (token, head) pair, so the result does not depend on the thread count. */
 #include "attention.h"
 
+#include "arena.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +54,9 @@ int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const 
     const int64_t kv_dim = (int64_t)n_head_kv * head_dim, q_dim = (int64_t)n_head * head_dim;
     const int group = n_head / n_head_kv;
     const int64_t max_keys = window > 0 && window < pos0 + n_tok ? window : pos0 + n_tok;
-    float *scratch = malloc((size_t)n_threads * (size_t)max_keys * sizeof(float));
+    pe_arena *ar = pe_arena_get();
+    const size_t mark = ar ? pe_arena_mark(ar) : 0;
+    float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)max_keys * sizeof(float)) : NULL;
     if (!scratch) return -1;
     const int64_t n_pairs = n_tok * n_head;
 #pragma omp parallel num_threads(n_threads)
@@ -70,6 +74,6 @@ int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const 
                        sinks[h], scores);
         }
     }
-    free(scratch);
+    pe_arena_release(ar, mark);
     return 0;
 }

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "ops.h"
 #include "quants.h"
 
@@ -16,15 +17,20 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
     int64_t n_tok = 0;
     for (int64_t s = 0; s < n_seq; s++) n_tok += seqs[s].n_tok;
     int rc = -1;
-    float *x = malloc((size_t)n_tok * D * sizeof(float));     /* residual stream */
-    float *a = malloc((size_t)n_tok * D * sizeof(float));     /* normalised input of a sub-block */
-    float *t = malloc((size_t)n_tok * D * sizeof(float));     /* sub-block output */
-    float *q = malloc((size_t)n_tok * q_dim * sizeof(float));
-    float *k = malloc((size_t)n_tok * kv_dim * sizeof(float));
-    float *v = malloc((size_t)n_tok * kv_dim * sizeof(float));
-    float *o = malloc((size_t)n_tok * q_dim * sizeof(float));
-    float *cs = malloc((size_t)n_tok * 2 * half * sizeof(float));     /* cos | sin, full layers */
-    float *cs_swa = malloc((size_t)n_tok * 2 * half * sizeof(float)); /* cos | sin, sliding layers */
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+#define SCRATCH(n) (float *)pe_arena_alloc(ar, (size_t)(n) * sizeof(float))
+    float *x = SCRATCH(n_tok * D);          /* residual stream */
+    float *a = SCRATCH(n_tok * D);          /* normalised input of a sub-block */
+    float *t = SCRATCH(n_tok * D);          /* sub-block output */
+    float *q = SCRATCH(n_tok * q_dim);
+    float *k = SCRATCH(n_tok * kv_dim);
+    float *v = SCRATCH(n_tok * kv_dim);
+    float *o = SCRATCH(n_tok * q_dim);
+    float *cs = SCRATCH(n_tok * 2 * half);     /* cos | sin, full layers */
+    float *cs_swa = SCRATCH(n_tok * 2 * half); /* cos | sin, sliding layers */
+#undef SCRATCH
     if (!x || !a || !t || !q || !k || !v || !o || !cs || !cs_swa) goto done;
 
     /* token embedding (no scaling) */
@@ -87,7 +93,7 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
     if (pe_matmul(&m->output, 0, a, D, n_out, NULL, logits, m->n_vocab, n_threads)) goto done;
     rc = 0;
 done:
-    free(x); free(a); free(t); free(q); free(k); free(v); free(o); free(cs); free(cs_swa);
+    pe_arena_release(ar, mark);
     return rc;
 }
 

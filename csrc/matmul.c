@@ -7,6 +7,7 @@
 #include <omp.h>
 #endif
 
+#include "arena.h"
 #include "cpu_features.h"
 #include "gemm.h"
 #include "gemm_q8.h"
@@ -29,7 +30,9 @@ static int matmul_rows_q8(const pe_weight *w, const pe_type_traits *tt, const ui
                           int64_t ldx, int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const size_t act_bytes = pe_act_q8_bytes(n_in);
-    uint8_t *buf = aligned_alloc(64, act_bytes * (size_t)n_tok);
+    pe_arena *ar = pe_arena_get();
+    const size_t mark = ar ? pe_arena_mark(ar) : 0;
+    uint8_t *buf = ar ? pe_arena_alloc(ar, act_bytes * (size_t)n_tok) : NULL;
     if (!buf) return -1;
     pe_act_q8 xq[PE_ROWWISE_MAX_TOK];
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
@@ -45,7 +48,7 @@ static int matmul_rows_q8(const pe_weight *w, const pe_type_traits *tt, const ui
                 for (int i = 0; i < nr; i++) yt[i] += bias[r0 + i];
         }
     }
-    free(buf);
+    pe_arena_release(ar, mark);
     return 0;
 }
 
@@ -83,7 +86,9 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     /* per thread: the dequantized tile, then the kernel's scratch; 64-byte aligned */
     const int64_t tile_floats = (PE_TILE_ROWS * n_in + 15) / 16 * 16;
     const int64_t per_thread = tile_floats + (gemm ? PE_GEMM_SCRATCH_FLOATS : 0);
-    float *scratch = aligned_alloc(64, (size_t)n_threads * (size_t)per_thread * sizeof(float));
+    pe_arena *ar = pe_arena_get();
+    const size_t mark = ar ? pe_arena_mark(ar) : 0;
+    float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)per_thread * sizeof(float)) : NULL;
     if (!scratch) return -1;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -113,7 +118,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
             }
         }
     }
-    free(scratch);
+    pe_arena_release(ar, mark);
     return 0;
 }
 
@@ -123,11 +128,14 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
                            const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
     const size_t act_bytes = pe_act_q8_bytes(n_in), scratch_bytes = pe_gemm_q8_scratch_bytes(n_in);
-    uint8_t *buf = aligned_alloc(64, act_bytes * (size_t)n_tok);
-    pe_act_q8 *xq = malloc(sizeof(pe_act_q8) * (size_t)n_tok);
-    uint8_t *scratch = malloc(scratch_bytes * (size_t)n_threads);
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+    uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
+    pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
+    uint8_t *scratch = pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads);
     if (!buf || !xq || !scratch) {
-        free(buf); free(xq); free(scratch);
+        pe_arena_release(ar, mark);
         return -1;
     }
 #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -147,7 +155,7 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
                             y + r0, ldy, mine);
         }
     }
-    free(buf); free(xq); free(scratch);
+    pe_arena_release(ar, mark);
     return 0;
 }
 

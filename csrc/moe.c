@@ -6,23 +6,29 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "ops.h"
 
 int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads, int64_t *counts) {
     const int E = m->n_expert, K = m->n_used;
     const int64_t D = m->n_embd, F = m->n_ff;
     int rc = -1;
-    float *logits = malloc((size_t)n_tok * E * sizeof(float));
-    int *sel = malloc((size_t)n_tok * K * sizeof(int));
-    float *wts = malloc((size_t)n_tok * K * sizeof(float));
-    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *bucket = malloc((size_t)n_tok * K * sizeof(int64_t)); /* entries token * K + rank */
-    float *xg = malloc((size_t)n_tok * D * sizeof(float));
-    float *g = malloc((size_t)n_tok * F * sizeof(float));
-    float *u = malloc((size_t)n_tok * F * sizeof(float));
-    float *yg = malloc((size_t)n_tok * D * sizeof(float));
-    float *slots = malloc((size_t)n_tok * K * D * sizeof(float));
-    if (!logits || !sel || !wts || !count || !bucket || !xg || !g || !u || !yg || !slots) goto done;
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+    float *logits = pe_arena_alloc(ar, (size_t)n_tok * E * sizeof(float));
+    int *sel = pe_arena_alloc(ar, (size_t)n_tok * K * sizeof(int));
+    float *wts = pe_arena_alloc(ar, (size_t)n_tok * K * sizeof(float));
+    int64_t *count = pe_arena_alloc(ar, ((size_t)E + 1) * sizeof(int64_t));
+    int64_t *fill = pe_arena_alloc(ar, (size_t)E * sizeof(int64_t));
+    int64_t *bucket = pe_arena_alloc(ar, (size_t)n_tok * K * sizeof(int64_t)); /* entries token * K + rank */
+    float *xg = pe_arena_alloc(ar, (size_t)n_tok * D * sizeof(float));
+    float *g = pe_arena_alloc(ar, (size_t)n_tok * F * sizeof(float));
+    float *u = pe_arena_alloc(ar, (size_t)n_tok * F * sizeof(float));
+    float *yg = pe_arena_alloc(ar, (size_t)n_tok * D * sizeof(float));
+    float *slots = pe_arena_alloc(ar, (size_t)n_tok * K * D * sizeof(float));
+    if (!logits || !sel || !wts || !count || !fill || !bucket || !xg || !g || !u || !yg || !slots) goto done;
+    memset(count, 0, ((size_t)E + 1) * sizeof(int64_t));
 
     if (pe_matmul(&m->router, 0, x, D, n_tok, m->router_b, logits, E, n_threads)) goto done;
     for (int64_t t = 0; t < n_tok; t++) {
@@ -36,13 +42,8 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     if (counts)
         for (int e = 0; e < E; e++) counts[e] += count[e + 1];
     for (int e = 0; e < E; e++) count[e + 1] += count[e];
-    {
-        int64_t *fill = malloc((size_t)E * sizeof(int64_t));
-        if (!fill) goto done;
-        memcpy(fill, count, (size_t)E * sizeof(int64_t));
-        for (int64_t i = 0; i < n_tok * K; i++) bucket[fill[sel[i]]++] = i;
-        free(fill);
-    }
+    memcpy(fill, count, (size_t)E * sizeof(int64_t));
+    for (int64_t i = 0; i < n_tok * K; i++) bucket[fill[sel[i]]++] = i;
 
     for (int e = 0; e < E; e++) {
         const int64_t n = count[e + 1] - count[e];
@@ -67,7 +68,6 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     }
     rc = 0;
 done:
-    free(logits); free(sel); free(wts); free(count); free(bucket);
-    free(xg); free(g); free(u); free(yg); free(slots);
+    pe_arena_release(ar, mark);
     return rc;
 }

@@ -238,6 +238,157 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+/* ---- 32-blocks with a minimum or a 5th bit: eight blocks per step ------------------------------ */
+
+enum { B_Q4_1 = 0, B_Q5_0, B_Q5_1 };
+static const int B_BLOCK[3] = {20, 22, 24};
+static const int B_QH[3] = {0, 2, 4};  /* qh offset (Q5 types) */
+static const int B_QS[3] = {4, 6, 8};
+static const float B_OFFSET[3] = {0.0f, 16.0f, 0.0f};
+static const int B_HASMIN[3] = {1, 0, 1};
+
+/* Bytes of [p, p + valid) (valid clamped to 0..64), zero elsewhere; never reads past valid. */
+PE_AI __m512i loadm(const uint8_t *p, int64_t valid) {
+    const __mmask64 m = valid >= 64 ? ~(__mmask64)0 : valid <= 0 ? 0 : (((__mmask64)1 << valid) - 1);
+    return _mm512_maskz_loadu_epi8(m, p);
+}
+
+/* Index into the pair (A = p[0..64), B = p[32..96)) of the byte at offset off < 96. */
+static inline int pair_pos(int off) { return off < 64 ? off : 64 + off - 32; }
+
+typedef struct {
+    __m512i qs, qhl, qhh, hdr; /* vpermt2b indexes */
+    __m512i bits;              /* byte t of a lane: 1 << (t % 8) */
+    __m512i a_idx, m_idx;      /* float lanes of d and m (see decode_b) */
+} b_tables;
+
+PE_AI void b_tables_init(const int T, b_tables *t) {
+    const int BLOCK = B_BLOCK[T];
+    uint8_t qs[64], qhl[64], qhh[64], hdr[64], bits[64];
+    for (int L = 0; L < 4; L++)
+        for (int j = 0; j < 16; j++) {
+            qs[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QS[T] + j);
+            qhl[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + j / 8);
+            qhh[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + 2 + j / 8);
+            bits[16 * L + j] = (uint8_t)(1u << (j % 8));
+        }
+    /* words 0-3: d of the four blocks, words 4-7: m */
+    memset(hdr, 0, sizeof hdr);
+    for (int L = 0; L < 4; L++)
+        for (int k = 0; k < 2; k++) {
+            hdr[2 * L + k] = (uint8_t)pair_pos(BLOCK * L + k);
+            hdr[8 + 2 * L + k] = (uint8_t)pair_pos(BLOCK * L + 2 + k);
+        }
+    t->qs = _mm512_loadu_si512(qs);
+    t->qhl = _mm512_loadu_si512(qhl);
+    t->qhh = _mm512_loadu_si512(qhh);
+    t->hdr = _mm512_loadu_si512(hdr);
+    t->bits = _mm512_loadu_si512(bits);
+    int32_t ai[16], mi[16];
+    for (int L = 0; L < 4; L++)
+        for (int i = 0; i < 4; i++) {
+            ai[4 * L + i] = 8 * (i / 2) + L;
+            mi[4 * L + i] = 8 * (i / 2) + 4 + L;
+        }
+    t->a_idx = _mm512_loadu_si512(ai);
+    t->m_idx = _mm512_loadu_si512(mi);
+}
+
+/* Row step of eight blocks at p, nblk of them present (1..8). */
+PE_AI void decode_b(const int T, const b_tables *t, const uint8_t *p, int64_t nblk, row_step *s) {
+    const int BLOCK = B_BLOCK[T];
+    const __m512i m0f = rep8(0x0f);
+    __m128i hdr[2];
+    for (int g = 0; g < 2; g++) {
+        const int64_t rem = (nblk - 4 * g) * BLOCK;
+        const uint8_t *q = p + 4 * g * BLOCK;
+        const __m512i A = loadm(q, rem), B = loadm(q + 32, rem - 32);
+        const __m512i qs = _mm512_permutex2var_epi8(A, t->qs, B);
+        if (T == B_Q4_1) {
+            s->u[2 * g] = _mm512_and_si512(qs, m0f);
+            s->u[2 * g + 1] = _mm512_andnot_si512(m0f, qs);
+        } else {
+            const __m512i lo = _mm512_and_si512(qs, m0f);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
+            const __mmask64 bl = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhl, B), t->bits);
+            const __mmask64 bh = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhh, B), t->bits);
+            s->u[2 * g] = _mm512_mask_add_epi8(lo, bl, lo, rep8(16));
+            s->u[2 * g + 1] = _mm512_mask_add_epi8(hi, bh, hi, rep8(16));
+        }
+        hdr[g] = _mm512_castsi512_si128(_mm512_permutex2var_epi8(A, t->hdr, B));
+    }
+    /* floats: 0-3 d(blocks 0-3), 4-7 m(0-3), 8-11 d(4-7), 12-15 m(4-7) */
+    const __m512 f = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(hdr[0]), hdr[1], 1));
+    s->a = _mm512_permutexvar_ps(t->a_idx, f);
+    if (T == B_Q4_1)
+        s->a = _mm512_mul_ps(s->a, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
+                                                  0.0625f, 1, 0.0625f, 1, 0.0625f));
+    if (B_HASMIN[T]) s->m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(t->m_idx, f));
+}
+
+PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
+                    const int T) {
+    const int BLOCK = B_BLOCK[T];
+    const uint8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
+    b_tables tb;
+    b_tables_init(T, &tb);
+    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)SUB_B32));
+    const __m512i sub32 = _mm512_srli_epi32(sub, 1);
+    uint8_t xi0[64], xi1[64];
+    for (int L = 0; L < 4; L++)
+        for (int j = 0; j < 16; j++) {
+            xi0[16 * L + j] = (uint8_t)(32 * L + j);
+            xi1[16 * L + j] = (uint8_t)(32 * L + 16 + j);
+        }
+    const __m512i xidx0 = _mm512_loadu_si512(xi0), xidx1 = _mm512_loadu_si512(xi1);
+    const __m512 voff = _mm512_set1_ps(B_OFFSET[T]);
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nb = n / 32;
+    __m512 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        const int64_t nblk = nb - b < 8 ? nb - b : 8;
+        const int64_t o = b * BLOCK;
+        const int8_t *q = x->qs + 32 * b;
+        __m512i xa[4];
+        for (int g = 0; g < 2; g++) {
+            const __m512i X0 = loadm((const uint8_t *)q + 128 * g, 32 * (nblk - 4 * g));
+            const __m512i X1 = loadm((const uint8_t *)q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
+            xa[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
+            xa[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+        }
+        const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
+        const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b)));
+        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
+        const __m512 dxs = _mm512_mul_ps(dx, s16);
+        const __m512 offs = _mm512_mul_ps(s16, voff);
+        prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
+        for (int i = 0; i < 8; i++) {
+            row_step s;
+            decode_b(T, &tb, r[i] + o, nblk, &s);
+            const __m512i z = _mm512_setzero_si512();
+            const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
+                                    _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
+            __m512 t = _mm512_cvtepi32_ps(f);
+            if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
+            if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+static void dot_q8_q4_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q4_1);
+}
+static void dot_q8_q5_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_0);
+}
+static void dot_q8_q5_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_1);
+}
+
 static void dot_q8_q2_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
     dot_q8_k(rows, stride, nr, x, n, out, K_Q2);
 }
@@ -261,6 +412,9 @@ pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
     case PE_TYPE_Q4_K: return dot_q8_q4_k;
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
+    case PE_TYPE_Q4_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_1 : NULL;
+    case PE_TYPE_Q5_0: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_0 : NULL;
+    case PE_TYPE_Q5_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_1 : NULL;
     default: return NULL;
     }
 }

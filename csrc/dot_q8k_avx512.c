@@ -343,9 +343,42 @@ PE_AI void decode_b(const int T, const b_tables *t, const uint8_t *p, int64_t nb
     if (B_HASMIN[T]) s->m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(t->m_idx, f));
 }
 
+/* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there). */
+PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, int64_t b,
+                  const int64_t nblk, const uint8_t *next, __m512i sub, __m512i sub32, __m512i xidx0, __m512i xidx1,
+                  __m512 acc[8]) {
+    const int BLOCK = B_BLOCK[T];
+    const __m512 voff = _mm512_set1_ps(B_OFFSET[T]);
+    const int64_t o = b * BLOCK;
+    const int8_t *q = x->qs + 32 * b;
+    __m512i xa[4];
+    for (int g = 0; g < 2; g++) {
+        const __m512i X0 = loadm((const uint8_t *)q + 128 * g, 32 * (nblk - 4 * g));
+        const __m512i X1 = loadm((const uint8_t *)q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
+        xa[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
+        xa[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+    }
+    const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
+    const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b)));
+    const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
+    const __m512 dxs = _mm512_mul_ps(dx, s16);
+    const __m512 offs = _mm512_mul_ps(s16, voff);
+    prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
+    for (int i = 0; i < 8; i++) {
+        row_step s;
+        decode_b(T, tb, r[i] + o, nblk, &s);
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
+                                _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
+        __m512 t = _mm512_cvtepi32_ps(f);
+        if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+        acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
+        if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+    }
+}
+
 PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
                     const int T) {
-    const int BLOCK = B_BLOCK[T];
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
     b_tables tb;
@@ -359,40 +392,13 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
             xi1[16 * L + j] = (uint8_t)(32 * L + 16 + j);
         }
     const __m512i xidx0 = _mm512_loadu_si512(xi0), xidx1 = _mm512_loadu_si512(xi1);
-    const __m512 voff = _mm512_set1_ps(B_OFFSET[T]);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b += 8) {
-        const int64_t nblk = nb - b < 8 ? nb - b : 8;
-        const int64_t o = b * BLOCK;
-        const int8_t *q = x->qs + 32 * b;
-        __m512i xa[4];
-        for (int g = 0; g < 2; g++) {
-            const __m512i X0 = loadm((const uint8_t *)q + 128 * g, 32 * (nblk - 4 * g));
-            const __m512i X1 = loadm((const uint8_t *)q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
-            xa[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
-            xa[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
-        }
-        const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
-        const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b)));
-        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
-        const __m512 dxs = _mm512_mul_ps(dx, s16);
-        const __m512 offs = _mm512_mul_ps(s16, voff);
-        prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
-        for (int i = 0; i < 8; i++) {
-            row_step s;
-            decode_b(T, &tb, r[i] + o, nblk, &s);
-            const __m512i z = _mm512_setzero_si512();
-            const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
-                                    _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
-            __m512 t = _mm512_cvtepi32_ps(f);
-            if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
-            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
-            if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
-        }
-    }
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, sub, sub32, xidx0, xidx1, acc);
+    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, sub, sub32, xidx0, xidx1, acc);
     for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 

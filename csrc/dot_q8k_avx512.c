@@ -77,27 +77,36 @@ static const int K_BLOCK[5] = {84, 110, 144, 176, 210};
 static const float K_OFFSET[5] = {0.0f, 4.0f, 0.0f, 0.0f, 32.0f};
 static const int K_HASMIN[5] = {1, 0, 1, 1, 0};
 
-/* Q4_K/Q5_K scale and min bytes of four 16-byte headers (d, dmin, scales[12]), one per 128-bit lane:
- * sc0..7 in bytes 0-7, m0..7 in bytes 8-15 of the lane, as pe_k_scale_min. */
-PE_AI __m512i k_scale_min4(__m512i h) {
-    const __m512i p = _mm512_shuffle_epi8(h, _mm512_broadcast_i32x4(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15)));
-    const __m512i p4 = _mm512_shuffle_epi8(_mm512_srli_epi16(h, 4), _mm512_broadcast_i32x4(
-        _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15)));
-    const __m512i p2 = _mm512_shuffle_epi8(_mm512_srli_epi16(h, 2), _mm512_broadcast_i32x4(
-        _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11)));
-    const __m512i lo = _mm512_or_si512(
-        _mm512_and_si512(p, _mm512_broadcast_i32x4(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0))),
-        _mm512_and_si512(p4, rep8(15)));
-    return _mm512_or_si512(lo, _mm512_and_si512(p2, rep8(0x30)));
+/* Q4_K/Q5_K scale and min bytes: sc0..7 in bytes 0-7, m0..7 in bytes 8-15, from the 16-byte
+ * header h (d, dmin, scales[12]) as pe_k_scale_min. */
+PE_AI __m128i k_scale_min(__m128i h) {
+    /* s[k] sits at byte 4 + k */
+    const __m128i p = _mm_shuffle_epi8(h, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m128i p4 = _mm_shuffle_epi8(_mm_srli_epi16(h, 4),
+                                        _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15));
+    const __m128i p2 = _mm_shuffle_epi8(_mm_srli_epi16(h, 2),
+                                        _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m128i lo = _mm_or_si128(
+        _mm_and_si128(p, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(p4, _mm_set1_epi8(15)));
+    return _mm_or_si128(lo, _mm_and_si128(p2, _mm_set1_epi8(0x30)));
 }
 
-/* 16 bytes at each of four addresses, one per 128-bit lane. */
-PE_AI __m512i load4x16(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3) {
-    const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p0)),
-                                               _mm_loadu_si128((const __m128i *)p1), 1);
-    const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p2)),
-                                               _mm_loadu_si128((const __m128i *)p3), 1);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+/* Q4_K/Q5_K per-lane scales from the header at p, lanes ordered by SUB_Q45 (sub-block 32 = sub16/2);
+ * hi16: lanes of the high-nibble registers (odd i) get 1/16 (codes kept as 16 q). */
+PE_AI void k45_scales(const uint8_t *p, int hi16, row_step *s) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    const __m128i scm = k_scale_min(h);
+    /* sub32 of lane 4L + i = SUB_Q45 / 2 */
+    const __m128i isc = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
+    const __m128i imn = _mm_add_epi8(isc, _mm_set1_epi8(8));
+    const float d = f16(p), dmin = f16(p + 2);
+    const __m512 dv = hi16 ? _mm512_mul_ps(_mm512_set1_ps(d), _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
+                                                                             0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
+                                                                             0.0625f, 1, 0.0625f))
+                           : _mm512_set1_ps(d);
+    s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, isc)), dv);
+    s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, imn)), _mm512_set1_ps(dmin));
 }
 
 PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
@@ -105,12 +114,14 @@ PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NA
 PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     const __m512i m0f = rep8(0x0f);
     if (T == K_Q4) {
+        k45_scales(p, 1, s);
         const __m512i v0 = _mm512_loadu_si512(p + 16), v1 = _mm512_loadu_si512(p + 80);
         s->u[0] = _mm512_and_si512(v0, m0f);
         s->u[1] = _mm512_andnot_si512(m0f, v0);
         s->u[2] = _mm512_and_si512(v1, m0f);
         s->u[3] = _mm512_andnot_si512(m0f, v1);
     } else if (T == K_Q5) {
+        k45_scales(p, 0, s);
         const __m512i qh = bcast32(p + 16);
         const __m512i v0 = _mm512_loadu_si512(p + 48), v1 = _mm512_loadu_si512(p + 112);
         const __m512i s16 = rep8(16);
@@ -212,36 +223,8 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         const __m512 dxs = _mm512_mul_ps(dx, s16);
         const __m512 offs = _mm512_mul_ps(s16, voff);
         prefetch_next(next + 8 * o, 8 * BLOCK);
-        __m512i scm4[2];
-        __m512 dd4[2];
-        if (T == K_Q4 || T == K_Q5) {
-            /* the eight rows' headers (d, dmin, scales) decoded four at a time */
-            for (int g = 0; g < 2; g++) {
-                const __m512i h = load4x16(r[4 * g] + o, r[4 * g + 1] + o, r[4 * g + 2] + o, r[4 * g + 3] + o);
-                scm4[g] = k_scale_min4(h);
-                const __m512i dsel = _mm512_castsi128_si512(
-                    _mm_setr_epi8(0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51));
-                dd4[g] = _mm512_castps256_ps512(
-                    _mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(dsel, h))));
-            }
-        }
         for (int i = 0; i < 8; i++) {
             row_step s;
-            if (T == K_Q4 || T == K_Q5) {
-                /* sub32 of lane 4L + i = SUB_Q45 / 2; bytes 0-7 scales, 8-15 mins of row i's lane */
-                const __m128i isc = _mm_add_epi8(_mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7),
-                                                 _mm_set1_epi8((char)(16 * (i % 4))));
-                const __m128i imn = _mm_add_epi8(isc, _mm_set1_epi8(8));
-                const __m512i sm = scm4[i / 4];
-                const __m512 d = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * (i % 4)), dd4[i / 4]);
-                const __m512 dmin = _mm512_permutexvar_ps(_mm512_set1_epi32(2 * (i % 4) + 1), dd4[i / 4]);
-                const __m512 dv = T == K_Q4 ? _mm512_mul_ps(d, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
-                                                                               0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
-                                                                               0.0625f, 1, 0.0625f))
-                                            : d;
-                s.a = _mm512_mul_ps(u8_to_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(_mm512_castsi128_si512(isc), sm))), dv);
-                s.m = _mm512_mul_ps(u8_to_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(_mm512_castsi128_si512(imn), sm))), dmin);
-            }
             decode_k(T, r[i] + o, &s);
             const __m512i z = _mm512_setzero_si512();
             const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
@@ -432,8 +415,8 @@ pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
     switch (type) {
     case PE_TYPE_Q2_K: return dot_q8_q2_k;
     case PE_TYPE_Q3_K: return dot_q8_q3_k;
-    case PE_TYPE_Q4_K: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_k : NULL;
-    case PE_TYPE_Q5_K: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_k : NULL;
+    case PE_TYPE_Q4_K: return dot_q8_q4_k;
+    case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
     case PE_TYPE_Q4_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_1 : NULL;
     case PE_TYPE_Q5_0: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_0 : NULL;

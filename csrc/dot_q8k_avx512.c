@@ -160,6 +160,11 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
         if (T == K_Q3) hm = bcast32(p);
         for (int h = 0; h < 2; h++) {
             const __m512i q = bcast32(qs + 32 * h);
+            if (T == K_Q2) { /* codes kept in place: 4^j q, with 4^-j in the scales */
+                s->u[2 * h] = _mm512_and_si512(q, halves8(0x03, 0x0c));
+                s->u[2 * h + 1] = _mm512_and_si512(q, halves8(0x30, 0xc0));
+                continue;
+            }
             __m512i u0 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(0, 2)), m03);
             __m512i u1 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(4, 6)), m03);
             if (T == K_Q3) {
@@ -174,8 +179,16 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
             const __m128i sc = _mm_loadu_si128((const __m128i *)p);
             const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
-            s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(lo, sub_nat_idx())), _mm512_set1_ps(f16(p + 80)));
-            s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())), _mm512_set1_ps(f16(p + 82)));
+            /* d, dmin; lane 4L + i holds shift j = 2 (i % 2) + L / 2 of the in-place codes */
+            int32_t ddw;
+            memcpy(&ddw, p + 80, 4);
+            const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(ddw));
+            const __m512 pw = _mm512_setr_ps(1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1.0f / 4,
+                                             1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64);
+            s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(lo, sub_nat_idx())),
+                                 _mm512_mul_ps(_mm512_broadcastss_ps(dd), pw));
+            s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())),
+                                 _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(dd)));
         } else {
             /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
             const __m128i h = _mm_maskz_loadu_epi8(0x0fff, p + 96);

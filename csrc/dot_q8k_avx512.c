@@ -100,21 +100,18 @@ PE_AI __m128i k_scale_min(__m128i h) {
     return _mm_or_si128(lo, _mm_and_si128(p2, _mm_set1_epi8(0x30)));
 }
 
-/* Q4_K/Q5_K per-lane scales from the header at p, lanes ordered by SUB_Q45 (sub-block 32 = sub16/2);
- * hi16: lanes of the high-nibble registers (odd i) get 1/16 (codes kept as 16 q). */
-PE_AI void k45_scales(const uint8_t *p, int hi16, row_step *s) {
+/* Q4_K/Q5_K per-lane scales from the header at p (d and dmin converted from the same 16 bytes), lanes
+ * ordered by SUB_Q45 (sub-block 32 = sub16 / 2). Q4_K's 1/16 for the high nibbles is applied per step
+ * to the activation scales instead. */
+PE_AI void k45_scales(const uint8_t *p, row_step *s) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
     const __m128i scm = k_scale_min(h);
     /* sub32 of lane 4L + i = SUB_Q45 / 2 */
     const __m128i isc = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
     const __m128i imn = _mm_add_epi8(isc, _mm_set1_epi8(8));
-    const float d = f16(p), dmin = f16(p + 2);
-    const __m512 dv = hi16 ? _mm512_mul_ps(_mm512_set1_ps(d), _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
-                                                                             0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
-                                                                             0.0625f, 1, 0.0625f))
-                           : _mm512_set1_ps(d);
-    s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, isc)), dv);
-    s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, imn)), _mm512_set1_ps(dmin));
+    const __m128 dd = _mm_cvtph_ps(h); /* d, dmin, ... */
+    s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, isc)), _mm512_broadcastss_ps(dd));
+    s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, imn)), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
 }
 
 PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
@@ -122,14 +119,14 @@ PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NA
 PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     const __m512i m0f = rep8(0x0f);
     if (T == K_Q4) {
-        k45_scales(p, 1, s);
+        k45_scales(p, s);
         const __m512i v0 = _mm512_loadu_si512(p + 16), v1 = _mm512_loadu_si512(p + 80);
         s->u[0] = _mm512_and_si512(v0, m0f);
         s->u[1] = _mm512_andnot_si512(m0f, v0);
         s->u[2] = _mm512_and_si512(v1, m0f);
         s->u[3] = _mm512_andnot_si512(m0f, v1);
     } else if (T == K_Q5) {
-        k45_scales(p, 0, s);
+        k45_scales(p, s);
         const __m512i qh = bcast32(p + 16);
         const __m512i v0 = _mm512_loadu_si512(p + 48), v1 = _mm512_loadu_si512(p + 112);
         const __m512i s16 = rep8(16);
@@ -243,6 +240,10 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16 + 16 * sb));
         const __m512 dxs = _mm512_mul_ps(dx, s16);
         const __m512 offs = _mm512_mul_ps(s16, voff);
+        /* Q4_K: the high-nibble registers (odd i, odd lanes) hold 16 q */
+        const __m512 dxa = T == K_Q4 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
+                                                                        1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
+                                     : dx;
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int i = 0; i < 8; i++) {
             row_step s;
@@ -252,7 +253,7 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                                     _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
             __m512 t = _mm512_cvtepi32_ps(f);
             if (K_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
-            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
+            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
             if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
         }
     }

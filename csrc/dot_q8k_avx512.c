@@ -342,9 +342,6 @@ PE_AI void decode_b(const int T, const b_tables *t, const uint8_t *p, int64_t nb
     /* floats: 0-3 d(blocks 0-3), 4-7 m(0-3), 8-11 d(4-7), 12-15 m(4-7) */
     const __m512 f = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(hdr[0]), hdr[1], 1));
     s->a = _mm512_permutexvar_ps(t->a_idx, f);
-    if (T == B_Q4_1)
-        s->a = _mm512_mul_ps(s->a, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1,
-                                                  0.0625f, 1, 0.0625f, 1, 0.0625f));
     if (B_HASMIN[T]) s->m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(t->m_idx, f));
 }
 
@@ -368,6 +365,10 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
     const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
     const __m512 dxs = _mm512_mul_ps(dx, s16);
     const __m512 offs = _mm512_mul_ps(s16, voff);
+    /* Q4_1: the high-nibble registers (odd i, odd lanes) hold 16 q */
+    const __m512 dxa = T == B_Q4_1 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
+                                                                      1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
+                                   : dx;
     prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
     for (int i = 0; i < 8; i++) {
         row_step s;
@@ -377,7 +378,7 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
                                 _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
         __m512 t = _mm512_cvtepi32_ps(f);
         if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
-        acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
+        acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
         if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
     }
 }

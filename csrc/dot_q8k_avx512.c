@@ -13,8 +13,10 @@
  *     acc_row += (sum - offset * s16) * (d_w * scale) * d_x  -  min_w * (d_x * s16)
  * where s16 is the activation sub-block's code sum and d_x its 32-block's scale. Integer sums are
  * exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are
- * not stored), so any grouping gives the same bits. High nibbles of 4-bit codes are used in place
- * (v & 0xf0 = 16 q) where no 5th bit follows, with 1/16 folded into the scale (exact).
+ * not stored), so any grouping gives the same bits. Codes are used in place where no extra bit
+ * follows (Q4_K/Q4_1 high nibbles: v & 0xf0 = 16 q; Q2_K 2-bit fields: v & 3 << 2j = 4^j q), the
+ * power of two folded into the per-step activation scales (Q4_K, Q4_1) or the row's scales (Q2_K),
+ * exactly.
  *
  * K-quants decode a row's super-block with plain loads, masks and 16-bit shifts (5th/6th/3rd bits
  * by vptestmb or shifted ORs), the scales per row with pshufb (AVX-512 F/BW/VL + VNNI). The

@@ -1,8 +1,451 @@
-/* Decode kernels with int8 activations (AVX-512 VNNI) for Q4_1, Q5_0, Q5_1 and the K-quants: not yet
- * written; these types use the float32-activation dot until then. */
+/* Decode kernels with int8 activations (AVX-512 VNNI) for the K-quants (Q2_K..Q6_K) and the 32-block
+ * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
+ * (eight rows per pass over the activations, unsigned codes for vpdpbusd with the offset or the
+ * minimum applied through the activations' code sums, next-group prefetch into L2).
+ *
+ * One shape for every type, "a row per register": a step covers 256 elements of each row (one
+ * super-block, or eight 32-blocks). A row's codes are decoded into four 64-byte registers of
+ * unsigned codes (each format's own byte order, no reordering of the weights); four vpdpbusd
+ * against four activation registers built once per step in the matching element order leave, in
+ * each 128-bit lane, 4 partial sums of one 16-element sub-block; one transpose-add (fold4) turns
+ * the four registers into the row's 16 sub-block sums. Each sub-block sum is converted to float
+ * once and scaled per lane:
+ *     acc_row += (sum - offset * s16) * (d_w * scale) * d_x  -  min_w * (d_x * s16)
+ * where s16 is the activation sub-block's code sum and d_x its 32-block's scale. Integer sums are
+ * exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are
+ * not stored), so any grouping gives the same bits. Codes are used in place where no extra bit
+ * follows (Q4_K/Q4_1 high nibbles: v & 0xf0 = 16 q; Q2_K 2-bit fields: v & 3 << 2j = 4^j q), the
+ * power of two folded into the per-step activation scales (Q4_K, Q4_1) or the row's scales (Q2_K),
+ * exactly.
+ *
+ * K-quants decode a row's super-block with plain loads, masks and 16-bit shifts (5th/6th/3rd bits
+ * by vptestmb or shifted ORs), the scales per row with pshufb (AVX-512 F/BW/VL + VNNI). The
+ * 32-blocks pick the code, qh and header bytes of four blocks out of two (masked) 64-byte loads
+ * with vpermt2b (VBMI); full steps use constant masks, the last step of a row masks the missing
+ * blocks (weights and activations both, nothing is read past a row or past the activation padding).
+ * Tried and dropped: decoding four rows' Q4_K/Q5_K headers at once (a lane per row) measured ~10%
+ * slower in cache than the per-row decode. */
 #include "quants_impl.h"
 
+#include "cpu_features.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define PE_AI static inline __attribute__((always_inline))
+
+/* 4 registers (i) x 4 lanes (L) x 4 int32 -> lane 4L + i: the sum of lane L of register i. */
+PE_AI __m512i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* Prefetch this step's share (bytes [from, from + len)) of the next group into L2. */
+PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
+    for (int64_t p = 0; p < len; p += 64) _mm_prefetch((const char *)from + p, _MM_HINT_T1);
+}
+
+PE_AI float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+PE_AI __m512i bcast32(const uint8_t *p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p)); }
+PE_AI __m512i rep8(int v) { return _mm512_set1_epi8((char)v); }
+/* 64 bytes: v0 in bytes 0-31, v1 in 32-63 */
+PE_AI __m512i halves8(int v0, int v1) {
+    return _mm512_inserti64x4(_mm512_set1_epi8((char)v0), _mm256_set1_epi8((char)v1), 1);
+}
+/* 32 words: v0 in words 0-15, v1 in 16-31 */
+PE_AI __m512i halves16(int v0, int v1) {
+    return _mm512_inserti64x4(_mm512_set1_epi16((short)v0), _mm256_set1_epi16((short)v1), 1);
+}
+/* 16 bytes -> 16 floats */
+PE_AI __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+PE_AI __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+/* Fold lane 4L + i -> sub-block (16 elements) of the step that register i's lane L holds.
+ * NAT: register i = elements 64i..64i+63 (Q2_K, Q3_K, Q6_K). */
+static const uint8_t SUB_NAT[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+/* Q4_K/Q5_K: register i = low (even i) or high nibbles of qs bytes 64(i/2)..64(i/2)+63, i.e. the
+ * elements 128(i/2) + 32(i%2) + {0..31, 64..95}. */
+static const uint8_t SUB_Q45[16] = {0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15};
+/* 32-blocks: register i = half i%2 of blocks 4(i/2)..4(i/2)+3 (block per lane). */
+static const uint8_t SUB_B32[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+
+/* One decoded row step: unsigned codes, per-lane scale (d_w * sc) and minimum (0 if none). */
+typedef struct {
+    __m512i u[4];
+    __m512 a, m;
+} row_step;
+
+enum { K_Q2 = 0, K_Q3, K_Q4, K_Q5, K_Q6 };
+
+static const int K_BLOCK[5] = {84, 110, 144, 176, 210};
+static const float K_OFFSET[5] = {0.0f, 4.0f, 0.0f, 0.0f, 32.0f};
+static const int K_HASMIN[5] = {1, 0, 1, 1, 0};
+
+/* Q4_K/Q5_K scale and min bytes: sc0..7 in bytes 0-7, m0..7 in bytes 8-15, from the 16-byte
+ * header h (d, dmin, scales[12]) as pe_k_scale_min. */
+PE_AI __m128i k_scale_min(__m128i h) {
+    /* s[k] sits at byte 4 + k */
+    const __m128i p = _mm_shuffle_epi8(h, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m128i p4 = _mm_shuffle_epi8(_mm_srli_epi16(h, 4),
+                                        _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15));
+    const __m128i p2 = _mm_shuffle_epi8(_mm_srli_epi16(h, 2),
+                                        _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m128i lo = _mm_or_si128(
+        _mm_and_si128(p, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(p4, _mm_set1_epi8(15)));
+    return _mm_or_si128(lo, _mm_and_si128(p2, _mm_set1_epi8(0x30)));
+}
+
+/* Q4_K/Q5_K per-lane scales from the header at p (d and dmin converted from the same 16 bytes), lanes
+ * ordered by SUB_Q45 (sub-block 32 = sub16 / 2). Q4_K's 1/16 for the high nibbles is applied per step
+ * to the activation scales instead. */
+PE_AI void k45_scales(const uint8_t *p, row_step *s) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    const __m128i scm = k_scale_min(h);
+    /* sub32 of lane 4L + i = SUB_Q45 / 2 */
+    const __m128i isc = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
+    const __m128i imn = _mm_add_epi8(isc, _mm_set1_epi8(8));
+    const __m128 dd = _mm_cvtph_ps(h); /* d, dmin, ... */
+    s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, isc)), _mm512_broadcastss_ps(dd));
+    s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, imn)), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
+}
+
+PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
+
+PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
+    const __m512i m0f = rep8(0x0f);
+    if (T == K_Q4) {
+        k45_scales(p, s);
+        const __m512i v0 = _mm512_loadu_si512(p + 16), v1 = _mm512_loadu_si512(p + 80);
+        s->u[0] = _mm512_and_si512(v0, m0f);
+        s->u[1] = _mm512_andnot_si512(m0f, v0);
+        s->u[2] = _mm512_and_si512(v1, m0f);
+        s->u[3] = _mm512_andnot_si512(m0f, v1);
+    } else if (T == K_Q5) {
+        k45_scales(p, s);
+        const __m512i qh = bcast32(p + 16);
+        const __m512i v0 = _mm512_loadu_si512(p + 48), v1 = _mm512_loadu_si512(p + 112);
+        const __m512i s16 = rep8(16);
+        /* register i holds sub-blocks 32 {2(i/2)*2 + i%2 ...}: bit (qh[l] >> sub32) */
+        s->u[0] = _mm512_mask_add_epi8(_mm512_and_si512(v0, m0f), _mm512_test_epi8_mask(qh, halves8(1, 4)),
+                                       _mm512_and_si512(v0, m0f), s16);
+        const __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
+        s->u[1] = _mm512_mask_add_epi8(h0, _mm512_test_epi8_mask(qh, halves8(2, 8)), h0, s16);
+        s->u[2] = _mm512_mask_add_epi8(_mm512_and_si512(v1, m0f), _mm512_test_epi8_mask(qh, halves8(16, 64)),
+                                       _mm512_and_si512(v1, m0f), s16);
+        const __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
+        s->u[3] = _mm512_mask_add_epi8(h1, _mm512_test_epi8_mask(qh, halves8(32, 128)), h1, s16);
+    } else if (T == K_Q6) {
+        for (int h = 0; h < 2; h++) {
+            const __m512i ql = _mm512_loadu_si512(p + 64 * h);
+            const __m512i qh = bcast32(p + 128 + 32 * h);
+            const __m512i hl = _mm512_sllv_epi16(_mm512_and_si512(qh, halves8(0x03, 0x0c)), halves16(4, 2));
+            const __m512i hh = _mm512_srlv_epi16(_mm512_and_si512(qh, halves8(0x30, 0xc0)), halves16(0, 2));
+            s->u[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m0f), hl);
+            s->u[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m0f), hh);
+        }
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(p + 192));
+        s->a = _mm512_mul_ps(i8_to_ps(_mm_shuffle_epi8(sc, sub_nat_idx())), _mm512_set1_ps(f16(p + 208)));
+    } else if (T == K_Q3 || T == K_Q2) {
+        const uint8_t *qs = p + (T == K_Q3 ? 32 : 16);
+        const __m512i m03 = rep8(3);
+        __m512i hm = _mm512_setzero_si512();
+        if (T == K_Q3) hm = bcast32(p);
+        for (int h = 0; h < 2; h++) {
+            const __m512i q = bcast32(qs + 32 * h);
+            if (T == K_Q2) { /* codes kept in place: 4^j q, with 4^-j in the scales */
+                s->u[2 * h] = _mm512_and_si512(q, halves8(0x03, 0x0c));
+                s->u[2 * h + 1] = _mm512_and_si512(q, halves8(0x30, 0xc0));
+                continue;
+            }
+            __m512i u0 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(0, 2)), m03);
+            __m512i u1 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(4, 6)), m03);
+            if (T == K_Q3) {
+                const int b = 1 << (4 * h);
+                u0 = _mm512_mask_add_epi8(u0, _mm512_test_epi8_mask(hm, halves8(b, b << 1)), u0, rep8(4));
+                u1 = _mm512_mask_add_epi8(u1, _mm512_test_epi8_mask(hm, halves8(b << 2, b << 3)), u1, rep8(4));
+            }
+            s->u[2 * h] = u0;
+            s->u[2 * h + 1] = u1;
+        }
+        if (T == K_Q2) {
+            const __m128i sc = _mm_loadu_si128((const __m128i *)p);
+            const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
+            /* d, dmin; lane 4L + i holds shift j = 2 (i % 2) + L / 2 of the in-place codes */
+            int32_t ddw;
+            memcpy(&ddw, p + 80, 4);
+            const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(ddw));
+            const __m512 pw = _mm512_setr_ps(1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1.0f / 4,
+                                             1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64);
+            s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(lo, sub_nat_idx())),
+                                 _mm512_mul_ps(_mm512_broadcastss_ps(dd), pw));
+            s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())),
+                                 _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(dd)));
+        } else {
+            /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
+            const __m128i h = _mm_maskz_loadu_epi8(0x0fff, p + 96);
+            const __m128i idx = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+            const __m128i lo = _mm_and_si128(
+                _mm_mask_blend_epi8(0xff00, _mm_shuffle_epi8(h, idx), _mm_shuffle_epi8(_mm_srli_epi16(h, 4), idx)),
+                _mm_set1_epi8(15));
+            const __m128i b = _mm_and_si128(
+                _mm_shuffle_epi8(h, _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11)),
+                _mm_setr_epi8(3, 3, 3, 3, 12, 12, 12, 12, 48, 48, 48, 48, -64, -64, -64, -64));
+            const __m128i hi = _mm_srlv_epi16(_mm_sllv_epi16(b, _mm_setr_epi16(4, 4, 2, 2, 0, 0, 0, 0)),
+                                              _mm_setr_epi16(0, 0, 0, 0, 0, 0, 2, 2));
+            const __m128i sc = _mm_or_si128(lo, hi); /* 0..63 = scale + 32 */
+            const __m512i si = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(sc, sub_nat_idx())),
+                                                _mm512_set1_epi32(32));
+            s->a = _mm512_mul_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(f16(p + 108)));
+        }
+    }
+}
+
+/* The activation registers of super-block sb in the element order of the decoded codes. */
+PE_AI void act_k(const int T, const pe_act_q8 *x, int64_t sb, __m512i xa[4]) {
+    const int8_t *q = x->qs + 256 * sb;
+    if (T == K_Q4 || T == K_Q5) {
+        for (int i = 0; i < 4; i++) {
+            const int8_t *b = q + 128 * (i / 2) + 32 * (i % 2);
+            xa[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b)),
+                                       _mm256_loadu_si256((const __m256i *)(b + 64)), 1);
+        }
+    } else {
+        for (int i = 0; i < 4; i++) xa[i] = _mm512_loadu_si512(q + 64 * i);
+    }
+}
+
+PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
+                    const int T) {
+    const int BLOCK = K_BLOCK[T];
+    const uint8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
+    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(T == K_Q4 || T == K_Q5 ? SUB_Q45 : SUB_NAT)));
+    const __m512i sub32 = _mm512_srli_epi32(sub, 1);
+    const __m512 voff = _mm512_set1_ps(K_OFFSET[T]);
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nsb = n / 256;
+    __m512 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const int64_t o = sb * BLOCK;
+        __m512i xa[4];
+        act_k(T, x, sb, xa);
+        const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb)));
+        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16 + 16 * sb));
+        const __m512 dxs = _mm512_mul_ps(dx, s16);
+        const __m512 offs = _mm512_mul_ps(s16, voff);
+        /* Q4_K: the high-nibble registers (odd i, odd lanes) hold 16 q */
+        const __m512 dxa = T == K_Q4 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
+                                                                        1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
+                                     : dx;
+        prefetch_next(next + 8 * o, 8 * BLOCK);
+        for (int i = 0; i < 8; i++) {
+            row_step s;
+            decode_k(T, r[i] + o, &s);
+            const __m512i z = _mm512_setzero_si512();
+            const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
+                                    _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
+            __m512 t = _mm512_cvtepi32_ps(f);
+            if (K_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
+            if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+        }
+    }
+    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* ---- 32-blocks with a minimum or a 5th bit: eight blocks per step ------------------------------ */
+
+enum { B_Q4_1 = 0, B_Q5_0, B_Q5_1 };
+static const int B_BLOCK[3] = {20, 22, 24};
+static const int B_QH[3] = {0, 2, 4};  /* qh offset (Q5 types) */
+static const int B_QS[3] = {4, 6, 8};
+static const float B_OFFSET[3] = {0.0f, 16.0f, 0.0f};
+static const int B_HASMIN[3] = {1, 0, 1};
+
+/* Bytes of [p, p + valid) (valid clamped to 0..64), zero elsewhere; never reads past valid. */
+PE_AI __m512i loadm(const uint8_t *p, int64_t valid) {
+    const __mmask64 m = valid >= 64 ? ~(__mmask64)0 : valid <= 0 ? 0 : (((__mmask64)1 << valid) - 1);
+    return _mm512_maskz_loadu_epi8(m, p);
+}
+
+/* Index into the pair (A = p[0..64), B = p[32..96)) of the byte at offset off < 96. */
+static inline int pair_pos(int off) { return off < 64 ? off : 64 + off - 32; }
+
+typedef struct {
+    __m512i qs, qhl, qhh, hdr; /* vpermt2b indexes */
+    __m512i bits;              /* byte t of a lane: 1 << (t % 8) */
+    __m512i a_idx, m_idx;      /* float lanes of d and m (see decode_b) */
+} b_tables;
+
+PE_AI void b_tables_init(const int T, b_tables *t) {
+    const int BLOCK = B_BLOCK[T];
+    uint8_t qs[64], qhl[64], qhh[64], hdr[64], bits[64];
+    for (int L = 0; L < 4; L++)
+        for (int j = 0; j < 16; j++) {
+            qs[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QS[T] + j);
+            qhl[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + j / 8);
+            qhh[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + 2 + j / 8);
+            bits[16 * L + j] = (uint8_t)(1u << (j % 8));
+        }
+    /* words 0-3: d of the four blocks, words 4-7: m */
+    memset(hdr, 0, sizeof hdr);
+    for (int L = 0; L < 4; L++)
+        for (int k = 0; k < 2; k++) {
+            hdr[2 * L + k] = (uint8_t)pair_pos(BLOCK * L + k);
+            hdr[8 + 2 * L + k] = (uint8_t)pair_pos(BLOCK * L + 2 + k);
+        }
+    t->qs = _mm512_loadu_si512(qs);
+    t->qhl = _mm512_loadu_si512(qhl);
+    t->qhh = _mm512_loadu_si512(qhh);
+    t->hdr = _mm512_loadu_si512(hdr);
+    t->bits = _mm512_loadu_si512(bits);
+    int32_t ai[16], mi[16];
+    for (int L = 0; L < 4; L++)
+        for (int i = 0; i < 4; i++) {
+            ai[4 * L + i] = 8 * (i / 2) + L;
+            mi[4 * L + i] = 8 * (i / 2) + 4 + L;
+        }
+    t->a_idx = _mm512_loadu_si512(ai);
+    t->m_idx = _mm512_loadu_si512(mi);
+}
+
+/* Row step of eight blocks at p, nblk of them present (1..8). */
+PE_AI void decode_b(const int T, const b_tables *t, const uint8_t *p, int64_t nblk, row_step *s) {
+    const int BLOCK = B_BLOCK[T];
+    const __m512i m0f = rep8(0x0f);
+    __m128i hdr[2];
+    for (int g = 0; g < 2; g++) {
+        const int64_t rem = (nblk - 4 * g) * BLOCK;
+        const uint8_t *q = p + 4 * g * BLOCK;
+        const __m512i A = loadm(q, rem), B = loadm(q + 32, rem - 32);
+        const __m512i qs = _mm512_permutex2var_epi8(A, t->qs, B);
+        if (T == B_Q4_1) {
+            s->u[2 * g] = _mm512_and_si512(qs, m0f);
+            s->u[2 * g + 1] = _mm512_andnot_si512(m0f, qs);
+        } else {
+            const __m512i lo = _mm512_and_si512(qs, m0f);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
+            const __mmask64 bl = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhl, B), t->bits);
+            const __mmask64 bh = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhh, B), t->bits);
+            s->u[2 * g] = _mm512_mask_add_epi8(lo, bl, lo, rep8(16));
+            s->u[2 * g + 1] = _mm512_mask_add_epi8(hi, bh, hi, rep8(16));
+        }
+        hdr[g] = _mm512_castsi512_si128(_mm512_permutex2var_epi8(A, t->hdr, B));
+    }
+    /* floats: 0-3 d(blocks 0-3), 4-7 m(0-3), 8-11 d(4-7), 12-15 m(4-7) */
+    const __m512 f = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(hdr[0]), hdr[1], 1));
+    s->a = _mm512_permutexvar_ps(t->a_idx, f);
+    if (B_HASMIN[T]) s->m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(t->m_idx, f));
+}
+
+/* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there). */
+PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, int64_t b,
+                  const int64_t nblk, const uint8_t *next, __m512i sub, __m512i sub32, __m512i xidx0, __m512i xidx1,
+                  __m512 acc[8]) {
+    const int BLOCK = B_BLOCK[T];
+    const __m512 voff = _mm512_set1_ps(B_OFFSET[T]);
+    const int64_t o = b * BLOCK;
+    const int8_t *q = x->qs + 32 * b;
+    __m512i xa[4];
+    for (int g = 0; g < 2; g++) {
+        const __m512i X0 = loadm((const uint8_t *)q + 128 * g, 32 * (nblk - 4 * g));
+        const __m512i X1 = loadm((const uint8_t *)q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
+        xa[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
+        xa[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+    }
+    const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
+    const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b)));
+    const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
+    const __m512 dxs = _mm512_mul_ps(dx, s16);
+    const __m512 offs = _mm512_mul_ps(s16, voff);
+    /* Q4_1: the high-nibble registers (odd i, odd lanes) hold 16 q */
+    const __m512 dxa = T == B_Q4_1 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
+                                                                      1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
+                                   : dx;
+    prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
+    for (int i = 0; i < 8; i++) {
+        row_step s;
+        decode_b(T, tb, r[i] + o, nblk, &s);
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
+                                _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
+        __m512 t = _mm512_cvtepi32_ps(f);
+        if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+        acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
+        if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+    }
+}
+
+PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
+                    const int T) {
+    const uint8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
+    b_tables tb;
+    b_tables_init(T, &tb);
+    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)SUB_B32));
+    const __m512i sub32 = _mm512_srli_epi32(sub, 1);
+    uint8_t xi0[64], xi1[64];
+    for (int L = 0; L < 4; L++)
+        for (int j = 0; j < 16; j++) {
+            xi0[16 * L + j] = (uint8_t)(32 * L + j);
+            xi1[16 * L + j] = (uint8_t)(32 * L + 16 + j);
+        }
+    const __m512i xidx0 = _mm512_loadu_si512(xi0), xidx1 = _mm512_loadu_si512(xi1);
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nb = n / 32;
+    __m512 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, sub, sub32, xidx0, xidx1, acc);
+    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, sub, sub32, xidx0, xidx1, acc);
+    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+static void dot_q8_q4_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q4_1);
+}
+static void dot_q8_q5_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_0);
+}
+static void dot_q8_q5_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_1);
+}
+
+static void dot_q8_q2_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_k(rows, stride, nr, x, n, out, K_Q2);
+}
+static void dot_q8_q3_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_k(rows, stride, nr, x, n, out, K_Q3);
+}
+static void dot_q8_q4_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_k(rows, stride, nr, x, n, out, K_Q4);
+}
+static void dot_q8_q5_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_k(rows, stride, nr, x, n, out, K_Q5);
+}
+static void dot_q8_q6_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    dot_q8_k(rows, stride, nr, x, n, out, K_Q6);
+}
+
 pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
-    (void)type;
-    return NULL;
+    switch (type) {
+    case PE_TYPE_Q2_K: return dot_q8_q2_k;
+    case PE_TYPE_Q3_K: return dot_q8_q3_k;
+    case PE_TYPE_Q4_K: return dot_q8_q4_k;
+    case PE_TYPE_Q5_K: return dot_q8_q5_k;
+    case PE_TYPE_Q6_K: return dot_q8_q6_k;
+    case PE_TYPE_Q4_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_1 : NULL;
+    case PE_TYPE_Q5_0: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_0 : NULL;
+    case PE_TYPE_Q5_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_1 : NULL;
+    default: return NULL;
+    }
 }

@@ -38,7 +38,7 @@ typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
  * an offset or a block minimum. The 32-element formats' kernels also use a second digit, the
  * rounding remainder: ql = round-half-away((x / d - q) * 254), so that x = d * (q + ql / 254) to
  * within d / 508, 254 times closer than q alone (two vpdpbusd per product, combined exactly in
- * int32 as 254 * (w . q) + (w . ql)); s32x holds the combined sums 254 * sum(q) + sum(ql). Built
+ * int32 as 254 * (w . q) + (w . ql)); s32x and s16x hold the combined sums 254 * sum(q) + sum(ql). Built
  * by pe_act_q8_quantize into one buffer; every array is zero-padded so that kernels may read up
  * to four blocks past the end. */
 typedef struct {
@@ -48,6 +48,7 @@ typedef struct {
     const float *s32;  /* n/32 (+ 4 zero) sums of 32 codes */
     const float *s16;  /* n/16 (+ 8 zero) sums of 16 codes */
     const float *s32x; /* n/32 (+ 4 zero) combined two-digit sums of 32 */
+    const float *s16x; /* n/16 (+ 8 zero) combined two-digit sums of 16 */
 } pe_act_q8;
 
 /* Bytes of the buffer for n activations. */

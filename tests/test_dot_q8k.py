@@ -52,8 +52,8 @@ def random_activations(n: int, rng) -> np.ndarray:
 
 def check_rows(rows: np.ndarray, x: np.ndarray, qtype) -> float:
     """Asserts accuracy and grouping independence; returns the worst relative error."""
-    qq, dd, _, _ = _quants.quantize_act_q8(x)
-    xe = qq.astype(np.float64) * np.repeat(dd.astype(np.float64), 32)
+    a = _quants.quantize_act_q8(x)
+    xe = a["qs"].astype(np.float64) * np.repeat(a["d"].astype(np.float64), 32)
     deq = np.asarray(gguf.quants.dequantize(rows, qtype), dtype=np.float64)
     ref = deq @ xe
     bound = np.abs(deq) @ np.abs(xe)

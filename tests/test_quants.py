@@ -141,6 +141,7 @@ def check_quantize_act_q8(seed: int = 0) -> None:
         assert np.array_equal(a["s32"], q.sum(1).astype(np.float32))
         assert np.array_equal(a["s16"], q.reshape(-1, 16).sum(1).astype(np.float32))
         assert np.array_equal(a["s32x"], (254 * q.sum(1) + ql.sum(1)).astype(np.float32))
+        assert np.array_equal(a["s16x"], (254 * q.reshape(-1, 16).sum(1) + ql.reshape(-1, 16).sum(1)).astype(np.float32))
         # two digits: within d / 508 of x
         assert (np.abs(act_values(a) - x).reshape(-1, 32) <= d[:, None] / 508 * (1 + 1e-5) + 1e-45).all()
 

@@ -53,9 +53,10 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
 
         /* attention: RMSNorm -> q, k, v (+bias) -> RoPE -> cache -> sinks/SWA attention -> out (+bias) */
         for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->attn_norm, D, m->eps);
-        if (pe_matmul(&L->wq, 0, a, D, n_tok, L->bq, q, q_dim, n_threads)) goto done;
-        if (pe_matmul(&L->wk, 0, a, D, n_tok, L->bk, k, kv_dim, n_threads)) goto done;
-        if (pe_matmul(&L->wv, 0, a, D, n_tok, L->bv, v, kv_dim, n_threads)) goto done;
+        const pe_matmul_job qkv[3] = {{&L->wq, 0, a, D, n_tok, L->bq, q, q_dim},
+                                      {&L->wk, 0, a, D, n_tok, L->bk, k, kv_dim},
+                                      {&L->wv, 0, a, D, n_tok, L->bv, v, kv_dim}};
+        if (pe_matmul_many(qkv, 3, n_threads)) goto done;
         for (int64_t i = 0; i < n_tok; i++) {
             pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
             pe_rope_apply(k + i * kv_dim, m->n_head_kv, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);

@@ -23,40 +23,10 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
  * get alone. */
 enum { PE_ROWWISE_MAX_TOK = 8 };
 
-/* The row-wise loop with int8 activations: each token's x is quantized once (serially, so the
- * result does not depend on the thread count); threads take groups of PE_DOT_Q8_ROWS rows, and each
- * group is dotted with every token while its rows are in L1. */
-static int matmul_rows_q8(const pe_weight *w, const pe_type_traits *tt, const uint8_t *base, const float *x,
-                          int64_t ldx, int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
-    const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    const size_t act_bytes = pe_act_q8_bytes(n_in);
-    pe_arena *ar = pe_arena_get();
-    const size_t mark = ar ? pe_arena_mark(ar) : 0;
-    uint8_t *buf = ar ? pe_arena_alloc(ar, act_bytes * (size_t)n_tok) : NULL;
-    if (!buf) return -1;
-    pe_act_q8 xq[PE_ROWWISE_MAX_TOK];
-    for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
-    const int64_t n_groups = (n_out + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t g = 0; g < n_groups; g++) {
-        const int64_t r0 = g * PE_DOT_Q8_ROWS;
-        const int nr = n_out - r0 < PE_DOT_Q8_ROWS ? (int)(n_out - r0) : PE_DOT_Q8_ROWS;
-        for (int64_t t = 0; t < n_tok; t++) {
-            float *yt = y + t * ldy + r0;
-            tt->dot_q8(base + r0 * stride, stride, nr, &xq[t], n_in, yt);
-            if (bias)
-                for (int i = 0; i < nr; i++) yt[i] += bias[r0 + i];
-        }
-    }
-    pe_arena_release(ar, mark);
-    return 0;
-}
-
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    if (w->int8_act && tt->dot_q8) return matmul_rows_q8(w, tt, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < n_out; r++)
         for (int64_t t = 0; t < n_tok; t++) {
@@ -159,13 +129,93 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
     return 0;
 }
 
+/* Whether a product of up to PE_ROWWISE_MAX_TOK tokens takes the int8 rows kernel. */
+static int int8_rows(const pe_weight *w) { return w->int8_act && pe_type_traits_get(w->type)->dot_q8; }
+
+/* Threads worth waking for `work` multiply-adds (at most n_threads, at least 1). */
+static int threads_for(int64_t work, int n_threads) {
+    if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
+    return n_threads < 1 ? 1 : n_threads;
+}
+
+int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
+    int fused = n_jobs > 0;
+    int64_t work = 0, n_groups = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        fused &= jobs[j].n_tok <= PE_ROWWISE_MAX_TOK && int8_rows(jobs[j].w);
+        work += jobs[j].w->n_out * jobs[j].w->n_in * jobs[j].n_tok;
+    }
+    if (!fused) {
+        for (int j = 0; j < n_jobs; j++) {
+            const pe_matmul_job *b = &jobs[j];
+            if (pe_matmul(b->w, b->expert, b->x, b->ldx, b->n_tok, b->bias, b->y, b->ldy, n_threads)) return -1;
+        }
+        return 0;
+    }
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+    int64_t *first = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1)); /* each job's first group */
+    int *act_of = pe_arena_alloc(ar, sizeof(int) * (size_t)n_jobs);            /* each job's activations */
+    pe_act_q8 *acts = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_jobs * PE_ROWWISE_MAX_TOK);
+    if (!first || !act_of || !acts) goto fail;
+    /* each distinct input quantized once, serially (the result does not depend on the thread count) */
+    for (int j = 0, n_act = 0; j < n_jobs; j++) {
+        const pe_matmul_job *b = &jobs[j];
+        act_of[j] = -1;
+        for (int k = 0; k < j && act_of[j] < 0; k++)
+            if (jobs[k].x == b->x && jobs[k].ldx == b->ldx && jobs[k].n_tok == b->n_tok && jobs[k].w->n_in == b->w->n_in)
+                act_of[j] = act_of[k];
+        if (act_of[j] >= 0) continue;
+        const size_t act_bytes = pe_act_q8_bytes(b->w->n_in);
+        uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)b->n_tok);
+        if (!buf) goto fail;
+        act_of[j] = n_act++;
+        for (int64_t t = 0; t < b->n_tok; t++)
+            acts[act_of[j] * PE_ROWWISE_MAX_TOK + t] = pe_act_q8_quantize(b->x + t * b->ldx, b->w->n_in, buf + t * act_bytes);
+    }
+    for (int j = 0; j < n_jobs; j++) {
+        first[j] = n_groups;
+        n_groups += (jobs[j].w->n_out + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
+    }
+    first[n_jobs] = n_groups;
+#pragma omp parallel for num_threads(threads_for(work, n_threads)) schedule(static)
+    for (int64_t g = 0; g < n_groups; g++) {
+        int j = 0; /* the job of group g: the last whose first group is <= g */
+        for (int lo = 0, hi = n_jobs; lo < hi;) {
+            const int mid = (lo + hi) / 2;
+            if (first[mid] <= g) j = mid, lo = mid + 1;
+            else hi = mid;
+        }
+        const pe_matmul_job *b = &jobs[j];
+        const pe_weight *w = b->w;
+        const pe_dot_q8_fn dot = pe_type_traits_get(w->type)->dot_q8;
+        const uint8_t *base = w->data + b->expert * w->expert_stride;
+        const int64_t r0 = (g - first[j]) * PE_DOT_Q8_ROWS;
+        const int nr = w->n_out - r0 < PE_DOT_Q8_ROWS ? (int)(w->n_out - r0) : PE_DOT_Q8_ROWS;
+        for (int64_t t = 0; t < b->n_tok; t++) {
+            float *yt = b->y + t * b->ldy + r0;
+            dot(base + r0 * w->row_stride, w->row_stride, nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK + t], w->n_in, yt);
+            if (b->bias)
+                for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
+        }
+    }
+    pe_arena_release(ar, mark);
+    return 0;
+fail:
+    pe_arena_release(ar, mark);
+    return -1;
+}
+
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads) {
     const uint8_t *base = w->data + expert * w->expert_stride;
     if (n_tok <= 0) return 0;
-    const int64_t work = w->n_out * w->n_in * n_tok;
-    if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
-    if (n_threads < 1) n_threads = 1;
+    n_threads = threads_for(w->n_out * w->n_in * n_tok, n_threads);
+    if (n_tok <= PE_ROWWISE_MAX_TOK && int8_rows(w)) {
+        const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
+        return pe_matmul_many(&job, 1, n_threads);
+    }
     if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     if (w->int8_act && pe_gemm_q8_supported(w->type))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

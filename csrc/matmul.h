@@ -29,4 +29,22 @@ typedef struct {
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 
+/* One product of a group (pe_matmul_many): y = W x + bias over n_tok tokens, as pe_matmul's arguments. */
+typedef struct {
+    const pe_weight *w;
+    int64_t expert;
+    const float *x;
+    int64_t ldx, n_tok;
+    const float *bias;
+    float *y;
+    int64_t ldy;
+} pe_matmul_job;
+
+/* Every job's product, each bit-identical to pe_matmul on its own. When every job has at most 8
+ * tokens and int8 kernels (decode: q|k|v of a layer, the experts' gate|up, their down), they run as
+ * one pass: each distinct x is quantized once and one thread team takes the row groups of all jobs
+ * (one parallel region instead of one per product, and no repeated quantization of a shared
+ * input). Otherwise one pe_matmul per job. Returns 0, or -1 when scratch memory runs out. */
+int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads);
+
 #endif

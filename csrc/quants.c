@@ -59,22 +59,9 @@ float pe_bf16_to_fp32(uint16_t h) {
     return f;
 }
 
-static pe_type_traits traits[] = {
-    {PE_TYPE_F32, "F32", 1, 4, NULL, NULL, NULL},
-    {PE_TYPE_F16, "F16", 1, 2, NULL, NULL, NULL},
-    {PE_TYPE_BF16, "BF16", 1, 2, NULL, NULL, NULL},
-    {PE_TYPE_Q4_0, "Q4_0", 32, 18, NULL, NULL, NULL},
-    {PE_TYPE_Q4_1, "Q4_1", 32, 20, NULL, NULL, NULL},
-    {PE_TYPE_Q5_0, "Q5_0", 32, 22, NULL, NULL, NULL},
-    {PE_TYPE_Q5_1, "Q5_1", 32, 24, NULL, NULL, NULL},
-    {PE_TYPE_Q8_0, "Q8_0", 32, 34, NULL, NULL, NULL},
-    {PE_TYPE_Q2_K, "Q2_K", 256, 84, NULL, NULL, NULL},
-    {PE_TYPE_Q3_K, "Q3_K", 256, 110, NULL, NULL, NULL},
-    {PE_TYPE_Q4_K, "Q4_K", 256, 144, NULL, NULL, NULL},
-    {PE_TYPE_Q5_K, "Q5_K", 256, 176, NULL, NULL, NULL},
-    {PE_TYPE_Q6_K, "Q6_K", 256, 210, NULL, NULL, NULL},
-    {PE_TYPE_MXFP4, "MXFP4", 32, 17, NULL, NULL, NULL},
-};
+#define PE_TRAITS_ROW(name, id, blck, size) {PE_TYPE_##name, #name, blck, size, NULL, NULL, NULL},
+static pe_type_traits traits[] = {PE_QUANT_FORMATS(PE_TRAITS_ROW)};
+#undef PE_TRAITS_ROW
 
 static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
 

@@ -10,22 +10,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum pe_type {
-    PE_TYPE_F32 = 0,
-    PE_TYPE_F16 = 1,
-    PE_TYPE_Q4_0 = 2,
-    PE_TYPE_Q4_1 = 3,
-    PE_TYPE_Q5_0 = 6,
-    PE_TYPE_Q5_1 = 7,
-    PE_TYPE_Q8_0 = 8,
-    PE_TYPE_Q2_K = 10,
-    PE_TYPE_Q3_K = 11,
-    PE_TYPE_Q4_K = 12,
-    PE_TYPE_Q5_K = 13,
-    PE_TYPE_Q6_K = 14,
-    PE_TYPE_BF16 = 30,
-    PE_TYPE_MXFP4 = 39,
-};
+#include "quant_formats.h"
+
+#define PE_TYPE_ENUM(name, id, blck, size) PE_TYPE_##name = id,
+enum pe_type { PE_QUANT_FORMATS(PE_TYPE_ENUM) };
+#undef PE_TYPE_ENUM
 
 /* dst[0..n) = the n elements of the quantized row at src; n is a multiple of blck_size. */
 typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);

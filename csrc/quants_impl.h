@@ -24,17 +24,21 @@ typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } pe_blo
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } pe_block_q5_k;
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } pe_block_q6_k;
 
-_Static_assert(sizeof(pe_block_q4_0) == 18, "Q4_0 block");
-_Static_assert(sizeof(pe_block_q4_1) == 20, "Q4_1 block");
-_Static_assert(sizeof(pe_block_q5_0) == 22, "Q5_0 block");
-_Static_assert(sizeof(pe_block_q5_1) == 24, "Q5_1 block");
-_Static_assert(sizeof(pe_block_q8_0) == 34, "Q8_0 block");
-_Static_assert(sizeof(pe_block_mxfp4) == 17, "MXFP4 block");
-_Static_assert(sizeof(pe_block_q2_k) == 84, "Q2_K block");
-_Static_assert(sizeof(pe_block_q3_k) == 110, "Q3_K block");
-_Static_assert(sizeof(pe_block_q4_k) == 144, "Q4_K block");
-_Static_assert(sizeof(pe_block_q5_k) == 176, "Q5_K block");
-_Static_assert(sizeof(pe_block_q6_k) == 210, "Q6_K block");
+/* each struct is as large as quant_formats.h says its block is */
+#define PE_BLOCK_SIZE(name, id, blck, size) enum { PE_BLOCK_BYTES_##name = size };
+PE_QUANT_FORMATS(PE_BLOCK_SIZE)
+#undef PE_BLOCK_SIZE
+_Static_assert(sizeof(pe_block_q4_0) == PE_BLOCK_BYTES_Q4_0, "Q4_0 block");
+_Static_assert(sizeof(pe_block_q4_1) == PE_BLOCK_BYTES_Q4_1, "Q4_1 block");
+_Static_assert(sizeof(pe_block_q5_0) == PE_BLOCK_BYTES_Q5_0, "Q5_0 block");
+_Static_assert(sizeof(pe_block_q5_1) == PE_BLOCK_BYTES_Q5_1, "Q5_1 block");
+_Static_assert(sizeof(pe_block_q8_0) == PE_BLOCK_BYTES_Q8_0, "Q8_0 block");
+_Static_assert(sizeof(pe_block_mxfp4) == PE_BLOCK_BYTES_MXFP4, "MXFP4 block");
+_Static_assert(sizeof(pe_block_q2_k) == PE_BLOCK_BYTES_Q2_K, "Q2_K block");
+_Static_assert(sizeof(pe_block_q3_k) == PE_BLOCK_BYTES_Q3_K, "Q3_K block");
+_Static_assert(sizeof(pe_block_q4_k) == PE_BLOCK_BYTES_Q4_K, "Q4_K block");
+_Static_assert(sizeof(pe_block_q5_k) == PE_BLOCK_BYTES_Q5_K, "Q5_K block");
+_Static_assert(sizeof(pe_block_q6_k) == PE_BLOCK_BYTES_Q6_K, "Q6_K block");
 
 /* E2M1 values doubled (bit 3 = sign); the block scale is then 2^(e-128), see pe_e8m0_half. */
 extern const int8_t pe_mxfp4_values[16];

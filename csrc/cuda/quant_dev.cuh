@@ -15,48 +15,23 @@
 #define PE_CUQ_QUANT_DEV_CUH
 
 #include "compat.h"
+#include "../quant_formats.h"
 
 #include <stdint.h>
 
-/* ggml type ids (the same numbers as enum pe_type in csrc/quants.h). */
-enum {
-    CUQ_F32 = 0,
-    CUQ_F16 = 1,
-    CUQ_Q4_0 = 2,
-    CUQ_Q4_1 = 3,
-    CUQ_Q5_0 = 6,
-    CUQ_Q5_1 = 7,
-    CUQ_Q8_0 = 8,
-    CUQ_Q2_K = 10,
-    CUQ_Q3_K = 11,
-    CUQ_Q4_K = 12,
-    CUQ_Q5_K = 13,
-    CUQ_Q6_K = 14,
-    CUQ_BF16 = 30,
-    CUQ_MXFP4 = 39,
-};
+/* ggml type ids and block geometry, from the one list in csrc/quant_formats.h. */
+#define CUQ_ENUM(name, id, blck, size) CUQ_##name = id,
+enum { PE_QUANT_FORMATS(CUQ_ENUM) };
+#undef CUQ_ENUM
 
-/* Elements per block and bytes per block of type T (0 for an unknown type). */
+/* Elements per block and bytes per block of type T. */
 template <int T> struct cuq_traits;
-#define CUQ_TRAITS(T, B, S)                     \
-    template <> struct cuq_traits<T> {          \
+#define CUQ_TRAITS(name, id, B, S)              \
+    template <> struct cuq_traits<id> {         \
         static constexpr int blck = B;          \
         static constexpr int size = S;          \
     };
-CUQ_TRAITS(CUQ_F32, 1, 4)
-CUQ_TRAITS(CUQ_F16, 1, 2)
-CUQ_TRAITS(CUQ_BF16, 1, 2)
-CUQ_TRAITS(CUQ_Q4_0, 32, 18)
-CUQ_TRAITS(CUQ_Q4_1, 32, 20)
-CUQ_TRAITS(CUQ_Q5_0, 32, 22)
-CUQ_TRAITS(CUQ_Q5_1, 32, 24)
-CUQ_TRAITS(CUQ_Q8_0, 32, 34)
-CUQ_TRAITS(CUQ_MXFP4, 32, 17)
-CUQ_TRAITS(CUQ_Q2_K, 256, 84)
-CUQ_TRAITS(CUQ_Q3_K, 256, 110)
-CUQ_TRAITS(CUQ_Q4_K, 256, 144)
-CUQ_TRAITS(CUQ_Q5_K, 256, 176)
-CUQ_TRAITS(CUQ_Q6_K, 256, 210)
+PE_QUANT_FORMATS(CUQ_TRAITS)
 #undef CUQ_TRAITS
 
 /* a * b rounded to float32 and never contracted with a following add: __fmul_rn on the GPU (never

@@ -6,7 +6,7 @@ that searches detokenized text would take that for structure (a forged tool call
 comes only from control-token ids, as in openai-harmony; ordinary tokens are always text, and no
 control token ever becomes text (unknown ones such as `<|reserved_200843|>` are dropped).
 
-The parser also tolerates what gpt-oss really emits (see `_parse_header` in harmony.py): a stray
+The parser also tolerates what gpt-oss really emits (see `_parse_header`): a stray
 `<|channel|>` before the real one, `<|constrain|>` glued to the recipient, a second message
 without `<|start|>assistant`, and a reply with no header at all. A header is short metadata, so
 header text that cannot be one (prose, a newline, `<|` spelled with ordinary tokens) is taken
@@ -22,11 +22,51 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyengine.harmony import CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START, _parse_header
+from pyengine.harmony import CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETURN, START
 from pyengine.tokenizer import Tokenizer
 
 MAX_HEADER_CHARS = 160  # longer header text is an answer written without a header
 _TO = "to="
+
+
+def _parse_header(header: str, role: str | None) -> tuple[str, str | None, str | None, str | None]:
+    """(author, recipient, channel, content_type) of a header's text, its control tokens spelled
+    out (TokenParser only passes headers whose ordinary text cannot spell one).
+
+    openai-harmony's rules, plus tolerance: every <|channel|>X is removed and the last one wins
+    (gpt-oss sometimes emits a stray <|channel|>commentary first), <|constrain|> glued to the
+    recipient is split off, stray <|start|> markers are ignored, recipient 'assistant' or 'all'
+    means none.
+    """
+    header = header.replace(START, " ")
+    channel = None
+    while (idx := header.find(CHANNEL)) >= 0:
+        after = header[idx + len(CHANNEL) :]
+        end = next((k for k, c in enumerate(after) if c.isspace() or c == "<"), len(after))
+        channel = after[:end] or channel
+        header = header[:idx] + " " + after[end:]
+    header = header.replace(CONSTRAIN, f" {CONSTRAIN}")
+    parts = header.split()
+    author = role
+    if author is None:
+        author = parts.pop(0) if parts else "assistant"
+    elif parts and parts[0] == author:
+        parts.pop(0)
+    recipient = content_type = None
+    if parts:
+        last = parts.pop()
+        if last.startswith("to="):
+            recipient = last[3:]
+        elif not parts and not last.startswith(CONSTRAIN):
+            recipient = last
+        else:
+            content_type = last
+            recipient_part = next((p for p in reversed(parts) if p.startswith("to=")), parts[-1] if parts else None)
+            if recipient_part is not None:
+                recipient = recipient_part.removeprefix("to=")
+    if recipient in ("assistant", "all"):
+        recipient = None
+    return author, recipient, channel, content_type
 
 
 @dataclass

@@ -179,12 +179,12 @@ class TokenParser:
         elif mark == CHANNEL:
             self._state, self._role, self._items = "header", "assistant", [(CHANNEL, b"")]
         elif mark is None:
-            piece = self._tok.token_to_piece(token).lstrip()
-            if piece:  # text outside any message: the model skipped the header; it is the answer
+            piece = self._tok.token_to_piece(token)
+            if piece.strip():  # text outside any message: the model skipped the header; it is the answer
                 self._state, self._kind = "content", "content"
                 self._content.append("")
                 return self._text(piece, [pos])
-        return []
+        return []  # whitespace between messages is dropped
 
     # --- headers -----------------------------------------------------------------------------
 
@@ -253,10 +253,9 @@ class TokenParser:
                     channel = (channel or "") + stripped[:word_end].decode("utf-8", "replace")
                     raw, after_channel = stripped[word_end:], False
                 body += raw
-        body = body.lstrip()
-        role = (self._role or "").encode()
-        if role and (body == role or body.startswith(role + b" ") or body.startswith(role + b"\t")):
-            body = body[len(role):].lstrip()
+        role, words = (self._role or "").encode(), body.lstrip()
+        if role and (words == role or words.startswith(role + b" ") or words.startswith(role + b"\t")):
+            body = words[len(role):].lstrip()  # the author after a bare <|start|> is not text
         held, self._items, self._held, self._role = self._held, [], [], None
         self._state = "content"
         self._kind = "reasoning" if channel == "analysis" else "content"

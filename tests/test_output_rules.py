@@ -110,6 +110,13 @@ def test_content_logprobs_are_the_answer_tokens_only(api):
     assert [e["token"] for e in streamed] == [e["token"] for e in entries]
 
 
+def test_a_reply_without_header_keeps_its_text_and_logprobs(api):
+    r = api.chat(" >>\n\nHello there<|return|>", logprobs=True)
+    choice = r["choices"][0]
+    assert choice["message"]["content"] == " >>\n\nHello there"
+    assert content_bytes(choice["logprobs"]["content"]) == choice["message"]["content"].encode()
+
+
 def test_logprobs_are_reported_before_logit_bias(api):
     (hi,) = api.tokenizer.encode("Hi")
     r = api.chat("<|channel|>final<|message|>Hi<|return|>", logprobs=True, top_logprobs=2,

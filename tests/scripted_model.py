@@ -5,9 +5,10 @@ Everything else is the real code: the core's sequences, sampler, token-id Harmon
 matcher and logprobs, pyengine.openai_output, and (for the node) the scheduler and HTTP layer. The
 script is a function from the decoded prompt to the completion text (control tokens spelled out),
 tokenized with control tokens recognised. The scripted token gets logit 0, the next id -50, every
-other id about -1e4 (fixed noise, so top-k does not meet a vocabulary of ties): whatever the
-sampling parameters, the script is what is drawn, and its logprob is ~0 with one visible
-alternative."""
+other id about -1e4 (fixed noise, so top-k does not meet a vocabulary of ties), and the other
+tokens of the last REPEAT_WINDOW positions -inf in the rows a token is drawn from (so that no
+repetition penalty, however extreme, can lift them to the script's level): whatever the sampling parameters, the script is what is
+drawn, and its logprob is ~0 with one visible alternative."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pyengine.runner import Cache, Runner
 from pyengine.tokenizer import Tokenizer
 
 ENDOFTEXT = 199999
+REPEAT_WINDOW = 64  # the sampler's penalty window (SamplingParams.repeat_last_n)
 
 
 class _Unbounded:
@@ -64,6 +66,7 @@ class ScriptedRunner(Runner):
         rows = []
         for cache, chunk in zip(caches, chunks):
             n_prompt, output, fail = self.scripts[id(cache)]
+            context = cache.tokens + [int(t) for t in chunk]
             ends = range(cache.n_past + 1, cache.n_past + len(chunk) + 1) if logits_all else [cache.n_past + len(chunk)]
             for end in ends:
                 k = end - n_prompt  # tokens of the output already in the context
@@ -71,7 +74,10 @@ class ScriptedRunner(Runner):
                     raise RuntimeError("scripted failure")
                 target = output[k] if 0 <= k < len(output) else ENDOFTEXT
                 row = self.background.copy()
-                row[target], row[(target + 1) % self.n_vocab] = 0.0, -50.0
+                row[target + 1 if target + 1 < self.n_vocab else 0] = -50.0
+                if end >= n_prompt:  # a row the next token is drawn from (prompt rows give prompt logprobs)
+                    row[context[max(0, end - REPEAT_WINDOW):end]] = -np.inf
+                row[target] = 0.0
                 rows.append(row)
                 self.model.counts[:, target % self.model.counts.shape[1]] += 1
         return np.stack(rows)

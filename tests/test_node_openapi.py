@@ -4,9 +4,9 @@ Every operation gets schema-driven requests (valid and invalid bodies, odd heade
 never answer 5xx, and its answers must match what the document promises (status codes, content
 types, JSON shapes). The model is the scripted test double (tests/node_scripted.py), so each
 generation is short; derandomized Hypothesis with a bounded number of examples keeps the run
-deterministic and well under a minute. Generation is the real core (only the forward pass is
-scripted), so every fuzzed sampling parameter reaches the real `Sampler`: a parameter it cannot
-take shows up here as a 5xx."""
+deterministic and to about two minutes on the 2-core build machine. Generation is the real core
+(only the forward pass is scripted), so every fuzzed sampling parameter reaches the real
+`Sampler` for every generated token: a parameter it cannot take shows up here as a 5xx."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Why here: so a user with an HF download can make the file this engine (or llama.cpp, or Ollama)
 runs, without a llama.cpp checkout. What it writes follows llama.cpp's converter and quantizer
-(shared/docs/gpt-oss-spec.md §1-§2) and, for `layout="ollama"`, Ollama's Gen-2 `gptoss` layout
-(shared/docs/ollama-layout.md §2):
+(docs/gpt-oss.md) and, for `layout="ollama"`, Ollama's Gen-2 `gptoss` layout
+(docs/loader.md):
 
 - names: HF -> llama.cpp (token_embd, blk.N.attn_q, ffn_gate_exps, ...); Ollama Gen-2 renames three
   (attn_output -> attn_out, post_attention_norm -> ffn_norm, attn_sinks.weight -> attn_sinks);

@@ -27,7 +27,7 @@ NAME = "gpt-oss-demo"
 
 
 def demo_config(n_layer: int = 2, n_embd: int = 64) -> GptOssConfig:
-    """gpt-oss-20b's hyperparameters (shared/docs/gpt-oss-spec.md) with the sizes cut down."""
+    """gpt-oss-20b's hyperparameters (docs/gpt-oss.md) with the sizes cut down."""
     if n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
     if n_embd < 32 or n_embd % 32:

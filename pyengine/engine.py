@@ -1,5 +1,6 @@
 """The user-facing model object: a gpt-oss GGUF file, its KV cache, the C forward pass, and the
-tokenizer / chat format / generate loop on top of it.
+tokenizer / chat format on top of it. Generation is a loop over pyengine.core's step, the same
+core the node drives; results are shaped by pyengine.openai_output.
 
 Argument and method names follow llama-cpp-python's `Llama` (n_ctx, n_threads, n_batch, seed,
 verbose, n_gpu_layers; tokenize, detokenize, generate, create_completion, create_chat_completion)
@@ -9,19 +10,22 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from pyengine import completions, cuda
+from pyengine import cuda
 from pyengine._model import KVCache, Model
 from pyengine.chat_template import apply_chat_template
-from pyengine.generate import Generator, TokenEvent
+from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
 from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
-from pyengine.sampling import SamplingParams
+from pyengine.openai_output import ChatOutput, TextOutput
+from pyengine.runner import Runner
+from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
 
 MAX_DEFAULT_CTX = 131072       # default context cap (128K)
@@ -128,8 +132,9 @@ class Engine:
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
         cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
-        self._cache = cache(self._model, self.n_ctx, self.n_batch)
-        self._tokens: list[int] = []
+        self.runner = Runner(self._model, self.n_threads, self.n_batch, cache)
+        self._cache = self.runner.new_cache(self.n_ctx)
+        self.n_prompt_reused = 0  # prompt tokens the last generation took from the KV cache
         logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (f32)", self.device,
                      self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20)
 
@@ -152,47 +157,22 @@ class Engine:
     @property
     def n_past(self) -> int:
         """Tokens in the KV cache."""
-        return len(self._tokens)
+        return self._cache.n_past
 
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._tokens = []
-
-    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError("tokens must be a 1-D sequence of integer token ids")
-        arr = arr.astype(np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
-            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
-        if self.n_past + arr.size > self.n_ctx:
-            raise ValueError(f"{self.n_past} cached + {arr.size} new tokens exceed the context "
-                             f"window n_ctx={self.n_ctx}")
-        return arr.astype(np.int32)
+        self._cache.reset()
 
     def eval(self, tokens: Sequence[int], logits_all: bool = False) -> np.ndarray:
         """Append tokens after n_past; return the last token's logits (n_vocab,), or every new
         token's logits (len(tokens), n_vocab) when logits_all."""
-        arr = self._check_tokens(tokens)
-        if arr.size == 0:
-            raise ValueError("eval needs at least one token")
-        step = min(self.n_batch, self._cache.max_batch(self._model.window))
-        outs = []
-        for start in range(0, arr.size, step):
-            chunk = arr[start:start + step]
-            last = start + step >= arr.size
-            out = self._model.forward(self._cache, chunk, self.n_past, logits_all, self.n_threads)
-            self._tokens.extend(int(t) for t in chunk)
-            if logits_all or last:
-                outs.append(out)
-        return np.concatenate(outs) if logits_all else outs[-1]
+        return self.runner.eval([self._cache], [tokens], logits_all)[0]
 
     @property
     def expert_counts(self) -> np.ndarray:
         """int64 (n_layer, n_expert): how often each expert was routed a token by this engine's
-        forward passes (including the eval_batch calls it led)."""
-        return self._model.expert_counts
+        forward passes."""
+        return self.runner.expert_counts
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 (len(tokens), n_vocab): every position's logits, in a fresh context."""
@@ -202,15 +182,7 @@ class Engine:
     def truncate(self, n: int) -> None:
         """Keep the first n cached tokens (prefix reuse). When the sliding-window rings no longer
         hold the keys position n needs, the prefix is recomputed."""
-        if not 0 <= n <= self.n_past:
-            raise ValueError(f"truncate({n}): must be between 0 and n_past={self.n_past}")
-        keep = self._tokens[:n]
-        if self.n_past - n <= self._cache.max_batch(self._model.window):
-            self._tokens = keep
-            return
-        self.reset()
-        if keep:
-            self.eval(keep)
+        self.runner.truncate(self._cache, n)
 
     # --- text, chat format and generation -------------------------------------------------
 
@@ -220,8 +192,9 @@ class Engine:
         return Tokenizer.from_metadata(self.metadata)
 
     @cached_property
-    def _generator(self) -> Generator:
-        return Generator(self, self.tokenizer)
+    def core(self) -> Core:
+        """The generation core over this engine's model (the node drives the same class)."""
+        return Core(self.runner, self.tokenizer)
 
     def tokenize(self, text: str | bytes, add_bos: bool = False, special: bool = False) -> list[int]:
         """Token ids of text; special=True turns control-token spellings into control tokens."""
@@ -243,19 +216,37 @@ class Engine:
         return apply_chat_template(self.tokenizer, self.metadata, messages, tools, reasoning_effort,
                                    current_date, add_generation_prompt, chat_template)
 
-    @property
-    def n_prompt_reused(self) -> int:
-        """Prompt tokens the last generate call took from the KV cache instead of evaluating."""
-        return self._generator.n_prompt_reused
-
     def cancel(self) -> None:
         """Ask a running generate/create_* call (in another thread) to stop after the current
         token or prompt chunk; its last event / chunk has finish_reason "stop"."""
         self._cancel.set()
 
-    def generate(self, tokens: Sequence[int], max_tokens: int | None = None, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+    def _params(self, seed: int | None, **given: Any) -> SamplingParams:
+        bias = {int(k): float(v) for k, v in (given.pop("logit_bias") or {}).items()}
+        seed = int(seed) if seed is not None else int(self._seeds.integers(2 ** 63))
+        return SamplingParams(logit_bias=bias, seed=seed, **given)
+
+    def run(self, req: Request) -> Iterator[list[Event]]:
+        """Each step's events of one generation on this engine's cache (a loop over
+        Core.step([seq])), until Finished or Failed. The request is checked (ValueError) before
+        anything is evaluated; cancel() ends it after the current step."""
+        self._cancel.clear()
+        seq = self.core.start(self._cache, req)
+        self.n_prompt_reused = seq.n_cached
+
+        def steps() -> Iterator[list[Event]]:
+            while not seq.done:
+                if self._cancel.is_set():
+                    seq.cancel()
+                (events,) = self.core.step([seq])
+                yield events
+
+        return steps()
+
+    def generate(self, tokens: Sequence[int], max_tokens: int | None = None,
+                 temperature: float = LLAMA_CPP_DEFAULTS["temperature"], top_k: int = LLAMA_CPP_DEFAULTS["top_k"],
+                 top_p: float = LLAMA_CPP_DEFAULTS["top_p"], min_p: float = LLAMA_CPP_DEFAULTS["min_p"],
+                 repeat_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logit_bias: Mapping[int | str, float] | None = None, seed: int | None = None,
                  stop: str | Iterable[str] | None = None, logprobs: int | None = None,
                  stop_token_ids: Iterable[int] | None = None) -> Iterator[TokenEvent]:
@@ -264,42 +255,54 @@ class Engine:
         context end or cancel(). temperature <= 0 is greedy. The KV cache keeps the longest
         common prefix with the previous call's tokens (a chat that grew by a turn evaluates only
         the new turn). Bad arguments raise ValueError before any token is evaluated."""
-        params = SamplingParams(
-            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
-            repeat_penalty=float(repeat_penalty), presence_penalty=float(presence_penalty),
-            frequency_penalty=float(frequency_penalty),
-            logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
-            seed=int(seed) if seed is not None else int(self._seeds.integers(2 ** 63)))
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self._cancel.clear()
-        return self._generator.generate(tokens, max_tokens if max_tokens and max_tokens > 0 else None,
-                                        params, stops, logprobs, stop_token_ids, self._cancel.is_set)
+        params = self._params(seed, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                              min_p=float(min_p), repeat_penalty=float(repeat_penalty),
+                              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+                              logit_bias=logit_bias)
+        req = Request(list(tokens), params, max_tokens if max_tokens and max_tokens > 0 else None,
+                      [stop] if isinstance(stop, str) else list(stop or []), logprobs,
+                      stop_token_ids=stop_token_ids)
+        return _token_events(self.run(req))
 
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
-                          top_k: int = 40, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
-                          frequency_penalty: float = 0.0, logit_bias: Mapping[int | str, float] | None = None,
+                          temperature: float = LLAMA_CPP_DEFAULTS["temperature"],
+                          top_p: float = LLAMA_CPP_DEFAULTS["top_p"], min_p: float = LLAMA_CPP_DEFAULTS["min_p"],
+                          top_k: int = LLAMA_CPP_DEFAULTS["top_k"], repeat_penalty: float = 1.0,
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          logit_bias: Mapping[int | str, float] | None = None,
                           stop: str | list[str] | None = None, seed: int | None = None,
                           logprobs: int | None = None, echo: bool = False, stream: bool = False
                           ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """A plain-text completion shaped like llama-cpp-python's (an OpenAI `text_completion`);
         stream=True gives an iterator of chunks. The non-stream result also carries `tokens`, the
-        generated token ids. A string prompt is tokenized with control tokens recognised."""
+        generated token ids. A string prompt is tokenized with control tokens recognised. echo
+        with logprobs gives the prompt tokens' logprobs too."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenize(prompt, special=True)
         else:
             ids = [int(t) for t in prompt]
             text = self.detokenize(ids)
-        events = self.generate(ids, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                               presence_penalty, frequency_penalty, logit_bias, seed, stop, logprobs)
-        return completions.completion(events, self.tokenizer, str(self.model_file.path), ids, text, echo,
-                                      logprobs is not None, stream)
+        params = self._params(seed, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                              min_p=float(min_p), repeat_penalty=float(repeat_penalty),
+                              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+                              logit_bias=logit_bias)
+        req = Request(ids, params, max_tokens if max_tokens and max_tokens > 0 else None,
+                      [stop] if isinstance(stop, str) else list(stop or []), logprobs,
+                      prompt_logprobs=echo and logprobs is not None)
+        steps = self.run(req)
+        out = TextOutput(self.tokenizer, str(self.model_file.path), text, echo, logprobs is not None)
+        if stream:
+            return _stream(out, steps, out.head())
+        fin = _drain(out, steps)
+        return {**out.result(fin), "tokens": out.tokens}
 
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]],
                                tools: Sequence[Mapping[str, Any]] | None = None,
                                tool_choice: str | Mapping[str, Any] | None = None,
-                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
-                               min_p: float = 0.05, stream: bool = False, stop: str | list[str] | None = None,
+                               temperature: float = LLAMA_CPP_CHAT_TEMPERATURE,
+                               top_p: float = LLAMA_CPP_DEFAULTS["top_p"], top_k: int = LLAMA_CPP_DEFAULTS["top_k"],
+                               min_p: float = LLAMA_CPP_DEFAULTS["min_p"], stream: bool = False,
+                               stop: str | list[str] | None = None,
                                seed: int | None = None, max_tokens: int | None = None,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                repeat_penalty: float = 1.0, logit_bias: Mapping[int | str, float] | None = None,
@@ -314,49 +317,71 @@ class Engine:
         if tool_choice == "none":
             tools = None
         prompt = self.apply_chat_template(messages, tools, reasoning_effort, current_date, True, chat_template)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        events = self.generate(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                               presence_penalty, frequency_penalty, logit_bias, seed, None,
-                               (top_logprobs or 0) if logprobs else None)
-        return completions.chat_completion(events, self.tokenizer, str(self.model_file.path), prompt, stops,
-                                           logprobs, stream)
+        params = self._params(seed, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                              min_p=float(min_p), repeat_penalty=float(repeat_penalty),
+                              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+                              logit_bias=logit_bias)
+        req = Request(prompt, params, max_tokens if max_tokens and max_tokens > 0 else None,
+                      [stop] if isinstance(stop, str) else list(stop or []),
+                      (top_logprobs or 0) if logprobs else None, chat=True)
+        steps = self.run(req)
+        out = ChatOutput(self.tokenizer, str(self.model_file.path), bool(logprobs))
+        if stream:
+            return _stream(out, steps, out.head())
+        return out.result(_drain(out, steps))
 
 
-def eval_batch(engines: Sequence[Engine], tokens: Sequence[Sequence[int]],
-               n_threads: int | None = None) -> list[np.ndarray]:
-    """Engine.eval for several sequences at once: tokens[i] are appended to engines[i]'s cache in
-    one forward pass per round, so every weight matrix is read once for all sequences (continuous
-    batching of decode steps; prompt chunks may ride along). The engines must be distinct and
-    share one ModelFile (and yarn_truncate and exact); the first one's model runs the pass and counts the
-    expert selections. Returns each sequence's last-token logits (n_vocab,). Inputs longer than an
-    engine's n_batch take several rounds. All inputs are checked before anything is evaluated."""
-    engines = list(engines)
-    if not engines or len(tokens) != len(engines):
-        raise ValueError("eval_batch needs one token list per engine, and at least one engine")
-    if len({id(e) for e in engines}) != len(engines):
-        raise ValueError("eval_batch: an engine appears twice")
-    lead = engines[0]
-    if any(e.model_file is not lead.model_file or e.device != lead.device or e.yarn_truncate != lead.yarn_truncate
-           or e.exact != lead.exact
-           or (e.device != "cpu" and e._model is not lead._model) for e in engines):
-        raise ValueError("eval_batch: the engines must share one ModelFile, device, yarn_truncate and "
-                         "exact (and, on a GPU, one uploaded model)")
-    threads = int(n_threads) if n_threads is not None else lead.n_threads
-    if threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    arrays = [e._check_tokens(t) for e, t in zip(engines, tokens)]
-    if any(a.size == 0 for a in arrays):
-        raise ValueError("eval needs at least one token")
-    chunks = []
-    for e, a in zip(engines, arrays):
-        step = min(e.n_batch, e._cache.max_batch(e._model.window))
-        chunks.append([a[i:i + step] for i in range(0, a.size, step)])
-    last: list[np.ndarray] = [np.empty(0, np.float32)] * len(engines)
-    for r in range(max(len(c) for c in chunks)):
-        live = [i for i, c in enumerate(chunks) if r < len(c)]
-        out = lead._model.forward_seqs([engines[i]._cache for i in live], [chunks[i][r] for i in live],
-                                       [engines[i].n_past for i in live], False, threads)
-        for row, i in zip(out, live):
-            engines[i]._tokens.extend(int(t) for t in chunks[i][r])
-            last[i] = row
-    return last
+@dataclass
+class TokenEvent:
+    """One generated token of Engine.generate. text is what it releases (may be empty: held back
+    or incomplete UTF-8); the last event carries finish_reason "stop", "length" or "tool_calls"."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+def _token_events(steps: Iterator[list[Event]]) -> Iterator[TokenEvent]:
+    """Engine.generate's view of the steps: one TokenEvent per generated token."""
+    for events in steps:
+        token = next((e for e in events if isinstance(e, Sampled)), None)
+        fin = next((e for e in events if isinstance(e, Finished)), None)
+        _raise_failure(events)
+        if token is not None:
+            text = "".join(e.text for e in events if isinstance(e, Text))
+            yield TokenEvent(token.id, text, token.logprob, token.top, fin.reason if fin else None)
+
+
+def _raise_failure(events: list[Event]) -> None:
+    failed = next((e for e in events if isinstance(e, Failed)), None)
+    if failed is not None:
+        raise RuntimeError(failed.message)
+
+
+def _drain(out: ChatOutput | TextOutput, steps: Iterator[list[Event]]) -> Finished:
+    for events in steps:
+        _raise_failure(events)
+        out.chunk(events)
+        fin = next((e for e in events if isinstance(e, Finished)), None)
+        if fin is not None:
+            return fin
+    raise AssertionError("a sequence ended without Finished")
+
+
+def _stream(out: ChatOutput | TextOutput, steps: Iterator[list[Event]],
+            head: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    def chunks() -> Iterator[dict[str, Any]]:
+        if head is not None:
+            yield head
+        for events in steps:
+            _raise_failure(events)
+            chunk = out.chunk(events)
+            if chunk is not None:
+                yield chunk
+            fin = next((e for e in events if isinstance(e, Finished)), None)
+            if fin is not None:
+                yield from out.tail(fin)
+                return
+    return chunks()

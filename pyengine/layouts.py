@@ -1,6 +1,6 @@
 """One canonical tensor set from every gpt-oss file layout that exists in the wild.
 
-Three layouts (shared/docs/ollama-layout.md):
+Three layouts (docs/loader.md, "Layouts and architectures"):
 - llama.cpp `gpt-oss`: attn_q/k/v, attn_output, post_attention_norm, attn_sinks.weight, split
   ffn_gate_exps / ffn_up_exps, MXFP4 as ggml type 39 (current llama.cpp may fuse attn_qkv).
 - Ollama Gen-2 (2025-10 on): split tensors under Ollama's names attn_out, ffn_norm, attn_sinks.

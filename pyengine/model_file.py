@@ -1,6 +1,6 @@
 """Open a gpt-oss model: resolve its name, map its GGUF file(s), check it, and expose canonical tensors.
 
-This is the loader's public door (see INTERFACES.md): `open_model(path_or_name)` returns a
+This is the loader's public door (docs/loader.md): `open_model(path_or_name)` returns a
 `ModelFile` with the metadata, the hyperparameters (`GptOssHParams`) and the tensors under
 llama.cpp's names whatever the file layout. No tensor data is read at open; split models
 (NAME-00001-of-0000N.gguf) open as one."""

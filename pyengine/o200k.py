@@ -17,7 +17,7 @@ N_VOCAB = 201088
 N_BASE = 199998
 BOS_ID, PAD_ID, EOS_ID = 199998, 199999, 200002
 
-# gpt-oss special tokens (shared/docs/gpt-oss-spec.md 5.4); every other id from 199998 up is reserved.
+# gpt-oss special tokens (docs/gpt-oss.md); every other id from 199998 up is reserved.
 HARMONY_SPECIALS = {
     199998: "<|startoftext|>",
     199999: "<|endoftext|>",

@@ -51,6 +51,16 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
+# The one place sampling defaults live (docs/generation.md).
+# SamplingParams() itself is OpenAI's advice for gpt-oss (temperature 1.0, top-p 1.0, nothing else
+# filtered): the node and the CLI use it for every field a request leaves out.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+# llama-cpp-python's defaults, kept by the library's drop-in methods (Engine.generate,
+# create_completion); its create_chat_completion lowers the temperature to 0.2.
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+LLAMA_CPP_CHAT_TEMPERATURE = 0.2
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """float64 log-probabilities of a logit vector."""
     x = np.asarray(logits, dtype=np.float64)

@@ -19,7 +19,7 @@ from pyengine import o200k
 from pyengine.convert import GptOssConfig, ProgressFn, write_gguf
 from pyengine.demo_model import RandomWeights, chat_template
 
-# gpt-oss-20b / 120b (shared/docs/gpt-oss-spec.md): everything but depth and expert count is shared.
+# gpt-oss-20b / 120b (docs/gpt-oss.md): everything but depth and expert count is shared.
 SHAPES = {"gpt-oss-20b": {"n_layer": 24, "n_expert": 32}, "gpt-oss-120b": {"n_layer": 36, "n_expert": 128}}
 
 

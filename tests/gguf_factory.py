@@ -11,7 +11,7 @@ after the file's own rounding (quantization, F16/BF16), in numpy order (reversed
 dimensions give the same values in every layout and spelling (except Gen-1's BF16 expert biases,
 which are BF16-rounded there), so tests can check that the loader normalises them identically.
 
-Layouts (shared/docs/ollama-layout.md):
+Layouts (docs/loader.md):
 - "llama.cpp": attn_q/k/v, attn_output, post_attention_norm, attn_sinks.weight, split experts, MXFP4 = 39.
 - "ollama-gen2": split tensors with Ollama's names attn_out, ffn_norm, attn_sinks (no .weight).
 - "ollama-gen1": fused attn_qkv (Q|K|V row blocks), fused ffn_gate_up_exps (even rows gate, odd rows

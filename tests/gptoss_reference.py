@@ -1,6 +1,6 @@
 """transformers GptOssForCausalLM built from canonical (GGUF-named) float32 weights, for tests.
 
-The inverse of the HF -> GGUF tensor mapping (shared/docs/gpt-oss-spec.md section 2.3): lets a test
+The inverse of the HF -> GGUF tensor mapping (docs/gpt-oss.md, "Tensors"): lets a test
 run transformers on exactly the values a GGUF file represents (after its own quantization)."""
 
 from __future__ import annotations

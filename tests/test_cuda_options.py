@@ -15,6 +15,7 @@ from pyengine.commands._device import gpu_arguments, gpu_options
 from pyengine.node import engine_backend
 from pyengine.node.cli import add_arguments
 from pyengine.node.config import NodeConfig
+from pyengine.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +75,14 @@ def test_node_builds_gpu_engines_from_flags_and_env(model, monkeypatch):
 
     monkeypatch.setenv(cuda.EMULATOR_ENV, "1")
     monkeypatch.setattr(engine_backend, "Engine", Recorder)
-    monkeypatch.setattr(engine_backend.Tokenizer, "from_metadata", staticmethod(lambda md: type(
+    monkeypatch.setattr(Tokenizer, "from_metadata", staticmethod(lambda md: type(
         "T", (), {"special_tokens": {}})()))
     backend = engine_backend.EngineBackend.load(cfg)
     assert {(k["device"], k["n_gpu_layers"], k["cpu_moe"]) for k in seen} == {("cuda", 1, True)}
-    first, second = backend.engines
-    assert first._model is second._model and first.device == "cuda:0"
-    out = engine_backend.eval_batch(backend.engines, [[1, 2, 3], [4]])
-    assert [o.shape for o in out] == [(first.n_vocab,)] * 2
+    eng = backend.engine
+    assert eng.device == "cuda:0"
+    out = backend.core.runner.eval([backend.new_cache(), backend.new_cache()], [[1, 2, 3], [4]])
+    assert [o.shape for o in out] == [(eng.n_vocab,)] * 2
 
 
 def test_cuda_without_a_backend_says_why(model, tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import gguf_factory
 import vocab
-from pyengine import Engine, completions
-from pyengine.generate import TokenEvent
+from pyengine import Engine
+from scripted_model import script_engine
 
 N_CTX = 512
 WINDOW = 32  # shorter than every chat prompt below, so the sliding-window layers wrap
@@ -89,8 +89,7 @@ def test_prefix_cache_reuses_the_conversation_and_agrees_with_a_fresh_context(mo
                     {"role": "user", "content": "And at sunset, why is it red?"}]
     prompt2 = eng.apply_chat_template(turn2)
     reused = list(eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
-    gen = eng._generator
-    assert gen.n_prompt_reused > WINDOW and gen.n_prompt_evaluated < len(prompt2) - WINDOW
+    assert eng.n_prompt_reused > WINDOW  # the first turn came from the cache, past the sliding window
     fresh_eng = Engine(model[0], n_ctx=N_CTX, n_threads=1)
     fresh = list(fresh_eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
     assert [e.id for e in reused] == [e.id for e in fresh]
@@ -134,7 +133,8 @@ def test_create_chat_completion_shape_and_stream(eng):
     msg = whole["choices"][0]["message"]
     assert msg["role"] == "assistant" and whole["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
     lp = whole["choices"][0]["logprobs"]["content"]
-    assert len(lp) == whole["usage"]["completion_tokens"] and all(len(e["top_logprobs"]) == 3 for e in lp)
+    assert all(len(e["top_logprobs"]) == 3 for e in lp)
+    assert b"".join(bytes(e["bytes"]) for e in lp) == (msg["content"] or "").encode()
     for text in (msg["content"] or "", msg["reasoning_content"] or ""):
         assert "<|" not in text
 
@@ -148,16 +148,6 @@ def test_create_chat_completion_shape_and_stream(eng):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
-def scripted(eng, text: str) -> list[TokenEvent]:
-    """TokenEvents spelling out a harmony completion, one token each, ending as the model would."""
-    ids = eng.tokenize(text, special=True)
-    events = [TokenEvent(i, eng.detokenize([i])) for i in ids[:-1]]
-    last = ids[-1]
-    reason = "tool_calls" if last == 200012 else "stop"
-    events.append(TokenEvent(last, "", finish_reason=reason))
-    return events
-
-
 ANSWER = ("<|channel|>analysis<|message|>User asks about the sky. Rayleigh.<|end|>"
           "<|start|>assistant<|channel|>final<|message|>Short waves scatter more. END here.<|return|>")
 CALL = ("<|channel|>analysis<|message|>Need weather.<|end|>"
@@ -165,10 +155,18 @@ CALL = ("<|channel|>analysis<|message|>Need weather.<|end|>"
         "<|message|>{\"city\": \"Paris\"}<|call|>")
 
 
+@pytest.fixture
+def scripted_eng(model):
+    eng = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64)
+    eng.script = script_engine(eng, lambda prompt: ANSWER)
+    return eng
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_output_is_split_into_reasoning_content_and_tool_calls(eng, stream):
+def test_chat_output_is_split_into_reasoning_content_and_tool_calls(scripted_eng, stream):
     def run(text, stop):
-        out = completions.chat_completion(iter(scripted(eng, text)), eng.tokenizer, "m", [1, 2], stop, False, stream)
+        scripted_eng.script.script = lambda prompt: text
+        out = scripted_eng.create_chat_completion(CHAT, stop=stop, stream=stream)
         if not stream:
             c = out["choices"][0]
             return c["message"], c["finish_reason"]

@@ -14,7 +14,7 @@ import pytest
 import gguf_factory
 import pyengine._quants as Q
 from pyengine import _model as K
-from pyengine.engine import Engine, eval_batch
+from pyengine.engine import Engine
 from pyengine.model_file import open_model
 from test_quants import SIZES, T, act_values, random_blocks, reference
 
@@ -214,13 +214,12 @@ def test_batched_decode_equals_single_decode_with_int8(model):
             rows.append(last)
         fed.append(toks)
         ref.append(rows)
-    engs = engines()
-    for eng, p in zip(engs, prompts):
-        eng.eval(p)
-    got = [eval_batch(engs, [[t[s]] for t in fed]) for s in range(4)]
+    lead = engines()[0]  # one int8 model, a cache per sequence (the node's layout)
+    caches = [lead.runner.new_cache(200) for _ in prompts]
+    for cache, p in zip(caches, prompts):
+        lead.runner.eval([cache], [p])
+    got = [lead.runner.eval(caches, [[t[s]] for t in fed]) for s in range(4)]
     np.testing.assert_array_equal(np.array(got), np.array(ref).transpose(1, 0, 2))
-    with pytest.raises(ValueError, match="exact"):
-        eval_batch([engs[0], Engine(mf, n_ctx=200, exact=True)], [[1], [2]])
 
 
 def test_cli_exact_flag_reaches_the_engine(model, capsys):

@@ -1,7 +1,7 @@
 """End to end: continuous batching in the node over the real engine.
 
 Four concurrent greedy streams are served by four slots whose steps run in one forward pass
-(EngineBackend.step -> eval_batch); each stream must equal its single-stream answer and an
+(Core.step -> Runner.eval over the four caches); each stream must equal its single-stream answer and an
 independent greedy decode from fresh-context logits. The expert selection counters reach
 /metrics and add up to the tokens the engine evaluated times the experts used per token."""
 
@@ -17,7 +17,7 @@ import pytest
 from node_server import run_node
 from test_node_engine import N_CTX, greedy_reference, write_model
 
-import pyengine.node.engine_backend as engine_backend
+from pyengine.core import Failed, PromptEvaluated, Request, Sampled
 from pyengine.node.config import NodeConfig
 from pyengine.node.engine_backend import EngineBackend
 from pyengine.sampling import SamplingParams
@@ -39,7 +39,7 @@ def model_path(tmp_path_factory):
 def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
     calls: list[list[int]] = []
 
-    def recording(engines, tokens, n_threads=None):
+    def recording(caches, tokens, logits_all=False):
         calls.append([len(t) for t in tokens])
         if len(calls) == first_concurrent:
             # Hold the scheduler's first step until all four requests have been sent, so they
@@ -47,11 +47,11 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
             for _ in range(4):
                 assert started.acquire(timeout=60)
             time.sleep(0.5)
-        return real(engines, tokens, n_threads)
+        return real(caches, tokens, logits_all)
 
-    real = engine_backend.eval_batch
-    monkeypatch.setattr(engine_backend, "eval_batch", recording)
     backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=N_CTX, threads=2))
+    real = backend.core.runner.eval
+    monkeypatch.setattr(backend.core.runner, "eval", recording)
     eog = backend.tokenizer.eog_ids
     with run_node(backend, parallel=4) as (url, _):
         def complete(prompt: str) -> str:
@@ -91,22 +91,26 @@ def test_a_failing_slot_ends_only_its_own_request(model_path, monkeypatch):
     exactly as if it had been alone, the failing one gets an error output."""
     backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=3, ctx_size=N_CTX, threads=1))
     ids = backend.tokenize(PROMPTS[1], special=True)
-    alone, good, bad = backend.new_slot(), backend.new_slot(), backend.new_slot()
-    for slot in (alone, good, bad):
-        slot.start(ids, SamplingParams(temperature=0), False, None)
-    ref = [backend.step([alone])[0].token for _ in range(4)]  # prompt, then 3 tokens
+    core, runner = backend.core, backend.core.runner
+    alone, good, bad = (core.start(backend.new_cache(), Request(ids, SamplingParams(temperature=0))) for _ in range(3))
 
-    def broken(*_args, **_kw):
-        raise RuntimeError("batched pass failed")
+    def token(events):
+        return next((e.id for e in events if isinstance(e, Sampled)), None)
 
-    def bad_eval(*_args, **_kw):
-        raise MemoryError("no memory for this one")
+    ref = [token(core.step([alone])[0]) for _ in range(4)]  # prompt, then 3 tokens
+    real = runner.eval
 
-    monkeypatch.setattr(engine_backend, "eval_batch", broken)
-    monkeypatch.setattr(bad.engine, "eval", bad_eval)
-    first = backend.step([good, bad])
-    assert first[0].prompt_evaluated == len(ids) and first[0].error is None
-    assert first[1].error and "no memory" in first[1].error
+    def failing(caches, tokens, logits_all=False):
+        if len(caches) > 1:
+            raise RuntimeError("batched pass failed")
+        if caches[0] is bad.cache:
+            raise MemoryError("no memory for this one")
+        return real(caches, tokens, logits_all)
+
+    monkeypatch.setattr(runner, "eval", failing)
+    first = core.step([good, bad])
+    assert first[0] == [PromptEvaluated(len(ids))]
+    assert isinstance(first[1][0], Failed) and "no memory" in first[1][0].message and bad.done
     monkeypatch.undo()
-    got = [backend.step([good])[0].token for _ in range(3)]
+    got = [token(core.step([good])[0]) for _ in range(3)]
     assert ref[0] is None and got == ref[1:]

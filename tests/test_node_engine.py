@@ -16,11 +16,12 @@ import pytest
 import vocab
 from node_server import run_node
 
-from pyengine import harmony
+from pyengine import harmony_stream
 from pyengine.engine import Engine
 from pyengine.model_file import open_model
 from pyengine.node.config import NodeConfig
 from pyengine.node.engine_backend import EngineBackend
+from pyengine.sampling import log_softmax
 
 openai = pytest.importorskip("openai")
 N_CTX = 256
@@ -114,7 +115,7 @@ def test_greedy_chat_two_slots_at_once(served, model_path):
                                        "tool_call_id": None, "name": None}], None, "low")
         assert "Reasoning: low" in backend.detokenize(prompt)
         ref = greedy_reference(model_path, prompt, 10, backend.tokenizer.eog_ids)
-        expected = harmony.parse(backend.tokenizer.decode(ref))
+        expected = harmony_stream.parse(ref, backend.tokenizer)
         assert whole[0] == (expected["content"] or "") and whole[1] == (expected["reasoning_content"] or "")
         assert whole[2] == len(ref) and whole[0]
         for text in whole[:2]:
@@ -173,4 +174,56 @@ def test_default_context_is_shared_between_slots(model_path):
     one = EngineBackend.load(NodeConfig(model=str(model_path), parallel=1, threads=1))
     four = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, threads=1))
     assert four.info.n_ctx == max(512, one.info.n_ctx // 4)
-    assert {e.n_ctx for e in four.engines} == {four.info.n_ctx}
+    assert {four.new_cache().n_ctx for _ in range(4)} == {four.info.n_ctx}
+
+
+def test_library_and_node_give_the_same_tokens_for_the_same_request(served, model_path):
+    """One core, one place for defaults: the same explicit sampling parameters and seed give the
+    same reply through Engine and through the node, chat and text completion alike."""
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    eng = Engine(open_model(model_path), n_ctx=N_CTX, n_threads=1)
+    sampling = dict(temperature=0.9, top_p=0.95, max_tokens=16, seed=1234, presence_penalty=0.3,
+                    frequency_penalty=0.2, logprobs=True, top_logprobs=2)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    lib = eng.create_chat_completion(messages, top_k=0, min_p=0.0, reasoning_effort="medium", **sampling)
+    node = client.chat.completions.create(model="gpt-oss-tiny", messages=messages, **sampling,
+                                          extra_body={"top_k": 0, "min_p": 0.0}).model_dump()
+    for got in (lib, node):
+        assert got["usage"]["completion_tokens"] == lib["usage"]["completion_tokens"]
+        assert got["choices"][0]["finish_reason"] == lib["choices"][0]["finish_reason"]
+    a, b = lib["choices"][0], node["choices"][0]
+    assert a["message"]["content"] == b["message"]["content"]
+    assert a["message"]["reasoning_content"] == b["message"]["reasoning_content"]
+    assert [e["token"] for e in a["logprobs"]["content"]] == [e["token"] for e in b["logprobs"]["content"]]
+    np.testing.assert_allclose([e["logprob"] for e in a["logprobs"]["content"]],
+                               [e["logprob"] for e in b["logprobs"]["content"]], rtol=1e-5, atol=1e-5)
+
+    prompt = "Once upon a time"
+    kw = dict(temperature=0.7, top_p=0.9, max_tokens=12, seed=99)
+    lib = eng.create_completion(prompt, top_k=0, min_p=0.0, **kw)
+    node = client.completions.create(model="gpt-oss-tiny", prompt=prompt, **kw, extra_body={"top_k": 0, "min_p": 0.0})
+    assert node.choices[0].text == lib["choices"][0]["text"]
+    assert node.usage.completion_tokens == lib["usage"]["completion_tokens"]
+
+
+def test_echo_logprobs_cover_the_prompt_tokens(served, model_path):
+    """echo + logprobs: one entry per prompt token too, each the model's logprob of that token
+    after the ones before it (the first has none), as the library gives them."""
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    prompt = "The quick brown fox jumps"
+    ids = backend.tokenize(prompt, special=True)
+    r = client.completions.create(model="gpt-oss-tiny", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text and r.choices[0].text.startswith(prompt)
+    ref = Engine(open_model(model_path), n_ctx=N_CTX, n_threads=1).logits(ids)
+    expected = [None] + [float(log_softmax(ref[i - 1])[ids[i]]) for i in range(1, len(ids))]
+    assert lp.token_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:len(ids)], expected[1:], rtol=1e-4, atol=1e-4)
+    lib = Engine(open_model(model_path), n_ctx=N_CTX, n_threads=1).create_completion(
+        prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)["choices"][0]["logprobs"]
+    assert lib["tokens"] == lp.tokens and lib["text_offset"] == lp.text_offset
+    np.testing.assert_allclose(lib["token_logprobs"][1:], lp.token_logprobs[1:], rtol=1e-5, atol=1e-5)

@@ -218,7 +218,10 @@ def test_completions_raw_prompt_stream_echo_logprobs(node):
     short = client.completions.create(model="scripted-oss", prompt=prompt, max_tokens=3, echo=True, logprobs=1)
     assert short.choices[0].finish_reason == "length" and short.choices[0].text.startswith(prompt)
     lp = short.choices[0].logprobs
-    assert len(lp.tokens) == 3 and lp.text_offset[0] == len(prompt) and len(lp.top_logprobs[0]) == 1
+    n_prompt = short.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and lp.text_offset[n_prompt] == len(prompt)  # echo covers the prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.top_logprobs[-1]) == 1
+    assert "".join(lp.tokens) == short.choices[0].text
     ids = node[1].tokenize("hello", special=False)
     by_ids = client.completions.create(model="scripted-oss", prompt=ids, max_tokens=2)
     assert by_ids.usage.prompt_tokens == len(ids)

@@ -4,25 +4,21 @@ Every operation gets schema-driven requests (valid and invalid bodies, odd heade
 never answer 5xx, and its answers must match what the document promises (status codes, content
 types, JSON shapes). The model is the scripted test double (tests/node_scripted.py), so each
 generation is short; derandomized Hypothesis with a bounded number of examples keeps the run
-deterministic and well under a minute. Its slots also build the engine's real `Sampler` from the
-fuzzed sampling parameters and draw once, as the engine's slots do, so a parameter the sampler
-cannot take shows up here as a 5xx."""
+deterministic and to about two minutes on the 2-core build machine. Generation is the real core
+(only the forward pass is scripted), so every fuzzed sampling parameter reaches the real
+`Sampler` for every generated token: a parameter it cannot take shows up here as a 5xx."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import httpx
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-from node_scripted import ScriptedBackend, ScriptedSlot
+from node_scripted import ScriptedBackend
 from node_server import run_node
 
-from pyengine.node.backend import Slot
 from pyengine.node.schemas import URL_PATTERN
-from pyengine.sampling import Sampler, SamplingParams
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import checks  # noqa: E402 - after the importorskip above
@@ -32,25 +28,11 @@ CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.cont
           checks.negative_data_rejection]
 
 
-N_VOCAB = 201088
-LOGITS = np.random.default_rng(7).standard_normal(N_VOCAB).astype(np.float32)
-
-
-class SamplingSlot(ScriptedSlot):
-    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
-        Sampler(params).sample(LOGITS, prompt)
-        return super().start(prompt, params, chat, logprobs)
-
-
-class SamplingBackend(ScriptedBackend):
-    def new_slot(self) -> Slot:
-        return SamplingSlot(self)
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    with run_node(SamplingBackend(delay=0.0), parallel=2, models_dir=models) as (url, state):
+    backend = ScriptedBackend(delay=0.0, script=lambda prompt: SHORT_REPLY)
+    with run_node(backend, parallel=2, models_dir=models) as (url, state):
         yield url, state
 
 
@@ -58,6 +40,10 @@ def node(tmp_path_factory):
 def api_schema(node):
     return schemathesis.openapi.from_url(f"{node[0]}/openapi.json")
 
+
+N_VOCAB = 201088
+# A fixed short reply: the fuzzed messages can be long, and the default script would echo them.
+SHORT_REPLY = "<|channel|>analysis<|message|>Fine.<|end|><|start|>assistant<|channel|>final<|message|>OK.<|return|>"
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 

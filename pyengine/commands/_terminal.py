@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from pyengine.commands._device import gpu_arguments, gpu_options
-from pyengine.completions import ChatStream
+from pyengine.core import Finished, Request, Sampled, Text, ToolCall
 from pyengine.engine import Engine
+from pyengine.sampling import OPENAI_DEFAULTS, SamplingParams
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -25,11 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--max-tokens", "-n", type=int, default=None,
                    help="most tokens per reply (default: until the model ends its turn or the context is full)")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--temperature", type=float, default=OPENAI_DEFAULTS["temperature"],
                    help="0 = greedy (default 1.0, OpenAI's recommendation for gpt-oss)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=OPENAI_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=OPENAI_DEFAULTS["top_k"], help="0 = off")
+    p.add_argument("--min-p", type=float, default=OPENAI_DEFAULTS["min_p"])
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
     p.add_argument("--system", default=None, help="instructions (the developer message)")
@@ -78,24 +79,25 @@ class Reply:
 def stream_chat_reply(eng: Engine, prompt: list[int], args: argparse.Namespace, out: TextIO = sys.stdout) -> Reply:
     """Generate after a harmony prompt, printing deltas as they arrive; Ctrl-C ends the reply."""
     color = use_color(out)
-    state = ChatStream([])
     reply = Reply(n_prompt=len(prompt))
-    mode = None  # what the terminal is printing: "reasoning" | "content" | None
+    mode = None  # what the terminal is printing: "reasoning" | "content" | "tool" | None
     start = time.perf_counter()
     first = None
-    last = None
+    opts = sampling(args)
+    params = SamplingParams(temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"],
+                            min_p=opts["min_p"], seed=args.seed)
     try:
-        for ev in eng.generate(prompt, **sampling(args)):
-            last = ev
-            reply.n_generated += 1
-            if first is None:
-                first = time.perf_counter()
-            for d in state.deltas(ev):
-                mode = _print_delta(d, mode, reply, args.hide_reasoning, color, out)
+        for events in eng.run(Request(prompt, params, opts["max_tokens"], chat=True)):
+            for ev in events:
+                if isinstance(ev, Sampled):
+                    reply.n_generated += 1
+                    first = first or time.perf_counter()
+                elif isinstance(ev, (Text, ToolCall)):
+                    mode = _print_event(ev, mode, reply, args.hide_reasoning, color, out)
+                elif isinstance(ev, Finished):
+                    reply.finish_reason = ev.reason
     except KeyboardInterrupt:
         reply.finish_reason = "cancelled"
-    else:
-        reply.finish_reason = state.finish_reason(last)
     end = time.perf_counter()
     if color and mode == "reasoning":
         out.write(RESET)
@@ -106,31 +108,31 @@ def stream_chat_reply(eng: Engine, prompt: list[int], args: argparse.Namespace, 
     return reply
 
 
-def _print_delta(d: dict[str, Any], mode: str | None, reply: Reply, hide_reasoning: bool, color: bool,
+def _print_event(ev: Text | ToolCall, mode: str | None, reply: Reply, hide_reasoning: bool, color: bool,
                  out: TextIO) -> str | None:
-    if "reasoning_content" in d:
-        reply.reasoning += d["reasoning_content"]
+    if isinstance(ev, Text) and ev.kind == "reasoning":
+        reply.reasoning += ev.text
         if hide_reasoning:
             return mode
         if mode != "reasoning":
             out.write(DIM if color else "[reasoning] ")
-        out.write(d["reasoning_content"])
+        out.write(ev.text)
         mode = "reasoning"
-    elif "content" in d:
-        reply.content += d["content"]
+    elif isinstance(ev, Text):
+        if not ev.text:
+            return mode
+        reply.content += ev.text
         if mode == "reasoning":
             out.write(RESET + "\n\n" if color else "\n\n")
-        out.write(d["content"])
+        out.write(ev.text)
         mode = "content"
     else:
-        for tc in d["tool_calls"]:
-            if tc.get("id"):
-                reply.tool_calls.append({"id": tc["id"], "type": "function",
-                                         "function": {"name": tc["function"]["name"], "arguments": ""}})
-                out.write((RESET if color and mode == "reasoning" else "") +
-                          f"\n[tool call] {tc['function']['name']} ")
-            reply.tool_calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
-            out.write(tc["function"]["arguments"])
+        if ev.id:
+            reply.tool_calls.append({"id": ev.id, "type": "function",
+                                     "function": {"name": ev.name, "arguments": ""}})
+            out.write((RESET if color and mode == "reasoning" else "") + f"\n[tool call] {ev.name} ")
+        reply.tool_calls[ev.index]["function"]["arguments"] += ev.arguments
+        out.write(ev.arguments)
         mode = "tool"
     out.flush()
     return mode

@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes of the node, as one ASGI app.
 
 Handlers validate, render the prompt through the backend, hand a `Job` to the scheduler and turn
-its events into OpenAI JSON or SSE chunks. The model loads on a background thread so /health can
+its events into OpenAI JSON or SSE chunks with pyengine.openai_output (the library's shaping too). The model loads on a background thread so /health can
 answer 503 while it loads; the router client starts once the app serves."""
 
 from __future__ import annotations
@@ -31,18 +31,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
 from pyengine.node import openapi
-from pyengine.node.backend import Backend, TokenLogprob
+from pyengine.core import Event
+from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
-from pyengine.node.scheduler import (
-    Chunk,
-    Failed,
-    Finished,
-    Job,
-    QueueFull,
-    Scheduler,
-    ShuttingDown,
-)
+from pyengine.node.scheduler import Done, Failed, Job, QueueFull, Scheduler, ShuttingDown
+from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.node.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -190,45 +184,6 @@ def _history(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
-    return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top]}
-
-
-def _legacy_logprobs(lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    offsets = []
-    for lp in lps:
-        offsets.append(offset)
-        offset += len(lp.token)
-    return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{t: v for t, v, _ in lp.top} for lp in lps], "text_offset": offsets}
-
-
-class _ToolCalls:
-    """Gives each tool call an id the first time it shows up and accumulates its arguments."""
-
-    def __init__(self) -> None:
-        self.calls: dict[int, dict[str, Any]] = {}
-
-    def delta(self, pieces: list) -> list[dict[str, Any]]:
-        out = []
-        for p in pieces:
-            call = self.calls.get(p.index)
-            if call is None:
-                call = self.calls[p.index] = {"id": p.id or f"call_{uuid.uuid4().hex[:24]}",
-                                              "type": "function",
-                                              "function": {"name": p.name or "", "arguments": ""}}
-                out.append({"index": p.index, "id": call["id"], "type": "function",
-                            "function": {"name": call["function"]["name"], "arguments": p.arguments}})
-            else:
-                out.append({"index": p.index, "function": {"arguments": p.arguments}})
-            call["function"]["arguments"] += p.arguments
-        return out
-
-    def final(self) -> list[dict[str, Any]]:
-        return [self.calls[i] for i in sorted(self.calls)]
-
-
 def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                start_router: Callable[[NodeState], Any] | None = None) -> FastAPI:
     """The node's ASGI app; `load_backend` runs on a thread at startup, `start_router(state)`
@@ -274,7 +229,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            f"`{backend.info.name}`", "invalid_request_error", "model_not_found", "model")
 
     def make_job(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
-                 limit: int | None, endpoint: str, logprobs: int | None) -> Job:
+                 limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False) -> Job:
         backend, scheduler = state.ready()
         n_ctx = backend.info.n_ctx
         if len(prompt) >= n_ctx:
@@ -285,7 +240,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         room = n_ctx - len(prompt)
         job = Job(prompt=prompt, params=params, chat=chat, max_tokens=min(limit or room, room),
                   stops=req.stop_list(), endpoint=endpoint, loop=asyncio.get_running_loop(), logprobs=logprobs,
-                  request_id=request.scope["state"]["request_id"])
+                  prompt_logprobs=prompt_logprobs, request_id=request.scope["state"]["request_id"])
         try:
             scheduler.submit(job)
         except (QueueFull, ShuttingDown) as e:
@@ -293,7 +248,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             raise APIError(503, str(e), "unavailable_error") from None
         return job
 
-    async def next_event(request: Request, job: Job, poll: bool) -> Chunk | Finished | Failed:
+    async def next_event(request: Request, job: Job, poll: bool) -> list[Event] | Done | Failed:
         """The job's next event; when `poll`, notice a vanished client meanwhile."""
         while True:
             try:
@@ -302,45 +257,41 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                 if poll and await request.is_disconnected():
                     raise asyncio.CancelledError from None
 
-    async def collect(request: Request, job: Job) -> tuple[Chunk, Finished]:
-        total = Chunk()
-        tools = _ToolCalls()
+    async def collect(request: Request, job: Job, out: ChatOutput | TextOutput) -> Done:
+        """Feed every step's events to `out` until the job is done."""
         try:
             while True:
                 ev = await next_event(request, job, poll=True)
                 if isinstance(ev, Failed):
                     raise APIError(ev.status, ev.message, ev.type)
-                if isinstance(ev, Finished):
-                    total.tool_calls = tools.final()
-                    return total, ev
-                total.reasoning += ev.reasoning
-                total.content += ev.content
-                total.logprobs += ev.logprobs
-                tools.delta(ev.tool_calls)
+                if isinstance(ev, Done):
+                    return ev
+                out.chunk(ev)
         finally:
             state.scheduler.withdraw(job)
 
     def sse(payload: dict[str, Any] | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    def stream(request: Request, job: Job, chunk_of: Callable[[Chunk], dict[str, Any] | None],
-               head: dict[str, Any] | None, tail: Callable[[Finished], list[dict[str, Any]]]
-               ) -> StreamingResponse:
+    def stream(request: Request, job: Job, out: ChatOutput | TextOutput, include_usage: bool,
+               t0: float) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             try:
+                head = out.head()
                 if head:
                     yield sse(head)
                 while True:
                     ev = await next_event(request, job, poll=False)
-                    if isinstance(ev, Chunk):
-                        payload = chunk_of(ev)
+                    if isinstance(ev, list):
+                        payload = out.chunk(ev)
                         if payload:
                             yield sse(payload)
                         continue
                     if isinstance(ev, Failed):
                         yield sse({"error": {"message": ev.message, "type": ev.type, "code": ev.status}})
                     else:
-                        for payload in tail(ev):
+                        state.response_ms.append((time.perf_counter() - t0) * 1e3)
+                        for payload in out.tail(ev.finished, include_usage, timings=ev.timings):
                             yield sse(payload)
                     yield sse("[DONE]")
                     return
@@ -349,6 +300,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    extra = {"system_fingerprint": FINGERPRINT}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -366,51 +319,12 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             raise bad_request(f"cannot render these messages: {e}", "messages") from None
         job = make_job(request, prompt, req, params, True, req.token_limit(), "chat",
                        (req.top_logprobs or 0) if req.logprobs else None)
-        cid, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), backend.info.name
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                "system_fingerprint": FINGERPRINT}
-
+        out = ChatOutput(backend.tokenizer, backend.info.name, bool(req.logprobs), extra, reasoning_alias=True)
         if req.stream:
-            tool_ids = _ToolCalls()
-
-            def chunk_of(ev: Chunk) -> dict[str, Any] | None:
-                delta: dict[str, Any] = {}
-                if ev.reasoning:
-                    delta["reasoning_content"] = delta["reasoning"] = ev.reasoning
-                if ev.content:
-                    delta["content"] = ev.content
-                if ev.tool_calls:
-                    delta["tool_calls"] = tool_ids.delta(ev.tool_calls)
-                lp = {"content": [_logprob_entry(x) for x in ev.logprobs]} if ev.logprobs else None
-                if not delta and not lp:
-                    return None
-                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}]}
-
-            def tail(fin: Finished) -> list[dict[str, Any]]:
-                state.response_ms.append((time.perf_counter() - t0) * 1e3)
-                out = [{**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                             "finish_reason": fin.finish_reason}], "timings": fin.timings}]
-                if req.include_usage():
-                    out.append({**base, "choices": [], "usage": fin.usage})
-                return out
-
-            head = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]}
-            return stream(request, job, chunk_of, head, tail)
-
-        total, fin = await collect(request, job)
+            return stream(request, job, out, req.include_usage(), t0)
+        done = await collect(request, job, out)
         state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        message: dict[str, Any] = {"role": "assistant",
-                                   "content": total.content if total.content or not total.tool_calls else None}
-        if total.reasoning:
-            message["reasoning_content"] = message["reasoning"] = total.reasoning
-        if total.tool_calls:
-            message["tool_calls"] = total.tool_calls
-        choice = {"index": 0, "message": message, "finish_reason": fin.finish_reason,
-                  "logprobs": {"content": [_logprob_entry(x) for x in total.logprobs]} if req.logprobs else None}
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
-                             "system_fingerprint": FINGERPRINT, "choices": [choice], "usage": fin.usage,
-                             "timings": fin.timings})
+        return JSONResponse(out.result(done.finished, timings=done.timings))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -428,39 +342,15 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.tokenize, text, True)
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
-        job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs)
-        cid, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), backend.info.name
+        job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs,
+                       prompt_logprobs=bool(req.echo) and req.logprobs is not None)
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
-        base = {"id": cid, "object": "text_completion", "created": created, "model": name,
-                "system_fingerprint": FINGERPRINT}
-
+        out = TextOutput(backend.tokenizer, backend.info.name, echo, bool(req.echo), req.logprobs is not None, extra)
         if req.stream:
-            offset = [len(echo)]
-
-            def chunk_of(ev: Chunk) -> dict[str, Any] | None:
-                if not ev.content and not ev.logprobs:
-                    return None
-                lp = _legacy_logprobs(ev.logprobs, offset[0]) if ev.logprobs else None
-                offset[0] += len(ev.content)
-                return {**base, "choices": [{"index": 0, "text": ev.content, "logprobs": lp, "finish_reason": None}]}
-
-            def tail(fin: Finished) -> list[dict[str, Any]]:
-                state.response_ms.append((time.perf_counter() - t0) * 1e3)
-                out = [{**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                             "finish_reason": fin.finish_reason}], "timings": fin.timings}]
-                if req.include_usage():
-                    out.append({**base, "choices": [], "usage": fin.usage})
-                return out
-
-            head = ({**base, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]}
-                    if echo else None)
-            return stream(request, job, chunk_of, head, tail)
-
-        total, fin = await collect(request, job)
+            return stream(request, job, out, req.include_usage(), t0)
+        done = await collect(request, job, out)
         state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        choice = {"index": 0, "text": echo + total.content, "finish_reason": fin.finish_reason,
-                  "logprobs": _legacy_logprobs(total.logprobs, len(echo)) if req.logprobs is not None else None}
-        return JSONResponse({**base, "choices": [choice], "usage": fin.usage, "timings": fin.timings})
+        return JSONResponse(out.result(done.finished, timings=done.timings))
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

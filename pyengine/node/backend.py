@@ -1,66 +1,21 @@
 """The one narrow door between the HTTP node and a model.
 
-Everything model-specific sits behind `Backend` (tokenize, render a chat into prompt tokens, make
-per-sequence slots, run one scheduler step over the active slots) and `Slot` (one sequence's KV
-state, sampler and Harmony output parser). The node never sees logits or control tokens: a slot's
-step hands back text already split into reasoning / content / tool-call pieces.
-
-`Backend.step` is the place for continuous batching: it receives every active slot of one
-scheduler step. The default runs the slots one after another (the engine's current contract is
-one sequence per Engine); an engine with a multi-sequence decode overrides it to run them in one
-forward pass, and nothing above this module changes."""
+A `Backend` is a loaded model as the node sees it: its tokenizer, how a chat becomes prompt
+tokens, its `ModelInfo`, and the generation core (pyengine.core.Core) that the scheduler drives
+with one `step(active sequences)` per iteration, exactly as the library drives it with one
+sequence. The node never sees logits or control tokens: the core hands back typed events
+(reasoning / content / tool-call pieces, finish, usage)."""
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pyengine.sampling import SamplingParams
-
-log = logging.getLogger("pyengine")
-
-
-@dataclass
-class TokenLogprob:
-    """A sampled token's log-probability and the `top` most likely alternatives."""
-
-    token: str
-    logprob: float
-    bytes: list[int]
-    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
-
-
-@dataclass
-class ToolCallDelta:
-    """A piece of the `index`-th tool call: id and name come once, arguments in pieces."""
-
-    index: int
-    arguments: str = ""
-    id: str | None = None
-    name: str | None = None
-
-
-@dataclass
-class StepOutput:
-    """What one scheduler step did for one slot.
-
-    `token` is None when the step only evaluated prompt tokens (`prompt_evaluated` of them).
-    `done` means the model ended its turn (an end-of-generation token); `tool_call` that the
-    turn ended by calling a tool; `error` that this slot's step failed (its request ends, the
-    others go on)."""
-
-    token: int | None = None
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    logprob: TokenLogprob | None = None
-    prompt_evaluated: int = 0
-    done: bool = False
-    tool_call: bool = False
-    error: str | None = None
+from pyengine.core import Core
+from pyengine.runner import Cache
+from pyengine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -86,46 +41,20 @@ class ModelInfo:
         return wanted in names or wanted.replace(":", "-") in names or wanted.replace(":", "_") in names
 
 
-class Slot(ABC):
-    """One sequence's model state, used only from the scheduler's worker thread."""
-
-    @abstractmethod
-    def start(self, prompt: Sequence[int], params: SamplingParams, chat: bool, logprobs: int | None) -> int:
-        """Prepare to generate after `prompt`; return how many leading prompt tokens are reused
-        from this slot's cache. `chat` selects the Harmony parser (else raw text out);
-        `logprobs` None: none, n: each token's logprob and the n most likely alternatives."""
-
-    @abstractmethod
-    def step(self) -> StepOutput:
-        """Do one unit of work: a chunk of prompt evaluation, or one sampled token."""
-
-    def cached_prefix(self, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` this slot's cache already holds (slot choice)."""
-        return 0
-
-    def flush(self) -> StepOutput:
-        """Text still held back (a partial UTF-8 sequence, an undecided Harmony header) when the
-        scheduler ends the request before the model did (max_tokens, full context)."""
-        return StepOutput()
-
-    @property
-    @abstractmethod
-    def n_past(self) -> int:
-        """Tokens now held in this slot's KV cache."""
-
-
 class Backend(ABC):
-    """A loaded model behind the node. Subclasses set `info`."""
+    """A loaded model behind the node. Subclasses set `info`, `tokenizer` and `core`."""
 
     info: ModelInfo
+    tokenizer: Tokenizer
+    core: Core
 
-    @abstractmethod
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; with `special`, control-token spellings become their ids."""
+        return self.tokenizer.encode(text, special=special)
 
-    @abstractmethod
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of `tokens` (control tokens spelled out)."""
+        return self.tokenizer.decode([int(t) for t in tokens])
 
     @abstractmethod
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -138,25 +67,13 @@ class Backend(ABC):
         definitions ({"name", "description", "parameters"}). Raise ValueError for a history
         that cannot be rendered (answered as 400)."""
 
-    @abstractmethod
-    def new_slot(self) -> Slot:
-        """A fresh sequence slot with its own KV cache."""
-
-    def step(self, slots: list[Slot]) -> list[StepOutput]:
-        """One scheduler step over every active slot (see the module docstring). A slot whose
-        step raises gets an `error` output; the other slots are unaffected."""
-        outputs = []
-        for slot in slots:
-            try:
-                outputs.append(slot.step())
-            except Exception as e:
-                log.exception("a generation step failed")
-                outputs.append(StepOutput(error=f"generation failed: {e}"))
-        return outputs
+    def new_cache(self) -> Cache:
+        """A KV cache for one slot (n_ctx = info.n_ctx)."""
+        return self.core.runner.new_cache(self.info.n_ctx)
 
     def expert_counts(self) -> list[list[int]]:
-        """Per layer, how often each expert was selected so far (empty if not tracked)."""
-        return []
+        """Per layer, how often each expert was selected so far."""
+        return [[int(n) for n in row] for row in self.core.runner.expert_counts]
 
     def close(self) -> None:
         """Release the model."""

@@ -1,16 +1,16 @@
-"""Slots, a bounded queue, and one worker thread that steps every active sequence in turn.
+"""Slots, a bounded queue, and one worker thread that steps every active sequence together.
 
-One slot per --parallel sequence, each with its own KV state. New requests join between steps
-(continuous admission), each taking the free slot where reuse saves the most: prompt tokens already
-cached there minus the tokens of that slot's last prompt it would throw away (a conversation's
-next turn finds its own earlier turns; a new one takes an empty slot rather than evict another
-conversation for a shared system prompt); a cancelled request (client gone) leaves before the next step, so its slot
-is free within one step. Each step hands the list of active slots to `Backend.step`: with the
-engine's current one-sequence-per-Engine contract that runs them one after another (interleaved,
-not batched); an engine with a multi-sequence decode runs them in one forward pass there.
+One slot per --parallel sequence, each a KV cache (pyengine.runner.Cache). New requests join
+between steps (continuous admission), each taking the free slot where reuse saves the most: prompt
+tokens already cached there minus the tokens of that slot's last prompt it would throw away (a
+conversation's next turn finds its own earlier turns; a new one takes an empty slot rather than
+evict another conversation for a shared system prompt); a cancelled request (client gone) leaves
+before the next step, so its slot is free within one step. Each iteration is one
+`Core.step(active sequences)`: one batched forward pass for all of them (continuous batching),
+the same core the library runs one sequence at a time.
 
-Results travel to the request's asyncio queue through `loop.call_soon_threadsafe`, so the event
-loop never blocks on the model."""
+Each step's events travel to the request's asyncio queue through `loop.call_soon_threadsafe`,
+so the event loop never blocks on the model."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyengine.node.backend import Backend, Slot, StepOutput, TokenLogprob, ToolCallDelta
+from pyengine.core import Event, Finished, PromptEvaluated, Request, Sampled
+from pyengine.core import Failed as StepFailed
+from pyengine.core import Sequence as CoreSequence
+from pyengine.node.backend import Backend
 from pyengine.node.metrics import Metrics
-from pyengine.stops import StopMatcher
+from pyengine.runner import Cache
 from pyengine.sampling import SamplingParams
 
 log = logging.getLogger("pyengine")
@@ -40,19 +43,10 @@ class ShuttingDown(Exception):
 
 
 @dataclass
-class Chunk:
-    """New output of one job: text pieces, tool-call pieces, logprobs of the tokens behind them."""
+class Done:
+    """The job's sequence finished; timings in llama-server's shape."""
 
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class Finished:
-    finish_reason: str
-    usage: dict[str, Any]
+    finished: Finished
     timings: dict[str, Any]
 
 
@@ -75,6 +69,7 @@ class Job:
     endpoint: str
     loop: asyncio.AbstractEventLoop
     logprobs: int | None = None
+    prompt_logprobs: bool = False
     request_id: str = ""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -85,14 +80,13 @@ class Job:
     n_cached: int = 0
     n_prompt_eval: int = 0
     n_generated: int = 0
-    tool_seen: bool = False
-    stopper: StopMatcher | None = None
+    seq: CoreSequence | None = None
 
     def cancel(self) -> None:
         """Ask the worker to drop this job before its next step (thread-safe)."""
         self.cancelled = True
 
-    def post(self, event: Chunk | Finished | Failed) -> None:
+    def post(self, event: list[Event] | Done | Failed) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:
@@ -109,10 +103,11 @@ class Scheduler:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.verbose = verbose
-        self.slots: list[Slot] = [backend.new_slot() for _ in range(n_parallel)]
-        self.free: list[Slot] = list(reversed(self.slots))
+        self.core = backend.core
+        self.slots: list[Cache] = [backend.new_cache() for _ in range(n_parallel)]
+        self.free: list[Cache] = list(reversed(self.slots))
         self.queue: collections.deque[Job] = collections.deque()
-        self.active: list[tuple[Job, Slot]] = []
+        self.active: list[tuple[Job, Cache]] = []
         self.last_prompt_len: dict[int, int] = {}
         self.cond = threading.Condition()
         self.stopping: str | None = None
@@ -141,7 +136,6 @@ class Scheduler:
             if len(self.queue) >= self.max_queue and not self.free:
                 raise QueueFull(f"all {self.n_parallel} slots are busy and {len(self.queue)} "
                                 "requests are waiting; retry later")
-            job.stopper = StopMatcher(job.stops)
             self.queue.append(job)
             self.cond.notify()
 
@@ -180,16 +174,18 @@ class Scheduler:
                 self._release(job, slot, "cancelled")
             if not self.active:
                 continue
+            active = list(self.active)
             try:
-                outputs = self.backend.step([slot for _, slot in self.active])
-            except Exception as e:  # a batched step failed as a whole: its requests end, not the node
+                outputs = self.core.step([job.seq for job, _ in active])
+            except Exception as e:  # noqa: BLE001 - a step failed as a whole: its requests end, not the node
                 log.exception("generation step failed")
-                for job, slot in list(self.active):
+                for job, slot in active:
+                    slot.reset()
                     job.post(Failed(f"generation failed: {e}"))
                     self._release(job, slot, "error")
                 continue
-            for (job, slot), out in zip(list(self.active), outputs):
-                self._advance(job, slot, out)
+            for (job, slot), events in zip(active, outputs):
+                self._advance(job, slot, events)
         for job, slot in list(self.active):
             job.post(Failed(self.stopping, 503, "unavailable_error"))
             self._release(job, slot, "cancelled")
@@ -198,16 +194,18 @@ class Scheduler:
         for job in waiting:
             job.post(Failed(self.stopping, 503, "unavailable_error"))
 
-    def _reuse_value(self, slot: Slot, prompt: list[int]) -> tuple[int, int]:
+    def _reuse_value(self, slot: Cache, prompt: list[int]) -> tuple[int, int]:
         """Prompt tokens `slot` would reuse minus the tokens of its last prompt that would be lost
         (its generated tokens count for nothing: a next turn re-renders them anyway); then the reuse."""
-        shared = slot.cached_prefix(prompt)
+        shared = slot.common_prefix(prompt)
         return shared - max(0, self.last_prompt_len.get(id(slot), 0) - shared), shared
 
-    def _admit(self, job: Job, slot: Slot) -> None:
+    def _admit(self, job: Job, slot: Cache) -> None:
         job.t_start = time.perf_counter()
         try:
-            job.n_cached = slot.start(job.prompt, job.params, job.chat, job.logprobs)
+            job.seq = self.core.start(slot, Request(job.prompt, job.params, job.max_tokens, job.stops, job.logprobs,
+                                                    job.chat, prompt_logprobs=job.prompt_logprobs))
+            job.n_cached = job.seq.n_cached
         except Exception as e:
             log.exception("could not start a request")
             job.post(Failed(f"could not start generation: {e}"))
@@ -217,61 +215,43 @@ class Scheduler:
         self.last_prompt_len[id(slot)] = len(job.prompt)
         self.active.append((job, slot))
 
-    def _free(self, slot: Slot) -> None:
+    def _free(self, slot: Cache) -> None:
         with self.cond:
             self.free.append(slot)
 
-    def _release(self, job: Job, slot: Slot, outcome: str) -> None:
+    def _release(self, job: Job, slot: Cache, outcome: str) -> None:
         self.active.remove((job, slot))
         self._free(slot)
         self.metrics.count_request(job.endpoint, outcome)
 
-    def _advance(self, job: Job, slot: Slot, out: StepOutput) -> None:
+    def _advance(self, job: Job, slot: Cache, events: list[Event]) -> None:
         now = time.perf_counter()
-        if out.error:
-            job.post(Failed(out.error))
-            self._release(job, slot, "error")
-            return
-        job.n_prompt_eval += out.prompt_evaluated
-        if out.token is None:
-            return
-        if job.n_generated == 0:
-            job.t_prompt_done = job.t_prompt_done or now
-            self.metrics.observe_ttft(now - job.t_submit)
-        else:
-            self.metrics.observe_token_gap(now - job.t_last_token)
-        job.t_last_token = now
-        job.n_generated += 1
-        content, stopped = job.stopper.feed(out.content)
-        if out.tool_calls:
-            job.tool_seen = True
-        chunk = Chunk(out.reasoning, content, out.tool_calls,
-                      [out.logprob] if out.logprob and job.logprobs is not None else [])
-        if chunk.reasoning or chunk.content or chunk.tool_calls or chunk.logprobs:
-            job.post(chunk)
-        if stopped:
-            reason = "stop"
-        elif out.done:
-            reason = "tool_calls" if out.tool_call or job.tool_seen else "stop"
-        elif job.n_generated >= job.max_tokens or slot.n_past >= self.n_ctx:
-            reason = "length"
-            tail = slot.flush()
-            content, stopped = job.stopper.feed(tail.content)
-            if tail.reasoning or content or tail.tool_calls:
-                job.post(Chunk(tail.reasoning, content, tail.tool_calls))
-        else:
-            return
-        if not stopped:
-            rest = job.stopper.flush()
-            if rest:
-                job.post(Chunk(content=rest))
-        self._finish(job, slot, reason, now)
+        finished = None
+        for ev in events:
+            if isinstance(ev, PromptEvaluated):
+                job.n_prompt_eval += ev.n
+            elif isinstance(ev, Sampled):
+                if job.n_generated == 0:
+                    job.t_prompt_done = job.t_prompt_done or now
+                    self.metrics.observe_ttft(now - job.t_submit)
+                else:
+                    self.metrics.observe_token_gap(now - job.t_last_token)
+                job.t_last_token = now
+                job.n_generated += 1
+            elif isinstance(ev, StepFailed):
+                job.post(Failed(ev.message))
+                self._release(job, slot, "error")
+                return
+            elif isinstance(ev, Finished):
+                finished = ev
+        if events:
+            job.post(events)
+        if finished is not None:
+            self._finish(job, slot, finished, now)
 
-    def _finish(self, job: Job, slot: Slot, reason: str, now: float) -> None:
+    def _finish(self, job: Job, slot: Cache, fin: Finished, now: float) -> None:
         n_prompt = len(job.prompt)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": job.n_generated,
-                 "total_tokens": n_prompt + job.n_generated,
-                 "prompt_tokens_details": {"cached_tokens": job.n_cached}}
+        job.t_prompt_done = job.t_prompt_done or now
         prompt_ms = (job.t_prompt_done - job.t_start) * 1e3
         predicted_ms = (now - job.t_prompt_done) * 1e3
         timings = {
@@ -282,7 +262,7 @@ class Scheduler:
             "predicted_per_token_ms": predicted_ms / max(job.n_generated, 1),
             "predicted_per_second": job.n_generated / predicted_ms * 1e3 if predicted_ms > 0 else 0.0,
         }
-        job.post(Finished(reason, usage, timings))
+        job.post(Done(fin, timings))
         self.metrics.count_tokens(prompt=n_prompt, cached=job.n_cached, generated=job.n_generated)
         self._release(job, slot, "ok")
         if self.verbose:

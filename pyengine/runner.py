@@ -1,0 +1,133 @@
+"""The forward pass over KV caches: one model's weights, any number of sequences.
+
+A `Cache` is one sequence's KV cache and the tokens it holds; it is not an Engine. A `Runner`
+owns the (shared) model and evaluates tokens into caches, several caches in one forward pass
+(`pe_gptoss_forward_seqs`: every weight matrix is read once per pass for all sequences). The
+library's Engine holds one Runner and one Cache; the node holds one Runner and one Cache per
+slot. Both drive them through pyengine.core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+class Cache:
+    """A KV cache (`native`, the C-side rings; None for a model that needs none) and the tokens
+    it holds, in order. Only a Runner writes to it."""
+
+    def __init__(self, native: Any, n_ctx: int) -> None:
+        self.native = native
+        self.n_ctx = int(n_ctx)
+        self.tokens: list[int] = []
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return int(getattr(self.native, "nbytes", 0))
+
+    def common_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` this cache already holds."""
+        n = min(len(self.tokens), len(tokens))
+        for i in range(n):
+            if self.tokens[i] != tokens[i]:
+                return i
+        return n
+
+    def reset(self) -> None:
+        self.tokens = []
+
+
+class Runner:
+    """Evaluates tokens into caches with `model` (pyengine._model.Model or a CUDA model).
+
+    n_batch: most tokens of one sequence per forward call (longer inputs take several rounds).
+    `cache_type(model, n_ctx, n_batch)` builds the native cache."""
+
+    def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None) -> None:
+        self.model = model
+        self.n_vocab = int(model.n_vocab)
+        self.n_threads = int(n_threads)
+        self.n_batch = int(n_batch)
+        self.cache_type = cache_type
+
+    def new_cache(self, n_ctx: int) -> Cache:
+        return Cache(self.cache_type(self.model, n_ctx, self.n_batch), n_ctx)
+
+    @property
+    def expert_counts(self) -> np.ndarray:
+        """int64 (n_layer, n_expert): expert selections of every forward pass so far."""
+        return self.model.expert_counts
+
+    def chunk_size(self, cache: Cache) -> int:
+        """Most tokens one forward call may add to `cache`."""
+        return min(self.n_batch, cache.native.max_batch(self.model.window))
+
+    def check(self, cache: Cache, tokens: Sequence[int]) -> np.ndarray:
+        """int32 ids of `tokens` after checking them against the vocabulary and the context."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError("tokens must be a 1-D sequence of integer token ids")
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n_vocab}")
+        if cache.n_past + arr.size > cache.n_ctx:
+            raise ValueError(f"{cache.n_past} cached + {arr.size} new tokens exceed the context "
+                             f"window n_ctx={cache.n_ctx}")
+        if arr.size == 0:
+            raise ValueError("eval needs at least one token")
+        return arr.astype(np.int32)
+
+    def eval(self, caches: Sequence[Cache], tokens: Sequence[Sequence[int]],
+             logits_all: bool = False) -> list[np.ndarray]:
+        """Append tokens[i] to caches[i], all sequences in one forward pass per round. Returns
+        each sequence's last-token logits (n_vocab,), or with logits_all every new token's
+        (len(tokens[i]), n_vocab). Everything is checked before anything is evaluated."""
+        caches = list(caches)
+        if not caches or len(tokens) != len(caches):
+            raise ValueError("eval needs one token list per cache, and at least one cache")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice: each sequence needs its own")
+        arrays = [self.check(c, t) for c, t in zip(caches, tokens)]
+        chunks = []
+        for c, a in zip(caches, arrays):
+            step = self.chunk_size(c)
+            chunks.append([a[i:i + step] for i in range(0, a.size, step)])
+        outs: list[list[np.ndarray]] = [[] for _ in caches]
+        for r in range(max(len(c) for c in chunks)):
+            live = [i for i, c in enumerate(chunks) if r < len(c)]
+            rows = self._forward([caches[i] for i in live], [chunks[i][r] for i in live], logits_all)
+            start = 0
+            for k, i in enumerate(live):
+                chunk = chunks[i][r]
+                caches[i].tokens.extend(int(t) for t in chunk)
+                if logits_all:
+                    outs[i].append(rows[start:start + chunk.size])
+                    start += chunk.size
+                else:
+                    outs[i] = [rows[k]]
+        return [np.concatenate(o) if logits_all else o[0] for o in outs]
+
+    def _forward(self, caches: list[Cache], chunks: list[np.ndarray], logits_all: bool) -> np.ndarray:
+        """One forward pass: float32 (sum of lengths, n_vocab) with logits_all, else one row per
+        sequence."""
+        return self.model.forward_seqs([c.native for c in caches], chunks, [c.n_past for c in caches],
+                                       logits_all, self.n_threads)
+
+    def truncate(self, cache: Cache, n: int) -> None:
+        """Keep the first n tokens of `cache` (prefix reuse). When the sliding-window rings no
+        longer hold the keys position n needs, the prefix is evaluated again."""
+        if not 0 <= n <= cache.n_past:
+            raise ValueError(f"truncate({n}): must be between 0 and n_past={cache.n_past}")
+        keep = cache.tokens[:n]
+        if cache.n_past - n <= cache.native.max_batch(self.model.window) or not keep:
+            cache.tokens = keep
+            return
+        cache.reset()
+        self.eval([cache], [keep])

@@ -43,20 +43,30 @@ PE_AI __m512i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
 }
 
-/* 254 * (w . q) + (w . ql): the two activation digits' integer dot products, combined exactly
- * (|w . q| <= 16 * 240 * 127 per sub-block, so 254 times it stays far inside int32). */
-PE_AI __m512i two_digits(__m512i a, __m512i al) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(a, _mm512_set1_epi32(254)), al);
+/* The two digits rewritten in base 256 (once per step, shared by the rows): X = 254 q + ql =
+ * 256 h + l with int8 h and l, so that w . X = 256 (w . h) + (w . l) costs one shift per register
+ * and one fold, instead of 254 * (w . q) + (w . ql) with a fold per digit. l = ql - 2q wrapped to
+ * int8; the carry (e = ql - 2q, |e| <= 381, carry = (e - l) / 256 in {-1, 0, 1}) shows where the
+ * saturating difference (sat8(e): the saturation is monotone, so two saturating steps give sat8(e))
+ * and the wrapped one differ: sat > wrapped iff e >= 128, sat < wrapped iff e < -128. h = q + carry
+ * stays in int8: q > 0 gives e <= 125 (carry <= 0), q < 0 gives e >= -125 (carry >= 0). */
+PE_AI void base256(__m512i q, __m512i ql, __m512i *h, __m512i *l) {
+    const __m512i sat = _mm512_subs_epi8(_mm512_subs_epi8(ql, q), q);
+    const __m512i wrap = _mm512_sub_epi8(_mm512_sub_epi8(ql, q), q);
+    const __m512i one = _mm512_set1_epi8(1);
+    const __mmask64 up = _mm512_cmpgt_epi8_mask(sat, wrap), down = _mm512_cmplt_epi8_mask(sat, wrap);
+    *h = _mm512_mask_sub_epi8(_mm512_mask_add_epi8(q, up, q, one), down, _mm512_mask_add_epi8(q, up, q, one), one);
+    *l = wrap;
 }
 
-/* The row's 16 combined sub-block sums (fold4 order) of codes u against digits xa (q) and xl (ql). */
-PE_AI __m512i dot2(const __m512i u[4], const __m512i xa[4], const __m512i xl[4]) {
+/* The row's 16 sub-block sums of w . (254 q + ql) (fold4 order), codes u against the base-256
+ * digits xh, xl of the activations (exact: |256 (w . h)| <= 256 * 4 * 255 * 128 per lane). */
+PE_AI __m512i dot2(const __m512i u[4], const __m512i xh[4], const __m512i xl[4]) {
     const __m512i z = _mm512_setzero_si512();
-    const __m512i fq = fold4(_mm512_dpbusd_epi32(z, u[0], xa[0]), _mm512_dpbusd_epi32(z, u[1], xa[1]),
-                             _mm512_dpbusd_epi32(z, u[2], xa[2]), _mm512_dpbusd_epi32(z, u[3], xa[3]));
-    const __m512i fl = fold4(_mm512_dpbusd_epi32(z, u[0], xl[0]), _mm512_dpbusd_epi32(z, u[1], xl[1]),
-                             _mm512_dpbusd_epi32(z, u[2], xl[2]), _mm512_dpbusd_epi32(z, u[3], xl[3]));
-    return two_digits(fq, fl);
+    __m512i c[4];
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, u[i], xh[i]), 8), u[i], xl[i]);
+    return fold4(c[0], c[1], c[2], c[3]);
 }
 
 /* Prefetch this step's share (bytes [from, from + len)) of the next group into L2. */
@@ -259,6 +269,7 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         __m512i xa[4], xl[4];
         act_k(T, x->qs, sb, xa);
         act_k(T, x->ql, sb, xl);
+        for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
         /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
         const __m512 dx = _mm512_mul_ps(
             _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
@@ -387,6 +398,7 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
             xv[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
         }
     }
+    for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
     const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
     /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each half-block */
     const __m512 dx = _mm512_mul_ps(

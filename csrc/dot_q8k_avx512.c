@@ -6,12 +6,14 @@
  *
  * One shape for every type, "a row per register": a step covers 256 elements of each row (one
  * super-block, or eight 32-blocks). A row's codes are decoded into four 64-byte registers of
- * unsigned codes (each format's own byte order, no reordering of the weights); four vpdpbusd
- * against four registers of each activation digit (q, ql), built once per step in the matching
- * element order, leave in each 128-bit lane 4 partial sums of one 16-element sub-block; a
- * transpose-add (fold4) per digit turns them into the row's 16 sub-block sums, combined as
- * sum = 254 * sum_q + sum_ql. The offset is taken off in int32 (sum - offset * s16x, exact), and
- * each sub-block sum is converted to float once and scaled per lane:
+ * unsigned codes (each format's own byte order, no reordering of the weights). The activations'
+ * two digits are loaded once per step into four registers each in the matching element order and
+ * rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()), so that per
+ * register vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave, in
+ * each 128-bit lane, 4 exact partial sums of w . (254 q + ql) over one 16-element sub-block; one
+ * transpose-add (fold4) turns the four registers into the row's 16 sub-block sums. The offset is
+ * taken off in int32 (sum - offset * s16x, exact), and each sub-block sum is converted to float
+ * once and scaled per lane:
  *     acc_row += (sum - offset * s16x) * (d_w * scale) * d_x / 254  -  min_w * (d_x / 254 * s16x)
  * where s16x is the activation sub-block's combined code sum 254 * sum(q) + sum(ql) and d_x its
  * 32-block's scale. Integer sums are exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are

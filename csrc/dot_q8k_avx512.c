@@ -1,18 +1,22 @@
 /* Decode kernels with int8 activations (AVX-512 VNNI) for the K-quants (Q2_K..Q6_K) and the 32-block
  * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
- * (eight rows per pass over the activations, unsigned codes for vpdpbusd with the offset or the
- * minimum applied through the activations' code sums, next-group prefetch into L2).
+ * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
+ * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
+ * minimum applied through the activations' combined code sums s16x, next-group prefetch into L2).
  *
  * One shape for every type, "a row per register": a step covers 256 elements of each row (one
  * super-block, or eight 32-blocks). A row's codes are decoded into four 64-byte registers of
- * unsigned codes (each format's own byte order, no reordering of the weights); four vpdpbusd
- * against four activation registers built once per step in the matching element order leave, in
- * each 128-bit lane, 4 partial sums of one 16-element sub-block; one transpose-add (fold4) turns
- * the four registers into the row's 16 sub-block sums. Each sub-block sum is converted to float
+ * unsigned codes (each format's own byte order, no reordering of the weights). The activations'
+ * two digits are loaded once per step into four registers each in the matching element order and
+ * rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()), so that per
+ * register vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave, in
+ * each 128-bit lane, 4 exact partial sums of w . (254 q + ql) over one 16-element sub-block; one
+ * transpose-add (fold4) turns the four registers into the row's 16 sub-block sums. The offset is
+ * taken off in int32 (sum - offset * s16x, exact), and each sub-block sum is converted to float
  * once and scaled per lane:
- *     acc_row += (sum - offset * s16) * (d_w * scale) * d_x  -  min_w * (d_x * s16)
- * where s16 is the activation sub-block's code sum and d_x its 32-block's scale. Integer sums are
- * exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are
+ *     acc_row += (sum - offset * s16x) * (d_w * scale) * d_x / 254  -  min_w * (d_x / 254 * s16x)
+ * where s16x is the activation sub-block's combined code sum 254 * sum(q) + sum(ql) and d_x its
+ * 32-block's scale. Integer sums are exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are
  * not stored), so any grouping gives the same bits. Codes are used in place where no extra bit
  * follows (Q4_K/Q4_1 high nibbles: v & 0xf0 = 16 q; Q2_K 2-bit fields: v & 3 << 2j = 4^j q), the
  * power of two folded into the per-step activation scales (Q4_K, Q4_1) or the row's scales (Q2_K),
@@ -39,6 +43,32 @@ PE_AI __m512i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
     const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
     return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* The two digits rewritten in base 256 (once per step, shared by the rows): X = 254 q + ql =
+ * 256 h + l with int8 h and l, so that w . X = 256 (w . h) + (w . l) costs one shift per register
+ * and one fold, instead of 254 * (w . q) + (w . ql) with a fold per digit. l = ql - 2q wrapped to
+ * int8; the carry (e = ql - 2q, |e| <= 381, carry = (e - l) / 256 in {-1, 0, 1}) shows where the
+ * saturating difference (sat8(e): the saturation is monotone, so two saturating steps give sat8(e))
+ * and the wrapped one differ: sat > wrapped iff e >= 128, sat < wrapped iff e < -128. h = q + carry
+ * stays in int8: q > 0 gives e <= 125 (carry <= 0), q < 0 gives e >= -125 (carry >= 0). */
+PE_AI void base256(__m512i q, __m512i ql, __m512i *h, __m512i *l) {
+    const __m512i sat = _mm512_subs_epi8(_mm512_subs_epi8(ql, q), q);
+    const __m512i wrap = _mm512_sub_epi8(_mm512_sub_epi8(ql, q), q);
+    const __m512i one = _mm512_set1_epi8(1);
+    const __mmask64 up = _mm512_cmpgt_epi8_mask(sat, wrap), down = _mm512_cmplt_epi8_mask(sat, wrap);
+    *h = _mm512_mask_sub_epi8(_mm512_mask_add_epi8(q, up, q, one), down, _mm512_mask_add_epi8(q, up, q, one), one);
+    *l = wrap;
+}
+
+/* The row's 16 sub-block sums of w . (254 q + ql) (fold4 order), codes u against the base-256
+ * digits xh, xl of the activations (exact: |256 (w . h)| <= 256 * 4 * 255 * 128 per lane). */
+PE_AI __m512i dot2(const __m512i u[4], const __m512i xh[4], const __m512i xl[4]) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i c[4];
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(z, u[i], xh[i]), 8), u[i], xl[i]);
+    return fold4(c[0], c[1], c[2], c[3]);
 }
 
 /* Prefetch this step's share (bytes [from, from + len)) of the next group into L2. */
@@ -208,9 +238,10 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     }
 }
 
-/* The activation registers of super-block sb in the element order of the decoded codes. */
-PE_AI void act_k(const int T, const pe_act_q8 *x, int64_t sb, __m512i xa[4]) {
-    const int8_t *q = x->qs + 256 * sb;
+/* The activation registers of super-block sb (one digit array: x->qs or x->ql) in the element order
+ * of the decoded codes. */
+PE_AI void act_k(const int T, const int8_t *digits, int64_t sb, __m512i xa[4]) {
+    const int8_t *q = digits + 256 * sb;
     if (T == K_Q4 || T == K_Q5) {
         for (int i = 0; i < 4; i++) {
             const int8_t *b = q + 128 * (i / 2) + 32 * (i % 2);
@@ -229,19 +260,25 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
     const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(T == K_Q4 || T == K_Q5 ? SUB_Q45 : SUB_NAT)));
     const __m512i sub32 = _mm512_srli_epi32(sub, 1);
-    const __m512 voff = _mm512_set1_ps(K_OFFSET[T]);
+    const __m512i voff = _mm512_set1_epi32((int)K_OFFSET[T]);
+    const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nsb = n / 256;
     __m512 acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
-        __m512i xa[4];
-        act_k(T, x, sb, xa);
-        const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb)));
-        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16 + 16 * sb));
+        __m512i xa[4], xl[4];
+        act_k(T, x->qs, sb, xa);
+        act_k(T, x->ql, sb, xl);
+        for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
+        /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
+        const __m512 dx = _mm512_mul_ps(
+            _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
+        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16x + 16 * sb));
         const __m512 dxs = _mm512_mul_ps(dx, s16);
-        const __m512 offs = _mm512_mul_ps(s16, voff);
+        /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
+        const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
         /* Q4_K: the high-nibble registers (odd i, odd lanes) hold 16 q */
         const __m512 dxa = T == K_Q4 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
                                                                         1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
@@ -250,11 +287,9 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         for (int i = 0; i < 8; i++) {
             row_step s;
             decode_k(T, r[i] + o, &s);
-            const __m512i z = _mm512_setzero_si512();
-            const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
-                                    _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
-            __m512 t = _mm512_cvtepi32_ps(f);
-            if (K_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+            __m512i f = dot2(s.u, xa, xl);
+            if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
+            const __m512 t = _mm512_cvtepi32_ps(f);
             acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
             if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
         }
@@ -352,21 +387,28 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
                   const int64_t nblk, const uint8_t *next, __m512i sub, __m512i sub32, __m512i xidx0, __m512i xidx1,
                   __m512 acc[8]) {
     const int BLOCK = B_BLOCK[T];
-    const __m512 voff = _mm512_set1_ps(B_OFFSET[T]);
+    const __m512i voff = _mm512_set1_epi32((int)B_OFFSET[T]);
     const int64_t o = b * BLOCK;
-    const int8_t *q = x->qs + 32 * b;
-    __m512i xa[4];
-    for (int g = 0; g < 2; g++) {
-        const __m512i X0 = loadm((const uint8_t *)q + 128 * g, 32 * (nblk - 4 * g));
-        const __m512i X1 = loadm((const uint8_t *)q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
-        xa[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
-        xa[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+    __m512i xa[4], xl[4];
+    for (int dg = 0; dg < 2; dg++) {
+        const uint8_t *q = (const uint8_t *)(dg ? x->ql : x->qs) + 32 * b;
+        __m512i *xv = dg ? xl : xa;
+        for (int g = 0; g < 2; g++) {
+            const __m512i X0 = loadm(q + 128 * g, 32 * (nblk - 4 * g));
+            const __m512i X1 = loadm(q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
+            xv[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
+            xv[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+        }
     }
+    for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
     const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
-    const __m512 dx = _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b)));
-    const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16 + 2 * b));
+    /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each half-block */
+    const __m512 dx = _mm512_mul_ps(
+        _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b))),
+        _mm512_set1_ps(1.0f / 254.0f));
+    const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16x + 2 * b));
     const __m512 dxs = _mm512_mul_ps(dx, s16);
-    const __m512 offs = _mm512_mul_ps(s16, voff);
+    const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
     /* Q4_1: the high-nibble registers (odd i, odd lanes) hold 16 q */
     const __m512 dxa = T == B_Q4_1 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
                                                                       1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
@@ -375,11 +417,9 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
     for (int i = 0; i < 8; i++) {
         row_step s;
         decode_b(T, tb, r[i] + o, nblk, &s);
-        const __m512i z = _mm512_setzero_si512();
-        const __m512i f = fold4(_mm512_dpbusd_epi32(z, s.u[0], xa[0]), _mm512_dpbusd_epi32(z, s.u[1], xa[1]),
-                                _mm512_dpbusd_epi32(z, s.u[2], xa[2]), _mm512_dpbusd_epi32(z, s.u[3], xa[3]));
-        __m512 t = _mm512_cvtepi32_ps(f);
-        if (B_OFFSET[T] != 0.0f) t = _mm512_sub_ps(t, offs);
+        __m512i f = dot2(s.u, xa, xl);
+        if (B_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
+        const __m512 t = _mm512_cvtepi32_ps(f);
         acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
         if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
     }

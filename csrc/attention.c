@@ -1,4 +1,4 @@
-/* Attention with sinks (see attention.h; shared/docs/gpt-oss-spec.md section 3.5). One thread owns
+/* Attention with sinks (see attention.h; docs/gpt-oss.md, "Forward pass"). One thread owns
  * each (token, head) pair, so the result does not depend on the thread count. */
 #include "attention.h"
 

@@ -1,4 +1,4 @@
-/* The gpt-oss forward pass (shared/docs/gpt-oss-spec.md section 3), in the manner of llama2.c's
+/* The gpt-oss forward pass (docs/gpt-oss.md, "Forward pass"), in the manner of llama2.c's
  * run.c: plain structs of weight views, one function that reads top to bottom like the model.
  *
  * Every pointer, type and shape here has been validated by the caller (pyengine/_model.pyx). */

@@ -1,5 +1,5 @@
 /* Small per-vector operations of the gpt-oss block: RMSNorm, RoPE with YaRN, softmax, SwiGLU-OAI,
- * top-k. Formulas: shared/docs/gpt-oss-spec.md section 3. */
+ * top-k. Formulas: docs/gpt-oss.md, "Forward pass". */
 #ifndef PE_OPS_H
 #define PE_OPS_H
 

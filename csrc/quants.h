@@ -2,7 +2,7 @@
  * block, kernels) in the manner of ggml's type_traits: adding a format is one file and one row.
  *
  * Layout of every block type: see gguf-py's gguf/quants.py (the executable spec) and
- * shared/docs/gpt-oss-spec.md section 4. Every kernel here validates nothing: callers (Python)
+ * docs/quants.md. Every kernel here validates nothing: callers (Python)
  * check types, sizes and alignment before a pointer reaches C. */
 #ifndef PE_QUANTS_H
 #define PE_QUANTS_H

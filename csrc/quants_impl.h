@@ -1,5 +1,5 @@
 /* Private to the quants_*.c files: the block layouts (byte order as in gguf-py's gguf/quants.py and
- * shared/docs/gpt-oss-spec.md section 4) and the hook through which each SIMD level offers kernels.
+ * docs/quants.md) and the hook through which each SIMD level offers kernels.
  *
  * Dequantization must be bit-identical to gguf.quants.dequantize, which evaluates in float32 numpy
  * without fused multiply-add; every quants_*.c file is compiled with -ffp-contract=off and writes the

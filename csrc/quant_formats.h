@@ -2,8 +2,8 @@
  *
  * Why one list: the C kernels (enum pe_type and the traits table, csrc/quants.h / quants.c), the
  * block structs' size checks (csrc/quants_impl.h), the CUDA kernels (csrc/cuda/quant_dev.cuh) and
- * Python (pyengine.quants, through pyengine._quants.type_info and supported_types, which read the
- * C traits) all expand this one macro, so a format's id and geometry cannot disagree between them.
+ * Python (pyengine.quants, through pyengine._quants.type_info, which reads the C traits) all take
+ * their ids and geometry from this one macro, so they cannot disagree.
  * The byte layout of each block is gguf-py's gguf/quants.py; docs/quants.md describes them. */
 #ifndef PE_QUANT_FORMATS_H
 #define PE_QUANT_FORMATS_H

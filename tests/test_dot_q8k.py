@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pyengine import _quants
-from test_quants import act_values
+from test_quants import act_values, write_tiny_gpt_oss
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -142,50 +142,11 @@ def test_real_q4_k_m_tensors_match_float64(gemma_gguf):
     assert {T.Q4_K, T.Q6_K, T.Q5_0} <= seen
 
 
-def write_tiny_gpt_oss(path, rng, n_embd=512, n_ff=256, n_head=4, head_dim=64, n_expert=4) -> None:
-    """A one-block gpt-oss GGUF in F32 with 256-multiple widths (so llama.cpp keeps K-quants)."""
-    w = gguf.GGUFWriter(str(path), "gpt-oss")
-    w.add_context_length(256)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(1)
-    w.add_feed_forward_length(n_ff)
-    w.add_expert_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(1)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_sliding_window(16)
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(2)
-    w.add_rope_freq_base(150000.0)
-
-    def tensor(name, *shape):  # numpy shape; rows of spread magnitudes
-        scale = np.exp2(rng.uniform(-6, 6, size=shape[:-1] + (1,)))
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
-
-    tensor("token_embd.weight", 8, n_embd)
-    tensor("output_norm.weight", n_embd)
-    tensor("blk.0.attn_norm.weight", n_embd)
-    tensor("blk.0.attn_q.weight", n_head * head_dim, n_embd)
-    tensor("blk.0.attn_k.weight", head_dim, n_embd)
-    tensor("blk.0.attn_v.weight", head_dim, n_embd)
-    tensor("blk.0.attn_output.weight", n_embd, n_head * head_dim)
-    tensor("blk.0.ffn_gate_inp.weight", n_expert, n_embd)
-    tensor("blk.0.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
-    tensor("blk.0.ffn_up_exps.weight", n_expert, n_ff, n_embd)
-    tensor("blk.0.ffn_down_exps.weight", n_expert, n_embd, n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.reference
 def test_tensors_written_by_llama_cpp_match_float64(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     src = tmp_path / "tiny-f32.gguf"
-    write_tiny_gpt_oss(src, np.random.default_rng(3))
+    write_tiny_gpt_oss(src, np.random.default_rng(3), n_embd=512, n_ff=256, n_head=4, head_dim=64, spread=(6, 6))
     rng = np.random.default_rng(4)
     seen = set()
     for ftype in ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_0", "Q5_1"):

@@ -328,9 +328,12 @@ def test_every_tensor_of_a_real_q4_k_m_file(gemma_gguf):
     assert {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"} <= seen
 
 
-def write_tiny_gpt_oss(path: Path, rng) -> None:
-    """A one-block gpt-oss GGUF in F32 that llama.cpp's quantizer accepts (it reads hparams only)."""
-    n_expert, n_ff, n_embd, n_head, head_dim = 4, 64, 2880, 2, 32
+def write_tiny_gpt_oss(path: Path, rng, n_embd=2880, n_ff=64, n_head=2, head_dim=32, n_expert=4,
+                       spread=(10, 40)) -> None:
+    """A one-block gpt-oss GGUF in F32 that llama.cpp's quantizer accepts (it reads hparams only).
+    Rows have magnitudes 2^uniform(-s, s), s = spread[0] for 2-D tensors and spread[1] for the
+    experts (MXFP4 spans e8m0 widely; Q8_0 scales must fit f16). Widths that are multiples of 256
+    make llama.cpp keep K-quant types."""
     w = gguf.GGUFWriter(str(path), "gpt-oss")
     w.add_context_length(256)
     w.add_embedding_length(n_embd)
@@ -347,9 +350,9 @@ def write_tiny_gpt_oss(path: Path, rng) -> None:
     w.add_expert_used_count(2)
     w.add_rope_freq_base(150000.0)
 
-    def tensor(name, *shape):  # numpy shape: GGUF ne reversed; rows of widely spread magnitudes
-        spread = 40 if len(shape) == 3 else 10  # MXFP4 spans e8m0 widely; Q8_0 scales must fit f16
-        scale = np.exp2(rng.uniform(-spread, spread, size=shape[:-1] + (1,)))
+    def tensor(name, *shape):  # numpy shape: GGUF ne reversed
+        s = spread[1] if len(shape) == 3 else spread[0]
+        scale = np.exp2(rng.uniform(-s, s, size=shape[:-1] + (1,)))
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
     tensor("token_embd.weight", 8, n_embd)

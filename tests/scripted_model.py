@@ -25,7 +25,7 @@ ENDOFTEXT = 199999
 REPEAT_WINDOW = 64  # the sampler's penalty window (SamplingParams.repeat_last_n)
 
 
-class _Unbounded:
+class Unbounded:
     """The native cache of a model without sliding windows: one call may add any number of tokens."""
 
     def __init__(self, n_ctx: int) -> None:
@@ -58,7 +58,7 @@ class ScriptedRunner(Runner):
         self.sizes: list[int] = []
 
     def new_cache(self, n_ctx: int) -> Cache:
-        return Cache(_Unbounded(n_ctx), n_ctx)
+        return Cache(Unbounded(n_ctx), n_ctx)
 
     def _forward(self, caches: list[Cache], chunks: list[np.ndarray], logits_all: bool) -> np.ndarray:
         time.sleep(self.delay)

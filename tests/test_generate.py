@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import vocab
+from scripted_model import Unbounded
 
 from pyengine.core import Core, Finished, Request, Sampled, Text
 from pyengine.runner import Cache, Runner
@@ -30,14 +31,6 @@ def candidate_ids(tok: Tokenizer) -> list[int]:
     return sorted(set(ids)) + [200002, 200012]
 
 
-class _Unbounded:
-    def __init__(self, n_ctx: int) -> None:
-        self.n_ctx = n_ctx
-
-    def max_batch(self, window: int) -> int:
-        return self.n_ctx
-
-
 class _Model:
     n_vocab, window = N_VOCAB, 0
 
@@ -56,7 +49,7 @@ class ToyRunner(Runner):
         self.n_evaluated = 0
 
     def new_cache(self, n_ctx: int | None = None) -> Cache:
-        return Cache(_Unbounded(n_ctx or self.n_ctx), n_ctx or self.n_ctx)
+        return Cache(Unbounded(n_ctx or self.n_ctx), n_ctx or self.n_ctx)
 
     def logits_for(self, context: list[int]) -> np.ndarray:
         h = 0

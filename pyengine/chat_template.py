@@ -5,12 +5,20 @@ The environment offers what Hugging Face templates expect (the transformers conv
 trim_blocks/lstrip_blocks, loop controls, a `tojson` that does not HTML-escape, `raise_exception`
 and `strftime_now`; messages are given as plain JSON data with the reasoning text under both
 `reasoning_content` and `thinking` (the gpt-oss template reads `thinking`).
+
+The sandbox stops a template from touching the process, not from working forever, so rendering is
+also bounded: RENDER_SECONDS of time (the render is interrupted by an exception raised in its
+thread), MAX_OUTPUT characters of output (checked as it is produced, and before `*` builds a long
+string or list), no huge powers; every failure, whatever Python raised, is a ChatTemplateError.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
+import operator
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -23,6 +31,9 @@ from pyengine.harmony import render_chat
 from pyengine.tokenizer import Tokenizer
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+RENDER_SECONDS = 2.0
+MAX_OUTPUT = 8 << 20  # characters: far past the longest context a prompt can fill
+MAX_EXPONENT = 1024
 
 
 class ChatTemplateError(ValueError):
@@ -43,15 +54,64 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, refusing `*` and `**` results over the output bound."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise ChatTemplateError(f"the chat template raises a number to a power over {MAX_EXPONENT}")
+        if op == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
+                    raise ChatTemplateError(f"the chat template builds a value over {MAX_OUTPUT} items")
+            return operator.mul(left, right)
+        return operator.pow(left, right)
+
+
+class _Timeout(Exception):
+    """Raised inside a render that ran past RENDER_SECONDS (by the timer thread)."""
+
+
+def _bounded(render: Any) -> str:
+    """render() joined, stopped after RENDER_SECONDS or MAX_OUTPUT characters."""
+    tid, lock, running = threading.get_ident(), threading.Lock(), [True]
+
+    def expire() -> None:
+        with lock:
+            if running[0]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Timeout))
+
+    timer = threading.Timer(RENDER_SECONDS, expire)
+    timer.daemon = True
+    try:
+        try:
+            timer.start()
+            out, size = [], 0
+            for chunk in render():
+                size += len(chunk)
+                if size > MAX_OUTPUT:
+                    raise ChatTemplateError(f"the chat template's output passed {MAX_OUTPUT} characters")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            with lock:
+                running[0] = False
+            timer.cancel()
+    except _Timeout:
+        raise ChatTemplateError(f"the chat template took longer than {RENDER_SECONDS} s to render") from None
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template)
-    except jinja2.exceptions.TemplateError as e:
+    except Exception as e:  # noqa: BLE001 - a template from a file may break the compiler in any way
         raise ChatTemplateError(f"the chat template does not compile: {e}") from None
 
 
@@ -109,16 +169,21 @@ def render_template(
 ) -> str:
     """The prompt text the template makes of messages (kwargs such as reasoning_effort pass through)."""
     compiled = _compile(template)
+    variables = dict(
+        messages=template_messages(messages, arguments_as_objects),
+        tools=_plain(list(tools)) if tools is not None else None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain(kwargs),
+    )
     try:
-        return compiled.render(
-            messages=template_messages(messages, arguments_as_objects),
-            tools=_plain(list(tools)) if tools is not None else None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **_plain(kwargs),
-        )
+        return _bounded(lambda: compiled.generate(**variables))
+    except ChatTemplateError:
+        raise
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - TypeError, OverflowError, RecursionError...: the template's fault
+        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def apply_chat_template(

@@ -14,7 +14,7 @@ from typing import Any
 
 from pyengine.architectures import Architecture, lookup
 from pyengine.errors import ModelLoadError
-from pyengine.gguf_reader import GGUFFile, RawTensor
+from pyengine.gguf_reader import GGUFFile, RawTensor, type_name
 from pyengine.hparams import GptOssHParams
 from pyengine.log import logger
 from pyengine.model_paths import SPLIT_RE, resolve_model
@@ -92,6 +92,14 @@ def model_arch(metadata: Mapping[str, Any]) -> tuple[str, Architecture]:
     return name, lookup(name)
 
 
+def type_problems(raw: Mapping[str, RawTensor]) -> list[str]:
+    """Tensors in a type the engine's kernels cannot compute with (the GGUF reader knows more types)."""
+    from pyengine.quants import type_info  # the compiled kernels' type table
+
+    return [f"tensor {name} has type {type_name(t.ggml_type)}, which this engine does not support"
+            for name, t in raw.items() if not t.openai_mxfp4 and type_info(t.ggml_type) is None]
+
+
 def vocab_problems(metadata: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> list[str]:
     """The tokenizer's vocabulary must match the embedding rows (when both are present)."""
     embd = tensors.get("token_embd.weight")
@@ -156,7 +164,7 @@ def open_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | 
     files = open_gguf_files(path)
     try:
         raw, problems = check_files(files)
-        _raise_first(problems)
+        _raise_first(problems + type_problems(raw))
         metadata = files[0].metadata
         arch_name, arch = model_arch(metadata)
         logger.info("Architecture detected: %s (%s)", arch.canonical, arch.llm_arch)

@@ -130,3 +130,30 @@ def test_load_log_and_error_lines(tmp_path):
     r = cli("info", tmp_path / "missing.gguf", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("[ERROR] Model ")
     assert len(r.stderr.splitlines()) == 1
+
+
+def _set_tensor_type(path: Path, name: str, ggml_type: int) -> None:
+    """Rewrite one tensor's type in the directory (name, n_dims, dims, then the u32 type)."""
+    blob = bytearray(path.read_bytes())
+    at = blob.index(name.encode()) + len(name)
+    n_dims = struct.unpack_from("<I", blob, at)[0]
+    struct.pack_into("<I", blob, at + 4 + 8 * n_dims, ggml_type)
+    path.write_bytes(bytes(blob))
+
+
+def test_validate_refuses_types_the_engine_cannot_compute(model, tmp_path):
+    """NVFP4 (type 40) is a type the GGUF reader knows but the kernels do not: a Q8_0 matrix of 64-element
+    rows re-labelled NVFP4 still fits its bytes, so only the engine's type table can tell."""
+    path = tmp_path / "nvfp4.gguf"
+    path.write_bytes(model.read_bytes())
+    _set_tensor_type(path, "blk.0.attn_q.weight", 40)
+    r = cli("validate", path, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == ["tensor blk.0.attn_q.weight has type NVFP4, which this engine does not support"]
+    for command in (("run", path, "hi", "--max-tokens", "1"), ("info", path)):
+        r = cli(*command, cwd=tmp_path)
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("[INFO]")]
+        if command[0] == "run":
+            assert r.returncode == 1 and errors == [
+                "[ERROR] tensor blk.0.attn_q.weight has type NVFP4, which this engine does not support"], r.stderr
+        assert "Traceback" not in r.stderr

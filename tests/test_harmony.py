@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -599,3 +600,25 @@ def test_gguf_template_errors(tok):
     assert chat_template.apply_chat_template(tok, {}, [{"role": "user", "content": "x"}]) == harmony.render_chat(
         tok, [{"role": "user", "content": "x"}]
     )
+
+
+@pytest.mark.parametrize("template, why", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+    ("{{ 'x' * 10**9 }}", "over"),
+    ("{% for i in range(20000) %}{{ messages[0].content * 1000 }}{% endfor %}", "output passed"),
+    ("{% include 'other.jinja' %}", "TypeError"),
+    ("{% import 'macros.jinja' as m %}{{ m.f() }}", "TypeError"),
+    ("{{ range(10**9) | length }}", "OverflowError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{{ 7 ** 100000 }}", "power"),
+])
+def test_gguf_template_work_is_bounded_and_every_failure_is_a_template_error(tok, template, why, monkeypatch):
+    """Templates come from model files: a hostile one ends in ChatTemplateError, soon, whatever it does."""
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(chat_template.ChatTemplateError, match=why):
+        chat_template.apply_chat_template(tok, {"tokenizer.chat_template": template},
+                                          [{"role": "user", "content": "hi"}], chat_template="gguf")
+    assert time.monotonic() - start < 10
+    # the interrupted render left nothing behind: the next one works
+    assert chat_template.render_template("{{ messages[0].content }}", [{"role": "user", "content": "ok"}]) == "ok"

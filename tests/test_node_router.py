@@ -138,7 +138,7 @@ def test_pull_copies_into_router_layout_and_reports_progress(tmp_path):
     src.write_bytes(bytes(range(256)) * 40000)
     models = tmp_path / "models"
     with serve_app(router.app, free_port()) as router.url, \
-            node_with_router(router, models_dir=models) as (url, _):
+            node_with_router(router, models_dir=models, pull_sources=(src.parent,)) as (url, _):
         r = httpx.post(f"{url}/pull", json={"model": "gpt-oss:20b", "task_id": "t-1", "path": str(src)})
         assert r.json() == {"status": "accepted"}
         target = models / "gpt-oss_20b" / "model.gguf"
@@ -238,7 +238,7 @@ def test_a_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, caplog):
 
 
 def test_pull_refuses_what_it_cannot_fetch(tmp_path):
-    with run_node(ScriptedBackend(), models_dir=tmp_path / "models") as (url, _):
+    with run_node(ScriptedBackend(), models_dir=tmp_path / "models", pull_sources=(tmp_path,)) as (url, _):
         for body, param in (({"model": "m", "path": str(tmp_path / "missing.gguf")}, "path"),
                             ({"model": "m", "path": "/dev/zero"}, "path"),
                             ({"model": "m", "path": "~no-such-user/model.gguf"}, "path"),

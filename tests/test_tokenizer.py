@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
+import regex
 import vocab
 
 from pyengine.errors import ModelLoadError
-from pyengine.tokenizer import Tokenizer, token_text_to_bytes
+from pyengine.tokenizer import _LONG_RUN, LONG_PIECE, Tokenizer, token_text_to_bytes
 
 bpe_openai = pytest.importorskip("bpe_openai")
 tiktoken = pytest.importorskip("tiktoken")
@@ -238,3 +239,33 @@ def test_throughput_sanity(tok):
     rate = n / (time.perf_counter() - start)
     print(f"encode: {n} tokens at {rate / 1e6:.2f} M tokens/s")
     assert rate > 1e5
+
+
+def test_text_with_long_runs_but_normal_pieces_matches_o200k_references(tok, ref_bpe, ref_tiktoken):
+    """Text with runs of LONG_PIECE non-space characters takes the piece-by-piece path, which must
+    give tiktoken's and bpe-openai's tokens as long as no single piece is longer than LONG_PIECE."""
+    rng = random.Random(5)
+    for seed in range(6):
+        words = [s for s in random_strings(200, seed=seed) if s]
+        text = "".join("".join(w.split()) + (" " if rng.random() < 0.05 else "") for w in words)
+        assert _LONG_RUN.search(text), "the test text must take the long-run path"
+        assert max(len(p) for p in regex.findall(vocab.o200k_pattern(), text)) <= LONG_PIECE
+        ids = tok.encode(text)
+        assert ids == ref_bpe.encode_ordinary(text) == ref_tiktoken.encode_ordinary(text)
+        assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 40])
+def test_a_long_word_is_encoded_in_bounded_chunks(tok, ref_bpe, n_chunks):
+    """A piece longer than LONG_PIECE is encoded as its LONG_PIECE-character chunks (each one o200k
+    piece of lowercase letters), so the work per word is linear in its length."""
+    rng = random.Random(n_chunks)
+    word = " " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyzäöü") for _ in range(n_chunks * LONG_PIECE + 17))
+    chunks = [word[i:i + LONG_PIECE] for i in range(0, len(word), LONG_PIECE)]
+    expect = [t for c in chunks for t in ref_bpe.encode_ordinary(c)]
+    text = "Hello" + word + " world"
+    ids = tok.encode(text)
+    assert ids == ref_bpe.encode_ordinary("Hello") + expect + ref_bpe.encode_ordinary(" world")
+    assert tok.decode(ids) == text
+    special = tok.encode("<|start|>" + word + "<|end|>", special=True)
+    assert special == [tok.token_id("<|start|>"), *expect, tok.token_id("<|end|>")]

@@ -1,7 +1,7 @@
 """Check a GGUF model file and list every problem found (exit 0 when valid, 1 otherwise).
 
 Structure: magic, version, truncation, tensor offsets and sizes inside the file, alignment, duplicate
-names, known types; then the architecture, required keys, required tensors and their shapes.
+names, known types the engine supports; then the architecture, required keys, required tensors and their shapes.
 --deep also reads all tensor data: NaN/Inf values and impossible block scales."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gguf.quants import dequantize
 
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import GGUFFile, RawTensor, type_name
-from pyengine.model_file import check_files, model_arch, open_gguf_files, vocab_problems
+from pyengine.model_file import check_files, model_arch, open_gguf_files, type_problems, vocab_problems
 from pyengine.model_paths import resolve_model
 
 MXFP4 = int(GGMLQuantizationType.MXFP4)
@@ -56,6 +56,7 @@ def validate(model: str, models_dir: str | None = None, deep: bool = False) -> l
         return [str(e)]
     try:
         raw, problems = check_files(files)
+        problems += type_problems(raw)
         try:
             arch_name, arch = model_arch(files[0].metadata)
             hparams = arch.read_hparams(files[0].metadata, arch_name, raw)

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +34,7 @@ from pyengine.core import Event
 from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
+from pyengine.node.pull import PullRefused, Pulls, clean_leftovers
 from pyengine.node.scheduler import Done, Failed, Job, QueueFull, Scheduler, ShuttingDown
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.node.schemas import (
@@ -116,6 +116,43 @@ class NodeState:
             self.scheduler.shutdown(timeout=10.0 if wait else 0.0)
 
 
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this node's limit of {limit} bytes "
+                         "(--max-body-mb)", "invalid_request_error", "request_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length before any of it is
+    read, or (chunked bodies) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse(BodyTooLarge(self.limit).body(), 413)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request went away before its answer was ready."""
+
+
 class RequestIdAndAuth:
     """ASGI middleware: echo or mint X-Request-Id on every response; check the API key."""
 
@@ -160,14 +197,6 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
         raise bad_request(f"Invalid sampling parameters: {e}") from None
 
 
-def _is_file(path: str) -> bool:
-    """A regular file (not /dev/zero, not a folder); False for names the OS refuses outright."""
-    try:
-        return Path(path).expanduser().is_file()
-    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, an unknown ~user
-        return False
-
-
 def _history(messages: list[Message]) -> list[dict[str, Any]]:
     """Messages in the backend's normalised shape (see Backend.render_chat)."""
     out = []
@@ -192,6 +221,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(clean_leftovers, config.models_dir)
         threading.Thread(target=state.load, name="pyengine-load", daemon=True).start()
         router_task = asyncio.create_task(start_router(state)) if start_router else None
         try:
@@ -206,6 +236,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
 
     app = FastAPI(title="pyengine node", version=__version__, lifespan=lifespan)
     app.state.node = state
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(RequestIdAndAuth, api_key=config.api_key)
     openapi.install(app)
 
@@ -217,6 +248,12 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), e.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        log.info("client disconnected before the answer to %s %s (request %s); generation stopped",
+                 request.method, request.url.path, request.scope["state"]["request_id"])
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -255,7 +292,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                 return await asyncio.wait_for(job.events.get(), 1.0)
             except asyncio.TimeoutError:
                 if poll and await request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                    raise ClientGone from None
 
     async def collect(request: Request, job: Job, out: ChatOutput | TextOutput) -> Done:
         """Feed every step's events to `out` until the job is done."""
@@ -395,19 +432,23 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             raise bad_request(f"token ids must lie in 0..{backend.info.n_vocab - 1}", "tokens")
         return JSONResponse({"content": await run_in_threadpool(backend.detokenize, req.tokens)})
 
+    pulls = Pulls(config)
+
     @app.post("/pull")
     async def pull(request: Request) -> JSONResponse:
-        from pyengine.node.pull import start_pull
-
         req = parse_body(await request.body(), PullRequest)
-        if not req.path and not req.download_url:
-            raise bad_request("pull needs a path or a download_url", "path")
-        if req.path and not await run_in_threadpool(_is_file, req.path):
-            raise bad_request(f"path {req.path!r} is not a readable file on this node", "path")
         try:
-            start_pull(req, config)
-        except ValueError as e:
-            raise bad_request(str(e), "model") from None
+            await run_in_threadpool(pulls.start, req)
+        except PullRefused as e:
+            kind = "permission_error" if e.status == 403 else "invalid_request_error"
+            raise APIError(e.status, str(e), kind, param=e.param) from None
         return JSONResponse({"status": "accepted"})
+
+    @app.get("/pull/{model}")
+    async def pull_state(model: str) -> JSONResponse:
+        found = pulls.get(model)
+        if found is None:
+            raise APIError(404, f"no pull of {model[:200]!r} since this node started", "not_found_error")
+        return JSONResponse(found.view())
 
     return app

@@ -38,7 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", "-np", type=int, default=None, help="sequences served at once (default 1)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait (default 64)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health "
+                                                   "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE (first line)")
+    p.add_argument("--pull-source", action="append", default=None, metavar="DIR",
+                   help="a folder /pull may copy model files from (repeatable; default: none, path pulls refused)")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help="largest request body in MiB; bigger ones get 413 (default 8)")
     p.add_argument("--router-url", default=None,
                    help="host router to register with and send heartbeats to (env LLM_ROUTER_URL)")
     p.add_argument("--verbose", "-v", action="store_true", help="log per-request timing lines")
@@ -87,11 +93,30 @@ def serve(config: NodeConfig, load_backend: Callable[[], Backend]) -> int:
     return server.exit_code
 
 
+def _api_key_file(path: str | None) -> str | None:
+    """The key on the first line of `path`; ModelLoadError when it cannot be read or is empty."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"cannot read --api-key-file {path}: {e}") from None
+    if not key:
+        raise ModelLoadError(f"--api-key-file {path} holds no key on its first line")
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.max_body_mb is not None and args.max_body_mb <= 0:
+        raise ModelLoadError("--max-body-mb must be positive")
     config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
                                  models_dir=args.models_dir, ctx_size=args.ctx_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
-                                 api_key=args.api_key, verbose=args.verbose, router_url=args.router_url,
+                                 api_key=args.api_key or _api_key_file(args.api_key_file), verbose=args.verbose,
+                                 router_url=args.router_url,
+                                 pull_sources=tuple(args.pull_source or ()) or None,
+                                 max_body_bytes=int(args.max_body_mb * 2**20) if args.max_body_mb else None,
                                  device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe)
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")

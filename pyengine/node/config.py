@@ -1,4 +1,7 @@
-"""The node's settings: command-line flags first, then the router world's LLM_NODE_* variables."""
+"""The node's settings: command-line flags first, then the router world's LLM_NODE_* variables.
+
+The API key can come from `LLM_NODE_API_KEY` or a file (`--api-key-file`) as well as `--api-key`,
+so that it need not be visible in `ps`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path("~/.llm-router/models")
+# A full 131,072-token context as JSON token ids is under 1 MiB, as text a few MiB at most.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass
@@ -29,6 +34,8 @@ class NodeConfig:
     device: str = "cpu"
     n_gpu_layers: int | None = None
     cpu_moe: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    pull_sources: tuple[Path, ...] = ()  # folders /pull {"path"} may copy from; none: path pulls are off
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:
@@ -49,8 +56,10 @@ class NodeConfig:
         cfg.advertise_ip = env.get("LLM_NODE_IP") or None
         if env.get("LLM_NODE_DEVICE"):
             cfg.device = env["LLM_NODE_DEVICE"]
+        cfg.api_key = env.get("LLM_NODE_API_KEY") or None
         for key, value in flags.items():
             if value is not None and value is not False:
                 setattr(cfg, key, Path(value) if key == "models_dir" else value)
         cfg.models_dir = Path(cfg.models_dir).expanduser()
+        cfg.pull_sources = tuple(Path(p).expanduser() for p in cfg.pull_sources)
         return cfg

@@ -185,6 +185,13 @@ class PullAccepted(_Doc):
     status: Literal["accepted"]
 
 
+class PullState(_Doc):
+    model: str
+    status: Literal["running", "done", "failed"]
+    progress: float
+    error: str | None = None
+
+
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
@@ -192,7 +199,10 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     why = {400: "Invalid request (malformed JSON, a bad parameter, or a prompt over the context)",
            401: "Missing or wrong API key (only with --api-key)",
+           403: "A path pull outside the folders this node copies from (--pull-source)",
            404: "The request names a model this node does not serve",
+           409: "A pull of this model id is already running",
+           413: "The request body is larger than the node's limit (--max-body-mb)",
            500: "Generation failed for this request",
            503: "The model is loading, the queue is full, or the node is shutting down"}
     return {str(s): {"description": why[s], "content": _json(ErrorResponse)} for s in statuses}
@@ -213,7 +223,7 @@ def _ok(description: str, content: dict[str, Any], *errors: int) -> dict[str, An
     return {"200": {"description": description, "content": content}, **_errors(*errors)}
 
 
-GENERATION_ERRORS = (400, 401, 404, 500, 503)
+GENERATION_ERRORS = (400, 401, 404, 413, 500, 503)
 # (path, method) -> (request body model or None, {status: response object})
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/v1/chat/completions", "post"): (ChatCompletionRequest, _ok(
@@ -228,13 +238,17 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/metrics", "get"): (None, _ok("Prometheus text exposition",
                                     {"text/plain": {"schema": {"type": "string"}}}, 401)),
     ("/tokenize", "post"): (TokenizeRequest, _ok("Token ids (with pieces if asked)", _json(TokenizeResponse),
-                                                 400, 401, 503)),
+                                                 400, 401, 413, 503)),
     ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
-                                                     400, 401, 503)),
-    ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted), 400, 401)),
+                                                     400, 401, 413, 503)),
+    ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted),
+                                         400, 401, 403, 409, 413)),
+    ("/pull/{model}", "get"): (None, _ok("The state of the last pull of this model id", _json(PullState),
+                                         401, 404)),
 }
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted)
+                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted,
+                   PullState)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

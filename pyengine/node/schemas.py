@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from pyengine.stops import MAX_STOP_CHARS, MAX_STOPS, check_stops
+
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
@@ -39,8 +41,8 @@ def _nullable(schema: dict[str, Any]) -> Any:
     return WithJsonSchema({"anyOf": [schema, {"type": "null"}]})
 
 
-_STOP = {"anyOf": [{"type": "string", "minLength": 1},
-                   {"type": "array", "maxItems": 16, "items": {"type": "string", "minLength": 1}}]}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_STOP = {"anyOf": [_STOP_STRING, {"type": "array", "maxItems": MAX_STOPS, "items": _STOP_STRING}]}
 _LOGIT_BIAS = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
@@ -50,6 +52,7 @@ _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "obje
 _RESPONSE_FORMAT = {"type": "object", "properties": {"type": {"const": "text"}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
 URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
+DIGEST_PATTERN = r"^(sha256:)?[0-9a-fA-F]{64}$"
 _PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
                      {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
                      {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}
@@ -78,14 +81,41 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", "invalid_request_error", param)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _check_plain(data: Any) -> None:
+    """400 for JSON nested deeper than MAX_JSON_DEPTH (later code may recurse over it) or holding a
+    lone surrogate (`"\\ud800"` decodes to a str that cannot be encoded back, e.g. in an error body)."""
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"JSON in the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text in (key, item):
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad_request("a string in the request body holds a lone UTF-16 surrogate, "
+                                          "which is not text") from None
+            if isinstance(item, (dict, list)):
+                todo.append((item, depth + 1))
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """Decode a JSON body into `model`, raising a 400 APIError that names the bad field."""
     try:
         data = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"Malformed JSON in request body: {e}") from None
+    except RecursionError:
+        raise bad_request(f"JSON in the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise bad_request("Request body must be a JSON object.")
+    _check_plain(data)
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as e:
@@ -185,9 +215,7 @@ class _Sampling(_Open):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 16 or any(not s for s in items):
-            raise ValueError("stop takes at most 16 non-empty strings")
+        check_stops([v] if isinstance(v, str) else (v or []))
         return v
 
     @field_validator("logit_bias")
@@ -293,6 +321,15 @@ class PullRequest(_Open):
     task_id: str | None = None
     path: str | None = None
     download_url: Annotated[str | None, _nullable({"type": "string", "pattern": URL_PATTERN})] = None
+    size: Annotated[int, Field(ge=0), INTEGRAL] | None = None  # bytes, checked before the file goes live
+    digest: Annotated[str | None, _nullable({"type": "string", "pattern": DIGEST_PATTERN})] = None
+
+    @field_validator("digest")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(DIGEST_PATTERN, v):
+            raise ValueError("digest must be sha256:<64 hex digits>")
+        return v
 
     @field_validator("download_url")
     @classmethod

@@ -49,7 +49,7 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
             time.sleep(0.5)
         return real(caches, tokens, logits_all)
 
-    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=N_CTX, threads=2))
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=4 * N_CTX, threads=2))
     real = backend.core.runner.eval
     monkeypatch.setattr(backend.core.runner, "eval", recording)
     eog = backend.tokenizer.eog_ids
@@ -89,7 +89,7 @@ def test_four_streams_batched_equal_single_streams(model_path, monkeypatch):
 def test_a_failing_slot_ends_only_its_own_request(model_path, monkeypatch):
     """When the batched pass fails, the slots are evaluated one by one: the healthy one goes on
     exactly as if it had been alone, the failing one gets an error output."""
-    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=3, ctx_size=N_CTX, threads=1))
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=3, ctx_size=3 * N_CTX, threads=1))
     ids = backend.tokenize(PROMPTS[1], special=True)
     core, runner = backend.core, backend.core.runner
     alone, good, bad = (core.start(backend.new_cache(), Request(ids, SamplingParams(temperature=0))) for _ in range(3))

@@ -43,7 +43,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_path):
-    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=N_CTX, threads=2))
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=2 * N_CTX, threads=2))
     with run_node(backend, parallel=2) as (url, _):
         yield url, backend
 

@@ -89,3 +89,23 @@ def test_histogram_is_cumulative_and_metrics_render():
     assert 'pyengine_requests_total{endpoint="chat",outcome="ok"} 1' in text
     assert "pyengine_prompt_tokens_cached_total 3" in text and "pyengine_queue_depth 2" in text
     assert 'pyengine_expert_selections_total{layer="1",expert="1"} 4' in text
+
+
+def test_unknown_request_fields_are_accepted_but_named_in_a_warning(caplog):
+    import json
+    import logging
+
+    from pyengine.node.schemas import ChatCompletionRequest, parse_body
+
+    body = {"messages": [{"role": "user", "content": "x"}], "cache_prompt": True, "user": "u",
+            "x\n[ERROR] forged": 1}
+    with caplog.at_level(logging.WARNING, logger="pyengine"):
+        req = parse_body(json.dumps(body).encode(), ChatCompletionRequest)
+    assert req.messages[0].content == "x"
+    (record,) = [r for r in caplog.records if "ignoring request field" in r.getMessage()]
+    assert "'cache_prompt'" in record.getMessage() and "'user'" in record.getMessage()
+    assert "\n" not in record.getMessage()  # a client's key cannot forge a log line
+    with caplog.at_level(logging.WARNING, logger="pyengine"):
+        caplog.clear()
+        parse_body(json.dumps({"messages": body["messages"], "n": 2}).encode(), ChatCompletionRequest)
+    assert not caplog.records

@@ -6,7 +6,7 @@ so that it need not be visible in `ps`."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path("~/.llm-router/models")
@@ -36,6 +36,10 @@ class NodeConfig:
     cpu_moe: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     pull_sources: tuple[Path, ...] = ()  # folders /pull {"path"} may copy from; none: path pulls are off
+    aliases: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    chat_template_file: str | None = None
+    jinja: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:
@@ -58,7 +62,7 @@ class NodeConfig:
             cfg.device = env["LLM_NODE_DEVICE"]
         cfg.api_key = env.get("LLM_NODE_API_KEY") or None
         for key, value in flags.items():
-            if value is not None and value is not False:
+            if value is not None and value is not False and value != []:
                 setattr(cfg, key, Path(value) if key == "models_dir" else value)
         cfg.models_dir = Path(cfg.models_dir).expanduser()
         cfg.pull_sources = tuple(Path(p).expanduser() for p in cfg.pull_sources)

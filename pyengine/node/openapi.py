@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from pyengine.node.schemas import (
+    ApplyTemplateRequest,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -192,6 +193,44 @@ class PullState(_Doc):
     error: str | None = None
 
 
+class ModelFacts(_Doc):
+    arch: str
+    quantization: str
+    size_bytes: int
+    n_params: int
+
+
+class Props(_Doc):
+    """GET /props (llama-server's route; the web UI reads it)."""
+
+    model_path: str
+    model_alias: str
+    aliases: list[str]
+    n_ctx: int
+    n_ctx_slot: int
+    total_slots: int
+    chat_template: str
+    build_info: dict[str, str]
+    device: str
+    n_threads: int
+    cache_type_k: str
+    cache_type_v: str
+    model: ModelFacts
+    webui: bool
+
+
+class SlotState(_Doc):
+    id: int
+    n_ctx: int
+    is_processing: bool
+    n_prompt_tokens_cached: int
+    n_decoded: int
+
+
+class AppliedTemplate(_Doc):
+    prompt: str
+
+
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
@@ -245,10 +284,21 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
                                          400, 401, 403, 409, 413)),
     ("/pull/{model}", "get"): (None, _ok("The state of the last pull of this model id", _json(PullState),
                                          401, 404)),
+    ("/props", "get"): (None, _ok("The model, context, slots, template and build", _json(Props), 401, 503)),
+    ("/slots", "get"): (None, _ok("Each slot's state", {"application/json": {"schema": {
+        "type": "array", "items": {"$ref": REF.format(model="SlotState")}}}}, 401, 503)),
+    ("/apply-template", "post"): (ApplyTemplateRequest, _ok("The prompt text the chat renders to",
+                                                            _json(AppliedTemplate), 400, 401, 413, 503)),
+    ("/v1/models/{model_id}", "get"): (None, _ok("One model", _json(ModelEntry), 401, 404)),
 }
+# llama-server's and OpenAI's un-prefixed spellings of the same operations
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
+           "/models": "/v1/models", "/models/{model_id}": "/v1/models/{model_id}"}
+ROUTES.update({(alias, method): ROUTES[(path, method)] for (path, method) in list(ROUTES)
+               for alias, target in ALIASES.items() if target == path})
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted,
-                   PullState)
+                   ModelList, ModelEntry, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted,
+                   PullState, Props, SlotState, AppliedTemplate)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

@@ -7,6 +7,7 @@ request is answered in one clear sentence and never reaches the scheduler."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic import (
 from pyengine.stops import MAX_STOP_CHARS, MAX_STOPS, check_stops
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
+log = logging.getLogger("pyengine")
 
 
 def _integral(value: Any) -> Any:
@@ -117,12 +119,16 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         raise bad_request("Request body must be a JSON object.")
     _check_plain(data)
     try:
-        return model.model_validate(data, strict=True)
+        parsed = model.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
         msg = first["msg"].removeprefix("Value error, ")
         raise bad_request(f"Invalid parameter {loc}: {msg}" if loc else msg, loc) from None
+    if parsed.model_extra:  # accepted, as OpenAI-compatible servers do, but never silently
+        log.warning("ignoring request field(s) this node does not support: %s",
+                    ", ".join(repr(k[:40]) for k in sorted(parsed.model_extra)[:20]))
+    return parsed
 
 
 class _Open(BaseModel):
@@ -203,14 +209,7 @@ class _Sampling(_Open):
     seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
-    n: Annotated[Int | None, _nullable({"const": 1})] = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    n: Annotated[int, Field(ge=1, description="choices; at most the node's --parallel"), INTEGRAL] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -342,3 +341,8 @@ class PullRequest(_Open):
         except httpx.InvalidURL:
             raise ValueError(message) from None
         return v
+
+
+class ApplyTemplateRequest(ChatCompletionRequest):
+    """POST /apply-template takes a chat body (llama-server's route); only messages, tools,
+    tool_choice and the reasoning effort matter."""

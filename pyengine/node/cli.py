@@ -38,9 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", "-np", type=int, default=None, help="sequences served at once (default 1)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait (default 64)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page")
     p.add_argument("--router-url", default=None,
                    help="host router to register with and send heartbeats to (env LLM_ROUTER_URL)")
+    p.add_argument("--no-webui", action="store_true", help="do not serve the web page at / (see docs/webui.md)")
     p.add_argument("--verbose", "-v", action="store_true", help="log per-request timing lines")
     gpu_arguments(p)
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
                                  api_key=args.api_key, verbose=args.verbose, router_url=args.router_url,
                                  device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe)
+    config.webui = not args.no_webui
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")
     return serve(config, lambda: load_engine_backend(config))

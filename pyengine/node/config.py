@@ -29,6 +29,7 @@ class NodeConfig:
     device: str = "cpu"
     n_gpu_layers: int | None = None
     cpu_moe: bool = False
+    webui: bool = True  # GET / serves the web page (off with --no-webui)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

@@ -168,6 +168,28 @@ class HealthOk(_Doc):
     status: Literal["ok"]
 
 
+class RouterLink(_Doc):
+    url: str | None
+    status: Literal["off", "starting", "registering", "registered", "refused", "failed"]
+    node_id: str | None = None
+    last_heartbeat: float | None = None
+    last_heartbeat_result: str | None = None
+
+
+class NodeStats(_Doc):
+    window_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tokens_per_second: float | None
+    decode_tokens_per_second: float | None
+    rss_bytes: int | None
+    kv_cache_bytes: int
+    kv_cache_tokens: int
+    kv_cache_capacity_tokens: int
+    router: RouterLink
+    expert_counts: list[list[int]]
+
+
 class TokenPiece(_Doc):
     id: int
     piece: str
@@ -227,6 +249,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/v1/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
     ("/metrics", "get"): (None, _ok("Prometheus text exposition",
                                     {"text/plain": {"schema": {"type": "string"}}}, 401)),
+    ("/v1/node/stats", "get"): (None, _ok("Live figures for the web page's status view", _json(NodeStats), 401)),
     ("/tokenize", "post"): (TokenizeRequest, _ok("Token ids (with pieces if asked)", _json(TokenizeResponse),
                                                  400, 401, 503)),
     ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
@@ -234,7 +257,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted), 400, 401)),
 }
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                   ModelList, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted)
+                   ModelList, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

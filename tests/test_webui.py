@@ -389,4 +389,9 @@ def test_the_page_asks_for_the_key_and_sends_it(browser, scripted_node):
     wait_for(lambda: replies(browser) and finished(browser), 20, "the reply")
     assert replies(browser)[0].find_element("css selector", ".answer").text == "with the key"
     assert browser.execute_script("return localStorage.getItem('pyengine.apiKey')") == "key-16"
+    by_id(browser, "clear").click()  # New chat: an empty page and history
+    assert replies(browser) == []
+    say(browser, "fresh start")
+    wait_for(lambda: replies(browser) and finished(browser), 20, "the reply")
+    assert [(m["role"], m["content"]) for m in backend.last_messages] == [("user", "fresh start")]
 

@@ -11,6 +11,7 @@
   const page = {
     key: localStorage.getItem(KEY_STORE) || "",
     history: [],        // the conversation as sent to the API
+    chat: 0,            // which conversation that is ("New chat" starts the next)
     controller: null,   // AbortController of the running request
     statusTimer: null,
     absent: new Set(),  // optional routes this node does not have (404 once)
@@ -230,6 +231,7 @@
     body.stream = true;
     body.stream_options = { include_usage: true };
     const reply = new Reply();
+    const chat = page.chat;
     page.controller = new AbortController();
     busy(true);
     let ok = false;
@@ -259,18 +261,18 @@
       if (e.name === "AbortError") {
         reply.note("stopped", "stopped");
         ok = true;
-      } else if (!(e instanceof NeedsKey)) {
-        reply.note(String(e.message || e), "error");
+      } else {
+        reply.note(e instanceof NeedsKey ? "not sent: the node needs an API key" : String(e.message || e), "error");
       }
     } finally {
       page.controller = null;
       busy(false);
       reply.draw();
-      if (ok) {
+      if (ok && chat === page.chat) {
         page.history.push(turn);
         const m = reply.message();
         if (m) page.history.push(m);
-      } else {
+      } else if (!ok) {
         user.classList.add("failed");
       }
     }
@@ -282,6 +284,7 @@
 
   function newChat() {
     stop();
+    page.chat++;
     page.history = [];
     $("messages").replaceChildren($("empty-hint"));
     $("empty-hint").hidden = false;

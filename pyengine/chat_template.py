@@ -55,6 +55,11 @@ def _compile(template: str) -> jinja2.Template:
         raise ChatTemplateError(f"the chat template does not compile: {e}") from None
 
 
+def compile_template(template: str) -> None:
+    """Check that `template` compiles (ChatTemplateError with jinja's message if not)."""
+    _compile(template)
+
+
 def _plain(value: Any) -> Any:
     """A copy made only of JSON types, so the sandbox never sees a caller's rich object."""
     if value is None or type(value) in (str, int, float, bool):

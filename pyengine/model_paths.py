@@ -6,8 +6,10 @@ resolves to the first existing of:
   <dir>/NAME  when NAME ends in .gguf
   <dir>/<id>/model.gguf               (the router's convention: ':' -> '_', '_latest' when untagged,
                                        so gpt-oss:20b -> gpt-oss_20b/model.gguf)
-A name is one path component (no '/', '\\', '..', NUL, no leading '.'), and its resolved real path
-(symlinks followed) must lie inside the models folder: a name never leads outside it."""
+A name is one path component (no '/', '\\', '..', NUL, no leading '.'), so the path a name builds
+always lies inside the models folder. Confinement applies to that name, not to where the
+folder's own entries point: a symlink the folder's owner put there (gpt-oss_20b/model.gguf ->
+an Ollama blob in ~/.ollama/models/blobs/) is followed, as the README tells users to serve such blobs."""
 
 from __future__ import annotations
 
@@ -59,21 +61,16 @@ def glob_escape(text: str) -> str:
 
 
 def resolve_model_name(name: str, models_dir: str | os.PathLike | None = None) -> Path:
-    """The model file a name refers to inside the models folder; ModelLoadError when there is none
-    or when it would lead outside the folder. Use this for names from untrusted input (HTTP)."""
+    """The model file a name refers to inside the models folder (symlinks there followed);
+    ModelLoadError when there is none or the name is not one plain entry name. Use this for names
+    from untrusted input (HTTP)."""
     _check_name(name)
     root = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
-    try:
-        real_root = root.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ModelLoadError(f"Model {name!r} not found: the models folder {root} does not exist") from None
+    if not root.is_dir():
+        raise ModelLoadError(f"Model {name!r} not found: the models folder {root} does not exist")
     for candidate in _candidates(name, root):
-        if not candidate.is_file():
-            continue
-        real = candidate.resolve()
-        if not real.is_relative_to(real_root):
-            raise ModelLoadError(f"Model {name!r} resolves to {real}, outside the models folder {real_root}")
-        return candidate
+        if candidate.is_file():
+            return candidate
     raise ModelLoadError(f"Model {name!r} not found in {root} (looked for {name}.gguf and "
                          f"{router_dir_name(name)}/model.gguf)")
 

@@ -6,7 +6,9 @@ A response object is fed the events of its sequence step by step: `chunk(events)
 streamed chunk of those events (or None) and accumulates them; `result(finished)` is the
 non-streamed object built from the same accumulation, so streamed and non-streamed answers
 cannot differ. `extra` holds the top-level fields one side adds (the node's system_fingerprint),
-`reasoning_alias` the node's `reasoning` copy of `reasoning_content`."""
+`reasoning_alias` the node's `reasoning` copy of `reasoning_content`. `index` is the choice's index
+when one request asks for several (n > 1): each choice has its own object, sharing `id` and
+`created`, and the node merges their choices (pyengine.node.choices)."""
 
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ class ChatOutput:
     """One chat completion's objects; see the module docstring."""
 
     def __init__(self, tokenizer: Tokenizer, model: str, logprobs: bool, extra: dict[str, Any] | None = None,
-                 reasoning_alias: bool = False) -> None:
-        self.tokenizer, self.model, self.logprobs = tokenizer, model, logprobs
+                 reasoning_alias: bool = False, index: int = 0) -> None:
+        self.tokenizer, self.model, self.logprobs, self.index = tokenizer, model, logprobs, index
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         self.extra = extra or {}
         self.alias = reasoning_alias
@@ -49,12 +51,12 @@ class ChatOutput:
 
     def _chunk(self, delta: dict[str, Any], finish: str | None, lp: list | None = None) -> dict[str, Any]:
         return {**self._shell("chat.completion.chunk"), "choices": [
-            {"index": 0, "delta": delta, "logprobs": {"content": lp} if lp is not None else None,
+            {"index": self.index, "delta": delta, "logprobs": {"content": lp} if lp is not None else None,
              "finish_reason": finish}]}
 
     def head(self) -> dict[str, Any]:
-        """The first chunk: the role."""
-        return self._chunk({"role": "assistant", "content": ""}, None)
+        """The first chunk: the role only (`content` null, as llama-server sends it)."""
+        return self._chunk({"role": "assistant", "content": None}, None)
 
     def chunk(self, events: Iterable[Event]) -> dict[str, Any] | None:
         """The chunk of one step's events (None when they carry no output); accumulates them."""
@@ -106,7 +108,7 @@ class ChatOutput:
             message["reasoning"] = reasoning
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
-        choice = {"index": 0, "message": message, "finish_reason": fin.reason,
+        choice = {"index": self.index, "message": message, "finish_reason": fin.reason,
                   "logprobs": {"content": self.entries} if self.logprobs else None}
         return {**self._shell("chat.completion"), "choices": [choice], "usage": fin.usage(), **fields}
 
@@ -117,8 +119,8 @@ class TextOutput:
     prompt's tokens have entries too (the first one's logprob is None)."""
 
     def __init__(self, tokenizer: Tokenizer, model: str, prompt_text: str, echo: bool, logprobs: bool,
-                 extra: dict[str, Any] | None = None) -> None:
-        self.tokenizer, self.model, self.logprobs = tokenizer, model, logprobs
+                 extra: dict[str, Any] | None = None, index: int = 0) -> None:
+        self.tokenizer, self.model, self.logprobs, self.index = tokenizer, model, logprobs, index
         self.id, self.created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         self.extra = extra or {}
         self.echo = prompt_text if echo else ""
@@ -129,7 +131,7 @@ class TextOutput:
 
     def _object(self, text: str, finish: str | None, lp: dict | None) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                **self.extra, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
+                **self.extra, "choices": [{"text": text, "index": self.index, "logprobs": lp, "finish_reason": finish}]}
 
     def _entries(self, entries: list[Sampled]) -> dict[str, list]:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -120,6 +120,25 @@ class Runner:
         return self.model.forward_seqs([c.native for c in caches], chunks, [c.n_past for c in caches],
                                        logits_all, self.n_threads)
 
+    def copy_cache(self, src: Cache, dst: Cache) -> bool:
+        """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
+        of one request share their prompt this way). Full layers copy their first n_past rows,
+        sliding rings the whole ring (position p lives in row p % rows). False, with `dst` untouched,
+        when the caches keep their rows where the host cannot copy them (CUDA) or differ in shape:
+        the caller then evaluates the prompt instead."""
+        a = [*getattr(src.native, "k", ()), *getattr(src.native, "v", ())]
+        b = [*getattr(dst.native, "k", ()), *getattr(dst.native, "v", ())]
+        if not a or len(a) != len(b) or src.n_ctx != dst.n_ctx or not all(
+                isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape and x.dtype == y.dtype
+                for x, y in zip(a, b)):
+            return False
+        n = src.n_past
+        for x, y in zip(a, b):
+            rows = min(n, x.shape[0])
+            y[:rows] = x[:rows]
+        dst.tokens = list(src.tokens)
+        return True
+
     def truncate(self, cache: Cache, n: int) -> None:
         """Keep the first n tokens of `cache` (prefix reuse). When the sliding-window rings no
         longer hold the keys position n needs, the prefix is evaluated again."""

@@ -295,18 +295,30 @@ def test_names_never_leave_the_models_folder(models_dir, name):
         resolve_model_name(name, models_dir)
 
 
-def test_symlinks_out_of_the_models_folder_are_refused(models_dir):
-    outside = models_dir.parent / "secret"
-    outside.mkdir()
-    write_gptoss_gguf(outside / "model.gguf")
-    os.symlink(outside / "model.gguf", models_dir / "evil.gguf")
-    os.symlink(outside, models_dir / "evil2_latest")
-    for name in ("evil", "evil2"):
-        with pytest.raises(ModelLoadError, match="outside the models folder"):
+def test_symlinks_the_folder_owner_made_are_followed(models_dir):
+    """An Ollama blob linked into the folder (file or folder link) loads; the client's name is
+    what stays confined, not the target of the owner's links."""
+    blobs = models_dir.parent / "ollama" / "blobs"
+    blobs.mkdir(parents=True)
+    write_gptoss_gguf(blobs / "sha256-0123abcd", arch="gpt-oss")
+    (models_dir / "gpt-oss_120b").mkdir()
+    os.symlink(blobs / "sha256-0123abcd", models_dir / "gpt-oss_120b" / "model.gguf")
+    os.symlink(blobs / "sha256-0123abcd", models_dir / "blob.gguf")
+    os.symlink(blobs.parent, models_dir / "linked_latest")
+    (blobs.parent / "model.gguf").symlink_to(blobs / "sha256-0123abcd")
+    for name, want in (("gpt-oss:120b", models_dir / "gpt-oss_120b" / "model.gguf"),
+                       ("blob", models_dir / "blob.gguf"), ("linked", models_dir / "linked_latest" / "model.gguf")):
+        assert resolve_model_name(name, models_dir) == want
+        with open_model(name, models_dir=models_dir) as mf:
+            assert mf.arch == "gpt-oss"
+    # the name itself still cannot walk out, even next to those links
+    for name in ("../ollama/blobs/sha256-0123abcd", "gpt-oss_120b/model.gguf", "linked_latest/model.gguf"):
+        with pytest.raises(ModelLoadError, match="Invalid model name"):
             resolve_model_name(name, models_dir)
-    # a symlink that stays inside the folder is fine
-    os.symlink(models_dir / "gpt-oss-20b.gguf", models_dir / "alias.gguf")
-    assert resolve_model_name("alias", models_dir) == models_dir / "alias.gguf"
+    # a dangling link is "not found", not a crash
+    os.symlink(blobs / "gone", models_dir / "dangling.gguf")
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_model_name("dangling", models_dir)
 
 
 def test_vocabulary_must_match_the_embedding(tmp_path):

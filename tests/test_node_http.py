@@ -260,7 +260,8 @@ def _error(r: httpx.Response, status: int) -> dict:
 @pytest.mark.parametrize("body, param", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),  # more choices than the 2 slots
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, None),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999999": 1}}, "logit_bias"),

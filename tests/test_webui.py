@@ -69,6 +69,7 @@ def test_page_and_its_files_are_served_with_a_strict_policy():
         missing = httpx.get(f"{url}/webui/../app.py")
         assert missing.status_code == 404 and "error" in missing.json()
         assert httpx.get(f"{url}/webui/nothing.js").status_code == 404
+        assert httpx.get(f"{url}/props").json()["webui"] is True
 
 
 def test_page_is_open_with_an_api_key_but_the_data_is_not():
@@ -86,6 +87,7 @@ def test_no_webui_turns_the_page_off():
             r = httpx.get(url + path)
             assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert httpx.get(f"{url}/v1/node/stats").status_code == 200
+        assert httpx.get(f"{url}/props").json()["webui"] is False
 
 
 def test_no_webui_flag_reaches_the_config(monkeypatch):
@@ -302,19 +304,20 @@ def test_status_shows_the_model_and_expert_heatmap_matching_metrics(browser, dem
         httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 8}, timeout=60)
     by_id(browser, "tab-status").click()
-    facts = lambda: {e.get_attribute("data-fact"): e.text for e in browser.find_elements("css selector", "dd")}  # noqa: E731
+    def facts() -> dict[str, str]:  # read in one go: the view redraws every 2 s
+        return browser.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('dd')].map(d => [d.dataset.fact, d.textContent]))")
     wait_for(lambda: facts().get("name") == "gpt-oss-demo", what="the model facts")
     want = expert_metrics(url)
     assert sum(want.values()) > 0 and len(want) == 2 * 8  # the demo model: 2 layers x 8 experts
 
-    def cells() -> dict[tuple[int, int], int]:
-        return {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-expert"))):
-                int(c.get_attribute("data-count") or -1)
-                for c in browser.find_elements("css selector", "#heatmap .cell")}
+    def cells() -> dict[tuple[int, int], tuple[int, str]]:
+        return {(int(layer), int(expert)): (int(count), shade) for layer, expert, count, shade in browser.execute_script(
+            "return [...document.querySelectorAll('#heatmap .cell')].map(c => [c.dataset.layer, c.dataset.expert, "
+            "c.dataset.count ?? -1, getComputedStyle(c).backgroundColor])")}
 
-    wait_for(lambda: cells() == want, 10, "heatmap cells equal to /metrics")
-    shades = {c.value_of_css_property("background-color") for c in browser.find_elements("css selector", "#heatmap .cell")}
-    assert len(shades) > 1  # counts differ, so do the colours
+    wait_for(lambda: {k: n for k, (n, _) in cells().items()} == want, 10, "heatmap cells equal to /metrics")
+    assert len({shade for _, shade in cells().values()}) > 1  # counts differ, so do the colours
     shown = facts()
     assert shown["decode"].endswith("tokens/s") and shown["state"].startswith("not registering")
     assert shown["process RSS"].endswith("MiB") and "of 2048 tokens" in shown["KV cache in use"]

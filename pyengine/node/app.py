@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
-from pyengine.node import openapi, webui
+from pyengine.node import choices, cors, llama_routes, openapi, webui
 from pyengine.core import Event
 from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
@@ -92,9 +92,33 @@ class NodeState:
         m.gauge("kv_cache_usage_ratio", "Share of all slots' KV capacity in use.", lambda: s.kv_tokens() / capacity)
 
     def model_name(self) -> str:
+        """The id replies carry: the first --alias, else the model's name."""
+        if self.config.aliases:
+            return self.config.aliases[0]
         if self.backend:
             return self.backend.info.name
         return self.config.model.rsplit("/", 1)[-1].removesuffix(".gguf")
+
+    def model_ids(self) -> list[str]:
+        """The ids /v1/models lists: every --alias, else the model's name."""
+        return list(self.config.aliases) or [self.model_name()]
+
+    def answers_to(self, model: str | None) -> bool:
+        """True when a request's `model` names this node's model (an alias or one of its names)."""
+        if model and model.strip().lower() in (a.lower() for a in self.config.aliases):
+            return True
+        return self.backend.info.answers_to(model) if self.backend else not model
+
+    def model_entry(self, model_id: str) -> dict[str, Any]:
+        """One /v1/models entry."""
+        entry: dict[str, Any] = {"id": model_id, "object": "model", "created": 0, "owned_by": "pyengine"}
+        if self.backend:
+            info = self.backend.info
+            entry.update(context_length=info.n_ctx, size=info.size_bytes,
+                         aliases=[n for n in (*self.model_ids(), info.name, *info.aliases) if n != model_id],
+                         meta={"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
+                               "n_params": info.n_params, "size": info.size_bytes})
+        return entry
 
     def ready(self) -> tuple[Backend, Scheduler]:
         if self.load_error:
@@ -208,6 +232,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     app = FastAPI(title="pyengine node", version=__version__, lifespan=lifespan)
     app.state.node = state
     app.add_middleware(RequestIdAndAuth, api_key=config.api_key)
+    app.add_middleware(cors.Cors, origins=config.cors_origins)  # outermost: preflights skip the key check
     openapi.install(app)
     webui.install(app, state, config.webui)
 
@@ -226,12 +251,13 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         return JSONResponse(APIError(500, f"internal error: {e}", "server_error").body(), 500)
 
     def check_model(model: str | None, backend: Backend) -> None:
-        if not backend.info.answers_to(model):
+        if not state.answers_to(model):
             raise APIError(404, f"The model `{model}` does not exist; this node serves "
-                           f"`{backend.info.name}`", "invalid_request_error", "model_not_found", "model")
+                           f"`{state.model_name()}`", "invalid_request_error", "model_not_found", "model")
 
-    def make_job(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
-                 limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False) -> Job:
+    def make_jobs(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
+                  limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False) -> list[Job]:
+        """One job per choice (`n`), submitted as one group; the others follow the first's prompt."""
         backend, scheduler = state.ready()
         n_ctx = backend.info.n_ctx
         if len(prompt) >= n_ctx:
@@ -239,16 +265,24 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            f"tokens, context {n_ctx}); shorten it or start the node with a larger --ctx-size",
                            "exceed_context_size_error", "exceed_context_size_error",
                            n_prompt_tokens=len(prompt), n_ctx=n_ctx)
+        n = req.n or 1
+        if n > scheduler.n_parallel:
+            raise bad_request(f"n={n} choices need {n} slots; this node has {scheduler.n_parallel} "
+                              "(start it with a larger --parallel)", "n")
         room = n_ctx - len(prompt)
-        job = Job(prompt=prompt, params=params, chat=chat, max_tokens=min(limit or room, room),
-                  stops=req.stop_list(), endpoint=endpoint, loop=asyncio.get_running_loop(), logprobs=logprobs,
-                  prompt_logprobs=prompt_logprobs, request_id=request.scope["state"]["request_id"])
+        jobs: list[Job] = []
+        for i in range(n):
+            jobs.append(Job(prompt=prompt, params=choices.choice_params(params, i), chat=chat,
+                            max_tokens=min(limit or room, room), stops=req.stop_list(), endpoint=endpoint,
+                            loop=asyncio.get_running_loop(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                            request_id=request.scope["state"]["request_id"],
+                            leader=jobs[0] if i and not prompt_logprobs else None))
         try:
-            scheduler.submit(job)
+            scheduler.submit(jobs[0], jobs[1:])
         except (QueueFull, ShuttingDown) as e:
             state.metrics.count_request(endpoint, "rejected")
             raise APIError(503, str(e), "unavailable_error") from None
-        return job
+        return jobs
 
     async def next_event(request: Request, job: Job, poll: bool) -> list[Event] | Done | Failed:
         """The job's next event; when `poll`, notice a vanished client meanwhile."""
@@ -259,46 +293,59 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                 if poll and await request.is_disconnected():
                     raise asyncio.CancelledError from None
 
-    async def collect(request: Request, job: Job, out: ChatOutput | TextOutput) -> Done:
+    async def collect_one(request: Request, job: Job, out: ChatOutput | TextOutput) -> Done:
         """Feed every step's events to `out` until the job is done."""
+        while True:
+            ev = await next_event(request, job, poll=True)
+            if isinstance(ev, Failed):
+                raise APIError(ev.status, ev.message, ev.type)
+            if isinstance(ev, Done):
+                return ev
+            out.chunk(ev)
+
+    async def collect(request: Request, jobs: list[Job], outs: list[ChatOutput | TextOutput]) -> dict[str, Any]:
+        """The non-streamed answer of all choices."""
+        tasks = [asyncio.ensure_future(collect_one(request, j, o)) for j, o in zip(jobs, outs)]
         try:
-            while True:
-                ev = await next_event(request, job, poll=True)
-                if isinstance(ev, Failed):
-                    raise APIError(ev.status, ev.message, ev.type)
-                if isinstance(ev, Done):
-                    return ev
-                out.chunk(ev)
+            dones = await asyncio.gather(*tasks)
         finally:
-            state.scheduler.withdraw(job)
+            for task in tasks:  # one choice failed: the others stop too
+                task.cancel()
+            for job in jobs:
+                state.scheduler.withdraw(job)
+        return choices.merge_results(outs, list(dones))
 
     def sse(payload: dict[str, Any] | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    def stream(request: Request, job: Job, out: ChatOutput | TextOutput, include_usage: bool,
+    def stream(request: Request, jobs: list[Job], outs: list[ChatOutput | TextOutput], include_usage: bool,
                t0: float) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             try:
-                head = out.head()
-                if head:
-                    yield sse(head)
-                while True:
-                    ev = await next_event(request, job, poll=False)
+                for out in outs:
+                    head = out.head()
+                    if head:
+                        yield sse(head)
+                fins = []
+                async for i, ev in choices.merged_events(jobs):
                     if isinstance(ev, list):
-                        payload = out.chunk(ev)
+                        payload = outs[i].chunk(ev)
                         if payload:
                             yield sse(payload)
-                        continue
-                    if isinstance(ev, Failed):
+                    elif isinstance(ev, Failed):
                         yield sse({"error": {"message": ev.message, "type": ev.type, "code": ev.status}})
                     else:
-                        state.response_ms.append((time.perf_counter() - t0) * 1e3)
-                        for payload in out.tail(ev.finished, include_usage, timings=ev.timings):
+                        fins.append(ev.finished)
+                        for payload in outs[i].tail(ev.finished, timings=ev.timings):
                             yield sse(payload)
-                    yield sse("[DONE]")
-                    return
+                if len(fins) == len(jobs):
+                    state.response_ms.append((time.perf_counter() - t0) * 1e3)
+                    if include_usage:
+                        yield sse(outs[0].tail(choices.total(fins), True)[-1])
+                yield sse("[DONE]")
             finally:
-                state.scheduler.withdraw(job)
+                for job in jobs:
+                    state.scheduler.withdraw(job)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -306,6 +353,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     extra = {"system_fingerprint": FINGERPRINT}
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         t0 = time.perf_counter()
         req = parse_body(await request.body(), ChatCompletionRequest)
@@ -319,16 +367,19 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
         except ValueError as e:
             raise bad_request(f"cannot render these messages: {e}", "messages") from None
-        job = make_job(request, prompt, req, params, True, req.token_limit(), "chat",
-                       (req.top_logprobs or 0) if req.logprobs else None)
-        out = ChatOutput(backend.tokenizer, backend.info.name, bool(req.logprobs), extra, reasoning_alias=True)
+        jobs = make_jobs(request, prompt, req, params, True, req.token_limit(), "chat",
+                         (req.top_logprobs or 0) if req.logprobs else None)
+        outs = [ChatOutput(backend.tokenizer, state.model_name(), bool(req.logprobs), extra, reasoning_alias=True,
+                           index=i) for i in range(len(jobs))]
+        choices.share_identity(outs)
         if req.stream:
-            return stream(request, job, out, req.include_usage(), t0)
-        done = await collect(request, job, out)
+            return stream(request, jobs, outs, req.include_usage(), t0)
+        result = await collect(request, jobs, outs)
         state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        return JSONResponse(out.result(done.finished, timings=done.timings))
+        return JSONResponse(result)
 
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(request: Request) -> Response:
         t0 = time.perf_counter()
         req = parse_body(await request.body(), CompletionRequest)
@@ -344,27 +395,24 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.tokenize, text, True)
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
-        job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs,
-                       prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+        jobs = make_jobs(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs,
+                         prompt_logprobs=bool(req.echo) and req.logprobs is not None)
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
-        out = TextOutput(backend.tokenizer, backend.info.name, echo, bool(req.echo), req.logprobs is not None, extra)
+        outs = [TextOutput(backend.tokenizer, state.model_name(), echo, bool(req.echo), req.logprobs is not None,
+                           extra, index=i) for i in range(len(jobs))]
+        choices.share_identity(outs)
         if req.stream:
-            return stream(request, job, out, req.include_usage(), t0)
-        done = await collect(request, job, out)
+            return stream(request, jobs, outs, req.include_usage(), t0)
+        result = await collect(request, jobs, outs)
         state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        return JSONResponse(out.result(done.finished, timings=done.timings))
+        return JSONResponse(result)
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models() -> JSONResponse:
         backend = state.backend
-        entry: dict[str, Any] = {"id": state.model_name(), "object": "model", "created": 0,
-                                 "owned_by": "pyengine"}
-        if backend:
-            info = backend.info
-            entry.update(context_length=info.n_ctx, size=info.size_bytes, aliases=list(info.aliases),
-                         meta={"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
-                               "n_params": info.n_params, "size": info.size_bytes})
-        return JSONResponse({"object": "list", "data": [entry], "ready_models": [int(backend is not None), 1],
+        return JSONResponse({"object": "list", "data": [state.model_entry(m) for m in state.model_ids()],
+                             "ready_models": [int(backend is not None), 1],
                              "initializing": backend is None and not state.load_error})
 
     @app.get("/health")
@@ -396,6 +444,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         if any(not 0 <= t < backend.info.n_vocab for t in req.tokens):
             raise bad_request(f"token ids must lie in 0..{backend.info.n_vocab - 1}", "tokens")
         return JSONResponse({"content": await run_in_threadpool(backend.detokenize, req.tokens)})
+
+    llama_routes.install(app, state, _history)
 
     @app.post("/pull")
     async def pull(request: Request) -> JSONResponse:

@@ -47,6 +47,8 @@ class Backend(ABC):
     info: ModelInfo
     tokenizer: Tokenizer
     core: Core
+    device: str = "cpu"
+    n_threads: int = 0
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; with `special`, control-token spellings become their ids."""
@@ -70,6 +72,15 @@ class Backend(ABC):
     def new_cache(self) -> Cache:
         """A KV cache for one slot (n_ctx = info.n_ctx)."""
         return self.core.runner.new_cache(self.info.n_ctx)
+
+    def chat_template_text(self) -> str:
+        """The chat template text /props shows ("" when chats render with the built-in renderer only)."""
+        return ""
+
+    def describe(self) -> dict[str, Any]:
+        """The model as /props shows it: arch, quantization (the weight type holding the most
+        parameters), size_bytes, n_params."""
+        return {"arch": "", "quantization": "", "size_bytes": self.info.size_bytes, "n_params": self.info.n_params}
 
     def expert_counts(self) -> list[list[int]]:
         """Per layer, how often each expert was selected so far."""

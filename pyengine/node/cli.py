@@ -34,8 +34,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", default=None,
                    help="models folder (default ~/.llm-router/models, env LLM_NODE_MODELS_DIR)")
     p.add_argument("--ctx-size", "-c", type=int, default=None,
-                   help="context length of each slot (default: the model's training context)")
+                   help="total context, split evenly across the --parallel slots as in llama-server "
+                        "(-c 8192 -np 4: 2048 tokens per slot; default: what memory allows, up to the "
+                        "model's training context per slot)")
     p.add_argument("--parallel", "-np", type=int, default=None, help="sequences served at once (default 1)")
+    p.add_argument("--alias", "-a", action="append", default=None, metavar="NAME",
+                   help="a model id to serve under (repeatable; the first is the id /v1/models shows first)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN", dest="cors_origin",
+                   help="a browser origin allowed to call the API (repeatable, e.g. http://localhost:5173; "
+                        "'*' for any; default: none). The API key is still required")
+    p.add_argument("--chat-template-file", default=None, metavar="FILE",
+                   help="render chats with this jinja template (sandboxed) instead of the built-in Harmony renderer")
+    p.add_argument("--jinja", action="store_true",
+                   help="accepted for llama-server compatibility (templates always run through jinja here)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait (default 64)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page")
@@ -93,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
                                  models_dir=args.models_dir, ctx_size=args.ctx_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
                                  api_key=args.api_key, verbose=args.verbose, router_url=args.router_url,
-                                 device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe)
+                                 device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe,
+                                 aliases=args.alias, cors_origins=args.cors_origin,
+                                 chat_template_file=args.chat_template_file, jinja=args.jinja)
     config.webui = not args.no_webui
-    if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
-        raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")
+    if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16 * config.parallel):
+        raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16 per slot "
+                             "(--ctx-size is the total of all --parallel slots)")
+    if any(not a.strip() for a in config.aliases):
+        raise ModelLoadError("--alias must not be empty")
     return serve(config, lambda: load_engine_backend(config))
 
 

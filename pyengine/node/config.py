@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path("~/.llm-router/models")
@@ -29,6 +29,10 @@ class NodeConfig:
     device: str = "cpu"
     n_gpu_layers: int | None = None
     cpu_moe: bool = False
+    aliases: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    chat_template_file: str | None = None
+    jinja: bool = False
     webui: bool = True  # GET / serves the web page (off with --no-webui)
 
     @classmethod
@@ -51,7 +55,7 @@ class NodeConfig:
         if env.get("LLM_NODE_DEVICE"):
             cfg.device = env["LLM_NODE_DEVICE"]
         for key, value in flags.items():
-            if value is not None and value is not False:
+            if value is not None and value is not False and value != []:
                 setattr(cfg, key, Path(value) if key == "models_dir" else value)
         cfg.models_dir = Path(cfg.models_dir).expanduser()
         return cfg

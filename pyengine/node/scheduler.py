@@ -9,6 +9,11 @@ before the next step, so its slot is free within one step. Each iteration is one
 `Core.step(active sequences)`: one batched forward pass for all of them (continuous batching),
 the same core the library runs one sequence at a time.
 
+A request for n > 1 choices is a group of n jobs admitted together on n slots: the first (the
+leader) evaluates the prompt; the others (followers) wait until it is in the leader's cache, copy
+those K/V rows into their own slots (Runner.copy_cache; a cache that cannot be copied evaluates
+the prompt itself) and from then on decode in the same batched steps as the leader.
+
 Each step's events travel to the request's asyncio queue through `loop.call_soon_threadsafe`,
 so the event loop never blocks on the model."""
 
@@ -71,6 +76,7 @@ class Job:
     logprobs: int | None = None
     prompt_logprobs: bool = False
     request_id: str = ""
+    leader: Job | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
@@ -106,9 +112,11 @@ class Scheduler:
         self.core = backend.core
         self.slots: list[Cache] = [backend.new_cache() for _ in range(n_parallel)]
         self.free: list[Cache] = list(reversed(self.slots))
-        self.queue: collections.deque[Job] = collections.deque()
+        self.queue: collections.deque[list[Job]] = collections.deque()
         self.active: list[tuple[Job, Cache]] = []
+        self.following: list[tuple[Job, Cache]] = []
         self.last_prompt_len: dict[int, int] = {}
+        self.last_job: dict[int, Job] = {}
         self.cond = threading.Condition()
         self.stopping: str | None = None
         self.steps = itertools.count()
@@ -120,7 +128,7 @@ class Scheduler:
         return len(self.slots)
 
     def queue_depth(self) -> int:
-        return len(self.queue)
+        return sum(len(group) for group in list(self.queue))
 
     def n_active(self) -> int:
         return len(self.active)
@@ -128,23 +136,42 @@ class Scheduler:
     def kv_tokens(self) -> int:
         return sum(slot.n_past for slot in self.slots)
 
-    def submit(self, job: Job) -> None:
-        """Queue `job`; raises QueueFull or ShuttingDown instead of waiting."""
+    def slot_states(self) -> list[dict[str, Any]]:
+        """Per slot, as GET /slots shows it: id, n_ctx, is_processing, the tokens its KV cache holds
+        (a next prompt with that prefix reuses them) and the tokens its latest request generated."""
+        busy = {id(slot) for _, slot in [*self.active, *self.following]}
+        out = []
+        for i, slot in enumerate(self.slots):
+            job = self.last_job.get(id(slot))
+            out.append({"id": i, "n_ctx": slot.n_ctx, "is_processing": id(slot) in busy,
+                        "n_prompt_tokens_cached": slot.n_past, "n_decoded": job.n_generated if job else 0})
+        return out
+
+    def submit(self, job: Job, followers: list[Job] | tuple[Job, ...] = ()) -> None:
+        """Queue `job` (with `followers`: the other choices of an n > 1 request, whose `leader` is
+        `job`); raises QueueFull or ShuttingDown instead of waiting."""
+        group = [job, *followers]
+        if len(group) > self.n_parallel:
+            raise ValueError(f"{len(group)} choices need {len(group)} slots; there are {self.n_parallel}")
         with self.cond:
             if self.stopping:
                 raise ShuttingDown(self.stopping)
             if len(self.queue) >= self.max_queue and not self.free:
                 raise QueueFull(f"all {self.n_parallel} slots are busy and {len(self.queue)} "
                                 "requests are waiting; retry later")
-            self.queue.append(job)
+            self.queue.append(group)
             self.cond.notify()
 
     def withdraw(self, job: Job) -> None:
         """Cancel `job`; if it is still waiting, drop it from the queue at once."""
         job.cancel()
         with self.cond:
-            if job in self.queue:
-                self.queue.remove(job)
+            for group in self.queue:
+                if job in group:
+                    group.remove(job)
+                    if not group:
+                        self.queue.remove(group)
+                    break
 
     def shutdown(self, reason: str = "the server is shutting down", timeout: float = 10.0) -> None:
         """Stop after the current step; every waiting or running job ends with a 503 error."""
@@ -158,20 +185,24 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not self.queue and not self.active:
+                while not self.stopping and not self.queue and not self.active and not self.following:
                     self.cond.wait()
                 if self.stopping:
                     break
                 admitted = []
-                while self.queue and self.free:
-                    job = self.queue.popleft()
-                    slot = max(self.free, key=lambda s: self._reuse_value(s, job.prompt))
-                    self.free.remove(slot)
-                    admitted.append((job, slot))
+                while self.queue and len(self.free) >= len(self.queue[0]):
+                    for job in self.queue.popleft():
+                        slot = max(self.free, key=lambda s: self._reuse_value(s, job.prompt))
+                        self.free.remove(slot)
+                        admitted.append((job, slot))
             for job, slot in admitted:
-                self._admit(job, slot)
+                if job.leader is None:
+                    self._admit(job, slot)
+                else:
+                    self.following.append((job, slot))
             for job, slot in [a for a in self.active if a[0].cancelled]:
                 self._release(job, slot, "cancelled")
+            self._start_followers()
             if not self.active:
                 continue
             active = list(self.active)
@@ -194,9 +225,29 @@ class Scheduler:
             job.post(Failed(self.stopping, 503, "unavailable_error"))
             self._release(job, slot, "cancelled")
         with self.cond:
-            waiting, self.queue = list(self.queue), collections.deque()
+            waiting, self.queue = [job for group in self.queue for job in group], collections.deque()
+        waiting += [job for job, _ in self.following]
         for job in waiting:
             job.post(Failed(self.stopping, 503, "unavailable_error"))
+
+    def _start_followers(self) -> None:
+        """Start each follower whose leader's prompt is now in the leader's cache, from a copy of
+        that cache; one whose leader ended first (or cannot lend its cache) evaluates the prompt."""
+        for job, slot in list(self.following):
+            lead = job.leader
+            if job.cancelled:
+                self.following.remove((job, slot))
+                self._free(slot)
+                self.metrics.count_request(job.endpoint, "cancelled")
+                continue
+            seq = lead.seq
+            lead_gone = seq is None or seq.done or lead.cancelled
+            if not lead_gone and (seq.pending or seq.logits is None):
+                continue  # the leader's prompt is still being evaluated
+            if not lead_gone and seq.cache.tokens == job.prompt:
+                self.core.runner.copy_cache(seq.cache, slot)
+            self.following.remove((job, slot))
+            self._admit(job, slot)
 
     def _reuse_value(self, slot: Cache, prompt: list[int]) -> tuple[int, int]:
         """Prompt tokens `slot` would reuse minus the tokens of its last prompt that would be lost
@@ -217,6 +268,7 @@ class Scheduler:
             self.metrics.count_request(job.endpoint, "error")
             return
         self.last_prompt_len[id(slot)] = len(job.prompt)
+        self.last_job[id(slot)] = job
         self.active.append((job, slot))
 
     def _free(self, slot: Cache) -> None:

@@ -173,14 +173,7 @@ class _Sampling(_Open):
     seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
-    n: Annotated[Int | None, _nullable({"const": 1})] = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    n: Annotated[int, Field(ge=1, description="choices; at most the node's --parallel"), INTEGRAL] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -305,3 +298,8 @@ class PullRequest(_Open):
         except httpx.InvalidURL:
             raise ValueError(message) from None
         return v
+
+
+class ApplyTemplateRequest(ChatCompletionRequest):
+    """POST /apply-template takes a chat body (llama-server's route); only messages, tools,
+    tool_choice and the reasoning effort matter."""

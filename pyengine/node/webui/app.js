@@ -339,7 +339,7 @@
       ["quantization", m.quantization],
       ["size", bytes(m.size_bytes ?? (entry && entry.size))],
       ["parameters", count(m.n_params ?? (entry && entry.meta && entry.meta.n_params))],
-      ["context", props ? `${props.n_ctx_slot} per slot, ${props.total_slots} slots` : entry && entry.context_length],
+      ["context", props ? `${props.n_ctx_slot} per slot × ${props.total_slots}` : entry && entry.context_length],
       ["device", props && props.device],
       ["threads", props && props.n_threads],
       ["KV cache type", props && props.cache_type_k && `${props.cache_type_k} / ${props.cache_type_v}`],

@@ -276,7 +276,6 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
     assert shown and normalise(shown) == normalise(ref["content"])
     assert "tokens/s" in reply.find_element("css selector", ".meta").text
     assert console_errors(browser, url) == []
-    browser.save_screenshot(str(screenshots / "webui-chat.png"))
 
     cancelled = r'pyengine_requests_total\{endpoint="chat",outcome="cancelled"\} (\d+)'
     before = re.search(cancelled, httpx.get(f"{url}/metrics").text)
@@ -295,6 +294,8 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
     if slots.status_code == 200:  # the route of the node-parity work
         assert not any(s["is_processing"] for s in slots.json())
     assert console_errors(browser, url) == []
+    browser.execute_script("document.getElementById('settings').open = false")
+    browser.save_screenshot(str(screenshots / "webui-chat.png"))
 
 
 def test_status_shows_the_model_and_expert_heatmap_matching_metrics(browser, demo_node, screenshots):

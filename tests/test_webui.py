@@ -185,12 +185,8 @@ def screenshots(tmp_path_factory) -> Path:
     return out
 
 
-def console_errors(driver, url: str) -> list[dict]:
-    """The console's errors, less the 404 of a node-parity route (/props, /slots) this node lacks:
-    the page asks once and shows n/a, but Chromium logs every failed request."""
-    lacking = [f"{url}{p} " for p in ("/props", "/slots") if httpx.get(url + p).status_code == 404]
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
-            and not any(e["message"].startswith(p) and "404" in e["message"] for p in lacking)]
+def console_errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def open_page(driver, url: str, key: str | None = None) -> None:
@@ -275,7 +271,7 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
         "reasoning_effort": "low", "temperature": 0, "max_tokens": 24}).json()["choices"][0]["message"]
     assert shown and normalise(shown) == normalise(ref["content"])
     assert "tokens/s" in reply.find_element("css selector", ".meta").text
-    assert console_errors(browser, url) == []
+    assert console_errors(browser) == []
 
     cancelled = r'pyengine_requests_total\{endpoint="chat",outcome="cancelled"\} (\d+)'
     before = re.search(cancelled, httpx.get(f"{url}/metrics").text)
@@ -290,10 +286,8 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
     wait_for(lambda: gauge(url, "requests_processing") == 0, 10, "the slot to free")
     after = re.search(cancelled, httpx.get(f"{url}/metrics").text)
     assert int(after.group(1)) == (int(before.group(1)) if before else 0) + 1
-    slots = httpx.get(f"{url}/slots")
-    if slots.status_code == 200:  # the route of the node-parity work
-        assert not any(s["is_processing"] for s in slots.json())
-    assert console_errors(browser, url) == []
+    assert not any(s["is_processing"] for s in httpx.get(f"{url}/slots").json())
+    assert console_errors(browser) == []
     browser.execute_script("document.getElementById('settings').open = false")
     browser.save_screenshot(str(screenshots / "webui-chat.png"))
 
@@ -322,9 +316,52 @@ def test_status_shows_the_model_and_expert_heatmap_matching_metrics(browser, dem
     shown = facts()
     assert shown["decode"].endswith("tokens/s") and shown["state"].startswith("not registering")
     assert shown["process RSS"].endswith("MiB") and "of 2048 tokens" in shown["KV cache in use"]
-    assert by_id(browser, "slots").find_elements("css selector", "tbody tr")
-    assert console_errors(browser, url) == []
+    props = httpx.get(f"{url}/props").json()
+    assert (shown["architecture"], shown["quantization"]) == (props["model"]["arch"], props["model"]["quantization"])
+    rows = browser.execute_script(
+        "return [...document.querySelectorAll('#slots tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+    assert rows == [[str(s["id"]), "busy" if s["is_processing"] else "idle", str(s["n_prompt_tokens_cached"]),
+                     str(s["n_decoded"]), str(s["n_ctx"])] for s in httpx.get(f"{url}/slots").json()]
+    assert console_errors(browser) == []
     browser.save_screenshot(str(screenshots / "webui-status.png"))
+
+
+ALLOWED = {"P": set(), "H1": set(), "H2": set(), "H3": set(), "H4": set(), "H5": set(), "H6": set(), "HR": set(),
+           "BLOCKQUOTE": set(), "UL": set(), "OL": {"start"}, "LI": set(), "PRE": set(), "CODE": {"class"},
+           "TABLE": set(), "THEAD": set(), "TBODY": set(), "TR": set(), "TH": set(), "TD": set(), "STRONG": set(),
+           "EM": set(), "DEL": set(), "A": {"href", "target", "rel"}}
+KEPT = "ab<\"'&=/;"  # characters no Markdown rule consumes: each must reach the page's text, in order
+PIECES = [*"ab<>\"'&=/;*_`~#|-+[]()!: ", "\n", "\n\n", "```", "~~~", "**", "<script>", "<img src=x onerror=alert(1)>",
+          "javascript:alert(1)", "https://example.org/x", "1. ", "- ", "> ", "| a | b |\n|---|---|\n"]
+
+
+def random_markdown(rng: random.Random, pieces: list[str]) -> str:
+    return "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60)))
+
+
+def test_markdown_of_random_text_is_only_safe_elements_and_keeps_the_text(browser, demo_node):
+    """Random mixes of Markdown, HTML and URLs: only the allowed elements and attributes come out,
+    links only to http(s), and every character no rule consumes reaches the text in order."""
+    browser.get(demo_node + "/")
+    rng = random.Random(1616)
+    texts = [random_markdown(rng, PIECES) for _ in range(300)]
+    # without links (a URL is no text) and code fences (an opening line's rest is its info string, no text)
+    plain = [re.sub(r"(`|~)\1\1+", r"\1\1", random_markdown(rng, [p for p in PIECES if "(" not in p and "http" not in p]))
+             for _ in range(300)]
+    out = browser.execute_script("""
+        return arguments[0].map(t => {
+          const box = document.createElement('div');
+          box.append(window.renderMarkdown(t));
+          return [box.textContent, [...box.querySelectorAll('*')].map(e => [e.tagName, e.getAttributeNames(),
+                  e.getAttribute('href')])];
+        });""", texts + plain)
+    for text, (shown, elements) in zip(texts + plain, out):
+        for tag, attrs, href in elements:
+            assert tag in ALLOWED and set(attrs) <= ALLOWED[tag], (text, tag, attrs)
+            assert href is None or href.startswith(("http://", "https://", "mailto:")), (text, href)
+    for text, (shown, _) in zip(plain, out[len(texts):]):
+        assert [c for c in shown if c in KEPT] == [c for c in text if c in KEPT], text
+    assert console_errors(browser) == []
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +374,8 @@ def scripted_node():
 def test_reasoning_is_folded_and_markdown_never_becomes_html(browser, scripted_node):
     url, backend = scripted_node
     hostile = ('**bold** and `x<y>` <img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
-               '[click](javascript:window.pwned=3) [home](https://example.org/a_b)\n\n- one\n- two')
+               '[click](javascript:window.pwned=3) [home](https://example.org/a_b)\n\n- one\n- two\n\n'
+               '```py\nprint("<b>")\n```not the end\n```')
     backend.script = lambda prompt: ("<|channel|>analysis<|message|>Think <b>hard</b>.<|end|><|start|>assistant"
                                      f"<|channel|>final<|message|>{hostile}<|return|>")
     open_page(browser, url, key="key-16")
@@ -352,7 +390,8 @@ def test_reasoning_is_folded_and_markdown_never_becomes_html(browser, scripted_n
     assert reply.find_element("css selector", ".reasoning-text").text == "Think <b>hard</b>."
     answer = reply.find_element("css selector", ".answer")
     assert [e.text for e in answer.find_elements("tag name", "strong")] == ["bold"]
-    assert [e.text for e in answer.find_elements("tag name", "code")] == ["x<y>"]
+    assert [(e.text, e.get_attribute("class")) for e in answer.find_elements("tag name", "code")] == [
+        ("x<y>", ""), ('print("<b>")\n```not the end', "language-py")]
     assert answer.find_elements("css selector", "img, script, b") == []
     assert [a.get_attribute("href") for a in answer.find_elements("tag name", "a")] == ["https://example.org/a_b"]
     assert [e.text for e in answer.find_elements("tag name", "li")] == ["one", "two"]

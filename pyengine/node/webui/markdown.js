@@ -1,7 +1,9 @@
 // Markdown to DOM for model output, safely: every piece of text becomes a text node, never HTML.
 // Covers what chat answers use (paragraphs, headings, lists, quotes, fenced code, tables, rules,
 // `code`, **bold**, *italic*, ~~strike~~, links); links open only for http(s) and mailto URLs.
-// It renders unfinished input too (an open code fence runs to the end), as a stream arrives.
+// It renders unfinished input too (an open code fence runs to the end), as a stream arrives. As in
+// CommonMark, the rest of a fence's opening line is its info string (the first word names the
+// language), not text.
 "use strict";
 
 (function () {
@@ -30,10 +32,11 @@
     }
   }
 
+  // A link to `href` showing `text` (its inline markup too, unless it is the bare URL itself).
   function link(text, href) {
     const url = safeUrl(href);
     if (!url) return document.createTextNode(text === href ? text : `${text} (${href})`);
-    const a = el("a", inline(text));
+    const a = el("a", text === href ? [document.createTextNode(text)] : inline(text));
     a.href = url;
     a.target = "_blank";
     a.rel = "noopener noreferrer nofollow";
@@ -89,10 +92,10 @@
       let m;
       if (!line.trim()) { i++; continue; }
       if ((m = FENCE.exec(line))) {
-        const fence = m[1];
+        const closing = new RegExp(`^\\s{0,3}${m[1][0]}{${m[1].length},}\\s*$`);  // as long, nothing after
         const body = [];
         i++;
-        while (i < lines.length && !lines[i].trim().startsWith(fence)) body.push(lines[i++]);
+        while (i < lines.length && !closing.test(lines[i])) body.push(lines[i++]);
         i++;
         const code = el("code", [document.createTextNode(body.join("\n"))]);
         if (m[2]) code.className = "language-" + m[2];

@@ -22,8 +22,36 @@ def test_serve_command_and_entry_point_share_flags(tmp_path):
                 [sys.executable, "-m", "pyengine.node.cli", "--help"]):
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
         for flag in ("--model", "--host", "--port", "--models-dir", "--ctx-size", "--parallel", "--threads",
-                     "--api-key", "--verbose"):
+                     "--api-key", "--verbose", "--alias", "--cors-origin", "--chat-template-file", "--jinja"):
             assert flag in out
+        assert "split evenly across the --parallel" in " ".join(out.split())
+
+
+def test_llama_server_flags_reach_the_config_and_bad_ones_are_one_error_line(tmp_path, monkeypatch):
+    from pyengine.demo_model import write_demo_model
+    from pyengine.node import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "serve", lambda config, load: seen.setdefault("config", config) and 0)
+    model = str(tmp_path / "m.gguf")
+    assert cli.main(["-m", model, "-c", "4096", "-np", "4", "-a", "first", "--alias", "second", "--jinja",
+                     "--cors-origin", "http://a.example", "--cors-origin", "*"]) == 0
+    c = seen["config"]
+    assert (c.ctx_size, c.parallel, c.aliases, c.jinja) == (4096, 4, ["first", "second"], True)
+    assert c.cors_origins == ["http://a.example", "*"]
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}")  # does not compile
+    write_demo_model(model, n_layer=1)
+    for argv, message in ((["-c", "32", "-np", "4"], "at least 16 per slot"),
+                          (["--alias", " "], "--alias must not be empty")):
+        proc = subprocess.run([sys.executable, "-m", "pyengine.node.cli", "-m", model, *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("[ERROR] "), proc.stderr
+        assert message in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pyengine.node.cli", "-m", model, "--port", str(free_port()),
+                           "--chat-template-file", str(template)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1 and "[ERROR] --chat-template-file" in proc.stderr, proc.stderr
 
 
 def test_unloadable_model_exits_1_with_an_error_line(tmp_path):

@@ -53,7 +53,9 @@ def test_openapi_documents_every_route_and_body(node):
     ops = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert ops >= {("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
                    ("/health", "get"), ("/metrics", "get"), ("/tokenize", "post"), ("/detokenize", "post"),
-                   ("/pull", "post")}
+                   ("/pull", "post"), ("/chat/completions", "post"), ("/completions", "post"), ("/models", "get"),
+                   ("/v1/models/{model_id}", "get"), ("/props", "get"), ("/slots", "get"),
+                   ("/apply-template", "post")}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
@@ -97,9 +99,12 @@ def operations(node):
 
 
 def _documented_refusal(r: httpx.Response, body: dict) -> bool:
-    """The schema-valid bodies the node may still refuse: token ids past this model's vocabulary."""
+    """The schema-valid bodies the node may still refuse: token ids past this model's vocabulary,
+    more choices (`n`) than the node has slots."""
     if r.status_code != 400:
         return False
+    if (body.get("n") or 1) > 2 and r.json()["error"]["param"] == "n":
+        return True
     ids = [int(k) for k in body.get("logit_bias") or {}]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):

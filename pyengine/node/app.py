@@ -115,7 +115,8 @@ class NodeState:
         if self.backend:
             info = self.backend.info
             entry.update(context_length=info.n_ctx, size=info.size_bytes,
-                         aliases=[n for n in (*self.model_ids(), info.name, *info.aliases) if n != model_id],
+                         aliases=[n for n in dict.fromkeys((*self.model_ids(), info.name, *info.aliases))
+                                  if n != model_id],
                          meta={"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
                                "n_params": info.n_params, "size": info.size_bytes})
         return entry

@@ -49,6 +49,7 @@ class Backend(ABC):
     core: Core
     device: str = "cpu"
     n_threads: int = 0
+    path: str = ""  # the model file ("" when there is none)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`; with `special`, control-token spellings become their ids."""

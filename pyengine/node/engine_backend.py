@@ -45,7 +45,7 @@ class EngineBackend(Backend):
         self._spare: Cache | None = engine._cache  # the first slot's cache
         self.tokenizer = engine.tokenizer
         self.core = engine.core
-        self.device, self.n_threads = engine.device, engine.n_threads
+        self.device, self.n_threads, self.path = engine.device, engine.n_threads, str(model_file.path)
         hp = model_file.hparams
         path = Path(model_file.path)
         name = name or model_file.name

@@ -38,7 +38,7 @@ def props(state: NodeState) -> dict[str, Any]:
     info = backend.info
     n_slots = scheduler.n_parallel
     return {
-        "model_path": str(state.config.model), "model_alias": state.model_name(), "aliases": state.model_ids(),
+        "model_path": backend.path or state.config.model, "model_alias": state.model_name(), "aliases": state.model_ids(),
         "n_ctx": info.n_ctx * n_slots, "n_ctx_slot": info.n_ctx, "total_slots": n_slots,
         "chat_template": backend.chat_template_text(), "build_info": build_info(backend.device),
         "device": backend.device, "n_threads": backend.n_threads,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from pyengine.node.schemas import (
+    ApplyTemplateRequest,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -207,6 +208,44 @@ class PullAccepted(_Doc):
     status: Literal["accepted"]
 
 
+class ModelFacts(_Doc):
+    arch: str
+    quantization: str
+    size_bytes: int
+    n_params: int
+
+
+class Props(_Doc):
+    """GET /props (llama-server's route; the web UI reads it)."""
+
+    model_path: str
+    model_alias: str
+    aliases: list[str]
+    n_ctx: int
+    n_ctx_slot: int
+    total_slots: int
+    chat_template: str
+    build_info: dict[str, str]
+    device: str
+    n_threads: int
+    cache_type_k: str
+    cache_type_v: str
+    model: ModelFacts
+    webui: bool
+
+
+class SlotState(_Doc):
+    id: int
+    n_ctx: int
+    is_processing: bool
+    n_prompt_tokens_cached: int
+    n_decoded: int
+
+
+class AppliedTemplate(_Doc):
+    prompt: str
+
+
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
@@ -255,9 +294,21 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
                                                      400, 401, 503)),
     ("/pull", "post"): (PullRequest, _ok("The copy or download started", _json(PullAccepted), 400, 401)),
+    ("/props", "get"): (None, _ok("The model, context, slots, template and build", _json(Props), 401, 503)),
+    ("/slots", "get"): (None, _ok("Each slot's state", {"application/json": {"schema": {
+        "type": "array", "items": {"$ref": REF.format(model="SlotState")}}}}, 401, 503)),
+    ("/apply-template", "post"): (ApplyTemplateRequest, _ok("The prompt text the chat renders to",
+                                                            _json(AppliedTemplate), 400, 401, 503)),
+    ("/v1/models/{model_id}", "get"): (None, _ok("One model", _json(ModelEntry), 401, 404)),
 }
+# llama-server's and OpenAI's un-prefixed spellings of the same operations
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
+           "/models": "/v1/models", "/models/{model_id}": "/v1/models/{model_id}"}
+ROUTES.update({(alias, method): ROUTES[(path, method)] for (path, method) in list(ROUTES)
+               for alias, target in ALIASES.items() if target == path})
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                   ModelList, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted)
+                   ModelList, ModelEntry, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted, Props,
+                   SlotState, AppliedTemplate)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

@@ -7,6 +7,7 @@ request is answered in one clear sentence and never reaches the scheduler."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
 )
 
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
+log = logging.getLogger("pyengine")
 
 
 def _integral(value: Any) -> Any:
@@ -87,12 +89,16 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise bad_request("Request body must be a JSON object.")
     try:
-        return model.model_validate(data, strict=True)
+        parsed = model.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
         msg = first["msg"].removeprefix("Value error, ")
         raise bad_request(f"Invalid parameter {loc}: {msg}" if loc else msg, loc) from None
+    if parsed.model_extra:  # accepted, as OpenAI-compatible servers do, but never silently
+        log.warning("ignoring request field(s) this node does not support: %s",
+                    ", ".join(repr(k[:40]) for k in sorted(parsed.model_extra)[:20]))
+    return parsed
 
 
 class _Open(BaseModel):

@@ -169,7 +169,7 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--force-prefers-reduced-motion", "--force-color-profile=srgb"):
+                "--force-color-profile=srgb"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_exe), options=opts)
@@ -202,7 +202,7 @@ def by_id(driver, element_id: str):
     return driver.find_element("id", element_id)
 
 
-def settle(driver, effort: str = "low", temperature: str = "0", max_tokens: str = "24") -> None:
+def set_options(driver, effort: str = "low", temperature: str = "0", max_tokens: str = "24") -> None:
     driver.execute_script(
         "document.getElementById('settings').open = true;"
         "document.getElementById('effort').value = arguments[0];"
@@ -261,7 +261,7 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
     url = demo_node
     open_page(browser, url)
     wait_for(lambda: by_id(browser, "model-name").text == "gpt-oss-demo", what="the model name")
-    settle(browser)
+    set_options(browser)
     say(browser, "Hello there, who are you?")
     wait_for(lambda: replies(browser) and finished(browser), 60, "the first reply")
     (reply,) = replies(browser)
@@ -275,7 +275,7 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
 
     cancelled = r'pyengine_requests_total\{endpoint="chat",outcome="cancelled"\} (\d+)'
     before = re.search(cancelled, httpx.get(f"{url}/metrics").text)
-    settle(browser, temperature="1", max_tokens="1900")
+    set_options(browser, temperature="1", max_tokens="1900")
     say(browser, "Now write a very long story.")
     lengths = []
     wait_for(lambda: len(replies(browser)) == 2 and lengths.append(len(replies(browser)[1].text)) is None

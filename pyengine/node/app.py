@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__
-from pyengine.node import choices, cors, llama_routes, openapi
+from pyengine.node import choices, cors, llama_routes, openapi, webui
 from pyengine.core import Event
 from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
@@ -67,6 +67,7 @@ class NodeState:
         self.metrics = Metrics()
         self.on_load_error: Callable[[str], None] = lambda message: None
         self.response_ms: collections.deque[float] = collections.deque(maxlen=100)
+        self.router: Any = None  # the RouterClient, while one runs (pyengine.node.router_client)
 
     def load(self) -> None:
         try:
@@ -197,7 +198,7 @@ class RequestIdAndAuth:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        if self.api_key and scope["path"] not in OPEN_PATHS and not webui.is_page_path(scope["path"]):
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -265,6 +266,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     app.add_middleware(RequestIdAndAuth, api_key=config.api_key)
     app.add_middleware(cors.Cors, origins=config.cors_origins)  # outermost: preflights skip the key check
     openapi.install(app)
+    webui.install(app, state, config.webui)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted for llama-server compatibility (templates always run through jinja here)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait (default 64)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health "
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page "
                                                    "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE (first line)")
     p.add_argument("--pull-source", action="append", default=None, metavar="DIR",
@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request body in MiB; bigger ones get 413 (default 8)")
     p.add_argument("--router-url", default=None,
                    help="host router to register with and send heartbeats to (env LLM_ROUTER_URL)")
+    p.add_argument("--no-webui", action="store_true", help="do not serve the web page at / (see docs/webui.md)")
     p.add_argument("--verbose", "-v", action="store_true", help="log per-request timing lines")
     gpu_arguments(p)
 
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                                  device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe,
                                  aliases=args.alias, cors_origins=args.cors_origin,
                                  chat_template_file=args.chat_template_file, jinja=args.jinja)
+    config.webui = not args.no_webui
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16 * config.parallel):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16 per slot "
                              "(--ctx-size is the total of all --parallel slots)")

@@ -40,6 +40,7 @@ class NodeConfig:
     cors_origins: list[str] = field(default_factory=list)
     chat_template_file: str | None = None
     jinja: bool = False
+    webui: bool = True  # GET / serves the web page (off with --no-webui)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

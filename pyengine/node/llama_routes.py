@@ -43,7 +43,7 @@ def props(state: NodeState) -> dict[str, Any]:
         "chat_template": backend.chat_template_text(), "build_info": build_info(backend.device),
         "device": backend.device, "n_threads": backend.n_threads,
         "cache_type_k": "f32", "cache_type_v": "f32",
-        "model": backend.describe(), "webui": False,
+        "model": backend.describe(), "webui": state.config.webui,
     }
 
 

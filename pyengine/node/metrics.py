@@ -6,7 +6,9 @@ scheduler's worker thread and read by GET /metrics, so one lock guards them."""
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -45,6 +47,42 @@ class Histogram:
         return out
 
 
+class StepWindow:
+    """The forward steps of the last `span` seconds, for the web page's tokens/s.
+
+    A step that evaluated prompt tokens counts as prefill time (its tokens over its duration), a
+    step that only sampled as decode time; both rates are over the worker's busy time, so an idle
+    minute does not dilute them (None when no such step happened in the window)."""
+
+    def __init__(self, span: float = 60.0) -> None:
+        self.span = span
+        self.steps: collections.deque[tuple[float, float, int, int]] = collections.deque()
+
+    def add(self, now: float, seconds: float, prompt_tokens: int, generated: int) -> None:
+        self.steps.append((now, seconds, prompt_tokens, generated))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self.steps and self.steps[0][0] < now - self.span:
+            self.steps.popleft()
+
+    def rates(self, now: float) -> dict[str, float | int | None]:
+        self._trim(now)
+        prefill_s = decode_s = 0.0
+        prompt = generated = decoded = 0
+        for _, seconds, p, g in self.steps:
+            prompt += p
+            generated += g
+            if p:
+                prefill_s += seconds
+            elif g:
+                decode_s += seconds
+                decoded += g
+        return {"window_seconds": self.span, "prompt_tokens": prompt, "generated_tokens": generated,
+                "prefill_tokens_per_second": prompt / prefill_s if prefill_s > 0 else None,
+                "decode_tokens_per_second": decoded / decode_s if decode_s > 0 else None}
+
+
 class Metrics:
     """The node's metrics; gauges are read live through callables set by the app."""
 
@@ -58,6 +96,7 @@ class Metrics:
         self.tpot = Histogram(TPOT_BUCKETS)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.expert_counts: Callable[[], list[list[int]]] = list
+        self.recent_steps = StepWindow()
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         with self.lock:
@@ -76,6 +115,16 @@ class Metrics:
     def observe_token_gap(self, seconds: float) -> None:
         with self.lock:
             self.tpot.observe(seconds)
+
+    def observe_step(self, seconds: float, prompt_tokens: int, generated: int) -> None:
+        """One forward step of the worker: how long it took and the tokens it evaluated / sampled."""
+        with self.lock:
+            self.recent_steps.add(time.monotonic(), seconds, prompt_tokens, generated)
+
+    def recent_rates(self) -> dict[str, float | int | None]:
+        """Prefill and decode tokens/s over the last minute (see StepWindow)."""
+        with self.lock:
+            return self.recent_steps.rates(time.monotonic())
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_, read)

@@ -169,6 +169,28 @@ class HealthOk(_Doc):
     status: Literal["ok"]
 
 
+class RouterLink(_Doc):
+    url: str | None
+    status: Literal["off", "starting", "registering", "registered", "refused", "failed"]
+    node_id: str | None = None
+    last_heartbeat: float | None = None
+    last_heartbeat_result: str | None = None
+
+
+class NodeStats(_Doc):
+    window_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tokens_per_second: float | None
+    decode_tokens_per_second: float | None
+    rss_bytes: int | None
+    kv_cache_bytes: int
+    kv_cache_tokens: int
+    kv_cache_capacity_tokens: int
+    router: RouterLink
+    expert_counts: list[list[int]]
+
+
 class TokenPiece(_Doc):
     id: int
     piece: str
@@ -276,6 +298,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/v1/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
     ("/metrics", "get"): (None, _ok("Prometheus text exposition",
                                     {"text/plain": {"schema": {"type": "string"}}}, 401)),
+    ("/v1/node/stats", "get"): (None, _ok("Live figures for the web page's status view", _json(NodeStats), 401)),
     ("/tokenize", "post"): (TokenizeRequest, _ok("Token ids (with pieces if asked)", _json(TokenizeResponse),
                                                  400, 401, 413, 503)),
     ("/detokenize", "post"): (DetokenizeRequest, _ok("The text of the tokens", _json(DetokenizeResponse),
@@ -297,7 +320,7 @@ ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/com
 ROUTES.update({(alias, method): ROUTES[(path, method)] for (path, method) in list(ROUTES)
                for alias, target in ALIASES.items() if target == path})
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                   ModelList, ModelEntry, HealthOk, TokenizeResponse, DetokenizeResponse, PullAccepted,
+                   ModelList, ModelEntry, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted,
                    PullState, Props, SlotState, AppliedTemplate)
 
 

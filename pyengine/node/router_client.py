@@ -12,6 +12,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -125,7 +126,8 @@ class GpuProbe:
 
 
 class RouterClient:
-    """Registers `state`'s node with the router at `config.router_url` and sends heartbeats."""
+    """Registers `state`'s node with the router at `config.router_url` and sends heartbeats;
+    `status` and the last heartbeat's time and outcome are what the web page shows."""
 
     def __init__(self, state: Any, config: NodeConfig) -> None:
         self.state = state
@@ -135,6 +137,15 @@ class RouterClient:
         self.token: str | None = None
         self.load = HostLoad()
         self.gpus = GpuProbe()
+        self.status = "starting"  # registering, registered, refused (403) or failed (retries spent)
+        self.last_heartbeat: float | None = None  # Unix time of the last heartbeat sent
+        self.last_heartbeat_result: str | None = None  # "HTTP 200" or the connection error
+
+    def view(self) -> dict[str, Any]:
+        """Where this node stands with the router, as JSON."""
+        return {"url": self.base, "status": self.status, "node_id": self.node_id,
+                "heartbeat_secs": self.config.heartbeat_secs, "last_heartbeat": self.last_heartbeat,
+                "last_heartbeat_result": self.last_heartbeat_result}
 
     def registration(self) -> dict[str, Any]:
         devices = GpuProbe.devices(self.gpus.read())
@@ -157,6 +168,7 @@ class RouterClient:
                 **GpuProbe.heartbeat_fields(self.gpus.read())}
 
     async def register(self, client: httpx.AsyncClient) -> bool:
+        self.status = "registering"
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
             await asyncio.sleep(delay)
             body = await asyncio.to_thread(self.registration)  # nvidia-smi may take a moment
@@ -168,15 +180,18 @@ class RouterClient:
             if r.status_code == 403:
                 log.error("the router at %s refused this node (403: it requires a GPU); "
                           "serving standalone", self.base)
+                self.status = "refused"
                 return False
             reply = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             if r.status_code in (200, 201) and reply.get("node_id") and reply.get("agent_token"):
                 self.node_id, self.token = str(reply["node_id"]), str(reply["agent_token"])
                 log.info("Registered with router %s as node %s", self.base, self.node_id)
+                self.status = "registered"
                 return True
             log.warning("router registration attempt %d failed: HTTP %d %s", attempt + 1,
                         r.status_code, r.text[:200])
         log.error("could not register with the router at %s; serving standalone", self.base)
+        self.status = "failed"
         return False
 
     async def wait_until_serving(self, timeout: float = 60.0) -> None:
@@ -197,12 +212,15 @@ class RouterClient:
             while True:
                 await asyncio.sleep(self.config.heartbeat_secs)
                 beat = await asyncio.to_thread(self.heartbeat)
+                self.last_heartbeat = time.time()
                 try:
                     r = await client.post(f"{self.base}/api/health", json=beat,
                                           headers={"X-Agent-Token": self.token})
                 except httpx.HTTPError as e:
                     log.warning("heartbeat to the router failed: %s", e)
+                    self.last_heartbeat_result = str(e) or type(e).__name__
                     continue
+                self.last_heartbeat_result = f"HTTP {r.status_code}"
                 if r.status_code in (401, 404):
                     log.warning("the router no longer knows this node (HTTP %d); registering again",
                                 r.status_code)
@@ -215,6 +233,7 @@ class RouterClient:
 async def run_router_client(state: Any) -> None:
     """Lifespan task for create_app(start_router=...); does nothing without LLM_ROUTER_URL."""
     if state.config.router_url:
-        await RouterClient(state, state.config).run()
+        state.router = RouterClient(state, state.config)
+        await state.router.run()
 
 

@@ -206,6 +206,7 @@ class Scheduler:
             if not self.active:
                 continue
             active = list(self.active)
+            t_step = time.perf_counter()
             try:
                 outputs = self.core.step([job.seq for job, _ in active])
             except Exception as e:  # noqa: BLE001 - a step failed as a whole: its requests end, not the node
@@ -215,6 +216,9 @@ class Scheduler:
                     job.post(Failed(f"generation failed: {e}"))
                     self._release(job, slot, "error")
                 continue
+            self.metrics.observe_step(time.perf_counter() - t_step,
+                                      sum(ev.n for evs in outputs for ev in evs if isinstance(ev, PromptEvaluated)),
+                                      sum(isinstance(ev, Sampled) for evs in outputs for ev in evs))
             for (job, slot), events in zip(active, outputs):
                 self._advance(job, slot, events)
         for job, slot in list(self.active):

@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+from pyengine.commands._args import integer
 from pyengine.convert import ARCH_NAMES, OUTTYPES
 from pyengine.demo_model import DEFAULT_PATH, demo_config, write_demo_model
 from pyengine.log import logger
@@ -23,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outtype", choices=OUTTYPES, default="mxfp4",
                    help="weight types (default mxfp4 = MXFP4 experts + Q8_0 matrices, like the "
                         "ggml-org gpt-oss files); others put every matrix, experts included, in that type")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
-    p.add_argument("--layers", type=int, default=2, help="number of layers (default 2)")
-    p.add_argument("--embd", type=int, default=64, help="embedding width, a multiple of 32 (default 64)")
+    p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
+    p.add_argument("--layers", type=integer(1), default=2, help="number of layers (default 2)")
+    p.add_argument("--embd", type=integer(32), default=64, help="embedding width, a multiple of 32 (default 64)")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
 
 

@@ -15,6 +15,7 @@ COMMANDS = ("info", "validate", "convert", "demo-model", "synth", "run", "chat",
 
 
 _terminated: list[int] = []  # SIGTERM arrived: a command that took it for Ctrl-C still exits 143
+_deferred: list[int] = []  # Ctrl-C during start-up, acted on once the imports are done
 
 
 def _terminate(sig: int, frame: object) -> None:
@@ -25,17 +26,21 @@ def _terminate(sig: int, frame: object) -> None:
 
 def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    before = signal.getsignal(signal.SIGTERM)
     _terminated.clear()
+    _deferred.clear()
+    if in_main_thread:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        # Imports are not cut in half: some libraries turn a KeyboardInterrupt raised inside them
+        # into another error (pydantic-core's SchemaError), so start-up only notes a Ctrl-C.
+        signal.signal(signal.SIGINT, lambda sig, frame: _deferred.append(sig))
     try:
         code = _main(argv, in_main_thread)
     except KeyboardInterrupt:
         code = 130
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, before)
+            signal.signal(signal.SIGINT, before[0])
+            signal.signal(signal.SIGTERM, before[1])
     return 143 if _terminated else code
 
 
@@ -58,8 +63,12 @@ def _main(argv, in_main_thread: bool) -> int:
         p.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
     configure(getattr(args, "verbose", False))
-    if in_main_thread and args.command != "serve":  # the server has its own SIGTERM handling (ends open streams)
-        signal.signal(signal.SIGTERM, _terminate)
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when inherited ignored
+        if args.command != "serve":  # the server has its own SIGTERM handling (ends open streams)
+            signal.signal(signal.SIGTERM, _terminate)
+    if _deferred:
+        raise KeyboardInterrupt
     try:
         return args._run(args) or 0
     except ModelLoadError as e:

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=real(0, 1), default=OPENAI_DEFAULTS["min_p"],
                    help="drop tokens less likely than P times the most likely one (0..1, default 0 = off)")
     p.add_argument("--seed", type=integer(0), default=None, help="sampling seed (reproducible replies)")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
+                   help="how long the model reasons before answering (default medium)")
     p.add_argument("--system", default=None, help="instructions (the developer message)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")

@@ -81,7 +81,7 @@ class NodeServer(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything loads (ModelLoadError when it cannot be)."""
     if not 0 <= port <= 65535:
-        raise ModelLoadError(f"port {port} is not a port number (1-65535)")
+        raise ModelLoadError(f"port {port} is not a port number (0-65535)")
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]

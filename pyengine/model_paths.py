@@ -76,13 +76,32 @@ def resolve_model_name(name: str, models_dir: str | os.PathLike | None = None) -
 
 
 def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> Path:
-    """An existing file path as given (CLI users may point anywhere), otherwise a model name
-    resolved by resolve_model_name."""
+    """A file that exists is used as given, whatever its name (CLI users may point anywhere: an
+    Ollama blob `sha256-...` has no .gguf suffix); otherwise a model name resolved by
+    resolve_model_name. Errors say what is wrong with what was passed (a folder, a missing file)."""
     path = Path(path_or_name).expanduser()
     text = os.fspath(path_or_name)
-    looks_like_path = isinstance(path_or_name, os.PathLike) or os.sep in text or text.endswith(".gguf")
-    if looks_like_path and path.is_file():
+    if path.is_file():
         return path
-    if isinstance(path_or_name, os.PathLike) or os.sep in text:
+    explicit = isinstance(path_or_name, os.PathLike) or os.sep in text or bool(os.altsep and os.altsep in text)
+    if explicit and path.is_dir():
+        raise ModelLoadError(_folder_message(text, path))
+    if explicit:
         raise ModelLoadError(f"Model file not found: {text}")
-    return resolve_model_name(text, models_dir)
+    try:
+        return resolve_model_name(text, models_dir)
+    except ModelLoadError as e:
+        if path.is_dir():
+            raise ModelLoadError(f"{_folder_message(text, path)}; nor is it a model name: {e}") from None
+        if text.endswith(".gguf"):
+            raise ModelLoadError(f"Model file not found: {text} (no such file here; as a name: {e})") from None
+        raise
+
+
+def _folder_message(text: str, path: Path) -> str:
+    if (path / "model.gguf").is_file():
+        return f"{text} is a folder, not a GGUF file (the model in it is {path / 'model.gguf'})"
+    if (path / "config.json").is_file():
+        return (f"{text} is a folder, not a GGUF file (a Hugging Face checkpoint? "
+                f"`pyengine convert {text} OUT.gguf` makes one)")
+    return f"{text} is a folder, not a GGUF file"

@@ -56,8 +56,11 @@ def test_info_json(model, tmp_path):
 def test_info_accepts_a_name_and_models_dir(model, tmp_path):
     r = cli("info", "gpt-oss-20b", "--models-dir", model.parent, cwd=tmp_path)
     assert r.returncode == 0 and "general.architecture: gpt-oss" in r.stdout
-    r = cli("info", "..", "--models-dir", model.parent, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.startswith("[ERROR] Invalid model name '..'")
+    r = cli("info", "..", "--models-dir", model.parent, cwd=tmp_path)  # a folder, and not a valid name
+    assert r.returncode == 1 and r.stderr.startswith("[ERROR] .. is a folder, not a GGUF file")
+    assert "Invalid model name '..'" in r.stderr
+    r = cli("info", ".hidden", "--models-dir", model.parent, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("[ERROR] Invalid model name '.hidden'")
     r = cli("info", "../etc/x", "--models-dir", model.parent, cwd=tmp_path)  # a path: used as given
     assert r.returncode == 1 and r.stderr == "[ERROR] Model file not found: ../etc/x\n"
 

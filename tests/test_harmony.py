@@ -511,6 +511,30 @@ def test_headerless_text_is_kept_verbatim_and_released_at_once(tok):
     assert [d.text for d in parser.feed(first[0])] == ["Hello"]  # not held until the end
 
 
+def test_text_without_a_header_streams_as_it_is_generated(tok):
+    """Random ordinary tokens after `<|start|>assistant`, as random weights write them (the demo
+    model): the parser never holds more than a header's worth of text, so a reply streams as it
+    is generated, and at the end all of it has come out."""
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    for _ in range(30):
+        ids = []
+        while len(ids) < 80:
+            t = rng.randrange(tok.n_vocab)
+            if not tok.is_special(t):
+                ids.append(t)
+        parser = harmony_stream.TokenParser(tok)
+        emitted, raw = "", b""
+        for t in ids:
+            emitted += "".join(d.text for d in parser.feed(t) if d.kind in ("content", "reasoning"))
+            raw += tok.token_to_piece(t)
+            held = len(raw.decode("utf-8", "replace")) - len(emitted)
+            assert held <= harmony_stream.MAX_HEADER_CHARS + 8, (seed, ids)
+        emitted += "".join(d.text for d in parser.finish())
+        whole = raw.decode("utf-8", "replace")
+        assert whole.endswith(emitted) and len(whole) - len(emitted) <= len("assistant "), (seed, ids)
+
+
 def test_truncated_completion(tok):
     assert parse(tok, "<|channel|>analysis<|message|>half a thou")["reasoning_content"] == "half a thou"
     assert parse(tok, "<|channel|>final<|message|>partial <|en")["content"] == "partial <|en"

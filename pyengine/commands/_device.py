@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pyengine.commands._args import device, integer
+
 
 def gpu_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", type=device, default=None,
                    help="cpu (default), cuda or cuda:N: where the forward pass runs")
-    p.add_argument("--n-gpu-layers", "-ngl", type=int, default=None,
-                   help="with --device cuda: how many of the last layers run on the GPU (default: all)")
+    p.add_argument("--n-gpu-layers", "-ngl", type=integer(-1), default=None,
+                   help="with --device cuda: how many of the last layers run on the GPU (default -1: all)")
     p.add_argument("--cpu-moe", action="store_true",
                    help="with --device cuda: keep the expert weights in host memory, run the experts on the CPU")
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from pyengine.commands._args import integer, real
 from pyengine.commands._device import gpu_arguments, gpu_options
 from pyengine.core import Finished, Request, Sampled, Text, ToolCall
 from pyengine.engine import Engine
@@ -22,17 +23,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .gguf file, or a model name in the models folder")
     p.add_argument("--models-dir", help="models folder for names (default $LLM_NODE_MODELS_DIR, "
                                         "else ~/.llm-router/models)")
-    p.add_argument("--n-ctx", "-c", type=int, default=4096, help="context length in tokens (default 4096)")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--max-tokens", "-n", type=int, default=None,
-                   help="most tokens per reply (default: until the model ends its turn or the context is full)")
-    p.add_argument("--temperature", type=float, default=OPENAI_DEFAULTS["temperature"],
+    p.add_argument("--n-ctx", "-c", type=integer(0), default=4096,
+                   help="context length in tokens (default 4096; 0: the model's trained context)")
+    p.add_argument("--threads", "-t", type=integer(1), default=None,
+                   help="CPU threads (default: the physical cores this process may use)")
+    p.add_argument("--max-tokens", "-n", type=integer(1), default=None,
+                   help="most tokens per reply, at least 1 (default: until the model ends its turn or "
+                        "the context is full)")
+    p.add_argument("--temperature", type=real(0), default=OPENAI_DEFAULTS["temperature"],
                    help="0 = greedy (default 1.0, OpenAI's recommendation for gpt-oss)")
-    p.add_argument("--top-p", type=float, default=OPENAI_DEFAULTS["top_p"])
-    p.add_argument("--top-k", type=int, default=OPENAI_DEFAULTS["top_k"], help="0 = off")
-    p.add_argument("--min-p", type=float, default=OPENAI_DEFAULTS["min_p"])
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--top-p", type=real(0, 1), default=OPENAI_DEFAULTS["top_p"],
+                   help="nucleus sampling: keep the most likely tokens up to this total probability "
+                        "(0..1, default 1.0 = off)")
+    p.add_argument("--top-k", type=integer(0), default=OPENAI_DEFAULTS["top_k"],
+                   help="keep the K most likely tokens (default 0 = off)")
+    p.add_argument("--min-p", type=real(0, 1), default=OPENAI_DEFAULTS["min_p"],
+                   help="drop tokens less likely than P times the most likely one (0..1, default 0 = off)")
+    p.add_argument("--seed", type=integer(0), default=None, help="sampling seed (reproducible replies)")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
+                   help="how long the model reasons before answering (default medium)")
     p.add_argument("--system", default=None, help="instructions (the developer message)")
     p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="debug log lines")

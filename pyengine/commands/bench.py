@@ -11,19 +11,22 @@ import json
 
 from pyengine import cuda
 from pyengine.bench import BenchResult, Runner, markdown, model_type, n_params, time_test
+from pyengine.commands._args import integer
 from pyengine.commands._device import gpu_arguments, gpu_options
 from pyengine.engine import Engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .gguf file, or a model name in the models folder")
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the pp test (0: none)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="decoded tokens of the tg test (0: none)")
-    p.add_argument("-d", "--n-depth", type=int, default=0, help="tokens already in the cache before each test")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="n_batch (default 512)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test (default 5)")
-    p.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    p.add_argument("-p", "--n-prompt", type=integer(0), default=512, help="prompt tokens of the pp test (0: none)")
+    p.add_argument("-n", "--n-gen", type=integer(0), default=128, help="decoded tokens of the tg test (0: none)")
+    p.add_argument("-d", "--n-depth", type=integer(0), default=0, help="tokens already in the cache before each test")
+    p.add_argument("-t", "--threads", type=integer(1), default=None,
+                   help="threads (default: the physical cores this process may use)")
+    p.add_argument("-b", "--batch-size", type=integer(1), default=512, help="n_batch (default 512)")
+    p.add_argument("-r", "--repetitions", type=integer(1), default=5, help="repetitions of each test (default 5)")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md",
+                   help="md: llama-bench's table (default); json: its JSON fields")
     p.add_argument("--models-dir", help="models folder for names")
     p.add_argument("--exact", action="store_true",
                    help="float32 activations in every product (default: int8 activations for quantized "

@@ -31,14 +31,15 @@ def run(args: argparse.Namespace) -> int:
             return 1
         sys.stdout.write(prompt)
         stream = eng.create_completion(prompt, stream=True, seed=args.seed, **_terminal.sampling(args))
+        code = 0
         try:
             for chunk in stream:
                 sys.stdout.write(chunk["choices"][0]["text"])
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            pass
+            code = 130  # as in chat mode: the text so far stays printed
         sys.stdout.write("\n")
-        return 0
+        return code
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
     ids = eng.apply_chat_template(messages, reasoning_effort=args.reasoning_effort)

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from pyengine.commands._args import integer
 from pyengine.convert import ARCH_NAMES
 from pyengine.log import logger
 from pyengine.synth import SHAPES, write_synth_model
@@ -18,11 +19,12 @@ from pyengine.synth import SHAPES, write_synth_model
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="OUT.gguf", help="output file")
-    p.add_argument("--shape", choices=tuple(SHAPES), default="gpt-oss-20b")
-    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="gpt-oss-20b",
+                   help="the real model whose dimensions and types are used (default gpt-oss-20b)")
+    p.add_argument("--layers", type=integer(1), default=None, help="number of layers (default: the shape's)")
     p.add_argument("--arch-name", choices=ARCH_NAMES, default="gptoss",
                    help="architecture spelling (default gptoss; gpt-oss is what llama.cpp loads)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
 
 

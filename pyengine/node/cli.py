@@ -1,20 +1,26 @@
 """`llm-router-node`: load one model and serve it over the OpenAI API (also `pyengine serve`).
 
 Flags win over the LLM_NODE_* environment. The model loads while the server already answers
-(/health says 503 until it is ready); a model that cannot load ends the process with one
-`[ERROR] ...` line and exit code 1. Ctrl-C / SIGTERM end running streams with an error chunk and
-stop the server."""
+(/health says 503 until it is ready); the port is bound first, so a busy one is one `[ERROR] port N
+is in use` line and exit code 1 with nothing loaded, as is a model that cannot load. Ctrl-C / SIGTERM
+end running streams with an error chunk and stop the server; Ctrl-C works (exit code 130) even when
+the process was started with SIGINT ignored, as a background job is."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
+import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
+from pyengine.commands._args import Parser, integer, real
 from pyengine.commands._device import gpu_arguments
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
@@ -30,14 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True,
                    help="a GGUF path, or a model name in the models folder (e.g. gpt-oss-20b)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, env LLM_NODE_BIND_ADDRESS)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8081, env LLM_NODE_PORT)")
+    p.add_argument("--port", type=integer(1, 65535), default=None, help="port (default 8081, env LLM_NODE_PORT)")
     p.add_argument("--models-dir", default=None,
                    help="models folder (default ~/.llm-router/models, env LLM_NODE_MODELS_DIR)")
-    p.add_argument("--ctx-size", "-c", type=int, default=None,
+    p.add_argument("--ctx-size", "-c", type=integer(16), default=None,
                    help="total context, split evenly across the --parallel slots as in llama-server "
                         "(-c 8192 -np 4: 2048 tokens per slot; default: what memory allows, up to the "
                         "model's training context per slot)")
-    p.add_argument("--parallel", "-np", type=int, default=None, help="sequences served at once (default 1)")
+    p.add_argument("--parallel", "-np", type=integer(1), default=None, help="sequences served at once (default 1)")
     p.add_argument("--alias", "-a", action="append", default=None, metavar="NAME",
                    help="a model id to serve under (repeatable; the first is the id /v1/models shows first)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN", dest="cors_origin",
@@ -47,14 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="render chats with this jinja template (sandboxed) instead of the built-in Harmony renderer")
     p.add_argument("--jinja", action="store_true",
                    help="accepted for llama-server compatibility (templates always run through jinja here)")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait (default 64)")
+    p.add_argument("--threads", "-t", type=integer(1), default=None,
+                   help="CPU threads (default: the physical cores this process may use)")
+    p.add_argument("--max-queue", type=integer(0), default=None, help="requests allowed to wait (default 64)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page "
                                                    "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE (first line)")
     p.add_argument("--pull-source", action="append", default=None, metavar="DIR",
                    help="a folder /pull may copy model files from (repeatable; default: none, path pulls refused)")
-    p.add_argument("--max-body-mb", type=float, default=None,
+    p.add_argument("--max-body-mb", type=real(0.001), default=None,
                    help="largest request body in MiB; bigger ones get 413 (default 8)")
     p.add_argument("--router-url", default=None,
                    help="host router to register with and send heartbeats to (env LLM_ROUTER_URL)")
@@ -89,9 +96,35 @@ class NodeServer(uvicorn.Server):
         self.should_exit = True
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads (ModelLoadError when it cannot be)."""
+    if not 0 <= port <= 65535:
+        raise ModelLoadError(f"port {port} is not a port number (0-65535)")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except OSError as e:
+        raise ModelLoadError(f"cannot listen on {host}: {e.strerror or e}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ModelLoadError(f"port {port} is in use") from None
+        raise ModelLoadError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(config: NodeConfig, load_backend: Callable[[], Backend]) -> int:
     """Serve until Ctrl-C (exit code 130) / SIGTERM (ends by that signal, as uvicorn does) or a
     failed model load (exit code 1)."""
+    sock = bind(config.host, config.port)
+    if threading.current_thread() is threading.main_thread():
+        # A background job inherits SIGINT ignored; uvicorn re-raises the signal it caught only
+        # through the handler it found, so without one Ctrl-C would end the server with exit code 0.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     app = create_app(config, load_backend, run_router_client)
     state = app.state.node
     server = NodeServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
@@ -99,7 +132,7 @@ def serve(config: NodeConfig, load_backend: Callable[[], Backend]) -> int:
     state.on_load_error = server.fail
     log.info("Listening on http://%s:%d", config.host, config.port)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has stopped cleanly
         return 130
     return server.exit_code
@@ -142,15 +175,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llm-router-node", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    configure(args.verbose)
     try:
+        parser = Parser(prog="llm-router-node", description=__doc__.splitlines()[0])
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+        configure(args.verbose)
         return run(args)
     except ModelLoadError as e:
         print(f"[ERROR] {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""What the README promises a new user of the command line, checked as that user would see it
+(subprocesses on the demo model): the first two commands run twice in a row, a reply streams as it
+is generated, Ctrl-C or SIGTERM keep what was printed, Ctrl-C at any moment exits 130 without a
+traceback (also when started with SIGINT ignored, as a background job is), every bad argument
+value is one `[ERROR]` line with exit code 2, and a path that exists is used as given."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyengine.demo_model import write_demo_model
+
+PROMPT = "Why is the sky blue?"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "demo.gguf")
+
+
+def cli(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyengine.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args, cwd, sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """The CLI as a terminal would start it (SIGINT default), or with SIGINT as given."""
+    return subprocess.Popen([sys.executable, "-m", "pyengine.cli", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
+class Reader(threading.Thread):
+    """Collects a pipe's bytes as they arrive."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.data = pipe.fileno(), bytearray()
+        self.start()
+
+    def run(self) -> None:
+        while chunk := os.read(self.fd, 4096):
+            self.data += chunk
+
+    def wait_for(self, n: int, proc: subprocess.Popen, timeout: float = 180) -> bytes:
+        deadline = time.monotonic() + timeout
+        while len(self.data) < n:
+            assert proc.poll() is None, f"exited {proc.returncode} after {bytes(self.data)!r}"
+            assert time.monotonic() < deadline, f"only {bytes(self.data)!r} after {timeout} s"
+            time.sleep(0.02)
+        return bytes(self.data)
+
+
+def test_the_first_two_readme_commands_run_twice_in_a_row(tmp_path):
+    for _ in range(2):
+        made = cli("demo-model", "demo.gguf", cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        reply = cli("run", "demo.gguf", PROMPT, "-n", 16, cwd=tmp_path)
+        assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.gguf"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_reply_streams_and_an_interrupted_one_keeps_what_was_printed(demo, tmp_path, sig, code):
+    seed = random.randrange(10**6)
+    proc = start("run", demo, PROMPT, "-n", 3000, "--seed", seed, "-t", 1, cwd=tmp_path)
+    out = Reader(proc.stdout)
+    try:
+        # Generating 3000 tokens takes minutes: text that arrives now was streamed, not held.
+        seen = out.wait_for(40, proc)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code, f"seed {seed}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.join(10)
+    err = proc.stderr.read().decode()
+    assert bytes(out.data).startswith(seen) and bytes(out.data).endswith(b"\n"), f"seed {seed}"
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(demo, tmp_path):
+    """A background job (`cmd &` in a script) inherits SIGINT ignored; Ctrl-C still stops a reply."""
+    proc = start("run", demo, PROMPT, "-n", 3000, "-t", 1, cwd=tmp_path, sigint=signal.SIG_IGN)
+    out = Reader(proc.stdout)
+    try:
+        out.wait_for(1, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def catches_sigint(pid: int) -> bool:
+    """Whether the process has a SIGINT handler installed (Linux: SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def test_ctrl_c_at_a_random_moment_exits_130_quietly(demo, tmp_path):
+    """Started with SIGINT ignored, the command line installs its handler as its first step, so
+    the moment it does is where its own code begins; the signal comes at random after that, in
+    imports, model loading, tokenizer building, prefill, generation or writing a file."""
+    rng = random.Random()
+    commands = [("run", demo, PROMPT, "-n", 40, "-t", 1), ("bench", demo, "-p", 32, "-n", 8, "-r", 2, "-t", 1),
+                ("demo-model", tmp_path / "new.gguf", "--force"), ("info", demo)]
+    for _ in range(2):
+        for args in commands:
+            delay = rng.uniform(0, 2.5)
+            proc = start(*args, cwd=tmp_path, sigint=signal.SIG_IGN)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and not catches_sigint(proc.pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=120)
+            err = stderr.decode()
+            what = f"{args[0]} interrupted after {delay:.2f} s: exit {proc.returncode}\n{err}"
+            assert proc.returncode in (0, 130), what  # 0: it had finished before the signal
+            assert "Traceback" not in err and "Exception ignored" not in err, what
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # demo-model left no partial file
+
+
+def bad_values(rng: random.Random) -> list[tuple[str, ...]]:
+    """(command and flag, bad value) pairs, the values drawn at random."""
+    neg = str(-rng.randrange(1, 10**6))
+    return [
+        ("run", "--top-p", f"{rng.uniform(1.001, 50):.3f}"), ("run", "--min-p", f"-{rng.uniform(0.01, 5):.2f}"),
+        ("run", "--temperature", rng.choice(["-0.5", "nan", "inf", "hot"])), ("run", "-t", rng.choice(["0", neg])),
+        ("run", "-c", neg), ("run", "-n", rng.choice(["0", neg])), ("run", "--seed", neg),
+        ("run", "--top-k", rng.choice([neg, "1.5"])),
+        ("run", "--device", rng.choice(["tpu", "cuda:x", "gpu", "cpu:1"])), ("chat", "-n", "0"),
+        ("bench", "-r", "0"), ("bench", "-b", rng.choice(["0", neg])), ("bench", "-p", neg),
+        ("serve", "--port", str(rng.randrange(65536, 10**6))), ("serve", "-np", rng.choice(["0", neg])),
+        ("serve", "-c", str(rng.randrange(-100, 16))), ("serve", "-t", "0"),
+        ("demo-model", "--layers", "0"), ("synth", "--seed", neg),
+    ]
+
+
+def test_every_bad_value_is_one_error_line_and_exit_2(demo, tmp_path):
+    rng = random.Random()
+    for command, flag, value in rng.sample(bad_values(rng), 8):
+        model = [] if command in ("demo-model", "synth") else (["-m", demo] if command == "serve" else [demo])
+        target = [tmp_path / "out.gguf"] if command in ("demo-model", "synth") else []
+        r = cli(command, *model, *target, f"{flag}={value}", cwd=tmp_path)
+        lines = r.stderr.splitlines()
+        what = f"{command} {flag}={value}: exit {r.returncode}\n{r.stderr}"
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("[ERROR] "), what
+        assert flag in lines[0] and "Loading model" not in r.stderr, what
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_exists_is_used_whatever_its_name(demo, tmp_path):
+    blob = tmp_path / f"sha256-{random.getrandbits(64):016x}"  # an Ollama blob's name
+    blob.symlink_to(demo)
+    r = cli("info", blob.name, "--models-dir", tmp_path / "no-models-here", cwd=tmp_path)
+    assert r.returncode == 0 and "general.name: gpt-oss-demo" in r.stdout, r.stderr
+    folder = tmp_path / "gpt-oss-20b"
+    folder.mkdir()
+    for arg in (folder.name, f"./{folder.name}", str(folder)):
+        r = cli("info", arg, "--models-dir", tmp_path / "no-models-here", cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr.startswith(f"[ERROR] {arg} is a folder, not a GGUF file"), r.stderr
+    (folder / "config.json").write_text("{}")
+    r = cli("run", f"./{folder.name}", "hi", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if not line.startswith("[INFO] ")]
+    assert r.returncode == 1 and len(errors) == 1 and "pyengine convert" in errors[0], r.stderr

@@ -28,7 +28,9 @@
 # never imports the node's web stack for these commands.
 #
 # Environment: GPU_CHECK_BUDGET seconds for the whole check (default 540: one device command may
-# run 600), PYTHON (default python3). PYENGINE_GPU_CHECK_DRY=1 runs every step on this machine
+# run 600), GPU_CHECK_STEPS a space-separated subset of the steps to run (the rest are recorded as
+# skipped; a rerun with the device time left, e.g. "probe build tests memcheck racecheck"),
+# PYTHON (default python3). PYENGINE_GPU_CHECK_DRY=1 runs every step on this machine
 # against the CUDA emulator with small shapes (no build: the installed package is used; ncu and
 # compute-sanitizer are left out where absent; packages the device lacks are made unimportable),
 # so the script's logic is tested without a GPU (tests/test_gpu_check.py).
@@ -78,6 +80,9 @@ record() {
 # failed without one.
 step() {
   local name=$1 cap=$2 min=$3 needs=$4 pattern=$5 n=${6:-1} dep left t rc t0 detail
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+    record "$name" SKIP 0 "not in GPU_CHECK_STEPS"; return
+  fi
   for dep in $needs; do
     if [ "${DONE[$dep]:-}" != ok ]; then record "$name" SKIP 0 "needs $dep"; return; fi
   done

@@ -14,7 +14,8 @@
 #   ncu       Nsight Compute over one decode step, per-kernel duration, DRAM bytes, instructions,
 #             issue-active (bench/ncu_decode.py)
 #   profile   per-operation times with CUDA events (bench/bench_cuda.py)
-#   reply     the same greedy reply as text from the CPU and the GPU (`pyengine run`)
+#   reply     the same greedy reply as text from the CPU and the GPU (`pyengine run --exact`: the
+#             CPU with float32 activations, the GPU's arithmetic)
 #   tests     the GPU tests (pytest -m cuda: the real backend only, never the emulator)
 #   memcheck, racecheck   compute-sanitizer over one engine test and the attention/matvec tests
 # OUT gets summary.txt (one line per step: status, seconds, the figure that matters) and
@@ -209,7 +210,7 @@ body_profile() { "$PY" "$REPO/bench/bench_cuda.py" "$MODEL" $PROFILE_ARGS --json
 body_reply() {
   local dev
   for dev in cpu cuda; do
-    "$PY" -m pyengine.cli run "$MODEL" "Why is the sky blue?" -n "$REPLY_N" --temperature 0 --device $dev \
+    "$PY" -m pyengine.cli run "$MODEL" "Why is the sky blue?" -n "$REPLY_N" -c 256 --temperature 0 --exact --device $dev \
       > "$LOGS/reply-$dev.txt" 2> "$LOGS/reply-$dev.err" || { echo "$dev run failed: $(tail -1 "$LOGS/reply-$dev.err")"; exit 1; }
   done
   # two failed or empty runs must never compare equal

@@ -23,6 +23,7 @@
 
 #ifndef PE_CUDA_EMU
 /* ---------------------------------------------------------------- real CUDA ------------------ */
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #define PE_GLOBAL __global__
@@ -617,6 +618,9 @@ inline float __float_to_tf32(float in) {
 
 /* IEEE half -> float, exact (subnormals included), on host and device. */
 PE_HOSTDEV inline float pe_cu_fp16_to_fp32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+    return __half2float(__ushort_as_half(h)); /* one cvt.f32.f16 instead of ~10 integer instructions */
+#else
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
     if (exp == 0) {
         const float f = (float)mant * 5.9604644775390625e-8f; /* mant * 2^-24, exact */
@@ -624,6 +628,7 @@ PE_HOSTDEV inline float pe_cu_fp16_to_fp32(uint16_t h) {
     }
     if (exp == 31) return pe_cu_bits_to_float(sign | 0x7f800000u | (mant << 13));
     return pe_cu_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
 }
 
 /* bfloat16 -> float, exact. */

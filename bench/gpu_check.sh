@@ -63,7 +63,7 @@ finish() {
     "$(($(date +%s) - START))" "$BUDGET" >> "$SUMMARY"
   cp "$SUMMARY" "$LOGS/summary.txt"
   tar czf "$OUT/gpu-check.tar.gz" -C "$WORK" logs
-  rm -rf "$WORK"
+  rm -rf "$WORK" "${MODEL:-}"
 }
 trap finish EXIT
 

@@ -141,7 +141,9 @@ class _FastTensors:
         blocks = blocks.reshape(n_rows, n_blocks, size)
         if t.qtype == QT.Q8_0:
             std = 1.0 if t.name.startswith("token_embd.") else t.shape[-1] ** -0.5
-            d = rng.uniform(0.5, 1.5, (n_rows, n_blocks)).astype(np.float32) * np.float32(std / 73.9)
+            # scales uniform in [0.5, 1.5] x d0 have mean square 13/12 x d0^2
+            d0 = std / (73.9 * (13 / 12) ** 0.5)
+            d = rng.uniform(0.5, 1.5, (n_rows, n_blocks)).astype(np.float32) * np.float32(d0)
             blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
         else:
             blocks[:, :, 0] = 119 + blocks[:, :, 0] % 3  # E8M0 2^-8 .. 2^-6, as SynthWeights

@@ -120,3 +120,19 @@ def test_ncu_summary_sums_each_kernel(tmp_path):
             assert g[col] == pytest.approx(np.mean(vals) if col == "issue_active_pct" else sum(vals))
     assert [k["ns"] for k in ncu_decode.summarize(str(path))] == sorted((g["ns"] for g in got.values()), reverse=True)
     assert "kernel launches" in ncu_decode.table(list(got.values()))
+
+
+def test_cli_needs_no_web_stack(tmp_path):
+    """The device image has no fastapi/uvicorn: every command but serve works without them (the dry
+    run above shows it), and serve says what is missing in one [ERROR] line."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass _A:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('uvicorn', 'fastapi'):\n"
+        "            raise ModuleNotFoundError(name)\nsys.meta_path.insert(0, _A())\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "pyengine.cli", "serve", "-m", "x.gguf", "--port", "1"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("[ERROR]") == 1 and "web packages" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pyengine.cli", "synth", "--help"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "--fast" in r.stdout

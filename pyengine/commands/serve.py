@@ -12,7 +12,8 @@ except ImportError as e:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     if cli is not None:
         cli.add_arguments(p)
-    else:
+    else:  # take every argument as text (no option parsing), so run() can say what is missing
+        p.prefix_chars = "\0"
         p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 

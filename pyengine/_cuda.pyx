@@ -29,6 +29,7 @@ cdef extern from "runtime_cuda.h":
     int pe_cu_copy_2d_to_device(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width,
                                 size_t height)
     int pe_cu_synchronize()
+    int pe_cu_profiler(int on)
     int pe_cu_time_copy(void *dst, const void *src, size_t n, int reps, double *seconds)
 
 
@@ -76,6 +77,12 @@ def set_device(int device) -> None:
 def synchronize() -> None:
     """Waits for the device and raises the first error of asynchronous work."""
     _check(pe_cu_synchronize())
+
+
+def profiler(bint on) -> None:
+    """Starts or stops the profiler's collection (cudaProfilerStart/Stop; `ncu --profile-from-start
+    off` records only what runs in between). Does nothing in the emulator."""
+    _check(pe_cu_profiler(on))
 
 
 def copy_bandwidth(size_t nbytes=1 << 30, int reps=10) -> float:

@@ -5,6 +5,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 from pyengine._model import KVCache, sequence_tokens
+from pyengine.log import logger
 
 cdef extern from "quants.h":
     size_t pe_row_size(int type, int64_t n)
@@ -64,6 +65,7 @@ cdef extern from "gptoss_cuda.h":
     void pe_cu_ctx_free(pe_cu_ctx *c)
     int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c)
     int pe_cu_ctx_graphs(const pe_cu_ctx *c)
+    int pe_cu_ctx_graph_failures(const pe_cu_ctx *c, int *last_error)
     void pe_cu_ctx_profile(pe_cu_ctx *c, int enable)
     int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls)
     int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
@@ -89,6 +91,7 @@ cdef class CudaModel:
     cdef readonly bint cpu_moe, graphs
     cdef readonly int device          # the CUDA device the weights live on
     cdef int64_t max_tok
+    cdef int graph_failures_logged
     cdef public int64_t n_vocab
 
     def __cinit__(self):
@@ -247,6 +250,7 @@ cdef class CudaModel:
         if self.ctx == NULL:
             _check(err if err else 2)
         self.max_tok = max_tok
+        self.graph_failures_logged = 0
 
     def __dealloc__(self):
         if self.ctx != NULL:
@@ -259,9 +263,10 @@ cdef class CudaModel:
 
     @property
     def graphs_active(self) -> bool:
-        """Whether single-token decode steps replay a CUDA graph (False when turned off, in the
-        emulator, or after the driver refused a capture and the model fell back to direct launches)."""
-        return BACKEND == "cuda" and bool(pe_cu_ctx_graphs(self.ctx))
+        """Whether single-token decode steps replay a CUDA graph (the emulator records and replays
+        them too); False when turned off, or after 3 refused captures made the model fall back to
+        direct launches for good."""
+        return bool(pe_cu_ctx_graphs(self.ctx))
 
     @property
     def scratch_bytes(self) -> int:
@@ -345,7 +350,19 @@ cdef class CudaModel:
         if rc == -1:
             raise MemoryError("out of host memory for the forward pass")
         _check(rc)
+        self._log_graph_failures()
         return out
+
+    cdef _log_graph_failures(self):
+        """One log line per refused CUDA graph capture (the step ran direct launches)."""
+        cdef int err = 0
+        cdef int n = pe_cu_ctx_graph_failures(self.ctx, &err)
+        if n > self.graph_failures_logged:
+            self.graph_failures_logged = n
+            logger.warning("CUDA graph capture refused (%s): this decode step ran direct launches; %s",
+                           pe_cu_error_string(err).decode(),
+                           "graphs are now off for this model" if not pe_cu_ctx_graphs(self.ctx)
+                           else f"the next step tries again ({n} of 3 refusals)")
 
 
 cdef class CudaKVCache:

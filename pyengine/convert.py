@@ -346,13 +346,18 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: 
 
 def write_gguf(source: TensorSource, c: GptOssConfig, tok: GGUFTokenizer, out_path: str | os.PathLike,
                *, outtype: str, arch_name: str = "gptoss", layout: str = "llama.cpp", name: str,
-               force: bool = False, progress: ProgressFn | None = None) -> Path:
+               force: bool = False, progress: ProgressFn | None = None,
+               replan: Callable[[PlannedTensor], PlannedTensor] | None = None) -> Path:
     """Write a gpt-oss GGUF from HF-named tensors in `source` (config `c`, tokenizer `tok`) to
-    `out_path` atomically; the options mean what they mean for `convert`. Returns the path."""
+    `out_path` atomically; the options mean what they mean for `convert`. Returns the path.
+    replan, if given, may swap each planned tensor for another of the same name, type and shape
+    (pyengine.synth's fast mode hands in finished bytes instead of floats to quantize)."""
     out = Path(out_path)
     _check_options(outtype, arch_name, layout, out, force)
     planner = _Planner(source, c, outtype, layout)
     tensors = planner.plan()
+    if replan is not None:
+        tensors = [replan(t) for t in tensors]
 
     fd, tmp_name = tempfile.mkstemp(prefix=f"{out.name}.tmp-", dir=out.parent or ".")
     os.close(fd)

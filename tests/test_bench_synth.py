@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from gguf.quants import dequantize
+
 from gguf_factory import GPT_OSS_20B
 from pyengine import Engine
 from pyengine.gguf_reader import type_name
@@ -71,3 +73,50 @@ def test_bench_reports_llama_bench_fields(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0] == "| model | size | params | backend | threads | test | t/s |"
     assert lines[2].split("|")[6].strip() == "pp8" and lines[3].split("|")[6].strip() == "tg2"
+
+
+def test_synth_fast_has_the_same_tensors_in_seconds(synth, tmp_path):
+    """--fast: the same tensor names, types and shapes and vocabulary size as the full writer, layer
+    0's bytes in every layer, Q8_0 values with the full writer's spread."""
+    r = pyengine("synth", "--fast", "--layers", "1", "--arch-name", "gpt-oss", "f.gguf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    fast, full = open_model(tmp_path / "f.gguf"), open_model(synth)
+    assert (fast.metadata.count("tokenizer.ggml.tokens") == full.metadata.count("tokenizer.ggml.tokens")
+            == GPT_OSS_20B["n_vocab"])
+    assert fast.raw_tensors.keys() == full.raw_tensors.keys()
+    for name, t in full.raw_tensors.items():
+        f = fast.raw_tensors[name]
+        assert (f.shape, f.ggml_type) == (t.shape, t.ggml_type), name
+
+    r = pyengine("synth", "--fast", "--shape", "tiny", "t.gguf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    tiny = open_model(tmp_path / "t.gguf")
+    assert tiny.hparams.n_layer == 2 and tiny.hparams.n_embd == 64
+    for name, t in tiny.tensors.items():
+        if name.startswith("blk.1.") and type_name(t.ggml_type) in ("Q8_0", "MXFP4"):
+            assert np.array_equal(t.data, tiny.tensors[name.replace("blk.1.", "blk.0.")].data), name
+    for name, want in (("blk.0.attn_q.weight", 64 ** -0.5), ("token_embd.weight", 1.0)):
+        q = tiny.tensors[name]
+        assert abs(np.std(dequantize(np.asarray(q.data), q.ggml_type)) - want) < 0.1 * want, name
+    eng = Engine(tiny, n_ctx=32, n_threads=1)
+    assert eng.tokenizer.decode(eng.tokenizer.encode("Why is the sky blue?")) == "Why is the sky blue?"
+    assert np.isfinite(eng.logits([1, 2, 3])).all()
+
+
+def test_synthetic_vocabulary_tokenizes_like_byte_level_bpe():
+    from pyengine.synth import synthetic_tokenizer
+    from pyengine.tokenizer import Tokenizer
+
+    n_normal = 256 + 256 * 256 + 300
+    tok = synthetic_tokenizer(n_normal, 21)
+    t = Tokenizer.from_metadata({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": tok.pre,
+                                 "tokenizer.ggml.tokens": tok.tokens, "tokenizer.ggml.token_type": tok.token_types,
+                                 "tokenizer.ggml.eos_token_id": tok.eos_id})
+    assert t.n_vocab == n_normal + 21 and len(tok.merges) == n_normal - 256
+    assert t.encode("ab") == [256 + 97 * 256 + 98]            # the pair token, through its merge
+    assert t.token_id("<|start|>") == n_normal + 200006 - 199998 and t.eos_id == n_normal + 200002 - 199998
+    rng = np.random.default_rng(3)
+    text = "".join(chr(int(c)) for c in rng.integers(32, 0x3000, 300))
+    assert t.decode(t.encode(text)) == text
+    with pytest.raises(ValueError, match="n_special"):
+        synthetic_tokenizer(256, 5)

@@ -100,17 +100,86 @@ def test_greedy_continuation_identical_for_32_tokens(gpu, files):
 
 def test_graph_replay_equals_direct_launches(gpu, files):
     """Decode steps replayed from a captured CUDA graph give the same bits as launching the same
-    kernels directly (on the emulator both run directly: there this only checks the option)."""
+    kernels directly (the emulator records a capture and replays it, as a GPU does)."""
     path = files[("q8_0", "mxfp4")]
     direct = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda", cuda_graphs=False)
     graph = pyengine.Engine(str(path), n_ctx=256, n_threads=2, exact=True, device="cuda")
     assert not direct._model.graphs_active
-    assert graph._model.graphs_active == (gpu.BACKEND == "cuda")
+    assert graph._model.graphs_active
     toks = prompt(10, seed=11)
     assert np.array_equal(direct.eval(toks), graph.eval(toks))
     for t in prompt(5, seed=12):
         assert np.array_equal(direct.eval([t]), graph.eval([t]))
     assert np.array_equal(direct.expert_counts, graph.expert_counts)
+
+
+@pytest.fixture(scope="module")
+def swa_file(tmp_path_factory):
+    """Two layers, the first with a 16-token sliding window: its ring size depends on n_batch."""
+    path = tmp_path_factory.mktemp("swa") / "swa.gguf"
+    write_gptoss_gguf(path, arch="gpt-oss", n_layer=2, seed=6, drop_keys=("attention.sliding_window",),
+                      extra_keys={"gpt-oss.attention.sliding_window": (16, GGUFValueType.UINT32)})
+    return path
+
+
+def test_graph_follows_the_cache(gpu, swa_file):
+    """The decode graph bakes in every layer's K/V buffers and ring sizes: caches of the same n_ctx
+    but another n_batch (another sliding ring), a cache made after another was freed (which can
+    reuse its addresses), and alternating caches must each get a graph of their own. The emulator
+    replays a capture as a GPU does, so a stale graph shows up here as wrong logits."""
+    cpu_model = pyengine.Engine(str(swa_file), n_ctx=64, n_threads=2, exact=True)._model
+    hp = pyengine.Engine(str(swa_file), n_ctx=64, exact=True).hparams
+    graph = gpu.CudaModel(cpu_model, hp, graphs=True)
+    direct = gpu.CudaModel(cpu_model, hp, graphs=False)
+    rng = np.random.default_rng(21)
+
+    def pair(n_batch):
+        return gpu.CudaKVCache(graph, 64, n_batch), gpu.CudaKVCache(direct, 64, n_batch)
+
+    def step(caches, toks, n_past):
+        got = graph.forward(caches[0], toks, n_past, False, 2)
+        assert np.array_equal(got, direct.forward(caches[1], toks, n_past, False, 2))
+
+    a = pair(8)
+    step(a, rng.integers(0, 297, 8), 0)
+    step(a, rng.integers(0, 297, 8), 8)  # 16 positions: the next steps wrap the 24-slot ring
+    for i in range(10):
+        step(a, [int(rng.integers(0, 297))], 16 + i)
+    del a  # freed: the next cache may land on its addresses, with other ring sizes
+    b, c = pair(24), pair(8)
+    step(b, rng.integers(0, 297, 20), 0)
+    step(c, rng.integers(0, 297, 8), 0)
+    for i in range(4):  # alternating caches, each step replays the right one
+        step(b, [int(rng.integers(0, 297))], 20 + i)
+        step(c, [int(rng.integers(0, 297))], 8 + i)
+    assert graph.graphs_active
+
+
+def test_profile_times_every_operation_once_per_call(gpu, files):
+    """Profile mode: one (start, end) event pair per operation, read after the call; each decode
+    step adds one call of every per-layer operation per layer, and the times fit in the wall time."""
+    import time
+
+    eng = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True, device="cuda")
+    eng.eval(prompt(4, seed=22))
+    eng._model.profile(True)
+    t0 = time.perf_counter()
+    eng.eval([5])
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    first = eng._model.profile_results()
+    eng.eval([6])
+    second = eng._model.profile_results()
+    eng._model.profile(False)
+    assert all(calls == 0 and ms == 0 for ms, calls in eng._model.profile_results().values())
+    per_layer = ("qkv", "rope", "kv_store", "attention", "attn_out", "router", "topk", "experts_gate_up",
+                 "swiglu", "experts_down", "moe_combine")
+    for op in per_layer:
+        assert first[op][1] == N_LAYER, op
+    assert first["output_head"][1] == 1 and first["rmsnorm"][1] == 3  # first layer's norm, gather + final norm
+    assert first["add_rmsnorm"][1] == 2 * N_LAYER - 1 and first["add"][1] == 1
+    assert all(ms >= 0 for ms, _ in first.values()) and sum(ms for ms, _ in first.values()) <= wall_ms
+    for op, (ms, calls) in second.items():
+        assert calls == 2 * first[op][1] and ms >= first[op][0], op
 
 
 def test_stacked_qkv_and_gate_up_equal_separate_products(gpu, files):

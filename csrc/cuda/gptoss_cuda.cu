@@ -55,35 +55,72 @@ struct pe_cu_ctx {
     float *h_x, *h_a, *h_t;
     int64_t *h_pos;
     int32_t *h_sel, *h_idx, *h_out_idx;
-    /* decode graph */
+    /* decode graph: replayed while every GPU layer's cache buffers (graph_kv) and the attention
+     * scratch are the ones it was captured with */
     int use_graphs;
 #if PE_CU_HAVE_GRAPHS
     cudaGraphExec_t graph;
 #endif
-    const void *graph_key;
-    int64_t graph_slots;
-    /* profile: per-operation device time, measured with events around each call (graphs off) */
+    pe_cu_kv_layer *graph_kv; /* [n_layer] */
+    int graph_valid;
+    int graph_failures, graph_error; /* refused captures so far, the last one's error */
+    /* profile: per-operation device time from a pair of events around each operation, recorded
+     * without waiting (so the host stays ahead and a start event fires when the previous
+     * operation ends, not when the host gets round to the launch), read after the call (graphs off) */
     int profile;
-    cudaEvent_t ev0, ev1;
+    cudaEvent_t *ev; /* [2 * ev_cap]: start, end of each operation of this call */
+    int *ev_op;      /* [ev_cap] */
+    int ev_n, ev_cap;
     double op_ms[OP_COUNT];
     int64_t op_calls[OP_COUNT];
 };
 
-/* Runs expr; in profile mode times it (synchronously) under operation id. */
-#define GPT_CU_OP(c, id, expr)                                        \
-    do {                                                              \
-        if ((c)->profile) cudaEventRecord((c)->ev0, (c)->stream);     \
-        PE_CU_TRY(expr);                                              \
-        if ((c)->profile) PE_CU_TRY(gpt_cu_op_done(c, id));           \
+/* Decode steps after this many refused captures run direct launches for the model's life. */
+static const int GPT_CU_GRAPH_TRIES = 3;
+
+/* Runs expr; in profile mode between two events under operation id. */
+#define GPT_CU_OP(c, id, expr)                                    \
+    do {                                                          \
+        int pe_cu_ev_ = -1;                                       \
+        if ((c)->profile) PE_CU_TRY(gpt_cu_op_begin(c, id, &pe_cu_ev_)); \
+        PE_CU_TRY(expr);                                          \
+        if (pe_cu_ev_ >= 0) PE_CU_TRY(cudaEventRecord((c)->ev[2 * pe_cu_ev_ + 1], (c)->stream)); \
     } while (0)
 
-static int gpt_cu_op_done(pe_cu_ctx *c, int id) {
-    float ms = 0.0f;
-    PE_CU_TRY(cudaEventRecord(c->ev1, c->stream));
-    PE_CU_TRY(cudaEventSynchronize(c->ev1));
-    PE_CU_TRY(cudaEventElapsedTime(&ms, c->ev0, c->ev1));
-    c->op_ms[id] += ms;
-    c->op_calls[id]++;
+static int gpt_cu_op_begin(pe_cu_ctx *c, int id, int *slot) {
+    if (c->ev_n == c->ev_cap) {
+        const int cap = c->ev_cap ? 2 * c->ev_cap : 256;
+        cudaEvent_t *ev = (cudaEvent_t *)realloc(c->ev, 2 * (size_t)cap * sizeof(cudaEvent_t));
+        if (!ev) return -1;
+        c->ev = ev;
+        int *op = (int *)realloc(c->ev_op, (size_t)cap * sizeof(int));
+        if (!op) return -1;
+        c->ev_op = op;
+        for (int i = 2 * c->ev_cap; i < 2 * cap; i++) {
+            const int e = (int)cudaEventCreate(&c->ev[i]);
+            if (e) {
+                c->ev_cap = i / 2;
+                return e;
+            }
+        }
+        c->ev_cap = cap;
+    }
+    *slot = c->ev_n++;
+    c->ev_op[*slot] = id;
+    return (int)cudaEventRecord(c->ev[2 * *slot], c->stream);
+}
+
+/* After the call's last operation: adds each recorded operation's time to its total. */
+static int gpt_cu_profile_collect(pe_cu_ctx *c) {
+    if (!c->ev_n) return 0;
+    PE_CU_TRY(cudaEventSynchronize(c->ev[2 * c->ev_n - 1]));
+    for (int i = 0; i < c->ev_n; i++) {
+        float ms = 0.0f;
+        PE_CU_TRY(cudaEventElapsedTime(&ms, c->ev[2 * i], c->ev[2 * i + 1]));
+        c->op_ms[c->ev_op[i]] += ms;
+        c->op_calls[c->ev_op[i]]++;
+    }
+    c->ev_n = 0;
     return 0;
 }
 
@@ -107,9 +144,11 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     c->max_tok = max_tok;
     c->max_pairs = P;
     c->use_graphs = use_graphs;
-    int e = (int)cudaStreamCreate(&c->stream);
-    if (!e) e = (int)cudaEventCreate(&c->ev0);
-    if (!e) e = (int)cudaEventCreate(&c->ev1);
+    /* non-blocking: work other code puts on the legacy default stream neither waits for this one
+     * nor invalidates a capture running on it */
+    int e = (int)cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    c->graph_kv = (pe_cu_kv_layer *)calloc((size_t)m->n_layer, sizeof(pe_cu_kv_layer));
+    if (!e && !c->graph_kv) e = cudaErrorMemoryAllocation;
     const size_t f = sizeof(float);
     if (!e) e = gpt_cu_alloc(c, &c->x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc(c, &c->a, max_tok * D * f);
@@ -158,8 +197,10 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
     void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
     for (void *p : dev) cudaFree(p);
     for (void *p : host) cudaFreeHost(p);
-    if (c->ev0) cudaEventDestroy(c->ev0);
-    if (c->ev1) cudaEventDestroy(c->ev1);
+    for (int i = 0; i < 2 * c->ev_cap; i++) cudaEventDestroy(c->ev[i]);
+    free(c->ev);
+    free(c->ev_op);
+    free(c->graph_kv);
     if (c->stream) cudaStreamDestroy(c->stream);
     cudaGetLastError(); /* frees after an earlier failure must not leave a sticky error behind */
     free(c);
@@ -169,8 +210,14 @@ extern "C" int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c) { return c->bytes; }
 
 extern "C" int pe_cu_ctx_graphs(const pe_cu_ctx *c) { return c->use_graphs; }
 
+extern "C" int pe_cu_ctx_graph_failures(const pe_cu_ctx *c, int *last_error) {
+    *last_error = c->graph_error;
+    return c->graph_failures;
+}
+
 extern "C" void pe_cu_ctx_profile(pe_cu_ctx *c, int enable) {
     c->profile = enable;
+    c->ev_n = 0;
     memset(c->op_ms, 0, sizeof c->op_ms);
     memset(c->op_calls, 0, sizeof c->op_calls);
 }
@@ -212,7 +259,7 @@ static int gpt_cu_ensure_attn(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_se
     }
     PE_CU_TRY(gpt_cu_alloc(c, &c->attn, need * sizeof(float)));
     c->attn_floats = need;
-    c->graph_key = NULL; /* a captured graph points at the old scratch */
+    c->graph_valid = 0; /* a captured graph points at the old scratch */
     return 0;
 }
 
@@ -373,12 +420,23 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
 }
 
 #if PE_CU_HAVE_GRAPHS
+/* Whether the captured graph was made for this sequence's cache: the same K and V buffers and ring
+ * sizes in every GPU layer (they are baked into the graph; a new cache can reuse some addresses of
+ * a freed one, so no single layer's pointer is a safe key). */
+static int gpt_cu_graph_fits(const pe_cu_model *m, const pe_cu_ctx *c, const pe_cu_seq *seq) {
+    if (!c->graph_valid) return 0;
+    for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
+        const pe_cu_kv_layer *a = &seq->kv[l], *b = &c->graph_kv[l];
+        if (a->k != b->k || a->v != b->v || a->n_slots != b->n_slots) return 0;
+    }
+    return 1;
+}
+
 /* One decode step (one sequence, one token) as a replayed CUDA graph; captured on first use for a
  * cache (its device pointers and ring sizes are baked into the graph). */
 static int gpt_cu_graph_step(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seq, int n_threads) {
-    const void *key = seq->kv[m->n_layer - 1].k;
-    const int64_t slots = seq->kv[m->n_layer - 1].n_slots;
-    if (!c->graph || c->graph_key != key || c->graph_slots != slots) {
+    if (!c->graph || !gpt_cu_graph_fits(m, c, seq)) {
+        c->graph_valid = 0;
         if (c->graph) {
             cudaGraphExecDestroy(c->graph);
             c->graph = NULL;
@@ -394,8 +452,8 @@ static int gpt_cu_graph_step(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
         const cudaError_t inst = cudaGraphInstantiate(&c->graph, g, 0);
         cudaGraphDestroy(g);
         PE_CU_TRY(inst);
-        c->graph_key = key;
-        c->graph_slots = slots;
+        for (int l = m->first_gpu_layer; l < m->n_layer; l++) c->graph_kv[l] = seq->kv[l];
+        c->graph_valid = 1;
     }
     return (int)cudaGraphLaunch(c->graph, c->stream);
 }
@@ -409,6 +467,7 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     int64_t n_tok = 0;
     for (int64_t q = 0; q < n_seq; q++) n_tok += seqs[q].n_tok;
     if (n_tok > c->max_tok) return cudaErrorInvalidValue;
+    c->ev_n = 0; /* a failed call's profile events are dropped */
 
     /* embedding and the CPU layers on the host, then the residual stream goes up */
     pe_seq *cpu = (pe_seq *)calloc((size_t)n_seq, sizeof(pe_seq));
@@ -440,11 +499,14 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) any_cpu_moe |= m->layers[l].cpu_moe;
     const int graph = c->use_graphs && !c->profile && n_seq == 1 && n_tok == 1 && !any_cpu_moe;
     if (graph && (rc = gpt_cu_graph_step(m, c, seqs, n_threads)) != 0) {
-        /* capture or instantiation refused (a driver without some graph feature): run this and every
-         * later step directly; a real fault (sticky error) fails the direct run as well */
+        /* capture or instantiation refused: this step runs directly and a later one tries again,
+         * up to GPT_CU_GRAPH_TRIES refusals, then direct launches for good (the binding logs each
+         * refusal); a real fault (sticky error) fails the direct run as well */
         cudaGetLastError();
-        c->use_graphs = 0;
-        c->graph_key = NULL;
+        c->graph_failures++;
+        c->graph_error = rc;
+        c->graph_valid = 0;
+        if (c->graph_failures >= GPT_CU_GRAPH_TRIES) c->use_graphs = 0;
     }
 #endif
     if (rc) PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, fixed_grid, n_threads, expert_counts));
@@ -456,6 +518,8 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
         PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
     }
+
+    if (c->profile) PE_CU_TRY(gpt_cu_profile_collect(c));
 
     /* expert selections of the decode path (the grouped and CPU paths counted as they went): every
      * layer's row of pairs in one strided copy */

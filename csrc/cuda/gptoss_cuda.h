@@ -73,8 +73,10 @@ pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, int use_graph
 void pe_cu_ctx_free(pe_cu_ctx *c);
 /* Device bytes the context holds. */
 int64_t pe_cu_ctx_bytes(const pe_cu_ctx *c);
-/* 1 while decode steps use CUDA graphs (0 when asked not to, or after a capture was refused). */
+/* 1 while decode steps use CUDA graphs (0 when asked not to, or after 3 refused captures). */
 int pe_cu_ctx_graphs(const pe_cu_ctx *c);
+/* Captures refused so far (each such step ran direct launches); *last_error: the last one's error. */
+int pe_cu_ctx_graph_failures(const pe_cu_ctx *c, int *last_error);
 
 /* Profile mode (graphs off): every operation of later forward calls is timed with events; enabling
  * or disabling clears the totals. pe_cu_ctx_profile_read gives operation op's name, milliseconds and

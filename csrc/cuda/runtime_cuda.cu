@@ -3,6 +3,9 @@
 #include "runtime_cuda.h"
 
 #include <stdio.h>
+#ifndef PE_CUDA_EMU
+#include <cuda_profiler_api.h>
+#endif
 
 extern "C" {
 
@@ -86,6 +89,15 @@ int pe_cu_time_copy(void *dst, const void *src, size_t n, int reps, double *seco
 int pe_cu_synchronize(void) {
     const cudaError_t e = cudaDeviceSynchronize();
     return (int)(e != cudaSuccess ? e : cudaGetLastError());
+}
+
+int pe_cu_profiler(int on) {
+#ifdef PE_CUDA_EMU
+    (void)on;
+    return 0;
+#else
+    return (int)(on ? cudaProfilerStart() : cudaProfilerStop());
+#endif
 }
 
 }

@@ -26,6 +26,9 @@ int pe_cu_copy_to_host(void *dst, const void *src, size_t n);
 /* height rows of width bytes, rows spitch bytes apart in host memory, packed dpitch apart on the device */
 int pe_cu_copy_2d_to_device(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height);
 int pe_cu_synchronize(void);
+/* Starts (on != 0) or stops the profiler's collection (cudaProfilerStart/Stop): what runs between
+ * is what `ncu --profile-from-start off` records. A no-op in the emulator. */
+int pe_cu_profiler(int on);
 /* Seconds per device-to-device copy of n bytes (mean of reps after one warm-up): the bandwidth the
  * memory-bound kernels are measured against. */
 int pe_cu_time_copy(void *dst, const void *src, size_t n, int reps, double *seconds);

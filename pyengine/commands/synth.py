@@ -1,9 +1,10 @@
 """Write a random-weight gpt-oss GGUF at the real shape, for benchmarking without a download:
-`pyengine synth --shape gpt-oss-20b [--layers N] OUT.gguf`.
+`pyengine synth --shape gpt-oss-20b [--layers N] [--fast] OUT.gguf`.
 
 Real dimensions, ggml-org's type layout (MXFP4 experts, Q8_0 attention/embeddings/output) and the
 real o200k_harmony vocabulary; random finite weights, so the text is nonsense but the speed is
-the real model's. Refuses to overwrite OUT unless --force; never leaves a half-written file."""
+the real model's. --fast writes it in seconds (layer 0 repeated, Q8_0 drawn as blocks, a
+synthetic vocabulary of the same size: see pyengine.synth). Refuses to overwrite OUT unless --force; never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-name", choices=ARCH_NAMES, default="gptoss",
                    help="architecture spelling (default gptoss; gpt-oss is what llama.cpp loads)")
     p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
+    p.add_argument("--fast", action="store_true",
+                   help="seconds, not minutes: layer 0 repeated, Q8_0 drawn as blocks, synthetic vocabulary")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
 
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = write_synth_model(args.path, args.shape, n_layer=args.layers, arch_name=args.arch_name,
-                                seed=args.seed, force=args.force, progress=progress)
+                                seed=args.seed, force=args.force, fast=args.fast,
+                                progress=progress)
     except (FileExistsError, ValueError) as e:
         print(f"[ERROR] {e}", file=sys.stderr)
         return 1

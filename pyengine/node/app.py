@@ -29,7 +29,7 @@ from fastapi.responses import (
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pyengine import __version__
+from pyengine import __version__, constrain
 from pyengine.node import openapi
 from pyengine.core import Event
 from pyengine.node.backend import Backend
@@ -160,6 +160,17 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
         raise bad_request(f"Invalid sampling parameters: {e}") from None
 
 
+def _constraint(backend: Backend, req: Any, tools: list[dict[str, Any]] | None = None,
+                tool_choice: Any = None) -> constrain.Spec | None:
+    """The request's constraint (response_format, grammar, json_schema, a required tool call),
+    checked by the grammar parser: its message in a 400 when invalid."""
+    try:
+        return constrain.request_spec(backend.tokenizer, response_format=req.response_format, grammar=req.grammar,
+                                      json_schema=req.json_schema, tools=tools, tool_choice=tool_choice)
+    except constrain.SpecError as e:
+        raise bad_request(str(e), e.param) from None
+
+
 def _is_file(path: str) -> bool:
     """A regular file (not /dev/zero, not a folder); False for names the OS refuses outright."""
     try:
@@ -229,7 +240,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            f"`{backend.info.name}`", "invalid_request_error", "model_not_found", "model")
 
     def make_job(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
-                 limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False) -> Job:
+                 limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False,
+                 constraint: constrain.Spec | None = None) -> Job:
         backend, scheduler = state.ready()
         n_ctx = backend.info.n_ctx
         if len(prompt) >= n_ctx:
@@ -240,7 +252,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         room = n_ctx - len(prompt)
         job = Job(prompt=prompt, params=params, chat=chat, max_tokens=min(limit or room, room),
                   stops=req.stop_list(), endpoint=endpoint, loop=asyncio.get_running_loop(), logprobs=logprobs,
-                  prompt_logprobs=prompt_logprobs, request_id=request.scope["state"]["request_id"])
+                  prompt_logprobs=prompt_logprobs, constraint=constraint,
+                  request_id=request.scope["state"]["request_id"])
         try:
             scheduler.submit(job)
         except (QueueFull, ShuttingDown) as e:
@@ -317,8 +330,9 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
         except ValueError as e:
             raise bad_request(f"cannot render these messages: {e}", "messages") from None
+        spec = await run_in_threadpool(_constraint, backend, req, tools, req.tool_choice)
         job = make_job(request, prompt, req, params, True, req.token_limit(), "chat",
-                       (req.top_logprobs or 0) if req.logprobs else None)
+                       (req.top_logprobs or 0) if req.logprobs else None, constraint=spec)
         out = ChatOutput(backend.tokenizer, backend.info.name, bool(req.logprobs), extra, reasoning_alias=True)
         if req.stream:
             return stream(request, job, out, req.include_usage(), t0)
@@ -342,8 +356,9 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.tokenize, text, True)
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
+        spec = await run_in_threadpool(_constraint, backend, req)
         job = make_job(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs,
-                       prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+                       prompt_logprobs=bool(req.echo) and req.logprobs is not None, constraint=spec)
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
         out = TextOutput(backend.tokenizer, backend.info.name, echo, bool(req.echo), req.logprobs is not None, extra)
         if req.stream:

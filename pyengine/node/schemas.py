@@ -47,7 +47,11 @@ _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
     "type": "object", "properties": {"type": {"enum": list(TEXT_PART_TYPES)}, "text": {"type": "string"}},
     "required": ["type"]}}]}
 _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}
-_RESPONSE_FORMAT = {"type": "object", "properties": {"type": {"const": "text"}}}
+_RESPONSE_FORMAT = {"type": "object", "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                                                      "strict": {"type": ["boolean", "null"]}}},
+    "schema": {"type": "object"}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
 URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
 _PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
@@ -174,6 +178,10 @@ class _Sampling(_Open):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
     n: Annotated[Int | None, _nullable({"const": 1})] = None
+    # constrained decoding (pyengine.constrain checks them against the parser; 400 if invalid)
+    response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -220,15 +228,6 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: Annotated[dict[str, Any] | None, _nullable(_TEMPLATE_KWARGS)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
-    response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "text") != "text":
-            raise ValueError(f"response_format {v.get('type')!r} is not supported: this node has no "
-                             "constrained decoding, so it cannot guarantee JSON output")
-        return v
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:

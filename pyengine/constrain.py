@@ -253,8 +253,9 @@ class Constraint:
             self._expect_header(between=False)
         elif spec.answer is None:
             raise ValueError("a text completion can be constrained only by a format (tools need a chat)")
-        else:
-            self._begin_body((spec.answer, -1), sorted(eog))
+        else:  # ended by end-of-generation; not by <|call|>, which would make it a tool call
+            ends = set(eog) - {sp.get(CALL)}
+            self._begin_body((spec.answer, -1), sorted(ends or eog))
 
     # --- states -------------------------------------------------------------------------------
 

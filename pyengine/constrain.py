@@ -109,24 +109,25 @@ def gbnf_grammar(text: Any) -> str:
 
 
 def response_format_schema(response_format: Any) -> Any | None:
-    """The JSON schema a response_format asks for (None for text). OpenAI's shapes, plus
-    llama-server's `{"type": "json_object" | "json_schema", "schema": {...}}`."""
+    """The JSON schema a response_format asks for (None for text), read as llama-server reads it:
+    json_object takes an optional `schema` (default: any object), json_schema takes
+    `json_schema.schema` (default: any JSON value)."""
     if response_format is None:
         return None
     if not isinstance(response_format, Mapping):
         raise ValueError("response_format must be an object")
+    inner = response_format.get("json_schema", {})
+    if not isinstance(inner, Mapping):
+        raise ValueError("response_format.json_schema must be an object ({\"name\": ..., \"schema\": {...}})")
+    for where, holder in (("response_format.schema", response_format), ("response_format.json_schema.schema", inner)):
+        if "schema" in holder and not isinstance(holder["schema"], (Mapping, bool)):
+            raise ValueError(f"{where} must be a JSON schema (an object)")
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return response_format["schema"] if "schema" in response_format else {"type": "object"}
+        return response_format.get("schema", {"type": "object"})
     if kind == "json_schema":
-        inner = response_format.get("json_schema")
-        if inner is None and "schema" in response_format:
-            return response_format["schema"]
-        if not isinstance(inner, Mapping):
-            raise ValueError("response_format of type json_schema needs a `json_schema` object "
-                             "({\"name\": ..., \"schema\": {...}, \"strict\": true})")
         return inner.get("schema", {})
     raise ValueError(f"response_format type {kind!r} is not supported (text, json_object or json_schema)")
 
@@ -157,8 +158,8 @@ def _chosen(tool_choice: Any, names: Iterable[str]) -> tuple[list[str], bool]:
         return names, True
     if isinstance(tool_choice, Mapping):
         fn = tool_choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else tool_choice.get("name")
-        if not isinstance(name, str):
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if tool_choice.get("type") != "function" or not isinstance(name, str):
             raise ValueError("tool_choice must be none, auto, required or {\"type\": \"function\", "
                              "\"function\": {\"name\": ...}}")
         if name not in names:

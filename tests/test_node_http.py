@@ -279,7 +279,7 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}, "stop"),
 ])
 def test_invalid_parameters_are_400(node, body, param):
-    err = _error(httpx.post(f"{node[0]}/v1/chat/completions", json=body), 400)
+    err = _error(httpx.post(f"{node[0]}/v1/chat/completions", json=body, timeout=60), 400)
     assert err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param

@@ -46,12 +46,15 @@ _LOGIT_BIAS = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
     "type": "object", "properties": {"type": {"enum": list(TEXT_PART_TYPES)}, "text": {"type": "string"}},
     "required": ["type"]}}]}
-_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
+# whether a schema or grammar is one the parser accepts is checked by pyengine.constrain (400 if not)
 _RESPONSE_FORMAT = {"type": "object", "properties": {
     "type": {"enum": ["text", "json_object", "json_schema"]},
-    "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
-                                                      "strict": {"type": ["boolean", "null"]}}},
-    "schema": {"type": "object"}}}
+    "schema": {"type": ["object", "boolean"]},
+    "json_schema": {"type": "object", "properties": {"schema": {"type": ["object", "boolean"]}}}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
 URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
 _PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
@@ -180,8 +183,8 @@ class _Sampling(_Open):
     n: Annotated[Int | None, _nullable({"const": 1})] = None
     # constrained decoding (pyengine.constrain checks them against the parser; 400 if invalid)
     response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
+    grammar: str | None = Field(None, description="GBNF grammar (llama-server); 400 if the parser refuses it")
+    json_schema: dict[str, Any] | None = Field(None, description="JSON schema of the answer (llama-server)")
 
     @field_validator("n")
     @classmethod

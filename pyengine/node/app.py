@@ -75,7 +75,6 @@ class NodeState:
                                        self.metrics, self.config.verbose)
             self.backend = backend
             self._gauges(self.scheduler)
-            threading.Thread(target=_warm_constraints, args=(backend,), name="pyengine-constrain", daemon=True).start()
         except Exception as e:  # noqa: BLE001 - any load failure is reported on /health and ends the CLI
             self.load_error = str(e)
             log.error("%s", e)
@@ -170,15 +169,6 @@ def _constraint(backend: Backend, req: Any, tools: list[dict[str, Any]] | None =
                                       json_schema=req.json_schema, tools=tools, tool_choice=tool_choice)
     except constrain.SpecError as e:
         raise bad_request(str(e), e.param) from None
-
-
-def _warm_constraints(backend: Backend) -> None:
-    """Build the grammar engine's token table (seconds for o200k) before the first request that
-    needs it, rather than during it."""
-    try:
-        constrain.vocab_for(backend.tokenizer)
-    except Exception as e:  # noqa: BLE001 - the request that needs it will report the error
-        log.warning("constrained decoding unavailable: %s", e)
 
 
 def _is_file(path: str) -> bool:

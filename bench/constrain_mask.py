@@ -236,7 +236,8 @@ def main() -> int:
             continue
         us = np.array(times) * 1e6
         stats[name] = (float(np.median(us)), float(us.mean()))
-        print(f"| {name} | {compile_s * 1e3:.1f} | {np.median(us):.1f} | {np.percentile(us, 99):.1f} | {us.mean():.1f} |")
+        print(f"| {name} | {compile_s * 1e3:.1f} | {np.median(us):.1f} | {np.percentile(us, 99):.1f} "
+              f"| {us.mean():.1f} |")
     if args.decode:
         step = decode_step(args.decode, args.t, args.n, args.r)
         print(f"\ndecode step of {args.decode} ({args.t} threads): {step * 1e3:.1f} ms/token")

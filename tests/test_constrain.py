@@ -125,6 +125,47 @@ def test_sampler_mask_draws_only_allowed_tokens():
     assert Sampler(SamplingParams(seed=1)).sample(logits, mask=mask) == 7
 
 
+def test_constraint_walks_harmony_headers(eng):
+    """The mask state machine on its own: headers held to the allowed spellings, reasoning free
+    (also when it starts a new header without <|end|>), the answer held to the grammar and
+    <|return|> allowed only where the grammar accepts."""
+    from pyengine.constrain import Constraint, request_spec
+
+    tok = eng.tokenizer
+    sp = tok.special_tokens
+    enc = lambda text: tok.encode(text, special=True)  # noqa: E731
+    spec = request_spec(tok, response_format=response_format(LIST), tools=TOOLS)
+    c = Constraint(spec, tok, tok.n_vocab, chat=True, eog=tok.eog_ids)
+    assert np.flatnonzero(c.allowed()).tolist() == [sp["<|channel|>"]]
+    for t in enc("<|channel|>analysis<|message|>"):
+        assert c.allowed()[t]
+        c.advance(t)
+    rng = np.random.default_rng(0)
+    for t in [*enc('not {json] "at all'), *rng.integers(0, 199998, 20).tolist()]:
+        assert c.allowed() is None
+        c.advance(int(t))
+    c.advance(sp["<|channel|>"])  # a new header straight from the reasoning
+    after_channel = c.allowed()
+    firsts = {enc(w)[0] for w in ("analysis", "final", "commentary")}
+    assert set(np.flatnonzero(after_channel)) == firsts
+    for t in enc("final<|message|>"):
+        assert c.allowed()[t]
+        c.advance(t)
+    for t in enc('[1, "x", 3'):
+        allowed = c.allowed()
+        assert allowed[t] and not allowed[sp["<|return|>"]] and not allowed[sp["<|end|>"]]
+        c.advance(t)
+    assert c.allowed()[enc("]")[0]]
+    c.advance(enc("]")[0])
+    assert np.flatnonzero(c.allowed()).tolist() == [sp["<|return|>"]]
+    c.advance(sp["<|return|>"])
+    assert c.allowed() is None
+    # a required call: no final channel among the headers, only the tools'
+    c = Constraint(request_spec(tok, tools=TOOLS, tool_choice="required"), tok, tok.n_vocab, True, tok.eog_ids)
+    c.advance(sp["<|channel|>"])
+    assert set(np.flatnonzero(c.allowed())) == {enc("analysis")[0], enc("commentary")[0]}
+
+
 def _check_chat(reply: dict, schema: dict) -> None:
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "stop", choice

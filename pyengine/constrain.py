@@ -98,7 +98,9 @@ def schema_grammar(schema: Any, what: str = "json_schema") -> str:
 
 
 def gbnf_grammar(text: Any) -> str:
-    """llguidance grammar of a GBNF grammar (llama.cpp's format; Lark is accepted too)."""
+    """llguidance grammar of a GBNF grammar (llama.cpp's format; Lark is accepted too), given as
+    text or as llama-cpp-python's LlamaGrammar (which keeps its text in `_grammar`)."""
+    text = getattr(text, "_grammar", text)
     if not isinstance(text, str) or not text.strip():
         raise ValueError("grammar must be a non-empty GBNF string")
     try:

@@ -272,14 +272,15 @@ class Engine:
                           logit_bias: Mapping[int | str, float] | None = None,
                           stop: str | list[str] | None = None, seed: int | None = None,
                           logprobs: int | None = None, echo: bool = False, stream: bool = False,
-                          response_format: Mapping[str, Any] | None = None, grammar: str | None = None
+                          response_format: Mapping[str, Any] | None = None, grammar: Any = None
                           ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """A plain-text completion shaped like llama-cpp-python's (an OpenAI `text_completion`);
         stream=True gives an iterator of chunks. The non-stream result also carries `tokens`, the
         generated token ids. A string prompt is tokenized with control tokens recognised. echo
         with logprobs gives the prompt tokens' logprobs too. response_format ({"type":
         "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) or grammar (GBNF
-        text) constrains the text by a token mask (ValueError for an invalid one)."""
+        text, or a llama_cpp.LlamaGrammar) constrains the text by a token mask (ValueError for an
+        invalid one)."""
         spec = constrain.request_spec(self.tokenizer, response_format=response_format, grammar=grammar)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenize(prompt, special=True)
@@ -313,16 +314,16 @@ class Engine:
                                logprobs: bool = False, top_logprobs: int | None = None,
                                reasoning_effort: str = "medium", current_date: str | None = None,
                                chat_template: str | None = None, response_format: Mapping[str, Any] | None = None,
-                               grammar: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
+                               grammar: Any = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """A chat completion shaped like llama-cpp-python's (OpenAI `chat.completion`, or
         `chat.completion.chunk`s with stream=True), with gpt-oss's `reasoning_content` and
         `tool_calls` parsed from the harmony output; finish_reason is stop, length or tool_calls.
         tool_choice="none" leaves the tools out of the prompt, "auto" (or None) lets the model
         decide, "required" or {"type": "function", "function": {"name": ...}} makes the reply such
         a call. response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema":
-        {"schema": ...}}) or grammar (GBNF text) constrains the answer. Both are enforced by a token
-        mask on the answer and the call's arguments (never on the reasoning); an invalid schema or
-        grammar raises ValueError."""
+        {"schema": ...}}) or grammar (GBNF text or a llama_cpp.LlamaGrammar) constrains the
+        answer. Both are enforced by a token mask on the answer and the call's arguments (never on
+        the reasoning); an invalid schema or grammar raises ValueError."""
         spec = constrain.request_spec(self.tokenizer, response_format=response_format, grammar=grammar,
                                       tools=tools, tool_choice=tool_choice)
         if tool_choice == "none":

@@ -217,8 +217,10 @@ def test_api_tool_choice_is_enforced(eng, no_reasoning, choice):
 
 
 def test_api_completion_grammar_and_schema(eng):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    grammars = [COLORS, llama_cpp.LlamaGrammar.from_string(COLORS, verbose=False)]  # llama-cpp-python's object too
     for seed in range(2):
-        out = eng.create_completion("Colors:", grammar=COLORS, seed=seed, max_tokens=200, temperature=1.0)
+        out = eng.create_completion("Colors:", grammar=grammars[seed], seed=seed, max_tokens=200, temperature=1.0)
         assert out["choices"][0]["finish_reason"] == "stop"
         assert re.fullmatch(COLORS_RE, out["choices"][0]["text"]), out["choices"][0]["text"]
         out = eng.create_completion("JSON:", response_format=response_format(ORDER), seed=seed, max_tokens=LIMIT)

@@ -16,6 +16,8 @@ Rules that hold for every caller:
   of the tokens whose text lies entirely before the cut.
 - Stop strings cut the answer the moment they appear, whatever the parser's state (a reply the
   model wrote without a Harmony header included); reasoning and tool arguments are never cut.
+- A constraint (pyengine.constrain: response_format, grammar, a required tool call) masks the
+  answer, the tool arguments and the headers that lead to them; reasoning is drawn unmasked.
 - A control token never reaches a text field of a chat reply; a raw completion spells control
   tokens out (it is the model's text), except the end-of-generation token that ends it."""
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pyengine.constrain import Constraint, Spec
 from pyengine.harmony_stream import Delta, TokenParser
 from pyengine.runner import Cache, Runner
 from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
@@ -112,7 +115,8 @@ class Request:
     """What to generate. max_tokens None: until the context is full. logprobs None: none; n: each
     content token's logprob and the n best. chat: parse Harmony (else raw text). stop_token_ids
     None: the vocabulary's end-of-generation ids. prompt_logprobs: logprobs of the prompt tokens
-    too (a completion's echo); the prompt is then evaluated in full."""
+    too (a completion's echo); the prompt is then evaluated in full. constraint: the format the
+    answer and tool calls must follow (pyengine.constrain.request_spec), enforced by a token mask."""
 
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -122,6 +126,7 @@ class Request:
     chat: bool = False
     stop_token_ids: Iterable[int] | None = None
     prompt_logprobs: bool = False
+    constraint: Spec | None = None
 
 
 class Sequence:
@@ -141,6 +146,8 @@ class Sequence:
         self.parser = TokenParser(tok) if req.chat else None
         self.decoder = None if req.chat else codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(req.stop)
+        self.constraint = (None if req.constraint is None else
+                           Constraint(req.constraint, tok, core.runner.n_vocab, req.chat, self.eog))
         self.sampled: list[Sampled] = []
         self.content_total = 0  # chars of content produced (released or held by the stop matcher)
         self.content_sent = 0  # chars of content released
@@ -205,7 +212,10 @@ class Sequence:
         return out
 
     def _sample(self) -> tuple[list[Event], list[int]]:
-        token = self.sampler.sample(self.logits, self.history)
+        mask = self.constraint.allowed() if self.constraint is not None else None
+        token = self.sampler.sample(self.logits, self.history, mask)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         entry = Sampled(token)
         if self.req.logprobs is not None:
             lp = log_softmax(self.logits)

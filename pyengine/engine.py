@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pyengine import cuda
+from pyengine import constrain, cuda
 from pyengine._model import KVCache, Model
 from pyengine.chat_template import apply_chat_template
 from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
@@ -271,12 +271,17 @@ class Engine:
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           logit_bias: Mapping[int | str, float] | None = None,
                           stop: str | list[str] | None = None, seed: int | None = None,
-                          logprobs: int | None = None, echo: bool = False, stream: bool = False
+                          logprobs: int | None = None, echo: bool = False, stream: bool = False,
+                          response_format: Mapping[str, Any] | None = None, grammar: Any = None
                           ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """A plain-text completion shaped like llama-cpp-python's (an OpenAI `text_completion`);
         stream=True gives an iterator of chunks. The non-stream result also carries `tokens`, the
         generated token ids. A string prompt is tokenized with control tokens recognised. echo
-        with logprobs gives the prompt tokens' logprobs too."""
+        with logprobs gives the prompt tokens' logprobs too. response_format ({"type":
+        "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) or grammar (GBNF
+        text, or a llama_cpp.LlamaGrammar) constrains the text by a token mask (ValueError for an
+        invalid one)."""
+        spec = constrain.request_spec(self.tokenizer, response_format=response_format, grammar=grammar)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenize(prompt, special=True)
         else:
@@ -288,7 +293,7 @@ class Engine:
                               logit_bias=logit_bias)
         req = Request(ids, params, max_tokens if max_tokens and max_tokens > 0 else None,
                       [stop] if isinstance(stop, str) else list(stop or []), logprobs,
-                      prompt_logprobs=echo and logprobs is not None)
+                      prompt_logprobs=echo and logprobs is not None, constraint=spec)
         steps = self.run(req)
         out = TextOutput(self.tokenizer, str(self.model_file.path), text, echo, logprobs is not None)
         if stream:
@@ -308,12 +313,19 @@ class Engine:
                                repeat_penalty: float = 1.0, logit_bias: Mapping[int | str, float] | None = None,
                                logprobs: bool = False, top_logprobs: int | None = None,
                                reasoning_effort: str = "medium", current_date: str | None = None,
-                               chat_template: str | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
+                               chat_template: str | None = None, response_format: Mapping[str, Any] | None = None,
+                               grammar: Any = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """A chat completion shaped like llama-cpp-python's (OpenAI `chat.completion`, or
         `chat.completion.chunk`s with stream=True), with gpt-oss's `reasoning_content` and
         `tool_calls` parsed from the harmony output; finish_reason is stop, length or tool_calls.
-        tool_choice="none" leaves the tools out of the prompt; other values are accepted but not
-        enforced (the model decides)."""
+        tool_choice="none" leaves the tools out of the prompt, "auto" (or None) lets the model
+        decide, "required" or {"type": "function", "function": {"name": ...}} makes the reply such
+        a call. response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": ...}}) or grammar (GBNF text or a llama_cpp.LlamaGrammar) constrains the
+        answer. Both are enforced by a token mask on the answer and the call's arguments (never on
+        the reasoning); an invalid schema or grammar raises ValueError."""
+        spec = constrain.request_spec(self.tokenizer, response_format=response_format, grammar=grammar,
+                                      tools=tools, tool_choice=tool_choice)
         if tool_choice == "none":
             tools = None
         prompt = self.apply_chat_template(messages, tools, reasoning_effort, current_date, True, chat_template)
@@ -323,7 +335,7 @@ class Engine:
                               logit_bias=logit_bias)
         req = Request(prompt, params, max_tokens if max_tokens and max_tokens > 0 else None,
                       [stop] if isinstance(stop, str) else list(stop or []),
-                      (top_logprobs or 0) if logprobs else None, chat=True)
+                      (top_logprobs or 0) if logprobs else None, chat=True, constraint=spec)
         steps = self.run(req)
         out = ChatOutput(self.tokenizer, str(self.model_file.path), bool(logprobs))
         if stream:

@@ -111,10 +111,17 @@ class Sampler:
         np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
         return x
 
-    def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, probabilities) that remain after every filter; probabilities sum to 1."""
+    def candidates(self, logits: np.ndarray, history: Sequence[int] = (),
+                   mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that remain after every filter; probabilities sum to 1.
+        mask: boolean over the vocabulary, False = the token may not be drawn (constrained
+        decoding, pyengine.constrain); applied after the bias and penalties, before the filters."""
         p = self.params
         x = self.adjusted_logits(logits, history)
+        if mask is not None:
+            x[~mask] = -np.inf
+            if np.max(x) == -np.inf:  # every allowed token banned by a bias: the first allowed one
+                return np.flatnonzero(mask)[:1], np.array([1.0])
         if p.greedy or np.max(x) == -np.inf:  # greedy, or every token banned: take the argmax
             best = int(np.argmax(x))
             return np.array([best]), np.array([1.0])
@@ -137,9 +144,9 @@ class Sampler:
         out[ids] = probs
         return out
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """Draw the next token id."""
-        ids, probs = self.candidates(logits, history)
+    def sample(self, logits: np.ndarray, history: Sequence[int] = (), mask: np.ndarray | None = None) -> int:
+        """Draw the next token id (only where `mask` is True, when given)."""
+        ids, probs = self.candidates(logits, history, mask)
         if ids.shape[0] == 1:
             return int(ids[0])
         if np.any(ids[1:] < ids[:-1]):  # a fixed (id) order makes a seed mean the same draw

@@ -188,6 +188,12 @@ class Tokenizer:
             eog.add(special["<|end|>"])
         return cls(pieces, ranks, special, pattern, bos_id, eos_id, eog)
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding over this vocabulary (ranks = token ids; pyengine.constrain
+        builds its grammar engine's token table from it)."""
+        return self._encoding
+
     def encode(self, text: str, special: bool = False, add_bos: bool = False) -> list[int]:
         """Token ids of text; special=True turns control-token spellings into their ids."""
         if _LONG_RUN.search(text):

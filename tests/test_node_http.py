@@ -269,12 +269,18 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),
     ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"}, "reasoning_effort"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "grammar": "root ::= ("}, "grammar"),
+    ({"messages": [{"role": "user", "content": "x"}], "json_schema": {"type": "wizard"}}, "json_schema"),
+    ({"messages": [{"role": "user", "content": "x"}], "grammar": 'root ::= "a"', "json_schema": {}}, "json_schema"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}, None),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}, "stop"),
 ])
 def test_invalid_parameters_are_400(node, body, param):
-    err = _error(httpx.post(f"{node[0]}/v1/chat/completions", json=body), 400)
+    err = _error(httpx.post(f"{node[0]}/v1/chat/completions", json=body, timeout=60), 400)
     assert err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param

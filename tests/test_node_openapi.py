@@ -42,8 +42,11 @@ def api_schema(node):
 
 
 N_VOCAB = 201088
-# A fixed short reply: the fuzzed messages can be long, and the default script would echo them.
-SHORT_REPLY = "<|channel|>analysis<|message|>Fine.<|end|><|start|>assistant<|channel|>final<|message|>OK.<|return|>"
+# A fixed short reply: the fuzzed messages can be long, and the default script would echo them. Its
+# answer is a JSON object, so a fuzzed response_format json_object leaves it as it is (a script
+# the mask had to bend would run on to the end of the context).
+SHORT_REPLY = ('<|channel|>analysis<|message|>Fine.<|end|><|start|>assistant<|channel|>final<|message|>{"ok": 1}'
+               "<|return|>")
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 
@@ -100,10 +103,17 @@ def operations(node):
 
 def _documented_refusal(r: httpx.Response, body: dict) -> bool:
     """The schema-valid bodies the node may still refuse: token ids past this model's vocabulary,
-    more choices (`n`) than the node has slots."""
+    more choices (`n`) than the node has slots, and constraints it cannot enforce: schemas or grammars
+    the grammar parser refuses (the document cannot spell out GBNF), a required or named tool call
+    without such a tool."""
     if r.status_code != 400:
         return False
     if (body.get("n") or 1) > 2 and r.json()["error"]["param"] == "n":
+        return True
+    constrained = any(body.get(k) is not None for k in ("response_format", "grammar", "json_schema")) \
+        or body.get("tool_choice") not in (None, "auto", "none")
+    if constrained and r.json()["error"]["param"] in ("response_format", "grammar", "json_schema", "tool_choice",
+                                                       "tools"):
         return True
     ids = [int(k) for k in body.get("logit_bias") or {}]
     prompt = body.get("prompt")

@@ -28,7 +28,7 @@ from fastapi.responses import (
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pyengine import __version__
+from pyengine import __version__, constrain
 from pyengine.node import choices, cors, llama_routes, openapi, webui
 from pyengine.core import Event
 from pyengine.node.backend import Backend
@@ -223,6 +223,18 @@ def _sampling(req: Any, n_vocab: int) -> SamplingParams:
         raise bad_request(f"Invalid sampling parameters: {e}") from None
 
 
+def _constraint(backend: Backend, req: Any, tools: list[dict[str, Any]] | None = None,
+                tool_choice: Any = None) -> constrain.Spec | None:
+    """The request's constraint (response_format, grammar, json_schema, a required tool call),
+    checked by the grammar parser: its message in a 400 when invalid."""
+    try:
+        return constrain.request_spec(backend.tokenizer, response_format=req.response_format, grammar=req.grammar,
+                                      json_schema=req.json_schema, tools=tools, tool_choice=tool_choice)
+    except constrain.SpecError as e:
+        raise bad_request(str(e), e.param) from None
+
+
+
 def _history(messages: list[Message]) -> list[dict[str, Any]]:
     """Messages in the backend's normalised shape (see Backend.render_chat)."""
     out = []
@@ -294,7 +306,8 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                            f"`{state.model_name()}`", "invalid_request_error", "model_not_found", "model")
 
     def make_jobs(request: Request, prompt: list[int], req: Any, params: SamplingParams, chat: bool,
-                  limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False) -> list[Job]:
+                  limit: int | None, endpoint: str, logprobs: int | None, prompt_logprobs: bool = False,
+                  constraint: constrain.Spec | None = None) -> list[Job]:
         """One job per choice (`n`), submitted as one group; the others follow the first's prompt."""
         backend, scheduler = state.ready()
         n_ctx = backend.info.n_ctx
@@ -312,7 +325,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         for i in range(n):
             jobs.append(Job(prompt=prompt, params=choices.choice_params(params, i), chat=chat,
                             max_tokens=min(limit or room, room), stops=req.stop_list(), endpoint=endpoint,
-                            loop=asyncio.get_running_loop(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                            loop=asyncio.get_running_loop(), logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint,
                             request_id=request.scope["state"]["request_id"],
                             leader=jobs[0] if i and not prompt_logprobs else None))
         try:
@@ -405,8 +418,9 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
         except ValueError as e:
             raise bad_request(f"cannot render these messages: {e}", "messages") from None
+        spec = await run_in_threadpool(_constraint, backend, req, tools, req.tool_choice)
         jobs = make_jobs(request, prompt, req, params, True, req.token_limit(), "chat",
-                         (req.top_logprobs or 0) if req.logprobs else None)
+                         (req.top_logprobs or 0) if req.logprobs else None, constraint=spec)
         outs = [ChatOutput(backend.tokenizer, state.model_name(), bool(req.logprobs), extra, reasoning_alias=True,
                            index=i) for i in range(len(jobs))]
         choices.share_identity(outs)
@@ -433,8 +447,9 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
             prompt = await run_in_threadpool(backend.tokenize, text, True)
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
+        spec = await run_in_threadpool(_constraint, backend, req)
         jobs = make_jobs(request, prompt, req, params, False, req.max_tokens or 16, "completions", req.logprobs,
-                         prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+                         prompt_logprobs=bool(req.echo) and req.logprobs is not None, constraint=spec)
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
         outs = [TextOutput(backend.tokenizer, state.model_name(), echo, bool(req.echo), req.logprobs is not None,
                            extra, index=i) for i in range(len(jobs))]

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyengine.constrain import Spec
 from pyengine.core import Event, Finished, PromptEvaluated, Request, Sampled
 from pyengine.core import Failed as StepFailed
 from pyengine.core import Sequence as CoreSequence
@@ -75,6 +76,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    constraint: Spec | None = None
     request_id: str = ""
     leader: Job | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -259,7 +261,8 @@ class Scheduler:
         job.t_start = time.perf_counter()
         try:
             job.seq = self.core.start(slot, Request(job.prompt, job.params, job.max_tokens, job.stops, job.logprobs,
-                                                    job.chat, prompt_logprobs=job.prompt_logprobs))
+                                                    job.chat, prompt_logprobs=job.prompt_logprobs,
+                                                    constraint=job.constraint))
             job.n_cached = job.seq.n_cached
         except Exception as e:
             log.exception("could not start a request")

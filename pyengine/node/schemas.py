@@ -50,8 +50,15 @@ _LOGIT_BIAS = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
     "type": "object", "properties": {"type": {"enum": list(TEXT_PART_TYPES)}, "text": {"type": "string"}},
     "required": ["type"]}}]}
-_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]}
-_RESPONSE_FORMAT = {"type": "object", "properties": {"type": {"const": "text"}}}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
+# whether a schema or grammar is one the parser accepts is checked by pyengine.constrain (400 if not)
+_RESPONSE_FORMAT = {"type": "object", "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]},
+    "schema": {"type": ["object", "boolean"]},
+    "json_schema": {"type": "object", "properties": {"schema": {"type": ["object", "boolean"]}}}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
 URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
 DIGEST_PATTERN = r"^(sha256:)?[0-9a-fA-F]{64}$"
@@ -210,6 +217,10 @@ class _Sampling(_Open):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
     n: Annotated[int, Field(ge=1, description="choices; at most the node's --parallel"), INTEGRAL] | None = None
+    # constrained decoding (pyengine.constrain checks them against the parser; 400 if invalid)
+    response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
+    grammar: str | None = Field(None, description="GBNF grammar (llama-server); 400 if the parser refuses it")
+    json_schema: dict[str, Any] | None = Field(None, description="JSON schema of the answer (llama-server)")
 
     @field_validator("stop")
     @classmethod
@@ -247,15 +258,6 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: Annotated[dict[str, Any] | None, _nullable(_TEMPLATE_KWARGS)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
-    response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "text") != "text":
-            raise ValueError(f"response_format {v.get('type')!r} is not supported: this node has no "
-                             "constrained decoding, so it cannot guarantee JSON output")
-        return v
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:

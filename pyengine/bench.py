@@ -35,6 +35,8 @@ class BenchResult:
     cpu_info: str = field(default_factory=lambda: cpu_name())
     gpu_info: str = ""
     n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
     samples_ns: list[int] = field(default_factory=list)
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from pyengine.commands._device import gpu_arguments
+from pyengine.commands._device import cache_arguments, cache_options, gpu_arguments
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 from pyengine.node.app import create_app
@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host router to register with and send heartbeats to (env LLM_ROUTER_URL)")
     p.add_argument("--verbose", "-v", action="store_true", help="log per-request timing lines")
     gpu_arguments(p)
+    cache_arguments(p)
 
 
 def load_engine_backend(config: NodeConfig) -> Backend:
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                                  models_dir=args.models_dir, ctx_size=args.ctx_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
                                  api_key=args.api_key, verbose=args.verbose, router_url=args.router_url,
-                                 device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe)
+                                 device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe,
+                                 **cache_options(args))
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16")
     return serve(config, lambda: load_engine_backend(config))

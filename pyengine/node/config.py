@@ -29,6 +29,8 @@ class NodeConfig:
     device: str = "cpu"
     n_gpu_layers: int | None = None
     cpu_moe: bool = False
+    cache_type_k: str = "f16"  # KV cache element types (-ctk/-ctv), as llama-server's /props reports them
+    cache_type_v: str = "f16"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

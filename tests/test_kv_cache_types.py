@@ -24,6 +24,7 @@ import dataclasses
 
 import pyengine
 from pyengine import _model, _quants
+from pyengine.bench import BenchResult, markdown
 from pyengine.convert import write_gguf
 from pyengine.demo_model import RandomWeights, demo_config
 from pyengine.hf_tokenizer import GGUFTokenizer
@@ -328,6 +329,10 @@ def test_bench_flags_reach_the_engine_and_its_json(model_path, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(row["type_k"], row["type_v"]) for row in rows] == [("q8_0", "bf16")] * 2
+    table = [BenchResult(**{k: v for k, v in row.items() if k in BenchResult.__dataclass_fields__})
+             for row in rows]
+    assert "| type_k | type_v |" in markdown(table) and "| q8_0 | bf16 | pp8 |" in markdown(table)
+    assert "type_k" not in markdown([dataclasses.replace(t, type_k="f16", type_v="f16") for t in table])
 
 
 def test_unknown_type_is_one_error_line(model_path, tmp_path):

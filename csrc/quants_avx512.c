@@ -67,13 +67,27 @@ static void dequant_bf16(const void *src, float *dst, int64_t n) {
 }
 
 /* The KV cache's half types: F16C conversions (round to nearest even, exact as pe_fp32_to_fp16) and
- * bfloat16 rounding in integer lanes (bit-identical to pe_fp32_to_bf16, subnormals kept). */
+ * bfloat16 rounding in integer lanes (bit-identical to pe_fp32_to_bf16, subnormals kept). Widening
+ * keeps a signalling NaN's bits as pe_fp16_to_fp32 does (vcvtph2ps would set its quiet bit). */
+static inline __m512 f16_widen(__m256i h) {
+    const __m512i x = _mm512_cvtepu16_epi32(h);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fff)),
+                                                  _mm512_set1_epi32(0x7c00));
+    const __m512 f = _mm512_cvtph_ps(h);
+    if (!nan) return f;
+    const __m512i bits = _mm512_or_si512(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x8000)), 16),
+                                                         _mm512_set1_epi32(0x7f800000)),
+                                         _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x3ff)), 13));
+    return _mm512_mask_mov_ps(f, nan, _mm512_castsi512_ps(bits));
+}
+
 static void dequant_f16(const void *src, float *dst, int64_t n) {
+    const uint16_t *s = src;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, LD_F16(src, i));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, f16_widen(_mm256_loadu_si256((const __m256i *)(s + i))));
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(dst + i, m, LDM_F16(src, i, m));
+        _mm512_mask_storeu_ps(dst + i, m, f16_widen(_mm256_maskz_loadu_epi16(m, s + i)));
     }
 }
 

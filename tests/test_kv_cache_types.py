@@ -183,7 +183,7 @@ def test_cuda_store_and_attention_match_cpu(cu):
 # (the router's top-4 is discontinuous), hence the looser bound.
 MEDIAN_REL = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 2.5e-2}
 MAX_REL = {"f32": 0.0, "f16": 0.25, "bf16": 0.25, "q8_0": 0.5}
-MIN_GREEDY = {"f32": 32, "f16": 32, "bf16": 24, "q8_0": 16}
+MIN_GREEDY = {"f32": 32, "f16": 31, "bf16": 28, "q8_0": 26}
 N_VOCAB = 512
 
 
@@ -209,22 +209,31 @@ def greedy(eng, last_logits, n=32):
     return out
 
 
+def forced(eng, last_logits, tokens):
+    """The engine's argmax at each step while it is fed `tokens` (another run's greedy output)."""
+    return [int(np.argmax(last_logits))] + [int(np.argmax(eng.eval([t]))) for t in tokens[:-1]]
+
+
 def accuracy(path, n_prompt=200, n_batch=64, **opts) -> dict:
     """type -> (median and max over positions of the relative logit error vs the f32 cache, on a
-    prompt that wraps the sliding-window ring; greedy tokens after it agreeing with the f32 cache's
-    before the first difference)."""
+    prompt; of the f32 cache's 32 greedy tokens after it, how many the type's engine also picks when
+    fed the same tokens: one near-tie then costs one token, not the rest of a free-running run)."""
     toks = np.random.default_rng(4).integers(0, N_VOCAB, n_prompt)
-    runs = {}
-    for name in TYPES:
+    runs, g32 = {}, None
+    for name in TYPES:  # f32 first: its greedy run is what the others are fed
         eng = pyengine.Engine(path, n_ctx=512, n_threads=2, n_batch=n_batch, cache_type_k=name, cache_type_v=name,
                               **opts)
         logits = eng.logits(toks)
-        runs[name] = logits, greedy(eng, logits[-1])
-    l32, g32 = runs["f32"]
+        if g32 is None:
+            g32 = greedy(eng, logits[-1])
+            runs[name] = logits, g32
+        else:
+            runs[name] = logits, forced(eng, logits[-1], g32)
+    l32 = runs["f32"][0]
     out = {}
     for name, (logits, tokens) in runs.items():
         err = np.abs(logits - l32).max(axis=1) / np.abs(l32).max(axis=1)
-        agree = next((i for i, (a, b) in enumerate(zip(tokens, g32)) if a != b), len(g32))
+        agree = sum(a == b for a, b in zip(tokens, g32))
         out[name] = float(np.median(err)), float(err.max()), agree
         print(f"{opts.get('device', 'cpu')} {name}: relative logit error median {np.median(err):.2e} "
               f"max {err.max():.2e}, greedy {agree}/32")
@@ -249,8 +258,8 @@ def test_accuracy_against_f32_cache_cuda(model_path, cu, monkeypatch):
         monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
     else:
         monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
-    # 16-token chunks: a sliding ring of 144 rows, wrapped by 160 tokens (the emulator is slow)
-    check_accuracy(accuracy(model_path, n_prompt=160, n_batch=16, device="cuda", exact=True))
+    # a shorter prompt than on the CPU (which also wraps the sliding ring): the emulator is slow
+    check_accuracy(accuracy(model_path, n_prompt=64, device="cuda", exact=True))
 
 
 @pytest.mark.parametrize("cu", [p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])

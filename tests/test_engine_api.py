@@ -30,7 +30,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eng(model):
-    return Engine(model[0], n_ctx=N_CTX, n_threads=2, n_batch=64)
+    # an f32 KV cache: its greedy output is compared with transformers' float32 one
+    return Engine(model[0], n_ctx=N_CTX, n_threads=2, n_batch=64, cache_type_k="f32", cache_type_v="f32")
 
 
 CHAT = [{"role": "system", "content": "You answer in one short sentence."},

@@ -20,6 +20,8 @@ enum pe_type { PE_QUANT_FORMATS(PE_TYPE_ENUM) };
 typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
 /* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
 typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
+/* dst = src[0..n) written in the type (n a multiple of blck_size): the KV cache's store. */
+typedef void (*pe_quantize_row_fn)(const float *src, void *dst, int64_t n);
 
 /* One token's activations for the int8 kernels: n floats (n a multiple of 32), per 32 elements a
  * float scale d = max|x| / 127 and int8 codes q = round-half-away(x / d) (llama.cpp's Q8_0 rounding,
@@ -61,6 +63,7 @@ typedef struct {
     pe_dequant_row_fn dequant_row;  /* best SIMD variant for this CPU */
     pe_dot_f32_fn dot_f32;          /* best SIMD variant for this CPU */
     pe_dot_q8_fn dot_q8;            /* int8-activation rows kernel (AVX-512 VNNI); NULL when absent */
+    pe_quantize_row_fn quantize_row; /* the KV cache types only (F32, F16, BF16, Q8_0); else NULL */
 } pe_type_traits;
 
 /* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */
@@ -83,5 +86,6 @@ int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x
 float pe_fp16_to_fp32(uint16_t h);
 uint16_t pe_fp32_to_fp16(float f);
 float pe_bf16_to_fp32(uint16_t h);
+uint16_t pe_fp32_to_bf16(float f);
 
 #endif

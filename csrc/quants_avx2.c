@@ -53,6 +53,36 @@ PE_FLOAT_DOT(dot_f32, LD_F32, float, PE_IDENTITY)
 PE_FLOAT_DOT(dot_f16, LD_F16, uint16_t, pe_fp16_to_fp32)
 PE_FLOAT_DOT(dot_bf16, LD_BF16, uint16_t, pe_bf16_to_fp32)
 
+/* The KV cache's f16: F16C conversions (round to nearest even, exact as the scalar ones; a signalling
+ * NaN keeps its bits as in pe_fp16_to_fp32, where vcvtph2ps would set its quiet bit). */
+static void dequant_f16(const void *src, float *dst, int64_t n) {
+    const uint16_t *s = src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)(s + i));
+        const __m256i x = _mm256_cvtepu16_epi32(h);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fff)), _mm256_set1_epi32(0x7c00));
+        __m256 f = _mm256_cvtph_ps(h);
+        if (!_mm256_testz_si256(nan, nan)) {
+            const __m256i bits = _mm256_or_si256(
+                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x8000)), 16),
+                                _mm256_set1_epi32(0x7f800000)),
+                _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x3ff)), 13));
+            f = _mm256_blendv_ps(f, _mm256_castsi256_ps(bits), _mm256_castsi256_ps(nan));
+        }
+        _mm256_storeu_ps(dst + i, f);
+    }
+    for (; i < n; i++) dst[i] = pe_fp16_to_fp32(s[i]);
+}
+
+static void quant_f16(const float *src, void *dst, int64_t n) {
+    uint16_t *d = dst;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) d[i] = pe_fp32_to_fp16(src[i]);
+}
+
 /* ---- 32-element blocks: codes as 4 x 8 int8 -> float ------------------------------------------- */
 
 static inline void i8x32_to_ps(__m128i lo16, __m128i hi16, __m256 v[4]) {
@@ -186,7 +216,7 @@ PE_BLOCK_DOT(dot_q6_k, pe_ref_dequant_q6_k, PE_QK_K, 210)
 void pe_kernels_avx2(int type, pe_kernel_set *k) {
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
-    case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
+    case PE_TYPE_F16: k->dequant_row = dequant_f16, k->dot_f32 = dot_f16, k->quantize_row = quant_f16; break;
     case PE_TYPE_BF16: k->dot_f32 = dot_bf16; break;
     case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
     case PE_TYPE_Q4_1: k->dot_f32 = dot_q4_1; break;

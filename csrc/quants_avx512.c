@@ -66,6 +66,55 @@ static void dequant_bf16(const void *src, float *dst, int64_t n) {
     }
 }
 
+/* The KV cache's half types: F16C conversions (round to nearest even, exact as pe_fp32_to_fp16) and
+ * bfloat16 rounding in integer lanes (bit-identical to pe_fp32_to_bf16, subnormals kept). Widening
+ * keeps a signalling NaN's bits as pe_fp16_to_fp32 does (vcvtph2ps would set its quiet bit). */
+static inline __m512 f16_widen(__m256i h) {
+    const __m512i x = _mm512_cvtepu16_epi32(h);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fff)),
+                                                  _mm512_set1_epi32(0x7c00));
+    const __m512 f = _mm512_cvtph_ps(h);
+    if (!nan) return f;
+    const __m512i bits = _mm512_or_si512(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x8000)), 16),
+                                                         _mm512_set1_epi32(0x7f800000)),
+                                         _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x3ff)), 13));
+    return _mm512_mask_mov_ps(f, nan, _mm512_castsi512_ps(bits));
+}
+
+static void dequant_f16(const void *src, float *dst, int64_t n) {
+    const uint16_t *s = src;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, f16_widen(_mm256_loadu_si256((const __m256i *)(s + i))));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(dst + i, m, f16_widen(_mm256_maskz_loadu_epi16(m, s + i)));
+    }
+}
+
+static void quant_f16(const float *src, void *dst, int64_t n) {
+    uint16_t *d = dst;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) d[i] = pe_fp32_to_fp16(src[i]);
+}
+
+static void quant_bf16(const float *src, void *dst, int64_t n) {
+    uint16_t *d = dst;
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i x = _mm512_loadu_si512(src + i);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(bias, odd)), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, abs_mask), inf);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(64)));
+        _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtepi32_epi16(r));
+    }
+    for (; i < n; i++) d[i] = pe_fp32_to_bf16(src[i]);
+}
+
 /* ---- 32-element blocks ----------------------------------------------------------------------- */
 
 static void dequant_q8_0(const void *src, float *dst, int64_t n) {
@@ -373,8 +422,8 @@ void pe_kernels_avx512(int type, pe_kernel_set *k) {
     for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
     case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
-    case PE_TYPE_F16: k->dot_f32 = dot_f16; break;
-    case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16; break;
+    case PE_TYPE_F16: k->dequant_row = dequant_f16, k->dot_f32 = dot_f16, k->quantize_row = quant_f16; break;
+    case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16, k->quantize_row = quant_bf16; break;
     case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
     case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
     case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;

@@ -85,6 +85,7 @@ typedef struct {
     pe_dequant_row_fn dequant_row;
     pe_dot_f32_fn dot_f32;
     pe_dot_q8_fn dot_q8;
+    pe_quantize_row_fn quantize_row;
 } pe_kernel_set;
 
 /* The AVX-512 VNNI int8 rows kernel of a type, or NULL: Q8_0, Q4_0, MXFP4 in dot_q8_avx512.c, the

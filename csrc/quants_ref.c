@@ -211,22 +211,48 @@ PE_REF_DOT_FLOAT(dot_f32, float, PE_IDENTITY)
 PE_REF_DOT_FLOAT(dot_f16, uint16_t, pe_fp16_to_fp32)
 PE_REF_DOT_FLOAT(dot_bf16, uint16_t, pe_bf16_to_fp32)
 
+/* ---- writers of the KV cache types (f32 -> type), as ggml's from_float --------------------------- */
+
+static void quant_f32(const float *src, void *dst, int64_t n) { memcpy(dst, src, (size_t)n * 4); }
+
+static void quant_f16(const float *src, void *dst, int64_t n) {
+    uint16_t *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = pe_fp32_to_fp16(src[i]);
+}
+
+static void quant_bf16(const float *src, void *dst, int64_t n) {
+    uint16_t *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = pe_fp32_to_bf16(src[i]);
+}
+
+/* llama.cpp's quantize_row_q8_0_ref: d = max|x| / 127 (stored as f16), q = round(x / d). */
+static void quant_q8_0(const float *src, void *dst, int64_t n) {
+    pe_block_q8_0 *b = dst;
+    for (int64_t i = 0; i < n / PE_QK; i++, b++, src += PE_QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < PE_QK; j++) amax = fabsf(src[j]) > amax ? fabsf(src[j]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b->d = pe_fp32_to_fp16(d);
+        for (int j = 0; j < PE_QK; j++) b->qs[j] = (int8_t)roundf(src[j] * id);
+    }
+}
+
 void pe_kernels_ref(int type, pe_kernel_set *k) {
     switch (type) {
-    case PE_TYPE_F32: *k = (pe_kernel_set){dequant_f32, dot_f32, NULL}; break;
-    case PE_TYPE_F16: *k = (pe_kernel_set){dequant_f16, dot_f16, NULL}; break;
-    case PE_TYPE_BF16: *k = (pe_kernel_set){dequant_bf16, dot_bf16, NULL}; break;
-    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, NULL}; break;
-    case PE_TYPE_Q4_1: *k = (pe_kernel_set){pe_ref_dequant_q4_1, dot_q4_1, NULL}; break;
-    case PE_TYPE_Q5_0: *k = (pe_kernel_set){pe_ref_dequant_q5_0, dot_q5_0, NULL}; break;
-    case PE_TYPE_Q5_1: *k = (pe_kernel_set){pe_ref_dequant_q5_1, dot_q5_1, NULL}; break;
-    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, NULL}; break;
-    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, NULL}; break;
-    case PE_TYPE_Q2_K: *k = (pe_kernel_set){pe_ref_dequant_q2_k, dot_q2_k, NULL}; break;
-    case PE_TYPE_Q3_K: *k = (pe_kernel_set){pe_ref_dequant_q3_k, dot_q3_k, NULL}; break;
-    case PE_TYPE_Q4_K: *k = (pe_kernel_set){pe_ref_dequant_q4_k, dot_q4_k, NULL}; break;
-    case PE_TYPE_Q5_K: *k = (pe_kernel_set){pe_ref_dequant_q5_k, dot_q5_k, NULL}; break;
-    case PE_TYPE_Q6_K: *k = (pe_kernel_set){pe_ref_dequant_q6_k, dot_q6_k, NULL}; break;
+    case PE_TYPE_F32: *k = (pe_kernel_set){dequant_f32, dot_f32, NULL, quant_f32}; break;
+    case PE_TYPE_F16: *k = (pe_kernel_set){dequant_f16, dot_f16, NULL, quant_f16}; break;
+    case PE_TYPE_BF16: *k = (pe_kernel_set){dequant_bf16, dot_bf16, NULL, quant_bf16}; break;
+    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, NULL, NULL}; break;
+    case PE_TYPE_Q4_1: *k = (pe_kernel_set){pe_ref_dequant_q4_1, dot_q4_1, NULL, NULL}; break;
+    case PE_TYPE_Q5_0: *k = (pe_kernel_set){pe_ref_dequant_q5_0, dot_q5_0, NULL, NULL}; break;
+    case PE_TYPE_Q5_1: *k = (pe_kernel_set){pe_ref_dequant_q5_1, dot_q5_1, NULL, NULL}; break;
+    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, NULL, quant_q8_0}; break;
+    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, NULL, NULL}; break;
+    case PE_TYPE_Q2_K: *k = (pe_kernel_set){pe_ref_dequant_q2_k, dot_q2_k, NULL, NULL}; break;
+    case PE_TYPE_Q3_K: *k = (pe_kernel_set){pe_ref_dequant_q3_k, dot_q3_k, NULL, NULL}; break;
+    case PE_TYPE_Q4_K: *k = (pe_kernel_set){pe_ref_dequant_q4_k, dot_q4_k, NULL, NULL}; break;
+    case PE_TYPE_Q5_K: *k = (pe_kernel_set){pe_ref_dequant_q5_k, dot_q5_k, NULL, NULL}; break;
+    case PE_TYPE_Q6_K: *k = (pe_kernel_set){pe_ref_dequant_q6_k, dot_q6_k, NULL, NULL}; break;
     default: break;
     }
 }

@@ -12,9 +12,10 @@ cdef extern from "matmul.h":
 
 cdef extern from "attention.h":
     ctypedef struct pe_kv_layer:
-        float *k
-        float *v
+        uint8_t *k
+        uint8_t *v
         int64_t n_slots
+        int type_k, type_v
 
 cdef extern from "moe.h":
     ctypedef struct pe_moe:

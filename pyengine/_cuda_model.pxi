@@ -4,7 +4,8 @@
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-from pyengine._model import KVCache, sequence_tokens
+from pyengine._model import (DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, KVCache, kv_cache_type, kv_row_bytes,
+                             sequence_tokens)
 from pyengine.log import logger
 
 cdef extern from "quants.h":
@@ -52,9 +53,10 @@ cdef extern from "gptoss_cuda.h":
         int first_gpu_layer
         const pe_model *cpu
     ctypedef struct pe_cu_kv_layer:
-        float *k
-        float *v
+        void *k
+        void *v
         int64_t n_slots
+        int type_k, type_v
     ctypedef struct pe_cu_seq:
         pe_cu_kv_layer *kv
         pe_kv_layer *cpu_kv
@@ -290,8 +292,9 @@ cdef class CudaModel:
             op += 1
         return out
 
-    def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
-        return self.cpu.kv_bytes_per_token(n_batch)
+    def kv_bytes_per_token(self, int64_t n_batch=512, type_k=DEFAULT_KV_CACHE_TYPE,
+                           type_v=DEFAULT_KV_CACHE_TYPE) -> tuple:
+        return self.cpu.kv_bytes_per_token(n_batch, type_k, type_v)
 
     @property
     def cache_layout(self) -> tuple:
@@ -366,11 +369,12 @@ cdef class CudaModel:
 
 
 cdef class CudaKVCache:
-    """f32 K and V rings per GPU layer in device memory (n_ctx rows for full layers, window + n_batch
-    for sliding ones, as the CPU KVCache), plus a CPU KVCache for the layers the CPU runs."""
+    """K and V rings per GPU layer in device memory, in the element types type_k / type_v (n_ctx rows
+    for full layers, window + n_batch for sliding ones, as the CPU KVCache), plus a CPU KVCache of the
+    same types for the layers the CPU runs."""
     cdef readonly CudaModel model
     cdef readonly int64_t n_ctx
-    cdef readonly object n_slots, layout, cpu_cache
+    cdef readonly object n_slots, layout, cpu_cache, type_k, type_v
     cdef object bufs
     cdef pe_cu_kv_layer *layers
     cdef readonly int64_t nbytes
@@ -378,36 +382,43 @@ cdef class CudaKVCache:
     def __cinit__(self):
         self.layers = NULL
 
-    def __init__(self, CudaModel model, int64_t n_ctx, int64_t n_batch):
+    def __init__(self, CudaModel model, int64_t n_ctx, int64_t n_batch, type_k=DEFAULT_KV_CACHE_TYPE,
+                 type_v=DEFAULT_KV_CACHE_TYPE):
         cdef int l, L = model.m.n_layer
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError("n_ctx and n_batch must be positive")
+        self.type_k, self.type_v = kv_cache_type(type_k, "type_k"), kv_cache_type(type_v, "type_v")
+        cdef int64_t kv_dim = model.m.n_head_kv * model.m.head_dim, slots
+        cdef int64_t row_k = kv_row_bytes(self.type_k, kv_dim, model.m.head_dim)
+        cdef int64_t row_v = kv_row_bytes(self.type_v, kv_dim, model.m.head_dim)
         _check(pe_cu_set_device(model.device))
         self.model = model
         self.n_ctx = n_ctx
         self.layout = model.cache_layout
-        self.cpu_cache = KVCache(model.cpu, n_ctx, n_batch) if model.first_gpu_layer > 0 else None
+        self.cpu_cache = (KVCache(model.cpu, n_ctx, n_batch, self.type_k, self.type_v)
+                          if model.first_gpu_layer > 0 else None)
         self.bufs, self.n_slots = [], []
         self.nbytes = 0
         self.layers = <pe_cu_kv_layer *> malloc(L * sizeof(pe_cu_kv_layer))
         if self.layers == NULL:
             raise MemoryError()
         memset(self.layers, 0, L * sizeof(pe_cu_kv_layer))
-        cdef int64_t kv_dim = model.m.n_head_kv * model.m.head_dim, slots
         cdef DevBuf k, v
         for l in range(L):
             slots = min(n_ctx, model.m.window + n_batch) if self.layout[3][l] else n_ctx
             self.n_slots.append(slots)
             if l < model.first_gpu_layer:
                 continue
-            k, v = DevBuf(slots * kv_dim * 4), DevBuf(slots * kv_dim * 4)
+            k, v = DevBuf(slots * row_k), DevBuf(slots * row_v)
             k.zero()
             v.zero()
             self.bufs += [k, v]
             self.nbytes += k.nbytes + v.nbytes
-            self.layers[l].k = <float *> k.p
-            self.layers[l].v = <float *> v.p
+            self.layers[l].k = k.p
+            self.layers[l].v = v.p
             self.layers[l].n_slots = slots
+            self.layers[l].type_k = KV_CACHE_TYPES[self.type_k]
+            self.layers[l].type_v = KV_CACHE_TYPES[self.type_v]
 
     def __dealloc__(self):
         free(self.layers)

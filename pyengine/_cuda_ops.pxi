@@ -25,13 +25,13 @@ cdef extern from "ops_cuda.h" nogil:
                           void *stream)
 
 cdef extern from "attention_cuda.h" nogil:
-    int pe_cu_kv_store(float *kc, float *vc, int64_t n_slots, const float *k, const float *v, int64_t ld,
-                       int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream)
+    int pe_cu_kv_store(void *kc, void *vc, int type_k, int type_v, int64_t n_slots, const float *k,
+                       const float *v, int64_t ld, int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream)
     size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, int64_t max_keys)
     int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
-                        const float *kc, const float *vc, int64_t n_slots, int n_head, int n_head_kv,
-                        int head_dim, int64_t window, const float *sinks, int64_t max_keys, float *scratch,
-                        void *stream)
+                        const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                        int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
+                        float *scratch, void *stream)
 
 
 cdef inline float *_cuk_f(buf):
@@ -181,21 +181,41 @@ def moe_combine(slots, wts):
     return dy.download(shape, np.float32)
 
 
-def kv_store(kc, vc, rows, int64_t k_col, int64_t v_col, positions, int64_t kv_dim):
-    """Copies of the caches kc, vc (n_slots, kv_dim) with row pos[t] % n_slots set to columns
-    k_col.. / v_col.. (kv_dim each) of row t of rows (n_tok, ld), e.g. fused q|k|v projections."""
-    kc = _cuk_arr(kc, np.float32, 2, "kc")
-    vc = _cuk_arr(vc, np.float32, 2, "vc")
+def _cuk_cache(c, type_name, int64_t kv_dim, int64_t head_dim, str name):
+    """A cache argument as its raw rows: float32 (n_slots, kv_dim) for f32, else uint8 (n_slots, row
+    bytes) in the type's layout (as pyengine._model.KVCache stores it)."""
+    type_name = kv_cache_type(type_name, name)
+    if type_name == "f32":
+        c = _cuk_arr(c, np.float32, 2, name)
+        ok = c.shape[1] == kv_dim
+    else:
+        c = _cuk_arr(c, np.uint8, 2, name)
+        ok = c.shape[1] == kv_row_bytes(type_name, kv_dim, head_dim)
+    if not ok:
+        raise ValueError(f"{name} rows do not hold {kv_dim} elements of {type_name}")
+    return c, KV_CACHE_TYPES[type_name]
+
+
+def kv_store(kc, vc, rows, int64_t k_col, int64_t v_col, positions, int64_t kv_dim, type_k="f32",
+             type_v="f32", int64_t head_dim=0):
+    """Copies of the caches kc, vc (raw rows, see _cuk_cache) with row pos[t] % n_slots set to columns
+    k_col.. / v_col.. (kv_dim each) of row t of rows (n_tok, ld), e.g. fused q|k|v projections, written in
+    type_k / type_v (head_dim: the head length, for the block check; 0: kv_dim)."""
+    head_dim = head_dim or kv_dim
+    if kv_dim <= 0 or head_dim <= 0 or kv_dim % head_dim:
+        raise ValueError("shape mismatch")
+    kc, tk = _cuk_cache(kc, type_k, kv_dim, head_dim, "kc")
+    vc, tv = _cuk_cache(vc, type_v, kv_dim, head_dim, "vc")
     rows = _cuk_arr(rows, np.float32, 2, "rows")
     pos = _cuk_arr(positions, np.int64, 1, "positions")
     ld = rows.shape[1]
-    if (kv_dim <= 0 or kc.shape[1] != kv_dim or vc.shape != kc.shape or not 0 <= k_col <= ld - kv_dim
-            or not 0 <= v_col <= ld - kv_dim or pos.shape[0] != rows.shape[0] or pos.min() < 0):
+    if (vc.shape[0] != kc.shape[0] or not 0 <= k_col <= ld - kv_dim or not 0 <= v_col <= ld - kv_dim
+            or pos.shape[0] != rows.shape[0] or pos.min() < 0):
         raise ValueError("shape mismatch")
     dkc, dvc, dr, dp = _dev_upload(kc), _dev_upload(vc), _dev_upload(rows), _dev_upload(pos)
-    _check(pe_cu_kv_store(_cuk_f(dkc), _cuk_f(dvc), kc.shape[0], _cuk_f(dr) + k_col, _cuk_f(dr) + v_col, ld,
-                          rows.shape[0], _cuk_i64(dp), kv_dim, NULL))
-    return dkc.download(kc.shape, np.float32), dvc.download(vc.shape, np.float32)
+    _check(pe_cu_kv_store(<void *><uintptr_t>dkc.ptr, <void *><uintptr_t>dvc.ptr, tk, tv, kc.shape[0],
+                          _cuk_f(dr) + k_col, _cuk_f(dr) + v_col, ld, rows.shape[0], _cuk_i64(dp), kv_dim, NULL))
+    return dkc.download(kc.shape, kc.dtype), dvc.download(vc.shape, vc.dtype)
 
 
 def attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, int64_t max_keys):
@@ -204,28 +224,29 @@ def attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, int64_t ma
 
 
 def attention(q, positions, kc, vc, int n_head, int n_head_kv, int head_dim, int64_t window, sinks,
-              int64_t max_keys, int64_t ldo=0):
+              int64_t max_keys, int64_t ldo=0, type_k="f32", type_v="f32"):
     """Attention of q (n_tok, ldq; heads in the first n_head*head_dim columns) at positions over the
-    ring caches kc, vc (n_slots, n_head_kv*head_dim); out (n_tok, ldo or n_head*head_dim)."""
+    ring caches kc, vc (n_slots rows of n_head_kv*head_dim elements of type_k / type_v, raw rows as in
+    kv_store); out (n_tok, ldo or n_head*head_dim)."""
     q = _cuk_arr(q, np.float32, 2, "q")
     pos = _cuk_arr(positions, np.int64, 1, "positions")
-    kc = _cuk_arr(kc, np.float32, 2, "kc")
-    vc = _cuk_arr(vc, np.float32, 2, "vc")
+    if n_head <= 0 or n_head_kv <= 0 or not 0 < head_dim <= 256:
+        raise ValueError("shape mismatch")
+    kc, tk = _cuk_cache(kc, type_k, n_head_kv * head_dim, head_dim, "kc")
+    vc, tv = _cuk_cache(vc, type_v, n_head_kv * head_dim, head_dim, "vc")
     sinks = _cuk_arr(sinks, np.float32, 1, "sinks")
     q_dim = n_head * head_dim
     if ldo == 0:
         ldo = q_dim
-    if (n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or not 0 < head_dim <= 256
-            or q.shape[1] < q_dim or ldo < q_dim or pos.shape[0] != q.shape[0] or pos.min() < 0
-            or kc.shape[1] != n_head_kv * head_dim or vc.shape != kc.shape or sinks.shape[0] != n_head
-            or window < 0 or max_keys <= 0):
+    if (n_head % n_head_kv or q.shape[1] < q_dim or ldo < q_dim or pos.shape[0] != q.shape[0] or pos.min() < 0
+            or vc.shape[0] != kc.shape[0] or sinks.shape[0] != n_head or window < 0 or max_keys <= 0):
         raise ValueError("shape mismatch")
     n_tok = q.shape[0]
     scratch = pe_cu_attention_scratch_floats(n_tok, n_head, head_dim, max_keys)
     dq, dp, dkc, dvc, ds = _dev_upload(q), _dev_upload(pos), _dev_upload(kc), _dev_upload(vc), _dev_upload(sinks)
     dsc = _dev_upload(np.zeros(scratch, np.float32))
     dout = _dev_upload(np.zeros((n_tok, ldo), np.float32))
-    _check(pe_cu_attention(_cuk_f(dout), ldo, _cuk_f(dq), q.shape[1], n_tok, _cuk_i64(dp), _cuk_f(dkc),
-                           _cuk_f(dvc), kc.shape[0], n_head, n_head_kv, head_dim, window, _cuk_f(ds), max_keys,
-                           _cuk_f(dsc), NULL))
+    _check(pe_cu_attention(_cuk_f(dout), ldo, _cuk_f(dq), q.shape[1], n_tok, _cuk_i64(dp),
+                           <const void *><uintptr_t>dkc.ptr, <const void *><uintptr_t>dvc.ptr, tk, tv, kc.shape[0],
+                           n_head, n_head_kv, head_dim, window, _cuk_f(ds), max_keys, _cuk_f(dsc), NULL))
     return dout.download((n_tok, ldo), np.float32)

@@ -23,6 +23,9 @@ cdef extern from "quants.h":
         int type_size
         pe_dequant_row_fn dequant_row
     const pe_type_traits *pe_type_traits_get(int type)
+    size_t pe_row_size(int type, int64_t n)
+    enum:
+        PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0
 
 cdef extern from "matmul.h":
     int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
@@ -151,39 +154,74 @@ def sequence_tokens(tokens, int64_t n_past, cache, int64_t n_vocab, int64_t wind
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+# ---- KV cache element types ----------------------------------------------------------------------
+
+# llama.cpp's --cache-type-k/v names; the ids and block geometry come from csrc/quant_formats.h.
+KV_CACHE_TYPES = {"f32": PE_TYPE_F32, "f16": PE_TYPE_F16, "bf16": PE_TYPE_BF16, "q8_0": PE_TYPE_Q8_0}
+DEFAULT_KV_CACHE_TYPE = "f16"
+
+
+def kv_cache_type(value, what="cache type") -> str:
+    """The KV cache type name `value` stands for (f32, f16, bf16, q8_0; any case), or ValueError."""
+    name = value.lower() if isinstance(value, str) else value
+    if name not in KV_CACHE_TYPES:
+        raise ValueError(f"{what}: unknown KV cache type {value!r} (choose one of "
+                         f"{', '.join(KV_CACHE_TYPES)})")
+    return name
+
+
+def kv_row_bytes(name, int64_t n, int64_t head_dim) -> int:
+    """Bytes of one cache row of n elements of the type `name`, whose heads of head_dim elements
+    must be whole blocks (Q8_0: 32 elements)."""
+    cdef int t = KV_CACHE_TYPES[kv_cache_type(name)]
+    cdef int blck = pe_type_traits_get(t).blck_size
+    if head_dim % blck or n % head_dim:
+        raise ValueError(f"KV cache type {name} needs heads of a multiple of {blck} elements; "
+                         f"this model's are {head_dim}")
+    return pe_row_size(t, n)
+
+
 # ---- the model -----------------------------------------------------------------------------------
 
 cdef class KVCache:
-    """f32 K and V rings per layer: n_ctx rows for full layers, window + n_batch for sliding ones
-    (allocated zeroed and lazily, so untouched pages cost no memory)."""
+    """K and V rings per layer, in the element types type_k and type_v (KV_CACHE_TYPES): n_ctx rows
+    for full layers, window + n_batch for sliding ones (allocated zeroed and lazily, so untouched
+    pages cost no memory)."""
     cdef public object k, v
     cdef public int64_t n_ctx
     cdef public object n_slots
     cdef readonly object layout   # the model shape this cache fits (Model.cache_layout)
+    cdef readonly str type_k, type_v
     cdef pe_kv_layer *layers
     cdef int n_layer
 
-    def __cinit__(self, Model model, int64_t n_ctx, int64_t n_batch):
+    def __cinit__(self, Model model, int64_t n_ctx, int64_t n_batch, type_k=DEFAULT_KV_CACHE_TYPE,
+                  type_v=DEFAULT_KV_CACHE_TYPE):
         cdef int l
         if n_ctx <= 0 or n_batch <= 0:
             raise ValueError("n_ctx and n_batch must be positive")
+        self.type_k, self.type_v = kv_cache_type(type_k, "type_k"), kv_cache_type(type_v, "type_v")
+        kv_dim = model.m.n_head_kv * model.m.head_dim
+        row_k = kv_row_bytes(self.type_k, kv_dim, model.m.head_dim)
+        row_v = kv_row_bytes(self.type_v, kv_dim, model.m.head_dim)
         self.n_layer = model.m.n_layer
         self.n_ctx = n_ctx
         self.layout = model.cache_layout
         self.k, self.v, self.n_slots = [], [], []
-        kv_dim = model.m.n_head_kv * model.m.head_dim
         for l in range(self.n_layer):
             slots = min(n_ctx, model.m.window + n_batch) if model.c_layers[l].sliding else n_ctx
             self.n_slots.append(slots)
-            self.k.append(np.zeros((slots, kv_dim), dtype=np.float32))
-            self.v.append(np.zeros((slots, kv_dim), dtype=np.float32))
+            self.k.append(np.zeros((slots, row_k), dtype=np.uint8))
+            self.v.append(np.zeros((slots, row_v), dtype=np.uint8))
         self.layers = <pe_kv_layer *> malloc(self.n_layer * sizeof(pe_kv_layer))
         if self.layers == NULL:
             raise MemoryError()
         for l in range(self.n_layer):
-            self.layers[l].k = <float *> cnp.PyArray_DATA(self.k[l])
-            self.layers[l].v = <float *> cnp.PyArray_DATA(self.v[l])
+            self.layers[l].k = <uint8_t *> cnp.PyArray_DATA(self.k[l])
+            self.layers[l].v = <uint8_t *> cnp.PyArray_DATA(self.v[l])
             self.layers[l].n_slots = self.n_slots[l]
+            self.layers[l].type_k = KV_CACHE_TYPES[self.type_k]
+            self.layers[l].type_v = KV_CACHE_TYPES[self.type_v]
 
     def __dealloc__(self):
         free(self.layers)
@@ -326,9 +364,12 @@ cdef class Model:
         part of split models; valid while this object lives)."""
         return <uintptr_t> &self.m
 
-    def kv_bytes_per_token(self, int64_t n_batch=512) -> tuple:
-        """(bytes per context position of the full layers, fixed bytes of the sliding rings)."""
-        row = 2 * 4 * self.m.n_head_kv * self.m.head_dim
+    def kv_bytes_per_token(self, int64_t n_batch=512, type_k=DEFAULT_KV_CACHE_TYPE,
+                           type_v=DEFAULT_KV_CACHE_TYPE) -> tuple:
+        """(bytes per context position of the full layers, fixed bytes of the sliding rings) of a
+        cache with these K and V element types."""
+        kv_dim, hd = self.m.n_head_kv * self.m.head_dim, self.m.head_dim
+        row = kv_row_bytes(type_k, kv_dim, hd) + kv_row_bytes(type_v, kv_dim, hd)
         n_swa = sum(1 for l in range(self.m.n_layer) if self.c_layers[l].sliding)
         return row * (self.m.n_layer - n_swa), row * n_swa * (self.m.window + n_batch)
 
@@ -506,9 +547,11 @@ def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, in
     return y
 
 
-def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int n_threads=1):
+def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int n_threads=1,
+              type_k="f32", type_v="f32"):
     """Attention of q (n_tok, n_head, hd) at positions pos0.. over keys/values k, v (pos0 + n_tok,
-    n_head_kv, hd) of positions 0.., stored in a ring of n_slots rows first."""
+    n_head_kv, hd) of positions 0.., stored first in a ring of n_slots rows of the cache types
+    type_k / type_v."""
     cdef cnp.ndarray[cnp.float32_t, ndim=3] qa = _f32(q, 3)
     cdef cnp.ndarray[cnp.float32_t, ndim=3] ka = _f32(k, 3)
     cdef cnp.ndarray[cnp.float32_t, ndim=3] va = _f32(v, 3)
@@ -522,12 +565,14 @@ def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int
     need = min(n_pos, window - 1 + n_tok) if window else n_pos
     if n_slots < need:
         raise ValueError(f"a ring of {n_slots} rows cannot hold the {need} positions this needs")
-    cdef cnp.ndarray[cnp.float32_t, ndim=2] kc = np.zeros((n_slots, Hkv * hd), dtype=np.float32)
-    cdef cnp.ndarray[cnp.float32_t, ndim=2] vc = np.zeros((n_slots, Hkv * hd), dtype=np.float32)
+    type_k, type_v = kv_cache_type(type_k, "type_k"), kv_cache_type(type_v, "type_v")
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2] kc = np.zeros((n_slots, kv_row_bytes(type_k, Hkv * hd, hd)), np.uint8)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2] vc = np.zeros((n_slots, kv_row_bytes(type_v, Hkv * hd, hd)), np.uint8)
     cdef pe_kv_layer kv
     kv.k = &kc[0, 0]
     kv.v = &vc[0, 0]
     kv.n_slots = n_slots
+    kv.type_k, kv.type_v = KV_CACHE_TYPES[type_k], KV_CACHE_TYPES[type_v]
     pe_kv_store(&kv, &ka[0, 0, 0], &va[0, 0, 0], n_pos, 0, Hkv * hd)
     cdef cnp.ndarray[cnp.float32_t, ndim=3] out = np.empty_like(qa)
     cdef int rc

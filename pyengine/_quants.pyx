@@ -12,6 +12,7 @@ cdef extern from "quants.h":
         int blck_size
         int type_size
         void *dot_q8
+        void (*quantize_row)(const float *src, void *dst, int64_t n) nogil
     const pe_type_traits *pe_type_traits_get(int type)
     void pe_dequantize_rows(int type, const void *src, int64_t src_stride, float *dst, int64_t n_rows,
                             int64_t n) nogil
@@ -103,6 +104,27 @@ def dot(row, x, int ggml_type) -> float:
     if not isinstance(row, np.ndarray) or row.ndim != 1:
         raise ValueError("row must be a 1-D uint8 array")
     return float(dot_rows(row.reshape(1, -1), x, ggml_type)[0])
+
+
+def quantize_rows(x, int ggml_type):
+    """uint8 (n_rows, row bytes) of the float32 rows x (n_rows, n) written in ggml_type by the KV cache's
+    writer (F32, F16, BF16, Q8_0 only; n a whole number of blocks)."""
+    cdef const pe_type_traits *t = pe_type_traits_get(ggml_type)
+    if t == NULL or t.quantize_row == NULL:
+        raise ValueError(f"ggml type {ggml_type} has no writer (the KV cache types are F32, F16, BF16, Q8_0)")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] % t.blck_size:
+        raise ValueError(f"x must be a 2-D float32 array of rows of whole {t.blck_size}-element blocks")
+    x = np.ascontiguousarray(x)
+    cdef int64_t n = x.shape[1], rb = n // t.blck_size * t.type_size, r
+    out = np.zeros((x.shape[0], rb), dtype=np.uint8)
+    if x.size == 0:
+        return out
+    cdef const float[:, ::1] src = x
+    cdef uint8_t[:, ::1] dst = out
+    with nogil:
+        for r in range(src.shape[0]):
+            t.quantize_row(&src[r, 0], &dst[r, 0], n)
+    return out
 
 
 def has_dot_q8(int ggml_type) -> bool:

@@ -35,6 +35,8 @@ class BenchResult:
     cpu_info: str = field(default_factory=lambda: cpu_name())
     gpu_info: str = ""
     n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
     samples_ns: list[int] = field(default_factory=list)
 
     @property
@@ -140,13 +142,18 @@ def time_test(runner: Runner, n_vocab: int, n_prompt: int, n_gen: int, n_depth: 
 
 
 def markdown(rows: Sequence[BenchResult]) -> str:
-    """llama-bench's table: model | size | params | backend | [ngl |] threads | test | t/s (the ngl
-    column, layers on the GPU, only when a row ran on one)."""
+    """llama-bench's table: model | size | params | backend | [ngl |] threads | [type_k | type_v |] test
+    | t/s (the ngl column, layers on the GPU, only when a row ran on one; the KV cache types only when
+    a row's differ from the f16 default, as llama-bench)."""
     gpu = any(r.n_gpu_layers for r in rows)
-    lines = ["| model | size | params | backend | " + ("ngl | " if gpu else "") + "threads | test | t/s |",
-             "| --- | ---: | ---: | --- | " + ("---: | " if gpu else "") + "---: | ---: | ---: |"]
+    kv = any((r.type_k, r.type_v) != ("f16", "f16") for r in rows)
+    lines = ["| model | size | params | backend | " + ("ngl | " if gpu else "") + "threads | "
+             + ("type_k | type_v | " if kv else "") + "test | t/s |",
+             "| --- | ---: | ---: | --- | " + ("---: | " if gpu else "") + "---: | " + ("---: | ---: | " if kv else "")
+             + "---: | ---: |"]
     for r in rows:
         ngl = f"{r.n_gpu_layers} | " if gpu else ""
+        types = f"{r.type_k} | {r.type_v} | " if kv else ""
         lines.append(f"| {r.model_type} | {r.model_size / 2 ** 30:.2f} GiB | {r.model_n_params / 1e9:.2f} B | "
-                     f"{r.backends} | {ngl}{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
+                     f"{r.backends} | {ngl}{r.n_threads} | {types}{r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
     return "\n".join(lines)

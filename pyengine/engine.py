@@ -12,13 +12,13 @@ import os
 import threading
 from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
 
 from pyengine import constrain, cuda
-from pyengine._model import KVCache, Model
+from pyengine._model import DEFAULT_KV_CACHE_TYPE, KVCache, Model, kv_cache_type
 from pyengine.chat_template import apply_chat_template
 from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
 from pyengine.log import configure, logger
@@ -74,7 +74,7 @@ class Engine:
 
     model: a GGUF path, a model name in `models_dir`, or an open ModelFile. n_ctx: context length
     (None or 0: the model's trained context, capped at 128K and at what half the free memory holds
-    for the f32 KV cache). n_threads: CPU threads (None: physical cores). n_batch: most tokens per
+    for the KV cache in its types). n_threads: CPU threads (None: physical cores). n_batch: most tokens per
     forward call (longer inputs are split). seed: kept for sampling. verbose: debug log lines.
     device: "cpu" (default), "cuda" or "cuda:N": where the forward pass runs (the CUDA backend needs
     pyengine built with nvcc and an NVIDIA GPU; PYENGINE_CUDA_EMULATOR=1 runs the same kernels in the
@@ -90,15 +90,21 @@ class Engine:
     weights that have an int8 kernel on this CPU (AVX-512 VNNI) quantize each token's activations to
     8-bit blocks first and use integer dot products, as llama.cpp does (each product moves by ~0.5 %
     relative; the logits stay well inside llama.cpp's own distance from the reference, see
-    docs/forward.md). F32/F16/BF16 weights are always exact."""
+    docs/forward.md). F32/F16/BF16 weights are always exact. cache_type_k, cache_type_v: element
+    type of the KV cache's keys and values, "f32", "f16" (default, as llama.cpp), "bf16" or "q8_0"
+    (llama-cpp-python's type_k/type_v, llama.cpp's --cache-type-k/v; accuracy against f32 in
+    README.md, "KV cache types")."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
                  verbose: bool = False, n_gpu_layers: int | None = None,
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> None:
         configure(verbose)
+        self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
+        self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")
         if n_threads is not None and int(n_threads) < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if int(n_batch) < 1:
@@ -132,11 +138,13 @@ class Engine:
         self.n_vocab = int(self._model.n_vocab)
         self.n_ctx = self._choose_n_ctx(n_ctx)
         cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
-        self.runner = Runner(self._model, self.n_threads, self.n_batch, cache)
+        self.runner = Runner(self._model, self.n_threads, self.n_batch,
+                             partial(cache, type_k=self.cache_type_k, type_v=self.cache_type_v))
         self._cache = self.runner.new_cache(self.n_ctx)
         self.n_prompt_reused = 0  # prompt tokens the last generation took from the KV cache
-        logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (f32)", self.device,
-                     self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20)
+        logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (K %s, V %s)", self.device,
+                     self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20, self.cache_type_k,
+                     self.cache_type_v)
 
     def _choose_n_ctx(self, n_ctx: int | None) -> int:
         trained = int(self.hparams.n_ctx_train)
@@ -144,7 +152,7 @@ class Engine:
             if n_ctx > trained:
                 logger.warning("n_ctx=%d is larger than the model's trained context %d", n_ctx, trained)
             return int(n_ctx)
-        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch)
+        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
         n = min(trained, MAX_DEFAULT_CTX)
         free = cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
         if free is not None and per_pos:

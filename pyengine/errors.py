@@ -7,3 +7,7 @@ class ModelLoadError(ValueError):
 
 class DeviceError(ModelLoadError):
     """The device the model should run on is not there (no CUDA backend in this build, no GPU)."""
+
+
+class OptionError(ModelLoadError):
+    """A command-line option has a value this engine does not take (e.g. an unknown KV cache type)."""

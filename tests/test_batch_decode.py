@@ -33,16 +33,16 @@ def files(tmp_path_factory):
     return out
 
 
-def engines(path, n: int, **kw) -> list[Engine]:
+def engines(path, n: int, n_threads: int = 2, **kw) -> list[Engine]:
     mf = open_model(path)
-    return [Engine(mf, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=kw.get("n_threads", 2)) for _ in range(n)]
+    return [Engine(mf, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=n_threads, **kw) for _ in range(n)]
 
 
 class Batch:
     """n caches over one engine's runner (the node's layout: one model, a cache per slot)."""
 
-    def __init__(self, path, n: int, n_threads: int = 2) -> None:
-        self.eng = Engine(open_model(path), n_ctx=N_CTX, n_batch=N_BATCH, n_threads=n_threads)
+    def __init__(self, path, n: int, n_threads: int = 2, **kw) -> None:
+        self.eng = Engine(open_model(path), n_ctx=N_CTX, n_batch=N_BATCH, n_threads=n_threads, **kw)
         self.caches = [self.eng.runner.new_cache(N_CTX) for _ in range(n)]
 
     def eval(self, tokens):
@@ -101,18 +101,20 @@ def test_batched_decode_is_bit_identical_to_single_sequences(files, wtype):
 def test_quantized_batched_prompt_chunks_match_within_rounding(files):
     # More than 8 tokens dequantize tiles of rows and dot in f32: a different summation order
     # than the fused dot, so a decode step that shares its pass with a prompt chunk matches its
-    # single-sequence logits up to rounding (the forward branch's batch/one-token bound, 1e-4).
-    path = files["q8_0"]
+    # single-sequence logits up to rounding. An f32 KV cache: an f16 one rounds those differences to
+    # whole f16 steps of K and V. The bound: this chaotic 3-layer model turns rounding-order changes
+    # anywhere (e.g. the SIMD q.k dot of the attention loop) into 1e-7 .. 3e-4 here.
+    path, f32_kv = files["q8_0"], dict(cache_type_k="f32", cache_type_v="f32")
     ps = prompts(300)
     more = [[5], list(range(40)), [7], [9]]
     ref = []
-    for eng, p, m in zip(engines(path, 4), ps, more):
+    for eng, p, m in zip(engines(path, 4, **f32_kv), ps, more):
         eng.eval(p)
         ref.append(eng.eval(m))
-    batch = Batch(path, 4)
+    batch = Batch(path, 4, **f32_kv)
     batch.eval_each(ps)
     for g, r in zip(batch.eval(more), ref):
-        assert rel(g, r) < 1e-4
+        assert rel(g, r) < 5e-4
         assert np.argmax(g) == np.argmax(r)
 
 

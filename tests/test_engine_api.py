@@ -30,7 +30,8 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eng(model):
-    return Engine(model[0], n_ctx=N_CTX, n_threads=2, n_batch=64)
+    # an f32 KV cache: its greedy output is compared with transformers' float32 one
+    return Engine(model[0], n_ctx=N_CTX, n_threads=2, n_batch=64, cache_type_k="f32", cache_type_v="f32")
 
 
 CHAT = [{"role": "system", "content": "You answer in one short sentence."},
@@ -90,7 +91,7 @@ def test_prefix_cache_reuses_the_conversation_and_agrees_with_a_fresh_context(mo
     prompt2 = eng.apply_chat_template(turn2)
     reused = list(eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
     assert eng.n_prompt_reused > WINDOW  # the first turn came from the cache, past the sliding window
-    fresh_eng = Engine(model[0], n_ctx=N_CTX, n_threads=1)
+    fresh_eng = Engine(model[0], n_ctx=N_CTX, n_threads=1, cache_type_k=eng.cache_type_k, cache_type_v=eng.cache_type_v)
     fresh = list(fresh_eng.generate(prompt2, max_tokens=10, temperature=0, logprobs=0, stop_token_ids=()))
     assert [e.id for e in reused] == [e.id for e in fresh]
     np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], rtol=1e-4, atol=1e-4)

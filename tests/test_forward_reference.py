@@ -21,6 +21,7 @@ from gptoss_reference import hf_logits, hf_model_from_gguf_weights, to_float64  
 import pyengine  # noqa: E402
 
 N_TOK = 400
+F32_KV = dict(cache_type_k="f32", cache_type_v="f32")  # the exact math (the f16 default: test_kv_cache_types.py)
 N_LAYER = 3
 
 
@@ -54,7 +55,7 @@ def reference(eng, weights, toks):
 
 def test_f32_matches_transformers(models):
     path, w = models[("f32", "f32")]
-    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=64)  # 64-token chunks: the SWA ring wraps
+    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=64, **F32_KV)  # 64-token chunks: SWA ring wraps
     toks = prompt(eng.n_vocab)
     got = eng.logits(toks)
     assert got.shape == (N_TOK, eng.n_vocab) and got.dtype == np.float32
@@ -74,7 +75,7 @@ def test_quantized_matches_transformers_on_dequantized_weights(models, types):
     toks = prompt(300, seed=1)
     ref = reference(pyengine.Engine(path, n_ctx=1024), w, toks)[0]
     for opts, bound in ((dict(exact=True), 1e-4), ({}, 1e-2), (dict(n_batch=8), 1e-2)):
-        err = rel(pyengine.Engine(path, n_ctx=1024, n_threads=2, **opts).logits(toks), ref)
+        err = rel(pyengine.Engine(path, n_ctx=1024, n_threads=2, **opts, **F32_KV).logits(toks), ref)
         print(f"{types} {opts}: engine vs transformers(float64, dequantized weights) {err:.2e}")
         assert err <= bound
 
@@ -126,7 +127,7 @@ def test_ollama_layouts_give_identical_logits(tmp_path, etype):
     for layout, arch in (("llama.cpp", "gpt-oss"), ("ollama-gen2", "gptoss"), ("ollama-gen1", "gptoss")):
         path = tmp_path / f"{layout}.gguf"
         w = write_gptoss_gguf(path, arch=arch, layout=layout, wtype="q8_0", expert_type=etype, n_layer=2)
-        eng = pyengine.Engine(path, n_ctx=512, n_threads=2)
+        eng = pyengine.Engine(path, n_ctx=512, n_threads=2, **F32_KV)
         logits[layout] = eng.logits(toks)
         if layout == "ollama-gen1":  # BF16 expert biases: other values, so check against transformers
             assert rel(logits[layout], reference(eng, w, toks)[0]) <= 1e-2  # int8 activations: ~1.5e-3
@@ -165,7 +166,7 @@ np.save(sys.argv[3], np.array(ll.scores[:len(toks)], dtype=np.float32))
 def test_no_further_from_transformers_than_llama_cpp(models, types, tmp_path):
     pytest.importorskip("llama_cpp")
     path, w = models[types]
-    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2)
+    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, **F32_KV)  # llama.cpp keeps its f16 default
     toks = prompt(eng.n_vocab, n=200, seed=6)
     out = tmp_path / "llama.npy"
     # a subprocess: a crash inside llama.cpp must not take the test run with it

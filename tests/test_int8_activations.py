@@ -157,9 +157,11 @@ def test_int8_logits_match_transformers_float64(model):
 
     path, weights = model
     toks = tokens(160, 1)                          # beyond the 128-token sliding window
-    # n_batch=8: every product of every chunk takes the row-wise (int8) path
-    on = Engine(path, n_ctx=256, n_threads=2, n_batch=8)
-    off = Engine(path, n_ctx=256, n_threads=2, n_batch=8, exact=True)
+    # n_batch=8: every product of every chunk takes the row-wise (int8) path; an f32 KV cache: the
+    # activations' rounding alone is measured
+    kv = dict(cache_type_k="f32", cache_type_v="f32")
+    on = Engine(path, n_ctx=256, n_threads=2, n_batch=8, **kv)
+    off = Engine(path, n_ctx=256, n_threads=2, n_batch=8, exact=True, **kv)
     got_on, got_off = on.logits(toks), off.logits(toks)
     hf = to_float64(hf_model_from_gguf_weights(weights, on.hparams), on.hparams)
     exact = hf_logits(hf, toks)

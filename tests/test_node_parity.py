@@ -73,7 +73,8 @@ def test_ctx_size_is_split_across_slots_and_props_reports_both(node, model_path)
     assert props["model"]["quantization"] in ("Q8_0", "MXFP4", "F32")
     assert props["build_info"]["version"] and props["build_info"]["cpu_features"]
     assert props["device"] == "cpu" and props["n_threads"] == 2
-    assert props["cache_type_k"] == props["cache_type_v"] == "f32" and props["webui"] is True  # the page is on unless --no-webui
+    assert props["cache_type_k"] == props["cache_type_v"] == "f16"  # llama.cpp's default
+    assert props["webui"] is True  # the page is on unless --no-webui
     slots = httpx.get(f"{url}/slots", headers=auth()).json()
     assert [s["id"] for s in slots] == list(range(N_SLOTS))
     assert all(s["n_ctx"] == props["n_ctx_slot"] and not s["is_processing"] for s in slots)

@@ -9,6 +9,7 @@
  * double, like the CPU) and writes the output. */
 #include "compat.h"
 #include "attention_cuda.h"
+#include "quant_dev.cuh"
 
 #define CUK_ATT_MAX_DIM 256
 #define CUK_ATT_DIMS_PER_LANE (CUK_ATT_MAX_DIM / 32)
@@ -38,27 +39,111 @@ static int cuk_att_heads_per_block(int group) {
     return 1;
 }
 
-PE_GLOBAL void cuk_kv_store_kernel(float *kc, float *vc, int64_t n_slots, const float *k, const float *v, int64_t ld,
-                                   const int64_t *pos, int64_t kv_dim) {
-    const int64_t t = blockIdx.x;
-    int64_t slot = pos[t] % n_slots;
-    if (slot < 0) slot += n_slots;
-    float *kd = kc + slot * kv_dim, *vd = vc + slot * kv_dim;
-    const float *ks = k + t * ld, *vs = v + t * ld;
-    for (int64_t c = threadIdx.x; c < kv_dim; c += blockDim.x) {
-        kd[c] = ks[c];
-        vd[c] = vs[c];
+/* ---- the cache's element types (llama.cpp's --cache-type-k/v): F32, F16, BF16, Q8_0 ------------- */
+
+static int cuk_kv_type_ok(int type) {
+    return type == CUQ_F32 || type == CUQ_F16 || type == CUQ_BF16 || type == CUQ_Q8_0;
+}
+
+/* Bytes of a cache row of n elements (n a multiple of the type's block). */
+PE_HOSTDEV inline int64_t cuk_kv_row_bytes(int type, int64_t n) {
+    switch (type) {
+    case CUQ_F16: return n / cuq_traits<CUQ_F16>::blck * cuq_traits<CUQ_F16>::size;
+    case CUQ_BF16: return n / cuq_traits<CUQ_BF16>::blck * cuq_traits<CUQ_BF16>::size;
+    case CUQ_Q8_0: return n / cuq_traits<CUQ_Q8_0>::blck * cuq_traits<CUQ_Q8_0>::size;
+    default: return n / cuq_traits<CUQ_F32>::blck * cuq_traits<CUQ_F32>::size;
     }
 }
 
-int pe_cu_kv_store(float *kc, float *vc, int64_t n_slots, const float *k, const float *v, int64_t ld,
-                   int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream) {
-    if (n_slots <= 0 || n_tok < 0 || n_tok > CUK_INT_LIMIT || kv_dim <= 0 || ld < kv_dim)
+/* Element i of a cache row r (any type above), as the CPU's dequantizers compute it. */
+PE_DEVICE inline float cuk_kv_elem(const uint8_t *r, int type, int64_t i) {
+    switch (type) {
+    case CUQ_F16: return cuq_elem<CUQ_F16>(r + 2 * i, 0);
+    case CUQ_BF16: return cuq_elem<CUQ_BF16>(r + 2 * i, 0);
+    case CUQ_Q8_0: return cuq_elem<CUQ_Q8_0>(r + (i >> 5) * cuq_traits<CUQ_Q8_0>::size, (int)(i & 31));
+    default: return cuq_elem<CUQ_F32>(r + 4 * i, 0);
+    }
+}
+
+PE_DEVICE inline uint32_t cuk_float_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+#endif
+}
+
+/* float -> IEEE half bits, round to nearest even: bit for bit csrc/quants.c's pe_fp32_to_fp16. */
+PE_DEVICE inline uint16_t cuk_f32_to_f16(float f) {
+    const uint32_t x = cuk_float_bits(f), sign = (x >> 16) & 0x8000u, mant = x & 0x7fffffu;
+    const int32_t exp = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0u));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        const uint32_t m = mant | 0x800000u, shift = (uint32_t)(14 - exp);
+        uint32_t half = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)exp << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
+    return (uint16_t)half;
+}
+
+/* float -> bfloat16 bits, round to nearest even, NaN kept quiet (pe_fp32_to_bf16). */
+PE_DEVICE inline uint16_t cuk_f32_to_bf16(float f) {
+    const uint32_t x = cuk_float_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 64);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+
+/* The block's threads write the n floats of src into the cache row dst in its type; Q8_0 one thread
+ * per block of 32, as llama.cpp's quantize_row_q8_0_ref (the CPU's writer, bit for bit). */
+PE_DEVICE inline void cuk_kv_write(uint8_t *dst, int type, const float *src, int64_t n) {
+    if (type == CUQ_Q8_0) {
+        for (int64_t b = threadIdx.x; b < n / 32; b += blockDim.x) {
+            const float *x = src + 32 * b;
+            uint8_t *o = dst + b * cuq_traits<CUQ_Q8_0>::size;
+            float amax = 0.0f;
+            for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            const uint16_t h = cuk_f32_to_f16(d);
+            o[0] = (uint8_t)(h & 255);
+            o[1] = (uint8_t)(h >> 8);
+            for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        }
+        return;
+    }
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+        if (type == CUQ_F16) ((uint16_t *)dst)[c] = cuk_f32_to_f16(src[c]);
+        else if (type == CUQ_BF16) ((uint16_t *)dst)[c] = cuk_f32_to_bf16(src[c]);
+        else ((float *)dst)[c] = src[c];
+    }
+}
+
+PE_GLOBAL void cuk_kv_store_kernel(uint8_t *kc, uint8_t *vc, int type_k, int type_v, int64_t n_slots, const float *k,
+                                   const float *v, int64_t ld, const int64_t *pos, int64_t kv_dim) {
+    const int64_t t = blockIdx.x;
+    int64_t slot = pos[t] % n_slots;
+    if (slot < 0) slot += n_slots;
+    cuk_kv_write(kc + slot * cuk_kv_row_bytes(type_k, kv_dim), type_k, k + t * ld, kv_dim);
+    cuk_kv_write(vc + slot * cuk_kv_row_bytes(type_v, kv_dim), type_v, v + t * ld, kv_dim);
+}
+
+int pe_cu_kv_store(void *kc, void *vc, int type_k, int type_v, int64_t n_slots, const float *k, const float *v,
+                   int64_t ld, int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream) {
+    if (n_slots <= 0 || n_tok < 0 || n_tok > CUK_INT_LIMIT || kv_dim <= 0 || ld < kv_dim || !cuk_kv_type_ok(type_k) ||
+        !cuk_kv_type_ok(type_v) || ((type_k == CUQ_Q8_0 || type_v == CUQ_Q8_0) && kv_dim % 32))
         return (int)cudaErrorInvalidValue;
     if (n_tok == 0) return 0;
     const int threads = kv_dim >= 256 ? 256 : (int)((kv_dim + 31) / 32 * 32);
-    PE_LAUNCH(cuk_kv_store_kernel, (unsigned)n_tok, threads, 0, (cudaStream_t)stream, kc, vc, n_slots, k, v, ld,
-              pos, kv_dim);
+    PE_LAUNCH(cuk_kv_store_kernel, (unsigned)n_tok, threads, 0, (cudaStream_t)stream, (uint8_t *)kc, (uint8_t *)vc,
+              type_k, type_v, n_slots, k, v, ld, pos, kv_dim);
     return (int)cudaGetLastError();
 }
 
@@ -72,9 +157,10 @@ size_t pe_cu_attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, i
  * pos) evenly in whole tiles, so the work spreads over the grid at every position whatever max_keys
  * was; a chunk without keys leaves max = -inf, sum = 0, acc = 0. Shared memory: k [tile][head_dim + 1]
  * (padded: lane i reads row i without bank conflicts), v [tile][head_dim], q [hb][head_dim], p [hb][32]. */
-PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_t *pos, const float *kc,
-                                       const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
-                                       int tile_keys, int64_t window, int64_t n_chunks, float *ml, float *acc_out) {
+PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_t *pos, const uint8_t *kc,
+                                       const uint8_t *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                                       int n_head_kv, int head_dim, int tile_keys, int64_t window, int64_t n_chunks,
+                                       float *ml, float *acc_out) {
     PE_DYN_SHARED(float, smem);
     const int hb = (int)(blockDim.x / 32), group = n_head / n_head_kv;
     float *k_sh = smem, *v_sh = k_sh + tile_keys * (head_dim + 1);
@@ -98,6 +184,7 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
     const int64_t begin = chunk * chunk_len;
     const int64_t end = begin + chunk_len < n_keys ? begin + chunk_len : n_keys;
     const int64_t kv_dim = (int64_t)n_head_kv * head_dim, kv_off = (int64_t)kvh * head_dim;
+    const int64_t row_k = cuk_kv_row_bytes(type_k, kv_dim), row_v = cuk_kv_row_bytes(type_v, kv_dim);
     const float scale = 1.0f / sqrtf((float)head_dim);
     const float *qw = q_sh + warp * head_dim;
     float *pw = p_sh + warp * 32;
@@ -107,11 +194,12 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
     for (int64_t first = begin; first < end; first += tile_keys) {
         const int nk = end - first < tile_keys ? (int)(end - first) : tile_keys;
         __syncthreads(); /* q is written; nobody still reads the previous tile */
-        for (int r = warp; r < nk; r += hb) {
-            const int64_t row = ((lo + first + r) % n_slots) * kv_dim + kv_off;
+        for (int r = warp; r < nk; r += hb) { /* converted to f32 once per tile, for all hb heads */
+            const int64_t slot = (lo + first + r) % n_slots;
+            const uint8_t *kr = kc + slot * row_k, *vr = vc + slot * row_v;
             for (int d = lane; d < head_dim; d += 32) {
-                k_sh[r * (head_dim + 1) + d] = kc[row + d];
-                v_sh[r * head_dim + d] = vc[row + d];
+                k_sh[r * (head_dim + 1) + d] = cuk_kv_elem(kr, type_k, kv_off + d);
+                v_sh[r * head_dim + d] = cuk_kv_elem(vr, type_v, kv_off + d);
             }
         }
         __syncthreads();
@@ -177,11 +265,13 @@ PE_GLOBAL void cuk_attn_merge_kernel(float *out, int64_t ldo, const float *sinks
 }
 
 int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
-                    const float *kc, const float *vc, int64_t n_slots, int n_head, int n_head_kv, int head_dim,
-                    int64_t window, const float *sinks, int64_t max_keys, float *scratch, void *stream) {
+                    const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                    int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys, float *scratch,
+                    void *stream) {
     if (n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 ||
         head_dim > CUK_ATT_MAX_DIM || n_slots <= 0 || window < 0 || max_keys <= 0 ||
-        ldq < (int64_t)n_head * head_dim || ldo < (int64_t)n_head * head_dim)
+        ldq < (int64_t)n_head * head_dim || ldo < (int64_t)n_head * head_dim || !cuk_kv_type_ok(type_k) ||
+        !cuk_kv_type_ok(type_v) || ((type_k == CUQ_Q8_0 || type_v == CUQ_Q8_0) && head_dim % 32))
         return (int)cudaErrorInvalidValue;
     if (n_tok == 0) return 0;
     const int64_t n_chunks = cuk_att_chunks(n_tok, n_head, max_keys), pairs = n_tok * n_head;
@@ -190,8 +280,9 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
     if (blocks > CUK_INT_LIMIT || pairs > CUK_INT_LIMIT) return (int)cudaErrorInvalidValue;
     const size_t smem = ((size_t)tk * (2 * head_dim + 1) + (size_t)hb * (head_dim + 32)) * sizeof(float);
     float *ml = scratch, *acc = scratch + 2 * pairs * n_chunks;
-    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)blocks, 32 * hb, smem, (cudaStream_t)stream, q, ldq, pos, kc, vc,
-              n_slots, n_head, n_head_kv, head_dim, tk, window, n_chunks, ml, acc);
+    PE_LAUNCH(cuk_attn_partial_kernel, (unsigned)blocks, 32 * hb, smem, (cudaStream_t)stream, q, ldq, pos,
+              (const uint8_t *)kc, (const uint8_t *)vc, type_k, type_v, n_slots, n_head, n_head_kv, head_dim, tk, window,
+              n_chunks, ml, acc);
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
     PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo,

@@ -383,11 +383,11 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
                                          m->rope_mscale, s));
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
-            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->n_slots, k + i * qkv_dim, v + i * qkv_dim,
-                                                     qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
+            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
+                                                     v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
             GPT_CU_OP(c, OP_ATTENTION,
                       pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
-                                      kv->k, kv->v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
+                                      kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
                                       L->sliding ? m->window : 0, L->sinks,
                                       gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
         }

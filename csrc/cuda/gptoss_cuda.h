@@ -52,8 +52,9 @@ typedef struct {
 } pe_cu_model;
 
 typedef struct {
-    float *k, *v;                        /* device [n_slots][n_head_kv * head_dim] */
+    void *k, *v;                         /* device [n_slots] rows of n_head_kv * head_dim elements */
     int64_t n_slots;
+    int type_k, type_v;                  /* element types (attention_cuda.h) */
 } pe_cu_kv_layer;
 
 /* One sequence of a forward call (see pe_seq): its GPU cache rows kv[l] for GPU layers, its CPU

@@ -1,4 +1,5 @@
-"""The device flags shared by run, chat, bench, serve and llm-router-node (llama.cpp's spellings)."""
+"""The device and KV cache flags shared by run, chat, bench, serve and llm-router-node (llama.cpp's
+spellings)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,21 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
 def gpu_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine keyword arguments of the device flags."""
     return {"device": args.device or "cpu", "n_gpu_layers": args.n_gpu_layers, "cpu_moe": args.cpu_moe}
+
+
+def cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-type-k", "-ctk", default=None, metavar="TYPE",
+                   help="KV cache type of K: f32, f16 (default), bf16 or q8_0")
+    p.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
+                   help="KV cache type of V: f32, f16 (default), bf16 or q8_0")
+
+
+def cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine keyword arguments of the KV cache flags; an unknown type is an OptionError."""
+    from pyengine._model import DEFAULT_KV_CACHE_TYPE, kv_cache_type
+    from pyengine.errors import OptionError
+    try:
+        return {"cache_type_k": kv_cache_type(args.cache_type_k or DEFAULT_KV_CACHE_TYPE, "--cache-type-k"),
+                "cache_type_v": kv_cache_type(args.cache_type_v or DEFAULT_KV_CACHE_TYPE, "--cache-type-v")}
+    except ValueError as e:
+        raise OptionError(str(e)) from None

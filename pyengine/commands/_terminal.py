@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from pyengine.commands._args import integer, real
-from pyengine.commands._device import gpu_arguments, gpu_options
+from pyengine.commands._device import cache_arguments, cache_options, gpu_arguments, gpu_options
 from pyengine.core import Finished, Request, Sampled, Text, ToolCall
 from pyengine.engine import Engine
 from pyengine.sampling import OPENAI_DEFAULTS, SamplingParams
@@ -49,12 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32 activations in every product (default: int8 activations for quantized "
                         "weights, as llama.cpp; see docs/forward.md)")
     gpu_arguments(p)
+    cache_arguments(p)
 
 
 def open_engine(args: argparse.Namespace) -> Engine:
     return Engine(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
                   verbose=args.verbose, models_dir=args.models_dir, exact=args.exact,
-                  **gpu_options(args))
+                  **gpu_options(args), **cache_options(args))
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:

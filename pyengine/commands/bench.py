@@ -12,7 +12,7 @@ import json
 from pyengine import cuda
 from pyengine.bench import BenchResult, Runner, markdown, model_type, n_params, time_test
 from pyengine.commands._args import integer
-from pyengine.commands._device import gpu_arguments, gpu_options
+from pyengine.commands._device import cache_arguments, cache_options, gpu_arguments, gpu_options
 from pyengine.engine import Engine
 
 
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32 activations in every product (default: int8 activations for quantized "
                         "weights, as llama.cpp; see docs/forward.md)")
     gpu_arguments(p)
+    cache_arguments(p)
 
 
 def device_fields(eng: Engine) -> dict:
@@ -47,11 +48,12 @@ def device_fields(eng: Engine) -> dict:
 def run(args: argparse.Namespace) -> int:
     n_ctx = args.n_depth + max(args.n_prompt, args.n_gen) + 16
     eng = Engine(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=args.batch_size,
-                 models_dir=args.models_dir, exact=args.exact, **gpu_options(args))
+                 models_dir=args.models_dir, exact=args.exact, **gpu_options(args), **cache_options(args))
     runner = Runner(eng.reset, eng.eval)
     base = dict(model_filename=str(eng.model_file.path), model_type=model_type(eng.model_file),
                 model_size=eng.model_file.file_size, model_n_params=n_params(eng.model_file),
-                n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth, **device_fields(eng))
+                n_batch=eng.n_batch, n_threads=eng.n_threads, n_depth=args.n_depth, type_k=eng.cache_type_k,
+                type_v=eng.cache_type_v, **device_fields(eng))
     rows = []
     for n_prompt, n_gen in ((args.n_prompt, 0), (0, args.n_gen)):
         if n_prompt or n_gen:

@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from pyengine.commands._args import Parser, integer, real
-from pyengine.commands._device import gpu_arguments
+from pyengine.commands._device import cache_arguments, cache_options, gpu_arguments
 from pyengine.errors import ModelLoadError
 from pyengine.log import configure
 from pyengine.node.app import create_app
@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-webui", action="store_true", help="do not serve the web page at / (see docs/webui.md)")
     p.add_argument("--verbose", "-v", action="store_true", help="log per-request timing lines")
     gpu_arguments(p)
+    cache_arguments(p)
 
 
 def load_engine_backend(config: NodeConfig) -> Backend:
@@ -164,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                                  max_body_bytes=int(args.max_body_mb * 2**20) if args.max_body_mb else None,
                                  device=args.device, n_gpu_layers=args.n_gpu_layers, cpu_moe=args.cpu_moe,
                                  aliases=args.alias, cors_origins=args.cors_origin,
-                                 chat_template_file=args.chat_template_file, jinja=args.jinja)
+                                 chat_template_file=args.chat_template_file, jinja=args.jinja,
+                                 **cache_options(args))
     config.webui = not args.no_webui
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16 * config.parallel):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16 per slot "

@@ -41,6 +41,8 @@ class NodeConfig:
     chat_template_file: str | None = None
     jinja: bool = False
     webui: bool = True  # GET / serves the web page (off with --no-webui)
+    cache_type_k: str = "f16"  # KV cache element types (-ctk/-ctv), as llama-server's /props reports them
+    cache_type_v: str = "f16"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

@@ -42,7 +42,7 @@ def props(state: NodeState) -> dict[str, Any]:
         "n_ctx": info.n_ctx * n_slots, "n_ctx_slot": info.n_ctx, "total_slots": n_slots,
         "chat_template": backend.chat_template_text(), "build_info": build_info(backend.device),
         "device": backend.device, "n_threads": backend.n_threads,
-        "cache_type_k": "f32", "cache_type_v": "f32",
+        "cache_type_k": state.config.cache_type_k, "cache_type_v": state.config.cache_type_v,
         "model": backend.describe(), "webui": state.config.webui,
     }
 

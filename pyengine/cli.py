@@ -25,6 +25,26 @@ def _terminate(sig: int, frame: object) -> None:
 
 
 def main(argv=None) -> int:
+    return _guarded(_main, argv)
+
+
+def node_main(argv=None) -> int:
+    """`llm-router-node`: pyengine.node.cli's main behind the same start-up Ctrl-C guard."""
+    return _guarded(_node_main, argv)
+
+
+def _node_main(argv, in_main_thread: bool) -> int:
+    from pyengine.node import cli
+
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when inherited ignored
+    if _deferred:
+        raise KeyboardInterrupt
+    return cli.main(argv)
+
+
+def _guarded(body, argv) -> int:
+    """Run body(argv, in_main_thread) with Ctrl-C during imports deferred, and exit codes 130/143."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     _terminated.clear()
     _deferred.clear()
@@ -34,7 +54,7 @@ def main(argv=None) -> int:
         # into another error (pydantic-core's SchemaError), so start-up only notes a Ctrl-C.
         signal.signal(signal.SIGINT, lambda sig, frame: _deferred.append(sig))
     try:
-        code = _main(argv, in_main_thread)
+        code = body(argv, in_main_thread)
     except KeyboardInterrupt:
         code = 130
     finally:

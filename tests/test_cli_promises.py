@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -178,3 +179,42 @@ def test_a_file_that_exists_is_used_whatever_its_name(demo, tmp_path):
     r = cli("run", f"./{folder.name}", "hi", cwd=tmp_path)
     errors = [line for line in r.stderr.splitlines() if not line.startswith("[INFO] ")]
     assert r.returncode == 1 and len(errors) == 1 and "pyengine convert" in errors[0], r.stderr
+
+
+NODE_ENTRY = "import sys; from pyengine.cli import node_main; sys.exit(node_main())"
+
+
+def test_the_node_entry_point_is_guarded_against_ctrl_c_during_its_imports(demo, tmp_path):
+    """`llm-router-node` (pyproject's script, pyengine.cli:node_main) imports the web stack before it
+    can parse a flag; a Ctrl-C at a random moment of that, or of loading, still exits 130 quietly."""
+    rng = random.Random()
+    for _ in range(3):
+        delay = rng.uniform(0, 1.5)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-c", NODE_ENTRY, "-m", str(demo), "--port", str(port), "-t", "1"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not catches_sigint(proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        err = stderr.decode()
+        assert proc.returncode == 130, f"exit {proc.returncode} after {delay:.2f} s\n{err}"
+        assert "Traceback" not in err, err
+
+
+def test_the_kernel_harness_explains_its_flags():
+    """`pyengine-bench-kernels --help` describes every flag (exit 0); an unknown flag is exit 2."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and all(f in r.stdout for f in ("-t THREADS", "-r REPS", "-m MIB", "--bandwidth"))
+    assert len(r.stdout.splitlines()) > 5, r.stdout
+    bad = subprocess.run([exe, "--bogus"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "usage" in bad.stderr

@@ -7,14 +7,14 @@ from gguf_factory import write_gptoss_gguf
 
 SCRIPT = """
 import sys
-import pyengine
+from pyengine import Engine  # the package imports lazily: pay for the modules before measuring
 
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
 
 before = rss()
-eng = pyengine.Engine(sys.argv[1], n_ctx=256, n_threads=1)
+eng = Engine(sys.argv[1], n_ctx=256, n_threads=1)
 after_load = rss()
 eng.eval([1])
 print(after_load - before, rss() - before)

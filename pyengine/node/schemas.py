@@ -266,8 +266,12 @@ class ChatCompletionRequest(_Sampling):
         effort = (self.chat_template_kwargs or {}).get("reasoning_effort")
         if effort is not None and effort not in ("low", "medium", "high"):
             raise ValueError("chat_template_kwargs.reasoning_effort must be low, medium or high")
-        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
+        choice = self.tool_choice
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
             raise ValueError("tool_choice must be none, auto, required or a function object")
+        if isinstance(choice, dict) and not (choice.get("type") == "function" and isinstance(
+                choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
+            raise ValueError('tool_choice must be {"type": "function", "function": {"name": ...}}')
         for m in self.messages:
             m.text()
         return self

@@ -257,7 +257,7 @@ def test_the_api_key_can_stay_out_of_the_command_line(demo, tmp_path, how):
     else:
         (tmp_path / "key").write_text(key + "\n")
         args += ["--api-key-file", str(tmp_path / "key")]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -222,6 +222,22 @@ class _Sampling(_Open):
     grammar: str | None = Field(None, description="GBNF grammar (llama-server); 400 if the parser refuses it")
     json_schema: dict[str, Any] | None = Field(None, description="JSON schema of the answer (llama-server)")
 
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The shape the document publishes (_RESPONSE_FORMAT), on every route that takes it (the
+        schema inside is the grammar parser's to judge, in pyengine.constrain)."""
+        if v is None:
+            return v
+        if "type" in v and v["type"] not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be text, json_object or json_schema")
+        if "schema" in v and not isinstance(v["schema"], (dict, bool)):
+            raise ValueError("response_format.schema must be an object or a boolean")
+        inner = v.get("json_schema", {})
+        if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), (dict, bool)):
+            raise ValueError("response_format.json_schema must be an object whose schema is an object or a boolean")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:

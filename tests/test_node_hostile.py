@@ -276,6 +276,7 @@ def test_the_api_key_can_stay_out_of_the_command_line(demo, tmp_path, how):
         proc.terminate()
         proc.wait(timeout=20)
     r = subprocess.run([sys.executable, "-m", "pyengine.cli", "serve", "--model", str(demo),
-                        "--api-key-file", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+                        "--api-key-file", str(tmp_path / "missing")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("[ERROR] cannot read --api-key-file")
     assert "Traceback" not in r.stderr

@@ -251,6 +251,19 @@ def _history(messages: list[Message]) -> list[dict[str, Any]]:
     return out
 
 
+async def render_chat(backend: Backend, req: ChatCompletionRequest) -> tuple[list[int], list[dict[str, Any]] | None]:
+    """A chat body's prompt token ids and the tools it renders (none with tool_choice "none"); a
+    message the renderer refuses is a 400. Shared by the chat route and /apply-template."""
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
+    except ValueError as e:
+        raise bad_request(f"cannot render these messages: {e}", "messages") from None
+    return prompt, tools
+
+
 def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                start_router: Callable[[NodeState], Any] | None = None) -> FastAPI:
     """The node's ASGI app; `load_backend` runs on a thread at startup, `start_router(state)`
@@ -411,13 +424,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         backend, _ = state.ready()
         check_model(req.model, backend)
         params = _sampling(req, backend.info.n_vocab)
-        tools = None
-        if req.tools and req.tool_choice != "none":
-            tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
-        try:
-            prompt = await run_in_threadpool(backend.render_chat, _history(req.messages), tools, req.effort())
-        except ValueError as e:
-            raise bad_request(f"cannot render these messages: {e}", "messages") from None
+        prompt, tools = await render_chat(backend, req)
         spec = await run_in_threadpool(_constraint, backend, req, tools, req.tool_choice)
         jobs = make_jobs(request, prompt, req, params, True, req.token_limit(), "chat",
                          (req.top_logprobs or 0) if req.logprobs else None, constraint=spec)
@@ -499,7 +506,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         return JSONResponse({"content": await run_in_threadpool(backend.detokenize, req.tokens)})
 
     pulls = Pulls(config)
-    llama_routes.install(app, state, _history)
+    llama_routes.install(app, state, render_chat)
 
     @app.post("/pull")
     async def pull(request: Request) -> JSONResponse:

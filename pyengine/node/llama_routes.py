@@ -7,7 +7,7 @@ need the API key when one is set (RequestIdAndAuth in app.py checks it before th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from pyengine import __version__
-from pyengine.node.schemas import APIError, ApplyTemplateRequest, bad_request, parse_body
+from pyengine.node.schemas import APIError, ApplyTemplateRequest, parse_body
 
 if TYPE_CHECKING:
     from pyengine.node.app import NodeState
@@ -47,8 +47,8 @@ def props(state: NodeState) -> dict[str, Any]:
     }
 
 
-def install(app: FastAPI, state: NodeState, history: Callable[[list[Any]], list[dict[str, Any]]]) -> None:
-    """Register the routes on `app`; `history` normalises chat messages as the chat route does."""
+def install(app: FastAPI, state: NodeState, render_chat: Callable[..., Awaitable[tuple[list[int], Any]]]) -> None:
+    """Register the routes on `app`; `render_chat` turns a chat body into prompt ids as the chat route does."""
 
     @app.get("/props")
     async def get_props() -> JSONResponse:
@@ -64,13 +64,7 @@ def install(app: FastAPI, state: NodeState, history: Callable[[list[Any]], list[
         """The prompt text a chat body renders to (llama-server's route), without generating."""
         req = parse_body(await request.body(), ApplyTemplateRequest)
         backend, _ = state.ready()
-        tools = None
-        if req.tools and req.tool_choice != "none":
-            tools = [t.function.model_dump(exclude_none=True) for t in req.tools]
-        try:
-            ids = await run_in_threadpool(backend.render_chat, history(req.messages), tools, req.effort())
-        except ValueError as e:
-            raise bad_request(f"cannot render these messages: {e}", "messages") from None
+        ids, _ = await render_chat(backend, req)
         return JSONResponse({"prompt": await run_in_threadpool(backend.detokenize, ids)})
 
     @app.get("/v1/models/{model_id:path}")

@@ -111,6 +111,17 @@ def catches_sigint(pid: int) -> bool:
     return bool(mask & (1 << (signal.SIGINT - 1)))
 
 
+def interrupt_after_handler(proc: subprocess.Popen, delay: float) -> bytes:
+    """Send SIGINT `delay` seconds after the process installed its SIGINT handler; its stderr."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not catches_sigint(proc.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=120)[1]
+
+
 def test_ctrl_c_at_a_random_moment_exits_130_quietly(demo, tmp_path):
     """Started with SIGINT ignored, the command line installs its handler as its first step, so
     the moment it does is where its own code begins; the signal comes at random after that, in
@@ -122,13 +133,7 @@ def test_ctrl_c_at_a_random_moment_exits_130_quietly(demo, tmp_path):
         for args in commands:
             delay = rng.uniform(0, 2.5)
             proc = start(*args, cwd=tmp_path, sigint=signal.SIG_IGN)
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and not catches_sigint(proc.pid):
-                assert time.monotonic() < deadline
-                time.sleep(0.002)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=120)
+            stderr = interrupt_after_handler(proc, delay)
             err = stderr.decode()
             what = f"{args[0]} interrupted after {delay:.2f} s: exit {proc.returncode}\n{err}"
             assert proc.returncode in (0, 130), what  # 0: it had finished before the signal
@@ -196,13 +201,7 @@ def test_the_node_entry_point_is_guarded_against_ctrl_c_during_its_imports(demo,
         proc = subprocess.Popen([sys.executable, "-c", NODE_ENTRY, "-m", str(demo), "--port", str(port), "-t", "1"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and not catches_sigint(proc.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
+        stderr = interrupt_after_handler(proc, delay)
         err = stderr.decode()
         assert proc.returncode == 130, f"exit {proc.returncode} after {delay:.2f} s\n{err}"
         assert "Traceback" not in err, err

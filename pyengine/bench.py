@@ -68,14 +68,20 @@ class BenchResult:
         return out
 
 
+# llama.cpp's names of the general.file_type values gpt-oss files carry (llama_model_ftype_name)
+FILE_TYPES = {0: "all F32", 1: "F16", 7: "Q8_0", 15: "Q4_K - Medium", 17: "Q5_K - Medium", 18: "Q6_K",
+              32: "BF16", 38: "MXFP4 MoE"}
+
+
 def model_type(mf: ModelFile) -> str:
-    """llama-bench's model column: architecture, size label, dominant weight type."""
+    """llama-bench's model column: architecture, size label, the file type's name (else the
+    dominant weight type), so that files of one shape but different mixes tell apart."""
     weights: Counter[str] = Counter()
     for t in mf.raw_tensors.values():
         weights[type_name(t.ggml_type)] += t.nbytes
     dominant = weights.most_common(1)[0][0] if weights else "?"
     label = mf.metadata.get("general.size_label") or f"{mf.hparams.n_layer}L"
-    return f"{mf.arch} {label} {dominant}"
+    return f"{mf.arch} {label} {FILE_TYPES.get(mf.metadata.get('general.file_type'), dominant)}"
 
 
 def n_params(mf: ModelFile) -> int:

@@ -93,12 +93,20 @@ def decode_bytes(mf: ModelFile) -> int:
     """Weight bytes one decoded token reads: every tensor once, except the token embedding (one
     row) and the stacked experts (n_expert_used of n_expert). Divided into a measured read
     bandwidth, it gives the decode speed limit (bench/compare_llamacpp.py)."""
+    return step_bytes(mf, [mf.hparams.n_expert_used] * mf.hparams.n_layer)
+
+
+def step_bytes(mf: ModelFile, experts: Sequence[int], n_tokens: int = 1) -> int:
+    """Weight bytes one forward step over n_tokens tokens (a decode step of n_tokens sequences)
+    reads when layer l's tokens were routed to experts[l] distinct experts: every other tensor
+    once, n_tokens embedding rows. Against decode_bytes it bounds what batching can gain when
+    decode is bandwidth-bound (bench/batch_decode.py)."""
     hp, total = mf.hparams, 0
     for name, t in mf.raw_tensors.items():
         if name.startswith("token_embd."):
-            total += t.nbytes // int(t.shape[-1])
+            total += t.nbytes // int(t.shape[-1]) * n_tokens
         elif "_exps." in name and len(t.shape) == 3:
-            total += t.nbytes * hp.n_expert_used // hp.n_expert
+            total += t.nbytes // hp.n_expert * int(experts[int(name.split(".")[1])])
         else:
             total += t.nbytes
     return int(total)

@@ -192,11 +192,12 @@ class _Replan:
         key = (re.sub(r"^blk\.\d+\.", "blk.0.", t.name), t.qtype)
 
         def produce() -> np.ndarray:
-            if not self.fast:
-                return random_blocks(t, np.random.default_rng([self.seed, zlib.crc32(t.name.encode())]))
-            if key not in self.cache:
-                self.cache[key] = random_blocks(t, np.random.default_rng([self.seed, zlib.crc32(t.name.encode())]))
-            return self.cache[key]
+            if self.fast and key in self.cache:
+                return self.cache[key]
+            blocks = random_blocks(t, np.random.default_rng([self.seed, zlib.crc32(t.name.encode())]))
+            if self.fast:
+                self.cache[key] = blocks
+            return blocks
         return dataclasses.replace(t, produce=produce, raw=True)
 
 

@@ -3,8 +3,8 @@
 
 Real dimensions, ggml-org's type layout (MXFP4 experts, Q8_0 attention/embeddings/output) and the
 real o200k_harmony vocabulary; random finite weights, so the text is nonsense but the speed is
-the real model's. --fast writes it in seconds (layer 0 repeated, Q8_0 drawn as blocks, a
-synthetic vocabulary of the same size: see pyengine.synth). --mix q4_k_m writes the types of the
+the real model's. --fast writes it in seconds (layer 0 repeated, quantized matrices drawn as
+blocks, a synthetic vocabulary of the same size: see pyengine.synth). --mix q4_k_m writes the types of the
 Q4_K_M files instead. Refuses to overwrite OUT unless --force; never leaves a half-written file."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "q4_k_m (unsloth's Q4_K_M files: MXFP4 experts, Q4_K attn_output, Q5_0/Q8_0 the rest)")
     p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
     p.add_argument("--fast", action="store_true",
-                   help="seconds, not minutes: layer 0 repeated, Q8_0 drawn as blocks, synthetic vocabulary")
+                   help="seconds, not minutes: layer 0 repeated, quantized matrices drawn as blocks, synthetic vocabulary")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
 
 

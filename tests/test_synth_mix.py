@@ -82,4 +82,5 @@ def test_cli_mix_flag(tmp_path):
     counts = Counter(type_name(t.ggml_type) for t in open_model(tmp_path / "k.gguf").raw_tensors.values())
     assert counts == {"F32": 25, "Q5_0": 6, "Q8_0": 2, "Q4_K": 2, "MXFP4": 6}
     r = synth("--fast", "--shape", "tiny", "--mix", "q2_k", "x.gguf")
-    assert r.returncode == 2 and "--mix" in r.stderr and not (tmp_path / "x.gguf").exists()
+    assert r.returncode == 2 and r.stderr.startswith("[ERROR] ") and "--mix" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "x.gguf").exists()

@@ -1,8 +1,8 @@
-"""pyengine and llama.cpp (llama-cpp-python) on the same GGUF, in one run, side by side.
+"""pyengine and llama.cpp (llama-cpp-python) on the same GGUFs, in one run, side by side.
 
-    python bench/compare_llamacpp.py MODEL.gguf [-p 512] [-n 128] [-t 2] [-r 3] [-d 0]
-                                     [--no-extra-bufts] [--only pyengine|llama.cpp] [--exact]
-                                     [--device cuda]
+    python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
+                                     [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp] [--exact]
+                                     [--device cuda] [--bandwidth GB/S]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
@@ -10,10 +10,14 @@ own child process (one after the other, so they never share the CPU, and a crash
 reported, not fatal). llama.cpp runs in both CPU configurations: its default, with the repacked
 weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that have it), and
 without them; a configuration that crashes is reported, and each test's ratio is taken against the
-faster configuration that ran (named in the ratio table). Prints the llama-bench tables, the
-memory read bandwidth (pyengine-bench-kernels --bandwidth, same threads), each decode speed as a
-share of the limit it implies (weight bytes per token / bandwidth), and a header (date, machine,
-command, commit, load average) to paste into bench/RESULTS.md. --no-extra-bufts runs llama.cpp
+faster configuration that ran (named in the ratio table). Several files (the MXFP4 synth file
+and the Q4_K_M-style one, `pyengine synth --mix q4_k_m`) run one after the other in the same run.
+Prints a header (date, machine, command, commit, load average) and the tables to paste into
+bench/RESULTS.md: llama-bench's, then one row per file and test with the ratio and each decode
+speed as a share of the limit the memory read bandwidth implies (the file's own weight bytes per
+decoded token, pyengine.bench.decode_bytes, over the bandwidth). The bandwidth is probed
+(pyengine-bench-kernels --bandwidth, same threads) before and after the engines run, both
+printed, and the higher one is the limit; --bandwidth GB/S gives it instead of probing. --no-extra-bufts runs llama.cpp
 without the repacked buffers only. --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
 --device cuda
@@ -30,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyengine.bench import BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, time_test
@@ -83,12 +88,21 @@ CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain")
 
 
 def bandwidth(threads: int) -> float:
-    """GB/s from the kernel bench's read probe, or 0 when it is not installed."""
-    exe = shutil.which("pyengine-bench-kernels")
+    """GB/s from the kernel bench's read probe, or 0 when it is not installed (looked up on PATH,
+    then beside this Python, where a virtual environment that is not activated has it)."""
+    exe = shutil.which("pyengine-bench-kernels") or shutil.which("pyengine-bench-kernels",
+                                                                 path=str(Path(sys.executable).parent))
     if not exe:
         return 0.0
     r = subprocess.run([exe, "-t", str(threads), "--bandwidth"], capture_output=True, text=True)
     return float(r.stdout.strip()) if r.returncode == 0 else 0.0
+
+
+def child_argv(args, model: str) -> list[str]:
+    """The command line a child process gets for one model: the timing options, not the others."""
+    argv = [model, "-p", str(args.p), "-n", str(args.n), "-t", str(args.t), "-b", str(args.b),
+            "-r", str(args.r), "-d", str(args.n_depth), "--device", args.device]
+    return argv + (["--exact"] if args.exact else [])
 
 
 def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
@@ -101,9 +115,50 @@ def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
     return [BenchResult(**{k: v for k, v in row.items() if k in fields}) for row in rows]
 
 
+@dataclass
+class ModelRun:
+    """One file's results: engine -> its rows, or why it failed; and the weight bytes a decoded
+    token reads from it."""
+    path: str
+    per_token: int
+    results: dict[str, list[BenchResult] | str] = field(default_factory=dict)
+
+
+def best_peer(test: str, runs: ModelRun) -> BenchResult | None:
+    """The fastest llama.cpp configuration's row for `test` among those that ran."""
+    rows = [r for k, v in runs.results.items() if k != "pyengine" and isinstance(v, list) for r in v
+            if r.test == test]
+    return max(rows, key=lambda r: r.avg_ts, default=None)
+
+
+def comparison(runs: list[ModelRun], bw: float) -> str:
+    """RESULTS.md's ratio table: per file and test, pyengine against the best llama.cpp
+    configuration, and decode (tg) speeds as a share of the file's bandwidth limit."""
+    lines = ["| model | test | pyengine t/s | best llama.cpp t/s | llama.cpp configuration | ratio | "
+             "decode limit t/s | decode % of bandwidth (pyengine / llama.cpp) |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for run in runs:
+        ours = run.results.get("pyengine")
+        name = Path(run.path).name
+        limit = bw * 1e9 / run.per_token if bw else 0.0
+        rows = ours if isinstance(ours, list) else []
+        tests = [r.test for r in rows] or list(dict.fromkeys(
+            r.test for v in run.results.values() if isinstance(v, list) for r in v))
+        for test in tests:
+            a = next((r for r in rows if r.test == test), None)
+            best = best_peer(test, run)
+            decode = bool(limit) and (a or best).n_gen > 0
+            share = (lambda r: f"{100 * r.avg_ts / limit:.0f} %" if r else "-") if decode else None
+            cells = [name, test, f"{a.avg_ts:.2f}" if a else "-", f"{best.avg_ts:.2f}" if best else "-",
+                     best.backends if best else "-", f"{a.avg_ts / best.avg_ts:.2f}x" if a and best else "-",
+                     f"{limit:.2f}" if decode else "-", f"{share(a)} / {share(best)}" if decode else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
+    ap.add_argument("models", nargs="+", metavar="MODEL.gguf")
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-t", type=int, default=2)
@@ -114,44 +169,46 @@ def main() -> int:
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
+    ap.add_argument("--bandwidth", type=float, metavar="GB/S", help="the read bandwidth to use instead of probing")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.model = args.models[0]
         rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args, args.child == "llama.cpp")
         print(json.dumps(rows))
         return 0
 
-    argv = sys.argv[1:]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "?"
     print(f"### {datetime.date.today()} · {cpu_name()} ({os.cpu_count()} CPUs, {platform.system()}) · commit {commit}")
-    print(f"`python bench/compare_llamacpp.py {' '.join(argv)}` · load average before: "
+    print(f"`python bench/compare_llamacpp.py {' '.join(sys.argv[1:])}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    bw = bandwidth(args.t)
-    results = {}
+    bw_before = args.bandwidth or bandwidth(args.t)
     llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
-    for engine in (() if args.only == "llama.cpp" else ("pyengine",)) + llama:
-        results[engine] = run_child(engine, argv)
-        if isinstance(results[engine], str):
-            print(f"**{results[engine]}**\n")
-    rows = [r for v in results.values() if not isinstance(v, str) for r in v]
+    runs = []
+    for model in args.models:
+        run = ModelRun(model, decode_bytes(open_model(model)))
+        for engine in (() if args.only == "llama.cpp" else ("pyengine",)) + llama:
+            run.results[engine] = run_child(engine, child_argv(args, model))
+            if isinstance(run.results[engine], str):
+                print(f"**{Path(model).name}: {run.results[engine]}**\n")
+        runs.append(run)
+    bw_after = args.bandwidth or bandwidth(args.t)
+    rows = [r for run in runs for v in run.results.values() if isinstance(v, list) for r in v]
     if rows:
         print(markdown(rows))
-    per_token = decode_bytes(open_model(args.model))
-    if bw:
-        print(f"\nmemory read bandwidth ({args.t} threads, pyengine-bench-kernels --bandwidth): {bw:.1f} GB/s; "
-              f"a decoded token reads {per_token / 1e9:.3f} GB of weights: limit {bw * 1e9 / per_token:.2f} tok/s")
-    ours = results.get("pyengine")
-    peers = [v for k, v in results.items() if k != "pyengine" and isinstance(v, list)]
-    if isinstance(ours, list):
-        print("\n| test | pyengine t/s | best llama.cpp t/s | llama.cpp configuration | ratio | decode % of bandwidth (pyengine / llama.cpp) |")
-        print("| --- | ---: | ---: | --- | ---: | ---: |")
-        for i, a in enumerate(ours):
-            best = max((p[i] for p in peers), key=lambda r: r.avg_ts, default=None)
-            share = (lambda r: f"{100 * r.avg_ts * per_token / (bw * 1e9):.0f} %") if bw and a.n_gen else None
-            print(f"| {a.test} | {a.avg_ts:.2f} | {best.avg_ts:.2f} | {best.backends} | {a.avg_ts / best.avg_ts:.2f}x | "
-                  f"{share(a) + ' / ' + share(best) if share else '-'} |" if best else
-                  f"| {a.test} | {a.avg_ts:.2f} | - | - | - | {share(a) if share else '-'} |")
+    bw = max(bw_before, bw_after)
+    if args.bandwidth:
+        print(f"\nmemory read bandwidth: {bw:.1f} GB/s (given, not probed)\n")
+    elif bw:
+        print(f"\nmemory read bandwidth ({args.t} threads, pyengine-bench-kernels --bandwidth): {bw_before:.1f} GB/s "
+              f"before, {bw_after:.1f} GB/s after; the limits below use {bw:.1f} GB/s\n")
+    else:
+        print("\nno memory read bandwidth (pyengine-bench-kernels not found): no decode limits\n")
+    for run in runs:
+        print(f"- {Path(run.path).name}: a decoded token reads {run.per_token / 1e9:.3f} GB of weights"
+              + (f": limit {bw * 1e9 / run.per_token:.2f} tok/s" if bw else ""))
+    print("\n" + comparison(runs, bw))
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -68,14 +68,20 @@ class BenchResult:
         return out
 
 
+# llama.cpp's names of the general.file_type values gpt-oss files carry (llama_model_ftype_name)
+FILE_TYPES = {0: "all F32", 1: "F16", 7: "Q8_0", 15: "Q4_K - Medium", 17: "Q5_K - Medium", 18: "Q6_K",
+              32: "BF16", 38: "MXFP4 MoE"}
+
+
 def model_type(mf: ModelFile) -> str:
-    """llama-bench's model column: architecture, size label, dominant weight type."""
+    """llama-bench's model column: architecture, size label, the file type's name (else the
+    dominant weight type), so that files of one shape but different mixes tell apart."""
     weights: Counter[str] = Counter()
     for t in mf.raw_tensors.values():
         weights[type_name(t.ggml_type)] += t.nbytes
     dominant = weights.most_common(1)[0][0] if weights else "?"
     label = mf.metadata.get("general.size_label") or f"{mf.hparams.n_layer}L"
-    return f"{mf.arch} {label} {dominant}"
+    return f"{mf.arch} {label} {FILE_TYPES.get(mf.metadata.get('general.file_type'), dominant)}"
 
 
 def n_params(mf: ModelFile) -> int:
@@ -87,12 +93,20 @@ def decode_bytes(mf: ModelFile) -> int:
     """Weight bytes one decoded token reads: every tensor once, except the token embedding (one
     row) and the stacked experts (n_expert_used of n_expert). Divided into a measured read
     bandwidth, it gives the decode speed limit (bench/compare_llamacpp.py)."""
+    return step_bytes(mf, [mf.hparams.n_expert_used] * mf.hparams.n_layer)
+
+
+def step_bytes(mf: ModelFile, experts: Sequence[int], n_tokens: int = 1) -> int:
+    """Weight bytes one forward step over n_tokens tokens (a decode step of n_tokens sequences)
+    reads when layer l's tokens were routed to experts[l] distinct experts: every other tensor
+    once, n_tokens embedding rows. Against decode_bytes it bounds what batching can gain when
+    decode is bandwidth-bound (bench/batch_decode.py)."""
     hp, total = mf.hparams, 0
     for name, t in mf.raw_tensors.items():
         if name.startswith("token_embd."):
-            total += t.nbytes // int(t.shape[-1])
+            total += t.nbytes // int(t.shape[-1]) * n_tokens
         elif "_exps." in name and len(t.shape) == 3:
-            total += t.nbytes * hp.n_expert_used // hp.n_expert
+            total += t.nbytes // hp.n_expert * int(experts[int(name.split(".")[1])])
         else:
             total += t.nbytes
     return int(total)

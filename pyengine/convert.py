@@ -347,11 +347,13 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype: 
 def write_gguf(source: TensorSource, c: GptOssConfig, tok: GGUFTokenizer, out_path: str | os.PathLike,
                *, outtype: str, arch_name: str = "gptoss", layout: str = "llama.cpp", name: str,
                force: bool = False, progress: ProgressFn | None = None,
-               replan: Callable[[PlannedTensor], PlannedTensor] | None = None) -> Path:
+               replan: Callable[[PlannedTensor], PlannedTensor] | None = None,
+               file_type: int | None = None) -> Path:
     """Write a gpt-oss GGUF from HF-named tensors in `source` (config `c`, tokenizer `tok`) to
     `out_path` atomically; the options mean what they mean for `convert`. Returns the path.
-    replan, if given, may swap each planned tensor for another of the same name, type and shape
-    (pyengine.synth's fast mode hands in finished bytes instead of floats to quantize)."""
+    replan, if given, may swap each planned tensor for another of the same name and shape
+    (pyengine.synth hands in finished bytes instead of floats to quantize, and other types for its
+    Q4_K_M-style mix, whose general.file_type it then gives as file_type)."""
     out = Path(out_path)
     _check_options(outtype, arch_name, layout, out, force)
     planner = _Planner(source, c, outtype, layout)
@@ -364,7 +366,7 @@ def write_gguf(source: TensorSource, c: GptOssConfig, tok: GGUFTokenizer, out_pa
     tmp = Path(tmp_name)
     writer = GGUFWriter(tmp, arch_name)
     try:
-        _metadata(writer, c, arch_name, layout, planner.file_type(), name)
+        _metadata(writer, c, arch_name, layout, planner.file_type() if file_type is None else file_type, name)
         _tokenizer_metadata(writer, tok)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape[:-1] + (t.row_bytes,), np.dtype(np.uint8),

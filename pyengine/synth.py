@@ -7,13 +7,19 @@ exactly like the real model, without a 12 GB download. Experts are random MXFP4 
 scales chosen so activations stay finite; the rest comes from demo_model's RandomWeights. Written
 by the converter's writer, like demo-model; `--layers` cuts the depth for quicker runs.
 
+`mix="q4_k_m"` (`--mix q4_k_m`) writes the type layout of the "Q4_K_M" gpt-oss files people run
+instead (Q4_K attn_output, Q5_0 / Q8_0 other matrices, the same MXFP4 experts: see MIXES); its Q4_K
+matrices are drawn as finished blocks (random codes, scales that give the same spread), since
+gguf.quants cannot quantize Q4_K.
+
 `fast=True` (`pyengine synth --fast`) writes the same shapes and types in seconds rather than
 minutes, for a device check that cannot wait: layer 0's tensors are drawn once and repeated in
-every layer, Q8_0 matrices are drawn as finished blocks (random int8 codes, scales that give the
-same spread) instead of quantized from floats, and the vocabulary is a synthetic byte-level BPE one
+every layer, every quantized matrix is drawn as finished blocks instead of quantized from floats,
+and the vocabulary is a synthetic byte-level BPE one
 of the same size (byte tokens, then byte pairs and triples with their merges, then the harmony
 special tokens), so no o200k source package is needed. The `tiny` shape is a toy size (64 wide,
-2 layers, 8 experts) for testing such scripts; with --fast its vocabulary has 277 tokens."""
+2 layers, 8 experts) for testing such scripts; with --fast its vocabulary has 533 tokens (256 merges:
+llama.cpp refuses a BPE vocabulary without merges)."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import quants
 
 from pyengine import o200k
 from pyengine.convert import GptOssConfig, PlannedTensor, ProgressFn, write_gguf
@@ -37,7 +44,7 @@ from pyengine.hf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, GGUFTokenizer
 _REAL = {"n_embd": 2880, "n_head": 64, "n_normal": o200k.N_BASE, "n_special": o200k.N_VOCAB - o200k.N_BASE}
 SHAPES = {"gpt-oss-20b": {**_REAL, "n_layer": 24, "n_expert": 32},
           "gpt-oss-120b": {**_REAL, "n_layer": 36, "n_expert": 128},
-          "tiny": {"n_embd": 64, "n_head": 8, "n_normal": 256, "n_special": 21, "n_layer": 2, "n_expert": 8}}
+          "tiny": {"n_embd": 64, "n_head": 8, "n_normal": 512, "n_special": 21, "n_layer": 2, "n_expert": 8}}
 
 
 def shape_config(shape: str, n_layer: int | None = None, fast: bool = False) -> GptOssConfig:
@@ -112,50 +119,96 @@ def synthetic_tokenizer(n_normal: int, n_special: int, template: str | None = No
                          pad_id=o200k.PAD_ID + shift, add_bos=False, add_eos=False, chat_template=template)
 
 
-class _FastTensors:
-    """The fast mode's replan for write_gguf: layer 0's bytes for every layer, and every quantized
-    matrix drawn as finished blocks of random bytes: Q8_0 codes are then uniform int8 (std 73.9),
-    so the block scales give RandomWeights' spread (std 1 for the embedding, 1/sqrt(fan_in) for the
-    rest); MXFP4 codes are random nibbles with SynthWeights' E8M0 scales."""
+# The type mixes `--mix` writes. mxfp4: ggml-org's files (MXFP4 experts, Q8_0 other matrices).
+# q4_k_m: unsloth's "Q4_K_M" gpt-oss files, per tensor what llama.cpp's quantizer gives (docs/gpt-oss.md):
+# Q4_K where a row is a multiple of 256 values (attn_output, 4096 wide), else its 32-block fallback
+# Q5_0; Q6_K (output, and attn_v in the layers use_more_bits picks) falls back to Q8_0; experts
+# stay MXFP4, norms/biases/router F32. general.file_type says which (38 MXFP4_MOE, 15 Q4_K_M).
+MIXES = ("mxfp4", "q4_k_m")
+_MIX_FILE_TYPE = {"q4_k_m": 15}
+_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}
 
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.cache: dict[str, np.ndarray] = {}
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v gets the larger K-quant in Q4_K_M."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4_k_m_type(t: PlannedTensor, n_layer: int) -> QT:
+    """The type a Q4_K_M gpt-oss file gives planned tensor `t` (planned as the mxfp4 mix)."""
+    if t.qtype != QT.Q8_0:
+        return t.qtype  # MXFP4 experts, F32 vectors and router
+    m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
+    k_type = QT.Q6_K if t.name == "output.weight" or (
+        m and m[2] == "attn_v" and _use_more_bits(int(m[1]), n_layer)) else QT.Q4_K
+    ne0 = t.shape[-1]
+    qtype = k_type if ne0 % 256 == 0 else _K_FALLBACK[k_type]
+    if qtype == QT.Q6_K:
+        raise ValueError(f"{t.name}: Q6_K rows ({ne0} wide) are not drawn by synth; every shape here "
+                         "has n_embd not a multiple of 256, so Q6_K tensors fall back to Q8_0")
+    return qtype
+
+
+# RMS of a block's values, in units of its scale d, when its code bytes are uniform random (Q4_K
+# with dmin = 7.5 d, which centres its sub-blocks on zero on average): the drawn scales divide it out
+_CODE_RMS = {QT.Q8_0: 73.9, QT.Q5_0: 9.25, QT.Q4_K: 258.5}
+
+
+def random_blocks(t: PlannedTensor, rng: np.random.Generator) -> np.ndarray:
+    """Finished blocks of random bytes for quantized tensor `t`, with scales that give RandomWeights'
+    spread (std 1 for the embedding, 1/sqrt(fan_in) for the rest; block scales uniform in
+    [0.5, 1.5] x d0, mean square 13/12 x d0^2); MXFP4: random nibbles, SynthWeights' E8M0 scales."""
+    block, size = quants.GGML_QUANT_SIZES[t.qtype]
+    n_rows, n_blocks = int(np.prod(t.shape[:-1])), t.shape[-1] // block
+    blocks = np.frombuffer(bytearray(rng.bytes(n_rows * n_blocks * size)), np.uint8)
+    blocks = blocks.reshape(n_rows, n_blocks, size)
+    if t.qtype == QT.MXFP4:
+        blocks[:, :, 0] = 119 + blocks[:, :, 0] % 3  # E8M0 2^-8 .. 2^-6, as SynthWeights
+    else:
+        std = 1.0 if t.name.startswith("token_embd.") else t.shape[-1] ** -0.5
+        d0 = std / (_CODE_RMS[t.qtype] * (13 / 12) ** 0.5)
+        d = rng.uniform(0.5, 1.5, (n_rows, n_blocks)).astype(np.float32) * np.float32(d0)
+        blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
+        if t.qtype == QT.Q4_K:
+            blocks[:, :, 2:4] = (d * 7.5).astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
+    return blocks.reshape(*t.shape[:-1], n_blocks * size)
+
+
+class _Replan:
+    """write_gguf's replan for a mix and mode: retypes tensors for the q4_k_m mix, and draws as
+    finished blocks (random_blocks) every Q4_K matrix (gguf.quants cannot quantize Q4_K) and, with
+    fast, every quantized matrix, layer 0's bytes then serving every layer (per type: attn_v's
+    type varies by layer in q4_k_m). The rest is quantized from RandomWeights' floats."""
+
+    def __init__(self, seed: int, mix: str, fast: bool, n_layer: int):
+        self.seed, self.mix, self.fast, self.n_layer = seed, mix, fast, n_layer
+        self.cache: dict[tuple[str, QT], np.ndarray] = {}
 
     def __call__(self, t: PlannedTensor) -> PlannedTensor:
-        if t.qtype not in (QT.Q8_0, QT.MXFP4):
+        if self.mix == "q4_k_m":
+            t = dataclasses.replace(t, qtype=q4_k_m_type(t, self.n_layer))
+        if t.qtype != QT.Q4_K and not (self.fast and t.qtype in (QT.Q8_0, QT.Q5_0, QT.MXFP4)):
             return t
-        kind = re.sub(r"^blk\.\d+\.", "blk.0.", t.name)
+        key = (re.sub(r"^blk\.\d+\.", "blk.0.", t.name), t.qtype)
 
         def produce() -> np.ndarray:
-            if kind not in self.cache:
-                self.cache[kind] = self._blocks(t)
-            return self.cache[kind]
+            if self.fast and key in self.cache:
+                return self.cache[key]
+            blocks = random_blocks(t, np.random.default_rng([self.seed, zlib.crc32(t.name.encode())]))
+            if self.fast:
+                self.cache[key] = blocks
+            return blocks
         return dataclasses.replace(t, produce=produce, raw=True)
-
-    def _blocks(self, t: PlannedTensor) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, zlib.crc32(t.name.encode())])
-        n_rows, n_blocks = int(np.prod(t.shape[:-1])), t.shape[-1] // 32
-        size = 34 if t.qtype == QT.Q8_0 else 17
-        blocks = np.frombuffer(bytearray(rng.bytes(n_rows * n_blocks * size)), np.uint8)
-        blocks = blocks.reshape(n_rows, n_blocks, size)
-        if t.qtype == QT.Q8_0:
-            std = 1.0 if t.name.startswith("token_embd.") else t.shape[-1] ** -0.5
-            # scales uniform in [0.5, 1.5] x d0 have mean square 13/12 x d0^2
-            d0 = std / (73.9 * (13 / 12) ** 0.5)
-            d = rng.uniform(0.5, 1.5, (n_rows, n_blocks)).astype(np.float32) * np.float32(d0)
-            blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
-        else:
-            blocks[:, :, 0] = 119 + blocks[:, :, 0] % 3  # E8M0 2^-8 .. 2^-6, as SynthWeights
-        return blocks.reshape(*t.shape[:-1], n_blocks * size)
 
 
 def write_synth_model(path: str | os.PathLike, shape: str = "gpt-oss-20b", *, n_layer: int | None = None,
                       arch_name: str = "gptoss", seed: int = 0, force: bool = False, fast: bool = False,
-                      progress: ProgressFn | None = None) -> Path:
-    """Write a random-weight GGUF with `shape`'s dimensions and ggml-org's type layout (atomically).
-    fast: layer 0 repeated, Q8_0 drawn as blocks, synthetic vocabulary (see the module docstring).
-    Raises FileExistsError if `path` exists and not `force`."""
+                      mix: str = "mxfp4", progress: ProgressFn | None = None) -> Path:
+    """Write a random-weight GGUF with `shape`'s dimensions and `mix`'s type layout (MIXES; default
+    ggml-org's), atomically. fast: layer 0 repeated, quantized matrices drawn as blocks, synthetic
+    vocabulary (see the module docstring). Raises FileExistsError if `path` exists and not `force`."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; known: {', '.join(MIXES)}")
     c = shape_config(shape, n_layer, fast)
     if fast:
         tok = synthetic_tokenizer(SHAPES[shape]["n_normal"], SHAPES[shape]["n_special"], chat_template())
@@ -163,4 +216,4 @@ def write_synth_model(path: str | os.PathLike, shape: str = "gpt-oss-20b", *, n_
         tok = o200k.gguf_tokenizer(chat_template())
     return write_gguf(SynthWeights(c, seed), c, tok, path, outtype="mxfp4", arch_name=arch_name,
                       name=f"{shape}-synth", force=force, progress=progress,
-                      replan=_FastTensors(seed) if fast else None)
+                      replan=_Replan(seed, mix, fast, c.n_layer), file_type=_MIX_FILE_TYPE.get(mix))

@@ -153,7 +153,7 @@ def bad_values(rng: random.Random) -> list[tuple[str, ...]]:
         ("bench", "-r", "0"), ("bench", "-b", rng.choice(["0", neg])), ("bench", "-p", neg),
         ("serve", "--port", str(rng.randrange(65536, 10**6))), ("serve", "-np", rng.choice(["0", neg])),
         ("serve", "-c", str(rng.randrange(-100, 16))), ("serve", "-t", "0"),
-        ("demo-model", "--layers", "0"), ("synth", "--seed", neg),
+        ("demo-model", "--layers", "0"), ("synth", "--seed", neg), ("synth", "--mix", rng.choice(["q2_k", "Q4_K_M"])),
     ]
 
 

@@ -1,10 +1,11 @@
 """Write a random-weight gpt-oss GGUF at the real shape, for benchmarking without a download:
-`pyengine synth --shape gpt-oss-20b [--layers N] [--fast] OUT.gguf`.
+`pyengine synth --shape gpt-oss-20b [--layers N] [--fast] [--mix mxfp4|q4_k_m] OUT.gguf`.
 
 Real dimensions, ggml-org's type layout (MXFP4 experts, Q8_0 attention/embeddings/output) and the
 real o200k_harmony vocabulary; random finite weights, so the text is nonsense but the speed is
-the real model's. --fast writes it in seconds (layer 0 repeated, Q8_0 drawn as blocks, a
-synthetic vocabulary of the same size: see pyengine.synth). Refuses to overwrite OUT unless --force; never leaves a half-written file."""
+the real model's. --fast writes it in seconds (layer 0 repeated, quantized matrices drawn as
+blocks, a synthetic vocabulary of the same size: see pyengine.synth). --mix q4_k_m writes the types of the
+Q4_K_M files instead. Refuses to overwrite OUT unless --force; never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pyengine.commands._args import integer
 from pyengine.convert import ARCH_NAMES
 from pyengine.log import logger
-from pyengine.synth import SHAPES, write_synth_model
+from pyengine.synth import MIXES, SHAPES, write_synth_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,9 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=integer(1), default=None, help="number of layers (default: the shape's)")
     p.add_argument("--arch-name", choices=ARCH_NAMES, default="gptoss",
                    help="architecture spelling (default gptoss; gpt-oss is what llama.cpp loads)")
+    p.add_argument("--mix", choices=MIXES, default="mxfp4",
+                   help="weight types: mxfp4 (default; ggml-org's files: MXFP4 experts, Q8_0 the rest) or "
+                        "q4_k_m (unsloth's Q4_K_M files: MXFP4 experts, Q4_K attn_output, Q5_0/Q8_0 the rest)")
     p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
     p.add_argument("--fast", action="store_true",
-                   help="seconds, not minutes: layer 0 repeated, Q8_0 drawn as blocks, synthetic vocabulary")
+                   help="seconds, not minutes: layer 0 repeated, quantized matrices drawn as blocks, synthetic vocabulary")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
 
 
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = write_synth_model(args.path, args.shape, n_layer=args.layers, arch_name=args.arch_name,
                                 seed=args.seed, force=args.force, fast=args.fast,
-                                progress=progress)
+                                mix=args.mix, progress=progress)
     except (FileExistsError, ValueError) as e:
         print(f"[ERROR] {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,122 @@
+"""bench/compare_llamacpp.py (several files in one run, the ratio table against the best llama.cpp
+configuration, decode as a share of each file's bandwidth limit) and bench/batch_decode.py (the
+bytes a batched decode step really reads, pyengine.bench.step_bytes, and the bound they set), on
+tiny synth files and mocked timings: the logic, not the speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyengine import Engine
+from pyengine.bench import BenchResult, decode_bytes, step_bytes
+from pyengine.model_file import open_model
+from pyengine.synth import write_synth_model
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import batch_decode  # noqa: E402
+import compare_llamacpp  # noqa: E402
+
+sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return [write_synth_model(d / f"{mix}.gguf", "tiny", fast=True, mix=mix, arch_name="gpt-oss")
+            for mix in ("mxfp4", "q4_k_m")]
+
+
+def test_step_bytes_counts_each_touched_expert_once(tiny):
+    mf = open_model(tiny[1])
+    hp, raw = mf.hparams, mf.raw_tensors
+    assert step_bytes(mf, [hp.n_expert] * hp.n_layer, n_tokens=mf.metadata.count("tokenizer.ggml.tokens")) == sum(
+        t.nbytes for t in raw.values())
+    assert decode_bytes(mf) == step_bytes(mf, [hp.n_expert_used] * hp.n_layer)
+    rng = np.random.default_rng(5)
+    experts = rng.integers(1, hp.n_expert, hp.n_layer)
+    for layer in range(hp.n_layer):
+        more = experts.copy()
+        more[layer] += 1
+        one_expert = sum(raw[f"blk.{layer}.ffn_{k}_exps.weight"].nbytes for k in ("gate", "up", "down")) // hp.n_expert
+        assert step_bytes(mf, more, 3) - step_bytes(mf, experts, 3) == one_expert
+    row = raw["token_embd.weight"].nbytes // raw["token_embd.weight"].shape[-1]
+    assert step_bytes(mf, experts, 4) - step_bytes(mf, experts, 1) == 3 * row
+
+
+def test_batch_decode_touched_experts(tiny):
+    eng = Engine(tiny[0], n_ctx=128, n_threads=1)
+    hp = eng.model_file.hparams
+    rate, step, experts = batch_decode.decode_rate(eng, 1, 3, 0)
+    assert rate > 0 and experts == hp.n_expert_used and step == decode_bytes(eng.model_file)
+    rate, step, experts = batch_decode.decode_rate(eng, 3, 3, 1)
+    assert hp.n_expert_used < experts <= min(hp.n_expert, 3 * hp.n_expert_used)
+    assert decode_bytes(eng.model_file) < step < 3 * decode_bytes(eng.model_file)
+
+    r = subprocess.run([sys.executable, str(BENCH / "batch_decode.py"), str(tiny[0]), "-s", "3", "-n", "2", "-r", "1",
+                        "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "sequences touched" in r.stdout and "bandwidth-bound ratio" in r.stdout
+
+
+def row(model: str, backend: str, n_prompt: int, n_gen: int, ts: float) -> BenchResult:
+    n = n_prompt + n_gen
+    return BenchResult(model_filename=model, model_type="m", model_size=1, model_n_params=1, n_batch=512,
+                       n_threads=2, n_prompt=n_prompt, n_gen=n_gen, n_depth=0, backends=backend,
+                       samples_ns=[int(n * 1e9 / ts)] * 2)
+
+
+def test_comparison_table_takes_the_best_configuration_that_ran():
+    rng = np.random.default_rng(7)
+    runs, want = [], []
+    for name, per_token in (("a.gguf", 2_598_000_000), ("b.gguf", 2_100_000_000)):
+        ours, repacked, plain = rng.uniform(1, 30, (3, 2))
+        run = compare_llamacpp.ModelRun(f"/x/{name}", per_token, {
+            "pyengine": [row(name, "pyengine", 512, 0, ours[0]), row(name, "pyengine", 0, 64, ours[1])],
+            "llama.cpp": [row(name, "repacked", 512, 0, repacked[0]), row(name, "repacked", 0, 64, repacked[1])],
+            "llama.cpp-plain": [row(name, "plain", 512, 0, plain[0]), row(name, "plain", 0, 64, plain[1])]})
+        runs.append(run)
+        want.append((name, ours, np.maximum(repacked, plain), np.where(repacked >= plain, "repacked", "plain"),
+                     per_token))
+    runs.append(compare_llamacpp.ModelRun("/x/c.gguf", 10**9, {
+        "pyengine": [row("c", "pyengine", 0, 64, 5.0)], "llama.cpp": "llama.cpp failed (signal 11): ",
+        "llama.cpp-plain": [row("c", "plain", 0, 64, 4.0)]}))
+    bw = 40.0
+    lines = compare_llamacpp.comparison(runs, bw).splitlines()
+    assert len(lines) == 2 + 5
+    for i, (name, ours, best, config, per_token) in enumerate(want):
+        for j, test in enumerate(("pp512", "tg64")):
+            cells = [c.strip() for c in lines[2 + 2 * i + j].strip("|").split("|")]
+            limit = bw * 1e9 / per_token
+            assert cells[:6] == [name, test, f"{ours[j]:.2f}", f"{best[j]:.2f}", config[j], f"{ours[j] / best[j]:.2f}x"]
+            assert cells[6:] == (["-", "-"] if j == 0 else [
+                f"{limit:.2f}", f"{100 * ours[j] / limit:.0f} % / {100 * best[j] / limit:.0f} %"])
+    assert [c.strip() for c in lines[-1].strip("|").split("|")] == ["c.gguf", "tg64", "5.00", "4.00", "plain", "1.25x",
+                                                                    "40.00", "12 % / 10 %"]
+    without_bw = compare_llamacpp.comparison(runs[:1], 0.0).splitlines()
+    assert without_bw[3].rstrip("| ").endswith("| - | -")
+
+
+def test_compare_script_runs_several_files(tiny):
+    args = [sys.executable, str(BENCH / "compare_llamacpp.py"), *map(str, tiny), "-p", "8", "-n", "4", "-r", "1",
+            "-t", "1", "--bandwidth", "10"]
+    r = subprocess.run([*args, "--only", "pyengine"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "memory read bandwidth: 10.0 GB/s (given, not probed)" in out
+    for path in tiny:
+        per_token = decode_bytes(open_model(path))
+        assert f"- {path.name}: a decoded token reads {per_token / 1e9:.3f} GB of weights: " \
+               f"limit {10e9 / per_token:.2f} tok/s" in out
+        assert f"| {path.name} | pp8 |" in out and f"| {path.name} | tg4 |" in out
+    assert "MXFP4 MoE" in out and "Q4_K - Medium" in out  # llama-bench's table tells the two files apart
+    pytest.importorskip("llama_cpp")
+    r = subprocess.run([*args[:3], *args[4:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith(f"| {tiny[0].name} | tg4 |"))
+    assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")

@@ -31,7 +31,8 @@ F16_FIELDS = {T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q2_K: (80, 82), T.
 
 
 def need_kernel(qtype) -> None:
-    # K-quants need AVX-512 VNNI (as Q8_0's kernel), the 32-blocks also VBMI (as Q4_0's).
+    # K-quants need AVX-512 VNNI (as Q8_0's kernel), the 32-blocks also VBMI (as Q4_0's) and Q5_0/Q5_1
+    # BITALG (every CPU with VBMI and VNNI so far has it).
     proxy = T.Q8_0 if qtype in K_TYPES else T.Q4_0
     if not _quants.has_dot_q8(int(proxy)):
         pytest.skip("no AVX-512 VNNI/VBMI int8 kernels on this CPU")

@@ -476,7 +476,7 @@ PE_AI __m512i b_sums(const __m512i ua[4], const __m512i ub[4], const __m512i xh[
 
 /* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there). */
 PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, int64_t b,
-                  const int64_t nblk, const uint8_t *next, __m512i lane_blk, __m512i xidx0, __m512i xidx1,
+                  const int64_t nblk, const uint8_t *next, __m512i lane_blk,
                   __m512 acc[4]) {
     const int BLOCK = B_BLOCK[T];
     const int64_t o = b * BLOCK;
@@ -487,8 +487,9 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
         for (int g = 0; g < 2; g++) {
             const __m512i X0 = loadm(q + 128 * g, 32 * (nblk - 4 * g));
             const __m512i X1 = loadm(q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
-            xv[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
-            xv[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+            /* lane L of register 2g (2g + 1): the first (second) 16 elements of block 4g + L */
+            xv[2 * g] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(2, 0, 2, 0));
+            xv[2 * g + 1] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(3, 1, 3, 1));
         }
     }
     for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
@@ -523,20 +524,13 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     b_tables_init(T, &tb);
     /* lane 4L + i holds block 4 (i % 2) + L */
     const __m512i lane_blk = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
-    uint8_t xi0[64], xi1[64];
-    for (int L = 0; L < 4; L++)
-        for (int j = 0; j < 16; j++) {
-            xi0[16 * L + j] = (uint8_t)(32 * L + j);
-            xi1[16 * L + j] = (uint8_t)(32 * L + 16 + j);
-        }
-    const __m512i xidx0 = _mm512_loadu_si512(xi0), xidx1 = _mm512_loadu_si512(xi1);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc[4];
     for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, lane_blk, xidx0, xidx1, acc);
-    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, lane_blk, xidx0, xidx1, acc);
+    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, lane_blk, acc);
+    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, lane_blk, acc);
     for (int i = 0; i < nr; i++) {
         const int s = 2 * (i % 2);
         out[i] = pair_row(acc[i / 2], _mm512_setr_epi32(s, s + 4, s + 8, s + 12, s + 1, s + 5, s + 9, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));

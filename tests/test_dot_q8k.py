@@ -12,6 +12,7 @@ import ctypes
 import numpy as np
 import pytest
 
+from pyengine import _model as K
 from pyengine import _quants
 from test_quants import act_values, write_tiny_gpt_oss
 
@@ -92,6 +93,24 @@ def test_random_blocks_match_float64(qtype):
     for n in sizes(qtype):
         for n_rows in (1, 5, 8, 13, 21):
             check_rows(random_blocks(qtype, n_rows, n, rng), random_activations(n, rng), qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_same_bits_for_threads_and_batches(qtype):
+    """pe_matmul on these kernels (int8 activations): 1 vs 2 threads, and each of 8 batched tokens
+    vs that token alone, give the same bits (rows are dealt to threads in groups, in pairs inside a
+    group: a row's bits must not depend on either)."""
+    need_kernel(qtype)
+    rng = np.random.default_rng(300 + int(qtype))
+    n_in, n_out = sizes(qtype)[0], 61  # > 2 * 32768 multiply-adds: a second thread; odd: a lone last row
+    rows = random_blocks(qtype, n_out, n_in, rng)
+    x = np.stack([random_activations(n_in, rng) for _ in range(8)])
+    b = rng.standard_normal(n_out).astype(np.float32)
+    y = K.matmul(rows, int(qtype), n_in, x, b, int8_activations=True)
+    assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, b, n_threads=2, int8_activations=True)), qtype.name
+    for t in (0, 5, 7):
+        alone = K.matmul(rows, int(qtype), n_in, x[t:t + 1], b, n_threads=2, int8_activations=True)
+        assert np.array_equal(y[t:t + 1], alone), (qtype.name, t)
 
 
 @pytest.mark.parametrize("qtype", B32_TYPES, ids=lambda t: t.name)

@@ -40,8 +40,10 @@
  * masks, the last step of a row masks the missing blocks (weights and activations both, nothing is
  * read past a row or past the activation padding).
  * Measured single-thread in L2 against a row per register for every type (thread CPU time, under
- * load): rows in pairs 1.15-1.3x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
- * four rows' Q4_K/Q5_K headers at once (a lane per row), ~10% slower in cache than per row. */
+ * load): rows in pairs 1.15-1.35x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
+ * four rows' Q4_K/Q5_K headers at once (a lane per row, or with vpermb into the pairs' lanes), 2-5%
+ * slower in cache than per pair; a prefetch distance of 2 or 3 groups instead of 1 (no difference
+ * single-thread from memory). */
 #include "quants_impl.h"
 
 #include "cpu_features.h"

@@ -408,7 +408,11 @@ typedef struct {
     __m512i a_idx, m_idx; /* the float lanes of d and m of a row pair (see b_pair) */
 } b_tables;
 
-PE_AI void b_tables_init(const int T, b_tables *t) {
+/* Built once per type when the kernel is chosen (pe_dot_q8k_avx512, called once per process from
+ * the traits' pthread_once), instead of on the stack by every call (~5% of a call at n = 2880). */
+static b_tables B_TABLES[3];
+
+static void b_tables_init(const int T, b_tables *t) {
     const int BLOCK = B_BLOCK[T];
     uint8_t qs[64], qh[64], blo[64], bhi[64];
     uint16_t hdr[32];
@@ -522,8 +526,7 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                     const int T) {
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
-    b_tables tb;
-    b_tables_init(T, &tb);
+    const b_tables tb = B_TABLES[T];
     /* lane 4L + i holds block 4 (i % 2) + L */
     const __m512i lane_blk = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
     const uint8_t *next = rows + 8 * stride;
@@ -572,9 +575,17 @@ pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
     case PE_TYPE_Q4_K: return dot_q8_q4_k;
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
-    case PE_TYPE_Q4_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_1 : NULL;
-    case PE_TYPE_Q5_0: return pe_cpu_has_avx512vbmi() && pe_cpu_has_avx512bitalg() ? dot_q8_q5_0 : NULL;
-    case PE_TYPE_Q5_1: return pe_cpu_has_avx512vbmi() && pe_cpu_has_avx512bitalg() ? dot_q8_q5_1 : NULL;
+    case PE_TYPE_Q4_1:
+        if (!pe_cpu_has_avx512vbmi()) return NULL;
+        b_tables_init(B_Q4_1, &B_TABLES[B_Q4_1]);
+        return dot_q8_q4_1;
+    case PE_TYPE_Q5_0:
+    case PE_TYPE_Q5_1: {
+        if (!pe_cpu_has_avx512vbmi() || !pe_cpu_has_avx512bitalg()) return NULL;
+        const int T = type == PE_TYPE_Q5_0 ? B_Q5_0 : B_Q5_1;
+        b_tables_init(T, &B_TABLES[T]);
+        return type == PE_TYPE_Q5_0 ? dot_q8_q5_0 : dot_q8_q5_1;
+    }
     default: return NULL;
     }
 }

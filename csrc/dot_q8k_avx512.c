@@ -128,6 +128,29 @@ static const int K_HASMIN[5] = {1, 0, 1, 1, 0};
 
 PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
 
+/* Q3_K's scales of a row pair (blocks at pa, pb): both rows' 12 scale bytes in one ymm (4% faster
+ * than per row in cache, the same bits). */
+PE_AI void k3_pair_scales(const uint8_t *pa, const uint8_t *pb, __m512 *aa, __m512 *ab) {
+    /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
+    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_maskz_loadu_epi8(0x0fff, pa + 96)),
+                                              _mm_maskz_loadu_epi8(0x0fff, pb + 96), 1);
+    const __m256i idx = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lo = _mm256_and_si256(_mm256_mask_blend_epi8(0xff00ff00u, _mm256_shuffle_epi8(h, idx),
+                                                                _mm256_shuffle_epi8(_mm256_srli_epi16(h, 4), idx)),
+                                        _mm256_set1_epi8(15));
+    const __m256i b = _mm256_and_si256(
+        _mm256_shuffle_epi8(h, _mm256_broadcastsi128_si256(_mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11))),
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(3, 3, 3, 3, 12, 12, 12, 12, 48, 48, 48, 48, -64, -64, -64, -64)));
+    const __m256i hi = _mm256_srlv_epi16(_mm256_sllv_epi16(b, _mm256_broadcastsi128_si256(_mm_setr_epi16(4, 4, 2, 2, 0, 0, 0, 0))),
+                                         _mm256_broadcastsi128_si256(_mm_setr_epi16(0, 0, 0, 0, 0, 0, 2, 2)));
+    /* 0..63 = scale + 32, to the fold order, minus 32 */
+    const __m256i sc = _mm256_sub_epi8(_mm256_shuffle_epi8(_mm256_or_si256(lo, hi), _mm256_broadcastsi128_si256(sub_nat_idx())),
+                                       _mm256_set1_epi8(32));
+    *aa = _mm512_mul_ps(i8_to_ps(_mm256_castsi256_si128(sc)), _mm512_set1_ps(f16(pa + 108)));
+    *ab = _mm512_mul_ps(i8_to_ps(_mm256_extracti128_si256(sc, 1)), _mm512_set1_ps(f16(pb + 108)));
+}
+
+/* A row's codes and scales (Q3_K: codes only, its scales come in pairs from k3_pair_scales). */
 PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     const __m512i m0f = rep8(0x0f);
     if (T == K_Q6) {
@@ -177,22 +200,6 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
                                  _mm512_mul_ps(_mm512_broadcastss_ps(dd), pw));
             s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())),
                                  _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(dd)));
-        } else {
-            /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
-            const __m128i h = _mm_maskz_loadu_epi8(0x0fff, p + 96);
-            const __m128i idx = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-            const __m128i lo = _mm_and_si128(
-                _mm_mask_blend_epi8(0xff00, _mm_shuffle_epi8(h, idx), _mm_shuffle_epi8(_mm_srli_epi16(h, 4), idx)),
-                _mm_set1_epi8(15));
-            const __m128i b = _mm_and_si128(
-                _mm_shuffle_epi8(h, _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11)),
-                _mm_setr_epi8(3, 3, 3, 3, 12, 12, 12, 12, 48, 48, 48, 48, -64, -64, -64, -64));
-            const __m128i hi = _mm_srlv_epi16(_mm_sllv_epi16(b, _mm_setr_epi16(4, 4, 2, 2, 0, 0, 0, 0)),
-                                              _mm_setr_epi16(0, 0, 0, 0, 0, 0, 2, 2));
-            const __m128i sc = _mm_or_si128(lo, hi); /* 0..63 = scale + 32 */
-            const __m512i si = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(sc, sub_nat_idx())),
-                                                _mm512_set1_epi32(32));
-            s->a = _mm512_mul_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(f16(p + 108)));
         }
     }
 }
@@ -229,14 +236,18 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
         const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
         prefetch_next(next + 8 * o, 8 * BLOCK);
-        for (int i = 0; i < 8; i++) {
-            row_step s;
-            decode_k(T, r[i] + o, &s);
-            __m512i f = dot2(s.u, xa, xl);
-            if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
-            const __m512 t = _mm512_cvtepi32_ps(f);
-            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dx), acc[i]);
-            if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+        for (int p = 0; p < 4; p++) {
+            row_step s[2];
+            for (int k = 0; k < 2; k++) decode_k(T, r[2 * p + k] + o, &s[k]);
+            if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
+            for (int k = 0; k < 2; k++) {
+                const int i = 2 * p + k;
+                __m512i f = dot2(s[k].u, xa, xl);
+                if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
+                const __m512 t = _mm512_cvtepi32_ps(f);
+                acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx), acc[i]);
+                if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s[k].m, dxs, acc[i]);
+            }
         }
     }
     for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);

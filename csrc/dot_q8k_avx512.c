@@ -10,7 +10,8 @@
  * element order and rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()),
  * so that vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave exact
  * partial sums of w . (254 q + ql), 4 per 128-bit lane, each lane within one scale's sub-block.
- * The compute, not the memory, bounds these kernels (instructions per weight byte), hence two shapes:
+ * Even with the matrix in L2 these kernels run below the memory bandwidth of a core: instructions per
+ * weight byte are what to cut (docs/quants.md, "Measured speed"). Hence two shapes:
  *
  * - Sub-blocks of 16 (Q2_K, Q3_K, Q6_K), "a row per register": each 128-bit lane of the four
  *   registers is one sub-block; one transpose-add (fold4) turns them into the row's 16 sub-block
@@ -33,7 +34,7 @@
  * (Q2_K), exactly.
  *
  * K-quants decode a row's super-block with plain loads, masks and 16-bit shifts (5th/6th/3rd bits by
- * vptestmb or shifted ORs), the scales with pshufb (Q4_K/Q5_K: both rows of a pair in one ymm)
+ * vptestmb or shifted ORs), the scales with pshufb (Q3_K/Q4_K/Q5_K: a row pair in one ymm)
  * (AVX-512 F/BW/VL + VNNI). The 32-blocks pick the code, qh and header bytes of four blocks out of
  * two (masked) 64-byte loads with vpermt2b (VBMI), Q5_0/Q5_1 their 5th bits with vpshufbitqmb
  * (BITALG) from one qh permutation that also carries the header words; full steps use constant
@@ -416,7 +417,7 @@ typedef struct {
                          * d(0..3) m(0..3) d(4..7) m(4..7) of the step's eight blocks */
     __m512i blo, bhi;   /* vpshufbitqmb: byte 16L + j of a register selects bit j (low half-block)
                          * or 16 + j (high) of its qword 2L + j/8, i.e. of qh(L) */
-    __m512i a_idx, m_idx; /* the float lanes of d and m of a row pair (see b_pair) */
+    __m512i a_idx, m_idx; /* the float lanes of d and m of a row pair (see b_step) */
 } b_tables;
 
 /* Built once per type when the kernel is chosen (pe_dot_q8k_avx512, called once per process from

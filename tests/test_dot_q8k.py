@@ -3,7 +3,8 @@ against float64 numpy: sum_i deq(w)_i * x_i with x_i = d_x * (q_i + ql_i / 254),
 activations as quantize_act_q8 codes them (weights dequantized by gguf-py), within TOL of
 sum_i |deq(w)_i * x_i| per row; the error to that reference at least 100 times smaller than the
 distance of the one-digit (q only, llama.cpp's) result from it, so a kernel that ignores ql fails;
-and a row's result bit-identical whatever group of rows it is computed in. Weights: random blocks with varied
+and a row's result bit-identical whatever group of rows it is computed in (and, through pe_matmul,
+whatever the thread count or the tokens batched with it). Weights: random blocks with varied
 f16 scales, gguf-py's own quantizer where it has one (Q4_1, Q5_0, Q5_1), the Q4_K/Q6_K/Q5_0
 tensors of a real Q4_K_M file, and every type as llama.cpp's quantizer writes it."""
 

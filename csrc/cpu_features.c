@@ -35,6 +35,12 @@ int pe_cpu_has_avx512vbmi(void) {
     return (c >> 1) & 1;
 }
 
+int pe_cpu_has_avx512bitalg(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 12) & 1;
+}
+
 int pe_cpu_has_avx512bf16(void) {
     unsigned int a, b, c, d;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
@@ -49,6 +55,7 @@ int pe_cpu_has_avx512vbmi(void) {
 }
 
 int pe_cpu_has_avx512bf16(void) { return 0; }
+int pe_cpu_has_avx512bitalg(void) { return 0; }
 #endif
 
 const char *pe_simd_level_name(pe_simd_level level) {

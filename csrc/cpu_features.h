@@ -16,5 +16,7 @@ const char *pe_simd_level_name(pe_simd_level level);
 int pe_cpu_has_avx512bf16(void);
 /* AVX-512 VBMI (vpermb): the 4-bit int8 kernels need it on top of PE_SIMD_AVX512. */
 int pe_cpu_has_avx512vbmi(void);
+/* AVX-512 BITALG (vpshufbitqmb): the Q5_0/Q5_1 int8 kernels take their 5th bits with it. */
+int pe_cpu_has_avx512bitalg(void);
 
 #endif

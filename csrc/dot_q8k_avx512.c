@@ -2,33 +2,50 @@
  * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
  * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
  * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
- * minimum applied through the activations' combined code sums s16x, next-group prefetch into L2).
+ * minimum applied through the activations' combined code sums, next-group prefetch into L2).
  *
- * One shape for every type, "a row per register": a step covers 256 elements of each row (one
- * super-block, or eight 32-blocks). A row's codes are decoded into four 64-byte registers of
- * unsigned codes (each format's own byte order, no reordering of the weights). The activations'
- * two digits are loaded once per step into four registers each in the matching element order and
- * rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()), so that per
- * register vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave, in
- * each 128-bit lane, 4 exact partial sums of w . (254 q + ql) over one 16-element sub-block; one
- * transpose-add (fold4) turns the four registers into the row's 16 sub-block sums. The offset is
- * taken off in int32 (sum - offset * s16x, exact), and each sub-block sum is converted to float
- * once and scaled per lane:
- *     acc_row += (sum - offset * s16x) * (d_w * scale) * d_x / 254  -  min_w * (d_x / 254 * s16x)
- * where s16x is the activation sub-block's combined code sum 254 * sum(q) + sum(ql) and d_x its
- * 32-block's scale. Integer sums are exact; a row's result depends only on its own bytes (rows past nr repeat the last one and are
- * not stored), so any grouping gives the same bits. Codes are used in place where no extra bit
- * follows (Q4_K/Q4_1 high nibbles: v & 0xf0 = 16 q; Q2_K 2-bit fields: v & 3 << 2j = 4^j q), the
- * power of two folded into the per-step activation scales (Q4_K, Q4_1) or the row's scales (Q2_K),
- * exactly.
+ * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
+ * decoded into four 64-byte registers of unsigned codes (no reordering of the weights in memory).
+ * The activations' two digits are loaded once per step into four registers each in the matching
+ * element order and rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()),
+ * so that vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave exact
+ * partial sums of w . (254 q + ql), 4 per 128-bit lane, each lane within one scale's sub-block.
+ * Even with the matrix in L2 one core runs these kernels at 10-23 GB/s of weights, not above the ~22
+ * GB/s per core that memory delivers to two: instructions per weight byte are what to cut
+ * (docs/quants.md, "Measured speed"). Hence two shapes:
  *
- * K-quants decode a row's super-block with plain loads, masks and 16-bit shifts (5th/6th/3rd bits
- * by vptestmb or shifted ORs), the scales per row with pshufb (AVX-512 F/BW/VL + VNNI). The
- * 32-blocks pick the code, qh and header bytes of four blocks out of two (masked) 64-byte loads
- * with vpermt2b (VBMI); full steps use constant masks, the last step of a row masks the missing
- * blocks (weights and activations both, nothing is read past a row or past the activation padding).
- * Tried and dropped: decoding four rows' Q4_K/Q5_K headers at once (a lane per row) measured ~10%
- * slower in cache than the per-row decode. */
+ * - Sub-blocks of 16 (Q2_K, Q3_K, Q6_K), "a row per register": each 128-bit lane of the four
+ *   registers is one sub-block; one transpose-add (fold4) turns them into the row's 16 sub-block
+ *   sums, scaled per lane with the activations' per-16 sums s16x.
+ * - Units of 32 (Q4_K/Q5_K sub-blocks, the 32-blocks), "rows in pairs": the codes are arranged so
+ *   that registers 0/1 and 2/3 hold the same units lane by lane (Q4_K/Q5_K: qs regrouped by 128-bit
+ *   lanes with vshufi64x2, the activations transposed to match; 32-blocks: the two half-blocks), so
+ *   both registers of a pair accumulate into one int32 register (one shift per two registers), a row
+ *   ends a step with two registers, and one fold4 gives the 8 unit sums of two rows (lane 4L + i:
+ *   row i / 2), scaled in one float register with the per-32 sums s32x. Each row's eight lanes are
+ *   summed at the end in unit order whatever its slot in the pair.
+ *
+ * Per lane:
+ *     acc += (sum - offset * s) * (d_w * scale) * d_x / 254  -  min_w * (d_x / 254 * s)
+ * where s is the activation unit's combined code sum 254 * sum(q) + sum(ql) and d_x its 32-block's
+ * scale. Integer sums are exact; a row's result depends only on its own bytes (rows past nr repeat
+ * the last one and are not stored), so any grouping gives the same bits. Codes are used in place
+ * where no extra bit follows (Q4_K high nibbles: v & 0xf0 = 16 q; Q2_K 2-bit fields: v & 3 << 2j =
+ * 4^j q), the power of two folded into the per-step activation scales (Q4_K) or the row's scales
+ * (Q2_K), exactly.
+ *
+ * K-quants decode a row's super-block with plain loads, masks and 16-bit shifts (5th/6th/3rd bits by
+ * vptestmb or shifted ORs), the scales with pshufb (Q3_K/Q4_K/Q5_K: a row pair in one ymm)
+ * (AVX-512 F/BW/VL + VNNI). The 32-blocks pick the code, qh and header bytes of four blocks out of
+ * two (masked) 64-byte loads with vpermt2b (VBMI), Q5_0/Q5_1 their 5th bits with vpshufbitqmb
+ * (BITALG) from one qh permutation that also carries the header words; full steps use constant
+ * masks, the last step of a row masks the missing blocks (weights and activations both, nothing is
+ * read past a row or past the activation padding).
+ * Measured single-thread in L2 against a row per register for every type (thread CPU time, under
+ * load): rows in pairs 1.15-1.35x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
+ * four rows' Q4_K/Q5_K headers at once (a lane per row, or with vpermb into the pairs' lanes), 2-5%
+ * slower in cache than per pair; a prefetch distance of 2 or 3 groups instead of 1 (no difference
+ * single-thread from memory). */
 #include "quants_impl.h"
 
 #include "cpu_features.h"
@@ -99,12 +116,6 @@ PE_AI __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi3
 /* Fold lane 4L + i -> sub-block (16 elements) of the step that register i's lane L holds.
  * NAT: register i = elements 64i..64i+63 (Q2_K, Q3_K, Q6_K). */
 static const uint8_t SUB_NAT[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-/* Q4_K/Q5_K: register i = low (even i) or high nibbles of qs bytes 64(i/2)..64(i/2)+63, i.e. the
- * elements 128(i/2) + 32(i%2) + {0..31, 64..95}. */
-static const uint8_t SUB_Q45[16] = {0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15};
-/* 32-blocks: register i = half i%2 of blocks 4(i/2)..4(i/2)+3 (block per lane). */
-static const uint8_t SUB_B32[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
-
 /* One decoded row step: unsigned codes, per-lane scale (d_w * sc) and minimum (0 if none). */
 typedef struct {
     __m512i u[4];
@@ -117,61 +128,34 @@ static const int K_BLOCK[5] = {84, 110, 144, 176, 210};
 static const float K_OFFSET[5] = {0.0f, 4.0f, 0.0f, 0.0f, 32.0f};
 static const int K_HASMIN[5] = {1, 0, 1, 1, 0};
 
-/* Q4_K/Q5_K scale and min bytes: sc0..7 in bytes 0-7, m0..7 in bytes 8-15, from the 16-byte
- * header h (d, dmin, scales[12]) as pe_k_scale_min. */
-PE_AI __m128i k_scale_min(__m128i h) {
-    /* s[k] sits at byte 4 + k */
-    const __m128i p = _mm_shuffle_epi8(h, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m128i p4 = _mm_shuffle_epi8(_mm_srli_epi16(h, 4),
-                                        _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15));
-    const __m128i p2 = _mm_shuffle_epi8(_mm_srli_epi16(h, 2),
-                                        _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
-    const __m128i lo = _mm_or_si128(
-        _mm_and_si128(p, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
-        _mm_and_si128(p4, _mm_set1_epi8(15)));
-    return _mm_or_si128(lo, _mm_and_si128(p2, _mm_set1_epi8(0x30)));
-}
-
-/* Q4_K/Q5_K per-lane scales from the header at p (d and dmin converted from the same 16 bytes), lanes
- * ordered by SUB_Q45 (sub-block 32 = sub16 / 2). Q4_K's 1/16 for the high nibbles is applied per step
- * to the activation scales instead. */
-PE_AI void k45_scales(const uint8_t *p, row_step *s) {
-    const __m128i h = _mm_loadu_si128((const __m128i *)p);
-    const __m128i scm = k_scale_min(h);
-    /* sub32 of lane 4L + i = SUB_Q45 / 2 */
-    const __m128i isc = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
-    const __m128i imn = _mm_add_epi8(isc, _mm_set1_epi8(8));
-    const __m128 dd = _mm_cvtph_ps(h); /* d, dmin, ... */
-    s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, isc)), _mm512_broadcastss_ps(dd));
-    s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(scm, imn)), _mm512_broadcastss_ps(_mm_movehdup_ps(dd)));
-}
-
 PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
 
+/* Q3_K's scales of a row pair (blocks at pa, pb): both rows' 12 scale bytes in one ymm (4% faster
+ * than per row in cache, the same bits). */
+PE_AI void k3_pair_scales(const uint8_t *pa, const uint8_t *pb, __m512 *aa, __m512 *ab) {
+    /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
+    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_maskz_loadu_epi8(0x0fff, pa + 96)),
+                                              _mm_maskz_loadu_epi8(0x0fff, pb + 96), 1);
+    const __m256i idx = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lo = _mm256_and_si256(_mm256_mask_blend_epi8(0xff00ff00u, _mm256_shuffle_epi8(h, idx),
+                                                                _mm256_shuffle_epi8(_mm256_srli_epi16(h, 4), idx)),
+                                        _mm256_set1_epi8(15));
+    const __m256i b = _mm256_and_si256(
+        _mm256_shuffle_epi8(h, _mm256_broadcastsi128_si256(_mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11))),
+        _mm256_broadcastsi128_si256(_mm_setr_epi8(3, 3, 3, 3, 12, 12, 12, 12, 48, 48, 48, 48, -64, -64, -64, -64)));
+    const __m256i hi = _mm256_srlv_epi16(_mm256_sllv_epi16(b, _mm256_broadcastsi128_si256(_mm_setr_epi16(4, 4, 2, 2, 0, 0, 0, 0))),
+                                         _mm256_broadcastsi128_si256(_mm_setr_epi16(0, 0, 0, 0, 0, 0, 2, 2)));
+    /* 0..63 = scale + 32, to the fold order, minus 32 */
+    const __m256i sc = _mm256_sub_epi8(_mm256_shuffle_epi8(_mm256_or_si256(lo, hi), _mm256_broadcastsi128_si256(sub_nat_idx())),
+                                       _mm256_set1_epi8(32));
+    *aa = _mm512_mul_ps(i8_to_ps(_mm256_castsi256_si128(sc)), _mm512_set1_ps(f16(pa + 108)));
+    *ab = _mm512_mul_ps(i8_to_ps(_mm256_extracti128_si256(sc, 1)), _mm512_set1_ps(f16(pb + 108)));
+}
+
+/* A row's codes and scales (Q3_K: codes only, its scales come in pairs from k3_pair_scales). */
 PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     const __m512i m0f = rep8(0x0f);
-    if (T == K_Q4) {
-        k45_scales(p, s);
-        const __m512i v0 = _mm512_loadu_si512(p + 16), v1 = _mm512_loadu_si512(p + 80);
-        s->u[0] = _mm512_and_si512(v0, m0f);
-        s->u[1] = _mm512_andnot_si512(m0f, v0);
-        s->u[2] = _mm512_and_si512(v1, m0f);
-        s->u[3] = _mm512_andnot_si512(m0f, v1);
-    } else if (T == K_Q5) {
-        k45_scales(p, s);
-        const __m512i qh = bcast32(p + 16);
-        const __m512i v0 = _mm512_loadu_si512(p + 48), v1 = _mm512_loadu_si512(p + 112);
-        const __m512i s16 = rep8(16);
-        /* register i holds sub-blocks 32 {2(i/2)*2 + i%2 ...}: bit (qh[l] >> sub32) */
-        s->u[0] = _mm512_mask_add_epi8(_mm512_and_si512(v0, m0f), _mm512_test_epi8_mask(qh, halves8(1, 4)),
-                                       _mm512_and_si512(v0, m0f), s16);
-        const __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m0f);
-        s->u[1] = _mm512_mask_add_epi8(h0, _mm512_test_epi8_mask(qh, halves8(2, 8)), h0, s16);
-        s->u[2] = _mm512_mask_add_epi8(_mm512_and_si512(v1, m0f), _mm512_test_epi8_mask(qh, halves8(16, 64)),
-                                       _mm512_and_si512(v1, m0f), s16);
-        const __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m0f);
-        s->u[3] = _mm512_mask_add_epi8(h1, _mm512_test_epi8_mask(qh, halves8(32, 128)), h1, s16);
-    } else if (T == K_Q6) {
+    if (T == K_Q6) {
         for (int h = 0; h < 2; h++) {
             const __m512i ql = _mm512_loadu_si512(p + 64 * h);
             const __m512i qh = bcast32(p + 128 + 32 * h);
@@ -218,39 +202,13 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
                                  _mm512_mul_ps(_mm512_broadcastss_ps(dd), pw));
             s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())),
                                  _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(dd)));
-        } else {
-            /* 12 scale bytes at p + 96 (masked: the block ends at 110) */
-            const __m128i h = _mm_maskz_loadu_epi8(0x0fff, p + 96);
-            const __m128i idx = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-            const __m128i lo = _mm_and_si128(
-                _mm_mask_blend_epi8(0xff00, _mm_shuffle_epi8(h, idx), _mm_shuffle_epi8(_mm_srli_epi16(h, 4), idx)),
-                _mm_set1_epi8(15));
-            const __m128i b = _mm_and_si128(
-                _mm_shuffle_epi8(h, _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11)),
-                _mm_setr_epi8(3, 3, 3, 3, 12, 12, 12, 12, 48, 48, 48, 48, -64, -64, -64, -64));
-            const __m128i hi = _mm_srlv_epi16(_mm_sllv_epi16(b, _mm_setr_epi16(4, 4, 2, 2, 0, 0, 0, 0)),
-                                              _mm_setr_epi16(0, 0, 0, 0, 0, 0, 2, 2));
-            const __m128i sc = _mm_or_si128(lo, hi); /* 0..63 = scale + 32 */
-            const __m512i si = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(sc, sub_nat_idx())),
-                                                _mm512_set1_epi32(32));
-            s->a = _mm512_mul_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(f16(p + 108)));
         }
     }
 }
 
-/* The activation registers of super-block sb (one digit array: x->qs or x->ql) in the element order
- * of the decoded codes. */
-PE_AI void act_k(const int T, const int8_t *digits, int64_t sb, __m512i xa[4]) {
-    const int8_t *q = digits + 256 * sb;
-    if (T == K_Q4 || T == K_Q5) {
-        for (int i = 0; i < 4; i++) {
-            const int8_t *b = q + 128 * (i / 2) + 32 * (i % 2);
-            xa[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b)),
-                                       _mm256_loadu_si256((const __m256i *)(b + 64)), 1);
-        }
-    } else {
-        for (int i = 0; i < 4; i++) xa[i] = _mm512_loadu_si512(q + 64 * i);
-    }
+/* The activation registers of super-block sb (one digit array: x->qs or x->ql), natural order. */
+PE_AI void act_k(const int8_t *digits, int64_t sb, __m512i xa[4]) {
+    for (int i = 0; i < 4; i++) xa[i] = _mm512_loadu_si512(digits + 256 * sb + 64 * i);
 }
 
 PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
@@ -258,7 +216,7 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     const int BLOCK = K_BLOCK[T];
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
-    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(T == K_Q4 || T == K_Q5 ? SUB_Q45 : SUB_NAT)));
+    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)SUB_NAT));
     const __m512i sub32 = _mm512_srli_epi32(sub, 1);
     const __m512i voff = _mm512_set1_epi32((int)K_OFFSET[T]);
     const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
@@ -269,8 +227,8 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
         __m512i xa[4], xl[4];
-        act_k(T, x->qs, sb, xa);
-        act_k(T, x->ql, sb, xl);
+        act_k(x->qs, sb, xa);
+        act_k(x->ql, sb, xl);
         for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
         /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
         const __m512 dx = _mm512_mul_ps(
@@ -279,31 +237,168 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         const __m512 dxs = _mm512_mul_ps(dx, s16);
         /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
         const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
-        /* Q4_K: the high-nibble registers (odd i, odd lanes) hold 16 q */
-        const __m512 dxa = T == K_Q4 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
-                                                                        1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
-                                     : dx;
         prefetch_next(next + 8 * o, 8 * BLOCK);
-        for (int i = 0; i < 8; i++) {
-            row_step s;
-            decode_k(T, r[i] + o, &s);
-            __m512i f = dot2(s.u, xa, xl);
-            if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
-            const __m512 t = _mm512_cvtepi32_ps(f);
-            acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
-            if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+        for (int p = 0; p < 4; p++) {
+            row_step s[2];
+            for (int k = 0; k < 2; k++) decode_k(T, r[2 * p + k] + o, &s[k]);
+            if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
+            for (int k = 0; k < 2; k++) {
+                const int i = 2 * p + k;
+                __m512i f = dot2(s[k].u, xa, xl);
+                if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
+                const __m512 t = _mm512_cvtepi32_ps(f);
+                acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx), acc[i]);
+                if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s[k].m, dxs, acc[i]);
+            }
         }
     }
     for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-/* ---- 32-blocks with a minimum or a 5th bit: eight blocks per step ------------------------------ */
+/* ---- Q4_K / Q5_K: sub-blocks of 32, rows in pairs ----------------------------------------- */
+
+/* w . (254 q + ql) of the two registers u0, u1 whose lanes are the same sub-blocks: lane L of the
+ * result holds 4 partial sums of that sub-block (|sum| <= 2 * 256 * 4 * 255 * 128 per int32). */
+PE_AI __m512i dot_pair(__m512i u0, __m512i u1, __m512i h0, __m512i h1, __m512i l0, __m512i l1) {
+    const __m512i c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), u1, h1);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(c, 8), u0, l0), u1, l1);
+}
+
+/* Row s (0, 1) of a pair accumulator, its eight lanes idx[0..8) (in sub-block or block order,
+ * whatever the slot), summed in one fixed order: a row's bits do not depend on its place. */
+PE_AI float pair_row(__m512 acc, __m512i idx) { return _mm512_reduce_add_ps(_mm512_maskz_permutexvar_ps(0x00ff, idx, acc)); }
+
+/* Q4_K/Q5_K: a row's codes, register k's lane L = elements 64 L + 16 k .. + 15 (sub-block 2L for
+ * k < 2, 2L + 1 for k >= 2): the two 64-byte halves of qs regrouped by 128-bit lanes, the chunk's
+ * first 16 bytes (k even) or last 16 (k odd). Q4_K's high nibbles stay in place (16 q). */
+PE_AI void decode_k45(const int T, const uint8_t *p, __m512i u[4]) {
+    const __m512i m0f = rep8(0x0f);
+    const uint8_t *qs = p + (T == K_Q5 ? 48 : 16);
+    const __m512i v0 = _mm512_loadu_si512(qs), v1 = _mm512_loadu_si512(qs + 64);
+    const __m512i w0 = _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i w1 = _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(3, 1, 3, 1));
+    u[0] = _mm512_and_si512(w0, m0f);
+    u[1] = _mm512_and_si512(w1, m0f);
+    if (T == K_Q4) {
+        u[2] = _mm512_andnot_si512(m0f, w0);
+        u[3] = _mm512_andnot_si512(m0f, w1);
+    } else {
+        u[2] = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m0f);
+        u[3] = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m0f);
+        /* 5th bit of element 64 L + 32 h + j: bit 2L + h of qh[j], qh[0..16) (b0) or qh[16..32) (b1)
+         * repeated per 128-bit lane */
+        const __m512i b0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + 16)));
+        const __m512i b1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + 32)));
+        const __m512i c = _mm512_setr_epi32(0x01010101, 0x01010101, 0x01010101, 0x01010101, 0x04040404, 0x04040404,
+                                            0x04040404, 0x04040404, 0x10101010, 0x10101010, 0x10101010, 0x10101010,
+                                            0x40404040, 0x40404040, 0x40404040, 0x40404040);
+        const __m512i c1 = _mm512_add_epi8(c, c), s16 = rep8(16);
+        u[0] = _mm512_mask_add_epi8(u[0], _mm512_test_epi8_mask(b0, c), u[0], s16);
+        u[1] = _mm512_mask_add_epi8(u[1], _mm512_test_epi8_mask(b1, c), u[1], s16);
+        u[2] = _mm512_mask_add_epi8(u[2], _mm512_test_epi8_mask(b0, c1), u[2], s16);
+        u[3] = _mm512_mask_add_epi8(u[3], _mm512_test_epi8_mask(b1, c1), u[3], s16);
+    }
+}
+
+/* The scales of a row pair (headers at pa, pb), in the pair's fold lanes 4L + i (row i / 2,
+ * sub-block 2L + i % 2): a = d * sc, m = dmin * m. */
+PE_AI void k45_pair_scales(const uint8_t *pa, const uint8_t *pb, __m512 *a, __m512 *m) {
+    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)pa)),
+                                              _mm_loadu_si128((const __m128i *)pb), 1);
+    /* sc0..7 in bytes 0-7, m0..7 in 8-15 of each 128-bit lane, as pe_k_scale_min; s[k] at byte 4 + k */
+    const __m256i p = _mm256_shuffle_epi8(h, _mm256_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15,
+                                                              4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m256i p4 = _mm256_shuffle_epi8(_mm256_srli_epi16(h, 4),
+                                           _mm256_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15,
+                                                            -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15));
+    const __m256i p2 = _mm256_shuffle_epi8(_mm256_srli_epi16(h, 2),
+                                           _mm256_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11,
+                                                            -1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m256i lo = _mm256_or_si256(
+        _mm256_and_si256(p, _mm256_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0,
+                                             63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm256_and_si256(p4, _mm256_set1_epi8(15)));
+    const __m256i scm = _mm256_or_si256(lo, _mm256_and_si256(p2, _mm256_set1_epi8(0x30)));
+    /* byte 4L + i: row i / 2's scale (min) of sub-block 2L + i % 2 */
+    const __m128i sa = _mm256_castsi256_si128(scm), sb = _mm256_extracti128_si256(scm, 1);
+    const __m512 sc = u8_to_ps(_mm_unpacklo_epi16(sa, sb)), mn = u8_to_ps(_mm_unpackhi_epi16(sa, sb));
+    /* d, dmin of both rows (words 0, 1, 8, 9) */
+    const __m512 dd = _mm512_castps128_ps512(
+        _mm_cvtph_ps(_mm256_castsi256_si128(_mm256_permutexvar_epi16(_mm256_setr_epi16(0, 1, 8, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), h))));
+    const __m512i row = _mm512_setr_epi32(0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2, 0, 0, 2, 2);
+    *a = _mm512_mul_ps(sc, _mm512_permutexvar_ps(row, dd));
+    *m = _mm512_mul_ps(mn, _mm512_permutexvar_ps(_mm512_add_epi32(row, _mm512_set1_epi32(1)), dd));
+}
+
+/* 128-bit lanes transposed: out[k] lane L = in[L] lane k. */
+PE_AI void transpose_lanes(__m512i v[4]) {
+    const __m512i t0 = _mm512_shuffle_i64x2(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t1 = _mm512_shuffle_i64x2(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i t2 = _mm512_shuffle_i64x2(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t3 = _mm512_shuffle_i64x2(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2));
+    v[0] = _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
+    v[1] = _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
+    v[2] = _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
+    v[3] = _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
+                      const int T) {
+    const int BLOCK = K_BLOCK[T];
+    const uint8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
+    /* lane 4L + i holds sub-block 2L + i % 2 */
+    const __m512i lane_sub = _mm512_setr_epi32(0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7);
+    const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
+    /* Q4_K: the high-nibble registers (odd i) hold 16 q */
+    const __m512 pw = T == K_Q4 ? _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
+                                                 1, 0.0625f, 1, 0.0625f)
+                                : _mm512_set1_ps(1.0f);
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nsb = n / 256;
+    __m512 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const int64_t o = sb * BLOCK;
+        __m512i xh[4], xl[4];
+        for (int k = 0; k < 4; k++) {
+            base256(_mm512_loadu_si512(x->qs + 256 * sb + 64 * k), _mm512_loadu_si512(x->ql + 256 * sb + 64 * k), &xh[k],
+                    &xl[k]);
+        }
+        transpose_lanes(xh);
+        transpose_lanes(xl);
+        const __m512 dx = _mm512_mul_ps(
+            _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
+        const __m512 dxs = _mm512_mul_ps(dx, _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->s32x + 8 * sb))));
+        const __m512 dxa = _mm512_mul_ps(dx, pw);
+        prefetch_next(next + 8 * o, 8 * BLOCK);
+        for (int p = 0; p < 4; p++) {
+            __m512i ua[4], ub[4];
+            decode_k45(T, r[2 * p] + o, ua);
+            decode_k45(T, r[2 * p + 1] + o, ub);
+            const __m512i f = fold4(dot_pair(ua[0], ua[1], xh[0], xh[1], xl[0], xl[1]),
+                                    dot_pair(ua[2], ua[3], xh[2], xh[3], xl[2], xl[3]),
+                                    dot_pair(ub[0], ub[1], xh[0], xh[1], xl[0], xl[1]),
+                                    dot_pair(ub[2], ub[3], xh[2], xh[3], xl[2], xl[3]));
+            __m512 a, m;
+            k45_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &a, &m);
+            acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dxa), acc[p]);
+            acc[p] = _mm512_fnmadd_ps(m, dxs, acc[p]);
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        const int s = 2 * (i % 2);
+        out[i] = pair_row(acc[i / 2], _mm512_setr_epi32(s, s + 1, s + 4, s + 5, s + 8, s + 9, s + 12, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
+    }
+}
+
+/* ---- 32-blocks with a minimum or a 5th bit: eight blocks per step, rows in pairs --------------- */
 
 enum { B_Q4_1 = 0, B_Q5_0, B_Q5_1 };
 static const int B_BLOCK[3] = {20, 22, 24};
 static const int B_QH[3] = {0, 2, 4};  /* qh offset (Q5 types) */
 static const int B_QS[3] = {4, 6, 8};
-static const float B_OFFSET[3] = {0.0f, 16.0f, 0.0f};
+static const int B_OFFSET[3] = {0, 16, 0};
 static const int B_HASMIN[3] = {1, 0, 1};
 
 /* Bytes of [p, p + valid) (valid clamped to 0..64), zero elsewhere; never reads past valid. */
@@ -316,78 +411,93 @@ PE_AI __m512i loadm(const uint8_t *p, int64_t valid) {
 static inline int pair_pos(int off) { return off < 64 ? off : 64 + off - 32; }
 
 typedef struct {
-    __m512i qs, qhl, qhh, hdr; /* vpermt2b indexes */
-    __m512i bits;              /* byte t of a lane: 1 << (t % 8) */
-    __m512i a_idx, m_idx;      /* float lanes of d and m (see decode_b) */
+    __m512i qs;         /* vpermt2b: the codes of four blocks, block per lane */
+    __m512i qh;         /* vpermt2b (Q5): qh of block L in qwords 2L and 2L+1 (bytes 0-3), the
+                         * header word d(L) (qword L) or m(L) (qword 4 + L) in bytes 4-5 */
+    __m512i hdr;        /* vpermt2w over the two groups' qh (Q5) or first windows (Q4_1): the words
+                         * d(0..3) m(0..3) d(4..7) m(4..7) of the step's eight blocks */
+    __m512i blo, bhi;   /* vpshufbitqmb: byte 16L + j of a register selects bit j (low half-block)
+                         * or 16 + j (high) of its qword 2L + j/8, i.e. of qh(L) */
+    __m512i a_idx, m_idx; /* the float lanes of d and m of a row pair (see b_step) */
 } b_tables;
 
-PE_AI void b_tables_init(const int T, b_tables *t) {
+/* Built once per type when the kernel is chosen (pe_dot_q8k_avx512, called once per process from
+ * the traits' pthread_once), instead of on the stack by every call (~5% of a call at n = 2880). */
+static b_tables B_TABLES[3];
+
+static void b_tables_init(const int T, b_tables *t) {
     const int BLOCK = B_BLOCK[T];
-    uint8_t qs[64], qhl[64], qhh[64], hdr[64], bits[64];
+    uint8_t qs[64], qh[64], blo[64], bhi[64];
+    uint16_t hdr[32];
     for (int L = 0; L < 4; L++)
         for (int j = 0; j < 16; j++) {
             qs[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QS[T] + j);
-            qhl[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + j / 8);
-            qhh[16 * L + j] = (uint8_t)pair_pos(BLOCK * L + B_QH[T] + 2 + j / 8);
-            bits[16 * L + j] = (uint8_t)(1u << (j % 8));
+            blo[16 * L + j] = (uint8_t)j;
+            bhi[16 * L + j] = (uint8_t)(16 + j);
         }
-    /* words 0-3: d of the four blocks, words 4-7: m */
+    for (int q = 0; q < 8; q++)
+        for (int k = 0; k < 8; k++) {
+            const int L = q % 4, h = T == B_Q5_1 && q >= 4 ? 2 : 0; /* d, or m (Q5_1) */
+            qh[8 * q + k] = (uint8_t)pair_pos(k < 4 ? BLOCK * (q / 2) + B_QH[T] + k : BLOCK * L + h + k - 4);
+        }
     memset(hdr, 0, sizeof hdr);
-    for (int L = 0; L < 4; L++)
-        for (int k = 0; k < 2; k++) {
-            hdr[2 * L + k] = (uint8_t)pair_pos(BLOCK * L + k);
-            hdr[8 + 2 * L + k] = (uint8_t)pair_pos(BLOCK * L + 2 + k);
-        }
+    for (int g = 0; g < 2; g++)
+        for (int L = 0; L < 4; L++)
+            for (int dm = 0; dm < 2; dm++) /* word w of the first (< 32) or second source */
+                hdr[8 * g + 4 * dm + L] = (uint16_t)(32 * g + (T == B_Q4_1 ? (BLOCK * L) / 2 + dm : 4 * (4 * dm + L) + 2));
     t->qs = _mm512_loadu_si512(qs);
-    t->qhl = _mm512_loadu_si512(qhl);
-    t->qhh = _mm512_loadu_si512(qhh);
+    t->qh = _mm512_loadu_si512(qh);
     t->hdr = _mm512_loadu_si512(hdr);
-    t->bits = _mm512_loadu_si512(bits);
+    t->blo = _mm512_loadu_si512(blo);
+    t->bhi = _mm512_loadu_si512(bhi);
+    /* lane 4L + i: row i / 2 of the pair, block 4 (i % 2) + L; a row's floats (b_pair) are
+     * d(0..3) m(0..3) d(4..7) m(4..7) */
     int32_t ai[16], mi[16];
     for (int L = 0; L < 4; L++)
         for (int i = 0; i < 4; i++) {
-            ai[4 * L + i] = 8 * (i / 2) + L;
-            mi[4 * L + i] = 8 * (i / 2) + 4 + L;
+            ai[4 * L + i] = 16 * (i / 2) + 8 * (i % 2) + L;
+            mi[4 * L + i] = ai[4 * L + i] + 4;
         }
     t->a_idx = _mm512_loadu_si512(ai);
     t->m_idx = _mm512_loadu_si512(mi);
 }
 
-/* Row step of eight blocks at p, nblk of them present (1..8). */
-PE_AI void decode_b(const int T, const b_tables *t, const uint8_t *p, int64_t nblk, row_step *s) {
+/* A row's step of eight blocks at p, nblk of them present (1..8): codes u (register 2g + h: half h
+ * of blocks 4g..4g+3, block per lane) and the header words (see b_tables.hdr). */
+PE_AI __m256i b_decode(const int T, const b_tables *t, const uint8_t *p, int64_t nblk, __m512i u[4]) {
     const int BLOCK = B_BLOCK[T];
     const __m512i m0f = rep8(0x0f);
-    __m128i hdr[2];
+    __m512i H[2];
     for (int g = 0; g < 2; g++) {
         const int64_t rem = (nblk - 4 * g) * BLOCK;
         const uint8_t *q = p + 4 * g * BLOCK;
         const __m512i A = loadm(q, rem), B = loadm(q + 32, rem - 32);
         const __m512i qs = _mm512_permutex2var_epi8(A, t->qs, B);
+        const __m512i lo = _mm512_and_si512(qs, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
         if (T == B_Q4_1) {
-            s->u[2 * g] = _mm512_and_si512(qs, m0f);
-            s->u[2 * g + 1] = _mm512_andnot_si512(m0f, qs);
+            u[2 * g] = lo;
+            u[2 * g + 1] = hi;
+            H[g] = A;
         } else {
-            const __m512i lo = _mm512_and_si512(qs, m0f);
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m0f);
-            const __mmask64 bl = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhl, B), t->bits);
-            const __mmask64 bh = _mm512_test_epi8_mask(_mm512_permutex2var_epi8(A, t->qhh, B), t->bits);
-            s->u[2 * g] = _mm512_mask_add_epi8(lo, bl, lo, rep8(16));
-            s->u[2 * g + 1] = _mm512_mask_add_epi8(hi, bh, hi, rep8(16));
+            H[g] = _mm512_permutex2var_epi8(A, t->qh, B);
+            u[2 * g] = _mm512_mask_add_epi8(lo, _mm512_bitshuffle_epi64_mask(H[g], t->blo), lo, rep8(16));
+            u[2 * g + 1] = _mm512_mask_add_epi8(hi, _mm512_bitshuffle_epi64_mask(H[g], t->bhi), hi, rep8(16));
         }
-        hdr[g] = _mm512_castsi512_si128(_mm512_permutex2var_epi8(A, t->hdr, B));
     }
-    /* floats: 0-3 d(blocks 0-3), 4-7 m(0-3), 8-11 d(4-7), 12-15 m(4-7) */
-    const __m512 f = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(hdr[0]), hdr[1], 1));
-    s->a = _mm512_permutexvar_ps(t->a_idx, f);
-    if (B_HASMIN[T]) s->m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_permutexvar_ps(t->m_idx, f));
+    return _mm512_castsi512_si256(_mm512_permutex2var_epi16(H[0], t->hdr, H[1]));
+}
+
+/* The 16 block sums of a row pair (lane 4L + i: row i / 2, block 4 (i % 2) + L), codes ua, ub. */
+PE_AI __m512i b_sums(const __m512i ua[4], const __m512i ub[4], const __m512i xh[4], const __m512i xl[4]) {
+    return fold4(dot_pair(ua[0], ua[1], xh[0], xh[1], xl[0], xl[1]), dot_pair(ua[2], ua[3], xh[2], xh[3], xl[2], xl[3]),
+                 dot_pair(ub[0], ub[1], xh[0], xh[1], xl[0], xl[1]), dot_pair(ub[2], ub[3], xh[2], xh[3], xl[2], xl[3]));
 }
 
 /* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there). */
 PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, int64_t b,
-                  const int64_t nblk, const uint8_t *next, __m512i sub, __m512i sub32, __m512i xidx0, __m512i xidx1,
-                  __m512 acc[8]) {
+                  const int64_t nblk, const uint8_t *next, __m512i lane_blk,
+                  __m512 acc[4]) {
     const int BLOCK = B_BLOCK[T];
-    const __m512i voff = _mm512_set1_epi32((int)B_OFFSET[T]);
     const int64_t o = b * BLOCK;
     __m512i xa[4], xl[4];
     for (int dg = 0; dg < 2; dg++) {
@@ -396,32 +506,32 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
         for (int g = 0; g < 2; g++) {
             const __m512i X0 = loadm(q + 128 * g, 32 * (nblk - 4 * g));
             const __m512i X1 = loadm(q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
-            xv[2 * g] = _mm512_permutex2var_epi8(X0, xidx0, X1);
-            xv[2 * g + 1] = _mm512_permutex2var_epi8(X0, xidx1, X1);
+            /* lane L of register 2g (2g + 1): the first (second) 16 elements of block 4g + L */
+            xv[2 * g] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(2, 0, 2, 0));
+            xv[2 * g + 1] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(3, 1, 3, 1));
         }
     }
     for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
-    const __mmask16 bm = (__mmask16)((1u << nblk) - 1);
-    /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each half-block */
+    const __mmask8 bm = (__mmask8)((1u << nblk) - 1);
+    /* per lane (its block): d_x / 254 and the combined sum 254 * sum(q) + sum(ql) */
     const __m512 dx = _mm512_mul_ps(
-        _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_maskz_loadu_ps((__mmask8)bm, x->d + b))),
+        _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x->d + b))),
         _mm512_set1_ps(1.0f / 254.0f));
-    const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_maskz_loadu_ps((__mmask16)((1u << (2 * nblk)) - 1), x->s16x + 2 * b));
-    const __m512 dxs = _mm512_mul_ps(dx, s16);
-    const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
-    /* Q4_1: the high-nibble registers (odd i, odd lanes) hold 16 q */
-    const __m512 dxa = T == B_Q4_1 ? _mm512_mul_ps(dx, _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
-                                                                      1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f))
-                                   : dx;
+    const __m512 s32 = _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x->s32x + b)));
+    const __m512 dxs = _mm512_mul_ps(dx, s32);
+    /* offset * s32x in int32, exact (|s32x| <= 32 * 127 * 255) */
+    const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s32), _mm512_set1_epi32(B_OFFSET[T]));
     prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
-    for (int i = 0; i < 8; i++) {
-        row_step s;
-        decode_b(T, tb, r[i] + o, nblk, &s);
-        __m512i f = dot2(s.u, xa, xl);
-        if (B_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
-        const __m512 t = _mm512_cvtepi32_ps(f);
-        acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s.a, dxa), acc[i]);
-        if (B_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s.m, dxs, acc[i]);
+    for (int p = 0; p < 4; p++) {
+        __m512i ua[4], ub[4];
+        const __m256i ha = b_decode(T, tb, r[2 * p] + o, nblk, ua);
+        const __m256i hb = b_decode(T, tb, r[2 * p + 1] + o, nblk, ub);
+        __m512i f = b_sums(ua, ub, xa, xl);
+        if (B_OFFSET[T]) f = _mm512_sub_epi32(f, offs);
+        const __m512 fa = _mm512_cvtph_ps(ha), fb = _mm512_cvtph_ps(hb);
+        const __m512 a = _mm512_permutex2var_ps(fa, tb->a_idx, fb);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dx), acc[p]);
+        if (B_HASMIN[T]) acc[p] = _mm512_fmadd_ps(_mm512_permutex2var_ps(fa, tb->m_idx, fb), dxs, acc[p]);
     }
 }
 
@@ -429,25 +539,20 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                     const int T) {
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
-    b_tables tb;
-    b_tables_init(T, &tb);
-    const __m512i sub = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)SUB_B32));
-    const __m512i sub32 = _mm512_srli_epi32(sub, 1);
-    uint8_t xi0[64], xi1[64];
-    for (int L = 0; L < 4; L++)
-        for (int j = 0; j < 16; j++) {
-            xi0[16 * L + j] = (uint8_t)(32 * L + j);
-            xi1[16 * L + j] = (uint8_t)(32 * L + 16 + j);
-        }
-    const __m512i xidx0 = _mm512_loadu_si512(xi0), xidx1 = _mm512_loadu_si512(xi1);
+    const b_tables tb = B_TABLES[T];
+    /* lane 4L + i holds block 4 (i % 2) + L */
+    const __m512i lane_blk = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
-    __m512 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, sub, sub32, xidx0, xidx1, acc);
-    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, sub, sub32, xidx0, xidx1, acc);
-    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, lane_blk, acc);
+    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, lane_blk, acc);
+    for (int i = 0; i < nr; i++) {
+        const int s = 2 * (i % 2);
+        out[i] = pair_row(acc[i / 2], _mm512_setr_epi32(s, s + 4, s + 8, s + 12, s + 1, s + 5, s + 9, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
+    }
 }
 
 static void dot_q8_q4_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
@@ -467,10 +572,10 @@ static void dot_q8_q3_k(const uint8_t *rows, int64_t stride, int nr, const pe_ac
     dot_q8_k(rows, stride, nr, x, n, out, K_Q3);
 }
 static void dot_q8_q4_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k(rows, stride, nr, x, n, out, K_Q4);
+    dot_q8_k45(rows, stride, nr, x, n, out, K_Q4);
 }
 static void dot_q8_q5_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k(rows, stride, nr, x, n, out, K_Q5);
+    dot_q8_k45(rows, stride, nr, x, n, out, K_Q5);
 }
 static void dot_q8_q6_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
     dot_q8_k(rows, stride, nr, x, n, out, K_Q6);
@@ -483,9 +588,17 @@ pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
     case PE_TYPE_Q4_K: return dot_q8_q4_k;
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
-    case PE_TYPE_Q4_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q4_1 : NULL;
-    case PE_TYPE_Q5_0: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_0 : NULL;
-    case PE_TYPE_Q5_1: return pe_cpu_has_avx512vbmi() ? dot_q8_q5_1 : NULL;
+    case PE_TYPE_Q4_1:
+        if (!pe_cpu_has_avx512vbmi()) return NULL;
+        b_tables_init(B_Q4_1, &B_TABLES[B_Q4_1]);
+        return dot_q8_q4_1;
+    case PE_TYPE_Q5_0:
+    case PE_TYPE_Q5_1: {
+        if (!pe_cpu_has_avx512vbmi() || !pe_cpu_has_avx512bitalg()) return NULL;
+        const int T = type == PE_TYPE_Q5_0 ? B_Q5_0 : B_Q5_1;
+        b_tables_init(T, &B_TABLES[T]);
+        return type == PE_TYPE_Q5_0 ? dot_q8_q5_0 : dot_q8_q5_1;
+    }
     default: return NULL;
     }
 }

@@ -3,7 +3,8 @@ against float64 numpy: sum_i deq(w)_i * x_i with x_i = d_x * (q_i + ql_i / 254),
 activations as quantize_act_q8 codes them (weights dequantized by gguf-py), within TOL of
 sum_i |deq(w)_i * x_i| per row; the error to that reference at least 100 times smaller than the
 distance of the one-digit (q only, llama.cpp's) result from it, so a kernel that ignores ql fails;
-and a row's result bit-identical whatever group of rows it is computed in. Weights: random blocks with varied
+and a row's result bit-identical whatever group of rows it is computed in (and, through pe_matmul,
+whatever the thread count or the tokens batched with it). Weights: random blocks with varied
 f16 scales, gguf-py's own quantizer where it has one (Q4_1, Q5_0, Q5_1), the Q4_K/Q6_K/Q5_0
 tensors of a real Q4_K_M file, and every type as llama.cpp's quantizer writes it."""
 
@@ -12,6 +13,7 @@ import ctypes
 import numpy as np
 import pytest
 
+from pyengine import _model as K
 from pyengine import _quants
 from test_quants import act_values, write_tiny_gpt_oss
 
@@ -31,7 +33,8 @@ F16_FIELDS = {T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q2_K: (80, 82), T.
 
 
 def need_kernel(qtype) -> None:
-    # K-quants need AVX-512 VNNI (as Q8_0's kernel), the 32-blocks also VBMI (as Q4_0's).
+    # K-quants need AVX-512 VNNI (as Q8_0's kernel), the 32-blocks also VBMI (as Q4_0's) and Q5_0/Q5_1
+    # BITALG (every CPU with VBMI and VNNI so far has it).
     proxy = T.Q8_0 if qtype in K_TYPES else T.Q4_0
     if not _quants.has_dot_q8(int(proxy)):
         pytest.skip("no AVX-512 VNNI/VBMI int8 kernels on this CPU")
@@ -91,6 +94,24 @@ def test_random_blocks_match_float64(qtype):
     for n in sizes(qtype):
         for n_rows in (1, 5, 8, 13, 21):
             check_rows(random_blocks(qtype, n_rows, n, rng), random_activations(n, rng), qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_same_bits_for_threads_and_batches(qtype):
+    """pe_matmul on these kernels (int8 activations): 1 vs 2 threads, and each of 8 batched tokens
+    vs that token alone, give the same bits (rows are dealt to threads in groups, in pairs inside a
+    group: a row's bits must not depend on either)."""
+    need_kernel(qtype)
+    rng = np.random.default_rng(300 + int(qtype))
+    n_in, n_out = sizes(qtype)[0], 61  # > 2 * 32768 multiply-adds: a second thread; odd: a lone last row
+    rows = random_blocks(qtype, n_out, n_in, rng)
+    x = np.stack([random_activations(n_in, rng) for _ in range(8)])
+    b = rng.standard_normal(n_out).astype(np.float32)
+    y = K.matmul(rows, int(qtype), n_in, x, b, int8_activations=True)
+    assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, b, n_threads=2, int8_activations=True)), qtype.name
+    for t in (0, 5, 7):
+        alone = K.matmul(rows, int(qtype), n_in, x[t:t + 1], b, n_threads=2, int8_activations=True)
+        assert np.array_equal(y[t:t + 1], alone), (qtype.name, t)
 
 
 @pytest.mark.parametrize("qtype", B32_TYPES, ids=lambda t: t.name)

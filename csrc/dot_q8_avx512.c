@@ -54,7 +54,8 @@ static const int LOAD_AT[3][4] = {{0, 56, 16, 72}, {0, 8}, {0, 4}};
 /* pe_mxfp4_values + 12 */
 static const int8_t MXFP4_CODES[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
-/* Position of row-step byte `off` in the two-register table (a = loads at A, B). */
+/* Position of row-step byte `off` in the two-register permute table made of the 64-byte loads at
+ * offsets A (positions 0-63) and B (64-127). */
 static int pair_pos(int off, int A, int B) { return off >= A && off - A < 64 ? off - A : 64 + off - B; }
 
 /* Permute indexes and masks of a format, built once (tables_build); loaded per call (tables_get). */

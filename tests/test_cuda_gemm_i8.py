@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cuda_backends import BACKENDS
-from test_cuda_engine import engines, gpu, greedy, prompt, rel  # noqa: F401 (gpu: fixture)
+from test_cuda_engine import engines, greedy, prompt, rel
 from test_cuda_matmul import dequant64, nan_padded, padded_weights
 from test_quants import T, act_values
 
@@ -161,9 +161,14 @@ def test_gemm_i8_rejects_other_types(cu):
             cu.matmul_gemm_experts(data, int(qtype), n_in, x, [0, 20], int8=True)
 
 
-def int8_engines(path):
-    """CPU and GPU engines with int8 activations (exact=False), f32 KV caches as test_cuda_engine's."""
+def int8_engines(path, cu, monkeypatch):
+    """CPU and GPU engines with int8 activations (exact=False), f32 KV caches as test_cuda_engine's; the
+    GPU one on backend cu (parametrized over BACKENDS, so `-m cuda` selects the real one)."""
     import pyengine
+    if cu.BACKEND == "emulator":
+        monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
+    else:
+        monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
     kv = dict(cache_type_k="f32", cache_type_v="f32")
     cpu = pyengine.Engine(str(path), n_ctx=256, n_threads=2, **kv)
     dev = pyengine.Engine(str(path), n_ctx=256, n_threads=2, device="cuda", **kv)
@@ -178,12 +183,13 @@ def q8_file(tmp_path_factory):
     return path
 
 
-def test_int8_prefill_matches_cpu_int8(gpu, q8_file):
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_int8_prefill_matches_cpu_int8(cu, q8_file, monkeypatch):
     """40-token prefill (dense Q8_0 products and grouped MXFP4 experts on the int8 kernels) against the
     CPU's int8 path within 1e-3; and the int8 path really ran (the float-activation GPU run differs)."""
     if not Q.has_dot_q8(int(T.Q8_0)):
         pytest.skip("the CPU path has no int8 kernels here (AVX-512 VNNI): nothing int8 to compare with")
-    cpu, dev = int8_engines(q8_file)
+    cpu, dev = int8_engines(q8_file, cu, monkeypatch)
     toks = prompt(40)
     got, want = dev.logits(toks), cpu.logits(toks)
     assert rel(got, want) < 1e-3
@@ -191,10 +197,11 @@ def test_int8_prefill_matches_cpu_int8(gpu, q8_file):
     assert not np.array_equal(exact_dev.logits(toks), got)
 
 
-def test_int8_greedy_identical_for_32_tokens(gpu, q8_file):
+@pytest.mark.parametrize("cu", BACKENDS)
+def test_int8_greedy_identical_for_32_tokens(cu, q8_file, monkeypatch):
     if not Q.has_dot_q8(int(T.Q8_0)):
         pytest.skip("the CPU path has no int8 kernels here (AVX-512 VNNI)")
-    cpu, dev = int8_engines(q8_file)
+    cpu, dev = int8_engines(q8_file, cu, monkeypatch)
     toks = list(prompt(12, seed=3))          # 12 tokens: the prefill takes the int8 gemm (> 8 rows)
     want = greedy(cpu, toks, 32)
     assert len(set(want)) > 4

@@ -23,10 +23,12 @@ cdef extern from "matmul_cuda.h":
 
 cdef extern from "gemm_i8_cuda.h":
     int pe_cu_gemm_i8_supported(int type) nogil
+    int64_t pe_cu_gemm_i8_scratch_bytes(int64_t n_rows, int64_t n_in) nogil
     int pe_cu_gemm_i8(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
-                      const float *bias, float *y, int64_t ldy, void *stream) nogil
+                      const float *bias, float *y, int64_t ldy, void *scratch, void *stream) nogil
     int pe_cu_gemm_experts_i8(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
-                              int64_t ldx, const float *bias, float *y, int64_t ldy, void *stream) nogil
+                              int64_t ldx, const float *bias, float *y, int64_t ldy, void *scratch,
+                              void *stream) nogil
 
 
 def matmul_type_supported(int ggml_type) -> bool:
@@ -130,7 +132,9 @@ def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t e
     cdef const float *xp = <const float *><uintptr_t>dx.ptr
     cdef float *yp = <float *><uintptr_t>dy.ptr
     if gemm and int8:
-        _check(pe_cu_gemm_i8(&w, expert, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], NULL))
+        ds = DevBuf(pe_cu_gemm_i8_scratch_bytes(n_rows, n_in))
+        _check(pe_cu_gemm_i8(&w, expert, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], <void *><uintptr_t>ds.ptr,
+                             NULL))
     elif gemm:
         _check(pe_cu_gemm(&w, expert, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], NULL))
     else:
@@ -184,7 +188,9 @@ def matmul_gemm_experts(data, int ggml_type, int64_t n_in, x, start, bias=None, 
     cdef const float *xp = <const float *><uintptr_t>dx.ptr
     cdef float *yp = <float *><uintptr_t>dy.ptr
     if int8:
-        _check(pe_cu_gemm_experts_i8(&w, &sv[0], sa.shape[0] - 1, xp, xa.shape[1], bp, yp, ya.shape[1], NULL))
+        ds = DevBuf(pe_cu_gemm_i8_scratch_bytes(n_rows, n_in))
+        _check(pe_cu_gemm_experts_i8(&w, &sv[0], sa.shape[0] - 1, xp, xa.shape[1], bp, yp, ya.shape[1],
+                                     <void *><uintptr_t>ds.ptr, NULL))
     else:
         _check(pe_cu_gemm_experts(&w, &sv[0], sa.shape[0] - 1, xp, xa.shape[1], bp, yp, ya.shape[1], NULL))
     return dy.download(ya.shape, np.float32)

@@ -18,13 +18,19 @@ extern "C" {
 /* 1 for the weight types the int8 kernels take (Q8_0, MXFP4). */
 int pe_cu_gemm_i8_supported(int type);
 
-/* As pe_cu_gemm (any n_rows >= 0; rows are padded to 16 inside a tile). 1 for an unsupported type. */
-int pe_cu_gemm_i8(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
-                  const float *bias, float *y, int64_t ldy, void *stream);
+/* Device bytes of the scratch buffer the products below need for x of n_rows rows of n_in elements
+ * (the quantized activations: 2 n_in bytes + n_in / 8 bytes per row, plus 16). */
+int64_t pe_cu_gemm_i8_scratch_bytes(int64_t n_rows, int64_t n_in);
 
-/* As pe_cu_gemm_experts: every expert's rows in one grid per 128 experts. */
+/* As pe_cu_gemm (any n_rows >= 0), x first quantized into scratch (pe_cu_gemm_i8_scratch_bytes(n_rows,
+ * n_in) bytes of device memory, overwritten). 1 for an unsupported type or a NULL scratch. */
+int pe_cu_gemm_i8(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
+                  const float *bias, float *y, int64_t ldy, void *scratch, void *stream);
+
+/* As pe_cu_gemm_experts: every expert's rows in one grid per 128 experts; scratch as above for
+ * start[n_expert] rows (rows start[0] .. start[n_expert] - 1 are quantized). */
 int pe_cu_gemm_experts_i8(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
-                          int64_t ldx, const float *bias, float *y, int64_t ldy, void *stream);
+                          int64_t ldx, const float *bias, float *y, int64_t ldy, void *scratch, void *stream);
 
 /* Test helpers for the fragment layout (compat.h, pe_mma_s8_*): one warp runs one mma.sync m16n8k32 on
  * the registers a[32][4], b[32][2], c[32][4] (lane-major, device memory) and stores d[32][4]. */

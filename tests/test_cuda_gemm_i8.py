@@ -109,6 +109,24 @@ def test_gemm_i8_products(cu, qtype):
 
 
 @pytest.mark.parametrize("cu", BACKENDS)
+def test_gemm_i8_quantizes_as_the_cpu(cu):
+    """Identity Q8_0 weights (code 1, scale 1) read back each quantized activation: y[i, k] must be the
+    CPU's d (q + l / 254) to float rounding (|y| <= 127.5 d, a few roundings of 2^-24: <= ~2.3e-5 d);
+    one digit off by one would be off by d / 254 = 3.9e-3 d, two codes' rounding mode the same."""
+    n = 64
+    rows = np.zeros((n, n // 32, 34), np.uint8)
+    rows[:, :, :2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    for k in range(n):
+        rows[k, k // 32, 2 + k % 32] = 1
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((20, n)) * np.exp2(rng.integers(-20, 20, (20, 1)))).astype(np.float32)
+    y = cu.matmul_gemm(rows.reshape(n, -1), int(T.Q8_0), n, x, int8=True).astype(np.float64)
+    xq = quantized_x(x)
+    d = np.repeat(np.abs(x.astype(np.float64)).reshape(20, -1, 32).max(2) / 127, 32, axis=1)
+    assert (np.abs(y - xq) <= 5e-5 * d).all()
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
 @pytest.mark.parametrize("qtype", I8_TYPES, ids=lambda t: t.name)
 def test_gemm_i8_close_to_cpu_int8_prefill(cu, qtype):
     """The CPU engine's int8 prefill (more than 8 tokens: the repacked-tile kernel) on the same rows: the

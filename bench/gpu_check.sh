@@ -225,7 +225,7 @@ pytest_in() {  # pytest_in SELECTION PREFIX...: PREFIX -m pytest over the cuda t
   local sel=$1; shift
   eval "local extra=($sel)"
   "$@" -m pytest -q -p no:cacheprovider -x "${extra[@]}" "$REPO/tests/test_cuda_ops.py" \
-    "$REPO/tests/test_cuda_matmul.py" "$REPO/tests/test_cuda_engine.py"
+    "$REPO/tests/test_cuda_matmul.py" "$REPO/tests/test_cuda_engine.py" "$REPO/tests/test_cuda_gemm_i8.py"
 }
 sanitizer() {  # sanitizer TOOL: compute-sanitizer --tool TOOL, or nothing where it is absent (dry)
   if command -v compute-sanitizer > /dev/null; then echo compute-sanitizer --tool "$1" --error-exitcode 9; fi

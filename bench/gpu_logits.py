@@ -8,8 +8,11 @@ rows, 32 experts) cannot pass unseen. A random prompt is prefilled on both engin
 position's logits compared), then `decode` one-token steps feed both engines the CPU's argmax.
 Per step: the relative error ||gpu - cpu|| / ||cpu|| and whether the argmaxes agree. Exit status 0
 when every error is within tol and every argmax agrees, 1 otherwise (the reasons printed). The CPU
-side uses float32 activations (exact=True), the GPU's arithmetic. PYENGINE_CUDA_EMULATOR=1 runs the
-GPU side on the emulator."""
+side uses float32 activations (exact=True), the GPU's arithmetic; with --int8 both sides use int8
+activations (exact=False: the GPU's int8 tensor-core prefill for Q8_0/MXFP4 against the CPU's int8
+kernels, which need AVX-512 VNNI on the host; the GPU's decode steps still use float activations,
+so theirs compare float with int8: ~5e-4..8e-4 on the 3-layer test model). PYENGINE_CUDA_EMULATOR=1
+runs the GPU side on the emulator."""
 
 from __future__ import annotations
 
@@ -35,13 +38,14 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=8, help="decode steps after the prefill (default 8)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative error allowed (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--int8", action="store_true", help="int8 activations on both sides (exact=False)")
     ap.add_argument("--json", help="write the per-step figures here")
     args = ap.parse_args()
 
     n_ctx = args.prompt + args.decode + 8
     t0 = time.perf_counter()
-    cpu = Engine(args.model, n_ctx=n_ctx, exact=True)
-    gpu = Engine(args.model, n_ctx=n_ctx, exact=True, device="cuda")
+    cpu = Engine(args.model, n_ctx=n_ctx, exact=not args.int8)
+    gpu = Engine(args.model, n_ctx=n_ctx, exact=not args.int8, device="cuda")
     load_s = time.perf_counter() - t0
     prompt = np.random.default_rng(args.seed).integers(0, cpu.n_vocab, args.prompt).tolist()
 

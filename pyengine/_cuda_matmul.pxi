@@ -21,6 +21,15 @@ cdef extern from "matmul_cuda.h":
     int pe_cu_gemm_experts(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
                            int64_t ldx, const float *bias, float *y, int64_t ldy, void *stream) nogil
 
+cdef extern from "gemm_i8_cuda.h":
+    int pe_cu_gemm_i8_supported(int type) nogil
+    int64_t pe_cu_gemm_i8_scratch_bytes(int64_t n_rows, int64_t n_in) nogil
+    int pe_cu_gemm_i8(const pe_cu_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_rows,
+                      const float *bias, float *y, int64_t ldy, void *scratch, void *stream) nogil
+    int pe_cu_gemm_experts_i8(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x,
+                              int64_t ldx, const float *bias, float *y, int64_t ldy, void *scratch,
+                              void *stream) nogil
+
 
 def matmul_type_supported(int ggml_type) -> bool:
     """True for the weight types the CUDA matrix kernels read (the CPU engine's 14)."""
@@ -87,8 +96,15 @@ def matmul_dequant(data, int ggml_type, int64_t n_in, int64_t expert=0) -> np.nd
     return dy.download((n_out, n_in), np.float32)
 
 
-def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t expert, y, bint gemm):
+def _cuq_int8_check(int ggml_type, bint int8):
+    if int8 and not pe_cu_gemm_i8_supported(ggml_type):
+        raise ValueError(f"ggml type {ggml_type} has no int8 tensor-core gemm (Q8_0 and MXFP4 have)")
+
+
+def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t expert, y, bint gemm,
+                  bint int8=False):
     flat, n_out, n_exp, row_stride, expert_stride = _cuq_weight_span(data, ggml_type, n_in)
+    _cuq_int8_check(ggml_type, int8)
     xa = _cuq_f32_2d(x, n_in, "x")
     n_rows = xa.shape[0]
     ya = _cuq_f32_2d(np.full((n_rows, n_out), np.nan, np.float32) if y is None else y, n_out, "y")
@@ -115,7 +131,11 @@ def _cuq_products(data, int ggml_type, int64_t n_in, x, bias, experts, int64_t e
     cdef const int32_t *ep = <const int32_t *><uintptr_t>de.ptr if de is not None else NULL
     cdef const float *xp = <const float *><uintptr_t>dx.ptr
     cdef float *yp = <float *><uintptr_t>dy.ptr
-    if gemm:
+    if gemm and int8:
+        ds = DevBuf(pe_cu_gemm_i8_scratch_bytes(n_rows, n_in))
+        _check(pe_cu_gemm_i8(&w, expert, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], <void *><uintptr_t>ds.ptr,
+                             NULL))
+    elif gemm:
         _check(pe_cu_gemm(&w, expert, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], NULL))
     else:
         _check(pe_cu_matvec(&w, ep, xp, xa.shape[1], n_rows, bp, yp, ya.shape[1], NULL))
@@ -130,18 +150,22 @@ def matmul_matvec(data, int ggml_type, int64_t n_in, x, bias=None, experts=None,
     return _cuq_products(data, ggml_type, n_in, x, bias, experts, 0, y, False)
 
 
-def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None) -> np.ndarray:
+def matmul_gemm(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, y=None,
+                bint int8=False) -> np.ndarray:
     """Prefill products on the GPU: y[i, r] = dot(row r of expert `expert`, x[i, :n_in]) + bias[r];
-    shapes as matmul_matvec, bias (n_out,)."""
-    return _cuq_products(data, ggml_type, n_in, x, bias, None, expert, y, True)
+    shapes as matmul_matvec, bias (n_out,). int8: the int8 tensor-core kernel (Q8_0, MXFP4: x quantized
+    to int8 per 32-block with two digits, as the CPU path), else float32 x (3xTF32 / f32)."""
+    return _cuq_products(data, ggml_type, n_in, x, bias, None, expert, y, True, int8)
 
 
-def matmul_gemm_experts(data, int ggml_type, int64_t n_in, x, start, bias=None, y=None) -> np.ndarray:
+def matmul_gemm_experts(data, int ggml_type, int64_t n_in, x, start, bias=None, y=None,
+                        bint int8=False) -> np.ndarray:
     """Grouped prefill products on the GPU (one launch for all experts): for each expert e < len(start) - 1
     and row i in [start[e], start[e + 1]): y[i, r] = dot(row r of expert e, x[i, :n_in]) + bias[e, r].
     start: nondecreasing int64 offsets into the rows of x; bias (n_expert, n_out); other rows of y
-    (initial buffer as in matmul_matvec) come back untouched."""
+    (initial buffer as in matmul_matvec) come back untouched. int8: as matmul_gemm."""
     flat, n_out, n_exp, row_stride, expert_stride = _cuq_weight_span(data, ggml_type, n_in)
+    _cuq_int8_check(ggml_type, int8)
     xa = _cuq_f32_2d(x, n_in, "x")
     n_rows = xa.shape[0]
     ya = _cuq_f32_2d(np.full((n_rows, n_out), np.nan, np.float32) if y is None else y, n_out, "y")
@@ -161,6 +185,12 @@ def matmul_gemm_experts(data, int ggml_type, int64_t n_in, x, start, bias=None, 
     cdef pe_cu_weight w = _cuq_weight(dw, ggml_type, n_in, n_out, row_stride, expert_stride)
     cdef const float *bp = <const float *><uintptr_t>db.ptr if db is not None else NULL
     cdef const int64_t[::1] sv = sa
-    _check(pe_cu_gemm_experts(&w, &sv[0], sa.shape[0] - 1, <const float *><uintptr_t>dx.ptr, xa.shape[1], bp,
-                              <float *><uintptr_t>dy.ptr, ya.shape[1], NULL))
+    cdef const float *xp = <const float *><uintptr_t>dx.ptr
+    cdef float *yp = <float *><uintptr_t>dy.ptr
+    if int8:
+        ds = DevBuf(pe_cu_gemm_i8_scratch_bytes(n_rows, n_in))
+        _check(pe_cu_gemm_experts_i8(&w, &sv[0], sa.shape[0] - 1, xp, xa.shape[1], bp, yp, ya.shape[1],
+                                     <void *><uintptr_t>ds.ptr, NULL))
+    else:
+        _check(pe_cu_gemm_experts(&w, &sv[0], sa.shape[0] - 1, xp, xa.shape[1], bp, yp, ya.shape[1], NULL))
     return dy.download(ya.shape, np.float32)

@@ -52,6 +52,7 @@ cdef extern from "gptoss_cuda.h":
         const pe_cu_layer *layers
         int first_gpu_layer
         const pe_model *cpu
+        int int8_act
     ctypedef struct pe_cu_kv_layer:
         void *k
         void *v
@@ -126,6 +127,7 @@ cdef class CudaModel:
         self.m.window, self.m.eps, self.m.rope_mscale = cm.window, cm.eps, cm.rope_mscale
         self.m.first_gpu_layer = self.first_gpu_layer
         self.m.cpu = cm
+        self.m.int8_act = 1 if cpu.int8_activations else 0  # exact=False: int8 prefill products (as the CPU)
         half = cm.head_dim // 2
         self.m.omega = <const double *> self._floats(cm.omega, half * 8)
         self.m.omega_swa = <const double *> self._floats(cm.omega_swa, half * 8)

@@ -13,7 +13,8 @@
  *
  * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
  * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
- * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, and the standard math functions. */
+ * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, pe_mma_s8_m16n8k32 (int8 tensor cores), pe_byte_perm, and the
+ * standard math functions. */
 #ifndef PE_CU_COMPAT_H
 #define PE_CU_COMPAT_H
 
@@ -45,6 +46,18 @@ template <typename T>
 __device__ inline T pe_shfl(T v, int src_lane) {
     return __shfl_sync(0xffffffffu, v, src_lane);
 }
+
+/* D = A B + C on the tensor cores: mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (sm_80 and later),
+ * fragments in the layout pe_mma_s8_* below describes. */
+__device__ inline void pe_mma_s8_m16n8k32(int32_t d[4], const uint32_t a[4], const uint32_t b[2], const int32_t c[4]) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]), "r"(c[2]),
+          "r"(c[3]));
+}
+/* Byte j of the result = byte (s >> 4j) & 7 of the 8 bytes y:x (selectors with bit 3 clear). */
+__device__ inline uint32_t pe_byte_perm(uint32_t x, uint32_t y, uint32_t s) { return __byte_perm(x, y, s); }
 
 PE_HOSTDEV inline float pe_cu_bits_to_float(uint32_t u) {
 #ifdef __CUDA_ARCH__
@@ -135,6 +148,7 @@ struct Thread {
     dim3 tid;
     int state;
     uint64_t slot; /* this lane's value during a shuffle */
+    uint32_t mma[6]; /* this lane's A and B registers during an emulated mma.sync */
 };
 
 struct State {
@@ -612,6 +626,13 @@ inline float __float_to_tf32(float in) {
 }  // namespace wmma
 }  // namespace nvcuda
 
+inline uint32_t pe_byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+    const uint64_t bytes = (uint64_t)y << 32 | x;
+    uint32_t r = 0;
+    for (int j = 0; j < 4; j++) r |= (uint32_t)((bytes >> (8 * ((s >> (4 * j)) & 7))) & 0xFFu) << (8 * j);
+    return r;
+}
+
 #endif /* PE_CUDA_EMU */
 
 /* ---------------------------------------------------------------- both ----------------------- */
@@ -633,5 +654,50 @@ PE_HOSTDEV inline float pe_cu_fp16_to_fp32(uint16_t h) {
 
 /* bfloat16 -> float, exact. */
 PE_HOSTDEV inline float pe_cu_bf16_to_fp32(uint16_t h) { return pe_cu_bits_to_float((uint32_t)h << 16); }
+
+/* The fragment layout of mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (PTX ISA, "Matrix Fragments
+ * for mma.m16n8k32" with .s8 operands), the one place the kernels, the emulator and the tests take it
+ * from. Lane = 4 * groupID + threadID_in_group. Element i of a lane's fragment is byte i % 4 of
+ * register i / 4 (A: 16 elements in 4 registers, B: 8 in 2) or register i (C/D: 4 int32):
+ * - A (16 x 32, row-major): row groupID (+ 8 for registers 1 and 3), column 4 threadID_in_group +
+ *   i % 4 (+ 16 for registers 2 and 3);
+ * - B (32 x 8, k by n, "col": each column's k contiguous): k = 4 threadID_in_group + i % 4 (+ 16 for
+ *   register 1), column groupID;
+ * - C and D (16 x 8): row groupID (+ 8 for elements 2 and 3), column 2 threadID_in_group + i % 2.
+ * So one 32-bit load of 4 consecutive k of a row (A) or of a column (B) fills one register. */
+PE_HOSTDEV constexpr int pe_mma_s8_a_row(int lane, int i) { return (lane >> 2) + 8 * ((i >> 2) & 1); }
+PE_HOSTDEV constexpr int pe_mma_s8_a_col(int lane, int i) { return 4 * (lane & 3) + (i & 3) + 16 * (i >> 3); }
+PE_HOSTDEV constexpr int pe_mma_s8_b_k(int lane, int i) { return 4 * (lane & 3) + (i & 3) + 16 * (i >> 2); }
+PE_HOSTDEV constexpr int pe_mma_s8_b_col(int lane, int i) { return (void)i, lane >> 2; }
+PE_HOSTDEV constexpr int pe_mma_s32_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+PE_HOSTDEV constexpr int pe_mma_s32_c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+
+#ifdef PE_CUDA_EMU
+/* The warp-wide mma.sync, exactly: every lane posts its A and B registers, then each computes its own
+ * D elements from the whole warp's registers through the layout above (int32 sums wrap, as the
+ * instruction's do without .satfinite). Every lane of the warp must call it, as on a GPU. */
+inline void pe_mma_s8_m16n8k32(int32_t d[4], const uint32_t a[4], const uint32_t b[2], const int32_t c[4]) {
+    pe_emu::State &s = pe_emu::state();
+    const int lin = s.cur_linear, base = lin & ~31, lane = lin & 31;
+    memcpy(s.cur->mma, a, 4 * sizeof(uint32_t));
+    memcpy(s.cur->mma + 4, b, 2 * sizeof(uint32_t));
+    pe_emu::wait(pe_emu::WAIT_WARP);
+    int8_t A[16][32], B[32][8];
+    for (int l = 0; l < 32; l++) {
+        const uint32_t *r = s.threads[base + l].mma;
+        for (int i = 0; i < 16; i++) A[pe_mma_s8_a_row(l, i)][pe_mma_s8_a_col(l, i)] = (int8_t)(r[i >> 2] >> (8 * (i & 3)));
+        for (int i = 0; i < 8; i++) B[pe_mma_s8_b_k(l, i)][pe_mma_s8_b_col(l, i)] = (int8_t)(r[4 + (i >> 2)] >> (8 * (i & 3)));
+    }
+    int32_t out[4];
+    for (int i = 0; i < 4; i++) {
+        const int m = pe_mma_s32_c_row(lane, i), n = pe_mma_s32_c_col(lane, i);
+        uint32_t acc = (uint32_t)c[i];
+        for (int k = 0; k < 32; k++) acc += (uint32_t)((int32_t)A[m][k] * (int32_t)B[k][n]);
+        out[i] = (int32_t)acc;
+    }
+    pe_emu::wait(pe_emu::WAIT_WARP); /* nobody posts new registers before every lane has read */
+    memcpy(d, out, sizeof out);
+}
+#endif
 
 #endif /* PE_CU_COMPAT_H */

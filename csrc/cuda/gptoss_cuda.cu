@@ -5,7 +5,8 @@
  *   mixture of experts runs one row per (token, rank) pair with the expert id read on the device, so
  *   the whole step needs no host round trip and is captured once into a CUDA graph and replayed;
  * - more tokens (prefill): the routing goes to the host, which groups the (token, rank) pairs by
- *   expert; one grouped tensor-core product per weight covers every expert's tokens.
+ *   expert; one grouped tensor-core product per weight covers every expert's tokens (int8 for Q8_0/MXFP4
+ *   weights unless the model keeps float activations: gemm_i8_cuda.h).
  * - cpu_moe layers hand the normalised activations to the CPU experts (pe_moe_forward) and back. */
 #include "compat.h"
 
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "attention_cuda.h"
+#include "gemm_i8_cuda.h"
 #include "gptoss_cuda.h"
 #include "matmul_cuda.h"
 #include "ops_cuda.h"
@@ -45,6 +47,7 @@ struct pe_cu_ctx {
     cudaStream_t stream;
     /* device */
     float *x, *a, *t, *qkv, *o, *logits, *rlog, *wts, *xg, *g, *u, *slots, *attn;
+    void *act_i8; /* int8 prefill products' quantized activations (m->int8_act only) */
     size_t attn_floats;
     int64_t *pos;
     int32_t *sel;      /* [n_layer][max_pairs]: each layer's routing of this call */
@@ -167,6 +170,10 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->pair_tok, P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->idx, 2 * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->out_idx, max_tok * sizeof(int32_t));
+    if (!e && m->int8_act) {
+        const int64_t width = D > F ? (D > q_dim ? D : q_dim) : (F > q_dim ? F : q_dim);
+        e = gpt_cu_alloc(c, &c->act_i8, (size_t)pe_cu_gemm_i8_scratch_bytes(P, width));
+    }
     if (!e) e = gpt_cu_alloc_host(&c->h_x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_a, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_t, max_tok * D * f);
@@ -193,7 +200,7 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
     if (c->graph) cudaGraphExecDestroy(c->graph);
 #endif
     void *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
-                   c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx};
+                   c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx, c->act_i8};
     void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
     for (void *p : dev) cudaFree(p);
     for (void *p : host) cudaFreeHost(p);
@@ -263,11 +270,22 @@ static int gpt_cu_ensure_attn(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_se
     return 0;
 }
 
-/* y = W x (+ bias) for n rows of x: the matrix-vector kernel for decode, the tiled one for prefill. */
-static int gpt_cu_matmul(const pe_cu_weight *w, const float *x, int64_t ldx, int64_t n, const float *bias, float *y,
-                         int64_t ldy, cudaStream_t s) {
+/* y = W x (+ bias) for n rows of x: the matrix-vector kernel for decode, the tiled one for prefill
+ * (on int8 tensor cores for Q8_0/MXFP4 unless the model keeps float activations). */
+static int gpt_cu_matmul(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_weight *w, const float *x, int64_t ldx,
+                         int64_t n, const float *bias, float *y, int64_t ldy, cudaStream_t s) {
     if (n <= GPT_CU_MATVEC_MAX) return pe_cu_matvec(w, NULL, x, ldx, n, bias, y, ldy, s);
+    if (m->int8_act && pe_cu_gemm_i8_supported(w->type))
+        return pe_cu_gemm_i8(w, 0, x, ldx, n, bias, y, ldy, c->act_i8, s);
     return pe_cu_gemm(w, 0, x, ldx, n, bias, y, ldy, s);
+}
+
+/* The grouped expert product of gpt_cu_moe_grouped, int8 or float activations as gpt_cu_matmul. */
+static int gpt_cu_gemm_experts(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_weight *w, const int64_t *start,
+                               const float *x, int64_t ldx, const float *bias, float *y, int64_t ldy, cudaStream_t s) {
+    if (m->int8_act && pe_cu_gemm_i8_supported(w->type))
+        return pe_cu_gemm_experts_i8(w, start, m->n_expert, x, ldx, bias, y, ldy, c->act_i8, s);
+    return pe_cu_gemm_experts(w, start, m->n_expert, x, ldx, bias, y, ldy, s);
 }
 
 /* Experts for few tokens: one row per (token, rank) pair, expert ids stay on the device. */
@@ -330,14 +348,14 @@ static int gpt_cu_moe_grouped(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_
     /* every expert's rows in one grid per weight; h = swiglu(gate x, up x) into c->u; down
      * projections land in xg (free by then) */
     if (L->gate_up_fused) {
-        if (!rc) rc = pe_cu_gemm_experts(&L->gate_up, start, E, c->xg, D, L->gate_up_b, c->g, 2 * F, s);
+        if (!rc) rc = gpt_cu_gemm_experts(m, c, &L->gate_up, start, c->xg, D, L->gate_up_b, c->g, 2 * F, s);
         if (!rc) rc = pe_cu_swiglu_oai_rows(c->u, c->g, c->g + F, P, F, 2 * F, s);
     } else {
-        if (!rc) rc = pe_cu_gemm_experts(&L->gate, start, E, c->xg, D, L->gate_b, c->g, F, s);
-        if (!rc) rc = pe_cu_gemm_experts(&L->up, start, E, c->xg, D, L->up_b, c->u, F, s);
+        if (!rc) rc = gpt_cu_gemm_experts(m, c, &L->gate, start, c->xg, D, L->gate_b, c->g, F, s);
+        if (!rc) rc = gpt_cu_gemm_experts(m, c, &L->up, start, c->xg, D, L->up_b, c->u, F, s);
         if (!rc) rc = pe_cu_swiglu_oai(c->u, c->g, c->u, P * F, s);
     }
-    if (!rc) rc = pe_cu_gemm_experts(&L->down, start, E, c->u, F, L->down_b, c->xg, D, s);
+    if (!rc) rc = gpt_cu_gemm_experts(m, c, &L->down, start, c->u, F, L->down_b, c->xg, D, s);
     free(start);
     if (!rc) rc = pe_cu_scatter_rows(c->slots, c->xg, c->idx + c->max_pairs, P, D, s);
     if (!rc) rc = pe_cu_moe_combine(c->t, c->slots, c->wts, n_tok, K, D, s);
@@ -372,11 +390,11 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         /* rows of c->qkv: q | k | v of one token */
         float *q = c->qkv, *k = c->qkv + q_dim, *v = c->qkv + q_dim + kv_dim;
         if (L->qkv_fused) {
-            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wqkv, c->a, D, n_tok, L->bqkv, c->qkv, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wqkv, c->a, D, n_tok, L->bqkv, c->qkv, qkv_dim, s));
         } else {
-            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wq, c->a, D, n_tok, L->bq, q, qkv_dim, s));
-            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wk, c->a, D, n_tok, L->bk, k, qkv_dim, s));
-            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, v, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wq, c->a, D, n_tok, L->bq, q, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wk, c->a, D, n_tok, L->bk, k, qkv_dim, s));
+            GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wv, c->a, D, n_tok, L->bv, v, qkv_dim, s));
         }
         /* q and k heads are adjacent and share the token's angles: one rotation over both */
         GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
@@ -391,7 +409,7 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
                                       L->sliding ? m->window : 0, L->sinks,
                                       gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
         }
-        GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(&L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
+        GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(m, c, &L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
 
         /* mixture of experts, on x + attention output, normalised */
         GPT_CU_OP(c, OP_ADD_NORM, pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
@@ -400,7 +418,7 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
         } else {
             int32_t *sel = c->sel + (int64_t)l * c->max_pairs;
-            GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(&L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
+            GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(m, c, &L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
             GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
             if (n_tok <= GPT_CU_MATVEC_MAX)
                 PE_CU_TRY(gpt_cu_moe_pairs(m, L, c, sel, n_tok));
@@ -514,7 +532,7 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     /* output head in chunks of rows, each downloaded as it is done */
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
         const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
-        GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(&m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
+        GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(m, c, &m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
         PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
     }

@@ -49,6 +49,8 @@ typedef struct {
     const pe_cu_layer *layers;           /* host array [n_layer] */
     int first_gpu_layer;                 /* layers before it run on the CPU */
     const pe_model *cpu;                 /* the CPU model: embeddings, CPU layers, cpu_moe experts */
+    int int8_act;                        /* 1: prefill products with Q8_0/MXFP4 weights quantize the
+                                          * activations to int8 (gemm_i8_cuda.h); 0: float (exact) */
 } pe_cu_model;
 
 typedef struct {

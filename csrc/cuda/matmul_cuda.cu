@@ -11,6 +11,7 @@
  * docs/cuq.md for the design and the expected bandwidth. */
 #include "compat.h"
 
+#include "gemm_groups.cuh"
 #include "matmul_cuda.h"
 #include "quant_dev.cuh"
 
@@ -34,7 +35,6 @@
 #define CUQ_TC_MIN_ROWS 16      /* gemm: x rows from which the tensor-core kernel runs */
 #define CUQ_TC_LD (CUQ_TK + 4)  /* tensor-core tiles [row][k]: a 16-byte multiple, rows 4 banks apart */
 #define CUQ_TC_WARPS 4          /* tensor-core gemm: 2 x 2 warps of 32 x 32 outputs */
-#define CUQ_GROUPS 128          /* experts per grouped gemm launch (gpt-oss-120b has 128) */
 
 /* Two floats read from 8-byte aligned shared memory with one load instruction. */
 #ifdef PE_CUDA_EMU
@@ -457,28 +457,15 @@ PE_GLOBAL void __launch_bounds__(32 * CUQ_TC_WARPS, 4)
     cuq_gemm_tc_block<T>(w, base, x + m0 * ldx, ldx, rows, bias, y + m0 * ldy, ldy);
 }
 
-/* The row groups of one grouped launch (a kernel argument, ~1 KiB): expert e0 + i owns the x rows
- * row[i] .. row[i + 1] - 1 and the 64-row tiles tile[i] .. tile[i + 1] - 1 of the launch. */
-struct cuq_groups {
-    int32_t e0, n;
-    int32_t row[CUQ_GROUPS + 1], tile[CUQ_GROUPS + 1];
-};
-
 /* Block (x, y): weight tile x of the expert whose tiles hold tile0 + y (binary search for the last
  * group starting at or before it: that one is nonempty). */
 template <int T>
 PE_GLOBAL void __launch_bounds__(32 * CUQ_TC_WARPS, 3)
     cuq_gemm_experts_kernel(pe_cu_weight w, cuq_groups g, int64_t tile0, const float *x, int64_t ldx,
                             const float *bias, float *y, int64_t ldy) {
-    const int32_t tile = (int32_t)(tile0 + blockIdx.y);
-    int lo = 0, hi = g.n;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (g.tile[mid] <= tile) lo = mid;
-        else hi = mid;
-    }
-    const int64_t e = g.e0 + lo, m0 = g.row[lo] + (int64_t)(tile - g.tile[lo]) * CUQ_TILE;
-    const int rows = g.row[lo + 1] - m0 < CUQ_TILE ? (int)(g.row[lo + 1] - m0) : CUQ_TILE;
+    int64_t m0;
+    int rows;
+    const int64_t e = g.e0 + cuq_group_of(g, (int32_t)(tile0 + blockIdx.y), CUQ_TILE, &m0, &rows);
     cuq_gemm_tc_block<T>(w, w.data + e * w.expert_stride, x + m0 * ldx, ldx, rows, bias ? bias + e * w.n_out : bias,
                          y + m0 * ldy, ldy);
 }
@@ -517,24 +504,13 @@ struct cuq_run_gemm_experts {
     template <int T>
     static int run(const pe_cu_weight *w, const int64_t *start, int64_t n_expert, const float *x, int64_t ldx,
                    const float *bias, float *y, int64_t ldy, cudaStream_t stream) {
-        if (!cuq_weight_ok<T>(w) || !start || n_expert < 1 || !x || !y || ldx < w->n_in || ldy < w->n_out ||
-            start[0] < 0 || start[n_expert] > INT32_MAX)
+        if (!cuq_weight_ok<T>(w) || !cuq_groups_ok(start, n_expert) || !x || !y || ldx < w->n_in || ldy < w->n_out)
             return CUQ_EINVAL;
-        for (int64_t e = 0; e < n_expert; e++)
-            if (start[e + 1] < start[e]) return CUQ_EINVAL;
         auto kern = cuq_gemm_experts_kernel<T>;
         const unsigned tiles_n = (unsigned)((w->n_out + CUQ_TILE - 1) / CUQ_TILE);
         for (int64_t e0 = 0; e0 < n_expert; e0 += CUQ_GROUPS) {
             cuq_groups g;
-            memset(&g, 0, sizeof g);
-            g.e0 = (int32_t)e0;
-            g.n = (int32_t)(n_expert - e0 < CUQ_GROUPS ? n_expert - e0 : CUQ_GROUPS);
-            int32_t tiles = 0;
-            for (int i = 0; i <= g.n; i++) {
-                g.row[i] = (int32_t)start[e0 + i];
-                g.tile[i] = tiles;
-                if (i < g.n) tiles += (int32_t)((start[e0 + i + 1] - start[e0 + i] + CUQ_TILE - 1) / CUQ_TILE);
-            }
+            const int32_t tiles = cuq_groups_fill(g, start, n_expert, e0, CUQ_TILE);
             for (int32_t t0 = 0; t0 < tiles; t0 += CUQ_MAX_GRID_Y) {
                 const int32_t gy = tiles - t0 < CUQ_MAX_GRID_Y ? tiles - t0 : CUQ_MAX_GRID_Y;
                 PE_LAUNCH(kern, dim3(tiles_n, (unsigned)gy), 32 * CUQ_TC_WARPS, 0, stream, *w, g, (int64_t)t0, x, ldx,

@@ -24,7 +24,7 @@ def rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(params=[p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
+@pytest.fixture(params=BACKENDS)  # pytest.param objects: the real backend keeps its cuda mark
 def gpu(request, monkeypatch):
     """Selects the backend that device="cuda" loads: the emulator or the real one."""
     if request.param.BACKEND == "emulator":

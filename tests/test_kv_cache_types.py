@@ -152,7 +152,7 @@ def test_attention_over_each_type_matches_float64():
     check_attention()
 
 
-@pytest.mark.parametrize("cu", [p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
+@pytest.mark.parametrize("cu", BACKENDS)
 def test_cuda_store_and_attention_match_cpu(cu):
     q, k, v, sinks = attention_case(7, n_tok=3, pos0=90)
     n_pos, Hkv, hd = k.shape
@@ -252,7 +252,7 @@ def test_accuracy_against_f32_cache_cpu(model_path):
     check_accuracy(accuracy(model_path))
 
 
-@pytest.mark.parametrize("cu", [p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
+@pytest.mark.parametrize("cu", BACKENDS)
 def test_accuracy_against_f32_cache_cuda(model_path, cu, monkeypatch):
     if cu.BACKEND == "emulator":
         monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
@@ -262,7 +262,7 @@ def test_accuracy_against_f32_cache_cuda(model_path, cu, monkeypatch):
     check_accuracy(accuracy(model_path, n_prompt=64, device="cuda", exact=True))
 
 
-@pytest.mark.parametrize("cu", [p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
+@pytest.mark.parametrize("cu", BACKENDS)
 def test_cuda_logits_match_cpu_per_type(model_path, cu, monkeypatch):
     """The same type on both backends: the device stores the CPU's bytes, so only the kernels'
     rounding differs (the CUDA engine's bound, 1e-3); split layers use a CPU cache of the type."""

@@ -13,7 +13,7 @@
  *
  * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
  * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
- * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, and the standard math functions. */
+ * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, pe_dp4a / pe_byte_perm, and the standard math functions. */
 #ifndef PE_CU_COMPAT_H
 #define PE_CU_COMPAT_H
 
@@ -633,5 +633,27 @@ PE_HOSTDEV inline float pe_cu_fp16_to_fp32(uint16_t h) {
 
 /* bfloat16 -> float, exact. */
 PE_HOSTDEV inline float pe_cu_bf16_to_fp32(uint16_t h) { return pe_cu_bits_to_float((uint32_t)h << 16); }
+
+/* dp4a: c + the sum of the four products of the signed bytes of a and b (int8 activation kernels). */
+PE_DEVICE inline int pe_dp4a(int a, int b, int c) {
+#ifdef __CUDA_ARCH__
+    return __dp4a(a, b, c);
+#else
+    for (int i = 0; i < 4; i++) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+    return c;
+#endif
+}
+
+/* __byte_perm: byte n of the result is byte (s >> 4n) & 7 of the 8 bytes x (0..3), y (4..7). */
+PE_DEVICE inline uint32_t pe_byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#ifdef __CUDA_ARCH__
+    return __byte_perm(x, y, s);
+#else
+    const uint64_t in = (uint64_t)x | (uint64_t)y << 32;
+    uint32_t r = 0;
+    for (int n = 0; n < 4; n++) r |= (uint32_t)((in >> (8 * ((s >> (4 * n)) & 7))) & 0xffu) << (8 * n);
+    return r;
+#endif
+}
 
 #endif /* PE_CU_COMPAT_H */

@@ -8,8 +8,11 @@ rows, 32 experts) cannot pass unseen. A random prompt is prefilled on both engin
 position's logits compared), then `decode` one-token steps feed both engines the CPU's argmax.
 Per step: the relative error ||gpu - cpu|| / ||cpu|| and whether the argmaxes agree. Exit status 0
 when every error is within tol and every argmax agrees, 1 otherwise (the reasons printed). The CPU
-side uses float32 activations (exact=True), the GPU's arithmetic. PYENGINE_CUDA_EMULATOR=1 runs the
-GPU side on the emulator."""
+side uses float32 activations (exact=True), the GPU's arithmetic. Then `int8` one-token steps from
+an empty cache on a second pair of engines with int8 activations (the default, exact=False: the
+GPU's dp4a decode kernels against the CPU's int8 path; GPU prefill of more tokens keeps float
+activations, so these steps are all decode). PYENGINE_CUDA_EMULATOR=1 runs the GPU side on the
+emulator."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--prompt", type=int, default=32, help="prefill tokens (default 32)")
     ap.add_argument("--decode", type=int, default=8, help="decode steps after the prefill (default 8)")
+    ap.add_argument("--int8", type=int, default=8, help="int8-activation decode steps (default 8; 0: none)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative error allowed (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-step figures here")
@@ -55,6 +59,17 @@ def main() -> int:
         steps.append({"step": f"decode{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
                       "rows": 1})
         tok = int(w.argmax())
+
+    if args.int8:
+        del cpu, gpu
+        cpu = Engine(args.model, n_ctx=n_ctx)
+        gpu = Engine(args.model, n_ctx=n_ctx, device="cuda")
+        tok = prompt[0]
+        for i in range(args.int8):
+            w, g = cpu.eval([tok]), gpu.eval([tok])
+            steps.append({"step": f"int8-{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
+                          "rows": 1})
+            tok = int(w.argmax())
 
     worst = max(s["rel"] for s in steps)
     agree = sum(s["argmax_agree"] for s in steps)

@@ -49,6 +49,7 @@ cdef WQ8 _wq8_from(const pe_cu_weight *src, int64_t n_expert):
     o.qs = DevBuf(pe_cu_wq8_code_bytes(src.type, src.n_in, src.n_out, n_expert))
     o.sc = DevBuf(pe_cu_wq8_scale_bytes(src.type, src.n_in, src.n_out, n_expert))
     _check(pe_cu_wq8_relayout(src, n_expert, <uint8_t *> o.qs.p, <uint8_t *> o.sc.p, &o.w, NULL))
+    _check(pe_cu_synchronize())  # done before any other stream (the model's is non-blocking) reads it
     return o
 
 

@@ -192,3 +192,53 @@ def moe_q8(gate_up, down, int ggml_type, x, sel, wts, gate_up_bias, down_bias) -
                              <const uint8_t *> dhq.p, pe_cu_act_q8_ld(F), n_tok, k,
                              <const float *> (<DevBuf> dbdn).p, <float *> (<DevBuf> dy).p, NULL))
     return dh.download((n_tok * k, F), np.float32), (<DevBuf> dy).download((n_tok, D), np.float32)
+
+
+cdef extern from "matvec_q8_cuda.h":
+    int pe_cu_qkv_rope_q8_stores(int type_k, int type_v) nogil
+    int pe_cu_qkv_rope_q8(const pe_cu_wq8 *w, const uint8_t *xq, const float *bias, float *qkv, int n_head,
+                          int n_head_kv, int head_dim, const int64_t *pos, const double *omega, double mscale,
+                          void *kc, void *vc, int type_k, int type_v, int64_t n_slots, void *stream) nogil
+
+
+def qkv_rope_q8(data, int ggml_type, int64_t n_in, x, bias, int n_head, int n_head_kv, int head_dim,
+                int64_t position, omega, double mscale, kc=None, vc=None, type_k="f32", type_v="f32") -> tuple:
+    """One token's q|k|v product on int8 activations (x (1, n_in) quantized on the GPU) with RoPE and,
+    given caches kc / vc (raw rows as kv_store takes them; f32, f16 or bf16), the K/V store as its
+    epilogue. Returns (qkv row, kc, vc) after the call (the caches None without them)."""
+    keep = []
+    cdef WQ8 w = _wq8_upload(data, ggml_type, n_in, keep)
+    xa = _q8_rows(x)
+    ba = np.ascontiguousarray(bias, dtype=np.float32)
+    om = np.ascontiguousarray(omega, dtype=np.float64)
+    cdef int64_t kv_dim = n_head_kv * head_dim
+    if xa.shape != (1, n_in) or ba.shape != (w.w.n_out,) or om.shape != (head_dim // 2,) or head_dim % 2:
+        raise ValueError("shape mismatch")
+    if w.w.n_out != (n_head + 2 * n_head_kv) * head_dim:
+        raise ValueError("weights must hold the q, k and v heads")
+    cdef int tk = 0, tv = 0
+    cdef int64_t n_slots = 0
+    dkc = dvc = None
+    if (kc is None) != (vc is None):
+        raise ValueError("kc and vc go together")
+    if kc is not None:
+        kc, tk = _cuk_cache(kc, type_k, kv_dim, head_dim, "kc")
+        vc, tv = _cuk_cache(vc, type_v, kv_dim, head_dim, "vc")
+        if not pe_cu_qkv_rope_q8_stores(tk, tv) or kc.shape[0] != vc.shape[0]:
+            raise ValueError("the fused store takes f32, f16 or bf16 caches of equal length")
+        n_slots = kc.shape[0]
+        dkc, dvc = _dev_upload(kc), _dev_upload(vc)
+    dx, db, do = _dev_upload(xa), _dev_upload(ba), _dev_upload(om)
+    dpos = _dev_upload(np.array([position], dtype=np.int64))
+    dq = DevBuf(pe_cu_act_q8_ld(n_in))
+    dy = _dev_upload(np.full(w.w.n_out, np.nan, np.float32))
+    _check(pe_cu_act_q8(<uint8_t *> dq.p, <const float *> (<DevBuf> dx).p, n_in, 1, n_in, NULL))
+    _check(pe_cu_qkv_rope_q8(&w.w, <const uint8_t *> dq.p, <const float *> (<DevBuf> db).p,
+                             <float *> (<DevBuf> dy).p, n_head, n_head_kv, head_dim,
+                             <const int64_t *> (<DevBuf> dpos).p, <const double *> (<DevBuf> do).p, mscale,
+                             (<DevBuf> dkc).p if dkc is not None else NULL,
+                             (<DevBuf> dvc).p if dvc is not None else NULL, tk, tv, n_slots, NULL))
+    out = (<DevBuf> dy).download((w.w.n_out,), np.float32)
+    if kc is None:
+        return out, None, None
+    return out, (<DevBuf> dkc).download(kc.shape, kc.dtype), (<DevBuf> dvc).download(vc.shape, vc.dtype)

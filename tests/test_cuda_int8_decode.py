@@ -118,3 +118,15 @@ def test_relaid_copies_within_the_memory_budget(gpu, path):
     cpu = engine(path)
     for t, got in zip(toks, outs[1]):
         assert rel(got, cpu.eval([t])) < TOL
+
+
+@pytest.mark.parametrize("kv", ["f16", "bf16"])
+def test_cache_types(gpu, path, kv):
+    """f16 / bf16 caches written by the q|k|v kernel's own K/V store (RoPE and store as its
+    epilogue), against the CPU int8 path with the same cache type. (q8_0 caches take the separate
+    store kernel; this model's 16-element heads cannot hold q8_0 blocks.)"""
+    opts = dict(n_ctx=256, n_threads=2, cache_type_k=kv, cache_type_v=kv)
+    cpu = pyengine.Engine(str(path), **opts)
+    dev = pyengine.Engine(str(path), device="cuda", **opts)
+    for t in prompt(8, seed=8):
+        assert rel(dev.eval([t]), cpu.eval([t])) < TOL

@@ -152,3 +152,37 @@ def test_rejects_bad_input(cu):
         cu.matvec_q8(data, int(T.Q4_0), 64, rows(rng, 1, 64))
     with pytest.raises(ValueError):
         cu.act_q8(np.ones((1, 40), np.float32))
+
+
+@pytest.mark.parametrize("cu", BACKENDS)
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("kv", ["f32", "f16", "bf16"])
+def test_qkv_with_rope_and_kv_store_epilogue(cu, qtype, kv):
+    """The fused q|k|v + RoPE + K/V store gives the separate kernels' results: matvec_q8, rope,
+    kv_store (bit for bit in the emulator; on a GPU FMA contraction may move the last bit)."""
+    rng = np.random.default_rng(40 + int(qtype))
+    n_head, n_head_kv, hd, n_in, n_slots, pos = 4, 2, 16, 128, 5, 13
+    kv_dim, n_out = n_head_kv * hd, (n_head + 2 * n_head_kv) * hd
+    data = padded_weights(qtype, 1, n_out, n_in, rng, odd=False)[0]
+    b = rng.standard_normal(n_out).astype(np.float32)
+    x = rows(rng, 1, n_in)
+    omega = rng.uniform(0.01, 1.0, hd // 2)
+    # caches with other rows already filled (as kv_store takes them: f32 floats, else raw bytes)
+    caches = [rng.standard_normal((n_slots, kv_dim)).astype(np.float32) if kv == "f32"
+              else rng.integers(0, 256, (n_slots, 2 * kv_dim), dtype=np.uint8) for _ in range(2)]
+    got, kc, vc = cu.qkv_rope_q8(data, int(qtype), n_in, x, b, n_head, n_head_kv, hd, pos, omega, 1.25,
+                                 caches[0], caches[1], kv, kv)
+    plain = cu.matvec_q8(data, int(qtype), n_in, x, b[None, :])
+    want = cu.rope(plain, n_head + n_head_kv, hd, [pos], omega, 1.25)
+    want_kc, want_vc = cu.kv_store(caches[0], caches[1], want, n_head * hd, n_head * hd + kv_dim, [pos], kv_dim,
+                                   kv, kv, hd)
+    if cu.BACKEND == "emulator":
+        assert np.array_equal(got, want[0])
+        assert np.array_equal(kc, want_kc) and np.array_equal(vc, want_vc)
+    else:
+        assert np.allclose(got, want[0], rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        changed = np.arange(n_slots) != pos % n_slots
+        assert np.array_equal(kc[changed], want_kc[changed]) and np.array_equal(vc[changed], want_vc[changed])
+    assert not np.array_equal(kc[pos % n_slots], caches[0][pos % n_slots])  # the row was written
+    no_cache, _, _ = cu.qkv_rope_q8(data, int(qtype), n_in, x, b, n_head, n_head_kv, hd, pos, omega, 1.25)
+    assert np.array_equal(no_cache, got)

@@ -396,7 +396,16 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
                                       : pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
         /* rows of c->qkv: q | k | v of one token */
         float *q = c->qkv, *k = c->qkv + q_dim, *v = c->qkv + q_dim + kv_dim;
-        if (dec && L->wqkv_q8.qs) {
+        /* one token of one sequence with a float-typed cache: RoPE and the K/V store are the q|k|v
+         * product's epilogue */
+        const pe_cu_kv_layer *kv0 = &seqs[0].kv[l];
+        const int qkv_rope = dec && L->wqkv_q8.qs && n_seq == 1 && n_tok == 1 &&
+                             pe_cu_qkv_rope_q8_stores(kv0->type_k, kv0->type_v);
+        if (qkv_rope) {
+            GPT_CU_OP(c, OP_QKV, pe_cu_qkv_rope_q8(&L->wqkv_q8, c->aq, L->bqkv, c->qkv, m->n_head, m->n_head_kv, (int)hd,
+                                                   c->pos, omega, m->rope_mscale, kv0->k, kv0->v, kv0->type_k,
+                                                   kv0->type_v, kv0->n_slots, s));
+        } else if (dec && L->wqkv_q8.qs) {
             GPT_CU_OP(c, OP_QKV, pe_cu_matvec_q8(&L->wqkv_q8, NULL, c->aq, ldq_d, n_tok, L->bqkv, c->qkv, qkv_dim, s));
         } else if (L->qkv_fused) {
             GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wqkv, c->a, D, n_tok, L->bqkv, c->qkv, qkv_dim, s));
@@ -406,12 +415,14 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(&L->wv, c->a, D, n_tok, L->bv, v, qkv_dim, s));
         }
         /* q and k heads are adjacent and share the token's angles: one rotation over both */
-        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
-                                         m->rope_mscale, s));
+        if (!qkv_rope)
+            GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
+                                             m->rope_mscale, s));
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
-            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
-                                                     v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
+            if (!qkv_rope)
+                GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
+                                                         v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
             GPT_CU_OP(c, OP_ATTENTION,
                       pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
                                       kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,

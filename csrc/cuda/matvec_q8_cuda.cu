@@ -13,6 +13,7 @@
 #include "compat.h"
 
 #include "act_q8_dev.cuh"
+#include "kv_dev.cuh"
 #include "matvec_q8_cuda.h"
 #include "quant_dev.cuh"
 
@@ -218,6 +219,49 @@ PE_GLOBAL void __launch_bounds__(32 * MVQ_WARPS)
             if (r0 + r < w.n_out) y[t * w.n_out + r0 + r] = out[r];
 }
 
+/* q|k|v of one token with RoPE and the K/V store as the epilogue. A warp takes a rotated pair (rows
+ * i and i + head_dim/2 of one q or k head) or two adjacent v rows; lane 0 rotates the pair as
+ * ops_cuda.cu's cuk_rope_kernel (angle in double), writes it to qkv and, for k and v, into the cache
+ * row pos % n_slots (kc NULL: no store). */
+template <int T>
+PE_GLOBAL void __launch_bounds__(32 * MVQ_WARPS)
+    mvq_qkv_rope_kernel(pe_cu_wq8 w, const uint8_t *xq, const float *bias, float *qkv, int n_head, int n_head_kv,
+                        int hd, const int64_t *pos, const double *omega, double mscale, uint8_t *kc, uint8_t *vc,
+                        int type_k, int type_v, int64_t n_slots) {
+    const int lane = threadIdx.x & 31, half = hd / 2;
+    const int64_t pw = (int64_t)blockIdx.x * MVQ_WARPS + (threadIdx.x >> 5);
+    const int64_t n_rot = (int64_t)(n_head + n_head_kv) * half, q_dim = (int64_t)n_head * hd,
+                  kv_dim = (int64_t)n_head_kv * hd;
+    if (pw >= n_rot + kv_dim / 2) return;
+    const int rot = pw < n_rot;
+    const int64_t r0 = rot ? pw / half * hd + pw % half : q_dim + kv_dim + 2 * (pw - n_rot), step = rot ? half : 1;
+    const uint8_t *qs[2], *sc[2], *xr[1] = {xq};
+    mvq_row_ptrs<T, 2>(w, 0, r0, step, qs, sc);
+    float acc[1][2] = {{0.0f, 0.0f}};
+    mvq_rows<T, 2, 1>(qs, sc, xr, w.n_in, lane, acc);
+    float a = mvq_warp_sum(acc[0][0]) * (1.0f / 254.0f) + bias[r0];
+    float b = mvq_warp_sum(acc[0][1]) * (1.0f / 254.0f) + bias[r0 + step];
+    if (lane) return;
+    if (rot) {
+        const double ang = (double)pos[0] * omega[pw % half];
+        const float cs = (float)(mscale * cos(ang)), sn = (float)(mscale * sin(ang));
+        const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+        a = ra;
+        b = rb;
+    }
+    qkv[r0] = a;
+    qkv[r0 + step] = b;
+    if (kc && r0 >= q_dim) {
+        int64_t slot = pos[0] % n_slots;
+        if (slot < 0) slot += n_slots;
+        const int is_v = r0 >= q_dim + kv_dim, type = is_v ? type_v : type_k;
+        uint8_t *row = (is_v ? vc : kc) + slot * kv_dim * (type == CUQ_F32 ? 4 : 2);
+        const int64_t e = r0 - q_dim - (is_v ? kv_dim : 0);
+        cuk_kv_put(row, type, e, a);
+        cuk_kv_put(row, type, e + step, b);
+    }
+}
+
 /* One thread per (row, 32-element block): code bytes to qs, scale bytes to sc. */
 template <int T>
 PE_GLOBAL void mvq_relayout_kernel(pe_cu_weight w, uint8_t *qs, uint8_t *sc, int64_t total) {
@@ -360,5 +404,28 @@ extern "C" int pe_cu_moe_down_q8(const pe_cu_wq8 *w, const int32_t *sel, const f
     else
         PE_LAUNCH(mvq_down_kernel<CUQ_MXFP4>, grid, 32 * MVQ_WARPS, 0, (cudaStream_t)stream, *w, sel, wts, hq, ldq, k,
                   bias, y);
+    return (int)cudaGetLastError();
+}
+
+static int mvq_float_kv(int type) { return type == CUQ_F32 || type == CUQ_F16 || type == CUQ_BF16; }
+
+extern "C" int pe_cu_qkv_rope_q8_stores(int type_k, int type_v) { return mvq_float_kv(type_k) && mvq_float_kv(type_v); }
+
+extern "C" int pe_cu_qkv_rope_q8(const pe_cu_wq8 *w, const uint8_t *xq, const float *bias, float *qkv, int n_head,
+                                 int n_head_kv, int head_dim, const int64_t *pos, const double *omega, double mscale,
+                                 void *kc, void *vc, int type_k, int type_v, int64_t n_slots, void *stream) {
+    if (!mvq_wq8_ok(w) || !xq || !bias || !qkv || !pos || !omega || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 ||
+        head_dim % 2 || w->n_out != (int64_t)(n_head + 2 * n_head_kv) * head_dim || (!kc) != (!vc) ||
+        (kc && (!pe_cu_qkv_rope_q8_stores(type_k, type_v) || n_slots <= 0)))
+        return MVQ_EINVAL;
+    const int64_t warps = w->n_out / 2;
+    const unsigned blocks = (unsigned)((warps + MVQ_WARPS - 1) / MVQ_WARPS);
+    cudaStream_t s = (cudaStream_t)stream;
+    if (w->type == CUQ_Q8_0)
+        PE_LAUNCH(mvq_qkv_rope_kernel<CUQ_Q8_0>, blocks, 32 * MVQ_WARPS, 0, s, *w, xq, bias, qkv, n_head, n_head_kv,
+                  head_dim, pos, omega, mscale, (uint8_t *)kc, (uint8_t *)vc, type_k, type_v, n_slots);
+    else
+        PE_LAUNCH(mvq_qkv_rope_kernel<CUQ_MXFP4>, blocks, 32 * MVQ_WARPS, 0, s, *w, xq, bias, qkv, n_head, n_head_kv,
+                  head_dim, pos, omega, mscale, (uint8_t *)kc, (uint8_t *)vc, type_k, type_v, n_slots);
     return (int)cudaGetLastError();
 }

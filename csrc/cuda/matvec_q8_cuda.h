@@ -54,6 +54,16 @@ int pe_cu_act_q8(uint8_t *xq, const float *x, int64_t ldx, int64_t n_rows, int64
 int pe_cu_matvec_q8(const pe_cu_wq8 *w, const int32_t *experts, const uint8_t *xq, int64_t ldq, int64_t n_rows,
                     const float *bias, float *y, int64_t ldy, void *stream);
 
+/* q|k|v of one token (activation row xq) with RoPE and the K/V store as the epilogue: w holds the
+ * n_head q heads, n_head_kv k heads, n_head_kv v heads of head_dim rows; qkv[r] = product + bias[r],
+ * q and k heads rotated as pe_cu_rope (ops_cuda.h) at position pos[0] (device); with kc/vc (F32, F16
+ * or BF16 cache rows of n_head_kv * head_dim elements; NULL: no store) k and v also go into row
+ * pos[0] % n_slots as pe_cu_kv_store writes them. Replaces three launches of a decode step. */
+int pe_cu_qkv_rope_q8_stores(int type_k, int type_v); /* 1: the cache types the store above takes */
+int pe_cu_qkv_rope_q8(const pe_cu_wq8 *w, const uint8_t *xq, const float *bias, float *qkv, int n_head, int n_head_kv,
+                      int head_dim, const int64_t *pos, const double *omega, double mscale, void *kc, void *vc,
+                      int type_k, int type_v, int64_t n_slots, void *stream);
+
 /* The mixture of experts of n_tok tokens, k experts each (sel, wts: [n_tok * k], rank order):
  * gate|up with SwiGLU-OAI as the epilogue: w holds per expert n_ff gate rows, then n_ff up rows
  * (bias [n_expert][2 n_ff]); h[p*n_ff + f] = swiglu(gate_f + b, up_f + b) for pair p = t*k + j, which

@@ -117,7 +117,8 @@ def test_fused_moe(cu, qtype):
     if qtype == T.Q8_0:                    # f16 scales near 2^-9 (as e8m0 118..122): products in SwiGLU's range
         for wt in (gate_up, down):
             blocks = wt.reshape(wt.shape[:2] + (-1, 34))
-            blocks[..., :2] = (rng.uniform(0.5, 1.0, blocks.shape[:3]) / 512).astype(np.float16)[..., None].view(np.uint8)
+            scales = (rng.uniform(0.5, 1.0, blocks.shape[:3]) / 512).astype(np.float16)
+            blocks[..., :2] = scales[..., None].view(np.uint8)
     gu64, dn64 = dequant64(gate_up, qtype), dequant64(down, qtype)
     bgu = rng.standard_normal((E, 2 * F)).astype(np.float32)
     bdn = rng.standard_normal((E, D)).astype(np.float32)
@@ -130,7 +131,8 @@ def test_fused_moe(cu, qtype):
     pre = np.einsum("pk,prk->pr", np.repeat(xq, k, axis=0), gu64[pairs]) + bgu[pairs]
     scale = np.einsum("pk,prk->pr", np.abs(np.repeat(xq, k, axis=0)), np.abs(gu64[pairs])) + np.abs(bgu[pairs])
     # SwiGLU's slope is below 1.2 where it is not clamped: the product's error bound carries over
-    err = np.abs(h - swiglu64(pre[:, :F], pre[:, F:])) / (1.2 * (scale[:, :F] + scale[:, F:]) * (1 + np.abs(pre[:, F:])))
+    err = (np.abs(h - swiglu64(pre[:, :F], pre[:, F:]))
+           / (1.2 * (scale[:, :F] + scale[:, F:]) * (1 + np.abs(pre[:, F:]))))
     assert np.isfinite(h).all() and float(err.max()) <= REL_TOL, float(err.max())
     assert (np.abs(pre) < 7).mean() > 0.2   # the unclamped part of SwiGLU is exercised
     hq = dequant_act(h)                    # down reads h quantized on the GPU as the CPU would

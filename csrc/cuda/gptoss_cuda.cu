@@ -402,9 +402,9 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         const int qkv_rope = dec && L->wqkv_q8.qs && n_seq == 1 && n_tok == 1 &&
                              pe_cu_qkv_rope_q8_stores(kv0->type_k, kv0->type_v);
         if (qkv_rope) {
-            GPT_CU_OP(c, OP_QKV, pe_cu_qkv_rope_q8(&L->wqkv_q8, c->aq, L->bqkv, c->qkv, m->n_head, m->n_head_kv, (int)hd,
-                                                   c->pos, omega, m->rope_mscale, kv0->k, kv0->v, kv0->type_k,
-                                                   kv0->type_v, kv0->n_slots, s));
+            GPT_CU_OP(c, OP_QKV, pe_cu_qkv_rope_q8(&L->wqkv_q8, c->aq, L->bqkv, c->qkv, m->n_head, m->n_head_kv,
+                                                   (int)hd, c->pos, omega, m->rope_mscale, kv0->k, kv0->v,
+                                                   kv0->type_k, kv0->type_v, kv0->n_slots, s));
         } else if (dec && L->wqkv_q8.qs) {
             GPT_CU_OP(c, OP_QKV, pe_cu_matvec_q8(&L->wqkv_q8, NULL, c->aq, ldq_d, n_tok, L->bqkv, c->qkv, qkv_dim, s));
         } else if (L->qkv_fused) {
@@ -421,8 +421,9 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
             if (!qkv_rope)
-                GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
-                                                         v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
+                GPT_CU_OP(c, OP_KV_STORE,
+                          pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
+                                         v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
             GPT_CU_OP(c, OP_ATTENTION,
                       pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
                                       kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
@@ -437,8 +438,9 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         }
 
         /* mixture of experts, on x + attention output, normalised */
-        GPT_CU_OP(c, OP_ADD_NORM, moe_q8 ? pe_cu_add_rmsnorm_q8(c->a, c->aq, c->x, c->t, L->post_norm, n_tok, D, m->eps, s)
-                                         : pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
+        GPT_CU_OP(c, OP_ADD_NORM,
+                  moe_q8 ? pe_cu_add_rmsnorm_q8(c->a, c->aq, c->x, c->t, L->post_norm, n_tok, D, m->eps, s)
+                         : pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
         int64_t *counts = expert_counts ? expert_counts + (int64_t)l * m->n_expert : NULL;
         if (L->cpu_moe) {
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));

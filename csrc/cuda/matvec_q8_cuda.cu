@@ -337,7 +337,9 @@ extern "C" int pe_cu_act_q8(uint8_t *xq, const float *x, int64_t ldx, int64_t n_
     return (int)cudaGetLastError();
 }
 
-static int mvq_wq8_ok(const pe_cu_wq8 *w) { return w->qs && w->sc && pe_cu_wq8_supported(w->type, w->n_in) && w->n_out > 0; }
+static int mvq_wq8_ok(const pe_cu_wq8 *w) {
+    return w->qs && w->sc && pe_cu_wq8_supported(w->type, w->n_in) && w->n_out > 0;
+}
 
 struct mvq_launch_matvec {
     template <int T, int NX>

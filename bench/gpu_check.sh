@@ -9,7 +9,8 @@
 #   probe     GPU, driver, nvcc, Python packages, the wheels installed from WHEEL_DIR
 #   build     pip install with PYENGINE_CUDA=ON, sm_90 only
 #   synth     a gpt-oss-20b-shaped file in seconds (`pyengine synth --fast`, in /dev/shm if it fits)
-#   logits    GPU vs CPU logits at that shape: 32-token prefill + 8 decode steps (bench/gpu_logits.py)
+#   logits    GPU vs CPU logits at that shape: 32-token prefill + 8 decode steps, then 8 decode steps
+#             on int8 activations (bench/gpu_logits.py)
 #   bench     `pyengine bench --device cuda` pp512 / tg128, then tg128 at depth 8192
 #   ncu       Nsight Compute over one decode step, per-kernel duration, DRAM bytes, instructions,
 #             issue-active (bench/ncu_decode.py)
@@ -109,7 +110,7 @@ step() {
 if [ "$DRY" = 1 ]; then
   export PYENGINE_CUDA_EMULATOR=1
   SYNTH_ARGS="--shape tiny --layers 1"
-  LOGITS_ARGS="--prompt 4 --decode 2"
+  LOGITS_ARGS="--prompt 4 --decode 2 --int8 2"
   BENCH1="-p 8 -n 2 -r 1"
   BENCH2="-p 0 -n 2 -d 4 -r 1"
   NCU_ARGS="--depth 2 --warmup 1"
@@ -134,7 +135,7 @@ EOF
 else
   unset PYENGINE_CUDA_EMULATOR
   SYNTH_ARGS="--shape gpt-oss-20b"
-  LOGITS_ARGS="--prompt 32 --decode 8"
+  LOGITS_ARGS="--prompt 32 --decode 8 --int8 8"
   BENCH1="-p 512 -n 128 -r 3"
   BENCH2="-p 0 -n 128 -d 8192 -r 2"
   NCU_ARGS="--depth 512"

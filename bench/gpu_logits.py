@@ -1,6 +1,6 @@
 """GPU logits against the CPU path on one file: the device check's correctness step at the real shape.
 
-    python bench/gpu_logits.py MODEL.gguf [--prompt 32] [--decode 8] [--tol 1e-3] [--json OUT.json]
+    python bench/gpu_logits.py MODEL.gguf [--prompt 32] [--decode 8] [--int8 8] [--tol 1e-3] [--json OUT.json]
 
 Why: the tests compare the GPU with the CPU on small models; this compares them on the file the
 bench times (the 20b shape on a GPU), so a kernel that is only wrong at real widths (2880, 201,088
@@ -8,11 +8,10 @@ rows, 32 experts) cannot pass unseen. A random prompt is prefilled on both engin
 position's logits compared), then `decode` one-token steps feed both engines the CPU's argmax.
 Per step: the relative error ||gpu - cpu|| / ||cpu|| and whether the argmaxes agree. Exit status 0
 when every error is within tol and every argmax agrees, 1 otherwise (the reasons printed). The CPU
-side uses float32 activations (exact=True), the GPU's arithmetic; with --int8 both sides use int8
-activations (exact=False: the GPU's int8 tensor-core prefill for Q8_0/MXFP4 against the CPU's int8
-kernels, which need AVX-512 VNNI on the host; the GPU's decode steps still use float activations,
-so theirs compare float with int8: ~5e-4..8e-4 on the 3-layer test model). PYENGINE_CUDA_EMULATOR=1
-runs the GPU side on the emulator."""
+side uses float32 activations (exact=True), the GPU's arithmetic. Then the same prompt and `int8`
+decode steps on a second pair of engines with int8 activations (the default, exact=False): the GPU's
+int8 tensor-core prefill and dp4a decode kernels against the CPU's int8 kernels (which need AVX-512
+VNNI on the host). PYENGINE_CUDA_EMULATOR=1 runs the GPU side on the emulator."""
 
 from __future__ import annotations
 
@@ -36,16 +35,16 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--prompt", type=int, default=32, help="prefill tokens (default 32)")
     ap.add_argument("--decode", type=int, default=8, help="decode steps after the prefill (default 8)")
+    ap.add_argument("--int8", type=int, default=8, help="int8-activation decode steps after an int8 prefill (default 8; 0: no int8 pass)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative error allowed (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--int8", action="store_true", help="int8 activations on both sides (exact=False)")
     ap.add_argument("--json", help="write the per-step figures here")
     args = ap.parse_args()
 
-    n_ctx = args.prompt + args.decode + 8
+    n_ctx = args.prompt + max(args.decode, args.int8) + 8
     t0 = time.perf_counter()
-    cpu = Engine(args.model, n_ctx=n_ctx, exact=not args.int8)
-    gpu = Engine(args.model, n_ctx=n_ctx, exact=not args.int8, device="cuda")
+    cpu = Engine(args.model, n_ctx=n_ctx, exact=True)
+    gpu = Engine(args.model, n_ctx=n_ctx, exact=True, device="cuda")
     load_s = time.perf_counter() - t0
     prompt = np.random.default_rng(args.seed).integers(0, cpu.n_vocab, args.prompt).tolist()
 
@@ -59,6 +58,20 @@ def main() -> int:
         steps.append({"step": f"decode{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
                       "rows": 1})
         tok = int(w.argmax())
+
+    if args.int8:
+        del cpu, gpu
+        cpu = Engine(args.model, n_ctx=n_ctx)
+        gpu = Engine(args.model, n_ctx=n_ctx, device="cuda")
+        want, got = cpu.logits(prompt), gpu.logits(prompt)
+        steps.append({"step": f"int8-prefill{args.prompt}", "rel": rel(got, want),
+                      "argmax_agree": int((want.argmax(-1) == got.argmax(-1)).sum()), "rows": len(prompt)})
+        tok = int(want[-1].argmax())
+        for i in range(args.int8):
+            w, g = cpu.eval([tok]), gpu.eval([tok])
+            steps.append({"step": f"int8-{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
+                          "rows": 1})
+            tok = int(w.argmax())
 
     worst = max(s["rel"] for s in steps)
     agree = sum(s["argmax_agree"] for s in steps)

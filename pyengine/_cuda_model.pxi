@@ -40,6 +40,7 @@ cdef extern from "gptoss_cuda.h":
         const float *gate_b
         const float *up_b
         const float *down_b
+        pe_cu_wq8 wqkv_q8, wo_q8, gate_up_q8, down_q8
     ctypedef struct pe_cu_model:
         int n_layer, n_head, n_head_kv, head_dim, n_expert, n_used
         int64_t n_embd, n_ff, n_vocab, window
@@ -48,6 +49,7 @@ cdef extern from "gptoss_cuda.h":
         const double *omega_swa
         double rope_mscale
         gm_weight output
+        pe_cu_wq8 output_q8
         const float *out_norm
         const pe_cu_layer *layers
         int first_gpu_layer
@@ -76,20 +78,33 @@ cdef extern from "gptoss_cuda.h":
                       int64_t *expert_counts) nogil
 
 
+cdef int64_t _q8_bytes(const gm_weight *d, const pe_weight *host, int64_t n_expert):
+    """Bytes of the re-laid copy of d, 0 where the CPU weight keeps float activations or the type has
+    no int8 kernel."""
+    if not host.int8_act or not pe_cu_wq8_supported(d.type, d.n_in):
+        return 0
+    return (pe_cu_wq8_code_bytes(d.type, d.n_in, d.n_out, n_expert)
+            + pe_cu_wq8_scale_bytes(d.type, d.n_in, d.n_out, n_expert))
+
+
 cdef class CudaModel:
     """A CPU Model's weights on the device. Layers [first_gpu_layer, n_layer) and the output head run
     on the GPU; the token embedding and any earlier layers on the CPU (n_gpu_layers). cpu_moe: the
     GPU layers' experts stay in host memory and the CPU runs them. fuse: stack q|k|v and each expert's
     gate|up rows into one matrix where the types match (one product each; False keeps them apart,
-    which files with mixed types get anyway). Same forward/forward_seqs contract as
-    pyengine._model.Model."""
+    which files with mixed types get anyway). When the CPU model uses int8 activations (not exact),
+    Q8_0 and MXFP4 weights also get a re-laid copy for the int8 decode kernels (matvec_q8_cuda.h:
+    q|k|v, attention output, fused gate|up, down, output head). Same forward/forward_seqs contract
+    as pyengine._model.Model. Those copies go experts first, then attention, then the head, each while
+    it leaves a quarter of the device memory free (int8_budget >= 0: at most that many bytes instead);
+    what does not fit keeps the float kernels (int8_bytes says how much was re-laid)."""
     cdef pe_cu_model m
     cdef pe_cu_layer *layers
     cdef pe_cu_ctx *ctx
     cdef readonly object cpu          # the CPU Model (owns the host weights the CPU part reads)
     cdef object bufs                  # every DevBuf a device pointer points into
     cdef object counts
-    cdef readonly int64_t weight_bytes
+    cdef readonly int64_t weight_bytes, int8_bytes
     cdef readonly int first_gpu_layer
     cdef readonly bint cpu_moe, graphs
     cdef readonly int device          # the CUDA device the weights live on
@@ -102,7 +117,7 @@ cdef class CudaModel:
         self.ctx = NULL
 
     def __init__(self, cpu, hp, int n_gpu_layers=-1, bint cpu_moe=False, int64_t max_tok=512,
-                 bint graphs=True, int device=0, bint fuse=True):
+                 bint graphs=True, int device=0, bint fuse=True, int64_t int8_budget=-1):
         cdef const pe_model *cm = <const pe_model *> <uintptr_t> cpu._c_model()
         cdef int L = cm.n_layer, l
         if n_gpu_layers < 0 or n_gpu_layers > L:
@@ -179,6 +194,7 @@ cdef class CudaModel:
                     g.up_b = <const float *> self._floats(c.moe.up_b, E * F * 4)
                 g.down = self._weight(&c.moe.down, E)
                 g.down_b = <const float *> self._floats(c.moe.down_b, E * D * 4)
+        self.int8_bytes = self._relay_for_int8(cm, int8_budget)
         self.counts = np.zeros((L, E), dtype=np.int64)
         self._make_ctx(max_tok)
 
@@ -188,6 +204,58 @@ cdef class CudaModel:
         self.bufs.append(b)
         self.weight_bytes += nbytes
         return b.p
+
+    cdef int64_t _relay_for_int8(self, const pe_model *cm, int64_t budget) except -1:
+        """The re-laid copies for the int8 decode kernels within the budget (see the class doc);
+        returns their bytes."""
+        if budget < 0:
+            free, total = mem_info()
+            budget = free - total // 4
+        cdef int64_t used = 0, skipped = 0, a, b, E = self.m.n_expert
+        cdef int l
+        cdef pe_cu_layer *g
+        cdef const pe_layer *c
+        for l in range(self.first_gpu_layer, self.m.n_layer):  # experts: most of a token's bytes
+            g, c = &self.layers[l], &cm.layers[l]
+            if not g.gate_up_fused or g.cpu_moe:
+                continue
+            a, b = _q8_bytes(&g.gate_up, &c.moe.gate, E), _q8_bytes(&g.down, &c.moe.down, E)
+            if a and b and used + a + b <= budget:
+                g.gate_up_q8, g.down_q8 = self._q8(&g.gate_up, E), self._q8(&g.down, E)
+                used += a + b
+            elif a and b:
+                skipped += a + b
+        for l in range(self.first_gpu_layer, self.m.n_layer):  # attention
+            g, c = &self.layers[l], &cm.layers[l]
+            a = _q8_bytes(&g.wqkv, &c.wq, 1) if g.qkv_fused else 0
+            if a and used + a <= budget:
+                g.wqkv_q8 = self._q8(&g.wqkv, 1)
+                used += a
+            else:
+                skipped += a
+            b = _q8_bytes(&g.wo, &c.wo, 1)
+            if b and used + b <= budget:
+                g.wo_q8 = self._q8(&g.wo, 1)
+                used += b
+            else:
+                skipped += b
+        a = _q8_bytes(&self.m.output, &cm.output, 1)
+        if a and used + a <= budget:
+            self.m.output_q8 = self._q8(&self.m.output, 1)
+            used += a
+        else:
+            skipped += a
+        if skipped:
+            logger.info("int8 decode kernels: %.2f GB of weights re-laid, %.2f GB left on the float kernels "
+                        "(device memory)", used / 1e9, skipped / 1e9)
+        return used
+
+    cdef pe_cu_wq8 _q8(self, const gm_weight *d, int64_t n_expert) except *:
+        """The re-laid copy of device weight d for the int8 decode kernels."""
+        cdef WQ8 q = _wq8_from(<const pe_cu_weight *> d, n_expert)
+        self.bufs.append(q)
+        self.weight_bytes += q.qs.nbytes + q.sc.nbytes
+        return q.w
 
     cdef gm_weight _weight(self, const pe_weight *w, int64_t n_expert) except *:
         """A packed device copy of a (possibly strided, expert-stacked) host weight view."""

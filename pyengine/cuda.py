@@ -53,7 +53,7 @@ def shared_model(model_file: Any, cpu_model: Any, hparams: Any, n_gpu_layers: in
     cu = backend()
     if device_index >= cu.device_count():
         raise DeviceError(f"cuda:{device_index}: only {cu.device_count()} CUDA device(s) visible")
-    key = (n_gpu_layers, bool(cpu_moe), bool(graphs), device_index, cu.BACKEND)
+    key = (n_gpu_layers, bool(cpu_moe), bool(graphs), device_index, cu.BACKEND, bool(cpu_model.int8_activations))
     per_file = _models.setdefault(model_file, {})
     model = per_file.get(key)
     if model is None:

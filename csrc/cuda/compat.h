@@ -13,8 +13,8 @@
  *
  * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
  * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
- * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, pe_mma_s8_m16n8k32 (int8 tensor cores), pe_byte_perm, and the
- * standard math functions. */
+ * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, pe_mma_s8_m16n8k32 (int8 tensor cores), pe_dp4a / pe_byte_perm,
+ * and the standard math functions. */
 #ifndef PE_CU_COMPAT_H
 #define PE_CU_COMPAT_H
 
@@ -699,5 +699,15 @@ inline void pe_mma_s8_m16n8k32(int32_t d[4], const uint32_t a[4], const uint32_t
     memcpy(d, out, sizeof out);
 }
 #endif
+
+/* dp4a: c + the sum of the four products of the signed bytes of a and b (int8 activation kernels). */
+PE_DEVICE inline int pe_dp4a(int a, int b, int c) {
+#ifdef __CUDA_ARCH__
+    return __dp4a(a, b, c);
+#else
+    for (int i = 0; i < 4; i++) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+    return c;
+#endif
+}
 
 #endif /* PE_CU_COMPAT_H */

@@ -35,12 +35,13 @@ static const int64_t GPT_CU_HEAD_CHUNK = 32; /* output-head rows per logits down
 /* The operations the profile times (pe_cu_op_name gives their names). */
 enum {
     OP_NORM, OP_ADD_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
-    OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_COUNT
+    OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_ACT_Q8,
+    OP_COUNT
 };
 static const char *const gpt_cu_op_names[OP_COUNT] = {
     "rmsnorm", "add_rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
     "experts_gate_up", "swiglu", "experts_down", "moe_combine", "experts_grouped", "cpu_moe",
-    "output_head"};
+    "output_head", "act_q8"};
 
 struct pe_cu_ctx {
     int64_t max_tok, max_pairs, bytes;
@@ -54,6 +55,9 @@ struct pe_cu_ctx {
     int32_t *pair_tok; /* [max_pairs]: p / n_used (the token of pair p), constant */
     int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts */
     int32_t *out_idx;  /* [max_tok]: the rows the output head reads */
+    /* int8 activations of decode calls (matvec_q8_cuda.h), rows pe_cu_act_q8_ld(n) bytes apart: the
+     * normalised rows (aq), the attention output (oq), each expert pair's SwiGLU output (hq) */
+    uint8_t *aq, *oq, *hq;
     /* pinned host */
     float *h_x, *h_a, *h_t;
     int64_t *h_pos;
@@ -174,6 +178,10 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
         const int64_t width = D > F ? (D > q_dim ? D : q_dim) : (F > q_dim ? F : q_dim);
         e = gpt_cu_alloc(c, &c->act_i8, (size_t)pe_cu_gemm_i8_scratch_bytes(P, width));
     }
+    const int64_t n8 = max_tok < GPT_CU_MATVEC_MAX ? max_tok : GPT_CU_MATVEC_MAX; /* decode calls only */
+    if (!e) e = gpt_cu_alloc(c, &c->aq, n8 * pe_cu_act_q8_ld(D));
+    if (!e) e = gpt_cu_alloc(c, &c->oq, n8 * pe_cu_act_q8_ld(q_dim));
+    if (!e) e = gpt_cu_alloc(c, &c->hq, n8 * m->n_used * pe_cu_act_q8_ld(F));
     if (!e) e = gpt_cu_alloc_host(&c->h_x, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_a, max_tok * D * f);
     if (!e) e = gpt_cu_alloc_host(&c->h_t, max_tok * D * f);
@@ -200,7 +208,8 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
     if (c->graph) cudaGraphExecDestroy(c->graph);
 #endif
     void *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
-                   c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx, c->act_i8};
+                   c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx, c->act_i8, c->aq, c->oq,
+                   c->hq};
     void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
     for (void *p : dev) cudaFree(p);
     for (void *p : host) cudaFreeHost(p);
@@ -293,6 +302,16 @@ static int gpt_cu_moe_pairs(const pe_cu_model *m, const pe_cu_layer *L, pe_cu_ct
                             int64_t n_tok) {
     const int64_t D = m->n_embd, F = m->n_ff, P = n_tok * m->n_used;
     cudaStream_t s = c->stream;
+    if (L->gate_up_q8.qs && L->down_q8.qs) {
+        /* int8 activations (c->aq, quantized by the norm): gate|up with SwiGLU into c->u, quantized,
+         * then down with the weighted sum over the token's experts straight into c->t */
+        GPT_CU_OP(c, OP_EXPERTS_UP, pe_cu_moe_gate_up_q8(&L->gate_up_q8, sel, c->aq, pe_cu_act_q8_ld(D), n_tok,
+                                                         m->n_used, L->gate_up_b, c->u, s));
+        GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->hq, c->u, F, P, F, s));
+        GPT_CU_OP(c, OP_EXPERTS_DOWN, pe_cu_moe_down_q8(&L->down_q8, sel, c->wts, c->hq, pe_cu_act_q8_ld(F), n_tok,
+                                                        m->n_used, L->down_b, c->t, s));
+        return 0;
+    }
     /* one token: its pairs all read its row (ldx 0); several: gather each pair's token row */
     const float *xp = c->a;
     int64_t ldx = 0;
@@ -380,16 +399,34 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
     const int64_t D = m->n_embd, hd = m->head_dim;
     const int64_t q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd, qkv_dim = q_dim + 2 * kv_dim;
     cudaStream_t s = c->stream;
+    /* decode calls run the products that have re-laid weights on int8 activations (c->aq: the norm
+     * output, quantized by the norm kernel when its consumer needs it) */
+    const int dec = n_tok <= GPT_CU_MATVEC_MAX;
+    const int64_t ldq_d = pe_cu_act_q8_ld(D), ldq_o = pe_cu_act_q8_ld(q_dim);
     for (int l = m->first_gpu_layer; l < m->n_layer; l++) {
         const pe_cu_layer *L = &m->layers[l];
         const double *omega = L->sliding ? m->omega_swa : m->omega;
+        const int moe_q8 = dec && !L->cpu_moe && L->gate_up_q8.qs && L->down_q8.qs;
 
         /* attention (its input norm came with the previous layer's last residual add) */
         if (l == m->first_gpu_layer)
-            GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
+            GPT_CU_OP(c, OP_NORM, dec && L->wqkv_q8.qs
+                                      ? pe_cu_rmsnorm_q8(c->a, c->aq, c->x, L->attn_norm, n_tok, D, m->eps, s)
+                                      : pe_cu_rmsnorm(c->a, c->x, L->attn_norm, n_tok, D, m->eps, s));
         /* rows of c->qkv: q | k | v of one token */
         float *q = c->qkv, *k = c->qkv + q_dim, *v = c->qkv + q_dim + kv_dim;
-        if (L->qkv_fused) {
+        /* one token of one sequence with a float-typed cache: RoPE and the K/V store are the q|k|v
+         * product's epilogue */
+        const pe_cu_kv_layer *kv0 = &seqs[0].kv[l];
+        const int qkv_rope = dec && L->wqkv_q8.qs && n_seq == 1 && n_tok == 1 &&
+                             pe_cu_qkv_rope_q8_stores(kv0->type_k, kv0->type_v);
+        if (qkv_rope) {
+            GPT_CU_OP(c, OP_QKV, pe_cu_qkv_rope_q8(&L->wqkv_q8, c->aq, L->bqkv, c->qkv, m->n_head, m->n_head_kv,
+                                                   (int)hd, c->pos, omega, m->rope_mscale, kv0->k, kv0->v,
+                                                   kv0->type_k, kv0->type_v, kv0->n_slots, s));
+        } else if (dec && L->wqkv_q8.qs) {
+            GPT_CU_OP(c, OP_QKV, pe_cu_matvec_q8(&L->wqkv_q8, NULL, c->aq, ldq_d, n_tok, L->bqkv, c->qkv, qkv_dim, s));
+        } else if (L->qkv_fused) {
             GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wqkv, c->a, D, n_tok, L->bqkv, c->qkv, qkv_dim, s));
         } else {
             GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wq, c->a, D, n_tok, L->bq, q, qkv_dim, s));
@@ -397,22 +434,32 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             GPT_CU_OP(c, OP_QKV, gpt_cu_matmul(m, c, &L->wv, c->a, D, n_tok, L->bv, v, qkv_dim, s));
         }
         /* q and k heads are adjacent and share the token's angles: one rotation over both */
-        GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
-                                         m->rope_mscale, s));
+        if (!qkv_rope)
+            GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
+                                             m->rope_mscale, s));
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
-            GPT_CU_OP(c, OP_KV_STORE, pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
-                                                     v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
+            if (!qkv_rope)
+                GPT_CU_OP(c, OP_KV_STORE,
+                          pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
+                                         v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
             GPT_CU_OP(c, OP_ATTENTION,
                       pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
                                       kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
                                       L->sliding ? m->window : 0, L->sinks,
                                       gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
         }
-        GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(m, c, &L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
+        if (dec && L->wo_q8.qs) {
+            GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->oq, c->o, q_dim, n_tok, q_dim, s));
+            GPT_CU_OP(c, OP_ATTN_OUT, pe_cu_matvec_q8(&L->wo_q8, NULL, c->oq, ldq_o, n_tok, L->bo, c->t, D, s));
+        } else {
+            GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(m, c, &L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
+        }
 
         /* mixture of experts, on x + attention output, normalised */
-        GPT_CU_OP(c, OP_ADD_NORM, pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
+        GPT_CU_OP(c, OP_ADD_NORM,
+                  moe_q8 ? pe_cu_add_rmsnorm_q8(c->a, c->aq, c->x, c->t, L->post_norm, n_tok, D, m->eps, s)
+                         : pe_cu_add_rmsnorm(c->a, c->x, c->t, L->post_norm, n_tok, D, m->eps, s));
         int64_t *counts = expert_counts ? expert_counts + (int64_t)l * m->n_expert : NULL;
         if (L->cpu_moe) {
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
@@ -425,7 +472,10 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             else
                 GPT_CU_OP(c, OP_EXPERTS_GROUPED, gpt_cu_moe_grouped(m, L, c, sel, n_tok, counts));
         }
-        if (l + 1 < m->n_layer)
+        if (l + 1 < m->n_layer && dec && m->layers[l + 1].wqkv_q8.qs)
+            GPT_CU_OP(c, OP_ADD_NORM, pe_cu_add_rmsnorm_q8(c->a, c->aq, c->x, c->t, m->layers[l + 1].attn_norm, n_tok,
+                                                           D, m->eps, s));
+        else if (l + 1 < m->n_layer)
             GPT_CU_OP(c, OP_ADD_NORM,
                       pe_cu_add_rmsnorm(c->a, c->x, c->t, m->layers[l + 1].attn_norm, n_tok, D, m->eps, s));
         else
@@ -433,7 +483,8 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
     }
     /* final norm of the rows the head needs (indices uploaded in c->out_idx by the caller) */
     GPT_CU_OP(c, OP_NORM, pe_cu_gather_rows(c->a, c->x, c->out_idx, n_out, D, s));
-    GPT_CU_OP(c, OP_NORM, pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s));
+    GPT_CU_OP(c, OP_NORM, dec && m->output_q8.qs ? pe_cu_rmsnorm_q8(c->a, c->aq, c->a, m->out_norm, n_out, D, m->eps, s)
+                                                 : pe_cu_rmsnorm(c->a, c->a, m->out_norm, n_out, D, m->eps, s));
     return 0;
 }
 
@@ -532,7 +583,11 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
     /* output head in chunks of rows, each downloaded as it is done */
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
         const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
-        GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(m, c, &m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
+        if (fixed_grid && m->output_q8.qs) /* decode: the final norm quantized its rows into c->aq */
+            GPT_CU_OP(c, OP_HEAD, pe_cu_matvec_q8(&m->output_q8, NULL, c->aq + r * pe_cu_act_q8_ld(D),
+                                                  pe_cu_act_q8_ld(D), nr, NULL, c->logits, V, s));
+        else
+            GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(m, c, &m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
         PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
     }

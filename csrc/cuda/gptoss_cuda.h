@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "matmul_cuda.h"
+#include "matvec_q8_cuda.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -36,6 +37,9 @@ typedef struct {
     pe_cu_weight gate, up, down;         /* expert-stacked (gate, up unused when gate_up_fused; none
                                           * with cpu_moe) */
     const float *gate_b, *up_b, *down_b; /* device [n_expert][n_ff] / [n_expert][n_embd] */
+    /* re-laid copies for decode on int8 activations (matvec_q8_cuda.h); qs NULL where there is none
+     * (exact engines, other types, unfused q|k|v or gate|up) */
+    pe_cu_wq8 wqkv_q8, wo_q8, gate_up_q8, down_q8;
 } pe_cu_layer;
 
 typedef struct {
@@ -45,6 +49,7 @@ typedef struct {
     const double *omega, *omega_swa;     /* device [head_dim / 2] */
     double rope_mscale;
     pe_cu_weight output;
+    pe_cu_wq8 output_q8;                 /* qs NULL: the head decodes on float activations */
     const float *out_norm;               /* device [n_embd] */
     const pe_cu_layer *layers;           /* host array [n_layer] */
     int first_gpu_layer;                 /* layers before it run on the CPU */

@@ -2,6 +2,7 @@
  * for step (double where the CPU uses double); only the order of the parallel reductions differs. */
 #include "compat.h"
 #include "ops_cuda.h"
+#include "act_q8_dev.cuh"
 
 #define CUK_EW_THREADS 256       /* elementwise kernels */
 #define CUK_EW_MAX_BLOCKS 65535  /* grid-stride beyond this */
@@ -35,9 +36,12 @@ PE_DEVICE inline double cuk_shfl_xor_double(double v, int mask) {
 }
 
 /* One block per row. ADD: the row first takes the residual update (x += t, stored), fused so the
- * decode step spends one launch on "add the sub-block's output, normalise for the next one". */
+ * decode step spends one launch on "add the sub-block's output, normalise for the next one".
+ * xq: the output row also quantized for the int8 products (matvec_q8_cuda.h; n a multiple of 32, so
+ * each warp's pass of the last loop is one whole 32-element block). */
 template <bool ADD>
-PE_GLOBAL void cuk_rmsnorm_kernel(float *out, float *x, const float *t, const float *g, int64_t n, float eps) {
+PE_GLOBAL void cuk_rmsnorm_kernel(float *out, float *x, const float *t, const float *g, int64_t n, float eps,
+                                  uint8_t *xq) {
     PE_SHARED double part[8];
     PE_SHARED float scale_sh;
     float *xr = x + (int64_t)blockIdx.x * n;
@@ -58,14 +62,28 @@ PE_GLOBAL void cuk_rmsnorm_kernel(float *out, float *x, const float *t, const fl
     }
     __syncthreads(); /* every read of x precedes the first write of out (they may alias) */
     const float scale = scale_sh;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = g[i] * (xr[i] * scale);
+    uint8_t *qr = xq ? xq + (int64_t)blockIdx.x * pe_cu_act_q8_row_bytes(n) : NULL;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = g[i] * (xr[i] * scale);
+        yr[i] = v;
+        if (qr) pe_cu_act_q8_block(v, threadIdx.x & 31, qr, n, i / 32);
+    }
 }
 
 int pe_cu_rmsnorm(float *out, const float *x, const float *g, int64_t n_rows, int64_t n, float eps, void *stream) {
     if (n_rows < 0 || n <= 0 || n_rows > 0x7fffffff) return (int)cudaErrorInvalidValue;
     if (n_rows == 0) return 0;
     PE_LAUNCH(cuk_rmsnorm_kernel<false>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out,
-              (float *)x, (const float *)NULL, g, n, eps);
+              (float *)x, (const float *)NULL, g, n, eps, (uint8_t *)NULL);
+    return (int)cudaGetLastError();
+}
+
+int pe_cu_rmsnorm_q8(float *out, uint8_t *xq, const float *x, const float *g, int64_t n_rows, int64_t n, float eps,
+                     void *stream) {
+    if (n_rows < 0 || n <= 0 || n % 32 || n_rows > 0x7fffffff || !xq) return (int)cudaErrorInvalidValue;
+    if (n_rows == 0) return 0;
+    PE_LAUNCH(cuk_rmsnorm_kernel<false>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out,
+              (float *)x, (const float *)NULL, g, n, eps, xq);
     return (int)cudaGetLastError();
 }
 
@@ -74,7 +92,16 @@ int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int6
     if (n_rows < 0 || n <= 0 || n_rows > 0x7fffffff || out == x) return (int)cudaErrorInvalidValue;
     if (n_rows == 0) return 0;
     PE_LAUNCH(cuk_rmsnorm_kernel<true>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out, x, t,
-              g, n, eps);
+              g, n, eps, (uint8_t *)NULL);
+    return (int)cudaGetLastError();
+}
+
+int pe_cu_add_rmsnorm_q8(float *out, uint8_t *xq, float *x, const float *t, const float *g, int64_t n_rows,
+                         int64_t n, float eps, void *stream) {
+    if (n_rows < 0 || n <= 0 || n % 32 || n_rows > 0x7fffffff || out == x || !xq) return (int)cudaErrorInvalidValue;
+    if (n_rows == 0) return 0;
+    PE_LAUNCH(cuk_rmsnorm_kernel<true>, (unsigned)n_rows, cuk_row_threads(n), 0, (cudaStream_t)stream, out, x, t,
+              g, n, eps, xq);
     return (int)cudaGetLastError();
 }
 

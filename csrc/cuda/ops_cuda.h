@@ -19,6 +19,13 @@ int pe_cu_rmsnorm(float *out, const float *x, const float *g, int64_t n_rows, in
 /* x += t, then out = rmsnorm(x) (both per row of n), in one pass; out must not alias x. */
 int pe_cu_add_rmsnorm(float *out, float *x, const float *t, const float *g, int64_t n_rows, int64_t n, float eps,
                       void *stream);
+/* The two above, also writing out quantized into xq (rows pe_cu_act_q8_ld(n) bytes apart; n a
+ * multiple of 32): the int8 activations of matvec_q8_cuda.h, quantized once per token where they
+ * are made. */
+int pe_cu_rmsnorm_q8(float *out, uint8_t *xq, const float *x, const float *g, int64_t n_rows, int64_t n, float eps,
+                     void *stream);
+int pe_cu_add_rmsnorm_q8(float *out, uint8_t *xq, float *x, const float *t, const float *g, int64_t n_rows,
+                         int64_t n, float eps, void *stream);
 
 /* NeoX RoPE in place: token t's n_heads head vectors start at x + t*ld; pair (i, i + head_dim/2) is
  * rotated by cos/sin = (float)(mscale * cos((double)pos[t] * omega[i])), as pe_rope_table/pe_rope_apply.

@@ -2,7 +2,9 @@
  * rounding is C's roundf (half away from zero), as ggml's quantize_row_q8_0. A decoded token
  * quantizes a few hundred vectors (every product's input), so the blocks go through AVX-512 where
  * the int8 kernels run (a scalar pass took ~10 % of a 20b decode step); the scalar loop is the
- * fallback, and both give the same bits. */
+ * fallback, and both give the same bits. The base-256 digits xh / xl (see pe_act_q8) are written
+ * here once per token, in the order the 32-block decode kernels read them, instead of being
+ * rebuilt by those kernels for every group of rows. */
 #include <math.h>
 #include <string.h>
 
@@ -23,8 +25,10 @@ PE_AVX512_FN static inline __m512 round_away16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
 }
 
-/* Block b: codes, digits, scale and the per-16 sums (s16[0..2), s16x[0..2)). */
-PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, float *d, int sum[2], int suml[2]) {
+/* Block b: codes, digits, scale and the per-16 sums (s16[0..2), s16x[0..2)); half h of the base-256
+ * digits at xh + 64 h, xl + 64 h. */
+PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, float *d, int sum[2], int suml[2],
+                                      int8_t *xh, int8_t *xl) {
     const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
@@ -37,6 +41,11 @@ PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, f
         const __m512i li = _mm512_cvttps_epi32(round_away16(_mm512_mul_ps(_mm512_sub_ps(v, q), _mm512_set1_ps(254.0f))));
         _mm_storeu_si128((__m128i *)(qs + 16 * h), _mm512_cvtepi32_epi8(qi));
         _mm_storeu_si128((__m128i *)(ql + 16 * h), _mm512_cvtepi32_epi8(li));
+        /* X = 254 q + ql = 256 hi + lo: lo = X wrapped to int8, hi = (X - lo) / 256 */
+        const __m512i X = _mm512_add_epi32(_mm512_mullo_epi32(qi, _mm512_set1_epi32(254)), li);
+        const __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);
+        _mm_storeu_si128((__m128i *)(xh + 64 * h), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(X, lo), 8)));
+        _mm_storeu_si128((__m128i *)(xl + 64 * h), _mm512_cvtepi32_epi8(lo));
         sum[h] = _mm512_reduce_add_epi32(qi);
         suml[h] = _mm512_reduce_add_epi32(li);
     }
@@ -47,10 +56,17 @@ enum { PE_ACT_PAD = 128 }; /* zero codes past the end: four blocks */
 
 static size_t align64(size_t b) { return (b + 63) & ~(size_t)63; }
 
+/* Bytes of xh or xl: n rounded up to whole 128-element groups, plus a zero group. */
+static size_t b256_bytes(int64_t n) { return ((size_t)n + 127) / 128 * 128 + PE_ACT_PAD; }
+
 size_t pe_act_q8_bytes(int64_t n) {
     const size_t nb = (size_t)n / 32;
-    return align64((size_t)n + PE_ACT_PAD) * 2 + align64((nb + 4) * 4) * 3 + align64((2 * nb + 8) * 4) * 2;
+    return align64((size_t)n + PE_ACT_PAD) * 2 + align64((nb + 4) * 4) * 3 + align64((2 * nb + 8) * 4) * 2 +
+           align64(b256_bytes(n)) * 2;
 }
+
+/* Where element 32 b + 16 h of the 32-block order goes in xh / xl (see pe_act_q8). */
+static size_t b256_pos(int64_t b, int h) { return (size_t)(128 * (b / 4) + 64 * h + 16 * (b % 4)); }
 
 /* round-half-away-from-zero as an int (|v| <= 127.5 here) */
 static int round_away(float v) { return (int)roundf(v); }
@@ -64,6 +80,12 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     float *s32x = (float *)((uint8_t *)s32 + align64((size_t)(nb + 4) * 4));
     float *s16 = (float *)((uint8_t *)s32x + align64((size_t)(nb + 4) * 4));
     float *s16x = (float *)((uint8_t *)s16 + align64((size_t)(2 * nb + 8) * 4));
+    int8_t *xh = (int8_t *)((uint8_t *)s16x + align64((size_t)(2 * nb + 8) * 4));
+    int8_t *xl = xh + align64(b256_bytes(n));
+    /* the last, partial group and the padding group stay zero where no block writes */
+    const size_t filled = (size_t)(128 * (nb / 4));
+    memset(xh + filled, 0, b256_bytes(n) - filled);
+    memset(xl + filled, 0, b256_bytes(n) - filled);
 #if defined(__x86_64__)
     const int simd = pe_simd_level_get() >= PE_SIMD_AVX512;
 #else
@@ -74,7 +96,7 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
         int sum[2] = {0, 0}, suml[2] = {0, 0};
 #if defined(__x86_64__)
         if (simd) {
-            block_avx512(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml);
+            block_avx512(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0));
             goto sums;
         }
 #endif
@@ -87,6 +109,9 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
             const int l = round_away((v - (float)q) * 254.0f); /* v - q is exact: |v - q| <= 0.5 */
             qs[32 * b + j] = (int8_t)q;
             ql[32 * b + j] = (int8_t)l;
+            const int X = 254 * q + l, lo = ((X & 0xff) ^ 0x80) - 0x80; /* X = 256 hi + lo */
+            xh[b256_pos(b, j / 16) + j % 16] = (int8_t)((X - lo) / 256);
+            xl[b256_pos(b, j / 16) + j % 16] = (int8_t)lo;
             sum[j / 16] += q;
             suml[j / 16] += l;
         }
@@ -108,5 +133,5 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     memset(s32x + nb, 0, 4 * sizeof(float));
     memset(s16 + 2 * nb, 0, 8 * sizeof(float));
     memset(s16x + 2 * nb, 0, 8 * sizeof(float));
-    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x};
+    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x, xh, xl};
 }

@@ -18,9 +18,9 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
 #define PE_MIN_WORK_PER_THREAD 32768
 
 /* Up to PE_ROWWISE_MAX_TOK tokens (one decode step of several sequences): each row is read from
- * memory once and dotted with every token while it is in cache, with the type's fused dot: per
- * token exactly the one-token result, so a sequence decoded in a batch gets the logits it would
- * get alone. */
+ * memory once and dotted with every token while it is in cache, with the type's fused dot (the int8
+ * kernels' several-token form decodes a group of rows once for all tokens): per token exactly the
+ * one-token result, so a sequence decoded in a batch gets the logits it would get alone. */
 enum { PE_ROWWISE_MAX_TOK = 8 };
 
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
@@ -189,13 +189,18 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         }
         const pe_matmul_job *b = &jobs[j];
         const pe_weight *w = b->w;
-        const pe_dot_q8_fn dot = pe_type_traits_get(w->type)->dot_q8;
-        const uint8_t *base = w->data + b->expert * w->expert_stride;
+        const pe_type_traits *tt = pe_type_traits_get(w->type);
+        const uint8_t *rows = w->data + b->expert * w->expert_stride;
         const int64_t r0 = (g - first[j]) * PE_DOT_Q8_ROWS;
         const int nr = w->n_out - r0 < PE_DOT_Q8_ROWS ? (int)(w->n_out - r0) : PE_DOT_Q8_ROWS;
+        const pe_act_q8 *xa = &acts[act_of[j] * PE_ROWWISE_MAX_TOK];
+        rows += r0 * w->row_stride;
+        /* several tokens: the rows decoded once for all of them (per token the one-token bits) */
+        if (b->n_tok > 1 && tt->dot_q8_tok)
+            tt->dot_q8_tok(rows, w->row_stride, nr, xa, (int)b->n_tok, w->n_in, b->y + r0, b->ldy);
         for (int64_t t = 0; t < b->n_tok; t++) {
             float *yt = b->y + t * b->ldy + r0;
-            dot(base + r0 * w->row_stride, w->row_stride, nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK + t], w->n_in, yt);
+            if (b->n_tok == 1 || !tt->dot_q8_tok) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
             if (b->bias)
                 for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
         }

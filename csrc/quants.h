@@ -29,9 +29,12 @@ typedef void (*pe_quantize_row_fn)(const float *src, void *dst, int64_t n);
  * an offset or a block minimum. The 32-element formats' kernels also use a second digit, the
  * rounding remainder: ql = round-half-away((x / d - q) * 254), so that x = d * (q + ql / 254) to
  * within d / 508, 254 times closer than q alone (two vpdpbusd per product, combined exactly in
- * int32 as 254 * (w . q) + (w . ql)); s32x and s16x hold the combined sums 254 * sum(q) + sum(ql). Built
- * by pe_act_q8_quantize into one buffer; every array is zero-padded so that kernels may read up
- * to four blocks past the end. */
+ * int32 as 254 * (w . q) + (w . ql)); s32x and s16x hold the combined sums 254 * sum(q) + sum(ql).
+ * xh / xl hold the same combined digit X = 254 q + ql rewritten in base 256 (X = 256 xh + xl, both
+ * int8), so that one vpdpbusd per digit, a shift and an add give w . X, in the order of the
+ * 32-block decode kernels (dot_q8_avx512.c): per 128 elements, bytes 16k + j = element 32k + j and
+ * bytes 64 + 16k + j = element 32k + 16 + j (k < 4, j < 16). Built by pe_act_q8_quantize into one
+ * buffer; every array is zero-padded so that kernels may read up to four blocks past the end. */
 typedef struct {
     const int8_t *qs;  /* n (+ 128 zero) codes */
     const int8_t *ql;  /* n (+ 128 zero) second digits */
@@ -40,6 +43,8 @@ typedef struct {
     const float *s16;  /* n/16 (+ 8 zero) sums of 16 codes */
     const float *s32x; /* n/32 (+ 4 zero) combined two-digit sums of 32 */
     const float *s16x; /* n/16 (+ 8 zero) combined two-digit sums of 16 */
+    const int8_t *xh;  /* n rounded up to 128 (+ 128 zero): base-256 high digits, reordered (above) */
+    const int8_t *xl;  /* the same, low digits */
 } pe_act_q8;
 
 /* Bytes of the buffer for n activations. */
@@ -54,6 +59,10 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf);
  * depend on nr or on its place in the group (thread-count and batch independent). */
 typedef void (*pe_dot_q8_fn)(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n,
                              float *out);
+/* The same for n_tok (1..8) tokens x[0..n_tok), out[t * ldo + r]: the rows are decoded once per call
+ * and dotted with every token; each token's results are bit-identical to dot_q8 with x[t] alone. */
+typedef void (*pe_dot_q8_tok_fn)(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok,
+                                 int64_t n, float *out, int64_t ldo);
 
 typedef struct {
     int type;
@@ -64,6 +73,7 @@ typedef struct {
     pe_dot_f32_fn dot_f32;          /* best SIMD variant for this CPU */
     pe_dot_q8_fn dot_q8;            /* int8-activation rows kernel (AVX-512 VNNI); NULL when absent */
     pe_quantize_row_fn quantize_row; /* the KV cache types only (F32, F16, BF16, Q8_0); else NULL */
+    pe_dot_q8_tok_fn dot_q8_tok;    /* dot_q8 for several tokens at once; NULL: call dot_q8 per token */
 } pe_type_traits;
 
 /* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */

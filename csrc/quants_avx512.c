@@ -438,4 +438,5 @@ void pe_kernels_avx512(int type, pe_kernel_set *k) {
     default: break;
     }
     k->dot_q8 = pe_dot_q8_avx512(type);
+    k->dot_q8_tok = pe_dot_q8_tok_avx512(type);
 }

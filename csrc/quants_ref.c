@@ -239,20 +239,20 @@ static void quant_q8_0(const float *src, void *dst, int64_t n) {
 
 void pe_kernels_ref(int type, pe_kernel_set *k) {
     switch (type) {
-    case PE_TYPE_F32: *k = (pe_kernel_set){dequant_f32, dot_f32, NULL, quant_f32}; break;
-    case PE_TYPE_F16: *k = (pe_kernel_set){dequant_f16, dot_f16, NULL, quant_f16}; break;
-    case PE_TYPE_BF16: *k = (pe_kernel_set){dequant_bf16, dot_bf16, NULL, quant_bf16}; break;
-    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, NULL, NULL}; break;
-    case PE_TYPE_Q4_1: *k = (pe_kernel_set){pe_ref_dequant_q4_1, dot_q4_1, NULL, NULL}; break;
-    case PE_TYPE_Q5_0: *k = (pe_kernel_set){pe_ref_dequant_q5_0, dot_q5_0, NULL, NULL}; break;
-    case PE_TYPE_Q5_1: *k = (pe_kernel_set){pe_ref_dequant_q5_1, dot_q5_1, NULL, NULL}; break;
-    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, NULL, quant_q8_0}; break;
-    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, NULL, NULL}; break;
-    case PE_TYPE_Q2_K: *k = (pe_kernel_set){pe_ref_dequant_q2_k, dot_q2_k, NULL, NULL}; break;
-    case PE_TYPE_Q3_K: *k = (pe_kernel_set){pe_ref_dequant_q3_k, dot_q3_k, NULL, NULL}; break;
-    case PE_TYPE_Q4_K: *k = (pe_kernel_set){pe_ref_dequant_q4_k, dot_q4_k, NULL, NULL}; break;
-    case PE_TYPE_Q5_K: *k = (pe_kernel_set){pe_ref_dequant_q5_k, dot_q5_k, NULL, NULL}; break;
-    case PE_TYPE_Q6_K: *k = (pe_kernel_set){pe_ref_dequant_q6_k, dot_q6_k, NULL, NULL}; break;
+    case PE_TYPE_F32: *k = (pe_kernel_set){dequant_f32, dot_f32, NULL, quant_f32, NULL}; break;
+    case PE_TYPE_F16: *k = (pe_kernel_set){dequant_f16, dot_f16, NULL, quant_f16, NULL}; break;
+    case PE_TYPE_BF16: *k = (pe_kernel_set){dequant_bf16, dot_bf16, NULL, quant_bf16, NULL}; break;
+    case PE_TYPE_Q4_0: *k = (pe_kernel_set){pe_ref_dequant_q4_0, dot_q4_0, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q4_1: *k = (pe_kernel_set){pe_ref_dequant_q4_1, dot_q4_1, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q5_0: *k = (pe_kernel_set){pe_ref_dequant_q5_0, dot_q5_0, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q5_1: *k = (pe_kernel_set){pe_ref_dequant_q5_1, dot_q5_1, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q8_0: *k = (pe_kernel_set){pe_ref_dequant_q8_0, dot_q8_0, NULL, quant_q8_0, NULL}; break;
+    case PE_TYPE_MXFP4: *k = (pe_kernel_set){pe_ref_dequant_mxfp4, dot_mxfp4, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q2_K: *k = (pe_kernel_set){pe_ref_dequant_q2_k, dot_q2_k, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q3_K: *k = (pe_kernel_set){pe_ref_dequant_q3_k, dot_q3_k, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q4_K: *k = (pe_kernel_set){pe_ref_dequant_q4_k, dot_q4_k, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q5_K: *k = (pe_kernel_set){pe_ref_dequant_q5_k, dot_q5_k, NULL, NULL, NULL}; break;
+    case PE_TYPE_Q6_K: *k = (pe_kernel_set){pe_ref_dequant_q6_k, dot_q6_k, NULL, NULL, NULL}; break;
     default: break;
     }
 }

@@ -34,7 +34,8 @@ def rows_of(qtype, n_out: int, n_in: int, rng) -> np.ndarray:
     return blocks.reshape(n_out, -1)
 
 
-@pytest.mark.parametrize("n_in", [96, 160, 512])  # 3 and 5 blocks: the kernels' pair and odd-block tails
+# 3 blocks (a lone partial step of 4), 5 (a step and one block), 16, 90 (22 steps and two blocks)
+@pytest.mark.parametrize("n_in", [96, 160, 512, 2880])
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
 def test_matmul_int8_equals_q8_kernels_and_float64(qtype, n_in):
     rng = np.random.default_rng(int(qtype) + n_in)
@@ -42,7 +43,7 @@ def test_matmul_int8_equals_q8_kernels_and_float64(qtype, n_in):
     rows = rows_of(qtype, n_out, n_in, rng)
     w = reference(rows, qtype).reshape(n_out, -1).astype(np.float64)
     b = rng.standard_normal(n_out).astype(np.float32)
-    for n_tok in (1, 3, 8):
+    for n_tok in (1, 2, 3, 5, 8):  # several tokens: the kernels' several-token form, per token dot_q8's bits
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         y = K.matmul(rows, int(qtype), n_in, x, b, int8_activations=True)
         assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, b, n_threads=2, int8_activations=True))

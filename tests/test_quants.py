@@ -144,6 +144,15 @@ def check_quantize_act_q8(seed: int = 0) -> None:
         assert np.array_equal(a["s16x"], (254 * q.reshape(-1, 16).sum(1) + ql.reshape(-1, 16).sum(1)).astype(np.float32))
         # two digits: within d / 508 of x
         assert (np.abs(act_values(a) - x).reshape(-1, 32) <= d[:, None] / 508 * (1 + 1e-5) + 1e-45).all()
+        # X = 254 q + ql = 256 xh + xl (int8 xl: X wrapped), element 32 b + 16 h + j of block b at byte
+        # 128 (b // 4) + 64 h + 16 (b % 4) + j; the rest (partial last group, padding) zero
+        X = (254 * q + ql).reshape(-1)
+        lo = (X + 128) % 256 - 128
+        e = np.arange(n)
+        pos = 128 * (e // 128) + 64 * (e % 32 // 16) + 16 * (e // 32 % 4) + e % 16
+        xh, xl = np.zeros((n + 127) // 128 * 128 + 128, np.int64), np.zeros((n + 127) // 128 * 128 + 128, np.int64)
+        xh[pos], xl[pos] = (X - lo) // 256, lo
+        assert np.array_equal(a["xh"], xh) and np.array_equal(a["xl"], xl)
 
 
 def check_dot_q8(qtype, seed: int = 0) -> None:

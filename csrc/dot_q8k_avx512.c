@@ -49,7 +49,9 @@
  * slower in cache than per pair; a prefetch distance of 2 or 3 groups instead of 1 (no difference
  * single-thread from memory). Reading xh/xl instead of rewriting the digits qs/ql into base 256 in
  * every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
- * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. */
+ * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. Tried and dropped:
+ * Q2_K/Q3_K codes decoded in the stored order (a 2-bit field per lane, no activation shuffle, lanes
+ * permuted back before the row sum): the same bits and no measurable difference. */
 #include "quants_impl.h"
 
 #include "cpu_features.h"

@@ -6,9 +6,11 @@
  *
  * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
  * decoded into four 64-byte registers of unsigned codes (no reordering of the weights in memory).
- * The activations' two digits are loaded once per step into four registers each in the matching
- * element order and rewritten there in base 256 (254 q + ql = 256 h + l, int8 h and l: base256()),
- * so that vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave exact
+ * The activations come as pe_act_q8_quantize wrote them once per token: the combined digit
+ * 254 q + ql = 256 h + l in base 256 (int8 h and l: x->xh, x->xl, in the 32-blocks' order, see
+ * quants.h), loaded once per step into four registers per digit, as stored (32-blocks) or put in
+ * the decode's element order with one lane shuffle per register (K-quants: act_nat, act_k45), so
+ * that vpdpbusd against h, a shift by 8 and vpdpbusd against l accumulated on top leave exact
  * partial sums of w . (254 q + ql), 4 per 128-bit lane, each lane within one scale's sub-block.
  * Even with the matrix in L2 one core runs these kernels at 10-23 GB/s of weights, not above the ~22
  * GB/s per core that memory delivers to two: instructions per weight byte are what to cut
@@ -45,7 +47,11 @@
  * load): rows in pairs 1.15-1.35x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
  * four rows' Q4_K/Q5_K headers at once (a lane per row, or with vpermb into the pairs' lanes), 2-5%
  * slower in cache than per pair; a prefetch distance of 2 or 3 groups instead of 1 (no difference
- * single-thread from memory). */
+ * single-thread from memory). Reading xh/xl instead of rewriting the digits qs/ql into base 256 in
+ * every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
+ * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. Tried and dropped:
+ * Q2_K/Q3_K codes decoded in the stored order (a 2-bit field per lane, no activation shuffle, lanes
+ * permuted back before the row sum): the same bits and no measurable difference. */
 #include "quants_impl.h"
 
 #include "cpu_features.h"
@@ -60,22 +66,6 @@ PE_AI __m512i fold4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
     const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
     return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-}
-
-/* The two digits rewritten in base 256 (once per step, shared by the rows): X = 254 q + ql =
- * 256 h + l with int8 h and l, so that w . X = 256 (w . h) + (w . l) costs one shift per register
- * and one fold, instead of 254 * (w . q) + (w . ql) with a fold per digit. l = ql - 2q wrapped to
- * int8; the carry (e = ql - 2q, |e| <= 381, carry = (e - l) / 256 in {-1, 0, 1}) shows where the
- * saturating difference (sat8(e): the saturation is monotone, so two saturating steps give sat8(e))
- * and the wrapped one differ: sat > wrapped iff e >= 128, sat < wrapped iff e < -128. h = q + carry
- * stays in int8: q > 0 gives e <= 125 (carry <= 0), q < 0 gives e >= -125 (carry >= 0). */
-PE_AI void base256(__m512i q, __m512i ql, __m512i *h, __m512i *l) {
-    const __m512i sat = _mm512_subs_epi8(_mm512_subs_epi8(ql, q), q);
-    const __m512i wrap = _mm512_sub_epi8(_mm512_sub_epi8(ql, q), q);
-    const __m512i one = _mm512_set1_epi8(1);
-    const __mmask64 up = _mm512_cmpgt_epi8_mask(sat, wrap), down = _mm512_cmplt_epi8_mask(sat, wrap);
-    *h = _mm512_mask_sub_epi8(_mm512_mask_add_epi8(q, up, q, one), down, _mm512_mask_add_epi8(q, up, q, one), one);
-    *l = wrap;
 }
 
 /* The row's 16 sub-block sums of w . (254 q + ql) (fold4 order), codes u against the base-256
@@ -206,9 +196,17 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     }
 }
 
-/* The activation registers of super-block sb (one digit array: x->qs or x->ql), natural order. */
-PE_AI void act_k(const int8_t *digits, int64_t sb, __m512i xa[4]) {
-    for (int i = 0; i < 4; i++) xa[i] = _mm512_loadu_si512(digits + 256 * sb + 64 * i);
+/* One base-256 digit array (x->xh or x->xl) of super-block sb in natural order, register i =
+ * elements 64 i .. 64 i + 63: of the stored registers (quants.h: 128-bit lanes of elements 32 k
+ * (S0, S2) or 32 k + 16 (S1, S3) of each 128), the 16-byte runs interleaved, one vpermt2q each. */
+PE_AI void act_nat(const int8_t *digits, int64_t sb, __m512i v[4]) {
+    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int c = 0; c < 2; c++) {
+        const __m512i s0 = _mm512_loadu_si512(digits + 256 * sb + 128 * c);
+        const __m512i s1 = _mm512_loadu_si512(digits + 256 * sb + 128 * c + 64);
+        v[2 * c] = _mm512_permutex2var_epi64(s0, lo, s1);
+        v[2 * c + 1] = _mm512_permutex2var_epi64(s0, hi, s1);
+    }
 }
 
 PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
@@ -226,10 +224,9 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
-        __m512i xa[4], xl[4];
-        act_k(x->qs, sb, xa);
-        act_k(x->ql, sb, xl);
-        for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
+        __m512i xh[4], xl[4];
+        act_nat(x->xh, sb, xh);
+        act_nat(x->xl, sb, xl);
         /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
         const __m512 dx = _mm512_mul_ps(
             _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
@@ -244,7 +241,7 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
             if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
             for (int k = 0; k < 2; k++) {
                 const int i = 2 * p + k;
-                __m512i f = dot2(s[k].u, xa, xl);
+                __m512i f = dot2(s[k].u, xh, xl);
                 if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
                 const __m512 t = _mm512_cvtepi32_ps(f);
                 acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx), acc[i]);
@@ -330,16 +327,17 @@ PE_AI void k45_pair_scales(const uint8_t *pa, const uint8_t *pb, __m512 *a, __m5
     *m = _mm512_mul_ps(mn, _mm512_permutexvar_ps(_mm512_add_epi32(row, _mm512_set1_epi32(1)), dd));
 }
 
-/* 128-bit lanes transposed: out[k] lane L = in[L] lane k. */
-PE_AI void transpose_lanes(__m512i v[4]) {
-    const __m512i t0 = _mm512_shuffle_i64x2(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i t1 = _mm512_shuffle_i64x2(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i t2 = _mm512_shuffle_i64x2(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i t3 = _mm512_shuffle_i64x2(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2));
-    v[0] = _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
-    v[1] = _mm512_shuffle_i64x2(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
-    v[2] = _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
-    v[3] = _mm512_shuffle_i64x2(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+/* One base-256 digit array of super-block sb in decode_k45's order (register k, lane L = elements
+ * 64 L + 16 k .. + 15): lanes 0 and 2 (k even) or 1 and 3 (k odd) of the stored registers S0, S2
+ * (k < 2) or S1, S3 (see act_nat), one vshufi64x2 each. */
+PE_AI void act_k45(const int8_t *digits, int64_t sb, __m512i v[4]) {
+    const int8_t *p = digits + 256 * sb;
+    const __m512i s0 = _mm512_loadu_si512(p), s1 = _mm512_loadu_si512(p + 64);
+    const __m512i s2 = _mm512_loadu_si512(p + 128), s3 = _mm512_loadu_si512(p + 192);
+    v[0] = _mm512_shuffle_i64x2(s0, s2, _MM_SHUFFLE(2, 0, 2, 0));
+    v[1] = _mm512_shuffle_i64x2(s1, s3, _MM_SHUFFLE(2, 0, 2, 0));
+    v[2] = _mm512_shuffle_i64x2(s0, s2, _MM_SHUFFLE(3, 1, 3, 1));
+    v[3] = _mm512_shuffle_i64x2(s1, s3, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
 PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
@@ -361,12 +359,8 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
         __m512i xh[4], xl[4];
-        for (int k = 0; k < 4; k++) {
-            base256(_mm512_loadu_si512(x->qs + 256 * sb + 64 * k), _mm512_loadu_si512(x->ql + 256 * sb + 64 * k), &xh[k],
-                    &xl[k]);
-        }
-        transpose_lanes(xh);
-        transpose_lanes(xl);
+        act_k45(x->xh, sb, xh);
+        act_k45(x->xl, sb, xl);
         const __m512 dx = _mm512_mul_ps(
             _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
         const __m512 dxs = _mm512_mul_ps(dx, _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->s32x + 8 * sb))));
@@ -499,19 +493,15 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
                   __m512 acc[4]) {
     const int BLOCK = B_BLOCK[T];
     const int64_t o = b * BLOCK;
-    __m512i xa[4], xl[4];
-    for (int dg = 0; dg < 2; dg++) {
-        const uint8_t *q = (const uint8_t *)(dg ? x->ql : x->qs) + 32 * b;
-        __m512i *xv = dg ? xl : xa;
-        for (int g = 0; g < 2; g++) {
-            const __m512i X0 = loadm(q + 128 * g, 32 * (nblk - 4 * g));
-            const __m512i X1 = loadm(q + 128 * g + 64, 32 * (nblk - 4 * g - 2));
-            /* lane L of register 2g (2g + 1): the first (second) 16 elements of block 4g + L */
-            xv[2 * g] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(2, 0, 2, 0));
-            xv[2 * g + 1] = _mm512_shuffle_i64x2(X0, X1, _MM_SHUFFLE(3, 1, 3, 1));
-        }
+    /* lane L of register 2g (2g + 1): the first (second) 16 elements of block 4g + L, as xh / xl
+     * store them. Plain loads also in a last step: b is a multiple of 8, so the 256 bytes from 32 b
+     * lie within xh's zero-padded length (n rounded up to 128, plus 128), and the missing blocks'
+     * codes are zero. */
+    __m512i xh[4], xl[4];
+    for (int i = 0; i < 4; i++) {
+        xh[i] = _mm512_loadu_si512(x->xh + 32 * b + 64 * i);
+        xl[i] = _mm512_loadu_si512(x->xl + 32 * b + 64 * i);
     }
-    for (int i = 0; i < 4; i++) base256(xa[i], xl[i], &xa[i], &xl[i]);
     const __mmask8 bm = (__mmask8)((1u << nblk) - 1);
     /* per lane (its block): d_x / 254 and the combined sum 254 * sum(q) + sum(ql) */
     const __m512 dx = _mm512_mul_ps(
@@ -526,7 +516,7 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
         __m512i ua[4], ub[4];
         const __m256i ha = b_decode(T, tb, r[2 * p] + o, nblk, ua);
         const __m256i hb = b_decode(T, tb, r[2 * p + 1] + o, nblk, ub);
-        __m512i f = b_sums(ua, ub, xa, xl);
+        __m512i f = b_sums(ua, ub, xh, xl);
         if (B_OFFSET[T]) f = _mm512_sub_epi32(f, offs);
         const __m512 fa = _mm512_cvtph_ps(ha), fb = _mm512_cvtph_ps(hb);
         const __m512 a = _mm512_permutex2var_ps(fa, tb->a_idx, fb);

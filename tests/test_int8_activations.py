@@ -95,6 +95,20 @@ def test_batched_int8_products_match_float64(qtype, shape):
     assert rel(y, exact) < 1e-4
 
 
+@pytest.mark.parametrize("qtype", GEMM_TYPES, ids=lambda t: t.name)
+def test_batched_int8_one_hot_tokens_pick_their_element(qtype):
+    """Token t is one-hot at element t (code 127, scale 1/127): the tile kernel must return column t
+    of the dequantized rows, which catches an element order (unpack, repack, per-sub-block scale
+    or minimum) that is right on random data only on average."""
+    rng = np.random.default_rng(int(qtype) + 11)
+    n_in, n_out = 512, 21
+    rows = rows_of(qtype, n_out, n_in, rng)
+    deq = reference(rows, qtype).reshape(n_out, -1).astype(np.float64)
+    x = np.eye(n_in, dtype=np.float32)
+    y = K.matmul(rows, int(qtype), n_in, x, int8_activations=True)
+    np.testing.assert_allclose(y, deq.T, rtol=1e-5, atol=1e-30, err_msg=qtype.name)
+
+
 @pytest.mark.parametrize("qtype,n_tok", [(T.F32, 1), (T.F16, 8), (T.BF16, 20)], ids=lambda v: getattr(v, "name", str(v)))
 def test_flag_changes_nothing_beyond_its_scope(qtype, n_tok):
     """Types without int8 kernels: the same bits with the flag on or off."""

@@ -38,21 +38,27 @@ typedef void (*unpack_fn)(const uint8_t *row, int64_t n, uint8_t *codes, float *
 
 static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
 
-static inline void store_nibbles(uint8_t *dst, __m128i v, __m128i lut) {
+/* The 32 nibbles of v (low then high) through lut. */
+static inline __m256i nibbles(__m128i v, __m128i lut) {
     const __m128i m = _mm_set1_epi8(15);
-    _mm_storeu_si128((__m128i *)dst, _mm_shuffle_epi8(lut, _mm_and_si128(v, m)));
-    _mm_storeu_si128((__m128i *)(dst + 16), _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+    return _mm256_set_m128i(_mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m)),
+                            _mm_shuffle_epi8(lut, _mm_and_si128(v, m)));
+}
+
+static inline void store_nibbles(uint8_t *dst, __m128i v, __m128i lut) {
+    _mm256_storeu_si256((__m256i *)dst, nibbles(v, lut));
 }
 
 /* The 32 nibbles of qs (low then high) plus 16 where bit j of qh is set (qh == NULL: no 5th bit). */
 static inline void store_nibbles5(uint8_t *dst, const uint8_t *qs, const uint8_t *qh) {
     const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    store_nibbles(dst, _mm_loadu_si128((const __m128i *)qs), lut);
-    if (!qh) return;
-    uint32_t h;
-    memcpy(&h, qh, 4);
-    const __m256i c = _mm256_loadu_si256((const __m256i *)dst);
-    _mm256_storeu_si256((__m256i *)dst, _mm256_mask_add_epi8(c, (__mmask32)h, c, _mm256_set1_epi8(16)));
+    __m256i c = nibbles(_mm_loadu_si128((const __m128i *)qs), lut);
+    if (qh) {
+        uint32_t h;
+        memcpy(&h, qh, 4);
+        c = _mm256_mask_add_epi8(c, (__mmask32)h, c, _mm256_set1_epi8(16));
+    }
+    _mm256_storeu_si256((__m256i *)dst, c);
 }
 
 static void unpack_mxfp4(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
@@ -216,11 +222,31 @@ static void unpack_q2_k(const uint8_t *row, int64_t n, uint8_t *codes, float *sc
     }
 }
 
+/* Per token t < nt and sub-block j of G elements, what the tile loop broadcasts (computed once per
+ * group of tokens, out of the loop): dx = d_x / 254, off = offset * the combined code sum s (exact in
+ * int32), dxs = dx * s. */
+typedef struct {
+    float *dx, *dxs;
+    int32_t *off;
+} tok_consts;
+
+static void token_consts(const pe_act_q8 *x, int nt, int G, int offset, int64_t nsub, tok_consts c) {
+    for (int t = 0; t < nt; t++)
+        for (int64_t j = 0; j < nsub; j++) {
+            const float sx = G == 32 ? x[t].s32x[j] : x[t].s16x[j];
+            const float dx = x[t].d[G == 32 ? j : j / 2] * (1.0f / 254.0f);
+            c.dx[t * nsub + j] = dx;
+            c.off[t * nsub + j] = offset * (int32_t)sx;
+            c.dxs[t * nsub + j] = dx * sx;
+        }
+}
+
 /* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: n/4 steps x 64 bytes; ws,
  * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them). */
 static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *packed, const float *ws, const float *wm,
                                                              int64_t nsub, const pe_act_q8 *x, const int NT,
-                                                             const int G, const int MIN, int offset, __m512 f[TOK]) {
+                                                             const int G, const int MIN, tok_consts k,
+                                                             __m512 f[TOK]) {
     for (int t = 0; t < NT; t++) f[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nsub; j++) {
         __m512i a[TOK], al[TOK];
@@ -238,13 +264,11 @@ static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *pac
         }
         const __m512 wsj = _mm512_load_ps(ws + 16 * j);
         for (int t = 0; t < NT; t++) {
-            /* the token's combined code sum of this sub-block (an integer) and d_x / 254 */
-            const float sx = G == 32 ? x[t].s32x[j] : x[t].s16x[j];
-            const float dx = x[t].d[G == 32 ? j : j / 2] * (1.0f / 254.0f);
+            const int64_t tj = t * nsub + j;
             __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(a[t], _mm512_set1_epi32(254)), al[t]);
-            s = _mm512_sub_epi32(s, _mm512_set1_epi32(offset * (int32_t)sx));
-            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(dx)), f[t]);
-            if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(dx * sx), f[t]);
+            s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
+            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(k.dx[tj])), f[t]);
+            if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(k.dxs[tj]), f[t]);
         }
     }
 }
@@ -252,20 +276,38 @@ static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *pac
 /* The token groups of one tile, for one (G, MIN) shape. */
 static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed, const float *ws, const float *wm,
                                                           int64_t nsub, const pe_act_q8 *x, int64_t n_tok,
-                                                          const int G, const int MIN, int offset, __mmask16 keep,
-                                                          __m512 vb, float *y, int64_t ldy) {
+                                                          const int G, const int MIN, int offset, tok_consts k,
+                                                          __mmask16 keep, __m512 vb, float *y, int64_t ldy) {
     for (int64_t t0 = 0; t0 < n_tok; t0 += TOK) {
         const int nt = n_tok - t0 < TOK ? (int)(n_tok - t0) : TOK;
-        __m512 f[TOK];
+        token_consts(x + t0, nt, G, offset, nsub, k);
+        __m512 f[TOK] = {0};
         switch (nt) {
-        case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, offset, f); break;
-        case 3: tile_tokens(packed, ws, wm, nsub, x + t0, 3, G, MIN, offset, f); break;
-        case 2: tile_tokens(packed, ws, wm, nsub, x + t0, 2, G, MIN, offset, f); break;
-        default: tile_tokens(packed, ws, wm, nsub, x + t0, 1, G, MIN, offset, f); break;
+        case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, k, f); break;
+        case 3: tile_tokens(packed, ws, wm, nsub, x + t0, 3, G, MIN, k, f); break;
+        case 2: tile_tokens(packed, ws, wm, nsub, x + t0, 2, G, MIN, k, f); break;
+        default: tile_tokens(packed, ws, wm, nsub, x + t0, 1, G, MIN, k, f); break;
         }
         for (int t = 0; t < nt; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ldy, keep, _mm512_add_ps(f[t], vb));
     }
 }
+
+/* One compiled tile loop per (sub-block size, minimum) shape, kept apart so that each is laid out
+ * and register-allocated on its own. */
+#define PE_TILE_SHAPE(NAME, G, MIN)                                                                             \
+    static __attribute__((noinline)) void NAME(const uint8_t *packed, const float *ws, const float *wm,        \
+                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, int offset,     \
+                                               tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy) { \
+        tile_all(packed, ws, wm, nsub, x, n_tok, G, MIN, offset, k, keep, vb, y, ldy);                          \
+    }
+PE_TILE_SHAPE(tile_32, 32, 0)
+PE_TILE_SHAPE(tile_32_min, 32, 1)
+PE_TILE_SHAPE(tile_16, 16, 0)
+PE_TILE_SHAPE(tile_16_min, 16, 1)
+#undef PE_TILE_SHAPE
+
+typedef void (*tile_fn)(const uint8_t *packed, const float *ws, const float *wm, int64_t nsub, const pe_act_q8 *x,
+                        int64_t n_tok, int offset, tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
 
 typedef struct {
     unpack_fn unpack;
@@ -298,19 +340,20 @@ int pe_gemm_q8_supported(int type) {
 
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
     const int64_t nsub = n_in / 16; /* at most */
-    /* row-major codes, packed codes, then row-major and packed scales and mins */
-    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + 256;
+    /* row-major codes, packed codes, row-major and packed scales and mins, a token group's constants */
+    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + (size_t)(TOK * nsub) * 4 * 3 + 256;
 }
 
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
                      int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch) {
-    pe_gemm_q8_format fmt;
+    pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
     const int64_t nsub = n_in / fmt.sub;
     uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     uint8_t *codes = base, *packed = base + TILE * n_in;
     float *scales = (float *)(packed + TILE * n_in), *mins = scales + TILE * nsub;
     float *ws = mins + TILE * nsub, *wm = ws + TILE * nsub;
+    const tok_consts k = {wm + TILE * nsub, wm + TILE * nsub + TOK * nsub, (int32_t *)(wm + TILE * nsub + 2 * TOK * nsub)};
     for (int r = 0; r < TILE; r++) /* rows past nr repeat the last one */
         fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, n_in, codes + r * n_in, scales + r * nsub, mins + r * nsub);
     /* packed[k][r] = the 4 codes 4k .. of row r; ws[j][r], wm[j][r] = row r's scale, min of sub-block j */
@@ -325,8 +368,6 @@ void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int6
         }
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
     const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
-    if (fmt.sub == 32 && !fmt.has_min) tile_all(packed, ws, wm, nsub, x, n_tok, 32, 0, fmt.offset, keep, vb, y, ldy);
-    else if (fmt.sub == 32) tile_all(packed, ws, wm, nsub, x, n_tok, 32, 1, fmt.offset, keep, vb, y, ldy);
-    else if (!fmt.has_min) tile_all(packed, ws, wm, nsub, x, n_tok, 16, 0, fmt.offset, keep, vb, y, ldy);
-    else tile_all(packed, ws, wm, nsub, x, n_tok, 16, 1, fmt.offset, keep, vb, y, ldy);
+    const tile_fn tile = fmt.sub == 32 ? (fmt.has_min ? tile_32_min : tile_32) : (fmt.has_min ? tile_16_min : tile_16);
+    tile(packed, ws, wm, nsub, x, n_tok, fmt.offset, k, keep, vb, y, ldy);
 }

@@ -344,6 +344,31 @@ size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
     return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + (size_t)(TOK * nsub) * 4 * 3 + 256;
 }
 
+/* dst[16 k + r] = src[r * ld + k] for k, r < 16: a 16 x 16 dword transpose (the repacking's inner step). */
+static void transpose16(const uint32_t *src, int64_t ld, uint32_t *dst) {
+    __m512i v[16], t[16];
+    for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(src + r * ld);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    /* v[4i + c], lane L: dword 4L + c of rows 4i..4i+3 */
+    for (int i = 0; i < 4; i++) {
+        v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) { /* the 4 x 4 transpose of 128-bit lanes of v[c], v[4 + c], v[8 + c], v[12 + c] */
+        const __m512i a = _mm512_shuffle_i32x4(v[c], v[4 + c], 0x44), b = _mm512_shuffle_i32x4(v[c], v[4 + c], 0xee);
+        const __m512i e = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0x44), f = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0xee);
+        _mm512_store_si512(dst + 16 * c, _mm512_shuffle_i32x4(a, e, 0x88));
+        _mm512_store_si512(dst + 16 * (4 + c), _mm512_shuffle_i32x4(a, e, 0xdd));
+        _mm512_store_si512(dst + 16 * (8 + c), _mm512_shuffle_i32x4(b, f, 0x88));
+        _mm512_store_si512(dst + 16 * (12 + c), _mm512_shuffle_i32x4(b, f, 0xdd));
+    }
+}
+
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
                      int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
@@ -357,10 +382,13 @@ void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int6
     for (int r = 0; r < TILE; r++) /* rows past nr repeat the last one */
         fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, n_in, codes + r * n_in, scales + r * nsub, mins + r * nsub);
     /* packed[k][r] = the 4 codes 4k .. of row r; ws[j][r], wm[j][r] = row r's scale, min of sub-block j */
+    const int64_t nk = n_in / 4;
     const uint32_t *src = (const uint32_t *)codes;
     uint32_t *dst = (uint32_t *)packed;
-    for (int64_t k = 0; k < n_in / 4; k++)
-        for (int r = 0; r < TILE; r++) dst[k * TILE + r] = src[r * (n_in / 4) + k];
+    int64_t k0 = 0;
+    for (; k0 + 16 <= nk; k0 += 16) transpose16(src + k0, nk, dst + k0 * TILE);
+    for (int64_t k = k0; k < nk; k++)
+        for (int r = 0; r < TILE; r++) dst[k * TILE + r] = src[r * nk + k];
     for (int64_t j = 0; j < nsub; j++)
         for (int r = 0; r < TILE; r++) {
             ws[j * TILE + r] = scales[r * nsub + j];

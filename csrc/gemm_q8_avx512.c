@@ -292,8 +292,7 @@ static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed
     }
 }
 
-/* One compiled tile loop per (sub-block size, minimum) shape, kept apart so that each is laid out
- * and register-allocated on its own. */
+/* One compiled tile loop per (sub-block size, minimum) shape that the formats need. */
 #define PE_TILE_SHAPE(NAME, G, MIN)                                                                             \
     static __attribute__((noinline)) void NAME(const uint8_t *packed, const float *ws, const float *wm,        \
                                                int64_t nsub, const pe_act_q8 *x, int64_t n_tok, int offset,     \

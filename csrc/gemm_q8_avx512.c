@@ -242,7 +242,8 @@ static void token_consts(const pe_act_q8 *x, int nt, int G, int offset, int64_t 
 }
 
 /* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: n/4 steps x 64 bytes; ws,
- * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them). */
+ * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them;
+ * the formats without one are those with an offset, see format_of). */
 static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *packed, const float *ws, const float *wm,
                                                              int64_t nsub, const pe_act_q8 *x, const int NT,
                                                              const int G, const int MIN, tok_consts k,
@@ -266,7 +267,7 @@ static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *pac
         for (int t = 0; t < NT; t++) {
             const int64_t tj = t * nsub + j;
             __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(a[t], _mm512_set1_epi32(254)), al[t]);
-            s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
+            if (!MIN) s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
             f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(k.dx[tj])), f[t]);
             if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(k.dxs[tj]), f[t]);
         }
@@ -315,6 +316,7 @@ typedef struct {
     int has_min;
 } pe_gemm_q8_format;
 
+/* Every format has either an offset or a minimum (the tile loop relies on it). */
 static int format_of(int type, pe_gemm_q8_format *f) {
     switch (type) {
     case PE_TYPE_Q8_0: *f = (pe_gemm_q8_format){unpack_q8_0, 128, 32, 0}; return 1;

@@ -78,7 +78,7 @@ def test_batched_int8_products_match_float64(qtype, shape):
     w = reference(rows, qtype).reshape(n_out, -1).astype(np.float64)
     b = rng.standard_normal(n_out).astype(np.float32)
     x = rng.standard_normal((23, n_in)).astype(np.float32)
-    y = K.matmul(rows, int(qtype), n_in, x, b, int8_activations=True)
+    y = K.matmul(rows, int(qtype), n_in, x, b, n_threads=2, int8_activations=True)
     assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x, b, n_threads=1, int8_activations=True))
     split = [K.matmul(rows, int(qtype), n_in, x[i:j], b, int8_activations=True) for i, j in ((0, 9), (9, 23))]
     assert np.array_equal(y, np.concatenate(split))

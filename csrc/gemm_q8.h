@@ -10,7 +10,8 @@
 
 #define PE_GEMM_Q8_TILE 16
 
-/* Whether this CPU has the kernel for ggml type `type` (AVX-512 VNNI; Q8_0, Q4_0, MXFP4). */
+/* Whether this CPU has the kernel for ggml type `type` (AVX-512 VNNI; the block formats: Q8_0, Q4_0,
+ * MXFP4, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K). */
 int pe_gemm_q8_supported(int type);
 /* Bytes of per-thread scratch for rows of n_in elements. */
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in);

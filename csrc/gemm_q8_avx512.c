@@ -1,19 +1,26 @@
-/* Prefill products with int8 activations (AVX-512 VNNI) for Q8_0, Q4_0 and MXFP4 weights: tiles of
- * 16 rows, repacked once per tile, times every token of the batch.
+/* Prefill products with int8 activations (AVX-512 VNNI) for the block formats (Q8_0, Q4_0, MXFP4,
+ * Q4_1, Q5_0, Q5_1, Q2_K..Q6_K): tiles of 16 rows, repacked once per tile, times every token of the
+ * batch.
  *
  * Why: a batch of tokens reuses each weight many times, so the work is arithmetic, not memory. The
  * float32 path dequantizes a tile and runs an FMA kernel (16 multiply-adds per instruction); here
  * one vpdpbusd does 64 byte multiply-adds, and the layout makes it produce 16 rows' partial sums
  * at once with no horizontal reduction: the tile is repacked so that each 64-byte vector holds four
  * consecutive codes of each of the 16 rows (a dword per row), and the token's matching four
- * activation codes are broadcast to every dword. Per 32-element block, 8 such steps per digit, then
- * one conversion and one multiply-add with the 16 rows' scales times the token's block scale.
+ * activation codes are broadcast to every dword. Per sub-block (32 elements, or 16 where the format
+ * has a scale per 16: Q2_K, Q3_K, Q6_K), G/4 such steps per digit, then one conversion and one
+ * multiply-add with the 16 rows' scales times the token's block scale (and, for the formats with a
+ * minimum, one more with the rows' minimums times the token's sub-block code sum).
  *
- * The numbers are those of the decode kernels (dot_q8_avx512.c): two activation digits (pe_act_q8),
- * weight codes made unsigned by an offset, the offset times the combined code sum subtracted, and
- * each (row, block) integer sum converted to float once; only the order in which the per-block
- * floats are added differs (here: block by block). Each output belongs to one thread and is
- * computed the same way whatever the thread count or the token grouping. */
+ * Each format only has an unpack function (a row's codes as unsigned bytes in element order, value
+ * = scale * (code - offset) - min per sub-block); the repacking and the tile loop are shared.
+ *
+ * The numbers are those of the decode kernels (dot_q8_avx512.c, dot_q8k_avx512.c): two activation
+ * digits (pe_act_q8), the integer sum 254 * (c . q) + (c . ql) per (row, sub-block), the offset
+ * times the activations' combined code sum (s32x / s16x) subtracted in int32 (exact), each sum
+ * converted to float once; only the order in which the per-sub-block floats are added differs
+ * (here: sub-block by sub-block). Each output belongs to one thread and is computed the same way
+ * whatever the thread count or the token grouping. */
 #include "gemm_q8.h"
 
 #include <immintrin.h>
@@ -25,19 +32,40 @@
 
 enum { TILE = 16, TOK = 4 };
 
-/* One row of nb blocks -> unsigned codes (value + offset) in element order, and the block scales. */
-typedef void (*unpack_fn)(const uint8_t *row, int64_t nb, uint8_t *codes, float *scales);
+/* One row of n elements -> unsigned codes in element order, and per sub-block its scale and min
+ * (mins left alone by the formats without one). */
+typedef void (*unpack_fn)(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins);
 
-static inline void store_nibbles(uint8_t *dst, __m128i v, __m128i lut) {
+static inline float f16(uint16_t h) { return _cvtsh_ss(h); }
+
+/* The 32 nibbles of v (low then high) through lut. */
+static inline __m256i nibbles(__m128i v, __m128i lut) {
     const __m128i m = _mm_set1_epi8(15);
-    _mm_storeu_si128((__m128i *)dst, _mm_shuffle_epi8(lut, _mm_and_si128(v, m)));
-    _mm_storeu_si128((__m128i *)(dst + 16), _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+    return _mm256_set_m128i(_mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m)),
+                            _mm_shuffle_epi8(lut, _mm_and_si128(v, m)));
 }
 
-static void unpack_mxfp4(const uint8_t *row, int64_t nb, uint8_t *codes, float *scales) {
+static inline void store_nibbles(uint8_t *dst, __m128i v, __m128i lut) {
+    _mm256_storeu_si256((__m256i *)dst, nibbles(v, lut));
+}
+
+/* The 32 nibbles of qs (low then high) plus 16 where bit j of qh is set (qh == NULL: no 5th bit). */
+static inline void store_nibbles5(uint8_t *dst, const uint8_t *qs, const uint8_t *qh) {
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m256i c = nibbles(_mm_loadu_si128((const __m128i *)qs), lut);
+    if (qh) {
+        uint32_t h;
+        memcpy(&h, qh, 4);
+        c = _mm256_mask_add_epi8(c, (__mmask32)h, c, _mm256_set1_epi8(16));
+    }
+    _mm256_storeu_si256((__m256i *)dst, c);
+}
+
+static void unpack_mxfp4(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
     static const int8_t lut_bytes[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
     const __m128i lut = _mm_loadu_si128((const __m128i *)lut_bytes);
-    for (int64_t b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < n / 32; b++) {
         const pe_block_mxfp4 *blk = (const pe_block_mxfp4 *)(row + 17 * b);
         const uint32_t bits = pe_e8m0_half_bits(blk->e);
         memcpy(&scales[b], &bits, 4);
@@ -45,65 +73,263 @@ static void unpack_mxfp4(const uint8_t *row, int64_t nb, uint8_t *codes, float *
     }
 }
 
-static void unpack_q4_0(const uint8_t *row, int64_t nb, uint8_t *codes, float *scales) {
-    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t b = 0; b < nb; b++) {
+static void unpack_q4_0(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    for (int64_t b = 0; b < n / 32; b++) {
         const pe_block_q4_0 *blk = (const pe_block_q4_0 *)(row + 18 * b);
-        scales[b] = _cvtsh_ss(blk->d);
-        store_nibbles(codes + 32 * b, _mm_loadu_si128((const __m128i *)blk->qs), lut);
+        scales[b] = f16(blk->d);
+        store_nibbles5(codes + 32 * b, blk->qs, NULL);
     }
 }
 
-static void unpack_q8_0(const uint8_t *row, int64_t nb, uint8_t *codes, float *scales) {
-    for (int64_t b = 0; b < nb; b++) {
+static void unpack_q8_0(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    for (int64_t b = 0; b < n / 32; b++) {
         const pe_block_q8_0 *blk = (const pe_block_q8_0 *)(row + 34 * b);
-        scales[b] = _cvtsh_ss(blk->d);
+        scales[b] = f16(blk->d);
         _mm256_storeu_si256((__m256i *)(codes + 32 * b),
                             _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)blk->qs), _mm256_set1_epi8((char)0x80)));
     }
 }
 
-/* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: nb blocks x 8 steps x 64
- * bytes; ws: nb x 16 row scales. */
-static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *packed, const float *ws, int64_t nb,
-                                                             const pe_act_q8 *x, const int NT, float offset,
-                                                             __m512 f[TOK]) {
-    const __m512 voff = _mm512_set1_ps(offset);
-    for (int t = 0; t < NT; t++) f[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512i a[TOK], al[TOK];
-        for (int t = 0; t < NT; t++) a[t] = al[t] = _mm512_setzero_si512();
-        const uint8_t *pb = packed + b * 8 * 64;
-        for (int c = 0; c < 8; c++) {
-            const __m512i w = _mm512_load_si512(pb + 64 * c);
-            for (int t = 0; t < NT; t++) {
-                int32_t q, l;
-                memcpy(&q, x[t].qs + 32 * b + 4 * c, 4);
-                memcpy(&l, x[t].ql + 32 * b + 4 * c, 4);
-                a[t] = _mm512_dpbusd_epi32(a[t], w, _mm512_set1_epi32(q));
-                al[t] = _mm512_dpbusd_epi32(al[t], w, _mm512_set1_epi32(l));
+/* Q4_1, Q5_1: d * q + m, i.e. min = -m */
+static void unpack_q4_1(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        const pe_block_q4_1 *blk = (const pe_block_q4_1 *)(row + 20 * b);
+        scales[b] = f16(blk->d);
+        mins[b] = -f16(blk->m);
+        store_nibbles5(codes + 32 * b, blk->qs, NULL);
+    }
+}
+
+static void unpack_q5_0(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    for (int64_t b = 0; b < n / 32; b++) {
+        const pe_block_q5_0 *blk = (const pe_block_q5_0 *)(row + 22 * b);
+        scales[b] = f16(blk->d);
+        store_nibbles5(codes + 32 * b, blk->qs, blk->qh);
+    }
+}
+
+static void unpack_q5_1(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        const pe_block_q5_1 *blk = (const pe_block_q5_1 *)(row + 24 * b);
+        scales[b] = f16(blk->d);
+        mins[b] = -f16(blk->m);
+        store_nibbles5(codes + 32 * b, blk->qs, blk->qh);
+    }
+}
+
+/* Q4_K, Q5_K: 8 sub-blocks of 32, (d * sc) * q - dmin * m; the 64 elements 64i.. are the low then
+ * the high nibbles of qs[32i..32i+32) (Q5_K: plus 16 * bit 2i / 2i+1 of qh[l]). */
+static void unpack_q45_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins, int five) {
+    const int bytes = five ? 176 : 144;
+    const __m256i m0f = _mm256_set1_epi8(15), sixteen = _mm256_set1_epi8(16);
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        const uint8_t *p = row + bytes * sb;
+        uint16_t d, dmin;
+        memcpy(&d, p, 2);
+        memcpy(&dmin, p + 2, 2);
+        const uint8_t *sc = p + 4, *qh = p + 16, *qs = p + (five ? 48 : 16);
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        uint8_t *c = codes + 256 * sb;
+        for (int i = 0; i < 4; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * i));
+            __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+            if (five) {
+                lo = _mm256_mask_add_epi8(lo, _mm256_test_epi8_mask(h, _mm256_set1_epi8((char)(1 << 2 * i))), lo, sixteen);
+                hi = _mm256_mask_add_epi8(hi, _mm256_test_epi8_mask(h, _mm256_set1_epi8((char)(2 << 2 * i))), hi, sixteen);
+            }
+            _mm256_storeu_si256((__m256i *)(c + 64 * i), lo);
+            _mm256_storeu_si256((__m256i *)(c + 64 * i + 32), hi);
+        }
+        for (int j = 0; j < 8; j++) {
+            uint8_t s, m;
+            pe_k_scale_min(sc, j, &s, &m);
+            scales[8 * sb + j] = f16(d) * (float)s;
+            mins[8 * sb + j] = f16(dmin) * (float)m;
+        }
+    }
+}
+static void unpack_q4_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    unpack_q45_k(row, n, codes, scales, mins, 0);
+}
+static void unpack_q5_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    unpack_q45_k(row, n, codes, scales, mins, 1);
+}
+
+/* Q6_K: 16 sub-blocks of 16, (d * sc) * (q - 32); element 128h + 32k + l (l < 32) has the nibble
+ * k / 2 of ql[64h + 32 (k % 2) + l] and the 2 bits 2k of qh[32h + l]. */
+static void unpack_q6_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    const __m256i m0f = _mm256_set1_epi8(15), m03 = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        const pe_block_q6_k *blk = (const pe_block_q6_k *)(row + 210 * sb);
+        uint8_t *c = codes + 256 * sb;
+        for (int h = 0; h < 2; h++) {
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h + 32 * (k % 2)));
+                const __m256i lo = _mm256_and_si256(k < 2 ? ql : _mm256_srli_epi16(ql, 4), m0f);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m03);
+                _mm256_storeu_si256((__m256i *)(c + 128 * h + 32 * k), _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)));
             }
         }
-        const __m512 wsb = _mm512_load_ps(ws + 16 * b);
-        for (int t = 0; t < NT; t++) {
-            const __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(a[t], _mm512_set1_epi32(254)), al[t]);
-            const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(x[t].s32x[b]), voff));
-            const __m512 sc = _mm512_mul_ps(wsb, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
-            f[t] = _mm512_fmadd_ps(v, sc, f[t]);
+        const float d = f16(blk->d);
+        for (int j = 0; j < 16; j++) scales[16 * sb + j] = d * (float)blk->scales[j];
+    }
+}
+
+/* Q3_K: 16 sub-blocks of 16, (d * sc) * (q - 4); element 128h + 32j + l (l < 32) has the 2 bits 2j
+ * of qs[32h + l] and, as its 3rd bit, bit 4h + j of hmask[l]. */
+static void unpack_q3_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    (void)mins;
+    const __m256i m03 = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        const pe_block_q3_k *blk = (const pe_block_q3_k *)(row + 110 * sb);
+        uint8_t *c = codes + 256 * sb;
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)blk->hmask);
+        for (int h = 0; h < 2; h++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m03);
+                const __mmask32 b = _mm256_test_epi8_mask(hm, _mm256_set1_epi8((char)(1 << (4 * h + j))));
+                _mm256_storeu_si256((__m256i *)(c + 128 * h + 32 * j), _mm256_mask_add_epi8(v, b, v, _mm256_set1_epi8(4)));
+            }
+        }
+        const float d = f16(blk->d);
+        for (int k = 0; k < 16; k++) scales[16 * sb + k] = d * (float)pe_q3_k_scale(blk->scales, k);
+    }
+}
+
+/* Q2_K: 16 sub-blocks of 16, (d * (sc & 15)) * q - dmin * (sc >> 4); element 128h + 32j + l has the
+ * 2 bits 2j of qs[32h + l]. */
+static void unpack_q2_k(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
+    const __m256i m03 = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        const pe_block_q2_k *blk = (const pe_block_q2_k *)(row + 84 * sb);
+        uint8_t *c = codes + 256 * sb;
+        for (int h = 0; h < 2; h++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * h));
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_si256((__m256i *)(c + 128 * h + 32 * j), _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m03));
+        }
+        const float d = f16(blk->d), dmin = f16(blk->dmin);
+        for (int k = 0; k < 16; k++) {
+            scales[16 * sb + k] = d * (float)(blk->scales[k] & 15);
+            mins[16 * sb + k] = dmin * (float)(blk->scales[k] >> 4);
         }
     }
 }
 
+/* Per token t < nt and sub-block j of G elements, what the tile loop broadcasts (computed once per
+ * group of tokens, out of the loop): dx = d_x / 254, off = offset * the combined code sum s (exact in
+ * int32), dxs = dx * s. */
+typedef struct {
+    float *dx, *dxs;
+    int32_t *off;
+} tok_consts;
+
+static void token_consts(const pe_act_q8 *x, int nt, int G, int offset, int64_t nsub, tok_consts c) {
+    for (int t = 0; t < nt; t++)
+        for (int64_t j = 0; j < nsub; j++) {
+            const float sx = G == 32 ? x[t].s32x[j] : x[t].s16x[j];
+            const float dx = x[t].d[G == 32 ? j : j / 2] * (1.0f / 254.0f);
+            c.dx[t * nsub + j] = dx;
+            c.off[t * nsub + j] = offset * (int32_t)sx;
+            c.dxs[t * nsub + j] = dx * sx;
+        }
+}
+
+/* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: n/4 steps x 64 bytes; ws,
+ * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them;
+ * the formats without one are those with an offset, see format_of). */
+static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *packed, const float *ws, const float *wm,
+                                                             int64_t nsub, const pe_act_q8 *x, const int NT,
+                                                             const int G, const int MIN, tok_consts k,
+                                                             __m512 f[TOK]) {
+    for (int t = 0; t < NT; t++) f[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nsub; j++) {
+        __m512i a[TOK], al[TOK];
+        for (int t = 0; t < NT; t++) a[t] = al[t] = _mm512_setzero_si512();
+        const uint8_t *pb = packed + j * (G / 4) * 64;
+        for (int c = 0; c < G / 4; c++) {
+            const __m512i w = _mm512_load_si512(pb + 64 * c);
+            for (int t = 0; t < NT; t++) {
+                int32_t q, l;
+                memcpy(&q, x[t].qs + G * j + 4 * c, 4);
+                memcpy(&l, x[t].ql + G * j + 4 * c, 4);
+                a[t] = _mm512_dpbusd_epi32(a[t], w, _mm512_set1_epi32(q));
+                al[t] = _mm512_dpbusd_epi32(al[t], w, _mm512_set1_epi32(l));
+            }
+        }
+        const __m512 wsj = _mm512_load_ps(ws + 16 * j);
+        for (int t = 0; t < NT; t++) {
+            const int64_t tj = t * nsub + j;
+            __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(a[t], _mm512_set1_epi32(254)), al[t]);
+            if (!MIN) s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
+            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(k.dx[tj])), f[t]);
+            if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(k.dxs[tj]), f[t]);
+        }
+    }
+}
+
+/* The token groups of one tile, for one (G, MIN) shape. */
+static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed, const float *ws, const float *wm,
+                                                          int64_t nsub, const pe_act_q8 *x, int64_t n_tok,
+                                                          const int G, const int MIN, int offset, tok_consts k,
+                                                          __mmask16 keep, __m512 vb, float *y, int64_t ldy) {
+    for (int64_t t0 = 0; t0 < n_tok; t0 += TOK) {
+        const int nt = n_tok - t0 < TOK ? (int)(n_tok - t0) : TOK;
+        token_consts(x + t0, nt, G, offset, nsub, k);
+        __m512 f[TOK] = {0};
+        switch (nt) {
+        case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, k, f); break;
+        case 3: tile_tokens(packed, ws, wm, nsub, x + t0, 3, G, MIN, k, f); break;
+        case 2: tile_tokens(packed, ws, wm, nsub, x + t0, 2, G, MIN, k, f); break;
+        default: tile_tokens(packed, ws, wm, nsub, x + t0, 1, G, MIN, k, f); break;
+        }
+        for (int t = 0; t < nt; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ldy, keep, _mm512_add_ps(f[t], vb));
+    }
+}
+
+/* One compiled tile loop per (sub-block size, minimum) shape that the formats need. */
+#define PE_TILE_SHAPE(NAME, G, MIN)                                                                             \
+    static __attribute__((noinline)) void NAME(const uint8_t *packed, const float *ws, const float *wm,        \
+                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, int offset,     \
+                                               tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy) { \
+        tile_all(packed, ws, wm, nsub, x, n_tok, G, MIN, offset, k, keep, vb, y, ldy);                          \
+    }
+PE_TILE_SHAPE(tile_32, 32, 0)
+PE_TILE_SHAPE(tile_32_min, 32, 1)
+PE_TILE_SHAPE(tile_16, 16, 0)
+PE_TILE_SHAPE(tile_16_min, 16, 1)
+#undef PE_TILE_SHAPE
+
+typedef void (*tile_fn)(const uint8_t *packed, const float *ws, const float *wm, int64_t nsub, const pe_act_q8 *x,
+                        int64_t n_tok, int offset, tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
+
 typedef struct {
     unpack_fn unpack;
-    float offset;
+    int offset;  /* value = scale * (code - offset) - min */
+    int sub;     /* elements per scale: 32 or 16 */
+    int has_min;
 } pe_gemm_q8_format;
 
+/* Every format has either an offset or a minimum (the tile loop relies on it). */
 static int format_of(int type, pe_gemm_q8_format *f) {
     switch (type) {
-    case PE_TYPE_Q8_0: *f = (pe_gemm_q8_format){unpack_q8_0, 128.0f}; return 1;
-    case PE_TYPE_Q4_0: *f = (pe_gemm_q8_format){unpack_q4_0, 8.0f}; return 1;
-    case PE_TYPE_MXFP4: *f = (pe_gemm_q8_format){unpack_mxfp4, 12.0f}; return 1;
+    case PE_TYPE_Q8_0: *f = (pe_gemm_q8_format){unpack_q8_0, 128, 32, 0}; return 1;
+    case PE_TYPE_Q4_0: *f = (pe_gemm_q8_format){unpack_q4_0, 8, 32, 0}; return 1;
+    case PE_TYPE_MXFP4: *f = (pe_gemm_q8_format){unpack_mxfp4, 12, 32, 0}; return 1;
+    case PE_TYPE_Q5_0: *f = (pe_gemm_q8_format){unpack_q5_0, 16, 32, 0}; return 1;
+    case PE_TYPE_Q4_1: *f = (pe_gemm_q8_format){unpack_q4_1, 0, 32, 1}; return 1;
+    case PE_TYPE_Q5_1: *f = (pe_gemm_q8_format){unpack_q5_1, 0, 32, 1}; return 1;
+    case PE_TYPE_Q4_K: *f = (pe_gemm_q8_format){unpack_q4_k, 0, 32, 1}; return 1;
+    case PE_TYPE_Q5_K: *f = (pe_gemm_q8_format){unpack_q5_k, 0, 32, 1}; return 1;
+    case PE_TYPE_Q6_K: *f = (pe_gemm_q8_format){unpack_q6_k, 32, 16, 0}; return 1;
+    case PE_TYPE_Q3_K: *f = (pe_gemm_q8_format){unpack_q3_k, 4, 16, 0}; return 1;
+    case PE_TYPE_Q2_K: *f = (pe_gemm_q8_format){unpack_q2_k, 0, 16, 1}; return 1;
     default: return 0;
     }
 }
@@ -114,39 +340,63 @@ int pe_gemm_q8_supported(int type) {
 }
 
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
-    const int64_t nb = n_in / 32;
-    /* row-major codes, packed codes, row-major scales, packed scales */
-    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nb) * 4 * 2 + 256;
+    const int64_t nsub = n_in / 16; /* at most */
+    /* row-major codes, packed codes, row-major and packed scales and mins, a token group's constants */
+    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + (size_t)(TOK * nsub) * 4 * 3 + 256;
+}
+
+/* dst[16 k + r] = src[r * ld + k] for k, r < 16: a 16 x 16 dword transpose (the repacking's inner step). */
+static void transpose16(const uint32_t *src, int64_t ld, uint32_t *dst) {
+    __m512i v[16], t[16];
+    for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(src + r * ld);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    /* v[4i + c], lane L: dword 4L + c of rows 4i..4i+3 */
+    for (int i = 0; i < 4; i++) {
+        v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) { /* the 4 x 4 transpose of 128-bit lanes of v[c], v[4 + c], v[8 + c], v[12 + c] */
+        const __m512i a = _mm512_shuffle_i32x4(v[c], v[4 + c], 0x44), b = _mm512_shuffle_i32x4(v[c], v[4 + c], 0xee);
+        const __m512i e = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0x44), f = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0xee);
+        _mm512_store_si512(dst + 16 * c, _mm512_shuffle_i32x4(a, e, 0x88));
+        _mm512_store_si512(dst + 16 * (4 + c), _mm512_shuffle_i32x4(a, e, 0xdd));
+        _mm512_store_si512(dst + 16 * (8 + c), _mm512_shuffle_i32x4(b, f, 0x88));
+        _mm512_store_si512(dst + 16 * (12 + c), _mm512_shuffle_i32x4(b, f, 0xdd));
+    }
 }
 
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
                      int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch) {
-    pe_gemm_q8_format fmt;
+    pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
-    const int64_t nb = n_in / 32;
+    const int64_t nsub = n_in / fmt.sub;
     uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     uint8_t *codes = base, *packed = base + TILE * n_in;
-    float *scales = (float *)(packed + TILE * n_in), *ws = scales + TILE * nb;
+    float *scales = (float *)(packed + TILE * n_in), *mins = scales + TILE * nsub;
+    float *ws = mins + TILE * nsub, *wm = ws + TILE * nsub;
+    const tok_consts k = {wm + TILE * nsub, wm + TILE * nsub + TOK * nsub, (int32_t *)(wm + TILE * nsub + 2 * TOK * nsub)};
     for (int r = 0; r < TILE; r++) /* rows past nr repeat the last one */
-        fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, nb, codes + r * n_in, scales + r * nb);
-    /* packed[b][c][r] = the 4 codes 32b + 4c .. of row r; ws[b][r] = row r's scale of block b */
+        fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, n_in, codes + r * n_in, scales + r * nsub, mins + r * nsub);
+    /* packed[k][r] = the 4 codes 4k .. of row r; ws[j][r], wm[j][r] = row r's scale, min of sub-block j */
+    const int64_t nk = n_in / 4;
     const uint32_t *src = (const uint32_t *)codes;
     uint32_t *dst = (uint32_t *)packed;
-    for (int64_t k = 0; k < nb * 8; k++)
-        for (int r = 0; r < TILE; r++) dst[k * TILE + r] = src[r * (n_in / 4) + k];
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < TILE; r++) ws[b * TILE + r] = scales[r * nb + b];
+    int64_t k0 = 0;
+    for (; k0 + 16 <= nk; k0 += 16) transpose16(src + k0, nk, dst + k0 * TILE);
+    for (int64_t k = k0; k < nk; k++)
+        for (int r = 0; r < TILE; r++) dst[k * TILE + r] = src[r * nk + k];
+    for (int64_t j = 0; j < nsub; j++)
+        for (int r = 0; r < TILE; r++) {
+            ws[j * TILE + r] = scales[r * nsub + j];
+            if (fmt.has_min) wm[j * TILE + r] = mins[r * nsub + j];
+        }
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
     const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
-    for (int64_t t0 = 0; t0 < n_tok; t0 += TOK) {
-        const int nt = n_tok - t0 < TOK ? (int)(n_tok - t0) : TOK;
-        __m512 f[TOK];
-        switch (nt) {
-        case 4: tile_tokens(packed, ws, nb, x + t0, 4, fmt.offset, f); break;
-        case 3: tile_tokens(packed, ws, nb, x + t0, 3, fmt.offset, f); break;
-        case 2: tile_tokens(packed, ws, nb, x + t0, 2, fmt.offset, f); break;
-        default: tile_tokens(packed, ws, nb, x + t0, 1, fmt.offset, f); break;
-        }
-        for (int t = 0; t < nt; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ldy, keep, _mm512_add_ps(f[t], vb));
-    }
+    const tile_fn tile = fmt.sub == 32 ? (fmt.has_min ? tile_32_min : tile_32) : (fmt.has_min ? tile_16_min : tile_16);
+    tile(packed, ws, wm, nsub, x, n_tok, fmt.offset, k, keep, vb, y, ldy);
 }

@@ -33,6 +33,9 @@ cdef extern from "quants.h":
     int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out,
                        int64_t n_rows, int64_t n) nogil
 
+cdef extern from "gemm_q8.h":
+    int pe_gemm_q8_supported(int type)
+
 
 def type_info(int ggml_type):
     """(name, elements per block, bytes per block) of a supported ggml type, else None."""
@@ -133,6 +136,12 @@ def has_dot_q8(int ggml_type) -> bool:
     """Whether ggml_type has an int8-activation dot kernel (dot_rows_q8)."""
     cdef const pe_type_traits *t = pe_type_traits_get(ggml_type)
     return t != NULL and t.dot_q8 != NULL
+
+
+def has_gemm_q8(int ggml_type) -> bool:
+    """Whether products of more than 8 tokens with ggml_type weights take the int8 tile kernel
+    (csrc/gemm_q8_avx512.c) when int8 activations are on."""
+    return pe_gemm_q8_supported(ggml_type) != 0
 
 
 def _check_act(x):

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "argmax_cuda.h"
 #include "attention_cuda.h"
 #include "gemm_i8_cuda.h"
 #include "gptoss_cuda.h"
@@ -36,12 +37,12 @@ static const int64_t GPT_CU_HEAD_CHUNK = 32; /* output-head rows per logits down
 enum {
     OP_NORM, OP_ADD_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
     OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_ACT_Q8,
-    OP_COUNT
+    OP_ARGMAX, OP_COUNT
 };
 static const char *const gpt_cu_op_names[OP_COUNT] = {
     "rmsnorm", "add_rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
     "experts_gate_up", "swiglu", "experts_down", "moe_combine", "experts_grouped", "cpu_moe",
-    "output_head", "act_q8"};
+    "output_head", "act_q8", "argmax"};
 
 struct pe_cu_ctx {
     int64_t max_tok, max_pairs, bytes;
@@ -55,6 +56,7 @@ struct pe_cu_ctx {
     int32_t *pair_tok; /* [max_pairs]: p / n_used (the token of pair p), constant */
     int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts */
     int32_t *out_idx;  /* [max_tok]: the rows the output head reads */
+    uint64_t *amax;    /* [max_tok]: each output row's argmax key (argmax_cuda.h) */
     /* int8 activations of decode calls (matvec_q8_cuda.h), rows pe_cu_act_q8_ld(n) bytes apart: the
      * normalised rows (aq), the attention output (oq), each expert pair's SwiGLU output (hq) */
     uint8_t *aq, *oq, *hq;
@@ -62,6 +64,7 @@ struct pe_cu_ctx {
     float *h_x, *h_a, *h_t;
     int64_t *h_pos;
     int32_t *h_sel, *h_idx, *h_out_idx;
+    uint64_t *h_amax;
     /* decode graph: replayed while every GPU layer's cache buffers (graph_kv) and the attention
      * scratch are the ones it was captured with */
     int use_graphs;
@@ -174,6 +177,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->pair_tok, P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->idx, 2 * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->out_idx, max_tok * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->amax, max_tok * sizeof(uint64_t));
     if (!e && m->int8_act) {
         const int64_t width = D > F ? (D > q_dim ? D : q_dim) : (F > q_dim ? F : q_dim);
         e = gpt_cu_alloc(c, &c->act_i8, (size_t)pe_cu_gemm_i8_scratch_bytes(P, width));
@@ -189,6 +193,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc_host(&c->h_sel, (size_t)m->n_layer * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_idx, 2 * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_out_idx, max_tok * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_amax, max_tok * sizeof(uint64_t));
     if (!e) {
         for (int64_t p = 0; p < P; p++) c->h_idx[p] = (int32_t)(p / m->n_used);
         e = (int)cudaMemcpy(c->pair_tok, c->h_idx, P * sizeof(int32_t), cudaMemcpyHostToDevice);
@@ -209,8 +214,8 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
 #endif
     void *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
                    c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx, c->act_i8, c->aq, c->oq,
-                   c->hq};
-    void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
+                   c->hq, c->amax};
+    void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx, c->h_amax};
     for (void *p : dev) cudaFree(p);
     for (void *p : host) cudaFreeHost(p);
     for (int i = 0; i < 2 * c->ev_cap; i++) cudaEventDestroy(c->ev[i]);
@@ -529,8 +534,8 @@ static int gpt_cu_graph_step(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
 #endif
 
 extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
-                             const int32_t *tokens, float *logits, int logits_all, int n_threads,
-                             int64_t *expert_counts) {
+                             const int32_t *tokens, float *logits, int32_t *argmax, int logits_all,
+                             int n_threads, int64_t *expert_counts) {
     const int64_t D = m->n_embd, V = m->n_vocab;
     cudaStream_t s = c->stream;
     int64_t n_tok = 0;
@@ -580,7 +585,8 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
 #endif
     if (rc) PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, fixed_grid, n_threads, expert_counts));
 
-    /* output head in chunks of rows, each downloaded as it is done */
+    /* output head in chunks of rows, each downloaded as it is done (and/or reduced to its argmax) */
+    if (argmax) PE_CU_TRY(cudaMemsetAsync(c->amax, 0, n_out * sizeof(uint64_t), s));
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
         const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
         if (fixed_grid && m->output_q8.qs) /* decode: the final norm quantized its rows into c->aq */
@@ -588,8 +594,16 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
                                                   pe_cu_act_q8_ld(D), nr, NULL, c->logits, V, s));
         else
             GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(m, c, &m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
-        PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+        if (argmax) GPT_CU_OP(c, OP_ARGMAX, pe_cu_argmax_keys(c->logits, nr, V, V, c->amax + r, s));
+        if (logits) {
+            PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+            PE_CU_TRY(cudaStreamSynchronize(s));
+        }
+    }
+    if (argmax) {
+        PE_CU_TRY(cudaMemcpyAsync(c->h_amax, c->amax, n_out * sizeof(uint64_t), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
+        for (int64_t r = 0; r < n_out; r++) argmax[r] = pe_cu_argmax_index(c->h_amax[r]);
     }
 
     if (c->profile) PE_CU_TRY(gpt_cu_profile_collect(c));

@@ -19,6 +19,7 @@
 #include "gptoss_cuda.h"
 #include "matmul_cuda.h"
 #include "ops_cuda.h"
+#include "router_cuda.h"
 
 extern "C" {
 #include "moe.h"
@@ -470,8 +471,14 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
         } else {
             int32_t *sel = c->sel + (int64_t)l * c->max_pairs;
-            GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(m, c, &L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
-            GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            if (dec && pe_cu_router_fused_supported(L->router.type, m->n_expert)) { /* product, top-k, softmax */
+                GPT_CU_OP(c, OP_ROUTER, pe_cu_router_fused(&L->router, c->a, D, n_tok, L->router_b, m->n_used, sel,
+                                                           c->wts, s));
+            } else {
+                GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(m, c, &L->router, c->a, D, n_tok, L->router_b, c->rlog,
+                                                      m->n_expert, s));
+                GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            }
             if (n_tok <= GPT_CU_MATVEC_MAX)
                 PE_CU_TRY(gpt_cu_moe_pairs(m, L, c, sel, n_tok));
             else

@@ -443,20 +443,30 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         if (!qkv_rope)
             GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
                                              m->rope_mscale, s));
+        /* int8 output product: attention's merge quantizes its output as it writes it (head_dim a
+         * multiple of 32), else a separate quantize launch */
+        const int wo_q8 = dec && L->wo_q8.qs, att_q8 = wo_q8 && hd % 32 == 0;
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
             if (!qkv_rope)
                 GPT_CU_OP(c, OP_KV_STORE,
                           pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
                                          v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
-            GPT_CU_OP(c, OP_ATTENTION,
-                      pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
-                                      kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
-                                      L->sliding ? m->window : 0, L->sinks,
-                                      gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
+            const int64_t keys = gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), window = L->sliding ? m->window : 0;
+            if (att_q8)
+                GPT_CU_OP(c, OP_ATTENTION,
+                          pe_cu_attention_q8(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok,
+                                             c->pos + i, kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head,
+                                             m->n_head_kv, (int)hd, window, L->sinks, keys, c->attn,
+                                             c->oq + i * ldq_o, ldq_o, s));
+            else
+                GPT_CU_OP(c, OP_ATTENTION,
+                          pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
+                                          kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv,
+                                          (int)hd, window, L->sinks, keys, c->attn, s));
         }
-        if (dec && L->wo_q8.qs) {
-            GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->oq, c->o, q_dim, n_tok, q_dim, s));
+        if (wo_q8) {
+            if (!att_q8) GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->oq, c->o, q_dim, n_tok, q_dim, s));
             GPT_CU_OP(c, OP_ATTN_OUT, pe_cu_matvec_q8(&L->wo_q8, NULL, c->oq, ldq_o, n_tok, L->bo, c->t, D, s));
         } else {
             GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(m, c, &L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));

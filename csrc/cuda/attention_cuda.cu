@@ -235,7 +235,8 @@ static int cuk_attention(float *out, int64_t ldo, const float *q, int64_t ldq, i
                          const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
                          int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
                          float *scratch, uint8_t *oq, int64_t ldoq, void *stream) {
-    if ((oq && (head_dim % 32 || ldoq < pe_cu_act_q8_row_bytes((int64_t)n_head * head_dim))) ||n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 ||
+    if ((oq && (head_dim % 32 || ldoq < pe_cu_act_q8_row_bytes((int64_t)n_head * head_dim))) ||
+        n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 ||
         head_dim > CUK_ATT_MAX_DIM || n_slots <= 0 || window < 0 || max_keys <= 0 ||
         ldq < (int64_t)n_head * head_dim || ldo < (int64_t)n_head * head_dim || !cuk_kv_type_ok(type_k) ||
         !cuk_kv_type_ok(type_v) || ((type_k == CUQ_Q8_0 || type_v == CUQ_Q8_0) && head_dim % 32))

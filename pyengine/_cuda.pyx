@@ -8,6 +8,7 @@ Device memory is owned by DevBuf objects; every size, type and shape is checked 
 pointer reaches C."""
 
 import numpy as np
+cimport cpython
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uintptr_t
 
@@ -23,6 +24,8 @@ cdef extern from "runtime_cuda.h":
     int pe_cu_mem_info(size_t *free_bytes, size_t *total_bytes)
     int pe_cu_malloc(void **p, size_t n)
     int pe_cu_free(void *p)
+    int pe_cu_malloc_host(void **p, size_t n)
+    int pe_cu_free_host(void *p)
     int pe_cu_memset(void *p, int value, size_t n)
     int pe_cu_copy_to_device(void *dst, const void *src, size_t n)
     int pe_cu_copy_to_host(void *dst, const void *src, size_t n)
@@ -123,6 +126,34 @@ cdef class DevBuf:
         if <size_t> out.nbytes > self.nbytes:
             raise ValueError(f"{out.nbytes} bytes requested from a buffer of {self.nbytes}")
         _check(pe_cu_copy_to_host(cnp.PyArray_DATA(out), self.p, out.nbytes))
+        return out
+
+
+cdef class PinnedBuf:
+    """nbytes of page-locked host memory (cudaMallocHost), freed with the object. Arrays made by
+    `array` keep it alive (their base), so a device copy into it never lands in memory someone
+    still reads unless they hold such an array."""
+    cdef void *p
+    cdef readonly size_t nbytes
+
+    def __cinit__(self, size_t nbytes):
+        self.p = NULL
+        self.nbytes = nbytes
+        _check(pe_cu_malloc_host(&self.p, nbytes))
+
+    def __dealloc__(self):
+        if self.p != NULL:
+            pe_cu_free_host(self.p)
+
+    cdef cnp.ndarray array(self, int64_t rows, int64_t cols):
+        """A float32 (rows, cols) view of the first bytes (no copy)."""
+        cdef cnp.npy_intp dims[2]
+        dims[0], dims[1] = rows, cols
+        if rows * cols * 4 > <int64_t> self.nbytes:
+            raise ValueError("pinned buffer too small")
+        cdef cnp.ndarray out = cnp.PyArray_SimpleNewFromData(2, dims, cnp.NPY_FLOAT32, self.p)
+        cpython.Py_INCREF(self)
+        cnp.PyArray_SetBaseObject(out, self)
         return out
 
 

@@ -3,6 +3,8 @@
 
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from cpython.list cimport PyList_GET_ITEM
+from cpython.ref cimport PyObject, _Py_REFCNT
 
 from pyengine._model import (DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, KVCache, kv_cache_type, kv_row_bytes,
                              sequence_tokens)
@@ -74,8 +76,13 @@ cdef extern from "gptoss_cuda.h":
     void pe_cu_ctx_profile(pe_cu_ctx *c, int enable)
     int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls)
     int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
-                      const int32_t *tokens, float *logits, int logits_all, int n_threads,
+                      const int32_t *tokens, float *logits, int32_t *argmax, int logits_all, int n_threads,
                       int64_t *expert_counts) nogil
+
+# Results of at most this many logits rows (decode calls) land in pinned host memory; a pool of at most
+# _PINNED_BUFFERS such buffers per model is kept (a buffer is reused once no array of it is alive).
+_PINNED_ROWS = 8
+_PINNED_BUFFERS = 4
 
 
 cdef int64_t _q8_bytes(const gm_weight *d, const pe_weight *host, int64_t n_expert):
@@ -110,6 +117,7 @@ cdef class CudaModel:
     cdef readonly int device          # the CUDA device the weights live on
     cdef int64_t max_tok
     cdef int graph_failures_logged
+    cdef list pinned                  # PinnedBuf pool for decode logits (_logits_out)
     cdef public int64_t n_vocab
 
     def __cinit__(self):
@@ -130,6 +138,7 @@ cdef class CudaModel:
         _check(pe_cu_set_device(device))
         self.cpu = cpu
         self.bufs = []
+        self.pinned = []
         self.weight_bytes = 0
         self.cpu_moe = cpu_moe
         self.graphs = graphs
@@ -334,6 +343,11 @@ cdef class CudaModel:
         return self.m.window
 
     @property
+    def device_argmax(self) -> bool:
+        """forward_seqs can pick greedy tokens on the device (its `greedy` argument)."""
+        return True
+
+    @property
     def graphs_active(self) -> bool:
         """Whether single-token decode steps replay a CUDA graph (the emulator records and replays
         them too); False when turned off, or after 3 refused captures made the model fall back to
@@ -386,8 +400,34 @@ cdef class CudaModel:
         out = self.forward_seqs([cache], [tokens], [n_past], logits_all, n_threads)
         return out if logits_all else out[0]
 
-    def forward_seqs(self, caches, tokens, n_pasts, bint logits_all, int n_threads):
-        """As Model.forward_seqs: one pass over several sequences, each with its own cache."""
+    cdef cnp.ndarray _logits_out(self, int64_t rows):
+        """Where a call's logits go: for up to _PINNED_ROWS rows a view of a pinned buffer that no live
+        array uses (the device copies straight into it, and the caller reads it without another
+        copy), else (or with every pooled buffer still referenced) ordinary memory."""
+        cdef int64_t need = rows * self.n_vocab * 4, i
+        cdef PinnedBuf b
+        if rows > _PINNED_ROWS:
+            return np.empty((rows, self.n_vocab), dtype=np.float32)
+        for i in range(len(self.pinned)):
+            if _Py_REFCNT(<PyObject *> PyList_GET_ITEM(self.pinned, i)) == 1:  # only the pool holds it
+                b = self.pinned[i]
+                if <int64_t> b.nbytes < need:
+                    b = self.pinned[i] = PinnedBuf(_PINNED_ROWS * self.n_vocab * 4)
+                return b.array(rows, self.n_vocab)
+        if len(self.pinned) == _PINNED_BUFFERS:
+            return np.empty((rows, self.n_vocab), dtype=np.float32)
+        b = PinnedBuf(_PINNED_ROWS * self.n_vocab * 4)
+        self.pinned.append(b)
+        return b.array(rows, self.n_vocab)
+
+    def forward_seqs(self, caches, tokens, n_pasts, bint logits_all, int n_threads, greedy=None):
+        """As Model.forward_seqs: one pass over several sequences, each with its own cache. Decode
+        results (at most 8 rows) are views of pinned host memory the device copied into (no second
+        copy); a later call never overwrites one while an array of it is alive.
+        greedy (not with logits_all): a bool per sequence; then the device also picks every sequence's
+        argmax (argmax_cuda.h: the greedy Sampler's choice from these logits) and the call returns
+        (logits, ids), ids int64 [n_seq], logits None when every sequence is greedy: only the ids come
+        back from the device."""
         caches, tokens, n_pasts = list(caches), list(tokens), [int(p) for p in n_pasts]
         if not caches or len(tokens) != len(caches) or len(n_pasts) != len(caches):
             raise ValueError("caches, tokens and n_pasts must be non-empty and of equal length")
@@ -401,8 +441,13 @@ cdef class CudaModel:
         cdef int64_t n = tok.shape[0]
         if n > self.max_tok:
             self._make_ctx(n)
-        cdef cnp.ndarray[cnp.float32_t, ndim=2] out = np.empty((n if logits_all else n_seq, self.n_vocab),
-                                                                 dtype=np.float32)
+        if greedy is not None and (logits_all or len(greedy) != n_seq):
+            raise ValueError("greedy needs one flag per sequence and logits_all=False")
+        cdef bint want_logits = greedy is None or not all(greedy)
+        cdef cnp.ndarray out = self._logits_out(n if logits_all else n_seq) if want_logits else None
+        cdef cnp.ndarray[cnp.int32_t, ndim=1] ids = np.empty(n_seq, dtype=np.int32)
+        cdef float *out_p = <float *> cnp.PyArray_DATA(out) if want_logits else NULL
+        cdef int32_t *ids_p = &ids[0] if greedy is not None else NULL
         cdef cnp.ndarray[cnp.int64_t, ndim=2] counts = self.counts
         cdef pe_cu_seq *seqs = <pe_cu_seq *> malloc(n_seq * sizeof(pe_cu_seq))
         if seqs == NULL:
@@ -417,14 +462,14 @@ cdef class CudaModel:
             seqs[s].n_past = n_pasts[s]
         cdef int rc
         with nogil:
-            rc = pe_cu_forward(&self.m, self.ctx, seqs, n_seq, &tok[0], &out[0, 0], logits_all, n_threads,
+            rc = pe_cu_forward(&self.m, self.ctx, seqs, n_seq, &tok[0], out_p, ids_p, logits_all, n_threads,
                                &counts[0, 0])
         free(seqs)
         if rc == -1:
             raise MemoryError("out of host memory for the forward pass")
         _check(rc)
         self._log_graph_failures()
-        return out
+        return out if greedy is None else (out, ids.astype(np.int64))
 
     cdef _log_graph_failures(self):
         """One log line per refused CUDA graph capture (the step ran direct launches)."""

@@ -32,6 +32,10 @@ cdef extern from "attention_cuda.h" nogil:
                         const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
                         int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
                         float *scratch, void *stream)
+    int pe_cu_attention_q8(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                           const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                           int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
+                           float *scratch, uint8_t *oq, int64_t ldoq, void *stream)
 
 
 cdef inline float *_cuk_f(buf):
@@ -224,10 +228,11 @@ def attention_scratch_floats(int64_t n_tok, int n_head, int head_dim, int64_t ma
 
 
 def attention(q, positions, kc, vc, int n_head, int n_head_kv, int head_dim, int64_t window, sinks,
-              int64_t max_keys, int64_t ldo=0, type_k="f32", type_v="f32"):
+              int64_t max_keys, int64_t ldo=0, type_k="f32", type_v="f32", bint q8=False):
     """Attention of q (n_tok, ldq; heads in the first n_head*head_dim columns) at positions over the
     ring caches kc, vc (n_slots rows of n_head_kv*head_dim elements of type_k / type_v, raw rows as in
-    kv_store); out (n_tok, ldo or n_head*head_dim)."""
+    kv_store); out (n_tok, ldo or n_head*head_dim). q8: pe_cu_attention_q8, returns (out, the int8
+    activations of out's rows as act_q8 gives them)."""
     q = _cuk_arr(q, np.float32, 2, "q")
     pos = _cuk_arr(positions, np.int64, 1, "positions")
     if n_head <= 0 or n_head_kv <= 0 or not 0 < head_dim <= 256:
@@ -246,7 +251,15 @@ def attention(q, positions, kc, vc, int n_head, int n_head_kv, int head_dim, int
     dq, dp, dkc, dvc, ds = _dev_upload(q), _dev_upload(pos), _dev_upload(kc), _dev_upload(vc), _dev_upload(sinks)
     dsc = _dev_upload(np.zeros(scratch, np.float32))
     dout = _dev_upload(np.zeros((n_tok, ldo), np.float32))
-    _check(pe_cu_attention(_cuk_f(dout), ldo, _cuk_f(dq), q.shape[1], n_tok, _cuk_i64(dp),
-                           <const void *><uintptr_t>dkc.ptr, <const void *><uintptr_t>dvc.ptr, tk, tv, kc.shape[0],
-                           n_head, n_head_kv, head_dim, window, _cuk_f(ds), max_keys, _cuk_f(dsc), NULL))
-    return dout.download((n_tok, ldo), np.float32)
+    if not q8:
+        _check(pe_cu_attention(_cuk_f(dout), ldo, _cuk_f(dq), q.shape[1], n_tok, _cuk_i64(dp),
+                               <const void *><uintptr_t>dkc.ptr, <const void *><uintptr_t>dvc.ptr, tk, tv, kc.shape[0],
+                               n_head, n_head_kv, head_dim, window, _cuk_f(ds), max_keys, _cuk_f(dsc), NULL))
+        return dout.download((n_tok, ldo), np.float32)
+    cdef int64_t ldoq = pe_cu_act_q8_ld(q_dim)
+    doq = DevBuf(n_tok * ldoq)
+    _check(pe_cu_attention_q8(_cuk_f(dout), ldo, _cuk_f(dq), q.shape[1], n_tok, _cuk_i64(dp),
+                              <const void *><uintptr_t>dkc.ptr, <const void *><uintptr_t>dvc.ptr, tk, tv, kc.shape[0],
+                              n_head, n_head_kv, head_dim, window, _cuk_f(ds), max_keys, _cuk_f(dsc),
+                              <uint8_t *> (<DevBuf> doq).p, ldoq, NULL))
+    return dout.download((n_tok, ldo), np.float32), _q8_split(doq, n_tok, q_dim)

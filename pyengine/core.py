@@ -154,6 +154,7 @@ class Sequence:
         self.waiting: collections.deque[tuple[int, Sampled]] = collections.deque()  # (end, entry)
         self.last_prompt_row: np.ndarray | None = None
         self.logits: np.ndarray | None = None
+        self.chosen: int | None = None  # the next token when the model picked it (argmax_only)
         self.tool_calls = 0
         self.cancelled = False
         self.done = False
@@ -181,13 +182,29 @@ class Sequence:
         return self._sample()
 
     @property
+    def prompt_evaluated(self) -> bool:
+        """The whole prompt is in the cache: logits, or the model's chosen token, followed it."""
+        return not self.pending and (self.logits is not None or self.chosen is not None or bool(self.sampled))
+
+    @property
+    def argmax_only(self) -> bool:
+        """The next token is the plain argmax of the logits (greedy, no bias, penalty, mask or
+        logprobs): a model that can pick it itself (Runner.device_argmax) returns only the id."""
+        return (self.sampler.params.plain_argmax and self.constraint is None and self.req.logprobs is None
+                and not self.wants_all_logits)
+
+    @property
     def wants_all_logits(self) -> bool:
         """Prompt chunks of a request for prompt logprobs need every row's logits."""
         return self.req.prompt_logprobs and not self.sampled
 
-    def evaluated(self, tokens: list[int], logits: np.ndarray) -> list[Event]:
+    def evaluated(self, tokens: list[int], logits: np.ndarray | int) -> list[Event]:
         """`tokens` from plan are in the cache now, followed by `logits` (every row's when
-        wants_all_logits)."""
+        wants_all_logits), or by the next token itself when the model picked it (argmax_only)."""
+        if isinstance(logits, int):
+            self.logits, self.chosen = None, logits
+            return [] if self.sampled else [PromptEvaluated(len(tokens))]
+        self.chosen = None
         if logits.ndim == 2:
             self.logits = logits[-1]
             return [PromptEvaluated(len(tokens), self._prompt_logprobs(tokens, logits))]
@@ -212,8 +229,11 @@ class Sequence:
         return out
 
     def _sample(self) -> tuple[list[Event], list[int]]:
-        mask = self.constraint.allowed() if self.constraint is not None else None
-        token = self.sampler.sample(self.logits, self.history, mask)
+        if self.chosen is not None:
+            token, self.chosen = self.chosen, None
+        else:
+            mask = self.constraint.allowed() if self.constraint is not None else None
+            token = self.sampler.sample(self.logits, self.history, mask)
         if self.constraint is not None:
             self.constraint.advance(token)
         entry = Sampled(token)
@@ -326,6 +346,14 @@ class Core:
         self.check(req, cache.n_ctx)
         return Sequence(self, cache, req)
 
+    def _eval(self, seqs: list[Sequence], tokens: list[list[int]], logits_all: bool = False) -> list:
+        """runner.eval of the sequences' tokens; where the model picks greedy tokens itself
+        (Runner.device_argmax), the argmax_only sequences get their next token instead of logits."""
+        caches = [s.cache for s in seqs]
+        if self.runner.device_argmax:
+            return self.runner.eval(caches, tokens, logits_all, [s.argmax_only for s in seqs])
+        return self.runner.eval(caches, tokens, logits_all)
+
     def step(self, seqs: Seq[Sequence]) -> list[list[Event]]:
         """One step of every sequence: plan each (sample its next token or take its next prompt
         chunk), then evaluate all their tokens in one forward pass. A sequence whose step fails
@@ -346,7 +374,7 @@ class Core:
         alone = [w for w in work if w[1].wants_all_logits]
         if len(together) > 1:
             try:
-                rows = self.runner.eval([s.cache for _, s, _ in together], [t for _, _, t in together])
+                rows = self._eval([s for _, s, _ in together], [t for _, _, t in together])
             except Exception:  # noqa: BLE001
                 log.warning("batched step failed; evaluating its %d sequences one by one", len(together),
                             exc_info=True)
@@ -358,7 +386,7 @@ class Core:
             alone += together
         for i, seq, tokens in alone:
             try:
-                logits = self.runner.eval([seq.cache], [tokens], seq.wants_all_logits)[0]
+                logits = self._eval([seq], [tokens], seq.wants_all_logits)[0]
             except Exception as e:  # noqa: BLE001
                 log.exception("a generation step failed")
                 out[i] += seq.fail(e)

@@ -84,25 +84,43 @@ class Runner:
             raise ValueError("eval needs at least one token")
         return arr.astype(np.int32)
 
+    @property
+    def device_argmax(self) -> bool:
+        """Whether the model can pick a greedy token itself (the CUDA model: only the id comes
+        back from the GPU, not the n_vocab logits)."""
+        return bool(getattr(self.model, "device_argmax", False))
+
     def eval(self, caches: Sequence[Cache], tokens: Sequence[Sequence[int]],
-             logits_all: bool = False) -> list[np.ndarray]:
+             logits_all: bool = False, greedy: Sequence[bool] = ()) -> list[np.ndarray | int]:
         """Append tokens[i] to caches[i], all sequences in one forward pass per round. Returns
         each sequence's last-token logits (n_vocab,), or with logits_all every new token's
-        (len(tokens[i]), n_vocab). Everything is checked before anything is evaluated."""
+        (len(tokens[i]), n_vocab). greedy (one flag per cache, not with logits_all; honoured when
+        device_argmax): a flagged sequence gets the argmax of its last logits as an int instead of
+        the logits (the greedy Sampler's choice when no bias or penalty applies). Everything is
+        checked before anything is evaluated."""
         caches = list(caches)
         if not caches or len(tokens) != len(caches):
             raise ValueError("eval needs one token list per cache, and at least one cache")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache appears twice: each sequence needs its own")
+        greedy = list(greedy) if self.device_argmax and not logits_all and any(greedy) else []
+        if greedy and len(greedy) != len(caches):
+            raise ValueError("greedy needs one flag per cache")
         arrays = [self.check(c, t) for c, t in zip(caches, tokens)]
         chunks = []
         for c, a in zip(caches, arrays):
             step = self.chunk_size(c)
             chunks.append([a[i:i + step] for i in range(0, a.size, step)])
-        outs: list[list[np.ndarray]] = [[] for _ in caches]
+        outs: list[list[Any]] = [[] for _ in caches]
         for r in range(max(len(c) for c in chunks)):
             live = [i for i, c in enumerate(chunks) if r < len(c)]
-            rows = self._forward([caches[i] for i in live], [chunks[i][r] for i in live], logits_all)
+            if greedy:
+                rows, ids = self.model.forward_seqs([caches[i].native for i in live], [chunks[i][r] for i in live],
+                                                    [caches[i].n_past for i in live], False, self.n_threads,
+                                                    [greedy[i] for i in live])
+                rows = [int(ids[k]) if greedy[i] else rows[k] for k, i in enumerate(live)]
+            else:
+                rows = self._forward([caches[i] for i in live], [chunks[i][r] for i in live], logits_all)
             start = 0
             for k, i in enumerate(live):
                 chunk = chunks[i][r]

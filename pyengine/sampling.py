@@ -50,6 +50,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy on the raw logits: no bias or penalty changes them first, so the choice is their
+        argmax (lowest id on ties, NaN never chosen), which a GPU can take without sending the logits
+        (pyengine.runner)."""
+        no_penalty = self.repeat_last_n == 0 or (self.repeat_penalty == 1.0 and not self.presence_penalty
+                                                 and not self.frequency_penalty)
+        return self.greedy and not self.logit_bias and no_penalty
+
 
 # The one place sampling defaults live (docs/generation.md).
 # SamplingParams() itself is OpenAI's advice for gpt-oss (temperature 1.0, top-p 1.0, nothing else

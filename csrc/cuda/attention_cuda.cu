@@ -11,6 +11,7 @@
 #include "attention_cuda.h"
 #include "quant_dev.cuh"
 #include "kv_dev.cuh"
+#include "act_q8_dev.cuh"
 
 #define CUK_ATT_MAX_DIM 256
 #define CUK_ATT_DIMS_PER_LANE (CUK_ATT_MAX_DIM / 32)
@@ -202,8 +203,11 @@ PE_GLOBAL void cuk_attn_partial_kernel(const float *q, int64_t ldq, const int64_
     }
 }
 
+/* oq (NULL: none): the output row also quantized as it is written; head_dim is then a multiple of 32
+ * and each thread writes one element, so warp w of head h holds 32-block h * head_dim / 32 + w. */
 PE_GLOBAL void cuk_attn_merge_kernel(float *out, int64_t ldo, const float *sinks, int n_head, int head_dim,
-                                     int64_t n_chunks, const float *ml, const float *acc_in) {
+                                     int64_t n_chunks, const float *ml, const float *acc_in, uint8_t *oq,
+                                     int64_t ldoq) {
     const int64_t pair = blockIdx.x, t = pair / n_head;
     const int h = (int)(pair % n_head);
     const float *pm = ml + 2 * pair * n_chunks;
@@ -221,14 +225,18 @@ PE_GLOBAL void cuk_attn_merge_kernel(float *out, int64_t ldo, const float *sinks
         for (int64_t c = 0; c < n_chunks; c++)
             if (pm[2 * c] != -INFINITY) a += pa[c * head_dim + d] * expf(pm[2 * c] - mx);
         o[d] = a * inv;
+        if (oq)
+            pe_cu_act_q8_block(a * inv, d & 31, oq + t * ldoq, (int64_t)n_head * head_dim,
+                               ((int64_t)h * head_dim + d) / 32);
     }
 }
 
-int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
-                    const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
-                    int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys, float *scratch,
-                    void *stream) {
-    if (n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 ||
+static int cuk_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                         const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                         int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
+                         float *scratch, uint8_t *oq, int64_t ldoq, void *stream) {
+    if ((oq && (head_dim % 32 || ldoq < pe_cu_act_q8_row_bytes((int64_t)n_head * head_dim))) ||
+        n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv || head_dim <= 0 ||
         head_dim > CUK_ATT_MAX_DIM || n_slots <= 0 || window < 0 || max_keys <= 0 ||
         ldq < (int64_t)n_head * head_dim || ldo < (int64_t)n_head * head_dim || !cuk_kv_type_ok(type_k) ||
         !cuk_kv_type_ok(type_v) || ((type_k == CUQ_Q8_0 || type_v == CUQ_Q8_0) && head_dim % 32))
@@ -246,6 +254,23 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
     PE_LAUNCH(cuk_attn_merge_kernel, (unsigned)pairs, (head_dim + 31) / 32 * 32, 0, (cudaStream_t)stream, out, ldo,
-              sinks, n_head, head_dim, n_chunks, ml, acc);
+              sinks, n_head, head_dim, n_chunks, ml, acc, oq, ldoq);
     return (int)cudaGetLastError();
+}
+
+int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                    const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                    int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys, float *scratch,
+                    void *stream) {
+    return cuk_attention(out, ldo, q, ldq, n_tok, pos, kc, vc, type_k, type_v, n_slots, n_head, n_head_kv, head_dim,
+                         window, sinks, max_keys, scratch, NULL, 0, stream);
+}
+
+int pe_cu_attention_q8(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                       const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                       int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
+                       float *scratch, uint8_t *oq, int64_t ldoq, void *stream) {
+    if (!oq) return (int)cudaErrorInvalidValue;
+    return cuk_attention(out, ldo, q, ldq, n_tok, pos, kc, vc, type_k, type_v, n_slots, n_head, n_head_kv, head_dim,
+                         window, sinks, max_keys, scratch, oq, ldoq, stream);
 }

@@ -40,6 +40,13 @@ int pe_cu_attention(float *out, int64_t ldo, const float *q, int64_t ldq, int64_
                     const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
                     int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys, float *scratch,
                     void *stream);
+/* As pe_cu_attention, and the output rows also quantized for the int8 products as they are written
+ * (the codes pe_cu_act_q8 would give them, matvec_q8_cuda.h): row t at oq + t*ldoq, of n_head*head_dim
+ * elements. head_dim a multiple of 32 (each merge warp then writes one whole 32-element block). */
+int pe_cu_attention_q8(float *out, int64_t ldo, const float *q, int64_t ldq, int64_t n_tok, const int64_t *pos,
+                       const void *kc, const void *vc, int type_k, int type_v, int64_t n_slots, int n_head,
+                       int n_head_kv, int head_dim, int64_t window, const float *sinks, int64_t max_keys,
+                       float *scratch, uint8_t *oq, int64_t ldoq, void *stream);
 
 #ifdef __cplusplus
 }

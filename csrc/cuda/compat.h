@@ -12,7 +12,7 @@
  * dynamic shared memory) are reported by cudaGetLastError() here as well.
  *
  * Kernel code uses: PE_GLOBAL, PE_DEVICE, PE_HOSTDEV, PE_SHARED, PE_DYN_SHARED(T, name),
- * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd,
+ * PE_LAUNCH(kernel, grid, block, smem, stream, args...), pe_shfl_xor / pe_shfl, atomicAdd, atomicMax,
  * pe_cu_fp16_to_fp32 / pe_cu_bf16_to_fp32, pe_mma_s8_m16n8k32 (int8 tensor cores), pe_dp4a / pe_byte_perm,
  * and the standard math functions. */
 #ifndef PE_CU_COMPAT_H
@@ -335,6 +335,12 @@ template <typename T>
 inline T atomicAdd(T *p, T v) {
     const T old = *p;
     *p = old + v;
+    return old;
+}
+template <typename T>
+inline T atomicMax(T *p, T v) {
+    const T old = *p;
+    if (v > old) *p = v;
     return old;
 }
 template <typename T>

@@ -13,11 +13,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "argmax_cuda.h"
 #include "attention_cuda.h"
 #include "gemm_i8_cuda.h"
 #include "gptoss_cuda.h"
 #include "matmul_cuda.h"
 #include "ops_cuda.h"
+#include "router_cuda.h"
 
 extern "C" {
 #include "moe.h"
@@ -36,12 +38,12 @@ static const int64_t GPT_CU_HEAD_CHUNK = 32; /* output-head rows per logits down
 enum {
     OP_NORM, OP_ADD_NORM, OP_QKV, OP_ROPE, OP_KV_STORE, OP_ATTENTION, OP_ATTN_OUT, OP_ADD, OP_ROUTER, OP_TOPK,
     OP_EXPERTS_UP, OP_SWIGLU, OP_EXPERTS_DOWN, OP_COMBINE, OP_EXPERTS_GROUPED, OP_CPU_MOE, OP_HEAD, OP_ACT_Q8,
-    OP_COUNT
+    OP_ARGMAX, OP_COUNT
 };
 static const char *const gpt_cu_op_names[OP_COUNT] = {
     "rmsnorm", "add_rmsnorm", "qkv", "rope", "kv_store", "attention", "attn_out", "add", "router", "topk",
     "experts_gate_up", "swiglu", "experts_down", "moe_combine", "experts_grouped", "cpu_moe",
-    "output_head", "act_q8"};
+    "output_head", "act_q8", "argmax"};
 
 struct pe_cu_ctx {
     int64_t max_tok, max_pairs, bytes;
@@ -55,6 +57,7 @@ struct pe_cu_ctx {
     int32_t *pair_tok; /* [max_pairs]: p / n_used (the token of pair p), constant */
     int32_t *idx;      /* [2][max_pairs]: gather / scatter indices of the grouped experts */
     int32_t *out_idx;  /* [max_tok]: the rows the output head reads */
+    uint64_t *amax;    /* [max_tok]: each output row's argmax key (argmax_cuda.h) */
     /* int8 activations of decode calls (matvec_q8_cuda.h), rows pe_cu_act_q8_ld(n) bytes apart: the
      * normalised rows (aq), the attention output (oq), each expert pair's SwiGLU output (hq) */
     uint8_t *aq, *oq, *hq;
@@ -62,6 +65,7 @@ struct pe_cu_ctx {
     float *h_x, *h_a, *h_t;
     int64_t *h_pos;
     int32_t *h_sel, *h_idx, *h_out_idx;
+    uint64_t *h_amax;
     /* decode graph: replayed while every GPU layer's cache buffers (graph_kv) and the attention
      * scratch are the ones it was captured with */
     int use_graphs;
@@ -174,6 +178,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc(c, &c->pair_tok, P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->idx, 2 * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc(c, &c->out_idx, max_tok * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc(c, &c->amax, max_tok * sizeof(uint64_t));
     if (!e && m->int8_act) {
         const int64_t width = D > F ? (D > q_dim ? D : q_dim) : (F > q_dim ? F : q_dim);
         e = gpt_cu_alloc(c, &c->act_i8, (size_t)pe_cu_gemm_i8_scratch_bytes(P, width));
@@ -189,6 +194,7 @@ extern "C" pe_cu_ctx *pe_cu_ctx_create(const pe_cu_model *m, int64_t max_tok, in
     if (!e) e = gpt_cu_alloc_host(&c->h_sel, (size_t)m->n_layer * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_idx, 2 * P * sizeof(int32_t));
     if (!e) e = gpt_cu_alloc_host(&c->h_out_idx, max_tok * sizeof(int32_t));
+    if (!e) e = gpt_cu_alloc_host(&c->h_amax, max_tok * sizeof(uint64_t));
     if (!e) {
         for (int64_t p = 0; p < P; p++) c->h_idx[p] = (int32_t)(p / m->n_used);
         e = (int)cudaMemcpy(c->pair_tok, c->h_idx, P * sizeof(int32_t), cudaMemcpyHostToDevice);
@@ -209,8 +215,8 @@ extern "C" void pe_cu_ctx_free(pe_cu_ctx *c) {
 #endif
     void *dev[] = {c->x, c->a, c->t, c->qkv, c->o, c->logits, c->rlog, c->wts, c->xg, c->g, c->u,
                    c->slots, c->attn, c->pos, c->sel, c->pair_tok, c->idx, c->out_idx, c->act_i8, c->aq, c->oq,
-                   c->hq};
-    void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx};
+                   c->hq, c->amax};
+    void *host[] = {c->h_x, c->h_a, c->h_t, c->h_pos, c->h_sel, c->h_idx, c->h_out_idx, c->h_amax};
     for (void *p : dev) cudaFree(p);
     for (void *p : host) cudaFreeHost(p);
     for (int i = 0; i < 2 * c->ev_cap; i++) cudaEventDestroy(c->ev[i]);
@@ -437,20 +443,30 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
         if (!qkv_rope)
             GPT_CU_OP(c, OP_ROPE, pe_cu_rope(c->qkv, n_tok, qkv_dim, m->n_head + m->n_head_kv, (int)hd, c->pos, omega,
                                              m->rope_mscale, s));
+        /* int8 output product: attention's merge quantizes its output as it writes it (head_dim a
+         * multiple of 32), else a separate quantize launch */
+        const int wo_q8 = dec && L->wo_q8.qs, att_q8 = wo_q8 && hd % 32 == 0;
         for (int64_t j = 0, i = 0; j < n_seq; i += seqs[j].n_tok, j++) {
             const pe_cu_kv_layer *kv = &seqs[j].kv[l];
             if (!qkv_rope)
                 GPT_CU_OP(c, OP_KV_STORE,
                           pe_cu_kv_store(kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, k + i * qkv_dim,
                                          v + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i, kv_dim, s));
-            GPT_CU_OP(c, OP_ATTENTION,
-                      pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
-                                      kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv, (int)hd,
-                                      L->sliding ? m->window : 0, L->sinks,
-                                      gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), c->attn, s));
+            const int64_t keys = gpt_cu_max_keys(m, &seqs[j], l, fixed_grid), window = L->sliding ? m->window : 0;
+            if (att_q8)
+                GPT_CU_OP(c, OP_ATTENTION,
+                          pe_cu_attention_q8(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok,
+                                             c->pos + i, kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head,
+                                             m->n_head_kv, (int)hd, window, L->sinks, keys, c->attn,
+                                             c->oq + i * ldq_o, ldq_o, s));
+            else
+                GPT_CU_OP(c, OP_ATTENTION,
+                          pe_cu_attention(c->o + i * q_dim, q_dim, q + i * qkv_dim, qkv_dim, seqs[j].n_tok, c->pos + i,
+                                          kv->k, kv->v, kv->type_k, kv->type_v, kv->n_slots, m->n_head, m->n_head_kv,
+                                          (int)hd, window, L->sinks, keys, c->attn, s));
         }
-        if (dec && L->wo_q8.qs) {
-            GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->oq, c->o, q_dim, n_tok, q_dim, s));
+        if (wo_q8) {
+            if (!att_q8) GPT_CU_OP(c, OP_ACT_Q8, pe_cu_act_q8(c->oq, c->o, q_dim, n_tok, q_dim, s));
             GPT_CU_OP(c, OP_ATTN_OUT, pe_cu_matvec_q8(&L->wo_q8, NULL, c->oq, ldq_o, n_tok, L->bo, c->t, D, s));
         } else {
             GPT_CU_OP(c, OP_ATTN_OUT, gpt_cu_matmul(m, c, &L->wo, c->o, q_dim, n_tok, L->bo, c->t, D, s));
@@ -465,8 +481,14 @@ static int gpt_cu_layers(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *se
             GPT_CU_OP(c, OP_CPU_MOE, gpt_cu_moe_cpu(m, l, c, n_tok, n_threads, counts));
         } else {
             int32_t *sel = c->sel + (int64_t)l * c->max_pairs;
-            GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(m, c, &L->router, c->a, D, n_tok, L->router_b, c->rlog, m->n_expert, s));
-            GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            if (dec && pe_cu_router_fused_supported(L->router.type, m->n_expert)) { /* product, top-k, softmax */
+                GPT_CU_OP(c, OP_ROUTER, pe_cu_router_fused(&L->router, c->a, D, n_tok, L->router_b, m->n_used, sel,
+                                                           c->wts, s));
+            } else {
+                GPT_CU_OP(c, OP_ROUTER, gpt_cu_matmul(m, c, &L->router, c->a, D, n_tok, L->router_b, c->rlog,
+                                                      m->n_expert, s));
+                GPT_CU_OP(c, OP_TOPK, pe_cu_router(c->rlog, n_tok, m->n_expert, m->n_used, sel, c->wts, s));
+            }
             if (n_tok <= GPT_CU_MATVEC_MAX)
                 PE_CU_TRY(gpt_cu_moe_pairs(m, L, c, sel, n_tok));
             else
@@ -529,8 +551,8 @@ static int gpt_cu_graph_step(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
 #endif
 
 extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq,
-                             const int32_t *tokens, float *logits, int logits_all, int n_threads,
-                             int64_t *expert_counts) {
+                             const int32_t *tokens, float *logits, int32_t *argmax, int logits_all,
+                             int n_threads, int64_t *expert_counts) {
     const int64_t D = m->n_embd, V = m->n_vocab;
     cudaStream_t s = c->stream;
     int64_t n_tok = 0;
@@ -580,7 +602,8 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
 #endif
     if (rc) PE_CU_TRY(gpt_cu_layers(m, c, seqs, n_seq, n_tok, n_out, fixed_grid, n_threads, expert_counts));
 
-    /* output head in chunks of rows, each downloaded as it is done */
+    /* output head in chunks of rows, each downloaded as it is done (and/or reduced to its argmax) */
+    if (argmax) PE_CU_TRY(cudaMemsetAsync(c->amax, 0, n_out * sizeof(uint64_t), s));
     for (int64_t r = 0; r < n_out; r += GPT_CU_HEAD_CHUNK) {
         const int64_t nr = n_out - r < GPT_CU_HEAD_CHUNK ? n_out - r : GPT_CU_HEAD_CHUNK;
         if (fixed_grid && m->output_q8.qs) /* decode: the final norm quantized its rows into c->aq */
@@ -588,8 +611,16 @@ extern "C" int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq
                                                   pe_cu_act_q8_ld(D), nr, NULL, c->logits, V, s));
         else
             GPT_CU_OP(c, OP_HEAD, gpt_cu_matmul(m, c, &m->output, c->a + r * D, D, nr, NULL, c->logits, V, s));
-        PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+        if (argmax) GPT_CU_OP(c, OP_ARGMAX, pe_cu_argmax_keys(c->logits, nr, V, V, c->amax + r, s));
+        if (logits) {
+            PE_CU_TRY(cudaMemcpyAsync(logits + r * V, c->logits, nr * V * sizeof(float), cudaMemcpyDeviceToHost, s));
+            PE_CU_TRY(cudaStreamSynchronize(s));
+        }
+    }
+    if (argmax) {
+        PE_CU_TRY(cudaMemcpyAsync(c->h_amax, c->amax, n_out * sizeof(uint64_t), cudaMemcpyDeviceToHost, s));
         PE_CU_TRY(cudaStreamSynchronize(s));
+        for (int64_t r = 0; r < n_out; r++) argmax[r] = pe_cu_argmax_index(c->h_amax[r]);
     }
 
     if (c->profile) PE_CU_TRY(gpt_cu_profile_collect(c));

@@ -93,9 +93,13 @@ void pe_cu_ctx_profile(pe_cu_ctx *c, int enable);
 int pe_cu_ctx_profile_read(const pe_cu_ctx *c, int op, const char **name, double *ms, int64_t *calls);
 
 /* As pe_gptoss_forward_seqs (tokens and logits in host memory; logits [total][n_vocab] when logits_all,
- * else [n_seq][n_vocab]). Returns 0, a CUDA error code, or -1 when host memory runs out. */
+ * else [n_seq][n_vocab]; best pinned, cudaMallocHost, so the download needs no staging copy).
+ * argmax (NULL: none): each logits row's argmax computed on the device (argmax_cuda.h: the greedy
+ * sampler's choice), one int32 per row. logits NULL: no logits come back (with argmax, a greedy step
+ * moves 8 bytes per sequence to the host instead of n_vocab floats). Returns 0, a CUDA error code,
+ * or -1 when host memory runs out. */
 int pe_cu_forward(const pe_cu_model *m, pe_cu_ctx *c, const pe_cu_seq *seqs, int64_t n_seq, const int32_t *tokens,
-                  float *logits, int logits_all, int n_threads, int64_t *expert_counts);
+                  float *logits, int32_t *argmax, int logits_all, int n_threads, int64_t *expert_counts);
 
 #ifdef __cplusplus
 }

@@ -2,15 +2,14 @@
  * for step (double where the CPU uses double); only the order of the parallel reductions differs. */
 #include "compat.h"
 #include "ops_cuda.h"
+#include "router_dev.cuh"
 #include "act_q8_dev.cuh"
 
 #define CUK_EW_THREADS 256       /* elementwise kernels */
 #define CUK_EW_MAX_BLOCKS 65535  /* grid-stride beyond this */
 #define CUK_ROUTER_WARPS 4       /* rows (one warp each) per router block */
-#define CUK_ROUTER_PER_LANE 8    /* 256 experts / 32 lanes */
 #define CUK_ROPE_THREADS 128
 #define CUK_ROPE_MAX_HALF 128    /* head_dim <= 256 */
-#define CUK_NO_INDEX 0x7fffffff
 
 /* Threads for a block that walks a row of n values: a multiple of 32, at most 256. */
 static int cuk_row_threads(int64_t n) {
@@ -139,61 +138,16 @@ int pe_cu_rope(float *x, int64_t n_tok, int64_t ld, int n_heads, int head_dim, c
     return (int)cudaGetLastError();
 }
 
-/* One warp per row. Lane l holds experts l, l+32, ...; each rank takes the warp-wide best untaken
- * (value, index): larger value, then lower index, as pe_topk's scan. The winner is the same in every
- * lane because the pairwise rule is symmetric. */
+/* One warp per row (router_dev.cuh). */
 PE_GLOBAL void cuk_router_kernel(const float *logits, int64_t n_rows, int n_expert, int k, int32_t *sel,
                                  float *wts) {
-    const int lane = threadIdx.x & 31;
     const int64_t row = (int64_t)blockIdx.x * CUK_ROUTER_WARPS + (threadIdx.x >> 5);
     if (row >= n_rows) return; /* the whole warp leaves together */
-    const float *x = logits + row * n_expert;
-    float v[CUK_ROUTER_PER_LANE];
-    unsigned taken = 0; /* bit j: expert lane + 32 j is taken or does not exist */
-    for (int j = 0; j < CUK_ROUTER_PER_LANE; j++) {
-        const int e = lane + 32 * j;
-        v[j] = e < n_expert ? x[e] : 0.0f;
-        if (e >= n_expert) taken |= 1u << j;
-    }
-    int32_t *s = sel + row * k;
-    float *w = wts + row * k;
-    for (int r = 0; r < k; r++) {
-        float bv = 0.0f;
-        int bi = CUK_NO_INDEX;
-        for (int j = 0; j < CUK_ROUTER_PER_LANE; j++)
-            if (!((taken >> j) & 1u) && (bi == CUK_NO_INDEX || v[j] > bv)) {
-                bv = v[j];
-                bi = lane + 32 * j;
-            }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = pe_shfl_xor(bv, o);
-            const int oi = pe_shfl_xor(bi, o);
-            if (oi != CUK_NO_INDEX && (bi == CUK_NO_INDEX || ov > bv || (!(bv > ov) && oi < bi))) {
-                bv = ov;
-                bi = oi;
-            }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        if (lane == 0) {
-            s[r] = bi;
-            w[r] = bv;
-        }
-    }
-    if (lane == 0) { /* pe_softmax over the k selected logits */
-        float m = w[0];
-        for (int r = 1; r < k; r++) m = w[r] > m ? w[r] : m;
-        double sum = 0.0;
-        for (int r = 0; r < k; r++) {
-            w[r] = expf(w[r] - m);
-            sum += w[r];
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int r = 0; r < k; r++) w[r] *= inv;
-    }
+    pe_cu_router_row(logits + row * n_expert, n_expert, k, sel + row * k, wts + row * k, threadIdx.x & 31);
 }
 
 int pe_cu_router(const float *logits, int64_t n_rows, int n_expert, int k, int32_t *sel, float *wts, void *stream) {
-    if (n_rows < 0 || n_expert <= 0 || n_expert > 32 * CUK_ROUTER_PER_LANE || k <= 0 || k > n_expert)
+    if (n_rows < 0 || n_expert <= 0 || n_expert > PE_CU_ROUTER_MAX_EXPERT || k <= 0 || k > n_expert)
         return (int)cudaErrorInvalidValue;
     const int64_t blocks = (n_rows + CUK_ROUTER_WARPS - 1) / CUK_ROUTER_WARPS;
     if (blocks > 0x7fffffff) return (int)cudaErrorInvalidValue;

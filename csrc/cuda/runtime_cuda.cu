@@ -52,6 +52,13 @@ int pe_cu_malloc(void **p, size_t n) {
 
 int pe_cu_free(void *p) { return (int)cudaFree(p); }
 
+int pe_cu_malloc_host(void **p, size_t n) {
+    *p = NULL;
+    return (int)cudaMallocHost(p, n ? n : 1);
+}
+
+int pe_cu_free_host(void *p) { return (int)cudaFreeHost(p); }
+
 int pe_cu_memset(void *p, int value, size_t n) { return (int)cudaMemset(p, value, n); }
 
 int pe_cu_copy_to_device(void *dst, const void *src, size_t n) {

@@ -20,6 +20,9 @@ int pe_cu_device_info(int device, char *name, size_t name_len, size_t *total_mem
 int pe_cu_mem_info(size_t *free_bytes, size_t *total_bytes);
 int pe_cu_malloc(void **p, size_t n);
 int pe_cu_free(void *p);
+/* Page-locked host memory (cudaMallocHost): device copies into it need no staging copy. */
+int pe_cu_malloc_host(void **p, size_t n);
+int pe_cu_free_host(void *p);
 int pe_cu_memset(void *p, int value, size_t n);
 int pe_cu_copy_to_device(void *dst, const void *src, size_t n);
 int pe_cu_copy_to_host(void *dst, const void *src, size_t n);

@@ -244,7 +244,7 @@ class Scheduler:
                 continue
             seq = lead.seq
             lead_gone = seq is None or seq.done or lead.cancelled
-            if not lead_gone and (seq.pending or seq.logits is None):
+            if not lead_gone and not seq.prompt_evaluated:
                 continue  # the leader's prompt is still being evaluated
             if not lead_gone and seq.cache.tokens == job.prompt:
                 self.core.runner.copy_cache(seq.cache, slot)

@@ -101,6 +101,14 @@ PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
     for (int64_t p = 0; p < len; p += 64) _mm_prefetch((const char *)from + p, _MM_HINT_T1);
 }
 
+/* Pull a row's block two steps ahead (bytes [p + 2 len, p + 3 len)) into L1: the group prefetch
+ * above only reaches L2, and streaming from memory the kernels stalled on L2 -> L1 (single thread,
+ * 64-256 MiB of rows: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q2_K's per-int32 kernel 0.9x -> 1.05-1.09x of
+ * the old one; in L2 the same speed). */
+PE_AI void prefetch_row(const uint8_t *p, int len) {
+    for (int b = 0; b < len; b += 64) _mm_prefetch((const char *)p + 2 * len + b, _MM_HINT_T0);
+}
+
 PE_AI float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -231,7 +239,10 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             row_step s[2];
-            for (int k = 0; k < 2; k++) decode_k(T, r[2 * p + k] + o, &s[k]);
+            for (int k = 0; k < 2; k++) {
+                prefetch_row(r[2 * p + k] + o, BLOCK);
+                decode_k(T, r[2 * p + k] + o, &s[k]);
+            }
             if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
             for (int k = 0; k < 2; k++) {
                 const int i = 2 * p + k;
@@ -278,6 +289,7 @@ PE_AI __m512 f16_halves(const uint8_t *p) {
  * int32 (<= 15 * 16 * 3 * 32896 and 15 * 16 * 32896); the 16 sub-blocks summed to 8 blocks (lanes
  * 0-7, the minimum terms in 8-15) and scaled with d (-dmin) * d_x / 254 in one FMA. */
 PE_AI __m512 q2_row(const uint8_t *p, const __m512i th[4], const __m512i tl[4], __m512i S, __m512 dx2, __m512 acc) {
+    prefetch_row(p, 84);
     const __m512i z = _mm512_loadu_si512(p + 16);
     const __m512i fm = _mm512_setr_epi32(0x03030303, 0x03030303, 0x0c0c0c0c, 0x0c0c0c0c, 0x30303030, 0x30303030,
                                          (int)0xc0c0c0c0, (int)0xc0c0c0c0, 0x03030303, 0x03030303, 0x0c0c0c0c,

@@ -2,7 +2,8 @@
  * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
  * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
  * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
- * minimum applied through the activations' combined code sums, next-group prefetch into L2).
+ * minimum applied through the activations' combined code sums, next-group prefetch into L2) and
+ * each row's block two steps ahead prefetched into L1 (prefetch_row).
  *
  * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
  * decoded into four 64-byte registers of unsigned codes (no reordering of the weights in memory).
@@ -103,8 +104,9 @@ PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
 
 /* Pull a row's block two steps ahead (bytes [p + 2 len, p + 3 len)) into L1: the group prefetch
  * above only reaches L2, and streaming from memory the kernels stalled on L2 -> L1 (single thread,
- * 64-256 MiB of rows: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q2_K's per-int32 kernel 0.9x -> 1.05-1.09x of
- * the old one; in L2 the same speed). */
+ * 64-256 MiB of rows, under load: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q4_K 1.26x, Q5_K 1.09x, Q4_1
+ * 1.34x, Q5_0 1.19x, Q5_1 1.37x, Q2_K's per-int32 kernel 0.9x -> 1.05-1.09x of the old one; in L2
+ * the same speed). A last step's prefetch may reach past the row: prefetches do not fault. */
 PE_AI void prefetch_row(const uint8_t *p, int len) {
     for (int b = 0; b < len; b += 64) _mm_prefetch((const char *)p + 2 * len + b, _MM_HINT_T0);
 }
@@ -456,6 +458,8 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             __m512i ua[4], ub[4];
+            prefetch_row(r[2 * p] + o, BLOCK);
+            prefetch_row(r[2 * p + 1] + o, BLOCK);
             decode_k45(T, r[2 * p] + o, ua);
             decode_k45(T, r[2 * p + 1] + o, ub);
             const __m512i f = fold4(dot_pair(ua[0], ua[1], xh[0], xh[1], xl[0], xl[1]),
@@ -602,6 +606,8 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
     prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
     for (int p = 0; p < 4; p++) {
         __m512i ua[4], ub[4];
+        prefetch_row(r[2 * p] + o, 8 * BLOCK);
+        prefetch_row(r[2 * p + 1] + o, 8 * BLOCK);
         const __m256i ha = b_decode(T, tb, r[2 * p] + o, nblk, ua);
         const __m256i hb = b_decode(T, tb, r[2 * p + 1] + o, nblk, ub);
         __m512i f = b_sums(ua, ub, xh, xl);

@@ -104,9 +104,10 @@ PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
 
 /* Pull a row's block two steps ahead (bytes [p + 2 len, p + 3 len)) into L1: the group prefetch
  * above only reaches L2, and streaming from memory the kernels stalled on L2 -> L1 (single thread,
- * 64-256 MiB of rows, under load: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q4_K 1.26x, Q5_K 1.09x, Q4_1
- * 1.34x, Q5_0 1.19x, Q5_1 1.37x, Q2_K's per-int32 kernel 0.9x -> 1.05-1.09x of the old one; in L2
- * the same speed). A last step's prefetch may reach past the row: prefetches do not fault. */
+ * 64-256 MiB of rows, under load, two or more runs each: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q5_1
+ * 1.31-1.37x, Q5_0 1.18x, Q4_K 1.06-1.26x, Q4_1 1.01-1.34x, Q5_K 1.00-1.09x; Q2_K's per-int32
+ * kernel went from 0.9x to 1.03-1.09x of the old one; in L2 the same speed). A last step's
+ * prefetch may reach past the row: prefetches do not fault. */
 PE_AI void prefetch_row(const uint8_t *p, int len) {
     for (int b = 0; b < len; b += 64) _mm_prefetch((const char *)p + 2 * len + b, _MM_HINT_T0);
 }

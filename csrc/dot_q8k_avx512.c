@@ -273,7 +273,8 @@ PE_AI void act_t(const int8_t *digits, int64_t sb, __m512i t[4]) {
     const __m512i i0 = _mm512_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28, 0, 16, 4, 20, 8, 24, 12, 28);
     for (int r = 0; r < 4; r++) {
         const __m512i idx = _mm512_add_epi32(i0, _mm512_set1_epi32(r));
-        t[r] = _mm512_mask_blend_epi32(0xff00, _mm512_permutex2var_epi32(s0, idx, s1), _mm512_permutex2var_epi32(s2, idx, s3));
+        t[r] = _mm512_mask_blend_epi32(0xff00, _mm512_permutex2var_epi32(s0, idx, s1),
+                                       _mm512_permutex2var_epi32(s2, idx, s3));
     }
 }
 

@@ -2,7 +2,8 @@
  * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
  * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
  * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
- * minimum applied through the activations' combined code sums, next-group prefetch into L2).
+ * minimum applied through the activations' combined code sums, next-group prefetch into L2) and
+ * each row's block two steps ahead prefetched into L1 (prefetch_row).
  *
  * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
  * decoded into four 64-byte registers of unsigned codes (no reordering of the weights in memory).
@@ -16,9 +17,16 @@
  * GB/s per core that memory delivers to two: instructions per weight byte are what to cut
  * (docs/quants.md, "Measured speed"). Hence two shapes:
  *
- * - Sub-blocks of 16 (Q2_K, Q3_K, Q6_K), "a row per register": each 128-bit lane of the four
+ * - Sub-blocks of 16 (Q3_K, Q6_K), "a row per register": each 128-bit lane of the four
  *   registers is one sub-block; one transpose-add (fold4) turns them into the row's 16 sub-block
  *   sums, scaled per lane with the activations' per-16 sums s16x.
+ * - Q2_K, "a sub-block per int32": int32 s of each of the four registers holds 4 codes of sub-block
+ *   s (the codes by one vpermd per register, the activations transposed to match once per step,
+ *   act_t), so all four accumulate into one register that ends as the 16 sub-block sums: no fold,
+ *   one shift instead of four. The 2-bit fields stay in place (4^j q, shifted back exactly), the
+ *   4-bit scales and minimums are applied in int32 (vpmulld, m * S with the exact sub-block sums
+ *   S of s16x), sub-blocks summed to blocks, and one conversion and one FMA per row and step scale
+ *   the 8 block sums and 8 minimum terms with d, -dmin and d_x.
  * - Units of 32 (Q4_K/Q5_K sub-blocks, the 32-blocks), "rows in pairs": the codes are arranged so
  *   that registers 0/1 and 2/3 hold the same units lane by lane (Q4_K/Q5_K: qs regrouped by 128-bit
  *   lanes with vshufi64x2, the activations transposed to match; 32-blocks: the two half-blocks), so
@@ -51,7 +59,18 @@
  * every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
  * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. Tried and dropped:
  * Q2_K/Q3_K codes decoded in the stored order (a 2-bit field per lane, no activation shuffle, lanes
- * permuted back before the row sum): the same bits and no measurable difference. */
+ * permuted back before the row sum): the same bits and no measurable difference.
+ * Q2_K, measured single-thread in L2 as above (3072 x 64 rows, under load): a sub-block per int32
+ * 11.1 GB/s against 10.5 for a row per register with float scales (1.06x); with the scale and
+ * minimum work left out entirely the same loop runs at 16.1 (a row per register: 14.6), so the
+ * two-digit vpdpbusd, the code decode and the shuffles already take ~18 cycles per 84-byte row
+ * step on this core (Zen 4: vpdpbusd, vpmulld, vpmaddwd, FMA share one 512-bit pipe pair and the
+ * shuffles half of it). Tried and dropped: Q2_K/Q3_K sub-block sums packed as 65536 (w . xh) +
+ * (w . xl) and scaled with one vpmaddwd against (s, 256 s) after the fold, rows in pairs for the
+ * float work (0.90x: the codes must then be <= 7, extracted with shifts, and the shift port is the
+ * one the digit shifts use); Q3_K in the sub-block-per-int32 layout (0.97x: its 3rd bit costs a
+ * second vpermd and a test per register); d and dmin of the eight rows converted once per step
+ * (0.94x). */
 #include "quants_impl.h"
 
 #include "cpu_features.h"
@@ -83,6 +102,16 @@ PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
     for (int64_t p = 0; p < len; p += 64) _mm_prefetch((const char *)from + p, _MM_HINT_T1);
 }
 
+/* Pull a row's block two steps ahead (bytes [p + 2 len, p + 3 len)) into L1: the group prefetch
+ * above only reaches L2, and streaming from memory the kernels stalled on L2 -> L1 (single thread,
+ * 64-256 MiB of rows, under load, two or more runs each: Q6_K 1.07-1.48x, Q3_K 1.05-1.24x, Q5_1
+ * 1.31-1.37x, Q5_0 1.18x, Q4_K 1.06-1.26x, Q4_1 1.01-1.34x, Q5_K 1.00-1.09x; Q2_K's per-int32
+ * kernel went from 0.9x to 1.03-1.09x of the old one; in L2 the same speed). A last step's
+ * prefetch may reach past the row: prefetches do not fault. */
+PE_AI void prefetch_row(const uint8_t *p, int len) {
+    for (int b = 0; b < len; b += 64) _mm_prefetch((const char *)p + 2 * len + b, _MM_HINT_T0);
+}
+
 PE_AI float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -106,17 +135,16 @@ PE_AI __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi3
 /* Fold lane 4L + i -> sub-block (16 elements) of the step that register i's lane L holds.
  * NAT: register i = elements 64i..64i+63 (Q2_K, Q3_K, Q6_K). */
 static const uint8_t SUB_NAT[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-/* One decoded row step: unsigned codes, per-lane scale (d_w * sc) and minimum (0 if none). */
+/* One decoded row step: unsigned codes and per-lane scale (d_w * sc). */
 typedef struct {
     __m512i u[4];
-    __m512 a, m;
+    __m512 a;
 } row_step;
 
 enum { K_Q2 = 0, K_Q3, K_Q4, K_Q5, K_Q6 };
 
 static const int K_BLOCK[5] = {84, 110, 144, 176, 210};
 static const float K_OFFSET[5] = {0.0f, 4.0f, 0.0f, 0.0f, 32.0f};
-static const int K_HASMIN[5] = {1, 0, 1, 1, 0};
 
 PE_AI __m128i sub_nat_idx(void) { return _mm_loadu_si128((const __m128i *)SUB_NAT); }
 
@@ -142,7 +170,8 @@ PE_AI void k3_pair_scales(const uint8_t *pa, const uint8_t *pb, __m512 *aa, __m5
     *ab = _mm512_mul_ps(i8_to_ps(_mm256_extracti128_si256(sc, 1)), _mm512_set1_ps(f16(pb + 108)));
 }
 
-/* A row's codes and scales (Q3_K: codes only, its scales come in pairs from k3_pair_scales). */
+/* A row's codes and scales (Q3_K: codes only, its scales come in pairs from k3_pair_scales); Q2_K
+ * has its own kernel (dot_q8_k2). */
 PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
     const __m512i m0f = rep8(0x0f);
     if (T == K_Q6) {
@@ -156,42 +185,19 @@ PE_AI void decode_k(const int T, const uint8_t *p, row_step *s) {
         }
         const __m128i sc = _mm_loadu_si128((const __m128i *)(p + 192));
         s->a = _mm512_mul_ps(i8_to_ps(_mm_shuffle_epi8(sc, sub_nat_idx())), _mm512_set1_ps(f16(p + 208)));
-    } else if (T == K_Q3 || T == K_Q2) {
-        const uint8_t *qs = p + (T == K_Q3 ? 32 : 16);
+    } else if (T == K_Q3) {
+        const uint8_t *qs = p + 32;
         const __m512i m03 = rep8(3);
-        __m512i hm = _mm512_setzero_si512();
-        if (T == K_Q3) hm = bcast32(p);
+        const __m512i hm = bcast32(p);
         for (int h = 0; h < 2; h++) {
             const __m512i q = bcast32(qs + 32 * h);
-            if (T == K_Q2) { /* codes kept in place: 4^j q, with 4^-j in the scales */
-                s->u[2 * h] = _mm512_and_si512(q, halves8(0x03, 0x0c));
-                s->u[2 * h + 1] = _mm512_and_si512(q, halves8(0x30, 0xc0));
-                continue;
-            }
             __m512i u0 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(0, 2)), m03);
             __m512i u1 = _mm512_and_si512(_mm512_srlv_epi16(q, halves16(4, 6)), m03);
-            if (T == K_Q3) {
-                const int b = 1 << (4 * h);
-                u0 = _mm512_mask_add_epi8(u0, _mm512_test_epi8_mask(hm, halves8(b, b << 1)), u0, rep8(4));
-                u1 = _mm512_mask_add_epi8(u1, _mm512_test_epi8_mask(hm, halves8(b << 2, b << 3)), u1, rep8(4));
-            }
+            const int b = 1 << (4 * h);
+            u0 = _mm512_mask_add_epi8(u0, _mm512_test_epi8_mask(hm, halves8(b, b << 1)), u0, rep8(4));
+            u1 = _mm512_mask_add_epi8(u1, _mm512_test_epi8_mask(hm, halves8(b << 2, b << 3)), u1, rep8(4));
             s->u[2 * h] = u0;
             s->u[2 * h + 1] = u1;
-        }
-        if (T == K_Q2) {
-            const __m128i sc = _mm_loadu_si128((const __m128i *)p);
-            const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
-            /* d, dmin; lane 4L + i holds shift j = 2 (i % 2) + L / 2 of the in-place codes */
-            int32_t ddw;
-            memcpy(&ddw, p + 80, 4);
-            const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(ddw));
-            const __m512 pw = _mm512_setr_ps(1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1, 1.0f / 16, 1.0f / 4,
-                                             1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64, 1.0f / 4, 1.0f / 64);
-            s->a = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(lo, sub_nat_idx())),
-                                 _mm512_mul_ps(_mm512_broadcastss_ps(dd), pw));
-            s->m = _mm512_mul_ps(u8_to_ps(_mm_shuffle_epi8(hi, sub_nat_idx())),
-                                 _mm512_permutexvar_ps(_mm512_set1_epi32(1), _mm512_castps128_ps512(dd)));
         }
     }
 }
@@ -231,13 +237,15 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
         const __m512 dx = _mm512_mul_ps(
             _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
         const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16x + 16 * sb));
-        const __m512 dxs = _mm512_mul_ps(dx, s16);
         /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
         const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             row_step s[2];
-            for (int k = 0; k < 2; k++) decode_k(T, r[2 * p + k] + o, &s[k]);
+            for (int k = 0; k < 2; k++) {
+                prefetch_row(r[2 * p + k] + o, BLOCK);
+                decode_k(T, r[2 * p + k] + o, &s[k]);
+            }
             if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
             for (int k = 0; k < 2; k++) {
                 const int i = 2 * p + k;
@@ -245,9 +253,93 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                 if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
                 const __m512 t = _mm512_cvtepi32_ps(f);
                 acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx), acc[i]);
-                if (K_HASMIN[T]) acc[i] = _mm512_fnmadd_ps(s[k].m, dxs, acc[i]);
             }
         }
+    }
+    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* ---- Q2_K: a sub-block per int32 ---------------------------------------------------------- */
+
+/* One digit array of super-block sb "transposed": register r, int32 s = elements 16 s + 4 r .. + 3
+ * (sub-block s). As stored (quants.h), register 2 h + e, lane k holds elements 128 h + 32 k + 16 e
+ * .. + 15, so int32 s = 8 h + 2 k + e of register r is int32 4 k + r of that lane: a vpermt2d of the
+ * two registers of each half, the halves blended. */
+PE_AI void act_t(const int8_t *digits, int64_t sb, __m512i t[4]) {
+    const int8_t *p = digits + 256 * sb;
+    const __m512i s0 = _mm512_loadu_si512(p), s1 = _mm512_loadu_si512(p + 64);
+    const __m512i s2 = _mm512_loadu_si512(p + 128), s3 = _mm512_loadu_si512(p + 192);
+    /* int32 s = 4 L + c: 16 e + 4 k + r with e = c % 2, k = 2 (L % 2) + c / 2 */
+    const __m512i i0 = _mm512_setr_epi32(0, 16, 4, 20, 8, 24, 12, 28, 0, 16, 4, 20, 8, 24, 12, 28);
+    for (int r = 0; r < 4; r++) {
+        const __m512i idx = _mm512_add_epi32(i0, _mm512_set1_epi32(r));
+        t[r] = _mm512_mask_blend_epi32(0xff00, _mm512_permutex2var_epi32(s0, idx, s1),
+                                       _mm512_permutex2var_epi32(s2, idx, s3));
+    }
+}
+
+/* The two f16 at p (Q2_K's d, dmin) in lanes 0-7 and 8-15. */
+PE_AI __m512 f16_halves(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(v))));
+}
+
+/* Q2_K, a row per step: register r, int32 s holds the codes of elements 16 s + 4 r .. + 3 (qs int32
+ * 8 (s / 8) + 4 (s % 2) + r, one vpermd; field j = (s % 8) / 2 kept in place, 4^j q), so that all
+ * four registers accumulate into one: int32 s ends as the sub-block sum 4^j (q . X), no fold
+ * (|4^j q . X| <= 16 * 192 * 32896 + ... < 2^27). Shifted back exactly, times sc, and m * S, in
+ * int32 (<= 15 * 16 * 3 * 32896 and 15 * 16 * 32896); the 16 sub-blocks summed to 8 blocks (lanes
+ * 0-7, the minimum terms in 8-15) and scaled with d (-dmin) * d_x / 254 in one FMA. */
+PE_AI __m512 q2_row(const uint8_t *p, const __m512i th[4], const __m512i tl[4], __m512i S, __m512 dx2, __m512 acc) {
+    prefetch_row(p, 84);
+    const __m512i z = _mm512_loadu_si512(p + 16);
+    const __m512i fm = _mm512_setr_epi32(0x03030303, 0x03030303, 0x0c0c0c0c, 0x0c0c0c0c, 0x30303030, 0x30303030,
+                                         (int)0xc0c0c0c0, (int)0xc0c0c0c0, 0x03030303, 0x03030303, 0x0c0c0c0c,
+                                         0x0c0c0c0c, 0x30303030, 0x30303030, (int)0xc0c0c0c0, (int)0xc0c0c0c0);
+    __m512i c[4];
+    for (int r = 0; r < 4; r++)
+        c[r] = _mm512_and_si512(
+            _mm512_permutexvar_epi32(_mm512_setr_epi32(r, 4 + r, r, 4 + r, r, 4 + r, r, 4 + r, 8 + r, 12 + r, 8 + r,
+                                                       12 + r, 8 + r, 12 + r, 8 + r, 12 + r), z), fm);
+    __m512i f = _mm512_setzero_si512();
+    for (int r = 0; r < 4; r++) f = _mm512_dpbusd_epi32(f, c[r], th[r]);
+    f = _mm512_slli_epi32(f, 8);
+    for (int r = 0; r < 4; r++) f = _mm512_dpbusd_epi32(f, c[r], tl[r]);
+    f = _mm512_srav_epi32(f, _mm512_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6, 0, 0, 2, 2, 4, 4, 6, 6));
+    const __m512i sm = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i F = _mm512_mullo_epi32(f, _mm512_and_si512(sm, _mm512_set1_epi32(15)));
+    const __m512i M = _mm512_mullo_epi32(S, _mm512_srli_epi32(sm, 4));
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i r = _mm512_add_epi32(_mm512_permutex2var_epi32(F, ie, M),
+                                       _mm512_permutex2var_epi32(F, _mm512_add_epi32(ie, _mm512_set1_epi32(1)), M));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(r), _mm512_mul_ps(f16_halves(p + 80), dx2), acc);
+}
+
+PE_AI void dot_q8_k2(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
+    const int BLOCK = K_BLOCK[K_Q2];
+    const uint8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nsb = n / 256;
+    __m512 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const int64_t o = sb * BLOCK;
+        __m512i th[4], tl[4];
+        act_t(x->xh, sb, th);
+        act_t(x->xl, sb, tl);
+        /* the sub-blocks' S = sum X (exact in s16x); d_x / 254 of block b in lanes b and (negated,
+         * for the minimum terms) 8 + b */
+        const __m512i S = _mm512_cvtps_epi32(_mm512_loadu_ps(x->s16x + 16 * sb));
+        const float c = 1.0f / 254.0f;
+        const __m512 dx2 = _mm512_mul_ps(
+            _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7),
+                                  _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))),
+            _mm512_setr_ps(c, c, c, c, c, c, c, c, -c, -c, -c, -c, -c, -c, -c, -c));
+        prefetch_next(next + 8 * o, 8 * BLOCK);
+        for (int i = 0; i < 8; i++) acc[i] = q2_row(r[i] + o, th, tl, S, dx2, acc[i]);
     }
     for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
@@ -368,6 +460,8 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             __m512i ua[4], ub[4];
+            prefetch_row(r[2 * p] + o, BLOCK);
+            prefetch_row(r[2 * p + 1] + o, BLOCK);
             decode_k45(T, r[2 * p] + o, ua);
             decode_k45(T, r[2 * p + 1] + o, ub);
             const __m512i f = fold4(dot_pair(ua[0], ua[1], xh[0], xh[1], xl[0], xl[1]),
@@ -514,6 +608,8 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
     prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
     for (int p = 0; p < 4; p++) {
         __m512i ua[4], ub[4];
+        prefetch_row(r[2 * p] + o, 8 * BLOCK);
+        prefetch_row(r[2 * p + 1] + o, 8 * BLOCK);
         const __m256i ha = b_decode(T, tb, r[2 * p] + o, nblk, ua);
         const __m256i hb = b_decode(T, tb, r[2 * p + 1] + o, nblk, ub);
         __m512i f = b_sums(ua, ub, xh, xl);
@@ -556,7 +652,7 @@ static void dot_q8_q5_1(const uint8_t *rows, int64_t stride, int nr, const pe_ac
 }
 
 static void dot_q8_q2_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k(rows, stride, nr, x, n, out, K_Q2);
+    dot_q8_k2(rows, stride, nr, x, n, out);
 }
 static void dot_q8_q3_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
     dot_q8_k(rows, stride, nr, x, n, out, K_Q3);

@@ -114,6 +114,26 @@ def test_matmul_same_bits_for_threads_and_batches(qtype):
         assert np.array_equal(y[t:t + 1], alone), (qtype.name, t)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_extreme_codes_and_activations_match_float64(qtype):
+    """Every code and scale byte at 0x00 or 0xff (the largest codes, scales and minimums) against
+    activations of full magnitude and one sign: the integer sums at their bounds stay exact."""
+    need_kernel(qtype)
+    rng = np.random.default_rng(500 + int(qtype))
+    n = sizes(qtype)[0]
+    rows = random_blocks(qtype, 8, n, rng)
+    blocks = rows.reshape(-1, SIZES[qtype][1])
+    keep = np.zeros(SIZES[qtype][1], bool)
+    for off in F16_FIELDS[qtype]:
+        keep[off:off + 2] = True
+    for fill in (0x00, 0xff):
+        extreme = np.where(keep, blocks, np.uint8(fill)).reshape(rows.shape)
+        for sign in (1.0, -1.0):
+            check_rows(extreme, np.full(n, sign, np.float32), qtype)
+            x = random_activations(n, rng)
+            check_rows(extreme, np.abs(x) * np.float32(sign), qtype)
+
+
 @pytest.mark.parametrize("qtype", B32_TYPES, ids=lambda t: t.name)
 def test_gguf_quantized_weights_match_float64(qtype):
     need_kernel(qtype)

@@ -6,7 +6,6 @@ buffers that a later call never overwrites while someone holds them."""
 import numpy as np
 import pytest
 
-from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
 from test_cuda_engine import prompt
 
@@ -16,15 +15,6 @@ from pyengine.runner import Cache
 from pyengine.sampling import Sampler, SamplingParams
 
 GREEDY = Sampler(SamplingParams(temperature=0.0))
-
-
-@pytest.fixture(params=[p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
-def gpu(request, monkeypatch):
-    if request.param.BACKEND == "emulator":
-        monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
-    else:
-        monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
-    return request.param
 
 
 def cpu_choice(rows):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
 
 import pyengine
@@ -22,16 +21,6 @@ TOL = 1e-3  # the issue's bound on the relative error of GPU logits vs the CPU p
 
 def rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(params=BACKENDS)  # pytest.param objects: the real backend keeps its cuda mark
-def gpu(request, monkeypatch):
-    """Selects the backend that device="cuda" loads: the emulator or the real one."""
-    if request.param.BACKEND == "emulator":
-        monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
-    else:
-        monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
-    return request.param
 
 
 @pytest.fixture(scope="module")

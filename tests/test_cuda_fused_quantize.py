@@ -6,20 +6,10 @@ a decode step: the same float output, bit-identical codes, and a decode engine t
 import numpy as np
 import pytest
 
-from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
 from test_cuda_engine import TOL, prompt, rel
 
 import pyengine
-
-
-@pytest.fixture(params=[p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
-def gpu(request, monkeypatch):
-    if request.param.BACKEND == "emulator":
-        monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
-    else:
-        monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
-    return request.param
 
 
 @pytest.mark.parametrize("hd,H,Hkv,pos", [(32, 4, 2, [5]), (64, 2, 1, [9, 10, 11]), (32, 6, 3, [0, 40])])

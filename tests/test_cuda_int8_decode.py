@@ -7,23 +7,12 @@ more tokens keeps float activations on the GPU (docs/cuda.md)."""
 import numpy as np
 import pytest
 
-from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
 from test_cuda_engine import TOL, prompt, rel
 
 import pyengine
 
 KV = dict(cache_type_k="f32", cache_type_v="f32")
-
-
-@pytest.fixture(params=[p.values[0] for p in BACKENDS], ids=[p.id for p in BACKENDS])
-def gpu(request, monkeypatch):
-    """The backend device="cuda" loads: the emulator, or the real one (test_cuda_engine.py's fixture)."""
-    if request.param.BACKEND == "emulator":
-        monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
-    else:
-        monkeypatch.delenv("PYENGINE_CUDA_EMULATOR", raising=False)
-    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 kernels of pyengine._model and float64 numpy, on every CUDA backend: the CPU emulator always, the real
 GPU where one is present."""
 
-import math
 
 import numpy as np
 import pytest

@@ -30,12 +30,28 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
+def compare(cpu: Engine, gpu: Engine, prompt: list, n_decode: int, prefill: str, step: str) -> list:
+    """Prefill the prompt on both engines (every position compared), then n_decode one-token steps fed
+    the CPU's argmax: one {step, rel, argmax_agree, rows} record per evaluation."""
+    want, got = cpu.logits(prompt), gpu.logits(prompt)
+    steps = [{"step": f"{prefill}{len(prompt)}", "rel": rel(got, want),
+              "argmax_agree": int((want.argmax(-1) == got.argmax(-1)).sum()), "rows": len(prompt)}]
+    tok = int(want[-1].argmax())
+    for i in range(n_decode):
+        w, g = cpu.eval([tok]), gpu.eval([tok])
+        steps.append({"step": f"{step}{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
+                      "rows": 1})
+        tok = int(w.argmax())
+    return steps
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--prompt", type=int, default=32, help="prefill tokens (default 32)")
     ap.add_argument("--decode", type=int, default=8, help="decode steps after the prefill (default 8)")
-    ap.add_argument("--int8", type=int, default=8, help="int8-activation decode steps after an int8 prefill (default 8; 0: no int8 pass)")
+    ap.add_argument("--int8", type=int, default=8,
+                    help="int8-activation decode steps after an int8 prefill (default 8; 0: no int8 pass)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative error allowed (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the per-step figures here")
@@ -48,30 +64,12 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     prompt = np.random.default_rng(args.seed).integers(0, cpu.n_vocab, args.prompt).tolist()
 
-    steps = []
-    want, got = cpu.logits(prompt), gpu.logits(prompt)
-    steps.append({"step": f"prefill{args.prompt}", "rel": rel(got, want),
-                  "argmax_agree": int((want.argmax(-1) == got.argmax(-1)).sum()), "rows": len(prompt)})
-    tok = int(want[-1].argmax())
-    for i in range(args.decode):
-        w, g = cpu.eval([tok]), gpu.eval([tok])
-        steps.append({"step": f"decode{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
-                      "rows": 1})
-        tok = int(w.argmax())
-
+    steps = compare(cpu, gpu, prompt, args.decode, prefill="prefill", step="decode")
     if args.int8:
         del cpu, gpu
         cpu = Engine(args.model, n_ctx=n_ctx)
         gpu = Engine(args.model, n_ctx=n_ctx, device="cuda")
-        want, got = cpu.logits(prompt), gpu.logits(prompt)
-        steps.append({"step": f"int8-prefill{args.prompt}", "rel": rel(got, want),
-                      "argmax_agree": int((want.argmax(-1) == got.argmax(-1)).sum()), "rows": len(prompt)})
-        tok = int(want[-1].argmax())
-        for i in range(args.int8):
-            w, g = cpu.eval([tok]), gpu.eval([tok])
-            steps.append({"step": f"int8-{i}", "rel": rel(g, w), "argmax_agree": int(w.argmax() == g.argmax()),
-                          "rows": 1})
-            tok = int(w.argmax())
+        steps += compare(cpu, gpu, prompt, args.int8, prefill="int8-prefill", step="int8-")
 
     worst = max(s["rel"] for s in steps)
     agree = sum(s["argmax_agree"] for s in steps)

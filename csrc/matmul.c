@@ -1,5 +1,6 @@
-/* Threaded matrix-vector / matrix-matrix products (see matmul.h). OpenMP static partition over
- * output rows (tiles of rows for batches): each output element has one owner thread. */
+/* Threaded matrix-vector / matrix-matrix products (see matmul.h). Threads take contiguous runs of
+ * row groups (tiles of rows for batches), the end of a slow thread's run taken over by the others
+ * (worksplit.h): each output element is computed by exactly one thread, whichever it is. */
 #include "matmul.h"
 
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #include "gemm.h"
 #include "gemm_q8.h"
 #include "quants.h"
+#include "worksplit.h"
 
 enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
 /* multiply-adds per thread below which waking another thread costs more than it saves */
@@ -22,6 +24,18 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
  * kernels' several-token form decodes a group of rows once for all tokens): per token exactly the
  * one-token result, so a sequence decoded in a batch gets the logits it would get alone. */
 enum { PE_ROWWISE_MAX_TOK = 8 };
+
+/* Row groups a thread takes at a time from its own range: a few microseconds of decode work, so the
+ * threads end within that of each other. */
+enum { PE_SPLIT_STEP = 4 };
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
@@ -60,33 +74,37 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     const size_t mark = ar ? pe_arena_mark(ar) : 0;
     float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)per_thread * sizeof(float)) : NULL;
     if (!scratch) return -1;
+    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    if (!split) {
+        pe_arena_release(ar, mark);
+        return -1;
+    }
+    pe_split_init(split, n_tiles, n_threads, 1);
 #pragma omp parallel num_threads(n_threads)
     {
-        float *tile = scratch;
-#ifdef _OPENMP
-        tile += (size_t)omp_get_thread_num() * (size_t)per_thread;
-#endif
-#pragma omp for schedule(static)
-        for (int64_t ti = 0; ti < n_tiles; ti++) {
-            const int64_t r0 = ti * PE_TILE_ROWS;
-            const int64_t nr = n_out - r0 < PE_TILE_ROWS ? n_out - r0 : PE_TILE_ROWS;
-            for (int64_t i = 0; i < nr; i++) dequant(base + (r0 + i) * stride, tile + i * n_in, n_in);
-            if (gemm) {
-                gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
-                if (bias)
-                    for (int64_t t = 0; t < n_tok; t++)
-                        for (int64_t i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
-                continue;
-            }
-            for (int64_t t = 0; t < n_tok; t++) {
-                const float *xt = x + t * ldx;
-                float *yt = y + t * ldy + r0;
-                for (int64_t i = 0; i < nr; i++) {
-                    float s = f32->dot_f32(tile + i * n_in, xt, n_in);
-                    yt[i] = bias ? s + bias[r0 + i] : s;
+        float *tile = scratch + (size_t)thread_id() * (size_t)per_thread;
+        int64_t ta, tb;
+        while (pe_split_next(split, thread_id(), &ta, &tb))
+            for (int64_t ti = ta; ti < tb; ti++) {
+                const int64_t r0 = ti * PE_TILE_ROWS;
+                const int64_t nr = n_out - r0 < PE_TILE_ROWS ? n_out - r0 : PE_TILE_ROWS;
+                for (int64_t i = 0; i < nr; i++) dequant(base + (r0 + i) * stride, tile + i * n_in, n_in);
+                if (gemm) {
+                    gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
+                    if (bias)
+                        for (int64_t t = 0; t < n_tok; t++)
+                            for (int64_t i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+                    continue;
+                }
+                for (int64_t t = 0; t < n_tok; t++) {
+                    const float *xt = x + t * ldx;
+                    float *yt = y + t * ldy + r0;
+                    for (int64_t i = 0; i < nr; i++) {
+                        float s = f32->dot_f32(tile + i * n_in, xt, n_in);
+                        yt[i] = bias ? s + bias[r0 + i] : s;
+                    }
                 }
             }
-        }
     }
     pe_arena_release(ar, mark);
     return 0;
@@ -111,19 +129,23 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
+    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    if (!split) {
+        pe_arena_release(ar, mark);
+        return -1;
+    }
+    pe_split_init(split, n_tiles, n_threads, 1);
 #pragma omp parallel num_threads(n_threads)
     {
-        uint8_t *mine = scratch;
-#ifdef _OPENMP
-        mine += (size_t)omp_get_thread_num() * scratch_bytes;
-#endif
-#pragma omp for schedule(static)
-        for (int64_t ti = 0; ti < n_tiles; ti++) {
-            const int64_t r0 = ti * PE_GEMM_Q8_TILE;
-            const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-            pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL,
-                            y + r0, ldy, mine);
-        }
+        uint8_t *mine = scratch + (size_t)thread_id() * scratch_bytes;
+        int64_t ta, tb;
+        while (pe_split_next(split, thread_id(), &ta, &tb))
+            for (int64_t ti = ta; ti < tb; ti++) {
+                const int64_t r0 = ti * PE_GEMM_Q8_TILE;
+                const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
+                pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL,
+                                y + r0, ldy, mine);
+            }
     }
     pe_arena_release(ar, mark);
     return 0;
@@ -179,31 +201,40 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         n_groups += (jobs[j].w->n_out + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
     }
     first[n_jobs] = n_groups;
-#pragma omp parallel for num_threads(threads_for(work, n_threads)) schedule(static)
-    for (int64_t g = 0; g < n_groups; g++) {
-        int j = 0; /* the job of group g: the last whose first group is <= g */
-        for (int lo = 0, hi = n_jobs; lo < hi;) {
-            const int mid = (lo + hi) / 2;
-            if (first[mid] <= g) j = mid, lo = mid + 1;
-            else hi = mid;
-        }
-        const pe_matmul_job *b = &jobs[j];
-        const pe_weight *w = b->w;
-        const pe_type_traits *tt = pe_type_traits_get(w->type);
-        const uint8_t *rows = w->data + b->expert * w->expert_stride;
-        const int64_t r0 = (g - first[j]) * PE_DOT_Q8_ROWS;
-        const int nr = w->n_out - r0 < PE_DOT_Q8_ROWS ? (int)(w->n_out - r0) : PE_DOT_Q8_ROWS;
-        const pe_act_q8 *xa = &acts[act_of[j] * PE_ROWWISE_MAX_TOK];
-        rows += r0 * w->row_stride;
-        /* several tokens: the rows decoded once for all of them (per token the one-token bits) */
-        if (b->n_tok > 1 && tt->dot_q8_tok)
-            tt->dot_q8_tok(rows, w->row_stride, nr, xa, (int)b->n_tok, w->n_in, b->y + r0, b->ldy);
-        for (int64_t t = 0; t < b->n_tok; t++) {
-            float *yt = b->y + t * b->ldy + r0;
-            if (b->n_tok == 1 || !tt->dot_q8_tok) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
-            if (b->bias)
-                for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
-        }
+    /* contiguous runs of groups per thread, the end stolen by whichever thread is free (worksplit.h) */
+    const int team = threads_for(work, n_threads);
+    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    if (!split) goto fail;
+    pe_split_init(split, n_groups, team, PE_SPLIT_STEP);
+#pragma omp parallel num_threads(team)
+    {
+        int64_t ga, gb;
+        while (pe_split_next(split, thread_id(), &ga, &gb))
+            for (int64_t g = ga; g < gb; g++) {
+                int j = 0; /* the job of group g: the last whose first group is <= g */
+                for (int lo = 0, hi = n_jobs; lo < hi;) {
+                    const int mid = (lo + hi) / 2;
+                    if (first[mid] <= g) j = mid, lo = mid + 1;
+                    else hi = mid;
+                }
+                const pe_matmul_job *b = &jobs[j];
+                const pe_weight *w = b->w;
+                const pe_type_traits *tt = pe_type_traits_get(w->type);
+                const uint8_t *rows = w->data + b->expert * w->expert_stride;
+                const int64_t r0 = (g - first[j]) * PE_DOT_Q8_ROWS;
+                const int nr = w->n_out - r0 < PE_DOT_Q8_ROWS ? (int)(w->n_out - r0) : PE_DOT_Q8_ROWS;
+                const pe_act_q8 *xa = &acts[act_of[j] * PE_ROWWISE_MAX_TOK];
+                rows += r0 * w->row_stride;
+                /* several tokens: the rows decoded once for all of them (per token the one-token bits) */
+                if (b->n_tok > 1 && tt->dot_q8_tok)
+                    tt->dot_q8_tok(rows, w->row_stride, nr, xa, (int)b->n_tok, w->n_in, b->y + r0, b->ldy);
+                for (int64_t t = 0; t < b->n_tok; t++) {
+                    float *yt = b->y + t * b->ldy + r0;
+                    if (b->n_tok == 1 || !tt->dot_q8_tok) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
+                    if (b->bias)
+                        for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
+                }
+            }
     }
     pe_arena_release(ar, mark);
     return 0;

@@ -120,3 +120,25 @@ def test_compare_script_runs_several_files(tiny):
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.startswith(f"| {tiny[0].name} | tg4 |"))
     assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")
+
+
+@pytest.mark.parametrize("test", ["tg", "pp"])
+def test_ab_builds_pairs_two_builds(tiny, test):
+    """bench/ab_builds.py: both workers start, take turns, and the paired ratio line comes out (the
+    same build twice here, so the ratios are about 1; their values are timing, not checked)."""
+    r = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(tiny[0]), "", "", "--test", test,
+                        "-n", "3", "-r", "2", "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{test}3, 2 rounds, 1 threads: A median ") and "paired B/A median" in line
+    ratios = [float(x) for x in line.split("range [")[1].rstrip("]").split(", ")]
+    assert 0 < ratios[0] <= ratios[1]
+
+
+def test_ab_builds_reports_a_worker_that_cannot_start(tiny, tmp_path):
+    bad = tmp_path / "site"
+    (bad / "pyengine").mkdir(parents=True)
+    (bad / "pyengine" / "__init__.py").write_text("raise ImportError('broken build')\n")
+    r = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(tiny[0]), str(bad), "", "-n", "2", "-r", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "did not start" in r.stderr

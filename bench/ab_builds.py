@@ -1,0 +1,95 @@
+"""Two builds of pyengine on one model, timed in alternation: the paired speed ratio of a change.
+
+    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2]
+
+SITE_A / SITE_B: folders holding a built `pyengine` package (e.g. `pip install --no-deps --target
+/tmp/base-site .` in a checkout of the base commit); "" means the installed one. Why: the dev VMs'
+memory bandwidth moves by up to 1.7x from one minute to the next (bench/RESULTS.md), so two
+benchmark runs minutes apart compare the machine, not the code. Here both builds stay loaded in two
+worker processes (the weights mapped once in the page cache) and take turns: A runs a block of
+N decode steps (tg) or one N-token prefill (pp), then B, then B, then A, ...; each adjacent pair
+sees the same machine, and the script prints the median and spread of the B/A ratios."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker(model: str, threads: int) -> None:
+    """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s."""
+    import numpy as np
+
+    from pyengine import Engine
+
+    eng = Engine(model, n_ctx=1024, n_threads=threads)
+    tokens = np.random.default_rng(0).integers(0, eng.n_vocab, 1024).tolist()
+    eng.reset()
+    eng.eval(tokens[:8])
+    pos = 8
+    print("ready", flush=True)
+    for line in sys.stdin:
+        test, n = line.split()
+        n = int(n)
+        if test == "pp" or pos + n > 1000:
+            eng.reset()
+            pos = 0
+        start = time.perf_counter()
+        if test == "pp":
+            eng.eval(tokens[:n])
+        else:
+            for t in tokens[pos:pos + n]:
+                eng.eval([t])
+        elapsed = time.perf_counter() - start
+        pos += n
+        print(n / elapsed, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("site_a", help='folder with build A\'s pyengine package ("" = the installed one)')
+    ap.add_argument("site_b", help="folder with build B's pyengine package")
+    ap.add_argument("--test", choices=("tg", "pp"), default="tg", help="decode steps or one prefill (default tg)")
+    ap.add_argument("-n", type=int, default=12, help="decode steps per block, or prefill tokens (default 12)")
+    ap.add_argument("-r", "--rounds", type=int, default=20, help="blocks per build (default 20)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.model, args.threads)
+        return 0
+    if not 1 <= args.n <= 512 or args.rounds < 1:
+        ap.error("-n must be in 1..512 and -r >= 1")
+    procs = []
+    for site in (args.site_a, args.site_b):
+        env = dict(os.environ, PYTHONPATH=site)
+        p = subprocess.Popen([sys.executable, "-P", __file__, args.model, "", "", "-t", str(args.threads), "--worker"],
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if p.stdout.readline().strip() != "ready":
+            print(f"[ERROR] the worker for {site or 'the installed build'!r} did not start", file=sys.stderr)
+            return 1
+        procs.append(p)
+    rates: list[list[float]] = [[], []]
+    for r in range(args.rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            time.sleep(0.05)  # let the other build's idle OpenMP threads stop spinning
+            procs[i].stdin.write(f"{args.test} {args.n}\n")
+            procs[i].stdin.flush()
+            rates[i].append(float(procs[i].stdout.readline()))
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+    ratio = [b / a for a, b in zip(*rates)]
+    print(f"{args.test}{args.n}, {args.rounds} rounds, {args.threads} threads: A median {statistics.median(rates[0]):.2f} "
+          f"tok/s, B median {statistics.median(rates[1]):.2f} tok/s; paired B/A median {statistics.median(ratio):.3f}, "
+          f"mean {statistics.mean(ratio):.3f}, range [{min(ratio):.3f}, {max(ratio):.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """pyengine and llama.cpp (llama-cpp-python) on the same GGUFs, in one run, side by side.
 
     python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
-                                     [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp] [--exact]
-                                     [--device cuda] [--bandwidth GB/S]
+                                     [--rounds 1] [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp]
+                                     [--exact] [--device cuda] [--bandwidth GB/S]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
@@ -15,9 +15,13 @@ and the Q4_K_M-style one, `pyengine synth --mix q4_k_m`) run one after the other
 Prints a header (date, machine, command, commit, load average) and the tables to paste into
 bench/RESULTS.md: llama-bench's, then one row per file and test with the ratio and each decode
 speed as a share of the limit the memory read bandwidth implies (the file's own weight bytes per
-decoded token, pyengine.bench.decode_bytes, over the bandwidth). The bandwidth is probed
-(pyengine-bench-kernels --bandwidth, same threads) before and after the engines run, both
-printed, and the higher one is the limit; --bandwidth GB/S gives it instead of probing. --no-extra-bufts runs llama.cpp
+decoded token, pyengine.bench.decode_bytes, over the bandwidth). The dev VMs' bandwidth moves by
+up to 1.7x from minute to minute, so it is probed (pyengine-bench-kernels --bandwidth, same
+threads) right before and right after every engine's child process, and each decode speed is taken
+as a share of the higher of its own two probes; --bandwidth GB/S gives a fixed value instead.
+--rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
+each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
+shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
 without the repacked buffers only. --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
 --device cuda
@@ -32,9 +36,10 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pyengine.bench import BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, time_test
@@ -117,11 +122,29 @@ def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
 
 @dataclass
 class ModelRun:
-    """One file's results: engine -> its rows, or why it failed; and the weight bytes a decoded
-    token reads from it."""
+    """One file's results: engine -> its rows (repetitions of every round merged), or why it failed;
+    the weight bytes a decoded token reads from it; and per (engine, test) the decode speed of each
+    round as a share of the bandwidth probed around that round (empty: the table uses one bandwidth)."""
     path: str
     per_token: int
     results: dict[str, list[BenchResult] | str] = field(default_factory=dict)
+    shares: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def add(self, engine: str, got: list[BenchResult] | str, bw: float) -> None:
+        """One round of one engine, run while the bandwidth was `bw` GB/s (0: unknown)."""
+        have = self.results.get(engine)
+        if isinstance(got, str) or isinstance(have, str):
+            self.results[engine] = got if isinstance(got, str) else have  # a failure stays reported
+            return
+        merged = {r.test: r for r in have or []}
+        for r in got:
+            if r.test in merged:
+                merged[r.test] = replace(merged[r.test], samples_ns=merged[r.test].samples_ns + r.samples_ns)
+            else:
+                merged[r.test] = r
+            if bw and r.n_gen:
+                self.shares.setdefault((engine, r.test), []).append(r.avg_ts * self.per_token / (bw * 1e9))
+        self.results[engine] = list(merged.values())
 
 
 def best_peer(test: str, runs: ModelRun) -> BenchResult | None:
@@ -133,7 +156,9 @@ def best_peer(test: str, runs: ModelRun) -> BenchResult | None:
 
 def comparison(runs: list[ModelRun], bw: float) -> str:
     """RESULTS.md's ratio table: per file and test, pyengine against the best llama.cpp
-    configuration, and decode (tg) speeds as a share of the file's bandwidth limit."""
+    configuration, and decode (tg) speeds as a share of the file's bandwidth limit: the median of
+    the per-round shares where the run probed around each round (ModelRun.shares), else against
+    `bw`; the limit column is at `bw` (the highest probe of the run)."""
     lines = ["| model | test | pyengine t/s | best llama.cpp t/s | llama.cpp configuration | ratio | "
              "decode limit t/s | decode % of bandwidth (pyengine / llama.cpp) |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -148,7 +173,13 @@ def comparison(runs: list[ModelRun], bw: float) -> str:
             a = next((r for r in rows if r.test == test), None)
             best = best_peer(test, run)
             decode = bool(limit) and (a or best).n_gen > 0
-            share = (lambda r: f"{100 * r.avg_ts / limit:.0f} %" if r else "-") if decode else None
+            def share(r: BenchResult | None) -> str:
+                if r is None:
+                    return "-"
+                engine = next(k for k, v in run.results.items() if isinstance(v, list) and any(x is r for x in v))
+                per_round = run.shares.get((engine, test))
+                return f"{100 * statistics.median(per_round):.0f} %" if per_round else f"{100 * r.avg_ts / limit:.0f} %"
+
             cells = [name, test, f"{a.avg_ts:.2f}" if a else "-", f"{best.avg_ts:.2f}" if best else "-",
                      best.backends if best else "-", f"{a.avg_ts / best.avg_ts:.2f}x" if a and best else "-",
                      f"{limit:.2f}" if decode else "-", f"{share(a)} / {share(best)}" if decode else "-"]
@@ -164,6 +195,7 @@ def main() -> int:
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("-b", type=int, default=512)
     ap.add_argument("-r", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run every engine this many times, order alternating")
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
@@ -172,6 +204,8 @@ def main() -> int:
     ap.add_argument("--bandwidth", type=float, metavar="GB/S", help="the read bandwidth to use instead of probing")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.child:
         args.model = args.models[0]
         rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args, args.child == "llama.cpp")
@@ -183,26 +217,33 @@ def main() -> int:
     print(f"### {datetime.date.today()} · {cpu_name()} ({os.cpu_count()} CPUs, {platform.system()}) · commit {commit}")
     print(f"`python bench/compare_llamacpp.py {' '.join(sys.argv[1:])}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    bw_before = args.bandwidth or bandwidth(args.t)
     llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
-    runs = []
-    for model in args.models:
-        run = ModelRun(model, decode_bytes(open_model(model)))
-        for engine in (() if args.only == "llama.cpp" else ("pyengine",)) + llama:
-            run.results[engine] = run_child(engine, child_argv(args, model))
-            if isinstance(run.results[engine], str):
-                print(f"**{Path(model).name}: {run.results[engine]}**\n")
-        runs.append(run)
-    bw_after = args.bandwidth or bandwidth(args.t)
+    engines = (() if args.only == "llama.cpp" else ("pyengine",)) + llama
+    runs = [ModelRun(model, decode_bytes(open_model(model))) for model in args.models]
+    probes = []  # (file, engine, round, before, after)
+    for rnd in range(args.rounds):
+        for run in runs:
+            for engine in engines if rnd % 2 == 0 else engines[::-1]:
+                before = args.bandwidth or bandwidth(args.t)
+                got = run_child(engine, child_argv(args, run.path))
+                after = args.bandwidth or bandwidth(args.t)
+                probes.append((Path(run.path).name, engine, rnd + 1, before, after))
+                run.add(engine, got, max(before, after))
+                if isinstance(got, str):
+                    print(f"**{Path(run.path).name}, round {rnd + 1}: {got}**\n")
     rows = [r for run in runs for v in run.results.values() if isinstance(v, list) for r in v]
     if rows:
         print(markdown(rows))
-    bw = max(bw_before, bw_after)
+    bw = max((max(b, a) for *_, b, a in probes), default=0.0)
     if args.bandwidth:
         print(f"\nmemory read bandwidth: {bw:.1f} GB/s (given, not probed)\n")
     elif bw:
-        print(f"\nmemory read bandwidth ({args.t} threads, pyengine-bench-kernels --bandwidth): {bw_before:.1f} GB/s "
-              f"before, {bw_after:.1f} GB/s after; the limits below use {bw:.1f} GB/s\n")
+        print(f"\nmemory read bandwidth ({args.t} threads, pyengine-bench-kernels --bandwidth) right before / after "
+              "each engine ran; each decode share below is against the higher of its own two probes, the "
+              f"limits against the highest of the run, {bw:.1f} GB/s:")
+        for name, engine, rnd, b, a in probes:
+            print(f"- {name}, {engine}, round {rnd}: {b:.1f} / {a:.1f} GB/s")
+        print()
     else:
         print("\nno memory read bandwidth (pyengine-bench-kernels not found): no decode limits\n")
     for run in runs:

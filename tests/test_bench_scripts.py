@@ -142,3 +142,23 @@ def test_ab_builds_reports_a_worker_that_cannot_start(tiny, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(tiny[0]), str(bad), "", "-n", "2", "-r", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "did not start" in r.stderr
+
+
+def test_rounds_merge_samples_and_take_each_rounds_own_bandwidth():
+    """Two rounds: the repetitions are merged, and each round's decode speed is a share of the
+    bandwidth probed around it; the table shows the median of those shares, not speed / one probe."""
+    run = compare_llamacpp.ModelRun("/x/a.gguf", 2_000_000_000)
+    rng = np.random.default_rng(3)
+    rates, bws = rng.uniform(5, 15, 2), rng.uniform(25, 50, 2)
+    for rate, bw in zip(rates, bws):
+        run.add("pyengine", [row("a", "pyengine", 512, 0, 20.0), row("a", "pyengine", 0, 64, rate)], bw)
+        run.add("llama.cpp", [row("a", "repacked", 0, 64, rate / 2)], bw)
+    tg = next(r for r in run.results["pyengine"] if r.test == "tg64")
+    assert len(tg.samples_ns) == 2 * len(row("a", "x", 0, 64, 1.0).samples_ns)
+    want = [rate * 2e9 / (bw * 1e9) for rate, bw in zip(rates, bws)]
+    assert run.shares[("pyengine", "tg64")] == pytest.approx(want)
+    line = compare_llamacpp.comparison([run], max(bws)).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "tg64" and cells[-1] == f"{100 * np.median(want):.0f} % / {50 * np.median(want):.0f} %"
+    run.add("llama.cpp", "llama.cpp failed (signal 11): ", bws[0])  # a later failure is reported
+    assert run.results["llama.cpp"] == "llama.cpp failed (signal 11): "

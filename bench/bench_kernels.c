@@ -4,7 +4,9 @@
  *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]
  *
  * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
- * reported in GB/s of weight bytes and as a share of the bandwidth) and a 64-token matrix product
+ * reported in GB/s of weight bytes and as a share of the bandwidth probed right before and after
+ * that product, the higher of the two: the dev VMs' bandwidth moves by up to 1.7x from one minute to
+ * the next, so one probe at the start says little about a kernel timed later) and a 64-token matrix product
  * (prefill: bound by arithmetic, reported in GFLOP/s), on a matrix of n_in = 2880 columns and as
  * many rows as fill MIB megabytes (default 256, beyond the caches); each on the default path (int8
  * activations for types with int8 kernels) and on the exact float32-activation path. Then the MoE
@@ -25,6 +27,7 @@
 #include "quants.h"
 
 #define N_EMBD 2880
+#define PROBE_BYTES ((size_t)1 << 30)
 
 static double now(void) {
     struct timespec ts;
@@ -117,10 +120,16 @@ static uint64_t stream_read(const uint8_t *p, size_t bytes) {
 #endif
 
 static double bandwidth(int threads, size_t bytes) {
-    uint8_t *buf = aligned_alloc(4096, bytes);
-    if (!buf) return 0;
+    static uint8_t *buf; /* kept: the probe runs again next to every kernel */
+    static size_t have;
+    if (have != bytes) {
+        free(buf);
+        buf = aligned_alloc(4096, bytes);
+        have = buf ? bytes : 0;
+        if (!buf) return 0;
 #pragma omp parallel for num_threads(threads)
-    for (int64_t i = 0; i < (int64_t)(bytes / 8); i++) ((uint64_t *)buf)[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
+        for (int64_t i = 0; i < (int64_t)(bytes / 8); i++) ((uint64_t *)buf)[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    }
     double best = 1e30;
     uint64_t sink = 0;
     for (int r = 0; r < 7; r++) {
@@ -133,11 +142,10 @@ static double bandwidth(int threads, size_t bytes) {
         const double dt = now() - t0;
         if (dt < best) best = dt;
     }
-    free(buf);
     return sink == 42 ? 0 : bytes / best / 1e9;
 }
 
-static void bench_moe(int threads, int reps, double bw) {
+static void bench_moe(int threads, int reps) {
     const int E = 32, K = 4;
     const int64_t D = N_EMBD, F = N_EMBD;
     const size_t exp_row = pe_row_size(PE_TYPE_MXFP4, D);
@@ -161,27 +169,29 @@ static void bench_moe(int threads, int reps, double bw) {
         .gate_b = gb, .up_b = ub, .down_b = db, .n_expert = E, .n_used = K, .n_embd = D, .n_ff = F,
     };
     printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
-    printf("%-8s %12s %12s %12s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "% of BW");
+    printf("%-8s %12s %12s %12s %8s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "BW GB/s", "% of BW");
     const int64_t toks[] = {1, 64, 1, 64};
     for (int k = 0; k < 4; k++) {
         const int64_t n = toks[k];
         const int int8 = k < 2; /* the default (int8 activations), then the exact float32 path */
         m.gate.int8_act = m.up.int8_act = m.down.int8_act = int8;
         double best = 1e30;
+        double near = bandwidth(threads, PROBE_BYTES);
         for (int r = 0; r < reps; r++) {
             const double t0 = now();
             if (pe_moe_forward(&m, x, n, y, threads, NULL)) { fprintf(stderr, "out of memory\n"); exit(1); }
             const double dt = now() - t0;
             if (dt < best) best = dt;
         }
+        near = fmax(near, bandwidth(threads, PROBE_BYTES));
         /* bytes: the distinct experts the tokens chose (at most E), 3 matrices each, + the router */
         const int64_t used = n * K < E ? n * K : E;
         const double bytes = (double)used * (2.0 * exp_row * F + pe_row_size(PE_TYPE_MXFP4, F) * D) + 4.0 * D * E;
         const double flops = 2.0 * n * K * 3.0 * D * F;
         char label[16];
         snprintf(label, sizeof label, int8 ? "%lld" : "%lld (exact)", (long long)n);
-        printf("%-8s %12.3f %12.2f %12.2f %9.0f%%\n", label, best * 1e3, bytes / best / 1e9,
-               flops / best / 1e9, 100.0 * bytes / best / 1e9 / bw);
+        printf("%-8s %12.3f %12.2f %12.2f %8.1f %9.0f%%\n", label, best * 1e3, bytes / best / 1e9,
+               flops / best / 1e9, near, 100.0 * bytes / best / 1e9 / near);
     }
     free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
 }
@@ -211,7 +221,7 @@ int main(int argc, char **argv) {
         }
     }
     if (threads < 1 || reps < 1 || mib < 1) { fprintf(stderr, "-t, -r and -m must be >= 1\n"); return 2; }
-    const double bw = bandwidth(threads, (size_t)1 << 30);
+    const double bw = bandwidth(threads, PROBE_BYTES);
     if (only_bw) { /* just the probe, for scripts (bench/compare_llamacpp.py) */
         printf("%.2f\n", bw);
         return 0;
@@ -219,8 +229,8 @@ int main(int argc, char **argv) {
     printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
            pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
     printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);
-    printf("%-6s %8s %12s %8s %16s %14s %16s\n", "type", "rows", "decode GB/s", "% of BW", "prefill GFLOP/s",
-           "exact dec GB/s", "exact pre GFLOP/s");
+    printf("%-6s %8s %12s %8s %8s %16s %14s %16s\n", "type", "rows", "decode GB/s", "BW GB/s", "% of BW",
+           "prefill GFLOP/s", "exact dec GB/s", "exact pre GFLOP/s");
     const int types[] = {PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0, PE_TYPE_Q4_0, PE_TYPE_Q4_1,
                          PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K,
                          PE_TYPE_Q6_K, PE_TYPE_MXFP4};
@@ -239,19 +249,21 @@ int main(int argc, char **argv) {
         for (int64_t i = 0; i < n_in * 64; i++) xx[i] = frand();
         fill(type, w, rows, n_in);
         /* the default path (int8 activations where the type has kernels), then the exact one */
-        double dec[2], pre[2];
+        double dec[2], pre[2], near = 0; /* near: the probe right before / after the decode timing */
         for (int exact = 0; exact < 2; exact++) {
             pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact};
             time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
+            if (!exact) near = bandwidth(threads, PROBE_BYTES);
             dec[exact] = row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9;
+            if (!exact) near = fmax(near, bandwidth(threads, PROBE_BYTES));
             const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
             pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact};
             pre[exact] = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
         }
-        printf("%-6s %8lld %12.2f %7.0f%% %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0],
-               100.0 * dec[0] / bw, pre[0], dec[1], pre[1]);
+        printf("%-6s %8lld %12.2f %8.1f %7.0f%% %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
+               100.0 * dec[0] / near, pre[0], dec[1], pre[1]);
         free(w); free(y); free(xx);
     }
-    bench_moe(threads, reps, bw);
+    bench_moe(threads, reps);
     return 0;
 }

@@ -6,7 +6,16 @@
 
 #include "arena.h"
 #include "ops.h"
+#include "profile.h"
 #include "quants.h"
+
+/* Run `stmt` (which may `goto done`) under the profile timer of `op`. */
+#define TIMED(op, bytes, stmt)                                                                                     \
+    do {                                                                                                         \
+        const int64_t t_ = pe_prof_begin();                                                                      \
+        stmt;                                                                                                    \
+        pe_prof_end(op, t_, bytes);                                                                              \
+    } while (0)
 
 /* Embedding and layers [0, layer_end); then either the residual stream goes to x_out (x_out != NULL)
  * or the output head writes logits. */
@@ -32,6 +41,7 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
     float *cs_swa = SCRATCH(n_tok * 2 * half); /* cos | sin, sliding layers */
 #undef SCRATCH
     if (!x || !a || !t || !q || !k || !v || !o || !cs || !cs_swa) goto done;
+    const int64_t t_forward = pe_prof_begin(), t_embed = pe_prof_begin();
 
     /* token embedding (no scaling) */
     const pe_type_traits *et = pe_type_traits_get(m->tok_embd.type);
@@ -46,52 +56,58 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
             pe_rope_table(cs_swa + i * 2 * half, cs_swa + i * 2 * half + half, m->omega_swa, (int)half, pos,
                           m->rope_mscale);
         }
+    pe_prof_end(PE_OP_EMBED, t_embed, 0);
 
     for (int l = 0; l < layer_end; l++) {
         const pe_layer *L = &m->layers[l];
         const float *rope = L->sliding ? cs_swa : cs;
 
         /* attention: RMSNorm -> q, k, v (+bias) -> RoPE -> cache -> sinks/SWA attention -> out (+bias) */
-        for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->attn_norm, D, m->eps);
+        TIMED(PE_OP_NORM, 0, for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->attn_norm, D, m->eps));
         const pe_matmul_job qkv[3] = {{&L->wq, 0, a, D, n_tok, L->bq, q, q_dim},
                                       {&L->wk, 0, a, D, n_tok, L->bk, k, kv_dim},
                                       {&L->wv, 0, a, D, n_tok, L->bv, v, kv_dim}};
-        if (pe_matmul_many(qkv, 3, n_threads)) goto done;
-        for (int64_t i = 0; i < n_tok; i++) {
+        TIMED(PE_OP_QKV, pe_weight_bytes(&L->wq) + pe_weight_bytes(&L->wk) + pe_weight_bytes(&L->wv),
+              if (pe_matmul_many(qkv, 3, n_threads)) goto done);
+        TIMED(PE_OP_ROPE, 0, for (int64_t i = 0; i < n_tok; i++) {
             pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
             pe_rope_apply(k + i * kv_dim, m->n_head_kv, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
-        }
+        });
         /* each sequence stores into and attends over its own cache */
-        for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++) {
+        TIMED(PE_OP_ATTENTION, 0, for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++) {
             pe_kv_layer *kv = &seqs[s].kv[l];
             pe_kv_store(kv, k + i * kv_dim, v + i * kv_dim, seqs[s].n_tok, seqs[s].n_past, kv_dim);
             if (pe_attention(o + i * q_dim, q + i * q_dim, seqs[s].n_tok, seqs[s].n_past, kv, m->n_head,
                              m->n_head_kv, (int)hd, L->sliding ? m->window : 0, L->sinks, n_threads))
                 goto done;
-        }
-        if (pe_matmul(&L->wo, 0, o, q_dim, n_tok, L->bo, t, D, n_threads)) goto done;
-        for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
+        });
+        TIMED(PE_OP_ATTN_OUT, pe_weight_bytes(&L->wo),
+              if (pe_matmul(&L->wo, 0, o, q_dim, n_tok, L->bo, t, D, n_threads)) goto done);
+        TIMED(PE_OP_RESIDUAL, 0, for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i]);
 
-        /* mixture of experts: RMSNorm -> router -> experts -> weighted sum */
-        for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->post_norm, D, m->eps);
+        /* mixture of experts: RMSNorm -> router -> experts -> weighted sum (moe.c times its parts) */
+        TIMED(PE_OP_NORM, 0, for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->post_norm, D, m->eps));
         if (pe_moe_forward(&L->moe, a, n_tok, t, n_threads,
                            expert_counts ? expert_counts + (int64_t)l * L->moe.n_expert : NULL))
             goto done;
-        for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
+        TIMED(PE_OP_RESIDUAL, 0, for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i]);
     }
 
     if (x_out) {
         memcpy(x_out, x, (size_t)n_tok * D * sizeof(float));
+        pe_prof_end(PE_OP_FORWARD, t_forward, 0);
         rc = 0;
         goto done;
     }
 
     /* final RMSNorm -> output head (no bias): every token's row, or each sequence's last token's */
     int64_t n_out = 0;
-    for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++)
+    TIMED(PE_OP_NORM, 0, for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++)
         for (int64_t j = logits_all ? 0 : seqs[s].n_tok - 1; j < seqs[s].n_tok; j++, n_out++)
-            pe_rmsnorm(a + n_out * D, x + (i + j) * D, m->out_norm, D, m->eps);
-    if (pe_matmul(&m->output, 0, a, D, n_out, NULL, logits, m->n_vocab, n_threads)) goto done;
+            pe_rmsnorm(a + n_out * D, x + (i + j) * D, m->out_norm, D, m->eps));
+    TIMED(PE_OP_OUTPUT, pe_weight_bytes(&m->output),
+          if (pe_matmul(&m->output, 0, a, D, n_out, NULL, logits, m->n_vocab, n_threads)) goto done);
+    pe_prof_end(PE_OP_FORWARD, t_forward, 0);
     rc = 0;
 done:
     pe_arena_release(ar, mark);

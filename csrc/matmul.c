@@ -257,3 +257,5 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 }
+
+int64_t pe_weight_bytes(const pe_weight *w) { return w->n_out * (int64_t)pe_row_size(w->type, w->n_in); }

@@ -29,6 +29,9 @@ typedef struct {
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 
+/* Bytes of one (expert's) matrix, what one product reads (row padding of strided views not counted). */
+int64_t pe_weight_bytes(const pe_weight *w);
+
 /* One product of a group (pe_matmul_many): y = W x + bias over n_tok tokens, as pe_matmul's arguments. */
 typedef struct {
     const pe_weight *w;

@@ -8,6 +8,7 @@
 
 #include "arena.h"
 #include "ops.h"
+#include "profile.h"
 
 int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads, int64_t *counts) {
     const int E = m->n_expert, K = m->n_used;
@@ -32,6 +33,7 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     if (!logits || !sel || !wts || !count || !fill || !bucket || !pos || !xg || !g || !u || !yg || !jobs) goto done;
     memset(count, 0, ((size_t)E + 1) * sizeof(int64_t));
 
+    int64_t t_prof = pe_prof_begin();
     if (pe_matmul(&m->router, 0, x, D, n_tok, m->router_b, logits, E, n_threads)) goto done;
     for (int64_t t = 0; t < n_tok; t++) {
         pe_topk(logits + t * E, E, K, sel + t * K);
@@ -47,9 +49,13 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     memcpy(fill, count, (size_t)E * sizeof(int64_t));
     for (int64_t i = 0; i < n_ent; i++) bucket[fill[sel[i]]++] = i;
     for (int64_t p = 0; p < n_ent; p++) pos[bucket[p]] = p;
+    int64_t n_used = 0; /* distinct experts chosen: each one's matrices are read once */
+    for (int e = 0; e < E; e++) n_used += count[e + 1] > count[e];
+    pe_prof_end(PE_OP_ROUTER, t_prof, pe_weight_bytes(&m->router));
 
     /* gate and up of every used expert in one group of products, then down likewise (pe_matmul_many:
      * with a few tokens, one thread team over all of them; one token reads x itself, quantized once) */
+    t_prof = pe_prof_begin();
     int n_jobs = 0;
     for (int e = 0; e < E; e++) {
         const int64_t n = count[e + 1] - count[e], p0 = count[e];
@@ -64,7 +70,11 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
         jobs[n_jobs++] = (pe_matmul_job){&m->up, e, xe, D, n, m->up_b + (int64_t)e * F, u + p0 * F, F};
     }
     if (pe_matmul_many(jobs, n_jobs, n_threads)) goto done;
+    pe_prof_end(PE_OP_EXPERT_UP, t_prof, n_used * (pe_weight_bytes(&m->gate) + pe_weight_bytes(&m->up)));
+    t_prof = pe_prof_begin();
     pe_swiglu_oai(g, g, u, n_ent * F);
+    pe_prof_end(PE_OP_SWIGLU, t_prof, 0);
+    t_prof = pe_prof_begin();
     n_jobs = 0;
     for (int e = 0; e < E; e++) {
         const int64_t n = count[e + 1] - count[e], p0 = count[e];
@@ -72,7 +82,9 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
             jobs[n_jobs++] = (pe_matmul_job){&m->down, e, g + p0 * F, F, n, m->down_b + (int64_t)e * D, yg + p0 * D, D};
     }
     if (pe_matmul_many(jobs, n_jobs, n_threads)) goto done;
+    pe_prof_end(PE_OP_EXPERT_DOWN, t_prof, n_used * pe_weight_bytes(&m->down));
 
+    t_prof = pe_prof_begin();
     for (int64_t t = 0; t < n_tok; t++) {
         float *yt = y + t * D;
         for (int64_t d = 0; d < D; d++) yt[d] = 0.0f;
@@ -82,6 +94,7 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
             for (int64_t d = 0; d < D; d++) yt[d] += w * s[d];
         }
     }
+    pe_prof_end(PE_OP_EXPERT_SUM, t_prof, 0);
     rc = 0;
 done:
     pe_arena_release(ar, mark);

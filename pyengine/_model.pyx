@@ -52,6 +52,13 @@ cdef extern from "moe.h":
     int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads,
                        int64_t *counts) nogil
 
+cdef extern from "profile.h":
+    enum: PE_OP_COUNT
+    void pe_profile_enable(int on) nogil
+    void pe_profile_reset() nogil
+    void pe_profile_read(int64_t *ns, int64_t *calls, int64_t *nbytes) nogil
+    const char *pe_profile_op_name(int op) nogil
+
 cdef extern from "gptoss.h":
     int pe_gptoss_forward(const pe_model *m, pe_kv_layer *kv, const int32_t *tokens, int64_t n_tok,
                           int64_t n_past, float *logits, int logits_all, int n_threads,
@@ -615,3 +622,24 @@ def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k
     if rc:
         raise MemoryError()
     return (y, counts) if return_counts else y
+
+
+def profile_enable(bint on):
+    """Per-operation timing of the CPU forward pass on or off (csrc/profile.h); the counters are kept,
+    so this pauses and resumes."""
+    pe_profile_enable(on)
+
+
+def profile_reset():
+    """Zero the per-operation counters."""
+    pe_profile_reset()
+
+
+def profile_read() -> dict:
+    """op name -> (nanoseconds, calls, weight bytes read) since profiling was turned on; "forward"
+    is the whole pass, the others its parts."""
+    cdef int64_t ns[PE_OP_COUNT]
+    cdef int64_t calls[PE_OP_COUNT]
+    cdef int64_t nbytes[PE_OP_COUNT]
+    pe_profile_read(ns, calls, nbytes)
+    return {pe_profile_op_name(i).decode(): (ns[i], calls[i], nbytes[i]) for i in range(PE_OP_COUNT)}

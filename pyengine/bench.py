@@ -133,8 +133,9 @@ class Runner:
 
 
 def time_test(runner: Runner, n_vocab: int, n_prompt: int, n_gen: int, n_depth: int, reps: int,
-              seed: int = 0) -> list[int]:
-    """Nanoseconds of each repetition of one test (a warm-up run first, not counted)."""
+              seed: int = 0, profiler: Callable[[bool], None] | None = None) -> list[int]:
+    """Nanoseconds of each repetition of one test (a warm-up run first, not counted). `profiler(on)`
+    is called around each timed part (pyengine._model.profile_enable), so only those are profiled."""
     rng = np.random.default_rng(seed)
     depth = rng.integers(0, n_vocab, n_depth).tolist()
     tokens = rng.integers(0, n_vocab, max(n_prompt, n_gen)).tolist()
@@ -143,12 +144,17 @@ def time_test(runner: Runner, n_vocab: int, n_prompt: int, n_gen: int, n_depth: 
         runner.reset()
         if depth:
             runner.eval(depth)
+        if profiler:
+            profiler(True)
         start = time.perf_counter_ns()
         if n_prompt:
             runner.eval(tokens[:n_prompt])
         for t in tokens[:n_gen]:
             runner.eval([t])
-        return time.perf_counter_ns() - start
+        elapsed = time.perf_counter_ns() - start
+        if profiler:
+            profiler(False)
+        return elapsed
 
     runner.reset()
     runner.eval(tokens[: min(max(n_prompt, 1), 16)])  # warm-up: page in the weights, spin up threads
@@ -171,3 +177,31 @@ def markdown(rows: Sequence[BenchResult]) -> str:
         lines.append(f"| {r.model_type} | {r.model_size / 2 ** 30:.2f} GiB | {r.model_n_params / 1e9:.2f} B | "
                      f"{r.backends} | {ngl}{r.n_threads} | {types}{r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} |")
     return "\n".join(lines)
+
+
+def profile_table(ops: dict[str, tuple[int, int, int]], wall_ns: int) -> str:
+    """Where the forward passes' time went (pyengine._model.profile_read after a profiled test):
+    per operation calls, ms and weight MB per pass, share of the pass and GB/s of its own weight
+    bytes; "other" is the pass's time outside the timed operations, "outside the pass" the test's
+    wall time outside the forward calls (Python, sampling)."""
+    fwd_ns, passes, _ = ops["forward"]
+    if not passes:
+        return "(no forward pass was profiled)"
+    rows = ["| op | calls/pass | ms/pass | % of pass | weight MB/pass | GB/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def line(name: str, ns: int, calls: int | str, nbytes: int) -> str:
+        calls = f"{calls / passes:.0f}" if isinstance(calls, int) else calls
+        gbs = f"{nbytes / ns:.1f}" if nbytes and ns else "-"
+        mb = f"{nbytes / passes / 1e6:.1f}" if nbytes else "-"
+        return f"| {name} | {calls} | {ns / passes / 1e6:.3f} | {100 * ns / fwd_ns:.1f} % | {mb} | {gbs} |"
+
+    parts = {k: v for k, v in ops.items() if k != "forward"}
+    for name, (ns, calls, nbytes) in sorted(parts.items(), key=lambda kv: -kv[1][0]):
+        if calls:
+            rows.append(line(name, ns, calls, nbytes))
+    rows.append(line("other", max(fwd_ns - sum(v[0] for v in parts.values()), 0), "-", 0))
+    weight = sum(v[2] for v in parts.values())
+    rows.append(line("**forward pass**", fwd_ns, passes, weight))
+    outside = max(wall_ns - fwd_ns, 0)
+    rows.append(f"| outside the pass | - | {outside / passes / 1e6:.3f} | - | - | - |")
+    return "\n".join(rows)

@@ -76,7 +76,7 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
         /* each sequence stores into and attends over its own cache */
         TIMED(PE_OP_ATTENTION, 0, for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++) {
             pe_kv_layer *kv = &seqs[s].kv[l];
-            pe_kv_store(kv, k + i * kv_dim, v + i * kv_dim, seqs[s].n_tok, seqs[s].n_past, kv_dim);
+            pe_kv_store(kv, k + i * kv_dim, v + i * kv_dim, seqs[s].n_tok, seqs[s].n_past, kv_dim, (int)hd);
             if (pe_attention(o + i * q_dim, q + i * q_dim, seqs[s].n_tok, seqs[s].n_past, kv, m->n_head,
                              m->n_head_kv, (int)hd, L->sliding ? m->window : 0, L->sinks, n_threads))
                 goto done;

@@ -43,7 +43,7 @@ cdef extern from "ops.h":
 
 cdef extern from "attention.h":
     void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok, int64_t pos0,
-                     int64_t kv_dim) nogil
+                     int64_t kv_dim, int head_dim) nogil
     int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const pe_kv_layer *kv,
                      int n_head, int n_head_kv, int head_dim, int64_t window, const float *sinks,
                      int n_threads) nogil
@@ -580,7 +580,7 @@ def attention(q, k, v, sinks, int64_t pos0, int64_t window, int64_t n_slots, int
     kv.v = &vc[0, 0]
     kv.n_slots = n_slots
     kv.type_k, kv.type_v = KV_CACHE_TYPES[type_k], KV_CACHE_TYPES[type_v]
-    pe_kv_store(&kv, &ka[0, 0, 0], &va[0, 0, 0], n_pos, 0, Hkv * hd)
+    pe_kv_store(&kv, &ka[0, 0, 0], &va[0, 0, 0], n_pos, 0, Hkv * hd, hd)
     cdef cnp.ndarray[cnp.float32_t, ndim=3] out = np.empty_like(qa)
     cdef int rc
     with nogil:

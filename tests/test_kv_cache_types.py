@@ -152,6 +152,18 @@ def test_attention_over_each_type_matches_float64():
     check_attention()
 
 
+@pytest.mark.parametrize("H,Hkv,hd", [(6, 2, 64), (16, 2, 64), (8, 2, 32), (3, 3, 96)])
+def test_attention_head_groupings(H, Hkv, hd):
+    """Query heads per K/V head not a multiple of the 4 an item takes (6/2: one item of 3), two items
+    per K/V head (16/2), and head sizes other than 64 (the AVX-512 loop's own case): float64 again."""
+    q, k, v, sinks = attention_case(11, n_tok=3, pos0=37, H=H, Hkv=Hkv, hd=hd)
+    for window, n_slots in ((0, 40), (20, 23)):
+        for tk, tv in (("f16", "f16"), ("f32", "q8_0") if hd % 32 == 0 else ("f32", "bf16")):
+            got = _model.attention(q, k, v, sinks, 37, window, n_slots, 2, tk, tv)
+            want = attention_ref(q, rounded(k, tk), rounded(v, tv), sinks, 37, window)
+            assert rel(got, want) < 2e-6, (tk, tv, window)
+
+
 @pytest.mark.parametrize("cu", BACKENDS)
 def test_cuda_store_and_attention_match_cpu(cu):
     q, k, v, sinks = attention_case(7, n_tok=3, pos0=90)

@@ -19,8 +19,8 @@ extern "C" {
 /* Cache element types: ggml ids (csrc/quant_formats.h) F32, F16, BF16 or Q8_0 (Q8_0: head_dim a multiple
  * of 32); a row of kv_dim elements takes kv_dim / block * block bytes. */
 
-/* Row pos[t] % n_slots of kc and vc = k + t*ld and v + t*ld (kv_dim floats each), written in type_k /
- * type_v exactly as the CPU's pe_kv_store writes them. */
+/* Row pos[t] % n_slots of kc and vc = k + t*ld and v + t*ld (kv_dim floats each), each head encoded in type_k /
+ * type_v exactly as the CPU's pe_kv_store encodes it (the CPU cache is head-major, this one position-major). */
 int pe_cu_kv_store(void *kc, void *vc, int type_k, int type_v, int64_t n_slots, const float *k, const float *v,
                    int64_t ld, int64_t n_tok, const int64_t *pos, int64_t kv_dim, void *stream);
 

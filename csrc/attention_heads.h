@@ -1,0 +1,99 @@
+/* The attention inner loop (csrc/attention.c), compiled once per SIMD level: attention.c includes it
+ * for the baseline build, attention_avx2.c and attention_avx512.c with their flags (the loops are
+ * written for the compiler to vectorize; with AVX2/AVX-512 it uses FMA, so the levels differ in the
+ * last bits, while one machine always gives the same bits). The includer defines ATTEND_HEADS, the
+ * function's name (and ATTEND_HEADS_LINKAGE static for a file-local one). */
+#ifndef PE_ATTENTION_HEADS_H
+#define PE_ATTENTION_HEADS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quants.h"
+
+/* One K/V head of a layer's K or V cache as the loop reads it: the row of ring slot r at base + r * row. */
+typedef struct {
+    const uint8_t *base;
+    size_t row;
+    pe_dequant_row_fn dequant;
+    int type; /* the cache type (a SIMD level may read some types directly) */
+} kv_rows;
+
+/* Keys / values converted to f32 per tile (in L1), and query heads per item: a GQA group shares one
+ * K/V head, so each converted row serves up to HEADS_PER_ITEM heads. */
+enum { KV_TILE = 16, HEADS_PER_ITEM = 4 };
+
+/* The inner loop of each SIMD level (attention.c picks one at run time). */
+typedef void (*pe_attend_heads_fn)(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
+                                   const kv_rows *V, int head_dim, int64_t window, const float *sink, float *scores,
+                                   float *tile);
+void pe_attend_heads_avx2(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
+                          const kv_rows *V, int head_dim, int64_t window, const float *sink, float *scores, float *tile);
+void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
+                            const kv_rows *V, int head_dim, int64_t window, const float *sink, float *scores,
+                            float *tile);
+
+#endif
+
+#ifdef ATTEND_HEADS
+#ifndef ATTEND_HEADS_LINKAGE
+#define ATTEND_HEADS_LINKAGE
+#endif
+/* Rows [first, first + nk) (positions; ring slot = position % n_slots) of one K or V head as f32. */
+static inline void load_tile(float *tile, const kv_rows *R, int64_t first, int nk, int64_t n_slots, int head_dim) {
+    for (int j = 0; j < nk; j++)
+        R->dequant(R->base + (size_t)((first + j) % n_slots) * R->row, tile + (size_t)j * head_dim, head_dim);
+}
+
+/* Heads h0 .. h0 + nh - 1 (sharing one K/V head) of the query at position p: o and q point at head h0,
+ * heads head_dim apart. scores: nh rows of the item's key count; tile: KV_TILE rows of head_dim. */
+ATTEND_HEADS_LINKAGE void ATTEND_HEADS(float *o, const float *q, int nh, int64_t p, int64_t n_slots,
+                                       const kv_rows *K, const kv_rows *V, int head_dim, int64_t window,
+                                       const float *sink, float *scores, float *tile) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    const int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const int64_t n = p - lo + 1;
+    float m[HEADS_PER_ITEM], inv[HEADS_PER_ITEM];
+    for (int h = 0; h < nh; h++) m[h] = sink[h];
+    for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
+        const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
+        load_tile(tile, K, lo + j0, nk, n_slots, head_dim);
+        for (int h = 0; h < nh; h++) {
+            const float *qh = q + (size_t)h * head_dim;
+            float *sh = scores + h * n + j0;
+            for (int j = 0; j < nk; j++) {
+                const float *k = tile + (size_t)j * head_dim;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int d = 0; d < head_dim; d++) acc += qh[d] * k[d];
+                sh[j] = acc * scale;
+                m[h] = sh[j] > m[h] ? sh[j] : m[h];
+            }
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        float *sh = scores + h * n;
+        double sum = exp((double)sink[h] - m[h]);
+        for (int64_t j = 0; j < n; j++) {
+            sh[j] = expf(sh[j] - m[h]);
+            sum += sh[j];
+        }
+        inv[h] = (float)(1.0 / sum);
+        for (int d = 0; d < head_dim; d++) o[(size_t)h * head_dim + d] = 0.0f;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
+        const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
+        load_tile(tile, V, lo + j0, nk, n_slots, head_dim);
+        for (int h = 0; h < nh; h++) {
+            float *oh = o + (size_t)h * head_dim;
+            for (int j = 0; j < nk; j++) {
+                const float w = scores[h * n + j0 + j] * inv[h];
+                const float *v = tile + (size_t)j * head_dim;
+#pragma omp simd
+                for (int d = 0; d < head_dim; d++) oh[d] += w * v[d];
+            }
+        }
+    }
+}
+#endif

@@ -6,11 +6,12 @@
  * inner loop's time (perf annotate, depth 4096). Here a score is four FMAs into one register, and 16
  * keys' registers are summed across lanes together (hsum16: 15 shuffles and adds for 16 scores); the
  * outputs of the item's four heads stay in 16 registers over all keys; f16 caches (the default) are
- * read straight from the cache, and the softmax's exponentials are vectorized (exp_nonpos). */
+ * read straight from the cache, and the softmax's exponentials are vectorized (vexp_avx512.h). */
 #include <immintrin.h>
 #include <math.h>
 
 #include "attention_heads.h"
+#include "vexp_avx512.h"
 
 #define ATTEND_HEADS attend_heads_any
 #define ATTEND_HEADS_LINKAGE static
@@ -32,26 +33,6 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 enum { HD = 64 };
-
-/* e^x for x <= 0 (scores minus their maximum), in 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by
- * Cephes' degree-6 expf polynomial, times 2^n by vscalefps; within ~2 ulp of expf, and 0 below
- * -104 as expf (libm's expf went through its slow underflow path for the many far-below-the-maximum
- * scores: ~25 % of the loop's time at depth 4096). */
-static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
 
 /* Row j (j < nk) of a tile of 16 keys or values at positions first.., as four registers: f16 caches
  * straight from the cache (F16C), other types from the tile load_tile filled; rows past nk are 0. */
@@ -110,7 +91,7 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
         __m512d sum = _mm512_setzero_pd();
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 live = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh + j),
+            const __m512 e = _mm512_maskz_mov_ps(live, pe_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh + j),
                                                                                 _mm512_set1_ps(m))));
             _mm512_mask_storeu_ps(sh + j, live, e);
             sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),

@@ -72,7 +72,7 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     if (pe_matmul_many(jobs, n_jobs, n_threads)) goto done;
     pe_prof_end(PE_OP_EXPERT_UP, t_prof, n_used * (pe_weight_bytes(&m->gate) + pe_weight_bytes(&m->up)));
     t_prof = pe_prof_begin();
-    pe_swiglu_oai(g, g, u, n_ent * F);
+    pe_swiglu_oai(g, g, u, n_ent * F, n_threads);
     pe_prof_end(PE_OP_SWIGLU, t_prof, 0);
     t_prof = pe_prof_begin();
     n_jobs = 0;

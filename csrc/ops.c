@@ -3,6 +3,8 @@
 
 #include <math.h>
 
+#include "cpu_features.h"
+
 static const double PE_PI = 3.14159265358979323846;
 
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) {
@@ -72,7 +74,7 @@ void pe_softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n) {
+static void swiglu_oai_scalar(float *out, const float *g, const float *u, int64_t n) {
     const float alpha = 1.702f, limit = 7.0f;
     for (int64_t i = 0; i < n; i++) {
         const float gi = g[i] < limit ? g[i] : limit;
@@ -80,6 +82,16 @@ void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n) {
         ui = ui > limit ? limit : ui;
         out[i] = gi / (1.0f + expf(-alpha * gi)) * (ui + 1.0f);
     }
+}
+
+void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n, int n_threads) {
+    void (*f)(float *, const float *, const float *, int64_t) =
+        pe_simd_level_get() >= PE_SIMD_AVX512 ? pe_swiglu_oai_avx512 : swiglu_oai_scalar;
+    /* elementwise: any split gives the same bits; threads only for a prefill's worth (n >= 64K) */
+    const int64_t chunk = 16384, n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 4 * chunk)
+    for (int64_t c = 0; c < n_chunks; c++)
+        f(out + c * chunk, g + c * chunk, u + c * chunk, n - c * chunk < chunk ? n - c * chunk : chunk);
 }
 
 void pe_topk(const float *x, int n, int k, int *idx) {

@@ -24,8 +24,10 @@ void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, cons
 /* In-place softmax over n values. */
 void pe_softmax(float *x, int n);
 
-/* out = min(g,7) * sigmoid(1.702 min(g,7)) * (clamp(u,-7,7) + 1). */
-void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n);
+/* out = min(g,7) * sigmoid(1.702 min(g,7)) * (clamp(u,-7,7) + 1), on up to n_threads threads. AVX-512
+ * machines take ops_avx512.c's loop (its e^x within ~1e-7 of expf's), others expf per element. */
+void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n, int n_threads);
+void pe_swiglu_oai_avx512(float *out, const float *g, const float *u, int64_t n);
 
 /* Indices of the k largest values, largest first; ties go to the lower index. */
 void pe_topk(const float *x, int n, int k, int *idx);

@@ -38,7 +38,7 @@ cdef extern from "ops.h":
     void pe_rope_table(float *cos_t, float *sin_t, const double *omega, int half, int64_t pos,
                        double mscale) nogil
     void pe_rope_apply(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) nogil
-    void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n) nogil
+    void pe_swiglu_oai(float *out, const float *g, const float *u, int64_t n, int n_threads) nogil
     void pe_topk(const float *x, int n, int k, int *idx) nogil
 
 cdef extern from "attention.h":
@@ -506,14 +506,17 @@ def rope(x, positions, omega, double mscale):
     return xa
 
 
-def swiglu_oai(g, u):
+def swiglu_oai(g, u, int n_threads=1):
     """SwiGLU-OAI of equal-length vectors."""
     cdef cnp.ndarray[cnp.float32_t, ndim=1] ga = _f32(g, 1)
     cdef cnp.ndarray[cnp.float32_t, ndim=1] ua = _f32(u, 1)
     if ga.shape[0] != ua.shape[0] or ga.shape[0] == 0:
         raise ValueError("shape mismatch")
     cdef cnp.ndarray[cnp.float32_t, ndim=1] out = np.empty_like(ga)
-    pe_swiglu_oai(&out[0], &ga[0], &ua[0], ga.shape[0])
+    if n_threads < 1:
+        raise ValueError("n_threads must be >= 1")
+    with nogil:
+        pe_swiglu_oai(&out[0], &ga[0], &ua[0], ga.shape[0], n_threads)
     return out
 
 

@@ -38,7 +38,8 @@ def test_rmsnorm(cu, n_rows, n):
 def test_swiglu_rows_of_stacked_gate_and_up(cu):
     gu = f32(5, 2 * 37, scale=6.0)
     want = np.stack([K.swiglu_oai(r[:37], r[37:]) for r in gu])
-    assert np.array_equal(cu.swiglu_oai_rows(gu), want)
+    # the CPU's AVX-512 loop has its own e^x (csrc/vexp_avx512.h): equal to a few ulps, not bit for bit
+    np.testing.assert_allclose(cu.swiglu_oai_rows(gu), want, rtol=1e-6, atol=1e-7)
 
 
 @backends

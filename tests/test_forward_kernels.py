@@ -1,11 +1,15 @@
 """The forward pass's C kernels against float64 numpy (and transformers' rotary embedding)."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyengine import _model as K
+from pyengine import simd_level
 
 RNG = np.random.default_rng(1234)
 
@@ -103,6 +107,45 @@ def test_swiglu_oai_clamps():
     g64, u64 = np.minimum(g.astype(np.float64), 7), np.clip(u.astype(np.float64), -7, 7)
     ref = g64 / (1 + np.exp(-1.702 * g64)) * (u64 + 1)
     np.testing.assert_allclose(K.swiglu_oai(g, u), ref, rtol=1e-5, atol=1e-6)
+
+
+def check_swiglu_accuracy() -> None:
+    """SwiGLU over the whole range its exponential sees (g down to -60: e^102) and past the clamps,
+    against float64: within a few float32 ulps of the result (the AVX-512 loop's own e^x, ops_avx512.c,
+    or expf); NaN in g clamps to 7, NaN in u stays NaN; 1 thread = 3 threads bit for bit (a prefill's
+    length is split between threads)."""
+    rng = np.random.default_rng(5)
+    n = 300_001  # > 4 chunks of 16384: threaded, and a tail of one
+    g = np.concatenate([rng.uniform(-60, 9, n - 4), [np.nan, 1.0, -0.0, 7.0]]).astype(np.float32)
+    u = np.concatenate([rng.uniform(-9, 9, n - 4), [0.5, np.nan, 2.0, -8.0]]).astype(np.float32)
+    g32 = np.minimum(np.nan_to_num(g, nan=7.0), np.float32(7))
+    g64, u64 = g32.astype(np.float64), np.clip(u.astype(np.float64), -7, 7)
+    # the exponent as float32 computes it (-1.702 g rounds to ~6e-8 relative, which e^x turns into up to
+    # ~4e-6 at g = -60 in any float32 implementation); the rest in float64
+    ref = g64 / (1 + np.exp((np.float32(-1.702) * g32).astype(np.float64))) * (u64 + 1)
+    got = K.swiglu_oai(g, u)
+    ok = ~np.isnan(ref)
+    assert np.isnan(got[n - 3]) and not np.isnan(got[n - 4])
+    err = np.abs(got[ok] - ref[ok]) / np.maximum(np.abs(ref[ok]), 1e-30)
+    assert err[np.abs(ref[ok]) > 1e-30].max() < 4e-7
+    assert np.array_equal(got, K.swiglu_oai(g, u, n_threads=3), equal_nan=True)
+
+
+def test_swiglu_accuracy_and_threads():
+    check_swiglu_accuracy()
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2"])
+def test_swiglu_at_lower_simd_levels(level, tmp_path):
+    """The expf loop that machines without AVX-512 take (fresh process: the dispatch is cached)."""
+    order = ["scalar", "avx2", "avx512"]
+    if order.index(simd_level()) < order.index(level):
+        pytest.skip(f"this CPU has no {level}")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_forward_kernels as t; t.check_swiglu_accuracy(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_topk_order():

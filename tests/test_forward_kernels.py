@@ -1,15 +1,12 @@
 """The forward pass's C kernels against float64 numpy (and transformers' rotary embedding)."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyengine import _model as K
-from pyengine import simd_level
+from simd_levels import LOWER, at_level
 
 RNG = np.random.default_rng(1234)
 
@@ -135,17 +132,10 @@ def test_swiglu_accuracy_and_threads():
     check_swiglu_accuracy()
 
 
-@pytest.mark.parametrize("level", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", LOWER)
 def test_swiglu_at_lower_simd_levels(level, tmp_path):
-    """The expf loop that machines without AVX-512 take (fresh process: the dispatch is cached)."""
-    order = ["scalar", "avx2", "avx512"]
-    if order.index(simd_level()) < order.index(level):
-        pytest.skip(f"this CPU has no {level}")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_forward_kernels as t; t.check_swiglu_accuracy(); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""},
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    """The expf loop that machines without AVX-512 take."""
+    at_level(level, "test_forward_kernels", "check_swiglu_accuracy()", cwd=tmp_path)
 
 
 def test_topk_order():

@@ -9,7 +9,6 @@ validation of the option values."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from gguf.quants import quantize as gguf_quantize
 import vocab
 from cuda_backends import BACKENDS
 from gguf_factory import write_gptoss_gguf
+from simd_levels import LOWER, at_level
 
 import dataclasses
 
@@ -79,16 +79,9 @@ def test_writers_bit_identical_to_numpy_and_gguf():
     check_writers()
 
 
-@pytest.mark.parametrize("level", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", LOWER)
 def test_writers_at_lower_simd_levels(level, tmp_path):
-    order = ["scalar", "avx2", "avx512"]
-    if order.index(pyengine.simd_level()) < order.index(level):
-        pytest.skip(f"this CPU has no {level}")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_kv_cache_types as t; t.check_writers(); t.check_attention(); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""},
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    at_level(level, "test_kv_cache_types", "check_writers()", "check_attention()", cwd=tmp_path)
 
 
 def test_writer_rejects_other_types():

@@ -4,15 +4,12 @@ block, n_tok 2..70 (crossing the 6-token block and the 48-token scratch chunk), 
 are not multiples of 64 or 16. Also the invariants the forward pass relies on: the batch gives the
 same bits for any thread count, as one-token decode on F32 weights, and as F32 weights holding the
 dequantized values (every type goes through the same f32 kernel), at every SIMD level."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from test_quants import SIZES, TYPES, T, random_blocks, reference
+from simd_levels import LOWER, at_level
 
 K = pytest.importorskip("pyengine._model")
 
@@ -101,14 +98,9 @@ def test_batched_matmul_strided_rows_and_experts():
         assert np.all(np.abs(y - ref) <= 2e-6 * (np.abs(x) @ np.abs(w).T)), e
 
 
-@pytest.mark.parametrize("level", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", LOWER)
 def test_batched_matmul_other_simd_levels(level, tmp_path):
-    """The same checks with PYENGINE_SIMD capping the kernels (fresh process: dispatch is cached)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_matmul as m; "
-            "from test_quants import T; "
-            "[(m.check_against_float64(q, 1), m.check_bit_invariants(q, 2)) for q in (T.F32, T.F16, T.Q4_K)]; "
-            "print('ok')")
-    env = dict(os.environ, PYENGINE_SIMD=level)
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    """The same checks with PYENGINE_SIMD capping the kernels."""
+    at_level(level, "test_matmul", "check_against_float64(t.T.F32, 1)", "check_bit_invariants(t.T.F32, 2)",
+             "check_against_float64(t.T.F16, 1)", "check_bit_invariants(t.T.F16, 2)",
+             "check_against_float64(t.T.Q4_K, 1)", "check_bit_invariants(t.T.Q4_K, 2)", cwd=tmp_path)

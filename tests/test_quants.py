@@ -5,8 +5,6 @@ Every SIMD level is exercised: the current one in-process, the lower ones in chi
 (dispatch is resolved once per process)."""
 
 import ctypes
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 import pyengine
 from pyengine import quants
+from simd_levels import LOWER, at_level
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -243,19 +242,11 @@ def test_dot_q8_rejects_bad_input():
 
 # ---- the lower SIMD levels, in child processes ---------------------------------------------------
 
-LEVELS = ["scalar", "avx2"]
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", LOWER)
 def test_simd_level_variants(level, tmp_path):
-    order = ["scalar", "avx2", "avx512"]
-    if order.index(pyengine.simd_level()) < order.index(level):
-        pytest.skip(f"this CPU has no {level}")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_quants; test_quants.check_level({level!r}); print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""},
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    at_level(level, "test_quants", f"check_level({level!r})", cwd=tmp_path, timeout=120)
 
 
 # ---- validation: bad input never reaches C ------------------------------------------------------

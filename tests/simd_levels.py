@@ -1,0 +1,28 @@
+"""Running a test module's check functions with the C kernels capped at a lower SIMD level.
+
+The kernels pick their variant once per process (PYENGINE_SIMD caps it), so each level needs a fresh
+interpreter: `at_level(level, "test_x", "check_a()", "check_b(1)", tmp_path)` imports tests/test_x.py
+there, runs the calls, and fails the test with the child's stderr if any raises. Levels this CPU does
+not have are skipped."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pyengine
+
+ORDER = ["scalar", "avx2", "avx512"]
+LOWER = ["scalar", "avx2"]
+
+
+def at_level(level: str, module: str, *calls: str, cwd: Path, timeout: int = 300) -> None:
+    if ORDER.index(pyengine.simd_level()) < ORDER.index(level):
+        pytest.skip(f"this CPU has no {level}")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {module} as t; "
+            + "; ".join(f"t.{c}" for c in calls) + "; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""}, cwd=cwd,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

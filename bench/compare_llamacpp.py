@@ -249,6 +249,10 @@ def main() -> int:
     for run in runs:
         print(f"- {Path(run.path).name}: a decoded token reads {run.per_token / 1e9:.3f} GB of weights"
               + (f": limit {bw * 1e9 / run.per_token:.2f} tok/s" if bw else ""))
+        for (engine, test), shares in run.shares.items():
+            if len(shares) > 1:
+                print(f"  - {engine} {test}, share of the bandwidth round by round: "
+                      + ", ".join(f"{100 * x:.0f} %" for x in shares))
     print("\n" + comparison(runs, bw))
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0

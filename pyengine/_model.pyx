@@ -191,9 +191,10 @@ def kv_row_bytes(name, int64_t n, int64_t head_dim) -> int:
 # ---- the model -----------------------------------------------------------------------------------
 
 cdef class KVCache:
-    """K and V rings per layer, in the element types type_k and type_v (KV_CACHE_TYPES): n_ctx rows
+    """K and V rings per layer, in the element types type_k and type_v (KV_CACHE_TYPES): n_ctx slots
     for full layers, window + n_batch for sliding ones (allocated zeroed and lazily, so untouched
-    pages cost no memory)."""
+    pages cost no memory). Head-major, as csrc/attention.h reads them: k[l] and v[l] are uint8 arrays
+    (n_head_kv, slots, bytes of one head's row); position p is slot p % slots."""
     cdef public object k, v
     cdef public int64_t n_ctx
     cdef public object n_slots
@@ -218,8 +219,8 @@ cdef class KVCache:
         for l in range(self.n_layer):
             slots = min(n_ctx, model.m.window + n_batch) if model.c_layers[l].sliding else n_ctx
             self.n_slots.append(slots)
-            self.k.append(np.zeros((slots, row_k), dtype=np.uint8))
-            self.v.append(np.zeros((slots, row_v), dtype=np.uint8))
+            self.k.append(np.zeros((model.m.n_head_kv, slots, row_k // model.m.n_head_kv), dtype=np.uint8))
+            self.v.append(np.zeros((model.m.n_head_kv, slots, row_v // model.m.n_head_kv), dtype=np.uint8))
         self.layers = <pe_kv_layer *> malloc(self.n_layer * sizeof(pe_kv_layer))
         if self.layers == NULL:
             raise MemoryError()

@@ -140,8 +140,9 @@ class Runner:
 
     def copy_cache(self, src: Cache, dst: Cache) -> bool:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
-        of one request share their prompt this way). Full layers copy their first n_past rows,
-        sliding rings the whole ring (position p lives in row p % rows). False, with `dst` untouched,
+        of one request share their prompt this way). The CPU cache is head-major, (n_head_kv,
+        slots, row bytes) per layer: full layers copy each head's first n_past slots, sliding rings
+        the whole ring (position p lives in slot p % slots). False, with `dst` untouched,
         when the caches keep their rows where the host cannot copy them (CUDA) or differ in shape:
         the caller then evaluates the prompt instead."""
         a = [*getattr(src.native, "k", ()), *getattr(src.native, "v", ())]
@@ -152,8 +153,8 @@ class Runner:
             return False
         n = src.n_past
         for x, y in zip(a, b):
-            rows = min(n, x.shape[0])
-            y[:rows] = x[:rows]
+            slots = min(n, x.shape[-2])
+            y[..., :slots, :] = x[..., :slots, :]
         dst.tokens = list(src.tokens)
         return True
 

@@ -147,11 +147,11 @@ class ModelRun:
         self.results[engine] = list(merged.values())
 
 
-def best_peer(test: str, runs: ModelRun) -> BenchResult | None:
-    """The fastest llama.cpp configuration's row for `test` among those that ran."""
-    rows = [r for k, v in runs.results.items() if k != "pyengine" and isinstance(v, list) for r in v
+def best_peer(test: str, runs: ModelRun) -> tuple[str, BenchResult | None]:
+    """The fastest llama.cpp configuration that ran `test`: its engine name and row ("", None if none)."""
+    rows = [(k, r) for k, v in runs.results.items() if k != "pyengine" and isinstance(v, list) for r in v
             if r.test == test]
-    return max(rows, key=lambda r: r.avg_ts, default=None)
+    return max(rows, key=lambda kr: kr[1].avg_ts, default=("", None))
 
 
 def comparison(runs: list[ModelRun], bw: float) -> str:
@@ -171,18 +171,18 @@ def comparison(runs: list[ModelRun], bw: float) -> str:
             r.test for v in run.results.values() if isinstance(v, list) for r in v))
         for test in tests:
             a = next((r for r in rows if r.test == test), None)
-            best = best_peer(test, run)
+            peer, best = best_peer(test, run)
             decode = bool(limit) and (a or best).n_gen > 0
-            def share(r: BenchResult | None) -> str:
+
+            def share(engine: str, r: BenchResult | None) -> str:
                 if r is None:
                     return "-"
-                engine = next(k for k, v in run.results.items() if isinstance(v, list) and any(x is r for x in v))
                 per_round = run.shares.get((engine, test))
                 return f"{100 * statistics.median(per_round):.0f} %" if per_round else f"{100 * r.avg_ts / limit:.0f} %"
 
             cells = [name, test, f"{a.avg_ts:.2f}" if a else "-", f"{best.avg_ts:.2f}" if best else "-",
                      best.backends if best else "-", f"{a.avg_ts / best.avg_ts:.2f}x" if a and best else "-",
-                     f"{limit:.2f}" if decode else "-", f"{share(a)} / {share(best)}" if decode else "-"]
+                     f"{limit:.2f}" if decode else "-", f"{share('pyengine', a)} / {share(peer, best)}" if decode else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

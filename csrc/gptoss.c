@@ -41,7 +41,7 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
     float *cs_swa = SCRATCH(n_tok * 2 * half); /* cos | sin, sliding layers */
 #undef SCRATCH
     if (!x || !a || !t || !q || !k || !v || !o || !cs || !cs_swa) goto done;
-    const int64_t t_forward = pe_prof_begin(), t_embed = pe_prof_begin();
+    const int64_t t_forward = pe_prof_begin(); /* also the embedding's start */
 
     /* token embedding (no scaling) */
     const pe_type_traits *et = pe_type_traits_get(m->tok_embd.type);
@@ -56,7 +56,7 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
             pe_rope_table(cs_swa + i * 2 * half, cs_swa + i * 2 * half + half, m->omega_swa, (int)half, pos,
                           m->rope_mscale);
         }
-    pe_prof_end(PE_OP_EMBED, t_embed, 0);
+    pe_prof_end(PE_OP_EMBED, t_forward, 0);
 
     for (int l = 0; l < layer_end; l++) {
         const pe_layer *L = &m->layers[l];

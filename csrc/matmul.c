@@ -37,6 +37,13 @@ static int thread_id(void) {
 #endif
 }
 
+/* A work split of n_items for a team of `team` threads, from the arena (NULL when it is full). */
+static pe_split *split_new(pe_arena *ar, int64_t n_items, int team, int64_t step) {
+    pe_split *s = pe_arena_alloc(ar, sizeof(pe_split));
+    if (s) pe_split_init(s, n_items, team, step);
+    return s;
+}
+
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
@@ -74,12 +81,11 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     const size_t mark = ar ? pe_arena_mark(ar) : 0;
     float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)per_thread * sizeof(float)) : NULL;
     if (!scratch) return -1;
-    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);
         return -1;
     }
-    pe_split_init(split, n_tiles, n_threads, 1);
 #pragma omp parallel num_threads(n_threads)
     {
         float *tile = scratch + (size_t)thread_id() * (size_t)per_thread;
@@ -129,12 +135,11 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
-    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);
         return -1;
     }
-    pe_split_init(split, n_tiles, n_threads, 1);
 #pragma omp parallel num_threads(n_threads)
     {
         uint8_t *mine = scratch + (size_t)thread_id() * scratch_bytes;
@@ -203,9 +208,8 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     first[n_jobs] = n_groups;
     /* contiguous runs of groups per thread, the end stolen by whichever thread is free (worksplit.h) */
     const int team = threads_for(work, n_threads);
-    pe_split *split = pe_arena_alloc(ar, sizeof(pe_split));
+    pe_split *split = split_new(ar, n_groups, team, PE_SPLIT_STEP);
     if (!split) goto fail;
-    pe_split_init(split, n_groups, team, PE_SPLIT_STEP);
 #pragma omp parallel num_threads(team)
     {
         int64_t ga, gb;

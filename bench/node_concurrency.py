@@ -6,6 +6,10 @@ tokens each (end-of-generation tokens biased away so every stream runs to the en
 total generated tokens / wall time, plus each stream's own decode rate from `timings`.
 
     python bench/node_concurrency.py --size mid --threads 2
+    python bench/node_concurrency.py --model /tmp/synth20b.gguf --threads 2 --tokens 32
+
+--model serves a given GGUF instead (e.g. the 20b-shaped synth file of bench/RESULTS.md, whose
+vocabulary is the real one); the last column is the aggregate over one stream's.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ def main() -> None:
     ap.add_argument("--size", choices=SIZES, default="mid")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", type=Path, help="serve this GGUF instead of a random --size model")
     args = ap.parse_args()
-    path = Path(tempfile.gettempdir()) / f"pyengine-bench-{args.size}.gguf"
+    path = args.model or Path(tempfile.gettempdir()) / f"pyengine-bench-{args.size}.gguf"
     if not path.exists():
         write_model(path, **SIZES[args.size])
     backend = EngineBackend.load(NodeConfig(model=str(path), parallel=4, ctx_size=512, threads=args.threads))
@@ -50,8 +55,10 @@ def main() -> None:
             return j["usage"]["completion_tokens"], j["timings"]["predicted_per_second"]
 
         one(0)
-        print(f"| streams | tokens | wall s | aggregate tok/s | per-stream tok/s |  ({args.size}, threads={args.threads})")
-        print("|---|---|---|---|---|")
+        print(f"| streams | tokens | wall s | aggregate tok/s | per-stream tok/s | x one |  "
+              f"({args.model.name if args.model else args.size}, threads={args.threads})")
+        print("|---|---|---|---|---|---|")
+        single = None
         for n in (1, 2, 4):
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -59,7 +66,9 @@ def main() -> None:
             wall = time.perf_counter() - t0
             toks = sum(r[0] for r in res)
             rates = [r[1] for r in res]
-            print(f"| {n} | {toks} | {wall:.2f} | {toks / wall:.1f} | {min(rates):.1f}-{max(rates):.1f} |")
+            single = single or toks / wall
+            print(f"| {n} | {toks} | {wall:.2f} | {toks / wall:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
+                  f"{toks / wall / single:.2f} |")
 
 
 if __name__ == "__main__":

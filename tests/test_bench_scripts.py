@@ -59,9 +59,12 @@ def test_batch_decode_touched_experts(tiny):
     assert decode_bytes(eng.model_file) < step < 3 * decode_bytes(eng.model_file)
 
     r = subprocess.run([sys.executable, str(BENCH / "batch_decode.py"), str(tiny[0]), "-s", "3", "-n", "2", "-r", "1",
-                        "-t", "1"], capture_output=True, text=True, timeout=300)
+                        "-t", "1", "--profile"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "sequences touched" in r.stdout and "bandwidth-bound ratio" in r.stdout
+    # one profiled pass per 3-sequence step: 2 steps, the tiny model's layers once each
+    prof = r.stdout.split("profile of the 3-sequence steps")[1]
+    assert "| **forward pass** | 1 |" in prof and f"| expert_up | {hp.n_layer} |" in prof
 
 
 def row(model: str, backend: str, n_prompt: int, n_gen: int, ts: float) -> BenchResult:

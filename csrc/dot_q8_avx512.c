@@ -188,8 +188,8 @@ PE_AI void step(const int F, const tables *t, const uint8_t *const r[8], const p
     for (int p = 0; p < 32 * BLOCK[F]; p += 64) _mm_prefetch((const char *)next + 8 * o + p, _MM_HINT_T1);
     /* per token: d_x / 254 and offset * s32x (exact in int32) of lane 4k + i (block k) */
     const __m512i lane_blk = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    __m512 dx[8];
-    __m512i offs[8];
+    __m512 dx[PE_DOT_Q8_MAX_TOK];
+    __m512i offs[PE_DOT_Q8_MAX_TOK];
     for (int tk = 0; tk < n_tok; tk++) {
         const __m512 d = _mm512_permutexvar_ps(lane_blk, _mm512_castps128_ps512(_mm_loadu_ps(x[tk].d + 4 * g)));
         const __m512 sx = _mm512_permutexvar_ps(lane_blk, _mm512_castps128_ps512(_mm_loadu_ps(x[tk].s32x + 4 * g)));
@@ -231,7 +231,7 @@ PE_AI void dot_rows(const int F, const uint8_t *rows, int64_t stride, int nr, co
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
-    __m512 acc[8][2];
+    __m512 acc[PE_DOT_Q8_MAX_TOK][2];
     for (int tk = 0; tk < n_tok; tk++) acc[tk][0] = acc[tk][1] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; 4 * g + 4 <= nb; g++) step(F, &t, r, x, n_tok, g, 4, next, acc);
@@ -278,6 +278,6 @@ pe_dot_q8_tok_fn pe_dot_q8_tok_avx512(int type) {
     case PE_TYPE_Q8_0: return tok_q8_0;
     case PE_TYPE_Q4_0: return pe_cpu_has_avx512vbmi() ? tok_q4_0 : NULL;
     case PE_TYPE_MXFP4: return pe_cpu_has_avx512vbmi() ? tok_mxfp4 : NULL;
-    default: return NULL;
+    default: return pe_dot_q8k_tok_avx512(type);
     }
 }

@@ -35,6 +35,15 @@
  *   row i / 2), scaled in one float register with the per-32 sums s32x. Each row's eight lanes are
  *   summed at the end in unit order whatever its slot in the pair.
  *
+ * Several tokens (a decode step of 2-8 sequences, pe_dot_q8_tok_fn): a step's row (pair) is decoded
+ * once, then its sums taken for every token with that token's activations, scales and accumulators
+ * (in memory for a variable count); the one-token entry is the same code with n_tok = 1, a
+ * constant, so a token's bits are the one-token kernel's. In a 4-sequence decode step of the
+ * Q4_K_M-style 20b file q|k|v (Q5_0/Q8_0) went from 28-31 to 20-22 ms and attn_out (Q4_K) from
+ * 17-19 to 13-16 ms (bench/batch_decode.py --profile, two runs each way). Not Q2_K: its decode is 4
+ * permutes and masks, nothing worth sharing, and with a variable count its transposed activations
+ * leave the registers (0.8x of one-token calls per token).
+ *
  * Per lane:
  *     acc += (sum - offset * s) * (d_w * scale) * d_x / 254  -  min_w * (d_x / 254 * s)
  * where s is the activation unit's combined code sum 254 * sum(q) + sum(ql) and d_x its 32-block's
@@ -215,8 +224,8 @@ PE_AI void act_nat(const int8_t *digits, int64_t sb, __m512i v[4]) {
     }
 }
 
-PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
-                    const int T) {
+PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                    float *out, int64_t ldo, const int T) {
     const int BLOCK = K_BLOCK[T];
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
@@ -226,19 +235,23 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nsb = n / 256;
-    __m512 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[PE_DOT_Q8_MAX_TOK][8];
+    for (int tk = 0; tk < n_tok; tk++)
+        for (int i = 0; i < 8; i++) acc[tk][i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
-        __m512i xh[4], xl[4];
-        act_nat(x->xh, sb, xh);
-        act_nat(x->xl, sb, xl);
-        /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
-        const __m512 dx = _mm512_mul_ps(
-            _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
-        const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x->s16x + 16 * sb));
-        /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
-        const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
+        __m512i xh[PE_DOT_Q8_MAX_TOK][4], xl[PE_DOT_Q8_MAX_TOK][4], offs[PE_DOT_Q8_MAX_TOK];
+        __m512 dx[PE_DOT_Q8_MAX_TOK];
+        for (int tk = 0; tk < n_tok; tk++) {
+            act_nat(x[tk].xh, sb, xh[tk]);
+            act_nat(x[tk].xl, sb, xl[tk]);
+            /* d_x / 254 and the combined sums 254 * sum(q) + sum(ql) of each sub-block */
+            dx[tk] = _mm512_mul_ps(
+                _mm512_permutexvar_ps(sub32, _mm512_castps256_ps512(_mm256_loadu_ps(x[tk].d + 8 * sb))), inv254);
+            const __m512 s16 = _mm512_permutexvar_ps(sub, _mm512_loadu_ps(x[tk].s16x + 16 * sb));
+            /* offset * s16x in int32, exact (|s16x| <= 16 * 127 * 255) */
+            offs[tk] = _mm512_mullo_epi32(_mm512_cvtps_epi32(s16), voff);
+        }
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             row_step s[2];
@@ -247,16 +260,18 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                 decode_k(T, r[2 * p + k] + o, &s[k]);
             }
             if (T == K_Q3) k3_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &s[0].a, &s[1].a);
-            for (int k = 0; k < 2; k++) {
-                const int i = 2 * p + k;
-                __m512i f = dot2(s[k].u, xh, xl);
-                if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs);
-                const __m512 t = _mm512_cvtepi32_ps(f);
-                acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx), acc[i]);
-            }
+            for (int tk = 0; tk < n_tok; tk++)
+                for (int k = 0; k < 2; k++) {
+                    const int i = 2 * p + k;
+                    __m512i f = dot2(s[k].u, xh[tk], xl[tk]);
+                    if (K_OFFSET[T] != 0.0f) f = _mm512_sub_epi32(f, offs[tk]);
+                    const __m512 t = _mm512_cvtepi32_ps(f);
+                    acc[tk][i] = _mm512_fmadd_ps(t, _mm512_mul_ps(s[k].a, dx[tk]), acc[tk][i]);
+                }
         }
     }
-    for (int i = 0; i < nr; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int tk = 0; tk < n_tok; tk++)
+        for (int i = 0; i < nr; i++) out[tk * ldo + i] = _mm512_reduce_add_ps(acc[tk][i]);
 }
 
 /* ---- Q2_K: a sub-block per int32 ---------------------------------------------------------- */
@@ -432,8 +447,16 @@ PE_AI void act_k45(const int8_t *digits, int64_t sb, __m512i v[4]) {
     v[3] = _mm512_shuffle_i64x2(s1, s3, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
-                      const int T) {
+/* Rows' results from a pair accumulator per token (out + tk * ldo), lanes idx(s) of row slot s. */
+#define STORE_PAIRS(acc, n_tok, nr, out, ldo, IDX)                                                            \
+    for (int tk = 0; tk < (n_tok); tk++)                                                                     \
+        for (int i = 0; i < (nr); i++) {                                                                     \
+            const int s = 2 * (i % 2);                                                                       \
+            (out)[tk * (ldo) + i] = pair_row((acc)[tk][i / 2], IDX);                                         \
+        }
+
+PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                      float *out, int64_t ldo, const int T) {
     const int BLOCK = K_BLOCK[T];
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
@@ -446,17 +469,21 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
                                 : _mm512_set1_ps(1.0f);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nsb = n / 256;
-    __m512 acc[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[PE_DOT_Q8_MAX_TOK][4];
+    for (int tk = 0; tk < n_tok; tk++)
+        for (int i = 0; i < 4; i++) acc[tk][i] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const int64_t o = sb * BLOCK;
-        __m512i xh[4], xl[4];
-        act_k45(x->xh, sb, xh);
-        act_k45(x->xl, sb, xl);
-        const __m512 dx = _mm512_mul_ps(
-            _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb))), inv254);
-        const __m512 dxs = _mm512_mul_ps(dx, _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x->s32x + 8 * sb))));
-        const __m512 dxa = _mm512_mul_ps(dx, pw);
+        __m512i xh[PE_DOT_Q8_MAX_TOK][4], xl[PE_DOT_Q8_MAX_TOK][4];
+        __m512 dxs[PE_DOT_Q8_MAX_TOK], dxa[PE_DOT_Q8_MAX_TOK];
+        for (int tk = 0; tk < n_tok; tk++) {
+            act_k45(x[tk].xh, sb, xh[tk]);
+            act_k45(x[tk].xl, sb, xl[tk]);
+            const __m512 dx = _mm512_mul_ps(
+                _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x[tk].d + 8 * sb))), inv254);
+            dxs[tk] = _mm512_mul_ps(dx, _mm512_permutexvar_ps(lane_sub, _mm512_castps256_ps512(_mm256_loadu_ps(x[tk].s32x + 8 * sb))));
+            dxa[tk] = _mm512_mul_ps(dx, pw);
+        }
         prefetch_next(next + 8 * o, 8 * BLOCK);
         for (int p = 0; p < 4; p++) {
             __m512i ua[4], ub[4];
@@ -464,20 +491,21 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
             prefetch_row(r[2 * p + 1] + o, BLOCK);
             decode_k45(T, r[2 * p] + o, ua);
             decode_k45(T, r[2 * p + 1] + o, ub);
-            const __m512i f = fold4(dot_pair(ua[0], ua[1], xh[0], xh[1], xl[0], xl[1]),
-                                    dot_pair(ua[2], ua[3], xh[2], xh[3], xl[2], xl[3]),
-                                    dot_pair(ub[0], ub[1], xh[0], xh[1], xl[0], xl[1]),
-                                    dot_pair(ub[2], ub[3], xh[2], xh[3], xl[2], xl[3]));
             __m512 a, m;
             k45_pair_scales(r[2 * p] + o, r[2 * p + 1] + o, &a, &m);
-            acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dxa), acc[p]);
-            acc[p] = _mm512_fnmadd_ps(m, dxs, acc[p]);
+            for (int tk = 0; tk < n_tok; tk++) {
+                const __m512i *h = xh[tk], *l = xl[tk];
+                const __m512i f = fold4(dot_pair(ua[0], ua[1], h[0], h[1], l[0], l[1]),
+                                        dot_pair(ua[2], ua[3], h[2], h[3], l[2], l[3]),
+                                        dot_pair(ub[0], ub[1], h[0], h[1], l[0], l[1]),
+                                        dot_pair(ub[2], ub[3], h[2], h[3], l[2], l[3]));
+                acc[tk][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dxa[tk]), acc[tk][p]);
+                acc[tk][p] = _mm512_fnmadd_ps(m, dxs[tk], acc[tk][p]);
+            }
         }
     }
-    for (int i = 0; i < nr; i++) {
-        const int s = 2 * (i % 2);
-        out[i] = pair_row(acc[i / 2], _mm512_setr_epi32(s, s + 1, s + 4, s + 5, s + 8, s + 9, s + 12, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
-    }
+    STORE_PAIRS(acc, n_tok, nr, out, ldo,
+                _mm512_setr_epi32(s, s + 1, s + 4, s + 5, s + 8, s + 9, s + 12, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
 }
 
 /* ---- 32-blocks with a minimum or a 5th bit: eight blocks per step, rows in pairs --------------- */
@@ -581,30 +609,34 @@ PE_AI __m512i b_sums(const __m512i ua[4], const __m512i ub[4], const __m512i xh[
                  dot_pair(ub[0], ub[1], xh[0], xh[1], xl[0], xl[1]), dot_pair(ub[2], ub[3], xh[2], xh[3], xl[2], xl[3]));
 }
 
-/* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there). */
-PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, int64_t b,
-                  const int64_t nblk, const uint8_t *next, __m512i lane_blk,
-                  __m512 acc[4]) {
+/* One step of eight blocks (nblk present: 8 in the loop, so that every mask is a constant there) for
+ * n_tok tokens: each row pair is decoded once, then its sums taken per token (per token the one-token
+ * arithmetic, so the one-token bits). */
+PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], const pe_act_q8 *x, const int n_tok,
+                  int64_t b, const int64_t nblk, const uint8_t *next, __m512i lane_blk, __m512 acc[][4]) {
     const int BLOCK = B_BLOCK[T];
     const int64_t o = b * BLOCK;
     /* lane L of register 2g (2g + 1): the first (second) 16 elements of block 4g + L, as xh / xl
      * store them. Plain loads also in a last step: b is a multiple of 8, so the 256 bytes from 32 b
      * lie within xh's zero-padded length (n rounded up to 128, plus 128), and the missing blocks'
      * codes are zero. */
-    __m512i xh[4], xl[4];
-    for (int i = 0; i < 4; i++) {
-        xh[i] = _mm512_loadu_si512(x->xh + 32 * b + 64 * i);
-        xl[i] = _mm512_loadu_si512(x->xl + 32 * b + 64 * i);
-    }
+    __m512i xh[PE_DOT_Q8_MAX_TOK][4], xl[PE_DOT_Q8_MAX_TOK][4], offs[PE_DOT_Q8_MAX_TOK];
+    __m512 dx[PE_DOT_Q8_MAX_TOK], dxs[PE_DOT_Q8_MAX_TOK];
     const __mmask8 bm = (__mmask8)((1u << nblk) - 1);
-    /* per lane (its block): d_x / 254 and the combined sum 254 * sum(q) + sum(ql) */
-    const __m512 dx = _mm512_mul_ps(
-        _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x->d + b))),
-        _mm512_set1_ps(1.0f / 254.0f));
-    const __m512 s32 = _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x->s32x + b)));
-    const __m512 dxs = _mm512_mul_ps(dx, s32);
-    /* offset * s32x in int32, exact (|s32x| <= 32 * 127 * 255) */
-    const __m512i offs = _mm512_mullo_epi32(_mm512_cvtps_epi32(s32), _mm512_set1_epi32(B_OFFSET[T]));
+    for (int tk = 0; tk < n_tok; tk++) {
+        for (int i = 0; i < 4; i++) {
+            xh[tk][i] = _mm512_loadu_si512(x[tk].xh + 32 * b + 64 * i);
+            xl[tk][i] = _mm512_loadu_si512(x[tk].xl + 32 * b + 64 * i);
+        }
+        /* per lane (its block): d_x / 254 and the combined sum 254 * sum(q) + sum(ql) */
+        dx[tk] = _mm512_mul_ps(
+            _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x[tk].d + b))),
+            _mm512_set1_ps(1.0f / 254.0f));
+        const __m512 s32 = _mm512_permutexvar_ps(lane_blk, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(bm, x[tk].s32x + b)));
+        dxs[tk] = _mm512_mul_ps(dx[tk], s32);
+        /* offset * s32x in int32, exact (|s32x| <= 32 * 127 * 255) */
+        offs[tk] = _mm512_mullo_epi32(_mm512_cvtps_epi32(s32), _mm512_set1_epi32(B_OFFSET[T]));
+    }
     prefetch_next(next + 8 * o, 8 * 8 * BLOCK);
     for (int p = 0; p < 4; p++) {
         __m512i ua[4], ub[4];
@@ -612,17 +644,20 @@ PE_AI void b_step(const int T, const b_tables *tb, const uint8_t *const r[8], co
         prefetch_row(r[2 * p + 1] + o, 8 * BLOCK);
         const __m256i ha = b_decode(T, tb, r[2 * p] + o, nblk, ua);
         const __m256i hb = b_decode(T, tb, r[2 * p + 1] + o, nblk, ub);
-        __m512i f = b_sums(ua, ub, xh, xl);
-        if (B_OFFSET[T]) f = _mm512_sub_epi32(f, offs);
         const __m512 fa = _mm512_cvtph_ps(ha), fb = _mm512_cvtph_ps(hb);
         const __m512 a = _mm512_permutex2var_ps(fa, tb->a_idx, fb);
-        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dx), acc[p]);
-        if (B_HASMIN[T]) acc[p] = _mm512_fmadd_ps(_mm512_permutex2var_ps(fa, tb->m_idx, fb), dxs, acc[p]);
+        const __m512 m = _mm512_permutex2var_ps(fa, tb->m_idx, fb);
+        for (int tk = 0; tk < n_tok; tk++) {
+            __m512i f = b_sums(ua, ub, xh[tk], xl[tk]);
+            if (B_OFFSET[T]) f = _mm512_sub_epi32(f, offs[tk]);
+            acc[tk][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_mul_ps(a, dx[tk]), acc[tk][p]);
+            if (B_HASMIN[T]) acc[tk][p] = _mm512_fmadd_ps(m, dxs[tk], acc[tk][p]);
+        }
     }
 }
 
-PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out,
-                    const int T) {
+PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                    float *out, int64_t ldo, const int T) {
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
     const b_tables tb = B_TABLES[T];
@@ -630,61 +665,88 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     const __m512i lane_blk = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
-    __m512 acc[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    __m512 acc[PE_DOT_Q8_MAX_TOK][4];
+    for (int tk = 0; tk < n_tok; tk++)
+        for (int i = 0; i < 4; i++) acc[tk][i] = _mm512_setzero_ps();
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, b, 8, next, lane_blk, acc);
-    if (b < nb) b_step(T, &tb, r, x, b, nb - b, next, lane_blk, acc);
-    for (int i = 0; i < nr; i++) {
-        const int s = 2 * (i % 2);
-        out[i] = pair_row(acc[i / 2], _mm512_setr_epi32(s, s + 4, s + 8, s + 12, s + 1, s + 5, s + 9, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
+    for (; b + 8 <= nb; b += 8) b_step(T, &tb, r, x, n_tok, b, 8, next, lane_blk, acc);
+    if (b < nb) b_step(T, &tb, r, x, n_tok, b, nb - b, next, lane_blk, acc);
+    STORE_PAIRS(acc, n_tok, nr, out, ldo,
+                _mm512_setr_epi32(s, s + 4, s + 8, s + 12, s + 1, s + 5, s + 9, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
+}
+
+/* Each type's one-token (dot_q8_*) and several-token (tok_q8_*) entry points: the same kernel code
+ * (n_tok 1 a constant), so per token the same bits. */
+#define ENTRIES(NAME, KERNEL, T)                                                                              \
+    static void dot_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n,     \
+                              float *out) {                                                                   \
+        KERNEL(rows, stride, nr, x, 1, n, out, 0, T);                                                         \
+    }                                                                                                         \
+    static void tok_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok,     \
+                              int64_t n, float *out, int64_t ldo) {                                           \
+        KERNEL(rows, stride, nr, x, n_tok, n, out, ldo, T);                                                   \
     }
-}
-
-static void dot_q8_q4_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_b(rows, stride, nr, x, n, out, B_Q4_1);
-}
-static void dot_q8_q5_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_0);
-}
-static void dot_q8_q5_1(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_b(rows, stride, nr, x, n, out, B_Q5_1);
-}
-
+ENTRIES(q4_1, dot_q8_b, B_Q4_1)
+ENTRIES(q5_0, dot_q8_b, B_Q5_0)
+ENTRIES(q5_1, dot_q8_b, B_Q5_1)
+/* Q2_K has no several-token form: its decode is 4 permutes and masks, nothing to share, and with a
+ * variable token count its activations leave the registers (2 tokens: 0.8x of two one-token calls). */
 static void dot_q8_q2_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
     dot_q8_k2(rows, stride, nr, x, n, out);
 }
-static void dot_q8_q3_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k(rows, stride, nr, x, n, out, K_Q3);
-}
-static void dot_q8_q4_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k45(rows, stride, nr, x, n, out, K_Q4);
-}
-static void dot_q8_q5_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k45(rows, stride, nr, x, n, out, K_Q5);
-}
-static void dot_q8_q6_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_q8_k(rows, stride, nr, x, n, out, K_Q6);
+ENTRIES(q3_k, dot_q8_k, K_Q3)
+ENTRIES(q4_k, dot_q8_k45, K_Q4)
+ENTRIES(q5_k, dot_q8_k45, K_Q5)
+ENTRIES(q6_k, dot_q8_k, K_Q6)
+
+/* Builds the 32-block tables of the type (once per process: the traits' pthread_once); 0 where
+ * the CPU lacks what its kernel needs. */
+static int ready(int type) {
+    switch (type) {
+    case PE_TYPE_Q2_K:
+    case PE_TYPE_Q3_K:
+    case PE_TYPE_Q4_K:
+    case PE_TYPE_Q5_K:
+    case PE_TYPE_Q6_K: return 1;
+    case PE_TYPE_Q4_1:
+        if (!pe_cpu_has_avx512vbmi()) return 0;
+        b_tables_init(B_Q4_1, &B_TABLES[B_Q4_1]);
+        return 1;
+    case PE_TYPE_Q5_0:
+    case PE_TYPE_Q5_1: {
+        if (!pe_cpu_has_avx512vbmi() || !pe_cpu_has_avx512bitalg()) return 0;
+        const int T = type == PE_TYPE_Q5_0 ? B_Q5_0 : B_Q5_1;
+        b_tables_init(T, &B_TABLES[T]);
+        return 1;
+    }
+    default: return 0;
+    }
 }
 
 pe_dot_q8_fn pe_dot_q8k_avx512(int type) {
+    if (!ready(type)) return NULL;
     switch (type) {
     case PE_TYPE_Q2_K: return dot_q8_q2_k;
     case PE_TYPE_Q3_K: return dot_q8_q3_k;
     case PE_TYPE_Q4_K: return dot_q8_q4_k;
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
-    case PE_TYPE_Q4_1:
-        if (!pe_cpu_has_avx512vbmi()) return NULL;
-        b_tables_init(B_Q4_1, &B_TABLES[B_Q4_1]);
-        return dot_q8_q4_1;
-    case PE_TYPE_Q5_0:
-    case PE_TYPE_Q5_1: {
-        if (!pe_cpu_has_avx512vbmi() || !pe_cpu_has_avx512bitalg()) return NULL;
-        const int T = type == PE_TYPE_Q5_0 ? B_Q5_0 : B_Q5_1;
-        b_tables_init(T, &B_TABLES[T]);
-        return type == PE_TYPE_Q5_0 ? dot_q8_q5_0 : dot_q8_q5_1;
+    case PE_TYPE_Q4_1: return dot_q8_q4_1;
+    case PE_TYPE_Q5_0: return dot_q8_q5_0;
+    default: return dot_q8_q5_1;
     }
-    default: return NULL;
+}
+
+pe_dot_q8_tok_fn pe_dot_q8k_tok_avx512(int type) {
+    if (!ready(type)) return NULL;
+    switch (type) {
+    case PE_TYPE_Q2_K: return NULL;
+    case PE_TYPE_Q3_K: return tok_q8_q3_k;
+    case PE_TYPE_Q4_K: return tok_q8_q4_k;
+    case PE_TYPE_Q5_K: return tok_q8_q5_k;
+    case PE_TYPE_Q6_K: return tok_q8_q6_k;
+    case PE_TYPE_Q4_1: return tok_q8_q4_1;
+    case PE_TYPE_Q5_0: return tok_q8_q5_0;
+    default: return tok_q8_q5_1;
     }
 }

@@ -23,7 +23,7 @@ enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
  * memory once and dotted with every token while it is in cache, with the type's fused dot (the int8
  * kernels' several-token form decodes a group of rows once for all tokens): per token exactly the
  * one-token result, so a sequence decoded in a batch gets the logits it would get alone. */
-enum { PE_ROWWISE_MAX_TOK = 8 };
+enum { PE_ROWWISE_MAX_TOK = PE_DOT_Q8_MAX_TOK };
 
 /* Row groups a thread takes at a time from its own range: a few microseconds of decode work, so the
  * threads end within that of each other. */

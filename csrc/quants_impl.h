@@ -92,9 +92,10 @@ typedef struct {
 /* The AVX-512 VNNI int8 rows kernel of a type, or NULL: Q8_0, Q4_0, MXFP4 in dot_q8_avx512.c, the
  * other block formats in dot_q8k_avx512.c (pe_dot_q8k_avx512). */
 pe_dot_q8_fn pe_dot_q8_avx512(int type);
-/* Its several-token form (dot_q8_avx512.c), or NULL. */
+/* Its several-token form (the same files), or NULL. */
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx512(int type);
 pe_dot_q8_fn pe_dot_q8k_avx512(int type);
+pe_dot_q8_tok_fn pe_dot_q8k_tok_avx512(int type);
 
 void pe_kernels_ref(int type, pe_kernel_set *k);
 void pe_kernels_avx2(int type, pe_kernel_set *k);

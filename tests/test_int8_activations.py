@@ -34,10 +34,19 @@ def rows_of(qtype, n_out: int, n_in: int, rng) -> np.ndarray:
     return blocks.reshape(n_out, -1)
 
 
-# 3 blocks (a lone partial step of 4), 5 (a step and one block), 16, 90 (22 steps and two blocks)
-@pytest.mark.parametrize("n_in", [96, 160, 512, 2880])
-@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+# 32-blocks: 3 blocks (a lone partial step of 4), 5 (a step and one block), 16, 90 (22 steps and two
+# blocks); K-quants: 1, 3 and 12 super-blocks
+ROW_TYPES = Q8_TYPES + [T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+ROW_CASES = [(q, n) for q in ROW_TYPES for n in ([96, 160, 512, 2880] if SIZES[q][0] == 32 else [256, 768, 3072])]
+
+
+@pytest.mark.parametrize("qtype,n_in", ROW_CASES, ids=lambda v: v.name if isinstance(v, T) else str(v))
 def test_matmul_int8_equals_q8_kernels_and_float64(qtype, n_in):
+    """Up to 8 tokens: the rows kernels (the several-token forms decode a row once for all tokens),
+    per token bit for bit the one-token kernel, 1 and 2 threads alike, within float rounding of
+    float64 on the same two-digit activations."""
+    if not Q.has_dot_q8(int(qtype)):
+        pytest.skip(f"no int8 kernel for {qtype.name} on this CPU")
     rng = np.random.default_rng(int(qtype) + n_in)
     n_out = 300                                  # n_in 512: 153600 multiply-adds per token, 2 threads
     rows = rows_of(qtype, n_out, n_in, rng)

@@ -208,8 +208,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
-                   "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth) and a\n"
-                   "64-token product (prefill, GFLOP/s), default and exact paths; then the 20b MoE layer.\n\n"
+                   "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
+                   "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
+                   "GFLOP/s), default and exact paths; then the 20b MoE layer.\n\n"
                    "  -t THREADS    OpenMP threads (default: %d)\n"
                    "  -r REPS       repetitions, best is reported (default 5)\n"
                    "  -m MIB        matrix size in MiB, beyond the caches (default 256)\n"
@@ -228,9 +229,10 @@ int main(int argc, char **argv) {
     }
     printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
            pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
-    printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, prefill = 64 tokens\n\n", N_EMBD, mib);
-    printf("%-6s %8s %12s %8s %8s %16s %14s %16s\n", "type", "rows", "decode GB/s", "BW GB/s", "% of BW",
-           "prefill GFLOP/s", "exact dec GB/s", "exact pre GFLOP/s");
+    printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, 4 tok = one step of 4 sequences, "
+           "prefill = 64 tokens\n\n", N_EMBD, mib);
+    printf("%-6s %8s %12s %8s %8s %12s %16s %14s %16s\n", "type", "rows", "decode GB/s", "BW GB/s", "% of BW",
+           "4 tok GB/s", "prefill GFLOP/s", "exact dec GB/s", "exact pre GFLOP/s");
     const int types[] = {PE_TYPE_F32, PE_TYPE_F16, PE_TYPE_BF16, PE_TYPE_Q8_0, PE_TYPE_Q4_0, PE_TYPE_Q4_1,
                          PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K,
                          PE_TYPE_Q6_K, PE_TYPE_MXFP4};
@@ -250,18 +252,20 @@ int main(int argc, char **argv) {
         fill(type, w, rows, n_in);
         /* the default path (int8 activations where the type has kernels), then the exact one */
         double dec[2], pre[2], near = 0; /* near: the probe right before / after the decode timing */
+        double dec4 = 0; /* 4 tokens (the several-token kernels), weight GB/s */
         for (int exact = 0; exact < 2; exact++) {
             pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact};
             time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
             if (!exact) near = bandwidth(threads, PROBE_BYTES);
             dec[exact] = row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9;
             if (!exact) near = fmax(near, bandwidth(threads, PROBE_BYTES));
+            if (!exact) dec4 = row * rows / time_matmul(&pw, xx, 4, y, threads, reps) / 1e9;
             const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
             pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact};
             pre[exact] = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
         }
-        printf("%-6s %8lld %12.2f %8.1f %7.0f%% %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
-               100.0 * dec[0] / near, pre[0], dec[1], pre[1]);
+        printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
+               100.0 * dec[0] / near, dec4, pre[0], dec[1], pre[1]);
         free(w); free(y); free(xx);
     }
     bench_moe(threads, reps);

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "cpu_features.h"
@@ -53,6 +54,18 @@ static const scale_fields SCALES[] = {
 };
 
 /* Fill n_rows rows of n elements of `type` with random valid data. */
+/* Large buffers on 2 MiB pages where the kernel gives them (MADV_HUGEPAGE, as the engine asks for
+ * its weight mapping, pyengine/gguf_reader.py): the weights and the probe then stream the way a
+ * model's do. */
+static void *big_alloc(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    void *p = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
     const pe_type_traits *t = pe_type_traits_get(type);
     const size_t row = pe_row_size(type, n);
@@ -124,7 +137,7 @@ static double bandwidth(int threads, size_t bytes) {
     static size_t have;
     if (have != bytes) {
         free(buf);
-        buf = aligned_alloc(4096, bytes);
+        buf = big_alloc(bytes);
         have = buf ? bytes : 0;
         if (!buf) return 0;
 #pragma omp parallel for num_threads(threads)
@@ -149,7 +162,7 @@ static void bench_moe(int threads, int reps) {
     const int E = 32, K = 4;
     const int64_t D = N_EMBD, F = N_EMBD;
     const size_t exp_row = pe_row_size(PE_TYPE_MXFP4, D);
-    uint8_t *gate = malloc(exp_row * F * E), *up = malloc(exp_row * F * E), *down = malloc(exp_row * D * E);
+    uint8_t *gate = big_alloc(exp_row * F * E), *up = big_alloc(exp_row * F * E), *down = big_alloc(exp_row * D * E);
     float *router = malloc(sizeof(float) * D * E), *rb = calloc(E, sizeof(float));
     float *gb = calloc((size_t)E * F, sizeof(float)), *ub = calloc((size_t)E * F, sizeof(float));
     float *db = calloc((size_t)E * D, sizeof(float));
@@ -244,7 +257,7 @@ int main(int argc, char **argv) {
         const int64_t n_in = N_EMBD % t->blck_size ? 3072 : N_EMBD;
         const size_t row = pe_row_size(type, n_in);
         const int64_t rows = (int64_t)((mib << 20) / row);
-        uint8_t *w = malloc(row * rows);
+        uint8_t *w = big_alloc(row * rows);
         float *y = malloc(sizeof(float) * rows * 64);
         float *xx = malloc(sizeof(float) * n_in * 64);
         if (!w || !y || !xx) { fprintf(stderr, "out of memory\n"); return 1; }

@@ -53,19 +53,19 @@ static const scale_fields SCALES[] = {
     {PE_TYPE_Q6_K, {208, -1}, -1},    {PE_TYPE_MXFP4, {-1}, 0},
 };
 
-/* Fill n_rows rows of n elements of `type` with random valid data. */
 /* Large buffers on 2 MiB pages where the kernel gives them (MADV_HUGEPAGE, as the engine asks for
  * its weight mapping, pyengine/gguf_reader.py): the weights and the probe then stream the way a
  * model's do. */
 static void *big_alloc(size_t bytes) {
-    const size_t huge = (size_t)2 << 20;
-    void *p = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
+    const size_t huge = (size_t)2 << 20, size = (bytes + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, size);
 #ifdef MADV_HUGEPAGE
-    if (p) madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+    if (p) madvise(p, size, MADV_HUGEPAGE);
 #endif
     return p;
 }
 
+/* Fill n_rows rows of n elements of `type` with random valid data. */
 static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
     const pe_type_traits *t = pe_type_traits_get(type);
     const size_t row = pe_row_size(type, n);

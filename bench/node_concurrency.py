@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", type=Path, help="serve this GGUF instead of a random --size model")
     args = ap.parse_args()
+    if args.model and not args.model.is_file():
+        ap.error(f"--model {args.model}: no such file")
     path = args.model or Path(tempfile.gettempdir()) / f"pyengine-bench-{args.size}.gguf"
     if not path.exists():
         write_model(path, **SIZES[args.size])

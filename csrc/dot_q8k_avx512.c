@@ -85,6 +85,7 @@
 #include "cpu_features.h"
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <string.h>
 
 #define PE_AI static inline __attribute__((always_inline))
@@ -537,8 +538,8 @@ typedef struct {
     __m512i a_idx, m_idx; /* the float lanes of d and m of a row pair (see b_step) */
 } b_tables;
 
-/* Built once per type when the kernel is chosen (pe_dot_q8k_avx512, called once per process from
- * the traits' pthread_once), instead of on the stack by every call (~5% of a call at n = 2880). */
+/* Built once per process when a kernel is first chosen (ready()), for the types the CPU can run,
+ * instead of on the stack by every call (~5% of a call at n = 2880). */
 static b_tables B_TABLES[3];
 
 static void b_tables_init(const int T, b_tables *t) {
@@ -699,26 +700,26 @@ ENTRIES(q4_k, dot_q8_k45, K_Q4)
 ENTRIES(q5_k, dot_q8_k45, K_Q5)
 ENTRIES(q6_k, dot_q8_k, K_Q6)
 
-/* Builds the 32-block tables of the type (once per process: the traits' pthread_once); 0 where
- * the CPU lacks what its kernel needs. */
+static pthread_once_t b_tables_once = PTHREAD_ONCE_INIT;
+static int b_runs(int T) { return pe_cpu_has_avx512vbmi() && (T == B_Q4_1 || pe_cpu_has_avx512bitalg()); }
+static void b_tables_build(void) {
+    for (int T = 0; T < 3; T++)
+        if (b_runs(T)) b_tables_init(T, &B_TABLES[T]);
+}
+
+/* Whether the CPU has what the type's kernel needs; the 32-block tables are built on the first
+ * call (once, as dot_q8_avx512.c builds its own). */
 static int ready(int type) {
+    pthread_once(&b_tables_once, b_tables_build);
     switch (type) {
     case PE_TYPE_Q2_K:
     case PE_TYPE_Q3_K:
     case PE_TYPE_Q4_K:
     case PE_TYPE_Q5_K:
     case PE_TYPE_Q6_K: return 1;
-    case PE_TYPE_Q4_1:
-        if (!pe_cpu_has_avx512vbmi()) return 0;
-        b_tables_init(B_Q4_1, &B_TABLES[B_Q4_1]);
-        return 1;
-    case PE_TYPE_Q5_0:
-    case PE_TYPE_Q5_1: {
-        if (!pe_cpu_has_avx512vbmi() || !pe_cpu_has_avx512bitalg()) return 0;
-        const int T = type == PE_TYPE_Q5_0 ? B_Q5_0 : B_Q5_1;
-        b_tables_init(T, &B_TABLES[T]);
-        return 1;
-    }
+    case PE_TYPE_Q4_1: return b_runs(B_Q4_1);
+    case PE_TYPE_Q5_0: return b_runs(B_Q5_0);
+    case PE_TYPE_Q5_1: return b_runs(B_Q5_1);
     default: return 0;
     }
 }

@@ -61,8 +61,9 @@ typedef void (*pe_dot_q8_fn)(const uint8_t *rows, int64_t stride, int nr, const 
                              float *out);
 /* The most tokens a several-token kernel takes (below). */
 #define PE_DOT_Q8_MAX_TOK 8
-/* The same for n_tok (1..PE_DOT_Q8_MAX_TOK) tokens x[0..n_tok), out[t * ldo + r]: the rows are decoded once per call
- * and dotted with every token; each token's results are bit-identical to dot_q8 with x[t] alone. */
+/* The same for n_tok (1..PE_DOT_Q8_MAX_TOK) tokens x[0..n_tok), out[t * ldo + r]: the rows are
+ * decoded once per call and dotted with every token; each token's results are bit-identical to dot_q8
+ * with x[t] alone. */
 typedef void (*pe_dot_q8_tok_fn)(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok,
                                  int64_t n, float *out, int64_t ldo);
 

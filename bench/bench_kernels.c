@@ -25,6 +25,7 @@
 #include "cpu_features.h"
 #include "matmul.h"
 #include "moe.h"
+#include "mxfp4_r16.h"
 #include "quants.h"
 
 #define N_EMBD 2880
@@ -183,10 +184,23 @@ static void bench_moe(int threads, int reps) {
     };
     printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
     printf("%-8s %12s %12s %12s %8s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "BW GB/s", "% of BW");
-    const int64_t toks[] = {1, 64, 1, 64};
-    for (int k = 0; k < 4; k++) {
+    /* the experts also in the R16 layout (the engine's default with its repack cache, mxfp4_r16.h) */
+    const pe_moe file = m;
+    pe_moe r16 = m;
+    const int has_r16 = pe_r16_dot_get() != NULL;
+    pe_weight *const mats[3] = {&r16.gate, &r16.up, &r16.down};
+    for (int i = 0; i < 3 && has_r16; i++) {
+        uint8_t *dst = big_alloc((size_t)pe_r16_bytes(mats[i]->n_in, mats[i]->n_out, E));
+        if (!dst) { fprintf(stderr, "out of memory\n"); exit(1); }
+        pe_r16_repack(mats[i], E, dst, threads);
+        *mats[i] = (pe_weight){dst, PE_TYPE_MXFP4, mats[i]->n_in, mats[i]->n_out, pe_r16_group_bytes(mats[i]->n_in) / 16,
+                               pe_r16_bytes(mats[i]->n_in, mats[i]->n_out, 1), 1, PE_LAYOUT_R16};
+    }
+    const int64_t toks[] = {1, 64, 1, 64, 1, 64};
+    for (int k = 0; k < (has_r16 ? 6 : 4); k++) {
         const int64_t n = toks[k];
-        const int int8 = k < 2; /* the default (int8 activations), then the exact float32 path */
+        const int int8 = k < 2 || k >= 4; /* the default (int8 activations), the exact float32 path, R16 */
+        m = k >= 4 ? r16 : file;
         m.gate.int8_act = m.up.int8_act = m.down.int8_act = int8;
         double best = 1e30;
         double near = bandwidth(threads, PROBE_BYTES);
@@ -202,10 +216,11 @@ static void bench_moe(int threads, int reps) {
         const double bytes = (double)used * (2.0 * exp_row * F + pe_row_size(PE_TYPE_MXFP4, F) * D) + 4.0 * D * E;
         const double flops = 2.0 * n * K * 3.0 * D * F;
         char label[16];
-        snprintf(label, sizeof label, int8 ? "%lld" : "%lld (exact)", (long long)n);
+        snprintf(label, sizeof label, k >= 4 ? "%lld (R16)" : int8 ? "%lld" : "%lld (exact)", (long long)n);
         printf("%-8s %12.3f %12.2f %12.2f %8.1f %9.0f%%\n", label, best * 1e3, bytes / best / 1e9,
                flops / best / 1e9, near, 100.0 * bytes / best / 1e9 / near);
     }
+    for (int i = 0; i < 3 && has_r16; i++) free((void *)mats[i]->data);
     free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
 }
 
@@ -267,18 +282,36 @@ int main(int argc, char **argv) {
         double dec[2], pre[2], near = 0; /* near: the probe right before / after the decode timing */
         double dec4 = 0; /* 4 tokens (the several-token kernels), weight GB/s */
         for (int exact = 0; exact < 2; exact++) {
-            pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact};
+            pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS};
             time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
             if (!exact) near = bandwidth(threads, PROBE_BYTES);
             dec[exact] = row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9;
             if (!exact) near = fmax(near, bandwidth(threads, PROBE_BYTES));
             if (!exact) dec4 = row * rows / time_matmul(&pw, xx, 4, y, threads, reps) / 1e9;
             const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
-            pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact};
+            pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS};
             pre[exact] = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
         }
         printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
                100.0 * dec[0] / near, dec4, pre[0], dec[1], pre[1]);
+        if (type == PE_TYPE_MXFP4 && pe_r16_dot_get()) { /* the same matrix in the R16 layout (int8 only) */
+            uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(n_in, rows, 1));
+            if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
+            const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
+            pe_r16_repack(&src, 1, r16, threads);
+            const pe_weight pr = {r16, type, n_in, rows, pe_r16_group_bytes(n_in) / 16, 0, 1, PE_LAYOUT_R16};
+            time_matmul(&pr, xx, 1, y, threads, 1);
+            near = bandwidth(threads, PROBE_BYTES);
+            const double d1 = row * rows / time_matmul(&pr, xx, 1, y, threads, reps) / 1e9;
+            near = fmax(near, bandwidth(threads, PROBE_BYTES));
+            const double d4 = row * rows / time_matmul(&pr, xx, 4, y, threads, reps) / 1e9;
+            const int64_t pre_rows = rows < 8192 ? rows : 8192;
+            const pe_weight pp = {r16, type, n_in, pre_rows, pe_r16_group_bytes(n_in) / 16, 0, 1, PE_LAYOUT_R16};
+            const double p64 = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
+            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", "R16", (long long)rows, d1, near,
+                   100.0 * d1 / near, d4, p64, "-", "-");
+            free(r16);
+        }
         free(w); free(y); free(xx);
     }
     bench_moe(threads, reps);

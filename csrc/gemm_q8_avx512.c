@@ -336,7 +336,8 @@ static int format_of(int type, pe_gemm_q8_format *f) {
 
 int pe_gemm_q8_supported(int type) {
     pe_gemm_q8_format f;
-    return pe_simd_level_get() >= PE_SIMD_AVX512 && format_of(type, &f);
+    /* the file is built with VBMI (the R16 tile's vpermb; the compiler may use it elsewhere too) */
+    return pe_simd_level_get() >= PE_SIMD_AVX512 && pe_cpu_has_avx512vbmi() && format_of(type, &f);
 }
 
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
@@ -370,33 +371,76 @@ static void transpose16(const uint32_t *src, int64_t ld, uint32_t *dst) {
     }
 }
 
+/* Where a tile's buffers lie in the per-thread scratch (pe_gemm_q8_scratch_bytes). */
+typedef struct {
+    uint8_t *codes, *packed;
+    float *scales, *mins, *ws, *wm;
+    tok_consts k;
+} tile_scratch;
+
+static tile_scratch scratch_of(void *scratch, int64_t n_in, int64_t nsub) {
+    tile_scratch t;
+    uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    t.codes = base, t.packed = base + TILE * n_in;
+    t.scales = (float *)(t.packed + TILE * n_in), t.mins = t.scales + TILE * nsub;
+    t.ws = t.mins + TILE * nsub, t.wm = t.ws + TILE * nsub;
+    t.k = (tok_consts){t.wm + TILE * nsub, t.wm + TILE * nsub + TOK * nsub, (int32_t *)(t.wm + TILE * nsub + 2 * TOK * nsub)};
+    return t;
+}
+
+/* The packed tile (t.packed, t.ws, t.wm) times every token, the first nr rows stored. */
+static void tile_run(const pe_gemm_q8_format *fmt, const tile_scratch *t, int nr, int64_t nsub, const pe_act_q8 *x,
+                     int64_t n_tok, const float *bias, float *y, int64_t ldy) {
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    const tile_fn tile = fmt->sub == 32 ? (fmt->has_min ? tile_32_min : tile_32) : (fmt->has_min ? tile_16_min : tile_16);
+    tile(t->packed, t->ws, t->wm, nsub, x, n_tok, fmt->offset, t->k, keep, vb, y, ldy);
+}
+
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
                      int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
     const int64_t nsub = n_in / fmt.sub;
-    uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    uint8_t *codes = base, *packed = base + TILE * n_in;
-    float *scales = (float *)(packed + TILE * n_in), *mins = scales + TILE * nsub;
-    float *ws = mins + TILE * nsub, *wm = ws + TILE * nsub;
-    const tok_consts k = {wm + TILE * nsub, wm + TILE * nsub + TOK * nsub, (int32_t *)(wm + TILE * nsub + 2 * TOK * nsub)};
+    const tile_scratch t = scratch_of(scratch, n_in, nsub);
     for (int r = 0; r < TILE; r++) /* rows past nr repeat the last one */
-        fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, n_in, codes + r * n_in, scales + r * nsub, mins + r * nsub);
+        fmt.unpack(rows + (r < nr ? r : nr - 1) * stride, n_in, t.codes + r * n_in, t.scales + r * nsub,
+                   t.mins + r * nsub);
     /* packed[k][r] = the 4 codes 4k .. of row r; ws[j][r], wm[j][r] = row r's scale, min of sub-block j */
     const int64_t nk = n_in / 4;
-    const uint32_t *src = (const uint32_t *)codes;
-    uint32_t *dst = (uint32_t *)packed;
+    const uint32_t *src = (const uint32_t *)t.codes;
+    uint32_t *dst = (uint32_t *)t.packed;
     int64_t k0 = 0;
     for (; k0 + 16 <= nk; k0 += 16) transpose16(src + k0, nk, dst + k0 * TILE);
     for (int64_t k = k0; k < nk; k++)
         for (int r = 0; r < TILE; r++) dst[k * TILE + r] = src[r * nk + k];
     for (int64_t j = 0; j < nsub; j++)
         for (int r = 0; r < TILE; r++) {
-            ws[j * TILE + r] = scales[r * nsub + j];
-            if (fmt.has_min) wm[j * TILE + r] = mins[r * nsub + j];
+            t.ws[j * TILE + r] = t.scales[r * nsub + j];
+            if (fmt.has_min) t.wm[j * TILE + r] = t.mins[r * nsub + j];
         }
-    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
-    const tile_fn tile = fmt.sub == 32 ? (fmt.has_min ? tile_32_min : tile_32) : (fmt.has_min ? tile_16_min : tile_16);
-    tile(packed, ws, wm, nsub, x, n_tok, fmt.offset, k, keep, vb, y, ldy);
+    tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
+}
+
+void pe_gemm_q8_tile_r16(const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
+                         const float *bias, float *y, int64_t ldy, void *scratch) {
+    pe_gemm_q8_format fmt = {0};
+    format_of(PE_TYPE_MXFP4, &fmt);
+    const int64_t nb = n_in / 32;
+    const tile_scratch t = scratch_of(scratch, n_in, nb);
+    static const int8_t lut[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
+    /* piece j of block b holds codes 4 j (low nibbles) and 16 + 4 j (high) of every row: packing steps
+     * 8 b + j and 8 b + 4 + j */
+    for (int64_t b = 0; b < nb; b++)
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512(group + 256 * b + 64 * j);
+            _mm512_store_si512(t.packed + 64 * (8 * b + j), _mm512_permutexvar_epi8(v, table));
+            _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j), _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), table));
+        }
+    for (int64_t i = 0; i < TILE * nb; i++) {
+        const uint32_t bits = pe_e8m0_half_bits(group[256 * nb + i]);
+        memcpy(&t.ws[i], &bits, 4);
+    }
+    tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
 }

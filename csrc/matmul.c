@@ -12,6 +12,7 @@
 #include "cpu_features.h"
 #include "gemm.h"
 #include "gemm_q8.h"
+#include "mxfp4_r16.h"
 #include "quants.h"
 #include "worksplit.h"
 
@@ -148,8 +149,12 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
             for (int64_t ti = ta; ti < tb; ti++) {
                 const int64_t r0 = ti * PE_GEMM_Q8_TILE;
                 const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-                pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL,
-                                y + r0, ldy, mine);
+                if (w->layout == PE_LAYOUT_R16)
+                    pe_gemm_q8_tile_r16(base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
+                                        mine);
+                else
+                    pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok,
+                                    bias ? bias + r0 : NULL, y + r0, ldy, mine);
             }
     }
     pe_arena_release(ar, mark);
@@ -157,7 +162,13 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
 }
 
 /* Whether a product of up to PE_ROWWISE_MAX_TOK tokens takes the int8 rows kernel. */
-static int int8_rows(const pe_weight *w) { return w->int8_act && pe_type_traits_get(w->type)->dot_q8; }
+static int int8_rows(const pe_weight *w) {
+    if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get();
+    return w->int8_act && pe_type_traits_get(w->type)->dot_q8;
+}
+
+/* Rows per call of the int8 rows kernel: a group of the R16 layout, or PE_DOT_Q8_ROWS. */
+static int64_t rows_per_group(const pe_weight *w) { return w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS; }
 
 /* Threads worth waking for `work` multiply-adds (at most n_threads, at least 1). */
 static int threads_for(int64_t work, int n_threads) {
@@ -203,7 +214,7 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     }
     for (int j = 0; j < n_jobs; j++) {
         first[j] = n_groups;
-        n_groups += (jobs[j].w->n_out + PE_DOT_Q8_ROWS - 1) / PE_DOT_Q8_ROWS;
+        n_groups += (jobs[j].w->n_out + rows_per_group(jobs[j].w) - 1) / rows_per_group(jobs[j].w);
     }
     first[n_jobs] = n_groups;
     /* contiguous runs of groups per thread, the end stolen by whichever thread is free (worksplit.h) */
@@ -225,16 +236,19 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                 const pe_weight *w = b->w;
                 const pe_type_traits *tt = pe_type_traits_get(w->type);
                 const uint8_t *rows = w->data + b->expert * w->expert_stride;
-                const int64_t r0 = (g - first[j]) * PE_DOT_Q8_ROWS;
-                const int nr = w->n_out - r0 < PE_DOT_Q8_ROWS ? (int)(w->n_out - r0) : PE_DOT_Q8_ROWS;
+                const int64_t per = rows_per_group(w), r0 = (g - first[j]) * per;
+                const int nr = w->n_out - r0 < per ? (int)(w->n_out - r0) : (int)per;
                 const pe_act_q8 *xa = &acts[act_of[j] * PE_ROWWISE_MAX_TOK];
                 rows += r0 * w->row_stride;
+                if (w->layout == PE_LAYOUT_R16) /* every token in one call, bias below */
+                    pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, (int)b->n_tok, b->y + r0, b->ldy);
                 /* several tokens: the rows decoded once for all of them (per token the one-token bits) */
-                if (b->n_tok > 1 && tt->dot_q8_tok)
+                else if (b->n_tok > 1 && tt->dot_q8_tok)
                     tt->dot_q8_tok(rows, w->row_stride, nr, xa, (int)b->n_tok, w->n_in, b->y + r0, b->ldy);
                 for (int64_t t = 0; t < b->n_tok; t++) {
                     float *yt = b->y + t * b->ldy + r0;
-                    if (b->n_tok == 1 || !tt->dot_q8_tok) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
+                    if (w->layout != PE_LAYOUT_R16 && (b->n_tok == 1 || !tt->dot_q8_tok))
+                        tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
                     if (b->bias)
                         for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
                 }
@@ -256,6 +270,8 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
         const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
         return pe_matmul_many(&job, 1, n_threads);
     }
+    if (w->layout == PE_LAYOUT_R16 && !(n_tok > PE_ROWWISE_MAX_TOK && w->int8_act && pe_gemm_q8_supported(w->type)))
+        return -1; /* only the int8 paths read this layout */
     if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     if (w->int8_act && pe_gemm_q8_supported(w->type))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

@@ -10,7 +10,7 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
-from _core cimport pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
+from _core cimport PE_LAYOUT_R16, PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
 
 cnp.import_array()
 
@@ -30,6 +30,15 @@ cdef extern from "quants.h":
 cdef extern from "matmul.h":
     int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
                   const float *bias, float *y, int64_t ldy, int n_threads) nogil
+
+cdef extern from "mxfp4_r16.h":
+    ctypedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const void *x, int n_tok, float *out,
+                                   int64_t ldo) noexcept nogil
+    int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert)
+    int64_t pe_r16_group_bytes(int64_t n_in)
+    void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil
+    pe_r16_dot_fn pe_r16_dot_get()
+    enum: PE_R16_ROWS
 
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
@@ -105,6 +114,61 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     w.row_stride = data.strides[data.ndim - 2]
     w.expert_stride = data.strides[0] if data.ndim == 3 else 0
     w.int8_act = 1 if int8_activations else 0
+    w.layout = PE_LAYOUT_ROWS
+    return w
+
+
+# ---- MXFP4 weights repacked by 16 rows (csrc/mxfp4_r16.h; the cache: pyengine/repack_cache.py) ----
+MXFP4 = 39
+
+
+def r16_available() -> bool:
+    """Whether this CPU has the R16 decode kernel (AVX-512 VNNI + VBMI)."""
+    return pe_r16_dot_get() != NULL
+
+
+def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert) -> int:
+    """Bytes of the R16 form of n_expert MXFP4 matrices of n_out rows x n_in elements."""
+    if n_in <= 0 or n_in % 32 or n_out <= 0 or n_expert <= 0:
+        raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
+    return pe_r16_bytes(n_in, n_out, n_expert)
+
+
+def r16_repack(data, int64_t n_in, out, int n_threads=1):
+    """Write the R16 form of `data` (an MXFP4 weight: uint8 (n_out, row_bytes) or (n_expert, n_out,
+    row_bytes), any strides) into `out` (writable uint8, r16_bytes(...) contiguous bytes)."""
+    cdef int64_t n_exp = data.shape[0] if data.ndim == 3 else 1
+    cdef pe_weight w = _weight(data, MXFP4, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0, n_exp,
+                               "r16_repack")
+    need = r16_bytes(w.n_in, w.n_out, n_exp)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous
+            or not out.flags.writeable or out.shape[0] != need or n_threads < 1):
+        raise ValueError(f"r16_repack: out must be {need} writable contiguous bytes")
+    cdef cnp.ndarray o = out
+    with nogil:
+        pe_r16_repack(&w, n_exp, <uint8_t *> cnp.PyArray_DATA(o), n_threads)
+
+
+cdef pe_weight _r16_weight(object data, int64_t n_in, int64_t n_out, int64_t n_expert, str name) except *:
+    """A PE_LAYOUT_R16 weight (int8 activations) over `data`, checked: uint8, contiguous, exactly
+    r16_bytes(n_in, n_out, n_expert) long, 64-byte aligned, and this CPU has the kernel."""
+    if pe_r16_dot_get() == NULL:
+        raise ValueError(f"{name}: this CPU has no R16 kernel (AVX-512 VNNI + VBMI)")
+    cdef int64_t need = r16_bytes(n_in, n_out, n_expert)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1
+            or not data.flags.c_contiguous or data.shape[0] != need):
+        raise ValueError(f"{name}: R16 data must be {need} contiguous uint8 bytes")
+    cdef pe_weight w
+    w.data = <const uint8_t *> cnp.PyArray_DATA(data)
+    if <uintptr_t> w.data % 64:
+        raise ValueError(f"{name}: R16 data must be 64-byte aligned")
+    w.type = MXFP4
+    w.n_in = n_in
+    w.n_out = n_out
+    w.row_stride = pe_r16_group_bytes(n_in) // PE_R16_ROWS
+    w.expert_stride = need // n_expert
+    w.int8_act = 1
+    w.layout = PE_LAYOUT_R16
     return w
 
 
@@ -257,13 +321,20 @@ cdef class Model:
     cdef object counts        # int64 [n_layer][n_expert]: expert selections so far
     cdef public int64_t n_vocab
     cdef readonly bint int8_activations
+    cdef object repacked      # tensor name -> R16 bytes used in place of the file's
 
     def __cinit__(self):
         self.c_layers = NULL
 
-    def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False):
+    def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False,
+                 dict repacked=None):
+        """repacked: tensor name -> that MXFP4 expert weight's R16 form (pyengine/repack_cache.py),
+        used in its place (needs int8_activations)."""
         cdef int l
         self.int8_activations = int8_activations
+        self.repacked = repacked or {}
+        if self.repacked and not int8_activations:
+            raise ValueError("repacked weights need int8 activations")
         self.keep = []
         D, H, Hkv, hd = int(hp.n_embd), int(hp.n_head), int(hp.n_head_kv), int(hp.head_dim)
         E, K, F, L = int(hp.n_expert), int(hp.n_expert_used), int(hp.n_ff_exp), int(hp.n_layer)
@@ -358,6 +429,11 @@ cdef class Model:
             want = [n_in, n_out] + ([n_expert] if n_expert else [])
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
         self.keep.append(data)
+        if name in self.repacked:
+            if ty != MXFP4 or not n_expert:
+                raise ValueError(f"{name}: only MXFP4 expert weights have an R16 form")
+            self.keep.append(self.repacked[name])
+            return _r16_weight(self.repacked[name], n_in, n_out, n_expert, name)
         return _weight(data, ty, n_in, n_out, max(n_expert, 1), name, self.int8_activations)
 
     def __dealloc__(self):
@@ -532,14 +608,22 @@ def topk(x, int k):
 
 
 def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, int n_threads=1,
-           bint int8_activations=False):
+           bint int8_activations=False, r16_shape=None):
     """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
     (n_expert, n_out, row_bytes) of the given type, any row/expert stride; int8_activations as in
-    pe_matmul (matmul.h)."""
+    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4 weight's R16 form
+    (r16_repack), ggml_type must be MXFP4 and int8_activations is implied."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
-    n_exp = data.shape[0] if data.ndim == 3 else 1
-    cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0,
-                               n_exp, "matmul", int8_activations)
+    cdef pe_weight w
+    if r16_shape is not None:
+        if ggml_type != MXFP4:
+            raise ValueError("the R16 layout is for MXFP4 weights")
+        n_exp = int(r16_shape[1])
+        w = _r16_weight(data, n_in, int(r16_shape[0]), n_exp, "matmul")
+    else:
+        n_exp = data.shape[0] if data.ndim == 3 else 1
+        w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0,
+                    n_exp, "matmul", int8_activations)
     if xa.shape[1] != n_in or xa.shape[0] == 0 or not 0 <= expert < n_exp or n_threads < 1:
         raise ValueError("shape mismatch")
     cdef cnp.ndarray[cnp.float32_t, ndim=1] b

@@ -1,0 +1,49 @@
+/* MXFP4 weights repacked for decode ("R16"): sixteen rows interleaved so that one 64-byte load
+ * holds four codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword
+ * gives all 16 rows' partial sums with no horizontal reduction (the layout the prefill tiles of
+ * gemm_q8_avx512.c build in scratch memory for every tile; here it is built once, into a cache file
+ * next to the model: pyengine/repack_cache.py).
+ *
+ * Why: in the file's layout (17-byte blocks, one row after the other) the decode kernel spends
+ * most of its instructions gathering a row's codes and scales and folding per-row sums; with the
+ * rows interleaved those instructions go away (~35 instead of ~54 vector instructions per 16 rows x
+ * 32 elements), and the kernel runs ~1.5x faster on one core with its data in cache (bench/RESULTS.md).
+ *
+ * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks): groups of 16
+ * rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row again), pe_r16_group_bytes(n_in)
+ * = the bytes of its 16 rows in the file (272 nb) rounded up to 64, so that every group starts on a
+ * 64-byte boundary when the matrix does. Inside a group: nb * 256 code bytes, then nb * 16 scale
+ * bytes, then zero padding.
+ *   codes of block b, piece j (j < 4), at 256 b + 64 j: bytes 4 i .. 4 i + 3 are row i's qs[4 j .. 4 j + 3]
+ *     (low nibbles: elements 32 b + 4 j + e, high nibbles: elements 32 b + 16 + 4 j + e)
+ *   scale of block b at 256 nb + 16 b + i: row i's E8M0 byte
+ * An expert's matrix is ceil(n_out / 16) groups; experts follow each other with no gap.
+ * The products are bit-identical to the file-layout kernels (dot_q8_avx512.c, gemm_q8_avx512.c):
+ * the same integer sums, the same float operations in the same order. */
+#ifndef PE_MXFP4_R16_H
+#define PE_MXFP4_R16_H
+
+#include <stdint.h>
+
+#include "matmul.h"
+#include "quants.h"
+
+#define PE_R16_ROWS 16
+
+/* Bytes of one group of 16 rows of n_in elements. */
+int64_t pe_r16_group_bytes(int64_t n_in);
+/* Bytes of the repacked form of a weight of n_expert matrices of n_out rows x n_in elements. */
+int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert);
+
+/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4 weight in the file's
+ * layout (any row and expert stride), over n_expert experts; threads take groups of rows. */
+void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);
+
+/* out[t * ldo + i] = row i of the group . token t, for i < nr (1..16) and t < n_tok (1..8), over
+ * nb blocks; per token the bits of dot_q8_avx512.c's MXFP4 kernel. */
+typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
+                              int64_t ldo);
+/* The kernel for this CPU (AVX-512 VNNI + VBMI), or NULL. */
+pe_r16_dot_fn pe_r16_dot_get(void);
+
+#endif

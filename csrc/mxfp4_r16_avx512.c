@@ -1,0 +1,96 @@
+/* The decode kernel for MXFP4 weights in the R16 layout (mxfp4_r16.h), AVX-512 VNNI + VBMI.
+ *
+ * Per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
+ * a 64-entry vpermb table (doubled E2M1 value + 12: unsigned for vpdpbusd; the table repeats every
+ * 16 entries, so the 16-bit shift's spill-over bits need no mask) into eight registers, register j
+ * holding elements 4 j' .. 4 j' + 3 of the block for every row (a dword per row). Per token, each
+ * register meets the broadcast activation dword of its four elements: eight vpdpbusd per digit of
+ * the two-digit activations (pe_act_q8's xh and xl, each in two independent chains), a shift and
+ * an add give w . X for all 16 rows, exact in int32; then the offset correction (12 * the block's
+ * combined code sum), one conversion, and one multiply-add with d_x / 254 * 2^(e - 128) (vscalefps:
+ * one rounding) into the accumulator of block b mod 4. The row's result is (acc0 + acc1) +
+ * (acc2 + acc3): the order of dot_q8_avx512.c's MXFP4 kernel, so the bits are the same.
+ *
+ * Several tokens: each block's codes are decoded once and dotted with every token. */
+#include "mxfp4_r16.h"
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "cpu_features.h"
+
+#define PE_AI static inline __attribute__((always_inline))
+/* Software prefetch into L2 this far ahead of the block being read (two groups of 2880-element
+ * rows): measured on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into
+ * L1; the hardware prefetcher alone left the kernel waiting on memory between its bursts of work. */
+#define PF_DIST 49152
+
+/* doubled E2M1 values + 12, four times (vpermb ignores index bits 6-7) */
+static const int8_t MXFP4_T64[64] __attribute__((aligned(64))) = {
+    12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
+    12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+
+/* Bytes of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order: per 128 elements, bytes 16 k + i
+ * = element 32 k + i and 64 + 16 k + i = element 32 k + 16 + i. */
+PE_AI int64_t act_at(int64_t b, int j) { return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4)); }
+
+PE_AI __m512i bcast(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+PE_AI void dot_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
+                     int64_t ldo) {
+    const __m512i table = _mm512_load_si512(MXFP4_T64);
+    const uint8_t *scales = group + 256 * nb;
+    __m512 acc[PE_DOT_Q8_MAX_TOK][4];
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = group + 256 * b;
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PF_DIST + l, _MM_HINT_T1);
+        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PF_DIST / 16, _MM_HINT_T1);
+        __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of every row */
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_load_si512(p + 64 * j);
+            u[j] = _mm512_permutexvar_epi8(v, table);
+            u[j + 4] = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), table);
+        }
+        const __m512 ws = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scales + 16 * b)))),
+                                        _mm512_set1_ps(128.0f));
+        for (int t = 0; t < n_tok; t++) {
+            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+            for (int j = 0; j < 4; j++) {
+                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + act_at(b, j)));
+                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + act_at(b, j + 4)));
+                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + act_at(b, j)));
+                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + act_at(b, j + 4)));
+            }
+            __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+            c = _mm512_sub_epi32(c, _mm512_set1_epi32(12 * (int32_t)x[t].s32x[b]));
+            const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)), ws);
+            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, acc[t][b & 3]);
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++)
+        _mm512_mask_storeu_ps(out + t * ldo, keep,
+                              _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+}
+
+static void dot_r16(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo) {
+    if (n_tok == 1) dot_group(group, nb, nr, x, 1, out, ldo); /* one token: accumulators in registers */
+    else dot_group(group, nb, nr, x, n_tok, out, ldo);
+}
+
+static pe_r16_dot_fn chosen;
+static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
+static void choose(void) { chosen = pe_simd_level_get() >= PE_SIMD_AVX512 && pe_cpu_has_avx512vbmi() ? dot_r16 : NULL; }
+
+/* Resolved once (cpuid is slow, and in a VM a trap): matmul.c asks per row group. */
+pe_r16_dot_fn pe_r16_dot_get(void) {
+    pthread_once(&chosen_once, choose);
+    return chosen;
+}

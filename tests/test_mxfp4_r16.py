@@ -1,0 +1,97 @@
+"""MXFP4 weights repacked by 16 rows (csrc/mxfp4_r16.h), the decode layout of the repack cache.
+
+The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
+invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
+tiles), 1 and 2 threads, row counts that are not a multiple of 16, several experts with strided
+source rows, and against float64 on the same two-digit activations."""
+
+import numpy as np
+import pytest
+
+from pyengine import _model as K
+from test_quants import SIZES, T, random_blocks, reference
+
+pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (AVX-512 VNNI + VBMI)")
+
+
+def aligned(n: int) -> np.ndarray:
+    """n zero bytes starting on a 64-byte boundary (what the cache file's mapping gives)."""
+    buf = np.zeros(n + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n]
+
+
+def mxfp4(n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
+    blocks = random_blocks(T.MXFP4, n_expert * n_out * n_in // 32, rng, e8m0=(118, 137))
+    return blocks.reshape(n_expert, n_out, n_in // 32 * SIZES[T.MXFP4][1])
+
+
+def repacked(data: np.ndarray, n_in: int) -> np.ndarray:
+    out = aligned(K.r16_bytes(n_in, data.shape[-2], data.shape[0] if data.ndim == 3 else 1))
+    K.r16_repack(data, n_in, out, n_threads=2)
+    return out
+
+
+@pytest.mark.parametrize("n_out,n_in", [(16, 32), (37, 96), (300, 160), (64, 2880), (5, 4096)])
+def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in):
+    rng = np.random.default_rng(n_out * 7 + n_in)
+    n_exp = 3
+    w = mxfp4(n_exp, n_out, n_in, rng)
+    r = repacked(w, n_in)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    for n_tok in (1, 2, 3, 5, 8, 9, 20):
+        x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
+        for e in (0, n_exp - 1):
+            want = K.matmul(w, int(T.MXFP4), n_in, x, bias, expert=e, int8_activations=True)
+            for threads in (1, 2):
+                got = K.matmul(r, int(T.MXFP4), n_in, x, bias, expert=e, n_threads=threads, r16_shape=(n_out, n_exp))
+                assert np.array_equal(got, want), (n_tok, e, threads)
+
+
+def test_r16_against_float64_and_strided_source():
+    """Rows taken from a strided view (every other row of a fused tensor, as the Ollama layouts give),
+    against float64 on the activations the kernels see."""
+    rng = np.random.default_rng(5)
+    n_in, n_out = 2880, 48
+    fused = mxfp4(2, 2 * n_out, n_in, rng)
+    view = fused[:, 1::2, :]
+    r = repacked(view, n_in)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    got = K.matmul(r, int(T.MXFP4), n_in, x, expert=1, r16_shape=(n_out, 2))
+    wf = reference(np.ascontiguousarray(view[1]).reshape(-1), T.MXFP4).reshape(n_out, n_in).astype(np.float64)
+    want = wf @ x[0].astype(np.float64)
+    assert np.allclose(got[0], want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
+    assert np.array_equal(got, K.matmul(view, int(T.MXFP4), n_in, x, expert=1, int8_activations=True))
+
+
+def test_r16_layout_of_one_group():
+    """The byte layout mxfp4_r16.h describes: piece j of block b holds row i's qs[4 j .. 4 j + 3] at
+    4 i, the scales follow the codes, the group is padded to 64 bytes, missing rows repeat the last."""
+    rng = np.random.default_rng(9)
+    n_in, n_out = 64, 13
+    w = mxfp4(1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in)
+    nb = n_in // 32
+    assert r.size == (16 * 17 * nb + 63) // 64 * 64
+    for i in range(16):
+        row = w[min(i, n_out - 1)].reshape(nb, 17)
+        for b in range(nb):
+            assert r[256 * nb + 16 * b + i] == row[b, 0]
+            for j in range(4):
+                assert bytes(r[256 * b + 64 * j + 4 * i:256 * b + 64 * j + 4 * i + 4]) == bytes(row[b, 1 + 4 * j:5 + 4 * j])
+    assert not r[272 * nb:].any()
+
+
+def test_r16_rejects_bad_buffers():
+    rng = np.random.default_rng(1)
+    w = mxfp4(1, 16, 64, rng)
+    r = repacked(w, 64)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="R16 data must be"):
+        K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
+    with pytest.raises(ValueError, match="aligned"):
+        K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
+    with pytest.raises(ValueError, match="MXFP4"):
+        K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
+    with pytest.raises(ValueError, match="writable contiguous"):
+        K.r16_repack(w, 64, np.zeros(r.size + 1, np.uint8))

@@ -1,6 +1,6 @@
 """Two builds of pyengine on one model, timed in alternation: the paired speed ratio of a change.
 
-    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2]
+    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2] [--b-no-repack]
 
 SITE_A / SITE_B: folders holding a built `pyengine` package (e.g. `pip install --no-deps --target
 /tmp/base-site .` in a checkout of the base commit); "" means the installed one. Why: the dev VMs'
@@ -8,7 +8,9 @@ memory bandwidth moves by up to 1.7x from one minute to the next (bench/RESULTS.
 benchmark runs minutes apart compare the machine, not the code. Here both builds stay loaded in two
 worker processes (the weights mapped once in the page cache) and take turns: A runs a block of
 N decode steps (tg) or one N-token prefill (pp), then B, then B, then A, ...; each adjacent pair
-sees the same machine, and the script prints the median and spread of the B/A ratios."""
+sees the same machine, and the script prints the median and spread of the B/A ratios.
+--b-no-repack runs B with Engine(repack=False): with SITE_A = SITE_B = "" it pairs the repack
+cache's R16 experts (A) against the file's layout (B) in one build (pyengine/repack_cache.py)."""
 
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ import sys
 import time
 
 
-def worker(model: str, threads: int) -> None:
+def worker(model: str, threads: int, repack: bool) -> None:
     """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s."""
     import numpy as np
 
     from pyengine import Engine
 
-    eng = Engine(model, n_ctx=1024, n_threads=threads)
+    eng = Engine(model, n_ctx=1024, n_threads=threads, repack=repack)
     tokens = np.random.default_rng(0).integers(0, eng.n_vocab, 1024).tolist()
     eng.reset()
     eng.eval(tokens[:8])
@@ -58,17 +60,20 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=12, help="decode steps per block, or prefill tokens (default 12)")
     ap.add_argument("-r", "--rounds", type=int, default=20, help="blocks per build (default 20)")
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--b-no-repack", action="store_true", help="B without the repack cache (Engine(repack=False))")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.model, args.threads)
+        worker(args.model, args.threads, not args.no_repack)
         return 0
     if not 1 <= args.n <= 512 or args.rounds < 1:
         ap.error("-n must be in 1..512 and -r >= 1")
     procs = []
-    for site in (args.site_a, args.site_b):
+    for site, no_repack in ((args.site_a, False), (args.site_b, args.b_no_repack)):
         env = dict(os.environ, PYTHONPATH=site)
-        p = subprocess.Popen([sys.executable, "-P", __file__, args.model, "", "", "-t", str(args.threads), "--worker"],
+        p = subprocess.Popen([sys.executable, "-P", __file__, args.model, "", "", "-t", str(args.threads), "--worker",
+                              *(["--no-repack"] if no_repack else [])],
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             print(f"[ERROR] the worker for {site or 'the installed build'!r} did not start", file=sys.stderr)

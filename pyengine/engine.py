@@ -24,6 +24,7 @@ from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
 from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
+from pyengine.repack_cache import repacked_weights
 from pyengine.runner import Runner
 from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
@@ -93,7 +94,10 @@ class Engine:
     docs/forward.md). F32/F16/BF16 weights are always exact. cache_type_k, cache_type_v: element
     type of the KV cache's keys and values, "f32", "f16" (default, as llama.cpp), "bf16" or "q8_0"
     (llama-cpp-python's type_k/type_v, llama.cpp's --cache-type-k/v; accuracy against f32 in
-    README.md, "KV cache types")."""
+    README.md, "KV cache types"). repack: on the CPU with int8 activations, decode the MXFP4 expert
+    weights from their R16 form in a cache file next to the model (built on the first load,
+    pyengine/repack_cache.py; the same logits, faster decode); False: always the file's layout.
+    `engine.repacked` says whether the cache is in use."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
@@ -101,7 +105,7 @@ class Engine:
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> None:
+                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True) -> None:
         configure(verbose)
         self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")
@@ -129,7 +133,11 @@ class Engine:
             raise ValueError("device='cuda' with n_gpu_layers=0 puts nothing on the GPU: use device='cpu'")
         self.yarn_truncate = bool(yarn_truncate)
         self.exact = bool(exact)
-        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, not self.exact)
+        # the GPU backend uploads the file's layout; exact products do not take the int8 kernels
+        use = repack and not self.exact and kind == "cpu"
+        repacked = repacked_weights(self.model_file, self.n_threads) if use else {}
+        self.repacked = bool(repacked)
+        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, not self.exact, repacked)
         if kind == "cuda":
             self._model = cuda.shared_model(self.model_file, cpu_model, self.hparams, self.n_gpu_layers,
                                             self.cpu_moe, self.n_batch, cuda_graphs, index)

@@ -230,7 +230,7 @@ class _Cursor:
         return count
 
 
-def _advise_huge_pages(m: mmap.mmap) -> None:
+def advise_huge_pages(m: mmap.mmap) -> None:
     """Ask for 2 MiB pages on the weight mapping (MADV_HUGEPAGE): the page cache then reads what a
     fault touches as 2 MiB folios, mapped one page-table entry each instead of 512, so a decoded
     token's ~2.6 GB of weights takes ~1.3k TLB entries instead of ~630k (measured in
@@ -257,7 +257,7 @@ class GGUFFile:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise ModelLoadError(f"Cannot open model file {self.path}: {e.strerror or e}") from None
-        _advise_huge_pages(self._mmap)
+        advise_huge_pages(self._mmap)
         self.buf = memoryview(self._mmap)
         self.problems: list[str] = []
         try:

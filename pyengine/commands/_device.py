@@ -28,6 +28,9 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache type of K: f32, f16 (default), bf16 or q8_0")
     p.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
                    help="KV cache type of V: f32, f16 (default), bf16 or q8_0")
+    p.add_argument("--no-repack", action="store_true",
+                   help="decode MXFP4 experts from the model file's layout, without the repack cache file "
+                        "(MODEL.gguf.pyengine-r16) that is otherwise built beside the model on first load")
 
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,6 +39,7 @@ def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     from pyengine.errors import OptionError
     try:
         return {"cache_type_k": kv_cache_type(args.cache_type_k or DEFAULT_KV_CACHE_TYPE, "--cache-type-k"),
-                "cache_type_v": kv_cache_type(args.cache_type_v or DEFAULT_KV_CACHE_TYPE, "--cache-type-v")}
+                "cache_type_v": kv_cache_type(args.cache_type_v or DEFAULT_KV_CACHE_TYPE, "--cache-type-v"),
+                "repack": not args.no_repack}
     except ValueError as e:
         raise OptionError(str(e)) from None

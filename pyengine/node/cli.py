@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                  chat_template_file=args.chat_template_file, jinja=args.jinja,
                                  **cache_options(args))
     config.webui = not args.no_webui
+    config.repack = not args.no_repack
     if config.parallel < 1 or (config.ctx_size is not None and config.ctx_size < 16 * config.parallel):
         raise ModelLoadError("--parallel must be at least 1 and --ctx-size at least 16 per slot "
                              "(--ctx-size is the total of all --parallel slots)")

@@ -43,6 +43,7 @@ class NodeConfig:
     webui: bool = True  # GET / serves the web page (off with --no-webui)
     cache_type_k: str = "f16"  # KV cache element types (-ctk/-ctv), as llama-server's /props reports them
     cache_type_v: str = "f16"
+    repack: bool = True  # MXFP4 experts from the repack cache file (off with --no-repack)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

@@ -1,0 +1,126 @@
+"""The repack cache file (pyengine/repack_cache.py): MXFP4 experts in the R16 decode layout.
+
+It must be invisible in the results (logits bit-identical to the file's layout for prefill, decode
+and batched decode), built once and then reused, rebuilt when the model file changes or the cache
+is damaged, and never in the way: a cache that cannot be written or read leaves the engine on the
+file's layout with a warning, and exact=True, device CUDA or --no-repack do not use it."""
+
+import errno
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import gguf_factory
+from pyengine import _model as K
+from pyengine import repack_cache
+from pyengine.engine import Engine
+
+pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (AVX-512 VNNI + VBMI)")
+DIMS = dict(n_vocab=512, n_embd=128, n_ff=96, n_layer=2)
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "mx.gguf"
+    gguf_factory.write_gptoss_gguf(path, wtype="q8_0", expert_type="mxfp4", seed=3, **DIMS)
+    return path
+
+
+def cache_of(path):
+    return path.with_name(path.name + repack_cache.SUFFIX)
+
+
+def toks(n, seed):
+    return np.random.default_rng(seed).integers(0, DIMS["n_vocab"], n)
+
+
+def run(eng):
+    """Prefill (the tile path for > 8 tokens, the rows path for <= 8) and a few decode steps."""
+    out = [eng.eval(toks(20, 1), logits_all=True), eng.eval(toks(5, 2), logits_all=True)]
+    out += [eng.eval([int(t)])[None] for t in toks(3, 3)]
+    return np.concatenate(out)
+
+
+def test_same_logits_with_and_without_the_cache(model, caplog):
+    caplog.set_level(logging.INFO, logger="pyengine")
+    on = Engine(model, n_ctx=64, n_threads=2, n_batch=16)
+    assert on.repacked and cache_of(model).is_file()
+    off = Engine(model, n_ctx=64, n_threads=2, n_batch=16, repack=False)
+    assert not off.repacked
+    np.testing.assert_array_equal(run(on), run(off))
+    # batched decode of several sequences over the repacked model = each alone
+    caches = [on.runner.new_cache(64) for _ in range(3)]
+    for i, c in enumerate(caches):
+        on.runner.eval([c], [toks(4 + i, 10 + i)])
+    step = on.runner.eval(caches, [[7], [8], [9]])
+    for i in range(3):
+        alone = Engine(model, n_ctx=64, n_threads=1, n_batch=16)
+        alone.eval(toks(4 + i, 10 + i))
+        np.testing.assert_array_equal(step[i], alone.eval([7 + i]))
+    assert sum("Repack cache written" in r.getMessage() for r in caplog.records) == 1  # built once, then reused
+
+
+def test_stale_or_damaged_cache_is_rebuilt(model, caplog):
+    Engine(model, n_ctx=32)
+    cache = cache_of(model)
+    ref = cache.read_bytes()
+    caplog.set_level(logging.INFO, logger="pyengine")
+    st = os.stat(model)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model file changed
+    Engine(model, n_ctx=32)
+    assert "is stale" in caplog.text
+    new = cache.read_bytes()
+    assert new != ref and new[4096:] == ref[4096:]  # a new header (the mtime), the same tensors
+    with open(cache, "r+b") as f:                    # cut short
+        f.truncate(len(new) - 100)
+    caplog.clear()
+    eng = Engine(model, n_ctx=32)
+    assert "truncated" in caplog.text and eng.repacked and cache.read_bytes() == new
+    cache.write_bytes(b"garbage" * 10)
+    caplog.clear()
+    assert Engine(model, n_ctx=32).repacked and "is stale" in caplog.text and cache.read_bytes() == new
+
+
+def test_unwritable_cache_falls_back_to_the_file_layout(model, caplog, monkeypatch):
+    ref = run(Engine(model, n_ctx=64, repack=False))
+    cache_of(model).mkdir()  # something else in the way (a folder cannot be read or replaced)
+    caplog.set_level(logging.INFO, logger="pyengine")
+    eng = Engine(model, n_ctx=64)
+    assert not eng.repacked and "cannot be written" in caplog.text
+    np.testing.assert_array_equal(run(eng), ref)
+    cache_of(model).rmdir()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)  # a full disk: no half file left behind
+    caplog.clear()
+    assert not Engine(model, n_ctx=64).repacked and "No space left" in caplog.text
+    assert sorted(p.name for p in model.parent.iterdir()) == [model.name]
+
+
+def test_not_used_where_it_cannot_serve(model, tmp_path):
+    Engine(model, n_ctx=32, exact=True)
+    Engine(model, n_ctx=32, repack=False)
+    assert not cache_of(model).exists()
+    plain = tmp_path / "q8.gguf"  # no MXFP4 experts: nothing to repack
+    gguf_factory.write_gptoss_gguf(plain, wtype="q8_0", expert_type="q8_0", **DIMS)
+    assert not Engine(plain, n_ctx=32).repacked and not cache_of(plain).exists()
+
+
+def test_cli_no_repack_reaches_the_engine(model, capsys):
+    import argparse
+
+    from pyengine import cli
+    from pyengine.commands import _terminal
+    from pyengine.node.config import NodeConfig
+
+    assert cli.main(["bench", str(model), "-p", "8", "-n", "2", "-r", "1", "--no-repack"]) == 0
+    assert not cache_of(model).exists()
+    for flag, want in ((["--no-repack"], False), ([], True)):
+        p = argparse.ArgumentParser()
+        _terminal.add_arguments(p)
+        assert _terminal.open_engine(p.parse_args([str(model), "-c", "64", *flag])).repacked is want
+    assert cache_of(model).is_file() and NodeConfig().repack is True

@@ -58,10 +58,24 @@ def _guarded(body, argv) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, before[0])
-            signal.signal(signal.SIGTERM, before[1])
+        if in_main_thread and _restore_handlers(before):
+            code = 130
     return 143 if _terminated else code
+
+
+def _restore_handlers(before: tuple) -> bool:
+    """Put the caller's SIGINT and SIGTERM handlers back; True when a Ctrl-C (or SIGTERM) landed
+    meanwhile. Its KeyboardInterrupt is raised inside signal.signal, so it is caught here and
+    counted instead of escaping as a traceback; setting a handler twice is harmless."""
+    interrupted = False
+    for sig, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+        while True:
+            try:
+                signal.signal(sig, handler)
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    return interrupted
 
 
 def _main(argv, in_main_thread: bool) -> int:

@@ -190,6 +190,27 @@ def test_a_file_that_exists_is_used_whatever_its_name(demo, tmp_path):
     assert r.returncode == 1 and len(errors) == 1 and "pyengine convert" in errors[0], r.stderr
 
 
+def test_a_ctrl_c_while_the_handlers_are_put_back_is_exit_130(monkeypatch):
+    """A Ctrl-C that lands while the CLI puts the caller's signal handlers back raises inside
+    signal.signal: it is counted as Ctrl-C (exit 130) and the handlers still end up restored."""
+    from pyengine import cli as cli_module
+
+    real, calls = signal.signal, []
+
+    def interrupted_once(sig, handler):
+        calls.append(sig)
+        previous = real(sig, handler)
+        if len(calls) == 2:  # the first restore (call 1 installs the start-up Ctrl-C guard)
+            raise KeyboardInterrupt
+        return previous
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli_module.signal, "signal", interrupted_once)
+    assert cli_module._guarded(lambda argv, in_main_thread: 0, []) == 130
+    monkeypatch.undo()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 NODE_ENTRY = "import sys; from pyengine.cli import node_main; sys.exit(node_main())"
 
 

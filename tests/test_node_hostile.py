@@ -215,7 +215,7 @@ def test_a_vanished_client_is_one_info_line(node, caplog):
     """A client that leaves while its request waits for a slot (both slots busy)."""
     url, _, _, state = node
     host, port = url.removeprefix("http://").split(":")
-    long = {"prompt": "x", "max_tokens": 400, "temperature": 0, "logit_bias": {"117525": 100}}
+    long = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "logit_bias": {"117525": 100}}
     busy = [threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
                              kwargs={"json": long, "timeout": 300}) for _ in range(2)]
     for t in busy:

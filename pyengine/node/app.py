@@ -349,10 +349,12 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         return jobs
 
     async def next_event(request: Request, job: Job, poll: bool) -> list[Event] | Done | Failed:
-        """The job's next event; when `poll`, notice a vanished client meanwhile."""
+        """The job's next event; when `poll`, notice a vanished client meanwhile (checked every
+        0.25 s: a client that leaves while its request waits for a slot is noticed before a
+        short busy request ends and the slot would run it for no one)."""
         while True:
             try:
-                return await asyncio.wait_for(job.events.get(), 1.0)
+                return await asyncio.wait_for(job.events.get(), 0.25)
             except asyncio.TimeoutError:
                 if poll and await request.is_disconnected():
                     raise ClientGone from None

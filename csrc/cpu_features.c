@@ -48,11 +48,7 @@ int pe_cpu_has_avx512bf16(void) {
 }
 #else
 static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }
-int pe_cpu_has_avx512vbmi(void) {
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (c >> 1) & 1;
-}
+int pe_cpu_has_avx512vbmi(void) { return 0; }
 
 int pe_cpu_has_avx512bf16(void) { return 0; }
 int pe_cpu_has_avx512bitalg(void) { return 0; }

@@ -65,6 +65,23 @@ static pe_gemm_f32_fn gemm_f32_get(void) {
     return level >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : level == PE_SIMD_AVX2 ? pe_gemm_f32_avx2 : NULL;
 }
 
+/* x rounded to what the int8 kernels multiply by, d_x / 254 * (254 q + ql) per element (pe_act_q8),
+ * into n_tok rows of n_in floats from the arena, or NULL when it is full. Float tiles on these values
+ * agree with the int8 rows kernels of the same weights to float rounding, so where int8 tiles are
+ * missing (AVX2, AVX-512 without VBMI) a prompt's products match a decoded token's. */
+static float *int8_rounded(pe_arena *ar, const float *x, int64_t ldx, int64_t n_tok, int64_t n_in) {
+    float *out = pe_arena_alloc(ar, (size_t)(n_tok * n_in) * sizeof(float));
+    void *buf = pe_arena_alloc(ar, pe_act_q8_bytes(n_in));
+    if (!out || !buf) return NULL;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const pe_act_q8 q = pe_act_q8_quantize(x + t * ldx, n_in, buf);
+        float *o = out + t * n_in;
+        for (int64_t j = 0; j < n_in; j++)
+            o[j] = q.d[j / 32] * (1.0f / 254.0f) * (float)(254 * q.qs[j] + q.ql[j]);
+    }
+    return out;
+}
+
 static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx,
                         int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
@@ -81,7 +98,15 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     pe_arena *ar = pe_arena_get();
     const size_t mark = ar ? pe_arena_mark(ar) : 0;
     float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)per_thread * sizeof(float)) : NULL;
-    if (!scratch) return -1;
+    if (scratch && w->int8_act && tt->dot_q8) {
+        x = int8_rounded(ar, x, ldx, n_tok, n_in);
+        ldx = n_in;
+        if (!x) scratch = NULL;
+    }
+    if (!scratch) {
+        if (ar) pe_arena_release(ar, mark);
+        return -1;
+    }
     pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);

@@ -231,4 +231,6 @@ void pe_kernels_avx2(int type, pe_kernel_set *k) {
     case PE_TYPE_Q6_K: k->dot_f32 = dot_q6_k; break;
     default: break;
     }
+    k->dot_q8 = pe_dot_q8_avx2(type);
+    k->dot_q8_tok = pe_dot_q8_tok_avx2(type);
 }

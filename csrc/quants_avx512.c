@@ -437,6 +437,9 @@ void pe_kernels_avx512(int type, pe_kernel_set *k) {
     case PE_TYPE_Q6_K: k->dequant_row = dequant_q6_k, k->dot_f32 = dot_q6_k; break;
     default: break;
     }
-    k->dot_q8 = pe_dot_q8_avx512(type);
-    k->dot_q8_tok = pe_dot_q8_tok_avx512(type);
+    /* where AVX-512 has no int8 kernel for a type (Q4_0 / MXFP4 without VBMI), AVX2's stays */
+    if (pe_dot_q8_avx512(type)) {
+        k->dot_q8 = pe_dot_q8_avx512(type);
+        k->dot_q8_tok = pe_dot_q8_tok_avx512(type);
+    }
 }

@@ -96,6 +96,9 @@ pe_dot_q8_fn pe_dot_q8_avx512(int type);
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx512(int type);
 pe_dot_q8_fn pe_dot_q8k_avx512(int type);
 pe_dot_q8_tok_fn pe_dot_q8k_tok_avx512(int type);
+/* The AVX2 int8 rows kernels (dot_q8_avx2.c: Q8_0, Q4_0, MXFP4; the AVX-512 kernels' bits), or NULL. */
+pe_dot_q8_fn pe_dot_q8_avx2(int type);
+pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type);
 
 void pe_kernels_ref(int type, pe_kernel_set *k);
 void pe_kernels_avx2(int type, pe_kernel_set *k);

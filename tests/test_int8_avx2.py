@@ -1,0 +1,115 @@
+"""The AVX2 int8 kernels (csrc/dot_q8_avx2.c: Q8_0, Q4_0, MXFP4), run in child processes capped at
+AVX2 (PYENGINE_SIMD=avx2): against float64 on the same two-digit activations, the several-token form
+per token bit for bit the one-token kernel, and, where this CPU also runs the AVX-512 kernels, bit
+for bit the AVX-512 results on the same inputs. More than 8 tokens at AVX2 take float tiles on the
+int8-rounded activations (csrc/matmul.c int8_rounded), so a prompt's products agree with a decoded
+token's to float rounding; a whole model: prompt in one batch vs token by token, batched decode vs
+decoding alone, 1 vs 2 threads."""
+
+import numpy as np
+import pytest
+
+import gguf_factory
+import pyengine
+import pyengine._quants as Q
+from pyengine import _model as K
+from pyengine.engine import Engine
+from pyengine.model_file import open_model
+from simd_levels import at_level
+from test_quants import SIZES, T, act_values, random_blocks, reference
+
+TYPES = [T.Q8_0, T.Q4_0, T.MXFP4]
+N_IN = [96, 160, 2880]  # 3 blocks (a partial step of 4), 5 (a step and one block), 90
+N_TOK = [1, 2, 3, 8]
+DIMS = dict(n_vocab=512, n_embd=256, n_ff=256, n_layer=2)
+
+
+def products(qtype, n_in: int):
+    """Seeded rows (300 x n_in), bias and 8 + 23 tokens of activations for one case."""
+    rng = np.random.default_rng(int(qtype) * 1000 + n_in)
+    rows = random_blocks(qtype, 300 * n_in // 32, rng, e8m0=(120, 137)).reshape(300, -1)
+    return rows, rng.standard_normal(300).astype(np.float32), rng.standard_normal((31, n_in)).astype(np.float32)
+
+
+def check_rows(out: str) -> None:
+    """At this process's level: every case against float64 and against the one-token kernel; the
+    up-to-8-token results saved to `out` for the parent's bit comparison."""
+    assert Q.has_dot_q8(int(T.MXFP4)) and Q.has_dot_q8(int(T.Q8_0)) and Q.has_dot_q8(int(T.Q4_0))
+    saved = {}
+    for qtype in TYPES:
+        for n_in in N_IN:
+            rows, b, x = products(qtype, n_in)
+            w = reference(rows, qtype).reshape(len(rows), -1).astype(np.float64)
+            for n_tok in N_TOK:
+                y = K.matmul(rows, int(qtype), n_in, x[:n_tok], b, int8_activations=True)
+                assert np.array_equal(y, K.matmul(rows, int(qtype), n_in, x[:n_tok], b, n_threads=2,
+                                                  int8_activations=True))
+                for t in range(n_tok):
+                    assert np.array_equal(y[t], Q.dot_rows_q8(rows, x[t], int(qtype)) + b), (qtype.name, n_in, n_tok)
+                    terms = w * act_values(Q.quantize_act_q8(x[t]))
+                    err = np.abs(y[t] - (terms.sum(1) + b))
+                    assert (err <= 1e-5 * (np.abs(terms).sum(1) + np.abs(b))).all(), (qtype.name, n_in, n_tok)
+                saved[f"{qtype.name}-{n_in}-{n_tok}"] = y
+            # more than 8 tokens: float tiles on the rounded activations, within float rounding of the
+            # rows kernel (without the rounding: ~1e-3 apart)
+            y = K.matmul(rows, int(qtype), n_in, x[8:], b, n_threads=2, int8_activations=True)
+            for t in range(len(y)):
+                terms = w * act_values(Q.quantize_act_q8(x[8 + t]))
+                scale = np.abs(terms).sum(1) + np.abs(b)
+                dec = Q.dot_rows_q8(rows, x[8 + t], int(qtype)) + b
+                assert (np.abs(y[t] - dec) <= 2e-6 * scale).all(), (qtype.name, n_in, t)
+    np.savez(out, **saved)
+
+
+def check_model(path: str) -> None:
+    """A q8_0 / mxfp4-experts model at this level: a 20-token prompt in one batch vs token by token,
+    batched decode bit for bit decoding alone, 1 and 2 threads the same."""
+    toks = np.random.default_rng(5).integers(0, DIMS["n_vocab"], 20)
+    whole = Engine(path, n_ctx=64, n_threads=2, n_batch=32).eval(toks, logits_all=True)
+    eng = Engine(path, n_ctx=64, n_threads=2, n_batch=1)
+    one = np.stack([eng.eval([t]) for t in toks])
+    err = np.linalg.norm(whole - one) / np.linalg.norm(one)
+    # float summation order only: 7e-5 here (AVX-512's int8 tiles: 5e-5); float tiles on unrounded
+    # activations would be 4e-3 apart
+    assert err < 2e-4, err
+    eng1 = Engine(path, n_ctx=64, n_threads=1, n_batch=1)
+    assert np.array_equal(np.stack([eng1.eval([t]) for t in toks]), one)
+    mf = open_model(path)
+    prompts = [toks[:3], toks[:11]]
+    alone = []
+    for p in prompts:
+        e = Engine(mf, n_ctx=64, n_threads=2, n_batch=16)
+        e.eval(p)
+        alone.append([e.eval([t]) for t in (7, 9)])
+    lead = Engine(mf, n_ctx=64, n_threads=2, n_batch=16)
+    caches = [lead.runner.new_cache(64) for _ in prompts]
+    for c, p in zip(caches, prompts):
+        lead.runner.eval([c], [p])
+    got = [lead.runner.eval(caches, [[t], [t]]) for t in (7, 9)]
+    assert np.array_equal(np.array(got), np.array(alone).transpose(1, 0, 2))
+
+
+def test_avx2_int8_kernels_match_float64_and_the_avx512_bits(tmp_path):
+    out = tmp_path / "avx2.npz"
+    at_level("avx2", "test_int8_avx2", f"check_rows({str(out)!r})", cwd=tmp_path)
+    if pyengine.simd_level() != "avx512":
+        return
+    got = np.load(out)
+    compared = 0
+    for qtype in TYPES:
+        if not Q.has_dot_q8(int(qtype)):
+            continue
+        for n_in in N_IN:
+            rows, b, x = products(qtype, n_in)
+            for n_tok in N_TOK:
+                y = K.matmul(rows, int(qtype), n_in, x[:n_tok], b, int8_activations=True)
+                assert np.array_equal(y.view(np.uint32), got[f"{qtype.name}-{n_in}-{n_tok}"].view(np.uint32)), \
+                    (qtype.name, n_in, n_tok)
+                compared += 1
+    assert compared >= len(N_IN) * len(N_TOK)  # at least Q8_0 (AVX-512 VNNI, no VBMI needed)
+
+
+def test_avx2_int8_model_prompt_decode_and_batch_agree(tmp_path):
+    path = tmp_path / "q8_0-mxfp4.gguf"
+    gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="q8_0", expert_type="mxfp4", seed=9, **DIMS)
+    at_level("avx2", "test_int8_avx2", f"check_model({str(path)!r})", cwd=tmp_path)

@@ -1,8 +1,8 @@
 /* Activations quantized once per token for the int8 kernels (see pe_act_q8 in quants.h). The
  * rounding is C's roundf (half away from zero), as ggml's quantize_row_q8_0. A decoded token
- * quantizes a few hundred vectors (every product's input), so the blocks go through AVX-512 where
- * the int8 kernels run (a scalar pass took ~10 % of a 20b decode step); the scalar loop is the
- * fallback, and both give the same bits. The base-256 digits xh / xl (see pe_act_q8) are written
+ * quantizes a few hundred vectors (every product's input), so the blocks go through AVX-512 or AVX2
+ * where int8 kernels run (a scalar pass took ~10 % of a 20b decode step); the scalar loop is the
+ * fallback, and all three give the same bits. The base-256 digits xh / xl (see pe_act_q8) are written
  * here once per token, in the order the 32-block decode kernels read them, instead of being
  * rebuilt by those kernels for every group of rows. */
 #include <math.h>
@@ -50,6 +50,60 @@ PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, f
         suml[h] = _mm512_reduce_add_epi32(li);
     }
 }
+
+#define PE_AVX2_FN __attribute__((target("avx2")))
+
+/* round_away16 on 8 lanes (no FMA: the same single roundings as the scalar loop). */
+PE_AVX2_FN static inline __m256 round_away8(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), a = _mm256_andnot_ps(sign, v);
+    __m256 t = _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, t), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    t = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
+    return _mm256_or_ps(t, _mm256_and_ps(v, sign));
+}
+
+/* Eight int32 lanes (each within int8) as eight bytes at dst. */
+PE_AVX2_FN static inline void store8(int8_t *dst, __m256i v) {
+    const __m256i t = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+    _mm_storel_epi64((__m128i *)dst, _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+}
+
+/* block_avx512 on AVX2, eight elements at a time. */
+PE_AVX2_FN static void block_avx2(const float *xb, int8_t *qs, int8_t *ql, float *d, int sum[2], int suml[2],
+                                  int8_t *xh, int8_t *xl) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb));
+    for (int k = 1; k < 4; k++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+    *d = db;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i sq[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, sl[2] = {sq[0], sq[1]};
+    for (int k = 0; k < 4; k++) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), vid);
+        const __m256 q = round_away8(v);
+        const __m256i qi = _mm256_cvttps_epi32(q);
+        const __m256i li = _mm256_cvttps_epi32(round_away8(_mm256_mul_ps(_mm256_sub_ps(v, q), _mm256_set1_ps(254.0f))));
+        store8(qs + 8 * k, qi);
+        store8(ql + 8 * k, li);
+        const __m256i X = _mm256_add_epi32(_mm256_mullo_epi32(qi, _mm256_set1_epi32(254)), li);
+        const __m256i lo = _mm256_srai_epi32(_mm256_slli_epi32(X, 24), 24);
+        const int at = 64 * (k / 2) + 8 * (k % 2); /* element 16 h + j of the block (see pe_act_q8) */
+        store8(xh + at, _mm256_srai_epi32(_mm256_sub_epi32(X, lo), 8));
+        store8(xl + at, lo);
+        sq[k / 2] = _mm256_add_epi32(sq[k / 2], qi);
+        sl[k / 2] = _mm256_add_epi32(sl[k / 2], li);
+    }
+    for (int h = 0; h < 2; h++) {
+        int32_t a[8], b[8];
+        _mm256_storeu_si256((__m256i *)a, sq[h]);
+        _mm256_storeu_si256((__m256i *)b, sl[h]);
+        sum[h] = suml[h] = 0;
+        for (int i = 0; i < 8; i++) sum[h] += a[i], suml[h] += b[i];
+    }
+}
 #endif
 
 enum { PE_ACT_PAD = 128 }; /* zero codes past the end: four blocks */
@@ -87,16 +141,18 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     memset(xh + filled, 0, b256_bytes(n) - filled);
     memset(xl + filled, 0, b256_bytes(n) - filled);
 #if defined(__x86_64__)
-    const int simd = pe_simd_level_get() >= PE_SIMD_AVX512;
-#else
-    const int simd = 0;
+    const pe_simd_level simd = pe_simd_level_get();
 #endif
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + 32 * b;
         int sum[2] = {0, 0}, suml[2] = {0, 0};
 #if defined(__x86_64__)
-        if (simd) {
+        if (simd >= PE_SIMD_AVX512) {
             block_avx512(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0));
+            goto sums;
+        }
+        if (simd == PE_SIMD_AVX2) {
+            block_avx2(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0));
             goto sums;
         }
 #endif

@@ -121,12 +121,16 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
             else:
                 f.truncate(total)
             f.write(head)
-            with mmap.mmap(f.fileno(), total) as m:
-                views = _views(m, header, start)
-                for t in tensors:
-                    _model.r16_repack(t.data, int(t.shape[0]), views[t.name], n_threads)
-                del views
-                m.flush()
+            f.flush()
+            # one tensor at a time through a reused buffer and pwrite: the cache's pages never
+            # enter this process's mappings (RSS grows by one tensor, not by the whole cache)
+            buf = np.empty(max(e["nbytes"] for e in header["tensors"]), np.uint8)
+            for t, e in zip(tensors, header["tensors"]):
+                out = buf[:e["nbytes"]]
+                _model.r16_repack(t.data, int(t.shape[0]), out, n_threads)
+                if os.pwrite(f.fileno(), out, start + e["offset"]) != e["nbytes"]:
+                    raise OSError(f"short write of {t.name}")
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

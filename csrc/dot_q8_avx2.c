@@ -129,13 +129,12 @@ PE_AI void block(const int F, const uint8_t *rows, const int32_t off[8], __m256i
     }
 }
 
-PE_AI void dot_rows(const int F, const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok,
-                    int64_t n, float *out, int64_t ldo) {
+PE_AI void dot_rows(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                    float *out, int64_t ldo, const int F) {
     const int B = BLOCK[F];
     int32_t off[8]; /* rows past nr repeat the last one and are not stored */
     for (int i = 0; i < 8; i++) off[i] = (int32_t)((i < nr ? i : nr - 1) * stride);
-    const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, /* */
-                                           12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     const uint8_t *next = rows + 8 * stride;
     const int64_t nb = n / 32;
     __m256 acc[PE_DOT_Q8_MAX_TOK][4];
@@ -156,28 +155,9 @@ PE_AI void dot_rows(const int F, const uint8_t *rows, int64_t stride, int nr, co
     }
 }
 
-static void dot_q8_q8_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_Q8_0, rows, stride, nr, x, 1, n, out, 0);
-}
-static void dot_q8_q4_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_Q4_0, rows, stride, nr, x, 1, n, out, 0);
-}
-static void dot_q8_mxfp4(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_MXFP4, rows, stride, nr, x, 1, n, out, 0);
-}
-
-static void tok_q8_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                     float *out, int64_t ldo) {
-    dot_rows(F_Q8_0, rows, stride, nr, x, n_tok, n, out, ldo);
-}
-static void tok_q4_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                     float *out, int64_t ldo) {
-    dot_rows(F_Q4_0, rows, stride, nr, x, n_tok, n, out, ldo);
-}
-static void tok_mxfp4(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                      float *out, int64_t ldo) {
-    dot_rows(F_MXFP4, rows, stride, nr, x, n_tok, n, out, ldo);
-}
+PE_DOT_Q8_ENTRIES(q8_0, dot_rows, F_Q8_0)
+PE_DOT_Q8_ENTRIES(q4_0, dot_rows, F_Q4_0)
+PE_DOT_Q8_ENTRIES(mxfp4, dot_rows, F_MXFP4)
 
 pe_dot_q8_fn pe_dot_q8_avx2(int type) {
     switch (type) {
@@ -190,9 +170,9 @@ pe_dot_q8_fn pe_dot_q8_avx2(int type) {
 
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type) {
     switch (type) {
-    case PE_TYPE_Q8_0: return tok_q8_0;
-    case PE_TYPE_Q4_0: return tok_q4_0;
-    case PE_TYPE_MXFP4: return tok_mxfp4;
+    case PE_TYPE_Q8_0: return tok_q8_q8_0;
+    case PE_TYPE_Q4_0: return tok_q8_q4_0;
+    case PE_TYPE_MXFP4: return tok_q8_mxfp4;
     default: return NULL;
     }
 }

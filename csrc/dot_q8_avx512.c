@@ -51,8 +51,6 @@ static const int OFFSET[3] = {128, 8, 12};
 static const int QS[3] = {2, 2, 1};      /* first code byte of a block */
 static const int N_LOAD[3] = {4, 2, 2};  /* 64-byte loads per row step, at LOAD_AT */
 static const int LOAD_AT[3][4] = {{0, 56, 16, 72}, {0, 8}, {0, 4}};
-/* pe_mxfp4_values + 12 */
-static const int8_t MXFP4_CODES[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 /* Position of row-step byte `off` in the two-register permute table made of the 64-byte loads at
  * offsets A (positions 0-63) and B (64-127). */
@@ -65,7 +63,6 @@ typedef struct {
     uint64_t scale_k[4];
 } __attribute__((aligned(64))) table_bytes;
 static table_bytes TABLES[3];
-static int8_t MXFP4_T64[64] __attribute__((aligned(64))); /* MXFP4_CODES four times (vpermb) */
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void tables_build_one(const int F, table_bytes *t) {
@@ -104,7 +101,6 @@ static void tables_build_one(const int F, table_bytes *t) {
 
 static void tables_build(void) {
     for (int F = 0; F < 3; F++) tables_build_one(F, &TABLES[F]);
-    for (int i = 0; i < 64; i++) MXFP4_T64[i] = MXFP4_CODES[i & 15];
 }
 
 typedef struct {
@@ -119,7 +115,8 @@ PE_AI void tables_get(const int F, tables *t) {
         t->scale[i] = _mm512_load_si512(b->scale[i]);
         t->scale_k[i] = b->scale_k[i];
     }
-    if (F == F_MXFP4) t->table = _mm512_load_si512(MXFP4_T64);
+    /* pe_mxfp4_codes in every 16 bytes: vpermb looks up index bits 0-3 alike in all four copies */
+    if (F == F_MXFP4) t->table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
 }
 
 /* Bytes [p, p + valid) (valid clamped to 0..64), zero elsewhere; never reads past valid. */
@@ -223,8 +220,8 @@ PE_AI void store_rows(const __m512 acc[2], int nr, float *out) {
     memcpy(out, res, (size_t)nr * sizeof(float));
 }
 
-PE_AI void dot_rows(const int F, const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok,
-                    int64_t n, float *out, int64_t ldo) {
+PE_AI void dot_rows(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                    float *out, int64_t ldo, const int F) {
     tables t;
     tables_get(F, &t);
     const uint8_t *r[8];
@@ -239,28 +236,9 @@ PE_AI void dot_rows(const int F, const uint8_t *rows, int64_t stride, int nr, co
     for (int tk = 0; tk < n_tok; tk++) store_rows(acc[tk], nr, out + tk * ldo);
 }
 
-static void dot_q8_q8_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_Q8_0, rows, stride, nr, x, 1, n, out, 0);
-}
-static void dot_q8_q4_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_Q4_0, rows, stride, nr, x, 1, n, out, 0);
-}
-static void dot_q8_mxfp4(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
-    dot_rows(F_MXFP4, rows, stride, nr, x, 1, n, out, 0);
-}
-
-static void tok_q8_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                     float *out, int64_t ldo) {
-    dot_rows(F_Q8_0, rows, stride, nr, x, n_tok, n, out, ldo);
-}
-static void tok_q4_0(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                     float *out, int64_t ldo) {
-    dot_rows(F_Q4_0, rows, stride, nr, x, n_tok, n, out, ldo);
-}
-static void tok_mxfp4(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok, int64_t n,
-                      float *out, int64_t ldo) {
-    dot_rows(F_MXFP4, rows, stride, nr, x, n_tok, n, out, ldo);
-}
+PE_DOT_Q8_ENTRIES(q8_0, dot_rows, F_Q8_0)
+PE_DOT_Q8_ENTRIES(q4_0, dot_rows, F_Q4_0)
+PE_DOT_Q8_ENTRIES(mxfp4, dot_rows, F_MXFP4)
 
 pe_dot_q8_fn pe_dot_q8_avx512(int type) {
     pthread_once(&tables_once, tables_build);
@@ -275,9 +253,9 @@ pe_dot_q8_fn pe_dot_q8_avx512(int type) {
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx512(int type) {
     pthread_once(&tables_once, tables_build);
     switch (type) {
-    case PE_TYPE_Q8_0: return tok_q8_0;
-    case PE_TYPE_Q4_0: return pe_cpu_has_avx512vbmi() ? tok_q4_0 : NULL;
-    case PE_TYPE_MXFP4: return pe_cpu_has_avx512vbmi() ? tok_mxfp4 : NULL;
+    case PE_TYPE_Q8_0: return tok_q8_q8_0;
+    case PE_TYPE_Q4_0: return pe_cpu_has_avx512vbmi() ? tok_q8_q4_0 : NULL;
+    case PE_TYPE_MXFP4: return pe_cpu_has_avx512vbmi() ? tok_q8_mxfp4 : NULL;
     default: return pe_dot_q8k_tok_avx512(type);
     }
 }

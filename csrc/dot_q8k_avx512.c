@@ -676,29 +676,18 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
                 _mm512_setr_epi32(s, s + 4, s + 8, s + 12, s + 1, s + 5, s + 9, s + 13, 0, 0, 0, 0, 0, 0, 0, 0));
 }
 
-/* Each type's one-token (dot_q8_*) and several-token (tok_q8_*) entry points: the same kernel code
- * (n_tok 1 a constant), so per token the same bits. */
-#define ENTRIES(NAME, KERNEL, T)                                                                              \
-    static void dot_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n,     \
-                              float *out) {                                                                   \
-        KERNEL(rows, stride, nr, x, 1, n, out, 0, T);                                                         \
-    }                                                                                                         \
-    static void tok_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok,     \
-                              int64_t n, float *out, int64_t ldo) {                                           \
-        KERNEL(rows, stride, nr, x, n_tok, n, out, ldo, T);                                                   \
-    }
-ENTRIES(q4_1, dot_q8_b, B_Q4_1)
-ENTRIES(q5_0, dot_q8_b, B_Q5_0)
-ENTRIES(q5_1, dot_q8_b, B_Q5_1)
+PE_DOT_Q8_ENTRIES(q4_1, dot_q8_b, B_Q4_1)
+PE_DOT_Q8_ENTRIES(q5_0, dot_q8_b, B_Q5_0)
+PE_DOT_Q8_ENTRIES(q5_1, dot_q8_b, B_Q5_1)
 /* Q2_K has no several-token form: its decode is 4 permutes and masks, nothing to share, and with a
  * variable token count its activations leave the registers (2 tokens: 0.8x of two one-token calls). */
 static void dot_q8_q2_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n, float *out) {
     dot_q8_k2(rows, stride, nr, x, n, out);
 }
-ENTRIES(q3_k, dot_q8_k, K_Q3)
-ENTRIES(q4_k, dot_q8_k45, K_Q4)
-ENTRIES(q5_k, dot_q8_k45, K_Q5)
-ENTRIES(q6_k, dot_q8_k, K_Q6)
+PE_DOT_Q8_ENTRIES(q3_k, dot_q8_k, K_Q3)
+PE_DOT_Q8_ENTRIES(q4_k, dot_q8_k45, K_Q4)
+PE_DOT_Q8_ENTRIES(q5_k, dot_q8_k45, K_Q5)
+PE_DOT_Q8_ENTRIES(q6_k, dot_q8_k, K_Q6)
 
 static pthread_once_t b_tables_once = PTHREAD_ONCE_INIT;
 static int b_runs(int T) { return pe_cpu_has_avx512vbmi() && (T == B_Q4_1 || pe_cpu_has_avx512bitalg()); }

@@ -63,8 +63,7 @@ static inline void store_nibbles5(uint8_t *dst, const uint8_t *qs, const uint8_t
 
 static void unpack_mxfp4(const uint8_t *row, int64_t n, uint8_t *codes, float *scales, float *mins) {
     (void)mins;
-    static const int8_t lut_bytes[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
-    const __m128i lut = _mm_loadu_si128((const __m128i *)lut_bytes);
+    const __m128i lut = _mm_loadu_si128((const __m128i *)pe_mxfp4_codes);
     for (int64_t b = 0; b < n / 32; b++) {
         const pe_block_mxfp4 *blk = (const pe_block_mxfp4 *)(row + 17 * b);
         const uint32_t bits = pe_e8m0_half_bits(blk->e);
@@ -428,8 +427,7 @@ void pe_gemm_q8_tile_r16(const uint8_t *group, int nr, int64_t n_in, const pe_ac
     format_of(PE_TYPE_MXFP4, &fmt);
     const int64_t nb = n_in / 32;
     const tile_scratch t = scratch_of(scratch, n_in, nb);
-    static const int8_t lut[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
-    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lut));
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     /* piece j of block b holds codes 4 j (low nibbles) and 16 + 4 j (high) of every row: packing steps
      * 8 b + j and 8 b + 4 + j */
     for (int64_t b = 0; b < nb; b++)

@@ -1,7 +1,7 @@
 /* The decode kernel for MXFP4 weights in the R16 layout (mxfp4_r16.h), AVX-512 VNNI + VBMI.
  *
  * Per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
- * a 64-entry vpermb table (doubled E2M1 value + 12: unsigned for vpdpbusd; the table repeats every
+ * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
  * 16 entries, so the 16-bit shift's spill-over bits need no mask) into eight registers, register j
  * holding elements 4 j' .. 4 j' + 3 of the block for every row (a dword per row). Per token, each
  * register meets the broadcast activation dword of its four elements: eight vpdpbusd per digit of
@@ -19,17 +19,13 @@
 #include <string.h>
 
 #include "cpu_features.h"
+#include "quants_impl.h"
 
 #define PE_AI static inline __attribute__((always_inline))
 /* Software prefetch into L2 this far ahead of the block being read (two groups of 2880-element
  * rows): measured on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into
  * L1; the hardware prefetcher alone left the kernel waiting on memory between its bursts of work. */
 #define PF_DIST 49152
-
-/* doubled E2M1 values + 12, four times (vpermb ignores index bits 6-7) */
-static const int8_t MXFP4_T64[64] __attribute__((aligned(64))) = {
-    12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
-    12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 /* Bytes of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order: per 128 elements, bytes 16 k + i
  * = element 32 k + i and 64 + 16 k + i = element 32 k + 16 + i. */
@@ -43,7 +39,8 @@ PE_AI __m512i bcast(const int8_t *p) {
 
 PE_AI void dot_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
                      int64_t ldo) {
-    const __m512i table = _mm512_load_si512(MXFP4_T64);
+    /* pe_mxfp4_codes four times (vpermb ignores index bits 6-7) */
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     const uint8_t *scales = group + 256 * nb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][4];
     for (int t = 0; t < n_tok; t++)

@@ -42,6 +42,9 @@ _Static_assert(sizeof(pe_block_q6_k) == PE_BLOCK_BYTES_Q6_K, "Q6_K block");
 
 /* E2M1 values doubled (bit 3 = sign); the block scale is then 2^(e-128), see pe_e8m0_half. */
 extern const int8_t pe_mxfp4_values[16];
+/* The same values + 12 (0..24): the unsigned codes the int8 kernels multiply (vpdpbusd / vpmaddwd),
+ * with 12 times the activations' code sum taken off afterwards. */
+extern const int8_t pe_mxfp4_codes[16];
 
 /* 2^(e-128) as float bits, exactly as ggml_e8m0_to_fp32_half: denormal for e < 2. */
 static inline uint32_t pe_e8m0_half_bits(uint8_t e) {
@@ -95,6 +98,18 @@ pe_dot_q8_fn pe_dot_q8_avx512(int type);
 /* Its several-token form (the same files), or NULL. */
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx512(int type);
 pe_dot_q8_fn pe_dot_q8k_avx512(int type);
+/* A type's one-token (dot_q8_NAME) and several-token (tok_q8_NAME) entry points over an int8 kernel
+ * KERNEL(rows, stride, nr, x, n_tok, n, out, ldo, T), T its format: the same kernel code (n_tok 1 a
+ * constant), so per token the same bits. */
+#define PE_DOT_Q8_ENTRIES(NAME, KERNEL, T)                                                                    \
+    static void dot_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int64_t n,     \
+                              float *out) {                                                                   \
+        KERNEL(rows, stride, nr, x, 1, n, out, 0, T);                                                         \
+    }                                                                                                         \
+    static void tok_q8_##NAME(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, int n_tok,     \
+                              int64_t n, float *out, int64_t ldo) {                                           \
+        KERNEL(rows, stride, nr, x, n_tok, n, out, ldo, T);                                                   \
+    }
 pe_dot_q8_tok_fn pe_dot_q8k_tok_avx512(int type);
 /* The AVX2 int8 rows kernels (dot_q8_avx2.c: Q8_0, Q4_0, MXFP4; the AVX-512 kernels' bits), or NULL. */
 pe_dot_q8_fn pe_dot_q8_avx2(int type);

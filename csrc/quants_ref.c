@@ -7,6 +7,7 @@
 #include <string.h>
 
 const int8_t pe_mxfp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+const int8_t pe_mxfp4_codes[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 static float bits_to_float(uint32_t bits) {
     float f;

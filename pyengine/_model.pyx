@@ -15,6 +15,7 @@ from _core cimport PE_LAYOUT_R16, PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_mode
 cnp.import_array()
 
 cdef extern from "quants.h":
+    enum: PE_TYPE_MXFP4
     ctypedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n) noexcept nogil
     ctypedef struct pe_type_traits:
         int type
@@ -119,7 +120,7 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
 
 
 # ---- MXFP4 weights repacked by 16 rows (csrc/mxfp4_r16.h; the cache: pyengine/repack_cache.py) ----
-MXFP4 = 39
+MXFP4 = PE_TYPE_MXFP4
 
 
 def r16_available() -> bool:

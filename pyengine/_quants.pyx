@@ -6,6 +6,9 @@ from libc.stdint cimport int64_t, uint8_t
 import numpy as np
 
 cdef extern from "quants.h":
+    enum:
+        PE_TYPE_F32
+        PE_TYPE_MXFP4
     ctypedef struct pe_type_traits:
         int type
         const char *name
@@ -47,7 +50,7 @@ def type_info(int ggml_type):
 
 def _natural_alignment(int ggml_type) -> int:
     """Byte alignment the kernels assume for a row start: f32 elements, f16 fields, or none (MXFP4)."""
-    return 4 if ggml_type == 0 else 1 if ggml_type == 39 else 2
+    return 4 if ggml_type == PE_TYPE_F32 else 1 if ggml_type == PE_TYPE_MXFP4 else 2
 
 
 def _kernel_ready(rows, int ggml_type):

@@ -193,8 +193,7 @@ static void bench_moe(int threads, int reps) {
         uint8_t *dst = big_alloc((size_t)pe_r16_bytes(mats[i]->n_in, mats[i]->n_out, E));
         if (!dst) { fprintf(stderr, "out of memory\n"); exit(1); }
         pe_r16_repack(mats[i], E, dst, threads);
-        *mats[i] = (pe_weight){dst, PE_TYPE_MXFP4, mats[i]->n_in, mats[i]->n_out, pe_r16_group_bytes(mats[i]->n_in) / 16,
-                               pe_r16_bytes(mats[i]->n_in, mats[i]->n_out, 1), 1, PE_LAYOUT_R16};
+        *mats[i] = pe_r16_weight(dst, mats[i]->n_in, mats[i]->n_out);
     }
     const int64_t toks[] = {1, 64, 1, 64, 1, 64};
     for (int k = 0; k < (has_r16 ? 6 : 4); k++) {
@@ -299,14 +298,14 @@ int main(int argc, char **argv) {
             if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
             const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
             pe_r16_repack(&src, 1, r16, threads);
-            const pe_weight pr = {r16, type, n_in, rows, pe_r16_group_bytes(n_in) / 16, 0, 1, PE_LAYOUT_R16};
+            const pe_weight pr = pe_r16_weight(r16, n_in, rows);
             time_matmul(&pr, xx, 1, y, threads, 1);
             near = bandwidth(threads, PROBE_BYTES);
             const double d1 = row * rows / time_matmul(&pr, xx, 1, y, threads, reps) / 1e9;
             near = fmax(near, bandwidth(threads, PROBE_BYTES));
             const double d4 = row * rows / time_matmul(&pr, xx, 4, y, threads, reps) / 1e9;
             const int64_t pre_rows = rows < 8192 ? rows : 8192;
-            const pe_weight pp = {r16, type, n_in, pre_rows, pe_r16_group_bytes(n_in) / 16, 0, 1, PE_LAYOUT_R16};
+            const pe_weight pp = pe_r16_weight(r16, n_in, pre_rows);
             const double p64 = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
             printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", "R16", (long long)rows, d1, near,
                    100.0 * d1 / near, d4, p64, "-", "-");

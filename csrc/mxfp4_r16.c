@@ -12,6 +12,11 @@ int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert) {
     return n_expert * ((n_out + PE_R16_ROWS - 1) / PE_R16_ROWS) * pe_r16_group_bytes(n_in);
 }
 
+pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out) {
+    return (pe_weight){data, PE_TYPE_MXFP4, n_in, n_out, pe_r16_group_bytes(n_in) / PE_R16_ROWS,
+                       pe_r16_bytes(n_in, n_out, 1), 1, PE_LAYOUT_R16};
+}
+
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) {
     const int64_t nb = src->n_in / 32, groups = (src->n_out + PE_R16_ROWS - 1) / PE_R16_ROWS;
     const int64_t group_bytes = pe_r16_group_bytes(src->n_in);

@@ -35,6 +35,10 @@ int64_t pe_r16_group_bytes(int64_t n_in);
 /* Bytes of the repacked form of a weight of n_expert matrices of n_out rows x n_in elements. */
 int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert);
 
+/* The pe_weight over R16 bytes at `data` (64-byte aligned) of MXFP4 matrices of n_out rows x n_in
+ * elements, one expert after the other: row_stride = group bytes / 16, int8 activations. */
+pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out);
+
 /* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4 weight in the file's
  * layout (any row and expert stride), over n_expert experts; threads take groups of rows. */
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);

@@ -10,7 +10,7 @@ cdef extern from "matmul.h":
         int64_t n_in, n_out, row_stride, expert_stride
         int int8_act
         int layout
-    enum: PE_LAYOUT_ROWS, PE_LAYOUT_R16
+    enum: PE_LAYOUT_ROWS
 
 cdef extern from "attention.h":
     ctypedef struct pe_kv_layer:

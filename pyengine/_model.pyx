@@ -10,7 +10,7 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
-from _core cimport PE_LAYOUT_R16, PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
+from _core cimport PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
 
 cnp.import_array()
 
@@ -36,10 +36,9 @@ cdef extern from "mxfp4_r16.h":
     ctypedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const void *x, int n_tok, float *out,
                                    int64_t ldo) noexcept nogil
     int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert)
-    int64_t pe_r16_group_bytes(int64_t n_in)
+    pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out)
     void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil
     pe_r16_dot_fn pe_r16_dot_get()
-    enum: PE_R16_ROWS
 
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
@@ -159,18 +158,10 @@ cdef pe_weight _r16_weight(object data, int64_t n_in, int64_t n_out, int64_t n_e
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1
             or not data.flags.c_contiguous or data.shape[0] != need):
         raise ValueError(f"{name}: R16 data must be {need} contiguous uint8 bytes")
-    cdef pe_weight w
-    w.data = <const uint8_t *> cnp.PyArray_DATA(data)
-    if <uintptr_t> w.data % 64:
+    cdef const uint8_t *p = <const uint8_t *> cnp.PyArray_DATA(data)
+    if <uintptr_t> p % 64:
         raise ValueError(f"{name}: R16 data must be 64-byte aligned")
-    w.type = MXFP4
-    w.n_in = n_in
-    w.n_out = n_out
-    w.row_stride = pe_r16_group_bytes(n_in) // PE_R16_ROWS
-    w.expert_stride = need // n_expert
-    w.int8_act = 1
-    w.layout = PE_LAYOUT_R16
-    return w
+    return pe_r16_weight(p, n_in, n_out)
 
 
 def _tensor_weight_args(t, int n_dims):

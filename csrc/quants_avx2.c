@@ -1,7 +1,9 @@
 /* AVX2 kernels (+ FMA, F16C), 8 float32 lanes, for CPUs without AVX-512. Hot formats (float rows,
- * Q8_0, Q4_0, MXFP4) have fused dot kernels; the others dot through the scalar reference dequantizer
- * into an L1 buffer. Dequantization stays bit-identical to the reference (-ffp-contract=off). */
+ * Q8_0, Q4_0, MXFP4) have fused dot kernels, and so have Q4_1, Q5_0, Q5_1 and the K-quants through
+ * their 16-element chunks (quant_chunks.h). Dequantization stays bit-identical to the reference
+ * (-ffp-contract=off). */
 #include "quants_impl.h"
+#include "quant_chunks.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -190,28 +192,45 @@ static float dot_q4_0(const void *row, const float *x, int64_t n) {
     PE_DOT4((const pe_block_q4_0 *)row, n / PE_QK, x, STEP_Q4_0);
 }
 
-/* Dot through the reference dequantizer into an L1 buffer; 4 lane accumulators in a fixed order. */
-#define PE_BLOCK_DOT(name, dequant, blck, tsize)                                                 \
-    static float name(const void *row, const float *x, int64_t n) {                              \
-        float tmp[blck] __attribute__((aligned(32)));                                            \
-        const uint8_t *src = row;                                                                \
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-        for (int64_t i = 0; i < n; i += (blck), src += (tsize), x += (blck)) {                   \
-            dequant(src, tmp, (blck));                                                           \
-            for (int j = 0; j < (blck); j += 8)                                                  \
-                a[(j / 8) & 3] = _mm256_fmadd_ps(_mm256_load_ps(tmp + j), _mm256_loadu_ps(x + j), a[(j / 8) & 3]); \
-        }                                                                                        \
-        return PE_SUM4(a);                                                                       \
+/* ---- Q4_1, Q5_0, Q5_1 and the K-quants: 16-element chunks (quant_chunks.h) ------------------------ */
+
+/* A chunk's 16 codes as two vectors of 8 floats. */
+static inline __attribute__((always_inline)) void chunk_ps(__m128i q, const int sgn, __m256 *lo, __m256 *hi) {
+    const __m128i q8 = _mm_srli_si128(q, 8);
+    *lo = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(q) : _mm256_cvtepu8_epi32(q));
+    *hi = _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(q8) : _mm256_cvtepu8_epi32(q8));
+}
+
+/* dst[0..16) = dl * q - ml (signed codes: dl * q), the reference's unfused float32 operations. */
+static inline __attribute__((always_inline)) void put16(float *dst, __m128i q, float d, float m, const int sgn) {
+    __m256 lo, hi;
+    chunk_ps(q, sgn, &lo, &hi);
+    const __m256 dl = _mm256_set1_ps(d), ml = _mm256_set1_ps(m);
+    _mm256_storeu_ps(dst, sgn ? _mm256_mul_ps(dl, lo) : _mm256_sub_ps(_mm256_mul_ps(dl, lo), ml));
+    _mm256_storeu_ps(dst + 8, sgn ? _mm256_mul_ps(dl, hi) : _mm256_sub_ps(_mm256_mul_ps(dl, hi), ml));
+}
+
+/* Per chunk: dl * (q . x) into one of two accumulators, ml * sum(x) into another pair (formats with a
+ * minimum), all in registers (no dequantized buffer); the accumulators summed in a fixed order. */
+#define PE_CHUNK_KERNELS(name, TYPE, blk_t, blck)                                                   \
+    PE_CHUNK_DEQUANT(name, TYPE, blk_t, blck)                                                       \
+    static float dot_##name(const void *row, const float *x, int64_t n) {                           \
+        const blk_t *b = row;                                                                       \
+        __m256 aq[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, am[2] = {aq[0], aq[0]};          \
+        for (int64_t i = 0; i < n / (blck); i++, b++, x += (blck))                                  \
+            PE_FOR_CHUNKS(TYPE, name, b, {                                                               \
+                const __m256 x0 = _mm256_loadu_ps(x + 16 * c), x1 = _mm256_loadu_ps(x + 16 * c + 8); \
+                __m256 lo, hi;                                                                      \
+                chunk_ps(q, PE_SIGNED_##TYPE, &lo, &hi);                                         \
+                const __m256 t = _mm256_fmadd_ps(lo, x0, _mm256_mul_ps(hi, x1));                    \
+                aq[c & 1] = _mm256_fmadd_ps(t, _mm256_set1_ps(dl[c]), aq[c & 1]);                   \
+                if (!PE_SIGNED_##TYPE)                                                              \
+                    am[c & 1] = _mm256_fmadd_ps(_mm256_add_ps(x0, x1), _mm256_set1_ps(ml[c]), am[c & 1]); \
+            });                                                                                     \
+        return hsum(_mm256_sub_ps(_mm256_add_ps(aq[0], aq[1]), _mm256_add_ps(am[0], am[1])));      \
     }
 
-PE_BLOCK_DOT(dot_q4_1, pe_ref_dequant_q4_1, PE_QK, 20)
-PE_BLOCK_DOT(dot_q5_0, pe_ref_dequant_q5_0, PE_QK, 22)
-PE_BLOCK_DOT(dot_q5_1, pe_ref_dequant_q5_1, PE_QK, 24)
-PE_BLOCK_DOT(dot_q2_k, pe_ref_dequant_q2_k, PE_QK_K, 84)
-PE_BLOCK_DOT(dot_q3_k, pe_ref_dequant_q3_k, PE_QK_K, 110)
-PE_BLOCK_DOT(dot_q4_k, pe_ref_dequant_q4_k, PE_QK_K, 144)
-PE_BLOCK_DOT(dot_q5_k, pe_ref_dequant_q5_k, PE_QK_K, 176)
-PE_BLOCK_DOT(dot_q6_k, pe_ref_dequant_q6_k, PE_QK_K, 210)
+PE_CHUNK_FORMATS(PE_CHUNK_KERNELS)
 
 void pe_kernels_avx2(int type, pe_kernel_set *k) {
     switch (type) {
@@ -219,16 +238,16 @@ void pe_kernels_avx2(int type, pe_kernel_set *k) {
     case PE_TYPE_F16: k->dequant_row = dequant_f16, k->dot_f32 = dot_f16, k->quantize_row = quant_f16; break;
     case PE_TYPE_BF16: k->dot_f32 = dot_bf16; break;
     case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
-    case PE_TYPE_Q4_1: k->dot_f32 = dot_q4_1; break;
-    case PE_TYPE_Q5_0: k->dot_f32 = dot_q5_0; break;
-    case PE_TYPE_Q5_1: k->dot_f32 = dot_q5_1; break;
+    case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
+    case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;
+    case PE_TYPE_Q5_1: k->dequant_row = dequant_q5_1, k->dot_f32 = dot_q5_1; break;
     case PE_TYPE_Q8_0: k->dequant_row = dequant_q8_0, k->dot_f32 = dot_q8_0; break;
     case PE_TYPE_MXFP4: k->dequant_row = dequant_mxfp4, k->dot_f32 = dot_mxfp4; break;
-    case PE_TYPE_Q2_K: k->dot_f32 = dot_q2_k; break;
-    case PE_TYPE_Q3_K: k->dot_f32 = dot_q3_k; break;
-    case PE_TYPE_Q4_K: k->dot_f32 = dot_q4_k; break;
-    case PE_TYPE_Q5_K: k->dot_f32 = dot_q5_k; break;
-    case PE_TYPE_Q6_K: k->dot_f32 = dot_q6_k; break;
+    case PE_TYPE_Q2_K: k->dequant_row = dequant_q2_k, k->dot_f32 = dot_q2_k; break;
+    case PE_TYPE_Q3_K: k->dequant_row = dequant_q3_k, k->dot_f32 = dot_q3_k; break;
+    case PE_TYPE_Q4_K: k->dequant_row = dequant_q4_k, k->dot_f32 = dot_q4_k; break;
+    case PE_TYPE_Q5_K: k->dequant_row = dequant_q5_k, k->dot_f32 = dot_q5_k; break;
+    case PE_TYPE_Q6_K: k->dequant_row = dequant_q6_k, k->dot_f32 = dot_q6_k; break;
     default: break;
     }
     k->dot_q8 = pe_dot_q8_avx2(type);

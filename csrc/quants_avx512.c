@@ -3,6 +3,7 @@
  * file is built with -ffp-contract=off); dots accumulate in lanes with explicit FMA and reduce in a
  * fixed order, so they are deterministic but differ from the scalar dot in the last bits. */
 #include "quants_impl.h"
+#include "quant_chunks.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -18,12 +19,6 @@ static inline float half_scale(uint8_t e) {
 
 static inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 static inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
-static inline __m128i lo_nib(__m128i v) { return _mm_and_si128(v, _mm_set1_epi8(15)); }
-static inline __m128i hi_nib(__m128i v) { return _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)); }
-/* (v >> s) & mask on each byte. */
-static inline __m128i bits8(__m128i v, int s, int mask) {
-    return _mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm_set1_epi8((char)mask));
-}
 
 /* ---- float rows ------------------------------------------------------------------------------ */
 
@@ -219,145 +214,16 @@ static float dot_q4_0(const void *row, const float *x, int64_t n) {
     PE_DOT4((const pe_block_q4_0 *)row, n / PE_QK, x, STEP_Q4_0);
 }
 
-static void dequant_q4_1(const void *src, float *dst, int64_t n) {
-    const pe_block_q4_1 *b = src;
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
-        const __m512 d = _mm512_set1_ps(h2f(b->d)), m = _mm512_set1_ps(h2f(b->m));
-        const __m128i q = _mm_loadu_si128((const __m128i *)b->qs);
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(d, u8_to_ps(lo_nib(q))), m));
-        _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(d, u8_to_ps(hi_nib(q))), m));
-    }
+/* ---- Q4_1, Q5_0, Q5_1 and the K-quants: 16-element chunks (quant_chunks.h) ------------------------ */
+
+/* dst[0..16) = dl * q - ml (signed codes: dl * q), q given as 16 bytes (numpy order: product, then
+ * difference). */
+static inline __attribute__((always_inline)) void put16(float *dst, __m128i q, float dl, float ml, const int sgn) {
+    const __m512 p = _mm512_mul_ps(_mm512_set1_ps(dl), sgn ? i8_to_ps(q) : u8_to_ps(q));
+    _mm512_storeu_ps(dst, sgn ? p : _mm512_sub_ps(p, _mm512_set1_ps(ml)));
 }
 
-/* The 5-bit codes of a Q5 block as two vectors of 16 int32: nibble | (qh bit j) << 4. */
-static inline void q5_codes(const uint8_t *qs, const uint8_t *qh, __m512i *lo, __m512i *hi) {
-    uint32_t h;
-    memcpy(&h, qh, 4);
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    const __m512i sixteen = _mm512_set1_epi32(16);
-    *lo = _mm512_cvtepu8_epi32(lo_nib(q));
-    *hi = _mm512_cvtepu8_epi32(hi_nib(q));
-    *lo = _mm512_mask_add_epi32(*lo, (__mmask16)(h & 0xffff), *lo, sixteen);
-    *hi = _mm512_mask_add_epi32(*hi, (__mmask16)(h >> 16), *hi, sixteen);
-}
-
-static void dequant_q5_0(const void *src, float *dst, int64_t n) {
-    const pe_block_q5_0 *b = src;
-    const __m512i sixteen = _mm512_set1_epi32(16);
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
-        const __m512 d = _mm512_set1_ps(h2f(b->d));
-        __m512i lo, hi;
-        q5_codes(b->qs, b->qh, &lo, &hi);
-        _mm512_storeu_ps(dst, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, sixteen))));
-        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, sixteen))));
-    }
-}
-
-static void dequant_q5_1(const void *src, float *dst, int64_t n) {
-    const pe_block_q5_1 *b = src;
-    for (int64_t i = 0; i < n / PE_QK; i++, b++, dst += PE_QK) {
-        const __m512 d = _mm512_set1_ps(h2f(b->d)), m = _mm512_set1_ps(h2f(b->m));
-        __m512i lo, hi;
-        q5_codes(b->qs, b->qh, &lo, &hi);
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m));
-        _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m));
-    }
-}
-
-/* ---- K-quants: 256-element super-blocks --------------------------------------------------------- */
-
-/* dst[0..16) = dl * q - ml, q given as 16 unsigned bytes (numpy order: product, then difference). */
-static inline void put16_u8(float *dst, __m128i q, float dl, float ml) {
-    _mm512_storeu_ps(dst, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(dl), u8_to_ps(q)), _mm512_set1_ps(ml)));
-}
-
-static inline void put16_i8(float *dst, __m128i q, float dl) {
-    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_set1_ps(dl), i8_to_ps(q)));
-}
-
-static void dequant_q2_k(const void *src, float *dst, int64_t n) {
-    const pe_block_q2_k *b = src;
-    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
-        const float d = h2f(b->d), dmin = h2f(b->dmin);
-        for (int h = 0; h < 2; h++)
-            for (int p = 0; p < 2; p++) {
-                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * p));
-                for (int j = 0; j < 4; j++) {
-                    const uint8_t sc = b->scales[8 * h + 2 * j + p];
-                    const float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
-                    put16_u8(dst + 128 * h + 32 * j + 16 * p, bits8(q, 2 * j, 3), dl, ml);
-                }
-            }
-    }
-}
-
-static void dequant_q3_k(const void *src, float *dst, int64_t n) {
-    const pe_block_q3_k *b = src;
-    const __m128i one = _mm_set1_epi8(1);
-    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
-        const float d = h2f(b->d);
-        for (int h = 0; h < 2; h++)
-            for (int p = 0; p < 2; p++) {
-                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * h + 16 * p));
-                const __m128i hm = _mm_loadu_si128((const __m128i *)(b->hmask + 16 * p));
-                for (int j = 0; j < 4; j++) {
-                    const int k = 8 * h + 2 * j + p;
-                    const __m128i missing = _mm_xor_si128(bits8(hm, 4 * h + j, 1), one);
-                    const __m128i v = _mm_sub_epi8(bits8(q, 2 * j, 3), _mm_slli_epi16(missing, 2));
-                    put16_i8(dst + 128 * h + 32 * j + 16 * p, v, d * (float)pe_q3_k_scale(b->scales, k));
-                }
-            }
-    }
-}
-
-static void dequant_q4_k(const void *src, float *dst, int64_t n) {
-    const pe_block_q4_k *b = src;
-    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
-        const float d = h2f(b->d), dmin = h2f(b->dmin);
-        for (int s = 0; s < 8; s++) {
-            uint8_t sc, mn;
-            pe_k_scale_min(b->scales, s, &sc, &mn);
-            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
-            for (int p = 0; p < 2; p++) {
-                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * (s / 2) + 16 * p));
-                put16_u8(dst + 32 * s + 16 * p, bits8(q, 4 * (s % 2), 15), d1, m1);
-            }
-        }
-    }
-}
-
-static void dequant_q5_k(const void *src, float *dst, int64_t n) {
-    const pe_block_q5_k *b = src;
-    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
-        const float d = h2f(b->d), dmin = h2f(b->dmin);
-        for (int s = 0; s < 8; s++) {
-            uint8_t sc, mn;
-            pe_k_scale_min(b->scales, s, &sc, &mn);
-            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
-            for (int p = 0; p < 2; p++) {
-                const __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + 32 * (s / 2) + 16 * p));
-                const __m128i qh = _mm_loadu_si128((const __m128i *)(b->qh + 16 * p));
-                const __m128i v = _mm_or_si128(bits8(q, 4 * (s % 2), 15), _mm_slli_epi16(bits8(qh, s, 1), 4));
-                put16_u8(dst + 32 * s + 16 * p, v, d1, m1);
-            }
-        }
-    }
-}
-
-static void dequant_q6_k(const void *src, float *dst, int64_t n) {
-    const pe_block_q6_k *b = src;
-    const __m128i bias = _mm_set1_epi8(32);
-    for (int64_t i = 0; i < n / PE_QK_K; i++, b++, dst += PE_QK_K) {
-        const float d = h2f(b->d);
-        for (int e = 0; e < PE_QK_K; e += 16) {
-            const int h = e / 128, r = e % 128;
-            const __m128i ql = _mm_loadu_si128((const __m128i *)(b->ql + 64 * h + r % 64));
-            const __m128i qh = _mm_loadu_si128((const __m128i *)(b->qh + 32 * h + r % 32));
-            const __m128i v = _mm_or_si128(bits8(ql, 4 * (r / 64), 15), _mm_slli_epi16(bits8(qh, 2 * (r / 32), 3), 4));
-            put16_i8(dst + e, _mm_sub_epi8(v, bias), d * (float)b->scales[e / 16]);
-        }
-    }
-}
+PE_CHUNK_FORMATS(PE_CHUNK_DEQUANT)
 
 /* Dot through a dequantized super-block in L1; 4 lane accumulators in a fixed order. */
 #define PE_BLOCK_DOT(name, dequant, blck, tsize)                                                 \

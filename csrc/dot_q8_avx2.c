@@ -1,7 +1,9 @@
-/* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0 and
- * MXFP4: the same results, bit for bit, as dot_q8_avx512.c, so a model's default (int8) path gives
- * the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling back to float32
- * activations there.
+/* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0,
+ * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 (as
+ * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as mxfp4_r16_avx512.c): a model's default
+ * (int8) path gives the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling
+ * back to float32 activations there. The sections below: the rows kernel (Q8_0, Q4_0, MXFP4), the
+ * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the R16 kernel.
  *
  * The arithmetic is dot_q8_avx512.c's: for each (row, block) an exact int32 sum S of weight codes
  * times the activation's combined two-digit code X = 254 q + ql (pe_act_q8), converted to float
@@ -30,16 +32,19 @@
  * a token's arithmetic is the one-token kernel's. The rows of a group are contiguous, so the next
  * group's matching bytes are prefetched into L2 as the AVX-512 kernels do. */
 #include "quants_impl.h"
+#include "mxfp4_r16.h"
 
 #include <immintrin.h>
 #include <string.h>
 
 #define PE_AI static inline __attribute__((always_inline))
 
-enum { F_Q8_0 = 0, F_Q4_0, F_MXFP4 };
-static const int BLOCK[3] = {34, 18, 17};
-static const int OFFSET[3] = {0, 8, 12};
-static const int QS[3] = {2, 2, 1}; /* first code byte of a block */
+enum { F_Q8_0 = 0, F_Q4_0, F_MXFP4, F_Q4_1, F_Q5_0, F_Q5_1 };
+static const int BLOCK[6] = {34, 18, 17, 20, 22, 24};
+static const int OFFSET[6] = {0, 8, 12, 0, 16, 0};
+static const int QS[6] = {2, 2, 1, 4, 6, 8}; /* first code byte of a block */
+static const int QH[6] = {0, 0, 0, 0, 2, 4}; /* the 5th bits' word (Q5_0, Q5_1) */
+static const int HASMIN[6] = {0, 0, 0, 1, 0, 1};
 
 /* One block's combined activation codes X in the A / B pairing order (see above). */
 PE_AI void act_x(const pe_act_q8 *x, int64_t b, __m256i X[2]) {
@@ -66,6 +71,15 @@ PE_AI void decode(const int F, const uint8_t *blk, __m256i table, __m256i u[2]) 
     __m256i v = _mm256_and_si256(_mm256_srlv_epi32(c, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
                                  _mm256_set1_epi8(0x0f));
     if (F == F_MXFP4) v = _mm256_shuffle_epi8(table, v);
+    if (F == F_Q5_0 || F == F_Q5_1) { /* byte e (element e) gets bit e of qh as 16 */
+        uint32_t qh;
+        memcpy(&qh, blk + QH[F], 4);
+        const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                              3, 3, 3, 3, 3, 3, 3, 3);
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+        const __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), pick), bit);
+        v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16)));
+    }
     u[0] = _mm256_unpacklo_epi8(v, _mm256_setzero_si256());
     u[1] = _mm256_unpackhi_epi8(v, _mm256_setzero_si256());
 }
@@ -90,19 +104,36 @@ PE_AI __m128i low_halves(__m256i v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
 }
 
-/* The eight rows' block scales without d_x: f16 d_w, or 2^(e - 128) as pe_e8m0_half_bits writes it
- * (a product with it is rounded once, as vscalefps rounds once). Eight scalar loads: vpgatherdd
- * was slower on Zen 4. */
-PE_AI __m256 row_scales(const int F, const uint8_t *blk0, const int32_t off[8]) {
-    int32_t w[8];
-    for (int i = 0; i < 8; i++) memcpy(&w[i], blk0 + off[i], 4);
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)w);
-    if (F != F_MXFP4) return _mm256_cvtph_ps(low_halves(raw));
-    const __m256i e = _mm256_and_si256(raw, _mm256_set1_epi32(0xff));
+/* 2^(e - 128) for eight E8M0 bytes e (one per int32 lane) as pe_e8m0_half_bits writes it. */
+PE_AI __m256 e8m0_half_ps(__m256i e) {
     const __m256i small = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
     const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
     const __m256i is_small = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e);
     return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, small, is_small));
+}
+
+/* The dwords at base + off[k] for k < n, 0 for k >= n (nothing read there). Inserted one by one:
+ * eight narrow stores read back as one vector stall on store forwarding (the blocks kernel below ran
+ * 1.4-1.7x faster in cache without that). */
+PE_AI __m256i dwords8(const uint8_t *base, const int32_t off[8], int64_t n) {
+    int32_t w[8];
+    for (int k = 0; k < 8; k++) {
+        w[k] = 0;
+        if (k < n) memcpy(&w[k], base + off[k], 4);
+    }
+    __m128i lo = _mm_cvtsi32_si128(w[0]), hi = _mm_cvtsi32_si128(w[4]);
+    lo = _mm_insert_epi32(lo, w[1], 1), lo = _mm_insert_epi32(lo, w[2], 2), lo = _mm_insert_epi32(lo, w[3], 3);
+    hi = _mm_insert_epi32(hi, w[5], 1), hi = _mm_insert_epi32(hi, w[6], 2), hi = _mm_insert_epi32(hi, w[7], 3);
+    return _mm256_setr_m128i(lo, hi);
+}
+
+/* The eight rows' block scales without d_x: f16 d_w, or 2^(e - 128) as pe_e8m0_half_bits writes it
+ * (a product with it is rounded once, as vscalefps rounds once). Eight scalar loads: vpgatherdd
+ * was slower on Zen 4. */
+PE_AI __m256 row_scales(const int F, const uint8_t *blk0, const int32_t off[8]) {
+    const __m256i raw = dwords8(blk0, off, 8);
+    if (F != F_MXFP4) return _mm256_cvtph_ps(low_halves(raw));
+    return e8m0_half_ps(_mm256_and_si256(raw, _mm256_set1_epi32(0xff)));
 }
 
 /* Block b of the eight rows for n_tok tokens, into acc[t] (the block's partial sum, b mod 4). */
@@ -159,11 +190,158 @@ PE_DOT_Q8_ENTRIES(q8_0, dot_rows, F_Q8_0)
 PE_DOT_Q8_ENTRIES(q4_0, dot_rows, F_Q4_0)
 PE_DOT_Q8_ENTRIES(mxfp4, dot_rows, F_MXFP4)
 
+/* ---- Q4_1, Q5_0, Q5_1: blocks in lanes, dot_q8k_avx512.c's arithmetic ------------------------------
+ * The AVX-512 kernel (dot_q8k_avx512.c, "32-blocks ... rows in pairs") keeps for each row eight
+ * float accumulators, one per block index mod 8, each taking per block fma(S - offset * s32x,
+ * d_w * d_x / 254) and, with a minimum, fma(m_w, d_x / 254 * s32x), and sums them at the end as
+ * ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)) (its lane reduction). Here one 8-lane register
+ * per row and token is those eight accumulators: a step of 8 blocks gives the row's 8 exact block
+ * sums S in one vector (the blocks' int32 vectors folded as the rows kernel above folds rows), so
+ * every float operation and its order are the AVX-512 kernel's and the bits are the same. Missing
+ * blocks of a last step count as S = 0 with a zero activation scale, as there. */
+
+PE_AI void dot_blocks(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                      float *out, int64_t ldo, const int F) {
+    const int B = BLOCK[F];
+    const uint8_t *next = rows + 8 * stride;
+    const int64_t nb = n / 32;
+    const __m256i none = _mm256_setzero_si256();
+    const int32_t head_off[8] = {0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B};
+    __m256 acc[PE_DOT_Q8_MAX_TOK][8];
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < 8; i++) acc[t][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        const int64_t nblk = nb - b < 8 ? nb - b : 8;
+        __m256i X[PE_DOT_Q8_MAX_TOK][8][2];
+        __m256 dx[PE_DOT_Q8_MAX_TOK], dxs[PE_DOT_Q8_MAX_TOK];
+        __m256i offs[PE_DOT_Q8_MAX_TOK];
+        const __m256i have = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nblk), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int t = 0; t < n_tok; t++) {
+            for (int k = 0; k < nblk; k++) act_x(&x[t], b + k, X[t][k]);
+            const __m256 d = _mm256_castsi256_ps(_mm256_maskload_epi32((const int *)(x[t].d + b), have));
+            const __m256 s32 = _mm256_castsi256_ps(_mm256_maskload_epi32((const int *)(x[t].s32x + b), have));
+            dx[t] = _mm256_mul_ps(d, _mm256_set1_ps(1.0f / 254.0f));
+            dxs[t] = _mm256_mul_ps(dx[t], s32);
+            offs[t] = _mm256_mullo_epi32(_mm256_cvtps_epi32(s32), _mm256_set1_epi32(OFFSET[F]));
+        }
+        for (int p = 0; p < 8 * 8 * B; p += 64) _mm_prefetch((const char *)next + 8 * b * B + p, _MM_HINT_T1);
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = rows + (i < nr ? i : nr - 1) * stride + b * B;
+            __m256i blk[PE_DOT_Q8_MAX_TOK][8];
+            for (int k = 0; k < 8; k++) {
+                __m256i u[2];
+                if (k < nblk) decode(F, row + k * B, none, u);
+                for (int t = 0; t < n_tok; t++) blk[t][k] = k < nblk ? madd2(u, X[t][k]) : none;
+            }
+            const __m256i heads = dwords8(row, head_off, nblk); /* d, and m (Q4_1, Q5_1) above it */
+            const __m256 a = _mm256_cvtph_ps(low_halves(heads));
+            const __m256 m = HASMIN[F] ? _mm256_cvtph_ps(low_halves(_mm256_srli_epi32(heads, 16))) : _mm256_setzero_ps();
+            for (int t = 0; t < n_tok; t++) {
+                __m256i S = fold8(fold4(blk[t]), fold4(blk[t] + 4));
+                if (OFFSET[F]) S = _mm256_sub_epi32(S, offs[t]);
+                acc[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(a, dx[t]), acc[t][i]);
+                if (HASMIN[F]) acc[t][i] = _mm256_fmadd_ps(m, dxs[t], acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < nr; i++) {
+            const __m256 v = _mm256_add_ps(_mm256_setzero_ps(), acc[t][i]);
+            const __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+            const __m128 q = _mm_add_ps(h, _mm_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
+            out[t * ldo + i] = _mm_cvtss_f32(q) + _mm_cvtss_f32(_mm_shuffle_ps(q, q, 1));
+        }
+}
+
+PE_DOT_Q8_ENTRIES(q4_1, dot_blocks, F_Q4_1)
+PE_DOT_Q8_ENTRIES(q5_0, dot_blocks, F_Q5_0)
+PE_DOT_Q8_ENTRIES(q5_1, dot_blocks, F_Q5_1)
+
+/* ---- MXFP4 in the R16 layout (mxfp4_r16.h) ------------------------------------------------------
+ * One group = 16 rows interleaved by dwords: a 32-byte load of piece j holds 4 codes of each of 8
+ * rows, so per (row half, token) the products are vpmaddubsw of the looked-up unsigned codes
+ * (value + 12, <= 24) against the broadcast activation dword of those 4 elements, one digit at a
+ * time (|pair sum| <= 2 * 24 * 128, four registers summed in int16 stay below 2^15), then vpmaddwd
+ * by 256 (high digit) or 1 (low digit) into int32: 256 (w . xh) + (w . xl) = w . X exactly, as the
+ * AVX-512 kernel (mxfp4_r16_avx512.c) sums it, and the same float steps after it (offset, one
+ * conversion, d_x / 254 times 2^(e - 128), FMA into the accumulator of block b mod 4, (a0 + a1) +
+ * (a2 + a3)), so the bits are the file-layout kernels'. Per 16 rows x 32 elements and token ~80
+ * vector instructions plus ~40 for the codes shared by all tokens, where the file-layout kernel
+ * above needs ~13 per row and block (~210). */
+
+/* Bytes of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order, as mxfp4_r16_avx512.c. */
+PE_AI int64_t r16_act_at(int64_t b, int j) { return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4)); }
+
+PE_AI __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* One digit: sum over the 8 code registers of u . digit, per row as int32, times `weight` (256 / 1). */
+PE_AI __m256i r16_digit(const __m256i u[8], const int8_t *digit, int64_t b, __m256i weight) {
+    __m256i m[8];
+    for (int j = 0; j < 8; j++) m[j] = _mm256_maddubs_epi16(u[j], bcast4(digit + r16_act_at(b, j)));
+    const __m256i a = _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3]));
+    const __m256i c = _mm256_add_epi16(_mm256_add_epi16(m[4], m[5]), _mm256_add_epi16(m[6], m[7]));
+    return _mm256_add_epi32(_mm256_madd_epi16(a, weight), _mm256_madd_epi16(c, weight));
+}
+
+#define R16_PF_DIST 49152 /* L2 prefetch distance, as mxfp4_r16_avx512.c */
+
+PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
+                     int64_t ldo) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
+    const __m256i low = _mm256_set1_epi8(0x0f), k256 = _mm256_set1_epi16(256), k1 = _mm256_set1_epi16(1);
+    const uint8_t *scales = group + 256 * nb;
+    const int halves = nr > 8 ? 2 : 1;
+    __m256 acc[PE_DOT_Q8_MAX_TOK][2][4];
+    for (int t = 0; t < n_tok; t++)
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) acc[t][h][k] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = group + 256 * b;
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + R16_PF_DIST + l, _MM_HINT_T1);
+        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + R16_PF_DIST / 16, _MM_HINT_T1);
+        for (int h = 0; h < halves; h++) { /* rows 8 h .. 8 h + 7 */
+            __m256i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of 8 rows */
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_load_si256((const __m256i *)(p + 64 * j + 32 * h));
+                u[j] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low));
+                u[j + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            }
+            const __m256 ws = e8m0_half_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(scales + 16 * b + 8 * h))));
+            for (int t = 0; t < n_tok; t++) {
+                __m256i c = _mm256_add_epi32(r16_digit(u, x[t].xh, b, k256), r16_digit(u, x[t].xl, b, k1));
+                c = _mm256_sub_epi32(c, _mm256_set1_epi32(12 * (int32_t)x[t].s32x[b]));
+                const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
+                acc[t][h][b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), s, acc[t][h][b & 3]);
+            }
+        }
+    }
+    for (int t = 0; t < n_tok; t++)
+        for (int h = 0; h < halves; h++) {
+            float res[8];
+            const __m256 *a = acc[t][h];
+            _mm256_storeu_ps(res, _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            const int n = nr - 8 * h < 8 ? nr - 8 * h : 8;
+            memcpy(out + t * ldo + 8 * h, res, (size_t)n * sizeof(float));
+        }
+}
+
+void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo) {
+    if (n_tok == 1) r16_group(group, nb, nr, x, 1, out, ldo); /* one token: accumulators in registers */
+    else r16_group(group, nb, nr, x, n_tok, out, ldo);
+}
+
 pe_dot_q8_fn pe_dot_q8_avx2(int type) {
     switch (type) {
     case PE_TYPE_Q8_0: return dot_q8_q8_0;
     case PE_TYPE_Q4_0: return dot_q8_q4_0;
     case PE_TYPE_MXFP4: return dot_q8_mxfp4;
+    case PE_TYPE_Q4_1: return dot_q8_q4_1;
+    case PE_TYPE_Q5_0: return dot_q8_q5_0;
+    case PE_TYPE_Q5_1: return dot_q8_q5_1;
     default: return NULL;
     }
 }
@@ -173,6 +351,9 @@ pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type) {
     case PE_TYPE_Q8_0: return tok_q8_q8_0;
     case PE_TYPE_Q4_0: return tok_q8_q4_0;
     case PE_TYPE_MXFP4: return tok_q8_mxfp4;
+    case PE_TYPE_Q4_1: return tok_q8_q4_1;
+    case PE_TYPE_Q5_0: return tok_q8_q5_0;
+    case PE_TYPE_Q5_1: return tok_q8_q5_1;
     default: return NULL;
     }
 }

@@ -142,8 +142,23 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     return 0;
 }
 
+/* A group of an R16 weight (16 rows = one tile) times n_tok tokens through the rows kernel, 8 tokens
+ * per call (the group stays in cache): where there are no int8 tiles, the same bits as decoding. */
+static void r16_rows(const pe_weight *w, const uint8_t *group, int nr, const pe_act_q8 *xq, int64_t n_tok,
+                     const float *bias, float *y, int64_t ldy) {
+    const pe_r16_dot_fn dot = pe_r16_dot_get();
+    for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK) {
+        const int n = n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK;
+        dot(group, w->n_in / 32, nr, xq + t0, n, y + t0 * ldy, ldy);
+    }
+    if (bias)
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
+}
+
 /* More tokens with int8 activations: every token quantized once, then threads take tiles of 16 rows,
- * each repacked once and multiplied by all tokens (gemm_q8_avx512.c). */
+ * each repacked once and multiplied by all tokens (gemm_q8_avx512.c); R16 groups without int8 tiles
+ * take r16_rows. */
 static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                            const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
@@ -161,6 +176,7 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
+    const int r16_tiles = pe_gemm_q8_supported(PE_TYPE_MXFP4);
     pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);
@@ -174,9 +190,11 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
             for (int64_t ti = ta; ti < tb; ti++) {
                 const int64_t r0 = ti * PE_GEMM_Q8_TILE;
                 const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-                if (w->layout == PE_LAYOUT_R16)
+                if (w->layout == PE_LAYOUT_R16 && r16_tiles)
                     pe_gemm_q8_tile_r16(base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
                                         mine);
+                else if (w->layout == PE_LAYOUT_R16) /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
+                    r16_rows(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy);
                 else
                     pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok,
                                     bias ? bias + r0 : NULL, y + r0, ldy, mine);
@@ -295,8 +313,8 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
         const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
         return pe_matmul_many(&job, 1, n_threads);
     }
-    if (w->layout == PE_LAYOUT_R16 && !(n_tok > PE_ROWWISE_MAX_TOK && w->int8_act && pe_gemm_q8_supported(w->type)))
-        return -1; /* only the int8 paths read this layout */
+    if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
+        return w->int8_act && pe_r16_dot_get() ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
     if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     if (w->int8_act && pe_gemm_q8_supported(w->type))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

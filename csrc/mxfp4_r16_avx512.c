@@ -84,7 +84,10 @@ static void dot_r16(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x
 
 static pe_r16_dot_fn chosen;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
-static void choose(void) { chosen = pe_simd_level_get() >= PE_SIMD_AVX512 && pe_cpu_has_avx512vbmi() ? dot_r16 : NULL; }
+static void choose(void) {
+    const pe_simd_level level = pe_simd_level_get();
+    chosen = level >= PE_SIMD_AVX512 && pe_cpu_has_avx512vbmi() ? dot_r16 : level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
+}
 
 /* Resolved once (cpuid is slow, and in a VM a trap): matmul.c asks per row group. */
 pe_r16_dot_fn pe_r16_dot_get(void) {

@@ -123,7 +123,7 @@ MXFP4 = PE_TYPE_MXFP4
 
 
 def r16_available() -> bool:
-    """Whether this CPU has the R16 decode kernel (AVX-512 VNNI + VBMI)."""
+    """Whether this CPU has an R16 kernel (AVX-512 VNNI + VBMI, or AVX2)."""
     return pe_r16_dot_get() != NULL
 
 
@@ -153,7 +153,7 @@ cdef pe_weight _r16_weight(object data, int64_t n_in, int64_t n_out, int64_t n_e
     """A PE_LAYOUT_R16 weight (int8 activations) over `data`, checked: uint8, contiguous, exactly
     r16_bytes(n_in, n_out, n_expert) long, 64-byte aligned, and this CPU has the kernel."""
     if pe_r16_dot_get() == NULL:
-        raise ValueError(f"{name}: this CPU has no R16 kernel (AVX-512 VNNI + VBMI)")
+        raise ValueError(f"{name}: this CPU has no R16 kernel (it needs AVX2)")
     cdef int64_t need = r16_bytes(n_in, n_out, n_expert)
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1
             or not data.flags.c_contiguous or data.shape[0] != need):

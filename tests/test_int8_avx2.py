@@ -1,5 +1,5 @@
-"""The AVX2 int8 kernels (csrc/dot_q8_avx2.c: Q8_0, Q4_0, MXFP4), run in child processes capped at
-AVX2 (PYENGINE_SIMD=avx2): against float64 on the same two-digit activations, the several-token form
+"""The AVX2 int8 kernels (csrc/dot_q8_avx2.c: Q8_0, Q4_0, MXFP4, Q4_1, Q5_0, Q5_1), run in child
+processes capped at AVX2 (PYENGINE_SIMD=avx2): against float64 on the same two-digit activations, the several-token form
 per token bit for bit the one-token kernel, and, where this CPU also runs the AVX-512 kernels, bit
 for bit the AVX-512 results on the same inputs. More than 8 tokens at AVX2 take float tiles on the
 int8-rounded activations (csrc/matmul.c int8_rounded), so a prompt's products agree with a decoded
@@ -18,7 +18,7 @@ from pyengine.model_file import open_model
 from simd_levels import at_level
 from test_quants import SIZES, T, act_values, random_blocks, reference
 
-TYPES = [T.Q8_0, T.Q4_0, T.MXFP4]
+TYPES = [T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_1, T.Q5_0, T.Q5_1]
 N_IN = [96, 160, 2880]  # 3 blocks (a partial step of 4), 5 (a step and one block), 90
 N_TOK = [1, 2, 3, 8]
 DIMS = dict(n_vocab=512, n_embd=256, n_ff=256, n_layer=2)
@@ -34,7 +34,7 @@ def products(qtype, n_in: int):
 def check_rows(out: str) -> None:
     """At this process's level: every case against float64 and against the one-token kernel; the
     up-to-8-token results saved to `out` for the parent's bit comparison."""
-    assert Q.has_dot_q8(int(T.MXFP4)) and Q.has_dot_q8(int(T.Q8_0)) and Q.has_dot_q8(int(T.Q4_0))
+    assert all(Q.has_dot_q8(int(t)) for t in TYPES)
     saved = {}
     for qtype in TYPES:
         for n_in in N_IN:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from pyengine import _model as K
+from simd_levels import at_level
 from test_quants import SIZES, T, random_blocks, reference
 
-pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (AVX-512 VNNI + VBMI)")
+pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (it needs AVX2)")
 
 
 def aligned(n: int) -> np.ndarray:
@@ -95,3 +96,41 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="writable contiguous"):
         K.r16_repack(w, 64, np.zeros(r.size + 1, np.uint8))
+
+
+R16_CASES = [(16, 32), (37, 96), (300, 160), (64, 2880)]
+
+
+def check_r16_rows(out: str) -> None:
+    """At this process's level: R16 products of 1-8 tokens (the decode kernel) bit for bit the
+    file-layout int8 rows kernel token by token, and where this level has no int8 tiles (AVX2) also
+    9 and 20 tokens (the rows kernel 8 tokens a call); the 1-8-token results saved to `out`."""
+    from pyengine import _quants as Q
+
+    saved = {}
+    for n_out, n_in in R16_CASES:
+        rng = np.random.default_rng(n_out * 3 + n_in)
+        w = mxfp4(2, n_out, n_in, rng)
+        r = repacked(w, n_in)
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        x = (rng.standard_normal((20, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
+        for n_tok in (1, 3, 8, 9, 20):
+            got = K.matmul(r, int(T.MXFP4), n_in, x[:n_tok], bias, expert=1, n_threads=2, r16_shape=(n_out, 2))
+            one = np.stack([K.matmul(w, int(T.MXFP4), n_in, x[t:t + 1], bias, expert=1, int8_activations=True)[0]
+                            for t in range(n_tok)])
+            if n_tok <= 8 or not Q.has_gemm_q8(int(T.MXFP4)):
+                assert np.array_equal(got, one), (n_out, n_in, n_tok)
+            if n_tok <= 8:
+                saved[f"{n_out}-{n_in}-{n_tok}"] = got
+    np.savez(out, **saved)
+
+
+def test_r16_at_the_avx2_level(tmp_path):
+    """The AVX2 R16 kernel (csrc/dot_q8_avx2.c) in a child at PYENGINE_SIMD=avx2: the file layout's
+    int8 bits there (decode and prompts), and the same bits as this process's R16 kernel."""
+    at_level("avx2", "test_mxfp4_r16", f"check_r16_rows({str(tmp_path / 'avx2.npz')!r})", cwd=tmp_path)
+    check_r16_rows(str(tmp_path / "here.npz"))
+    there, here = np.load(tmp_path / "avx2.npz"), np.load(tmp_path / "here.npz")
+    assert sorted(there.files) == sorted(here.files)
+    for k in here.files:
+        assert np.array_equal(there[k], here[k]), k

@@ -1,9 +1,10 @@
 /* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0,
- * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 (as
+ * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K (as
  * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as mxfp4_r16_avx512.c): a model's default
  * (int8) path gives the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling
  * back to float32 activations there. The sections below: the rows kernel (Q8_0, Q4_0, MXFP4), the
- * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the R16 kernel.
+ * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernel (Q4_K, Q5_K), the R16
+ * kernel. Q2_K, Q3_K and Q6_K (16-element sub-blocks) have none here: float32 activations.
  *
  * The arithmetic is dot_q8_avx512.c's: for each (row, block) an exact int32 sum S of weight codes
  * times the activation's combined two-digit code X = 254 q + ql (pe_act_q8), converted to float
@@ -200,6 +201,15 @@ PE_DOT_Q8_ENTRIES(mxfp4, dot_rows, F_MXFP4)
  * every float operation and its order are the AVX-512 kernel's and the bits are the same. Missing
  * blocks of a last step count as S = 0 with a zero activation scale, as there. */
 
+/* The eight lanes of a row's accumulator summed as _mm512_reduce_add_ps sums them in the AVX-512
+ * kernels (the upper half zero): ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)). */
+PE_AI float lanes8_sum(__m256 acc) {
+    const __m256 v = _mm256_add_ps(_mm256_setzero_ps(), acc);
+    const __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    const __m128 q = _mm_add_ps(h, _mm_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(q) + _mm_cvtss_f32(_mm_shuffle_ps(q, q, 1));
+}
+
 PE_AI void dot_blocks(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
                       float *out, int64_t ldo, const int F) {
     const int B = BLOCK[F];
@@ -245,17 +255,99 @@ PE_AI void dot_blocks(const uint8_t *rows, int64_t stride, int nr, const pe_act_
         }
     }
     for (int t = 0; t < n_tok; t++)
-        for (int i = 0; i < nr; i++) {
-            const __m256 v = _mm256_add_ps(_mm256_setzero_ps(), acc[t][i]);
-            const __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-            const __m128 q = _mm_add_ps(h, _mm_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
-            out[t * ldo + i] = _mm_cvtss_f32(q) + _mm_cvtss_f32(_mm_shuffle_ps(q, q, 1));
-        }
+        for (int i = 0; i < nr; i++) out[t * ldo + i] = lanes8_sum(acc[t][i]);
 }
 
 PE_DOT_Q8_ENTRIES(q4_1, dot_blocks, F_Q4_1)
 PE_DOT_Q8_ENTRIES(q5_0, dot_blocks, F_Q5_0)
 PE_DOT_Q8_ENTRIES(q5_1, dot_blocks, F_Q5_1)
+
+/* ---- Q4_K, Q5_K: sub-blocks in lanes, dot_q8k_avx512.c's arithmetic ---------------------------------
+ * As the blocks kernel, with a super-block's eight 32-element sub-blocks in the lanes: per lane
+ * fma(S, (d sc) * dxa) then fnmadd(dmin m, d_x / 254 * s32x), dxa = d_x / 254 times 1/16 where the
+ * codes are Q4_K's high nibbles left in place (16 q, as there), the scales decoded with the
+ * AVX-512 kernel's shuffles (k45_pair_scales, here one row in 128 bits). */
+
+enum { K_Q4 = 0, K_Q5 };
+static const int K_BLOCK[2] = {144, 176};
+
+/* sc (bytes 0-7) and m (bytes 8-15) of the row's eight sub-blocks (pe_k_scale_min) times d, dmin. */
+PE_AI void k45_scales(const uint8_t *p, __m256 *a, __m256 *m) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    const __m128i q = _mm_shuffle_epi8(h, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m128i q4 = _mm_shuffle_epi8(_mm_srli_epi16(h, 4),
+                                        _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 12, 13, 14, 15));
+    const __m128i q2 = _mm_shuffle_epi8(_mm_srli_epi16(h, 2),
+                                        _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m128i lo = _mm_or_si128(_mm_and_si128(q, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+                                    _mm_and_si128(q4, _mm_set1_epi8(15)));
+    const __m128i scm = _mm_or_si128(lo, _mm_and_si128(q2, _mm_set1_epi8(0x30)));
+    const __m128 dd = _mm_cvtph_ps(h); /* d, dmin in lanes 0, 1 */
+    *a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_broadcastss_ps(dd));
+    *m = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
+                       _mm256_broadcastss_ps(_mm_movehdup_ps(dd)));
+}
+
+/* A row's super-block: the int16 codes of sub-block s in the A / B pairing order, u[s][0..1]. */
+PE_AI void k45_codes(const int T, const uint8_t *p, __m256i u[8][2]) {
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const uint8_t *qs = p + (T == K_Q5 ? 48 : 16);
+    const __m256i qh = T == K_Q5 ? _mm256_loadu_si256((const __m256i *)(p + 16)) : zero;
+    for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        __m256i c0 = _mm256_and_si256(v, low), c1;
+        if (T == K_Q4) {
+            c1 = _mm256_andnot_si256(low, v); /* 16 q, as the AVX-512 kernel */
+        } else {
+            c1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            const __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * j))), b1 = _mm256_set1_epi8((char)(2 << (2 * j)));
+            c0 = _mm256_or_si256(c0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), _mm256_set1_epi8(16)));
+            c1 = _mm256_or_si256(c1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), _mm256_set1_epi8(16)));
+        }
+        u[2 * j][0] = _mm256_unpacklo_epi8(c0, zero), u[2 * j][1] = _mm256_unpackhi_epi8(c0, zero);
+        u[2 * j + 1][0] = _mm256_unpacklo_epi8(c1, zero), u[2 * j + 1][1] = _mm256_unpackhi_epi8(c1, zero);
+    }
+}
+
+PE_AI void dot_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                   float *out, int64_t ldo, const int T) {
+    const int B = K_BLOCK[T];
+    const uint8_t *next = rows + 8 * stride;
+    const __m256 pw = T == K_Q4 ? _mm256_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f) : _mm256_set1_ps(1.0f);
+    __m256 acc[PE_DOT_Q8_MAX_TOK][8];
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < 8; i++) acc[t][i] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        __m256i X[PE_DOT_Q8_MAX_TOK][8][2];
+        __m256 dxa[PE_DOT_Q8_MAX_TOK], dxs[PE_DOT_Q8_MAX_TOK];
+        for (int t = 0; t < n_tok; t++) {
+            for (int k = 0; k < 8; k++) act_x(&x[t], 8 * sb + k, X[t][k]);
+            const __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(x[t].d + 8 * sb), _mm256_set1_ps(1.0f / 254.0f));
+            dxs[t] = _mm256_mul_ps(dx, _mm256_loadu_ps(x[t].s32x + 8 * sb));
+            dxa[t] = _mm256_mul_ps(dx, pw);
+        }
+        for (int p = 0; p < 8 * B; p += 64) _mm_prefetch((const char *)next + 8 * sb * B + p, _MM_HINT_T1);
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = rows + (i < nr ? i : nr - 1) * stride + sb * B;
+            __m256i u[8][2], sub[PE_DOT_Q8_MAX_TOK][8];
+            k45_codes(T, row, u);
+            for (int k = 0; k < 8; k++)
+                for (int t = 0; t < n_tok; t++) sub[t][k] = madd2(u[k], X[t][k]);
+            __m256 a, m;
+            k45_scales(row, &a, &m);
+            for (int t = 0; t < n_tok; t++) {
+                const __m256i S = fold8(fold4(sub[t]), fold4(sub[t] + 4));
+                acc[t][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), _mm256_mul_ps(a, dxa[t]), acc[t][i]);
+                acc[t][i] = _mm256_fnmadd_ps(m, dxs[t], acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < nr; i++) out[t * ldo + i] = lanes8_sum(acc[t][i]);
+}
+
+PE_DOT_Q8_ENTRIES(q4_k, dot_k45, K_Q4)
+PE_DOT_Q8_ENTRIES(q5_k, dot_k45, K_Q5)
 
 /* ---- MXFP4 in the R16 layout (mxfp4_r16.h) ------------------------------------------------------
  * One group = 16 rows interleaved by dwords: a 32-byte load of piece j holds 4 codes of each of 8
@@ -342,6 +434,8 @@ pe_dot_q8_fn pe_dot_q8_avx2(int type) {
     case PE_TYPE_Q4_1: return dot_q8_q4_1;
     case PE_TYPE_Q5_0: return dot_q8_q5_0;
     case PE_TYPE_Q5_1: return dot_q8_q5_1;
+    case PE_TYPE_Q4_K: return dot_q8_q4_k;
+    case PE_TYPE_Q5_K: return dot_q8_q5_k;
     default: return NULL;
     }
 }
@@ -354,6 +448,8 @@ pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type) {
     case PE_TYPE_Q4_1: return tok_q8_q4_1;
     case PE_TYPE_Q5_0: return tok_q8_q5_0;
     case PE_TYPE_Q5_1: return tok_q8_q5_1;
+    case PE_TYPE_Q4_K: return tok_q8_q4_k;
+    case PE_TYPE_Q5_K: return tok_q8_q5_k;
     default: return NULL;
     }
 }

@@ -1,10 +1,10 @@
 /* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0,
- * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1, Q4_K, Q5_K (as
+ * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 and Q3_K..Q6_K (as
  * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as mxfp4_r16_avx512.c): a model's default
  * (int8) path gives the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling
  * back to float32 activations there. The sections below: the rows kernel (Q8_0, Q4_0, MXFP4), the
- * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernel (Q4_K, Q5_K), the R16
- * kernel. Q2_K, Q3_K and Q6_K (16-element sub-blocks) have none here: float32 activations.
+ * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernels (Q4_K, Q5_K; Q3_K,
+ * Q6_K), the R16 kernel. Q2_K has none here (float32 activations on AVX2).
  *
  * The arithmetic is dot_q8_avx512.c's: for each (row, block) an exact int32 sum S of weight codes
  * times the activation's combined two-digit code X = 254 q + ql (pe_act_q8), converted to float
@@ -201,14 +201,17 @@ PE_DOT_Q8_ENTRIES(mxfp4, dot_rows, F_MXFP4)
  * every float operation and its order are the AVX-512 kernel's and the bits are the same. Missing
  * blocks of a last step count as S = 0 with a zero activation scale, as there. */
 
-/* The eight lanes of a row's accumulator summed as _mm512_reduce_add_ps sums them in the AVX-512
- * kernels (the upper half zero): ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)). */
-PE_AI float lanes8_sum(__m256 acc) {
-    const __m256 v = _mm256_add_ps(_mm256_setzero_ps(), acc);
+/* _mm512_reduce_add_ps's order after its first step (upper 8 lanes + lower 8):
+ * ((v4 + v0) + (v6 + v2)) + ((v5 + v1) + (v7 + v3)). */
+PE_AI float tree8(__m256 v) {
     const __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     const __m128 q = _mm_add_ps(h, _mm_shuffle_ps(h, h, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm_cvtss_f32(q) + _mm_cvtss_f32(_mm_shuffle_ps(q, q, 1));
 }
+
+/* The eight lanes of a row's accumulator summed as the AVX-512 kernels' reduction of a register
+ * whose upper half is zero. */
+PE_AI float lanes8_sum(__m256 acc) { return tree8(_mm256_add_ps(_mm256_setzero_ps(), acc)); }
 
 PE_AI void dot_blocks(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
                       float *out, int64_t ldo, const int F) {
@@ -349,6 +352,121 @@ PE_AI void dot_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 
 PE_DOT_Q8_ENTRIES(q4_k, dot_k45, K_Q4)
 PE_DOT_Q8_ENTRIES(q5_k, dot_k45, K_Q5)
 
+/* ---- Q3_K, Q6_K: 16-element sub-blocks, dot_q8k_avx512.c's "row per register" arithmetic --------------
+ * The AVX-512 kernel keeps one 16-lane accumulator per row, lane p for sub-block SUB_NAT[p] (0, 4,
+ * 8, 12, 1, 5, ...), each taking fma(S - offset * s16x, (d sc) * d_x / 254), and sums the 16 lanes
+ * with _mm512_reduce_add_ps. Here a super-block's eight 32-element units give, after the blocks
+ * kernel's fold, sub-blocks (0 2 4 6 1 3 5 7) in one register and (8 10 12 14 9 11 13 15) in a
+ * second; the per-lane float steps are the same, and at the end two shuffles put the pairs that
+ * reduction adds first side by side (sub-blocks SUB_NAT[k] and SUB_NAT[8 + k]), so the bits are
+ * the AVX-512 kernel's. Codes unsigned (Q3_K: 2 bits + 4 with the hmask bit, offset 4; Q6_K: 6
+ * bits, offset 32). */
+
+enum { K_Q3 = 0, K_Q6 };
+static const int K16_BLOCK[2] = {110, 210};
+static const int K16_OFFSET[2] = {4, 32};
+
+/* Lanes of the two sub-block registers: sub-block of lane k (0-7) and of lane 8 + k. */
+static const int8_t K16_LANES[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+
+/* The 16 signed scales of a row's super-block in natural order (pe_k_scale / pe_q3_k_scale). */
+PE_AI __m128i k16_scales(const int T, const uint8_t *p) {
+    if (T == K_Q6) return _mm_loadu_si128((const __m128i *)(p + 192));
+    /* Q3_K: 12 bytes at p + 96, loaded as the 16 ending with the block (p + 94) and shifted down */
+    const __m128i h = _mm_srli_si128(_mm_loadu_si128((const __m128i *)(p + 94)), 2);
+    const __m128i idx = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i lo = _mm_and_si128(_mm_blendv_epi8(_mm_shuffle_epi8(h, idx), _mm_shuffle_epi8(_mm_srli_epi16(h, 4), idx),
+                                                     _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1)),
+                                     _mm_set1_epi8(15));
+    /* byte k: s[8 + k % 4] >> 2 (k / 4) & 3, as bits 4-5 */
+    const __m128i b = _mm_shuffle_epi8(h, _mm_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11));
+    const __m128i hi = _mm_or_si128(
+        _mm_or_si128(_mm_and_si128(_mm_slli_epi16(b, 4), _mm_setr_epi8(48, 48, 48, 48, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+                     _mm_and_si128(_mm_slli_epi16(b, 2), _mm_setr_epi8(0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0, 0, 0, 0, 0))),
+        _mm_or_si128(_mm_and_si128(b, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0)),
+                     _mm_and_si128(_mm_srli_epi16(b, 2), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 48, 48, 48, 48))));
+    return _mm_sub_epi8(_mm_or_si128(lo, hi), _mm_set1_epi8(32));
+}
+
+/* A row's super-block as eight 32-element units of int16 codes in the A / B pairing order. */
+PE_AI void k16_codes(const int T, const uint8_t *p, __m256i u[8][2]) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++) {
+            __m256i c;
+            if (T == K_Q6) { /* unit 4 h + j: nibble j / 2 of ql[64 h + 32 (j % 2) ..], 2 bits j of qh[32 h ..] */
+                const __m256i ql = _mm256_loadu_si256((const __m256i *)(p + 64 * h + 32 * (j % 2)));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+                const __m256i nib = _mm256_and_si256(j < 2 ? ql : _mm256_srli_epi16(ql, 4), _mm256_set1_epi8(15));
+                const __m256i top = j == 0 ? _mm256_slli_epi16(qh, 4) : j == 1 ? _mm256_slli_epi16(qh, 2)
+                                  : j == 2 ? qh : _mm256_srli_epi16(qh, 2);
+                c = _mm256_or_si256(nib, _mm256_and_si256(top, _mm256_set1_epi8(48)));
+            } else { /* unit 4 h + j: bits 2 j of qs[32 h ..] + 4 where hmask has bit 4 h + j */
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(p + 32 + 32 * h));
+                const __m256i hm = _mm256_loadu_si256((const __m256i *)p), bit = _mm256_set1_epi8((char)(1 << (4 * h + j)));
+                const __m256i two = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
+                c = _mm256_or_si256(two, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), _mm256_set1_epi8(4)));
+            }
+            u[4 * h + j][0] = _mm256_unpacklo_epi8(c, zero), u[4 * h + j][1] = _mm256_unpackhi_epi8(c, zero);
+        }
+}
+
+PE_AI void dot_k16(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 *x, const int n_tok, int64_t n,
+                   float *out, int64_t ldo, const int T) {
+    const int B = K16_BLOCK[T];
+    const uint8_t *next = rows + 8 * stride;
+    const __m128i lanes = _mm_loadu_si128((const __m128i *)K16_LANES);
+    const __m256i lo_idx = _mm256_cvtepi8_epi32(lanes), hi_idx = _mm256_cvtepi8_epi32(_mm_srli_si128(lanes, 8));
+    __m256 acc[PE_DOT_Q8_MAX_TOK][8][2];
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < 8; i++) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < n / 256; sb++) {
+        __m256i X[PE_DOT_Q8_MAX_TOK][8][2], offs[PE_DOT_Q8_MAX_TOK][2];
+        __m256 dx[PE_DOT_Q8_MAX_TOK][2];
+        for (int t = 0; t < n_tok; t++) {
+            for (int k = 0; k < 8; k++) act_x(&x[t], 8 * sb + k, X[t][k]);
+            const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(x[t].d + 8 * sb), _mm256_set1_ps(1.0f / 254.0f));
+            const __m256 s_lo = _mm256_loadu_ps(x[t].s16x + 16 * sb), s_hi = _mm256_loadu_ps(x[t].s16x + 16 * sb + 8);
+            for (int g = 0; g < 2; g++) {
+                const __m256i idx = g ? hi_idx : lo_idx; /* sub-block of each lane; its unit is idx / 2 */
+                dx[t][g] = _mm256_permutevar8x32_ps(d, _mm256_srli_epi32(idx, 1));
+                const __m256i in = _mm256_and_si256(idx, _mm256_set1_epi32(7));
+                const __m256 s16 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(s_lo, in), _mm256_permutevar8x32_ps(s_hi, in),
+                                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+                offs[t][g] = _mm256_mullo_epi32(_mm256_cvtps_epi32(s16), _mm256_set1_epi32(K16_OFFSET[T]));
+            }
+        }
+        for (int p = 0; p < 8 * B; p += 64) _mm_prefetch((const char *)next + 8 * sb * B + p, _MM_HINT_T1);
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = rows + (i < nr ? i : nr - 1) * stride + sb * B;
+            __m256i u[8][2], unit[PE_DOT_Q8_MAX_TOK][8];
+            k16_codes(T, row, u);
+            for (int k = 0; k < 8; k++)
+                for (int t = 0; t < n_tok; t++) unit[t][k] = madd2(u[k], X[t][k]);
+            const __m128i sc = _mm_shuffle_epi8(k16_scales(T, row), lanes);
+            const __m256 dw = _mm256_set1_ps(_cvtsh_ss((uint16_t)(row[B - 2] | row[B - 1] << 8)));
+            const __m256 a[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), dw),
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), dw)};
+            for (int t = 0; t < n_tok; t++) {
+                const __m256i S[2] = {fold4(unit[t]), fold4(unit[t] + 4)}; /* sub-blocks as K16_LANES */
+                for (int g = 0; g < 2; g++)
+                    acc[t][i][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(S[g], offs[t][g])),
+                                                   _mm256_mul_ps(a[g], dx[t][g]), acc[t][i][g]);
+            }
+        }
+    }
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < nr; i++) {
+            const __m256 lo = acc[t][i][0], hi = acc[t][i][1];
+            /* lane k: sub-blocks SUB_NAT[k] + SUB_NAT[8 + k] = (0 2) (4 6) (8 10) (12 14) (1 3) ... */
+            out[t * ldo + i] = tree8(_mm256_add_ps(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)),
+                                                   _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))));
+        }
+}
+
+PE_DOT_Q8_ENTRIES(q3_k, dot_k16, K_Q3)
+PE_DOT_Q8_ENTRIES(q6_k, dot_k16, K_Q6)
+
 /* ---- MXFP4 in the R16 layout (mxfp4_r16.h) ------------------------------------------------------
  * One group = 16 rows interleaved by dwords: a 32-byte load of piece j holds 4 codes of each of 8
  * rows, so per (row half, token) the products are vpmaddubsw of the looked-up unsigned codes
@@ -436,6 +554,8 @@ pe_dot_q8_fn pe_dot_q8_avx2(int type) {
     case PE_TYPE_Q5_1: return dot_q8_q5_1;
     case PE_TYPE_Q4_K: return dot_q8_q4_k;
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
+    case PE_TYPE_Q3_K: return dot_q8_q3_k;
+    case PE_TYPE_Q6_K: return dot_q8_q6_k;
     default: return NULL;
     }
 }
@@ -450,6 +570,8 @@ pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type) {
     case PE_TYPE_Q5_1: return tok_q8_q5_1;
     case PE_TYPE_Q4_K: return tok_q8_q4_k;
     case PE_TYPE_Q5_K: return tok_q8_q5_k;
+    case PE_TYPE_Q3_K: return tok_q8_q3_k;
+    case PE_TYPE_Q6_K: return tok_q8_q6_k;
     default: return NULL;
     }
 }

@@ -1,10 +1,10 @@
 /* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0,
- * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 and Q3_K..Q6_K (as
+ * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K (as
  * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as mxfp4_r16_avx512.c): a model's default
  * (int8) path gives the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling
  * back to float32 activations there. The sections below: the rows kernel (Q8_0, Q4_0, MXFP4), the
- * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernels (Q4_K, Q5_K; Q3_K,
- * Q6_K), the R16 kernel. Q2_K has none here (float32 activations on AVX2).
+ * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernels (Q4_K, Q5_K; Q2_K,
+ * Q3_K, Q6_K), the R16 kernel.
  *
  * The arithmetic is dot_q8_avx512.c's: for each (row, block) an exact int32 sum S of weight codes
  * times the activation's combined two-digit code X = 254 q + ql (pe_act_q8), converted to float
@@ -352,7 +352,7 @@ PE_AI void dot_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 
 PE_DOT_Q8_ENTRIES(q4_k, dot_k45, K_Q4)
 PE_DOT_Q8_ENTRIES(q5_k, dot_k45, K_Q5)
 
-/* ---- Q3_K, Q6_K: 16-element sub-blocks, dot_q8k_avx512.c's "row per register" arithmetic --------------
+/* ---- Q2_K, Q3_K, Q6_K: 16-element sub-blocks, dot_q8k_avx512.c's arithmetic ---------------------------
  * The AVX-512 kernel keeps one 16-lane accumulator per row, lane p for sub-block SUB_NAT[p] (0, 4,
  * 8, 12, 1, 5, ...), each taking fma(S - offset * s16x, (d sc) * d_x / 254), and sums the 16 lanes
  * with _mm512_reduce_add_ps. Here a super-block's eight 32-element units give, after the blocks
@@ -360,11 +360,11 @@ PE_DOT_Q8_ENTRIES(q5_k, dot_k45, K_Q5)
  * second; the per-lane float steps are the same, and at the end two shuffles put the pairs that
  * reduction adds first side by side (sub-blocks SUB_NAT[k] and SUB_NAT[8 + k]), so the bits are
  * the AVX-512 kernel's. Codes unsigned (Q3_K: 2 bits + 4 with the hmask bit, offset 4; Q6_K: 6
- * bits, offset 32). */
+ * bits, offset 32; Q2_K: 2 bits, its scales and minimums applied in int32 as its q2_row does). */
 
-enum { K_Q3 = 0, K_Q6 };
-static const int K16_BLOCK[2] = {110, 210};
-static const int K16_OFFSET[2] = {4, 32};
+enum { K_Q3 = 0, K_Q6, K_Q2 };
+static const int K16_BLOCK[3] = {110, 210, 84};
+static const int K16_OFFSET[3] = {4, 32, 0};
 
 /* Lanes of the two sub-block registers: sub-block of lane k (0-7) and of lane 8 + k. */
 static const int8_t K16_LANES[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
@@ -394,7 +394,10 @@ PE_AI void k16_codes(const int T, const uint8_t *p, __m256i u[8][2]) {
     for (int h = 0; h < 2; h++)
         for (int j = 0; j < 4; j++) {
             __m256i c;
-            if (T == K_Q6) { /* unit 4 h + j: nibble j / 2 of ql[64 h + 32 (j % 2) ..], 2 bits j of qh[32 h ..] */
+            if (T == K_Q2) { /* unit 4 h + j: bits 2 j of qs[32 h ..] */
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
+                c = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), _mm256_set1_epi8(3));
+            } else if (T == K_Q6) { /* unit 4 h + j: nibble j / 2 of ql[64 h + 32 (j % 2) ..], 2 bits j of qh[32 h ..] */
                 const __m256i ql = _mm256_loadu_si256((const __m256i *)(p + 64 * h + 32 * (j % 2)));
                 const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
                 const __m256i nib = _mm256_and_si256(j < 2 ? ql : _mm256_srli_epi16(ql, 4), _mm256_set1_epi8(15));
@@ -417,11 +420,12 @@ PE_AI void dot_k16(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 
     const uint8_t *next = rows + 8 * stride;
     const __m128i lanes = _mm_loadu_si128((const __m128i *)K16_LANES);
     const __m256i lo_idx = _mm256_cvtepi8_epi32(lanes), hi_idx = _mm256_cvtepi8_epi32(_mm_srli_si128(lanes, 8));
+    const __m256i m15 = _mm256_set1_epi32(15);
     __m256 acc[PE_DOT_Q8_MAX_TOK][8][2];
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < 8; i++) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < n / 256; sb++) {
-        __m256i X[PE_DOT_Q8_MAX_TOK][8][2], offs[PE_DOT_Q8_MAX_TOK][2];
+        __m256i X[PE_DOT_Q8_MAX_TOK][8][2], s16i[PE_DOT_Q8_MAX_TOK][2];
         __m256 dx[PE_DOT_Q8_MAX_TOK][2];
         for (int t = 0; t < n_tok; t++) {
             for (int k = 0; k < 8; k++) act_x(&x[t], 8 * sb + k, X[t][k]);
@@ -429,11 +433,13 @@ PE_AI void dot_k16(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 
             const __m256 s_lo = _mm256_loadu_ps(x[t].s16x + 16 * sb), s_hi = _mm256_loadu_ps(x[t].s16x + 16 * sb + 8);
             for (int g = 0; g < 2; g++) {
                 const __m256i idx = g ? hi_idx : lo_idx; /* sub-block of each lane; its unit is idx / 2 */
-                dx[t][g] = _mm256_permutevar8x32_ps(d, _mm256_srli_epi32(idx, 1));
                 const __m256i in = _mm256_and_si256(idx, _mm256_set1_epi32(7));
                 const __m256 s16 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(s_lo, in), _mm256_permutevar8x32_ps(s_hi, in),
                                                     _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
-                offs[t][g] = _mm256_mullo_epi32(_mm256_cvtps_epi32(s16), _mm256_set1_epi32(K16_OFFSET[T]));
+                s16i[t][g] = _mm256_cvtps_epi32(s16); /* exact (|s16x| <= 16 * 127 * 255) */
+                /* Q2_K: d_x / 254 by block (main terms) and its negation (minimum terms) */
+                dx[t][g] = T == K_Q2 ? _mm256_mul_ps(d, _mm256_set1_ps(g ? -1.0f : 1.0f))
+                                     : _mm256_permutevar8x32_ps(d, _mm256_srli_epi32(idx, 1));
             }
         }
         for (int p = 0; p < 8 * B; p += 64) _mm_prefetch((const char *)next + 8 * sb * B + p, _MM_HINT_T1);
@@ -443,29 +449,51 @@ PE_AI void dot_k16(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8 
             k16_codes(T, row, u);
             for (int k = 0; k < 8; k++)
                 for (int t = 0; t < n_tok; t++) unit[t][k] = madd2(u[k], X[t][k]);
+            if (T == K_Q2) {
+                /* as dot_q8k_avx512.c's q2_row: per sub-block f sc and S m in int32, summed by
+                 * blocks (fold8 of the two lane registers), then one FMA each with d (dmin) d_x / 254 */
+                const __m128i sm = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)row), lanes);
+                const __m256i s0 = _mm256_cvtepu8_epi32(sm), s1 = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
+                const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(row[80] | row[81] << 8 | row[82] << 16 | row[83] << 24));
+                const __m256 dw = _mm256_broadcastss_ps(dd), dm = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+                for (int t = 0; t < n_tok; t++) {
+                    const __m256i F = fold8(_mm256_mullo_epi32(fold4(unit[t]), _mm256_and_si256(s0, m15)),
+                                            _mm256_mullo_epi32(fold4(unit[t] + 4), _mm256_and_si256(s1, m15)));
+                    const __m256i M = fold8(_mm256_mullo_epi32(s16i[t][0], _mm256_srli_epi32(s0, 4)),
+                                            _mm256_mullo_epi32(s16i[t][1], _mm256_srli_epi32(s1, 4)));
+                    acc[t][i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(F), _mm256_mul_ps(dw, dx[t][0]), acc[t][i][0]);
+                    acc[t][i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dm, dx[t][1]), acc[t][i][1]);
+                }
+                continue;
+            }
             const __m128i sc = _mm_shuffle_epi8(k16_scales(T, row), lanes);
             const __m256 dw = _mm256_set1_ps(_cvtsh_ss((uint16_t)(row[B - 2] | row[B - 1] << 8)));
             const __m256 a[2] = {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), dw),
                                  _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), dw)};
             for (int t = 0; t < n_tok; t++) {
                 const __m256i S[2] = {fold4(unit[t]), fold4(unit[t] + 4)}; /* sub-blocks as K16_LANES */
-                for (int g = 0; g < 2; g++)
-                    acc[t][i][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(S[g], offs[t][g])),
+                for (int g = 0; g < 2; g++) {
+                    const __m256i off = _mm256_mullo_epi32(s16i[t][g], _mm256_set1_epi32(K16_OFFSET[T]));
+                    acc[t][i][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(S[g], off)),
                                                    _mm256_mul_ps(a[g], dx[t][g]), acc[t][i][g]);
+                }
             }
         }
     }
     for (int t = 0; t < n_tok; t++)
         for (int i = 0; i < nr; i++) {
             const __m256 lo = acc[t][i][0], hi = acc[t][i][1];
-            /* lane k: sub-blocks SUB_NAT[k] + SUB_NAT[8 + k] = (0 2) (4 6) (8 10) (12 14) (1 3) ... */
-            out[t * ldo + i] = tree8(_mm256_add_ps(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)),
-                                                   _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))));
+            /* Q2_K: lane k = block k's main term + its minimum term (lanes k and 8 + k there); else
+             * lane k = sub-blocks SUB_NAT[k] + SUB_NAT[8 + k] = (0 2) (4 6) (8 10) (12 14) (1 3) ... */
+            out[t * ldo + i] = T == K_Q2 ? tree8(_mm256_add_ps(hi, lo))
+                                         : tree8(_mm256_add_ps(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)),
+                                                               _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))));
         }
 }
 
 PE_DOT_Q8_ENTRIES(q3_k, dot_k16, K_Q3)
 PE_DOT_Q8_ENTRIES(q6_k, dot_k16, K_Q6)
+PE_DOT_Q8_ENTRIES(q2_k, dot_k16, K_Q2)
 
 /* ---- MXFP4 in the R16 layout (mxfp4_r16.h) ------------------------------------------------------
  * One group = 16 rows interleaved by dwords: a 32-byte load of piece j holds 4 codes of each of 8
@@ -556,6 +584,7 @@ pe_dot_q8_fn pe_dot_q8_avx2(int type) {
     case PE_TYPE_Q5_K: return dot_q8_q5_k;
     case PE_TYPE_Q3_K: return dot_q8_q3_k;
     case PE_TYPE_Q6_K: return dot_q8_q6_k;
+    case PE_TYPE_Q2_K: return dot_q8_q2_k;
     default: return NULL;
     }
 }
@@ -572,6 +601,7 @@ pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type) {
     case PE_TYPE_Q5_K: return tok_q8_q5_k;
     case PE_TYPE_Q3_K: return tok_q8_q3_k;
     case PE_TYPE_Q6_K: return tok_q8_q6_k;
+    case PE_TYPE_Q2_K: return tok_q8_q2_k;
     default: return NULL;
     }
 }

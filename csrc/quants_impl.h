@@ -111,8 +111,8 @@ pe_dot_q8_fn pe_dot_q8k_avx512(int type);
         KERNEL(rows, stride, nr, x, n_tok, n, out, ldo, T);                                                   \
     }
 pe_dot_q8_tok_fn pe_dot_q8k_tok_avx512(int type);
-/* The AVX2 int8 rows kernels (dot_q8_avx2.c: every block format but Q2_K; the AVX-512 kernels'
- * bits), or NULL. */
+/* The AVX2 int8 rows kernels (dot_q8_avx2.c: every block format; the AVX-512 kernels' bits), or
+ * NULL. */
 pe_dot_q8_fn pe_dot_q8_avx2(int type);
 pe_dot_q8_tok_fn pe_dot_q8_tok_avx2(int type);
 

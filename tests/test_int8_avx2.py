@@ -1,4 +1,4 @@
-"""The AVX2 int8 kernels (csrc/dot_q8_avx2.c: every block format but Q2_K), run in child processes
+"""The AVX2 int8 kernels (csrc/dot_q8_avx2.c: every block format), run in child processes
 capped at AVX2 (PYENGINE_SIMD=avx2): against float64 on the same two-digit activations, the
 several-token form per token bit for bit the one-token kernel, and, where this CPU also runs the
 AVX-512 kernels, bit for bit the AVX-512 results on the same inputs. More than 8 tokens at AVX2 take
@@ -18,12 +18,12 @@ from pyengine.model_file import open_model
 from simd_levels import at_level
 from test_quants import SIZES, T, act_values, random_blocks, reference
 
-TYPES = [T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_1, T.Q5_0, T.Q5_1, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def n_ins(qtype) -> list[int]:
     """Row lengths: 3, 5 and 90 blocks (partial steps of 4 and of 8) or 1, 3, 16 super-blocks."""
-    return [256, 768, 4096] if qtype in (T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K) else [96, 160, 2880]
+    return [256, 768, 4096] if SIZES[qtype][0] == 256 else [96, 160, 2880]
 
 N_TOK = [1, 2, 3, 8]
 DIMS = dict(n_vocab=512, n_embd=256, n_ff=256, n_layer=2)

@@ -65,23 +65,6 @@ static pe_gemm_f32_fn gemm_f32_get(void) {
     return level >= PE_SIMD_AVX512 ? pe_gemm_f32_avx512 : level == PE_SIMD_AVX2 ? pe_gemm_f32_avx2 : NULL;
 }
 
-/* x rounded to what the int8 kernels multiply by, d_x / 254 * (254 q + ql) per element (pe_act_q8),
- * into n_tok rows of n_in floats from the arena, or NULL when it is full. Float tiles on these values
- * agree with the int8 rows kernels of the same weights to float rounding, so where int8 tiles are
- * missing (AVX2, AVX-512 without VBMI) a prompt's products match a decoded token's. */
-static float *int8_rounded(pe_arena *ar, const float *x, int64_t ldx, int64_t n_tok, int64_t n_in) {
-    float *out = pe_arena_alloc(ar, (size_t)(n_tok * n_in) * sizeof(float));
-    void *buf = pe_arena_alloc(ar, pe_act_q8_bytes(n_in));
-    if (!out || !buf) return NULL;
-    for (int64_t t = 0; t < n_tok; t++) {
-        const pe_act_q8 q = pe_act_q8_quantize(x + t * ldx, n_in, buf);
-        float *o = out + t * n_in;
-        for (int64_t j = 0; j < n_in; j++)
-            o[j] = q.d[j / 32] * (1.0f / 254.0f) * (float)(254 * q.qs[j] + q.ql[j]);
-    }
-    return out;
-}
-
 static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx,
                         int64_t n_tok, const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
@@ -98,11 +81,6 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     pe_arena *ar = pe_arena_get();
     const size_t mark = ar ? pe_arena_mark(ar) : 0;
     float *scratch = ar ? pe_arena_alloc(ar, (size_t)n_threads * (size_t)per_thread * sizeof(float)) : NULL;
-    if (scratch && w->int8_act && tt->dot_q8) {
-        x = int8_rounded(ar, x, ldx, n_tok, n_in);
-        ldx = n_in;
-        if (!x) scratch = NULL;
-    }
     if (!scratch) {
         if (ar) pe_arena_release(ar, mark);
         return -1;
@@ -142,14 +120,24 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     return 0;
 }
 
-/* A group of an R16 weight (16 rows = one tile) times n_tok tokens through the rows kernel, 8 tokens
- * per call (the group stays in cache): where there are no int8 tiles, the same bits as decoding. */
-static void r16_rows(const pe_weight *w, const uint8_t *group, int nr, const pe_act_q8 *xq, int64_t n_tok,
-                     const float *bias, float *y, int64_t ldy) {
-    const pe_r16_dot_fn dot = pe_r16_dot_get();
-    for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK) {
-        const int n = n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK;
-        dot(group, w->n_in / 32, nr, xq + t0, n, y + t0 * ldy, ldy);
+/* A tile of 16 rows times n_tok tokens through the int8 rows kernel, 8 tokens a call (each group of
+ * rows stays in cache for all of them), where there are no int8 tiles (AVX2): the same bits as
+ * decoding. R16: the tile is one group. */
+static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const pe_act_q8 *xq, int64_t n_tok,
+                        const float *bias, float *y, int64_t ldy) {
+    const pe_type_traits *tt = pe_type_traits_get(w->type);
+    const int per = w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS;
+    for (int g = 0; g < nr; g += per) {
+        const int ng = nr - g < per ? nr - g : per;
+        const uint8_t *rows = tile + g * w->row_stride;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK) {
+            const int n = n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK;
+            float *yt = y + t0 * ldy + g;
+            if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, ng, xq + t0, n, yt, ldy);
+            else if (tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, ng, xq + t0, n, w->n_in, yt, ldy);
+            else
+                for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, ng, &xq[t0 + t], w->n_in, yt + t * ldy);
+        }
     }
     if (bias)
         for (int64_t t = 0; t < n_tok; t++)
@@ -157,8 +145,8 @@ static void r16_rows(const pe_weight *w, const uint8_t *group, int nr, const pe_
 }
 
 /* More tokens with int8 activations: every token quantized once, then threads take tiles of 16 rows,
- * each repacked once and multiplied by all tokens (gemm_q8_avx512.c); R16 groups without int8 tiles
- * take r16_rows. */
+ * each repacked once and multiplied by all tokens (gemm_q8_avx512.c), or without int8 tiles through
+ * the rows kernel (rows_chunks). */
 static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                            const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
@@ -176,7 +164,7 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
-    const int r16_tiles = pe_gemm_q8_supported(PE_TYPE_MXFP4);
+    const int tiles = pe_gemm_q8_supported(w->type);
     pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);
@@ -190,11 +178,11 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
             for (int64_t ti = ta; ti < tb; ti++) {
                 const int64_t r0 = ti * PE_GEMM_Q8_TILE;
                 const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-                if (w->layout == PE_LAYOUT_R16 && r16_tiles)
+                if (!tiles) /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
+                    rows_chunks(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy);
+                else if (w->layout == PE_LAYOUT_R16)
                     pe_gemm_q8_tile_r16(base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
                                         mine);
-                else if (w->layout == PE_LAYOUT_R16) /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
-                    r16_rows(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy);
                 else
                     pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok,
                                     bias ? bias + r0 : NULL, y + r0, ldy, mine);
@@ -316,7 +304,7 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
     if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
         return w->int8_act && pe_r16_dot_get() ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
     if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
-    if (w->int8_act && pe_gemm_q8_supported(w->type))
+    if (w->int8_act && (pe_gemm_q8_supported(w->type) || int8_rows(w)))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 }

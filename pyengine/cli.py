@@ -53,29 +53,27 @@ def _guarded(body, argv) -> int:
         # Imports are not cut in half: some libraries turn a KeyboardInterrupt raised inside them
         # into another error (pydantic-core's SchemaError), so start-up only notes a Ctrl-C.
         signal.signal(signal.SIGINT, lambda sig, frame: _deferred.append(sig))
+    interrupted = False
     try:
         code = body(argv, in_main_thread)
     except KeyboardInterrupt:
         code = 130
     finally:
-        if in_main_thread and _restore_handlers(before):
-            code = 130
-    return 143 if _terminated else code
-
-
-def _restore_handlers(before: tuple) -> bool:
-    """Put the caller's SIGINT and SIGTERM handlers back; True when a Ctrl-C (or SIGTERM) landed
-    meanwhile. Its KeyboardInterrupt is raised inside signal.signal, so it is caught here and
-    counted instead of escaping as a traceback; setting a handler twice is harmless."""
-    interrupted = False
-    for sig, handler in zip((signal.SIGINT, signal.SIGTERM), before):
-        while True:
+        # Put the caller's SIGINT and SIGTERM handlers back. A Ctrl-C (or SIGTERM) landing now raises
+        # KeyboardInterrupt where CPython looks for pending signals: inside a C call that checks
+        # (signal.signal does), at a Python function's entry, at a loop's back-edge. So this is
+        # inline, not a helper (whose entry lay outside any try: a traceback instead of exit 130),
+        # and the try holds both calls: a signal there is counted as Ctrl-C and the handlers set
+        # again (harmless). The back-edge is reached only after one was caught; a second signal in
+        # that instant could still escape.
+        while in_main_thread:
             try:
-                signal.signal(sig, handler)
+                signal.signal(signal.SIGINT, before[0])
+                signal.signal(signal.SIGTERM, before[1])
                 break
             except KeyboardInterrupt:
                 interrupted = True
-    return interrupted
+    return 143 if _terminated else 130 if interrupted else code
 
 
 def _main(argv, in_main_thread: bool) -> int:

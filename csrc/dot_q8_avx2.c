@@ -507,9 +507,6 @@ PE_DOT_Q8_ENTRIES(q2_k, dot_k16, K_Q2)
  * vector instructions plus ~40 for the codes shared by all tokens, where the file-layout kernel
  * above needs ~13 per row and block (~210). */
 
-/* Bytes of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order, as mxfp4_r16_avx512.c. */
-PE_AI int64_t r16_act_at(int64_t b, int j) { return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4)); }
-
 PE_AI __m256i bcast4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -519,13 +516,11 @@ PE_AI __m256i bcast4(const int8_t *p) {
 /* One digit: sum over the 8 code registers of u . digit, per row as int32, times `weight` (256 / 1). */
 PE_AI __m256i r16_digit(const __m256i u[8], const int8_t *digit, int64_t b, __m256i weight) {
     __m256i m[8];
-    for (int j = 0; j < 8; j++) m[j] = _mm256_maddubs_epi16(u[j], bcast4(digit + r16_act_at(b, j)));
+    for (int j = 0; j < 8; j++) m[j] = _mm256_maddubs_epi16(u[j], bcast4(digit + pe_r16_act_at(b, j)));
     const __m256i a = _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3]));
     const __m256i c = _mm256_add_epi16(_mm256_add_epi16(m[4], m[5]), _mm256_add_epi16(m[6], m[7]));
     return _mm256_add_epi32(_mm256_madd_epi16(a, weight), _mm256_madd_epi16(c, weight));
 }
-
-#define R16_PF_DIST 49152 /* L2 prefetch distance, as mxfp4_r16_avx512.c */
 
 PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
                      int64_t ldo) {
@@ -539,8 +534,8 @@ PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
             for (int k = 0; k < 4; k++) acc[t][h][k] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + R16_PF_DIST + l, _MM_HINT_T1);
-        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + R16_PF_DIST / 16, _MM_HINT_T1);
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PE_R16_PF_DIST + l, _MM_HINT_T1);
+        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PE_R16_PF_DIST / 16, _MM_HINT_T1);
         for (int h = 0; h < halves; h++) { /* rows 8 h .. 8 h + 7 */
             __m256i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of 8 rows */
             for (int j = 0; j < 4; j++) {

@@ -22,14 +22,6 @@
 #include "quants_impl.h"
 
 #define PE_AI static inline __attribute__((always_inline))
-/* Software prefetch into L2 this far ahead of the block being read (two groups of 2880-element
- * rows): measured on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into
- * L1; the hardware prefetcher alone left the kernel waiting on memory between its bursts of work. */
-#define PF_DIST 49152
-
-/* Bytes of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order: per 128 elements, bytes 16 k + i
- * = element 32 k + i and 64 + 16 k + i = element 32 k + 16 + i. */
-PE_AI int64_t act_at(int64_t b, int j) { return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4)); }
 
 PE_AI __m512i bcast(const int8_t *p) {
     int32_t v;
@@ -47,8 +39,8 @@ PE_AI void dot_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PF_DIST + l, _MM_HINT_T1);
-        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PF_DIST / 16, _MM_HINT_T1);
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PE_R16_PF_DIST + l, _MM_HINT_T1);
+        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PE_R16_PF_DIST / 16, _MM_HINT_T1);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of every row */
         for (int j = 0; j < 4; j++) {
             const __m512i v = _mm512_load_si512(p + 64 * j);
@@ -60,10 +52,10 @@ PE_AI void dot_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         for (int t = 0; t < n_tok; t++) {
             __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
             for (int j = 0; j < 4; j++) {
-                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + act_at(b, j)));
-                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + act_at(b, j + 4)));
-                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + act_at(b, j)));
-                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + act_at(b, j + 4)));
+                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + pe_r16_act_at(b, j)));
+                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + pe_r16_act_at(b, j + 4)));
+                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + pe_r16_act_at(b, j)));
+                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + pe_r16_act_at(b, j + 4)));
             }
             __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
             c = _mm512_sub_epi32(c, _mm512_set1_epi32(12 * (int32_t)x[t].s32x[b]));

@@ -29,30 +29,26 @@ static pe_simd_level detect(void) {
     return PE_SIMD_AVX2;
 }
 
-int pe_cpu_has_avx512vbmi(void) {
+/* Bit `bit` of cpuid leaf 7's ECX: an AVX-512 extension of Ice Lake and later (absent on Cascade Lake). */
+static int leaf7_ecx(int bit) {
     unsigned int a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (c >> 1) & 1;
-}
-
-int pe_cpu_has_avx512bitalg(void) {
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (c >> 12) & 1;
-}
-
-int pe_cpu_has_avx512bf16(void) {
-    unsigned int a, b, c, d;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
-    return (a >> 5) & 1;
+    return (c >> bit) & 1;
 }
 #else
 static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }
-int pe_cpu_has_avx512vbmi(void) { return 0; }
-
-int pe_cpu_has_avx512bf16(void) { return 0; }
-int pe_cpu_has_avx512bitalg(void) { return 0; }
+static int leaf7_ecx(int bit) { return 0; }
 #endif
+
+/* PYENGINE_SIMD=avx512vnni: the AVX-512 level without VBMI and BITALG, as on Cascade Lake. */
+static int ice_lake_extensions_hidden(void) {
+    const char *cap = getenv("PYENGINE_SIMD");
+    return cap && strcmp(cap, "avx512vnni") == 0;
+}
+
+int pe_cpu_has_avx512vbmi(void) { return !ice_lake_extensions_hidden() && leaf7_ecx(1); }
+
+int pe_cpu_has_avx512bitalg(void) { return !ice_lake_extensions_hidden() && leaf7_ecx(12); }
 
 const char *pe_simd_level_name(pe_simd_level level) {
     switch (level) {

@@ -9,12 +9,14 @@ typedef enum {
     PE_SIMD_AVX512 = 2,  /* AVX-512 F/BW/VL/DQ + VNNI (+ BF16 when present) */
 } pe_simd_level;
 
-/* Best level this machine supports, capped by the PYENGINE_SIMD environment variable
- * ("scalar", "avx2", "avx512") so every variant can be tested on one machine. */
+/* Best level this machine supports, capped by the PYENGINE_SIMD environment variable ("scalar",
+ * "avx2"; "avx512vnni" keeps the AVX-512 level but hides VBMI and BITALG, see below) so every
+ * variant can be tested on one machine. */
 pe_simd_level pe_simd_level_get(void);
 const char *pe_simd_level_name(pe_simd_level level);
-int pe_cpu_has_avx512bf16(void);
-/* AVX-512 VBMI (vpermb): the 4-bit int8 kernels need it on top of PE_SIMD_AVX512. */
+/* AVX-512 VBMI (vpermb, vpermt2b): the file-layout Q4_0/MXFP4/Q4_1/Q5_x int8 decode kernels and the
+ * R16 kernel's vpermb form need it on top of PE_SIMD_AVX512; without it (Cascade Lake) those
+ * products take the AVX2 kernels or a vpshufb form, with the same bits. */
 int pe_cpu_has_avx512vbmi(void);
 /* AVX-512 BITALG (vpshufbitqmb): the Q5_0/Q5_1 int8 kernels take their 5th bits with it. */
 int pe_cpu_has_avx512bitalg(void);

@@ -335,8 +335,7 @@ static int format_of(int type, pe_gemm_q8_format *f) {
 
 int pe_gemm_q8_supported(int type) {
     pe_gemm_q8_format f;
-    /* the file is built with VBMI (the R16 tile's vpermb; the compiler may use it elsewhere too) */
-    return pe_simd_level_get() >= PE_SIMD_AVX512 && pe_cpu_has_avx512vbmi() && format_of(type, &f);
+    return pe_simd_level_get() >= PE_SIMD_AVX512 && format_of(type, &f);
 }
 
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
@@ -428,13 +427,15 @@ void pe_gemm_q8_tile_r16(const uint8_t *group, int nr, int64_t n_in, const pe_ac
     const int64_t nb = n_in / 32;
     const tile_scratch t = scratch_of(scratch, n_in, nb);
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
+    const __m512i m4 = _mm512_set1_epi8(15);
     /* piece j of block b holds codes 4 j (low nibbles) and 16 + 4 j (high) of every row: packing steps
-     * 8 b + j and 8 b + 4 + j */
+     * 8 b + j and 8 b + 4 + j (vpshufb, not VBMI's vpermb: the tiles run on every AVX-512 VNNI CPU) */
     for (int64_t b = 0; b < nb; b++)
         for (int j = 0; j < 4; j++) {
             const __m512i v = _mm512_loadu_si512(group + 256 * b + 64 * j);
-            _mm512_store_si512(t.packed + 64 * (8 * b + j), _mm512_permutexvar_epi8(v, table));
-            _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j), _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), table));
+            _mm512_store_si512(t.packed + 64 * (8 * b + j), _mm512_shuffle_epi8(table, _mm512_and_si512(v, m4)));
+            _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j),
+                               _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)));
         }
     for (int64_t i = 0; i < TILE * nb; i++) {
         const uint32_t bits = pe_e8m0_half_bits(group[256 * nb + i]);

@@ -59,8 +59,8 @@ void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_t
  * nb blocks; per token the bits of dot_q8_avx512.c's MXFP4 kernel. */
 typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
                               int64_t ldo);
-/* The kernel for this CPU (AVX-512 VNNI + VBMI: mxfp4_r16_avx512.c; else AVX2: dot_q8_avx2.c, the
- * same bits), or NULL. */
+/* The kernel for this CPU (AVX-512 VNNI, vpermb or vpshufb form: mxfp4_r16_avx512.c; else AVX2:
+ * dot_q8_avx2.c, the same bits), or NULL. */
 pe_r16_dot_fn pe_r16_dot_get(void);
 void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo);
 

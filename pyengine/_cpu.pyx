@@ -6,6 +6,8 @@ cdef extern from "cpu_features.h":
         pass
     pe_simd_level pe_simd_level_get()
     const char *pe_simd_level_name(pe_simd_level level)
+    int pe_cpu_has_avx512vbmi()
+    int pe_cpu_has_avx512bitalg()
 
 
 def simd_level() -> str:
@@ -13,3 +15,12 @@ def simd_level() -> str:
 
     Capped by the environment variable PYENGINE_SIMD (read once per process)."""
     return pe_simd_level_name(pe_simd_level_get()).decode()
+
+
+def avx512_extensions() -> tuple:
+    """The AVX-512 extensions beyond VNNI that some int8 kernels use where present ("vbmi",
+    "bitalg"; Ice Lake and later, not Cascade Lake); () below the avx512 level or with
+    PYENGINE_SIMD=avx512vnni, which hides them."""
+    if simd_level() != "avx512":
+        return ()
+    return tuple(n for n, has in (("vbmi", pe_cpu_has_avx512vbmi()), ("bitalg", pe_cpu_has_avx512bitalg())) if has)

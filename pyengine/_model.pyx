@@ -123,7 +123,7 @@ MXFP4 = PE_TYPE_MXFP4
 
 
 def r16_available() -> bool:
-    """Whether this CPU has an R16 kernel (AVX-512 VNNI + VBMI, or AVX2)."""
+    """Whether this CPU has an R16 kernel (AVX-512 VNNI, or AVX2)."""
     return pe_r16_dot_get() != NULL
 
 

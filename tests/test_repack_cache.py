@@ -17,7 +17,7 @@ from pyengine import _model as K
 from pyengine import repack_cache
 from pyengine.engine import Engine
 
-pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (AVX-512 VNNI + VBMI)")
+pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (AVX-512 VNNI or AVX2)")
 DIMS = dict(n_vocab=512, n_embd=128, n_ff=96, n_layer=2)
 
 

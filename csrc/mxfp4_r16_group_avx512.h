@@ -1,0 +1,42 @@
+/* The body of mxfp4_r16_avx512.c's group kernel, included there once per table lookup: R16_GROUP
+ * names the function, R16_LOOKUP(v, table) gives the low nibbles of v through the table. */
+PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,
+                     const int n_tok, float *out, int64_t ldo) {
+    /* pe_mxfp4_codes four times (vpermb ignores index bits 6-7, vpshufb takes bits 0-3 of a masked index) */
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
+    const uint8_t *scales = group + 256 * nb;
+    __m512 acc[PE_DOT_Q8_MAX_TOK][4];
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = group + 256 * b;
+        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PE_R16_PF_DIST + l, _MM_HINT_T1);
+        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PE_R16_PF_DIST / 16, _MM_HINT_T1);
+        __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of every row */
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_load_si512(p + 64 * j);
+            u[j] = R16_LOOKUP(v, table);
+            u[j + 4] = R16_LOOKUP(_mm512_srli_epi16(v, 4), table);
+        }
+        const __m512 ws = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scales + 16 * b)))),
+                                        _mm512_set1_ps(128.0f));
+        for (int t = 0; t < n_tok; t++) {
+            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+            for (int j = 0; j < 4; j++) {
+                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + pe_r16_act_at(b, j)));
+                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + pe_r16_act_at(b, j + 4)));
+                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + pe_r16_act_at(b, j)));
+                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + pe_r16_act_at(b, j + 4)));
+            }
+            __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+            c = _mm512_sub_epi32(c, _mm512_set1_epi32(12 * (int32_t)x[t].s32x[b]));
+            const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)), ws);
+            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, acc[t][b & 3]);
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++)
+        _mm512_mask_storeu_ps(out + t * ldo, keep,
+                              _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+}
+

@@ -120,25 +120,31 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     return 0;
 }
 
+/* Rows per call of the int8 rows kernel: a group of the R16 layout, or PE_DOT_Q8_ROWS. */
+static int64_t rows_per_group(const pe_weight *w) { return w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS; }
+
+/* y[t * ldy + i] = row i . token t for nr rows (at most rows_per_group) and n tokens (at most
+ * PE_ROWWISE_MAX_TOK), no bias: R16's kernel, or the several-token form (the rows decoded once for
+ * all tokens, per token the one-token bits), or the one-token kernel. */
+static void rows_group(const pe_weight *w, const uint8_t *rows, int nr, const pe_act_q8 *xa, int n, float *y,
+                       int64_t ldy) {
+    const pe_type_traits *tt = pe_type_traits_get(w->type);
+    if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, n, y, ldy);
+    else if (n > 1 && tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, nr, xa, n, w->n_in, y, ldy);
+    else
+        for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, y + t * ldy);
+}
+
 /* A tile of 16 rows times n_tok tokens through the int8 rows kernel, 8 tokens a call (each group of
  * rows stays in cache for all of them), where there are no int8 tiles (AVX2): the same bits as
  * decoding. R16: the tile is one group. */
 static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const pe_act_q8 *xq, int64_t n_tok,
                         const float *bias, float *y, int64_t ldy) {
-    const pe_type_traits *tt = pe_type_traits_get(w->type);
-    const int per = w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS;
-    for (int g = 0; g < nr; g += per) {
-        const int ng = nr - g < per ? nr - g : per;
-        const uint8_t *rows = tile + g * w->row_stride;
-        for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK) {
-            const int n = n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK;
-            float *yt = y + t0 * ldy + g;
-            if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, ng, xq + t0, n, yt, ldy);
-            else if (tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, ng, xq + t0, n, w->n_in, yt, ldy);
-            else
-                for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, ng, &xq[t0 + t], w->n_in, yt + t * ldy);
-        }
-    }
+    const int per = (int)rows_per_group(w);
+    for (int g = 0; g < nr; g += per)
+        for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK)
+            rows_group(w, tile + g * w->row_stride, nr - g < per ? nr - g : per, xq + t0,
+                       n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK, y + t0 * ldy + g, ldy);
     if (bias)
         for (int64_t t = 0; t < n_tok; t++)
             for (int i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
@@ -150,21 +156,21 @@ static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const p
 static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                            const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    const size_t act_bytes = pe_act_q8_bytes(n_in), scratch_bytes = pe_gemm_q8_scratch_bytes(n_in);
+    const int tiles = pe_gemm_q8_supported(w->type);
+    const size_t act_bytes = pe_act_q8_bytes(n_in), scratch_bytes = tiles ? pe_gemm_q8_scratch_bytes(n_in) : 0;
     pe_arena *ar = pe_arena_get();
     if (!ar) return -1;
     const size_t mark = pe_arena_mark(ar);
     uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
     pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
-    uint8_t *scratch = pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads);
-    if (!buf || !xq || !scratch) {
+    uint8_t *scratch = tiles ? pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads) : NULL; /* per thread */
+    if (!buf || !xq || (tiles && !scratch)) {
         pe_arena_release(ar, mark);
         return -1;
     }
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
-    const int tiles = pe_gemm_q8_supported(w->type);
     pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
         pe_arena_release(ar, mark);
@@ -172,7 +178,7 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
     }
 #pragma omp parallel num_threads(n_threads)
     {
-        uint8_t *mine = scratch + (size_t)thread_id() * scratch_bytes;
+        uint8_t *mine = tiles ? scratch + (size_t)thread_id() * scratch_bytes : NULL;
         int64_t ta, tb;
         while (pe_split_next(split, thread_id(), &ta, &tb))
             for (int64_t ti = ta; ti < tb; ti++) {
@@ -197,9 +203,6 @@ static int int8_rows(const pe_weight *w) {
     if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get();
     return w->int8_act && pe_type_traits_get(w->type)->dot_q8;
 }
-
-/* Rows per call of the int8 rows kernel: a group of the R16 layout, or PE_DOT_Q8_ROWS. */
-static int64_t rows_per_group(const pe_weight *w) { return w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS; }
 
 /* Threads worth waking for `work` multiply-adds (at most n_threads, at least 1). */
 static int threads_for(int64_t work, int n_threads) {
@@ -265,24 +268,13 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                 }
                 const pe_matmul_job *b = &jobs[j];
                 const pe_weight *w = b->w;
-                const pe_type_traits *tt = pe_type_traits_get(w->type);
-                const uint8_t *rows = w->data + b->expert * w->expert_stride;
                 const int64_t per = rows_per_group(w), r0 = (g - first[j]) * per;
                 const int nr = w->n_out - r0 < per ? (int)(w->n_out - r0) : (int)per;
-                const pe_act_q8 *xa = &acts[act_of[j] * PE_ROWWISE_MAX_TOK];
-                rows += r0 * w->row_stride;
-                if (w->layout == PE_LAYOUT_R16) /* every token in one call, bias below */
-                    pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, (int)b->n_tok, b->y + r0, b->ldy);
-                /* several tokens: the rows decoded once for all of them (per token the one-token bits) */
-                else if (b->n_tok > 1 && tt->dot_q8_tok)
-                    tt->dot_q8_tok(rows, w->row_stride, nr, xa, (int)b->n_tok, w->n_in, b->y + r0, b->ldy);
-                for (int64_t t = 0; t < b->n_tok; t++) {
-                    float *yt = b->y + t * b->ldy + r0;
-                    if (w->layout != PE_LAYOUT_R16 && (b->n_tok == 1 || !tt->dot_q8_tok))
-                        tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, yt);
-                    if (b->bias)
-                        for (int i = 0; i < nr; i++) yt[i] += b->bias[r0 + i];
-                }
+                rows_group(w, w->data + b->expert * w->expert_stride + r0 * w->row_stride, nr,
+                           &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok, b->y + r0, b->ldy);
+                if (b->bias)
+                    for (int64_t t = 0; t < b->n_tok; t++)
+                        for (int i = 0; i < nr; i++) b->y[t * b->ldy + r0 + i] += b->bias[r0 + i];
             }
     }
     pe_arena_release(ar, mark);

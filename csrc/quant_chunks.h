@@ -58,18 +58,17 @@ PE_CHUNK_AI __m128i pe_codes_q5_0(const pe_block_q5_0 *b, int c) {
 PE_CHUNK_AI __m128i pe_codes_q5_1(const pe_block_q5_1 *b, int c) {
     return _mm_or_si128(pe_bits8(pe_load16(b->qs), 4 * c, 15), pe_qh_fives(b->qh, c));
 }
-PE_CHUNK_AI void pe_scales_q4_1(const pe_block_q4_1 *b, float dl[16], float ml[16]) {
-    dl[0] = dl[1] = _cvtsh_ss(b->d);
-    ml[0] = ml[1] = -_cvtsh_ss(b->m);
+/* Q4_1 and Q5_1: the f16 scale d and minimum m of both chunks. */
+PE_CHUNK_AI void pe_scales_dm(uint16_t d, uint16_t m, float dl[16], float ml[16]) {
+    dl[0] = dl[1] = _cvtsh_ss(d);
+    ml[0] = ml[1] = -_cvtsh_ss(m);
 }
+PE_CHUNK_AI void pe_scales_q4_1(const pe_block_q4_1 *b, float dl[16], float ml[16]) { pe_scales_dm(b->d, b->m, dl, ml); }
 PE_CHUNK_AI void pe_scales_q5_0(const pe_block_q5_0 *b, float dl[16], float ml[16]) {
     (void)ml;
     dl[0] = dl[1] = _cvtsh_ss(b->d);
 }
-PE_CHUNK_AI void pe_scales_q5_1(const pe_block_q5_1 *b, float dl[16], float ml[16]) {
-    dl[0] = dl[1] = _cvtsh_ss(b->d);
-    ml[0] = ml[1] = -_cvtsh_ss(b->m);
-}
+PE_CHUNK_AI void pe_scales_q5_1(const pe_block_q5_1 *b, float dl[16], float ml[16]) { pe_scales_dm(b->d, b->m, dl, ml); }
 
 /* Q2_K: chunk c = bits 2 j of qs[32 h + 16 p ..] (h = c / 8, j = c % 8 / 2, p = c % 2); scale byte
  * scales[c]: d * (low nibble), dmin * (high nibble). */

@@ -92,6 +92,22 @@ def child_llamacpp(args, repacked: bool) -> list[dict]:
 CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain")
 
 
+def kernel_levels(only: str | None) -> str:
+    """What each engine's CPU kernels use here (PYENGINE_SIMD and the llama.cpp build decide)."""
+    from pyengine._cpu import avx512_extensions, simd_level
+
+    ext = "+".join(avx512_extensions())
+    parts = [f"pyengine {simd_level()}" + (f" ({ext})" if ext else "")]
+    if only != "pyengine":
+        try:
+            import llama_cpp
+
+            parts.append("llama.cpp " + llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip())
+        except ImportError:
+            parts.append("llama.cpp not installed")
+    return "; ".join(parts)
+
+
 def bandwidth(threads: int) -> float:
     """GB/s from the kernel bench's read probe, or 0 when it is not installed (looked up on PATH,
     then beside this Python, where a virtual environment that is not activated has it)."""
@@ -217,6 +233,7 @@ def main() -> int:
     print(f"### {datetime.date.today()} · {cpu_name()} ({os.cpu_count()} CPUs, {platform.system()}) · commit {commit}")
     print(f"`python bench/compare_llamacpp.py {' '.join(sys.argv[1:])}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print(f"kernels: {kernel_levels(args.only)}\n")
     llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
     engines = (() if args.only == "llama.cpp" else ("pyengine",)) + llama
     runs = [ModelRun(model, decode_bytes(open_model(model))) for model in args.models]

@@ -65,7 +65,8 @@ typedef struct {
 static table_bytes TABLES[3];
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
-static void tables_build_one(const int F, table_bytes *t) {
+/* Scalar, and run on every AVX-512 CPU (Q8_0 needs no VBMI): kept free of VBMI whatever the vectorizer does. */
+static __attribute__((target("no-avx512vbmi"))) void tables_build_one(const int F, table_bytes *t) {
     const int B = BLOCK[F];
     if (F == F_Q8_0) {
         uint16_t w[32];
@@ -99,7 +100,7 @@ static void tables_build_one(const int F, table_bytes *t) {
                 }
 }
 
-static void tables_build(void) {
+static __attribute__((target("no-avx512vbmi"))) void tables_build(void) {
     for (int F = 0; F < 3; F++) tables_build_one(F, &TABLES[F]);
 }
 

@@ -40,15 +40,25 @@ static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }
 static int leaf7_ecx(int bit) { return 0; }
 #endif
 
-/* PYENGINE_SIMD=avx512vnni: the AVX-512 level without VBMI and BITALG, as on Cascade Lake. */
-static int ice_lake_extensions_hidden(void) {
-    const char *cap = getenv("PYENGINE_SIMD");
-    return cap && strcmp(cap, "avx512vnni") == 0;
+/* PYENGINE_SIMD, read once per process: scalar and avx2 cap the level; avx512vnni keeps it and hides
+ * VBMI and BITALG, as on Cascade Lake. */
+typedef enum { CAP_NONE, CAP_SCALAR, CAP_AVX2, CAP_AVX512VNNI } simd_cap;
+
+static simd_cap cap_get(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        const char *cap = getenv("PYENGINE_SIMD");
+        cached = !cap ? CAP_NONE
+                 : strcmp(cap, "scalar") == 0 ? CAP_SCALAR
+                 : strcmp(cap, "avx2") == 0 ? CAP_AVX2
+                 : strcmp(cap, "avx512vnni") == 0 ? CAP_AVX512VNNI : CAP_NONE;
+    }
+    return (simd_cap)cached;
 }
 
-int pe_cpu_has_avx512vbmi(void) { return !ice_lake_extensions_hidden() && leaf7_ecx(1); }
+int pe_cpu_has_avx512vbmi(void) { return cap_get() != CAP_AVX512VNNI && leaf7_ecx(1); }
 
-int pe_cpu_has_avx512bitalg(void) { return !ice_lake_extensions_hidden() && leaf7_ecx(12); }
+int pe_cpu_has_avx512bitalg(void) { return cap_get() != CAP_AVX512VNNI && leaf7_ecx(12); }
 
 const char *pe_simd_level_name(pe_simd_level level) {
     switch (level) {
@@ -62,11 +72,8 @@ pe_simd_level pe_simd_level_get(void) {
     static int cached = -1;
     if (cached < 0) {
         pe_simd_level level = detect();
-        const char *cap = getenv("PYENGINE_SIMD");
-        if (cap) {
-            if (strcmp(cap, "scalar") == 0) level = PE_SIMD_SCALAR;
-            else if (strcmp(cap, "avx2") == 0 && level > PE_SIMD_AVX2) level = PE_SIMD_AVX2;
-        }
+        if (cap_get() == CAP_SCALAR) level = PE_SIMD_SCALAR;
+        else if (cap_get() == CAP_AVX2 && level > PE_SIMD_AVX2) level = PE_SIMD_AVX2;
         cached = (int)level;
     }
     return (pe_simd_level)cached;

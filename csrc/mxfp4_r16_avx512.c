@@ -37,31 +37,22 @@ PE_AI __m512i bcast(const int8_t *p) {
 }
 
 #define R16_GROUP group_bw
+#define R16_DOT dot_r16_bw
 #define R16_LOOKUP(v, table) _mm512_shuffle_epi8(table, _mm512_and_si512(v, _mm512_set1_epi8(15)))
 #include "mxfp4_r16_group_avx512.h"
 #undef R16_GROUP
+#undef R16_DOT
 #undef R16_LOOKUP
 
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
 #define R16_GROUP group_vbmi
+#define R16_DOT dot_r16_vbmi
 #define R16_LOOKUP(v, table) _mm512_permutexvar_epi8(v, table)
 #include "mxfp4_r16_group_avx512.h"
 #undef R16_GROUP
+#undef R16_DOT
 #undef R16_LOOKUP
-
-/* One token: the accumulators stay in registers (n_tok a constant). */
-static void dot_r16_bw(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                       int64_t ldo) {
-    if (n_tok == 1) group_bw(group, nb, nr, x, 1, out, ldo);
-    else group_bw(group, nb, nr, x, n_tok, out, ldo);
-}
-
-static void dot_r16_vbmi(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                         int64_t ldo) {
-    if (n_tok == 1) group_vbmi(group, nb, nr, x, 1, out, ldo);
-    else group_vbmi(group, nb, nr, x, n_tok, out, ldo);
-}
 #pragma GCC pop_options
 
 static pe_r16_dot_fn chosen;

@@ -1,5 +1,6 @@
-/* The body of mxfp4_r16_avx512.c's group kernel, included there once per table lookup: R16_GROUP
- * names the function, R16_LOOKUP(v, table) gives the low nibbles of v through the table. */
+/* The body of mxfp4_r16_avx512.c's kernel, included there once per table lookup: R16_GROUP names
+ * the group kernel, R16_DOT its pe_r16_dot_fn entry, R16_LOOKUP(v, table) gives the low nibbles of
+ * v through the table. */
 PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,
                      const int n_tok, float *out, int64_t ldo) {
     /* pe_mxfp4_codes four times (vpermb ignores index bits 6-7, vpshufb takes bits 0-3 of a masked index) */
@@ -40,3 +41,8 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
                               _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
+/* One token: the accumulators stay in registers (n_tok a constant). */
+static void R16_DOT(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo) {
+    if (n_tok == 1) R16_GROUP(group, nb, nr, x, 1, out, ldo);
+    else R16_GROUP(group, nb, nr, x, n_tok, out, ldo);
+}

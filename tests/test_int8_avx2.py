@@ -38,6 +38,12 @@ def products(qtype, n_in: int):
     return rows, rng.standard_normal(300).astype(np.float32), rng.standard_normal((31, n_in)).astype(np.float32)
 
 
+def near_float64(y, w, x, b) -> bool:
+    """y (one token's products) within 1e-5 of float64 on the same two-digit activations of x."""
+    terms = w * act_values(Q.quantize_act_q8(x))
+    return bool((np.abs(y - (terms.sum(1) + b)) <= 1e-5 * (np.abs(terms).sum(1) + np.abs(b))).all())
+
+
 def check_rows(out: str) -> None:
     """At this process's level: every case against float64 and against the one-token kernel; the
     up-to-8-token results saved to `out` for the parent's bit comparison."""
@@ -53,9 +59,7 @@ def check_rows(out: str) -> None:
                                                   int8_activations=True))
                 for t in range(n_tok):
                     assert np.array_equal(y[t], Q.dot_rows_q8(rows, x[t], int(qtype)) + b), (qtype.name, n_in, n_tok)
-                    terms = w * act_values(Q.quantize_act_q8(x[t]))
-                    err = np.abs(y[t] - (terms.sum(1) + b))
-                    assert (err <= 1e-5 * (np.abs(terms).sum(1) + np.abs(b))).all(), (qtype.name, n_in, n_tok)
+                    assert near_float64(y[t], w, x[t], b), (qtype.name, n_in, n_tok)
                 saved[f"{qtype.name}-{n_in}-{n_tok}"] = y
             # more than 8 tokens (a prompt): without int8 tiles (AVX2) the rows kernel 8 tokens a call,
             # so every token's products are the decode kernel's bit for bit; with tiles, float64's
@@ -63,9 +67,7 @@ def check_rows(out: str) -> None:
             for t in range(len(y)):
                 if not Q.has_gemm_q8(int(qtype)):
                     assert np.array_equal(y[t], Q.dot_rows_q8(rows, x[8 + t], int(qtype)) + b), (qtype.name, n_in, t)
-                terms = w * act_values(Q.quantize_act_q8(x[8 + t]))
-                err = np.abs(y[t] - (terms.sum(1) + b))
-                assert (err <= 1e-5 * (np.abs(terms).sum(1) + np.abs(b))).all(), (qtype.name, n_in, t)
+                assert near_float64(y[t], w, x[8 + t], b), (qtype.name, n_in, t)
     np.savez(out, **saved)
 
 

@@ -33,8 +33,8 @@
  * over the tokens; each token's arithmetic is the one-token kernel's, so its bits are too.
  *
  * The rows of a group are contiguous in every weight matrix, so each step also prefetches the
- * matching slice of the next group into L2: the memory system sees one sequential stream per
- * thread instead of eight interleaved ones. */
+ * matching slice of the group PE_DOT_PF_GROUPS ahead into L2 (quants_impl.h): the memory system
+ * sees one sequential stream per thread instead of eight interleaved ones. */
 #include "quants_impl.h"
 
 #include "cpu_features.h"
@@ -227,7 +227,7 @@ PE_AI void dot_rows(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     tables_get(F, &t);
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
-    const uint8_t *next = rows + 8 * stride;
+    const uint8_t *next = rows + PE_DOT_PF_GROUPS * 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc[PE_DOT_Q8_MAX_TOK][2];
     for (int tk = 0; tk < n_tok; tk++) acc[tk][0] = acc[tk][1] = _mm512_setzero_ps();

@@ -2,7 +2,8 @@
  * formats with a minimum or a 5th bit (Q4_1, Q5_0, Q5_1). Same contract and ideas as dot_q8_avx512.c
  * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
  * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
- * minimum applied through the activations' combined code sums, next-group prefetch into L2) and
+ * minimum applied through the activations' combined code sums, prefetch into L2 PE_DOT_PF_GROUPS
+ * groups ahead) and
  * each row's block two steps ahead prefetched into L1 (prefetch_row).
  *
  * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
@@ -63,8 +64,8 @@
  * Measured single-thread in L2 against a row per register for every type (thread CPU time, under
  * load): rows in pairs 1.15-1.35x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
  * four rows' Q4_K/Q5_K headers at once (a lane per row, or with vpermb into the pairs' lanes), 2-5%
- * slower in cache than per pair; a prefetch distance of 2 or 3 groups instead of 1 (no difference
- * single-thread from memory). Reading xh/xl instead of rewriting the digits qs/ql into base 256 in
+ * slower in cache than per pair. A prefetch distance of 2 or 3 groups instead of 1 made no
+ * difference single-thread from memory, but 1.02-1.10x with two threads (PE_DOT_PF_GROUPS). Reading xh/xl instead of rewriting the digits qs/ql into base 256 in
  * every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
  * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. Tried and dropped:
  * Q2_K/Q3_K codes decoded in the stored order (a 2-bit field per lane, no activation shuffle, lanes
@@ -107,7 +108,7 @@ PE_AI __m512i dot2(const __m512i u[4], const __m512i xh[4], const __m512i xl[4])
     return fold4(c[0], c[1], c[2], c[3]);
 }
 
-/* Prefetch this step's share (bytes [from, from + len)) of the next group into L2. */
+/* Prefetch this step's share (bytes [from, from + len)) of a later group into L2. */
 PE_AI void prefetch_next(const uint8_t *from, int64_t len) {
     for (int64_t p = 0; p < len; p += 64) _mm_prefetch((const char *)from + p, _MM_HINT_T1);
 }
@@ -234,7 +235,7 @@ PE_AI void dot_q8_k(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     const __m512i sub32 = _mm512_srli_epi32(sub, 1);
     const __m512i voff = _mm512_set1_epi32((int)K_OFFSET[T]);
     const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
-    const uint8_t *next = rows + 8 * stride;
+    const uint8_t *next = rows + PE_DOT_PF_GROUPS * 8 * stride;
     const int64_t nsb = n / 256;
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int tk = 0; tk < n_tok; tk++)
@@ -337,7 +338,7 @@ PE_AI void dot_q8_k2(const uint8_t *rows, int64_t stride, int nr, const pe_act_q
     const int BLOCK = K_BLOCK[K_Q2];
     const uint8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = rows + (i < nr ? i : nr - 1) * stride;
-    const uint8_t *next = rows + 8 * stride;
+    const uint8_t *next = rows + PE_DOT_PF_GROUPS * 8 * stride;
     const int64_t nsb = n / 256;
     __m512 acc[8];
     for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
@@ -468,7 +469,7 @@ PE_AI void dot_q8_k45(const uint8_t *rows, int64_t stride, int nr, const pe_act_
     const __m512 pw = T == K_Q4 ? _mm512_setr_ps(1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f, 1, 0.0625f,
                                                  1, 0.0625f, 1, 0.0625f)
                                 : _mm512_set1_ps(1.0f);
-    const uint8_t *next = rows + 8 * stride;
+    const uint8_t *next = rows + PE_DOT_PF_GROUPS * 8 * stride;
     const int64_t nsb = n / 256;
     __m512 acc[PE_DOT_Q8_MAX_TOK][4];
     for (int tk = 0; tk < n_tok; tk++)
@@ -664,7 +665,7 @@ PE_AI void dot_q8_b(const uint8_t *rows, int64_t stride, int nr, const pe_act_q8
     const b_tables tb = B_TABLES[T];
     /* lane 4L + i holds block 4 (i % 2) + L */
     const __m512i lane_blk = _mm512_setr_epi32(0, 4, 0, 4, 1, 5, 1, 5, 2, 6, 2, 6, 3, 7, 3, 7);
-    const uint8_t *next = rows + 8 * stride;
+    const uint8_t *next = rows + PE_DOT_PF_GROUPS * 8 * stride;
     const int64_t nb = n / 32;
     __m512 acc[PE_DOT_Q8_MAX_TOK][4];
     for (int tk = 0; tk < n_tok; tk++)

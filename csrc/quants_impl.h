@@ -12,6 +12,13 @@
 #define PE_QK 32   /* elements per block of the 32-element formats */
 #define PE_QK_K 256 /* elements per super-block of the K-quants */
 
+/* The AVX-512 int8 decode kernels read eight rows at a time and prefetch into L2 the slice of the
+ * group this many groups ahead (rows 8 * PE_DOT_PF_GROUPS on) that matches their step. One group
+ * ahead (~24 KiB of 2880-element Q8_0 rows) left the dev box's two cores waiting on memory: two
+ * ahead measured 1.02-1.10x from DRAM (2 threads, paired against one; Q3_K 1.00x), three or four no
+ * more. The AVX2 kernels keep one group: two measured 0.98-1.02x there (more compute per byte). */
+#define PE_DOT_PF_GROUPS 2
+
 typedef struct { uint16_t d; uint8_t qs[16]; } pe_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[16]; } pe_block_q4_1;
 typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } pe_block_q5_0;

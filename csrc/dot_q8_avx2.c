@@ -523,7 +523,7 @@ PE_AI __m256i r16_digit(const __m256i u[8], const int8_t *digit, int64_t b, __m2
 }
 
 PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
-                     int64_t ldo) {
+                     int64_t ldo, const uint8_t *pf) {
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     const __m256i low = _mm256_set1_epi8(0x0f), k256 = _mm256_set1_epi16(256), k1 = _mm256_set1_epi16(1);
     const uint8_t *scales = group + 256 * nb;
@@ -534,8 +534,7 @@ PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
             for (int k = 0; k < 4; k++) acc[t][h][k] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PE_R16_PF_DIST + l, _MM_HINT_T1);
-        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PE_R16_PF_DIST / 16, _MM_HINT_T1);
+        r16_prefetch(pf, nb, b);
         for (int h = 0; h < halves; h++) { /* rows 8 h .. 8 h + 7 */
             __m256i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of 8 rows */
             for (int j = 0; j < 4; j++) {
@@ -562,9 +561,10 @@ PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         }
 }
 
-void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo) {
-    if (n_tok == 1) r16_group(group, nb, nr, x, 1, out, ldo); /* one token: accumulators in registers */
-    else r16_group(group, nb, nr, x, n_tok, out, ldo);
+void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
+                     const uint8_t *pf) {
+    if (n_tok == 1) r16_group(group, nb, nr, x, 1, out, ldo, pf); /* one token: accumulators in registers */
+    else r16_group(group, nb, nr, x, n_tok, out, ldo, pf);
 }
 
 pe_dot_q8_fn pe_dot_q8_avx2(int type) {

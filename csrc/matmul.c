@@ -17,6 +17,7 @@
 #include "worksplit.h"
 
 enum { PE_TILE_ROWS = PE_GEMM_MAX_ROWS };
+_Static_assert(PE_GEMM_Q8_TILE == PE_R16_ROWS, "an int8 tile of R16 weights is one group");
 /* multiply-adds per thread below which waking another thread costs more than it saves */
 #define PE_MIN_WORK_PER_THREAD 32768
 
@@ -125,11 +126,13 @@ static int64_t rows_per_group(const pe_weight *w) { return w->layout == PE_LAYOU
 
 /* y[t * ldy + i] = row i . token t for nr rows (at most rows_per_group) and n tokens (at most
  * PE_ROWWISE_MAX_TOK), no bias: R16's kernel, or the several-token form (the rows decoded once for
- * all tokens, per token the one-token bits), or the one-token kernel. */
+ * all tokens, per token the one-token bits), or the one-token kernel. pf: the R16 group this thread
+ * reads PE_R16_PF_GROUPS groups later, prefetched meanwhile (NULL: none; the other layouts' kernels
+ * prefetch their own next rows). */
 static void rows_group(const pe_weight *w, const uint8_t *rows, int nr, const pe_act_q8 *xa, int n, float *y,
-                       int64_t ldy) {
+                       int64_t ldy, const uint8_t *pf) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
-    if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, n, y, ldy);
+    if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, n, y, ldy, pf);
     else if (n > 1 && tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, nr, xa, n, w->n_in, y, ldy);
     else
         for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, y + t * ldy);
@@ -139,12 +142,13 @@ static void rows_group(const pe_weight *w, const uint8_t *rows, int nr, const pe
  * rows stays in cache for all of them), where there are no int8 tiles (AVX2): the same bits as
  * decoding. R16: the tile is one group. */
 static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const pe_act_q8 *xq, int64_t n_tok,
-                        const float *bias, float *y, int64_t ldy) {
+                        const float *bias, float *y, int64_t ldy, const uint8_t *pf) {
     const int per = (int)rows_per_group(w);
     for (int g = 0; g < nr; g += per)
         for (int64_t t0 = 0; t0 < n_tok; t0 += PE_ROWWISE_MAX_TOK)
             rows_group(w, tile + g * w->row_stride, nr - g < per ? nr - g : per, xq + t0,
-                       n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK, y + t0 * ldy + g, ldy);
+                       n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK, y + t0 * ldy + g, ldy,
+                       pf);
     if (bias)
         for (int64_t t = 0; t < n_tok; t++)
             for (int i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
@@ -184,8 +188,11 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
             for (int64_t ti = ta; ti < tb; ti++) {
                 const int64_t r0 = ti * PE_GEMM_Q8_TILE;
                 const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-                if (!tiles) /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
-                    rows_chunks(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy);
+                if (!tiles) { /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
+                    const int64_t rp = r0 + PE_R16_PF_GROUPS * PE_GEMM_Q8_TILE; /* R16: a tile is a group */
+                    rows_chunks(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
+                                w->layout == PE_LAYOUT_R16 && rp < n_out ? base + rp * stride : NULL);
+                }
                 else if (w->layout == PE_LAYOUT_R16)
                     pe_gemm_q8_tile_r16(base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
                                         mine);
@@ -208,6 +215,22 @@ static int int8_rows(const pe_weight *w) {
 static int threads_for(int64_t work, int n_threads) {
     if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
     return n_threads < 1 ? 1 : n_threads;
+}
+
+/* The job of group g: the last whose first group is <= g. */
+static int job_of(const int64_t *first, int n_jobs, int64_t g) {
+    int j = 0;
+    for (int lo = 0, hi = n_jobs; lo < hi;) {
+        const int mid = (lo + hi) / 2;
+        if (first[mid] <= g) j = mid, lo = mid + 1;
+        else hi = mid;
+    }
+    return j;
+}
+
+/* The first row of group k of job b's weight. */
+static const uint8_t *group_rows(const pe_matmul_job *b, int64_t k) {
+    return b->w->data + b->expert * b->w->expert_stride + k * rows_per_group(b->w) * b->w->row_stride;
 }
 
 int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
@@ -251,7 +274,9 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         n_groups += (jobs[j].w->n_out + rows_per_group(jobs[j].w) - 1) / rows_per_group(jobs[j].w);
     }
     first[n_jobs] = n_groups;
-    /* contiguous runs of groups per thread, the end stolen by whichever thread is free (worksplit.h) */
+    /* contiguous runs of groups per thread, the end stolen by whichever thread is free (worksplit.h);
+     * an R16 group's kernel prefetches the group PE_R16_PF_GROUPS later in the run, whichever job
+     * (expert) that is */
     const int team = threads_for(work, n_threads);
     pe_split *split = split_new(ar, n_groups, team, PE_SPLIT_STEP);
     if (!split) goto fail;
@@ -260,18 +285,20 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         int64_t ga, gb;
         while (pe_split_next(split, thread_id(), &ga, &gb))
             for (int64_t g = ga; g < gb; g++) {
-                int j = 0; /* the job of group g: the last whose first group is <= g */
-                for (int lo = 0, hi = n_jobs; lo < hi;) {
-                    const int mid = (lo + hi) / 2;
-                    if (first[mid] <= g) j = mid, lo = mid + 1;
-                    else hi = mid;
-                }
+                const int j = job_of(first, n_jobs, g);
                 const pe_matmul_job *b = &jobs[j];
                 const pe_weight *w = b->w;
                 const int64_t per = rows_per_group(w), r0 = (g - first[j]) * per;
                 const int nr = w->n_out - r0 < per ? (int)(w->n_out - r0) : (int)per;
-                rows_group(w, w->data + b->expert * w->expert_stride + r0 * w->row_stride, nr,
-                           &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok, b->y + r0, b->ldy);
+                const uint8_t *pf = NULL;
+                if (w->layout == PE_LAYOUT_R16 && g + PE_R16_PF_GROUPS < n_groups) {
+                    const int64_t gp = g + PE_R16_PF_GROUPS;
+                    const pe_matmul_job *bp = &jobs[job_of(first, n_jobs, gp)];
+                    if (bp->w->layout == PE_LAYOUT_R16 && bp->w->n_in == w->n_in)
+                        pf = group_rows(bp, gp - first[bp - jobs]);
+                }
+                rows_group(w, group_rows(b, g - first[j]), nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok,
+                           b->y + r0, b->ldy, pf);
                 if (b->bias)
                     for (int64_t t = 0; t < b->n_tok; t++)
                         for (int i = 0; i < nr; i++) b->y[t * b->ldy + r0 + i] += b->bias[r0 + i];

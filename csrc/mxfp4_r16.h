@@ -30,16 +30,26 @@
 
 #define PE_R16_ROWS 16
 
-/* Software prefetch into L2 this far ahead of the block being read (two groups of 2880-element
- * rows): measured on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into
- * L1; the hardware prefetcher alone left the kernel waiting on memory between its bursts of work. */
-#define PE_R16_PF_DIST 49152
+/* While a thread reads a group, the kernel prefetches into L2, block by block, the group the same
+ * thread will read this many groups later (the caller says which: the next groups of a thread's run
+ * may belong to another matrix, another expert). Two groups of 2880-element rows (~48 KiB) measured
+ * on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into L1; the hardware
+ * prefetcher alone left the kernel waiting on memory between its bursts of work. */
+#define PE_R16_PF_GROUPS 2
 
 /* Byte of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order, where the kernels broadcast the
  * activation dword of a piece: per 128 elements, bytes 16 k + i = element 32 k + i and
  * 64 + 16 k + i = element 32 k + 16 + i. */
 static inline int64_t pe_r16_act_at(int64_t b, int j) {
     return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4));
+}
+
+/* The kernels' step for block b of nb: block b's codes and (every fourth block) the next four
+ * blocks' scales of the group at pf (NULL: nothing), into L2. */
+static inline void r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) {
+    if (!pf) return;
+    for (int l = 0; l < 256; l += 64) __builtin_prefetch(pf + 256 * b + l, 0, 2);
+    if (!(b & 3)) __builtin_prefetch(pf + 256 * nb + 16 * b, 0, 2);
 }
 
 /* Bytes of one group of 16 rows of n_in elements. */
@@ -56,12 +66,14 @@ pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out);
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);
 
 /* out[t * ldo + i] = row i of the group . token t, for i < nr (1..16) and t < n_tok (1..8), over
- * nb blocks; per token the bits of dot_q8_avx512.c's MXFP4 kernel. */
+ * nb blocks; per token the bits of dot_q8_avx512.c's MXFP4 kernel. `pf`: a group of the same n_in
+ * to prefetch into L2 meanwhile (PE_R16_PF_GROUPS), or NULL. */
 typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                              int64_t ldo);
+                              int64_t ldo, const uint8_t *pf);
 /* The kernel for this CPU (AVX-512 VNNI, vpermb or vpshufb form: mxfp4_r16_avx512.c; else AVX2:
  * dot_q8_avx2.c, the same bits), or NULL. */
 pe_r16_dot_fn pe_r16_dot_get(void);
-void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo);
+void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
+                     const uint8_t *pf);
 
 #endif

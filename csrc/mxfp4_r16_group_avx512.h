@@ -2,7 +2,7 @@
  * the group kernel, R16_DOT its pe_r16_dot_fn entry, R16_LOOKUP(v, table) gives the low nibbles of
  * v through the table. */
 PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,
-                     const int n_tok, float *out, int64_t ldo) {
+                     const int n_tok, float *out, int64_t ldo, const uint8_t *pf) {
     /* pe_mxfp4_codes four times (vpermb ignores index bits 6-7, vpshufb takes bits 0-3 of a masked index) */
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     const uint8_t *scales = group + 256 * nb;
@@ -11,8 +11,7 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)p + PE_R16_PF_DIST + l, _MM_HINT_T1);
-        if (!(b & 3)) _mm_prefetch((const char *)scales + 16 * b + PE_R16_PF_DIST / 16, _MM_HINT_T1);
+        r16_prefetch(pf, nb, b);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of every row */
         for (int j = 0; j < 4; j++) {
             const __m512i v = _mm512_load_si512(p + 64 * j);
@@ -42,7 +41,8 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
 }
 
 /* One token: the accumulators stay in registers (n_tok a constant). */
-static void R16_DOT(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo) {
-    if (n_tok == 1) R16_GROUP(group, nb, nr, x, 1, out, ldo);
-    else R16_GROUP(group, nb, nr, x, n_tok, out, ldo);
+static void R16_DOT(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
+                    const uint8_t *pf) {
+    if (n_tok == 1) R16_GROUP(group, nb, nr, x, 1, out, ldo, pf);
+    else R16_GROUP(group, nb, nr, x, n_tok, out, ldo, pf);
 }

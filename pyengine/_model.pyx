@@ -34,7 +34,7 @@ cdef extern from "matmul.h":
 
 cdef extern from "mxfp4_r16.h":
     ctypedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const void *x, int n_tok, float *out,
-                                   int64_t ldo) noexcept nogil
+                                   int64_t ldo, const uint8_t *pf) noexcept nogil
     int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert)
     pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out)
     void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil

@@ -534,7 +534,7 @@ PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
             for (int k = 0; k < 4; k++) acc[t][h][k] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        r16_prefetch(pf, nb, b);
+        pe_r16_prefetch(pf, nb, b);
         for (int h = 0; h < halves; h++) { /* rows 8 h .. 8 h + 7 */
             __m256i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of 8 rows */
             for (int j = 0; j < 4; j++) {

@@ -46,7 +46,7 @@ static inline int64_t pe_r16_act_at(int64_t b, int j) {
 
 /* The kernels' step for block b of nb: block b's codes and (every fourth block) the next four
  * blocks' scales of the group at pf (NULL: nothing), into L2. */
-static inline void r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) {
+static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) {
     if (!pf) return;
     for (int l = 0; l < 256; l += 64) __builtin_prefetch(pf + 256 * b + l, 0, 2);
     if (!(b & 3)) __builtin_prefetch(pf + 256 * nb + 16 * b, 0, 2);

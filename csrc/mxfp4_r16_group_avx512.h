@@ -11,7 +11,7 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 256 * b;
-        r16_prefetch(pf, nb, b);
+        pe_r16_prefetch(pf, nb, b);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 (j < 4), 16 + 4 (j - 4) .. (j >= 4) of every row */
         for (int j = 0; j < 4; j++) {
             const __m512i v = _mm512_load_si512(p + 64 * j);

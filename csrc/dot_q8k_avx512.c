@@ -3,8 +3,7 @@
  * (eight rows per pass over the activations, two activation digits x = d * (q + ql / 254) combined
  * exactly in int32 as 254 * (w . q) + (w . ql), unsigned codes for vpdpbusd with the offset or the
  * minimum applied through the activations' combined code sums, prefetch into L2 PE_DOT_PF_GROUPS
- * groups ahead) and
- * each row's block two steps ahead prefetched into L1 (prefetch_row).
+ * groups ahead) and each row's block two steps ahead prefetched into L1 (prefetch_row).
  *
  * A step covers 256 elements of each row (one super-block, or eight 32-blocks). A row's codes are
  * decoded into four 64-byte registers of unsigned codes (no reordering of the weights in memory).
@@ -65,8 +64,8 @@
  * load): rows in pairs 1.15-1.35x faster (Q4_K, Q5_K, Q4_1, Q5_0, Q5_1). Tried and dropped: decoding
  * four rows' Q4_K/Q5_K headers at once (a lane per row, or with vpermb into the pairs' lanes), 2-5%
  * slower in cache than per pair. A prefetch distance of 2 or 3 groups instead of 1 made no
- * difference single-thread from memory, but 1.02-1.10x with two threads (PE_DOT_PF_GROUPS). Reading xh/xl instead of rewriting the digits qs/ql into base 256 in
- * every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
+ * difference single-thread from memory, but 1.02-1.10x with two threads (PE_DOT_PF_GROUPS).
+ * Reading xh/xl instead of rewriting the digits qs/ql into base 256 in every step (~44 instructions per 8-row step, now 0-8 shuffles): Q4_1 1.11x, Q4_K 1.10x, Q5_K
  * 1.08x, Q5_0/Q5_1 1.06x, Q2_K/Q3_K 1.03x, Q6_K 1.02x in cache, the same bits. Tried and dropped:
  * Q2_K/Q3_K codes decoded in the stored order (a 2-bit field per lane, no activation shuffle, lanes
  * permuted back before the row sum): the same bits and no measurable difference.

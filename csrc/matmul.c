@@ -293,9 +293,9 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                 const uint8_t *pf = NULL;
                 if (w->layout == PE_LAYOUT_R16 && g + PE_R16_PF_GROUPS < n_groups) {
                     const int64_t gp = g + PE_R16_PF_GROUPS;
-                    const pe_matmul_job *bp = &jobs[job_of(first, n_jobs, gp)];
-                    if (bp->w->layout == PE_LAYOUT_R16 && bp->w->n_in == w->n_in)
-                        pf = group_rows(bp, gp - first[bp - jobs]);
+                    const int jp = job_of(first, n_jobs, gp);
+                    if (jobs[jp].w->layout == PE_LAYOUT_R16 && jobs[jp].w->n_in == w->n_in)
+                        pf = group_rows(&jobs[jp], gp - first[jp]);
                 }
                 rows_group(w, group_rows(b, g - first[j]), nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok,
                            b->y + r0, b->ldy, pf);

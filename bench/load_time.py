@@ -5,8 +5,8 @@
 Prints the seconds from process start (imports included) to a loaded model, the RSS after loading
 and after 11 evaluated tokens, and the peak RSS. Run each engine in its own process."""
 
+import argparse
 import resource
-import sys
 import time
 
 
@@ -16,7 +16,13 @@ def rss() -> int:
 
 
 def main() -> None:
-    engine, path = sys.argv[1], sys.argv[2]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("engine", choices=["pyengine", "llama.cpp"])
+    ap.add_argument("model", help="a .gguf file")
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="llama.cpp: without its repacked CPU buffers")
+    args = ap.parse_args()
+    engine, path = args.engine, args.model
     t0 = time.perf_counter()
     if engine == "pyengine":
         import pyengine
@@ -25,7 +31,7 @@ def main() -> None:
     else:
         from pyengine.llama_cpp_peer import open_llama
 
-        model = open_llama(path, extra_bufts="--no-extra-bufts" not in sys.argv, n_ctx=4096, n_threads=2,
+        model = open_llama(path, extra_bufts=not args.no_extra_bufts, n_ctx=4096, n_threads=2,
                            verbose=False)
     loaded, rss_loaded = time.perf_counter() - t0, rss()
     model.eval([1, 2, 3])

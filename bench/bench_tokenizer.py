@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import vocab
 
-from pyengine.sampling import Sampler, SamplingParams
+from pyengine.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from pyengine.tokenizer import Tokenizer
 
 
@@ -90,6 +90,14 @@ def main() -> None:
             s.sample(logits, history)
             times.append(time.perf_counter() - t)
         print(f"sample ({label}), 201088 logits: median {statistics.median(times) * 1e3:.2f} ms")
+    for label, step in [("log_softmax", lambda: log_softmax(logits)),
+                        ("top_logprobs(5)", lambda lp=log_softmax(logits): top_logprobs(lp, 5))]:
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        print(f"{label}, 201088 logits: median {statistics.median(times) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

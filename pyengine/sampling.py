@@ -9,14 +9,21 @@ Logprobs describe the model's own distribution: log-softmax of the raw logits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# top-p looks at this many best tokens first and sorts the whole vocabulary only if none of these
-# sets reaches the requested mass.
-_TOP_P_PROBES = (1024, 16384)
+# top-p sorts candidates into buckets of 1/32 nat of probability below the best one (the last bucket
+# takes everything more than 128 nats below), sums each bucket's mass in one pass and sorts only the
+# bucket where the running mass reaches p: no sort of the whole vocabulary.
+_TOP_P_BUCKETS_PER_NAT = 32
+_TOP_P_BUCKETS = 4096
+# A draw walks the cumulative mass by chunks: the chunks' sums, then one chunk's own running sum.
+_DRAW_CHUNK = 4096
+# top-k and top logprobs first keep the entries at or above the k-th largest of the maxima of chunks
+# of this many (at least k entries, usually a few more), then order only those (_best).
+_TOP_K_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -71,20 +78,23 @@ LLAMA_CPP_CHAT_TEMPERATURE = 0.2
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 log-probabilities of a logit vector."""
-    x = np.asarray(logits, dtype=np.float64)
-    m = np.max(x)
-    return x - m - np.log(np.sum(np.exp(x - m)))
+    """float64 log-probabilities of a logit vector: x - max - log(sum(exp(x - max))), with those
+    roundings, in one vocabulary-sized array (exp in place, then x - max again): a second
+    temporary cost more in page faults than the arithmetic (see Sampler._buffer)."""
+    x = np.asarray(logits)
+    m = np.float64(np.max(x))
+    z = np.subtract(x, m, dtype=np.float64)
+    lse = np.log(np.sum(np.exp(z, out=z)))
+    np.subtract(x, m, out=z, dtype=np.float64)
+    z -= lse
+    return z
 
 
 def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
     """The n most likely (token id, logprob) pairs, best first (ties: lower id first)."""
     if n <= 0:
         return []
-    n = min(n, logprobs.shape[0])
-    idx = np.argpartition(-logprobs, n - 1)[:n]
-    idx = idx[np.lexsort((idx, -logprobs[idx]))]
-    return [(int(i), float(logprobs[i])) for i in idx]
+    return [(int(i), float(logprobs[i])) for i in _best(logprobs, n)]
 
 
 class Sampler:
@@ -93,13 +103,30 @@ class Sampler:
     def __init__(self, params: SamplingParams | None = None) -> None:
         self.params = params or SamplingParams()
         self.rng = np.random.default_rng(self.params.seed)
+        # vocabulary-sized scratch reused from token to token: fresh megabyte-sized numpy temporaries
+        # cost more in page faults than the arithmetic on them (glibc returns them to the system)
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def _buffer(self, name: str, n: int, dtype: type) -> np.ndarray:
+        """n elements of the scratch array `name` (their contents: whatever the last use left)."""
+        b = self._scratch.get(name)
+        if b is None or b.shape[0] < n:
+            b = self._scratch[name] = np.empty(n, dtype)
+        return b[:n]
 
     def adjusted_logits(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
         """float64 logits after logit bias and the penalties."""
+        return self._adjust(logits, history, None)
+
+    def _adjust(self, logits: np.ndarray, history: Sequence[int], out: np.ndarray | None) -> np.ndarray:
+        """adjusted_logits, written into `out` when given (the sampler's scratch)."""
         p = self.params
-        x = np.array(logits, dtype=np.float64)
-        if x.ndim != 1:
-            raise ValueError(f"logits must be one vector, got shape {x.shape}")
+        logits = np.asarray(logits)
+        if logits.ndim != 1:
+            raise ValueError(f"logits must be one vector, got shape {logits.shape}")
+        x = np.array(logits, dtype=np.float64) if out is None else out
+        if out is not None:
+            np.copyto(x, logits)
         for token, bias in p.logit_bias.items():
             if not 0 <= int(token) < x.shape[0]:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary")
@@ -116,35 +143,20 @@ class Sampler:
                 seen = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
                 x[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
         # Extreme penalties or biases may overflow: +inf becomes the largest finite value (so
-        # differences stay defined), NaN becomes -inf (never drawn).
-        np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
+        # differences stay defined), NaN becomes -inf (never drawn). A finite maximum means there is
+        # neither (max propagates NaN), so the common case skips the pass.
+        if not np.isfinite(np.max(x)):
+            np.nan_to_num(x, copy=False, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
         return x
 
     def candidates(self, logits: np.ndarray, history: Sequence[int] = (),
                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, probabilities) that remain after every filter; probabilities sum to 1.
-        mask: boolean over the vocabulary, False = the token may not be drawn (constrained
-        decoding, pyengine.constrain); applied after the bias and penalties, before the filters."""
-        p = self.params
-        x = self.adjusted_logits(logits, history)
-        if mask is not None:
-            x[~mask] = -np.inf
-            if np.max(x) == -np.inf:  # every allowed token banned by a bias: the first allowed one
-                return np.flatnonzero(mask)[:1], np.array([1.0])
-        if p.greedy or np.max(x) == -np.inf:  # greedy, or every token banned: take the argmax
-            best = int(np.argmax(x))
-            return np.array([best]), np.array([1.0])
-        ids = np.arange(x.shape[0])
-        if 0 < p.top_k < x.shape[0]:
-            ids = np.argpartition(-x, p.top_k - 1)[: p.top_k]
-        if p.top_p < 1.0:
-            ids = _top_p(x, ids, p.top_p)
-        if p.min_p > 0.0:
-            sub = x[ids]
-            ids = ids[sub >= np.max(sub) + np.log(p.min_p)]
-        # subtract the maximum before dividing, so a tiny temperature cannot make inf - inf
-        probs = np.exp((x[ids] - np.max(x[ids])) / p.temperature)
-        return ids, probs / probs.sum()
+        """(token ids in increasing order, probabilities) that remain after every filter;
+        probabilities sum to 1. mask: boolean over the vocabulary, False = the token may not be drawn
+        (constrained decoding, pyengine.constrain); applied after the bias and penalties, before the
+        filters."""
+        ids, w = self._weights(logits, history, mask)
+        return (np.arange(w.shape[0]) if ids is None else ids), w / w.sum()
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
         """The full-vocabulary probability vector the next draw uses (zeros where filtered)."""
@@ -155,34 +167,96 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = (), mask: np.ndarray | None = None) -> int:
         """Draw the next token id (only where `mask` is True, when given)."""
-        ids, probs = self.candidates(logits, history, mask)
-        if ids.shape[0] == 1:
+        ids, w = self._weights(logits, history, mask)
+        if ids is not None and ids.shape[0] == 1:
             return int(ids[0])
-        if np.any(ids[1:] < ids[:-1]):  # a fixed (id) order makes a seed mean the same draw
-            order = np.argsort(ids, kind="stable")
-            ids, probs = ids[order], probs[order]
-        cdf = np.cumsum(probs)
-        k = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return int(ids[min(k, ids.shape[0] - 1)])
+        k = _draw(w, self.rng.random())
+        return k if ids is None else int(ids[k])
+
+    def _weights(self, logits: np.ndarray, history: Sequence[int],
+                 mask: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """(ids, w): the candidates left by every filter, in increasing id order, and their
+        unnormalised probabilities. ids None: no filter ran, w covers the whole vocabulary (zero
+        where a token cannot be drawn), computed in place without index arrays (a decode step's
+        sampling cost is then a few passes over the logits, see docs/tokenizer.md)."""
+        p = self.params
+        x = self._adjust(logits, history, self._buffer("x", np.shape(logits)[-1], np.float64))
+        if mask is not None:
+            x[~mask] = -np.inf
+            if np.max(x) == -np.inf:  # every allowed token banned by a bias: the first allowed one
+                return np.flatnonzero(mask)[:1], np.array([1.0])
+        best = np.max(x)
+        if p.greedy or best == -np.inf:  # greedy, or every token banned: take the argmax
+            return np.array([int(np.argmax(x))]), np.array([1.0])
+        ids = None
+        if 0 < p.top_k < x.shape[0]:
+            ids = np.sort(_best(x, p.top_k))
+        if p.top_p < 1.0:
+            ids = _top_p(x, ids, p.top_p, self._buffer)
+        if p.min_p > 0.0:
+            sub = x if ids is None else x[ids]
+            keep = sub >= np.max(sub) + np.log(p.min_p)
+            ids = np.flatnonzero(keep) if ids is None else ids[keep]
+        # subtract the maximum before dividing, so a tiny temperature cannot make inf - inf
+        if ids is not None:
+            sub = x[ids]
+            return ids, np.exp((sub - np.max(sub)) / p.temperature)
+        np.subtract(x, best, out=x)
+        if p.temperature != 1.0:
+            np.divide(x, p.temperature, out=x)
+        return None, np.exp(x, out=x)
 
 
-def _top_p(x: np.ndarray, ids: np.ndarray, top_p: float) -> np.ndarray:
-    """Smallest set of the best candidates whose probability reaches top_p (at least one);
-    ties are ordered by token id."""
-    if np.any(ids[1:] < ids[:-1]):
-        ids = np.sort(ids)
-    sub = x[ids]
-    probs = np.exp(sub - np.max(sub))
+def _draw(w: np.ndarray, r: float) -> int:
+    """The index that r (uniform in [0, 1)) picks from weights w: the first whose cumulative weight
+    exceeds r times the total, so a zero weight is never picked."""
+    starts = np.arange(0, w.shape[0], _DRAW_CHUNK)
+    sums = np.add.reduceat(w, starts)
+    cum = np.cumsum(sums)
+    u = r * cum[-1]
+    j = int(np.searchsorted(cum, u, side="right"))
+    if j == starts.shape[0]:  # u rounded up to the total: the last chunk with weight
+        j = int(np.flatnonzero(sums)[-1])
+    seg = w[starts[j]:starts[j] + _DRAW_CHUNK]
+    i = int(np.searchsorted(np.cumsum(seg) + (cum[j - 1] if j else 0.0), u, side="right"))
+    if i == seg.shape[0]:  # the chunk's own sum rounded differently: its last token with weight
+        i = int(np.flatnonzero(seg)[-1])
+    return int(starts[j]) + i
+
+
+def _best(x: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest values of x, best first (ties: lower id first), without partitioning
+    the whole vector: k chunk maxima are k distinct entries, so the k-th largest of them is a floor
+    under the k-th largest value, and only the entries at or above it are ordered."""
+    k = min(k, x.shape[0])
+    maxima = np.maximum.reduceat(x, np.arange(0, x.shape[0], _TOP_K_CHUNK))
+    cand = None
+    if maxima.shape[0] > k:
+        cand = np.flatnonzero(x >= np.partition(maxima, maxima.shape[0] - k)[maxima.shape[0] - k])
+    if cand is None or cand.shape[0] < k:  # few chunks, or NaN in x
+        cand = np.arange(x.shape[0])
+    return cand[np.lexsort((cand, -x[cand]))[:k]]
+
+
+def _top_p(x: np.ndarray, ids: np.ndarray | None, top_p: float,
+           scratch: Callable[[str, int, type], np.ndarray]) -> np.ndarray:
+    """Smallest set of the best candidates (ids in increasing order; None: the whole vocabulary)
+    whose probability reaches top_p (at least one; ties ordered by token id), in increasing id
+    order. Only the bucket where the running mass reaches top_p is sorted (_TOP_P_BUCKETS).
+    scratch: Sampler._buffer."""
+    sub = x if ids is None else x[ids]
+    n = sub.shape[0]
+    d = np.subtract(np.max(sub), sub, out=scratch("d", n, np.float64))  # nats below the best (inf: banned)
+    probs = np.exp(np.negative(d, out=scratch("probs", n, np.float64)), out=scratch("probs", n, np.float64))
     probs /= probs.sum()
-    order = None
-    for probe in _TOP_P_PROBES:
-        if ids.shape[0] > probe:
-            part = np.argpartition(-probs, probe - 1)[:probe]
-            if probs[part].sum() >= top_p:
-                order = part[np.lexsort((part, -probs[part]))]
-                break
-    if order is None:
-        order = np.argsort(-probs, kind="stable")
-    cum = np.cumsum(probs[order])
-    n = int(np.searchsorted(cum, top_p, side="left")) + 1
-    return ids[order[: min(n, order.shape[0])]]
+    bucket = scratch("bucket", n, np.intp)
+    np.minimum(d, (_TOP_P_BUCKETS - 1) / _TOP_P_BUCKETS_PER_NAT, out=d)
+    np.multiply(d, _TOP_P_BUCKETS_PER_NAT, out=d)
+    np.copyto(bucket, d, casting="unsafe")  # truncation = floor (d >= 0)
+    cum = np.cumsum(np.bincount(bucket, weights=probs, minlength=_TOP_P_BUCKETS))
+    j = min(int(np.searchsorted(cum, top_p, side="left")), _TOP_P_BUCKETS - 1)
+    edge = np.flatnonzero(bucket == j)
+    edge = edge[np.lexsort((edge, -probs[edge]))]  # best first, ties by position = by id
+    n = int(np.searchsorted((cum[j - 1] if j else 0.0) + np.cumsum(probs[edge]), top_p, side="left")) + 1
+    keep = np.sort(np.concatenate([np.flatnonzero(bucket < j), edge[:n]]))
+    return keep if ids is None else ids[keep]

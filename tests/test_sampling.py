@@ -203,3 +203,78 @@ def test_extreme_values_give_a_proper_distribution(params):
         probs = Sampler(params).distribution(logits, history)
     assert np.isfinite(probs).all() and probs.min() >= 0 and probs.sum() == pytest.approx(1.0)
     assert 0 <= Sampler(params).sample(logits, history) < 50
+
+
+def test_top_k_ties_go_to_the_lower_id_on_a_full_vocabulary():
+    # many equal logits around the k-th place: the reference order is (-logit, id)
+    rng = np.random.default_rng(11)
+    logits = np.round(rng.standard_normal(201088) * 2, 1).astype(np.float32)
+    for k in (1, 40, 1000):
+        got, _ = Sampler(SamplingParams(top_k=k)).candidates(logits)
+        want = np.lexsort((np.arange(logits.shape[0]), -logits.astype(np.float64)))[:k]
+        assert got.tolist() == sorted(want.tolist())
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_top_p_buckets_match_a_full_sort(scale):
+    # flat, typical and peaked distributions; rounded logits put ties inside the bucket that is cut
+    rng = np.random.default_rng(12)
+    logits = np.round(rng.standard_normal(201088) * scale, 2).astype(np.float32)
+    full = softmax(logits.astype(np.float64))
+    order = np.lexsort((np.arange(full.shape[0]), -full))
+    cum = np.cumsum(full[order])
+    for top_p in (0.0, 0.05, 0.5, 0.9, 0.99, 0.9999):
+        ids, _ = Sampler(SamplingParams(top_p=top_p)).candidates(logits)
+        n = int(np.searchsorted(cum, top_p)) + 1
+        assert ids.tolist() == sorted(order[:n].tolist()), top_p
+
+
+def test_draw_picks_the_token_whose_cumulative_mass_covers_the_uniform():
+    from pyengine.sampling import _draw
+
+    rng = np.random.default_rng(13)
+    for n in (1, 7, 4096, 4097, 201088):
+        w = rng.exponential(size=n) * (rng.random(n) < 0.7)  # zero weights mixed in
+        if not w.any():
+            w[-1] = 1.0
+        cdf = np.cumsum(w)
+        for r in [*rng.random(300), 0.0, 1.0 - 2.0 ** -53]:
+            k = _draw(w, r)
+            assert w[k] > 0
+            u = r * cdf[-1]
+            want = min(int(np.searchsorted(cdf, u, side="right")), n - 1)
+            # chunked sums round differently from one running sum: only a draw within rounding of
+            # a boundary may land on the neighbouring token
+            assert k == want or abs(cdf[min(k, want)] - u) <= 1e-12 * cdf[-1]
+    w = np.zeros(10000)
+    w[[0, 4095, 4096, 9999]] = 1.0  # mass only at chunk edges
+    assert {_draw(w, r) for r in (0.1, 0.3, 0.6, 0.9)} == {0, 4095, 4096, 9999}
+
+
+def test_draws_over_a_full_vocabulary_follow_the_distribution():
+    rng = np.random.default_rng(14)
+    logits = np.full(201088, -30.0, dtype=np.float32)
+    hot = rng.choice(201088, 6, replace=False)  # spread over several draw chunks
+    logits[hot] = rng.standard_normal(6).astype(np.float32)
+    sampler = Sampler(SamplingParams(seed=3))
+    n = 5000
+    drawn = np.array([sampler.sample(logits) for _ in range(n)])
+    expected = sampler.distribution(logits)[hot] * n
+    counts = np.array([(drawn == h).sum() for h in hot])
+    assert np.isin(drawn, hot).mean() > 0.999
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 25  # 5 degrees of freedom: p < 1e-3 of failing by chance
+
+
+def test_top_logprobs_on_a_full_vocabulary_with_ties():
+    rng = np.random.default_rng(15)
+    logits = np.round(rng.standard_normal(201088) * 3, 1).astype(np.float32)
+    lp = log_softmax(logits)
+    np.testing.assert_array_equal(lp, logits.astype(np.float64) - logits.max()
+                                  - np.log(np.sum(np.exp(logits.astype(np.float64) - logits.max()))))
+    for n in (1, 5, 20):
+        want = np.argsort(-lp, kind="stable")[:n]
+        assert top_logprobs(lp, n) == [(int(i), float(lp[i])) for i in want]
+    with np.errstate(invalid="ignore"):
+        bad = log_softmax(np.where(np.arange(300) == 7, np.nan, logits[:300]))
+    assert len(top_logprobs(bad, 5)) == 5  # NaN logits still give n entries

@@ -79,8 +79,8 @@ LLAMA_CPP_CHAT_TEMPERATURE = 0.2
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """float64 log-probabilities of a logit vector: x - max - log(sum(exp(x - max))), with those
-    roundings, in one vocabulary-sized array (exp in place, then x - max again): a second
-    temporary cost more in page faults than the arithmetic (see Sampler._buffer)."""
+    roundings, in one vocabulary-sized array (exp in place, then x - max again) instead of three
+    temporaries (see Sampler.__init__)."""
     x = np.asarray(logits)
     m = np.float64(np.max(x))
     z = np.subtract(x, m, dtype=np.float64)
@@ -103,8 +103,9 @@ class Sampler:
     def __init__(self, params: SamplingParams | None = None) -> None:
         self.params = params or SamplingParams()
         self.rng = np.random.default_rng(self.params.seed)
-        # vocabulary-sized scratch reused from token to token: fresh megabyte-sized numpy temporaries
-        # cost more in page faults than the arithmetic on them (glibc returns them to the system)
+        # vocabulary-sized scratch reused from token to token: a fresh megabyte-sized numpy temporary
+        # may cost more in page faults than the arithmetic on it (glibc returns freed blocks at the
+        # top of the heap to the system), depending on the heap's state
         self._scratch: dict[str, np.ndarray] = {}
 
     def _buffer(self, name: str, n: int, dtype: type) -> np.ndarray:

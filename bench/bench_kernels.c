@@ -10,7 +10,8 @@
  * (prefill: bound by arithmetic, reported in GFLOP/s), on a matrix of n_in = 2880 columns and as
  * many rows as fill MIB megabytes (default 256, beyond the caches); each on the default path (int8
  * activations for types with int8 kernels) and on the exact float32-activation path. Then the MoE
- * layer of gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens.
+ * layer of gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens, after
+ * one-token Q8_0 products of the sizes a decode step makes (what each call costs beyond streaming).
  * Weights are random blocks whose scale fields are set to a small normal value (no NaN or
  * denormal slow paths); the timing does not depend on the values. Best of REPS runs. */
 #include <math.h>
@@ -178,6 +179,43 @@ static void evict_caches(int threads) {
     if (read_all(buf, bytes, threads) == 42) printf(" "); /* the reads must not be optimized away */
 }
 
+/* One-token Q8_0 products of the sizes a gpt-oss-20b decode step makes (k / v 512 rows, attn_out
+ * 2880, q 4096; the output head 201,088), caches evicted before each call, as in decoding: each
+ * call pays for waking the team, quantizing the activations and its first, not yet prefetched rows
+ * (the kernels prefetch PE_DOT_PF_GROUPS groups ahead of where a thread reads), which a product
+ * the size of the table above amortizes. The gap between the two is what the model's smaller
+ * products lose (bench/RESULTS.md, 2026-12-05). */
+static void bench_call_sizes(int threads, int reps) {
+    const int64_t n_in = N_EMBD, sizes[] = {512, 2880, 4096, 32768};
+    const size_t row = pe_row_size(PE_TYPE_Q8_0, n_in);
+    const int64_t n_rows = 4 * sizes[3];
+    uint8_t *w = big_alloc(row * n_rows);
+    float *x = malloc(sizeof(float) * n_in), *y = malloc(sizeof(float) * sizes[3]);
+    if (!w || !x || !y) { fprintf(stderr, "out of memory\n"); exit(1); }
+    fill(PE_TYPE_Q8_0, w, n_rows, n_in);
+    for (int64_t i = 0; i < n_in; i++) x[i] = frand();
+    printf("\nOne-token Q8_0 products by size, caches evicted before each call, mean of %d calls on "
+           "different rows:\n", 4 * reps);
+    printf("%-8s %10s %10s %10s %8s %10s\n", "rows", "MB", "us", "GB/s", "BW GB/s", "% of BW");
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        const double near = bandwidth(threads, PROBE_BYTES);
+        double total = 0;
+        for (int r = 0; r < 4 * reps; r++) {
+            const pe_weight pw = {w + (size_t)((r * 7919) % (n_rows / sizes[k])) * sizes[k] * row, PE_TYPE_Q8_0,
+                                  n_in, sizes[k], (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
+            evict_caches(threads);
+            const double t0 = now();
+            if (pe_matmul(&pw, 0, x, n_in, 1, NULL, y, sizes[k], threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
+            total += now() - t0;
+        }
+        const double mean = total / (4 * reps), bytes = (double)row * sizes[k];
+        const double bw = fmax(near, bandwidth(threads, PROBE_BYTES));
+        printf("%-8lld %10.2f %10.1f %10.2f %8.1f %9.0f%%\n", (long long)sizes[k], bytes / 1e6, mean * 1e6,
+               bytes / mean / 1e9, bw, 100.0 * bytes / mean / 1e9 / bw);
+    }
+    free(w); free(x); free(y);
+}
+
 static void bench_moe(int threads, int reps) {
     const int E = 32, K = 4;
     const int64_t D = N_EMBD, F = N_EMBD;
@@ -263,7 +301,8 @@ int main(int argc, char **argv) {
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
-                   "GFLOP/s), default and exact paths; then the 20b MoE layer.\n\n"
+                   "GFLOP/s), default and exact paths; one-token Q8_0 products of the sizes a 20b decode step\n"
+                   "makes; then the 20b MoE layer.\n\n"
                    "  -t THREADS    OpenMP threads (default: %d)\n"
                    "  -r REPS       repetitions, best is reported (default 5)\n"
                    "  -m MIB        matrix size in MiB, beyond the caches (default 256)\n"
@@ -339,6 +378,7 @@ int main(int argc, char **argv) {
         }
         free(w); free(y); free(xx);
     }
+    bench_call_sizes(threads, reps);
     bench_moe(threads, reps);
     return 0;
 }

@@ -180,11 +180,10 @@ static void evict_caches(int threads) {
 }
 
 /* One-token Q8_0 products of the sizes a gpt-oss-20b decode step makes (k / v 512 rows, attn_out
- * 2880, q 4096; the output head 201,088), caches evicted before each call, as in decoding: each
- * call pays for waking the team, quantizing the activations and its first, not yet prefetched rows
- * (the kernels prefetch PE_DOT_PF_GROUPS groups ahead of where a thread reads), which a product
- * the size of the table above amortizes. The gap between the two is what the model's smaller
- * products lose (bench/RESULTS.md, 2026-12-05). */
+ * 2880, q 4096; the output head 201,088), caches evicted before each call: each call quantizes its
+ * activations and starts the team before any weight is read, which a product the size of the
+ * table above amortizes. The activations are evicted too, unlike in the model, so the gap between
+ * the sizes bounds what the model's smaller products lose (bench/RESULTS.md, 2026-12-05). */
 static void bench_call_sizes(int threads, int reps) {
     const int64_t n_in = N_EMBD, sizes[] = {512, 2880, 4096, 32768};
     const size_t row = pe_row_size(PE_TYPE_Q8_0, n_in);

@@ -188,18 +188,19 @@ static void bench_call_sizes(int threads, int reps) {
     const int64_t n_in = N_EMBD, sizes[] = {512, 2880, 4096, 32768};
     const size_t row = pe_row_size(PE_TYPE_Q8_0, n_in);
     const int64_t n_rows = 4 * sizes[3];
+    const int calls = 4 * reps;
     uint8_t *w = big_alloc(row * n_rows);
     float *x = aligned_alloc(64, sizeof(float) * n_in), *y = malloc(sizeof(float) * sizes[3]);
     if (!w || !x || !y) { fprintf(stderr, "out of memory\n"); exit(1); }
     fill(PE_TYPE_Q8_0, w, n_rows, n_in);
     for (int64_t i = 0; i < n_in; i++) x[i] = frand();
     printf("\nOne-token Q8_0 products by size, caches evicted before each call, mean of %d calls on "
-           "different rows:\n", 4 * reps);
+           "different rows:\n", calls);
     printf("%-8s %10s %10s %10s %8s %10s\n", "rows", "MB", "us", "GB/s", "BW GB/s", "% of BW");
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
         const double near = bandwidth(threads, PROBE_BYTES);
         double total = 0;
-        for (int r = 0; r < 4 * reps; r++) {
+        for (int r = 0; r < calls; r++) {
             const pe_weight pw = {w + (size_t)((r * 7919) % (n_rows / sizes[k])) * sizes[k] * row, PE_TYPE_Q8_0,
                                   n_in, sizes[k], (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
             evict_caches(threads);
@@ -207,7 +208,7 @@ static void bench_call_sizes(int threads, int reps) {
             if (pe_matmul(&pw, 0, x, n_in, 1, NULL, y, sizes[k], threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
             total += now() - t0;
         }
-        const double mean = total / (4 * reps), bytes = (double)row * sizes[k];
+        const double mean = total / calls, bytes = (double)row * sizes[k];
         const double bw = fmax(near, bandwidth(threads, PROBE_BYTES));
         printf("%-8lld %10.2f %10.1f %10.2f %8.1f %9.0f%%\n", (long long)sizes[k], bytes / 1e6, mean * 1e6,
                bytes / mean / 1e9, bw, 100.0 * bytes / mean / 1e9 / bw);

@@ -74,31 +74,27 @@ def main() -> None:
         )
     logits = np.random.default_rng(0).standard_normal(201088).astype(np.float32) * 3
     history = list(range(100))
-    for label, params in [
-        ("greedy", SamplingParams(temperature=0)),
-        ("temperature 1", SamplingParams(seed=1)),
-        (
-            "top_k 40 + top_p 0.95 + min_p 0.05 + penalties",
-            SamplingParams(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=1),
-        ),
-        ("top_p 0.9", SamplingParams(top_p=0.9, seed=1)),
-    ]:
-        s = Sampler(params)
-        times = []
-        for _ in range(50):
-            t = time.perf_counter()
-            s.sample(logits, history)
-            times.append(time.perf_counter() - t)
-        print(f"sample ({label}), 201088 logits: median {statistics.median(times) * 1e3:.2f} ms")
-    for label, step in [("log_softmax", lambda: log_softmax(logits)),
-                        ("top_logprobs(5)", lambda lp=log_softmax(logits): top_logprobs(lp, 5))]:
+    steps = [
+        (f"sample ({label})", lambda s=Sampler(params): s.sample(logits, history))
+        for label, params in [
+            ("greedy", SamplingParams(temperature=0)),
+            ("temperature 1", SamplingParams(seed=1)),
+            (
+                "top_k 40 + top_p 0.95 + min_p 0.05 + penalties",
+                SamplingParams(top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=1),
+            ),
+            ("top_p 0.9", SamplingParams(top_p=0.9, seed=1)),
+        ]
+    ]
+    steps += [("log_softmax", lambda: log_softmax(logits)),
+              ("top_logprobs(5)", lambda lp=log_softmax(logits): top_logprobs(lp, 5))]
+    for label, step in steps:
         times = []
         for _ in range(50):
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
         print(f"{label}, 201088 logits: median {statistics.median(times) * 1e3:.2f} ms")
-
 
 if __name__ == "__main__":
     main()

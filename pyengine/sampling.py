@@ -9,7 +9,7 @@ Logprobs describe the model's own distribution: log-softmax of the raw logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,17 +117,16 @@ class Sampler:
 
     def adjusted_logits(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
         """float64 logits after logit bias and the penalties."""
-        return self._adjust(logits, history, None)
+        return self._adjust(logits, history, reuse=False)
 
-    def _adjust(self, logits: np.ndarray, history: Sequence[int], out: np.ndarray | None) -> np.ndarray:
-        """adjusted_logits, written into `out` when given (the sampler's scratch)."""
+    def _adjust(self, logits: np.ndarray, history: Sequence[int], reuse: bool) -> np.ndarray:
+        """adjusted_logits, in the sampler's scratch when `reuse` (valid until the next call)."""
         p = self.params
         logits = np.asarray(logits)
         if logits.ndim != 1:
             raise ValueError(f"logits must be one vector, got shape {logits.shape}")
-        x = np.array(logits, dtype=np.float64) if out is None else out
-        if out is not None:
-            np.copyto(x, logits)
+        x = self._buffer("x", logits.shape[0], np.float64) if reuse else np.empty(logits.shape[0])
+        np.copyto(x, logits)
         for token, bias in p.logit_bias.items():
             if not 0 <= int(token) < x.shape[0]:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary")
@@ -181,7 +180,7 @@ class Sampler:
         where a token cannot be drawn), computed in place without index arrays (a decode step's
         sampling cost is then a few passes over the logits, see docs/tokenizer.md)."""
         p = self.params
-        x = self._adjust(logits, history, self._buffer("x", np.shape(logits)[-1], np.float64))
+        x = self._adjust(logits, history, reuse=True)
         if mask is not None:
             x[~mask] = -np.inf
             if np.max(x) == -np.inf:  # every allowed token banned by a bias: the first allowed one
@@ -193,7 +192,7 @@ class Sampler:
         if 0 < p.top_k < x.shape[0]:
             ids = np.sort(_best(x, p.top_k))
         if p.top_p < 1.0:
-            ids = _top_p(x, ids, p.top_p, self._buffer)
+            ids = self._top_p(x, ids, p.top_p)
         if p.min_p > 0.0:
             sub = x if ids is None else x[ids]
             keep = sub >= np.max(sub) + np.log(p.min_p)
@@ -206,6 +205,28 @@ class Sampler:
         if p.temperature != 1.0:
             np.divide(x, p.temperature, out=x)
         return None, np.exp(x, out=x)
+
+    def _top_p(self, x: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.ndarray:
+        """Smallest set of the best candidates (ids in increasing order; None: the whole vocabulary)
+        whose probability reaches top_p (at least one; ties ordered by token id), in increasing id
+        order. Only the bucket where the running mass reaches top_p is sorted (_TOP_P_BUCKETS)."""
+        sub = x if ids is None else x[ids]
+        n = sub.shape[0]
+        d = np.subtract(np.max(sub), sub, out=self._buffer("d", n, np.float64))  # nats below the best (inf: banned)
+        probs = self._buffer("probs", n, np.float64)
+        np.exp(np.negative(d, out=probs), out=probs)
+        probs /= probs.sum()
+        bucket = self._buffer("bucket", n, np.intp)
+        np.minimum(d, (_TOP_P_BUCKETS - 1) / _TOP_P_BUCKETS_PER_NAT, out=d)
+        np.multiply(d, _TOP_P_BUCKETS_PER_NAT, out=d)
+        np.copyto(bucket, d, casting="unsafe")  # truncation = floor (d >= 0)
+        cum = np.cumsum(np.bincount(bucket, weights=probs, minlength=_TOP_P_BUCKETS))
+        j = min(int(np.searchsorted(cum, top_p, side="left")), _TOP_P_BUCKETS - 1)
+        edge = np.flatnonzero(bucket == j)
+        edge = edge[np.lexsort((edge, -probs[edge]))]  # best first, ties by position = by id
+        n = int(np.searchsorted((cum[j - 1] if j else 0.0) + np.cumsum(probs[edge]), top_p, side="left")) + 1
+        keep = np.sort(np.concatenate([np.flatnonzero(bucket < j), edge[:n]]))
+        return keep if ids is None else ids[keep]
 
 
 def _draw(w: np.ndarray, r: float) -> int:
@@ -237,27 +258,3 @@ def _best(x: np.ndarray, k: int) -> np.ndarray:
     if cand is None or cand.shape[0] < k:  # few chunks, or NaN in x
         cand = np.arange(x.shape[0])
     return cand[np.lexsort((cand, -x[cand]))[:k]]
-
-
-def _top_p(x: np.ndarray, ids: np.ndarray | None, top_p: float,
-           scratch: Callable[[str, int, type], np.ndarray]) -> np.ndarray:
-    """Smallest set of the best candidates (ids in increasing order; None: the whole vocabulary)
-    whose probability reaches top_p (at least one; ties ordered by token id), in increasing id
-    order. Only the bucket where the running mass reaches top_p is sorted (_TOP_P_BUCKETS).
-    scratch: Sampler._buffer."""
-    sub = x if ids is None else x[ids]
-    n = sub.shape[0]
-    d = np.subtract(np.max(sub), sub, out=scratch("d", n, np.float64))  # nats below the best (inf: banned)
-    probs = np.exp(np.negative(d, out=scratch("probs", n, np.float64)), out=scratch("probs", n, np.float64))
-    probs /= probs.sum()
-    bucket = scratch("bucket", n, np.intp)
-    np.minimum(d, (_TOP_P_BUCKETS - 1) / _TOP_P_BUCKETS_PER_NAT, out=d)
-    np.multiply(d, _TOP_P_BUCKETS_PER_NAT, out=d)
-    np.copyto(bucket, d, casting="unsafe")  # truncation = floor (d >= 0)
-    cum = np.cumsum(np.bincount(bucket, weights=probs, minlength=_TOP_P_BUCKETS))
-    j = min(int(np.searchsorted(cum, top_p, side="left")), _TOP_P_BUCKETS - 1)
-    edge = np.flatnonzero(bucket == j)
-    edge = edge[np.lexsort((edge, -probs[edge]))]  # best first, ties by position = by id
-    n = int(np.searchsorted((cum[j - 1] if j else 0.0) + np.cumsum(probs[edge]), top_p, side="left")) + 1
-    keep = np.sort(np.concatenate([np.flatnonzero(bucket < j), edge[:n]]))
-    return keep if ids is None else ids[keep]

@@ -46,10 +46,26 @@ static pe_split *split_new(pe_arena *ar, int64_t n_items, int team, int64_t step
     return s;
 }
 
+/* Up to PE_ROWWISE_MAX_TOK tokens through the type's float dot (float weights, and every type on the
+ * exact path): the several-token form where the type has one (groups of rows, each read once for all
+ * the tokens), each token's bits those of dot_f32 alone. */
 static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                        const float *bias, float *y, int64_t ldy, int n_threads) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
+    if (n_tok > 1 && tt->dot_f32_tok) {
+        const int64_t n_groups = (n_out + PE_DOT_F32_ROWS - 1) / PE_DOT_F32_ROWS;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int64_t g = 0; g < n_groups; g++) {
+            const int64_t r0 = g * PE_DOT_F32_ROWS;
+            const int nr = n_out - r0 < PE_DOT_F32_ROWS ? (int)(n_out - r0) : PE_DOT_F32_ROWS;
+            tt->dot_f32_tok(base + r0 * stride, stride, nr, x, ldx, (int)n_tok, n_in, y + r0, ldy);
+            if (bias)
+                for (int64_t t = 0; t < n_tok; t++)
+                    for (int i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+        }
+        return 0;
+    }
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t r = 0; r < n_out; r++)
         for (int64_t t = 0; t < n_tok; t++) {

@@ -77,7 +77,7 @@ static pthread_once_t traits_once = PTHREAD_ONCE_INIT;
 static void traits_init(void) {
     const pe_simd_level level = pe_simd_level_get();
     for (size_t i = 0; i < sizeof traits / sizeof traits[0]; i++) {
-        pe_kernel_set k = {NULL, NULL, NULL, NULL, NULL};
+        pe_kernel_set k = {NULL, NULL, NULL, NULL, NULL, NULL};
         pe_kernels_ref(traits[i].type, &k);
         if (level >= PE_SIMD_AVX2) pe_kernels_avx2(traits[i].type, &k);
         if (level >= PE_SIMD_AVX512) pe_kernels_avx512(traits[i].type, &k);
@@ -86,6 +86,7 @@ static void traits_init(void) {
         traits[i].dot_q8 = k.dot_q8;
         traits[i].quantize_row = k.quantize_row;
         traits[i].dot_q8_tok = k.dot_q8_tok;
+        traits[i].dot_f32_tok = k.dot_f32_tok;
     }
 }
 

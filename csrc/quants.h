@@ -20,6 +20,13 @@ enum pe_type { PE_QUANT_FORMATS(PE_TYPE_ENUM) };
 typedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n);
 /* sum_i row[i] * x[i] over n elements, accumulated in a fixed order (thread-count independent). */
 typedef float (*pe_dot_f32_fn)(const void *row, const float *x, int64_t n);
+/* The most rows a several-token float dot takes per call (below). */
+#define PE_DOT_F32_ROWS 8
+/* dot_f32 of nr (1..PE_DOT_F32_ROWS) rows at rows + r * stride and n_tok tokens x + t * ldx, into
+ * out[t * ldo + r] (a decode step of several sequences): each row is read once for all the tokens,
+ * and each result is bit-identical to dot_f32 of that row and token alone. */
+typedef void (*pe_dot_f32_tok_fn)(const uint8_t *rows, int64_t stride, int nr, const float *x, int64_t ldx,
+                                  int n_tok, int64_t n, float *out, int64_t ldo);
 /* dst = src[0..n) written in the type (n a multiple of blck_size): the KV cache's store. */
 typedef void (*pe_quantize_row_fn)(const float *src, void *dst, int64_t n);
 
@@ -77,6 +84,7 @@ typedef struct {
     pe_dot_q8_fn dot_q8;            /* int8-activation rows kernel (AVX-512 VNNI); NULL when absent */
     pe_quantize_row_fn quantize_row; /* the KV cache types only (F32, F16, BF16, Q8_0); else NULL */
     pe_dot_q8_tok_fn dot_q8_tok;    /* dot_q8 for several tokens at once; NULL: call dot_q8 per token */
+    pe_dot_f32_tok_fn dot_f32_tok;  /* dot_f32 for several tokens (AVX-512 F32/F16/BF16); NULL: dot_f32 per token */
 } pe_type_traits;
 
 /* Traits of a supported type, or NULL. Thread-safe; dispatch is resolved on first use. */

@@ -22,23 +22,95 @@ static inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvte
 
 /* ---- float rows ------------------------------------------------------------------------------ */
 
-#define PE_FLOAT_DOT(name, load16, loadmask)                                                   \
-    static float name(const void *row, const float *x, int64_t n) {                            \
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
-        int64_t i = 0;                                                                         \
-        for (; i + 64 <= n; i += 64) {                                                         \
-            a0 = _mm512_fmadd_ps(load16(row, i), _mm512_loadu_ps(x + i), a0);                  \
-            a1 = _mm512_fmadd_ps(load16(row, i + 16), _mm512_loadu_ps(x + i + 16), a1);        \
-            a2 = _mm512_fmadd_ps(load16(row, i + 32), _mm512_loadu_ps(x + i + 32), a2);        \
-            a3 = _mm512_fmadd_ps(load16(row, i + 48), _mm512_loadu_ps(x + i + 48), a3);        \
-        }                                                                                      \
-        for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load16(row, i), _mm512_loadu_ps(x + i), a0); \
-        if (i < n) {                                                                           \
-            const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);                              \
-            a0 = _mm512_fmadd_ps(loadmask(row, i, m), _mm512_maskz_loadu_ps(m, x + i), a0);    \
-        }                                                                                      \
-        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))); \
+/* One row's dot against T tokens (x + t * ldx), T a constant, per token four accumulators a_j taking
+ * the 16 elements at 64 k + 16 j, then the 16-element chunks and a masked tail into a0, summed
+ * (a0 + a1) + (a2 + a3) and reduced; the register-blocked gemm (gemm_avx512.c) sums in this order too.
+ * A span runs the 64-element steps of [i, end) on the accumulators acc[4 t + j]; with out it then adds
+ * the tail up to n and writes out[t * ldo], else it stores the accumulators back. Each token's
+ * arithmetic depends neither on T nor on how the row is cut into spans, so the several-token form
+ * gives every token the bits of the one-token dot. */
+#define PE_FLOAT_DOT(name, load16, loadmask, esize)                                                    \
+    static inline __attribute__((always_inline)) void name##_span(                                \
+        const void *row, const float *x, int64_t ldx, const int T, int64_t i, int64_t end, int64_t n, \
+        __m512 *acc, float *out, int64_t ldo) {                                                   \
+        __m512 a[4][4];                                                                           \
+        for (int t = 0; t < T; t++)                                                               \
+            for (int j = 0; j < 4; j++) a[t][j] = acc[4 * t + j];                                 \
+        for (; i + 64 <= end; i += 64) {                                                          \
+            const __m512 w0 = load16(row, i), w1 = load16(row, i + 16);                           \
+            const __m512 w2 = load16(row, i + 32), w3 = load16(row, i + 48);                      \
+            for (int t = 0; t < T; t++) {                                                         \
+                const float *xt = x + t * ldx + i;                                                \
+                a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), a[t][0]);                      \
+                a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), a[t][1]);                 \
+                a[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), a[t][2]);                 \
+                a[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), a[t][3]);                 \
+            }                                                                                     \
+        }                                                                                         \
+        if (!out) {                                                                               \
+            for (int t = 0; t < T; t++)                                                           \
+                for (int j = 0; j < 4; j++) acc[4 * t + j] = a[t][j];                             \
+            return;                                                                               \
+        }                                                                                         \
+        for (; i + 16 <= n; i += 16) {                                                            \
+            const __m512 w = load16(row, i);                                                      \
+            for (int t = 0; t < T; t++) a[t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + i), a[t][0]); \
+        }                                                                                         \
+        if (i < n) {                                                                              \
+            const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);                                 \
+            const __m512 w = loadmask(row, i, m);                                                 \
+            for (int t = 0; t < T; t++)                                                           \
+                a[t][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + t * ldx + i), a[t][0]); \
+        }                                                                                         \
+        for (int t = 0; t < T; t++)                                                               \
+            out[t * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]),   \
+                                                              _mm512_add_ps(a[t][2], a[t][3])));  \
+    }                                                                                             \
+    static float name(const void *row, const float *x, int64_t n) {                               \
+        __m512 z[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+        float s;                                                                                  \
+        name##_span(row, x, 0, 1, 0, n, n, z, &s, 0);                                             \
+        return s;                                                                                 \
+    }                                                                                             \
+    static inline __attribute__((always_inline)) void name##_tok_t(                               \
+        const uint8_t *rows, int64_t stride, int nr, const float *x, int64_t ldx, const int T, int64_t n, \
+        float *out, int64_t ldo) {                                                                \
+        __m512 acc[PE_DOT_F32_ROWS][16];                                                          \
+        const int64_t n64 = n / 64 * 64;                                                          \
+        for (int r = 0; r < nr; r++)                                                              \
+            for (int k = 0; k < 4 * T; k++) acc[r][k] = _mm512_setzero_ps();                      \
+        for (int64_t c = 0; c < n64; c += FLOAT_TOK_SPAN) {                                       \
+            const int64_t e = c + FLOAT_TOK_SPAN < n64 ? c + FLOAT_TOK_SPAN : n64;                \
+            for (int r = 0; r < nr; r++) {                                                        \
+                const uint8_t *row = rows + r * stride;                                           \
+                for (int64_t p = e * (esize); p < (e + FLOAT_TOK_SPAN) * (esize) && p < n * (esize); p += 64) \
+                    _mm_prefetch((const char *)row + p, _MM_HINT_T1);                             \
+                name##_span(row, x, ldx, T, c, e, n, acc[r], NULL, 0);                            \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < nr; r++) name##_span(rows + r * stride, x, ldx, T, n64, n64, n, acc[r], out + r, ldo); \
+    }                                                                                             \
+    static void name##_tok(const uint8_t *rows, int64_t stride, int nr, const float *x, int64_t ldx, int n_tok, \
+                           int64_t n, float *out, int64_t ldo) {                                  \
+        for (int t0 = 0; t0 < n_tok; t0 += 4) {                                                   \
+            const float *xt = x + t0 * ldx;                                                       \
+            float *ot = out + t0 * ldo;                                                           \
+            switch (n_tok - t0) {                                                                 \
+            case 1: name##_tok_t(rows, stride, nr, xt, ldx, 1, n, ot, ldo); break;                \
+            case 2: name##_tok_t(rows, stride, nr, xt, ldx, 2, n, ot, ldo); break;                \
+            case 3: name##_tok_t(rows, stride, nr, xt, ldx, 3, n, ot, ldo); break;                \
+            default: name##_tok_t(rows, stride, nr, xt, ldx, 4, n, ot, ldo); break;               \
+            }                                                                                     \
+        }                                                                                         \
     }
+
+/* Several tokens: the rows of a call advance together through spans of this many elements, so each
+ * span of up to four tokens' activations (8 KiB) is read from L1 by all of them, and each row's next
+ * span is prefetched into L2 while the rows work through this one. Four tokens, 256 MiB of rows, two
+ * threads at a ~67 GB/s probe (pyengine-bench-kernels, 2026-12-05): F32 21-23 -> 28 GB/s, F16/BF16
+ * 14-15 -> 20 GB/s of weights against a row and a token at a time; into L1 instead of L2 or two spans
+ * ahead: slower. */
+enum { FLOAT_TOK_SPAN = 512 };
 
 #define LD_F32(r, i) _mm512_loadu_ps((const float *)(r) + (i))
 #define LDM_F32(r, i, m) _mm512_maskz_loadu_ps(m, (const float *)(r) + (i))
@@ -48,9 +120,9 @@ static inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvte
 #define LD_BF16(r, i) BF16_WIDEN(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(r) + (i))))
 #define LDM_BF16(r, i, m) BF16_WIDEN(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(r) + (i)))
 
-PE_FLOAT_DOT(dot_f32, LD_F32, LDM_F32)
-PE_FLOAT_DOT(dot_f16, LD_F16, LDM_F16)
-PE_FLOAT_DOT(dot_bf16, LD_BF16, LDM_BF16)
+PE_FLOAT_DOT(dot_f32, LD_F32, LDM_F32, 4)
+PE_FLOAT_DOT(dot_f16, LD_F16, LDM_F16, 2)
+PE_FLOAT_DOT(dot_bf16, LD_BF16, LDM_BF16, 2)
 
 static void dequant_bf16(const void *src, float *dst, int64_t n) {
     int64_t i = 0;
@@ -287,9 +359,13 @@ static float dot_q4_k(const void *row, const float *x, int64_t n) {
 void pe_kernels_avx512(int type, pe_kernel_set *k) {
     for (int e = 0; e < 256; e++) e8m0_half[e] = half_scale((uint8_t)e);
     switch (type) {
-    case PE_TYPE_F32: k->dot_f32 = dot_f32; break;
-    case PE_TYPE_F16: k->dequant_row = dequant_f16, k->dot_f32 = dot_f16, k->quantize_row = quant_f16; break;
-    case PE_TYPE_BF16: k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16, k->quantize_row = quant_bf16; break;
+    case PE_TYPE_F32: k->dot_f32 = dot_f32, k->dot_f32_tok = dot_f32_tok; break;
+    case PE_TYPE_F16:
+        k->dequant_row = dequant_f16, k->dot_f32 = dot_f16, k->dot_f32_tok = dot_f16_tok, k->quantize_row = quant_f16;
+        break;
+    case PE_TYPE_BF16:
+        k->dequant_row = dequant_bf16, k->dot_f32 = dot_bf16, k->dot_f32_tok = dot_bf16_tok, k->quantize_row = quant_bf16;
+        break;
     case PE_TYPE_Q4_0: k->dequant_row = dequant_q4_0, k->dot_f32 = dot_q4_0; break;
     case PE_TYPE_Q4_1: k->dequant_row = dequant_q4_1, k->dot_f32 = dot_q4_1; break;
     case PE_TYPE_Q5_0: k->dequant_row = dequant_q5_0, k->dot_f32 = dot_q5_0; break;

@@ -97,6 +97,7 @@ typedef struct {
     pe_dot_q8_fn dot_q8;
     pe_quantize_row_fn quantize_row;
     pe_dot_q8_tok_fn dot_q8_tok;
+    pe_dot_f32_tok_fn dot_f32_tok; /* a level that sets dot_f32 sets this too (its bits), or NULL */
 } pe_kernel_set;
 
 /* The AVX-512 VNNI int8 rows kernel of a type, or NULL: Q8_0, Q4_0, MXFP4 in dot_q8_avx512.c, the

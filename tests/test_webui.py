@@ -225,6 +225,13 @@ def finished(driver) -> bool:
     return by_id(driver, "stop").get_attribute("disabled") is not None
 
 
+def next_frames(driver, n: int = 2) -> None:
+    """Return after the page has drawn n more animation frames (where a scheduled redraw would run)."""
+    driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; let n = arguments[0];"
+        "const tick = () => (--n > 0 ? requestAnimationFrame(tick) : done()); requestAnimationFrame(tick);", n)
+
+
 @pytest.fixture(scope="module")
 def demo_node(tmp_path_factory):
     """The CLI's node on the demo model: one slot, 2048 tokens of context, one thread."""
@@ -403,9 +410,14 @@ def test_reasoning_is_folded_and_markdown_never_becomes_html(browser, scripted_n
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
     browser.execute_script("document.getElementById('tools').value = arguments[0]", json.dumps(tools))
+    # animation frames 0.2 s apart, so a draw the stream scheduled is still pending when the reply
+    # finishes: the final draw must drop it, or it rebuilds the tool calls under the test's feet
+    browser.execute_script("window.requestAnimationFrame = (f) => setTimeout(f, 200);"
+                           "window.cancelAnimationFrame = (id) => clearTimeout(id);")
     say(browser, "weather?")
     wait_for(lambda: len(replies(browser)) == 2 and finished(browser), 20, "the tool call")
     call = replies(browser)[1].find_element("css selector", ".tool-call")
+    next_frames(browser)
     assert call.find_element("css selector", ".tool-name").text == "tool call: get_weather"
     assert json.loads(call.find_element("tag name", "pre").text) == {"city": "Köln"}
     assert backend.last_tools == [tools[0]["function"]]

@@ -136,7 +136,7 @@
       this.meta = document.createElement("div");
       this.meta.className = "meta";
       this.root.append(this.details, this.toolBox, this.answer, this.meta);
-      this.pending = false;
+      this.frame = 0;  // a draw scheduled for the next animation frame, or 0
     }
 
     add(delta) {
@@ -150,14 +150,14 @@
         if (tc.function && tc.function.name) call.function.name += tc.function.name;
         if (tc.function && tc.function.arguments) call.function.arguments += tc.function.arguments;
       }
-      if (!this.pending) {
-        this.pending = true;
-        requestAnimationFrame(() => this.draw());
-      }
+      if (!this.frame) this.frame = requestAnimationFrame(() => this.draw());
     }
 
+    // Draws now and drops a scheduled draw: after the final draw of a finished reply nothing
+    // redraws it (a leftover frame used to rebuild the tool calls once more).
     draw() {
-      this.pending = false;
+      cancelAnimationFrame(this.frame);
+      this.frame = 0;
       this.details.hidden = !this.reasoning;
       this.reasoningText.textContent = this.reasoning;
       this.toolBox.replaceChildren(...this.calls.filter(Boolean).map((c) => {

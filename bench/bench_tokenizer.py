@@ -96,5 +96,6 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         print(f"{label}, 201088 logits: median {statistics.median(times) * 1e3:.2f} ms")
 
+
 if __name__ == "__main__":
     main()

@@ -46,6 +46,14 @@ static pe_split *split_new(pe_arena *ar, int64_t n_items, int team, int64_t step
     return s;
 }
 
+/* y[t * ldy + i] += bias[i] for n_tok tokens and nr outputs (nothing when bias is NULL): the bias added
+ * after a product that left it out, the same single rounding as adding it to each dot. */
+static void add_bias(float *y, int64_t ldy, int64_t n_tok, const float *bias, int64_t nr) {
+    if (!bias) return;
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
+}
+
 /* Up to PE_ROWWISE_MAX_TOK tokens through the type's float dot (float weights, and every type on the
  * exact path): the several-token form where the type has one (groups of rows, each read once for all
  * the tokens), each token's bits those of dot_f32 alone. */
@@ -60,9 +68,7 @@ static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, 
             const int64_t r0 = g * PE_DOT_F32_ROWS;
             const int nr = n_out - r0 < PE_DOT_F32_ROWS ? (int)(n_out - r0) : PE_DOT_F32_ROWS;
             tt->dot_f32_tok(base + r0 * stride, stride, nr, x, ldx, (int)n_tok, n_in, y + r0, ldy);
-            if (bias)
-                for (int64_t t = 0; t < n_tok; t++)
-                    for (int i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+            add_bias(y + r0, ldy, n_tok, bias ? bias + r0 : NULL, nr);
         }
         return 0;
     }
@@ -118,9 +124,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
                 for (int64_t i = 0; i < nr; i++) dequant(base + (r0 + i) * stride, tile + i * n_in, n_in);
                 if (gemm) {
                     gemm(tile, n_in, nr, x, ldx, n_tok, n_in, y + r0, ldy, tile + tile_floats);
-                    if (bias)
-                        for (int64_t t = 0; t < n_tok; t++)
-                            for (int64_t i = 0; i < nr; i++) y[t * ldy + r0 + i] += bias[r0 + i];
+                    add_bias(y + r0, ldy, n_tok, bias ? bias + r0 : NULL, nr);
                     continue;
                 }
                 for (int64_t t = 0; t < n_tok; t++) {
@@ -165,9 +169,7 @@ static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const p
             rows_group(w, tile + g * w->row_stride, nr - g < per ? nr - g : per, xq + t0,
                        n_tok - t0 < PE_ROWWISE_MAX_TOK ? (int)(n_tok - t0) : PE_ROWWISE_MAX_TOK, y + t0 * ldy + g, ldy,
                        pf);
-    if (bias)
-        for (int64_t t = 0; t < n_tok; t++)
-            for (int i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
+    add_bias(y, ldy, n_tok, bias, nr);
 }
 
 /* More tokens with int8 activations: every token quantized once, then threads take tiles of 16 rows,
@@ -315,9 +317,7 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                 }
                 rows_group(w, group_rows(b, g - first[j]), nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok,
                            b->y + r0, b->ldy, pf);
-                if (b->bias)
-                    for (int64_t t = 0; t < b->n_tok; t++)
-                        for (int i = 0; i < nr; i++) b->y[t * b->ldy + r0 + i] += b->bias[r0 + i];
+                add_bias(b->y + r0, b->ldy, b->n_tok, b->bias ? b->bias + r0 : NULL, nr);
             }
     }
     pe_arena_release(ar, mark);

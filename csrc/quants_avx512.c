@@ -28,25 +28,39 @@ static inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvte
  * A span runs the 64-element steps of [i, end) on the accumulators acc[4 t + j]; with out it then adds
  * the tail up to n and writes out[t * ldo], else it stores the accumulators back. Each token's
  * arithmetic depends neither on T nor on how the row is cut into spans, so the several-token form
- * gives every token the bits of the one-token dot. */
-#define PE_FLOAT_DOT(name, load16, loadmask, esize)                                                    \
+ * gives every token the bits of the one-token dot.
+ * One token (decode) takes FLOAT_ONE_UNROLL steps per loop pass and loads an F16 row into a register
+ * before converting it (load16_one): the same sums in the same order, but on Zen 4 the one-row loop
+ * of 64 elements a pass with vcvtph2ps reading memory streamed F16 at 63-70 % of the bandwidth
+ * probe, BF16 at 75-85 % and F32 at 71-86 %; four steps a pass and the F16 load apart read 90-94 %,
+ * 91-97 % and 81-89 % (pyengine-bench-kernels, 2 threads, ~66 GB/s probes, paired runs,
+ * bench/RESULTS.md 2026-12-05). Several tokens keep one step a pass and the folded F16 load. */
+enum { FLOAT_ONE_UNROLL = 4 };
+#define PE_FLOAT_DOT(name, load16, load16_one, loadmask, esize)                                   \
+    static inline __attribute__((always_inline)) void name##_step(                                \
+        const void *row, const float *x, int64_t ldx, const int T, int64_t i, __m512 a[][4]) {    \
+        const __m512 w0 = T == 1 ? load16_one(row, i) : load16(row, i);                           \
+        const __m512 w1 = T == 1 ? load16_one(row, i + 16) : load16(row, i + 16);                 \
+        const __m512 w2 = T == 1 ? load16_one(row, i + 32) : load16(row, i + 32);                 \
+        const __m512 w3 = T == 1 ? load16_one(row, i + 48) : load16(row, i + 48);                 \
+        for (int t = 0; t < T; t++) {                                                             \
+            const float *xt = x + t * ldx + i;                                                    \
+            a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), a[t][0]);                          \
+            a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), a[t][1]);                     \
+            a[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), a[t][2]);                     \
+            a[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), a[t][3]);                     \
+        }                                                                                         \
+    }                                                                                             \
     static inline __attribute__((always_inline)) void name##_span(                                \
         const void *row, const float *x, int64_t ldx, const int T, int64_t i, int64_t end, int64_t n, \
         __m512 *acc, float *out, int64_t ldo) {                                                   \
         __m512 a[4][4];                                                                           \
         for (int t = 0; t < T; t++)                                                               \
             for (int j = 0; j < 4; j++) a[t][j] = acc[4 * t + j];                                 \
-        for (; i + 64 <= end; i += 64) {                                                          \
-            const __m512 w0 = load16(row, i), w1 = load16(row, i + 16);                           \
-            const __m512 w2 = load16(row, i + 32), w3 = load16(row, i + 48);                      \
-            for (int t = 0; t < T; t++) {                                                         \
-                const float *xt = x + t * ldx + i;                                                \
-                a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), a[t][0]);                      \
-                a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), a[t][1]);                 \
-                a[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), a[t][2]);                 \
-                a[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), a[t][3]);                 \
-            }                                                                                     \
-        }                                                                                         \
+        if (T == 1)                                                                               \
+            for (; i + 64 * FLOAT_ONE_UNROLL <= end; i += 64 * FLOAT_ONE_UNROLL)                  \
+                for (int u = 0; u < FLOAT_ONE_UNROLL; u++) name##_step(row, x, ldx, T, i + 64 * u, a); \
+        for (; i + 64 <= end; i += 64) name##_step(row, x, ldx, T, i, a);                         \
         if (!out) {                                                                               \
             for (int t = 0; t < T; t++)                                                           \
                 for (int j = 0; j < 4; j++) acc[4 * t + j] = a[t][j];                             \
@@ -114,15 +128,23 @@ enum { FLOAT_TOK_SPAN = 512 };
 
 #define LD_F32(r, i) _mm512_loadu_ps((const float *)(r) + (i))
 #define LDM_F32(r, i, m) _mm512_maskz_loadu_ps(m, (const float *)(r) + (i))
+/* 16 halves loaded into a register that the compiler may not fold into the next instruction's
+ * memory operand (the empty asm says the register changed), for vcvtph2ps from a register. */
+static inline __m256i load_opaque(const void *p) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    __asm__("" : "+v"(v));
+    return v;
+}
 #define LD_F16(r, i) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(r) + (i))))
+#define LD_F16_REG(r, i) _mm512_cvtph_ps(load_opaque((const uint16_t *)(r) + (i)))
 #define LDM_F16(r, i, m) _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(r) + (i)))
 #define BF16_WIDEN(v) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
 #define LD_BF16(r, i) BF16_WIDEN(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(r) + (i))))
 #define LDM_BF16(r, i, m) BF16_WIDEN(_mm256_maskz_loadu_epi16(m, (const uint16_t *)(r) + (i)))
 
-PE_FLOAT_DOT(dot_f32, LD_F32, LDM_F32, 4)
-PE_FLOAT_DOT(dot_f16, LD_F16, LDM_F16, 2)
-PE_FLOAT_DOT(dot_bf16, LD_BF16, LDM_BF16, 2)
+PE_FLOAT_DOT(dot_f32, LD_F32, LD_F32, LDM_F32, 4)
+PE_FLOAT_DOT(dot_f16, LD_F16, LD_F16_REG, LDM_F16, 2)
+PE_FLOAT_DOT(dot_bf16, LD_BF16, LD_BF16, LDM_BF16, 2)
 
 static void dequant_bf16(const void *src, float *dst, int64_t n) {
     int64_t i = 0;

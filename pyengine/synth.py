@@ -10,7 +10,8 @@ by the converter's writer, like demo-model; `--layers` cuts the depth for quicke
 `mix="q4_k_m"` (`--mix q4_k_m`) writes the type layout of the "Q4_K_M" gpt-oss files people run
 instead (Q4_K attn_output, Q5_0 / Q8_0 other matrices, the same MXFP4 experts: see MIXES); its Q4_K
 matrices are drawn as finished blocks (random codes, scales that give the same spread), since
-gguf.quants cannot quantize Q4_K.
+gguf.quants cannot quantize Q4_K. `mix="f16"` writes the "F16" files' layout: F16 attention,
+embeddings and output around the same MXFP4 experts.
 
 `fast=True` (`pyengine synth --fast`) writes the same shapes and types in seconds rather than
 minutes, for a device check that cannot wait: layer 0's tensors are drawn once and repeated in
@@ -123,9 +124,11 @@ def synthetic_tokenizer(n_normal: int, n_special: int, template: str | None = No
 # q4_k_m: unsloth's "Q4_K_M" gpt-oss files, per tensor what llama.cpp's quantizer gives (docs/gpt-oss.md):
 # Q4_K where a row is a multiple of 256 values (attn_output, 4096 wide), else its 32-block fallback
 # Q5_0; Q6_K (output, and attn_v in the layers use_more_bits picks) falls back to Q8_0; experts
-# stay MXFP4, norms/biases/router F32. general.file_type says which (38 MXFP4_MOE, 15 Q4_K_M).
-MIXES = ("mxfp4", "q4_k_m")
-_MIX_FILE_TYPE = {"q4_k_m": 15}
+# stay MXFP4, norms/biases/router F32. f16: the "F16" gpt-oss files (unsloth's): F16 attention,
+# embeddings and output, the same MXFP4 experts. general.file_type says which (38 MXFP4_MOE,
+# 15 Q4_K_M, 1 MOSTLY_F16).
+MIXES = ("mxfp4", "q4_k_m", "f16")
+_MIX_FILE_TYPE = {"q4_k_m": 15, "f16": 1}
 _K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}
 
 
@@ -175,7 +178,7 @@ def random_blocks(t: PlannedTensor, rng: np.random.Generator) -> np.ndarray:
 
 
 class _Replan:
-    """write_gguf's replan for a mix and mode: retypes tensors for the q4_k_m mix, and draws as
+    """write_gguf's replan for a mix and mode: retypes tensors for the q4_k_m and f16 mixes, and draws as
     finished blocks (random_blocks) every Q4_K matrix (gguf.quants cannot quantize Q4_K) and, with
     fast, every quantized matrix, layer 0's bytes then serving every layer (per type: attn_v's
     type varies by layer in q4_k_m). The rest is quantized from RandomWeights' floats."""
@@ -187,6 +190,8 @@ class _Replan:
     def __call__(self, t: PlannedTensor) -> PlannedTensor:
         if self.mix == "q4_k_m":
             t = dataclasses.replace(t, qtype=q4_k_m_type(t, self.n_layer))
+        elif self.mix == "f16" and t.qtype == QT.Q8_0:
+            t = dataclasses.replace(t, qtype=QT.F16)
         if t.qtype != QT.Q4_K and not (self.fast and t.qtype in (QT.Q8_0, QT.Q5_0, QT.MXFP4)):
             return t
         key = (re.sub(r"^blk\.\d+\.", "blk.0.", t.name), t.qtype)

@@ -1,6 +1,7 @@
 """`pyengine synth --mix q4_k_m`: the per-tensor types of unsloth's "Q4_K_M" gpt-oss files (at the
 20b shape: F32 289, Q5_0 61, Q8_0 13, Q4_K 24, MXFP4 72), random blocks with the intended spread,
-and a file that pyengine and (when llama_cpp is importable) llama.cpp both load and decode alike."""
+and a file that pyengine and (when llama_cpp is importable) llama.cpp both load and decode alike.
+`--mix f16`: the "F16" files' types (F16 where the default mix has Q8_0), decoded alike too."""
 
 import subprocess
 import sys
@@ -70,6 +71,42 @@ def test_q4_k_m_file_loads_and_decodes(tmp_path, fast):
     llm.eval(tokens)
     theirs = np.asarray(llm.scores[: len(tokens)]).reshape(exact.shape)
     assert llama_cpp.__version__ and rms(theirs) < 0.05  # llama.cpp's int8 activations: ~1 % here
+
+
+def test_f16_plan_is_the_default_with_f16_for_q8_0():
+    default, f16 = planned_types("gpt-oss-20b", "mxfp4"), planned_types("gpt-oss-20b", "f16")
+    assert default.keys() == f16.keys()
+    assert {n: (QT.F16 if t == QT.Q8_0 else t) for n, t in default.items()} == f16
+    assert Counter(t.name for t in f16.values()) == {"F32": 289, "F16": 98, "MXFP4": 72}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_f16_file_loads_and_decodes(tmp_path, fast):
+    path = write_synth_model(tmp_path / "h.gguf", "tiny", fast=fast, mix="f16", arch_name="gpt-oss", seed=5)
+    mf = open_model(path)
+    types = {n: type_name(t.ggml_type) for n, t in mf.raw_tensors.items()}
+    for name in ("token_embd.weight", "output.weight", "blk.1.attn_q.weight", "blk.0.attn_output.weight"):
+        assert types[name] == "F16", name
+    assert {types[n] for n in types if "_exps.weight" in n} == {"MXFP4"}
+    assert mf.metadata["general.file_type"] == 1
+    k = mf.tensors["blk.0.attn_k.weight"]
+    values = dequantize(np.asarray(k.data), k.ggml_type)
+    assert abs(values.std() - 64 ** -0.5) < 0.15 * 64 ** -0.5
+
+    eng = Engine(mf, n_ctx=32, n_threads=1, exact=True)
+    tokens = np.random.default_rng(2).integers(0, eng.n_vocab, 6).tolist()
+    exact = eng.logits(tokens)
+    default = Engine(mf, n_ctx=32, n_threads=1).logits(tokens)
+    assert np.isfinite(exact).all() and exact.std() > 0.1
+    rms = lambda other: float(np.sqrt(np.mean((other - exact) ** 2)) / exact.std())  # noqa: E731
+    assert rms(default) < 0.05  # int8 activations reach only the MXFP4 experts here
+
+    pytest.importorskip("llama_cpp")
+    from pyengine.llama_cpp_peer import open_llama
+
+    llm = open_llama(path, n_ctx=32, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    assert rms(np.asarray(llm.scores[: len(tokens)]).reshape(exact.shape)) < 0.05
 
 
 def test_cli_mix_flag(tmp_path):

@@ -54,33 +54,6 @@ static void add_bias(float *y, int64_t ldy, int64_t n_tok, const float *bias, in
         for (int64_t i = 0; i < nr; i++) y[t * ldy + i] += bias[i];
 }
 
-/* Up to PE_ROWWISE_MAX_TOK tokens through the type's float dot (float weights, and every type on the
- * exact path): the several-token form where the type has one (groups of rows, each read once for all
- * the tokens), each token's bits those of dot_f32 alone. */
-static int matmul_rows(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
-                       const float *bias, float *y, int64_t ldy, int n_threads) {
-    const pe_type_traits *tt = pe_type_traits_get(w->type);
-    const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    if (n_tok > 1 && tt->dot_f32_tok) {
-        const int64_t n_groups = (n_out + PE_DOT_F32_ROWS - 1) / PE_DOT_F32_ROWS;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int64_t g = 0; g < n_groups; g++) {
-            const int64_t r0 = g * PE_DOT_F32_ROWS;
-            const int nr = n_out - r0 < PE_DOT_F32_ROWS ? (int)(n_out - r0) : PE_DOT_F32_ROWS;
-            tt->dot_f32_tok(base + r0 * stride, stride, nr, x, ldx, (int)n_tok, n_in, y + r0, ldy);
-            add_bias(y + r0, ldy, n_tok, bias ? bias + r0 : NULL, nr);
-        }
-        return 0;
-    }
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t r = 0; r < n_out; r++)
-        for (int64_t t = 0; t < n_tok; t++) {
-            float s = tt->dot_f32(base + r * stride, x + t * ldx, n_in);
-            y[t * ldy + r] = bias ? s + bias[r] : s;
-        }
-    return 0;
-}
-
 /* The register-blocked kernel for this CPU, or NULL: then each output is one F32 dot_f32 (the same
  * summation order, only slower). */
 static pe_gemm_f32_fn gemm_f32_get(void) {
@@ -141,8 +114,22 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
     return 0;
 }
 
-/* Rows per call of the int8 rows kernel: a group of the R16 layout, or PE_DOT_Q8_ROWS. */
-static int64_t rows_per_group(const pe_weight *w) { return w->layout == PE_LAYOUT_R16 ? PE_R16_ROWS : PE_DOT_Q8_ROWS; }
+/* Whether a product of up to PE_ROWWISE_MAX_TOK tokens takes the int8 rows kernel (else the float dot). */
+static int int8_rows(const pe_weight *w) {
+    if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get();
+    return w->int8_act && pe_type_traits_get(w->type)->dot_q8;
+}
+
+/* Whether a product of up to PE_ROWWISE_MAX_TOK tokens runs row-wise in pe_matmul_many's one pass:
+ * through the int8 rows kernel, or through the float dot (every type has one) in the file's layout. */
+static int rowwise(const pe_weight *w) { return int8_rows(w) || w->layout == PE_LAYOUT_ROWS; }
+
+/* Rows per call of the row-wise kernels: a group of the R16 layout, PE_DOT_Q8_ROWS for the int8
+ * kernels, PE_DOT_F32_ROWS for the float dot. */
+static int64_t rows_per_group(const pe_weight *w) {
+    if (w->layout == PE_LAYOUT_R16) return PE_R16_ROWS;
+    return int8_rows(w) ? PE_DOT_Q8_ROWS : PE_DOT_F32_ROWS;
+}
 
 /* y[t * ldy + i] = row i . token t for nr rows (at most rows_per_group) and n tokens (at most
  * PE_ROWWISE_MAX_TOK), no bias: R16's kernel, or the several-token form (the rows decoded once for
@@ -156,6 +143,20 @@ static void rows_group(const pe_weight *w, const uint8_t *rows, int nr, const pe
     else if (n > 1 && tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, nr, xa, n, w->n_in, y, ldy);
     else
         for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, y + t * ldy);
+}
+
+/* The same through the type's float dot (float weights, and every type on the exact path), x[t * ldx]:
+ * the several-token form where the type has one (the rows read once for all the tokens), else
+ * dot_f32 per row and token; each token's bits those of dot_f32 alone. */
+static void float_group(const pe_weight *w, const uint8_t *rows, int nr, const float *x, int64_t ldx, int n, float *y,
+                        int64_t ldy) {
+    const pe_type_traits *tt = pe_type_traits_get(w->type);
+    if (n > 1 && tt->dot_f32_tok) {
+        tt->dot_f32_tok(rows, w->row_stride, nr, x, ldx, n, w->n_in, y, ldy);
+        return;
+    }
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < nr; i++) y[t * ldy + i] = tt->dot_f32(rows + i * w->row_stride, x + t * ldx, w->n_in);
 }
 
 /* A tile of 16 rows times n_tok tokens through the int8 rows kernel, 8 tokens a call (each group of
@@ -223,12 +224,6 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
     return 0;
 }
 
-/* Whether a product of up to PE_ROWWISE_MAX_TOK tokens takes the int8 rows kernel. */
-static int int8_rows(const pe_weight *w) {
-    if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get();
-    return w->int8_act && pe_type_traits_get(w->type)->dot_q8;
-}
-
 /* Threads worth waking for `work` multiply-adds (at most n_threads, at least 1). */
 static int threads_for(int64_t work, int n_threads) {
     if (n_threads > work / PE_MIN_WORK_PER_THREAD) n_threads = (int)(work / PE_MIN_WORK_PER_THREAD);
@@ -255,7 +250,7 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     int fused = n_jobs > 0;
     int64_t work = 0, n_groups = 0;
     for (int j = 0; j < n_jobs; j++) {
-        fused &= jobs[j].n_tok <= PE_ROWWISE_MAX_TOK && int8_rows(jobs[j].w);
+        fused &= jobs[j].n_tok <= PE_ROWWISE_MAX_TOK && rowwise(jobs[j].w);
         work += jobs[j].w->n_out * jobs[j].w->n_in * jobs[j].n_tok;
     }
     if (!fused) {
@@ -272,10 +267,12 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     int *act_of = pe_arena_alloc(ar, sizeof(int) * (size_t)n_jobs);            /* each job's activations */
     pe_act_q8 *acts = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_jobs * PE_ROWWISE_MAX_TOK);
     if (!first || !act_of || !acts) goto fail;
-    /* each distinct input quantized once, serially (the result does not depend on the thread count) */
+    /* each distinct input of the int8 jobs quantized once, serially (the result does not depend on the
+     * thread count); the float jobs read x as it is */
     for (int j = 0, n_act = 0; j < n_jobs; j++) {
         const pe_matmul_job *b = &jobs[j];
         act_of[j] = -1;
+        if (!int8_rows(b->w)) continue;
         for (int k = 0; k < j && act_of[j] < 0; k++)
             if (jobs[k].x == b->x && jobs[k].ldx == b->ldx && jobs[k].n_tok == b->n_tok && jobs[k].w->n_in == b->w->n_in)
                 act_of[j] = act_of[k];
@@ -315,8 +312,11 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                     if (jobs[jp].w->layout == PE_LAYOUT_R16 && jobs[jp].w->n_in == w->n_in)
                         pf = group_rows(&jobs[jp], gp - first[jp]);
                 }
-                rows_group(w, group_rows(b, g - first[j]), nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK], (int)b->n_tok,
-                           b->y + r0, b->ldy, pf);
+                if (act_of[j] < 0)
+                    float_group(w, group_rows(b, g - first[j]), nr, b->x, b->ldx, (int)b->n_tok, b->y + r0, b->ldy);
+                else
+                    rows_group(w, group_rows(b, g - first[j]), nr, &acts[act_of[j] * PE_ROWWISE_MAX_TOK],
+                               (int)b->n_tok, b->y + r0, b->ldy, pf);
                 add_bias(b->y + r0, b->ldy, b->n_tok, b->bias ? b->bias + r0 : NULL, nr);
             }
     }
@@ -332,13 +332,12 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
     const uint8_t *base = w->data + expert * w->expert_stride;
     if (n_tok <= 0) return 0;
     n_threads = threads_for(w->n_out * w->n_in * n_tok, n_threads);
-    if (n_tok <= PE_ROWWISE_MAX_TOK && int8_rows(w)) {
+    if (n_tok <= PE_ROWWISE_MAX_TOK && rowwise(w)) {
         const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
         return pe_matmul_many(&job, 1, n_threads);
     }
     if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
         return w->int8_act && pe_r16_dot_get() ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
-    if (n_tok <= PE_ROWWISE_MAX_TOK) return matmul_rows(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     if (w->int8_act && (pe_gemm_q8_supported(w->type) || int8_rows(w)))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

@@ -24,13 +24,13 @@ typedef struct {
 enum { PE_LAYOUT_ROWS = 0, PE_LAYOUT_R16 = 1 };
 
 /* y[t*ldy + r] = dot(row r of expert `expert`, x[t*ldx ...]) + (bias ? bias[r] : 0),
- * for t < n_tok, r < n_out. One token (two, for types with a fast fused dot): the type's fused dot;
- * more: tiles of rows dequantized once to f32 and multiplied by every token with a register-blocked
- * kernel (gemm.h) that sums exactly as the F32 dot_f32 does, so F32 weights give the same bits
- * batched or one token at a time. With w->int8_act set and a type that has a dot_q8 kernel (Q8_0,
- * Q4_0, MXFP4), the row-wise path (up to 8 tokens) first quantizes each token's x once with
- * pe_quantize_row_q8 and then uses dot_q8, as llama.cpp does (not bit-identical to the f32
- * path). Returns 0, or -1 when scratch memory cannot be allocated. */
+ * for t < n_tok, r < n_out. Up to 8 tokens (decode): row-wise, as one job of pe_matmul_many, through
+ * the type's float dot; more: tiles of rows dequantized once to f32 and multiplied by every token
+ * with a register-blocked kernel (gemm.h) that sums exactly as the F32 dot_f32 does, so F32 weights
+ * give the same bits batched or one token at a time. With w->int8_act set and a type that has
+ * int8 kernels, each token's x is first quantized once (pe_act_q8_quantize) and the int8 kernels
+ * take it, as llama.cpp does (not bit-identical to the f32 path). Returns 0, or -1 when scratch
+ * memory cannot be allocated. */
 int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
               const float *bias, float *y, int64_t ldy, int n_threads);
 
@@ -49,10 +49,12 @@ typedef struct {
 } pe_matmul_job;
 
 /* Every job's product, each bit-identical to pe_matmul on its own. When every job has at most 8
- * tokens and int8 kernels (decode: q|k|v of a layer, the experts' gate|up, their down), they run as
- * one pass: each distinct x is quantized once and one thread team takes the row groups of all jobs
- * (one parallel region instead of one per product, and no repeated quantization of a shared
- * input). Otherwise one pe_matmul per job. Returns 0, or -1 when scratch memory runs out. */
+ * tokens (decode: q|k|v of a layer, the experts' gate|up, their down), they run as one pass: each
+ * distinct x of the jobs with int8 kernels is quantized once (float weights and the exact path read
+ * x as it is) and one thread team takes the row groups of all jobs, contiguous runs per thread with
+ * the end of a slow thread's run taken over (one parallel region instead of one per product, and
+ * no repeated quantization of a shared input). Otherwise one pe_matmul per job. Returns 0, or -1
+ * when scratch memory runs out. */
 int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads);
 
 #endif

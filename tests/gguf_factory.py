@@ -95,7 +95,10 @@ def _encode(a: np.ndarray, qtype: QT) -> tuple[np.ndarray, np.ndarray]:
     return raw, dequantize(raw, qtype).reshape(a.shape).astype(np.float32)
 
 
-def _tensor_type(name: str, wtype: str, expert_type: str) -> QT:
+def _tensor_type(name: str, wtype: str, expert_type: str, overrides: dict[str, str] | None = None) -> QT:
+    for suffix, t in (overrides or {}).items():
+        if name.endswith(suffix):
+            return TYPES[t]
     if name.endswith("_exps.weight"):
         return TYPES[expert_type]
     if name.endswith((".bias", "norm.weight")) or "sinks" in name or "gate_inp" in name:
@@ -119,7 +122,8 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
                       drop_keys: tuple[str, ...] = (), drop_tensors: tuple[str, ...] = (),
                       tie_output: bool = False, with_tokenizer: bool = False, n_merges: int = 50, write_ff_key: bool | None = None,
                       extra_keys: dict | None = None, split_max_tensors: int = 0,
-                      name: str = "gpt-oss-tiny", **dim_overrides: int) -> dict[str, np.ndarray]:
+                      name: str = "gpt-oss-tiny", type_overrides: dict[str, str] | None = None,
+                      **dim_overrides: int) -> dict[str, np.ndarray]:
     """Write a random small gpt-oss GGUF file and return the float32 weights it represents.
 
     arch: "gptoss" or "gpt-oss" (key prefix follows). layout: one of LAYOUTS. wtype: type of the
@@ -130,7 +134,9 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
     embedding). write_ff_key: write expert_feed_forward_length (default: not for Ollama layouts,
     which never write it). split_max_tensors > 0 writes NAME-0000i-of-0000N.gguf shards instead.
     with_tokenizer: write gpt2-style tokenizer keys (n_vocab tokens, token_type, n_merges merges).
-    dim_overrides: see dims()."""
+    type_overrides: {name suffix: type} for the tensors whose canonical name ends so (e.g.
+    {"attn_q.weight": "f16"}: a file mixing kinds within q|k|v; llama.cpp layout). dim_overrides:
+    see dims()."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
     d = dims(**dim_overrides)
@@ -177,7 +183,7 @@ def write_gptoss_gguf(path: str | Path, *, arch: str = "gptoss", layout: str = "
         fname = cname
         if part in out_names:
             fname = cname[: -len(part)] + out_names[part]
-        put(fname, cname, a, _tensor_type(cname, wtype, expert_type))
+        put(fname, cname, a, _tensor_type(cname, wtype, expert_type, type_overrides))
     if gen1:
         for i in range(d["n_layer"]):
             if f"blk.{i}.attn_q.weight" not in drop_tensors:

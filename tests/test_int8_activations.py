@@ -15,6 +15,7 @@ import gguf_factory
 import pyengine._quants as Q
 from pyengine import _model as K
 from pyengine.engine import Engine
+from pyengine.gguf_reader import type_name
 from pyengine.model_file import open_model
 from test_quants import SIZES, T, act_values, random_blocks, reference
 
@@ -160,15 +161,18 @@ def q8_round_trip(x):
     return (d * (q + away((v - q) * 254) / 254)).reshape(x.shape)
 
 
-def hf_with_q8_activations(model):
+def hf_with_q8_activations(model, float_projections=()):
     """transformers' model with every input of a Q8_0 / MXFP4 weight (attention projections, the
     output head, the experts) rounded through Q8_0 first: what int8_activations computes, in the
-    model's dtype. The router (F32 in these files) keeps its float input."""
+    model's dtype. The router (F32 in these files) keeps its float input, and so do the attention
+    projections named in float_projections ("q_proj", ...: float weights in the file)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     for layer in model.model.layers:
-        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
-            lin.register_forward_pre_hook(lambda mod, args: (q8_round_trip(args[0]),) + args[1:])
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if name not in float_projections:
+                getattr(layer.self_attn, name).register_forward_pre_hook(
+                    lambda mod, args: (q8_round_trip(args[0]),) + args[1:])
         assert isinstance(layer.mlp.experts, GptOssExperts)
         layer.mlp.experts.forward = _q8_experts_forward.__get__(layer.mlp.experts)
     model.lm_head.register_forward_pre_hook(lambda mod, args: (q8_round_trip(args[0]),) + args[1:])
@@ -216,6 +220,30 @@ def test_int8_logits_match_transformers_float64(model):
     assert err_on <= 3e-3
     assert rel(got_on, exact) <= 1e-2
     assert not np.array_equal(got_on, got_off)
+
+
+def test_float_and_int8_products_in_one_pass(tmp_path):
+    """q|k|v run as one pass of row groups (pe_matmul_many); with an F16 attn_q among Q8_0 k and v
+    the pass mixes the float dot (q reads x as it is) and the int8 kernels (k, v share one quantized
+    x): the logits match transformers with exactly those inputs rounded, and 1 and 2 threads agree."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from gptoss_reference import hf_logits, hf_model_from_gguf_weights, to_float64
+
+    path = tmp_path / "mixed.gguf"
+    weights = gguf_factory.write_gptoss_gguf(path, arch="gpt-oss", wtype="q8_0", expert_type="mxfp4", seed=6,
+                                             type_overrides={"attn_q.weight": "f16"}, **DIMS)
+    types = {n: type_name(t.ggml_type) for n, t in open_model(path).raw_tensors.items()}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_k.weight"] == "Q8_0"
+    toks = tokens(40, 5)
+    kv = dict(cache_type_k="f32", cache_type_v="f32")
+    engines = [Engine(path, n_ctx=64, n_threads=n, n_batch=8, **kv) for n in (1, 2)]
+    runs = [eng.logits(toks) for eng in engines]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    hp = engines[0].hparams
+    hf = to_float64(hf_model_from_gguf_weights(weights, hp), hp)
+    emulated = hf_logits(hf_with_q8_activations(hf, float_projections=("q_proj",)), toks)
+    assert rel(runs[0], emulated) <= 3e-3
 
 
 def test_thread_count_does_not_change_int8_logits(model):

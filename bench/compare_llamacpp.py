@@ -10,7 +10,16 @@ own child process (one after the other, so they never share the CPU, and a crash
 reported, not fatal). llama.cpp runs in both CPU configurations: its default, with the repacked
 weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that have it), and
 without them; a configuration that crashes is reported, and each test's ratio is taken against the
-faster configuration that ran (named in the ratio table). Several files (the MXFP4 synth file
+faster configuration that ran (named in the ratio table). On Intel CPUs with AMX, a llama-cpp-python
+built natively (the package index's sdist, pip's default) puts Q8_0 weights in ggml's AMX buffer
+type and its repacked configuration crashes (SIGSEGV in the first evaluation); a build without AMX
+keeps the CPU repack and runs, so that is llama.cpp's fastest configuration there:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \
+    pip install --no-deps --no-binary :all: --target /tmp/lcp_noamx llama-cpp-python==0.3.36
+then run this script with PYTHONPATH=/tmp/lcp_noamx (the header's "kernels" line shows the build:
+no AMX_INT8 there). The script says so when the repacked configuration crashed with AMX built in.
+Several files (the MXFP4 synth file
 and the Q4_K_M-style one, `pyengine synth --mix q4_k_m`) run one after the other in the same run.
 Prints a header (date, machine, command, commit, load average) and the tables to paste into
 bench/RESULTS.md: llama-bench's, then one row per file and test with the ratio and each decode
@@ -106,6 +115,21 @@ def kernel_levels(only: str | None) -> str:
         except ImportError:
             parts.append("llama.cpp not installed")
     return "; ".join(parts)
+
+
+def amx_crash_hint(runs: list[ModelRun]) -> str:
+    """The way out when llama.cpp's repacked configuration crashed in a build with AMX (see above), or ""."""
+    crashed = any(isinstance(run.results.get("llama.cpp"), str) for run in runs)
+    if not crashed:
+        return ""
+    try:
+        import llama_cpp
+
+        amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+    except ImportError:
+        return ""
+    return ("llama.cpp's repacked configuration crashed, and this llama-cpp-python has AMX built in: build "
+            "one without AMX (this script's docstring) and run with PYTHONPATH pointing at it" if amx else "")
 
 
 def bandwidth(threads: int) -> float:
@@ -271,6 +295,9 @@ def main() -> int:
                 print(f"  - {engine} {test}, share of the bandwidth round by round: "
                       + ", ".join(f"{100 * x:.0f} %" for x in shares))
     print("\n" + comparison(runs, bw))
+    hint = amx_crash_hint(runs)
+    if hint:
+        print(f"\n**{hint}**")
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -1,9 +1,12 @@
 """Opening a GGUF in llama-cpp-python, the project's reference and speed peer (tests, bench/).
 
-Why one place: the llama-cpp-python 0.3.36 build used here crashes (SIGSEGV) evaluating any file
-with Q8_0 weights when llama.cpp's CPU "extra buffer types" (weight repacking / AMX) are on,
-llama.cpp's own files included. The high-level API offers no switch for them, so they are turned
-off through its model-params default, restored once the model is loaded."""
+Why one place: on Intel CPUs with AMX, the llama-cpp-python 0.3.36 that pip builds natively
+crashes (SIGSEGV) evaluating any file with Q8_0 weights when llama.cpp's CPU "extra buffer types"
+are on, llama.cpp's own files included: the Q8_0 weights go to ggml's AMX buffer type, and a build
+without AMX (bench/compare_llamacpp.py says how) runs the same files repacked. The tests must run
+with whichever build is installed, so they use the plain buffers. The high-level API offers no
+switch for them, so they are turned off through its model-params default, restored once the model
+is loaded."""
 
 from __future__ import annotations
 

@@ -105,6 +105,22 @@ def test_comparison_table_takes_the_best_configuration_that_ran():
     assert without_bw[3].rstrip("| ").endswith("| - | -")
 
 
+@pytest.mark.parametrize("system_info,crashed,hinted", [
+    (b"AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |", True, True),
+    (b"AVX512 = 1 | REPACK = 1 |", True, False),  # a build without AMX: the crash is something else
+    (b"AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False, False)])
+def test_amx_crash_hint_names_the_build_without_amx(monkeypatch, system_info, crashed, hinted):
+    import types
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(llama_print_system_info=lambda: system_info))
+    repacked = "llama.cpp failed (signal 11): " if crashed else [row("a", "repacked", 0, 64, 4.0)]
+    runs = [compare_llamacpp.ModelRun("/x/a.gguf", 10**9, {"pyengine": [row("a", "pyengine", 0, 64, 5.0)]}),
+            compare_llamacpp.ModelRun("/x/b.gguf", 10**9, {"llama.cpp": repacked})]
+    hint = compare_llamacpp.amx_crash_hint(runs)
+    assert bool(hint) == hinted
+    assert not hint or "without AMX" in hint and "PYTHONPATH" in hint
+
+
 def test_compare_script_runs_several_files(tiny):
     args = [sys.executable, str(BENCH / "compare_llamacpp.py"), *map(str, tiny), "-p", "8", "-n", "4", "-r", "1",
             "-t", "1", "--bandwidth", "10"]

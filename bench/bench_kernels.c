@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cpu_features.h"
 #include "matmul.h"
@@ -167,12 +168,24 @@ static double bandwidth(int threads, size_t bytes) {
     return sink == 42 ? 0 : bytes / best / 1e9;
 }
 
-/* Read 64 MiB (twice the dev box's L3) so that the next timed call finds no weights in the caches
- * (written once: untouched pages would all read the one zero page, from the caches). */
+/* Bytes that do not fit in the caches: twice the L3 the C library reports, at least `floor`, at
+ * most 1 GiB. Some cloud guests report a whole socket's L3 (480 MiB on a 2-core Xeon VM), and there
+ * re-reading 64 MiB ran at 1.8x the DRAM rate and 256 MiB at 1.1x (bench/RESULTS.md), so a fixed
+ * size sized for a 32 MiB L3 timed the caches, not memory. */
+static size_t beyond_caches(size_t floor) {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    size_t bytes = l3 > 0 ? 2 * (size_t)l3 : 0;
+    if (bytes < floor) bytes = floor;
+    return bytes > ((size_t)1 << 30) ? (size_t)1 << 30 : bytes;
+}
+
+/* Read beyond_caches(64 MiB) so that the next timed call finds no weights in the caches (written
+ * once: untouched pages would all read the one zero page, from the caches). */
 static void evict_caches(int threads) {
     static uint8_t *buf;
-    const size_t bytes = (size_t)64 << 20;
+    static size_t bytes;
     if (!buf) {
+        bytes = beyond_caches((size_t)64 << 20);
         if (!(buf = big_alloc(bytes))) return;
         memset(buf, 1, bytes);
     }
@@ -289,7 +302,7 @@ static void bench_moe(int threads, int reps) {
 
 int main(int argc, char **argv) {
     int threads = omp_get_max_threads(), reps = 5;
-    size_t mib = 256;
+    size_t mib = beyond_caches((size_t)256 << 20) >> 20;
     int only_bw = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
@@ -305,8 +318,8 @@ int main(int argc, char **argv) {
                    "makes; then the 20b MoE layer.\n\n"
                    "  -t THREADS    OpenMP threads (default: %d)\n"
                    "  -r REPS       repetitions, best is reported (default 5)\n"
-                   "  -m MIB        matrix size in MiB, beyond the caches (default 256)\n"
-                   "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n", argv[0], threads);
+                   "  -m MIB        matrix size in MiB, beyond the caches (default %zu: twice the L3, 256 to 1024)\n"
+                   "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n", argv[0], threads, mib);
             return 0;
         } else {
             fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [--bandwidth] (-h for help)\n", argv[0]);

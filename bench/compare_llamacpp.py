@@ -12,7 +12,9 @@ weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that hav
 without them; a configuration that crashes is reported, and each test's ratio is taken against the
 faster configuration that ran (named in the ratio table). On Intel CPUs with AMX, a llama-cpp-python
 built natively (the package index's sdist, pip's default) puts Q8_0 weights in ggml's AMX buffer
-type and its repacked configuration crashes (SIGSEGV in the first evaluation); a build without AMX
+type and its repacked configuration crashes (SIGSEGV in the first evaluation: built with GCC 12, whose
+_tile_loadconfig tells the compiler it reads 8 of the tile config's 64 bytes, ggml's AMX code
+loads a config whose tile shapes were never stored, bench/RESULTS.md); a build without AMX
 keeps the CPU repack and runs, so that is llama.cpp's fastest configuration there:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
     -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \

@@ -2,8 +2,9 @@
 
 Why one place: on Intel CPUs with AMX, the llama-cpp-python 0.3.36 that pip builds natively
 crashes (SIGSEGV) evaluating any file with Q8_0 weights when llama.cpp's CPU "extra buffer types"
-are on, llama.cpp's own files included: the Q8_0 weights go to ggml's AMX buffer type, and a build
-without AMX (bench/compare_llamacpp.py says how) runs the same files repacked. The tests must run
+are on, llama.cpp's own files included: the Q8_0 weights go to ggml's AMX buffer type, whose
+tile configuration GCC 12 compiles without its tile shapes (bench/RESULTS.md), and a build without
+AMX (bench/compare_llamacpp.py says how) runs the same files repacked. The tests must run
 with whichever build is installed, so they use the plain buffers. The high-level API offers no
 switch for them, so they are turned off through its model-params default, restored once the model
 is loaded."""

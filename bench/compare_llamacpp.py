@@ -103,6 +103,15 @@ def child_llamacpp(args, repacked: bool) -> list[dict]:
 CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain")
 
 
+def llama_system_info() -> str | None:
+    """The installed llama.cpp build's feature line ("AVX512 = 1 | ... |"), or None without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
 def kernel_levels(only: str | None) -> str:
     """What each engine's CPU kernels use here (PYENGINE_SIMD and the llama.cpp build decide)."""
     from pyengine._cpu import avx512_extensions, simd_level
@@ -110,28 +119,18 @@ def kernel_levels(only: str | None) -> str:
     ext = "+".join(avx512_extensions())
     parts = [f"pyengine {simd_level()}" + (f" ({ext})" if ext else "")]
     if only != "pyengine":
-        try:
-            import llama_cpp
-
-            parts.append("llama.cpp " + llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip())
-        except ImportError:
-            parts.append("llama.cpp not installed")
+        info = llama_system_info()
+        parts.append("llama.cpp not installed" if info is None else "llama.cpp " + info.rstrip("|").strip())
     return "; ".join(parts)
 
 
 def amx_crash_hint(runs: list[ModelRun]) -> str:
     """The way out when llama.cpp's repacked configuration crashed in a build with AMX (see above), or ""."""
     crashed = any(isinstance(run.results.get("llama.cpp"), str) for run in runs)
-    if not crashed:
-        return ""
-    try:
-        import llama_cpp
-
-        amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
-    except ImportError:
+    if not crashed or "AMX_INT8 = 1" not in (llama_system_info() or ""):
         return ""
     return ("llama.cpp's repacked configuration crashed, and this llama-cpp-python has AMX built in: build "
-            "one without AMX (this script's docstring) and run with PYTHONPATH pointing at it" if amx else "")
+            "one without AMX (this script's docstring) and run with PYTHONPATH pointing at it")
 
 
 def bandwidth(threads: int) -> float:

@@ -1,6 +1,7 @@
 """Two builds of pyengine on one model, timed in alternation: the paired speed ratio of a change.
 
-    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2] [--b-no-repack]
+    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2]
+                              [--b-no-repack | --b-experts-only]
 
 SITE_A / SITE_B: folders holding a built `pyengine` package (e.g. `pip install --no-deps --target
 /tmp/base-site .` in a checkout of the base commit); "" means the installed one. Why: the dev VMs'
@@ -10,7 +11,10 @@ worker processes (the weights mapped once in the page cache) and take turns: A r
 N decode steps (tg) or one N-token prefill (pp), then B, then B, then A, ...; each adjacent pair
 sees the same machine, and the script prints the median and spread of the B/A ratios.
 --b-no-repack runs B with Engine(repack=False): with SITE_A = SITE_B = "" it pairs the repack
-cache's R16 experts (A) against the file's layout (B) in one build (pyengine/repack_cache.py)."""
+cache's R16 weights (A) against the file's layout (B) in one build (pyengine/repack_cache.py).
+--b-experts-only runs B with only the cache's MXFP4 experts, its Q8_0 matrices from the file's
+layout: the gain of the Q8_0 R16 form alone, both workers mapping one cache file (two caches or the
+file's experts besides the cache would not fit the 20b shape in 24 GiB of page cache)."""
 
 from __future__ import annotations
 
@@ -22,13 +26,20 @@ import sys
 import time
 
 
-def worker(model: str, threads: int, repack: bool) -> None:
-    """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s."""
+def worker(model: str, threads: int, repack: str) -> None:
+    """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s. repack: "all", "experts"
+    (the cache's MXFP4 experts only) or "none"."""
     import numpy as np
 
     from pyengine import Engine
+    from pyengine import engine as engine_mod
+    from pyengine.repack_cache import EXPERT_WEIGHTS
 
-    eng = Engine(model, n_ctx=1024, n_threads=threads, repack=repack)
+    if repack == "experts":
+        full = engine_mod.repacked_weights
+        engine_mod.repacked_weights = lambda *a, **k: {
+            name: v for name, v in full(*a, **k).items() if any(f".{w}." in name for w in EXPERT_WEIGHTS)}
+    eng = Engine(model, n_ctx=1024, n_threads=threads, repack=repack != "none")
     tokens = np.random.default_rng(0).integers(0, eng.n_vocab, 1024).tolist()
     eng.reset()
     eng.eval(tokens[:8])
@@ -60,20 +71,24 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=12, help="decode steps per block, or prefill tokens (default 12)")
     ap.add_argument("-r", "--rounds", type=int, default=20, help="blocks per build (default 20)")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--b-no-repack", action="store_true", help="B without the repack cache (Engine(repack=False))")
+    b_mode = ap.add_mutually_exclusive_group()
+    b_mode.add_argument("--b-no-repack", action="store_true", help="B without the repack cache (Engine(repack=False))")
+    b_mode.add_argument("--b-experts-only", action="store_true",
+                        help="B with the cache's MXFP4 experts only (its Q8_0 matrices in the file's layout)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repack", choices=("all", "experts", "none"), default="all", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.model, args.threads, not args.no_repack)
+        worker(args.model, args.threads, args.repack)
         return 0
     if not 1 <= args.n <= 512 or args.rounds < 1:
         ap.error("-n must be in 1..512 and -r >= 1")
     procs = []
-    for site, no_repack in ((args.site_a, False), (args.site_b, args.b_no_repack)):
+    b_repack = "none" if args.b_no_repack else "experts" if args.b_experts_only else "all"
+    for site, repack in ((args.site_a, "all"), (args.site_b, b_repack)):
         env = dict(os.environ, PYTHONPATH=site)
         p = subprocess.Popen([sys.executable, "-P", __file__, args.model, "", "", "-t", str(args.threads), "--worker",
-                              *(["--no-repack"] if no_repack else [])],
+                              "--repack", repack],
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             print(f"[ERROR] the worker for {site or 'the installed build'!r} did not start", file=sys.stderr)

@@ -27,7 +27,7 @@
 #include "cpu_features.h"
 #include "matmul.h"
 #include "moe.h"
-#include "mxfp4_r16.h"
+#include "r16.h"
 #include "quants.h"
 
 #define N_EMBD 2880
@@ -254,16 +254,16 @@ static void bench_moe(int threads, int reps) {
     };
     printf("\nMoE layer, gpt-oss-20b shape (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880):\n");
     printf("%-8s %12s %12s %12s %8s %10s\n", "tokens", "ms", "GB/s", "GFLOP/s", "BW GB/s", "% of BW");
-    /* the experts also in the R16 layout (the engine's default with its repack cache, mxfp4_r16.h) */
+    /* the experts also in the R16 layout (the engine's default with its repack cache, r16.h) */
     const pe_moe file = m;
     pe_moe r16 = m;
-    const int has_r16 = pe_r16_dot_get() != NULL;
+    const int has_r16 = pe_r16_dot_get(PE_TYPE_MXFP4) != NULL;
     pe_weight *const mats[3] = {&r16.gate, &r16.up, &r16.down};
     for (int i = 0; i < 3 && has_r16; i++) {
-        uint8_t *dst = big_alloc((size_t)pe_r16_bytes(mats[i]->n_in, mats[i]->n_out, E));
+        uint8_t *dst = big_alloc((size_t)pe_r16_bytes(PE_TYPE_MXFP4, mats[i]->n_in, mats[i]->n_out, E));
         if (!dst) { fprintf(stderr, "out of memory\n"); exit(1); }
         pe_r16_repack(mats[i], E, dst, threads);
-        *mats[i] = pe_r16_weight(dst, mats[i]->n_in, mats[i]->n_out);
+        *mats[i] = pe_r16_weight(PE_TYPE_MXFP4, dst, mats[i]->n_in, mats[i]->n_out);
     }
     const int64_t toks[] = {1, 64, 1, 64, 1, 64};
     for (int k = 0; k < (has_r16 ? 6 : 4); k++) {
@@ -374,21 +374,21 @@ int main(int argc, char **argv) {
         }
         printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
                100.0 * dec[0] / near, dec4, pre[0], dec[1], pre[1]);
-        if (type == PE_TYPE_MXFP4 && pe_r16_dot_get()) { /* the same matrix in the R16 layout (int8 only) */
-            uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(n_in, rows, 1));
+        if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (MXFP4, Q8_0; int8 only) */
+            uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(type, n_in, rows, 1));
             if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
             const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
             pe_r16_repack(&src, 1, r16, threads);
-            const pe_weight pr = pe_r16_weight(r16, n_in, rows);
+            const pe_weight pr = pe_r16_weight(type, r16, n_in, rows);
             time_matmul(&pr, xx, 1, y, threads, 1);
             near = bandwidth(threads, PROBE_BYTES);
             const double d1 = row * rows / time_matmul(&pr, xx, 1, y, threads, reps) / 1e9;
             near = fmax(near, bandwidth(threads, PROBE_BYTES));
             const double d4 = row * rows / time_matmul(&pr, xx, 4, y, threads, reps) / 1e9;
             const int64_t pre_rows = rows < 8192 ? rows : 8192;
-            const pe_weight pp = pe_r16_weight(r16, n_in, pre_rows);
+            const pe_weight pp = pe_r16_weight(type, r16, n_in, pre_rows);
             const double p64 = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
-            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", "R16", (long long)rows, d1, near,
+            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", type == PE_TYPE_Q8_0 ? "Q8_R16" : "R16", (long long)rows, d1, near,
                    100.0 * d1 / near, d4, p64, "-", "-");
             free(r16);
         }

@@ -1,6 +1,6 @@
 /* Decode kernels with int8 activations on AVX2 (no VNNI) for the 32-block formats Q8_0, Q4_0,
  * MXFP4 (the same results, bit for bit, as dot_q8_avx512.c), Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K (as
- * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as mxfp4_r16_avx512.c): a model's default
+ * dot_q8k_avx512.c), and for MXFP4 in the R16 layout (as r16_avx512.c): a model's default
  * (int8) path gives the same products on an AVX2-only CPU as on an AVX-512 one, instead of falling
  * back to float32 activations there. The sections below: the rows kernel (Q8_0, Q4_0, MXFP4), the
  * blocks-in-lanes kernel (Q4_1, Q5_0, Q5_1), the sub-blocks-in-lanes kernels (Q4_K, Q5_K; Q2_K,
@@ -33,7 +33,7 @@
  * a token's arithmetic is the one-token kernel's. The rows of a group are contiguous, so the next
  * group's matching bytes are prefetched into L2 as the AVX-512 kernels do. */
 #include "quants_impl.h"
-#include "mxfp4_r16.h"
+#include "r16.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -495,13 +495,13 @@ PE_DOT_Q8_ENTRIES(q3_k, dot_k16, K_Q3)
 PE_DOT_Q8_ENTRIES(q6_k, dot_k16, K_Q6)
 PE_DOT_Q8_ENTRIES(q2_k, dot_k16, K_Q2)
 
-/* ---- MXFP4 in the R16 layout (mxfp4_r16.h) ------------------------------------------------------
+/* ---- MXFP4 in the R16 layout (r16.h) ------------------------------------------------------
  * One group = 16 rows interleaved by dwords: a 32-byte load of piece j holds 4 codes of each of 8
  * rows, so per (row half, token) the products are vpmaddubsw of the looked-up unsigned codes
  * (value + 12, <= 24) against the broadcast activation dword of those 4 elements, one digit at a
  * time (|pair sum| <= 2 * 24 * 128, four registers summed in int16 stay below 2^15), then vpmaddwd
  * by 256 (high digit) or 1 (low digit) into int32: 256 (w . xh) + (w . xl) = w . X exactly, as the
- * AVX-512 kernel (mxfp4_r16_avx512.c) sums it, and the same float steps after it (offset, one
+ * AVX-512 kernel (r16_avx512.c) sums it, and the same float steps after it (offset, one
  * conversion, d_x / 254 times 2^(e - 128), FMA into the accumulator of block b mod 4, (a0 + a1) +
  * (a2 + a3)), so the bits are the file-layout kernels'. Per 16 rows x 32 elements and token ~80
  * vector instructions plus ~40 for the codes shared by all tokens, where the file-layout kernel

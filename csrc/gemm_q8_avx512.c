@@ -420,12 +420,22 @@ void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int6
     tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
 }
 
-void pe_gemm_q8_tile_r16(const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
+void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
                          const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
-    format_of(PE_TYPE_MXFP4, &fmt);
+    format_of(type, &fmt);
     const int64_t nb = n_in / 32;
-    const tile_scratch t = scratch_of(scratch, n_in, nb);
+    tile_scratch t = scratch_of(scratch, n_in, nb);
+    if (type == PE_TYPE_Q8_0) { /* piece j of block b is packing step 8 b + j already; f16 scales */
+        t.packed = (uint8_t *)group;
+        for (int64_t i = 0; i < TILE * nb; i++) {
+            uint16_t h;
+            memcpy(&h, group + 512 * nb + 2 * i, 2);
+            t.ws[i] = f16(h);
+        }
+        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+        return;
+    }
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
     const __m512i m4 = _mm512_set1_epi8(15);
     /* piece j of block b holds codes 4 j (low nibbles) and 16 + 4 j (high) of every row: packing steps

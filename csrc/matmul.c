@@ -12,7 +12,7 @@
 #include "cpu_features.h"
 #include "gemm.h"
 #include "gemm_q8.h"
-#include "mxfp4_r16.h"
+#include "r16.h"
 #include "quants.h"
 #include "worksplit.h"
 
@@ -116,7 +116,7 @@ static int matmul_batch(const pe_weight *w, const uint8_t *base, const float *x,
 
 /* Whether a product of up to PE_ROWWISE_MAX_TOK tokens takes the int8 rows kernel (else the float dot). */
 static int int8_rows(const pe_weight *w) {
-    if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get();
+    if (w->layout == PE_LAYOUT_R16) return w->int8_act && pe_r16_dot_get(w->type);
     return w->int8_act && pe_type_traits_get(w->type)->dot_q8;
 }
 
@@ -139,7 +139,7 @@ static int64_t rows_per_group(const pe_weight *w) {
 static void rows_group(const pe_weight *w, const uint8_t *rows, int nr, const pe_act_q8 *xa, int n, float *y,
                        int64_t ldy, const uint8_t *pf) {
     const pe_type_traits *tt = pe_type_traits_get(w->type);
-    if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get()(rows, w->n_in / 32, nr, xa, n, y, ldy, pf);
+    if (w->layout == PE_LAYOUT_R16) pe_r16_dot_get(w->type)(rows, w->n_in / 32, nr, xa, n, y, ldy, pf);
     else if (n > 1 && tt->dot_q8_tok) tt->dot_q8_tok(rows, w->row_stride, nr, xa, n, w->n_in, y, ldy);
     else
         for (int t = 0; t < n; t++) tt->dot_q8(rows, w->row_stride, nr, &xa[t], w->n_in, y + t * ldy);
@@ -213,7 +213,7 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
                                 w->layout == PE_LAYOUT_R16 && rp < n_out ? base + rp * stride : NULL);
                 }
                 else if (w->layout == PE_LAYOUT_R16)
-                    pe_gemm_q8_tile_r16(base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
+                    pe_gemm_q8_tile_r16(w->type, base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
                                         mine);
                 else
                     pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok,
@@ -309,7 +309,7 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
                 if (w->layout == PE_LAYOUT_R16 && g + PE_R16_PF_GROUPS < n_groups) {
                     const int64_t gp = g + PE_R16_PF_GROUPS;
                     const int jp = job_of(first, n_jobs, gp);
-                    if (jobs[jp].w->layout == PE_LAYOUT_R16 && jobs[jp].w->n_in == w->n_in)
+                    if (jobs[jp].w->layout == PE_LAYOUT_R16 && jobs[jp].w->type == w->type && jobs[jp].w->n_in == w->n_in)
                         pf = group_rows(&jobs[jp], gp - first[jp]);
                 }
                 if (act_of[j] < 0)
@@ -337,7 +337,7 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
         return pe_matmul_many(&job, 1, n_threads);
     }
     if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
-        return w->int8_act && pe_r16_dot_get() ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
+        return w->int8_act && pe_r16_dot_get(w->type) ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
     if (w->int8_act && (pe_gemm_q8_supported(w->type) || int8_rows(w)))
         return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);

@@ -32,13 +32,14 @@ cdef extern from "matmul.h":
     int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, int64_t n_tok,
                   const float *bias, float *y, int64_t ldy, int n_threads) nogil
 
-cdef extern from "mxfp4_r16.h":
+cdef extern from "r16.h":
     ctypedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const void *x, int n_tok, float *out,
                                    int64_t ldo, const uint8_t *pf) noexcept nogil
-    int64_t pe_r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert)
-    pe_weight pe_r16_weight(const uint8_t *data, int64_t n_in, int64_t n_out)
+    int pe_r16_has_type(int type)
+    int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert)
+    pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out)
     void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil
-    pe_r16_dot_fn pe_r16_dot_get()
+    pe_r16_dot_fn pe_r16_dot_get(int type)
 
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
@@ -118,29 +119,34 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     return w
 
 
-# ---- MXFP4 weights repacked by 16 rows (csrc/mxfp4_r16.h; the cache: pyengine/repack_cache.py) ----
+# ---- MXFP4 and Q8_0 weights repacked by 16 rows (csrc/r16.h; the cache: pyengine/repack_cache.py) ----
 MXFP4 = PE_TYPE_MXFP4
+Q8_0 = PE_TYPE_Q8_0
 
 
-def r16_available() -> bool:
-    """Whether this CPU has an R16 kernel (AVX-512 VNNI, or AVX2)."""
-    return pe_r16_dot_get() != NULL
+def r16_available(int ggml_type=MXFP4) -> bool:
+    """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; Q8_0: AVX-512 VNNI)."""
+    return pe_r16_dot_get(ggml_type) != NULL
 
 
-def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert) -> int:
-    """Bytes of the R16 form of n_expert MXFP4 matrices of n_out rows x n_in elements."""
+def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4) -> int:
+    """Bytes of the R16 form of n_expert matrices of the type (MXFP4, Q8_0) of n_out rows x n_in elements."""
+    if not pe_r16_has_type(ggml_type):
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4 and Q8_0)")
     if n_in <= 0 or n_in % 32 or n_out <= 0 or n_expert <= 0:
         raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
-    return pe_r16_bytes(n_in, n_out, n_expert)
+    return pe_r16_bytes(ggml_type, n_in, n_out, n_expert)
 
 
-def r16_repack(data, int64_t n_in, out, int n_threads=1):
-    """Write the R16 form of `data` (an MXFP4 weight: uint8 (n_out, row_bytes) or (n_expert, n_out,
-    row_bytes), any strides) into `out` (writable uint8, r16_bytes(...) contiguous bytes)."""
+def r16_repack(data, int64_t n_in, out, int n_threads=1, int ggml_type=MXFP4):
+    """Write the R16 form of `data` (an MXFP4 or Q8_0 weight: uint8 (n_out, row_bytes) or (n_expert,
+    n_out, row_bytes), any strides) into `out` (writable uint8, r16_bytes(...) contiguous bytes)."""
     cdef int64_t n_exp = data.shape[0] if data.ndim == 3 else 1
-    cdef pe_weight w = _weight(data, MXFP4, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0, n_exp,
+    if not pe_r16_has_type(ggml_type):
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4 and Q8_0)")
+    cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0, n_exp,
                                "r16_repack")
-    need = r16_bytes(w.n_in, w.n_out, n_exp)
+    need = r16_bytes(w.n_in, w.n_out, n_exp, ggml_type)
     if (not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous
             or not out.flags.writeable or out.shape[0] != need or n_threads < 1):
         raise ValueError(f"r16_repack: out must be {need} writable contiguous bytes")
@@ -149,19 +155,22 @@ def r16_repack(data, int64_t n_in, out, int n_threads=1):
         pe_r16_repack(&w, n_exp, <uint8_t *> cnp.PyArray_DATA(o), n_threads)
 
 
-cdef pe_weight _r16_weight(object data, int64_t n_in, int64_t n_out, int64_t n_expert, str name) except *:
+cdef pe_weight _r16_weight(object data, int ggml_type, int64_t n_in, int64_t n_out, int64_t n_expert,
+                           str name) except *:
     """A PE_LAYOUT_R16 weight (int8 activations) over `data`, checked: uint8, contiguous, exactly
-    r16_bytes(n_in, n_out, n_expert) long, 64-byte aligned, and this CPU has the kernel."""
-    if pe_r16_dot_get() == NULL:
-        raise ValueError(f"{name}: this CPU has no R16 kernel (it needs AVX2)")
-    cdef int64_t need = r16_bytes(n_in, n_out, n_expert)
+    r16_bytes(n_in, n_out, n_expert, ggml_type) long, 64-byte aligned, and this CPU has the kernel."""
+    if not pe_r16_has_type(ggml_type):
+        raise ValueError(f"{name}: the R16 layout is for MXFP4 and Q8_0 weights")
+    if pe_r16_dot_get(ggml_type) == NULL:
+        raise ValueError(f"{name}: this CPU has no R16 kernel for this type")
+    cdef int64_t need = r16_bytes(n_in, n_out, n_expert, ggml_type)
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1
             or not data.flags.c_contiguous or data.shape[0] != need):
         raise ValueError(f"{name}: R16 data must be {need} contiguous uint8 bytes")
     cdef const uint8_t *p = <const uint8_t *> cnp.PyArray_DATA(data)
     if <uintptr_t> p % 64:
         raise ValueError(f"{name}: R16 data must be 64-byte aligned")
-    return pe_r16_weight(p, n_in, n_out)
+    return pe_r16_weight(ggml_type, p, n_in, n_out)
 
 
 def _tensor_weight_args(t, int n_dims):
@@ -320,7 +329,7 @@ cdef class Model:
 
     def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False,
                  dict repacked=None):
-        """repacked: tensor name -> that MXFP4 expert weight's R16 form (pyengine/repack_cache.py),
+        """repacked: tensor name -> that MXFP4 or Q8_0 weight's R16 form (pyengine/repack_cache.py),
         used in its place (needs int8_activations)."""
         cdef int l
         self.int8_activations = int8_activations
@@ -355,6 +364,8 @@ cdef class Model:
         if len(tok.shape) != 2 or int(tok.shape[0]) != D:
             raise ValueError(f"token_embd.weight: shape {tuple(tok.shape)} does not match ({D}, n_vocab)")
         self.n_vocab = int(tok.shape[1])
+        if "token_embd.weight" in self.repacked:  # the embedding lookup reads rows in the file's layout
+            raise ValueError("token_embd.weight has no R16 form")
         self.m.tok_embd = self._weight(tensors, "token_embd.weight", D, self.n_vocab)
         self.m.output = self._weight(tensors, "output.weight" if "output.weight" in tensors else "token_embd.weight",
                                D, self.n_vocab)
@@ -422,10 +433,8 @@ cdef class Model:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
         self.keep.append(data)
         if name in self.repacked:
-            if ty != MXFP4 or not n_expert:
-                raise ValueError(f"{name}: only MXFP4 expert weights have an R16 form")
             self.keep.append(self.repacked[name])
-            return _r16_weight(self.repacked[name], n_in, n_out, n_expert, name)
+            return _r16_weight(self.repacked[name], ty, n_in, n_out, max(n_expert, 1), name)
         return _weight(data, ty, n_in, n_out, max(n_expert, 1), name, self.int8_activations)
 
     def __dealloc__(self):
@@ -603,15 +612,13 @@ def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, in
            bint int8_activations=False, r16_shape=None):
     """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
     (n_expert, n_out, row_bytes) of the given type, any row/expert stride; int8_activations as in
-    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4 weight's R16 form
-    (r16_repack), ggml_type must be MXFP4 and int8_activations is implied."""
+    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4 or Q8_0 weight's R16
+    form (r16_repack) and int8_activations is implied."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
     cdef pe_weight w
     if r16_shape is not None:
-        if ggml_type != MXFP4:
-            raise ValueError("the R16 layout is for MXFP4 weights")
         n_exp = int(r16_shape[1])
-        w = _r16_weight(data, n_in, int(r16_shape[0]), n_exp, "matmul")
+        w = _r16_weight(data, ggml_type, n_in, int(r16_shape[0]), n_exp, "matmul")
     else:
         n_exp = data.shape[0] if data.ndim == 3 else 1
         w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0,

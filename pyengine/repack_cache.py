@@ -1,9 +1,11 @@
-"""The repack cache: a model's MXFP4 expert weights in the R16 decode layout (csrc/mxfp4_r16.h),
-kept in a file next to the model (`MODEL.gguf.pyengine-r16`), built on the first load and only
-mapped after that.
+"""The repack cache: a model's MXFP4 expert weights and Q8_0 matrices (attention, output) in the
+R16 decode layout (csrc/r16.h), kept in a file next to the model (`MODEL.gguf.pyengine-r16`), built
+on the first load and only mapped after that.
 
-Why: in the R16 layout the CPU decode kernel does ~35 instead of ~54 vector instructions per 16 rows
-x 32 elements and streams the experts ~1.5x faster per core (bench/RESULTS.md), with the same bits.
+Why: in the R16 layout the CPU decode kernels do far fewer vector instructions per weight byte
+(MXFP4: ~35 instead of ~54 per 16 rows x 32 elements; Q8_0: nothing to decode at all), and a kernel
+that computes less per byte streams closer to the memory's rate (bench/RESULTS.md), with the same
+bits.
 Why a file rather than repacking at load (what llama.cpp does, 9 s and 21 GiB RSS for the 20b
 here): a mapped file keeps load sub-second and RSS small, the page cache shares it between
 processes, and the kernel may drop its pages under memory pressure. The first load pays once for
@@ -32,10 +34,11 @@ from pyengine.gguf_reader import advise_huge_pages
 from pyengine.log import logger
 
 MAGIC = b"PYENGINE-R16\0\0\0\0"
-VERSION = 1
+VERSION = 2  # 2: Q8_0 matrices too, each entry with its type
 SUFFIX = ".pyengine-r16"
 ALIGN = 4096
 EXPERT_WEIGHTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MATRIX_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output")
 
 
 def cache_path(model_file) -> Path:
@@ -43,31 +46,46 @@ def cache_path(model_file) -> Path:
     return model_file.path.with_name(model_file.path.name + SUFFIX)
 
 
-def expert_tensors(model_file) -> list:
-    """The model's MXFP4 expert weights (the tensors the cache holds), in layer order."""
+def repacked_tensors(model_file) -> list:
+    """The tensors the cache holds, in layer order: the MXFP4 expert weights, and where this CPU has
+    the Q8_0 R16 kernel the Q8_0 attention matrices and output.weight (not token_embd: the embedding
+    lookup reads rows in the file's layout, and a tied output shares it)."""
+    q8 = _model.r16_available(_model.Q8_0)
     out = []
     for l in range(int(model_file.hparams.n_layer)):
-        for w in EXPERT_WEIGHTS:
+        for w in EXPERT_WEIGHTS + MATRIX_WEIGHTS:
             t = model_file.tensors.get(f"blk.{l}.{w}.weight")
-            if t is not None and t.ggml_type == _model.MXFP4 and len(t.shape) == 3:
+            if t is None:
+                continue
+            if (w in EXPERT_WEIGHTS and t.ggml_type == _model.MXFP4 and len(t.shape) == 3) or \
+                    (w in MATRIX_WEIGHTS and q8 and t.ggml_type == _model.Q8_0 and len(t.shape) == 2):
                 out.append(t)
+    t = model_file.tensors.get("output.weight")  # a tied output is token_embd under this name
+    if q8 and t is not None and t.name == "output.weight" and t.ggml_type == _model.Q8_0 and len(t.shape) == 2:
+        out.append(t)
     return out
+
+
+def _shape(t) -> tuple[int, int, int]:
+    """(n_in, n_out, n_expert) of a 2-D or 3-D weight."""
+    shape = [int(s) for s in t.shape]
+    return shape[0], shape[1], shape[2] if len(shape) == 3 else 1
 
 
 def _header(model_file, tensors: list) -> dict:
     """The header this model's cache must carry, with every tensor's place in the file."""
     entries, offset = [], 0
     for t in tensors:
-        n_in, n_out, n_expert = (int(s) for s in t.shape)
-        nbytes = _model.r16_bytes(n_in, n_out, n_expert)
-        entries.append({"name": t.name, "n_in": n_in, "n_out": n_out, "n_expert": n_expert,
-                        "offset": offset, "nbytes": nbytes})
+        n_in, n_out, n_expert = _shape(t)
+        nbytes = _model.r16_bytes(n_in, n_out, n_expert, int(t.ggml_type))
+        entries.append({"name": t.name, "type": int(t.ggml_type), "n_in": n_in, "n_out": n_out,
+                        "n_expert": n_expert, "offset": offset, "nbytes": nbytes})
         offset += -(-nbytes // ALIGN) * ALIGN
     sources = []
     for p in model_file.files:
         st = os.stat(p)
         sources.append({"file": Path(p).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"version": VERSION, "layout": "mxfp4-r16", "sources": sources, "tensors": entries}
+    return {"version": VERSION, "layout": "r16", "sources": sources, "tensors": entries}
 
 
 def _encode(header: dict) -> tuple[bytes, int]:
@@ -112,7 +130,7 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
     total = start + last["offset"] + last["nbytes"]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    logger.info("Repacking %d MXFP4 expert weights (%.2f GB) into %s, once per model file",
+    logger.info("Repacking %d MXFP4 expert and Q8_0 weights (%.2f GB) into %s, once per model file",
                 len(tensors), total / 1e9, path)
     try:
         with open(tmp, "wb+") as f:
@@ -127,7 +145,7 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
             buf = np.empty(max(e["nbytes"] for e in header["tensors"]), np.uint8)
             for t, e in zip(tensors, header["tensors"]):
                 out = buf[:e["nbytes"]]
-                _model.r16_repack(t.data, int(t.shape[0]), out, n_threads)
+                _model.r16_repack(t.data, int(t.shape[0]), out, n_threads, int(t.ggml_type))
                 if os.pwrite(f.fileno(), out, start + e["offset"]) != e["nbytes"]:
                     raise OSError(f"short write of {t.name}")
             os.fsync(f.fileno())
@@ -139,12 +157,12 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
 
 
 def repacked_weights(model_file, n_threads: int, build: bool = True) -> dict[str, np.ndarray]:
-    """tensor name -> R16 bytes for the model's MXFP4 expert weights, from the cache file (built
-    first when missing or stale and `build`); {} when the model has none, this CPU has no R16
-    kernel, or the cache can be neither read nor written (logged: the model then runs on the
-    file's layout, only slower)."""
-    tensors = expert_tensors(model_file)
-    if not tensors or not _model.r16_available():
+    """tensor name -> R16 bytes for the model's MXFP4 expert weights and Q8_0 matrices, from the
+    cache file (built first when missing or stale and `build`); {} when the model has none, this CPU
+    has no R16 kernel, or the cache can be neither read nor written (logged: the model then runs on
+    the file's layout, only slower)."""
+    tensors = [t for t in repacked_tensors(model_file) if _model.r16_available(int(t.ggml_type))]
+    if not tensors:
         return {}
     path = cache_path(model_file)
     header = _header(model_file, tensors)

@@ -1,4 +1,5 @@
-"""The repack cache file (pyengine/repack_cache.py): MXFP4 experts in the R16 decode layout.
+"""The repack cache file (pyengine/repack_cache.py): MXFP4 experts and Q8_0 matrices in the R16
+decode layout.
 
 It must be invisible in the results (logits bit-identical to the file's layout for prefill, decode
 and batched decode), built once and then reused, rebuilt when the model file changes or the cache
@@ -43,10 +44,25 @@ def run(eng):
     return np.concatenate(out)
 
 
+def cached_names(path) -> set:
+    """The tensors a cache file holds (its JSON header)."""
+    import json
+    import struct
+
+    head = path.read_bytes()[:1 << 16]
+    n = struct.unpack("<Q", head[16:24])[0]
+    return {e["name"] for e in json.loads(head[24:24 + n])["tensors"]}
+
+
 def test_same_logits_with_and_without_the_cache(model, caplog):
     caplog.set_level(logging.INFO, logger="pyengine")
     on = Engine(model, n_ctx=64, n_threads=2, n_batch=16)
     assert on.repacked and cache_of(model).is_file()
+    # the experts, and where this CPU has the Q8_0 kernel the Q8_0 attention and output (not the embedding)
+    names = {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.EXPERT_WEIGHTS}
+    if K.r16_available(K.Q8_0):
+        names |= {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.MATRIX_WEIGHTS} | {"output.weight"}
+    assert cached_names(cache_of(model)) == names
     off = Engine(model, n_ctx=64, n_threads=2, n_batch=16, repack=False)
     assert not off.repacked
     np.testing.assert_array_equal(run(on), run(off))
@@ -105,9 +121,18 @@ def test_not_used_where_it_cannot_serve(model, tmp_path):
     Engine(model, n_ctx=32, exact=True)
     Engine(model, n_ctx=32, repack=False)
     assert not cache_of(model).exists()
-    plain = tmp_path / "q8.gguf"  # no MXFP4 experts: nothing to repack
-    gguf_factory.write_gptoss_gguf(plain, wtype="q8_0", expert_type="q8_0", **DIMS)
+    plain = tmp_path / "f16.gguf"  # neither MXFP4 experts nor Q8_0 matrices: nothing to repack
+    gguf_factory.write_gptoss_gguf(plain, wtype="f16", expert_type="q8_0", **DIMS)
     assert not Engine(plain, n_ctx=32).repacked and not cache_of(plain).exists()
+    tied = tmp_path / "tied.gguf"  # Q8_0 experts stay in the file's layout; a tied output is the embedding
+    gguf_factory.write_gptoss_gguf(tied, wtype="q8_0", expert_type="q8_0", tie_output=True, **DIMS)
+    eng = Engine(tied, n_ctx=64, n_threads=2, n_batch=16)
+    if not K.r16_available(K.Q8_0):
+        assert not eng.repacked and not cache_of(tied).exists()
+        return
+    assert eng.repacked
+    assert cached_names(cache_of(tied)) == {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.MATRIX_WEIGHTS}
+    np.testing.assert_array_equal(run(eng), run(Engine(tied, n_ctx=64, n_threads=2, n_batch=16, repack=False)))
 
 
 def test_cli_no_repack_reaches_the_engine(model, capsys):

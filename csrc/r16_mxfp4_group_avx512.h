@@ -1,4 +1,4 @@
-/* The body of mxfp4_r16_avx512.c's kernel, included there once per table lookup: R16_GROUP names
+/* The body of r16_avx512.c's kernel, included there once per table lookup: R16_GROUP names
  * the group kernel, R16_DOT its pe_r16_dot_fn entry, R16_LOOKUP(v, table) gives the low nibbles of
  * v through the table. */
 PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,

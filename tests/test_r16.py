@@ -1,4 +1,4 @@
-"""MXFP4 weights repacked by 16 rows (csrc/mxfp4_r16.h), the decode layout of the repack cache.
+"""MXFP4 and Q8_0 weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
 
 The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
 invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
@@ -27,26 +27,67 @@ def mxfp4(n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
     return blocks.reshape(n_expert, n_out, n_in // 32 * SIZES[T.MXFP4][1])
 
 
-def repacked(data: np.ndarray, n_in: int) -> np.ndarray:
-    out = aligned(K.r16_bytes(n_in, data.shape[-2], data.shape[0] if data.ndim == 3 else 1))
-    K.r16_repack(data, n_in, out, n_threads=2)
+def q8_0(n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
+    blocks = random_blocks(T.Q8_0, n_expert * n_out * n_in // 32, rng)
+    return blocks.reshape(n_expert, n_out, n_in // 32 * SIZES[T.Q8_0][1])
+
+
+def repacked(data: np.ndarray, n_in: int, qtype=T.MXFP4) -> np.ndarray:
+    out = aligned(K.r16_bytes(n_in, data.shape[-2], data.shape[0] if data.ndim == 3 else 1, int(qtype)))
+    K.r16_repack(data, n_in, out, n_threads=2, ggml_type=int(qtype))
     return out
 
 
+q8_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q8_0)), reason="the Q8_0 R16 kernel needs AVX-512 VNNI")
+TYPES = [pytest.param(T.MXFP4, id="MXFP4"), pytest.param(T.Q8_0, id="Q8_0", marks=q8_r16)]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n_out,n_in", [(16, 32), (37, 96), (300, 160), (64, 2880), (5, 4096)])
-def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in):
+def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
     rng = np.random.default_rng(n_out * 7 + n_in)
     n_exp = 3
-    w = mxfp4(n_exp, n_out, n_in, rng)
-    r = repacked(w, n_in)
+    w = (mxfp4 if qtype == T.MXFP4 else q8_0)(n_exp, n_out, n_in, rng)
+    r = repacked(w, n_in, qtype)
     bias = rng.standard_normal(n_out).astype(np.float32)
     for n_tok in (1, 2, 3, 5, 8, 9, 20):
         x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
         for e in (0, n_exp - 1):
-            want = K.matmul(w, int(T.MXFP4), n_in, x, bias, expert=e, int8_activations=True)
+            want = K.matmul(w, int(qtype), n_in, x, bias, expert=e, int8_activations=True)
             for threads in (1, 2):
-                got = K.matmul(r, int(T.MXFP4), n_in, x, bias, expert=e, n_threads=threads, r16_shape=(n_out, n_exp))
+                got = K.matmul(r, int(qtype), n_in, x, bias, expert=e, n_threads=threads, r16_shape=(n_out, n_exp))
                 assert np.array_equal(got, want), (n_tok, e, threads)
+
+
+@q8_r16
+def test_r16_q8_0_against_float64_and_layout():
+    """Q8_0: the byte layout r16.h describes (piece j of block b holds row i's qs[4 j .. 4 j + 3] + 128
+    at 4 i, the f16 scales after the codes, missing rows repeat the last, zero padding), and a
+    strided source (every other row) against float64 on the activations the kernel sees."""
+    rng = np.random.default_rng(11)
+    n_in, n_out = 96, 13
+    w = q8_0(1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, T.Q8_0)
+    nb = n_in // 32
+    assert r.size == (16 * 34 * nb + 63) // 64 * 64
+    for i in range(16):
+        row = w[min(i, n_out - 1)].reshape(nb, 34)
+        for b in range(nb):
+            assert bytes(r[512 * nb + 32 * b + 2 * i:512 * nb + 32 * b + 2 * i + 2]) == bytes(row[b, :2])
+            for j in range(8):
+                got = r[512 * b + 64 * j + 4 * i:512 * b + 64 * j + 4 * i + 4]
+                assert np.array_equal(got, row[b, 2 + 4 * j:6 + 4 * j] ^ 0x80)
+    assert not r[544 * nb:].any()
+    n_in, n_out = 2880, 40
+    fused = q8_0(1, 2 * n_out, n_in, rng)[0]
+    view = fused[1::2]
+    r = repacked(view, n_in, T.Q8_0)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    got = K.matmul(r, int(T.Q8_0), n_in, x, r16_shape=(n_out, 1))
+    wf = reference(np.ascontiguousarray(view).reshape(-1), T.Q8_0).reshape(n_out, n_in).astype(np.float64)
+    want = wf @ x[0].astype(np.float64)
+    assert np.allclose(got[0], want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
+    assert np.array_equal(got, K.matmul(view, int(T.Q8_0), n_in, x, int8_activations=True))
 
 
 def test_r16_against_float64_and_strided_source():
@@ -66,7 +107,7 @@ def test_r16_against_float64_and_strided_source():
 
 
 def test_r16_layout_of_one_group():
-    """The byte layout mxfp4_r16.h describes: piece j of block b holds row i's qs[4 j .. 4 j + 3] at
+    """The byte layout r16.h describes: piece j of block b holds row i's qs[4 j .. 4 j + 3] at
     4 i, the scales follow the codes, the group is padded to 64 bytes, missing rows repeat the last."""
     rng = np.random.default_rng(9)
     n_in, n_out = 64, 13
@@ -92,8 +133,12 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="aligned"):
         K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
-    with pytest.raises(ValueError, match="MXFP4"):
+    with pytest.raises(ValueError, match="MXFP4 and Q8_0"):
         K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
+    with pytest.raises(ValueError, match="no R16 form"):
+        K.r16_bytes(64, 16, 1, int(T.Q4_K))
+    with pytest.raises(ValueError, match="no R16 form"):
+        K.r16_repack(w, 64, r, ggml_type=int(T.Q4_0))
     with pytest.raises(ValueError, match="writable contiguous"):
         K.r16_repack(w, 64, np.zeros(r.size + 1, np.uint8))
 
@@ -134,7 +179,7 @@ def test_r16_at_a_lower_level(level, tmp_path):
     """The AVX2 R16 kernel (csrc/dot_q8_avx2.c, PYENGINE_SIMD=avx2) and the AVX-512 one without VBMI
     (vpshufb, PYENGINE_SIMD=avx512vnni) in a child: the file layout's int8 bits there (decode, and
     prompts where there are no tiles), and the same bits as this process's R16 kernel."""
-    at_level(level, "test_mxfp4_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", cwd=tmp_path)
+    at_level(level, "test_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", cwd=tmp_path)
     check_r16_rows(str(tmp_path / "here.npz"))
     there, here = np.load(tmp_path / "there.npz"), np.load(tmp_path / "here.npz")
     # the tiles' results where both processes have tiles (every AVX-512 VNNI CPU, not AVX2)

@@ -1,0 +1,91 @@
+/* Weights repacked for decode ("R16"): sixteen rows interleaved so that one 64-byte load holds four
+ * codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword gives all 16
+ * rows' partial sums with no horizontal reduction (the layout the prefill tiles of gemm_q8_avx512.c
+ * build in scratch memory for every tile; here it is built once, into a cache file next to the
+ * model: pyengine/repack_cache.py). Two formats have this form: MXFP4 (the experts) and Q8_0 (the
+ * attention and output weights of gpt-oss files).
+ *
+ * Why: in the file's layout (17- or 34-byte blocks, one row after the other) the decode kernels
+ * spend most of their instructions gathering a row's codes and scales and folding per-row sums;
+ * with the rows interleaved those instructions go away. MXFP4: ~35 instead of ~54 vector
+ * instructions per 16 rows x 32 elements, ~1.5x faster on one core with its data in cache. Q8_0:
+ * no decoding at all (the codes are stored + 128, unsigned, as vpdpbusd takes them), 1.9x faster
+ * in cache, and from memory (two threads) 1.09x, since the less a kernel computes per byte, the
+ * closer it streams to the memory's rate (bench/RESULTS.md).
+ *
+ * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks): groups of 16
+ * rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row again), pe_r16_group_bytes =
+ * the bytes of its 16 rows in the file (16 * block bytes * nb) rounded up to 64, so that every group
+ * starts on a 64-byte boundary when the matrix does. Inside a group: the codes of every block, then
+ * the scales of every block, then zero padding.
+ * MXFP4 (256 code bytes and 16 scale bytes per block):
+ *   codes of block b, piece j (j < 4), at 256 b + 64 j: bytes 4 i .. 4 i + 3 are row i's qs[4 j .. 4 j + 3]
+ *     (low nibbles: elements 32 b + 4 j + e, high nibbles: elements 32 b + 16 + 4 j + e)
+ *   scale of block b at 256 nb + 16 b + i: row i's E8M0 byte
+ * Q8_0 (512 code bytes and 32 scale bytes per block):
+ *   codes of block b, piece j (j < 8), at 512 b + 64 j: bytes 4 i .. 4 i + 3 are row i's
+ *     qs[4 j .. 4 j + 3] + 128 (elements 32 b + 4 j + e), i.e. exactly the packing of the prefill tiles
+ *   scale of block b at 512 nb + 32 b + 2 i: row i's f16 d
+ * An expert's matrix is ceil(n_out / 16) groups; experts follow each other with no gap.
+ * The products are bit-identical to the file-layout kernels (dot_q8_avx512.c, gemm_q8_avx512.c):
+ * the same integer sums, the same float operations in the same order. */
+#ifndef PE_R16_H
+#define PE_R16_H
+
+#include <stdint.h>
+
+#include "matmul.h"
+#include "quants.h"
+
+#define PE_R16_ROWS 16
+
+/* While a thread reads a group, the kernel prefetches into L2, block by block, the group the same
+ * thread will read this many groups later (the caller says which: the next groups of a thread's run
+ * may belong to another matrix, another expert). Two groups of 2880-element rows (~48 KiB) measured
+ * on the dev box (one core from DRAM) 25-27 GB/s against 15-21 at 4-16 KiB or into L1; the hardware
+ * prefetcher alone left the kernel waiting on memory between its bursts of work. */
+#define PE_R16_PF_GROUPS 2
+
+/* Byte of element 32 b + 4 j (j < 8) in pe_act_q8's xh / xl order, where the kernels broadcast the
+ * activation dword of a piece: per 128 elements, bytes 16 k + i = element 32 k + i and
+ * 64 + 16 k + i = element 32 k + 16 + i. */
+static inline int64_t pe_r16_act_at(int64_t b, int j) {
+    return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4));
+}
+
+/* The kernels' step for block b of nb: block b's codes (`code` bytes a block) and, once per 64 bytes
+ * of them, the scales that follow (`scale` bytes a block) of the group at pf (NULL: nothing), into L2. */
+static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t b, const int code, const int scale) {
+    if (!pf) return;
+    for (int l = 0; l < code; l += 64) __builtin_prefetch(pf + code * b + l, 0, 2);
+    if (!((scale * b) & 63)) __builtin_prefetch(pf + code * nb + scale * b, 0, 2);
+}
+static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
+
+/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0). */
+int pe_r16_has_type(int type);
+/* Bytes of one group of 16 rows of n_in elements. */
+int64_t pe_r16_group_bytes(int type, int64_t n_in);
+/* Bytes of the repacked form of a weight of n_expert matrices of n_out rows x n_in elements. */
+int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert);
+
+/* The pe_weight over R16 bytes at `data` (64-byte aligned) of matrices of the type of n_out rows x
+ * n_in elements, one expert after the other: row_stride = group bytes / 16, int8 activations. */
+pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out);
+
+/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4 or Q8_0 weight in the file's
+ * layout (any row and expert stride), over n_expert experts; threads take groups of rows. */
+void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);
+
+/* out[t * ldo + i] = row i of the group . token t, for i < nr (1..16) and t < n_tok (1..8), over
+ * nb blocks; per token the bits of the file layout's int8 kernel (dot_q8_avx512.c). `pf`: a group of
+ * the same type and n_in to prefetch into L2 meanwhile (PE_R16_PF_GROUPS), or NULL. */
+typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
+                              int64_t ldo, const uint8_t *pf);
+/* The kernel for this CPU and type, or NULL: MXFP4 on AVX-512 VNNI (vpermb or vpshufb form:
+ * r16_avx512.c) or AVX2 (dot_q8_avx2.c, the same bits); Q8_0 on AVX-512 VNNI. */
+pe_r16_dot_fn pe_r16_dot_get(int type);
+void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
+                     const uint8_t *pf);
+
+#endif

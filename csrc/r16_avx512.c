@@ -37,6 +37,29 @@ PE_AI __m512i bcast(const int8_t *p) {
     return _mm512_set1_epi32(v);
 }
 
+/* Block b of one token: the 16 rows' exact sums of w . X minus offset times the block's combined
+ * code sum, from the codes u[j] (elements 4 j .. 4 j + 3 of every row): per digit two independent
+ * chains of vpdpbusd against the broadcast activation dwords, a shift and an add. */
+PE_AI __m512i block_sums(const __m512i u[8], const pe_act_q8 *x, int64_t b, const int offset) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+    for (int j = 0; j < 4; j++) {
+        h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x->xh + pe_r16_act_at(b, j)));
+        h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x->xh + pe_r16_act_at(b, j + 4)));
+        l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x->xl + pe_r16_act_at(b, j)));
+        l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x->xl + pe_r16_act_at(b, j + 4)));
+    }
+    const __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+    return _mm512_sub_epi32(c, _mm512_set1_epi32(offset * (int32_t)x->s32x[b]));
+}
+
+/* Each token's row results (acc0 + acc1) + (acc2 + acc3), the first nr lanes stored. */
+PE_AI void store_rows(__m512 acc[][4], const int n_tok, int nr, float *out, int64_t ldo) {
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++)
+        _mm512_mask_storeu_ps(out + t * ldo, keep,
+                              _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+}
+
 #define R16_GROUP group_bw
 #define R16_DOT dot_r16_bw
 #define R16_LOOKUP(v, table) _mm512_shuffle_epi8(table, _mm512_and_si512(v, _mm512_set1_epi8(15)))
@@ -74,23 +97,11 @@ PE_AI void group_q8_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 
         for (int j = 0; j < 8; j++) u[j] = _mm512_load_si512(p + 64 * j);
         const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
         for (int t = 0; t < n_tok; t++) {
-            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
-            for (int j = 0; j < 4; j++) {
-                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + pe_r16_act_at(b, j)));
-                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + pe_r16_act_at(b, j + 4)));
-                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + pe_r16_act_at(b, j)));
-                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + pe_r16_act_at(b, j + 4)));
-            }
-            __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
-            c = _mm512_sub_epi32(c, _mm512_set1_epi32(128 * (int32_t)x[t].s32x[b]));
             const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
-            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, acc[t][b & 3]);
+            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 128)), s, acc[t][b & 3]);
         }
     }
-    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-    for (int t = 0; t < n_tok; t++)
-        _mm512_mask_storeu_ps(out + t * ldo, keep,
-                              _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+    store_rows(acc, n_tok, nr, out, ldo);
 }
 
 static void dot_r16_q8_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,

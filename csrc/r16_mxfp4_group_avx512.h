@@ -21,23 +21,11 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         const __m512 ws = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scales + 16 * b)))),
                                         _mm512_set1_ps(128.0f));
         for (int t = 0; t < n_tok; t++) {
-            __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
-            for (int j = 0; j < 4; j++) {
-                h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x[t].xh + pe_r16_act_at(b, j)));
-                h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x[t].xh + pe_r16_act_at(b, j + 4)));
-                l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x[t].xl + pe_r16_act_at(b, j)));
-                l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x[t].xl + pe_r16_act_at(b, j + 4)));
-            }
-            __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
-            c = _mm512_sub_epi32(c, _mm512_set1_epi32(12 * (int32_t)x[t].s32x[b]));
             const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)), ws);
-            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, acc[t][b & 3]);
+            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 12)), s, acc[t][b & 3]);
         }
     }
-    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-    for (int t = 0; t < n_tok; t++)
-        _mm512_mask_storeu_ps(out + t * ldo, keep,
-                              _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+    store_rows(acc, n_tok, nr, out, ldo);
 }
 
 /* One token: the accumulators stay in registers (n_tok a constant). */

@@ -1,7 +1,7 @@
 """Two builds of pyengine on one model, timed in alternation: the paired speed ratio of a change.
 
     python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2]
-                              [--b-no-repack | --b-experts-only]
+                              [--b-no-repack | --b-without TYPE[,TYPE...]]
 
 SITE_A / SITE_B: folders holding a built `pyengine` package (e.g. `pip install --no-deps --target
 /tmp/base-site .` in a checkout of the base commit); "" means the installed one. Why: the dev VMs'
@@ -12,9 +12,10 @@ N decode steps (tg) or one N-token prefill (pp), then B, then B, then A, ...; ea
 sees the same machine, and the script prints the median and spread of the B/A ratios.
 --b-no-repack runs B with Engine(repack=False): with SITE_A = SITE_B = "" it pairs the repack
 cache's R16 weights (A) against the file's layout (B) in one build (pyengine/repack_cache.py).
---b-experts-only runs B with only the cache's MXFP4 experts, its Q8_0 matrices from the file's
-layout: the gain of the Q8_0 R16 form alone, both workers mapping one cache file (two caches or the
-file's experts besides the cache would not fit the 20b shape in 24 GiB of page cache)."""
+--b-without q5_0,q4_k runs B with the cache's weights but those of the named types (mxfp4, q8_0,
+q5_0, q4_k) from the file's layout: the gain of those types' R16 forms alone, both workers mapping
+one cache file (two caches, or the file's experts besides the cache, would not fit the 20b shape in
+24 GiB of page cache)."""
 
 from __future__ import annotations
 
@@ -26,20 +27,27 @@ import sys
 import time
 
 
-def worker(model: str, threads: int, repack: str) -> None:
-    """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s. repack: "all", "experts"
-    (the cache's MXFP4 experts only) or "none"."""
+R16_TYPES = ("mxfp4", "q8_0", "q5_0", "q4_k")
+
+
+def worker(model: str, threads: int, repack: bool, without: list[str]) -> None:
+    """Serve "tg N" / "pp N" lines from stdin: run that, answer tokens/s. without: types whose
+    weights are taken from the file's layout although the cache holds them."""
     import numpy as np
 
-    from pyengine import Engine
+    from pyengine import Engine, _model
     from pyengine import engine as engine_mod
-    from pyengine.repack_cache import EXPERT_WEIGHTS
 
-    if repack == "experts":
+    if without:
+        drop = {int(getattr(_model, name.upper())) for name in without}
         full = engine_mod.repacked_weights
-        engine_mod.repacked_weights = lambda *a, **k: {
-            name: v for name, v in full(*a, **k).items() if any(f".{w}." in name for w in EXPERT_WEIGHTS)}
-    eng = Engine(model, n_ctx=1024, n_threads=threads, repack=repack != "none")
+
+        def some(model_file, *a, **k):
+            return {name: v for name, v in full(model_file, *a, **k).items()
+                    if int(model_file.tensors[name].ggml_type) not in drop}
+
+        engine_mod.repacked_weights = some
+    eng = Engine(model, n_ctx=1024, n_threads=threads, repack=repack)
     tokens = np.random.default_rng(0).integers(0, eng.n_vocab, 1024).tolist()
     eng.reset()
     eng.eval(tokens[:8])
@@ -73,22 +81,26 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     b_mode = ap.add_mutually_exclusive_group()
     b_mode.add_argument("--b-no-repack", action="store_true", help="B without the repack cache (Engine(repack=False))")
-    b_mode.add_argument("--b-experts-only", action="store_true",
-                        help="B with the cache's MXFP4 experts only (its Q8_0 matrices in the file's layout)")
+    b_mode.add_argument("--b-without", default="", metavar="TYPES",
+                        help=f"B takes the weights of these types ({', '.join(R16_TYPES)}; comma-separated) "
+                             "from the file's layout, the rest from the cache")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--repack", choices=("all", "experts", "none"), default="all", help=argparse.SUPPRESS)
+    ap.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    without = [t for t in args.b_without.lower().split(",") if t]
+    if any(t not in R16_TYPES for t in without):
+        ap.error(f"--b-without takes {', '.join(R16_TYPES)}")
     if args.worker:
-        worker(args.model, args.threads, args.repack)
+        worker(args.model, args.threads, not args.no_repack, without)
         return 0
     if not 1 <= args.n <= 512 or args.rounds < 1:
         ap.error("-n must be in 1..512 and -r >= 1")
     procs = []
-    b_repack = "none" if args.b_no_repack else "experts" if args.b_experts_only else "all"
-    for site, repack in ((args.site_a, "all"), (args.site_b, b_repack)):
+    for site, flags in ((args.site_a, []), (args.site_b, ["--no-repack"] if args.b_no_repack else
+                                                         ["--b-without", args.b_without] if without else [])):
         env = dict(os.environ, PYTHONPATH=site)
         p = subprocess.Popen([sys.executable, "-P", __file__, args.model, "", "", "-t", str(args.threads), "--worker",
-                              "--repack", repack],
+                              *flags],
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             print(f"[ERROR] the worker for {site or 'the installed build'!r} did not start", file=sys.stderr)

@@ -374,7 +374,7 @@ int main(int argc, char **argv) {
         }
         printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
                100.0 * dec[0] / near, dec4, pre[0], dec[1], pre[1]);
-        if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (MXFP4, Q8_0; int8 only) */
+        if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (MXFP4, Q8_0, Q5_0, Q4_K; int8 only) */
             uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(type, n_in, rows, 1));
             if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
             const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
@@ -388,7 +388,7 @@ int main(int argc, char **argv) {
             const int64_t pre_rows = rows < 8192 ? rows : 8192;
             const pe_weight pp = pe_r16_weight(type, r16, n_in, pre_rows);
             const double p64 = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
-            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", type == PE_TYPE_Q8_0 ? "Q8_R16" : "R16", (long long)rows, d1, near,
+            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", type == PE_TYPE_Q8_0 ? "Q8_R16" : type == PE_TYPE_Q5_0 ? "Q5_R16" : type == PE_TYPE_Q4_K ? "Q4KR16" : "R16", (long long)rows, d1, near,
                    100.0 * d1 / near, d4, p64, "-", "-");
             free(r16);
         }

@@ -20,9 +20,9 @@ size_t pe_gemm_q8_scratch_bytes(int64_t n_in);
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
                      int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch);
 
-/* The same for the 16-row group of an MXFP4 or Q8_0 weight in the R16 layout (r16.h) at `group`:
- * its codes are already the tile's packing, so MXFP4's are only looked up and Q8_0's used in place
- * (the same bits as the rows). */
+/* The same for the 16-row group of an MXFP4, Q8_0, Q5_0 or Q4_K weight in the R16 layout (r16.h) at
+ * `group`: its codes are already the tile's packing, so MXFP4's are only looked up, Q5_0's given
+ * their fifth bits, Q4_K's split into nibbles and Q8_0's used in place (the same bits as the rows). */
 void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
                          const float *bias, float *y, int64_t ldy, void *scratch);
 

@@ -420,6 +420,15 @@ void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int6
     tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
 }
 
+/* ws[i] = the i-th f16 at p, for i < n (the R16 groups' scales, already in the tiles' order). */
+static void f16_scales(const uint8_t *p, int64_t n, float *ws) {
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, 2);
+        ws[i] = f16(h);
+    }
+}
+
 void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
                          const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
@@ -428,10 +437,47 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
     tile_scratch t = scratch_of(scratch, n_in, nb);
     if (type == PE_TYPE_Q8_0) { /* piece j of block b is packing step 8 b + j already; f16 scales */
         t.packed = (uint8_t *)group;
-        for (int64_t i = 0; i < TILE * nb; i++) {
-            uint16_t h;
-            memcpy(&h, group + 512 * nb + 2 * i, 2);
-            t.ws[i] = f16(h);
+        f16_scales(group + 512 * nb, TILE * nb, t.ws);
+        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+        return;
+    }
+    if (type == PE_TYPE_Q5_0) { /* the decode kernel's code registers are packing steps 8 b + j */
+        const __m512i m0f = _mm512_set1_epi8(15), s16 = _mm512_set1_epi8(16);
+        for (int64_t b = 0; b < nb; b++) {
+            uint64_t fifth[8];
+            memcpy(fifth, group + 320 * b + 256, sizeof fifth);
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512(group + 320 * b + 64 * j);
+                const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+                _mm512_store_si512(t.packed + 64 * (8 * b + j), _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth[j]), lo, s16));
+                _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j),
+                                   _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth[j + 4]), hi, s16));
+            }
+        }
+        f16_scales(group + 320 * nb, TILE * nb, t.ws);
+        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+        return;
+    }
+    if (type == PE_TYPE_Q4_K) { /* sub-block s of super-block sb is packing steps 8 (8 sb + s) + j */
+        const __m512i m0f = _mm512_set1_epi8(15);
+        const int64_t nsb = n_in / 256;
+        for (int64_t u = 0; u < nb; u++)
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_loadu_si512(group + 256 * u + 64 * j);
+                _mm512_store_si512(t.packed + 64 * (8 * u + j), _mm512_and_si512(v, m0f));
+                _mm512_store_si512(t.packed + 64 * (8 * u + 4 + j), _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
+            }
+        for (int64_t sb = 0; sb < nsb; sb++) {
+            const uint8_t *sc = group + 2048 * nsb + 320 * sb;
+            for (int r = 0; r < TILE; r++) {
+                uint16_t d, dmin;
+                memcpy(&d, sc + 256 + 2 * r, 2);
+                memcpy(&dmin, sc + 288 + 2 * r, 2);
+                for (int s = 0; s < 8; s++) { /* as unpack_q45_k: d * sc, dmin * m */
+                    t.ws[(8 * sb + s) * TILE + r] = f16(d) * (float)sc[16 * s + r];
+                    t.wm[(8 * sb + s) * TILE + r] = f16(dmin) * (float)sc[128 + 16 * s + r];
+                }
+            }
         }
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;

@@ -16,10 +16,10 @@ typedef struct {
     int64_t row_stride;    /* bytes from one output row to the next */
     int64_t expert_stride; /* bytes from one expert to the next (0 for a plain matrix) */
     int int8_act;          /* nonzero: row-wise products use int8 activations (see pe_matmul) */
-    int layout;            /* PE_LAYOUT_ROWS, or PE_LAYOUT_R16: MXFP4 or Q8_0 rows interleaved by 16 (r16.h) */
+    int layout;            /* PE_LAYOUT_ROWS, or PE_LAYOUT_R16: MXFP4, Q8_0, Q5_0 or Q4_K rows interleaved by 16 (r16.h) */
 } pe_weight;
 
-/* PE_LAYOUT_R16 weights (MXFP4 or Q8_0, row_stride = pe_r16_group_bytes / 16, so that row 16 g starts group g)
+/* PE_LAYOUT_R16 weights (MXFP4, Q8_0, Q5_0 or Q4_K, row_stride = pe_r16_group_bytes / 16, so that row 16 g starts group g)
  * take only the int8 paths: pe_matmul returns -1 for them without int8_act or without the kernel. */
 enum { PE_LAYOUT_ROWS = 0, PE_LAYOUT_R16 = 1 };
 

@@ -1,18 +1,32 @@
-/* Repacking MXFP4 and Q8_0 weights into the R16 layout (r16.h): a transpose of 4-byte pieces, done
- * once per model into the cache file, so plain C. */
+/* Repacking MXFP4, Q8_0, Q5_0 and Q4_K weights into the R16 layout (r16.h): a transpose of 4-byte
+ * pieces (and of Q5_0's fifth bits, Q4_K's nibbles and scales), done once per model into the cache
+ * file, so plain C. */
 #include "r16.h"
 
 #include <string.h>
 
 #include "quants_impl.h"
 
-int pe_r16_has_type(int type) { return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0; }
+int pe_r16_has_type(int type) {
+    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q5_0 || type == PE_TYPE_Q4_K;
+}
 
-/* Bytes of one block of one row in the file (17 or 34). */
-static int64_t block_bytes(int type) { return type == PE_TYPE_Q8_0 ? PE_BLOCK_BYTES_Q8_0 : PE_BLOCK_BYTES_MXFP4; }
+/* Bytes of one block of one row in the file (17, 34, 22 or 144), and elements per block. */
+static int64_t block_bytes(int type) {
+    switch (type) {
+    case PE_TYPE_Q8_0: return PE_BLOCK_BYTES_Q8_0;
+    case PE_TYPE_Q5_0: return PE_BLOCK_BYTES_Q5_0;
+    case PE_TYPE_Q4_K: return PE_BLOCK_BYTES_Q4_K;
+    default: return PE_BLOCK_BYTES_MXFP4;
+    }
+}
+static int64_t block_elems(int type) { return type == PE_TYPE_Q4_K ? 256 : 32; }
+/* Bytes of one block of the group's 16 rows in the R16 form: the file's, but Q4_K's scales and
+ * minimums unpacked to a byte each (2368 = 16 * 144 + 64). */
+static int64_t r16_block_bytes(int type) { return type == PE_TYPE_Q4_K ? 2368 : PE_R16_ROWS * block_bytes(type); }
 
 int64_t pe_r16_group_bytes(int type, int64_t n_in) {
-    return (PE_R16_ROWS * (n_in / 32) * block_bytes(type) + 63) / 64 * 64;
+    return ((n_in / block_elems(type)) * r16_block_bytes(type) + 63) / 64 * 64;
 }
 
 int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert) {
@@ -33,6 +47,35 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         memcpy(out + 512 * nb + 32 * b + 2 * i, &q->d, 2);
         return;
     }
+    if (type == PE_TYPE_Q5_0) {
+        const pe_block_q5_0 *q = (const pe_block_q5_0 *)blk;
+        uint32_t qh;
+        memcpy(&qh, q->qh, 4);
+        for (int j = 0; j < 4; j++) memcpy(out + 320 * b + 64 * j + 4 * i, q->qs + 4 * j, 4);
+        for (int j = 0; j < 8; j++) /* mask j, bit 4 i + e: the fifth bit of element 4 j + e */
+            for (int e = 0; e < 4; e++)
+                out[320 * b + 256 + 8 * j + (4 * i + e) / 8] |= (uint8_t)(((qh >> (4 * j + e)) & 1) << ((4 * i + e) % 8));
+        memcpy(out + 320 * nb + 32 * b + 2 * i, &q->d, 2);
+        return;
+    }
+    if (type == PE_TYPE_Q4_K) {
+        const pe_block_q4_k *q = (const pe_block_q4_k *)blk;
+        for (int sub = 0; sub < 8; sub++) {
+            const uint8_t *qs = q->qs + 32 * (sub / 2); /* nibble sub % 2 of qs[l] is element 32 sub + l */
+            for (int j = 0; j < 4; j++)
+                for (int e = 0; e < 4; e++) {
+                    const int lo = (qs[4 * j + e] >> (4 * (sub % 2))) & 15, hi = (qs[16 + 4 * j + e] >> (4 * (sub % 2))) & 15;
+                    out[2048 * b + 256 * sub + 64 * j + 4 * i + e] = (uint8_t)(lo | hi << 4);
+                }
+            uint8_t sc, mn;
+            pe_k_scale_min(q->scales, sub, &sc, &mn);
+            out[2048 * nb + 320 * b + 16 * sub + i] = sc;
+            out[2048 * nb + 320 * b + 128 + 16 * sub + i] = mn;
+        }
+        memcpy(out + 2048 * nb + 320 * b + 256 + 2 * i, &q->d, 2);
+        memcpy(out + 2048 * nb + 320 * b + 288 + 2 * i, &q->dmin, 2);
+        return;
+    }
     const pe_block_mxfp4 *m = (const pe_block_mxfp4 *)blk;
     for (int j = 0; j < 4; j++) memcpy(out + 256 * b + 64 * j + 4 * i, m->qs + 4 * j, 4);
     out[256 * nb + 16 * b + i] = m->e;
@@ -40,13 +83,13 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
 
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) {
     const int type = src->type;
-    const int64_t nb = src->n_in / 32, groups = (src->n_out + PE_R16_ROWS - 1) / PE_R16_ROWS;
-    const int64_t group_bytes = pe_r16_group_bytes(type, src->n_in), used = PE_R16_ROWS * nb * block_bytes(type);
+    const int64_t nb = src->n_in / block_elems(type), groups = (src->n_out + PE_R16_ROWS - 1) / PE_R16_ROWS;
+    const int64_t group_bytes = pe_r16_group_bytes(type, src->n_in);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t eg = 0; eg < n_expert * groups; eg++) {
         const int64_t e = eg / groups, g = eg % groups;
         uint8_t *out = dst + eg * group_bytes;
-        memset(out + used, 0, (size_t)(group_bytes - used));
+        memset(out, 0, (size_t)group_bytes); /* Q5_0's fifth-bit masks are ORed in */
         for (int i = 0; i < PE_R16_ROWS; i++) {
             const int64_t r = g * PE_R16_ROWS + i < src->n_out ? g * PE_R16_ROWS + i : src->n_out - 1;
             const uint8_t *row = src->data + e * src->expert_stride + r * src->row_stride;

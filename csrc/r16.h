@@ -2,8 +2,8 @@
  * codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword gives all 16
  * rows' partial sums with no horizontal reduction (the layout the prefill tiles of gemm_q8_avx512.c
  * build in scratch memory for every tile; here it is built once, into a cache file next to the
- * model: pyengine/repack_cache.py). Two formats have this form: MXFP4 (the experts) and Q8_0 (the
- * attention and output weights of gpt-oss files).
+ * model: pyengine/repack_cache.py). Four formats have this form: MXFP4 (the experts), Q8_0 (the
+ * attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in their Q4_K_M files).
  *
  * Why: in the file's layout (17- or 34-byte blocks, one row after the other) the decode kernels
  * spend most of their instructions gathering a row's codes and scales and folding per-row sums;
@@ -13,11 +13,12 @@
  * in cache, and from memory (two threads) 1.09x, since the less a kernel computes per byte, the
  * closer it streams to the memory's rate (bench/RESULTS.md).
  *
- * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks): groups of 16
- * rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row again), pe_r16_group_bytes =
- * the bytes of its 16 rows in the file (16 * block bytes * nb) rounded up to 64, so that every group
- * starts on a 64-byte boundary when the matrix does. Inside a group: the codes of every block, then
- * the scales of every block, then zero padding.
+ * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks, Q4_K: n_in / 256
+ * super-blocks): groups of 16 rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row
+ * again), pe_r16_group_bytes = the bytes of its 16 rows in the file (16 * block bytes * nb; Q4_K:
+ * 2368 * nb, its scales unpacked) rounded up to 64, so that every group starts on a 64-byte
+ * boundary when the matrix does. Inside a group: the codes of every block, then the scales of every
+ * block, then zero padding.
  * MXFP4 (256 code bytes and 16 scale bytes per block):
  *   codes of block b, piece j (j < 4), at 256 b + 64 j: bytes 4 i .. 4 i + 3 are row i's qs[4 j .. 4 j + 3]
  *     (low nibbles: elements 32 b + 4 j + e, high nibbles: elements 32 b + 16 + 4 j + e)
@@ -26,6 +27,17 @@
  *   codes of block b, piece j (j < 8), at 512 b + 64 j: bytes 4 i .. 4 i + 3 are row i's
  *     qs[4 j .. 4 j + 3] + 128 (elements 32 b + 4 j + e), i.e. exactly the packing of the prefill tiles
  *   scale of block b at 512 nb + 32 b + 2 i: row i's f16 d
+ * Q5_0 (320 code bytes and 32 scale bytes per block):
+ *   low four bits of block b, piece j (j < 4), at 320 b + 64 j: row i's qs[4 j .. 4 j + 3] at 4 i, as MXFP4
+ *   fifth bits of block b at 320 b + 256: eight 64-bit masks, mask j's bit 4 i + e = the fifth bit of
+ *     row i's element 4 j + e (j < 8), i.e. of the byte lane that code register j holds it in
+ *   scale of block b at 320 nb + 32 b + 2 i: row i's f16 d
+ * Q4_K (2048 code bytes and 320 scale bytes per super-block):
+ *   codes of super-block b, sub-block s (elements 256 b + 32 s ..), piece j (j < 4), at
+ *     2048 b + 256 s + 64 j: byte 4 i + e = row i's code of element 32 s + 4 j + e (low nibble) and
+ *     of 32 s + 16 + 4 j + e (high nibble), as MXFP4's pieces
+ *   at 2048 nb + 320 b: the 6-bit scales (byte 16 s + i) and minimums (128 + 16 s + i) of every
+ *     sub-block and row, then the rows' f16 d (256 + 2 i) and dmin (288 + 2 i)
  * An expert's matrix is ceil(n_out / 16) groups; experts follow each other with no gap.
  * The products are bit-identical to the file-layout kernels (dot_q8_avx512.c, gemm_q8_avx512.c):
  * the same integer sums, the same float operations in the same order. */
@@ -62,7 +74,7 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
 }
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
-/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0). */
+/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0, Q5_0, Q4_K). */
 int pe_r16_has_type(int type);
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);
@@ -73,17 +85,18 @@ int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert);
  * n_in elements, one expert after the other: row_stride = group bytes / 16, int8 activations. */
 pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out);
 
-/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4 or Q8_0 weight in the file's
+/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4, Q8_0, Q5_0 or Q4_K weight in the file's
  * layout (any row and expert stride), over n_expert experts; threads take groups of rows. */
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);
 
 /* out[t * ldo + i] = row i of the group . token t, for i < nr (1..16) and t < n_tok (1..8), over
- * nb blocks; per token the bits of the file layout's int8 kernel (dot_q8_avx512.c). `pf`: a group of
+ * nb 32-element blocks; per token the bits of the file layout's int8 kernel (dot_q8_avx512.c,
+ * dot_q8k_avx512.c). `pf`: a group of
  * the same type and n_in to prefetch into L2 meanwhile (PE_R16_PF_GROUPS), or NULL. */
 typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
                               int64_t ldo, const uint8_t *pf);
 /* The kernel for this CPU and type, or NULL: MXFP4 on AVX-512 VNNI (vpermb or vpshufb form:
- * r16_avx512.c) or AVX2 (dot_q8_avx2.c, the same bits); Q8_0 on AVX-512 VNNI. */
+ * r16_avx512.c) or AVX2 (dot_q8_avx2.c, the same bits); Q8_0, Q5_0 and Q4_K on AVX-512 VNNI. */
 pe_r16_dot_fn pe_r16_dot_get(int type);
 void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
                      const uint8_t *pf);

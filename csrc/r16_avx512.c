@@ -1,5 +1,5 @@
 /* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 (+ VBMI where
- * present) and Q8_0.
+ * present), Q8_0, Q5_0 and Q4_K.
  *
  * MXFP4, per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
  * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
@@ -110,18 +110,130 @@ static void dot_r16_q8_0(const uint8_t *group, int64_t nb, int nr, const pe_act_
     else group_q8_0(group, nb, nr, x, n_tok, out, ldo, pf);
 }
 
-static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0;
+/* Each token's row results from eight accumulators in dot_q8k_avx512.c's reduction order (its
+ * rows-in-pairs kernels sum a row's eight lanes with _mm512_reduce_add_ps):
+ * ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)), the first nr lanes stored. */
+PE_AI void store_rows8(__m512 acc[][8], const int n_tok, int nr, float *out, int64_t ldo) {
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++) {
+        const __m512 *a = acc[t];
+        const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                                       _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
+        _mm512_mask_storeu_ps(out + t * ldo, keep, r);
+    }
+}
+
+/* Q5_0: each 64-byte load gives two code registers (low nibbles, then the high ones after a 16-bit
+ * shift, both masked to four bits), and each register its fifth bits from its own 64-bit mask (a
+ * masked add of 16); then the file layout's steps (dot_q8k_avx512.c's 32-block kernel): 16 times the
+ * block's combined code sum taken off in int32, one conversion, one multiply-add with d_w * (d_x /
+ * 254) into the accumulator of block b mod 8, and the row's result summed in that kernel's order,
+ * ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)): the same bits. */
+PE_AI void group_q5_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
+                      int64_t ldo, const uint8_t *pf) {
+    const uint8_t *scales = group + 320 * nb;
+    const __m512i m0f = _mm512_set1_epi8(15), s16 = _mm512_set1_epi8(16);
+    __m512 acc[PE_DOT_Q8_MAX_TOK][8];
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = group + 320 * b;
+        pe_r16_prefetch_block(pf, nb, b, 320, 32);
+        uint64_t fifth[8];
+        memcpy(fifth, p + 256, sizeof fifth);
+        __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_load_si512(p + 64 * j);
+            const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+            u[j] = _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth[j]), lo, s16);
+            u[j + 4] = _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth[j + 4]), hi, s16);
+        }
+        const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
+        for (int t = 0; t < n_tok; t++) {
+            const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
+            acc[t][b & 7] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 16)), s, acc[t][b & 7]);
+        }
+    }
+    store_rows8(acc, n_tok, nr, out, ldo);
+}
+
+static void dot_r16_q5_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
+                         int64_t ldo, const uint8_t *pf) {
+    if (n_tok == 1) group_q5_0(group, nb, nr, x, 1, out, ldo, pf);
+    else group_q5_0(group, nb, nr, x, n_tok, out, ldo, pf);
+}
+
+/* Q4_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight code
+ * registers (low nibbles, high nibbles), the row's d * sc and dmin * m converted from the unpacked
+ * scale bytes; then the file layout's steps (dot_q8k_avx512.c's Q4_K kernel): one conversion, one
+ * multiply-add with (d * sc) * (d_x / 254), one negated multiply-add of dmin * m with d_x / 254 times
+ * the unit's combined code sum, into the accumulator of sub-block s, and the row's result summed in
+ * that kernel's order, ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)): the same
+ * bits (it keeps the odd sub-blocks' codes as 16 q and d_x / 16, exactly the same products). */
+PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
+                      int64_t ldo, const uint8_t *pf) {
+    const int64_t nsb = nb / 8;
+    const uint8_t *scales = group + 2048 * nsb;
+    const __m512i m0f = _mm512_set1_epi8(15);
+    __m512 acc[PE_DOT_Q8_MAX_TOK][8];
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = scales + 320 * sb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        for (int s = 0; s < 8; s++) {
+            const int64_t b = 8 * sb + s;
+            const uint8_t *p = group + 2048 * sb + 256 * s;
+            if (pf) {
+                for (int l = 0; l < 256; l += 64) __builtin_prefetch(pf + 2048 * sb + 256 * s + l, 0, 2);
+                if (s < 5) __builtin_prefetch(pf + 2048 * nsb + 320 * sb + 64 * s, 0, 2);
+            }
+            __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = _mm512_load_si512(p + 64 * j);
+                u[j] = _mm512_and_si512(v, m0f);
+                u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+            }
+            const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
+            const __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 128 + 16 * s)))), dmin);
+            for (int t = 0; t < n_tok; t++) {
+                const float dx = x[t].d[b] * (1.0f / 254.0f);
+                const __m512 f = _mm512_cvtepi32_ps(block_sums(u, &x[t], b, 0));
+                acc[t][s] = _mm512_fmadd_ps(f, _mm512_mul_ps(a, _mm512_set1_ps(dx)), acc[t][s]);
+                acc[t][s] = _mm512_fnmadd_ps(m, _mm512_set1_ps(dx * x[t].s32x[b]), acc[t][s]);
+            }
+        }
+    }
+    store_rows8(acc, n_tok, nr, out, ldo);
+}
+
+static void dot_r16_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
+                         int64_t ldo, const uint8_t *pf) {
+    if (n_tok == 1) group_q4_k(group, nb, nr, x, 1, out, ldo, pf);
+    else group_q4_k(group, nb, nr, x, n_tok, out, ldo, pf);
+}
+
+static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q5_0, chosen_q4_k;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 static void choose(void) {
     const pe_simd_level level = pe_simd_level_get();
     if (level >= PE_SIMD_AVX512) {
         chosen_mxfp4 = pe_cpu_has_avx512vbmi() ? dot_r16_vbmi : dot_r16_bw;
         chosen_q8_0 = dot_r16_q8_0;
+        chosen_q5_0 = dot_r16_q5_0;
+        chosen_q4_k = dot_r16_q4_k;
     } else chosen_mxfp4 = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
 }
 
 /* Resolved once (cpuid is slow, and in a VM a trap): matmul.c asks per row group. */
 pe_r16_dot_fn pe_r16_dot_get(int type) {
     pthread_once(&chosen_once, choose);
-    return type == PE_TYPE_MXFP4 ? chosen_mxfp4 : type == PE_TYPE_Q8_0 ? chosen_q8_0 : NULL;
+    switch (type) {
+    case PE_TYPE_MXFP4: return chosen_mxfp4;
+    case PE_TYPE_Q8_0: return chosen_q8_0;
+    case PE_TYPE_Q5_0: return chosen_q5_0;
+    case PE_TYPE_Q4_K: return chosen_q4_k;
+    default: return NULL;
+    }
 }

@@ -15,7 +15,7 @@ from _core cimport PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_s
 cnp.import_array()
 
 cdef extern from "quants.h":
-    enum: PE_TYPE_MXFP4
+    enum: PE_TYPE_MXFP4, PE_TYPE_Q5_0, PE_TYPE_Q4_K
     ctypedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n) noexcept nogil
     ctypedef struct pe_type_traits:
         int type
@@ -119,31 +119,35 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     return w
 
 
-# ---- MXFP4 and Q8_0 weights repacked by 16 rows (csrc/r16.h; the cache: pyengine/repack_cache.py) ----
+# ---- MXFP4, Q8_0, Q5_0, Q4_K weights repacked by 16 rows (csrc/r16.h; cache: pyengine/repack_cache.py) ----
 MXFP4 = PE_TYPE_MXFP4
 Q8_0 = PE_TYPE_Q8_0
+Q5_0 = PE_TYPE_Q5_0
+Q4_K = PE_TYPE_Q4_K
 
 
 def r16_available(int ggml_type=MXFP4) -> bool:
-    """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; Q8_0: AVX-512 VNNI)."""
+    """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; Q8_0, Q5_0, Q4_K:
+    AVX-512 VNNI)."""
     return pe_r16_dot_get(ggml_type) != NULL
 
 
 def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4) -> int:
-    """Bytes of the R16 form of n_expert matrices of the type (MXFP4, Q8_0) of n_out rows x n_in elements."""
+    """Bytes of the R16 form of n_expert matrices of the type (MXFP4, Q8_0, Q5_0, Q4_K) of n_out rows x
+    n_in elements."""
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4 and Q8_0)")
-    if n_in <= 0 or n_in % 32 or n_out <= 0 or n_expert <= 0:
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4, Q8_0, Q5_0 and Q4_K)")
+    if n_in <= 0 or n_in % (256 if ggml_type == Q4_K else 32) or n_out <= 0 or n_expert <= 0:
         raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
     return pe_r16_bytes(ggml_type, n_in, n_out, n_expert)
 
 
 def r16_repack(data, int64_t n_in, out, int n_threads=1, int ggml_type=MXFP4):
-    """Write the R16 form of `data` (an MXFP4 or Q8_0 weight: uint8 (n_out, row_bytes) or (n_expert,
+    """Write the R16 form of `data` (an MXFP4, Q8_0, Q5_0 or Q4_K weight: uint8 (n_out, row_bytes) or (n_expert,
     n_out, row_bytes), any strides) into `out` (writable uint8, r16_bytes(...) contiguous bytes)."""
     cdef int64_t n_exp = data.shape[0] if data.ndim == 3 else 1
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4 and Q8_0)")
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4, Q8_0, Q5_0 and Q4_K)")
     cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0, n_exp,
                                "r16_repack")
     need = r16_bytes(w.n_in, w.n_out, n_exp, ggml_type)
@@ -160,7 +164,7 @@ cdef pe_weight _r16_weight(object data, int ggml_type, int64_t n_in, int64_t n_o
     """A PE_LAYOUT_R16 weight (int8 activations) over `data`, checked: uint8, contiguous, exactly
     r16_bytes(n_in, n_out, n_expert, ggml_type) long, 64-byte aligned, and this CPU has the kernel."""
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"{name}: the R16 layout is for MXFP4 and Q8_0 weights")
+        raise ValueError(f"{name}: the R16 layout is for MXFP4, Q8_0, Q5_0 and Q4_K weights")
     if pe_r16_dot_get(ggml_type) == NULL:
         raise ValueError(f"{name}: this CPU has no R16 kernel for this type")
     cdef int64_t need = r16_bytes(n_in, n_out, n_expert, ggml_type)
@@ -329,7 +333,7 @@ cdef class Model:
 
     def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False,
                  dict repacked=None):
-        """repacked: tensor name -> that MXFP4 or Q8_0 weight's R16 form (pyengine/repack_cache.py),
+        """repacked: tensor name -> that MXFP4, Q8_0, Q5_0 or Q4_K weight's R16 form (pyengine/repack_cache.py),
         used in its place (needs int8_activations)."""
         cdef int l
         self.int8_activations = int8_activations
@@ -612,8 +616,8 @@ def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, in
            bint int8_activations=False, r16_shape=None):
     """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
     (n_expert, n_out, row_bytes) of the given type, any row/expert stride; int8_activations as in
-    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4 or Q8_0 weight's R16
-    form (r16_repack) and int8_activations is implied."""
+    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4, Q8_0, Q5_0 or Q4_K
+    weight's R16 form (r16_repack) and int8_activations is implied."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
     cdef pe_weight w
     if r16_shape is not None:

@@ -1,11 +1,11 @@
-"""The repack cache: a model's MXFP4 expert weights and Q8_0 matrices (attention, output) in the
-R16 decode layout (csrc/r16.h), kept in a file next to the model (`MODEL.gguf.pyengine-r16`), built
-on the first load and only mapped after that.
+"""The repack cache: a model's MXFP4 expert weights and Q8_0 / Q5_0 / Q4_K matrices (attention,
+output) in the R16 decode layout (csrc/r16.h), kept in a file next to the model
+(`MODEL.gguf.pyengine-r16`), built on the first load and only mapped after that.
 
 Why: in the R16 layout the CPU decode kernels do far fewer vector instructions per weight byte
-(MXFP4: ~35 instead of ~54 per 16 rows x 32 elements; Q8_0: nothing to decode at all), and a kernel
-that computes less per byte streams closer to the memory's rate (bench/RESULTS.md), with the same
-bits.
+(MXFP4: ~35 instead of ~54 per 16 rows x 32 elements; Q8_0: nothing to decode at all; Q5_0 and Q4_K:
+no gathering of fifth bits or scales), and a kernel that computes less per byte streams closer to
+the memory's rate (bench/RESULTS.md), with the same bits.
 Why a file rather than repacking at load (what llama.cpp does, 9 s and 21 GiB RSS for the 20b
 here): a mapped file keeps load sub-second and RSS small, the page cache shares it between
 processes, and the kernel may drop its pages under memory pressure. The first load pays once for
@@ -34,7 +34,7 @@ from pyengine.gguf_reader import advise_huge_pages
 from pyengine.log import logger
 
 MAGIC = b"PYENGINE-R16\0\0\0\0"
-VERSION = 2  # 2: Q8_0 matrices too, each entry with its type
+VERSION = 2  # 2: Q8_0, Q5_0 and Q4_K matrices too, each entry with its type
 SUFFIX = ".pyengine-r16"
 ALIGN = 4096
 EXPERT_WEIGHTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -47,10 +47,10 @@ def cache_path(model_file) -> Path:
 
 
 def repacked_tensors(model_file) -> list:
-    """The tensors the cache holds, in layer order: the MXFP4 expert weights, and where this CPU has
-    the Q8_0 R16 kernel the Q8_0 attention matrices and output.weight (not token_embd: the embedding
-    lookup reads rows in the file's layout, and a tied output shares it)."""
-    q8 = _model.r16_available(_model.Q8_0)
+    """The tensors the cache holds, in layer order: the MXFP4 expert weights, and the Q8_0 / Q5_0 / Q4_K
+    attention matrices and output.weight where this CPU has their R16 kernels (not token_embd: the
+    embedding lookup reads rows in the file's layout, and a tied output shares it)."""
+    matrix_types = {ty for ty in (_model.Q8_0, _model.Q5_0, _model.Q4_K) if _model.r16_available(ty)}
     out = []
     for l in range(int(model_file.hparams.n_layer)):
         for w in EXPERT_WEIGHTS + MATRIX_WEIGHTS:
@@ -58,10 +58,10 @@ def repacked_tensors(model_file) -> list:
             if t is None:
                 continue
             if (w in EXPERT_WEIGHTS and t.ggml_type == _model.MXFP4 and len(t.shape) == 3) or \
-                    (w in MATRIX_WEIGHTS and q8 and t.ggml_type == _model.Q8_0 and len(t.shape) == 2):
+                    (w in MATRIX_WEIGHTS and int(t.ggml_type) in matrix_types and len(t.shape) == 2):
                 out.append(t)
     t = model_file.tensors.get("output.weight")  # a tied output is token_embd under this name
-    if q8 and t is not None and t.name == "output.weight" and t.ggml_type == _model.Q8_0 and len(t.shape) == 2:
+    if t is not None and t.name == "output.weight" and int(t.ggml_type) in matrix_types and len(t.shape) == 2:
         out.append(t)
     return out
 
@@ -130,8 +130,8 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
     total = start + last["offset"] + last["nbytes"]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    logger.info("Repacking %d MXFP4 expert and Q8_0 weights (%.2f GB) into %s, once per model file",
-                len(tensors), total / 1e9, path)
+    logger.info("Repacking %d MXFP4 expert and Q8_0 / Q5_0 / Q4_K weights (%.2f GB) into %s, "
+                "once per model file", len(tensors), total / 1e9, path)
     try:
         with open(tmp, "wb+") as f:
             if hasattr(os, "posix_fallocate"):  # ENOSPC here, never SIGBUS while writing the map
@@ -157,7 +157,7 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
 
 
 def repacked_weights(model_file, n_threads: int, build: bool = True) -> dict[str, np.ndarray]:
-    """tensor name -> R16 bytes for the model's MXFP4 expert weights and Q8_0 matrices, from the
+    """tensor name -> R16 bytes for the model's MXFP4 expert weights and Q8_0 / Q5_0 / Q4_K matrices, from the
     cache file (built first when missing or stale and `build`); {} when the model has none, this CPU
     has no R16 kernel, or the cache can be neither read nor written (logged: the model then runs on
     the file's layout, only slower)."""

@@ -142,12 +142,12 @@ def test_compare_script_runs_several_files(tiny):
 
 
 @pytest.mark.parametrize("test,flags", [("tg", []), ("pp", []), ("tg", ["--b-no-repack"]),
-                                        ("tg", ["--b-experts-only"])])
+                                        ("tg", ["--b-without", "q8_0,q5_0"])])
 def test_ab_builds_pairs_two_builds(tiny, test, flags):
     """bench/ab_builds.py: both workers start, take turns, and the paired ratio line comes out (the
     same build twice here, so the ratios are about 1; their values are timing, not checked);
-    --b-no-repack: B on the file's layout, A on the repack cache; --b-experts-only: B on the cache's
-    experts and the file's Q8_0 matrices."""
+    --b-no-repack: B on the file's layout, A on the repack cache; --b-without: B on the cache but
+    for the named types."""
     r = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(tiny[0]), "", "", "--test", test,
                         "-n", "3", "-r", "2", "-t", "1", *flags], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

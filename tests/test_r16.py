@@ -1,4 +1,4 @@
-"""MXFP4 and Q8_0 weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
+"""MXFP4, Q8_0, Q5_0 and Q4_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
 
 The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
 invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
@@ -27,9 +27,13 @@ def mxfp4(n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
     return blocks.reshape(n_expert, n_out, n_in // 32 * SIZES[T.MXFP4][1])
 
 
-def q8_0(n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
-    blocks = random_blocks(T.Q8_0, n_expert * n_out * n_in // 32, rng)
-    return blocks.reshape(n_expert, n_out, n_in // 32 * SIZES[T.Q8_0][1])
+def blocks_of(qtype, n_expert: int, n_out: int, n_in: int, rng) -> np.ndarray:
+    """Random (n_expert, n_out, row bytes) weights of the type (MXFP4 with sane e8m0 scales)."""
+    if qtype == T.MXFP4:
+        return mxfp4(n_expert, n_out, n_in, rng)
+    blck, size = SIZES[qtype]
+    blocks = random_blocks(qtype, n_expert * n_out * n_in // blck, rng)
+    return blocks.reshape(n_expert, n_out, n_in // blck * size)
 
 
 def repacked(data: np.ndarray, n_in: int, qtype=T.MXFP4) -> np.ndarray:
@@ -39,15 +43,20 @@ def repacked(data: np.ndarray, n_in: int, qtype=T.MXFP4) -> np.ndarray:
 
 
 q8_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q8_0)), reason="the Q8_0 R16 kernel needs AVX-512 VNNI")
-TYPES = [pytest.param(T.MXFP4, id="MXFP4"), pytest.param(T.Q8_0, id="Q8_0", marks=q8_r16)]
+q5_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q5_0)), reason="the Q5_0 R16 kernel needs AVX-512 VNNI")
+q4k_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q4_K)), reason="the Q4_K R16 kernel needs AVX-512 VNNI")
+TYPES = [pytest.param(T.MXFP4, id="MXFP4"), pytest.param(T.Q8_0, id="Q8_0", marks=q8_r16),
+         pytest.param(T.Q5_0, id="Q5_0", marks=q5_r16), pytest.param(T.Q4_K, id="Q4_K", marks=q4k_r16)]
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n_out,n_in", [(16, 32), (37, 96), (300, 160), (64, 2880), (5, 4096)])
 def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
+    if qtype == T.Q4_K:  # super-blocks of 256
+        n_in = max(256, n_in // 256 * 256)
     rng = np.random.default_rng(n_out * 7 + n_in)
     n_exp = 3
-    w = (mxfp4 if qtype == T.MXFP4 else q8_0)(n_exp, n_out, n_in, rng)
+    w = blocks_of(qtype, n_exp, n_out, n_in, rng)
     r = repacked(w, n_in, qtype)
     bias = rng.standard_normal(n_out).astype(np.float32)
     for n_tok in (1, 2, 3, 5, 8, 9, 20):
@@ -59,6 +68,20 @@ def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
                 assert np.array_equal(got, want), (n_tok, e, threads)
 
 
+def check_strided_against_float64(qtype, n_in: int, rng) -> None:
+    """Every other row of a fused weight, repacked: one token against float64 on the dequantized
+    rows, and bit for bit the file layout's int8 product."""
+    n_out = 40
+    view = blocks_of(qtype, 1, 2 * n_out, n_in, rng)[0][1::2]
+    r = repacked(view, n_in, qtype)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    got = K.matmul(r, int(qtype), n_in, x, r16_shape=(n_out, 1))
+    wf = reference(np.ascontiguousarray(view).reshape(-1), qtype).reshape(n_out, n_in).astype(np.float64)
+    want = wf @ x[0].astype(np.float64)
+    assert np.allclose(got[0], want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
+    assert np.array_equal(got, K.matmul(view, int(qtype), n_in, x, int8_activations=True))
+
+
 @q8_r16
 def test_r16_q8_0_against_float64_and_layout():
     """Q8_0: the byte layout r16.h describes (piece j of block b holds row i's qs[4 j .. 4 j + 3] + 128
@@ -66,7 +89,7 @@ def test_r16_q8_0_against_float64_and_layout():
     strided source (every other row) against float64 on the activations the kernel sees."""
     rng = np.random.default_rng(11)
     n_in, n_out = 96, 13
-    w = q8_0(1, n_out, n_in, rng)[0]
+    w = blocks_of(T.Q8_0, 1, n_out, n_in, rng)[0]
     r = repacked(w, n_in, T.Q8_0)
     nb = n_in // 32
     assert r.size == (16 * 34 * nb + 63) // 64 * 64
@@ -78,16 +101,7 @@ def test_r16_q8_0_against_float64_and_layout():
                 got = r[512 * b + 64 * j + 4 * i:512 * b + 64 * j + 4 * i + 4]
                 assert np.array_equal(got, row[b, 2 + 4 * j:6 + 4 * j] ^ 0x80)
     assert not r[544 * nb:].any()
-    n_in, n_out = 2880, 40
-    fused = q8_0(1, 2 * n_out, n_in, rng)[0]
-    view = fused[1::2]
-    r = repacked(view, n_in, T.Q8_0)
-    x = rng.standard_normal((1, n_in)).astype(np.float32)
-    got = K.matmul(r, int(T.Q8_0), n_in, x, r16_shape=(n_out, 1))
-    wf = reference(np.ascontiguousarray(view).reshape(-1), T.Q8_0).reshape(n_out, n_in).astype(np.float64)
-    want = wf @ x[0].astype(np.float64)
-    assert np.allclose(got[0], want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
-    assert np.array_equal(got, K.matmul(view, int(T.Q8_0), n_in, x, int8_activations=True))
+    check_strided_against_float64(T.Q8_0, 2880, rng)
 
 
 def test_r16_against_float64_and_strided_source():
@@ -104,6 +118,64 @@ def test_r16_against_float64_and_strided_source():
     want = wf @ x[0].astype(np.float64)
     assert np.allclose(got[0], want, rtol=5e-3, atol=5e-3 * np.abs(want).max())
     assert np.array_equal(got, K.matmul(view, int(T.MXFP4), n_in, x, expert=1, int8_activations=True))
+
+
+@q5_r16
+def test_r16_q5_0_against_float64_and_layout():
+    """Q5_0: the byte layout r16.h describes (the low four bits as MXFP4's pieces, then per block
+    eight 64-bit masks whose bit 4 i + e of mask j is row i's fifth bit of element 4 j + e, the f16
+    scales after the codes, zero padding), and a strided source against float64."""
+    rng = np.random.default_rng(12)
+    n_in, n_out = 96, 13
+    w = blocks_of(T.Q5_0, 1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, T.Q5_0)
+    nb = n_in // 32
+    assert r.size == (16 * 22 * nb + 63) // 64 * 64
+    for i in range(16):
+        row = w[min(i, n_out - 1)].reshape(nb, 22)
+        for b in range(nb):
+            assert bytes(r[320 * nb + 32 * b + 2 * i:320 * nb + 32 * b + 2 * i + 2]) == bytes(row[b, :2])
+            qh = int.from_bytes(bytes(row[b, 2:6]), "little")
+            for j in range(4):
+                assert bytes(r[320 * b + 64 * j + 4 * i:320 * b + 64 * j + 4 * i + 4]) == bytes(row[b, 6 + 4 * j:10 + 4 * j])
+            masks = r[320 * b + 256:320 * b + 320].view("<u8")
+            for j in range(8):
+                for e in range(4):
+                    assert (int(masks[j]) >> (4 * i + e)) & 1 == (qh >> (4 * j + e)) & 1
+    assert not r[352 * nb:].any()
+    check_strided_against_float64(T.Q5_0, 2880, rng)
+
+
+@q4k_r16
+def test_r16_q4_k_layout_and_float64():
+    """Q4_K: the values r16.h's layout gives (codes as MXFP4's pieces per sub-block, unpacked 6-bit
+    scales and minimums, f16 d and dmin) are gguf-py's dequantization of the file's rows (missing
+    rows repeat the last one), and a strided source multiplies as float64 says."""
+    rng = np.random.default_rng(13)
+    n_in, n_out = 512, 13
+    w = blocks_of(T.Q4_K, 1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, T.Q4_K)
+    nsb = n_in // 256
+    assert r.size == 2368 * nsb and K.r16_bytes(n_in, n_out, 1, int(T.Q4_K)) == r.size
+    want = reference(np.ascontiguousarray(w).reshape(-1), T.Q4_K).reshape(n_out, n_in)
+    sc_area = r[2048 * nsb:].reshape(nsb, 320)
+    for i in range(16):
+        got = np.empty(n_in, np.float32)
+        for b in range(nsb):
+            d = sc_area[b, 256 + 2 * i:258 + 2 * i].view(np.float16)[0].astype(np.float32)
+            dmin = sc_area[b, 288 + 2 * i:290 + 2 * i].view(np.float16)[0].astype(np.float32)
+            for sub in range(8):
+                sc, mn = np.float32(sc_area[b, 16 * sub + i]), np.float32(sc_area[b, 128 + 16 * sub + i])
+                for j in range(4):
+                    at = 2048 * b + 256 * sub + 64 * j + 4 * i
+                    q = r[at:at + 4]
+                    base = 256 * b + 32 * sub + 4 * j
+                    got[base:base + 4] = (d * sc) * (q & 15) - dmin * mn
+                    got[base + 16:base + 20] = (d * sc) * (q >> 4) - dmin * mn
+        np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
+    check_strided_against_float64(T.Q4_K, 2816, rng)
+    with pytest.raises(ValueError, match="no R16 form"):
+        K.r16_bytes(96, 16, 1, int(T.Q4_K))
 
 
 def test_r16_layout_of_one_group():
@@ -133,10 +205,10 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="aligned"):
         K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
-    with pytest.raises(ValueError, match="MXFP4 and Q8_0"):
+    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q5_0 and Q4_K"):
         K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="no R16 form"):
-        K.r16_bytes(64, 16, 1, int(T.Q4_K))
+        K.r16_bytes(64, 16, 1, int(T.Q6_K))
     with pytest.raises(ValueError, match="no R16 form"):
         K.r16_repack(w, 64, r, ggml_type=int(T.Q4_0))
     with pytest.raises(ValueError, match="writable contiguous"):

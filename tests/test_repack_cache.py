@@ -24,8 +24,9 @@ DIMS = dict(n_vocab=512, n_embd=128, n_ff=96, n_layer=2)
 
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "mx.gguf"
-    gguf_factory.write_gptoss_gguf(path, wtype="q8_0", expert_type="mxfp4", seed=3, **DIMS)
+    path = tmp_path / "mx.gguf"  # Q8_0 matrices but a Q5_0 attn_q, as the Q4_K_M files have
+    gguf_factory.write_gptoss_gguf(path, wtype="q8_0", expert_type="mxfp4", seed=3,
+                                   type_overrides={"attn_q.weight": "q5_0"}, **DIMS)
     return path
 
 
@@ -58,10 +59,13 @@ def test_same_logits_with_and_without_the_cache(model, caplog):
     caplog.set_level(logging.INFO, logger="pyengine")
     on = Engine(model, n_ctx=64, n_threads=2, n_batch=16)
     assert on.repacked and cache_of(model).is_file()
-    # the experts, and where this CPU has the Q8_0 kernel the Q8_0 attention and output (not the embedding)
+    # the experts, and where this CPU has the Q8_0 / Q5_0 kernels the attention and output (not the embedding)
     names = {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.EXPERT_WEIGHTS}
     if K.r16_available(K.Q8_0):
-        names |= {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.MATRIX_WEIGHTS} | {"output.weight"}
+        names |= {f"blk.{l}.{w}.weight" for l in range(2) for w in ("attn_k", "attn_v", "attn_output")}
+        names |= {"output.weight"}
+    if K.r16_available(K.Q5_0):
+        names |= {f"blk.{l}.attn_q.weight" for l in range(2)}
     assert cached_names(cache_of(model)) == names
     off = Engine(model, n_ctx=64, n_threads=2, n_batch=16, repack=False)
     assert not off.repacked
@@ -76,6 +80,28 @@ def test_same_logits_with_and_without_the_cache(model, caplog):
         alone.eval(toks(4 + i, 10 + i))
         np.testing.assert_array_equal(step[i], alone.eval([7 + i]))
     assert sum("Repack cache written" in r.getMessage() for r in caplog.records) == 1  # built once, then reused
+
+
+def test_q4_k_m_file_same_logits_with_and_without_the_cache(tmp_path):
+    """The tiny Q4_K_M-style synth file (Q4_K attn_output, Q5_0 and Q8_0 matrices, MXFP4 experts):
+    every one of those types is in the cache where this CPU has its R16 kernel, and prefill, decode
+    and batched decode give the file layout's bits."""
+    from pyengine.synth import write_synth_model
+
+    path = write_synth_model(tmp_path / "k.gguf", "tiny", fast=True, mix="q4_k_m", arch_name="gpt-oss", seed=3)
+    on = Engine(path, n_ctx=64, n_threads=2, n_batch=16)
+    off = Engine(path, n_ctx=64, n_threads=2, n_batch=16, repack=False)
+    types = {int(t.ggml_type) for t in repack_cache.repacked_tensors(on.model_file)}
+    assert on.repacked and {int(K.MXFP4), int(K.Q5_0), int(K.Q4_K), int(K.Q8_0)} >= types >= {int(K.MXFP4)}
+    if K.r16_available(K.Q4_K):
+        assert types == {int(K.MXFP4), int(K.Q5_0), int(K.Q4_K), int(K.Q8_0)}
+    n_vocab = on.n_vocab
+    toks_ = np.random.default_rng(4).integers(0, n_vocab, 40)
+    for eng in (on, off):
+        eng.reset()
+    np.testing.assert_array_equal(on.eval(toks_[:20], logits_all=True), off.eval(toks_[:20], logits_all=True))
+    for t in toks_[20:24]:
+        np.testing.assert_array_equal(on.eval([int(t)]), off.eval([int(t)]))
 
 
 def test_stale_or_damaged_cache_is_rebuilt(model, caplog):

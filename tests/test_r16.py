@@ -218,43 +218,53 @@ def test_r16_rejects_bad_buffers():
 R16_CASES = [(16, 32), (37, 96), (300, 160), (64, 2880)]
 
 
+R16_TYPES = {"MXFP4": T.MXFP4, "Q8_0": T.Q8_0, "Q5_0": T.Q5_0, "Q4_K": T.Q4_K}
+
+
 def check_r16_rows(out: str) -> None:
-    """At this process's level: R16 products of 1-8 tokens (the decode kernel) bit for bit the
-    file-layout int8 rows kernel token by token, and where this level has no int8 tiles (AVX2) also
-    9 and 20 tokens (the rows kernel 8 tokens a call); the 1-8-token results saved to `out`."""
+    """At this process's level, for every type it has an R16 kernel for: R16 products of 1-8 tokens
+    (the decode kernel) bit for bit the file-layout int8 rows kernel token by token, and where this
+    level has no int8 tiles (AVX2) also 9 and 20 tokens (the rows kernel 8 tokens a call); the
+    results saved to `out`."""
     from pyengine import _quants as Q
 
     saved = {}
-    for n_out, n_in in R16_CASES:
-        rng = np.random.default_rng(n_out * 3 + n_in)
-        w = mxfp4(2, n_out, n_in, rng)
-        r = repacked(w, n_in)
-        bias = rng.standard_normal(n_out).astype(np.float32)
-        x = (rng.standard_normal((20, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
-        for n_tok in (1, 3, 8, 9, 20):
-            got = K.matmul(r, int(T.MXFP4), n_in, x[:n_tok], bias, expert=1, n_threads=2, r16_shape=(n_out, 2))
-            one = np.stack([K.matmul(w, int(T.MXFP4), n_in, x[t:t + 1], bias, expert=1, int8_activations=True)[0]
-                            for t in range(n_tok)])
-            if n_tok <= 8 or not Q.has_gemm_q8(int(T.MXFP4)):
-                assert np.array_equal(got, one), (n_out, n_in, n_tok)
-            if n_tok <= 8:
-                saved[f"{n_out}-{n_in}-{n_tok}"] = got
-            else:  # the int8 tiles (R16 tile packing) where this level has them
-                assert np.allclose(got, one, rtol=1e-4, atol=1e-4 * np.abs(one).max()), (n_out, n_in, n_tok)
-                if Q.has_gemm_q8(int(T.MXFP4)):
-                    saved[f"tiles-{n_out}-{n_in}-{n_tok}"] = got
+    for name, qtype in R16_TYPES.items():
+        if not K.r16_available(int(qtype)):
+            continue
+        for n_out, n_in in R16_CASES:
+            if qtype == T.Q4_K:
+                n_in = max(256, n_in // 256 * 256)
+            rng = np.random.default_rng(n_out * 3 + n_in)
+            w = blocks_of(qtype, 2, n_out, n_in, rng)
+            r = repacked(w, n_in, qtype)
+            bias = rng.standard_normal(n_out).astype(np.float32)
+            x = (rng.standard_normal((20, n_in)) * rng.uniform(0.1, 10, n_in)).astype(np.float32)
+            for n_tok in (1, 3, 8, 9, 20):
+                got = K.matmul(r, int(qtype), n_in, x[:n_tok], bias, expert=1, n_threads=2, r16_shape=(n_out, 2))
+                one = np.stack([K.matmul(w, int(qtype), n_in, x[t:t + 1], bias, expert=1, int8_activations=True)[0]
+                                for t in range(n_tok)])
+                if n_tok <= 8 or not Q.has_gemm_q8(int(qtype)):
+                    assert np.array_equal(got, one), (name, n_out, n_in, n_tok)
+                if n_tok <= 8:
+                    saved[f"{name}-{n_out}-{n_in}-{n_tok}"] = got
+                else:  # the int8 tiles (R16 tile packing) where this level has them
+                    assert np.allclose(got, one, rtol=1e-4, atol=1e-4 * np.abs(one).max()), (name, n_out, n_in, n_tok)
+                    if Q.has_gemm_q8(int(qtype)):
+                        saved[f"tiles-{name}-{n_out}-{n_in}-{n_tok}"] = got
     np.savez(out, **saved)
 
 
 @pytest.mark.parametrize("level", ["avx2", "avx512vnni"])
 def test_r16_at_a_lower_level(level, tmp_path):
-    """The AVX2 R16 kernel (csrc/dot_q8_avx2.c, PYENGINE_SIMD=avx2) and the AVX-512 one without VBMI
-    (vpshufb, PYENGINE_SIMD=avx512vnni) in a child: the file layout's int8 bits there (decode, and
-    prompts where there are no tiles), and the same bits as this process's R16 kernel."""
+    """The AVX2 R16 kernel (csrc/dot_q8_avx2.c, PYENGINE_SIMD=avx2: MXFP4 only) and the AVX-512 ones
+    without VBMI (MXFP4's vpshufb form, Q8_0, Q5_0, Q4_K; PYENGINE_SIMD=avx512vnni) in a child: the
+    file layout's int8 bits there (decode, and prompts where there are no tiles), and the same bits
+    as this process's R16 kernels."""
     at_level(level, "test_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", cwd=tmp_path)
     check_r16_rows(str(tmp_path / "here.npz"))
     there, here = np.load(tmp_path / "there.npz"), np.load(tmp_path / "here.npz")
-    # the tiles' results where both processes have tiles (every AVX-512 VNNI CPU, not AVX2)
-    assert sorted(there.files) == sorted(k for k in here.files if level != "avx2" or not k.startswith("tiles"))
+    # AVX2: MXFP4 alone, and no tiles; the tiles' results where both processes have them
+    assert sorted(there.files) == sorted(k for k in here.files if level != "avx2" or k.startswith("MXFP4-"))
     for k in there.files:
         assert np.array_equal(there[k], here[k]), k

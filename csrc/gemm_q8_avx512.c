@@ -29,6 +29,7 @@
 
 #include "cpu_features.h"
 #include "quants_impl.h"
+#include "r16_codes_avx512.h"
 
 enum { TILE = 16, TOK = 4 };
 
@@ -429,6 +430,24 @@ static void f16_scales(const uint8_t *p, int64_t n, float *ws) {
     }
 }
 
+/* A Q4_K group's scales and minimums of every 32-element unit 8 sb + s, as unpack_q45_k forms them:
+ * d * sc and dmin * m (r16.h: the unpacked bytes and the rows' f16 d, dmin after the codes). */
+static void q4_k_scales(const uint8_t *group, int64_t n_in, float *ws, float *wm) {
+    const int64_t nsb = n_in / 256;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = group + 2048 * nsb + 320 * sb;
+        for (int r = 0; r < TILE; r++) {
+            uint16_t d, dmin;
+            memcpy(&d, sc + 256 + 2 * r, 2);
+            memcpy(&dmin, sc + 288 + 2 * r, 2);
+            for (int s = 0; s < 8; s++) {
+                ws[(8 * sb + s) * TILE + r] = f16(d) * (float)sc[16 * s + r];
+                wm[(8 * sb + s) * TILE + r] = f16(dmin) * (float)sc[128 + 16 * s + r];
+            }
+        }
+    }
+}
+
 void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
                          const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
@@ -441,44 +460,17 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;
     }
-    if (type == PE_TYPE_Q5_0) { /* the decode kernel's code registers are packing steps 8 b + j */
-        const __m512i m0f = _mm512_set1_epi8(15), s16 = _mm512_set1_epi8(16);
+    if (type == PE_TYPE_Q5_0 || type == PE_TYPE_Q4_K) { /* the decode kernels' code registers are the
+                                                           * packing steps 8 b + j of 32-element unit b */
+        const int64_t unit_bytes = type == PE_TYPE_Q5_0 ? 320 : 256;
         for (int64_t b = 0; b < nb; b++) {
-            uint64_t fifth[8];
-            memcpy(fifth, group + 320 * b + 256, sizeof fifth);
-            for (int j = 0; j < 4; j++) {
-                const __m512i v = _mm512_loadu_si512(group + 320 * b + 64 * j);
-                const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-                _mm512_store_si512(t.packed + 64 * (8 * b + j), _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth[j]), lo, s16));
-                _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j),
-                                   _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth[j + 4]), hi, s16));
-            }
+            __m512i u[8];
+            if (type == PE_TYPE_Q5_0) pe_r16_codes_q5_0(group + unit_bytes * b, u);
+            else pe_r16_nibbles(group + unit_bytes * b, u);
+            for (int j = 0; j < 8; j++) _mm512_store_si512(t.packed + 64 * (8 * b + j), u[j]);
         }
-        f16_scales(group + 320 * nb, TILE * nb, t.ws);
-        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
-        return;
-    }
-    if (type == PE_TYPE_Q4_K) { /* sub-block s of super-block sb is packing steps 8 (8 sb + s) + j */
-        const __m512i m0f = _mm512_set1_epi8(15);
-        const int64_t nsb = n_in / 256;
-        for (int64_t u = 0; u < nb; u++)
-            for (int j = 0; j < 4; j++) {
-                const __m512i v = _mm512_loadu_si512(group + 256 * u + 64 * j);
-                _mm512_store_si512(t.packed + 64 * (8 * u + j), _mm512_and_si512(v, m0f));
-                _mm512_store_si512(t.packed + 64 * (8 * u + 4 + j), _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f));
-            }
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const uint8_t *sc = group + 2048 * nsb + 320 * sb;
-            for (int r = 0; r < TILE; r++) {
-                uint16_t d, dmin;
-                memcpy(&d, sc + 256 + 2 * r, 2);
-                memcpy(&dmin, sc + 288 + 2 * r, 2);
-                for (int s = 0; s < 8; s++) { /* as unpack_q45_k: d * sc, dmin * m */
-                    t.ws[(8 * sb + s) * TILE + r] = f16(d) * (float)sc[16 * s + r];
-                    t.wm[(8 * sb + s) * TILE + r] = f16(dmin) * (float)sc[128 + 16 * s + r];
-                }
-            }
-        }
+        if (type == PE_TYPE_Q5_0) f16_scales(group + 320 * nb, TILE * nb, t.ws);
+        else q4_k_scales(group, n_in, t.ws, t.wm);
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;
     }

@@ -28,6 +28,7 @@
 
 #include "cpu_features.h"
 #include "quants_impl.h"
+#include "r16_codes_avx512.h"
 
 #define PE_AI static inline __attribute__((always_inline))
 
@@ -132,22 +133,14 @@ PE_AI void store_rows8(__m512 acc[][8], const int n_tok, int nr, float *out, int
 PE_AI void group_q5_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
                       int64_t ldo, const uint8_t *pf) {
     const uint8_t *scales = group + 320 * nb;
-    const __m512i m0f = _mm512_set1_epi8(15), s16 = _mm512_set1_epi8(16);
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = group + 320 * b;
         pe_r16_prefetch_block(pf, nb, b, 320, 32);
-        uint64_t fifth[8];
-        memcpy(fifth, p + 256, sizeof fifth);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
-        for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_load_si512(p + 64 * j);
-            const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-            u[j] = _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth[j]), lo, s16);
-            u[j + 4] = _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth[j + 4]), hi, s16);
-        }
+        pe_r16_codes_q5_0(p, u);
         const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
         for (int t = 0; t < n_tok; t++) {
             const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
@@ -174,7 +167,6 @@ PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 
                       int64_t ldo, const uint8_t *pf) {
     const int64_t nsb = nb / 8;
     const uint8_t *scales = group + 2048 * nsb;
-    const __m512i m0f = _mm512_set1_epi8(15);
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
@@ -190,11 +182,7 @@ PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 
                 if (s < 5) __builtin_prefetch(pf + 2048 * nsb + 320 * sb + 64 * s, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
-            for (int j = 0; j < 4; j++) {
-                const __m512i v = _mm512_load_si512(p + 64 * j);
-                u[j] = _mm512_and_si512(v, m0f);
-                u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-            }
+            pe_r16_nibbles(p, u);
             const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
             const __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 128 + 16 * s)))), dmin);
             for (int t = 0; t < n_tok; t++) {

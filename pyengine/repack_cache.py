@@ -47,18 +47,18 @@ def cache_path(model_file) -> Path:
 
 
 def repacked_tensors(model_file) -> list:
-    """The tensors the cache holds, in layer order: the MXFP4 expert weights, and the Q8_0 / Q5_0 / Q4_K
-    attention matrices and output.weight where this CPU has their R16 kernels (not token_embd: the
+    """The tensors the cache holds, in layer order, of the types this CPU has R16 kernels for: the MXFP4
+    expert weights, and the Q8_0 / Q5_0 / Q4_K attention matrices and output.weight (not token_embd: the
     embedding lookup reads rows in the file's layout, and a tied output shares it)."""
-    matrix_types = {ty for ty in (_model.Q8_0, _model.Q5_0, _model.Q4_K) if _model.r16_available(ty)}
+    kernels = {ty for ty in (_model.MXFP4, _model.Q8_0, _model.Q5_0, _model.Q4_K) if _model.r16_available(ty)}
+    matrix_types = kernels - {_model.MXFP4}
     out = []
     for l in range(int(model_file.hparams.n_layer)):
         for w in EXPERT_WEIGHTS + MATRIX_WEIGHTS:
             t = model_file.tensors.get(f"blk.{l}.{w}.weight")
-            if t is None:
-                continue
-            if (w in EXPERT_WEIGHTS and t.ggml_type == _model.MXFP4 and len(t.shape) == 3) or \
-                    (w in MATRIX_WEIGHTS and int(t.ggml_type) in matrix_types and len(t.shape) == 2):
+            expert = w in EXPERT_WEIGHTS
+            types = kernels & {_model.MXFP4} if expert else matrix_types
+            if t is not None and int(t.ggml_type) in types and len(t.shape) == (3 if expert else 2):
                 out.append(t)
     t = model_file.tensors.get("output.weight")  # a tied output is token_embd under this name
     if t is not None and t.name == "output.weight" and int(t.ggml_type) in matrix_types and len(t.shape) == 2:
@@ -161,7 +161,7 @@ def repacked_weights(model_file, n_threads: int, build: bool = True) -> dict[str
     cache file (built first when missing or stale and `build`); {} when the model has none, this CPU
     has no R16 kernel, or the cache can be neither read nor written (logged: the model then runs on
     the file's layout, only slower)."""
-    tensors = [t for t in repacked_tensors(model_file) if _model.r16_available(int(t.ggml_type))]
+    tensors = repacked_tensors(model_file)
     if not tensors:
         return {}
     path = cache_path(model_file)

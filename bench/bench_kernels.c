@@ -102,6 +102,18 @@ static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
 }
 
 /* Best-of-reps seconds of one pe_matmul call. */
+/* The kernel table's name for a type's R16 row (MXFP4's is plain "R16", as in bench/RESULTS.md). */
+static const char *r16_label(int type) {
+    switch (type) {
+    case PE_TYPE_Q8_0: return "Q8_R16";
+    case PE_TYPE_Q4_1: return "Q41R16";
+    case PE_TYPE_Q5_0: return "Q5_R16";
+    case PE_TYPE_Q5_1: return "Q51R16";
+    case PE_TYPE_Q4_K: return "Q4KR16";
+    default: return "R16";
+    }
+}
+
 static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, float *y, int threads, int reps) {
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
@@ -374,7 +386,7 @@ int main(int argc, char **argv) {
         }
         printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
                100.0 * dec[0] / near, dec4, pre[0], dec[1], pre[1]);
-        if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (MXFP4, Q8_0, Q5_0, Q4_K; int8 only) */
+        if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (r16.h's types; int8 only) */
             uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(type, n_in, rows, 1));
             if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
             const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
@@ -388,7 +400,7 @@ int main(int argc, char **argv) {
             const int64_t pre_rows = rows < 8192 ? rows : 8192;
             const pe_weight pp = pe_r16_weight(type, r16, n_in, pre_rows);
             const double p64 = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
-            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", type == PE_TYPE_Q8_0 ? "Q8_R16" : type == PE_TYPE_Q5_0 ? "Q5_R16" : type == PE_TYPE_Q4_K ? "Q4KR16" : "R16", (long long)rows, d1, near,
+            printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14s %16s\n", r16_label(type), (long long)rows, d1, near,
                    100.0 * d1 / near, d4, p64, "-", "-");
             free(r16);
         }

@@ -430,6 +430,20 @@ static void f16_scales(const uint8_t *p, int64_t n, float *ws) {
     }
 }
 
+/* The scales (and minimums, as unpack_q4_1 forms them: -m) of a 32-block group's nb blocks, at p:
+ * per block the rows' f16 d, with a minimum then the rows' f16 m (r16.h), already in the tiles' order. */
+static void b_scales(const uint8_t *p, int64_t nb, int has_min, float *ws, float *wm) {
+    if (!has_min) {
+        f16_scales(p, TILE * nb, ws);
+        return;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        f16_scales(p + 64 * b, TILE, ws + TILE * b);
+        f16_scales(p + 64 * b + 32, TILE, wm + TILE * b);
+        for (int r = 0; r < TILE; r++) wm[TILE * b + r] = -wm[TILE * b + r];
+    }
+}
+
 /* A Q4_K group's scales and minimums of every 32-element unit 8 sb + s, as unpack_q45_k forms them:
  * d * sc and dmin * m (r16.h: the unpacked bytes and the rows' f16 d, dmin after the codes). */
 static void q4_k_scales(const uint8_t *group, int64_t n_in, float *ws, float *wm) {
@@ -460,17 +474,18 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;
     }
-    if (type == PE_TYPE_Q5_0 || type == PE_TYPE_Q4_K) { /* the decode kernels' code registers are the
-                                                           * packing steps 8 b + j of 32-element unit b */
-        const int64_t unit_bytes = type == PE_TYPE_Q5_0 ? 320 : 256;
+    if (type != PE_TYPE_MXFP4) { /* the decode kernels' code registers are the packing steps 8 b + j of
+                                  * 32-element unit b */
+        const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1;
+        const int64_t unit_bytes = fifth ? 320 : 256;
         for (int64_t b = 0; b < nb; b++) {
             __m512i u[8];
-            if (type == PE_TYPE_Q5_0) pe_r16_codes_q5_0(group + unit_bytes * b, u);
+            if (fifth) pe_r16_codes_q5_0(group + unit_bytes * b, u);
             else pe_r16_nibbles(group + unit_bytes * b, u);
             for (int j = 0; j < 8; j++) _mm512_store_si512(t.packed + 64 * (8 * b + j), u[j]);
         }
-        if (type == PE_TYPE_Q5_0) f16_scales(group + 320 * nb, TILE * nb, t.ws);
-        else q4_k_scales(group, n_in, t.ws, t.wm);
+        if (type == PE_TYPE_Q4_K) q4_k_scales(group, n_in, t.ws, t.wm);
+        else b_scales(group + unit_bytes * nb, nb, fmt.has_min, t.ws, t.wm);
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;
     }

@@ -1,6 +1,6 @@
-/* Repacking MXFP4, Q8_0, Q5_0 and Q4_K weights into the R16 layout (r16.h): a transpose of 4-byte
- * pieces (and of Q5_0's fifth bits, Q4_K's nibbles and scales), done once per model into the cache
- * file, so plain C. */
+/* Repacking MXFP4, Q8_0, Q4_1, Q5_0, Q5_1 and Q4_K weights into the R16 layout (r16.h): a transpose
+ * of 4-byte pieces (and of the fifth bits, Q4_K's nibbles and scales), done once per model into the
+ * cache file, so plain C. */
 #include "r16.h"
 
 #include <string.h>
@@ -8,14 +8,17 @@
 #include "quants_impl.h"
 
 int pe_r16_has_type(int type) {
-    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q5_0 || type == PE_TYPE_Q4_K;
+    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 ||
+           type == PE_TYPE_Q5_1 || type == PE_TYPE_Q4_K;
 }
 
-/* Bytes of one block of one row in the file (17, 34, 22 or 144), and elements per block. */
+/* Bytes of one block of one row in the file (17, 34, 20, 22, 24 or 144), and elements per block. */
 static int64_t block_bytes(int type) {
     switch (type) {
     case PE_TYPE_Q8_0: return PE_BLOCK_BYTES_Q8_0;
+    case PE_TYPE_Q4_1: return PE_BLOCK_BYTES_Q4_1;
     case PE_TYPE_Q5_0: return PE_BLOCK_BYTES_Q5_0;
+    case PE_TYPE_Q5_1: return PE_BLOCK_BYTES_Q5_1;
     case PE_TYPE_Q4_K: return PE_BLOCK_BYTES_Q4_K;
     default: return PE_BLOCK_BYTES_MXFP4;
     }
@@ -38,6 +41,20 @@ pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_o
                        pe_r16_bytes(type, n_in, n_out, 1), 1, PE_LAYOUT_R16};
 }
 
+/* Row i's 16 nibble bytes qs into the four pieces of the block's codes at c. */
+static void put_nibbles(const uint8_t *qs, int i, uint8_t *c) {
+    for (int j = 0; j < 4; j++) memcpy(c + 64 * j + 4 * i, qs + 4 * j, 4);
+}
+
+/* Row i's fifth bits qh into the eight 64-bit masks at c (ORed in): mask j, bit 4 i + e = the fifth bit
+ * of element 4 j + e. */
+static void put_fifth(const uint8_t qh_bytes[4], int i, uint8_t *c) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    for (int j = 0; j < 8; j++)
+        for (int e = 0; e < 4; e++) c[8 * j + (4 * i + e) / 8] |= (uint8_t)(((qh >> (4 * j + e)) & 1) << ((4 * i + e) % 8));
+}
+
 /* Row i's block (at blk) into group `out` of nb blocks. */
 static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i, uint8_t *out) {
     if (type == PE_TYPE_Q8_0) {
@@ -49,13 +66,24 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
     }
     if (type == PE_TYPE_Q5_0) {
         const pe_block_q5_0 *q = (const pe_block_q5_0 *)blk;
-        uint32_t qh;
-        memcpy(&qh, q->qh, 4);
-        for (int j = 0; j < 4; j++) memcpy(out + 320 * b + 64 * j + 4 * i, q->qs + 4 * j, 4);
-        for (int j = 0; j < 8; j++) /* mask j, bit 4 i + e: the fifth bit of element 4 j + e */
-            for (int e = 0; e < 4; e++)
-                out[320 * b + 256 + 8 * j + (4 * i + e) / 8] |= (uint8_t)(((qh >> (4 * j + e)) & 1) << ((4 * i + e) % 8));
+        put_nibbles(q->qs, i, out + 320 * b);
+        put_fifth(q->qh, i, out + 320 * b + 256);
         memcpy(out + 320 * nb + 32 * b + 2 * i, &q->d, 2);
+        return;
+    }
+    if (type == PE_TYPE_Q4_1) {
+        const pe_block_q4_1 *q = (const pe_block_q4_1 *)blk;
+        put_nibbles(q->qs, i, out + 256 * b);
+        memcpy(out + 256 * nb + 64 * b + 2 * i, &q->d, 2);
+        memcpy(out + 256 * nb + 64 * b + 32 + 2 * i, &q->m, 2);
+        return;
+    }
+    if (type == PE_TYPE_Q5_1) {
+        const pe_block_q5_1 *q = (const pe_block_q5_1 *)blk;
+        put_nibbles(q->qs, i, out + 320 * b);
+        put_fifth(q->qh, i, out + 320 * b + 256);
+        memcpy(out + 320 * nb + 64 * b + 2 * i, &q->d, 2);
+        memcpy(out + 320 * nb + 64 * b + 32 + 2 * i, &q->m, 2);
         return;
     }
     if (type == PE_TYPE_Q4_K) {
@@ -77,7 +105,7 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         return;
     }
     const pe_block_mxfp4 *m = (const pe_block_mxfp4 *)blk;
-    for (int j = 0; j < 4; j++) memcpy(out + 256 * b + 64 * j + 4 * i, m->qs + 4 * j, 4);
+    put_nibbles(m->qs, i, out + 256 * b);
     out[256 * nb + 16 * b + i] = m->e;
 }
 
@@ -89,7 +117,7 @@ void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_t
     for (int64_t eg = 0; eg < n_expert * groups; eg++) {
         const int64_t e = eg / groups, g = eg % groups;
         uint8_t *out = dst + eg * group_bytes;
-        memset(out, 0, (size_t)group_bytes); /* Q5_0's fifth-bit masks are ORed in */
+        memset(out, 0, (size_t)group_bytes); /* the fifth-bit masks are ORed in */
         for (int i = 0; i < PE_R16_ROWS; i++) {
             const int64_t r = g * PE_R16_ROWS + i < src->n_out ? g * PE_R16_ROWS + i : src->n_out - 1;
             const uint8_t *row = src->data + e * src->expert_stride + r * src->row_stride;

@@ -2,8 +2,10 @@
  * codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword gives all 16
  * rows' partial sums with no horizontal reduction (the layout the prefill tiles of gemm_q8_avx512.c
  * build in scratch memory for every tile; here it is built once, into a cache file next to the
- * model: pyengine/repack_cache.py). Four formats have this form: MXFP4 (the experts), Q8_0 (the
- * attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in their Q4_K_M files).
+ * model: pyengine/repack_cache.py). Six formats have this form: MXFP4 (the experts), Q8_0 (the
+ * attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in their Q4_K_M files),
+ * Q5_1 (attention in Q5_K_M files: llama.cpp's fallback for Q5_K where rows are not a multiple of
+ * 256) and Q4_1.
  *
  * Why: in the file's layout (17- or 34-byte blocks, one row after the other) the decode kernels
  * spend most of their instructions gathering a row's codes and scales and folding per-row sums;
@@ -12,7 +14,8 @@
  * no decoding at all (the codes are stored + 128, unsigned, as vpdpbusd takes them), 1.9x faster
  * in cache, and from memory (two threads) 1.09x, since the less a kernel computes per byte, the
  * closer it streams to the memory's rate (bench/RESULTS.md). Q5_0 and Q4_K: no gathering of fifth
- * bits or packed 6-bit scales; 92 % and 87 % of the bandwidth probe against 72 % and 74 %.
+ * bits or packed 6-bit scales; 92 % and 87 % of the bandwidth probe against 72 % and 74 %; Q4_1 and
+ * Q5_1 97 % and 93 % against 75 % and 73 %.
  *
  * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks, Q4_K: n_in / 256
  * super-blocks): groups of 16 rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row
@@ -33,6 +36,9 @@
  *   fifth bits of block b at 320 b + 256: eight 64-bit masks, mask j's bit 4 i + e = the fifth bit of
  *     row i's element 4 j + e (j < 8), i.e. of the byte lane that code register j holds it in
  *   scale of block b at 320 nb + 32 b + 2 i: row i's f16 d
+ * Q4_1 (256 code bytes and 64 scale bytes per block), Q5_1 (320 and 64):
+ *   codes of block b at 256 b (Q5_1: 320 b) as MXFP4's (Q5_1: as Q5_0's, pieces then fifth-bit masks)
+ *   scales of block b at 256 nb + 64 b (Q5_1: 320 nb + 64 b): row i's f16 d at 2 i, its f16 m at 32 + 2 i
  * Q4_K (2048 code bytes and 320 scale bytes per super-block):
  *   codes of super-block b, sub-block s (elements 256 b + 32 s ..), piece j (j < 4), at
  *     2048 b + 256 s + 64 j: byte 4 i + e = row i's code of element 32 s + 4 j + e (low nibble) and
@@ -75,7 +81,7 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
 }
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
-/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0, Q5_0, Q4_K). */
+/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K). */
 int pe_r16_has_type(int type);
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);
@@ -86,7 +92,7 @@ int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert);
  * n_in elements, one expert after the other: row_stride = group bytes / 16, int8 activations. */
 pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out);
 
-/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, an MXFP4, Q8_0, Q5_0 or Q4_K weight in the file's
+/* dst (pe_r16_bytes(...) bytes) = the repacked form of `src`, a weight of a type with an R16 form in the file's
  * layout (any row and expert stride), over n_expert experts; threads take groups of rows. */
 void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads);
 
@@ -97,7 +103,7 @@ void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_t
 typedef void (*pe_r16_dot_fn)(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
                               int64_t ldo, const uint8_t *pf);
 /* The kernel for this CPU and type, or NULL: MXFP4 on AVX-512 VNNI (vpermb or vpshufb form:
- * r16_avx512.c) or AVX2 (dot_q8_avx2.c, the same bits); Q8_0, Q5_0 and Q4_K on AVX-512 VNNI. */
+ * r16_avx512.c) or AVX2 (dot_q8_avx2.c, the same bits); the other types on AVX-512 VNNI. */
 pe_r16_dot_fn pe_r16_dot_get(int type);
 void pe_r16_dot_avx2(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out, int64_t ldo,
                      const uint8_t *pf);

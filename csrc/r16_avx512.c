@@ -1,5 +1,5 @@
 /* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 (+ VBMI where
- * present), Q8_0, Q5_0 and Q4_K.
+ * present), Q8_0, Q4_1, Q5_0, Q5_1 and Q4_K.
  *
  * MXFP4, per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
  * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
@@ -124,37 +124,51 @@ PE_AI void store_rows8(__m512 acc[][8], const int n_tok, int nr, float *out, int
     }
 }
 
-/* Q5_0: each 64-byte load gives two code registers (low nibbles, then the high ones after a 16-bit
- * shift, both masked to four bits), and each register its fifth bits from its own 64-bit mask (a
- * masked add of 16); then the file layout's steps (dot_q8k_avx512.c's 32-block kernel): 16 times the
- * block's combined code sum taken off in int32, one conversion, one multiply-add with d_w * (d_x /
- * 254) into the accumulator of block b mod 8, and the row's result summed in that kernel's order,
- * ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)): the same bits. */
-PE_AI void group_q5_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
-                      int64_t ldo, const uint8_t *pf) {
-    const uint8_t *scales = group + 320 * nb;
+/* Q4_1, Q5_0, Q5_1 (32-blocks with a fifth bit or a minimum): each 64-byte load gives two code
+ * registers (low nibbles, then the high ones after a 16-bit shift, both masked to four bits), and
+ * with a fifth bit each register its own 64-bit mask (a masked add of 16); then the file layout's
+ * steps (dot_q8k_avx512.c's 32-block kernel): Q5_0's 16 times the block's combined code sum taken
+ * off in int32, one conversion, one multiply-add with d_w * (d_x / 254), with a minimum one more of
+ * m_w with (d_x / 254) times that code sum, into the accumulator of block b mod 8, and the row's
+ * result summed in that kernel's order, ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 +
+ * acc7)): the same bits. */
+PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
+                   float *out, int64_t ldo, const uint8_t *pf) {
+    const int fifth = type != PE_TYPE_Q4_1, has_min = type != PE_TYPE_Q5_0;
+    const int code = fifth ? 320 : 256, scale = has_min ? 64 : 32;
+    const uint8_t *scales = group + code * nb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = group + 320 * b;
-        pe_r16_prefetch_block(pf, nb, b, 320, 32);
+        const uint8_t *p = group + code * b;
+        pe_r16_prefetch_block(pf, nb, b, code, scale);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
-        pe_r16_codes_q5_0(p, u);
-        const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
+        if (fifth) pe_r16_codes_q5_0(p, u);
+        else pe_r16_nibbles(p, u);
+        const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + scale * b)));
+        const __m512 wm = has_min ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + scale * b + 32)))
+                                  : _mm512_setzero_ps();
         for (int t = 0; t < n_tok; t++) {
-            const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
-            acc[t][b & 7] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 16)), s, acc[t][b & 7]);
+            const float dx = x[t].d[b] * (1.0f / 254.0f);
+            const __m512i sums = block_sums(u, &x[t], b, type == PE_TYPE_Q5_0 ? 16 : 0);
+            acc[t][b & 7] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, _mm512_set1_ps(dx)), acc[t][b & 7]);
+            if (has_min) acc[t][b & 7] = _mm512_fmadd_ps(wm, _mm512_set1_ps(dx * x[t].s32x[b]), acc[t][b & 7]);
         }
     }
     store_rows8(acc, n_tok, nr, out, ldo);
 }
 
-static void dot_r16_q5_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                         int64_t ldo, const uint8_t *pf) {
-    if (n_tok == 1) group_q5_0(group, nb, nr, x, 1, out, ldo, pf);
-    else group_q5_0(group, nb, nr, x, n_tok, out, ldo, pf);
-}
+#define R16_ENTRY(name, TYPE)                                                                                      \
+    static void name(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,         \
+                     int64_t ldo, const uint8_t *pf) {                                                             \
+        if (n_tok == 1) group_b(TYPE, group, nb, nr, x, 1, out, ldo, pf);                                          \
+        else group_b(TYPE, group, nb, nr, x, n_tok, out, ldo, pf);                                                 \
+    }
+R16_ENTRY(dot_r16_q4_1, PE_TYPE_Q4_1)
+R16_ENTRY(dot_r16_q5_0, PE_TYPE_Q5_0)
+R16_ENTRY(dot_r16_q5_1, PE_TYPE_Q5_1)
+#undef R16_ENTRY
 
 /* Q4_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight code
  * registers (low nibbles, high nibbles), the row's d * sc and dmin * m converted from the unpacked
@@ -202,14 +216,16 @@ static void dot_r16_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_
     else group_q4_k(group, nb, nr, x, n_tok, out, ldo, pf);
 }
 
-static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q5_0, chosen_q4_k;
+static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q4_k;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 static void choose(void) {
     const pe_simd_level level = pe_simd_level_get();
     if (level >= PE_SIMD_AVX512) {
         chosen_mxfp4 = pe_cpu_has_avx512vbmi() ? dot_r16_vbmi : dot_r16_bw;
         chosen_q8_0 = dot_r16_q8_0;
+        chosen_q4_1 = dot_r16_q4_1;
         chosen_q5_0 = dot_r16_q5_0;
+        chosen_q5_1 = dot_r16_q5_1;
         chosen_q4_k = dot_r16_q4_k;
     } else chosen_mxfp4 = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
 }
@@ -220,7 +236,9 @@ pe_r16_dot_fn pe_r16_dot_get(int type) {
     switch (type) {
     case PE_TYPE_MXFP4: return chosen_mxfp4;
     case PE_TYPE_Q8_0: return chosen_q8_0;
+    case PE_TYPE_Q4_1: return chosen_q4_1;
     case PE_TYPE_Q5_0: return chosen_q5_0;
+    case PE_TYPE_Q5_1: return chosen_q5_1;
     case PE_TYPE_Q4_K: return chosen_q4_k;
     default: return NULL;
     }

@@ -15,7 +15,7 @@ from _core cimport PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_s
 cnp.import_array()
 
 cdef extern from "quants.h":
-    enum: PE_TYPE_MXFP4, PE_TYPE_Q5_0, PE_TYPE_Q4_K
+    enum: PE_TYPE_MXFP4, PE_TYPE_Q4_1, PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q4_K
     ctypedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n) noexcept nogil
     ctypedef struct pe_type_traits:
         int type
@@ -119,35 +119,40 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     return w
 
 
-# ---- MXFP4, Q8_0, Q5_0, Q4_K weights repacked by 16 rows (csrc/r16.h; cache: pyengine/repack_cache.py) ----
+# ---- weights repacked by 16 rows (csrc/r16.h; cache: pyengine/repack_cache.py) ----
 MXFP4 = PE_TYPE_MXFP4
 Q8_0 = PE_TYPE_Q8_0
+Q4_1 = PE_TYPE_Q4_1
 Q5_0 = PE_TYPE_Q5_0
+Q5_1 = PE_TYPE_Q5_1
 Q4_K = PE_TYPE_Q4_K
+# The types with an R16 form (pe_r16_has_type), by name for the error messages.
+R16_TYPES = {"MXFP4": MXFP4, "Q8_0": Q8_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q4_K": Q4_K}
+_R16_NAMES = ", ".join(R16_TYPES)
 
 
 def r16_available(int ggml_type=MXFP4) -> bool:
-    """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; Q8_0, Q5_0, Q4_K:
+    """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; the others:
     AVX-512 VNNI)."""
     return pe_r16_dot_get(ggml_type) != NULL
 
 
 def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4) -> int:
-    """Bytes of the R16 form of n_expert matrices of the type (MXFP4, Q8_0, Q5_0, Q4_K) of n_out rows x
+    """Bytes of the R16 form of n_expert matrices of the type (one of R16_TYPES) of n_out rows x
     n_in elements."""
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4, Q8_0, Q5_0 and Q4_K)")
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only {_R16_NAMES})")
     if n_in <= 0 or n_in % (256 if ggml_type == Q4_K else 32) or n_out <= 0 or n_expert <= 0:
         raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
     return pe_r16_bytes(ggml_type, n_in, n_out, n_expert)
 
 
 def r16_repack(data, int64_t n_in, out, int n_threads=1, int ggml_type=MXFP4):
-    """Write the R16 form of `data` (an MXFP4, Q8_0, Q5_0 or Q4_K weight: uint8 (n_out, row_bytes) or (n_expert,
+    """Write the R16 form of `data` (a weight of one of R16_TYPES: uint8 (n_out, row_bytes) or (n_expert,
     n_out, row_bytes), any strides) into `out` (writable uint8, r16_bytes(...) contiguous bytes)."""
     cdef int64_t n_exp = data.shape[0] if data.ndim == 3 else 1
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"no R16 form for ggml type {ggml_type} (only MXFP4, Q8_0, Q5_0 and Q4_K)")
+        raise ValueError(f"no R16 form for ggml type {ggml_type} (only {_R16_NAMES})")
     cdef pe_weight w = _weight(data, ggml_type, n_in, data.shape[data.ndim - 2] if data.ndim >= 2 else 0, n_exp,
                                "r16_repack")
     need = r16_bytes(w.n_in, w.n_out, n_exp, ggml_type)
@@ -164,7 +169,7 @@ cdef pe_weight _r16_weight(object data, int ggml_type, int64_t n_in, int64_t n_o
     """A PE_LAYOUT_R16 weight (int8 activations) over `data`, checked: uint8, contiguous, exactly
     r16_bytes(n_in, n_out, n_expert, ggml_type) long, 64-byte aligned, and this CPU has the kernel."""
     if not pe_r16_has_type(ggml_type):
-        raise ValueError(f"{name}: the R16 layout is for MXFP4, Q8_0, Q5_0 and Q4_K weights")
+        raise ValueError(f"{name}: the R16 layout is for {_R16_NAMES} weights")
     if pe_r16_dot_get(ggml_type) == NULL:
         raise ValueError(f"{name}: this CPU has no R16 kernel for this type")
     cdef int64_t need = r16_bytes(n_in, n_out, n_expert, ggml_type)

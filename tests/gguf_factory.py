@@ -28,7 +28,8 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "mxfp4": QT.MXFP4}
+TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_1": QT.Q4_1, "q5_0": QT.Q5_0,
+         "q5_1": QT.Q5_1, "mxfp4": QT.MXFP4}
 OPENAI_MXFP4_TYPE = 4  # ggml's retired Q4_2 id, reused by Ollama Gen-1 for OpenAI-order MXFP4
 LAYOUTS = ("llama.cpp", "ollama-gen2", "ollama-gen1")
 OLLAMA_NAMES = {"attn_output.weight": "attn_out.weight", "attn_output.bias": "attn_out.bias",

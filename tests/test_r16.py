@@ -1,4 +1,4 @@
-"""MXFP4, Q8_0, Q5_0 and Q4_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
+"""MXFP4, Q8_0, Q4_1, Q5_0, Q5_1 and Q4_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
 
 The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
 invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
@@ -42,11 +42,12 @@ def repacked(data: np.ndarray, n_in: int, qtype=T.MXFP4) -> np.ndarray:
     return out
 
 
-q8_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q8_0)), reason="the Q8_0 R16 kernel needs AVX-512 VNNI")
-q5_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q5_0)), reason="the Q5_0 R16 kernel needs AVX-512 VNNI")
-q4k_r16 = pytest.mark.skipif(not K.r16_available(int(T.Q4_K)), reason="the Q4_K R16 kernel needs AVX-512 VNNI")
-TYPES = [pytest.param(T.MXFP4, id="MXFP4"), pytest.param(T.Q8_0, id="Q8_0", marks=q8_r16),
-         pytest.param(T.Q5_0, id="Q5_0", marks=q5_r16), pytest.param(T.Q4_K, id="Q4_K", marks=q4k_r16)]
+def needs_r16(qtype):
+    return pytest.mark.skipif(not K.r16_available(int(qtype)), reason=f"the {qtype.name} R16 kernel needs AVX-512 VNNI")
+
+
+q5_r16, q4k_r16 = needs_r16(T.Q5_0), needs_r16(T.Q4_K)
+TYPES = [pytest.param(T[name], id=name, marks=needs_r16(T[name])) for name in K.R16_TYPES]
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -82,7 +83,7 @@ def check_strided_against_float64(qtype, n_in: int, rng) -> None:
     assert np.array_equal(got, K.matmul(view, int(qtype), n_in, x, int8_activations=True))
 
 
-@q8_r16
+@needs_r16(T.Q8_0)
 def test_r16_q8_0_against_float64_and_layout():
     """Q8_0: the byte layout r16.h describes (piece j of block b holds row i's qs[4 j .. 4 j + 3] + 128
     at 4 i, the f16 scales after the codes, missing rows repeat the last, zero padding), and a
@@ -146,6 +147,39 @@ def test_r16_q5_0_against_float64_and_layout():
     check_strided_against_float64(T.Q5_0, 2880, rng)
 
 
+@pytest.mark.parametrize("qtype", [pytest.param(T.Q4_1, id="Q4_1", marks=needs_r16(T.Q4_1)),
+                                   pytest.param(T.Q5_1, id="Q5_1", marks=needs_r16(T.Q5_1))])
+def test_r16_q4_1_q5_1_layout_and_float64(qtype):
+    """Q4_1 and Q5_1: the codes as Q5_0's (MXFP4's pieces, Q5_1 then the eight fifth-bit masks), then
+    per block the rows' f16 d and f16 m, zero padding; the values that layout gives are gguf-py's
+    dequantization of the file's rows (missing rows repeat the last one); a strided source against
+    float64."""
+    rng = np.random.default_rng(14)
+    n_in, n_out = 96, 13
+    w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, qtype)
+    nb, fifth = n_in // 32, qtype == T.Q5_1
+    code = 320 if fifth else 256
+    assert r.size == (16 * SIZES[qtype][1] * nb + 63) // 64 * 64
+    want = reference(np.ascontiguousarray(w).reshape(-1), qtype).reshape(n_out, n_in)
+    for i in range(16):
+        got = np.empty(n_in, np.float32)
+        for b in range(nb):
+            d = r[code * nb + 64 * b + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
+            m = r[code * nb + 64 * b + 32 + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
+            masks = r[code * b + 256:code * b + 320].view("<u8") if fifth else np.zeros(8, np.uint64)
+            for j in range(4):
+                q = r[code * b + 64 * j + 4 * i:][:4].astype(np.int64)
+                for e in range(4):
+                    lo = (q[e] & 15) + 16 * ((int(masks[j]) >> (4 * i + e)) & 1)
+                    hi = (q[e] >> 4) + 16 * ((int(masks[j + 4]) >> (4 * i + e)) & 1)
+                    got[32 * b + 4 * j + e] = d * np.float32(lo) + m
+                    got[32 * b + 16 + 4 * j + e] = d * np.float32(hi) + m
+        np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
+    assert not r[(code + 64) * nb:].any()
+    check_strided_against_float64(qtype, 2880, rng)
+
+
 @q4k_r16
 def test_r16_q4_k_layout_and_float64():
     """Q4_K: the values r16.h's layout gives (codes as MXFP4's pieces per sub-block, unpacked 6-bit
@@ -205,7 +239,7 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="aligned"):
         K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
-    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q5_0 and Q4_K"):
+    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K"):
         K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="no R16 form"):
         K.r16_bytes(64, 16, 1, int(T.Q6_K))
@@ -218,9 +252,6 @@ def test_r16_rejects_bad_buffers():
 R16_CASES = [(16, 32), (37, 96), (300, 160), (64, 2880)]
 
 
-R16_TYPES = {"MXFP4": T.MXFP4, "Q8_0": T.Q8_0, "Q5_0": T.Q5_0, "Q4_K": T.Q4_K}
-
-
 def check_r16_rows(out: str) -> None:
     """At this process's level, for every type it has an R16 kernel for: R16 products of 1-8 tokens
     (the decode kernel) bit for bit the file-layout int8 rows kernel token by token, and where this
@@ -229,7 +260,8 @@ def check_r16_rows(out: str) -> None:
     from pyengine import _quants as Q
 
     saved = {}
-    for name, qtype in R16_TYPES.items():
+    for name in K.R16_TYPES:
+        qtype = T[name]
         if not K.r16_available(int(qtype)):
             continue
         for n_out, n_in in R16_CASES:
@@ -258,7 +290,7 @@ def check_r16_rows(out: str) -> None:
 @pytest.mark.parametrize("level", ["avx2", "avx512vnni"])
 def test_r16_at_a_lower_level(level, tmp_path):
     """The AVX2 R16 kernel (csrc/dot_q8_avx2.c, PYENGINE_SIMD=avx2: MXFP4 only) and the AVX-512 ones
-    without VBMI (MXFP4's vpshufb form, Q8_0, Q5_0, Q4_K; PYENGINE_SIMD=avx512vnni) in a child: the
+    without VBMI (MXFP4's vpshufb form and the other types; PYENGINE_SIMD=avx512vnni) in a child: the
     file layout's int8 bits there (decode, and prompts where there are no tiles), and the same bits
     as this process's R16 kernels."""
     at_level(level, "test_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", cwd=tmp_path)

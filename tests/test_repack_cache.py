@@ -24,9 +24,11 @@ DIMS = dict(n_vocab=512, n_embd=128, n_ff=96, n_layer=2)
 
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "mx.gguf"  # Q8_0 matrices but a Q5_0 attn_q, as the Q4_K_M files have
+    # Q8_0 matrices but a Q5_0 attn_q, as the Q4_K_M files have, a Q5_1 attn_k (Q5_K_M files) and a Q4_1 attn_v
+    path = tmp_path / "mx.gguf"
     gguf_factory.write_gptoss_gguf(path, wtype="q8_0", expert_type="mxfp4", seed=3,
-                                   type_overrides={"attn_q.weight": "q5_0"}, **DIMS)
+                                   type_overrides={"attn_q.weight": "q5_0", "attn_k.weight": "q5_1",
+                                                   "attn_v.weight": "q4_1"}, **DIMS)
     return path
 
 
@@ -59,13 +61,14 @@ def test_same_logits_with_and_without_the_cache(model, caplog):
     caplog.set_level(logging.INFO, logger="pyengine")
     on = Engine(model, n_ctx=64, n_threads=2, n_batch=16)
     assert on.repacked and cache_of(model).is_file()
-    # the experts, and where this CPU has the Q8_0 / Q5_0 kernels the attention and output (not the embedding)
+    # the experts, and where this CPU has the Q8_0 / Q5_0 / Q5_1 / Q4_1 kernels the attention and output (not
+    # the embedding)
     names = {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.EXPERT_WEIGHTS}
     if K.r16_available(K.Q8_0):
-        names |= {f"blk.{l}.{w}.weight" for l in range(2) for w in ("attn_k", "attn_v", "attn_output")}
-        names |= {"output.weight"}
-    if K.r16_available(K.Q5_0):
-        names |= {f"blk.{l}.attn_q.weight" for l in range(2)}
+        names |= {f"blk.{l}.attn_output.weight" for l in range(2)} | {"output.weight"}
+    for w, ty in (("attn_q", K.Q5_0), ("attn_k", K.Q5_1), ("attn_v", K.Q4_1)):
+        if K.r16_available(ty):
+            names |= {f"blk.{l}.{w}.weight" for l in range(2)}
     assert cached_names(cache_of(model)) == names
     off = Engine(model, n_ctx=64, n_threads=2, n_batch=16, repack=False)
     assert not off.repacked

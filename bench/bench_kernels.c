@@ -110,6 +110,7 @@ static const char *r16_label(int type) {
     case PE_TYPE_Q5_0: return "Q5_R16";
     case PE_TYPE_Q5_1: return "Q51R16";
     case PE_TYPE_Q4_K: return "Q4KR16";
+    case PE_TYPE_Q5_K: return "Q5KR16";
     default: return "R16";
     }
 }

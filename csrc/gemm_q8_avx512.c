@@ -444,12 +444,12 @@ static void b_scales(const uint8_t *p, int64_t nb, int has_min, float *ws, float
     }
 }
 
-/* A Q4_K group's scales and minimums of every 32-element unit 8 sb + s, as unpack_q45_k forms them:
- * d * sc and dmin * m (r16.h: the unpacked bytes and the rows' f16 d, dmin after the codes). */
-static void q4_k_scales(const uint8_t *group, int64_t n_in, float *ws, float *wm) {
+/* A Q4_K or Q5_K group's scales and minimums of every 32-element unit 8 sb + s, as unpack_q45_k forms
+ * them: d * sc and dmin * m (r16.h: the unpacked bytes and the rows' f16 d, dmin, at p after the codes). */
+static void k_scales(const uint8_t *p, int64_t n_in, float *ws, float *wm) {
     const int64_t nsb = n_in / 256;
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *sc = group + 2048 * nsb + 320 * sb;
+        const uint8_t *sc = p + 320 * sb;
         for (int r = 0; r < TILE; r++) {
             uint16_t d, dmin;
             memcpy(&d, sc + 256 + 2 * r, 2);
@@ -476,7 +476,7 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
     }
     if (type != PE_TYPE_MXFP4) { /* the decode kernels' code registers are the packing steps 8 b + j of
                                   * 32-element unit b */
-        const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1;
+        const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1 || type == PE_TYPE_Q5_K;
         const int64_t unit_bytes = fifth ? 320 : 256;
         for (int64_t b = 0; b < nb; b++) {
             __m512i u[8];
@@ -484,7 +484,7 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
             else pe_r16_nibbles(group + unit_bytes * b, u);
             for (int j = 0; j < 8; j++) _mm512_store_si512(t.packed + 64 * (8 * b + j), u[j]);
         }
-        if (type == PE_TYPE_Q4_K) q4_k_scales(group, n_in, t.ws, t.wm);
+        if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) k_scales(group + unit_bytes * nb, n_in, t.ws, t.wm);
         else b_scales(group + unit_bytes * nb, nb, fmt.has_min, t.ws, t.wm);
         tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
         return;

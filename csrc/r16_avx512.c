@@ -1,5 +1,5 @@
 /* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 (+ VBMI where
- * present), Q8_0, Q4_1, Q5_0, Q5_1 and Q4_K.
+ * present), Q8_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K.
  *
  * MXFP4, per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
  * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
@@ -159,28 +159,19 @@ PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, con
     store_rows8(acc, n_tok, nr, out, ldo);
 }
 
-#define R16_ENTRY(name, TYPE)                                                                                      \
-    static void name(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,         \
-                     int64_t ldo, const uint8_t *pf) {                                                             \
-        if (n_tok == 1) group_b(TYPE, group, nb, nr, x, 1, out, ldo, pf);                                          \
-        else group_b(TYPE, group, nb, nr, x, n_tok, out, ldo, pf);                                                 \
-    }
-R16_ENTRY(dot_r16_q4_1, PE_TYPE_Q4_1)
-R16_ENTRY(dot_r16_q5_0, PE_TYPE_Q5_0)
-R16_ENTRY(dot_r16_q5_1, PE_TYPE_Q5_1)
-#undef R16_ENTRY
-
-/* Q4_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight code
- * registers (low nibbles, high nibbles), the row's d * sc and dmin * m converted from the unpacked
- * scale bytes; then the file layout's steps (dot_q8k_avx512.c's Q4_K kernel): one conversion, one
- * multiply-add with (d * sc) * (d_x / 254), one negated multiply-add of dmin * m with d_x / 254 times
- * the unit's combined code sum, into the accumulator of sub-block s, and the row's result summed in
- * that kernel's order, ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)): the same
- * bits (it keeps the odd sub-blocks' codes as 16 q and d_x / 16, exactly the same products). */
-PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
-                      int64_t ldo, const uint8_t *pf) {
-    const int64_t nsb = nb / 8;
-    const uint8_t *scales = group + 2048 * nsb;
+/* Q4_K and Q5_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight
+ * code registers (low nibbles, high nibbles; Q5_K: plus 16 by the sub-block's fifth-bit masks, as
+ * Q5_0's), the row's d * sc and dmin * m converted from the unpacked scale bytes; then the file
+ * layout's steps (dot_q8k_avx512.c's Q4_K/Q5_K kernel): one conversion, one multiply-add with (d * sc)
+ * * (d_x / 254), one negated multiply-add of dmin * m with d_x / 254 times the unit's combined code
+ * sum, into the accumulator of sub-block s, and the row's result summed in that kernel's order,
+ * ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)): the same bits (for Q4_K that
+ * kernel keeps the odd sub-blocks' codes as 16 q and d_x / 16, exactly the same products). */
+PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
+                   float *out, int64_t ldo, const uint8_t *pf) {
+    const int five = type == PE_TYPE_Q5_K;
+    const int64_t nsb = nb / 8, cs = five ? 320 : 256; /* code bytes per sub-block */
+    const uint8_t *scales = group + 8 * cs * nsb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
@@ -190,13 +181,14 @@ PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 
         const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
         for (int s = 0; s < 8; s++) {
             const int64_t b = 8 * sb + s;
-            const uint8_t *p = group + 2048 * sb + 256 * s;
+            const uint8_t *p = group + cs * b;
             if (pf) {
-                for (int l = 0; l < 256; l += 64) __builtin_prefetch(pf + 2048 * sb + 256 * s + l, 0, 2);
-                if (s < 5) __builtin_prefetch(pf + 2048 * nsb + 320 * sb + 64 * s, 0, 2);
+                for (int l = 0; l < cs; l += 64) __builtin_prefetch(pf + cs * b + l, 0, 2);
+                if (s < 5) __builtin_prefetch(pf + 8 * cs * nsb + 320 * sb + 64 * s, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
-            pe_r16_nibbles(p, u);
+            if (five) pe_r16_codes_q5_0(p, u);
+            else pe_r16_nibbles(p, u);
             const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
             const __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 128 + 16 * s)))), dmin);
             for (int t = 0; t < n_tok; t++) {
@@ -210,13 +202,20 @@ PE_AI void group_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 
     store_rows8(acc, n_tok, nr, out, ldo);
 }
 
-static void dot_r16_q4_k(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                         int64_t ldo, const uint8_t *pf) {
-    if (n_tok == 1) group_q4_k(group, nb, nr, x, 1, out, ldo, pf);
-    else group_q4_k(group, nb, nr, x, n_tok, out, ldo, pf);
-}
+#define R16_ENTRY(name, body, TYPE)                                                                                \
+    static void name(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,         \
+                     int64_t ldo, const uint8_t *pf) {                                                             \
+        if (n_tok == 1) body(TYPE, group, nb, nr, x, 1, out, ldo, pf);                                             \
+        else body(TYPE, group, nb, nr, x, n_tok, out, ldo, pf);                                                    \
+    }
+R16_ENTRY(dot_r16_q4_1, group_b, PE_TYPE_Q4_1)
+R16_ENTRY(dot_r16_q5_0, group_b, PE_TYPE_Q5_0)
+R16_ENTRY(dot_r16_q5_1, group_b, PE_TYPE_Q5_1)
+R16_ENTRY(dot_r16_q4_k, group_k, PE_TYPE_Q4_K)
+R16_ENTRY(dot_r16_q5_k, group_k, PE_TYPE_Q5_K)
+#undef R16_ENTRY
 
-static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q4_k;
+static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q4_k, chosen_q5_k;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 static void choose(void) {
     const pe_simd_level level = pe_simd_level_get();
@@ -227,6 +226,7 @@ static void choose(void) {
         chosen_q5_0 = dot_r16_q5_0;
         chosen_q5_1 = dot_r16_q5_1;
         chosen_q4_k = dot_r16_q4_k;
+        chosen_q5_k = dot_r16_q5_k;
     } else chosen_mxfp4 = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
 }
 
@@ -240,6 +240,7 @@ pe_r16_dot_fn pe_r16_dot_get(int type) {
     case PE_TYPE_Q5_0: return chosen_q5_0;
     case PE_TYPE_Q5_1: return chosen_q5_1;
     case PE_TYPE_Q4_K: return chosen_q4_k;
+    case PE_TYPE_Q5_K: return chosen_q5_k;
     default: return NULL;
     }
 }

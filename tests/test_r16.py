@@ -1,4 +1,4 @@
-"""MXFP4, Q8_0, Q4_1, Q5_0, Q5_1 and Q4_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
+"""MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
 
 The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
 invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
@@ -53,7 +53,7 @@ TYPES = [pytest.param(T[name], id=name, marks=needs_r16(T[name])) for name in K.
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n_out,n_in", [(16, 32), (37, 96), (300, 160), (64, 2880), (5, 4096)])
 def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
-    if qtype == T.Q4_K:  # super-blocks of 256
+    if qtype in (T.Q4_K, T.Q5_K):  # super-blocks of 256
         n_in = max(256, n_in // 256 * 256)
     rng = np.random.default_rng(n_out * 7 + n_in)
     n_exp = 3
@@ -180,19 +180,21 @@ def test_r16_q4_1_q5_1_layout_and_float64(qtype):
     check_strided_against_float64(qtype, 2880, rng)
 
 
-@q4k_r16
-def test_r16_q4_k_layout_and_float64():
-    """Q4_K: the values r16.h's layout gives (codes as MXFP4's pieces per sub-block, unpacked 6-bit
-    scales and minimums, f16 d and dmin) are gguf-py's dequantization of the file's rows (missing
-    rows repeat the last one), and a strided source multiplies as float64 says."""
+@pytest.mark.parametrize("qtype", [pytest.param(T.Q4_K, id="Q4_K", marks=q4k_r16),
+                                   pytest.param(T.Q5_K, id="Q5_K", marks=needs_r16(T.Q5_K))])
+def test_r16_k_quants_layout_and_float64(qtype):
+    """Q4_K, Q5_K: the values r16.h's layout gives (codes as MXFP4's pieces per sub-block, Q5_K's
+    then as Q5_0's fifth-bit masks, unpacked 6-bit scales and minimums, f16 d and dmin) are gguf-py's
+    dequantization of the file's rows (missing rows repeat the last one), and a strided source
+    multiplies as float64 says."""
     rng = np.random.default_rng(13)
     n_in, n_out = 512, 13
-    w = blocks_of(T.Q4_K, 1, n_out, n_in, rng)[0]
-    r = repacked(w, n_in, T.Q4_K)
-    nsb = n_in // 256
-    assert r.size == 2368 * nsb and K.r16_bytes(n_in, n_out, 1, int(T.Q4_K)) == r.size
-    want = reference(np.ascontiguousarray(w).reshape(-1), T.Q4_K).reshape(n_out, n_in)
-    sc_area = r[2048 * nsb:].reshape(nsb, 320)
+    w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, qtype)
+    nsb, cs = n_in // 256, 320 if qtype == T.Q5_K else 256
+    assert r.size == (8 * cs + 320) * nsb and K.r16_bytes(n_in, n_out, 1, int(qtype)) == r.size
+    want = reference(np.ascontiguousarray(w).reshape(-1), qtype).reshape(n_out, n_in)
+    sc_area = r[8 * cs * nsb:].reshape(nsb, 320)
     for i in range(16):
         got = np.empty(n_in, np.float32)
         for b in range(nsb):
@@ -200,16 +202,20 @@ def test_r16_q4_k_layout_and_float64():
             dmin = sc_area[b, 288 + 2 * i:290 + 2 * i].view(np.float16)[0].astype(np.float32)
             for sub in range(8):
                 sc, mn = np.float32(sc_area[b, 16 * sub + i]), np.float32(sc_area[b, 128 + 16 * sub + i])
+                at = 8 * cs * b + cs * sub
+                masks = r[at + 256:at + 320].view("<u8") if cs == 320 else np.zeros(8, np.uint64)
                 for j in range(4):
-                    at = 2048 * b + 256 * sub + 64 * j + 4 * i
-                    q = r[at:at + 4]
-                    base = 256 * b + 32 * sub + 4 * j
-                    got[base:base + 4] = (d * sc) * (q & 15) - dmin * mn
-                    got[base + 16:base + 20] = (d * sc) * (q >> 4) - dmin * mn
+                    q = r[at + 64 * j + 4 * i:at + 64 * j + 4 * i + 4].astype(np.int64)
+                    for e in range(4):
+                        lo = (q[e] & 15) + 16 * ((int(masks[j]) >> (4 * i + e)) & 1)
+                        hi = (q[e] >> 4) + 16 * ((int(masks[j + 4]) >> (4 * i + e)) & 1)
+                        base = 256 * b + 32 * sub + 4 * j + e
+                        got[base] = (d * sc) * np.float32(lo) - dmin * mn
+                        got[base + 16] = (d * sc) * np.float32(hi) - dmin * mn
         np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
-    check_strided_against_float64(T.Q4_K, 2816, rng)
+    check_strided_against_float64(qtype, 2816, rng)
     with pytest.raises(ValueError, match="no R16 form"):
-        K.r16_bytes(96, 16, 1, int(T.Q4_K))
+        K.r16_bytes(96, 16, 1, int(qtype))
 
 
 def test_r16_layout_of_one_group():
@@ -239,10 +245,10 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="aligned"):
         K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
-    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K"):
+    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K"):
         K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="no R16 form"):
-        K.r16_bytes(64, 16, 1, int(T.Q6_K))
+        K.r16_bytes(64, 16, 1, int(T.Q2_K))
     with pytest.raises(ValueError, match="no R16 form"):
         K.r16_repack(w, 64, r, ggml_type=int(T.Q4_0))
     with pytest.raises(ValueError, match="writable contiguous"):
@@ -265,7 +271,7 @@ def check_r16_rows(out: str) -> None:
         if not K.r16_available(int(qtype)):
             continue
         for n_out, n_in in R16_CASES:
-            if qtype == T.Q4_K:
+            if qtype in (T.Q4_K, T.Q5_K):
                 n_in = max(256, n_in // 256 * 256)
             rng = np.random.default_rng(n_out * 3 + n_in)
             w = blocks_of(qtype, 2, n_out, n_in, rng)

@@ -106,11 +106,15 @@ static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
 static const char *r16_label(int type) {
     switch (type) {
     case PE_TYPE_Q8_0: return "Q8_R16";
+    case PE_TYPE_Q4_0: return "Q40R16";
     case PE_TYPE_Q4_1: return "Q41R16";
     case PE_TYPE_Q5_0: return "Q5_R16";
     case PE_TYPE_Q5_1: return "Q51R16";
+    case PE_TYPE_Q2_K: return "Q2KR16";
+    case PE_TYPE_Q3_K: return "Q3KR16";
     case PE_TYPE_Q4_K: return "Q4KR16";
     case PE_TYPE_Q5_K: return "Q5KR16";
+    case PE_TYPE_Q6_K: return "Q6KR16";
     default: return "R16";
     }
 }

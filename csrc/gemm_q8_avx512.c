@@ -462,12 +462,32 @@ static void k_scales(const uint8_t *p, int64_t n_in, float *ws, float *wm) {
     }
 }
 
+/* A Q2_K, Q3_K or Q6_K group's scales (and Q2_K's minimums) of every 16-element sub-block 16 sb + s,
+ * as unpack_q2_k / unpack_q3_k / unpack_q6_k form them (r16.h: the scale bytes and the rows' f16 d,
+ * Q2_K's dmin, at p after the codes). */
+static void k16_scales(int type, const uint8_t *p, int64_t n_in, float *ws, float *wm) {
+    const int64_t nsb = n_in / 256, area = type == PE_TYPE_Q2_K ? 320 : 288;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = p + area * sb;
+        for (int r = 0; r < TILE; r++) {
+            uint16_t d, dmin = 0;
+            memcpy(&d, sc + 256 + 2 * r, 2);
+            if (type == PE_TYPE_Q2_K) memcpy(&dmin, sc + 288 + 2 * r, 2);
+            for (int s = 0; s < 16; s++) {
+                const uint8_t v = sc[16 * s + r];
+                ws[(16 * sb + s) * TILE + r] = f16(d) * (float)(type == PE_TYPE_Q2_K ? v & 15 : (int8_t)v);
+                if (type == PE_TYPE_Q2_K) wm[(16 * sb + s) * TILE + r] = f16(dmin) * (float)(v >> 4);
+            }
+        }
+    }
+}
+
 void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
                          const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
-    const int64_t nb = n_in / 32;
-    tile_scratch t = scratch_of(scratch, n_in, nb);
+    const int64_t nb = n_in / 32, nsub = n_in / fmt.sub;
+    tile_scratch t = scratch_of(scratch, n_in, nsub);
     if (type == PE_TYPE_Q8_0) { /* piece j of block b is packing step 8 b + j already; f16 scales */
         t.packed = (uint8_t *)group;
         f16_scales(group + 512 * nb, TILE * nb, t.ws);
@@ -477,16 +497,23 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
     if (type != PE_TYPE_MXFP4) { /* the decode kernels' code registers are the packing steps 8 b + j of
                                   * 32-element unit b */
         const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1 || type == PE_TYPE_Q5_K;
-        const int64_t unit_bytes = fifth ? 320 : 256;
+        const int64_t unit_bytes = type == PE_TYPE_Q2_K ? 128 : type == PE_TYPE_Q3_K ? 192 : type == PE_TYPE_Q6_K ? 384
+                                   : fifth ? 320 : 256;
         for (int64_t b = 0; b < nb; b++) {
             __m512i u[8];
-            if (fifth) pe_r16_codes_q5_0(group + unit_bytes * b, u);
-            else pe_r16_nibbles(group + unit_bytes * b, u);
+            const uint8_t *p = group + unit_bytes * b;
+            if (type == PE_TYPE_Q2_K) pe_r16_crumbs(p, u);
+            else if (type == PE_TYPE_Q3_K) pe_r16_codes_q3_k(p, u);
+            else if (type == PE_TYPE_Q6_K) pe_r16_codes_q6_k(p, u);
+            else if (fifth) pe_r16_codes_q5_0(p, u);
+            else pe_r16_nibbles(p, u);
             for (int j = 0; j < 8; j++) _mm512_store_si512(t.packed + 64 * (8 * b + j), u[j]);
         }
-        if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) k_scales(group + unit_bytes * nb, n_in, t.ws, t.wm);
-        else b_scales(group + unit_bytes * nb, nb, fmt.has_min, t.ws, t.wm);
-        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+        const uint8_t *sc = group + unit_bytes * nb;
+        if (fmt.sub == 16) k16_scales(type, sc, n_in, t.ws, t.wm);
+        else if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) k_scales(sc, n_in, t.ws, t.wm);
+        else b_scales(sc, nb, fmt.has_min, t.ws, t.wm);
+        tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
         return;
     }
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));

@@ -1,6 +1,5 @@
-/* Repacking MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K weights into the R16 layout (r16.h): a transpose
- * of 4-byte pieces (and of the fifth bits, the K-quants' nibbles and scales), done once per model into the
- * cache file, so plain C. */
+/* Repacking weights into the R16 layout (r16.h): a transpose of 4-byte pieces (and of the extra bits,
+ * the K-quants' codes and scales), done once per model into the cache file, so plain C. */
 #include "r16.h"
 
 #include <string.h>
@@ -8,27 +7,19 @@
 #include "quants_impl.h"
 
 int pe_r16_has_type(int type) {
-    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 ||
-           type == PE_TYPE_Q5_1 || type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K;
+    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q4_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 ||
+           type == PE_TYPE_Q5_1 || type == PE_TYPE_Q2_K || type == PE_TYPE_Q3_K || type == PE_TYPE_Q4_K ||
+           type == PE_TYPE_Q5_K || type == PE_TYPE_Q6_K;
 }
 
-/* Bytes of one block of one row in the file (17, 34, 20, 22, 24, 144 or 176), and elements per block. */
-static int64_t block_bytes(int type) {
-    switch (type) {
-    case PE_TYPE_Q8_0: return PE_BLOCK_BYTES_Q8_0;
-    case PE_TYPE_Q4_1: return PE_BLOCK_BYTES_Q4_1;
-    case PE_TYPE_Q5_0: return PE_BLOCK_BYTES_Q5_0;
-    case PE_TYPE_Q5_1: return PE_BLOCK_BYTES_Q5_1;
-    case PE_TYPE_Q4_K: return PE_BLOCK_BYTES_Q4_K;
-    case PE_TYPE_Q5_K: return PE_BLOCK_BYTES_Q5_K;
-    default: return PE_BLOCK_BYTES_MXFP4;
-    }
-}
-static int64_t block_elems(int type) { return type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K ? 256 : 32; }
-/* Bytes of one block of the group's 16 rows in the R16 form: the file's, but Q4_K's and Q5_K's scales
- * and minimums unpacked to a byte each (2368 = 16 * 144 + 64, 2880 = 16 * 176 + 64). */
+/* Bytes of one block of one row in the file, and elements per block (quant_formats.h). */
+static int64_t block_bytes(int type) { return pe_type_traits_get(type)->type_size; }
+static int64_t block_elems(int type) { return pe_type_traits_get(type)->blck_size; }
+/* Bytes of one block of the group's 16 rows in the R16 form: the file's, but the 6-bit scales (and
+ * minimums) of Q3_K, Q4_K and Q5_K unpacked to a byte each (16 * 110 + 64, 16 * 144 + 64, 16 * 176 + 64). */
 static int64_t r16_block_bytes(int type) {
-    return type == PE_TYPE_Q4_K ? 2368 : type == PE_TYPE_Q5_K ? 2880 : PE_R16_ROWS * block_bytes(type);
+    const int64_t file = PE_R16_ROWS * block_bytes(type);
+    return type == PE_TYPE_Q3_K || type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K ? file + 64 : file;
 }
 
 int64_t pe_r16_group_bytes(int type, int64_t n_in) {
@@ -62,8 +53,69 @@ static void put_fifth(uint32_t qh, int i, uint8_t *c) {
         for (int e = 0; e < 4; e++) c[8 * j + (4 * i + e) / 8] |= (uint8_t)(((qh >> (4 * j + e)) & 1) << ((4 * i + e) % 8));
 }
 
+/* Row i's 2-bit fields v[e'] (element e' of a 32-element unit) into the unit's two pieces at c: piece k,
+ * byte 4 i + e, bits 2 f, 2 f + 1 = element 4 (4 k + f) + e. */
+static void put_crumbs(const uint8_t v[32], int i, uint8_t *c) {
+    for (int k = 0; k < 2; k++)
+        for (int f = 0; f < 4; f++)
+            for (int e = 0; e < 4; e++) c[64 * k + 4 * i + e] |= (uint8_t)((v[4 * (4 * k + f) + e] & 3) << (2 * f));
+}
+
+/* Q2_K, Q3_K, Q6_K (sub-blocks of 16): row i's super-block b into the group's unit codes (units of 32
+ * elements, unit_bytes each) and scale area (16 s + i: the sub-block's scale byte, Q2_K's raw, Q3_K's
+ * signed value, Q6_K's int8; at 256 + 2 i the row's f16 d, Q2_K's dmin at 288 + 2 i). */
+static void put_k16(int type, const uint8_t *blk, int64_t nb, int64_t b, int i, uint8_t *out) {
+    const int64_t unit_bytes = type == PE_TYPE_Q2_K ? 128 : type == PE_TYPE_Q3_K ? 192 : 384;
+    uint8_t *sc = out + 8 * unit_bytes * nb + (type == PE_TYPE_Q2_K ? 320 : 288) * b;
+    uint8_t code[256]; /* element 128 h + 32 j + l */
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                const int e = 128 * h + 32 * j + l;
+                if (type == PE_TYPE_Q2_K) code[e] = (uint8_t)((((const pe_block_q2_k *)blk)->qs[32 * h + l] >> (2 * j)) & 3);
+                else if (type == PE_TYPE_Q3_K) {
+                    const pe_block_q3_k *q = (const pe_block_q3_k *)blk;
+                    code[e] = (uint8_t)(((q->qs[32 * h + l] >> (2 * j)) & 3) | (((q->hmask[l] >> (4 * h + j)) & 1) << 2));
+                } else {
+                    const pe_block_q6_k *q = (const pe_block_q6_k *)blk;
+                    code[e] = (uint8_t)(((q->ql[64 * h + 32 * (j % 2) + l] >> (4 * (j / 2))) & 15) |
+                                        (((q->qh[32 * h + l] >> (2 * j)) & 3) << 4));
+                }
+            }
+    for (int u = 0; u < 8; u++) {
+        const uint8_t *v = code + 32 * u;
+        uint8_t *c = out + unit_bytes * (8 * b + u);
+        if (type == PE_TYPE_Q6_K) {
+            uint8_t lo[16], hi[32];
+            for (int e = 0; e < 16; e++) lo[e] = (uint8_t)((v[e] & 15) | (v[16 + e] & 15) << 4);
+            for (int e = 0; e < 32; e++) hi[e] = v[e] >> 4;
+            put_nibbles(lo, i, c);
+            put_crumbs(hi, i, c + 256);
+        } else {
+            put_crumbs(v, i, c);
+            if (type == PE_TYPE_Q3_K) {
+                uint32_t third = 0;
+                for (int e = 0; e < 32; e++) third |= (uint32_t)(v[e] >> 2) << e;
+                put_fifth(third, i, c + 128);
+            }
+        }
+    }
+    for (int k = 0; k < 16; k++)
+        sc[16 * k + i] = type == PE_TYPE_Q2_K ? ((const pe_block_q2_k *)blk)->scales[k]
+                         : type == PE_TYPE_Q3_K ? (uint8_t)(int8_t)pe_q3_k_scale(((const pe_block_q3_k *)blk)->scales, k)
+                                                : (uint8_t)((const pe_block_q6_k *)blk)->scales[k];
+    if (type == PE_TYPE_Q2_K) {
+        memcpy(sc + 256 + 2 * i, &((const pe_block_q2_k *)blk)->d, 2);
+        memcpy(sc + 288 + 2 * i, &((const pe_block_q2_k *)blk)->dmin, 2);
+    } else memcpy(sc + 256 + 2 * i, type == PE_TYPE_Q3_K ? &((const pe_block_q3_k *)blk)->d : &((const pe_block_q6_k *)blk)->d, 2);
+}
+
 /* Row i's block (at blk) into group `out` of nb blocks. */
 static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i, uint8_t *out) {
+    if (type == PE_TYPE_Q2_K || type == PE_TYPE_Q3_K || type == PE_TYPE_Q6_K) {
+        put_k16(type, blk, nb, b, i, out);
+        return;
+    }
     if (type == PE_TYPE_Q8_0) {
         const pe_block_q8_0 *q = (const pe_block_q8_0 *)blk;
         for (int j = 0; j < 8; j++)
@@ -76,6 +128,12 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         put_nibbles(q->qs, i, out + 320 * b);
         put_fifth(u32_at(q->qh), i, out + 320 * b + 256);
         memcpy(out + 320 * nb + 32 * b + 2 * i, &q->d, 2);
+        return;
+    }
+    if (type == PE_TYPE_Q4_0) {
+        const pe_block_q4_0 *q = (const pe_block_q4_0 *)blk;
+        put_nibbles(q->qs, i, out + 256 * b);
+        memcpy(out + 256 * nb + 32 * b + 2 * i, &q->d, 2);
         return;
     }
     if (type == PE_TYPE_Q4_1) {
@@ -134,7 +192,7 @@ void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_t
     for (int64_t eg = 0; eg < n_expert * groups; eg++) {
         const int64_t e = eg / groups, g = eg % groups;
         uint8_t *out = dst + eg * group_bytes;
-        memset(out, 0, (size_t)group_bytes); /* the fifth-bit masks are ORed in */
+        memset(out, 0, (size_t)group_bytes); /* the bit masks and 2-bit fields are ORed in */
         for (int i = 0; i < PE_R16_ROWS; i++) {
             const int64_t r = g * PE_R16_ROWS + i < src->n_out ? g * PE_R16_ROWS + i : src->n_out - 1;
             const uint8_t *row = src->data + e * src->expert_stride + r * src->row_stride;

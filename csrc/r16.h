@@ -2,10 +2,11 @@
  * codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword gives all 16
  * rows' partial sums with no horizontal reduction (the layout the prefill tiles of gemm_q8_avx512.c
  * build in scratch memory for every tile; here it is built once, into a cache file next to the
- * model: pyengine/repack_cache.py). Six formats have this form: MXFP4 (the experts), Q8_0 (the
- * attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in their Q4_K_M files),
- * Q5_1 (attention in Q5_K_M files: llama.cpp's fallback for Q5_K where rows are not a multiple of
- * 256) and Q4_1.
+ * model: pyengine/repack_cache.py). Every block format but Q4_0 has this form: MXFP4 (the
+ * experts), Q8_0 (the attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in
+ * their Q4_K_M files), Q5_1 and Q5_K (Q5_K_M files: Q5_1 is llama.cpp's fallback for Q5_K where rows
+ * are not a multiple of 256), Q6_K, Q2_K, Q3_K (attn_output of the files named for them) and Q4_1.
+ * Q4_0's file-layout kernel already streams at 83-87 % of the probe.
  *
  * Why: in the file's layout (17- or 34-byte blocks, one row after the other) the decode kernels
  * spend most of their instructions gathering a row's codes and scales and folding per-row sums;
@@ -15,12 +16,13 @@
  * in cache, and from memory (two threads) 1.09x, since the less a kernel computes per byte, the
  * closer it streams to the memory's rate (bench/RESULTS.md). Q5_0 and Q4_K: no gathering of fifth
  * bits or packed 6-bit scales; 92 % and 87 % of the bandwidth probe against 72 % and 74 %; Q4_1 and
- * Q5_1 97 % and 93 % against 75 % and 73 %.
+ * Q5_1 97 % and 93 % against 75 % and 73 %, Q5_K 86 % against 78 % (bench/RESULTS.md has Q2_K, Q3_K
+ * and Q6_K).
  *
- * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks, Q4_K: n_in / 256
- * super-blocks): groups of 16 rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row
- * again), pe_r16_group_bytes = the bytes of its 16 rows in the file (16 * block bytes * nb; Q4_K:
- * 2368 * nb, its scales unpacked) rounded up to 64, so that every group starts on a 64-byte
+ * Layout of an expert's matrix of n_out rows x n_in elements (nb = n_in / 32 blocks, K-quants: n_in /
+ * 256 super-blocks): groups of 16 rows, group g = rows 16 g .. 16 g + 15 (past n_out: the last row
+ * again), pe_r16_group_bytes = the bytes of its 16 rows in the file (16 * block bytes * nb; Q3_K,
+ * Q4_K, Q5_K: 64 more per super-block, their scales unpacked) rounded up to 64, so that every group starts on a 64-byte
  * boundary when the matrix does. Inside a group: the codes of every block, then the scales of every
  * block, then zero padding.
  * MXFP4 (256 code bytes and 16 scale bytes per block):
@@ -45,6 +47,17 @@
  *     of 32 s + 16 + 4 j + e (high nibble), as MXFP4's pieces
  *   at 2048 nb + 320 b: the 6-bit scales (byte 16 s + i) and minimums (128 + 16 s + i) of every
  *     sub-block and row, then the rows' f16 d (256 + 2 i) and dmin (288 + 2 i)
+ * Q5_K (2560 code bytes and 320 scale bytes per super-block): as Q4_K, but each sub-block's codes are
+ *   320 bytes at 2560 b + 320 s, as Q5_0's (the four pieces, then eight fifth-bit masks)
+ * Q2_K, Q3_K, Q6_K (sub-blocks of 16; per super-block 8 units of 32 elements of 128, 192 or 384 code
+ * bytes, then 320, 288 or 288 scale bytes), unit u (elements 256 b + 32 u ..) at ub (8 b + u):
+ *   Q2_K: two pieces k < 2 of 2-bit fields: byte 4 i + e, bits 2 f, 2 f + 1 = row i's code of element
+ *     4 (4 k + f) + e of the unit
+ *   Q3_K: its low two bits as Q2_K's, then at + 128 eight 64-bit masks of its third bit (as Q5_0's)
+ *   Q6_K: its low four bits as MXFP4's pieces, then at + 256 its high two bits as Q2_K's pieces
+ *   at 8 ub nb + (320 or 288) b: byte 16 s + i = row i's scale of sub-block s (Q2_K: the file's byte,
+ *     minimum in the high nibble; Q3_K: the signed 6-bit scale as int8; Q6_K: its int8), then the
+ *     rows' f16 d (256 + 2 i) and Q2_K's dmin (288 + 2 i)
  * An expert's matrix is ceil(n_out / 16) groups; experts follow each other with no gap.
  * The products are bit-identical to the file-layout kernels (dot_q8_avx512.c, dot_q8k_avx512.c,
  * gemm_q8_avx512.c): the same integer sums, the same float operations in the same order. */
@@ -81,7 +94,7 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
 }
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
-/* Whether ggml type `type` has an R16 form (MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K). */
+/* Whether ggml type `type` has an R16 form (every block format but Q4_0). */
 int pe_r16_has_type(int type);
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);

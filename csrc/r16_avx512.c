@@ -1,5 +1,5 @@
 /* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 (+ VBMI where
- * present), Q8_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K.
+ * present), and every other block format (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K).
  *
  * MXFP4, per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
  * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
@@ -80,35 +80,33 @@ PE_AI void store_rows(__m512 acc[][4], const int n_tok, int nr, float *out, int6
 #undef R16_LOOKUP
 #pragma GCC pop_options
 
-/* Q8_0: the codes are stored + 128, so a block is eight 64-byte loads that go straight into
- * vpdpbusd (nothing to decode), per token against the two digits' broadcast dwords; then the same
- * steps as dot_q8_avx512.c's Q8_0 kernel: 128 times the block's combined code sum taken off in
+/* Q8_0 and Q4_0. Q8_0: the codes are stored + 128, so a block is eight 64-byte loads that go straight
+ * into vpdpbusd (nothing to decode); Q4_0: four loads give the eight registers of nibbles (its code
+ * q + 8). Then per token, against the two digits' broadcast dwords, the same steps as
+ * dot_q8_avx512.c's kernel: the offset (128, 8) times the block's combined code sum taken off in
  * int32, one conversion, one multiply-add with d_w * (d_x / 254) into the accumulator of block
  * b mod 4, and the row's result (acc0 + acc1) + (acc2 + acc3): the same bits. */
-PE_AI void group_q8_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok, float *out,
-                      int64_t ldo, const uint8_t *pf) {
-    const uint8_t *scales = group + 512 * nb;
+PE_AI void group_q8_0(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
+                      float *out, int64_t ldo, const uint8_t *pf) {
+    const int q8 = type == PE_TYPE_Q8_0, code = q8 ? 512 : 256;
+    const uint8_t *scales = group + code * nb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][4];
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 4; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = group + 512 * b;
-        pe_r16_prefetch_block(pf, nb, b, 512, 32);
+        const uint8_t *p = group + code * b;
+        pe_r16_prefetch_block(pf, nb, b, code, 32);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
-        for (int j = 0; j < 8; j++) u[j] = _mm512_load_si512(p + 64 * j);
+        if (q8)
+            for (int j = 0; j < 8; j++) u[j] = _mm512_load_si512(p + 64 * j);
+        else pe_r16_nibbles(p, u);
         const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
         for (int t = 0; t < n_tok; t++) {
             const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
-            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 128)), s, acc[t][b & 3]);
+            acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, q8 ? 128 : 8)), s, acc[t][b & 3]);
         }
     }
     store_rows(acc, n_tok, nr, out, ldo);
-}
-
-static void dot_r16_q8_0(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,
-                         int64_t ldo, const uint8_t *pf) {
-    if (n_tok == 1) group_q8_0(group, nb, nr, x, 1, out, ldo, pf);
-    else group_q8_0(group, nb, nr, x, n_tok, out, ldo, pf);
 }
 
 /* Each token's row results from eight accumulators in dot_q8k_avx512.c's reduction order (its
@@ -202,31 +200,157 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
     store_rows8(acc, n_tok, nr, out, ldo);
 }
 
+/* Sub-block s (16 elements: hh = s % 2 picks registers 4 hh .. 4 hh + 3 of the unit's codes u) of
+ * unit b, one token: the rows' exact sums of w . X minus offset times the sub-block's combined code
+ * sum, one vpdpbusd chain per digit, a shift and an add. */
+PE_AI __m512i sub_sums(const __m512i u[8], const pe_act_q8 *x, int64_t b, int hh, const int offset, int64_t s16) {
+    __m512i h = _mm512_setzero_si512(), l = h;
+    for (int j = 4 * hh; j < 4 * hh + 4; j++) {
+        h = _mm512_dpbusd_epi32(h, u[j], bcast(x->xh + pe_r16_act_at(b, j)));
+        l = _mm512_dpbusd_epi32(l, u[j], bcast(x->xl + pe_r16_act_at(b, j)));
+    }
+    const __m512i c = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+    return offset ? _mm512_sub_epi32(c, _mm512_set1_epi32(offset * (int32_t)x->s16x[s16])) : c;
+}
+
+/* A row's sixteen lane values l[0..16) summed as _mm512_reduce_add_ps sums the lanes of one register
+ * (GCC's tree: halves, then quarters, then pairs), for 16 rows at once. */
+PE_AI __m512 reduce16(const __m512 l[16]) {
+    __m512 t[8];
+    for (int i = 0; i < 8; i++) t[i] = _mm512_add_ps(l[i + 8], l[i]);
+    for (int i = 0; i < 4; i++) t[i] = _mm512_add_ps(t[i + 4], t[i]);
+    return _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+}
+
+/* Q3_K and Q6_K (sub-blocks of 16), per 32-element unit: the codes (Q3_K: 2-bit fields plus the
+ * third-bit masks, Q6_K: nibbles plus 2-bit fields), then per sub-block the file layout's steps
+ * (dot_q8k_avx512.c's sub-blocks-of-16 kernel): the offset (4, 32) times the sub-block's combined code
+ * sum taken off in int32, one conversion, one multiply-add with (d * sc) * (d_x / 254) into the
+ * accumulator of sub-block s, and the row's result summed as that kernel's _mm512_reduce_add_ps sums
+ * its register, whose lane 4 L + i holds sub-block 4 i + L: the same bits. */
+PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
+                    float *out, int64_t ldo, const uint8_t *pf) {
+    const int six = type == PE_TYPE_Q6_K, offset = six ? 32 : 4;
+    const int64_t nsb = nb / 8, ub = six ? 384 : 192; /* code bytes per unit of 32 */
+    const uint8_t *scales = group + 8 * ub * nsb;
+    __m512 acc[PE_DOT_Q8_MAX_TOK][16];
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 16; k++) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = scales + 288 * sb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
+        for (int v = 0; v < 8; v++) {
+            const int64_t b = 8 * sb + v;
+            if (pf) {
+                for (int l = 0; l < ub; l += 64) __builtin_prefetch(pf + ub * b + l, 0, 2);
+                if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 288 * sb + 64 * v, 0, 2);
+            }
+            __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the unit, every row */
+            if (six) pe_r16_codes_q6_k(group + ub * b, u);
+            else pe_r16_codes_q3_k(group + ub * b, u);
+            for (int hh = 0; hh < 2; hh++) {
+                const int s = 2 * v + hh;
+                const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
+                for (int t = 0; t < n_tok; t++) {
+                    const float dx = x[t].d[b] * (1.0f / 254.0f);
+                    const __m512 f = _mm512_cvtepi32_ps(sub_sums(u, &x[t], b, hh, offset, 16 * sb + s));
+                    acc[t][s] = _mm512_fmadd_ps(f, _mm512_mul_ps(a, _mm512_set1_ps(dx)), acc[t][s]);
+                }
+            }
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    static const int lane_sub[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+    for (int t = 0; t < n_tok; t++) {
+        __m512 l[16];
+        for (int i = 0; i < 16; i++) l[i] = acc[t][lane_sub[i]];
+        _mm512_mask_storeu_ps(out + t * ldo, keep, reduce16(l));
+    }
+}
+
+/* Q2_K, per 32-element unit b (two sub-blocks of 16): the 2-bit codes, per sub-block the exact sums
+ * times the 4-bit scale and the 4-bit minimum times the sub-block's combined code sum, in int32, the
+ * two sub-blocks added; then as dot_q8k_avx512.c's Q2_K kernel, whose lanes 0-7 hold the eight blocks'
+ * sums and 8-15 their minimum terms: one conversion and one multiply-add each with d * (d_x / 254)
+ * and dmin * (d_x / -254), into accumulators F[b % 8] and M[b % 8], and the row's result summed as
+ * that kernel's _mm512_reduce_add_ps over (F0..F7, M0..M7): the same bits. */
+PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
+                      float *out, int64_t ldo, const uint8_t *pf) {
+    (void)type;
+    const int64_t nsb = nb / 8;
+    const uint8_t *scales = group + 1024 * nsb;
+    __m512 acc[PE_DOT_Q8_MAX_TOK][16]; /* F0..F7, M0..M7 */
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 16; k++) acc[t][k] = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi32(15);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = scales + 320 * sb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        for (int v = 0; v < 8; v++) {
+            const int64_t b = 8 * sb + v;
+            if (pf) {
+                __builtin_prefetch(pf + 128 * b, 0, 2);
+                __builtin_prefetch(pf + 128 * b + 64, 0, 2);
+                if (v < 5) __builtin_prefetch(pf + 1024 * nsb + 320 * sb + 64 * v, 0, 2);
+            }
+            __m512i u[8];
+            pe_r16_crumbs(group + 128 * b, u);
+            const __m512i s0 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v)));
+            const __m512i s1 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v + 16)));
+            const __m512i sc0 = _mm512_and_si512(s0, m15), sc1 = _mm512_and_si512(s1, m15);
+            const __m512i mn0 = _mm512_srli_epi32(s0, 4), mn1 = _mm512_srli_epi32(s1, 4);
+            for (int t = 0; t < n_tok; t++) {
+                const int64_t s16 = 16 * sb + 2 * v;
+                const __m512i F = _mm512_add_epi32(_mm512_mullo_epi32(sub_sums(u, &x[t], b, 0, 0, 0), sc0),
+                                                   _mm512_mullo_epi32(sub_sums(u, &x[t], b, 1, 0, 0), sc1));
+                const __m512i M = _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32((int32_t)x[t].s16x[s16])),
+                                                   _mm512_mullo_epi32(mn1, _mm512_set1_epi32((int32_t)x[t].s16x[s16 + 1])));
+                acc[t][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(F), _mm512_mul_ps(d, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f))), acc[t][v]);
+                acc[t][8 + v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(M), _mm512_mul_ps(dmin, _mm512_set1_ps(x[t].d[b] * -(1.0f / 254.0f))),
+                                                acc[t][8 + v]);
+            }
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++) _mm512_mask_storeu_ps(out + t * ldo, keep, reduce16(acc[t]));
+}
+
 #define R16_ENTRY(name, body, TYPE)                                                                                \
     static void name(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,         \
                      int64_t ldo, const uint8_t *pf) {                                                             \
         if (n_tok == 1) body(TYPE, group, nb, nr, x, 1, out, ldo, pf);                                             \
         else body(TYPE, group, nb, nr, x, n_tok, out, ldo, pf);                                                    \
     }
+R16_ENTRY(dot_r16_q8_0, group_q8_0, PE_TYPE_Q8_0)
+R16_ENTRY(dot_r16_q4_0, group_q8_0, PE_TYPE_Q4_0)
 R16_ENTRY(dot_r16_q4_1, group_b, PE_TYPE_Q4_1)
 R16_ENTRY(dot_r16_q5_0, group_b, PE_TYPE_Q5_0)
 R16_ENTRY(dot_r16_q5_1, group_b, PE_TYPE_Q5_1)
 R16_ENTRY(dot_r16_q4_k, group_k, PE_TYPE_Q4_K)
 R16_ENTRY(dot_r16_q5_k, group_k, PE_TYPE_Q5_K)
+R16_ENTRY(dot_r16_q2_k, group_q2_k, PE_TYPE_Q2_K)
+R16_ENTRY(dot_r16_q3_k, group_16, PE_TYPE_Q3_K)
+R16_ENTRY(dot_r16_q6_k, group_16, PE_TYPE_Q6_K)
 #undef R16_ENTRY
 
-static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q4_k, chosen_q5_k;
+static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q2_k, chosen_q3_k, chosen_q4_k,
+    chosen_q5_k, chosen_q6_k;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 static void choose(void) {
     const pe_simd_level level = pe_simd_level_get();
     if (level >= PE_SIMD_AVX512) {
         chosen_mxfp4 = pe_cpu_has_avx512vbmi() ? dot_r16_vbmi : dot_r16_bw;
         chosen_q8_0 = dot_r16_q8_0;
+        chosen_q4_0 = dot_r16_q4_0;
         chosen_q4_1 = dot_r16_q4_1;
         chosen_q5_0 = dot_r16_q5_0;
         chosen_q5_1 = dot_r16_q5_1;
         chosen_q4_k = dot_r16_q4_k;
         chosen_q5_k = dot_r16_q5_k;
+        chosen_q2_k = dot_r16_q2_k;
+        chosen_q3_k = dot_r16_q3_k;
+        chosen_q6_k = dot_r16_q6_k;
     } else chosen_mxfp4 = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
 }
 
@@ -236,11 +360,15 @@ pe_r16_dot_fn pe_r16_dot_get(int type) {
     switch (type) {
     case PE_TYPE_MXFP4: return chosen_mxfp4;
     case PE_TYPE_Q8_0: return chosen_q8_0;
+    case PE_TYPE_Q4_0: return chosen_q4_0;
     case PE_TYPE_Q4_1: return chosen_q4_1;
     case PE_TYPE_Q5_0: return chosen_q5_0;
     case PE_TYPE_Q5_1: return chosen_q5_1;
     case PE_TYPE_Q4_K: return chosen_q4_k;
     case PE_TYPE_Q5_K: return chosen_q5_k;
+    case PE_TYPE_Q2_K: return chosen_q2_k;
+    case PE_TYPE_Q3_K: return chosen_q3_k;
+    case PE_TYPE_Q6_K: return chosen_q6_k;
     default: return NULL;
     }
 }

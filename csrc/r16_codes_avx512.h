@@ -1,7 +1,9 @@
-/* The code registers of one block of an R16 group (r16.h) whose codes are nibbles in four 64-byte
- * pieces at p (Q5_0, and each 32-element sub-block of Q4_K): register j (j < 4) holds the low
- * nibbles of piece j, register j + 4 its high nibbles, i.e. elements 4 j .. 4 j + 3 of every row as
- * unsigned bytes. Shared by the decode kernels (r16_avx512.c) and the prefill tiles
+/* The code registers of one 32-element unit of an R16 group (r16.h): register j holds elements
+ * 4 j .. 4 j + 3 of every row as unsigned bytes. Where the codes are nibbles in four 64-byte pieces
+ * at p (the 32-blocks, each 32-element sub-block of Q4_K/Q5_K, Q6_K's low four bits): register j
+ * (j < 4) holds the low nibbles of piece j, register j + 4 its high nibbles. Where they are 2-bit
+ * fields in two pieces (Q2_K, Q3_K's low two bits, Q6_K's high two): register 4 k + f holds bits
+ * 2 f, 2 f + 1 of piece k. Shared by the decode kernels (r16_avx512.c) and the prefill tiles
  * (gemm_q8_avx512.c), whose packing steps these registers are. Include only from AVX-512 BW files. */
 #ifndef PE_R16_CODES_AVX512_H
 #define PE_R16_CODES_AVX512_H
@@ -25,6 +27,38 @@ static inline __attribute__((always_inline)) void pe_r16_codes_q5_0(const uint8_
     memcpy(fifth, p + 256, sizeof fifth);
     pe_r16_nibbles(p, u);
     for (int j = 0; j < 8; j++) u[j] = _mm512_mask_add_epi8(u[j], _cvtu64_mask64(fifth[j]), u[j], _mm512_set1_epi8(16));
+}
+
+/* Q2_K: the 2-bit fields of the two pieces at p. */
+static inline __attribute__((always_inline)) void pe_r16_crumbs(const uint8_t *p, __m512i u[8]) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int k = 0; k < 2; k++) {
+        const __m512i v = _mm512_load_si512(p + 64 * k);
+        u[4 * k] = _mm512_and_si512(v, m3);
+        u[4 * k + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
+        u[4 * k + 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
+        u[4 * k + 3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
+    }
+}
+
+/* Q3_K: the 2-bit fields plus 4 where the unit's third-bit mask of that register (at p + 128) is set. */
+static inline __attribute__((always_inline)) void pe_r16_codes_q3_k(const uint8_t *p, __m512i u[8]) {
+    uint64_t third[8];
+    memcpy(third, p + 128, sizeof third);
+    pe_r16_crumbs(p, u);
+    for (int j = 0; j < 8; j++) u[j] = _mm512_mask_add_epi8(u[j], _cvtu64_mask64(third[j]), u[j], _mm512_set1_epi8(4));
+}
+
+/* Q6_K: the nibbles (at p) or'ed with the 2-bit fields of the two pieces at p + 256 moved to bits 4-5
+ * (a 16-bit shift and one vpternlogd: u | (shifted & 0x30)). */
+static inline __attribute__((always_inline)) void pe_r16_codes_q6_k(const uint8_t *p, __m512i u[8]) {
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    pe_r16_nibbles(p, u);
+    for (int k = 0; k < 2; k++) {
+        const __m512i v = _mm512_load_si512(p + 256 + 64 * k);
+        const __m512i at4[4] = {_mm512_slli_epi16(v, 4), _mm512_slli_epi16(v, 2), v, _mm512_srli_epi16(v, 2)};
+        for (int f = 0; f < 4; f++) u[4 * k + f] = _mm512_ternarylogic_epi32(u[4 * k + f], at4[f], m30, 0xf8);
+    }
 }
 
 #endif

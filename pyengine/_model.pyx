@@ -15,7 +15,8 @@ from _core cimport PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_s
 cnp.import_array()
 
 cdef extern from "quants.h":
-    enum: PE_TYPE_MXFP4, PE_TYPE_Q4_1, PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q4_K, PE_TYPE_Q5_K
+    enum: PE_TYPE_MXFP4, PE_TYPE_Q4_0, PE_TYPE_Q4_1, PE_TYPE_Q5_0, PE_TYPE_Q5_1, PE_TYPE_Q2_K, PE_TYPE_Q3_K, PE_TYPE_Q4_K, PE_TYPE_Q5_K
+    enum: PE_TYPE_Q6_K
     ctypedef void (*pe_dequant_row_fn)(const void *src, float *dst, int64_t n) noexcept nogil
     ctypedef struct pe_type_traits:
         int type
@@ -122,13 +123,19 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
 # ---- weights repacked by 16 rows (csrc/r16.h; cache: pyengine/repack_cache.py) ----
 MXFP4 = PE_TYPE_MXFP4
 Q8_0 = PE_TYPE_Q8_0
+Q4_0 = PE_TYPE_Q4_0
 Q4_1 = PE_TYPE_Q4_1
 Q5_0 = PE_TYPE_Q5_0
 Q5_1 = PE_TYPE_Q5_1
+Q2_K = PE_TYPE_Q2_K
+Q3_K = PE_TYPE_Q3_K
 Q4_K = PE_TYPE_Q4_K
 Q5_K = PE_TYPE_Q5_K
+Q6_K = PE_TYPE_Q6_K
 # The types with an R16 form (pe_r16_has_type), by name for the error messages.
-R16_TYPES = {"MXFP4": MXFP4, "Q8_0": Q8_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q4_K": Q4_K, "Q5_K": Q5_K}
+R16_TYPES = {"MXFP4": MXFP4, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q2_K": Q2_K,
+             "Q3_K": Q3_K, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
+_R16_SUPER = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)  # blocks of 256
 _R16_NAMES = ", ".join(R16_TYPES)
 
 
@@ -143,7 +150,7 @@ def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4
     n_in elements."""
     if not pe_r16_has_type(ggml_type):
         raise ValueError(f"no R16 form for ggml type {ggml_type} (only {_R16_NAMES})")
-    if n_in <= 0 or n_in % (256 if ggml_type in (Q4_K, Q5_K) else 32) or n_out <= 0 or n_expert <= 0:
+    if n_in <= 0 or n_in % (256 if ggml_type in _R16_SUPER else 32) or n_out <= 0 or n_expert <= 0:
         raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
     return pe_r16_bytes(ggml_type, n_in, n_out, n_expert)
 

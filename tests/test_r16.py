@@ -1,4 +1,4 @@
-"""MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
+"""MXFP4, Q8_0, Q4_1, Q5_0, Q5_1 and the K-quants' weights repacked by 16 rows (csrc/r16.h), the decode layout of the repack cache.
 
 The R16 kernels must give the bits of the file-layout int8 kernels (that is what makes the cache
 invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens (the prefill
@@ -53,7 +53,7 @@ TYPES = [pytest.param(T[name], id=name, marks=needs_r16(T[name])) for name in K.
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n_out,n_in", [(16, 32), (37, 96), (300, 160), (64, 2880), (5, 4096)])
 def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
-    if qtype in (T.Q4_K, T.Q5_K):  # super-blocks of 256
+    if SIZES[qtype][0] == 256:  # super-blocks
         n_in = max(256, n_in // 256 * 256)
     rng = np.random.default_rng(n_out * 7 + n_in)
     n_exp = 3
@@ -147,36 +147,35 @@ def test_r16_q5_0_against_float64_and_layout():
     check_strided_against_float64(T.Q5_0, 2880, rng)
 
 
-@pytest.mark.parametrize("qtype", [pytest.param(T.Q4_1, id="Q4_1", marks=needs_r16(T.Q4_1)),
-                                   pytest.param(T.Q5_1, id="Q5_1", marks=needs_r16(T.Q5_1))])
-def test_r16_q4_1_q5_1_layout_and_float64(qtype):
-    """Q4_1 and Q5_1: the codes as Q5_0's (MXFP4's pieces, Q5_1 then the eight fifth-bit masks), then
-    per block the rows' f16 d and f16 m, zero padding; the values that layout gives are gguf-py's
-    dequantization of the file's rows (missing rows repeat the last one); a strided source against
-    float64."""
+@pytest.mark.parametrize("qtype", [pytest.param(T[n], id=n, marks=needs_r16(T[n])) for n in ("Q4_0", "Q4_1", "Q5_1")])
+def test_r16_q4_0_q4_1_q5_1_layout_and_float64(qtype):
+    """Q4_0, Q4_1 and Q5_1: the codes as MXFP4's pieces (Q5_1 then the eight fifth-bit masks, as
+    Q5_0's), then per block the rows' f16 d (Q4_0: code - 8) and, with a minimum, their f16 m, zero
+    padding; the values that layout gives are gguf-py's dequantization of the file's rows (missing
+    rows repeat the last one); a strided source against float64."""
     rng = np.random.default_rng(14)
     n_in, n_out = 96, 13
     w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
     r = repacked(w, n_in, qtype)
-    nb, fifth = n_in // 32, qtype == T.Q5_1
-    code = 320 if fifth else 256
+    nb, fifth, has_min = n_in // 32, qtype == T.Q5_1, qtype != T.Q4_0
+    code, scale = 320 if fifth else 256, 64 if has_min else 32
     assert r.size == (16 * SIZES[qtype][1] * nb + 63) // 64 * 64
     want = reference(np.ascontiguousarray(w).reshape(-1), qtype).reshape(n_out, n_in)
     for i in range(16):
         got = np.empty(n_in, np.float32)
         for b in range(nb):
-            d = r[code * nb + 64 * b + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
-            m = r[code * nb + 64 * b + 32 + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
+            d = r[code * nb + scale * b + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
+            m = r[code * nb + 64 * b + 32 + 2 * i:][:2].view(np.float16)[0].astype(np.float32) if has_min else None
             masks = r[code * b + 256:code * b + 320].view("<u8") if fifth else np.zeros(8, np.uint64)
             for j in range(4):
                 q = r[code * b + 64 * j + 4 * i:][:4].astype(np.int64)
                 for e in range(4):
                     lo = (q[e] & 15) + 16 * ((int(masks[j]) >> (4 * i + e)) & 1)
                     hi = (q[e] >> 4) + 16 * ((int(masks[j + 4]) >> (4 * i + e)) & 1)
-                    got[32 * b + 4 * j + e] = d * np.float32(lo) + m
-                    got[32 * b + 16 + 4 * j + e] = d * np.float32(hi) + m
+                    for at, c in ((32 * b + 4 * j + e, lo), (32 * b + 16 + 4 * j + e, hi)):
+                        got[at] = d * np.float32(c) + m if has_min else d * np.float32(c - 8)
         np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
-    assert not r[(code + 64) * nb:].any()
+    assert not r[(code + scale) * nb:].any()
     check_strided_against_float64(qtype, 2880, rng)
 
 
@@ -218,6 +217,52 @@ def test_r16_k_quants_layout_and_float64(qtype):
         K.r16_bytes(96, 16, 1, int(qtype))
 
 
+@pytest.mark.parametrize("qtype", [pytest.param(T[n], id=n, marks=needs_r16(T[n])) for n in ("Q2_K", "Q3_K", "Q6_K")])
+def test_r16_sub_blocks_of_16_layout_and_float64(qtype):
+    """Q2_K, Q3_K, Q6_K: the values r16.h's layout gives (per 32-element unit the 2-bit fields, Q3_K's
+    third-bit masks, Q6_K's nibbles then its high 2-bit fields; per sub-block of 16 the scale byte,
+    the rows' f16 d and Q2_K's dmin) are gguf-py's dequantization of the file's rows (missing rows
+    repeat the last one), and a strided source multiplies as float64 says."""
+    rng = np.random.default_rng(15)
+    n_in, n_out = 512, 13
+    w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
+    r = repacked(w, n_in, qtype)
+    nsb = n_in // 256
+    ub, area = {T.Q2_K: (128, 320), T.Q3_K: (192, 288), T.Q6_K: (384, 288)}[qtype]
+    assert r.size == (8 * ub + area) * nsb and K.r16_bytes(n_in, n_out, 1, int(qtype)) == r.size
+    want = reference(np.ascontiguousarray(w).reshape(-1), qtype).reshape(n_out, n_in)
+
+    def crumbs(p, i, j, e):  # 2-bit field of element 4 j + e of a unit whose two pieces are at p
+        return (int(r[p + 64 * (j // 4) + 4 * i + e]) >> (2 * (j % 4))) & 3
+
+    for i in range(16):
+        got = np.empty(n_in, np.float32)
+        for b in range(nsb):
+            sc = r[8 * ub * nsb + area * b:][:area]
+            d = sc[256 + 2 * i:258 + 2 * i].view(np.float16)[0].astype(np.float32)
+            dmin = sc[288 + 2 * i:290 + 2 * i].view(np.float16)[0].astype(np.float32) if qtype == T.Q2_K else 0
+            for u in range(8):
+                at = ub * (8 * b + u)
+                for j in range(8):
+                    for e in range(4):
+                        if qtype == T.Q6_K:
+                            nib = int(r[at + 64 * (j % 4) + 4 * i + e])
+                            code = ((nib >> 4) if j >= 4 else nib & 15) | crumbs(at + 256, i, j, e) << 4
+                        else:
+                            code = crumbs(at, i, j, e)
+                            if qtype == T.Q3_K:
+                                code += 4 * ((int(r[at + 128:at + 192].view("<u8")[j]) >> (4 * i + e)) & 1)
+                        el = 32 * u + 4 * j + e  # within the super-block; sub-block el // 16
+                        v = int(sc[16 * (el // 16) + i])
+                        if qtype == T.Q2_K:
+                            val = (d * np.float32(v & 15)) * np.float32(code) - dmin * np.float32(v >> 4)
+                        else:
+                            val = (d * np.float32(np.int8(np.uint8(v)))) * np.float32(code - (32 if qtype == T.Q6_K else 4))
+                        got[256 * b + el] = val
+        np.testing.assert_allclose(got, want[min(i, n_out - 1)], rtol=1e-6, atol=1e-6)
+    check_strided_against_float64(qtype, 2816, rng)
+
+
 def test_r16_layout_of_one_group():
     """The byte layout r16.h describes: piece j of block b holds row i's qs[4 j .. 4 j + 3] at
     4 i, the scales follow the codes, the group is padded to 64 bytes, missing rows repeat the last."""
@@ -245,12 +290,12 @@ def test_r16_rejects_bad_buffers():
         K.matmul(r[:-1], int(T.MXFP4), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="aligned"):
         K.matmul(aligned(r.size + 1)[1:], int(T.MXFP4), 64, x, r16_shape=(16, 1))
-    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K"):
-        K.matmul(r, int(T.Q4_0), 64, x, r16_shape=(16, 1))
+    with pytest.raises(ValueError, match="MXFP4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"):
+        K.matmul(r, int(T.F16), 64, x, r16_shape=(16, 1))
     with pytest.raises(ValueError, match="no R16 form"):
-        K.r16_bytes(64, 16, 1, int(T.Q2_K))
+        K.r16_bytes(64, 16, 1, int(T.BF16))
     with pytest.raises(ValueError, match="no R16 form"):
-        K.r16_repack(w, 64, r, ggml_type=int(T.Q4_0))
+        K.r16_repack(w, 64, r, ggml_type=int(T.F32))
     with pytest.raises(ValueError, match="writable contiguous"):
         K.r16_repack(w, 64, np.zeros(r.size + 1, np.uint8))
 
@@ -271,7 +316,7 @@ def check_r16_rows(out: str) -> None:
         if not K.r16_available(int(qtype)):
             continue
         for n_out, n_in in R16_CASES:
-            if qtype in (T.Q4_K, T.Q5_K):
+            if SIZES[qtype][0] == 256:
                 n_in = max(256, n_in // 256 * 256)
             rng = np.random.default_rng(n_out * 3 + n_in)
             w = blocks_of(qtype, 2, n_out, n_in, rng)

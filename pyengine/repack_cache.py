@@ -1,15 +1,15 @@
-"""The repack cache: a model's MXFP4 expert weights and Q8_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K matrices (attention,
-output) in the R16 decode layout (csrc/r16.h), kept in a file next to the model
-(`MODEL.gguf.pyengine-r16`), built on the first load and only mapped after that.
+"""The repack cache: a model's block-quantized expert weights, attention matrices and output in the R16
+decode layout (csrc/r16.h), kept in a file next to the model (`MODEL.gguf.pyengine-r16`), built on
+the first load and only mapped after that.
 
 Why: in the R16 layout the CPU decode kernels do far fewer vector instructions per weight byte
 (MXFP4: ~35 instead of ~54 per 16 rows x 32 elements; Q8_0: nothing to decode at all; the others:
-no gathering of fifth bits or scales), and a kernel that computes less per byte streams closer to
-the memory's rate (bench/RESULTS.md), with the same bits.
+no gathering of extra bits or packed scales), and a kernel that computes less per byte streams
+closer to the memory's rate (bench/RESULTS.md), with the same bits.
 Why a file rather than repacking at load (what llama.cpp does, 9 s and 21 GiB RSS for the 20b
 here): a mapped file keeps load sub-second and RSS small, the page cache shares it between
 processes, and the kernel may drop its pages under memory pressure. The first load pays once for
-reading the experts and writing the same number of bytes.
+reading those weights and writing the same number of bytes.
 
 The file: 16 bytes of MAGIC, a little-endian u64 length and a JSON header (version, the model
 files' names, sizes and mtimes, and each tensor's name, shape, offset and byte count), then each
@@ -34,7 +34,7 @@ from pyengine.gguf_reader import advise_huge_pages
 from pyengine.log import logger
 
 MAGIC = b"PYENGINE-R16\0\0\0\0"
-VERSION = 2  # 2: Q8_0, Q5_0 and Q4_K matrices too, each entry with its type (Q4_1, Q5_1: new entries, same form)
+VERSION = 2  # 2: entries of every R16 type (1: MXFP4 experts only), each with its type
 SUFFIX = ".pyengine-r16"
 ALIGN = 4096
 EXPERT_WEIGHTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
@@ -47,21 +47,18 @@ def cache_path(model_file) -> Path:
 
 
 def repacked_tensors(model_file) -> list:
-    """The tensors the cache holds, in layer order, of the types this CPU has R16 kernels for: the MXFP4
-    expert weights, and the attention matrices and output.weight of the other R16 types (not token_embd: the
-    embedding lookup reads rows in the file's layout, and a tied output shares it)."""
+    """The tensors the cache holds, in layer order: the expert weights, attention matrices and
+    output.weight of the types this CPU has R16 kernels for (not token_embd: the embedding lookup reads
+    rows in the file's layout, and a tied output shares it)."""
     kernels = {ty for ty in _model.R16_TYPES.values() if _model.r16_available(ty)}
-    matrix_types = kernels - {_model.MXFP4}
     out = []
     for l in range(int(model_file.hparams.n_layer)):
         for w in EXPERT_WEIGHTS + MATRIX_WEIGHTS:
             t = model_file.tensors.get(f"blk.{l}.{w}.weight")
-            expert = w in EXPERT_WEIGHTS
-            types = kernels & {_model.MXFP4} if expert else matrix_types
-            if t is not None and int(t.ggml_type) in types and len(t.shape) == (3 if expert else 2):
+            if t is not None and int(t.ggml_type) in kernels and len(t.shape) == (3 if w in EXPERT_WEIGHTS else 2):
                 out.append(t)
     t = model_file.tensors.get("output.weight")  # a tied output is token_embd under this name
-    if t is not None and t.name == "output.weight" and int(t.ggml_type) in matrix_types and len(t.shape) == 2:
+    if t is not None and t.name == "output.weight" and int(t.ggml_type) in kernels and len(t.shape) == 2:
         out.append(t)
     return out
 
@@ -130,7 +127,7 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
     total = start + last["offset"] + last["nbytes"]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    logger.info("Repacking %d MXFP4 expert and attention / output weights (%.2f GB) into %s, "
+    logger.info("Repacking %d expert, attention and output weights (%.2f GB) into %s, "
                 "once per model file", len(tensors), total / 1e9, path)
     try:
         with open(tmp, "wb+") as f:
@@ -157,7 +154,7 @@ def _build(path: Path, header: dict, tensors: list, n_threads: int) -> None:
 
 
 def repacked_weights(model_file, n_threads: int, build: bool = True) -> dict[str, np.ndarray]:
-    """tensor name -> R16 bytes for the model's MXFP4 expert weights and R16-typed matrices, from the
+    """tensor name -> R16 bytes for the model's weights that repacked_tensors lists, from the
     cache file (built first when missing or stale and `build`); {} when the model has none, this CPU
     has no R16 kernel, or the cache can be neither read nor written (logged: the model then runs on
     the file's layout, only slower)."""

@@ -150,17 +150,18 @@ def test_not_used_where_it_cannot_serve(model, tmp_path):
     Engine(model, n_ctx=32, exact=True)
     Engine(model, n_ctx=32, repack=False)
     assert not cache_of(model).exists()
-    plain = tmp_path / "f16.gguf"  # neither MXFP4 experts nor Q8_0 matrices: nothing to repack
-    gguf_factory.write_gptoss_gguf(plain, wtype="f16", expert_type="q8_0", **DIMS)
+    plain = tmp_path / "f16.gguf"  # no block-quantized weights: nothing to repack
+    gguf_factory.write_gptoss_gguf(plain, wtype="f16", expert_type="f16", **DIMS)
     assert not Engine(plain, n_ctx=32).repacked and not cache_of(plain).exists()
-    tied = tmp_path / "tied.gguf"  # Q8_0 experts stay in the file's layout; a tied output is the embedding
+    tied = tmp_path / "tied.gguf"  # Q8_0 experts and matrices; a tied output is the embedding, not repacked
     gguf_factory.write_gptoss_gguf(tied, wtype="q8_0", expert_type="q8_0", tie_output=True, **DIMS)
     eng = Engine(tied, n_ctx=64, n_threads=2, n_batch=16)
     if not K.r16_available(K.Q8_0):
         assert not eng.repacked and not cache_of(tied).exists()
         return
     assert eng.repacked
-    assert cached_names(cache_of(tied)) == {f"blk.{l}.{w}.weight" for l in range(2) for w in repack_cache.MATRIX_WEIGHTS}
+    assert cached_names(cache_of(tied)) == {f"blk.{l}.{w}.weight" for l in range(2)
+                                            for w in repack_cache.MATRIX_WEIGHTS + repack_cache.EXPERT_WEIGHTS}
     np.testing.assert_array_equal(run(eng), run(Engine(tied, n_ctx=64, n_threads=2, n_batch=16, repack=False)))
 
 

@@ -8,9 +8,10 @@ scales chosen so activations stay finite; the rest comes from demo_model's Rando
 by the converter's writer, like demo-model; `--layers` cuts the depth for quicker runs.
 
 `mix="q4_k_m"` (`--mix q4_k_m`) writes the type layout of the "Q4_K_M" gpt-oss files people run
-instead (Q4_K attn_output, Q5_0 / Q8_0 other matrices, the same MXFP4 experts: see MIXES); its Q4_K
-matrices are drawn as finished blocks (random codes, scales that give the same spread), since
-gguf.quants cannot quantize Q4_K. `mix="f16"` writes the "F16" files' layout: F16 attention,
+instead (Q4_K attn_output, Q5_0 / Q8_0 other matrices, the same MXFP4 experts: see MIXES), and
+`mix="q5_k_m"` that of the "Q5_K_M" files (Q5_K attn_output, Q5_1 / Q8_0 other matrices); their
+K-quant matrices are drawn as finished blocks (random codes, scales that give the same spread),
+since gguf.quants cannot quantize K-quants. `mix="f16"` writes the "F16" files' layout: F16 attention,
 embeddings and output around the same MXFP4 experts.
 
 `fast=True` (`pyengine synth --fast`) writes the same shapes and types in seconds rather than
@@ -124,12 +125,13 @@ def synthetic_tokenizer(n_normal: int, n_special: int, template: str | None = No
 # q4_k_m: unsloth's "Q4_K_M" gpt-oss files, per tensor what llama.cpp's quantizer gives (docs/gpt-oss.md):
 # Q4_K where a row is a multiple of 256 values (attn_output, 4096 wide), else its 32-block fallback
 # Q5_0; Q6_K (output, and attn_v in the layers use_more_bits picks) falls back to Q8_0; experts
-# stay MXFP4, norms/biases/router F32. f16: the "F16" gpt-oss files (unsloth's): F16 attention,
-# embeddings and output, the same MXFP4 experts. general.file_type says which (38 MXFP4_MOE,
-# 15 Q4_K_M, 1 MOSTLY_F16).
-MIXES = ("mxfp4", "q4_k_m", "f16")
-_MIX_FILE_TYPE = {"q4_k_m": 15, "f16": 1}
-_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}
+# stay MXFP4, norms/biases/router F32. q5_k_m: the same with Q5_K, whose fallback is Q5_1. f16: the
+# "F16" gpt-oss files (unsloth's): F16 attention, embeddings and output, the same MXFP4 experts.
+# general.file_type says which (38 MXFP4_MOE, 15 Q4_K_M, 17 Q5_K_M, 1 MOSTLY_F16).
+MIXES = ("mxfp4", "q4_k_m", "q5_k_m", "f16")
+_MIX_FILE_TYPE = {"q4_k_m": 15, "q5_k_m": 17, "f16": 1}
+_K_MIX_TYPE = {"q4_k_m": QT.Q4_K, "q5_k_m": QT.Q5_K}
+_K_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -137,13 +139,13 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def q4_k_m_type(t: PlannedTensor, n_layer: int) -> QT:
-    """The type a Q4_K_M gpt-oss file gives planned tensor `t` (planned as the mxfp4 mix)."""
+def k_mix_type(t: PlannedTensor, n_layer: int, mix: str = "q4_k_m") -> QT:
+    """The type a Q4_K_M (Q5_K_M) gpt-oss file gives planned tensor `t` (planned as the mxfp4 mix)."""
     if t.qtype != QT.Q8_0:
         return t.qtype  # MXFP4 experts, F32 vectors and router
     m = re.match(r"blk\.(\d+)\.(\w+)\.weight$", t.name)
     k_type = QT.Q6_K if t.name == "output.weight" or (
-        m and m[2] == "attn_v" and _use_more_bits(int(m[1]), n_layer)) else QT.Q4_K
+        m and m[2] == "attn_v" and _use_more_bits(int(m[1]), n_layer)) else _K_MIX_TYPE[mix]
     ne0 = t.shape[-1]
     qtype = k_type if ne0 % 256 == 0 else _K_FALLBACK[k_type]
     if qtype == QT.Q6_K:
@@ -152,9 +154,11 @@ def q4_k_m_type(t: PlannedTensor, n_layer: int) -> QT:
     return qtype
 
 
-# RMS of a block's values, in units of its scale d, when its code bytes are uniform random (Q4_K
-# with dmin = 7.5 d, which centres its sub-blocks on zero on average): the drawn scales divide it out
-_CODE_RMS = {QT.Q8_0: 73.9, QT.Q5_0: 9.25, QT.Q4_K: 258.5}
+# RMS of a block's values, in units of its scale d, when its code bytes are uniform random (Q5_1 with
+# m = -15.5 d, Q4_K with dmin = 7.5 d, Q5_K with dmin = 15.5 d, which centre the values on zero on
+# average): the drawn scales divide it out
+_CODE_RMS = {QT.Q8_0: 73.9, QT.Q5_0: 9.25, QT.Q5_1: 9.23, QT.Q4_K: 258.5, QT.Q5_K: 526.9}
+_CENTRE = {QT.Q5_1: -15.5, QT.Q4_K: 7.5, QT.Q5_K: 15.5}  # the second f16 of the block, in units of d
 
 
 def random_blocks(t: PlannedTensor, rng: np.random.Generator) -> np.ndarray:
@@ -172,14 +176,14 @@ def random_blocks(t: PlannedTensor, rng: np.random.Generator) -> np.ndarray:
         d0 = std / (_CODE_RMS[t.qtype] * (13 / 12) ** 0.5)
         d = rng.uniform(0.5, 1.5, (n_rows, n_blocks)).astype(np.float32) * np.float32(d0)
         blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
-        if t.qtype == QT.Q4_K:
-            blocks[:, :, 2:4] = (d * 7.5).astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
+        if t.qtype in _CENTRE:
+            blocks[:, :, 2:4] = (d * _CENTRE[t.qtype]).astype(np.float16).view(np.uint8).reshape(n_rows, n_blocks, 2)
     return blocks.reshape(*t.shape[:-1], n_blocks * size)
 
 
 class _Replan:
-    """write_gguf's replan for a mix and mode: retypes tensors for the q4_k_m and f16 mixes, and draws as
-    finished blocks (random_blocks) every Q4_K matrix (gguf.quants cannot quantize Q4_K) and, with
+    """write_gguf's replan for a mix and mode: retypes tensors for the K-quant and f16 mixes, and draws as
+    finished blocks (random_blocks) every Q4_K / Q5_K matrix (gguf.quants cannot quantize them) and, with
     fast, every quantized matrix, layer 0's bytes then serving every layer (per type: attn_v's
     type varies by layer in q4_k_m). The rest is quantized from RandomWeights' floats."""
 
@@ -188,11 +192,11 @@ class _Replan:
         self.cache: dict[tuple[str, QT], np.ndarray] = {}
 
     def __call__(self, t: PlannedTensor) -> PlannedTensor:
-        if self.mix == "q4_k_m":
-            t = dataclasses.replace(t, qtype=q4_k_m_type(t, self.n_layer))
+        if self.mix in _K_MIX_TYPE:
+            t = dataclasses.replace(t, qtype=k_mix_type(t, self.n_layer, self.mix))
         elif self.mix == "f16" and t.qtype == QT.Q8_0:
             t = dataclasses.replace(t, qtype=QT.F16)
-        if t.qtype != QT.Q4_K and not (self.fast and t.qtype in (QT.Q8_0, QT.Q5_0, QT.MXFP4)):
+        if t.qtype not in (QT.Q4_K, QT.Q5_K) and not (self.fast and t.qtype in (QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.MXFP4)):
             return t
         key = (re.sub(r"^blk\.\d+\.", "blk.0.", t.name), t.qtype)
 

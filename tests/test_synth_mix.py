@@ -56,16 +56,23 @@ def decodes_like_exact_and_llama_cpp(mf, path, seed):
     assert rms(np.asarray(llm.scores[: len(tokens)]).reshape(exact.shape)) < 0.05
 
 
+def test_q5_k_m_plan_is_q4_k_m_with_the_5_bit_types():
+    q4, q5 = planned_types("gpt-oss-20b", "q4_k_m"), planned_types("gpt-oss-20b", "q5_k_m")
+    assert q4.keys() == q5.keys()
+    assert {n: {QT.Q4_K: QT.Q5_K, QT.Q5_0: QT.Q5_1}.get(t, t) for n, t in q4.items()} == q5
+
+
+@pytest.mark.parametrize("mix,k,fallback,file_type", [("q4_k_m", "Q4_K", "Q5_0", 15), ("q5_k_m", "Q5_K", "Q5_1", 17)])
 @pytest.mark.parametrize("fast", [True, False])
-def test_q4_k_m_file_loads_and_decodes(tmp_path, fast):
-    path = write_synth_model(tmp_path / "k.gguf", "tiny", fast=fast, mix="q4_k_m", arch_name="gpt-oss", seed=3)
+def test_k_mix_file_loads_and_decodes(tmp_path, fast, mix, k, fallback, file_type):
+    path = write_synth_model(tmp_path / "k.gguf", "tiny", fast=fast, mix=mix, arch_name="gpt-oss", seed=3)
     mf = open_model(path)
     types = {n: type_name(t.ggml_type) for n, t in mf.raw_tensors.items()}
-    assert types["blk.0.attn_output.weight"] == types["blk.1.attn_output.weight"] == "Q4_K"  # 512 wide
-    assert types["blk.0.attn_v.weight"] == "Q5_0" and types["blk.1.attn_v.weight"] == "Q8_0"
-    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == "Q5_0" and types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_output.weight"] == types["blk.1.attn_output.weight"] == k  # 512 wide
+    assert types["blk.0.attn_v.weight"] == fallback and types["blk.1.attn_v.weight"] == "Q8_0"
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == fallback and types["output.weight"] == "Q8_0"
     assert {types[n] for n in types if "_exps.weight" in n} == {"MXFP4"}
-    assert mf.metadata["general.file_type"] == 15
+    assert mf.metadata["general.file_type"] == file_type
     for name, want in (("blk.1.attn_output.weight", 512 ** -0.5), ("blk.0.attn_k.weight", 64 ** -0.5),
                        ("token_embd.weight", 1.0)):
         q = mf.tensors[name]

@@ -1,11 +1,11 @@
 """Write a random-weight gpt-oss GGUF at the real shape, for benchmarking without a download:
-`pyengine synth --shape gpt-oss-20b [--layers N] [--fast] [--mix mxfp4|q4_k_m|f16] OUT.gguf`.
+`pyengine synth --shape gpt-oss-20b [--layers N] [--fast] [--mix mxfp4|q4_k_m|q5_k_m|f16] OUT.gguf`.
 
 Real dimensions, ggml-org's type layout (MXFP4 experts, Q8_0 attention/embeddings/output) and the
 real o200k_harmony vocabulary; random finite weights, so the text is nonsense but the speed is
 the real model's. --fast writes it in seconds (layer 0 repeated, quantized matrices drawn as
 blocks, a synthetic vocabulary of the same size: see pyengine.synth). --mix q4_k_m writes the types of the
-Q4_K_M files instead, --mix f16 those of the "F16" files. Refuses to overwrite OUT unless --force; never leaves a half-written file."""
+Q4_K_M files instead, --mix q5_k_m those of the Q5_K_M files, --mix f16 those of the "F16" files. Refuses to overwrite OUT unless --force; never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="architecture spelling (default gptoss; gpt-oss is what llama.cpp loads)")
     p.add_argument("--mix", choices=MIXES, default="mxfp4",
                    help="weight types: mxfp4 (default; ggml-org's files: MXFP4 experts, Q8_0 the rest), "
-                        "q4_k_m (unsloth's Q4_K_M files: MXFP4 experts, Q4_K attn_output, Q5_0/Q8_0 the rest) "
+                        "q4_k_m (unsloth's Q4_K_M files: MXFP4 experts, Q4_K attn_output, Q5_0/Q8_0 the rest), "
+                        "q5_k_m (the Q5_K_M files: Q5_K attn_output, Q5_1/Q8_0 the rest) "
                         "or f16 (the F16 files: MXFP4 experts, F16 the rest)")
     p.add_argument("--seed", type=integer(0), default=0, help="random seed for the weights (default 0)")
     p.add_argument("--fast", action="store_true",

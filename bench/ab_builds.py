@@ -12,8 +12,8 @@ N decode steps (tg) or one N-token prefill (pp), then B, then B, then A, ...; ea
 sees the same machine, and the script prints the median and spread of the B/A ratios.
 --b-no-repack runs B with Engine(repack=False): with SITE_A = SITE_B = "" it pairs the repack
 cache's R16 weights (A) against the file's layout (B) in one build (pyengine/repack_cache.py).
---b-without q5_0,q4_k runs B with the cache's weights but those of the named types (mxfp4, q8_0,
-q5_0, q4_k) from the file's layout: the gain of those types' R16 forms alone, both workers mapping
+--b-without q5_0,q4_k runs B with the cache's weights but those of the named types (any with an R16
+form: mxfp4, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k) from the file's layout: the gain of those types' R16 forms alone, both workers mapping
 one cache file (two caches, or the file's experts besides the cache, would not fit the 20b shape in
 24 GiB of page cache)."""
 
@@ -27,7 +27,7 @@ import sys
 import time
 
 
-R16_TYPES = ("mxfp4", "q8_0", "q5_0", "q4_k")
+R16_TYPES = ("mxfp4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # csrc/r16.h
 
 
 def worker(model: str, threads: int, repack: bool, without: list[str]) -> None:

@@ -94,8 +94,8 @@ class Engine:
     docs/forward.md). F32/F16/BF16 weights are always exact. cache_type_k, cache_type_v: element
     type of the KV cache's keys and values, "f32", "f16" (default, as llama.cpp), "bf16" or "q8_0"
     (llama-cpp-python's type_k/type_v, llama.cpp's --cache-type-k/v; accuracy against f32 in
-    README.md, "KV cache types"). repack: on the CPU with int8 activations, decode the MXFP4 expert
-    weights from their R16 form in a cache file next to the model (built on the first load,
+    README.md, "KV cache types"). repack: on the CPU with int8 activations, decode the block-quantized
+    expert, attention and output weights from their R16 form in a cache file next to the model (built on the first load,
     pyengine/repack_cache.py; the same logits, faster decode); False: always the file's layout.
     `engine.repacked` says whether the cache is in use."""
 

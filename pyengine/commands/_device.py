@@ -29,7 +29,7 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
                    help="KV cache type of V: f32, f16 (default), bf16 or q8_0")
     p.add_argument("--no-repack", action="store_true",
-                   help="decode MXFP4 experts from the model file's layout, without the repack cache file "
+                   help="decode every weight from the model file's layout, without the repack cache file "
                         "(MODEL.gguf.pyengine-r16) that is otherwise built beside the model on first load")
 
 

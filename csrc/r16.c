@@ -123,32 +123,14 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         memcpy(out + 512 * nb + 32 * b + 2 * i, &q->d, 2);
         return;
     }
-    if (type == PE_TYPE_Q5_0) {
-        const pe_block_q5_0 *q = (const pe_block_q5_0 *)blk;
-        put_nibbles(q->qs, i, out + 320 * b);
-        put_fifth(u32_at(q->qh), i, out + 320 * b + 256);
-        memcpy(out + 320 * nb + 32 * b + 2 * i, &q->d, 2);
-        return;
-    }
-    if (type == PE_TYPE_Q4_0) {
-        const pe_block_q4_0 *q = (const pe_block_q4_0 *)blk;
-        put_nibbles(q->qs, i, out + 256 * b);
-        memcpy(out + 256 * nb + 32 * b + 2 * i, &q->d, 2);
-        return;
-    }
-    if (type == PE_TYPE_Q4_1) {
-        const pe_block_q4_1 *q = (const pe_block_q4_1 *)blk;
-        put_nibbles(q->qs, i, out + 256 * b);
-        memcpy(out + 256 * nb + 64 * b + 2 * i, &q->d, 2);
-        memcpy(out + 256 * nb + 64 * b + 32 + 2 * i, &q->m, 2);
-        return;
-    }
-    if (type == PE_TYPE_Q5_1) {
-        const pe_block_q5_1 *q = (const pe_block_q5_1 *)blk;
-        put_nibbles(q->qs, i, out + 320 * b);
-        put_fifth(u32_at(q->qh), i, out + 320 * b + 256);
-        memcpy(out + 320 * nb + 64 * b + 2 * i, &q->d, 2);
-        memcpy(out + 320 * nb + 64 * b + 32 + 2 * i, &q->m, 2);
+    if (type == PE_TYPE_Q4_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1) {
+        /* the block: f16 d, then m (with a minimum), then qh (with a fifth bit), then qs[16] */
+        const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1, has_min = type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_1;
+        const int64_t code = fifth ? 320 : 256, scale = has_min ? 64 : 32;
+        put_nibbles(blk + block_bytes(type) - 16, i, out + code * b);
+        if (fifth) put_fifth(u32_at(blk + (has_min ? 4 : 2)), i, out + code * b + 256);
+        memcpy(out + code * nb + scale * b + 2 * i, blk, 2);
+        if (has_min) memcpy(out + code * nb + scale * b + 32 + 2 * i, blk + 2, 2);
         return;
     }
     if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) { /* the same header: d, dmin, scales[12] */

@@ -21,12 +21,17 @@ static inline __attribute__((always_inline)) void pe_r16_nibbles(const uint8_t *
     }
 }
 
+/* u[j] += add where bit 4 i + e of the 64-bit mask j at masks is set: a fifth (third) bit worth add. */
+static inline __attribute__((always_inline)) void pe_r16_add_bits(const uint8_t *masks, const int add, __m512i u[8]) {
+    uint64_t m[8];
+    memcpy(m, masks, sizeof m);
+    for (int j = 0; j < 8; j++) u[j] = _mm512_mask_add_epi8(u[j], _cvtu64_mask64(m[j]), u[j], _mm512_set1_epi8((char)add));
+}
+
 /* Q5_0: the nibbles plus 16 where the block's fifth-bit mask of that register (at p + 256) is set. */
 static inline __attribute__((always_inline)) void pe_r16_codes_q5_0(const uint8_t *p, __m512i u[8]) {
-    uint64_t fifth[8];
-    memcpy(fifth, p + 256, sizeof fifth);
     pe_r16_nibbles(p, u);
-    for (int j = 0; j < 8; j++) u[j] = _mm512_mask_add_epi8(u[j], _cvtu64_mask64(fifth[j]), u[j], _mm512_set1_epi8(16));
+    pe_r16_add_bits(p + 256, 16, u);
 }
 
 /* Q2_K: the 2-bit fields of the two pieces at p. */
@@ -43,10 +48,8 @@ static inline __attribute__((always_inline)) void pe_r16_crumbs(const uint8_t *p
 
 /* Q3_K: the 2-bit fields plus 4 where the unit's third-bit mask of that register (at p + 128) is set. */
 static inline __attribute__((always_inline)) void pe_r16_codes_q3_k(const uint8_t *p, __m512i u[8]) {
-    uint64_t third[8];
-    memcpy(third, p + 128, sizeof third);
     pe_r16_crumbs(p, u);
-    for (int j = 0; j < 8; j++) u[j] = _mm512_mask_add_epi8(u[j], _cvtu64_mask64(third[j]), u[j], _mm512_set1_epi8(4));
+    pe_r16_add_bits(p + 128, 4, u);
 }
 
 /* Q6_K: the nibbles (at p) or'ed with the 2-bit fields of the two pieces at p + 256 moved to bits 4-5

@@ -2,11 +2,11 @@
  * codes of each of the 16 rows, and one vpdpbusd against a broadcast activation dword gives all 16
  * rows' partial sums with no horizontal reduction (the layout the prefill tiles of gemm_q8_avx512.c
  * build in scratch memory for every tile; here it is built once, into a cache file next to the
- * model: pyengine/repack_cache.py). Every block format but Q4_0 has this form: MXFP4 (the
- * experts), Q8_0 (the attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in
- * their Q4_K_M files), Q5_1 and Q5_K (Q5_K_M files: Q5_1 is llama.cpp's fallback for Q5_K where rows
- * are not a multiple of 256), Q6_K, Q2_K, Q3_K (attn_output of the files named for them) and Q4_1.
- * Q4_0's file-layout kernel already streams at 83-87 % of the probe.
+ * model: pyengine/repack_cache.py). Every block format has this form: MXFP4 (the experts), Q8_0
+ * (the attention and output weights of gpt-oss files), Q5_0 and Q4_K (attention in their Q4_K_M
+ * files), Q5_1 and Q5_K (Q5_K_M files: Q5_1 is llama.cpp's fallback for Q5_K where rows are not a
+ * multiple of 256), Q4_0 (the fallback of Q2_K and Q3_K), Q6_K, Q2_K, Q3_K (attn_output of the
+ * files named for them) and Q4_1.
  *
  * Why: in the file's layout (17- or 34-byte blocks, one row after the other) the decode kernels
  * spend most of their instructions gathering a row's codes and scales and folding per-row sums;
@@ -38,6 +38,8 @@
  *   fifth bits of block b at 320 b + 256: eight 64-bit masks, mask j's bit 4 i + e = the fifth bit of
  *     row i's element 4 j + e (j < 8), i.e. of the byte lane that code register j holds it in
  *   scale of block b at 320 nb + 32 b + 2 i: row i's f16 d
+ * Q4_0 (256 code bytes and 32 scale bytes per block): codes as MXFP4's (the raw nibbles, q + 8), scale
+ *   of block b at 256 nb + 32 b + 2 i: row i's f16 d
  * Q4_1 (256 code bytes and 64 scale bytes per block), Q5_1 (320 and 64):
  *   codes of block b at 256 b (Q5_1: 320 b) as MXFP4's (Q5_1: as Q5_0's, pieces then fifth-bit masks)
  *   scales of block b at 256 nb + 64 b (Q5_1: 320 nb + 64 b): row i's f16 d at 2 i, its f16 m at 32 + 2 i
@@ -94,7 +96,7 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
 }
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
-/* Whether ggml type `type` has an R16 form (every block format but Q4_0). */
+/* Whether ggml type `type` has an R16 form (every block format: MXFP4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K). */
 int pe_r16_has_type(int type);
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);

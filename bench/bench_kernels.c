@@ -101,7 +101,6 @@ static void fill(int type, uint8_t *dst, int64_t n_rows, int64_t n) {
     }
 }
 
-/* Best-of-reps seconds of one pe_matmul call. */
 /* The kernel table's name for a type's R16 row (MXFP4's is plain "R16", as in bench/RESULTS.md). */
 static const char *r16_label(int type) {
     switch (type) {
@@ -119,6 +118,7 @@ static const char *r16_label(int type) {
     }
 }
 
+/* Best-of-reps seconds of one pe_matmul call. */
 static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, float *y, int threads, int reps) {
     double best = 1e30;
     for (int r = 0; r < reps; r++) {

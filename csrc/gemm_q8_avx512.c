@@ -496,17 +496,10 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
     }
     if (type != PE_TYPE_MXFP4) { /* the decode kernels' code registers are the packing steps 8 b + j of
                                   * 32-element unit b */
-        const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1 || type == PE_TYPE_Q5_K;
-        const int64_t unit_bytes = type == PE_TYPE_Q2_K ? 128 : type == PE_TYPE_Q3_K ? 192 : type == PE_TYPE_Q6_K ? 384
-                                   : fifth ? 320 : 256;
+        const int64_t unit_bytes = pe_r16_unit_bytes(type);
         for (int64_t b = 0; b < nb; b++) {
             __m512i u[8];
-            const uint8_t *p = group + unit_bytes * b;
-            if (type == PE_TYPE_Q2_K) pe_r16_crumbs(p, u);
-            else if (type == PE_TYPE_Q3_K) pe_r16_codes_q3_k(p, u);
-            else if (type == PE_TYPE_Q6_K) pe_r16_codes_q6_k(p, u);
-            else if (fifth) pe_r16_codes_q5_0(p, u);
-            else pe_r16_nibbles(p, u);
+            pe_r16_unit_codes(type, group + unit_bytes * b, u);
             for (int j = 0; j < 8; j++) _mm512_store_si512(t.packed + 64 * (8 * b + j), u[j]);
         }
         const uint8_t *sc = group + unit_bytes * nb;

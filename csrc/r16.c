@@ -6,12 +6,6 @@
 
 #include "quants_impl.h"
 
-int pe_r16_has_type(int type) {
-    return type == PE_TYPE_MXFP4 || type == PE_TYPE_Q8_0 || type == PE_TYPE_Q4_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 ||
-           type == PE_TYPE_Q5_1 || type == PE_TYPE_Q2_K || type == PE_TYPE_Q3_K || type == PE_TYPE_Q4_K ||
-           type == PE_TYPE_Q5_K || type == PE_TYPE_Q6_K;
-}
-
 /* Bytes of one block of one row in the file, and elements per block (quant_formats.h). */
 static int64_t block_bytes(int type) { return pe_type_traits_get(type)->type_size; }
 static int64_t block_elems(int type) { return pe_type_traits_get(type)->blck_size; }
@@ -65,7 +59,7 @@ static void put_crumbs(const uint8_t v[32], int i, uint8_t *c) {
  * elements, unit_bytes each) and scale area (16 s + i: the sub-block's scale byte, Q2_K's raw, Q3_K's
  * signed value, Q6_K's int8; at 256 + 2 i the row's f16 d, Q2_K's dmin at 288 + 2 i). */
 static void put_k16(int type, const uint8_t *blk, int64_t nb, int64_t b, int i, uint8_t *out) {
-    const int64_t unit_bytes = type == PE_TYPE_Q2_K ? 128 : type == PE_TYPE_Q3_K ? 192 : 384;
+    const int64_t unit_bytes = pe_r16_unit_bytes(type);
     uint8_t *sc = out + 8 * unit_bytes * nb + (type == PE_TYPE_Q2_K ? 320 : 288) * b;
     uint8_t code[256]; /* element 128 h + 32 j + l */
     for (int h = 0; h < 2; h++)
@@ -126,7 +120,7 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
     if (type == PE_TYPE_Q4_0 || type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1) {
         /* the block: f16 d, then m (with a minimum), then qh (with a fifth bit), then qs[16] */
         const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1, has_min = type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_1;
-        const int64_t code = fifth ? 320 : 256, scale = has_min ? 64 : 32;
+        const int64_t code = pe_r16_unit_bytes(type), scale = has_min ? 64 : 32;
         put_nibbles(blk + block_bytes(type) - 16, i, out + code * b);
         if (fifth) put_fifth(u32_at(blk + (has_min ? 4 : 2)), i, out + code * b + 256);
         memcpy(out + code * nb + scale * b + 2 * i, blk, 2);
@@ -136,7 +130,7 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
     if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) { /* the same header: d, dmin, scales[12] */
         const pe_block_q4_k *q = (const pe_block_q4_k *)blk;
         const pe_block_q5_k *q5 = type == PE_TYPE_Q5_K ? (const pe_block_q5_k *)blk : NULL;
-        const int64_t cs = q5 ? 320 : 256; /* code bytes per sub-block */
+        const int64_t cs = pe_r16_unit_bytes(type); /* code bytes per sub-block */
         uint8_t *sc_area = out + 8 * cs * nb + 320 * b;
         for (int sub = 0; sub < 8; sub++) {
             /* nibble sub % 2 of qs[l] is element 32 sub + l; Q5_K: its fifth bit is bit sub of qh[l] */

@@ -73,6 +73,21 @@
 
 #define PE_R16_ROWS 16
 
+/* Code bytes of one 32-element unit of a group (16 rows; the codes of a block, or of one of a
+ * super-block's eight units), or 0 for a type with no R16 form: what each format's layout above
+ * takes before its scales. */
+static inline int pe_r16_unit_bytes(int type) {
+    switch (type) {
+    case PE_TYPE_Q8_0: return 512;
+    case PE_TYPE_MXFP4: case PE_TYPE_Q4_0: case PE_TYPE_Q4_1: case PE_TYPE_Q4_K: return 256;
+    case PE_TYPE_Q5_0: case PE_TYPE_Q5_1: case PE_TYPE_Q5_K: return 320;
+    case PE_TYPE_Q2_K: return 128;
+    case PE_TYPE_Q3_K: return 192;
+    case PE_TYPE_Q6_K: return 384;
+    default: return 0;
+    }
+}
+
 /* While a thread reads a group, the kernel prefetches into L2, block by block, the group the same
  * thread will read this many groups later (the caller says which: the next groups of a thread's run
  * may belong to another matrix, another expert). Two groups of 2880-element rows (~48 KiB) measured
@@ -97,7 +112,7 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
 /* Whether ggml type `type` has an R16 form (every block format: MXFP4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K). */
-int pe_r16_has_type(int type);
+static inline int pe_r16_has_type(int type) { return pe_r16_unit_bytes(type) != 0; }
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);
 /* Bytes of the repacked form of a weight of n_expert matrices of n_out rows x n_in elements. */

@@ -88,7 +88,7 @@ PE_AI void store_rows(__m512 acc[][4], const int n_tok, int nr, float *out, int6
  * b mod 4, and the row's result (acc0 + acc1) + (acc2 + acc3): the same bits. */
 PE_AI void group_q8_0(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                       float *out, int64_t ldo, const uint8_t *pf) {
-    const int q8 = type == PE_TYPE_Q8_0, code = q8 ? 512 : 256;
+    const int q8 = type == PE_TYPE_Q8_0, code = pe_r16_unit_bytes(type);
     const uint8_t *scales = group + code * nb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][4];
     for (int t = 0; t < n_tok; t++)
@@ -97,9 +97,7 @@ PE_AI void group_q8_0(const int type, const uint8_t *group, int64_t nb, int nr, 
         const uint8_t *p = group + code * b;
         pe_r16_prefetch_block(pf, nb, b, code, 32);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
-        if (q8)
-            for (int j = 0; j < 8; j++) u[j] = _mm512_load_si512(p + 64 * j);
-        else pe_r16_nibbles(p, u);
+        pe_r16_unit_codes(type, p, u);
         const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + 32 * b)));
         for (int t = 0; t < n_tok; t++) {
             const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
@@ -132,8 +130,8 @@ PE_AI void store_rows8(__m512 acc[][8], const int n_tok, int nr, float *out, int
  * acc7)): the same bits. */
 PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                    float *out, int64_t ldo, const uint8_t *pf) {
-    const int fifth = type != PE_TYPE_Q4_1, has_min = type != PE_TYPE_Q5_0;
-    const int code = fifth ? 320 : 256, scale = has_min ? 64 : 32;
+    const int has_min = type != PE_TYPE_Q5_0;
+    const int code = pe_r16_unit_bytes(type), scale = has_min ? 64 : 32;
     const uint8_t *scales = group + code * nb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
@@ -142,8 +140,7 @@ PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, con
         const uint8_t *p = group + code * b;
         pe_r16_prefetch_block(pf, nb, b, code, scale);
         __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of every row */
-        if (fifth) pe_r16_codes_q5_0(p, u);
-        else pe_r16_nibbles(p, u);
+        pe_r16_unit_codes(type, p, u);
         const __m512 ws = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + scale * b)));
         const __m512 wm = has_min ? _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(scales + scale * b + 32)))
                                   : _mm512_setzero_ps();
@@ -167,8 +164,7 @@ PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, con
  * kernel keeps the odd sub-blocks' codes as 16 q and d_x / 16, exactly the same products). */
 PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                    float *out, int64_t ldo, const uint8_t *pf) {
-    const int five = type == PE_TYPE_Q5_K;
-    const int64_t nsb = nb / 8, cs = five ? 320 : 256; /* code bytes per sub-block */
+    const int64_t nsb = nb / 8, cs = pe_r16_unit_bytes(type); /* code bytes per sub-block */
     const uint8_t *scales = group + 8 * cs * nsb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][8];
     for (int t = 0; t < n_tok; t++)
@@ -185,8 +181,7 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
                 if (s < 5) __builtin_prefetch(pf + 8 * cs * nsb + 320 * sb + 64 * s, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
-            if (five) pe_r16_codes_q5_0(p, u);
-            else pe_r16_nibbles(p, u);
+            pe_r16_unit_codes(type, p, u);
             const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
             const __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 128 + 16 * s)))), dmin);
             for (int t = 0; t < n_tok; t++) {
@@ -231,7 +226,7 @@ PE_AI __m512 reduce16(const __m512 l[16]) {
 PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                     float *out, int64_t ldo, const uint8_t *pf) {
     const int six = type == PE_TYPE_Q6_K, offset = six ? 32 : 4;
-    const int64_t nsb = nb / 8, ub = six ? 384 : 192; /* code bytes per unit of 32 */
+    const int64_t nsb = nb / 8, ub = pe_r16_unit_bytes(type); /* code bytes per unit of 32 */
     const uint8_t *scales = group + 8 * ub * nsb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][16];
     for (int t = 0; t < n_tok; t++)
@@ -246,8 +241,7 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
                 if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 288 * sb + 64 * v, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the unit, every row */
-            if (six) pe_r16_codes_q6_k(group + ub * b, u);
-            else pe_r16_codes_q3_k(group + ub * b, u);
+            pe_r16_unit_codes(type, group + ub * b, u);
             for (int hh = 0; hh < 2; hh++) {
                 const int s = 2 * v + hh;
                 const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
@@ -276,9 +270,8 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
  * that kernel's _mm512_reduce_add_ps over (F0..F7, M0..M7): the same bits. */
 PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                       float *out, int64_t ldo, const uint8_t *pf) {
-    (void)type;
-    const int64_t nsb = nb / 8;
-    const uint8_t *scales = group + 1024 * nsb;
+    const int64_t nsb = nb / 8, ub = pe_r16_unit_bytes(type); /* code bytes per unit of 32 */
+    const uint8_t *scales = group + 8 * ub * nsb;
     __m512 acc[PE_DOT_Q8_MAX_TOK][16]; /* F0..F7, M0..M7 */
     for (int t = 0; t < n_tok; t++)
         for (int k = 0; k < 16; k++) acc[t][k] = _mm512_setzero_ps();
@@ -290,12 +283,11 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             if (pf) {
-                __builtin_prefetch(pf + 128 * b, 0, 2);
-                __builtin_prefetch(pf + 128 * b + 64, 0, 2);
-                if (v < 5) __builtin_prefetch(pf + 1024 * nsb + 320 * sb + 64 * v, 0, 2);
+                for (int l = 0; l < ub; l += 64) __builtin_prefetch(pf + ub * b + l, 0, 2);
+                if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 320 * sb + 64 * v, 0, 2);
             }
             __m512i u[8];
-            pe_r16_crumbs(group + 128 * b, u);
+            pe_r16_unit_codes(type, group + ub * b, u);
             const __m512i s0 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v)));
             const __m512i s1 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v + 16)));
             const __m512i sc0 = _mm512_and_si512(s0, m15), sc1 = _mm512_and_si512(s1, m15);
@@ -334,41 +326,28 @@ R16_ENTRY(dot_r16_q3_k, group_16, PE_TYPE_Q3_K)
 R16_ENTRY(dot_r16_q6_k, group_16, PE_TYPE_Q6_K)
 #undef R16_ENTRY
 
-static pe_r16_dot_fn chosen_mxfp4, chosen_q8_0, chosen_q4_0, chosen_q4_1, chosen_q5_0, chosen_q5_1, chosen_q2_k, chosen_q3_k, chosen_q4_k,
-    chosen_q5_k, chosen_q6_k;
+/* The kernel of each type, by ggml type id (MXFP4's, 39, is the largest). */
+static pe_r16_dot_fn chosen[PE_TYPE_MXFP4 + 1];
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 static void choose(void) {
     const pe_simd_level level = pe_simd_level_get();
     if (level >= PE_SIMD_AVX512) {
-        chosen_mxfp4 = pe_cpu_has_avx512vbmi() ? dot_r16_vbmi : dot_r16_bw;
-        chosen_q8_0 = dot_r16_q8_0;
-        chosen_q4_0 = dot_r16_q4_0;
-        chosen_q4_1 = dot_r16_q4_1;
-        chosen_q5_0 = dot_r16_q5_0;
-        chosen_q5_1 = dot_r16_q5_1;
-        chosen_q4_k = dot_r16_q4_k;
-        chosen_q5_k = dot_r16_q5_k;
-        chosen_q2_k = dot_r16_q2_k;
-        chosen_q3_k = dot_r16_q3_k;
-        chosen_q6_k = dot_r16_q6_k;
-    } else chosen_mxfp4 = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
+        chosen[PE_TYPE_MXFP4] = pe_cpu_has_avx512vbmi() ? dot_r16_vbmi : dot_r16_bw;
+        chosen[PE_TYPE_Q8_0] = dot_r16_q8_0;
+        chosen[PE_TYPE_Q4_0] = dot_r16_q4_0;
+        chosen[PE_TYPE_Q4_1] = dot_r16_q4_1;
+        chosen[PE_TYPE_Q5_0] = dot_r16_q5_0;
+        chosen[PE_TYPE_Q5_1] = dot_r16_q5_1;
+        chosen[PE_TYPE_Q2_K] = dot_r16_q2_k;
+        chosen[PE_TYPE_Q3_K] = dot_r16_q3_k;
+        chosen[PE_TYPE_Q4_K] = dot_r16_q4_k;
+        chosen[PE_TYPE_Q5_K] = dot_r16_q5_k;
+        chosen[PE_TYPE_Q6_K] = dot_r16_q6_k;
+    } else chosen[PE_TYPE_MXFP4] = level >= PE_SIMD_AVX2 ? pe_r16_dot_avx2 : NULL;
 }
 
 /* Resolved once (cpuid is slow, and in a VM a trap): matmul.c asks per row group. */
 pe_r16_dot_fn pe_r16_dot_get(int type) {
     pthread_once(&chosen_once, choose);
-    switch (type) {
-    case PE_TYPE_MXFP4: return chosen_mxfp4;
-    case PE_TYPE_Q8_0: return chosen_q8_0;
-    case PE_TYPE_Q4_0: return chosen_q4_0;
-    case PE_TYPE_Q4_1: return chosen_q4_1;
-    case PE_TYPE_Q5_0: return chosen_q5_0;
-    case PE_TYPE_Q5_1: return chosen_q5_1;
-    case PE_TYPE_Q4_K: return chosen_q4_k;
-    case PE_TYPE_Q5_K: return chosen_q5_k;
-    case PE_TYPE_Q2_K: return chosen_q2_k;
-    case PE_TYPE_Q3_K: return chosen_q3_k;
-    case PE_TYPE_Q6_K: return chosen_q6_k;
-    default: return NULL;
-    }
+    return type >= 0 && type <= PE_TYPE_MXFP4 ? chosen[type] : NULL;
 }

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "r16.h"
+
 static inline __attribute__((always_inline)) void pe_r16_nibbles(const uint8_t *p, __m512i u[8]) {
     const __m512i m0f = _mm512_set1_epi8(15);
     for (int j = 0; j < 4; j++) {
@@ -61,6 +63,21 @@ static inline __attribute__((always_inline)) void pe_r16_codes_q6_k(const uint8_
         const __m512i v = _mm512_load_si512(p + 256 + 64 * k);
         const __m512i at4[4] = {_mm512_slli_epi16(v, 4), _mm512_slli_epi16(v, 2), v, _mm512_srli_epi16(v, 2)};
         for (int f = 0; f < 4; f++) u[4 * k + f] = _mm512_ternarylogic_epi32(u[4 * k + f], at4[f], m30, 0xf8);
+    }
+}
+
+/* The code registers of the unit at p of a group of the type, for every R16 type but MXFP4 (its
+ * codes go through a table: r16_avx512.c, gemm_q8_avx512.c): Q8_0's as stored, the others' decoded. */
+static inline __attribute__((always_inline)) void pe_r16_unit_codes(const int type, const uint8_t *p, __m512i u[8]) {
+    switch (type) {
+    case PE_TYPE_Q8_0:
+        for (int j = 0; j < 8; j++) u[j] = _mm512_load_si512(p + 64 * j);
+        return;
+    case PE_TYPE_Q5_0: case PE_TYPE_Q5_1: case PE_TYPE_Q5_K: pe_r16_codes_q5_0(p, u); return;
+    case PE_TYPE_Q2_K: pe_r16_crumbs(p, u); return;
+    case PE_TYPE_Q3_K: pe_r16_codes_q3_k(p, u); return;
+    case PE_TYPE_Q6_K: pe_r16_codes_q6_k(p, u); return;
+    default: pe_r16_nibbles(p, u); /* Q4_0, Q4_1, Q4_K */
     }
 }
 

@@ -135,7 +135,6 @@ Q6_K = PE_TYPE_Q6_K
 # The types with an R16 form (pe_r16_has_type), by name for the error messages.
 R16_TYPES = {"MXFP4": MXFP4, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q2_K": Q2_K,
              "Q3_K": Q3_K, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
-_R16_SUPER = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)  # blocks of 256
 _R16_NAMES = ", ".join(R16_TYPES)
 
 
@@ -150,7 +149,7 @@ def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4
     n_in elements."""
     if not pe_r16_has_type(ggml_type):
         raise ValueError(f"no R16 form for ggml type {ggml_type} (only {_R16_NAMES})")
-    if n_in <= 0 or n_in % (256 if ggml_type in _R16_SUPER else 32) or n_out <= 0 or n_expert <= 0:
+    if n_in <= 0 or n_in % _traits(ggml_type).blck_size or n_out <= 0 or n_expert <= 0:
         raise ValueError(f"no R16 form for {n_expert} x {n_out} x {n_in}")
     return pe_r16_bytes(ggml_type, n_in, n_out, n_expert)
 
@@ -346,7 +345,7 @@ cdef class Model:
 
     def __init__(self, dict tensors, hp, bint yarn_truncate=False, bint int8_activations=False,
                  dict repacked=None):
-        """repacked: tensor name -> that MXFP4, Q8_0, Q5_0 or Q4_K weight's R16 form (pyengine/repack_cache.py),
+        """repacked: tensor name -> that weight's R16 form (pyengine/repack_cache.py; types in R16_TYPES),
         used in its place (needs int8_activations)."""
         cdef int l
         self.int8_activations = int8_activations
@@ -629,8 +628,8 @@ def matmul(data, int ggml_type, int64_t n_in, x, bias=None, int64_t expert=0, in
            bint int8_activations=False, r16_shape=None):
     """y (n_tok, n_out) = x (n_tok, n_in) @ W.T + bias, W = uint8 rows (n_out, row_bytes) or experts
     (n_expert, n_out, row_bytes) of the given type, any row/expert stride; int8_activations as in
-    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead an MXFP4, Q8_0, Q5_0 or Q4_K
-    weight's R16 form (r16_repack) and int8_activations is implied."""
+    pe_matmul (matmul.h). r16_shape=(n_out, n_expert): `data` is instead a weight's R16 form
+    (r16_repack; types in R16_TYPES) and int8_activations is implied."""
     cdef cnp.ndarray[cnp.float32_t, ndim=2] xa = _f32(x, 2)
     cdef pe_weight w
     if r16_shape is not None:

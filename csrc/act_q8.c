@@ -2,9 +2,9 @@
  * rounding is C's roundf (half away from zero), as ggml's quantize_row_q8_0. A decoded token
  * quantizes a few hundred vectors (every product's input), so the blocks go through AVX-512 or AVX2
  * where int8 kernels run (a scalar pass took ~10 % of a 20b decode step); the scalar loop is the
- * fallback, and all three give the same bits. The base-256 digits xh / xl (see pe_act_q8) are written
- * here once per token, in the order the 32-block decode kernels read them, instead of being
- * rebuilt by those kernels for every group of rows. */
+ * fallback, and all three give the same bits. The base-256 digits xh / xl and the int16 X (see
+ * pe_act_q8) are written here once per token, in the order the decode kernels read them (AVX-512:
+ * xh / xl, AVX2: x16), instead of being rebuilt by those kernels for every group of rows. */
 #include <math.h>
 #include <string.h>
 
@@ -28,7 +28,7 @@ PE_AVX512_FN static inline __m512 round_away16(__m512 v) {
 /* Block b: codes, digits, scale and the per-16 sums (s16[0..2), s16x[0..2)); half h of the base-256
  * digits at xh + 64 h, xl + 64 h. */
 PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, float *d, int sum[2], int suml[2],
-                                      int8_t *xh, int8_t *xl) {
+                                      int8_t *xh, int8_t *xl, int16_t *x16) {
     const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
@@ -46,6 +46,9 @@ PE_AVX512_FN static void block_avx512(const float *xb, int8_t *qs, int8_t *ql, f
         const __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);
         _mm_storeu_si128((__m128i *)(xh + 64 * h), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(X, lo), 8)));
         _mm_storeu_si128((__m128i *)(xl + 64 * h), _mm512_cvtepi32_epi8(lo));
+        const __m256i X16 = _mm512_cvtepi32_epi16(X); /* elements 16 h .. + 7 in A, + 8 .. + 15 in B */
+        _mm_storeu_si128((__m128i *)(x16 + 8 * h), _mm256_castsi256_si128(X16));
+        _mm_storeu_si128((__m128i *)(x16 + 16 + 8 * h), _mm256_extracti128_si256(X16, 1));
         sum[h] = _mm512_reduce_add_epi32(qi);
         suml[h] = _mm512_reduce_add_epi32(li);
     }
@@ -70,7 +73,7 @@ PE_AVX2_FN static inline void store8(int8_t *dst, __m256i v) {
 
 /* block_avx512 on AVX2, eight elements at a time. */
 PE_AVX2_FN static void block_avx2(const float *xb, int8_t *qs, int8_t *ql, float *d, int sum[2], int suml[2],
-                                  int8_t *xh, int8_t *xl) {
+                                  int8_t *xh, int8_t *xl, int16_t *x16) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(xb));
     for (int k = 1; k < 4; k++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
@@ -93,6 +96,9 @@ PE_AVX2_FN static void block_avx2(const float *xb, int8_t *qs, int8_t *ql, float
         const int at = 64 * (k / 2) + 8 * (k % 2); /* element 16 h + j of the block (see pe_act_q8) */
         store8(xh + at, _mm256_srai_epi32(_mm256_sub_epi32(X, lo), 8));
         store8(xl + at, lo);
+        /* elements 8 k .. 8 k + 7: A's first or second eight (k even), B's (k odd) */
+        const __m256i X16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(X, X), 0x08);
+        _mm_storeu_si128((__m128i *)(x16 + 16 * (k % 2) + 8 * (k / 2)), _mm256_castsi256_si128(X16));
         sq[k / 2] = _mm256_add_epi32(sq[k / 2], qi);
         sl[k / 2] = _mm256_add_epi32(sl[k / 2], li);
     }
@@ -116,8 +122,11 @@ static size_t b256_bytes(int64_t n) { return ((size_t)n + 127) / 128 * 128 + PE_
 size_t pe_act_q8_bytes(int64_t n) {
     const size_t nb = (size_t)n / 32;
     return align64((size_t)n + PE_ACT_PAD) * 2 + align64((nb + 4) * 4) * 3 + align64((2 * nb + 8) * 4) * 2 +
-           align64(b256_bytes(n)) * 2;
+           align64(b256_bytes(n)) * 2 + align64(((size_t)n + PE_ACT_PAD) * 2);
 }
+
+/* Where element j of a block goes in its 32 values of x16 (A: 0-7, 16-23; B: 8-15, 24-31). */
+static int x16_pos(int j) { return j < 8 || j >= 24 ? j : j < 16 ? j + 8 : j - 8; }
 
 /* Where element 32 b + 16 h of the 32-block order goes in xh / xl (see pe_act_q8). */
 static size_t b256_pos(int64_t b, int h) { return (size_t)(128 * (b / 4) + 64 * h + 16 * (b % 4)); }
@@ -136,6 +145,7 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     float *s16x = (float *)((uint8_t *)s16 + align64((size_t)(2 * nb + 8) * 4));
     int8_t *xh = (int8_t *)((uint8_t *)s16x + align64((size_t)(2 * nb + 8) * 4));
     int8_t *xl = xh + align64(b256_bytes(n));
+    int16_t *x16 = (int16_t *)(xl + align64(b256_bytes(n)));
     /* the last, partial group and the padding group stay zero where no block writes */
     const size_t filled = (size_t)(128 * (nb / 4));
     memset(xh + filled, 0, b256_bytes(n) - filled);
@@ -148,11 +158,11 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
         int sum[2] = {0, 0}, suml[2] = {0, 0};
 #if defined(__x86_64__)
         if (simd >= PE_SIMD_AVX512) {
-            block_avx512(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0));
+            block_avx512(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0), x16 + 32 * b);
             goto sums;
         }
         if (simd == PE_SIMD_AVX2) {
-            block_avx2(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0));
+            block_avx2(xb, qs + 32 * b, ql + 32 * b, d + b, sum, suml, xh + b256_pos(b, 0), xl + b256_pos(b, 0), x16 + 32 * b);
             goto sums;
         }
 #endif
@@ -168,6 +178,7 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
             const int X = 254 * q + l, lo = ((X & 0xff) ^ 0x80) - 0x80; /* X = 256 hi + lo */
             xh[b256_pos(b, j / 16) + j % 16] = (int8_t)((X - lo) / 256);
             xl[b256_pos(b, j / 16) + j % 16] = (int8_t)lo;
+            x16[32 * b + x16_pos(j)] = (int16_t)X;
             sum[j / 16] += q;
             suml[j / 16] += l;
         }
@@ -184,10 +195,11 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     }
     memset(qs + n, 0, PE_ACT_PAD);
     memset(ql + n, 0, PE_ACT_PAD);
+    memset(x16 + n, 0, PE_ACT_PAD * sizeof(int16_t));
     memset(d + nb, 0, 4 * sizeof(float));
     memset(s32 + nb, 0, 4 * sizeof(float));
     memset(s32x + nb, 0, 4 * sizeof(float));
     memset(s16 + 2 * nb, 0, 8 * sizeof(float));
     memset(s16x + 2 * nb, 0, 8 * sizeof(float));
-    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x, xh, xl};
+    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x, xh, xl, x16};
 }

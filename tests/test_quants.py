@@ -152,6 +152,10 @@ def check_quantize_act_q8(seed: int = 0) -> None:
         xh, xl = np.zeros((n + 127) // 128 * 128 + 128, np.int64), np.zeros((n + 127) // 128 * 128 + 128, np.int64)
         xh[pos], xl[pos] = (X - lo) // 256, lo
         assert np.array_equal(a["xh"], xh) and np.array_equal(a["xl"], xl)
+        # x16: X as int16, per block A (elements 0-7, 16-23) then B (8-15, 24-31)
+        order = np.array([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23,
+                          8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31])
+        assert np.array_equal(a["x16"], X.reshape(-1, 32)[:, order].reshape(-1))
 
 
 def check_dot_q8(qtype, seed: int = 0) -> None:

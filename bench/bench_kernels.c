@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -132,33 +133,41 @@ static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, flo
 
 /* Read bandwidth: every thread streams its own contiguous slice of a buffer much larger than the
  * caches with 256-bit loads into eight independent XOR accumulators (so the loop is bound by memory,
- * not by a dependency chain); best of 7. On the 2-core dev boxes one stream per thread read faster
- * than several interleaved streams or software prefetch (bench/RESULTS.md). */
+ * not by a dependency chain), either as one sequential stream or as PROBE_STREAMS streams (the
+ * slice cut in as many parts, read 256 bytes from each in turn); the faster of the two, best of 7
+ * each. Which one wins depends on the box: one stream per thread was faster on the 2-core dev
+ * boxes of 2026-12-03/04, four on the Intel one of 2026-12-05 (by 5-10 %, bench/RESULTS.md). */
+enum { PROBE_STREAMS = 4 };
 #if defined(__x86_64__)
 #include <immintrin.h>
-__attribute__((target("avx2"))) static uint64_t stream_read(const uint8_t *p, size_t bytes) {
+__attribute__((target("avx2"))) static uint64_t stream_read(const uint8_t *p, size_t bytes, int streams) {
+    const size_t part = bytes / (size_t)streams / 256 * 256;
     __m256i a[8];
     for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
-    for (size_t o = 0; o + 256 <= bytes; o += 256)
-        for (int i = 0; i < 8; i++) a[i] = _mm256_xor_si256(a[i], _mm256_load_si256((const __m256i *)(p + o + 32 * i)));
+    for (size_t o = 0; o + 256 <= part; o += 256)
+        for (int s = 0; s < streams; s++)
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm256_xor_si256(a[i], _mm256_load_si256((const __m256i *)(p + s * part + o + 32 * i)));
     for (int i = 1; i < 8; i++) a[0] = _mm256_xor_si256(a[0], a[i]);
     return (uint64_t)_mm256_extract_epi64(a[0], 0);
 }
 #else
-static uint64_t stream_read(const uint8_t *p, size_t bytes) {
+static uint64_t stream_read(const uint8_t *p, size_t bytes, int streams) {
+    const size_t part = bytes / (size_t)streams / 8 * 8;
     uint64_t s = 0;
-    for (size_t o = 0; o + 8 <= bytes; o += 8) { uint64_t v; memcpy(&v, p + o, 8); s ^= v; }
+    for (size_t o = 0; o + 8 <= part; o += 8)
+        for (int k = 0; k < streams; k++) { uint64_t v; memcpy(&v, p + k * part + o, 8); s ^= v; }
     return s;
 }
 #endif
 
 /* All of buf[0, bytes), each thread its own contiguous slice: the XOR of what stream_read saw. */
-static uint64_t read_all(const uint8_t *buf, size_t bytes, int threads) {
+static uint64_t read_all(const uint8_t *buf, size_t bytes, int threads, int streams) {
     uint64_t sink = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : sink)
     {
         const size_t slice = bytes / (size_t)omp_get_num_threads() / 4096 * 4096;
-        sink ^= stream_read(buf + (size_t)omp_get_thread_num() * slice, slice);
+        sink ^= stream_read(buf + (size_t)omp_get_thread_num() * slice, slice, streams);
     }
     return sink;
 }
@@ -176,9 +185,9 @@ static double bandwidth(int threads, size_t bytes) {
     }
     double best = 1e30;
     uint64_t sink = 0;
-    for (int r = 0; r < 7; r++) {
+    for (int r = 0; r < 14; r++) { /* one stream and PROBE_STREAMS streams per thread, alternating */
         const double t0 = now();
-        sink ^= read_all(buf, bytes, threads);
+        sink ^= read_all(buf, bytes, threads, r % 2 ? PROBE_STREAMS : 1);
         const double dt = now() - t0;
         if (dt < best) best = dt;
     }
@@ -206,7 +215,7 @@ static void evict_caches(int threads) {
         if (!(buf = big_alloc(bytes))) return;
         memset(buf, 1, bytes);
     }
-    if (read_all(buf, bytes, threads) == 42) printf(" "); /* the reads must not be optimized away */
+    if (read_all(buf, bytes, threads, 1) == 42) printf(" "); /* the reads must not be optimized away */
 }
 
 /* One-token Q8_0 products of the sizes a gpt-oss-20b decode step makes (k / v 512 rows, attn_out
@@ -317,17 +326,32 @@ static void bench_moe(int threads, int reps) {
     free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
 }
 
+/* Whether `name` is one of the comma-separated names in `list` (any name when list is NULL). */
+static int listed(const char *list, const char *name) {
+    if (!list) return 1;
+    const size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        const size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && !strncasecmp(p, name, n)) return 1;
+        p += len + (end ? 1 : 0);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int threads = omp_get_max_threads(), reps = 5;
     size_t mib = beyond_caches((size_t)256 << 20) >> 20;
     int only_bw = 0;
+    const char *only_types = NULL; /* -T: comma-separated type names, NULL: all */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-r") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]);
+        else if (!strcmp(argv[i], "-T") && i + 1 < argc) only_types = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth")) only_bw = 1;
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]\n\n"
+            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
@@ -336,10 +360,12 @@ int main(int argc, char **argv) {
                    "  -t THREADS    OpenMP threads (default: %d)\n"
                    "  -r REPS       repetitions, best is reported (default 5)\n"
                    "  -m MIB        matrix size in MiB, beyond the caches (default %zu: twice the L3, 256 to 1024)\n"
+                   "  -T TYPES      only these types' rows, comma-separated (e.g. MXFP4,Q8_0); the sizes table\n"
+                   "                only with Q8_0, the MoE layer only with MXFP4 (for quick A/B runs)\n"
                    "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n", argv[0], threads, mib);
             return 0;
         } else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [--bandwidth] (-h for help)\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] (-h for help)\n", argv[0]);
             return 2;
         }
     }
@@ -361,7 +387,7 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
         const int type = types[k];
         const pe_type_traits *t = pe_type_traits_get(type);
-        if (!t) continue;
+        if (!t || !listed(only_types, t->name)) continue;
         /* K-quants have 256-element blocks and 2880 is not a multiple: they get 3072 columns */
         const int64_t n_in = N_EMBD % t->blck_size ? 3072 : N_EMBD;
         const size_t row = pe_row_size(type, n_in);
@@ -411,7 +437,7 @@ int main(int argc, char **argv) {
         }
         free(w); free(y); free(xx);
     }
-    bench_call_sizes(threads, reps);
-    bench_moe(threads, reps);
+    if (listed(only_types, pe_type_traits_get(PE_TYPE_Q8_0)->name)) bench_call_sizes(threads, reps);
+    if (listed(only_types, pe_type_traits_get(PE_TYPE_MXFP4)->name)) bench_moe(threads, reps);
     return 0;
 }

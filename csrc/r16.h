@@ -102,19 +102,25 @@ static inline int64_t pe_r16_act_at(int64_t b, int j) {
     return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4));
 }
 
-/* The kernels' step for block b of nb: 2 x 64 bytes of codes for every 128 of block b's (`code`
- * bytes a block) from two cursors, one in each half of the codes of the group at pf (NULL: nothing),
- * and, once per 64 bytes, the scales that follow (`scale` bytes a block), into L2. Two cursors a
- * thread keep more reads in flight than one: in the kernel bench (Intel box, 2026-12-05) Q8_0, Q4_0,
- * Q4_1, Q5_0 and Q5_1 went from 83-92 % to 91-99 % of the probe, Q2_K 69 -> 76 %, the other
- * K-quants moved within the noise. */
-static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t b, const int code, const int scale) {
+/* The codes at [at, at + n) of a group (at pf; NULL: nothing) whose codes take `total` bytes, into
+ * L2 from two cursors, one in each half of the codes: 2 x 64 bytes for every 128 of the kernel's
+ * step. Two cursors a thread keep more reads in flight than one: in the kernel bench (Intel box,
+ * 2026-12-05) the R16 forms of Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 went from 83-92 % to 91-99 % of the
+ * probe, 4-token Q8_0 from 23 to 28 GB/s. */
+static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64_t at, int n) {
     if (!pf) return;
-    const int64_t half = (nb * code / 64 + 1) / 2 * 64; /* the second cursor's start, in bytes */
-    for (int64_t l = code * b; l < code * (b + 1); l += 128) {
+    const int64_t half = (total / 64 + 1) / 2 * 64; /* the second cursor's start */
+    for (int64_t l = at; l < at + n; l += 128) {
         __builtin_prefetch(pf + l / 2, 0, 2);
         __builtin_prefetch(pf + half + l / 2, 0, 2);
     }
+}
+
+/* The 32-block kernels' step for block b of nb: block b's share of the codes (`code` bytes a block)
+ * and, once per 64 bytes, the scales that follow them (`scale` bytes a block). */
+static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t b, const int code, const int scale) {
+    if (!pf) return;
+    pe_r16_prefetch_codes(pf, code * nb, code * b, code);
     if (!((scale * b) & 63)) __builtin_prefetch(pf + code * nb + scale * b, 0, 2);
 }
 /* MXFP4's step: one cursor, block b's 256 code bytes and its 16 scale bytes. The two cursors made

@@ -177,7 +177,7 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
             const int64_t b = 8 * sb + s;
             const uint8_t *p = group + cs * b;
             if (pf) {
-                for (int l = 0; l < cs; l += 64) __builtin_prefetch(pf + cs * b + l, 0, 2);
+                pe_r16_prefetch_codes(pf, 8 * cs * nsb, cs * b, (int)cs);
                 if (s < 5) __builtin_prefetch(pf + 8 * cs * nsb + 320 * sb + 64 * s, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
@@ -237,7 +237,7 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             if (pf) {
-                for (int l = 0; l < ub; l += 64) __builtin_prefetch(pf + ub * b + l, 0, 2);
+                pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
                 if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 288 * sb + 64 * v, 0, 2);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the unit, every row */
@@ -283,7 +283,7 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             if (pf) {
-                for (int l = 0; l < ub; l += 64) __builtin_prefetch(pf + ub * b + l, 0, 2);
+                pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
                 if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 320 * sb + 64 * v, 0, 2);
             }
             __m512i u[8];

@@ -102,17 +102,28 @@ static inline int64_t pe_r16_act_at(int64_t b, int j) {
     return 128 * (b / 4) + 16 * (b % 4) + (j < 4 ? 4 * j : 64 + 4 * (j - 4));
 }
 
+/* One cache line at p into L2. An asm statement, not __builtin_prefetch: GCC 12 at -O3 deletes
+ * the builtin from a loop that holds nothing else when it vectorizes that loop (the two-cursor
+ * loop below lost every prefetch in the MXFP4 kernel, where its trip count is a constant). */
+static inline void pe_r16_prefetch_line(const uint8_t *p) {
+#if defined(__x86_64__)
+    __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 /* The codes at [at, at + n) of a group (at pf; NULL: nothing) whose codes take `total` bytes, into
  * L2 from two cursors, one in each half of the codes: 2 x 64 bytes for every 128 of the kernel's
  * step. Two cursors a thread keep more reads in flight than one: in the kernel bench (Intel box,
- * 2026-12-05) the R16 forms of Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 went from 83-92 % to 91-99 % of the
- * probe, 4-token Q8_0 from 23 to 28 GB/s. */
+ * 2026-12-05) the R16 forms of the 32-block formats went from 83-92 % to 91-99 % of the probe, the
+ * K-quants' from 74-82 % to 79-95 %, 4-token Q8_0 from 23 to 28 GB/s. */
 static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64_t at, int n) {
     if (!pf) return;
     const int64_t half = (total / 64 + 1) / 2 * 64; /* the second cursor's start */
     for (int64_t l = at; l < at + n; l += 128) {
-        __builtin_prefetch(pf + l / 2, 0, 2);
-        __builtin_prefetch(pf + half + l / 2, 0, 2);
+        pe_r16_prefetch_line(pf + l / 2);
+        pe_r16_prefetch_line(pf + half + l / 2);
     }
 }
 
@@ -121,16 +132,10 @@ static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64
 static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t b, const int code, const int scale) {
     if (!pf) return;
     pe_r16_prefetch_codes(pf, code * nb, code * b, code);
-    if (!((scale * b) & 63)) __builtin_prefetch(pf + code * nb + scale * b, 0, 2);
+    if (!((scale * b) & 63)) pe_r16_prefetch_line(pf + code * nb + scale * b);
 }
-/* MXFP4's step: one cursor, block b's 256 code bytes and its 16 scale bytes. The two cursors made
- * this kernel slower (81 -> 65-67 % of the probe, the MoE layer 2.1 -> 2.5 ms, same run), which is
- * not understood. */
-static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) {
-    if (!pf) return;
-    for (int l = 0; l < 256; l += 64) __builtin_prefetch(pf + 256 * b + l, 0, 2);
-    if (!((16 * b) & 63)) __builtin_prefetch(pf + 256 * nb + 16 * b, 0, 2);
-}
+/* MXFP4's step: 256 code bytes and 16 scale bytes a block. */
+static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 
 /* Whether ggml type `type` has an R16 form (every block format: MXFP4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K). */
 static inline int pe_r16_has_type(int type) { return pe_r16_unit_bytes(type) != 0; }

@@ -178,7 +178,7 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
             const uint8_t *p = group + cs * b;
             if (pf) {
                 pe_r16_prefetch_codes(pf, 8 * cs * nsb, cs * b, (int)cs);
-                if (s < 5) __builtin_prefetch(pf + 8 * cs * nsb + 320 * sb + 64 * s, 0, 2);
+                if (s < 5) pe_r16_prefetch_line(pf + 8 * cs * nsb + 320 * sb + 64 * s);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
             pe_r16_unit_codes(type, p, u);
@@ -238,7 +238,7 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
             const int64_t b = 8 * sb + v;
             if (pf) {
                 pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
-                if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 288 * sb + 64 * v, 0, 2);
+                if (v < 5) pe_r16_prefetch_line(pf + 8 * ub * nsb + 288 * sb + 64 * v);
             }
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the unit, every row */
             pe_r16_unit_codes(type, group + ub * b, u);
@@ -284,7 +284,7 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
             const int64_t b = 8 * sb + v;
             if (pf) {
                 pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
-                if (v < 5) __builtin_prefetch(pf + 8 * ub * nsb + 320 * sb + 64 * v, 0, 2);
+                if (v < 5) pe_r16_prefetch_line(pf + 8 * ub * nsb + 320 * sb + 64 * v);
             }
             __m512i u[8];
             pe_r16_unit_codes(type, group + ub * b, u);

@@ -134,6 +134,14 @@ static inline void pe_r16_prefetch_block(const uint8_t *pf, int64_t nb, int64_t 
     pe_r16_prefetch_codes(pf, code * nb, code * b, code);
     if (!((scale * b) & 63)) pe_r16_prefetch_line(pf + code * nb + scale * b);
 }
+/* The K-quant kernels' step for unit b (sub-block b % 8 of super-block b / 8) of a group of nsb
+ * super-blocks: unit b's share of the codes (`unit` bytes a unit) and one 64-byte line of its
+ * super-block's scale area (`scale` bytes a super-block, at most 8 lines) while lines remain. */
+static inline void pe_r16_prefetch_unit(const uint8_t *pf, int64_t nsb, int64_t b, const int unit, const int scale) {
+    if (!pf) return;
+    pe_r16_prefetch_codes(pf, 8 * unit * nsb, unit * b, unit);
+    if (64 * (b % 8) < scale) pe_r16_prefetch_line(pf + 8 * unit * nsb + scale * (b / 8) + 64 * (b % 8));
+}
 /* MXFP4's step: 256 code bytes and 16 scale bytes a block. */
 static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { pe_r16_prefetch_block(pf, nb, b, 256, 16); }
 

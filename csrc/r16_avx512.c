@@ -176,10 +176,7 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
         for (int s = 0; s < 8; s++) {
             const int64_t b = 8 * sb + s;
             const uint8_t *p = group + cs * b;
-            if (pf) {
-                pe_r16_prefetch_codes(pf, 8 * cs * nsb, cs * b, (int)cs);
-                if (s < 5) pe_r16_prefetch_line(pf + 8 * cs * nsb + 320 * sb + 64 * s);
-            }
+            pe_r16_prefetch_unit(pf, nsb, b, (int)cs, 320);
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the sub-block, every row */
             pe_r16_unit_codes(type, p, u);
             const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 16 * s)))), d);
@@ -236,10 +233,7 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
         const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
-            if (pf) {
-                pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
-                if (v < 5) pe_r16_prefetch_line(pf + 8 * ub * nsb + 288 * sb + 64 * v);
-            }
+            pe_r16_prefetch_unit(pf, nsb, b, (int)ub, 288);
             __m512i u[8]; /* u[j]: elements 4 j .. 4 j + 3 of the unit, every row */
             pe_r16_unit_codes(type, group + ub * b, u);
             for (int hh = 0; hh < 2; hh++) {
@@ -282,10 +276,7 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
         const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
-            if (pf) {
-                pe_r16_prefetch_codes(pf, 8 * ub * nsb, ub * b, (int)ub);
-                if (v < 5) pe_r16_prefetch_line(pf + 8 * ub * nsb + 320 * sb + 64 * v);
-            }
+            pe_r16_prefetch_unit(pf, nsb, b, (int)ub, 320);
             __m512i u[8];
             pe_r16_unit_codes(type, group + ub * b, u);
             const __m512i s0 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v)));

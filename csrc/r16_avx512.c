@@ -1,5 +1,5 @@
-/* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 (+ VBMI where
- * present), and every other block format (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K).
+/* The decode kernels for weights in the R16 layout (r16.h), AVX-512 VNNI: MXFP4 and Q2_K (each with a
+ * VBMI form where present), and every other block format (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K..Q6_K).
  *
  * MXFP4, per block of the group's 16 rows: four 64-byte loads; each load's low and high nibbles go through
  * a 64-entry vpermb table (pe_mxfp4_codes, doubled E2M1 value + 12: unsigned for vpdpbusd, repeated every
@@ -299,6 +299,67 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
     for (int t = 0; t < n_tok; t++) _mm512_mask_storeu_ps(out + t * ldo, keep, reduce16(acc[t]));
 }
 
+/* Q2_K with VBMI: each code register's 2-bit fields or'ed with four times the row's 4-bit scale of
+ * that sub-block (one vpternlogd) index a 64-entry vpermb table of sc * q (at most 45), so one
+ * vpdpbusd chain per digit over the whole unit gives F = sc0 (q . X)_0 + sc1 (q . X)_1 directly, in
+ * int32 with the same value as group_q2_k's two multiplies (|F| < 2^26); the minimum term m0 S0 +
+ * m1 S1 (S the sub-blocks' combined sums s16x) is taken in float, where it is exact (m <= 15, |S| <=
+ * 16 * 32385: each product and their sum below 2^24), so it equals group_q2_k's converted int32.
+ * The same accumulators and scalings: the same bits, with the per-token multiplies gone (2 vpmulld
+ * for the scales, 2 for the minimum, the scalar conversions of S), paid for once per unit by 8
+ * vpermb + 8 vpternlogd shared by every token. */
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+PE_AI void group_q2_k_vbmi(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,
+                           const int n_tok, float *out, int64_t ldo, const uint8_t *pf) {
+    const int64_t nsb = nb / 8, ub = pe_r16_unit_bytes(type); /* code bytes per unit of 32 */
+    const uint8_t *scales = group + 8 * ub * nsb;
+    __m512 acc[PE_DOT_Q8_MAX_TOK][16]; /* F0..F7, M0..M7 */
+    for (int t = 0; t < n_tok; t++)
+        for (int k = 0; k < 16; k++) acc[t][k] = _mm512_setzero_ps();
+    /* byte i: (i >> 2) * (i & 3); rep: byte 4 r + k = byte r (a row's scale byte in its dword) */
+    const __m512i prod = _mm512_set_epi32(0x2d1e0f00, 0x2a1c0e00, 0x271a0d00, 0x24180c00, 0x21160b00, 0x1e140a00,
+                                          0x1b120900, 0x18100800, 0x150e0700, 0x120c0600, 0x0f0a0500, 0x0c080400,
+                                          0x09060300, 0x06040200, 0x03020100, 0x00000000);
+    const __m512i rep = _mm512_setr_epi32(0x00000000, 0x01010101, 0x02020202, 0x03030303, 0x04040404, 0x05050505,
+                                          0x06060606, 0x07070707, 0x08080808, 0x09090909, 0x0a0a0a0a, 0x0b0b0b0b,
+                                          0x0c0c0c0c, 0x0d0d0d0d, 0x0e0e0e0e, 0x0f0f0f0f);
+    const __m512i m3 = _mm512_set1_epi8(3), m3c = _mm512_set1_epi8(0x3c);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *sc = scales + 320 * sb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        for (int v = 0; v < 8; v++) {
+            const int64_t b = 8 * sb + v;
+            const uint8_t *p = group + ub * b;
+            pe_r16_prefetch_unit(pf, nsb, b, (int)ub, 320);
+            __m512i u[8];
+            __m512 mn[2];
+            for (int hh = 0; hh < 2; hh++) {
+                const __m512i raw = _mm512_permutexvar_epi8(rep, _mm512_castsi128_si512(_mm_load_si128((const __m128i *)(sc + 32 * v + 16 * hh))));
+                const __m512i sc4 = _mm512_and_si512(_mm512_slli_epi16(raw, 2), m3c);
+                mn[hh] = _mm512_cvtepi32_ps(_mm512_srli_epi32(raw, 28));
+                const __m512i c = _mm512_load_si512(p + 64 * hh);
+                const __m512i f[4] = {c, _mm512_srli_epi16(c, 2), _mm512_srli_epi16(c, 4), _mm512_srli_epi16(c, 6)};
+                for (int k = 0; k < 4; k++)
+                    u[4 * hh + k] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(f[k], m3, sc4, 0xea), prod);
+            }
+            for (int t = 0; t < n_tok; t++) {
+                const int64_t s16 = 16 * sb + 2 * v;
+                const __m512 M = _mm512_fmadd_ps(mn[1], _mm512_set1_ps(x[t].s16x[s16 + 1]),
+                                                 _mm512_mul_ps(mn[0], _mm512_set1_ps(x[t].s16x[s16])));
+                acc[t][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 0)),
+                                            _mm512_mul_ps(d, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f))), acc[t][v]);
+                acc[t][8 + v] = _mm512_fmadd_ps(M, _mm512_mul_ps(dmin, _mm512_set1_ps(x[t].d[b] * -(1.0f / 254.0f))),
+                                                acc[t][8 + v]);
+            }
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    for (int t = 0; t < n_tok; t++) _mm512_mask_storeu_ps(out + t * ldo, keep, reduce16(acc[t]));
+}
+#pragma GCC pop_options
+
 #define R16_ENTRY(name, body, TYPE)                                                                                \
     static void name(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, int n_tok, float *out,         \
                      int64_t ldo, const uint8_t *pf) {                                                             \
@@ -313,6 +374,10 @@ R16_ENTRY(dot_r16_q5_1, group_b, PE_TYPE_Q5_1)
 R16_ENTRY(dot_r16_q4_k, group_k, PE_TYPE_Q4_K)
 R16_ENTRY(dot_r16_q5_k, group_k, PE_TYPE_Q5_K)
 R16_ENTRY(dot_r16_q2_k, group_q2_k, PE_TYPE_Q2_K)
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+R16_ENTRY(dot_r16_q2_k_vbmi, group_q2_k_vbmi, PE_TYPE_Q2_K)
+#pragma GCC pop_options
 R16_ENTRY(dot_r16_q3_k, group_16, PE_TYPE_Q3_K)
 R16_ENTRY(dot_r16_q6_k, group_16, PE_TYPE_Q6_K)
 #undef R16_ENTRY
@@ -329,7 +394,7 @@ static void choose(void) {
         chosen[PE_TYPE_Q4_1] = dot_r16_q4_1;
         chosen[PE_TYPE_Q5_0] = dot_r16_q5_0;
         chosen[PE_TYPE_Q5_1] = dot_r16_q5_1;
-        chosen[PE_TYPE_Q2_K] = dot_r16_q2_k;
+        chosen[PE_TYPE_Q2_K] = pe_cpu_has_avx512vbmi() ? dot_r16_q2_k_vbmi : dot_r16_q2_k;
         chosen[PE_TYPE_Q3_K] = dot_r16_q3_k;
         chosen[PE_TYPE_Q4_K] = dot_r16_q4_k;
         chosen[PE_TYPE_Q5_K] = dot_r16_q5_k;

@@ -10,8 +10,8 @@ typedef enum {
 } pe_simd_level;
 
 /* Best level this machine supports, capped by the PYENGINE_SIMD environment variable ("scalar",
- * "avx2"; "avx512vnni" keeps the AVX-512 level but hides VBMI and BITALG, see below) so every
- * variant can be tested on one machine. */
+ * "avx2"; "avx512vnni" keeps the AVX-512 level but hides VBMI and BITALG, see below; "avx512" hides
+ * only AMX) so every variant can be tested on one machine. */
 pe_simd_level pe_simd_level_get(void);
 const char *pe_simd_level_name(pe_simd_level level);
 /* AVX-512 VBMI (vpermb, vpermt2b): the file-layout Q4_0/MXFP4/Q4_1/Q5_x int8 decode kernels and the
@@ -20,5 +20,8 @@ const char *pe_simd_level_name(pe_simd_level level);
 int pe_cpu_has_avx512vbmi(void);
 /* AVX-512 BITALG (vpshufbitqmb): the Q5_0/Q5_1 int8 kernels take their 5th bits with it. */
 int pe_cpu_has_avx512bitalg(void);
+/* Whether PYENGINE_SIMD leaves AMX to the prefill tiles (unset: yes; any value: no). Whether the CPU
+ * and the OS have it is gemm_q8_amx.c's question. */
+int pe_cpu_amx_allowed(void);
 
 #endif

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "cpu_features.h"
+#include "gemm_q8_amx.h"
 #include "quants_impl.h"
 #include "r16_codes_avx512.h"
 
@@ -222,24 +223,7 @@ static void unpack_q2_k(const uint8_t *row, int64_t n, uint8_t *codes, float *sc
     }
 }
 
-/* Per token t < nt and sub-block j of G elements, what the tile loop broadcasts (computed once per
- * group of tokens, out of the loop): dx = d_x / 254, off = offset * the combined code sum s (exact in
- * int32), dxs = dx * s. */
-typedef struct {
-    float *dx, *dxs;
-    int32_t *off;
-} tok_consts;
-
-static void token_consts(const pe_act_q8 *x, int nt, int G, int offset, int64_t nsub, tok_consts c) {
-    for (int t = 0; t < nt; t++)
-        for (int64_t j = 0; j < nsub; j++) {
-            const float sx = G == 32 ? x[t].s32x[j] : x[t].s16x[j];
-            const float dx = x[t].d[G == 32 ? j : j / 2] * (1.0f / 254.0f);
-            c.dx[t * nsub + j] = dx;
-            c.off[t * nsub + j] = offset * (int32_t)sx;
-            c.dxs[t * nsub + j] = dx * sx;
-        }
-}
+typedef pe_gemm_q8_consts tok_consts;
 
 /* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: n/4 steps x 64 bytes; ws,
  * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them;
@@ -277,17 +261,17 @@ static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *pac
 /* The token groups of one tile, for one (G, MIN) shape. */
 static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed, const float *ws, const float *wm,
                                                           int64_t nsub, const pe_act_q8 *x, int64_t n_tok,
-                                                          const int G, const int MIN, int offset, tok_consts k,
+                                                          const int G, const int MIN, tok_consts k,
                                                           __mmask16 keep, __m512 vb, float *y, int64_t ldy) {
     for (int64_t t0 = 0; t0 < n_tok; t0 += TOK) {
         const int nt = n_tok - t0 < TOK ? (int)(n_tok - t0) : TOK;
-        token_consts(x + t0, nt, G, offset, nsub, k);
+        const tok_consts kt = {k.dx + t0 * nsub, k.dxs + t0 * nsub, k.off + t0 * nsub};
         __m512 f[TOK] = {0};
         switch (nt) {
-        case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, k, f); break;
-        case 3: tile_tokens(packed, ws, wm, nsub, x + t0, 3, G, MIN, k, f); break;
-        case 2: tile_tokens(packed, ws, wm, nsub, x + t0, 2, G, MIN, k, f); break;
-        default: tile_tokens(packed, ws, wm, nsub, x + t0, 1, G, MIN, k, f); break;
+        case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, kt, f); break;
+        case 3: tile_tokens(packed, ws, wm, nsub, x + t0, 3, G, MIN, kt, f); break;
+        case 2: tile_tokens(packed, ws, wm, nsub, x + t0, 2, G, MIN, kt, f); break;
+        default: tile_tokens(packed, ws, wm, nsub, x + t0, 1, G, MIN, kt, f); break;
         }
         for (int t = 0; t < nt; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ldy, keep, _mm512_add_ps(f[t], vb));
     }
@@ -296,9 +280,9 @@ static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed
 /* One compiled tile loop per (sub-block size, minimum) shape that the formats need. */
 #define PE_TILE_SHAPE(NAME, G, MIN)                                                                             \
     static __attribute__((noinline)) void NAME(const uint8_t *packed, const float *ws, const float *wm,        \
-                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, int offset,     \
-                                               tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy) { \
-        tile_all(packed, ws, wm, nsub, x, n_tok, G, MIN, offset, k, keep, vb, y, ldy);                          \
+                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, tok_consts k,  \
+                                               __mmask16 keep, __m512 vb, float *y, int64_t ldy) {              \
+        tile_all(packed, ws, wm, nsub, x, n_tok, G, MIN, k, keep, vb, y, ldy);                                  \
     }
 PE_TILE_SHAPE(tile_32, 32, 0)
 PE_TILE_SHAPE(tile_32_min, 32, 1)
@@ -307,7 +291,7 @@ PE_TILE_SHAPE(tile_16_min, 16, 1)
 #undef PE_TILE_SHAPE
 
 typedef void (*tile_fn)(const uint8_t *packed, const float *ws, const float *wm, int64_t nsub, const pe_act_q8 *x,
-                        int64_t n_tok, int offset, tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
+                        int64_t n_tok, tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
 
 typedef struct {
     unpack_fn unpack;
@@ -341,8 +325,26 @@ int pe_gemm_q8_supported(int type) {
 
 size_t pe_gemm_q8_scratch_bytes(int64_t n_in) {
     const int64_t nsub = n_in / 16; /* at most */
-    /* row-major codes, packed codes, row-major and packed scales and mins, a token group's constants */
-    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + (size_t)(TOK * nsub) * 4 * 3 + 256;
+    /* row-major codes, packed codes, row-major and packed scales and mins */
+    return (size_t)(TILE * n_in) * 2 + (size_t)(TILE * nsub) * 4 * 4 + 256;
+}
+
+int64_t pe_gemm_q8_nsub(int type, int64_t n_in) {
+    pe_gemm_q8_format f;
+    return format_of(type, &f) ? n_in / f.sub : 0;
+}
+
+void pe_gemm_q8_token_consts(int type, const pe_act_q8 *x, int64_t n_in, pe_gemm_q8_consts k, int64_t t) {
+    pe_gemm_q8_format f;
+    if (!format_of(type, &f)) return;
+    const int64_t nsub = n_in / f.sub;
+    for (int64_t j = 0; j < nsub; j++) {
+        const float sx = f.sub == 32 ? x->s32x[j] : x->s16x[j];
+        const float dx = x->d[f.sub == 32 ? j : j / 2] * (1.0f / 254.0f);
+        k.dx[t * nsub + j] = dx;
+        k.off[t * nsub + j] = f.offset * (int32_t)sx;
+        k.dxs[t * nsub + j] = dx * sx;
+    }
 }
 
 /* dst[16 k + r] = src[r * ld + k] for k, r < 16: a 16 x 16 dword transpose (the repacking's inner step). */
@@ -374,7 +376,6 @@ static void transpose16(const uint32_t *src, int64_t ld, uint32_t *dst) {
 typedef struct {
     uint8_t *codes, *packed;
     float *scales, *mins, *ws, *wm;
-    tok_consts k;
 } tile_scratch;
 
 static tile_scratch scratch_of(void *scratch, int64_t n_in, int64_t nsub) {
@@ -383,21 +384,39 @@ static tile_scratch scratch_of(void *scratch, int64_t n_in, int64_t nsub) {
     t.codes = base, t.packed = base + TILE * n_in;
     t.scales = (float *)(t.packed + TILE * n_in), t.mins = t.scales + TILE * nsub;
     t.ws = t.mins + TILE * nsub, t.wm = t.ws + TILE * nsub;
-    t.k = (tok_consts){t.wm + TILE * nsub, t.wm + TILE * nsub + TOK * nsub, (int32_t *)(t.wm + TILE * nsub + 2 * TOK * nsub)};
     return t;
 }
 
-/* The packed tile (t.packed, t.ws, t.wm) times every token, the first nr rows stored. */
+/* Whether the n tokens' codes and second digits lie xstride bytes apart (as matmul.c quantizes a
+ * batch: the AMX tiles read 16 tokens' digits as one tile). */
+static int evenly_spaced(const pe_act_q8 *x, int64_t n, int64_t xstride) {
+    for (int64_t t = 1; t < n; t++)
+        if (x[t].qs != x[0].qs + t * xstride || x[t].ql != x[0].ql + t * xstride) return 0;
+    return 1;
+}
+
+/* The packed tile (t.packed, t.ws, t.wm) times every token, the first nr rows stored: 16 tokens at a
+ * time on AMX where this process may use it (gemm_q8_amx.c), the rest here. */
 static void tile_run(const pe_gemm_q8_format *fmt, const tile_scratch *t, int nr, int64_t nsub, const pe_act_q8 *x,
-                     int64_t n_tok, const float *bias, float *y, int64_t ldy) {
+                     int64_t n_tok, pe_gemm_q8_consts k, const float *bias, float *y, int64_t ldy) {
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const int64_t n16 = n_tok / 16, xstride = n_tok > 1 ? x[1].qs - x[0].qs : 0;
+    int64_t t0 = 0;
+    /* the same bits on AMX; only with sub-blocks of 32: with 16 (Q2_K, Q3_K, Q6_K) twice the sums go
+     * through memory per weight, and AMX ran 0.84-0.89x this loop (gemm_q8_amx.c) */
+    if (fmt->sub == 32 && n16 > 0 && pe_gemm_q8_amx_ready() && evenly_spaced(x, 16 * n16, xstride)) {
+        pe_gemm_q8_amx(t->packed, t->ws, t->wm, nsub, fmt->has_min, x, n16, xstride, k, keep, bias, y, ldy);
+        t0 = 16 * n16;
+    }
+    if (t0 == n_tok) return;
     const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
     const tile_fn tile = fmt->sub == 32 ? (fmt->has_min ? tile_32_min : tile_32) : (fmt->has_min ? tile_16_min : tile_16);
-    tile(t->packed, t->ws, t->wm, nsub, x, n_tok, fmt->offset, t->k, keep, vb, y, ldy);
+    const pe_gemm_q8_consts kt = {k.dx + t0 * nsub, k.dxs + t0 * nsub, k.off + t0 * nsub};
+    tile(t->packed, t->ws, t->wm, nsub, x + t0, n_tok - t0, kt, keep, vb, y + t0 * ldy, ldy);
 }
 
 void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int64_t n_in, const pe_act_q8 *x,
-                     int64_t n_tok, const float *bias, float *y, int64_t ldy, void *scratch) {
+                     int64_t n_tok, pe_gemm_q8_consts k, const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
     const int64_t nsub = n_in / fmt.sub;
@@ -418,7 +437,7 @@ void pe_gemm_q8_tile(int type, const uint8_t *rows, int64_t stride, int nr, int6
             t.ws[j * TILE + r] = t.scales[r * nsub + j];
             if (fmt.has_min) t.wm[j * TILE + r] = t.mins[r * nsub + j];
         }
-    tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
+    tile_run(&fmt, &t, nr, nsub, x, n_tok, k, bias, y, ldy);
 }
 
 /* ws[i] = the i-th f16 at p, for i < n (the R16 groups' scales, already in the tiles' order). */
@@ -483,7 +502,7 @@ static void k16_scales(int type, const uint8_t *p, int64_t n_in, float *ws, floa
 }
 
 void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, const pe_act_q8 *x, int64_t n_tok,
-                         const float *bias, float *y, int64_t ldy, void *scratch) {
+                         pe_gemm_q8_consts k, const float *bias, float *y, int64_t ldy, void *scratch) {
     pe_gemm_q8_format fmt = {0};
     format_of(type, &fmt);
     const int64_t nb = n_in / 32, nsub = n_in / fmt.sub;
@@ -491,7 +510,7 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
     if (type == PE_TYPE_Q8_0) { /* piece j of block b is packing step 8 b + j already; f16 scales */
         t.packed = (uint8_t *)group;
         f16_scales(group + 512 * nb, TILE * nb, t.ws);
-        tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+        tile_run(&fmt, &t, nr, nb, x, n_tok, k, bias, y, ldy);
         return;
     }
     if (type != PE_TYPE_MXFP4) { /* the decode kernels' code registers are the packing steps 8 b + j of
@@ -506,7 +525,7 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
         if (fmt.sub == 16) k16_scales(type, sc, n_in, t.ws, t.wm);
         else if (type == PE_TYPE_Q4_K || type == PE_TYPE_Q5_K) k_scales(sc, n_in, t.ws, t.wm);
         else b_scales(sc, nb, fmt.has_min, t.ws, t.wm);
-        tile_run(&fmt, &t, nr, nsub, x, n_tok, bias, y, ldy);
+        tile_run(&fmt, &t, nr, nsub, x, n_tok, k, bias, y, ldy);
         return;
     }
     const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pe_mxfp4_codes));
@@ -524,5 +543,5 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
         const uint32_t bits = pe_e8m0_half_bits(group[256 * nb + i]);
         memcpy(&t.ws[i], &bits, 4);
     }
-    tile_run(&fmt, &t, nr, nb, x, n_tok, bias, y, ldy);
+    tile_run(&fmt, &t, nr, nb, x, n_tok, k, bias, y, ldy);
 }

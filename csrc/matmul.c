@@ -187,12 +187,18 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
     uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
     pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
     uint8_t *scratch = tiles ? pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads) : NULL; /* per thread */
-    if (!buf || !xq || (tiles && !scratch)) {
+    const size_t n_consts = tiles ? (size_t)(n_tok * pe_gemm_q8_nsub(w->type, n_in)) : 0;
+    const pe_gemm_q8_consts k = {pe_arena_alloc(ar, 4 * n_consts), pe_arena_alloc(ar, 4 * n_consts),
+                                 pe_arena_alloc(ar, 4 * n_consts)};
+    if (!buf || !xq || (tiles && (!scratch || !k.dx || !k.dxs || !k.off))) {
         pe_arena_release(ar, mark);
         return -1;
     }
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
+    for (int64_t t = 0; t < n_tok; t++) {
+        xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
+        if (tiles) pe_gemm_q8_token_consts(w->type, &xq[t], n_in, k, t);
+    }
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
     pe_split *split = split_new(ar, n_tiles, n_threads, 1);
     if (!split) {
@@ -213,10 +219,10 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
                                 w->layout == PE_LAYOUT_R16 && rp < n_out ? base + rp * stride : NULL);
                 }
                 else if (w->layout == PE_LAYOUT_R16)
-                    pe_gemm_q8_tile_r16(w->type, base + r0 * stride, nr, n_in, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
-                                        mine);
+                    pe_gemm_q8_tile_r16(w->type, base + r0 * stride, nr, n_in, xq, n_tok, k, bias ? bias + r0 : NULL, y + r0,
+                                        ldy, mine);
                 else
-                    pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok,
+                    pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, k,
                                     bias ? bias + r0 : NULL, y + r0, ldy, mine);
             }
     }

@@ -9,6 +9,9 @@ cdef extern from "cpu_features.h":
     int pe_cpu_has_avx512vbmi()
     int pe_cpu_has_avx512bitalg()
 
+cdef extern from "gemm_q8_amx.h":
+    int pe_gemm_q8_amx_ready()
+
 
 def simd_level() -> str:
     """The SIMD variant the kernels use here: "avx512", "avx2" or "scalar".
@@ -24,3 +27,9 @@ def avx512_extensions() -> tuple:
     if simd_level() != "avx512":
         return ()
     return tuple(n for n, has in (("vbmi", pe_cpu_has_avx512vbmi()), ("bitalg", pe_cpu_has_avx512bitalg())) if has)
+
+
+def amx() -> bool:
+    """Whether the int8 prefill tiles of the formats with 32-element sub-blocks run on Intel AMX
+    here (AMX-TILE and AMX-INT8, granted to this process by Linux; any PYENGINE_SIMD hides it)."""
+    return bool(pe_gemm_q8_amx_ready())

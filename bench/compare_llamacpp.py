@@ -114,9 +114,9 @@ def llama_system_info() -> str | None:
 
 def kernel_levels(only: str | None) -> str:
     """What each engine's CPU kernels use here (PYENGINE_SIMD and the llama.cpp build decide)."""
-    from pyengine._cpu import avx512_extensions, simd_level
+    from pyengine._cpu import amx, avx512_extensions, simd_level
 
-    ext = "+".join(avx512_extensions())
+    ext = "+".join(avx512_extensions() + (("amx",) if amx() else ()))
     parts = [f"pyengine {simd_level()}" + (f" ({ext})" if ext else "")]
     if only != "pyengine":
         info = llama_system_info()

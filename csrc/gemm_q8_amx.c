@@ -29,6 +29,7 @@
 #include <pthread.h>
 
 #include "cpu_features.h"
+#include "gemm_q8_step.h"
 
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -110,14 +111,9 @@ static inline __attribute__((always_inline)) void tokens16(const uint8_t *packed
         if (j + AHEAD < nsub) block_sums(packed, x, xstride, j + AHEAD, sums[(j + AHEAD) % RING]);
         int32_t(*S)[16][16] = sums[j % RING];
         const __m512 wsj = _mm512_load_ps(ws + 16 * j);
-        for (int t = 0; t < 16; t++) { /* gemm_q8_avx512.c's tile_tokens, token t */
-            const int64_t tj = t * nsub + j;
-            __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(S[0][t]), _mm512_set1_epi32(254)),
-                                         _mm512_load_si512(S[1][t]));
-            if (!MIN) s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
-            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(k.dx[tj])), f[t]);
-            if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(k.dxs[tj]), f[t]);
-        }
+        for (int t = 0; t < 16; t++)
+            f[t] = pe_gemm_q8_step(f[t], _mm512_load_si512(S[0][t]), _mm512_load_si512(S[1][t]), wsj, wm + 16 * j, k,
+                                   t * nsub + j, MIN);
     }
     for (int t = 0; t < 16; t++) _mm512_mask_storeu_ps(y + t * ldy, keep, _mm512_add_ps(f[t], vb));
 }

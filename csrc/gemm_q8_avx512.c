@@ -29,6 +29,7 @@
 
 #include "cpu_features.h"
 #include "gemm_q8_amx.h"
+#include "gemm_q8_step.h"
 #include "quants_impl.h"
 #include "r16_codes_avx512.h"
 
@@ -223,14 +224,12 @@ static void unpack_q2_k(const uint8_t *row, int64_t n, uint8_t *codes, float *sc
     }
 }
 
-typedef pe_gemm_q8_consts tok_consts;
-
 /* Tokens t < NT of one tile: out[t][0..16) = the 16 rows' dots. packed: n/4 steps x 64 bytes; ws,
  * wm: per sub-block of G elements the 16 rows' scales and mins (MIN: whether the format has them;
  * the formats without one are those with an offset, see format_of). */
 static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *packed, const float *ws, const float *wm,
                                                              int64_t nsub, const pe_act_q8 *x, const int NT,
-                                                             const int G, const int MIN, tok_consts k,
+                                                             const int G, const int MIN, pe_gemm_q8_consts k,
                                                              __m512 f[TOK]) {
     for (int t = 0; t < NT; t++) f[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nsub; j++) {
@@ -248,24 +247,18 @@ static inline __attribute__((always_inline)) void tile_tokens(const uint8_t *pac
             }
         }
         const __m512 wsj = _mm512_load_ps(ws + 16 * j);
-        for (int t = 0; t < NT; t++) {
-            const int64_t tj = t * nsub + j;
-            __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(a[t], _mm512_set1_epi32(254)), al[t]);
-            if (!MIN) s = _mm512_sub_epi32(s, _mm512_set1_epi32(k.off[tj]));
-            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsj, _mm512_set1_ps(k.dx[tj])), f[t]);
-            if (MIN) f[t] = _mm512_fnmadd_ps(_mm512_load_ps(wm + 16 * j), _mm512_set1_ps(k.dxs[tj]), f[t]);
-        }
+        for (int t = 0; t < NT; t++) f[t] = pe_gemm_q8_step(f[t], a[t], al[t], wsj, wm + 16 * j, k, t * nsub + j, MIN);
     }
 }
 
 /* The token groups of one tile, for one (G, MIN) shape. */
 static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed, const float *ws, const float *wm,
                                                           int64_t nsub, const pe_act_q8 *x, int64_t n_tok,
-                                                          const int G, const int MIN, tok_consts k,
+                                                          const int G, const int MIN, pe_gemm_q8_consts k,
                                                           __mmask16 keep, __m512 vb, float *y, int64_t ldy) {
     for (int64_t t0 = 0; t0 < n_tok; t0 += TOK) {
         const int nt = n_tok - t0 < TOK ? (int)(n_tok - t0) : TOK;
-        const tok_consts kt = {k.dx + t0 * nsub, k.dxs + t0 * nsub, k.off + t0 * nsub};
+        const pe_gemm_q8_consts kt = {k.dx + t0 * nsub, k.dxs + t0 * nsub, k.off + t0 * nsub};
         __m512 f[TOK] = {0};
         switch (nt) {
         case 4: tile_tokens(packed, ws, wm, nsub, x + t0, 4, G, MIN, kt, f); break;
@@ -280,7 +273,7 @@ static inline __attribute__((always_inline)) void tile_all(const uint8_t *packed
 /* One compiled tile loop per (sub-block size, minimum) shape that the formats need. */
 #define PE_TILE_SHAPE(NAME, G, MIN)                                                                             \
     static __attribute__((noinline)) void NAME(const uint8_t *packed, const float *ws, const float *wm,        \
-                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, tok_consts k,  \
+                                               int64_t nsub, const pe_act_q8 *x, int64_t n_tok, pe_gemm_q8_consts k,  \
                                                __mmask16 keep, __m512 vb, float *y, int64_t ldy) {              \
         tile_all(packed, ws, wm, nsub, x, n_tok, G, MIN, k, keep, vb, y, ldy);                                  \
     }
@@ -291,7 +284,7 @@ PE_TILE_SHAPE(tile_16_min, 16, 1)
 #undef PE_TILE_SHAPE
 
 typedef void (*tile_fn)(const uint8_t *packed, const float *ws, const float *wm, int64_t nsub, const pe_act_q8 *x,
-                        int64_t n_tok, tok_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
+                        int64_t n_tok, pe_gemm_q8_consts k, __mmask16 keep, __m512 vb, float *y, int64_t ldy);
 
 typedef struct {
     unpack_fn unpack;

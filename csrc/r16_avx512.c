@@ -154,6 +154,9 @@ PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, con
     store_rows8(acc, n_tok, nr, out, ldo);
 }
 
+/* The 16 rows' f16 values at p (a K-quant group's d or dmin). */
+PE_AI __m512 f16_rows(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
+
 /* Q4_K and Q5_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight
  * code registers (low nibbles, high nibbles; Q5_K: plus 16 by the sub-block's fifth-bit masks, as
  * Q5_0's), the row's d * sc and dmin * m converted from the unpacked scale bytes; then the file
@@ -171,8 +174,7 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
         for (int k = 0; k < 8; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sc = scales + 320 * sb;
-        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        const __m512 d = f16_rows(sc + 256), dmin = f16_rows(sc + 288);
         for (int s = 0; s < 8; s++) {
             const int64_t b = 8 * sb + s;
             const uint8_t *p = group + cs * b;
@@ -230,7 +232,7 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
         for (int k = 0; k < 16; k++) acc[t][k] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sc = scales + 288 * sb;
-        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
+        const __m512 d = f16_rows(sc + 256);
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             pe_r16_prefetch_unit(pf, nsb, b, (int)ub, 288);
@@ -272,8 +274,7 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
     const __m512i m15 = _mm512_set1_epi32(15);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sc = scales + 320 * sb;
-        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        const __m512 d = f16_rows(sc + 256), dmin = f16_rows(sc + 288);
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             pe_r16_prefetch_unit(pf, nsb, b, (int)ub, 320);
@@ -327,8 +328,7 @@ PE_AI void group_q2_k_vbmi(const int type, const uint8_t *group, int64_t nb, int
     const __m512i m3 = _mm512_set1_epi8(3), m3c = _mm512_set1_epi8(0x3c);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *sc = scales + 320 * sb;
-        const __m512 d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 256)));
-        const __m512 dmin = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 288)));
+        const __m512 d = f16_rows(sc + 256), dmin = f16_rows(sc + 288);
         for (int v = 0; v < 8; v++) {
             const int64_t b = 8 * sb + v;
             const uint8_t *p = group + ub * b;

@@ -41,8 +41,9 @@ static int leaf7_ecx(int bit) { return 0; }
 #endif
 
 /* PYENGINE_SIMD, read once per process: scalar and avx2 cap the level; avx512vnni keeps it and hides
- * VBMI and BITALG, as on Cascade Lake; avx512 keeps every AVX-512 extension and hides AMX. */
-typedef enum { CAP_NONE, CAP_SCALAR, CAP_AVX2, CAP_AVX512VNNI, CAP_AVX512 } simd_cap;
+ * VBMI and BITALG, as on Cascade Lake; avx512 (or any other value) keeps them all. Any non-empty
+ * value hides AMX (pe_cpu_amx_allowed). */
+typedef enum { CAP_NONE, CAP_SCALAR, CAP_AVX2, CAP_AVX512VNNI } simd_cap;
 
 static simd_cap cap_get(void) {
     static int cached = -1;
@@ -51,8 +52,7 @@ static simd_cap cap_get(void) {
         cached = !cap ? CAP_NONE
                  : strcmp(cap, "scalar") == 0 ? CAP_SCALAR
                  : strcmp(cap, "avx2") == 0 ? CAP_AVX2
-                 : strcmp(cap, "avx512vnni") == 0 ? CAP_AVX512VNNI
-                 : strcmp(cap, "avx512") == 0 ? CAP_AVX512 : CAP_NONE;
+                 : strcmp(cap, "avx512vnni") == 0 ? CAP_AVX512VNNI : CAP_NONE;
     }
     return (simd_cap)cached;
 }
@@ -61,7 +61,10 @@ int pe_cpu_has_avx512vbmi(void) { return cap_get() != CAP_AVX512VNNI && leaf7_ec
 
 int pe_cpu_has_avx512bitalg(void) { return cap_get() != CAP_AVX512VNNI && leaf7_ecx(12); }
 
-int pe_cpu_amx_allowed(void) { return cap_get() == CAP_NONE; }
+int pe_cpu_amx_allowed(void) {
+    const char *cap = getenv("PYENGINE_SIMD");
+    return !cap || !*cap;
+}
 
 const char *pe_simd_level_name(pe_simd_level level) {
     switch (level) {

@@ -20,8 +20,8 @@ const char *pe_simd_level_name(pe_simd_level level);
 int pe_cpu_has_avx512vbmi(void);
 /* AVX-512 BITALG (vpshufbitqmb): the Q5_0/Q5_1 int8 kernels take their 5th bits with it. */
 int pe_cpu_has_avx512bitalg(void);
-/* Whether PYENGINE_SIMD leaves AMX to the prefill tiles (unset: yes; any value: no). Whether the CPU
- * and the OS have it is gemm_q8_amx.c's question. */
+/* Whether PYENGINE_SIMD leaves AMX to the prefill tiles (unset or empty: yes; any other value, even
+ * one it does not know: no). Whether the CPU and the OS have it is gemm_q8_amx.c's question. */
 int pe_cpu_amx_allowed(void);
 
 #endif

@@ -31,5 +31,5 @@ def avx512_extensions() -> tuple:
 
 def amx() -> bool:
     """Whether the int8 prefill tiles of the formats with 32-element sub-blocks run on Intel AMX
-    here (AMX-TILE and AMX-INT8, granted to this process by Linux; any PYENGINE_SIMD hides it)."""
+    here (AMX-TILE and AMX-INT8, granted to this process by Linux; any non-empty PYENGINE_SIMD hides it)."""
     return bool(pe_gemm_q8_amx_ready())

@@ -7,7 +7,6 @@
 #include <stdint.h>
 
 #include "gemm_q8.h"
-#include "quants.h"
 
 /* Whether this CPU has AMX-TILE and AMX-INT8, PYENGINE_SIMD leaves them on, and Linux granted this
  * process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once). */

@@ -187,9 +187,12 @@ static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float 
     uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
     pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
     uint8_t *scratch = tiles ? pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads) : NULL; /* per thread */
-    const size_t n_consts = tiles ? (size_t)(n_tok * pe_gemm_q8_nsub(w->type, n_in)) : 0;
-    const pe_gemm_q8_consts k = {pe_arena_alloc(ar, 4 * n_consts), pe_arena_alloc(ar, 4 * n_consts),
-                                 pe_arena_alloc(ar, 4 * n_consts)};
+    pe_gemm_q8_consts k = {0}; /* the tiles' per-token constants (gemm_q8.h) */
+    if (tiles) {
+        const size_t n_consts = (size_t)(n_tok * pe_gemm_q8_nsub(w->type, n_in));
+        k = (pe_gemm_q8_consts){pe_arena_alloc(ar, 4 * n_consts), pe_arena_alloc(ar, 4 * n_consts),
+                                pe_arena_alloc(ar, 4 * n_consts)};
+    }
     if (!buf || !xq || (tiles && (!scratch || !k.dx || !k.dxs || !k.off))) {
         pe_arena_release(ar, mark);
         return -1;

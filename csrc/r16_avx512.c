@@ -258,12 +258,24 @@ PE_AI void group_16(const int type, const uint8_t *group, int64_t nb, int nr, co
     }
 }
 
+/* Token x's Q2_K unit b (v = b % 8) into its accumulators F_v and M_v (acc[v], acc[8 + v]): F, the
+ * sub-blocks' exact code sums times their scales (int32), converted and multiplied once with d * (d_x
+ * / 254); M = m0 S0 + m1 S1, the sub-blocks' 4-bit minimums mn (as floats) times their combined code
+ * sums S (s16x), taken in float, where it is exact (m <= 15, |S| <= 16 * 32385: each product and their
+ * sum below 2^24, so it equals dot_q8k_avx512.c's int32 minimum term, converted), then multiplied
+ * once with dmin * (d_x / -254). */
+PE_AI void q2_k_acc(__m512 acc[16], int v, __m512i F, const __m512 mn[2], const pe_act_q8 *x, int64_t b, __m512 d,
+                    __m512 dmin) {
+    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(F), _mm512_mul_ps(d, _mm512_set1_ps(x->d[b] * (1.0f / 254.0f))), acc[v]);
+    const __m512 M = _mm512_fmadd_ps(mn[1], _mm512_set1_ps(x->s16x[2 * b + 1]), _mm512_mul_ps(mn[0], _mm512_set1_ps(x->s16x[2 * b])));
+    acc[8 + v] = _mm512_fmadd_ps(M, _mm512_mul_ps(dmin, _mm512_set1_ps(x->d[b] * -(1.0f / 254.0f))), acc[8 + v]);
+}
+
 /* Q2_K, per 32-element unit b (two sub-blocks of 16): the 2-bit codes, per sub-block the exact sums
- * times the 4-bit scale and the 4-bit minimum times the sub-block's combined code sum, in int32, the
- * two sub-blocks added; then as dot_q8k_avx512.c's Q2_K kernel, whose lanes 0-7 hold the eight blocks'
- * sums and 8-15 their minimum terms: one conversion and one multiply-add each with d * (d_x / 254)
- * and dmin * (d_x / -254), into accumulators F[b % 8] and M[b % 8], and the row's result summed as
- * that kernel's _mm512_reduce_add_ps over (F0..F7, M0..M7): the same bits. */
+ * times the 4-bit scale, in int32, the two sub-blocks added (F), and the minimum term (q2_k_acc);
+ * then as dot_q8k_avx512.c's Q2_K kernel, whose lanes 0-7 hold the eight blocks' sums and 8-15
+ * their minimum terms: the row's result summed as that kernel's _mm512_reduce_add_ps over (F0..F7,
+ * M0..M7): the same bits. */
 PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x, const int n_tok,
                       float *out, int64_t ldo, const uint8_t *pf) {
     const int64_t nsb = nb / 8, ub = pe_r16_unit_bytes(type); /* code bytes per unit of 32 */
@@ -283,16 +295,11 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
             const __m512i s0 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v)));
             const __m512i s1 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(sc + 32 * v + 16)));
             const __m512i sc0 = _mm512_and_si512(s0, m15), sc1 = _mm512_and_si512(s1, m15);
-            const __m512i mn0 = _mm512_srli_epi32(s0, 4), mn1 = _mm512_srli_epi32(s1, 4);
+            const __m512 mn[2] = {_mm512_cvtepi32_ps(_mm512_srli_epi32(s0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(s1, 4))};
             for (int t = 0; t < n_tok; t++) {
-                const int64_t s16 = 16 * sb + 2 * v;
                 const __m512i F = _mm512_add_epi32(_mm512_mullo_epi32(sub_sums(u, &x[t], b, 0, 0, 0), sc0),
                                                    _mm512_mullo_epi32(sub_sums(u, &x[t], b, 1, 0, 0), sc1));
-                const __m512i M = _mm512_add_epi32(_mm512_mullo_epi32(mn0, _mm512_set1_epi32((int32_t)x[t].s16x[s16])),
-                                                   _mm512_mullo_epi32(mn1, _mm512_set1_epi32((int32_t)x[t].s16x[s16 + 1])));
-                acc[t][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(F), _mm512_mul_ps(d, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f))), acc[t][v]);
-                acc[t][8 + v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(M), _mm512_mul_ps(dmin, _mm512_set1_ps(x[t].d[b] * -(1.0f / 254.0f))),
-                                                acc[t][8 + v]);
+                q2_k_acc(acc[t], v, F, mn, &x[t], b, d, dmin);
             }
         }
     }
@@ -303,12 +310,9 @@ PE_AI void group_q2_k(const int type, const uint8_t *group, int64_t nb, int nr, 
 /* Q2_K with VBMI: each code register's 2-bit fields or'ed with four times the row's 4-bit scale of
  * that sub-block (one vpternlogd) index a 64-entry vpermb table of sc * q (at most 45), so one
  * vpdpbusd chain per digit over the whole unit gives F = sc0 (q . X)_0 + sc1 (q . X)_1 directly, in
- * int32 with the same value as group_q2_k's two multiplies (|F| < 2^26); the minimum term m0 S0 +
- * m1 S1 (S the sub-blocks' combined sums s16x) is taken in float, where it is exact (m <= 15, |S| <=
- * 16 * 32385: each product and their sum below 2^24), so it equals group_q2_k's converted int32.
- * The same accumulators and scalings: the same bits, with the per-token multiplies gone (2 vpmulld
- * for the scales, 2 for the minimum, the scalar conversions of S), paid for once per unit by 8
- * vpermb + 8 vpternlogd shared by every token. */
+ * int32 with the same value as group_q2_k's two multiplies (|F| < 2^26); the same minimum term and
+ * accumulators (q2_k_acc): the same bits, with the two per-token multiplies of the scales gone, paid
+ * for once per unit by 8 vpermb + 8 vpternlogd shared by every token. */
 #pragma GCC push_options
 #pragma GCC target("avx512vbmi")
 PE_AI void group_q2_k_vbmi(const int type, const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *x,
@@ -344,15 +348,7 @@ PE_AI void group_q2_k_vbmi(const int type, const uint8_t *group, int64_t nb, int
                 for (int k = 0; k < 4; k++)
                     u[4 * hh + k] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(f[k], m3, sc4, 0xea), prod);
             }
-            for (int t = 0; t < n_tok; t++) {
-                const int64_t s16 = 16 * sb + 2 * v;
-                const __m512 M = _mm512_fmadd_ps(mn[1], _mm512_set1_ps(x[t].s16x[s16 + 1]),
-                                                 _mm512_mul_ps(mn[0], _mm512_set1_ps(x[t].s16x[s16])));
-                acc[t][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 0)),
-                                            _mm512_mul_ps(d, _mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f))), acc[t][v]);
-                acc[t][8 + v] = _mm512_fmadd_ps(M, _mm512_mul_ps(dmin, _mm512_set1_ps(x[t].d[b] * -(1.0f / 254.0f))),
-                                                acc[t][8 + v]);
-            }
+            for (int t = 0; t < n_tok; t++) q2_k_acc(acc[t], v, block_sums(u, &x[t], b, 0), mn, &x[t], b, d, dmin);
         }
     }
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);

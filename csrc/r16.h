@@ -113,18 +113,23 @@ static inline void pe_r16_prefetch_line(const uint8_t *p) {
 #endif
 }
 
+/* How many cursors pe_r16_prefetch_codes spreads a group's codes over (below). */
+#define PE_R16_PF_CURSORS 4
+
 /* The codes at [at, at + n) of a group (at pf; NULL: nothing) whose codes take `total` bytes, into
- * L2 from two cursors, one in each half of the codes: 2 x 64 bytes for every 128 of the kernel's
- * step. Two cursors a thread keep more reads in flight than one: in the kernel bench (Intel box,
- * 2026-12-05) the R16 forms of the 32-block formats went from 83-92 % to 91-99 % of the probe, the
- * K-quants' from 74-82 % to 79-95 %, 4-token Q8_0 from 23 to 28 GB/s. */
+ * L2 from PE_R16_PF_CURSORS cursors, one in each quarter of the codes: the step's n / 64 lines go
+ * round-robin to the cursors, so each line of the group is prefetched once, as the kernel reads
+ * n bytes. More cursors keep more reads in flight per thread than one: in the kernel bench (Intel
+ * box, 2026-12-05) two instead of one took the R16 forms of the 32-block formats from 83-92 % to
+ * 91-99 % of the probe, the K-quants' from 74-82 % to 79-95 %, 4-token Q8_0 from 23 to 28 GB/s.
+ * Four instead of two (2026-12-06) is within the kernel bench's noise, and paired end to end
+ * (bench/ab_builds.py, tg16, 12 pairs each) decode 1.007-1.014x on the MXFP4 synth file and
+ * 1.006x on the Q4_K_M-style one. */
 static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64_t at, int n) {
     if (!pf) return;
-    const int64_t half = (total / 64 + 1) / 2 * 64; /* the second cursor's start */
-    for (int64_t l = at; l < at + n; l += 128) {
-        pe_r16_prefetch_line(pf + l / 2);
-        pe_r16_prefetch_line(pf + half + l / 2);
-    }
+    enum { K = PE_R16_PF_CURSORS };
+    const int64_t part = (total / 64 + K - 1) / K * 64; /* cursor c starts at c * part */
+    for (int64_t i = at / 64; i < (at + n) / 64; i++) pe_r16_prefetch_line(pf + (i % K) * part + i / K * 64);
 }
 
 /* The 32-block kernels' step for block b of nb: block b's share of the codes (`code` bytes a block)

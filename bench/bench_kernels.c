@@ -21,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -194,6 +196,39 @@ static double bandwidth(int threads, size_t bytes) {
     return sink == 42 ? 0 : bytes / best / 1e9;
 }
 
+/* Read bandwidth of a file's pages where the page cache holds them: the file mapped as the engine
+ * maps its weights (read-only, MADV_HUGEPAGE), all of it read as the probe above reads its buffer,
+ * best of 3 passes each way. Why: on the dev VMs the page cache that holds a model's weights read
+ * at 0.65-1.0x the rate of the probe's fresh buffer from one load to the next (bench/RESULTS.md,
+ * 2026-12-06), so decode speed is also shown against what the weights' own memory delivers. A
+ * first pass pages the file in (from disk if it is not cached). 0 when the file cannot be mapped
+ * or is under a page a thread. */
+static double file_bandwidth(const char *path, int threads) {
+    const int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) || !S_ISREG(st.st_mode) || (size_t)st.st_size / (size_t)threads < 4096) { /* read_all's slices: whole pages */
+        if (fd >= 0) close(fd);
+        return 0;
+    }
+    const size_t bytes = (size_t)st.st_size & ~(size_t)4095;
+    uint8_t *p = mmap(NULL, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return 0;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    uint64_t sink = read_all(p, bytes, threads, 1); /* page in */
+    double best = 1e30;
+    for (int r = 0; r < 6; r++) {
+        const double t0 = now();
+        sink ^= read_all(p, bytes, threads, r % 2 ? PROBE_STREAMS : 1);
+        const double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    munmap(p, bytes);
+    return sink == 42 ? 0 : bytes / best / 1e9;
+}
+
 /* Bytes that do not fit in the caches: twice the L3 the C library reports, at least `floor`, at
  * most 1 GiB. Some cloud guests report a whole socket's L3 (480 MiB on a 2-core Xeon VM), and there
  * re-reading 64 MiB ran at 1.8x the DRAM rate and 256 MiB at 1.1x (bench/RESULTS.md), so a fixed
@@ -343,6 +378,7 @@ int main(int argc, char **argv) {
     int threads = omp_get_max_threads(), reps = 5;
     size_t mib = beyond_caches((size_t)256 << 20) >> 20;
     int only_bw = 0;
+    const char *bw_file = NULL; /* --bandwidth-file: only that file's read rate */
     const char *only_types = NULL; /* -T: comma-separated type names, NULL: all */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
@@ -350,8 +386,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]);
         else if (!strcmp(argv[i], "-T") && i + 1 < argc) only_types = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth")) only_bw = 1;
+        else if (!strcmp(argv[i], "--bandwidth-file") && i + 1 < argc) bw_file = argv[++i];
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth]\n\n"
+            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
@@ -362,14 +399,23 @@ int main(int argc, char **argv) {
                    "  -m MIB        matrix size in MiB, beyond the caches (default %zu: twice the L3, 256 to 1024)\n"
                    "  -T TYPES      only these types' rows, comma-separated (e.g. MXFP4,Q8_0); the sizes table\n"
                    "                only with Q8_0, the MoE layer only with MXFP4 (for quick A/B runs)\n"
-                   "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n", argv[0], threads, mib);
+                   "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n"
+                   "  --bandwidth-file PATH\n"
+                   "                only the read rate of PATH's pages in the page cache (a model's weights,\n"
+                   "                mapped as the engine maps them), printed as GB/s (for scripts)\n", argv[0], threads, mib);
             return 0;
         } else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] (-h for help)\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] (-h for help)\n", argv[0]);
             return 2;
         }
     }
     if (threads < 1 || reps < 1 || mib < 1) { fprintf(stderr, "-t, -r and -m must be >= 1\n"); return 2; }
+    if (bw_file) { /* the read rate of a model's pages in the page cache, for scripts */
+        const double gbs = file_bandwidth(bw_file, threads);
+        if (gbs <= 0) { fprintf(stderr, "%s: cannot map it (or under 4 KiB a thread)\n", bw_file); return 1; }
+        printf("%.2f\n", gbs);
+        return 0;
+    }
     const double bw = bandwidth(threads, PROBE_BYTES);
     if (only_bw) { /* just the probe, for scripts (bench/compare_llamacpp.py) */
         printf("%.2f\n", bw);

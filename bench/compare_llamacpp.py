@@ -30,6 +30,10 @@ decoded token, pyengine.bench.decode_bytes, over the bandwidth). The dev VMs' ba
 up to 1.7x from minute to minute, so it is probed (pyengine-bench-kernels --bandwidth, same
 threads) right before and right after every engine's child process, and each decode speed is taken
 as a share of the higher of its own two probes; --bandwidth GB/S gives a fixed value instead.
+After each pyengine round on the CPU, the page cache that holds the weights it streamed (the repack
+cache beside the model, else the model) is probed too (pyengine-bench-kernels --bandwidth-file):
+on the dev VMs those pages read at 0.65-1.0x the fresh buffer's rate from one load to the next,
+so decode is also shown as a share of what its weights' own memory delivered.
 --rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
@@ -55,6 +59,7 @@ from pathlib import Path
 
 from pyengine.bench import BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, time_test
 from pyengine.model_file import open_model
+from pyengine.repack_cache import cache_path
 
 
 def _rows(runner: Runner, n_vocab: int, base: dict, args) -> list[dict]:
@@ -133,15 +138,24 @@ def amx_crash_hint(runs: list[ModelRun]) -> str:
             "one without AMX (this script's docstring) and run with PYTHONPATH pointing at it")
 
 
-def bandwidth(threads: int) -> float:
-    """GB/s from the kernel bench's read probe, or 0 when it is not installed (looked up on PATH,
-    then beside this Python, where a virtual environment that is not activated has it)."""
+def bandwidth(threads: int, file: str | None = None) -> float:
+    """GB/s from the kernel bench's read probe (of a fresh buffer; with `file`, of that file's pages
+    in the page cache), or 0 when it is not installed (looked up on PATH, then beside this Python,
+    where a virtual environment that is not activated has it)."""
     exe = shutil.which("pyengine-bench-kernels") or shutil.which("pyengine-bench-kernels",
                                                                  path=str(Path(sys.executable).parent))
     if not exe:
         return 0.0
-    r = subprocess.run([exe, "-t", str(threads), "--bandwidth"], capture_output=True, text=True)
+    what = ["--bandwidth-file", file] if file else ["--bandwidth"]
+    r = subprocess.run([exe, "-t", str(threads), *what], capture_output=True, text=True)
     return float(r.stdout.strip()) if r.returncode == 0 else 0.0
+
+
+def streamed_file(model: str) -> str:
+    """The file whose pages pyengine's decode streams: the repack cache beside the model where there
+    is one (pyengine/repack_cache.py), else the model itself."""
+    cache = cache_path(open_model(model))
+    return str(cache) if cache.exists() else model
 
 
 def child_argv(args, model: str) -> list[str]:
@@ -170,6 +184,14 @@ class ModelRun:
     per_token: int
     results: dict[str, list[BenchResult] | str] = field(default_factory=dict)
     shares: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    pages: list[tuple[str, str, float, float]] = field(default_factory=list)  # (file, test, GB/s, share)
+
+    def add_pages(self, got: list[BenchResult], file: str, gbs: float) -> None:
+        """pyengine's decode speeds of one round as a share of the read rate of the page cache that
+        holds the weights it streams (`file`), probed right after the round (0: not probed)."""
+        for r in got:
+            if gbs and r.n_gen:
+                self.pages.append((file, r.test, gbs, r.avg_ts * self.per_token / (gbs * 1e9)))
 
     def add(self, engine: str, got: list[BenchResult] | str, bw: float) -> None:
         """One round of one engine, run while the bandwidth was `bw` GB/s (0: unknown)."""
@@ -271,6 +293,8 @@ def main() -> int:
                 after = args.bandwidth or bandwidth(args.t)
                 probes.append((Path(run.path).name, engine, rnd + 1, before, after))
                 run.add(engine, got, max(before, after))
+                if engine == "pyengine" and args.device == "cpu" and not args.bandwidth and not isinstance(got, str):
+                    run.add_pages(got, streamed_file(run.path), bandwidth(args.t, streamed_file(run.path)))
                 if isinstance(got, str):
                     print(f"**{Path(run.path).name}, round {rnd + 1}: {got}**\n")
     rows = [r for run in runs for v in run.results.values() if isinstance(v, list) for r in v]
@@ -295,6 +319,9 @@ def main() -> int:
             if len(shares) > 1:
                 print(f"  - {engine} {test}, share of the bandwidth round by round: "
                       + ", ".join(f"{100 * x:.0f} %" for x in shares))
+        for file, test, gbs, share in run.pages:
+            print(f"  - pyengine {test}: its weights' pages ({Path(file).name}, pyengine-bench-kernels "
+                  f"--bandwidth-file) read at {gbs:.1f} GB/s right after the round: decode at {100 * share:.1f} % of that")
     print("\n" + comparison(runs, bw))
     hint = amx_crash_hint(runs)
     if hint:

@@ -141,6 +141,32 @@ def test_compare_script_runs_several_files(tiny):
     assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")
 
 
+def test_compare_probes_the_pages_pyengine_streams(tiny):
+    """Without --bandwidth, after each pyengine round the script probes the page cache of the file
+    pyengine streamed (its repack cache beside the model) and shows decode as a share of that rate:
+    the share printed is the round's tok/s times the file's bytes a token over the probed rate."""
+    if not (Path(sys.executable).parent / "pyengine-bench-kernels").exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    r = subprocess.run([sys.executable, str(BENCH / "compare_llamacpp.py"), str(tiny[0]), "-p", "0", "-n", "4", "-r", "1",
+                        "-t", "1", "--only", "pyengine"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cache = f"{tiny[0].name}.pyengine-r16"
+    assert compare_llamacpp.streamed_file(str(tiny[0])) == str(tiny[0].with_name(cache))
+    line = next(x for x in r.stdout.splitlines() if "its weights' pages" in x)
+    assert line.startswith(f"  - pyengine tg4: its weights' pages ({cache}, ") and line.endswith(" % of that")
+    gbs = float(line.split("read at ")[1].split(" GB/s")[0])
+    share = float(line.split("decode at ")[1].split(" %")[0])
+    ts = float(next(x for x in r.stdout.splitlines() if x.startswith("| ") and "tg4" in x and "±" in x)
+               .split("|")[-2].split("±")[0])
+    want = 100 * ts * decode_bytes(open_model(tiny[0])) / (gbs * 1e9)
+    assert gbs > 0 and share > 0 and share == pytest.approx(want, rel=0.01, abs=0.06)
+
+
+def test_streamed_file_is_the_model_without_a_cache(tmp_path):
+    model = write_synth_model(tmp_path / "plain.gguf", "tiny", fast=True)
+    assert compare_llamacpp.streamed_file(str(model)) == str(model)
+
+
 @pytest.mark.parametrize("test,flags", [("tg", []), ("pp", []), ("tg", ["--b-no-repack"]),
                                         ("tg", ["--b-without", "q8_0,q5_0"])])
 def test_ab_builds_pairs_two_builds(tiny, test, flags):

@@ -242,3 +242,19 @@ def test_the_kernel_harness_explains_its_flags():
     assert len(r.stdout.splitlines()) > 5, r.stdout
     bad = subprocess.run([exe, "--bogus"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_the_kernel_harness_probes_a_files_pages(tmp_path):
+    """`pyengine-bench-kernels --bandwidth-file PATH` reads a file's pages (as the engine maps its
+    weights) and prints GB/s; a file it cannot map is exit 1 with the reason."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(8 << 20))
+    r = subprocess.run([exe, "-t", "2", "--bandwidth-file", f], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) > 0.1
+    for bad in (tmp_path / "missing.bin", tmp_path):
+        r = subprocess.run([exe, "--bandwidth-file", bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and str(bad) in r.stderr and not r.stdout

@@ -2,7 +2,7 @@
 
     python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
                                      [--rounds 1] [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp]
-                                     [--exact] [--device cuda] [--bandwidth GB/S]
+                                     [--exact] [--no-mmap] [--device cuda] [--bandwidth GB/S]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
@@ -39,6 +39,8 @@ each engine's repetitions over the rounds (the t/s columns) and reports the medi
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
 without the repacked buffers only. --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
+--no-mmap runs pyengine with use_mmap=False: its weights copied into anonymous memory at load, as
+llama.cpp's repacked buffers are (then there is no page cache to probe).
 --device cuda
 runs pyengine on the GPU and llama.cpp with every layer offloaded (n_gpu_layers=-1, flash attention
 on): that needs a llama-cpp-python built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on")."""
@@ -82,8 +84,10 @@ def child_pyengine(args) -> list[dict]:
     from pyengine import Engine
 
     eng = Engine(args.model, n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t, n_batch=args.b,
-                 exact=args.exact, device=args.device)
+                 exact=args.exact, device=args.device, use_mmap=not args.no_mmap)
     backend = "pyengine (exact)" if args.exact else "pyengine"
+    if args.no_mmap:
+        backend += " (no-mmap)"
     if args.device != "cpu":
         backend += " CUDA"
     return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, backend, eng.n_threads), args)
@@ -162,7 +166,7 @@ def child_argv(args, model: str) -> list[str]:
     """The command line a child process gets for one model: the timing options, not the others."""
     argv = [model, "-p", str(args.p), "-n", str(args.n), "-t", str(args.t), "-b", str(args.b),
             "-r", str(args.r), "-d", str(args.n_depth), "--device", args.device]
-    return argv + (["--exact"] if args.exact else [])
+    return argv + (["--exact"] if args.exact else []) + (["--no-mmap"] if args.no_mmap else [])
 
 
 def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
@@ -262,6 +266,7 @@ def main() -> int:
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
+    ap.add_argument("--no-mmap", action="store_true", help="pyengine with use_mmap=False (weights copied at load)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
     ap.add_argument("--bandwidth", type=float, metavar="GB/S", help="the read bandwidth to use instead of probing")
@@ -293,7 +298,8 @@ def main() -> int:
                 after = args.bandwidth or bandwidth(args.t)
                 probes.append((Path(run.path).name, engine, rnd + 1, before, after))
                 run.add(engine, got, max(before, after))
-                if engine == "pyengine" and args.device == "cpu" and not args.bandwidth and not isinstance(got, str):
+                if (engine == "pyengine" and args.device == "cpu" and not args.bandwidth and not args.no_mmap
+                        and not isinstance(got, str)):
                     run.add_pages(got, streamed_file(run.path), bandwidth(args.t, streamed_file(run.path)))
                 if isinstance(got, str):
                     print(f"**{Path(run.path).name}, round {rnd + 1}: {got}**\n")

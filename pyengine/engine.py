@@ -25,6 +25,7 @@ from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.repack_cache import repacked_weights
+from pyengine.resident import resident_copy
 from pyengine.runner import Runner
 from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
@@ -97,7 +98,10 @@ class Engine:
     README.md, "KV cache types"). repack: on the CPU with int8 activations, decode the block-quantized
     expert, attention and output weights from their R16 form in a cache file next to the model (built on the first load,
     pyengine/repack_cache.py; the same logits, faster decode); False: always the file's layout.
-    `engine.repacked` says whether the cache is in use."""
+    `engine.repacked` says whether the cache is in use. use_mmap: keep the weights in the mapped
+    files (default True: instant load, small RSS); False on the CPU copies them into anonymous memory
+    at load (llama.cpp's --no-mmap: seconds more at load, the weights' size in RSS, and on machines
+    where the page cache reads slower than fresh memory a faster decode; pyengine/resident.py)."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
@@ -105,7 +109,7 @@ class Engine:
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True) -> None:
+                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True, use_mmap: bool = True) -> None:
         configure(verbose)
         self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")
@@ -137,7 +141,10 @@ class Engine:
         use = repack and not self.exact and kind == "cpu"
         repacked = repacked_weights(self.model_file, self.n_threads) if use else {}
         self.repacked = bool(repacked)
-        cpu_model = Model(self.model_file.tensors, self.hparams, self.yarn_truncate, not self.exact, repacked)
+        tensors = self.model_file.tensors
+        if not use_mmap and kind == "cpu":  # the GPU backend copies the weights to the device anyway
+            tensors, repacked = resident_copy(tensors, repacked)
+        cpu_model = Model(tensors, self.hparams, self.yarn_truncate, not self.exact, repacked)
         if kind == "cuda":
             self._model = cuda.shared_model(self.model_file, cpu_model, self.hparams, self.n_gpu_layers,
                                             self.cpu_moe, self.n_batch, cuda_graphs, index)

@@ -160,6 +160,11 @@ def test_compare_probes_the_pages_pyengine_streams(tiny):
                .split("|")[-2].split("±")[0])
     want = 100 * ts * decode_bytes(open_model(tiny[0])) / (gbs * 1e9)
     assert gbs > 0 and share > 0 and share == pytest.approx(want, rel=0.01, abs=0.06)
+    # --no-mmap: pyengine's weights are in anonymous memory, so there are no pages to probe
+    r = subprocess.run([sys.executable, str(BENCH / "compare_llamacpp.py"), str(tiny[0]), "-p", "0", "-n", "4", "-r", "1",
+                        "-t", "1", "--only", "pyengine", "--no-mmap"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| pyengine (no-mmap) | 1 | tg4 |" in r.stdout and "its weights' pages" not in r.stdout
 
 
 def test_streamed_file_is_the_model_without_a_cache(tmp_path):

@@ -44,6 +44,7 @@ class NodeConfig:
     cache_type_k: str = "f16"  # KV cache element types (-ctk/-ctv), as llama-server's /props reports them
     cache_type_v: str = "f16"
     repack: bool = True  # MXFP4 experts from the repack cache file (off with --no-repack)
+    use_mmap: bool = True  # weights read where the files are mapped (off with --no-mmap: copied at load)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

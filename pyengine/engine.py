@@ -143,7 +143,7 @@ class Engine:
         self.repacked = bool(repacked)
         tensors = self.model_file.tensors
         if not use_mmap and kind == "cpu":  # the GPU backend copies the weights to the device anyway
-            tensors, repacked = resident_copy(tensors, repacked)
+            tensors, repacked = resident_copy(tensors, repacked, available_memory())
         cpu_model = Model(tensors, self.hparams, self.yarn_truncate, not self.exact, repacked)
         if kind == "cuda":
             self._model = cuda.shared_model(self.model_file, cpu_model, self.hparams, self.n_gpu_layers,

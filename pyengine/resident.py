@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import advise_huge_pages
 from pyengine.tensor import Tensor
 
@@ -33,18 +34,23 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def resident_copy(tensors: dict[str, Tensor], repacked: dict[str, np.ndarray]
+def resident_copy(tensors: dict[str, Tensor], repacked: dict[str, np.ndarray], available: int | None = None
                   ) -> tuple[dict[str, Tensor], dict[str, np.ndarray]]:
     """(tensors, repacked) with every array the forward pass streams copied into one anonymous
     mapping: the repacked weights, and the file's tensors that they do not replace (a replaced
     tensor stays mapped: at most the embedding's lookup reads one row of it per token). A copy is
-    C-contiguous with the same dtype, shape and bytes; the mapping lives as long as its arrays."""
+    C-contiguous with the same dtype, shape and bytes; the mapping lives as long as its arrays.
+    available: the memory the system can give (None: unknown); a copy that would not fit is a
+    ModelLoadError before anything is allocated, not an out-of-memory kill halfway through."""
     t0 = time.perf_counter()
     plain = {name: t for name, t in tensors.items() if name not in repacked}
     arrays = [t.data for t in plain.values()] + list(repacked.values())
     total = sum(_aligned(a.nbytes) for a in arrays)
     if not total:
         return tensors, repacked
+    if available is not None and total > available:
+        raise ModelLoadError(f"--no-mmap: the weights take {total / 1e9:.2f} GB and only {available / 1e9:.2f} GB "
+                             "of memory is available; load them mapped (the default) instead")
     m = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advise_huge_pages(m)
     buf = np.frombuffer(m, dtype=np.uint8)

@@ -119,3 +119,20 @@ def test_without_mmap_the_weights_are_resident_after_load(tmp_path):
                                   capture_output=True, text=True).stdout) for m in ("1", "0")}
     assert size > 40 * 2 ** 20
     assert grew["1"] < 0.2 * size and 0.9 * size < grew["0"] < 1.5 * size, (grew, size)
+
+
+def test_a_copy_that_does_not_fit_is_a_clear_error(model, monkeypatch):
+    """With less memory available than the weights take, --no-mmap stops before allocating, naming
+    both sizes and the way out; the mapped default loads as before."""
+    from pyengine import engine as engine_mod
+    from pyengine.errors import ModelLoadError
+
+    mf = open_model(model)
+    with pytest.raises(ModelLoadError, match=r"--no-mmap: the weights take .* GB and only 0\.00 GB .* mapped"):
+        resident_copy(mf.tensors, {}, available=1000)
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 1000)
+    with pytest.raises(ModelLoadError, match="--no-mmap"):
+        Engine(model, n_ctx=64, n_threads=1, use_mmap=False)
+    assert Engine(model, n_ctx=64, n_threads=1).n_vocab == DIMS["n_vocab"]
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: None)  # unknown: no check
+    assert Engine(model, n_ctx=64, n_threads=1, use_mmap=False).n_vocab == DIMS["n_vocab"]

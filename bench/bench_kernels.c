@@ -199,7 +199,7 @@ static double bandwidth(int threads, size_t bytes) {
 /* Read bandwidth of a file's pages where the page cache holds them: the file mapped as the engine
  * maps its weights (read-only, MADV_HUGEPAGE), all of it read as the probe above reads its buffer,
  * best of 3 passes each way. Why: on the dev VMs the page cache that holds a model's weights read
- * at 0.74-0.91x the rate of the probe's fresh buffer, changing from one reload of the page cache to
+ * at 0.60-0.91x the rate of the probe's fresh buffer, changing from one reload of the page cache to
  * the next (bench/RESULTS.md, 2026-12-06), so decode speed is also shown against what the weights'
  * own memory delivers. A
  * first pass pages the file in (from disk if it is not cached). 0 when the file cannot be mapped

@@ -32,7 +32,7 @@ threads) right before and right after every engine's child process, and each dec
 as a share of the higher of its own two probes; --bandwidth GB/S gives a fixed value instead.
 After each pyengine round on the CPU, the page cache that holds the weights it streamed (the repack
 cache beside the model, else the model) is probed too (pyengine-bench-kernels --bandwidth-file):
-on the dev VMs those pages read at 0.74-0.91x the fresh buffer's rate, changing with every reload,
+on the dev VMs those pages read at 0.60-0.91x the fresh buffer's rate, changing with every reload,
 so decode is also shown as a share of what its weights' own memory delivered.
 --rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round

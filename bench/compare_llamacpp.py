@@ -300,7 +300,8 @@ def main() -> int:
                 run.add(engine, got, max(before, after))
                 if (engine == "pyengine" and args.device == "cpu" and not args.bandwidth and not args.no_mmap
                         and not isinstance(got, str)):
-                    run.add_pages(got, streamed_file(run.path), bandwidth(args.t, streamed_file(run.path)))
+                    pages = streamed_file(run.path)
+                    run.add_pages(got, pages, bandwidth(args.t, pages))
                 if isinstance(got, str):
                     print(f"**{Path(run.path).name}, round {rnd + 1}: {got}**\n")
     rows = [r for run in runs for v in run.results.values() if isinstance(v, list) for r in v]

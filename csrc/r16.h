@@ -129,6 +129,15 @@ static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64
     if (!pf) return;
     enum { K = PE_R16_PF_CURSORS };
     const int64_t part = (total / 64 + K - 1) / K * 64; /* cursor c starts at c * part */
+    /* Steps of whole rounds of the cursors (MXFP4, Q4_0, Q4_1, Q4_K: 256 bytes; Q8_0: 512): line
+     * at / 64 + k goes to cursor k % K, so the addresses are loop invariants plus constants. The
+     * general loop below costs a multiply and sign fix-ups a line: on Zen 4, one core, weights in
+     * L2, that arithmetic cost MXFP4's kernel 6-8 % and Q8_0's 11-14 % (bench/RESULTS.md, 2026-12-06). */
+    if (at % (64 * K) == 0 && n % (64 * K) == 0) {
+        const uint8_t *q = pf + at / K;
+        for (int k = 0; k < n / 64; k++) pe_r16_prefetch_line(q + (k % K) * part + k / K * 64);
+        return;
+    }
     for (int64_t i = at / 64; i < (at + n) / 64; i++) pe_r16_prefetch_line(pf + (i % K) * part + i / K * 64);
 }
 

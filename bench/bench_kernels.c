@@ -1,7 +1,8 @@
 /* pyengine-bench-kernels: times the C core's kernels at gpt-oss-20b shapes, next to the machine's
  * measured memory read bandwidth.
  *
- *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB] [--bandwidth]
+ *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth]
+ *                          [--bandwidth-file PATH] [--bandwidth-map PATH]
  *
  * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
  * reported in GB/s of weight bytes and as a share of the bandwidth probed right before and after
@@ -202,32 +203,62 @@ static double bandwidth(int threads, size_t bytes) {
     return best_read_rate(buf, bytes, threads, 14);
 }
 
-/* Read bandwidth of a file's pages where the page cache holds them: the file mapped as the engine
- * maps its weights (read-only, MADV_HUGEPAGE), all of it read as the probe above reads its buffer,
- * best of 3 passes each way. Why: on the dev VMs the page cache that holds a model's weights read
- * at 0.60-0.91x the rate of the probe's fresh buffer, changing from one reload of the page cache to
- * the next (bench/RESULTS.md, 2026-12-06), so decode speed is also shown against what the weights'
- * own memory delivers. A
- * first pass pages the file in (from disk if it is not cached). 0 when the file cannot be mapped
- * or is under a page a thread. */
-static double file_bandwidth(const char *path, int threads) {
+/* A file's pages mapped as the engine maps its weights (read-only, MADV_HUGEPAGE) and paged in (from
+ * disk if the page cache does not hold them), *bytes = its size in whole pages; NULL when it cannot be
+ * mapped or is under a page a thread (read_all's slices are whole pages). */
+static uint8_t *map_paged_in(const char *path, int threads, size_t *bytes) {
     const int fd = open(path, O_RDONLY);
     struct stat st;
-    if (fd < 0 || fstat(fd, &st) || !S_ISREG(st.st_mode) || (size_t)st.st_size / (size_t)threads < 4096) { /* read_all's slices: whole pages */
+    if (fd < 0 || fstat(fd, &st) || !S_ISREG(st.st_mode) || (size_t)st.st_size / (size_t)threads < 4096) {
         if (fd >= 0) close(fd);
-        return 0;
+        return NULL;
     }
-    const size_t bytes = (size_t)st.st_size & ~(size_t)4095;
-    uint8_t *p = mmap(NULL, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    *bytes = (size_t)st.st_size & ~(size_t)4095;
+    uint8_t *p = mmap(NULL, *bytes, PROT_READ, MAP_SHARED, fd, 0);
     close(fd);
-    if (p == MAP_FAILED) return 0;
+    if (p == MAP_FAILED) return NULL;
 #ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);
+    madvise(p, *bytes, MADV_HUGEPAGE);
 #endif
-    if (read_all(p, bytes, threads, 1) == 42) printf(" "); /* page in (the reads must not be optimized away) */
+    if (read_all(p, *bytes, threads, 1) == 42) printf(" "); /* the reads must not be optimized away */
+    return p;
+}
+
+/* Read bandwidth of a file's pages where the page cache holds them: all of the mapped file read as
+ * the probe above reads its buffer, best of 3 passes each way. Why: on the dev VMs the page cache
+ * that holds a model's weights read at 0.60-0.91x the rate of the probe's fresh buffer, changing
+ * from one reload of the page cache to the next (bench/RESULTS.md, 2026-12-06), so decode speed is
+ * also shown against what the weights' own memory delivers. 0 when the file cannot be mapped. */
+static double file_bandwidth(const char *path, int threads) {
+    size_t bytes;
+    uint8_t *p = map_paged_in(path, threads, &bytes);
+    if (!p) return 0;
     const double gbs = best_read_rate(p, bytes, threads, 6);
     munmap(p, bytes);
     return gbs;
+}
+
+/* The same rate window by window (`window` bytes, a multiple of 4 KiB; the last one what is left),
+ * best of 3 passes each way per window, one line each: where in the file the slow memory is. Why: on
+ * the Intel dev VM some gigabytes of the guest's physical memory read up to ~30 % slower than the
+ * rest, and which ones changed within the hour (bench/RESULTS.md, 2026-12-06, eleventh session), so
+ * a model's decode speed depends on where its pages landed. Returns 0, or 1 when the file cannot be
+ * mapped. */
+static int file_bandwidth_map(const char *path, int threads, size_t window) {
+    size_t bytes;
+    uint8_t *p = map_paged_in(path, threads, &bytes);
+    if (!p) return 1;
+    double lo = 1e30, hi = 0;
+    for (size_t off = 0; off < bytes; off += window) {
+        const size_t n = bytes - off < window ? bytes - off : window;
+        if (n / (size_t)threads < 4096) break; /* a tail under a page a thread */
+        const double gbs = best_read_rate(p + off, n, threads, 6);
+        lo = fmin(lo, gbs), hi = fmax(hi, gbs);
+        printf("%10.3f GiB %10.3f GiB %8.2f GB/s\n", off / 1073741824.0, (off + n) / 1073741824.0, gbs);
+    }
+    printf("slowest %.2f GB/s, fastest %.2f GB/s\n", lo, hi);
+    munmap(p, bytes);
+    return 0;
 }
 
 /* Bytes that do not fit in the caches: twice the L3 the C library reports, at least `floor`, at
@@ -380,16 +411,19 @@ int main(int argc, char **argv) {
     size_t mib = beyond_caches((size_t)256 << 20) >> 20;
     int only_bw = 0;
     const char *bw_file = NULL; /* --bandwidth-file: only that file's read rate */
+    const char *bw_map = NULL;  /* --bandwidth-map: that file's read rate window by window */
+    int mib_given = 0;
     const char *only_types = NULL; /* -T: comma-separated type names, NULL: all */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-r") && i + 1 < argc) reps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]);
+        else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]), mib_given = 1;
         else if (!strcmp(argv[i], "-T") && i + 1 < argc) only_types = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth")) only_bw = 1;
         else if (!strcmp(argv[i], "--bandwidth-file") && i + 1 < argc) bw_file = argv[++i];
+        else if (!strcmp(argv[i], "--bandwidth-map") && i + 1 < argc) bw_map = argv[++i];
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH]\n\n"
+            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
@@ -403,10 +437,13 @@ int main(int argc, char **argv) {
                    "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n"
                    "  --bandwidth-file PATH\n"
                    "                only the read rate of PATH's pages in the page cache (a model's weights,\n"
-                   "                mapped as the engine maps them), printed as GB/s (for scripts)\n", argv[0], threads, mib);
+                   "                mapped as the engine maps them), printed as GB/s (for scripts)\n"
+                   "  --bandwidth-map PATH\n"
+                   "                the same rate per window of PATH (-m MIB, default 1024), a line each, then the\n"
+                   "                slowest and fastest: where in the file slow memory is\n", argv[0], threads, mib);
             return 0;
         } else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] (-h for help)\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] (-h for help)\n", argv[0]);
             return 2;
         }
     }
@@ -415,6 +452,13 @@ int main(int argc, char **argv) {
         const double gbs = file_bandwidth(bw_file, threads);
         if (gbs <= 0) { fprintf(stderr, "%s: cannot map it (or under 4 KiB a thread)\n", bw_file); return 1; }
         printf("%.2f\n", gbs);
+        return 0;
+    }
+    if (bw_map) { /* the same, window by window */
+        if (file_bandwidth_map(bw_map, threads, (mib_given ? mib : 1024) << 20)) {
+            fprintf(stderr, "%s: cannot map it (or under 4 KiB a thread)\n", bw_map);
+            return 1;
+        }
         return 0;
     }
     const double bw = bandwidth(threads, PROBE_BYTES);

@@ -258,3 +258,24 @@ def test_the_kernel_harness_probes_a_files_pages(tmp_path):
     for bad in (tmp_path / "missing.bin", tmp_path):
         r = subprocess.run([exe, "--bandwidth-file", bad], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and str(bad) in r.stderr and not r.stdout
+
+
+def test_the_kernel_harness_maps_a_files_read_rate_by_window(tmp_path):
+    """`pyengine-bench-kernels --bandwidth-map PATH -m MIB` reads a file's pages window by window:
+    one line per window (offsets in GiB, GB/s), the last window what is left, then the slowest and
+    fastest; a file it cannot map is exit 1 with the reason."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(10 << 20))
+    r = subprocess.run([exe, "-t", "2", "-m", "4", "--bandwidth-map", f], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    *windows, summary = r.stdout.splitlines()
+    bounds = [(float(w.split()[0]), float(w.split()[2])) for w in windows]
+    assert bounds == [(0.0, 0.004), (0.004, 0.008), (0.008, 0.01)], r.stdout
+    rates = [float(w.split()[4]) for w in windows]
+    assert all(g > 0.1 for g in rates), r.stdout
+    assert summary == f"slowest {min(rates):.2f} GB/s, fastest {max(rates):.2f} GB/s", r.stdout
+    r = subprocess.run([exe, "--bandwidth-map", tmp_path / "missing.bin"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "missing.bin" in r.stderr and not r.stdout

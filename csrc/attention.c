@@ -1,9 +1,11 @@
 /* Attention with sinks (see attention.h; docs/gpt-oss.md, "Forward pass"). One thread owns each
- * (token, K/V head, group of up to 4 query heads) item, so the result does not depend on the thread
+ * (token, K/V head, group of up to 8 query heads) item, so the result does not depend on the thread
  * count. The item's keys and values are converted to f32 by the cache type's dequantizer 16 rows at a
  * time into an L1 tile and used by all of its query heads (gpt-oss: 8 query heads per K/V head), so
- * each row is converted twice per token instead of eight times; scores are the tile rows dotted
- * with each query, values added with their weights, both in SIMD loops. */
+ * each row is read and converted once per token; scores are the tile rows dotted with each query,
+ * values added with their weights, both in SIMD loops. The price: a decoded token of gpt-oss has 8
+ * items per layer, so at most 8 threads share its attention (16 with groups of 4, which read every
+ * row twice: 1.1-1.2x slower at depth 4096-65536 on 2 cores, bench/RESULTS.md, eleventh session). */
 #include "attention.h"
 
 #include "arena.h"

@@ -3,10 +3,13 @@
  *
  * Why by hand: compiled from the generic C, a key's score ended in a 16-step scalar sum and a value's
  * weighted add went through memory (the output row stored and reloaded for every key): ~60 % of the
- * inner loop's time (perf annotate, depth 4096). Here a score is four FMAs into one register, and 16
- * keys' registers are summed across lanes together (hsum16: 15 shuffles and adds for 16 scores); the
- * outputs of the item's four heads stay in 16 registers over all keys; f16 caches (the default) are
- * read straight from the cache, and the softmax's exponentials are vectorized (vexp_avx512.h). */
+ * inner loop's time (perf annotate, depth 4096). Here each tile of 16 keys or values is converted to
+ * f32 once for all of the item's heads (f16 caches, the default, by F16C; the ring slot advanced, not
+ * divided, per row); a score is four FMAs into one register, with the head's query and the 16 keys'
+ * accumulators in registers, and 16 keys' registers are summed across lanes together (hsum16: 15
+ * shuffles and adds for 16 scores); each head's output takes a tile's values in four registers;
+ * the softmax's exponentials are vectorized (vexp_avx512.h). Every float operation is the one the
+ * four-heads-an-item loop before it made, in the same order: the same bits. */
 #include <immintrin.h>
 #include <math.h>
 
@@ -34,17 +37,18 @@ static inline __m512 hsum16(const __m512 v[16]) {
 
 enum { HD = 64 };
 
-/* Row j (j < nk) of a tile of 16 keys or values at positions first.., as four registers: f16 caches
- * straight from the cache (F16C), other types from the tile load_tile filled; rows past nk are 0. */
-static inline void row4(const kv_rows *R, const float *tile, int64_t first, int j, int nk, int64_t n_slots,
-                        __m512 r[4]) {
-    if (j >= nk) {
-        r[0] = r[1] = r[2] = r[3] = _mm512_setzero_ps();
-    } else if (R->type == PE_TYPE_F16) {
-        const uint8_t *h = R->base + (size_t)((first + j) % n_slots) * R->row;
-        for (int c = 0; c < 4; c++) r[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32 * c)));
-    } else {
-        for (int c = 0; c < 4; c++) r[c] = _mm512_loadu_ps(tile + (size_t)j * HD + 16 * c);
+/* Rows [first, first + nk) (positions) of a tile of 16 keys or values as f32 in `tile` (16 x 64 floats,
+ * in L1): f16 caches converted here (F16C), other types through load_tile. */
+static inline void f32_tile(const kv_rows *R, float *tile, int64_t first, int nk, int64_t n_slots) {
+    if (R->type != PE_TYPE_F16) {
+        load_tile(tile, R, first, nk, n_slots, HD);
+        return;
+    }
+    int64_t slot = first % n_slots; /* one division a tile, not one a row */
+    for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1) {
+        const uint8_t *h = R->base + (size_t)slot * R->row;
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_ps(tile + j * HD + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32 * c))));
     }
 }
 
@@ -60,31 +64,37 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
     const int64_t n = p - lo + 1;
     __m512 mx[HEADS_PER_ITEM];
     for (int h = 0; h < nh; h++) mx[h] = _mm512_set1_ps(sink[h]);
-    /* scores: per tile of 16 keys and per head, one register of partial products per key, then hsum16 */
+    /* scores: per tile of 16 keys (converted once, for every head of the item) and per head, one
+     * register of partial products per key, then hsum16: 16 accumulators and the head's query in
+     * registers */
     for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
         const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
-        if (K->type != PE_TYPE_F16) load_tile(tile, K, lo + j0, nk, n_slots, HD);
+        f32_tile(K, tile, lo + j0, nk, n_slots);
         const __mmask16 live = (__mmask16)((1u << nk) - 1);
-        __m512 acc[HEADS_PER_ITEM][KV_TILE];
-        for (int j = 0; j < KV_TILE; j++) {
-            __m512 k[4];
-            row4(K, tile, lo + j0, j, nk, n_slots, k);
-            for (int h = 0; h < nh; h++) {
-                const float *qh = q + (size_t)h * HD;
-                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16), k[1], a);
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 32), k[2], a);
-                acc[h][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 48), k[3], a);
-            }
-        }
         for (int h = 0; h < nh; h++) {
-            const __m512 sc = _mm512_mul_ps(hsum16(acc[h]), _mm512_set1_ps(scale));
+            const float *qh = q + (size_t)h * HD;
+            const __m512 q0 = _mm512_loadu_ps(qh), q1 = _mm512_loadu_ps(qh + 16), q2 = _mm512_loadu_ps(qh + 32),
+                         q3 = _mm512_loadu_ps(qh + 48);
+            __m512 acc[KV_TILE];
+            for (int j = 0; j < KV_TILE; j++) {
+                if (j >= nk) {
+                    acc[j] = _mm512_setzero_ps();
+                    continue;
+                }
+                const float *k = tile + j * HD;
+                __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
+                a = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16), a);
+                a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a);
+                acc[j] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), a);
+            }
+            const __m512 sc = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
             _mm512_mask_storeu_ps(scores + h * n + j0, live, sc);
             mx[h] = _mm512_mask_max_ps(mx[h], live, mx[h], sc);
         }
     }
-    /* softmax with the sink in the denominator (as the generic loop: exp in float, the sum in double) */
-    float inv[HEADS_PER_ITEM] = {0};
+    /* softmax with the sink in the denominator (as the generic loop: exp in float, the sum in double);
+     * the value loop multiplies each weight by the head's 1 / denominator */
+    float inv[HEADS_PER_ITEM];
     for (int h = 0; h < nh; h++) {
         const float m = _mm512_reduce_max_ps(mx[h]);
         float *sh = scores + h * n;
@@ -99,22 +109,31 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
         }
         inv[h] = (float)(1.0 / (exp((double)sink[h] - m) + _mm512_reduce_add_pd(sum)));
     }
-    /* values: the item's heads' outputs in registers over every key (heads past nh get weight 0) */
-    __m512 out[HEADS_PER_ITEM][4];
-    for (int h = 0; h < HEADS_PER_ITEM; h++)
-        for (int c = 0; c < 4; c++) out[h][c] = _mm512_setzero_ps();
+    /* values: per tile of 16 (converted once, for every head), each head's four output registers
+     * loaded, given the tile's keys in order, and stored back (in L1: the item's heads do not all fit
+     * in registers) */
+    for (int h = 0; h < nh; h++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + (size_t)h * HD + 16 * c, _mm512_setzero_ps());
     for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
         const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
-        if (V->type != PE_TYPE_F16) load_tile(tile, V, lo + j0, nk, n_slots, HD);
-        for (int j = 0; j < nk; j++) {
-            __m512 v[4];
-            row4(V, tile, lo + j0, j, nk, n_slots, v);
-            for (int h = 0; h < HEADS_PER_ITEM; h++) {
-                const __m512 w = _mm512_set1_ps(h < nh ? scores[h * n + j0 + j] * inv[h] : 0.0f);
-                for (int c = 0; c < 4; c++) out[h][c] = _mm512_fmadd_ps(w, v[c], out[h][c]);
+        f32_tile(V, tile, lo + j0, nk, n_slots);
+        for (int h = 0; h < nh; h++) {
+            float *oh = o + (size_t)h * HD;
+            const float *w = scores + h * n + j0;
+            __m512 a0 = _mm512_loadu_ps(oh), a1 = _mm512_loadu_ps(oh + 16), a2 = _mm512_loadu_ps(oh + 32),
+                   a3 = _mm512_loadu_ps(oh + 48);
+            for (int j = 0; j < nk; j++) {
+                const __m512 wj = _mm512_set1_ps(w[j] * inv[h]);
+                const float *v = tile + j * HD;
+                a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v), a0);
+                a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 16), a1);
+                a2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 32), a2);
+                a3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 48), a3);
             }
+            _mm512_storeu_ps(oh, a0);
+            _mm512_storeu_ps(oh + 16, a1);
+            _mm512_storeu_ps(oh + 32, a2);
+            _mm512_storeu_ps(oh + 48, a3);
         }
     }
-    for (int h = 0; h < nh; h++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + (size_t)h * HD + 16 * c, out[h][c]);
 }

@@ -21,8 +21,8 @@ typedef struct {
 } kv_rows;
 
 /* Keys / values converted to f32 per tile (in L1), and query heads per item: a GQA group shares one
- * K/V head, so each converted row serves up to HEADS_PER_ITEM heads. */
-enum { KV_TILE = 16, HEADS_PER_ITEM = 4 };
+ * K/V head, so each converted row serves up to HEADS_PER_ITEM heads (gpt-oss's 8: all of them). */
+enum { KV_TILE = 16, HEADS_PER_ITEM = 8 };
 
 /* The inner loop of each SIMD level (attention.c picks one at run time). */
 typedef void (*pe_attend_heads_fn)(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
@@ -42,8 +42,9 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
 #endif
 /* Rows [first, first + nk) (positions; ring slot = position % n_slots) of one K or V head as f32. */
 static inline void load_tile(float *tile, const kv_rows *R, int64_t first, int nk, int64_t n_slots, int head_dim) {
-    for (int j = 0; j < nk; j++)
-        R->dequant(R->base + (size_t)((first + j) % n_slots) * R->row, tile + (size_t)j * head_dim, head_dim);
+    int64_t slot = first % n_slots; /* one division a tile, not one a row */
+    for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1)
+        R->dequant(R->base + (size_t)slot * R->row, tile + (size_t)j * head_dim, head_dim);
 }
 
 /* Heads h0 .. h0 + nh - 1 (sharing one K/V head) of the query at position p: o and q point at head h0,

@@ -12,7 +12,8 @@
  * many rows as fill MIB megabytes (default 256, beyond the caches); each on the default path (int8
  * activations for types with int8 kernels) and on the exact float32-activation path. Then the MoE
  * layer of gpt-oss-20b (32 MXFP4 experts, 4 used, n_embd = n_ff = 2880) for 1 and 64 tokens, after
- * one-token Q8_0 products of the sizes a decode step makes (what each call costs beyond streaming).
+ * one-token Q8_0 products of the sizes a decode step makes (what each call costs beyond streaming),
+ * and one decoded token's attention over an f16 cache at depths 4096 and 32768.
  * Weights are random blocks whose scale fields are set to a small normal value (no NaN or
  * denormal slow paths); the timing does not depend on the values. Best of REPS runs. */
 #include <math.h>
@@ -28,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "attention.h"
 #include "cpu_features.h"
 #include "matmul.h"
 #include "moe.h"
@@ -393,6 +395,49 @@ static void bench_moe(int threads, int reps) {
     free(gate); free(up); free(down); free(router); free(rb); free(gb); free(ub); free(db); free(x); free(y);
 }
 
+/* One decoded token's attention in a full layer of gpt-oss (64 query heads, 8 K/V heads of 64, f16
+ * cache, no window) at depths 4096 and 32768: microseconds per layer and the rate the cache's keys
+ * and values stream at (K and V, 2 KiB a position). Twelve layers, as the 20b's full ones, are taken
+ * in turn so that their caches (805 MB at 32768) do not sit in the L3; best of REPS passes over them.
+ * Why: at long contexts a decoded token's attention reads more than its weights. */
+static void bench_attention(int threads, int reps) {
+    enum { H = 64, HKV = 8, HD = 64, LAYERS = 12 };
+    const int64_t depths[] = {4096, 32768}, kv_dim = HKV * HD, chunk = 256;
+    float *k = malloc(sizeof(float) * kv_dim * chunk), *v = malloc(sizeof(float) * kv_dim * chunk);
+    float *q = aligned_alloc(64, sizeof(float) * H * HD), *o = aligned_alloc(64, sizeof(float) * H * HD);
+    float sinks[H];
+    if (!k || !v || !q || !o) { fprintf(stderr, "out of memory\n"); exit(1); }
+    for (int i = 0; i < H * HD; i++) q[i] = frand();
+    for (int i = 0; i < H; i++) sinks[i] = frand();
+    printf("\nAttention, one decoded token, a full gpt-oss layer (64 heads, 8 K/V heads of 64, f16 cache):\n");
+    printf("%-8s %12s %12s %12s %8s\n", "depth", "us/layer", "KV MB", "KV GB/s", "BW GB/s");
+    for (int di = 0; di < 2; di++) {
+        const int64_t depth = depths[di], n_slots = depth + 1;
+        const size_t bytes = (size_t)HKV * (size_t)n_slots * pe_row_size(PE_TYPE_F16, HD);
+        pe_kv_layer L[LAYERS];
+        for (int l = 0; l < LAYERS; l++) {
+            L[l] = (pe_kv_layer){big_alloc(bytes), big_alloc(bytes), n_slots, PE_TYPE_F16, PE_TYPE_F16};
+            if (!L[l].k || !L[l].v) { fprintf(stderr, "out of memory\n"); exit(1); }
+            for (int64_t p0 = 0; p0 < n_slots; p0 += chunk) {
+                const int64_t n = n_slots - p0 < chunk ? n_slots - p0 : chunk;
+                for (int64_t i = 0; i < n * kv_dim; i++) k[i] = frand(), v[i] = frand();
+                pe_kv_store(&L[l], k, v, n, p0, kv_dim, HD);
+            }
+        }
+        double best = 1e30;
+        for (int r = 0; r < reps; r++) {
+            const double t0 = now();
+            for (int l = 0; l < LAYERS; l++)
+                if (pe_attention(o, q, 1, depth, &L[l], H, HKV, HD, 0, sinks, threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
+            best = fmin(best, (now() - t0) / LAYERS);
+        }
+        const double near = bandwidth(threads, PROBE_BYTES);
+        printf("%-8lld %12.1f %12.1f %12.2f %8.1f\n", (long long)depth, best * 1e6, 2.0 * bytes / 1e6, 2.0 * bytes / best / 1e9, near);
+        for (int l = 0; l < LAYERS; l++) free(L[l].k), free(L[l].v);
+    }
+    free(k); free(v); free(q); free(o);
+}
+
 /* Whether `name` is one of the comma-separated names in `list` (any name when list is NULL). */
 static int listed(const char *list, const char *name) {
     if (!list) return 1;
@@ -428,12 +473,13 @@ int main(int argc, char **argv) {
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
                    "GFLOP/s), default and exact paths; one-token Q8_0 products of the sizes a 20b decode step\n"
-                   "makes; then the 20b MoE layer.\n\n"
+                   "makes; then the 20b MoE layer, and a decoded token's attention at depths 4096 and 32768.\n\n"
                    "  -t THREADS    OpenMP threads (default: %d)\n"
                    "  -r REPS       repetitions, best is reported (default 5)\n"
                    "  -m MIB        matrix size in MiB, beyond the caches (default %zu: twice the L3, 256 to 1024)\n"
                    "  -T TYPES      only these types' rows, comma-separated (e.g. MXFP4,Q8_0); the sizes table\n"
-                   "                only with Q8_0, the MoE layer only with MXFP4 (for quick A/B runs)\n"
+                   "                only with Q8_0, the MoE layer only with MXFP4, attention only with attention\n"
+                   "                (for quick A/B runs)\n"
                    "  --bandwidth   only the read-bandwidth probe, printed as GB/s (for scripts)\n"
                    "  --bandwidth-file PATH\n"
                    "                only the read rate of PATH's pages in the page cache (a model's weights,\n"
@@ -530,5 +576,6 @@ int main(int argc, char **argv) {
     }
     if (listed(only_types, pe_type_traits_get(PE_TYPE_Q8_0)->name)) bench_call_sizes(threads, reps);
     if (listed(only_types, pe_type_traits_get(PE_TYPE_MXFP4)->name)) bench_moe(threads, reps);
+    if (listed(only_types, "attention")) bench_attention(threads, reps);
     return 0;
 }

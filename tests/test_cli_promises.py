@@ -260,6 +260,26 @@ def test_the_kernel_harness_probes_a_files_pages(tmp_path):
         assert r.returncode == 1 and str(bad) in r.stderr and not r.stdout
 
 
+def test_the_kernel_harness_times_attention_at_depth():
+    """`pyengine-bench-kernels -T attention` times one decoded token's attention in a full gpt-oss
+    layer at depths 4096 and 32768: a row each with microseconds per layer, the cache's megabytes
+    (K and V, 2 KiB a position) and the rate they stream at."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    r = subprocess.run([exe, "-t", "2", "-r", "1", "-T", "attention"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Attention, one decoded token"))
+    rows = [line.split() for line in lines[at + 2:at + 4]]
+    assert [row[0] for row in rows] == ["4096", "32768"], r.stdout
+    for row in rows:
+        depth, us, mb, gbs = int(row[0]), float(row[1]), float(row[2]), float(row[3])
+        assert mb == pytest.approx(2 * 8 * (depth + 1) * 128 / 1e6, abs=0.06), r.stdout
+        assert us > 0 and gbs == pytest.approx(mb * 1e6 / (us * 1e-6) / 1e9, rel=0.02), r.stdout
+    assert "MoE layer" not in r.stdout and "Q8_0" not in r.stdout
+
+
 def test_the_kernel_harness_maps_a_files_read_rate_by_window(tmp_path):
     """`pyengine-bench-kernels --bandwidth-map PATH -m MIB` reads a file's pages window by window:
     one line per window (offsets in GiB, GB/s), the last window what is left, then the slowest and

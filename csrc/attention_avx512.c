@@ -8,8 +8,8 @@
  * divided, per row); a score is four FMAs into one register, with the head's query and the 16 keys'
  * accumulators in registers, and 16 keys' registers are summed across lanes together (hsum16: 15
  * shuffles and adds for 16 scores); each head's output takes a tile's values in four registers;
- * the softmax's exponentials are vectorized (vexp_avx512.h). Every float operation is the one the
- * four-heads-an-item loop before it made, in the same order: the same bits. */
+ * the softmax's exponentials are vectorized (vexp_avx512.h). Each head's operations and their order
+ * do not depend on the other heads of its item, so its result does not depend on how many share it. */
 #include <immintrin.h>
 #include <math.h>
 

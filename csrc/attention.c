@@ -5,7 +5,7 @@
  * each row is read and converted once per token; scores are the tile rows dotted with each query,
  * values added with their weights, both in SIMD loops. The price: a decoded token of gpt-oss has 8
  * items per layer, so at most 8 threads share its attention (16 with groups of 4, which read every
- * row twice: 1.1-1.2x slower at depth 4096-65536 on 2 cores, bench/RESULTS.md, eleventh session). */
+ * row twice: 1.04-1.18x slower at depths 4096-32768 on 2 cores, bench/RESULTS.md, eleventh session). */
 #include "attention.h"
 
 #include "arena.h"

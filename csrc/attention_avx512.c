@@ -38,9 +38,8 @@ static inline __m512 hsum16(const __m512 v[16]) {
 enum { HD = 64 };
 
 /* Rows [first, first + nk) (positions) of a tile of 16 keys or values as f32 in `tile` (16 x 64 floats,
- * in L1): f16 caches converted here (F16C), each row's two lines one tile ahead prefetched into L1 (the
- * hardware prefetcher alone left the loop waiting on memory: 1.15-1.5x at depths 4096-32768 on the
- * Intel dev box, bench/RESULTS.md, eleventh session), other types through load_tile. */
+ * in L1): f16 caches converted here (F16C), with load_tile's prefetch of the row one tile ahead; other
+ * types through load_tile. */
 static inline void f32_tile(const kv_rows *R, float *tile, int64_t first, int nk, int64_t n_slots) {
     if (R->type != PE_TYPE_F16) {
         load_tile(tile, R, first, nk, n_slots, HD);
@@ -49,10 +48,7 @@ static inline void f32_tile(const kv_rows *R, float *tile, int64_t first, int nk
     int64_t slot = first % n_slots; /* one division a tile, not one a row */
     for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1) {
         const uint8_t *h = R->base + (size_t)slot * R->row;
-        if (slot + KV_TILE < n_slots) {
-            _mm_prefetch((const char *)(h + KV_TILE * R->row), _MM_HINT_T0);
-            _mm_prefetch((const char *)(h + KV_TILE * R->row + 64), _MM_HINT_T0);
-        }
+        prefetch_row_ahead(R, h, slot, n_slots);
         for (int c = 0; c < 4; c++)
             _mm512_storeu_ps(tile + j * HD + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32 * c))));
     }

@@ -40,13 +40,20 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
 #ifndef ATTEND_HEADS_LINKAGE
 #define ATTEND_HEADS_LINKAGE
 #endif
+/* Into L1, the row one tile ahead of row `r` (ring slot `slot`) when the ring has it without wrapping:
+ * the hardware prefetcher alone left the tile loops waiting on memory (1.15-1.5x at depths
+ * 4096-32768 on the Intel dev box, bench/RESULTS.md, eleventh session). */
+static inline void prefetch_row_ahead(const kv_rows *R, const uint8_t *r, int64_t slot, int64_t n_slots) {
+    if (slot + KV_TILE < n_slots)
+        for (size_t b = 0; b < R->row; b += 64) __builtin_prefetch(r + KV_TILE * R->row + b, 0, 3);
+}
+
 /* Rows [first, first + nk) (positions; ring slot = position % n_slots) of one K or V head as f32. */
 static inline void load_tile(float *tile, const kv_rows *R, int64_t first, int nk, int64_t n_slots, int head_dim) {
     int64_t slot = first % n_slots; /* one division a tile, not one a row */
     for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1) {
         const uint8_t *r = R->base + (size_t)slot * R->row;
-        if (slot + KV_TILE < n_slots) /* the row one tile ahead (see f32_tile in attention_avx512.c) */
-            for (size_t b = 0; b < R->row; b += 64) __builtin_prefetch(r + KV_TILE * R->row + b, 0, 3);
+        prefetch_row_ahead(R, r, slot, n_slots);
         R->dequant(r, tile + (size_t)j * head_dim, head_dim);
     }
 }

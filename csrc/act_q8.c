@@ -121,7 +121,7 @@ static size_t b256_bytes(int64_t n) { return ((size_t)n + 127) / 128 * 128 + PE_
 
 size_t pe_act_q8_bytes(int64_t n) {
     const size_t nb = (size_t)n / 32;
-    return align64((size_t)n + PE_ACT_PAD) * 2 + align64((nb + 4) * 4) * 3 + align64((2 * nb + 8) * 4) * 2 +
+    return align64((size_t)n + PE_ACT_PAD) * 2 + align64((nb + 4) * 4) * 4 + align64((2 * nb + 8) * 4) * 2 +
            align64(b256_bytes(n)) * 2 + align64(((size_t)n + PE_ACT_PAD) * 2);
 }
 
@@ -146,6 +146,7 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     int8_t *xh = (int8_t *)((uint8_t *)s16x + align64((size_t)(2 * nb + 8) * 4));
     int8_t *xl = xh + align64(b256_bytes(n));
     int16_t *x16 = (int16_t *)(xl + align64(b256_bytes(n)));
+    float *dk = (float *)((uint8_t *)x16 + align64(((size_t)n + PE_ACT_PAD) * 2));
     /* the last, partial group and the padding group stay zero where no block writes */
     const size_t filled = (size_t)(128 * (nb / 4));
     memset(xh + filled, 0, b256_bytes(n) - filled);
@@ -186,6 +187,7 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
 #if defined(__x86_64__)
     sums:
 #endif
+        dk[b] = d[b] * (1.0f / 254.0f);
         s32[b] = (float)(sum[0] + sum[1]);
         s32x[b] = (float)(254 * (sum[0] + sum[1]) + suml[0] + suml[1]);
         s16x[2 * b] = (float)(254 * sum[0] + suml[0]);
@@ -197,9 +199,10 @@ pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) {
     memset(ql + n, 0, PE_ACT_PAD);
     memset(x16 + n, 0, PE_ACT_PAD * sizeof(int16_t));
     memset(d + nb, 0, 4 * sizeof(float));
+    memset(dk + nb, 0, 4 * sizeof(float));
     memset(s32 + nb, 0, 4 * sizeof(float));
     memset(s32x + nb, 0, 4 * sizeof(float));
     memset(s16 + 2 * nb, 0, 8 * sizeof(float));
     memset(s16x + 2 * nb, 0, 8 * sizeof(float));
-    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x, xh, xl, x16};
+    return (pe_act_q8){qs, ql, d, s32, s16, s32x, s16x, xh, xl, x16, dk};
 }

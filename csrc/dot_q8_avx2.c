@@ -154,7 +154,7 @@ PE_AI void block(const int F, const uint8_t *rows, const int32_t off[8], __m256i
     for (int t = 0; t < n_tok; t++) {
         __m256i S = fold8(half[t][0], half[t][1]);
         if (OFFSET[F]) S = _mm256_sub_epi32(S, _mm256_set1_epi32(OFFSET[F] * (int)x[t].s32x[b]));
-        const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
+        const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(x[t].dk[b]));
         *acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S), s, *acc[t]);
     }
 }
@@ -544,7 +544,7 @@ PE_AI void r16_group(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
             for (int t = 0; t < n_tok; t++) {
                 __m256i c = _mm256_add_epi32(r16_digit(u, x[t].xh, b, k256), r16_digit(u, x[t].xl, b, k1));
                 c = _mm256_sub_epi32(c, _mm256_set1_epi32(12 * (int32_t)x[t].s32x[b]));
-                const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[b] * (1.0f / 254.0f)));
+                const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(x[t].dk[b]));
                 acc[t][h][b & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), s, acc[t][h][b & 3]);
             }
         }

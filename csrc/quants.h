@@ -42,8 +42,11 @@ typedef void (*pe_quantize_row_fn)(const float *src, void *dst, int64_t n);
  * 32-block decode kernels (dot_q8_avx512.c): per 128 elements, bytes 16k + j = element 32k + j and
  * bytes 64 + 16k + j = element 32k + 16 + j (k < 4, j < 16). x16 holds X itself as int16 in the
  * AVX2 kernels' vpunpck pairing (dot_q8_avx2.c): per block 16 values A (elements 0-7, 16-23), then
- * 16 values B (elements 8-15, 24-31). Built by pe_act_q8_quantize into one buffer; every array is
- * zero-padded so that kernels may read up to four blocks past the end. */
+ * 16 values B (elements 8-15, 24-31). dk holds d / 254 (d * (1.0f / 254.0f), the factor a block's
+ * two-digit sum is scaled by), so that the decode kernels take it from memory as a broadcast operand
+ * instead of a multiply and a broadcast per block and token (r16_avx512.c). Built by
+ * pe_act_q8_quantize into one buffer; every array is zero-padded so that kernels may read up to four
+ * blocks past the end. */
 typedef struct {
     const int8_t *qs;  /* n (+ 128 zero) codes */
     const int8_t *ql;  /* n (+ 128 zero) second digits */
@@ -55,6 +58,7 @@ typedef struct {
     const int8_t *xh;  /* n rounded up to 128 (+ 128 zero): base-256 high digits, reordered (above) */
     const int8_t *xl;  /* the same, low digits */
     const int16_t *x16; /* n (+ 128 zero): X = 254 q + ql, in the AVX2 pairing order (above) */
+    const float *dk;    /* n/32 (+ 4 zero): d * (1.0f / 254.0f) */
 } pe_act_q8;
 
 /* Bytes of the buffer for n activations. */

@@ -21,7 +21,7 @@ PE_AI void R16_GROUP(const uint8_t *group, int64_t nb, int nr, const pe_act_q8 *
         const __m512 ws = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scales + 16 * b)))),
                                         _mm512_set1_ps(128.0f));
         for (int t = 0; t < n_tok; t++) {
-            const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(x[t].d[b] * (1.0f / 254.0f)), ws);
+            const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(x[t].dk[b]), ws);
             acc[t][b & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_sums(u, &x[t], b, 12)), s, acc[t][b & 3]);
         }
     }

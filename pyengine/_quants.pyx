@@ -32,6 +32,7 @@ cdef extern from "quants.h":
         const signed char *xh
         const signed char *xl
         const short *x16
+        const float *dk
     size_t pe_act_q8_bytes(int64_t n)
     pe_act_q8 pe_act_q8_quantize(const float *x, int64_t n, void *buf) nogil
     int pe_dot_rows_q8(int type, const void *src, int64_t src_stride, const float *x, float *out,
@@ -158,8 +159,9 @@ def quantize_act_q8(x):
     """The int8 kernels' activations of a 1-D float32 vector (length a multiple of 32), as a dict of
     numpy arrays: qs and ql (int8, n: the two digits), d (float32, n/32: scales), s32 / s16 (code
     sums per 32 / 16), s32x / s16x (the combined two-digit sums) and xh / xl (int8, n rounded up to
-    128, plus 128 zero padding: 254 q + ql in base 256, in the 32-block kernels' order) and x16
-    (int16, n: 254 q + ql in the AVX2 kernels' order), see pe_act_q8 in quants.h."""
+    128, plus 128 zero padding: 254 q + ql in base 256, in the 32-block kernels' order), x16
+    (int16, n: 254 q + ql in the AVX2 kernels' order) and dk (float32, n/32: d / 254), see pe_act_q8
+    in quants.h."""
     x = _check_act(x)
     cdef int64_t n = x.shape[0]
     buf = np.zeros(pe_act_q8_bytes(n) + 64, dtype=np.uint8)
@@ -176,14 +178,14 @@ def quantize_act_q8(x):
         return buf[off: off + count * np.dtype(dtype).itemsize].view(dtype).copy()
     if not n:
         return {k: np.zeros(0, np.int16 if k == "x16" else np.int8 if k in ("qs", "ql", "xh", "xl") else np.float32)
-                for k in ("qs", "ql", "d", "s32", "s16", "s32x", "s16x", "xh", "xl", "x16")}
+                for k in ("qs", "ql", "d", "s32", "s16", "s32x", "s16x", "xh", "xl", "x16", "dk")}
     cdef int64_t n_b256 = (n + 127) // 128 * 128 + 128
     return {"qs": view(<size_t> a.qs, np.int8, n), "ql": view(<size_t> a.ql, np.int8, n),
             "d": view(<size_t> a.d, np.float32, n // 32), "s32": view(<size_t> a.s32, np.float32, n // 32),
             "s16": view(<size_t> a.s16, np.float32, n // 16), "s32x": view(<size_t> a.s32x, np.float32, n // 32),
             "s16x": view(<size_t> a.s16x, np.float32, n // 16),
             "xh": view(<size_t> a.xh, np.int8, n_b256), "xl": view(<size_t> a.xl, np.int8, n_b256),
-            "x16": view(<size_t> a.x16, np.int16, n)}
+            "x16": view(<size_t> a.x16, np.int16, n), "dk": view(<size_t> a.dk, np.float32, n // 32)}
 
 
 def dot_rows_q8(rows, x, int ggml_type):

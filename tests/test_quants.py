@@ -137,6 +137,7 @@ def check_quantize_act_q8(seed: int = 0) -> None:
         a = pyengine._quants.quantize_act_q8(x)
         assert np.array_equal(a["qs"], q.reshape(-1)) and np.array_equal(a["ql"], ql.reshape(-1))
         assert np.array_equal(a["d"], d) and np.abs(a["ql"]).max() <= 127
+        assert np.array_equal(a["dk"], (d * np.float32(1 / 254)).astype(np.float32))
         assert np.array_equal(a["s32"], q.sum(1).astype(np.float32))
         assert np.array_equal(a["s16"], q.reshape(-1, 16).sum(1).astype(np.float32))
         assert np.array_equal(a["s32x"], (254 * q.sum(1) + ql.sum(1)).astype(np.float32))

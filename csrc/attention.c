@@ -26,20 +26,32 @@ void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok,
     const pe_quantize_row_fn qv = pe_type_traits_get(kv->type_v)->quantize_row;
     const size_t rk = pe_row_size(kv->type_k, head_dim), rv = pe_row_size(kv->type_v, head_dim);
     const int64_t n_head_kv = kv_dim / head_dim;
+    const int tiled = kv_keys_tiled(kv->type_k);
+    const size_t elem = tiled ? rk / (size_t)head_dim : 0;
+    uint8_t row_k[rk]; /* a tiled key's row before it is spread over its tile */
     for (int64_t t = 0; t < n_tok; t++) {
         const size_t slot = (size_t)((pos0 + t) % kv->n_slots);
         for (int64_t g = 0; g < n_head_kv; g++) {
             const size_t row = (size_t)g * (size_t)kv->n_slots + slot;
-            qk(k + t * kv_dim + g * head_dim, kv->k + row * rk, head_dim);
             qv(v + t * kv_dim + g * head_dim, kv->v + row * rv, head_dim);
+            if (!tiled) {
+                qk(k + t * kv_dim + g * head_dim, kv->k + row * rk, head_dim);
+                continue;
+            }
+            qk(k + t * kv_dim + g * head_dim, row_k, head_dim);
+            uint8_t *head = kv->k + (size_t)g * (size_t)kv->n_slots * rk;
+            for (int d = 0; d < head_dim; d++)
+                memcpy(head + kv_tiled_at((int64_t)slot, d, kv->n_slots, rk, elem), row_k + (size_t)d * elem, elem);
         }
     }
 }
 
-/* K/V head g's rows: n_slots rows of head_dim elements, one after the other. */
-static kv_rows kv_rows_of(const uint8_t *base, int type, int64_t n_slots, int head_dim, int g) {
+/* K/V head g's n_slots rows of head_dim elements: keys tiled where kv_keys_tiled says so. */
+static kv_rows kv_rows_of(const uint8_t *base, int type, int64_t n_slots, int head_dim, int g, int keys) {
     const size_t row = pe_row_size(type, head_dim);
-    return (kv_rows){base + (size_t)g * (size_t)n_slots * row, row, pe_type_traits_get(type)->dequant_row, type};
+    const int tiled = keys && kv_keys_tiled(type);
+    return (kv_rows){base + (size_t)g * (size_t)n_slots * row, row, pe_type_traits_get(type)->dequant_row, type, tiled,
+                     tiled ? row / (size_t)head_dim : 0};
 }
 
 #define ATTEND_HEADS attend_heads_baseline
@@ -85,8 +97,8 @@ int pe_attention(float *out, const float *q, int64_t n_tok, int64_t pos0, const 
             const int g = (int)(i / n_sub % n_head_kv), sub = (int)(i % n_sub);
             const int h0 = g * group + sub * HEADS_PER_ITEM;
             const int nh = group - sub * HEADS_PER_ITEM < HEADS_PER_ITEM ? group - sub * HEADS_PER_ITEM : HEADS_PER_ITEM;
-            const kv_rows K = kv_rows_of(kv->k, kv->type_k, kv->n_slots, head_dim, g);
-            const kv_rows V = kv_rows_of(kv->v, kv->type_v, kv->n_slots, head_dim, g);
+            const kv_rows K = kv_rows_of(kv->k, kv->type_k, kv->n_slots, head_dim, g, 1);
+            const kv_rows V = kv_rows_of(kv->v, kv->type_v, kv->n_slots, head_dim, g, 0);
             attend_heads(out + t * q_dim + (int64_t)h0 * head_dim, q + t * q_dim + (int64_t)h0 * head_dim, nh,
                          pos0 + t, kv->n_slots, &K, &V, head_dim, window, sinks + h0, scores, tile);
         }

@@ -54,6 +54,48 @@ static inline void f32_tile(const kv_rows *R, float *tile, int64_t first, int nk
     }
 }
 
+/* 16 keys' element of one dimension at p (the first nk lanes; the rest zero) as f32. */
+static inline __attribute__((always_inline)) __m512 key_lanes(const int type, const uint8_t *p, __mmask16 live) {
+    if (type == PE_TYPE_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p));
+    if (type == PE_TYPE_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+    return _mm512_maskz_loadu_ps(live, p);
+}
+
+/* Keys [j0, j0 + nk) of a tiled head (kv_rows) of the type from `at`, dimension d's keys `step` bytes
+ * apart: the item's heads' scores times `scale` into scores + h * n + j0 and their maxima into mx.
+ * The queries (times scale, a power of two for 64-element heads, so exactly the scaled scores) are
+ * in qs, eight heads of 64 (zero past nh); per dimension the keys' elements are one vector and each
+ * head's score two chains of broadcast multiply-adds (even and odd dimensions, 16 accumulators in
+ * registers), added at the end. */
+static inline __attribute__((always_inline)) void tiled_scores_t(const int type, const uint8_t *at, size_t step, int nk,
+                                                                 const float qs[][HD], int nh, float *scores, int64_t n,
+                                                                 int64_t j0, __m512 mx[]) {
+    const __mmask16 live = (__mmask16)((1u << nk) - 1);
+    __m512 a0[HEADS_PER_ITEM], a1[HEADS_PER_ITEM];
+    for (int h = 0; h < HEADS_PER_ITEM; h++) a0[h] = a1[h] = _mm512_setzero_ps();
+    for (int d = 0; d < HD; d += 2) {
+        const __m512 k0 = key_lanes(type, at + (size_t)d * step, live), k1 = key_lanes(type, at + (size_t)(d + 1) * step, live);
+        for (int h = 0; h < HEADS_PER_ITEM; h++) {
+            a0[h] = _mm512_fmadd_ps(_mm512_set1_ps(qs[h][d]), k0, a0[h]);
+            a1[h] = _mm512_fmadd_ps(_mm512_set1_ps(qs[h][d + 1]), k1, a1[h]);
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        const __m512 sc = _mm512_add_ps(a0[h], a1[h]);
+        _mm512_mask_storeu_ps(scores + h * n + j0, live, sc);
+        mx[h] = _mm512_mask_max_ps(mx[h], live, mx[h], sc);
+    }
+}
+
+static void tiled_scores(const kv_rows *K, const uint8_t *at, int64_t w, int nk, const float qs[][HD], int nh,
+                         float *scores, int64_t n, int64_t j0, __m512 mx[]) {
+    const size_t step = (size_t)w * K->elem;
+    if (K->type == PE_TYPE_F16) tiled_scores_t(PE_TYPE_F16, at, step, nk, qs, nh, scores, n, j0, mx);
+    else if (K->type == PE_TYPE_BF16) tiled_scores_t(PE_TYPE_BF16, at, step, nk, qs, nh, scores, n, j0, mx);
+    else tiled_scores_t(PE_TYPE_F32, at, step, nk, qs, nh, scores, n, j0, mx);
+}
+
 void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
                             const kv_rows *V, int head_dim, int64_t window, const float *sink, float *scores,
                             float *tile) {
@@ -66,10 +108,24 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
     const int64_t n = p - lo + 1;
     __m512 mx[HEADS_PER_ITEM];
     for (int h = 0; h < nh; h++) mx[h] = _mm512_set1_ps(sink[h]);
-    /* scores: per tile of 16 keys (converted once, for every head of the item) and per head, one
-     * register of partial products per key, then hsum16: 16 accumulators and the head's query in
-     * registers */
-    for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
+    if (K->tiled) { /* the keys' tiles, a run at a time (tiled_scores) */
+        _Alignas(64) float qs[HEADS_PER_ITEM][HD];
+        for (int h = 0; h < HEADS_PER_ITEM; h++)
+            for (int d = 0; d < HD; d++) qs[h][d] = h < nh ? q[(size_t)h * HD + d] * scale : 0.0f;
+        for (int64_t j0 = 0; j0 < n;) {
+            const uint8_t *at;
+            int64_t w;
+            const int nk = kv_tiled_run(K, lo + j0, n - j0, n_slots, &at, &w);
+            if (at + KV_TILE * K->row < K->base + (size_t)n_slots * K->row) /* the next tile, into L1 */
+                for (size_t b = 0; b < KV_TILE * K->row; b += 64) _mm_prefetch((const char *)(at + KV_TILE * K->row + b), _MM_HINT_T0);
+            tiled_scores(K, at, w, nk, qs, nh, scores, n, j0, mx);
+            j0 += nk;
+        }
+    }
+    /* keys in rows (Q8_0): per tile of 16 keys (converted once, for every head of the item) and per
+     * head, one register of partial products per key, then hsum16: 16 accumulators and the head's
+     * query in registers */
+    for (int64_t j0 = 0; j0 < n && !K->tiled; j0 += KV_TILE) {
         const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
         f32_tile(K, tile, lo + j0, nk, n_slots);
         const __mmask16 live = (__mmask16)((1u << nk) - 1);

@@ -12,17 +12,46 @@
 
 #include "quants.h"
 
-/* One K/V head of a layer's K or V cache as the loop reads it: the row of ring slot r at base + r * row. */
+/* Keys / values converted to f32 per tile (in L1), and query heads per item: a GQA group shares one
+ * K/V head, so each converted row serves up to HEADS_PER_ITEM heads (gpt-oss's 8: all of them). */
+enum { KV_TILE = 16, HEADS_PER_ITEM = 8 };
+
+/* One K/V head of a layer's K or V cache as the loop reads it: n_slots rows of `row` bytes from base.
+ * In rows (V, and Q8_0 keys): the row of ring slot r at base + r * row. Tiled (keys of the element
+ * types F32, F16, BF16: kv_keys_tiled): slots in tiles of KV_TILE, tile t the bytes of its slots'
+ * rows (base + KV_TILE t * row ..), holding them dimension by dimension: element d of slot
+ * KV_TILE t + i at (d * w + i) * elem, w the tile's slot count (KV_TILE, or what the ring has left). */
 typedef struct {
     const uint8_t *base;
     size_t row;
     pe_dequant_row_fn dequant;
-    int type; /* the cache type (a SIMD level may read some types directly) */
+    int type;    /* the cache type (a SIMD level may read some types directly) */
+    int tiled;   /* keys in tiles (above) */
+    size_t elem; /* bytes of one element (tiled types) */
 } kv_rows;
 
-/* Keys / values converted to f32 per tile (in L1), and query heads per item: a GQA group shares one
- * K/V head, so each converted row serves up to HEADS_PER_ITEM heads (gpt-oss's 8: all of them). */
-enum { KV_TILE = 16, HEADS_PER_ITEM = 8 };
+/* Whether a key cache of this type is tiled (kv_rows): every element type, not Q8_0, whose blocks
+ * run along the head's dimensions. Why: a tile's 16 keys of one dimension are one vector, so the
+ * scores of 16 keys are broadcast multiply-adds of the query's elements, with no sums across lanes
+ * (a third of the key pass's time in rows, bench/RESULTS.md, twelfth session). */
+static inline int kv_keys_tiled(int type) { return type == PE_TYPE_F32 || type == PE_TYPE_F16 || type == PE_TYPE_BF16; }
+
+/* Byte offset of element d of ring slot s in a tiled head of n_slots rows of `row` bytes. */
+static inline size_t kv_tiled_at(int64_t s, int d, int64_t n_slots, size_t row, size_t elem) {
+    const int64_t t0 = s / KV_TILE * KV_TILE, w = n_slots - t0 < KV_TILE ? n_slots - t0 : KV_TILE;
+    return (size_t)t0 * row + ((size_t)d * (size_t)w + (size_t)(s - t0)) * elem;
+}
+
+/* Of the positions [first, first + max) of a tiled head, those up to the end of first's tile (or of
+ * the ring): their count nk, and (*w, the tile's slot count) the address of dimension 0 of the first
+ * of them; dimension d's nk values follow at d * w * elem from it. */
+static inline int kv_tiled_run(const kv_rows *R, int64_t first, int64_t max, int64_t n_slots, const uint8_t **at,
+                               int64_t *w) {
+    const int64_t s = first % n_slots, t0 = s / KV_TILE * KV_TILE;
+    *w = n_slots - t0 < KV_TILE ? n_slots - t0 : KV_TILE;
+    *at = R->base + kv_tiled_at(s, 0, n_slots, R->row, R->elem);
+    return (int)(*w - (s - t0) < max ? *w - (s - t0) : max);
+}
 
 /* The inner loop of each SIMD level (attention.c picks one at run time). */
 typedef void (*pe_attend_heads_fn)(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
@@ -68,21 +97,39 @@ ATTEND_HEADS_LINKAGE void ATTEND_HEADS(float *o, const float *q, int nh, int64_t
     const int64_t n = p - lo + 1;
     float m[HEADS_PER_ITEM], inv[HEADS_PER_ITEM];
     for (int h = 0; h < nh; h++) m[h] = sink[h];
-    for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
-        const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
-        load_tile(tile, K, lo + j0, nk, n_slots, head_dim);
+    for (int64_t j0 = 0; j0 < n;) {
+        int nk;
+        if (K->tiled) { /* tile[d * KV_TILE + j]: element d of key j, each dimension's keys one run */
+            const uint8_t *at;
+            int64_t w;
+            nk = kv_tiled_run(K, lo + j0, n - j0, n_slots, &at, &w);
+            for (int d = 0; d < head_dim; d++) K->dequant(at + (size_t)d * (size_t)w * K->elem, tile + (size_t)d * KV_TILE, nk);
+        } else {
+            nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
+            load_tile(tile, K, lo + j0, nk, n_slots, head_dim);
+        }
         for (int h = 0; h < nh; h++) {
             const float *qh = q + (size_t)h * head_dim;
             float *sh = scores + h * n + j0;
-            for (int j = 0; j < nk; j++) {
-                const float *k = tile + (size_t)j * head_dim;
-                float acc = 0.0f;
+            if (K->tiled) {
+                float acc[KV_TILE] = {0};
+                for (int d = 0; d < head_dim; d++) {
+                    const float *kd = tile + (size_t)d * KV_TILE;
+#pragma omp simd
+                    for (int j = 0; j < KV_TILE; j++) acc[j] += qh[d] * kd[j];
+                }
+                for (int j = 0; j < nk; j++) sh[j] = acc[j] * scale;
+            } else
+                for (int j = 0; j < nk; j++) {
+                    const float *k = tile + (size_t)j * head_dim;
+                    float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                for (int d = 0; d < head_dim; d++) acc += qh[d] * k[d];
-                sh[j] = acc * scale;
-                m[h] = sh[j] > m[h] ? sh[j] : m[h];
-            }
+                    for (int d = 0; d < head_dim; d++) acc += qh[d] * k[d];
+                    sh[j] = acc * scale;
+                }
+            for (int j = 0; j < nk; j++) m[h] = sh[j] > m[h] ? sh[j] : m[h];
         }
+        j0 += nk;
     }
     for (int h = 0; h < nh; h++) {
         float *sh = scores + h * n;

@@ -141,8 +141,10 @@ class Runner:
     def copy_cache(self, src: Cache, dst: Cache) -> bool:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
         of one request share their prompt this way). The CPU cache is head-major, (n_head_kv,
-        slots, row bytes) per layer: full layers copy each head's first n_past slots, sliding rings
-        the whole ring (position p lives in slot p % slots). False, with `dst` untouched,
+        slots, row bytes) per layer: full layers copy each head's first n_past slots rounded up to
+        whole tiles of 16 (the keys of f32/f16/bf16 caches sit in tiles of 16 slots, dimension by
+        dimension: csrc/attention_heads.h), sliding rings the whole ring (position p lives in slot
+        p % slots). False, with `dst` untouched,
         when the caches keep their rows where the host cannot copy them (CUDA) or differ in shape:
         the caller then evaluates the prompt instead."""
         a = [*getattr(src.native, "k", ()), *getattr(src.native, "v", ())]
@@ -151,7 +153,7 @@ class Runner:
                 isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape and x.dtype == y.dtype
                 for x, y in zip(a, b)):
             return False
-        n = src.n_past
+        n = -(-src.n_past // 16) * 16
         for x, y in zip(a, b):
             slots = min(n, x.shape[-2])
             y[..., :slots, :] = x[..., :slots, :]

@@ -7,8 +7,8 @@
  * head's 128 bytes every kv_dim elements, and the strided reads waited on memory: at depth 2048 the
  * head-major tiles made attention ~2x faster). K and V each have an element type (PE_TYPE_F32, F16,
  * BF16 or Q8_0, as llama.cpp's --cache-type-k/v): rows are written in it once per token and read back
- * through the type's dequantizer, a tile at a time. The keys of the element types (not Q8_0) are
- * kept in tiles of 16 slots, dimension by dimension within a tile (kv_rows in attention_heads.h), so
+ * through the type's dequantizer, a tile at a time. On AVX-512 CPUs the keys of the element types
+ * (not Q8_0) are kept in tiles of 16 slots, dimension by dimension within a tile (kv_rows in attention_heads.h), so
  * that 16 keys' scores take no sums across vector lanes: 1.12-1.29x on attention at depths 4096 and
  * 32768 (bench/RESULTS.md, twelfth session). */
 #ifndef PE_ATTENTION_H

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_features.h"
 #include "quants.h"
 
 /* Keys / values converted to f32 per tile (in L1), and query heads per item: a GQA group shares one
@@ -30,11 +31,15 @@ typedef struct {
     size_t elem; /* bytes of one element (tiled types) */
 } kv_rows;
 
-/* Whether a key cache of this type is tiled (kv_rows): every element type, not Q8_0, whose blocks
- * run along the head's dimensions. Why: a tile's 16 keys of one dimension are one vector, so the
- * scores of 16 keys are broadcast multiply-adds of the query's elements, with no sums across lanes
- * (a third of the key pass's time in rows, bench/RESULTS.md, twelfth session). */
-static inline int kv_keys_tiled(int type) { return type == PE_TYPE_F32 || type == PE_TYPE_F16 || type == PE_TYPE_BF16; }
+/* Whether a key cache of this type is tiled (kv_rows): the element types, not Q8_0 (its blocks run
+ * along the head's dimensions), where the AVX-512 loop reads them. Why: a tile's 16 keys of one
+ * dimension are one vector, so the scores of 16 keys are broadcast multiply-adds of the query's
+ * elements, with no sums across lanes (a third of the key pass's time in rows; 1.22-1.44x on
+ * attention, bench/RESULTS.md, twelfth session). The AVX2 and scalar levels keep rows: their generic
+ * loop read tiles 0.66-0.8x as fast. The level is fixed for a process, and so is the layout. */
+static inline int kv_keys_tiled(int type) {
+    return (type == PE_TYPE_F32 || type == PE_TYPE_F16 || type == PE_TYPE_BF16) && pe_simd_level_get() >= PE_SIMD_AVX512;
+}
 
 /* Byte offset of element d of ring slot s in a tiled head of n_slots rows of `row` bytes. */
 static inline size_t kv_tiled_at(int64_t s, int d, int64_t n_slots, size_t row, size_t elem) {
@@ -103,7 +108,10 @@ ATTEND_HEADS_LINKAGE void ATTEND_HEADS(float *o, const float *q, int nh, int64_t
             const uint8_t *at;
             int64_t w;
             nk = kv_tiled_run(K, lo + j0, n - j0, n_slots, &at, &w);
-            for (int d = 0; d < head_dim; d++) K->dequant(at + (size_t)d * (size_t)w * K->elem, tile + (size_t)d * KV_TILE, nk);
+            if (nk == KV_TILE) /* a whole tile: its head_dim * 16 elements in one call */
+                K->dequant(at, tile, (int64_t)head_dim * KV_TILE);
+            else
+                for (int d = 0; d < head_dim; d++) K->dequant(at + (size_t)d * (size_t)w * K->elem, tile + (size_t)d * KV_TILE, nk);
         } else {
             nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
             load_tile(tile, K, lo + j0, nk, n_slots, head_dim);

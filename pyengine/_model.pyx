@@ -275,8 +275,9 @@ cdef class KVCache:
     """K and V rings per layer, in the element types type_k and type_v (KV_CACHE_TYPES): n_ctx slots
     for full layers, window + n_batch for sliding ones (allocated zeroed and lazily, so untouched
     pages cost no memory). Head-major, as csrc/attention.h reads them: k[l] and v[l] are uint8 arrays
-    (n_head_kv, slots, bytes of one head's row); position p is slot p % slots. The keys of f32, f16
-    and bf16 caches are stored in tiles of 16 slots, dimension by dimension (csrc/attention_heads.h)."""
+    (n_head_kv, slots, bytes of one head's row); position p is slot p % slots. On AVX-512 CPUs the keys
+    of f32, f16 and bf16 caches are stored in tiles of 16 slots, dimension by dimension
+    (csrc/attention_heads.h)."""
     cdef public object k, v
     cdef public int64_t n_ctx
     cdef public object n_slots

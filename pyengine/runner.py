@@ -142,8 +142,8 @@ class Runner:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
         of one request share their prompt this way). The CPU cache is head-major, (n_head_kv,
         slots, row bytes) per layer: full layers copy each head's first n_past slots rounded up to
-        whole tiles of 16 (the keys of f32/f16/bf16 caches sit in tiles of 16 slots, dimension by
-        dimension: csrc/attention_heads.h), sliding rings the whole ring (position p lives in slot
+        whole tiles of 16 (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16
+        slots, dimension by dimension: csrc/attention_heads.h), sliding rings the whole ring (position p lives in slot
         p % slots). False, with `dst` untouched,
         when the caches keep their rows where the host cannot copy them (CUDA) or differ in shape:
         the caller then evaluates the prompt instead."""

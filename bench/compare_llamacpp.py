@@ -23,6 +23,8 @@ then run this script with PYTHONPATH=/tmp/lcp_noamx (the header's "kernels" line
 no AMX_INT8 there). The script says so when the repacked configuration crashed with AMX built in.
 Several files (the MXFP4 synth file
 and the Q4_K_M-style one, `pyengine synth --mix q4_k_m`) run one after the other in the same run.
+llama.cpp reads gpt-oss files only under the architecture name `gpt-oss`: write synth files with
+`--arch-name gpt-oss` (the script stops at once, saying so, on a `gptoss` file).
 Prints a header (date, machine, command, commit, load average) and the tables to paste into
 bench/RESULTS.md: llama-bench's, then one row per file and test with the ratio and each decode
 speed as a share of the limit the memory read bandwidth implies (the file's own weight bytes per
@@ -288,7 +290,14 @@ def main() -> int:
     print(f"kernels: {kernel_levels(args.only)}\n")
     llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
     engines = (() if args.only == "llama.cpp" else ("pyengine",)) + llama
-    runs = [ModelRun(model, decode_bytes(open_model(model))) for model in args.models]
+    files = {model: open_model(model) for model in args.models}
+    if llama:
+        for model, mf in files.items():
+            if mf.arch != "gpt-oss":
+                raise SystemExit(f"{model}: general.architecture is {mf.arch!r}, and llama.cpp loads gpt-oss files "
+                                 "only as 'gpt-oss': write it with `pyengine synth --arch-name gpt-oss` (or "
+                                 "`pyengine convert --arch-name gpt-oss`), or pass --only pyengine")
+    runs = [ModelRun(model, decode_bytes(mf)) for model, mf in files.items()]
     probes = []  # (file, engine, round, before, after)
     for rnd in range(args.rounds):
         for run in runs:

@@ -141,6 +141,19 @@ def test_compare_script_runs_several_files(tiny):
     assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")
 
 
+def test_compare_stops_at_once_on_a_file_llama_cpp_cannot_read(tmp_path):
+    """llama.cpp knows gpt-oss only as 'gpt-oss': on a 'gptoss' file (synth's default) the script says
+    how to write one it loads, before any engine runs; with --only pyengine it runs."""
+    path = write_synth_model(tmp_path / "canonical.gguf", "tiny", fast=True)
+    args = [sys.executable, str(BENCH / "compare_llamacpp.py"), str(path), "-p", "0", "-n", "2", "-r", "1", "-t", "1",
+            "--bandwidth", "10"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "general.architecture is 'gptoss'" in r.stderr and "--arch-name gpt-oss" in r.stderr
+    assert "| canonical.gguf |" not in r.stdout
+    r = subprocess.run([*args, "--only", "pyengine"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "| canonical.gguf | tg2 |" in r.stdout, r.stderr
+
+
 def test_compare_probes_the_pages_pyengine_streams(tiny):
     """Without --bandwidth, after each pyengine round the script probes the page cache of the file
     pyengine streamed (its repack cache beside the model) and shows decode as a share of that rate:

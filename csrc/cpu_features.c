@@ -35,9 +35,16 @@ static int leaf7_ecx(int bit) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return (c >> bit) & 1;
 }
+
+int pe_cpu_is_amd(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "Auth" "enti" "cAMD" */
+}
 #else
 static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }
 static int leaf7_ecx(int bit) { return 0; }
+int pe_cpu_is_amd(void) { return 0; }
 #endif
 
 /* PYENGINE_SIMD, read once per process: scalar and avx2 cap the level; avx512vnni keeps it and hides

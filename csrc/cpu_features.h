@@ -23,5 +23,7 @@ int pe_cpu_has_avx512bitalg(void);
 /* Whether PYENGINE_SIMD leaves AMX to the prefill tiles (unset or empty: yes; any other value, even
  * one it does not know: no). Whether the CPU and the OS have it is gemm_q8_amx.c's question. */
 int pe_cpu_amx_allowed(void);
+/* Whether the CPU is AMD's (cpuid vendor "AuthenticAMD"): r16.h's pe_r16_one_token_rows asks. */
+int pe_cpu_is_amd(void);
 
 #endif

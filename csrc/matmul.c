@@ -255,7 +255,43 @@ static const uint8_t *group_rows(const pe_matmul_job *b, int64_t k) {
     return b->w->data + b->expert * b->w->expert_stride + k * rows_per_group(b->w) * b->w->row_stride;
 }
 
+/* Whether job b reads its weight's rows in the file's layout instead of its R16 form (pe_weight.rows). */
+static int reads_rows(const pe_matmul_job *b) {
+    return b->n_tok == 1 && b->w->layout == PE_LAYOUT_R16 && b->w->rows && pe_r16_one_token_rows(b->w->type);
+}
+
+static int matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads);
+
 int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
+    int any = 0;
+    for (int j = 0; j < n_jobs; j++) any |= reads_rows(&jobs[j]);
+    if (!any) return matmul_many(jobs, n_jobs, n_threads);
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+    pe_matmul_job *swapped = pe_arena_alloc(ar, sizeof(pe_matmul_job) * (size_t)n_jobs);
+    pe_weight *views = pe_arena_alloc(ar, sizeof(pe_weight) * (size_t)n_jobs);
+    int rc = -1;
+    if (swapped && views) {
+        for (int j = 0; j < n_jobs; j++) {
+            swapped[j] = jobs[j];
+            if (!reads_rows(&jobs[j])) continue;
+            views[j] = *jobs[j].w;
+            views[j].data = views[j].rows;
+            views[j].row_stride = views[j].rows_stride;
+            views[j].expert_stride = 0;
+            views[j].layout = PE_LAYOUT_ROWS;
+            views[j].rows = NULL;
+            swapped[j].w = &views[j];
+            swapped[j].expert = 0;
+        }
+        rc = matmul_many(swapped, n_jobs, n_threads);
+    }
+    pe_arena_release(ar, mark);
+    return rc;
+}
+
+static int matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     int fused = n_jobs > 0;
     int64_t work = 0, n_groups = 0;
     for (int j = 0; j < n_jobs; j++) {

@@ -17,6 +17,11 @@ typedef struct {
     int64_t expert_stride; /* bytes from one expert to the next (0 for a plain matrix) */
     int int8_act;          /* nonzero: row-wise products use int8 activations (see pe_matmul) */
     int layout;            /* PE_LAYOUT_ROWS, or PE_LAYOUT_R16: MXFP4, Q8_0, Q5_0 or Q4_K rows interleaved by 16 (r16.h) */
+    /* An R16 plain matrix (expert_stride ignored) may also carry its rows in the file's layout (row 0
+     * at rows, rows_stride bytes apart; NULL: not at hand): one-token products read those instead
+     * where this CPU streams that layout faster (pe_r16_one_token_rows, r16.h), with the same bits. */
+    const uint8_t *rows;
+    int64_t rows_stride;
 } pe_weight;
 
 /* PE_LAYOUT_R16 weights (MXFP4, Q8_0, Q5_0 or Q4_K, row_stride = pe_r16_group_bytes / 16, so that row 16 g starts group g)

@@ -2,8 +2,10 @@
  * the K-quants' codes and scales), done once per model into the cache file, so plain C. */
 #include "r16.h"
 
+#include <stdlib.h>
 #include <string.h>
 
+#include "cpu_features.h"
 #include "quants_impl.h"
 
 /* Bytes of one block of one row in the file, and elements per block (quant_formats.h). */
@@ -27,6 +29,13 @@ int64_t pe_r16_bytes(int type, int64_t n_in, int64_t n_out, int64_t n_expert) {
 pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out) {
     return (pe_weight){data, type, n_in, n_out, pe_r16_group_bytes(type, n_in) / PE_R16_ROWS,
                        pe_r16_bytes(type, n_in, n_out, 1), 1, PE_LAYOUT_R16};
+}
+
+int pe_r16_one_token_rows(int type) {
+    const char *v = getenv("PYENGINE_DECODE_LAYOUT");
+    if (v && strcmp(v, "rows") == 0) return 1;
+    if (v && strcmp(v, "r16") == 0) return 0;
+    return type == PE_TYPE_Q8_0 && pe_cpu_is_amd();
 }
 
 static uint32_t u32_at(const uint8_t *p) {

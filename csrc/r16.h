@@ -161,6 +161,15 @@ static inline void pe_r16_prefetch(const uint8_t *pf, int64_t nb, int64_t b) { p
 
 /* Whether ggml type `type` has an R16 form (every block format: MXFP4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K). */
 static inline int pe_r16_has_type(int type) { return pe_r16_unit_bytes(type) != 0; }
+/* Whether one-token products of an R16 weight of this type read its rows in the file's layout
+ * instead, where the weight carries them (pe_weight.rows): PYENGINE_DECODE_LAYOUT=rows says yes for
+ * every type, =r16 no; unset (or anything else), yes for Q8_0 on AMD CPUs. On the Zen 4 dev VM the
+ * file layout's one-token Q8_0 kernel streamed 50-56 GB/s from a ~68 GB/s memory where the R16 one
+ * read 35-41 (two demand streams, more or fewer prefetch cursors, a slower kernel: none moved it),
+ * while on the Intel box R16 read faster (95 % of the probe against 86 %); several tokens keep R16,
+ * whose kernel reads each block once for all of them (bench/RESULTS.md, thirteenth session). */
+int pe_r16_one_token_rows(int type);
+
 /* Bytes of one group of 16 rows of n_in elements. */
 int64_t pe_r16_group_bytes(int type, int64_t n_in);
 /* Bytes of the repacked form of a weight of n_expert matrices of n_out rows x n_in elements. */

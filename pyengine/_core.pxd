@@ -10,6 +10,8 @@ cdef extern from "matmul.h":
         int64_t n_in, n_out, row_stride, expert_stride
         int int8_act
         int layout
+        const uint8_t *rows
+        int64_t rows_stride
     enum: PE_LAYOUT_ROWS
 
 cdef extern from "attention.h":

@@ -41,6 +41,7 @@ cdef extern from "r16.h":
     pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_out)
     void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil
     pe_r16_dot_fn pe_r16_dot_get(int type)
+    int pe_r16_one_token_rows(int type)
 
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
@@ -117,6 +118,8 @@ cdef pe_weight _weight(object data, int ggml_type, int64_t n_in, int64_t n_out, 
     w.expert_stride = data.strides[0] if data.ndim == 3 else 0
     w.int8_act = 1 if int8_activations else 0
     w.layout = PE_LAYOUT_ROWS
+    w.rows = NULL
+    w.rows_stride = 0
     return w
 
 
@@ -142,6 +145,12 @@ def r16_available(int ggml_type=MXFP4) -> bool:
     """Whether this CPU has an R16 kernel for the type (MXFP4: AVX-512 VNNI or AVX2; the others:
     AVX-512 VNNI)."""
     return pe_r16_dot_get(ggml_type) != NULL
+
+
+def r16_one_token_rows(int ggml_type) -> bool:
+    """Whether one-token products of a repacked matrix of the type read its rows in the file's layout
+    instead (PYENGINE_DECODE_LAYOUT, else Q8_0 on AMD CPUs: csrc/r16.h)."""
+    return pe_r16_one_token_rows(ggml_type) != 0
 
 
 def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4) -> int:
@@ -450,10 +459,16 @@ cdef class Model:
             want = [n_in, n_out] + ([n_expert] if n_expert else [])
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {tuple(want)}")
         self.keep.append(data)
-        if name in self.repacked:
-            self.keep.append(self.repacked[name])
-            return _r16_weight(self.repacked[name], ty, n_in, n_out, max(n_expert, 1), name)
-        return _weight(data, ty, n_in, n_out, max(n_expert, 1), name, self.int8_activations)
+        cdef pe_weight w = _weight(data, ty, n_in, n_out, max(n_expert, 1), name, self.int8_activations)
+        cdef pe_weight r
+        if name not in self.repacked:
+            return w
+        self.keep.append(self.repacked[name])
+        r = _r16_weight(self.repacked[name], ty, n_in, n_out, max(n_expert, 1), name)
+        if not n_expert:  # a plain matrix keeps its file rows too: one-token products may read them (matmul.h)
+            r.rows = w.data
+            r.rows_stride = w.row_stride
+        return r
 
     def __dealloc__(self):
         free(self.c_layers)

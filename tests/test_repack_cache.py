@@ -57,7 +57,11 @@ def cached_names(path) -> set:
     return {e["name"] for e in json.loads(head[24:24 + n])["tensors"]}
 
 
-def test_same_logits_with_and_without_the_cache(model, caplog):
+@pytest.mark.parametrize("decode_layout", ["r16", "rows"])
+def test_same_logits_with_and_without_the_cache(model, caplog, monkeypatch, decode_layout):
+    """Both forms one-token products of repacked matrices can read (PYENGINE_DECODE_LAYOUT: the R16
+    one, or the file's rows that a repacked matrix keeps, csrc/r16.h) give the file layout's bits."""
+    monkeypatch.setenv("PYENGINE_DECODE_LAYOUT", decode_layout)
     caplog.set_level(logging.INFO, logger="pyengine")
     on = Engine(model, n_ctx=64, n_threads=2, n_batch=16)
     assert on.repacked and cache_of(model).is_file()
@@ -83,6 +87,34 @@ def test_same_logits_with_and_without_the_cache(model, caplog):
         alone.eval(toks(4 + i, 10 + i))
         np.testing.assert_array_equal(step[i], alone.eval([7 + i]))
     assert sum("Repack cache written" in r.getMessage() for r in caplog.records) == 1  # built once, then reused
+
+
+@pytest.mark.skipif(not K.r16_available(K.Q8_0), reason="no R16 Q8_0 kernel on this CPU (AVX-512 VNNI)")
+def test_one_token_products_read_the_file_rows_when_told(model, monkeypatch):
+    """With PYENGINE_DECODE_LAYOUT=rows a one-token product of a repacked matrix reads the file's rows,
+    with =r16 its R16 form, and several tokens always the R16 form: shown by an output.weight whose R16
+    bytes are garbage, which only the products that read them see."""
+    real = repack_cache.repacked_weights
+
+    def spoiled(model_file, n_threads, build=True):
+        got = dict(real(model_file, n_threads, build))
+        r16 = got["output.weight"]
+        buf = np.empty(r16.nbytes + 64, np.uint8)  # the kernels need 64-byte alignment
+        at = -buf.ctypes.data % 64
+        got["output.weight"] = buf[at:at + r16.nbytes].reshape(r16.shape)
+        got["output.weight"][:] = np.random.default_rng(0).integers(0, 256, r16.shape, np.uint8)
+        return got
+
+    reference = Engine(model, n_ctx=64, n_threads=2, repack=False)
+    want_prefill, want_step = reference.eval(toks(5, 1), logits_all=True), reference.eval([7])
+    monkeypatch.setattr("pyengine.engine.repacked_weights", spoiled)
+    for layout, step_is_right in (("rows", True), ("r16", False)):
+        monkeypatch.setenv("PYENGINE_DECODE_LAYOUT", layout)
+        assert K.r16_one_token_rows(K.Q8_0) == step_is_right
+        eng = Engine(model, n_ctx=64, n_threads=2)
+        assert eng.repacked
+        assert not np.array_equal(eng.eval(toks(5, 1), logits_all=True), want_prefill)  # 5 tokens: R16
+        assert np.array_equal(eng.eval([7]), want_step) == step_is_right
 
 
 def test_q4_k_m_file_same_logits_with_and_without_the_cache(tmp_path):

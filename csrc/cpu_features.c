@@ -36,10 +36,15 @@ static int leaf7_ecx(int bit) {
     return (c >> bit) & 1;
 }
 
+/* Read once: pe_r16_one_token_rows asks at every product, and cpuid traps to the hypervisor in a VM. */
 int pe_cpu_is_amd(void) {
-    unsigned int a, b, c, d;
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
-    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "Auth" "enti" "cAMD" */
+    static int cached = -1;
+    if (cached < 0) {
+        unsigned int a, b, c, d;
+        cached = __get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u &&
+                 c == 0x444d4163u; /* "Auth" "enti" "cAMD" */
+    }
+    return cached;
 }
 #else
 static pe_simd_level detect(void) { return PE_SIMD_SCALAR; }

@@ -3,13 +3,16 @@
  *
  * Why by hand: compiled from the generic C, a key's score ended in a 16-step scalar sum and a value's
  * weighted add went through memory (the output row stored and reloaded for every key): ~60 % of the
- * inner loop's time (perf annotate, depth 4096). Here each tile of 16 keys or values is converted to
- * f32 once for all of the item's heads (f16 caches, the default, by F16C; the ring slot advanced, not
- * divided, per row); a score is four FMAs into one register, with the head's query and the 16 keys'
- * accumulators in registers, and 16 keys' registers are summed across lanes together (hsum16: 15
- * shuffles and adds for 16 scores); each head's output takes a tile's values in four registers;
- * the softmax's exponentials are vectorized (vexp_avx512.h). Each head's operations and their order
- * do not depend on the other heads of its item, so its result does not depend on how many share it. */
+ * inner loop's time (perf annotate, depth 4096). Here keys in tiles (f16, bf16, f32: kv_rows) are
+ * scored 16 at a time by broadcast multiply-adds of the item's queries (tiled_scores); keys in rows
+ * (Q8_0) are dequantized a tile of 16 at a time, once for all of the item's heads, and 16 keys'
+ * partial-product registers summed across lanes together (hsum16). The softmax's exponentials are
+ * vectorized (vexp_avx512.h). Values go to four heads at a time (value_rows): each value row is loaded
+ * (an f16 row converted by F16C as it is read) once per four heads, whose 16 output registers stay in
+ * registers, with the weights already divided by the denominator: on the Zen 4 dev box (one core,
+ * depth 4096) that and the softmax's four vectors an iteration took a layer from 880-908 to 749-753
+ * us, the same bits (bench/RESULTS.md, fourteenth session). Each head's operations and their order do
+ * not depend on the other heads of its item, so its result does not depend on how many share it. */
 #include <immintrin.h>
 #include <math.h>
 
@@ -36,23 +39,6 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 
 enum { HD = 64 };
-
-/* Rows [first, first + nk) (positions) of a tile of 16 keys or values as f32 in `tile` (16 x 64 floats,
- * in L1): f16 caches converted here (F16C), with load_tile's prefetch of the row one tile ahead; other
- * types through load_tile. */
-static inline void f32_tile(const kv_rows *R, float *tile, int64_t first, int nk, int64_t n_slots) {
-    if (R->type != PE_TYPE_F16) {
-        load_tile(tile, R, first, nk, n_slots, HD);
-        return;
-    }
-    int64_t slot = first % n_slots; /* one division a tile, not one a row */
-    for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1) {
-        const uint8_t *h = R->base + (size_t)slot * R->row;
-        prefetch_row_ahead(R, h, slot, n_slots);
-        for (int c = 0; c < 4; c++)
-            _mm512_storeu_ps(tile + j * HD + 16 * c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32 * c))));
-    }
-}
 
 /* 16 keys' element of one dimension at p (the first nk lanes; the rest zero) as f32. */
 static inline __attribute__((always_inline)) __m512 key_lanes(const int type, const uint8_t *p, __mmask16 live) {
@@ -96,6 +82,36 @@ static void tiled_scores(const kv_rows *K, const uint8_t *at, int64_t w, int nk,
     else tiled_scores_t(PE_TYPE_F32, at, step, nk, qs, nh, scores, n, j0, mx);
 }
 
+/* The nk value rows of a tile (from ring slot slot0) added to g (1 or 4) heads' outputs o (heads HD
+ * apart), head i's weight of row j at w[i * n + j]: the heads' 4 g output registers in registers, each
+ * row's four registers loaded once for all g heads, from rows (the tile, f32) or, f16 set, converted
+ * from the f16 cache as read (with load_tile's prefetch one tile ahead when `prefetch`). Each head's
+ * multiply-adds are the same ones in the same order, whatever g. */
+static inline __attribute__((always_inline)) void value_rows(const int g, const int f16, const kv_rows *V, const float *rows,
+                                                             int64_t slot0, int64_t n_slots, int nk, const float *w,
+                                                             int64_t n, float *o, int prefetch) {
+    __m512 a[4][4];
+    for (int i = 0; i < g; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = _mm512_loadu_ps(o + (size_t)i * HD + 16 * c);
+    int64_t slot = slot0;
+    for (int j = 0; j < nk; j++, slot = slot + 1 == n_slots ? 0 : slot + 1) {
+        __m512 v[4];
+        if (!f16) {
+            for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(rows + j * HD + 16 * c);
+        } else {
+            const uint8_t *r = V->base + (size_t)slot * V->row;
+            if (prefetch) prefetch_row_ahead(V, r, slot, n_slots);
+            for (int c = 0; c < 4; c++) v[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + 32 * c)));
+        }
+        for (int i = 0; i < g; i++) {
+            const __m512 wj = _mm512_set1_ps(w[i * n + j]);
+            for (int c = 0; c < 4; c++) a[i][c] = _mm512_fmadd_ps(wj, v[c], a[i][c]);
+        }
+    }
+    for (int i = 0; i < g; i++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + (size_t)i * HD + 16 * c, a[i][c]);
+}
+
 void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t n_slots, const kv_rows *K,
                             const kv_rows *V, int head_dim, int64_t window, const float *sink, float *scores,
                             float *tile) {
@@ -127,7 +143,7 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
      * query in registers */
     for (int64_t j0 = 0; j0 < n && !K->tiled; j0 += KV_TILE) {
         const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
-        f32_tile(K, tile, lo + j0, nk, n_slots);
+        load_tile(tile, K, lo + j0, nk, n_slots, HD);
         const __mmask16 live = (__mmask16)((1u << nk) - 1);
         for (int h = 0; h < nh; h++) {
             const float *qh = q + (size_t)h * HD;
@@ -150,14 +166,24 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
             mx[h] = _mm512_mask_max_ps(mx[h], live, mx[h], sc);
         }
     }
-    /* softmax with the sink in the denominator (as the generic loop: exp in float, the sum in double);
-     * the value loop multiplies each weight by the head's 1 / denominator */
-    float inv[HEADS_PER_ITEM];
+    /* softmax with the sink in the denominator (as the generic loop: exp in float, the sum in double,
+     * in order), four vectors of exponentials an iteration (one at a time they waited on each other's
+     * latency chains); then each weight times the head's 1 / denominator, in place */
     for (int h = 0; h < nh; h++) {
         const float m = _mm512_reduce_max_ps(mx[h]);
         float *sh = scores + h * n;
         __m512d sum = _mm512_setzero_pd();
-        for (int64_t j = 0; j < n; j += 16) {
+        int64_t j = 0;
+        for (; j + 64 <= n; j += 64) {
+            __m512 e[4];
+            for (int u = 0; u < 4; u++) e[u] = pe_exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + j + 16 * u), _mm512_set1_ps(m)));
+            for (int u = 0; u < 4; u++) {
+                _mm512_storeu_ps(sh + j + 16 * u, e[u]);
+                sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e[u])),
+                                                       _mm512_cvtps_pd(_mm512_extractf32x8_ps(e[u], 1))));
+            }
+        }
+        for (; j < n; j += 16) {
             const __mmask16 live = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
             const __m512 e = _mm512_maskz_mov_ps(live, pe_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh + j),
                                                                                 _mm512_set1_ps(m))));
@@ -165,33 +191,27 @@ void pe_attend_heads_avx512(float *o, const float *q, int nh, int64_t p, int64_t
             sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
                                                    _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1))));
         }
-        inv[h] = (float)(1.0 / (exp((double)sink[h] - m) + _mm512_reduce_add_pd(sum)));
+        const float inv = (float)(1.0 / (exp((double)sink[h] - m) + _mm512_reduce_add_pd(sum)));
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 live = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            _mm512_mask_storeu_ps(sh + j, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, sh + j), _mm512_set1_ps(inv)));
+        }
     }
-    /* values: per tile of 16 (converted once, for every head), each head's four output registers
-     * loaded, given the tile's keys in order, and stored back (in L1: the item's heads do not all fit
-     * in registers) */
+    /* values: per tile of 16, four heads at a time (value_rows); an f16 cache's rows are converted as
+     * they are read, the other types' go through the tile */
     for (int h = 0; h < nh; h++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + (size_t)h * HD + 16 * c, _mm512_setzero_ps());
     for (int64_t j0 = 0; j0 < n; j0 += KV_TILE) {
         const int nk = n - j0 < KV_TILE ? (int)(n - j0) : KV_TILE;
-        f32_tile(V, tile, lo + j0, nk, n_slots);
-        for (int h = 0; h < nh; h++) {
-            float *oh = o + (size_t)h * HD;
-            const float *w = scores + h * n + j0;
-            __m512 a0 = _mm512_loadu_ps(oh), a1 = _mm512_loadu_ps(oh + 16), a2 = _mm512_loadu_ps(oh + 32),
-                   a3 = _mm512_loadu_ps(oh + 48);
-            for (int j = 0; j < nk; j++) {
-                const __m512 wj = _mm512_set1_ps(w[j] * inv[h]);
-                const float *v = tile + j * HD;
-                a0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v), a0);
-                a1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 16), a1);
-                a2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 32), a2);
-                a3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(v + 48), a3);
-            }
-            _mm512_storeu_ps(oh, a0);
-            _mm512_storeu_ps(oh + 16, a1);
-            _mm512_storeu_ps(oh + 32, a2);
-            _mm512_storeu_ps(oh + 48, a3);
+        const int f16 = V->type == PE_TYPE_F16;
+        if (!f16) load_tile(tile, V, lo + j0, nk, n_slots, HD);
+        const int64_t slot0 = (lo + j0) % n_slots;
+        int h = 0;
+        for (; h + 4 <= nh; h += 4) {
+            if (f16) value_rows(4, 1, V, tile, slot0, n_slots, nk, scores + h * n + j0, n, o + (size_t)h * HD, h == 0);
+            else value_rows(4, 0, V, tile, slot0, n_slots, nk, scores + h * n + j0, n, o + (size_t)h * HD, 0);
         }
+        for (; h < nh; h++)
+            value_rows(1, f16, V, tile, slot0, n_slots, nk, scores + h * n + j0, n, o + (size_t)h * HD, h == 0);
     }
 }

@@ -136,6 +136,49 @@ static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, flo
     return best;
 }
 
+/* The int8 multiply-add peak of the default path's products on AVX-512 CPUs: vpdpbusd (VNNI) on
+ * 512-bit registers, 64 byte products an instruction, in 12 independent chains per thread (more than
+ * latency x throughput on the CPUs seen, 4-5 cycles at 1-2 a cycle), every thread at once, best of 5:
+ * G int8 multiply-adds a second; 0 below the AVX-512 level (the AVX2 kernels' vpmaddubsw is another
+ * instruction). Why: prefill is bound by these products, not by memory, so this is its ceiling. The
+ * default path takes two int8 digits per activation (pe_act_q8), two products per weight: its
+ * prefill GFLOP/s (2 per weight multiply-add) is then one int8 product per FLOP, so the peak read as
+ * GFLOP/s is its ceiling. AMX CPUs' prefill tiles can pass it. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) static int64_t vnni_chains(int64_t iters) {
+    __m512i a[12];
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_epi32(i);
+    const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-2);
+    for (int64_t it = 0; it < iters; it++)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) a[i] = _mm512_dpbusd_epi32(a[i], x, y); /* unrolled: in registers */
+    int64_t s = 0;
+    for (int i = 0; i < 12; i++) s += _mm512_reduce_add_epi32(a[i]);
+    return s;
+}
+#endif
+
+static double int8_peak(int threads) {
+#if defined(__x86_64__)
+    if (pe_simd_level_get() < PE_SIMD_AVX512) return 0;
+    enum { ITERS = 4000000 };
+    double best = 0;
+    int64_t sink = 0;
+    for (int r = 0; r < 5; r++) {
+        const double t0 = now();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+        sink += vnni_chains(ITERS);
+        const double g = (double)ITERS * 12 * 64 * threads / (now() - t0) / 1e9;
+        if (g > best) best = g;
+    }
+    return sink == 42 ? 0 : best;
+#else
+    (void)threads;
+    return 0;
+#endif
+}
+
 /* Read bandwidth: every thread streams its own contiguous slice of a buffer much larger than the
  * caches with 256-bit loads into eight independent XOR accumulators (so the loop is bound by memory,
  * not by a dependency chain), either as one sequential stream or as PROBE_STREAMS streams (the
@@ -144,7 +187,6 @@ static double time_matmul(const pe_weight *w, const float *x, int64_t n_tok, flo
  * boxes of 2026-12-03/04, four on the Intel one of 2026-12-05 (by 5-10 %, bench/RESULTS.md). */
 enum { PROBE_STREAMS = 4 };
 #if defined(__x86_64__)
-#include <immintrin.h>
 __attribute__((target("avx2"))) static uint64_t stream_read(const uint8_t *p, size_t bytes, int streams) {
     const size_t part = bytes / (size_t)streams / 256 * 256;
     __m256i a[8];
@@ -310,7 +352,7 @@ static void bench_call_sizes(int threads, int reps) {
         double total = 0;
         for (int r = 0; r < calls; r++) {
             const pe_weight pw = {w + (size_t)((r * 7919) % (n_rows / sizes[k])) * sizes[k] * row, PE_TYPE_Q8_0,
-                                  n_in, sizes[k], (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
+                                  n_in, sizes[k], (int64_t)row, 0, 1, PE_LAYOUT_ROWS, NULL, 0};
             evict_caches(threads);
             const double t0 = now();
             if (pe_matmul(&pw, 0, x, n_in, 1, NULL, y, sizes[k], threads)) { fprintf(stderr, "out of memory\n"); exit(1); }
@@ -454,7 +496,7 @@ static int listed(const char *list, const char *name) {
 int main(int argc, char **argv) {
     int threads = omp_get_max_threads(), reps = 5;
     size_t mib = beyond_caches((size_t)256 << 20) >> 20;
-    int only_bw = 0;
+    int only_bw = 0, only_peak = 0;
     const char *bw_file = NULL; /* --bandwidth-file: only that file's read rate */
     const char *bw_map = NULL;  /* --bandwidth-map: that file's read rate window by window */
     int mib_given = 0;
@@ -465,10 +507,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-m") && i + 1 < argc) mib = (size_t)atol(argv[++i]), mib_given = 1;
         else if (!strcmp(argv[i], "-T") && i + 1 < argc) only_types = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth")) only_bw = 1;
+        else if (!strcmp(argv[i], "--int8-peak")) only_peak = 1;
         else if (!strcmp(argv[i], "--bandwidth-file") && i + 1 < argc) bw_file = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth-map") && i + 1 < argc) bw_map = argv[++i];
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH]\n\n"
+            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--int8-peak]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
@@ -486,10 +529,12 @@ int main(int argc, char **argv) {
                    "                mapped as the engine maps them), printed as GB/s (for scripts)\n"
                    "  --bandwidth-map PATH\n"
                    "                the same rate per window of PATH (-m MIB, default 1024), a line each, then the\n"
-                   "                slowest and fastest: where in the file slow memory is\n", argv[0], threads, mib);
+                   "                slowest and fastest: where in the file slow memory is\n"
+                   "  --int8-peak   only the int8 multiply-add peak (vpdpbusd, AVX-512 VNNI; every thread at\n"
+                   "                once), printed as G multiply-adds/s (for scripts): prefill's ceiling\n", argv[0], threads, mib);
             return 0;
         } else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] (-h for help)\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--int8-peak] (-h for help)\n", argv[0]);
             return 2;
         }
     }
@@ -507,13 +552,20 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
+    if (only_peak) { /* prefill's ceiling, for scripts */
+        const double peak = int8_peak(threads);
+        if (peak <= 0) { fprintf(stderr, "no AVX-512 VNNI here (SIMD %s)\n", pe_simd_level_name(pe_simd_level_get())); return 1; }
+        printf("%.1f\n", peak);
+        return 0;
+    }
     const double bw = bandwidth(threads, PROBE_BYTES);
     if (only_bw) { /* just the probe, for scripts (bench/compare_llamacpp.py) */
         printf("%.2f\n", bw);
         return 0;
     }
-    printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s\n",
-           pe_simd_level_name(pe_simd_level_get()), threads, reps, bw);
+    printf("pyengine kernel bench: SIMD %s, %d threads, best of %d; memory read bandwidth %.1f GB/s; int8 "
+           "multiply-add peak %.0f G/s (prefill's ceiling in GFLOP/s: two int8 digits per activation)\n",
+           pe_simd_level_name(pe_simd_level_get()), threads, reps, bw, int8_peak(threads));
     printf("matrix: n_in = %d, rows filling %zu MiB; decode = 1 token, 4 tok = one step of 4 sequences, "
            "prefill = 64 tokens\n\n", N_EMBD, mib);
     printf("%-6s %8s %12s %8s %8s %12s %16s %14s %16s\n", "type", "rows", "decode GB/s", "BW GB/s", "% of BW",
@@ -542,14 +594,14 @@ int main(int argc, char **argv) {
         double dec[2], pre[2], near = 0; /* near: the probe right before / after the decode timing */
         double dec4 = 0; /* 4 tokens (the several-token kernels), weight GB/s */
         for (int exact = 0; exact < 2; exact++) {
-            pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS};
+            pe_weight pw = {w, type, n_in, rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS, NULL, 0};
             time_matmul(&pw, xx, 1, y, threads, 1); /* page in */
             if (!exact) near = bandwidth(threads, PROBE_BYTES);
             dec[exact] = row * rows / time_matmul(&pw, xx, 1, y, threads, reps) / 1e9;
             if (!exact) near = fmax(near, bandwidth(threads, PROBE_BYTES));
             if (!exact) dec4 = row * rows / time_matmul(&pw, xx, 4, y, threads, reps) / 1e9;
             const int64_t pre_rows = rows < 8192 ? rows : 8192; /* prefill: compute-bound, a slice is enough */
-            pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS};
+            pe_weight pp = {w, type, n_in, pre_rows, (int64_t)row, 0, !exact, PE_LAYOUT_ROWS, NULL, 0};
             pre[exact] = 2.0 * n_in * pre_rows * 64 / time_matmul(&pp, xx, 64, y, threads, reps) / 1e9;
         }
         printf("%-6s %8lld %12.2f %8.1f %7.0f%% %12.2f %16.2f %14.2f %16.2f\n", t->name, (long long)rows, dec[0], near,
@@ -557,7 +609,7 @@ int main(int argc, char **argv) {
         if (pe_r16_dot_get(type)) { /* the same matrix in the R16 layout (r16.h's types; int8 only) */
             uint8_t *r16 = big_alloc((size_t)pe_r16_bytes(type, n_in, rows, 1));
             if (!r16) { fprintf(stderr, "out of memory\n"); return 1; }
-            const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS};
+            const pe_weight src = {w, type, n_in, rows, (int64_t)row, 0, 1, PE_LAYOUT_ROWS, NULL, 0};
             pe_r16_repack(&src, 1, r16, threads);
             const pe_weight pr = pe_r16_weight(type, r16, n_in, rows);
             time_matmul(&pr, xx, 1, y, threads, 1);

@@ -3,6 +3,7 @@
     python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
                                      [--rounds 1] [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp]
                                      [--exact] [--no-mmap] [--device cuda] [--bandwidth GB/S]
+                                     [--int8-peak G/S]
 
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
@@ -36,6 +37,12 @@ After each pyengine round on the CPU, the page cache that holds the weights it s
 cache beside the model, else the model) is probed too (pyengine-bench-kernels --bandwidth-file):
 on the dev VMs those pages read at 0.60-0.91x the fresh buffer's rate, changing with every reload,
 so decode is also shown as a share of what its weights' own memory delivered.
+Prefill is bound by arithmetic, not memory: its limit is the box's int8 multiply-add peak
+(pyengine-bench-kernels --int8-peak, vpdpbusd on AVX-512 VNNI, probed once per run; --int8-peak G/S
+gives a value) over the weight multiply-adds of a prompt token (pyengine.bench.prompt_macs), at one
+int8 product per weight multiply-add, as llama.cpp's one-digit activations make; pyengine's two
+digits make two, so half of that limit is its own ceiling. No limit where there is no AVX-512 VNNI
+(and none with --device cuda).
 --rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
@@ -61,7 +68,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pyengine.bench import BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, time_test
+from pyengine.bench import (BenchResult, Runner, cpu_name, decode_bytes, markdown, model_type, n_params, prompt_macs,
+                             time_test)
 from pyengine.model_file import open_model
 from pyengine.repack_cache import cache_path
 
@@ -144,17 +152,28 @@ def amx_crash_hint(runs: list[ModelRun]) -> str:
             "one without AMX (this script's docstring) and run with PYTHONPATH pointing at it")
 
 
-def bandwidth(threads: int, file: str | None = None) -> float:
-    """GB/s from the kernel bench's read probe (of a fresh buffer; with `file`, of that file's pages
-    in the page cache), or 0 when it is not installed (looked up on PATH, then beside this Python,
-    where a virtual environment that is not activated has it)."""
+def kernel_bench(threads: int, *what: str) -> float:
+    """The number the kernel bench prints for a probe flag, or 0 when it is not installed (looked up
+    on PATH, then beside this Python, where a virtual environment that is not activated has it) or
+    cannot probe that here."""
     exe = shutil.which("pyengine-bench-kernels") or shutil.which("pyengine-bench-kernels",
                                                                  path=str(Path(sys.executable).parent))
     if not exe:
         return 0.0
-    what = ["--bandwidth-file", file] if file else ["--bandwidth"]
     r = subprocess.run([exe, "-t", str(threads), *what], capture_output=True, text=True)
     return float(r.stdout.strip()) if r.returncode == 0 else 0.0
+
+
+def bandwidth(threads: int, file: str | None = None) -> float:
+    """GB/s from the kernel bench's read probe (of a fresh buffer; with `file`, of that file's pages
+    in the page cache), or 0 (kernel_bench)."""
+    return kernel_bench(threads, *(["--bandwidth-file", file] if file else ["--bandwidth"]))
+
+
+def int8_peak(threads: int) -> float:
+    """G int8 multiply-adds a second the threads reach together (the kernel bench's vpdpbusd probe:
+    prefill's ceiling), or 0 where there is no AVX-512 VNNI (kernel_bench)."""
+    return kernel_bench(threads, "--int8-peak")
 
 
 def streamed_file(model: str) -> str:
@@ -184,11 +203,12 @@ def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
 @dataclass
 class ModelRun:
     """One file's results: engine -> its rows (repetitions of every round merged), or why it failed;
-    the weight bytes a decoded token reads from it; and per (engine, test) the decode speed of each
+    the weight bytes a decoded token reads from it, the weight multiply-adds a prompt token takes; and per (engine, test) the decode speed of each
     round as a share of the bandwidth probed around that round (empty: the table uses one bandwidth)."""
     path: str
     per_token: int
     results: dict[str, list[BenchResult] | str] = field(default_factory=dict)
+    macs: int = 0  # weight multiply-adds per prompt token (pyengine.bench.prompt_macs; 0: no prefill limit)
     shares: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     pages: list[tuple[str, str, float, float]] = field(default_factory=list)  # (file, test, GB/s, share)
 
@@ -223,35 +243,37 @@ def best_peer(test: str, runs: ModelRun) -> tuple[str, BenchResult | None]:
     return max(rows, key=lambda kr: kr[1].avg_ts, default=("", None))
 
 
-def comparison(runs: list[ModelRun], bw: float) -> str:
+def comparison(runs: list[ModelRun], bw: float, peak: float = 0.0) -> str:
     """RESULTS.md's ratio table: per file and test, pyengine against the best llama.cpp
-    configuration, and decode (tg) speeds as a share of the file's bandwidth limit: the median of
-    the per-round shares where the run probed around each round (ModelRun.shares), else against
-    `bw`; the limit column is at `bw` (the highest probe of the run)."""
+    configuration, and each speed as a share of the file's limit: decode (tg) against the bandwidth,
+    the median of the per-round shares where the run probed around each round (ModelRun.shares),
+    else against `bw`, the limit column at `bw` (the highest probe of the run); prefill (pp) against
+    the int8 multiply-add peak `peak` (G/s) at one product per weight multiply-add (0: no limit)."""
     lines = ["| model | test | pyengine t/s | best llama.cpp t/s | llama.cpp configuration | ratio | "
-             "decode limit t/s | decode % of bandwidth (pyengine / llama.cpp) |",
+             "limit t/s (tg: bandwidth, pp: int8 peak) | % of the limit (pyengine / llama.cpp) |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for run in runs:
         ours = run.results.get("pyengine")
         name = Path(run.path).name
-        limit = bw * 1e9 / run.per_token if bw else 0.0
         rows = ours if isinstance(ours, list) else []
         tests = [r.test for r in rows] or list(dict.fromkeys(
             r.test for v in run.results.values() if isinstance(v, list) for r in v))
         for test in tests:
             a = next((r for r in rows if r.test == test), None)
             peer, best = best_peer(test, run)
-            decode = bool(limit) and (a or best).n_gen > 0
+            gen = (a or best).n_gen > 0
+            limit = (bw * 1e9 / run.per_token if bw else 0.0) if gen else (
+                peak * 1e9 / run.macs if peak and run.macs else 0.0)
 
             def share(engine: str, r: BenchResult | None) -> str:
                 if r is None:
                     return "-"
-                per_round = run.shares.get((engine, test))
+                per_round = run.shares.get((engine, test)) if gen else None
                 return f"{100 * statistics.median(per_round):.0f} %" if per_round else f"{100 * r.avg_ts / limit:.0f} %"
 
             cells = [name, test, f"{a.avg_ts:.2f}" if a else "-", f"{best.avg_ts:.2f}" if best else "-",
                      best.backends if best else "-", f"{a.avg_ts / best.avg_ts:.2f}x" if a and best else "-",
-                     f"{limit:.2f}" if decode else "-", f"{share('pyengine', a)} / {share(peer, best)}" if decode else "-"]
+                     f"{limit:.2f}" if limit else "-", f"{share('pyengine', a)} / {share(peer, best)}" if limit else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,6 +294,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
     ap.add_argument("--only", choices=("pyengine", "llama.cpp"))
     ap.add_argument("--bandwidth", type=float, metavar="GB/S", help="the read bandwidth to use instead of probing")
+    ap.add_argument("--int8-peak", type=float, metavar="G/S",
+                    help="the int8 multiply-add peak (prefill's ceiling) to use instead of probing")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < 1:
@@ -297,7 +321,8 @@ def main() -> int:
                 raise SystemExit(f"{model}: general.architecture is {mf.arch!r}, and llama.cpp loads gpt-oss files "
                                  "only as 'gpt-oss': write it with `pyengine synth --arch-name gpt-oss` (or "
                                  "`pyengine convert --arch-name gpt-oss`), or pass --only pyengine")
-    runs = [ModelRun(model, decode_bytes(mf)) for model, mf in files.items()]
+    runs = [ModelRun(model, decode_bytes(mf), macs=prompt_macs(mf)) for model, mf in files.items()]
+    peak = args.int8_peak or (int8_peak(args.t) if args.device == "cpu" else 0.0)
     probes = []  # (file, engine, round, before, after)
     for rnd in range(args.rounds):
         for run in runs:
@@ -328,9 +353,16 @@ def main() -> int:
         print()
     else:
         print("\nno memory read bandwidth (pyengine-bench-kernels not found): no decode limits\n")
+    if peak:
+        print(f"int8 multiply-add peak ({args.t} threads, " + ("given" if args.int8_peak else
+              "pyengine-bench-kernels --int8-peak") + f"): {peak:.1f} G/s; a prompt token's weight multiply-adds "
+              "at one int8 product each give the prefill limit (pyengine's two int8 digits per activation "
+              "take two products each: its own ceiling is half of it)\n")
     for run in runs:
         print(f"- {Path(run.path).name}: a decoded token reads {run.per_token / 1e9:.3f} GB of weights"
-              + (f": limit {bw * 1e9 / run.per_token:.2f} tok/s" if bw else ""))
+              + (f": limit {bw * 1e9 / run.per_token:.2f} tok/s" if bw else "")
+              + (f"; a prompt token takes {run.macs / 1e9:.3f} G weight multiply-adds: limit "
+                 f"{peak * 1e9 / run.macs:.2f} tok/s" if peak and run.macs else ""))
         for (engine, test), shares in run.shares.items():
             if len(shares) > 1:
                 print(f"  - {engine} {test}, share of the bandwidth round by round: "
@@ -338,7 +370,7 @@ def main() -> int:
         for file, test, gbs, share in run.pages:
             print(f"  - pyengine {test}: its weights' pages ({Path(file).name}, pyengine-bench-kernels "
                   f"--bandwidth-file) read at {gbs:.1f} GB/s right after the round: decode at {100 * share:.1f} % of that")
-    print("\n" + comparison(runs, bw))
+    print("\n" + comparison(runs, bw, peak))
     hint = amx_crash_hint(runs)
     if hint:
         print(f"\n**{hint}**")

@@ -112,6 +112,21 @@ def step_bytes(mf: ModelFile, experts: Sequence[int], n_tokens: int = 1) -> int:
     return int(total)
 
 
+def prompt_macs(mf: ModelFile) -> int:
+    """Weight multiply-adds per prompt token: every matrix's elements once (the stacked experts'
+    n_expert_used of n_expert), without the token embedding (a lookup), the output head (a prompt's
+    logits are taken for its last token only, in llama-bench's pp tests as in pyengine's), the biases
+    (the experts' too, matrices of n_expert vectors) and the other vectors (norms, sinks). Divided into a measured int8 multiply-add peak, it gives
+    prefill's compute ceiling (bench/compare_llamacpp.py)."""
+    hp, total = mf.hparams, 0
+    for name, t in mf.raw_tensors.items():
+        if len(t.shape) < 2 or not name.endswith(".weight") or name.startswith(("token_embd.", "output.")):
+            continue
+        n = int(np.prod([int(d) for d in t.shape]))
+        total += n // hp.n_expert * hp.n_expert_used if "_exps." in name and len(t.shape) == 3 else n
+    return int(total)
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:

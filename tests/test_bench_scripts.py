@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pyengine import Engine
-from pyengine.bench import BenchResult, decode_bytes, step_bytes
+from pyengine.bench import BenchResult, decode_bytes, prompt_macs, step_bytes
 from pyengine.model_file import open_model
 from pyengine.synth import write_synth_model
 
@@ -47,6 +47,18 @@ def test_step_bytes_counts_each_touched_expert_once(tiny):
         assert step_bytes(mf, more, 3) - step_bytes(mf, experts, 3) == one_expert
     row = raw["token_embd.weight"].nbytes // raw["token_embd.weight"].shape[-1]
     assert step_bytes(mf, experts, 4) - step_bytes(mf, experts, 1) == 3 * row
+
+
+def test_prompt_macs_counts_the_products_a_prompt_token_makes(tiny):
+    """A prompt token's weight multiply-adds, from the shapes alone: q|k|v and the attention output,
+    the router, and n_expert_used experts' gate, up and down per layer; no embedding, no output head,
+    no biases."""
+    for path in tiny:
+        hp = open_model(path).hparams
+        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        layer = hp.n_embd * (q + 2 * kv) + q * hp.n_embd + hp.n_embd * hp.n_expert
+        layer += hp.n_expert_used * 3 * hp.n_embd * hp.n_ff_exp
+        assert prompt_macs(open_model(path)) == hp.n_layer * layer
 
 
 def test_batch_decode_touched_experts(tiny):
@@ -105,6 +117,25 @@ def test_comparison_table_takes_the_best_configuration_that_ran():
     assert without_bw[3].rstrip("| ").endswith("| - | -")
 
 
+def test_comparison_table_gives_prefill_its_int8_limit():
+    """With an int8 peak, a pp row's limit is the peak over the file's multiply-adds per prompt token
+    and both engines' speeds are shown as shares of it; tg rows keep the bandwidth's."""
+    rng = np.random.default_rng(11)
+    ours, peer = rng.uniform(5, 60, 2)
+    run = compare_llamacpp.ModelRun("/x/a.gguf", 2_598_000_000, {
+        "pyengine": [row("a", "pyengine", 512, 0, ours), row("a", "pyengine", 0, 64, 10.0)],
+        "llama.cpp": [row("a", "repacked", 512, 0, peer), row("a", "repacked", 0, 64, 8.0)]}, macs=3_034_644_480)
+    peak = float(rng.uniform(100, 500))
+    lines = compare_llamacpp.comparison([run], 40.0, peak).splitlines()
+    pp = [c.strip() for c in lines[2].strip("|").split("|")]
+    limit = peak * 1e9 / 3_034_644_480
+    assert pp[6:] == [f"{limit:.2f}", f"{100 * ours / limit:.0f} % / {100 * peer / limit:.0f} %"]
+    tg = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert tg[6:] == [f"{40e9 / 2_598_000_000:.2f}", f"{100 * 10 * 2.598 / 40:.0f} % / {100 * 8 * 2.598 / 40:.0f} %"]
+    no_peak = [c.strip() for c in compare_llamacpp.comparison([run], 40.0).splitlines()[2].strip("|").split("|")]
+    assert no_peak[6:] == ["-", "-"]
+
+
 @pytest.mark.parametrize("system_info,crashed,hinted", [
     (b"AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |", True, True),
     (b"AVX512 = 1 | REPACK = 1 |", True, False),  # a build without AMX: the crash is something else
@@ -123,15 +154,18 @@ def test_amx_crash_hint_names_the_build_without_amx(monkeypatch, system_info, cr
 
 def test_compare_script_runs_several_files(tiny):
     args = [sys.executable, str(BENCH / "compare_llamacpp.py"), *map(str, tiny), "-p", "8", "-n", "4", "-r", "1",
-            "-t", "1", "--bandwidth", "10"]
+            "-t", "1", "--bandwidth", "10", "--int8-peak", "100"]
     r = subprocess.run([*args, "--only", "pyengine"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "memory read bandwidth: 10.0 GB/s (given, not probed)" in out
+    assert "int8 multiply-add peak (1 threads, given): 100.0 G/s" in out
     for path in tiny:
         per_token = decode_bytes(open_model(path))
+        macs = prompt_macs(open_model(path))
         assert f"- {path.name}: a decoded token reads {per_token / 1e9:.3f} GB of weights: " \
-               f"limit {10e9 / per_token:.2f} tok/s" in out
+               f"limit {10e9 / per_token:.2f} tok/s; a prompt token takes {macs / 1e9:.3f} G weight " \
+               f"multiply-adds: limit {100e9 / macs:.2f} tok/s" in out
         assert f"| {path.name} | pp8 |" in out and f"| {path.name} | tg4 |" in out
     assert "MXFP4 MoE" in out and "Q4_K - Medium" in out  # llama-bench's table tells the two files apart
     pytest.importorskip("llama_cpp")

@@ -238,7 +238,8 @@ def test_the_kernel_harness_explains_its_flags():
     if not exe.exists():
         pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and all(f in r.stdout for f in ("-t THREADS", "-r REPS", "-m MIB", "--bandwidth"))
+    assert r.returncode == 0 and all(f in r.stdout for f in ("-t THREADS", "-r REPS", "-m MIB", "--bandwidth",
+                                                             "--int8-peak"))
     assert len(r.stdout.splitlines()) > 5, r.stdout
     bad = subprocess.run([exe, "--bogus"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
@@ -258,6 +259,23 @@ def test_the_kernel_harness_probes_a_files_pages(tmp_path):
     for bad in (tmp_path / "missing.bin", tmp_path):
         r = subprocess.run([exe, "--bandwidth-file", bad], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and str(bad) in r.stderr and not r.stdout
+
+
+def test_the_kernel_harness_probes_the_int8_peak():
+    """`pyengine-bench-kernels --int8-peak` prints the G int8 multiply-adds/s the threads reach
+    together with vpdpbusd (prefill's ceiling) where the AVX-512 level runs, else exit 1 saying why;
+    capped to AVX2 by PYENGINE_SIMD it says so too."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    r = subprocess.run([exe, "-t", "1", "--int8-peak"], capture_output=True, text=True, timeout=60)
+    if r.returncode == 1:
+        assert "no AVX-512 VNNI" in r.stderr and not r.stdout
+    else:
+        assert r.returncode == 0 and float(r.stdout) > 10, r.stdout + r.stderr  # >= 64 products a ns at 0.16 GHz
+    capped = subprocess.run([exe, "--int8-peak"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYENGINE_SIMD": "avx2"})
+    assert capped.returncode == 1 and "no AVX-512 VNNI here (SIMD avx2)" in capped.stderr
 
 
 def test_the_kernel_harness_times_attention_at_depth():

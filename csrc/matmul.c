@@ -173,60 +173,36 @@ static void rows_chunks(const pe_weight *w, const uint8_t *tile, int nr, const p
     add_bias(y, ldy, n_tok, bias, nr);
 }
 
-/* More tokens with int8 activations: every token quantized once, then threads take tiles of 16 rows,
- * each repacked once and multiplied by all tokens (gemm_q8_avx512.c), or without int8 tiles through
- * the rows kernel (rows_chunks). */
+/* More tokens with int8 activations where there are no int8 tiles (AVX2; with tiles: tiles_many):
+ * every token quantized once, then threads take 16 rows at a time through the rows kernel, 8 tokens a
+ * call (rows_chunks). */
 static int matmul_batch_q8(const pe_weight *w, const uint8_t *base, const float *x, int64_t ldx, int64_t n_tok,
                            const float *bias, float *y, int64_t ldy, int n_threads) {
     const int64_t n_out = w->n_out, n_in = w->n_in, stride = w->row_stride;
-    const int tiles = pe_gemm_q8_supported(w->type);
-    const size_t act_bytes = pe_act_q8_bytes(n_in), scratch_bytes = tiles ? pe_gemm_q8_scratch_bytes(n_in) : 0;
+    const size_t act_bytes = pe_act_q8_bytes(n_in);
     pe_arena *ar = pe_arena_get();
     if (!ar) return -1;
     const size_t mark = pe_arena_mark(ar);
     uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
     pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
-    uint8_t *scratch = tiles ? pe_arena_alloc(ar, scratch_bytes * (size_t)n_threads) : NULL; /* per thread */
-    pe_gemm_q8_consts k = {0}; /* the tiles' per-token constants (gemm_q8.h) */
-    if (tiles) {
-        const size_t n_consts = (size_t)(n_tok * pe_gemm_q8_nsub(w->type, n_in));
-        k = (pe_gemm_q8_consts){pe_arena_alloc(ar, 4 * n_consts), pe_arena_alloc(ar, 4 * n_consts),
-                                pe_arena_alloc(ar, 4 * n_consts)};
-    }
-    if (!buf || !xq || (tiles && (!scratch || !k.dx || !k.dxs || !k.off))) {
-        pe_arena_release(ar, mark);
-        return -1;
-    }
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t t = 0; t < n_tok; t++) {
-        xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
-        if (tiles) pe_gemm_q8_token_consts(w->type, &xq[t], n_in, k, t);
-    }
     const int64_t n_tiles = (n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
-    pe_split *split = split_new(ar, n_tiles, n_threads, 1);
+    pe_split *split = buf && xq ? split_new(ar, n_tiles, n_threads, 1) : NULL;
     if (!split) {
         pe_arena_release(ar, mark);
         return -1;
     }
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < n_tok; t++) xq[t] = pe_act_q8_quantize(x + t * ldx, n_in, buf + t * act_bytes);
 #pragma omp parallel num_threads(n_threads)
     {
-        uint8_t *mine = tiles ? scratch + (size_t)thread_id() * scratch_bytes : NULL;
         int64_t ta, tb;
         while (pe_split_next(split, thread_id(), &ta, &tb))
             for (int64_t ti = ta; ti < tb; ti++) {
                 const int64_t r0 = ti * PE_GEMM_Q8_TILE;
                 const int nr = n_out - r0 < PE_GEMM_Q8_TILE ? (int)(n_out - r0) : PE_GEMM_Q8_TILE;
-                if (!tiles) { /* no int8 tiles (AVX2): the rows kernel, 8 tokens a call */
-                    const int64_t rp = r0 + PE_R16_PF_GROUPS * PE_GEMM_Q8_TILE; /* R16: a tile is a group */
-                    rows_chunks(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
-                                w->layout == PE_LAYOUT_R16 && rp < n_out ? base + rp * stride : NULL);
-                }
-                else if (w->layout == PE_LAYOUT_R16)
-                    pe_gemm_q8_tile_r16(w->type, base + r0 * stride, nr, n_in, xq, n_tok, k, bias ? bias + r0 : NULL, y + r0,
-                                        ldy, mine);
-                else
-                    pe_gemm_q8_tile(w->type, base + r0 * stride, stride, nr, n_in, xq, n_tok, k,
-                                    bias ? bias + r0 : NULL, y + r0, ldy, mine);
+                const int64_t rp = r0 + PE_R16_PF_GROUPS * PE_GEMM_Q8_TILE; /* R16: a tile is a group */
+                rows_chunks(w, base + r0 * stride, nr, xq, n_tok, bias ? bias + r0 : NULL, y + r0, ldy,
+                            w->layout == PE_LAYOUT_R16 && rp < n_out ? base + rp * stride : NULL);
             }
     }
     pe_arena_release(ar, mark);
@@ -291,6 +267,108 @@ int pe_matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     return rc;
 }
 
+/* Whether job b's product runs through the int8 tiles when done alone (pe_matmul: more tokens than
+ * the row-wise kernels take, int8 activations, a tile kernel for the type, and for R16 weights an R16
+ * kernel), so that doing it in tiles_many gives the same bits. */
+static int tiled_job(const pe_matmul_job *b) {
+    const pe_weight *w = b->w;
+    return b->n_tok > PE_ROWWISE_MAX_TOK && w->int8_act && pe_gemm_q8_supported(w->type) &&
+           (w->layout != PE_LAYOUT_R16 || pe_r16_dot_get(w->type));
+}
+
+/* Jobs that each run through the int8 tiles (tiled_job), in one thread team: each distinct input
+ * quantized once (a prefill's MoE gives gate and up of an expert the same tokens), the constants per
+ * job, then every job's tiles in one split: threads take tiles of 16 rows, each repacked once and
+ * multiplied by all of its job's tokens (gemm_q8_avx512.c). One job alone (pe_matmul) or several
+ * (a prefill's experts: pe_matmul_many) are computed alike, tile by tile, so the bits are the same.
+ * Why several in one team: one parallel region and barrier instead of one per job (64 a layer for a
+ * prefill's gate|up), and half the activations' quantization (gate and up of an expert share them). */
+static int tiles_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
+    pe_arena *ar = pe_arena_get();
+    if (!ar) return -1;
+    const size_t mark = pe_arena_mark(ar);
+    int64_t *first = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1)); /* each job's first tile */
+    int64_t *tok0 = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1));  /* each job's first token */
+    int *act_of = pe_arena_alloc(ar, sizeof(int) * (size_t)n_jobs);              /* the job whose input it reads */
+    pe_gemm_q8_consts *k = pe_arena_alloc(ar, sizeof(pe_gemm_q8_consts) * (size_t)n_jobs);
+    if (!first || !tok0 || !act_of || !k) goto fail;
+    int64_t n_tiles = 0, n_tok = 0, max_in = 0, work = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        const pe_matmul_job *b = &jobs[j];
+        first[j] = n_tiles;
+        n_tiles += (b->w->n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
+        tok0[j] = n_tok;
+        n_tok += b->n_tok;
+        if (b->w->n_in > max_in) max_in = b->w->n_in;
+        work += b->w->n_out * b->w->n_in * b->n_tok;
+        act_of[j] = j;
+        for (int i = 0; i < j && act_of[j] == j; i++)
+            if (jobs[i].x == b->x && jobs[i].ldx == b->ldx && jobs[i].n_tok == b->n_tok && jobs[i].w->n_in == b->w->n_in)
+                act_of[j] = act_of[i];
+    }
+    first[n_jobs] = n_tiles;
+    tok0[n_jobs] = n_tok;
+    /* the constants of every job, one block each (the arena takes few large allocations best) */
+    size_t n_consts = 0;
+    for (int j = 0; j < n_jobs; j++) n_consts += (size_t)(jobs[j].n_tok * pe_gemm_q8_nsub(jobs[j].w->type, jobs[j].w->n_in));
+    float *dx = pe_arena_alloc(ar, 4 * n_consts), *dxs = pe_arena_alloc(ar, 4 * n_consts);
+    int32_t *off = pe_arena_alloc(ar, 4 * n_consts);
+    if (!dx || !dxs || !off) goto fail;
+    for (size_t j = 0, at = 0; j < (size_t)n_jobs; j++) {
+        k[j] = (pe_gemm_q8_consts){dx + at, dxs + at, off + at};
+        at += (size_t)(jobs[j].n_tok * pe_gemm_q8_nsub(jobs[j].w->type, jobs[j].w->n_in));
+    }
+    /* the activations of every job's tokens (those of a job that shares its input left unused) */
+    const size_t act_bytes = pe_act_q8_bytes(max_in);
+    uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
+    pe_act_q8 *xq = pe_arena_alloc(ar, sizeof(pe_act_q8) * (size_t)n_tok);
+    const size_t scratch_bytes = pe_gemm_q8_scratch_bytes(max_in);
+    const int team = threads_for(work, n_threads);
+    uint8_t *scratch = pe_arena_alloc(ar, scratch_bytes * (size_t)team);
+    pe_split *split = split_new(ar, n_tiles, team, 1);
+    if (!buf || !xq || !scratch || !split) goto fail;
+#pragma omp parallel num_threads(team)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_tok; i++) { /* the inputs */
+            const int j = job_of(tok0, n_jobs, i);
+            const pe_matmul_job *b = &jobs[j];
+            if (act_of[j] == j)
+                xq[i] = pe_act_q8_quantize(b->x + (i - tok0[j]) * b->ldx, b->w->n_in, buf + (size_t)i * act_bytes);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_tok; i++) { /* each job's constants, from its input's activations */
+            const int j = job_of(tok0, n_jobs, i);
+            const int64_t t = i - tok0[j];
+            pe_gemm_q8_token_consts(jobs[j].w->type, &xq[tok0[act_of[j]] + t], jobs[j].w->n_in, k[j], t);
+        }
+        uint8_t *mine = scratch + (size_t)thread_id() * scratch_bytes;
+        int64_t ta, tb;
+        while (pe_split_next(split, thread_id(), &ta, &tb))
+            for (int64_t ti = ta; ti < tb; ti++) {
+                const int j = job_of(first, n_jobs, ti);
+                const pe_matmul_job *b = &jobs[j];
+                const pe_weight *w = b->w;
+                const uint8_t *base = w->data + b->expert * w->expert_stride;
+                const int64_t r0 = (ti - first[j]) * PE_GEMM_Q8_TILE;
+                const int nr = w->n_out - r0 < PE_GEMM_Q8_TILE ? (int)(w->n_out - r0) : PE_GEMM_Q8_TILE;
+                const pe_act_q8 *x = &xq[tok0[act_of[j]]];
+                const float *bias = b->bias ? b->bias + r0 : NULL;
+                if (w->layout == PE_LAYOUT_R16)
+                    pe_gemm_q8_tile_r16(w->type, base + r0 * w->row_stride, nr, w->n_in, x, b->n_tok, k[j], bias,
+                                        b->y + r0, b->ldy, mine);
+                else
+                    pe_gemm_q8_tile(w->type, base + r0 * w->row_stride, w->row_stride, nr, w->n_in, x, b->n_tok, k[j],
+                                    bias, b->y + r0, b->ldy, mine);
+            }
+    }
+    pe_arena_release(ar, mark);
+    return 0;
+fail:
+    pe_arena_release(ar, mark);
+    return -1;
+}
+
 static int matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     int fused = n_jobs > 0;
     int64_t work = 0, n_groups = 0;
@@ -298,12 +376,26 @@ static int matmul_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         fused &= jobs[j].n_tok <= PE_ROWWISE_MAX_TOK && rowwise(jobs[j].w);
         work += jobs[j].w->n_out * jobs[j].w->n_in * jobs[j].n_tok;
     }
-    if (!fused) {
-        for (int j = 0; j < n_jobs; j++) {
-            const pe_matmul_job *b = &jobs[j];
-            if (pe_matmul(b->w, b->expert, b->x, b->ldx, b->n_tok, b->bias, b->y, b->ldy, n_threads)) return -1;
+    if (!fused) { /* the jobs in int8 tiles in one team (tiles_many), the others one by one */
+        int n_tiled = 0;
+        for (int j = 0; j < n_jobs; j++) n_tiled += tiled_job(&jobs[j]);
+        pe_arena *ar = n_tiled > 1 ? pe_arena_get() : NULL;
+        const size_t mark = ar ? pe_arena_mark(ar) : 0;
+        pe_matmul_job *tiled = ar ? pe_arena_alloc(ar, sizeof(pe_matmul_job) * (size_t)n_tiled) : NULL;
+        int rc = 0;
+        if (tiled) {
+            int n = 0;
+            for (int j = 0; j < n_jobs; j++)
+                if (tiled_job(&jobs[j])) tiled[n++] = jobs[j];
+            rc = tiles_many(tiled, n, n_threads);
         }
-        return 0;
+        for (int j = 0; j < n_jobs && !rc; j++) {
+            const pe_matmul_job *b = &jobs[j];
+            if (tiled && tiled_job(b)) continue;
+            rc = pe_matmul(b->w, b->expert, b->x, b->ldx, b->n_tok, b->bias, b->y, b->ldy, n_threads);
+        }
+        if (ar) pe_arena_release(ar, mark);
+        return rc ? -1 : 0;
     }
     pe_arena *ar = pe_arena_get();
     if (!ar) return -1;
@@ -381,6 +473,8 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
         const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
         return pe_matmul_many(&job, 1, n_threads);
     }
+    const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
+    if (tiled_job(&job)) return tiles_many(&job, 1, n_threads);
     if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
         return w->int8_act && pe_r16_dot_get(w->type) ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
     if (w->int8_act && (pe_gemm_q8_supported(w->type) || int8_rows(w)))

@@ -256,6 +256,23 @@ def test_thread_count_does_not_change_int8_logits(model):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_prefill_tiles_of_every_expert_in_one_team(model):
+    """A prefill whose experts get more tokens than the row-wise kernels take runs every expert's gate
+    and up (then down) in int8 tiles in one thread team, each input quantized once (csrc/matmul.c,
+    tiles_many): the same logits for 1 and 2 threads, and the row-wise kernels' (n_batch=8, every
+    product row-wise) up to the tiles' summation order."""
+    path, _ = model
+    toks = tokens(96, 5)  # 96 tokens x 4 of 8 experts: ~48 a expert, all in tiles
+    tiles = [Engine(path, n_ctx=128, n_threads=n, n_batch=96).eval(toks, logits_all=True) for n in (1, 2)]
+    np.testing.assert_array_equal(tiles[0], tiles[1])
+    rows = Engine(path, n_ctx=128, n_threads=2, n_batch=8).eval(toks, logits_all=True)
+    assert not np.array_equal(tiles[1], rows)  # the tiles did run
+    # 8.4e-5 here, as before tiles_many (the same bits as one expert's product after another): the
+    # tiles add a row's sub-blocks in another order, and two layers of routing and attention amplify
+    # it; a job given another job's activations, constants or bias would be orders of magnitude off
+    assert rel(tiles[1], rows) < 1e-3
+
+
 def test_default_is_int8_and_exact_restores_f32(model):
     path, _ = model
     toks = tokens(12, 3)

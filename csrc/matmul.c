@@ -289,16 +289,19 @@ static int tiles_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     const size_t mark = pe_arena_mark(ar);
     int64_t *first = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1)); /* each job's first tile */
     int64_t *tok0 = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1));  /* each job's first token */
+    int64_t *c0 = pe_arena_alloc(ar, sizeof(int64_t) * (size_t)(n_jobs + 1));    /* each job's first constant */
     int *act_of = pe_arena_alloc(ar, sizeof(int) * (size_t)n_jobs);              /* the job whose input it reads */
     pe_gemm_q8_consts *k = pe_arena_alloc(ar, sizeof(pe_gemm_q8_consts) * (size_t)n_jobs);
-    if (!first || !tok0 || !act_of || !k) goto fail;
-    int64_t n_tiles = 0, n_tok = 0, max_in = 0, work = 0;
+    if (!first || !tok0 || !c0 || !act_of || !k) goto fail;
+    int64_t n_tiles = 0, n_tok = 0, n_consts = 0, max_in = 0, work = 0;
     for (int j = 0; j < n_jobs; j++) {
         const pe_matmul_job *b = &jobs[j];
         first[j] = n_tiles;
         n_tiles += (b->w->n_out + PE_GEMM_Q8_TILE - 1) / PE_GEMM_Q8_TILE;
         tok0[j] = n_tok;
         n_tok += b->n_tok;
+        c0[j] = n_consts;
+        n_consts += b->n_tok * pe_gemm_q8_nsub(b->w->type, b->w->n_in);
         if (b->w->n_in > max_in) max_in = b->w->n_in;
         work += b->w->n_out * b->w->n_in * b->n_tok;
         act_of[j] = j;
@@ -308,16 +311,12 @@ static int tiles_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
     }
     first[n_jobs] = n_tiles;
     tok0[n_jobs] = n_tok;
-    /* the constants of every job, one block each (the arena takes few large allocations best) */
-    size_t n_consts = 0;
-    for (int j = 0; j < n_jobs; j++) n_consts += (size_t)(jobs[j].n_tok * pe_gemm_q8_nsub(jobs[j].w->type, jobs[j].w->n_in));
-    float *dx = pe_arena_alloc(ar, 4 * n_consts), *dxs = pe_arena_alloc(ar, 4 * n_consts);
-    int32_t *off = pe_arena_alloc(ar, 4 * n_consts);
+    c0[n_jobs] = n_consts;
+    /* the constants of every job, from one block each (the arena takes few large allocations best) */
+    float *dx = pe_arena_alloc(ar, 4 * (size_t)n_consts), *dxs = pe_arena_alloc(ar, 4 * (size_t)n_consts);
+    int32_t *off = pe_arena_alloc(ar, 4 * (size_t)n_consts);
     if (!dx || !dxs || !off) goto fail;
-    for (size_t j = 0, at = 0; j < (size_t)n_jobs; j++) {
-        k[j] = (pe_gemm_q8_consts){dx + at, dxs + at, off + at};
-        at += (size_t)(jobs[j].n_tok * pe_gemm_q8_nsub(jobs[j].w->type, jobs[j].w->n_in));
-    }
+    for (int j = 0; j < n_jobs; j++) k[j] = (pe_gemm_q8_consts){dx + c0[j], dxs + c0[j], off + c0[j]};
     /* the activations of every job's tokens (those of a job that shares its input left unused) */
     const size_t act_bytes = pe_act_q8_bytes(max_in);
     uint8_t *buf = pe_arena_alloc(ar, act_bytes * (size_t)n_tok);
@@ -469,16 +468,12 @@ int pe_matmul(const pe_weight *w, int64_t expert, const float *x, int64_t ldx, i
     const uint8_t *base = w->data + expert * w->expert_stride;
     if (n_tok <= 0) return 0;
     n_threads = threads_for(w->n_out * w->n_in * n_tok, n_threads);
-    if (n_tok <= PE_ROWWISE_MAX_TOK && rowwise(w)) {
-        const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
-        return pe_matmul_many(&job, 1, n_threads);
-    }
     const pe_matmul_job job = {w, expert, x, ldx, n_tok, bias, y, ldy};
+    if (n_tok <= PE_ROWWISE_MAX_TOK && rowwise(w)) return pe_matmul_many(&job, 1, n_threads);
     if (tiled_job(&job)) return tiles_many(&job, 1, n_threads);
-    if (w->layout == PE_LAYOUT_R16) /* only the int8 paths read this layout */
-        return w->int8_act && pe_r16_dot_get(w->type) ? matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads) : -1;
-    if (w->int8_act && (pe_gemm_q8_supported(w->type) || int8_rows(w)))
-        return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
+    /* no int8 tiles for it: the rows kernel, or the float path */
+    if (int8_rows(w)) return matmul_batch_q8(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
+    if (w->layout == PE_LAYOUT_R16) return -1; /* only the int8 paths read this layout */
     return matmul_batch(w, base, x, ldx, n_tok, bias, y, ldy, n_threads);
 }
 

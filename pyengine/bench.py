@@ -116,8 +116,8 @@ def prompt_macs(mf: ModelFile) -> int:
     """Weight multiply-adds per prompt token: every matrix's elements once (the stacked experts'
     n_expert_used of n_expert), without the token embedding (a lookup), the output head (a prompt's
     logits are taken for its last token only, in llama-bench's pp tests as in pyengine's), the biases
-    (the experts' too, matrices of n_expert vectors) and the other vectors (norms, sinks). Divided into a measured int8 multiply-add peak, it gives
-    prefill's compute ceiling (bench/compare_llamacpp.py)."""
+    (the experts' too, matrices of n_expert vectors) and the other vectors (norms, sinks). Divided into
+    a measured int8 multiply-add peak, it gives prefill's compute ceiling (bench/compare_llamacpp.py)."""
     hp, total = mf.hparams, 0
     for name, t in mf.raw_tensors.items():
         if len(t.shape) < 2 or not name.endswith(".weight") or name.startswith(("token_embd.", "output.")):

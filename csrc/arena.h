@@ -7,9 +7,15 @@
  * back to a mark); a call that needs more than the block takes overflow blocks, and once the
  * outermost release returns everything, the block is replaced by one as large as that call's
  * high-water mark: from the second call of a given batch size on, no allocation happens. The block
- * is kept for the thread's lifetime (the largest batch seen: tens of MB after a 512-token prefill
- * of gpt-oss-20b). Only the thread that calls the forward pass allocates; OpenMP workers only use
- * slices handed to them. */
+ * is kept for the thread's lifetime (the largest batch seen: 223 MB after a 512-token prefill of
+ * gpt-oss-20b). Only the thread that calls the forward pass allocates; OpenMP workers only use
+ * slices handed to them.
+ *
+ * Within that first call, an overflow block released before the arena is empty is kept as a spare
+ * and handed to the next overflow it is large enough for (the smallest such), so each layer reuses
+ * the previous layer's blocks: freeing them gave glibc's mapped blocks back to the kernel, and every
+ * layer faulted its ~135 MB in again (a first 512-token prefill of the 20b synth file took ~790k
+ * page faults more than the next one). The spares are freed at the outermost release. */
 #ifndef PE_ARENA_H
 #define PE_ARENA_H
 
@@ -25,5 +31,8 @@ size_t pe_arena_mark(const pe_arena *a);
 void *pe_arena_alloc(pe_arena *a, size_t bytes);
 /* Give back everything allocated since `mark`. */
 void pe_arena_release(pe_arena *a, size_t mark);
+/* Blocks this arena has taken from the C library since it was created (the main block and
+ * overflow blocks, spares reused not counted): what tests read to see that layers reuse blocks. */
+size_t pe_arena_system_allocs(const pe_arena *a);
 
 #endif

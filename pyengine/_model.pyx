@@ -64,6 +64,12 @@ cdef extern from "moe.h":
     int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int n_threads,
                        int64_t *counts) nogil
 
+cdef extern from "arena.h":
+    ctypedef struct pe_arena:
+        pass
+    pe_arena *pe_arena_get() nogil
+    size_t pe_arena_system_allocs(const pe_arena *a) nogil
+
 cdef extern from "profile.h":
     enum: PE_OP_COUNT
     void pe_profile_enable(int on) nogil
@@ -742,6 +748,16 @@ def moe(x, router_w, router_b, gate_w, gate_b, up_w, up_b, down_w, down_b, int k
     if rc:
         raise MemoryError()
     return (y, counts) if return_counts else y
+
+
+def arena_system_allocs() -> int:
+    """Blocks the calling thread's scratch arena (csrc/arena.h) has taken from the C library so far:
+    a forward pass reuses one layer's blocks for the next, and a second pass of the same size takes
+    none."""
+    cdef pe_arena *a = pe_arena_get()
+    if a == NULL:
+        raise MemoryError()
+    return pe_arena_system_allocs(a)
 
 
 def profile_enable(bint on):

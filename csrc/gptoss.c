@@ -17,6 +17,31 @@
         pe_prof_end(op, t_, bytes);                                                                              \
     } while (0)
 
+/* RMSNorm of n_tok rows of D values; a prompt's rows split between the threads (each row computed
+ * alone: the same bits for any thread count). */
+static void norm_rows(float *out, const float *x, const float *g, int64_t n_tok, int64_t D, float eps, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+    for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(out + i * D, x + i * D, g, D, eps);
+}
+
+/* x += t over n values (the residual stream), split between the threads for a prompt. */
+static void add_into(float *x, const float *t, int64_t n, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i++) x[i] += t[i];
+}
+
+/* RoPE on each token's q and k rows (cos | sin of token i at rope + 2 i half), a prompt's tokens split
+ * between the threads. */
+static void rope_rows(const pe_model *m, float *q, float *k, const float *rope, int64_t n_tok, int n_threads) {
+    const int64_t hd = m->head_dim, half = hd / 2, q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+    for (int64_t i = 0; i < n_tok; i++) {
+        const float *cs = rope + i * 2 * half;
+        pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, cs, cs + half);
+        pe_rope_apply(k + i * kv_dim, m->n_head_kv, (int)hd, cs, cs + half);
+    }
+}
+
 /* Embedding and layers [0, layer_end); then either the residual stream goes to x_out (x_out != NULL)
  * or the output head writes logits. */
 static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const int32_t *tokens, int layer_end,
@@ -63,16 +88,13 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
         const float *rope = L->sliding ? cs_swa : cs;
 
         /* attention: RMSNorm -> q, k, v (+bias) -> RoPE -> cache -> sinks/SWA attention -> out (+bias) */
-        TIMED(PE_OP_NORM, 0, for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->attn_norm, D, m->eps));
+        TIMED(PE_OP_NORM, 0, norm_rows(a, x, L->attn_norm, n_tok, D, m->eps, n_threads));
         const pe_matmul_job qkv[3] = {{&L->wq, 0, a, D, n_tok, L->bq, q, q_dim},
                                       {&L->wk, 0, a, D, n_tok, L->bk, k, kv_dim},
                                       {&L->wv, 0, a, D, n_tok, L->bv, v, kv_dim}};
         TIMED(PE_OP_QKV, pe_weight_bytes(&L->wq) + pe_weight_bytes(&L->wk) + pe_weight_bytes(&L->wv),
               if (pe_matmul_many(qkv, 3, n_threads)) goto done);
-        TIMED(PE_OP_ROPE, 0, for (int64_t i = 0; i < n_tok; i++) {
-            pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
-            pe_rope_apply(k + i * kv_dim, m->n_head_kv, (int)hd, rope + i * 2 * half, rope + i * 2 * half + half);
-        });
+        TIMED(PE_OP_ROPE, 0, rope_rows(m, q, k, rope, n_tok, n_threads));
         /* each sequence stores into and attends over its own cache */
         TIMED(PE_OP_ATTENTION, 0, for (int64_t s = 0, i = 0; s < n_seq; i += seqs[s].n_tok, s++) {
             pe_kv_layer *kv = &seqs[s].kv[l];
@@ -83,14 +105,14 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
         });
         TIMED(PE_OP_ATTN_OUT, pe_weight_bytes(&L->wo),
               if (pe_matmul(&L->wo, 0, o, q_dim, n_tok, L->bo, t, D, n_threads)) goto done);
-        TIMED(PE_OP_RESIDUAL, 0, for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i]);
+        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok * D, n_threads));
 
         /* mixture of experts: RMSNorm -> router -> experts -> weighted sum (moe.c times its parts) */
-        TIMED(PE_OP_NORM, 0, for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(a + i * D, x + i * D, L->post_norm, D, m->eps));
+        TIMED(PE_OP_NORM, 0, norm_rows(a, x, L->post_norm, n_tok, D, m->eps, n_threads));
         if (pe_moe_forward(&L->moe, a, n_tok, t, n_threads,
                            expert_counts ? expert_counts + (int64_t)l * L->moe.n_expert : NULL))
             goto done;
-        TIMED(PE_OP_RESIDUAL, 0, for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i]);
+        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok * D, n_threads));
     }
 
     if (x_out) {

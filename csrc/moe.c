@@ -85,6 +85,8 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     pe_prof_end(PE_OP_EXPERT_DOWN, t_prof, n_used * pe_weight_bytes(&m->down));
 
     t_prof = pe_prof_begin();
+    /* each token's weighted sum alone (the same bits for any thread count), a prompt's tokens split */
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
     for (int64_t t = 0; t < n_tok; t++) {
         float *yt = y + t * D;
         for (int64_t d = 0; d < D; d++) yt[d] = 0.0f;

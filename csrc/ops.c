@@ -7,9 +7,18 @@
 
 static const double PE_PI = 3.14159265358979323846;
 
+/* The sum of squares in 16 partial sums (element i into sum i % 16, then a fixed tree): one chain of
+ * double adds stood 4 cycles per element (~3 us for 2880), 16 independent ones vectorize. */
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    enum { P = 16 };
+    double part[P] = {0};
+    int64_t i = 0;
+    for (; i + P <= n; i += P)
+        for (int k = 0; k < P; k++) part[k] += (double)x[i + k] * x[i + k];
+    for (int k = 0; i < n; i++, k++) part[k] += (double)x[i] * x[i];
+    for (int w = P / 2; w > 0; w /= 2)
+        for (int k = 0; k < w; k++) part[k] += part[k + w];
+    const double ss = part[0];
     const float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
     for (int64_t i = 0; i < n; i++) out[i] = g[i] * (x[i] * scale);
 }

@@ -56,16 +56,15 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
     /* gate and up of every used expert in one group of products, then down likewise (pe_matmul_many:
      * with a few tokens, one thread team over all of them; one token reads x itself, quantized once) */
     t_prof = pe_prof_begin();
+    if (n_tok > 1) { /* each expert's tokens gathered into consecutive rows, a prompt's split between the threads */
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+        for (int64_t p = 0; p < n_ent; p++) memcpy(xg + p * D, x + (bucket[p] / K) * D, (size_t)D * sizeof(float));
+    }
     int n_jobs = 0;
     for (int e = 0; e < E; e++) {
         const int64_t n = count[e + 1] - count[e], p0 = count[e];
         if (n == 0) continue;
-        const float *xe = x;
-        if (n_tok > 1) {
-            for (int64_t i = 0; i < n; i++)
-                memcpy(xg + (p0 + i) * D, x + (bucket[p0 + i] / K) * D, (size_t)D * sizeof(float));
-            xe = xg + p0 * D;
-        }
+        const float *xe = n_tok > 1 ? xg + p0 * D : x;
         jobs[n_jobs++] = (pe_matmul_job){&m->gate, e, xe, D, n, m->gate_b + (int64_t)e * F, g + p0 * F, F};
         jobs[n_jobs++] = (pe_matmul_job){&m->up, e, xe, D, n, m->up_b + (int64_t)e * F, u + p0 * F, F};
     }

@@ -1,6 +1,7 @@
 /* Per-thread scratch arena (see arena.h). */
 #include "arena.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -23,6 +24,8 @@ struct pe_arena {
 };
 
 static _Thread_local pe_arena *current;
+static pthread_key_t exit_key; /* its destructor frees a thread's arena when the thread ends */
+static pthread_once_t exit_once = PTHREAD_ONCE_INIT;
 
 static size_t round_up(size_t n) { return (n + PE_ARENA_ALIGN - 1) & ~(size_t)(PE_ARENA_ALIGN - 1); }
 
@@ -58,8 +61,23 @@ static void *take_spare(pe_arena *a, size_t *size) {
     return p;
 }
 
+/* A thread's arena at its exit: everything freed (a node's scheduler thread ends with its model, and
+ * its arena, hundreds of MB after a long prompt, would otherwise stay allocated for good). */
+static void arena_free(void *p) {
+    pe_arena *a = p;
+    while (a->n_over > 0) free(a->over[--a->n_over]);
+    while (a->n_spare > 0) free(a->spare[--a->n_spare]);
+    free(a->base);
+    free(a);
+}
+
+static void exit_key_make(void) { pthread_key_create(&exit_key, arena_free); }
+
 pe_arena *pe_arena_get(void) {
-    if (!current) current = calloc(1, sizeof(pe_arena));
+    if (!current) {
+        pthread_once(&exit_once, exit_key_make);
+        if ((current = calloc(1, sizeof(pe_arena)))) pthread_setspecific(exit_key, current);
+    }
     return current;
 }
 

@@ -532,9 +532,13 @@ void pe_gemm_q8_tile_r16(int type, const uint8_t *group, int nr, int64_t n_in, c
             _mm512_store_si512(t.packed + 64 * (8 * b + 4 + j),
                                _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4)));
         }
-    for (int64_t i = 0; i < TILE * nb; i++) {
-        const uint32_t bits = pe_e8m0_half_bits(group[256 * nb + i]);
-        memcpy(&t.ws[i], &bits, 4);
+    /* the rows' E8M0 scales as floats, 16 at a time: pe_e8m0_half_bits in vector form (a scalar loop
+     * over a tile's 1440 bytes took ~1/6 of this function in a prefill's profile) */
+    const __m512i two = _mm512_set1_epi32(2), one = _mm512_set1_epi32(1), tiny = _mm512_set1_epi32(0x00200000);
+    for (int64_t i = 0; i < TILE * nb; i += 16) {
+        const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group + 256 * nb + i)));
+        const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, one), 23);
+        _mm512_storeu_si512(t.ws + i, _mm512_mask_sllv_epi32(normal, _mm512_cmplt_epu32_mask(e, two), tiny, e));
     }
     tile_run(&fmt, &t, nr, nb, x, n_tok, k, bias, y, ldy);
 }

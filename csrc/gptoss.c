@@ -20,21 +20,21 @@
 /* RMSNorm of n_tok rows of D values; a prompt's rows split between the threads (each row computed
  * alone: the same bits for any thread count). */
 static void norm_rows(float *out, const float *x, const float *g, int64_t n_tok, int64_t D, float eps, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= PE_SPLIT_MIN_TOK)
     for (int64_t i = 0; i < n_tok; i++) pe_rmsnorm(out + i * D, x + i * D, g, D, eps);
 }
 
-/* x += t over n values (the residual stream), split between the threads for a prompt. */
-static void add_into(float *x, const float *t, int64_t n, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n >= 65536)
-    for (int64_t i = 0; i < n; i++) x[i] += t[i];
+/* x += t over n_tok rows of D values (the residual stream), a prompt's split between the threads. */
+static void add_into(float *x, const float *t, int64_t n_tok, int64_t D, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= PE_SPLIT_MIN_TOK)
+    for (int64_t i = 0; i < n_tok * D; i++) x[i] += t[i];
 }
 
 /* RoPE on each token's q and k rows (cos | sin of token i at rope + 2 i half), a prompt's tokens split
  * between the threads. */
 static void rope_rows(const pe_model *m, float *q, float *k, const float *rope, int64_t n_tok, int n_threads) {
     const int64_t hd = m->head_dim, half = hd / 2, q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd;
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= PE_SPLIT_MIN_TOK)
     for (int64_t i = 0; i < n_tok; i++) {
         const float *cs = rope + i * 2 * half;
         pe_rope_apply(q + i * q_dim, m->n_head, (int)hd, cs, cs + half);
@@ -105,14 +105,14 @@ static int forward(const pe_model *m, const pe_seq *seqs, int64_t n_seq, const i
         });
         TIMED(PE_OP_ATTN_OUT, pe_weight_bytes(&L->wo),
               if (pe_matmul(&L->wo, 0, o, q_dim, n_tok, L->bo, t, D, n_threads)) goto done);
-        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok * D, n_threads));
+        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok, D, n_threads));
 
         /* mixture of experts: RMSNorm -> router -> experts -> weighted sum (moe.c times its parts) */
         TIMED(PE_OP_NORM, 0, norm_rows(a, x, L->post_norm, n_tok, D, m->eps, n_threads));
         if (pe_moe_forward(&L->moe, a, n_tok, t, n_threads,
                            expert_counts ? expert_counts + (int64_t)l * L->moe.n_expert : NULL))
             goto done;
-        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok * D, n_threads));
+        TIMED(PE_OP_RESIDUAL, 0, add_into(x, t, n_tok, D, n_threads));
     }
 
     if (x_out) {

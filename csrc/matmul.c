@@ -226,9 +226,21 @@ static int job_of(const int64_t *first, int n_jobs, int64_t g) {
     return j;
 }
 
+/* Row r of job b's weight (its expert's matrix). */
+static const uint8_t *row_at(const pe_matmul_job *b, int64_t r) {
+    return b->w->data + b->expert * b->w->expert_stride + r * b->w->row_stride;
+}
+
 /* The first row of group k of job b's weight. */
-static const uint8_t *group_rows(const pe_matmul_job *b, int64_t k) {
-    return b->w->data + b->expert * b->w->expert_stride + k * rows_per_group(b->w) * b->w->row_stride;
+static const uint8_t *group_rows(const pe_matmul_job *b, int64_t k) { return row_at(b, k * rows_per_group(b->w)); }
+
+/* Tile ti of jobs whose first tiles are first[]: its job, and in *r0 and *nr its first row and rows. */
+static int tile_of(const pe_matmul_job *jobs, const int64_t *first, int n_jobs, int64_t ti, int64_t *r0, int *nr) {
+    const int j = job_of(first, n_jobs, ti);
+    const int64_t n_out = jobs[j].w->n_out;
+    *r0 = (ti - first[j]) * PE_GEMM_Q8_TILE;
+    *nr = n_out - *r0 < PE_GEMM_Q8_TILE ? (int)(n_out - *r0) : PE_GEMM_Q8_TILE;
+    return j;
 }
 
 /* Whether job b reads its weight's rows in the file's layout instead of its R16 form (pe_weight.rows). */
@@ -281,12 +293,12 @@ static int tiled_job(const pe_matmul_job *b) {
  * memory once each, and their repacking waited on the loads (perf: the R16 tiles' repack at 5 % of a
  * 512-token prefill, its time on the instructions right after the loads). */
 static void prefetch_tile(const pe_matmul_job *jobs, const int64_t *first, int n_jobs, int64_t ti) {
-    const int j = job_of(first, n_jobs, ti);
+    int64_t r0;
+    int nr;
+    const int j = tile_of(jobs, first, n_jobs, ti, &r0, &nr);
     const pe_weight *w = jobs[j].w;
-    const int64_t r0 = (ti - first[j]) * PE_GEMM_Q8_TILE;
-    const int64_t rows = w->n_out - r0 < PE_GEMM_Q8_TILE ? w->n_out - r0 : PE_GEMM_Q8_TILE;
-    const uint8_t *p = w->data + jobs[j].expert * w->expert_stride + r0 * w->row_stride;
-    const int64_t bytes = w->layout == PE_LAYOUT_R16 ? pe_r16_group_bytes(w->type, w->n_in) : rows * w->row_stride;
+    const uint8_t *p = row_at(&jobs[j], r0);
+    const int64_t bytes = w->layout == PE_LAYOUT_R16 ? pe_r16_group_bytes(w->type, w->n_in) : nr * w->row_stride;
     for (int64_t o = 0; o < bytes; o += 64) pe_r16_prefetch_line(p + o);
 }
 
@@ -360,20 +372,18 @@ static int tiles_many(const pe_matmul_job *jobs, int n_jobs, int n_threads) {
         while (pe_split_next(split, thread_id(), &ta, &tb))
             for (int64_t ti = ta; ti < tb; ti++) {
                 if (ti + 1 < n_tiles) prefetch_tile(jobs, first, n_jobs, ti + 1); /* this thread's next, unless stolen */
-                const int j = job_of(first, n_jobs, ti);
+                int64_t r0;
+                int nr;
+                const int j = tile_of(jobs, first, n_jobs, ti, &r0, &nr);
                 const pe_matmul_job *b = &jobs[j];
                 const pe_weight *w = b->w;
-                const uint8_t *base = w->data + b->expert * w->expert_stride;
-                const int64_t r0 = (ti - first[j]) * PE_GEMM_Q8_TILE;
-                const int nr = w->n_out - r0 < PE_GEMM_Q8_TILE ? (int)(w->n_out - r0) : PE_GEMM_Q8_TILE;
                 const pe_act_q8 *x = &xq[tok0[act_of[j]]];
                 const float *bias = b->bias ? b->bias + r0 : NULL;
                 if (w->layout == PE_LAYOUT_R16)
-                    pe_gemm_q8_tile_r16(w->type, base + r0 * w->row_stride, nr, w->n_in, x, b->n_tok, k[j], bias,
-                                        b->y + r0, b->ldy, mine);
+                    pe_gemm_q8_tile_r16(w->type, row_at(b, r0), nr, w->n_in, x, b->n_tok, k[j], bias, b->y + r0, b->ldy, mine);
                 else
-                    pe_gemm_q8_tile(w->type, base + r0 * w->row_stride, w->row_stride, nr, w->n_in, x, b->n_tok, k[j],
-                                    bias, b->y + r0, b->ldy, mine);
+                    pe_gemm_q8_tile(w->type, row_at(b, r0), w->row_stride, nr, w->n_in, x, b->n_tok, k[j], bias, b->y + r0,
+                                    b->ldy, mine);
             }
     }
     pe_arena_release(ar, mark);

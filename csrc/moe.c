@@ -57,7 +57,7 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
      * with a few tokens, one thread team over all of them; one token reads x itself, quantized once) */
     t_prof = pe_prof_begin();
     if (n_tok > 1) { /* each expert's tokens gathered into consecutive rows, a prompt's split between the threads */
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= PE_SPLIT_MIN_TOK)
         for (int64_t p = 0; p < n_ent; p++) memcpy(xg + p * D, x + (bucket[p] / K) * D, (size_t)D * sizeof(float));
     }
     int n_jobs = 0;
@@ -85,7 +85,7 @@ int pe_moe_forward(const pe_moe *m, const float *x, int64_t n_tok, float *y, int
 
     t_prof = pe_prof_begin();
     /* each token's weighted sum alone (the same bits for any thread count), a prompt's tokens split */
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= 16)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_tok >= PE_SPLIT_MIN_TOK)
     for (int64_t t = 0; t < n_tok; t++) {
         float *yt = y + t * D;
         for (int64_t d = 0; d < D; d++) yt[d] = 0.0f;

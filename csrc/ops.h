@@ -5,6 +5,11 @@
 
 #include <stdint.h>
 
+/* The fewest tokens for which a forward pass's per-token steps (gptoss.c's norms, RoPE and residual
+ * adds, moe.c's gather of the experts' inputs and their weighted sum) split the tokens between the
+ * threads: a decode step's few tokens stay on one, where a parallel region costs more than it saves. */
+#define PE_SPLIT_MIN_TOK 16
+
 /* out_i = g_i * x_i / sqrt(mean(x^2) + eps). out may alias x. */
 void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps);
 

@@ -203,8 +203,9 @@ def run_child(engine: str, argv: list[str]) -> list[BenchResult] | str:
 @dataclass
 class ModelRun:
     """One file's results: engine -> its rows (repetitions of every round merged), or why it failed;
-    the weight bytes a decoded token reads from it, the weight multiply-adds a prompt token takes; and per (engine, test) the decode speed of each
-    round as a share of the bandwidth probed around that round (empty: the table uses one bandwidth)."""
+    the weight bytes a decoded token reads from it, the weight multiply-adds a prompt token takes;
+    and per (engine, test) the decode speed of each round as a share of the bandwidth probed around
+    that round (empty: the table uses one bandwidth)."""
     path: str
     per_token: int
     results: dict[str, list[BenchResult] | str] = field(default_factory=dict)

@@ -24,7 +24,6 @@
 
 #include <immintrin.h>
 #include <pthread.h>
-#include <string.h>
 
 #include "cpu_features.h"
 #include "quants_impl.h"
@@ -32,10 +31,13 @@
 
 #define PE_AI static inline __attribute__((always_inline))
 
-PE_AI __m512i bcast(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
+/* acc + u (unsigned bytes) . the activation dword at p broadcast (signed bytes): vpdpbusd with the
+ * broadcast embedded in its memory operand, which GCC does not fold from the intrinsics (it emits a
+ * separate vpbroadcastd). One core, weights in L2, Zen 4: 1.02-1.08x on every type's R16 kernel
+ * (Q4_0 43 -> 46 GB/s, MXFP4 37 -> 38), Q8_0 unchanged; the same bits. */
+PE_AI __m512i dp_bcast(__m512i acc, __m512i u, const int8_t *p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    return acc;
 }
 
 /* Block b of one token: the 16 rows' exact sums of w . X minus offset times the block's combined
@@ -44,10 +46,10 @@ PE_AI __m512i bcast(const int8_t *p) {
 PE_AI __m512i block_sums(const __m512i u[8], const pe_act_q8 *x, int64_t b, const int offset) {
     __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
     for (int j = 0; j < 4; j++) {
-        h0 = _mm512_dpbusd_epi32(h0, u[j], bcast(x->xh + pe_r16_act_at(b, j)));
-        h1 = _mm512_dpbusd_epi32(h1, u[j + 4], bcast(x->xh + pe_r16_act_at(b, j + 4)));
-        l0 = _mm512_dpbusd_epi32(l0, u[j], bcast(x->xl + pe_r16_act_at(b, j)));
-        l1 = _mm512_dpbusd_epi32(l1, u[j + 4], bcast(x->xl + pe_r16_act_at(b, j + 4)));
+        h0 = dp_bcast(h0, u[j], x->xh + pe_r16_act_at(b, j));
+        h1 = dp_bcast(h1, u[j + 4], x->xh + pe_r16_act_at(b, j + 4));
+        l0 = dp_bcast(l0, u[j], x->xl + pe_r16_act_at(b, j));
+        l1 = dp_bcast(l1, u[j + 4], x->xl + pe_r16_act_at(b, j + 4));
     }
     const __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
     return _mm512_sub_epi32(c, _mm512_set1_epi32(offset * (int32_t)x->s32x[b]));
@@ -200,8 +202,8 @@ PE_AI void group_k(const int type, const uint8_t *group, int64_t nb, int nr, con
 PE_AI __m512i sub_sums(const __m512i u[8], const pe_act_q8 *x, int64_t b, int hh, const int offset, int64_t s16) {
     __m512i h = _mm512_setzero_si512(), l = h;
     for (int j = 4 * hh; j < 4 * hh + 4; j++) {
-        h = _mm512_dpbusd_epi32(h, u[j], bcast(x->xh + pe_r16_act_at(b, j)));
-        l = _mm512_dpbusd_epi32(l, u[j], bcast(x->xl + pe_r16_act_at(b, j)));
+        h = dp_bcast(h, u[j], x->xh + pe_r16_act_at(b, j));
+        l = dp_bcast(l, u[j], x->xl + pe_r16_act_at(b, j));
     }
     const __m512i c = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
     return offset ? _mm512_sub_epi32(c, _mm512_set1_epi32(offset * (int32_t)x->s16x[s16])) : c;

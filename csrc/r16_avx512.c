@@ -34,9 +34,10 @@
 /* acc + u (unsigned bytes) . the activation dword at p broadcast (signed bytes): vpdpbusd with the
  * broadcast embedded in its memory operand, which GCC does not fold from the intrinsics (it emits a
  * separate vpbroadcastd). One core, weights in L2, Zen 4: 1.02-1.08x on every type's R16 kernel
- * (Q4_0 43 -> 46 GB/s, MXFP4 37 -> 38), Q8_0 unchanged; the same bits. */
+ * (Q4_0 43 -> 46 GB/s, MXFP4 37 -> 38), Q8_0 unchanged; the same bits. Written for both assembler
+ * dialects ({AT&T|Intel}), so -masm=intel builds too. */
 PE_AI __m512i dp_bcast(__m512i acc, __m512i u, const int8_t *p) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
+    __asm__("vpdpbusd {%2%{1to16%}, %1, %0|%0, %1, %2%{1to16%}}" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)p));
     return acc;
 }
 

@@ -17,7 +17,7 @@ from test_quants import F16_FIELDS, SIZES, TYPES, T, random_blocks, reference
 K = pytest.importorskip("pyengine._model")
 
 # Max |y - y64| / (|x| @ |W|.T + |b|) measured on the emulator over these tests is about 1e-7 (see
-# docs/cuq.md); one wrong weight or x element would cost ~1/n_in of that bound (>= 1e-3 here).
+# docs/cuda-matmul.md); one wrong weight or x element would cost ~1/n_in of that bound (>= 1e-3 here).
 REL_TOL = 2e-6
 # The tensor-core gemm (3xTF32, n_rows >= 16): measured <= 1.3e-6 in the emulator at n_in 2880; the
 # bound leaves 3x room for the tensor cores' own f32 accumulation order and is still 10x below what plain

@@ -8,7 +8,7 @@
  * in shared memory when it fits; one warp-shuffle reduction per row at the end. MXFP4 (the gpt-oss
  * experts) and Q8_0 have their own loops: the warp takes two blocks per step, lane l reading byte
  * (MXFP4) or byte pair (Q8_0) l % 16 of block l / 16, so all 32 lanes load distinct bytes. See
- * docs/cuq.md for the design and the expected bandwidth. */
+ * docs/cuda-matmul.md for the design and the expected bandwidth. */
 #include "compat.h"
 
 #include "gemm_groups.cuh"

@@ -64,6 +64,20 @@ static void put_crumbs(const uint8_t v[32], int i, uint8_t *c) {
             for (int e = 0; e < 4; e++) c[64 * k + 4 * i + e] |= (uint8_t)((v[4 * (4 * k + f) + e] & 3) << (2 * f));
 }
 
+/* Row i's 3-bit codes v[e'] (element e' of a 32-element unit) into the unit's three pieces at c (r16.h):
+ * byte 4 i + e of piece k holds element 4 (2 k) + e in bits 0-2 and 4 (2 k + 1) + e in bits 3-5; bits
+ * 6-7 of pieces 0 and 1 hold the low two bits of elements 24 + e and 28 + e, bits 6 and 7 of piece 2
+ * their third bits. */
+static void put_q3(const uint8_t v[32], int i, uint8_t *c) {
+    for (int e = 0; e < 4; e++) {
+        const uint8_t top6 = v[24 + e], top7 = v[28 + e];
+        for (int k = 0; k < 3; k++) c[64 * k + 4 * i + e] = (uint8_t)(v[8 * k + e] | v[8 * k + 4 + e] << 3);
+        c[4 * i + e] |= (uint8_t)((top6 & 3) << 6);
+        c[64 + 4 * i + e] |= (uint8_t)((top7 & 3) << 6);
+        c[128 + 4 * i + e] |= (uint8_t)((top6 >> 2) << 6 | (top7 >> 2) << 7);
+    }
+}
+
 /* Q2_K, Q3_K, Q6_K (sub-blocks of 16): row i's super-block b into the group's unit codes (units of 32
  * elements, unit_bytes each) and scale area (16 s + i: the sub-block's scale byte, Q2_K's raw, Q3_K's
  * signed value, Q6_K's int8; at 256 + 2 i the row's f16 d, Q2_K's dmin at 288 + 2 i). */
@@ -94,14 +108,8 @@ static void put_k16(int type, const uint8_t *blk, int64_t nb, int64_t b, int i, 
             for (int e = 0; e < 32; e++) hi[e] = v[e] >> 4;
             put_nibbles(lo, i, c);
             put_crumbs(hi, i, c + 256);
-        } else {
-            put_crumbs(v, i, c);
-            if (type == PE_TYPE_Q3_K) {
-                uint32_t third = 0;
-                for (int e = 0; e < 32; e++) third |= (uint32_t)(v[e] >> 2) << e;
-                put_fifth(third, i, c + 128);
-            }
-        }
+        } else if (type == PE_TYPE_Q3_K) put_q3(v, i, c);
+        else put_crumbs(v, i, c);
     }
     for (int k = 0; k < 16; k++)
         sc[16 * k + i] = type == PE_TYPE_Q2_K ? ((const pe_block_q2_k *)blk)->scales[k]

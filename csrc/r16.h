@@ -55,7 +55,9 @@
  * bytes, then 320, 288 or 288 scale bytes), unit u (elements 256 b + 32 u ..) at ub (8 b + u):
  *   Q2_K: two pieces k < 2 of 2-bit fields: byte 4 i + e, bits 2 f, 2 f + 1 = row i's code of element
  *     4 (4 k + f) + e of the unit
- *   Q3_K: its low two bits as Q2_K's, then at + 128 eight 64-bit masks of its third bit (as Q5_0's)
+ *   Q3_K: three pieces k < 3 of 3-bit fields: byte 4 i + e of piece k, bits 0-2 = row i's code of
+ *     element 4 (2 k) + e of the unit, bits 3-5 = of element 4 (2 k + 1) + e; bits 6-7 of pieces 0
+ *     and 1 = the low two bits of elements 24 + e and 28 + e, bits 6 and 7 of piece 2 their third bits
  *   Q6_K: its low four bits as MXFP4's pieces, then at + 256 its high two bits as Q2_K's pieces
  *   at 8 ub nb + (320 or 288) b: byte 16 s + i = row i's scale of sub-block s (Q2_K: the file's byte,
  *     minimum in the high nibble; Q3_K: the signed 6-bit scale as int8; Q6_K: its int8), then the

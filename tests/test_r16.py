@@ -220,9 +220,9 @@ def test_r16_k_quants_layout_and_float64(qtype):
 @pytest.mark.parametrize("qtype", [pytest.param(T[n], id=n, marks=needs_r16(T[n])) for n in ("Q2_K", "Q3_K", "Q6_K")])
 def test_r16_sub_blocks_of_16_layout_and_float64(qtype):
     """Q2_K, Q3_K, Q6_K: the values r16.h's layout gives (per 32-element unit the 2-bit fields, Q3_K's
-    third-bit masks, Q6_K's nibbles then its high 2-bit fields; per sub-block of 16 the scale byte,
-    the rows' f16 d and Q2_K's dmin) are gguf-py's dequantization of the file's rows (missing rows
-    repeat the last one), and a strided source multiplies as float64 says."""
+    three pieces of 3-bit fields, Q6_K's nibbles then its high 2-bit fields; per sub-block of 16 the
+    scale byte, the rows' f16 d and Q2_K's dmin) are gguf-py's dequantization of the file's rows
+    (missing rows repeat the last one), and a strided source multiplies as float64 says."""
     rng = np.random.default_rng(15)
     n_in, n_out = 512, 13
     w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
@@ -234,6 +234,12 @@ def test_r16_sub_blocks_of_16_layout_and_float64(qtype):
 
     def crumbs(p, i, j, e):  # 2-bit field of element 4 j + e of a unit whose two pieces are at p
         return (int(r[p + 64 * (j // 4) + 4 * i + e]) >> (2 * (j % 4))) & 3
+
+    def three_bits(p, i, j, e):  # Q3_K's code of element 4 j + e of a unit whose three pieces are at p
+        byte = lambda k: int(r[p + 64 * k + 4 * i + e])  # noqa: E731
+        if j < 6:
+            return (byte(j // 2) >> (3 * (j % 2))) & 7
+        return (byte(j - 6) >> 6) | ((byte(2) >> (j % 2 + 6)) & 1) << 2
 
     for i in range(16):
         got = np.empty(n_in, np.float32)
@@ -248,10 +254,10 @@ def test_r16_sub_blocks_of_16_layout_and_float64(qtype):
                         if qtype == T.Q6_K:
                             nib = int(r[at + 64 * (j % 4) + 4 * i + e])
                             code = ((nib >> 4) if j >= 4 else nib & 15) | crumbs(at + 256, i, j, e) << 4
+                        elif qtype == T.Q3_K:
+                            code = three_bits(at, i, j, e)
                         else:
                             code = crumbs(at, i, j, e)
-                            if qtype == T.Q3_K:
-                                code += 4 * ((int(r[at + 128:at + 192].view("<u8")[j]) >> (4 * i + e)) & 1)
                         el = 32 * u + 4 * j + e  # within the super-block; sub-block el // 16
                         v = int(sc[16 * (el // 16) + i])
                         if qtype == T.Q2_K:

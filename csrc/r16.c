@@ -49,11 +49,16 @@ static void put_nibbles(const uint8_t *qs, int i, uint8_t *c) {
     for (int j = 0; j < 4; j++) memcpy(c + 64 * j + 4 * i, qs + 4 * j, 4);
 }
 
-/* Row i's fifth bits qh (bit k: element k) into the eight 64-bit masks at c (ORed in): mask j, bit
- * 4 i + e = the fifth bit of element 4 j + e. */
-static void put_fifth(uint32_t qh, int i, uint8_t *c) {
-    for (int j = 0; j < 8; j++)
-        for (int e = 0; e < 4; e++) c[8 * j + (4 * i + e) / 8] |= (uint8_t)(((qh >> (4 * j + e)) & 1) << ((4 * i + e) % 8));
+/* Row i's 5-bit codes v[e'] (element e' of a 32-element unit) into the unit's five pieces at c (r16.h):
+ * byte 4 i + e of piece k (k < 4) holds element 4 (2 k) + e in bits 0-4 and the low three bits of
+ * element 4 (2 k + 1) + e in bits 5-7; bits 2 k, 2 k + 1 of piece 4 hold that element's top two bits. */
+static void put_q5(const uint8_t v[32], int i, uint8_t *c) {
+    for (int k = 0; k < 4; k++)
+        for (int e = 0; e < 4; e++) {
+            const uint8_t even = v[8 * k + e], odd = v[8 * k + 4 + e];
+            c[64 * k + 4 * i + e] = (uint8_t)(even | (odd & 7) << 5);
+            c[256 + 4 * i + e] |= (uint8_t)((odd >> 3) << (2 * k));
+        }
 }
 
 /* Row i's 2-bit fields v[e'] (element e' of a 32-element unit) into the unit's two pieces at c: piece k,
@@ -138,8 +143,13 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         /* the block: f16 d, then m (with a minimum), then qh (with a fifth bit), then qs[16] */
         const int fifth = type == PE_TYPE_Q5_0 || type == PE_TYPE_Q5_1, has_min = type == PE_TYPE_Q4_1 || type == PE_TYPE_Q5_1;
         const int64_t code = pe_r16_unit_bytes(type), scale = has_min ? 64 : 32;
-        put_nibbles(blk + block_bytes(type) - 16, i, out + code * b);
-        if (fifth) put_fifth(u32_at(blk + (has_min ? 4 : 2)), i, out + code * b + 256);
+        const uint8_t *qs = blk + block_bytes(type) - 16;
+        if (fifth) { /* element l: nibble l / 16 of qs[l % 16], fifth bit l of qh */
+            const uint32_t qh = u32_at(blk + (has_min ? 4 : 2));
+            uint8_t v[32];
+            for (int l = 0; l < 32; l++) v[l] = (uint8_t)(((qs[l % 16] >> (4 * (l / 16))) & 15) | ((qh >> l) & 1) << 4);
+            put_q5(v, i, out + code * b);
+        } else put_nibbles(qs, i, out + code * b);
         memcpy(out + code * nb + scale * b + 2 * i, blk, 2);
         if (has_min) memcpy(out + code * nb + scale * b + 32 + 2 * i, blk + 2, 2);
         return;
@@ -152,16 +162,14 @@ static void put_block(int type, const uint8_t *blk, int64_t nb, int64_t b, int i
         for (int sub = 0; sub < 8; sub++) {
             /* nibble sub % 2 of qs[l] is element 32 sub + l; Q5_K: its fifth bit is bit sub of qh[l] */
             const uint8_t *qs = (q5 ? q5->qs : q->qs) + 32 * (sub / 2);
-            uint8_t *c = out + 8 * cs * b + cs * sub;
-            for (int j = 0; j < 4; j++)
-                for (int e = 0; e < 4; e++) {
-                    const int lo = (qs[4 * j + e] >> (4 * (sub % 2))) & 15, hi = (qs[16 + 4 * j + e] >> (4 * (sub % 2))) & 15;
-                    c[64 * j + 4 * i + e] = (uint8_t)(lo | hi << 4);
-                }
-            if (q5) {
-                uint32_t qh = 0;
-                for (int l = 0; l < 32; l++) qh |= (uint32_t)((q5->qh[l] >> sub) & 1) << l;
-                put_fifth(qh, i, c + 256);
+            uint8_t *c = out + 8 * cs * b + cs * sub, v[32];
+            for (int l = 0; l < 32; l++)
+                v[l] = (uint8_t)(((qs[l] >> (4 * (sub % 2))) & 15) | (q5 ? ((q5->qh[l] >> sub) & 1) << 4 : 0));
+            if (q5) put_q5(v, i, c);
+            else {
+                uint8_t lo[16];
+                for (int e = 0; e < 16; e++) lo[e] = (uint8_t)(v[e] | v[16 + e] << 4);
+                put_nibbles(lo, i, c);
             }
             uint8_t sc, mn;
             pe_k_scale_min(q->scales, sub, &sc, &mn);

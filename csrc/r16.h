@@ -34,14 +34,14 @@
  *     qs[4 j .. 4 j + 3] + 128 (elements 32 b + 4 j + e), i.e. exactly the packing of the prefill tiles
  *   scale of block b at 512 nb + 32 b + 2 i: row i's f16 d
  * Q5_0 (320 code bytes and 32 scale bytes per block):
- *   low four bits of block b, piece j (j < 4), at 320 b + 64 j: row i's qs[4 j .. 4 j + 3] at 4 i, as MXFP4
- *   fifth bits of block b at 320 b + 256: eight 64-bit masks, mask j's bit 4 i + e = the fifth bit of
- *     row i's element 4 j + e (j < 8), i.e. of the byte lane that code register j holds it in
+ *   codes of block b, five pieces at 320 b + 64 k: byte 4 i + e of piece k (k < 4), bits 0-4 = row i's
+ *     5-bit code of element 8 k + e, bits 5-7 = the low three bits of element 8 k + 4 + e's; byte
+ *     4 i + e of piece 4, bits 2 k, 2 k + 1 = the top two bits of element 8 k + 4 + e's
  *   scale of block b at 320 nb + 32 b + 2 i: row i's f16 d
  * Q4_0 (256 code bytes and 32 scale bytes per block): codes as MXFP4's (the raw nibbles, q + 8), scale
  *   of block b at 256 nb + 32 b + 2 i: row i's f16 d
  * Q4_1 (256 code bytes and 64 scale bytes per block), Q5_1 (320 and 64):
- *   codes of block b at 256 b (Q5_1: 320 b) as MXFP4's (Q5_1: as Q5_0's, pieces then fifth-bit masks)
+ *   codes of block b at 256 b (Q5_1: 320 b) as MXFP4's (Q5_1: as Q5_0's five pieces)
  *   scales of block b at 256 nb + 64 b (Q5_1: 320 nb + 64 b): row i's f16 d at 2 i, its f16 m at 32 + 2 i
  * Q4_K (2048 code bytes and 320 scale bytes per super-block):
  *   codes of super-block b, sub-block s (elements 256 b + 32 s ..), piece j (j < 4), at
@@ -50,7 +50,7 @@
  *   at 2048 nb + 320 b: the 6-bit scales (byte 16 s + i) and minimums (128 + 16 s + i) of every
  *     sub-block and row, then the rows' f16 d (256 + 2 i) and dmin (288 + 2 i)
  * Q5_K (2560 code bytes and 320 scale bytes per super-block): as Q4_K, but each sub-block's codes are
- *   320 bytes at 2560 b + 320 s, as Q5_0's (the four pieces, then eight fifth-bit masks)
+ *   320 bytes at 2560 b + 320 s, as Q5_0's five pieces
  * Q2_K, Q3_K, Q6_K (sub-blocks of 16; per super-block 8 units of 32 elements of 128, 192 or 384 code
  * bytes, then 320, 288 or 288 scale bytes), unit u (elements 256 b + 32 u ..) at ub (8 b + u):
  *   Q2_K: two pieces k < 2 of 2-bit fields: byte 4 i + e, bits 2 f, 2 f + 1 = row i's code of element

@@ -34,7 +34,7 @@ from pyengine.gguf_reader import advise_huge_pages
 from pyengine.log import logger
 
 MAGIC = b"PYENGINE-R16\0\0\0\0"
-VERSION = 3  # 3: Q3_K as three pieces of 3-bit fields; 2: entries of every R16 type (1: MXFP4 experts only)
+VERSION = 3  # 3: Q3_K and the Q5 types as pieces of 3- and 5-bit fields; 2: entries of every R16 type (1: MXFP4 experts only)
 SUFFIX = ".pyengine-r16"
 ALIGN = 4096
 EXPERT_WEIGHTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")

@@ -69,6 +69,22 @@ def test_r16_matmul_bit_identical_to_file_layout(n_out, n_in, qtype):
                 assert np.array_equal(got, want), (n_tok, e, threads)
 
 
+def five_bits(r: np.ndarray, at: int, i: int, j: int, e: int) -> int:
+    """The 5-bit code of element 4 j + e of row i in the five pieces at r[at:] (Q5_0, Q5_1, Q5_K; r16.h)."""
+    k, byte = j // 2, int(r[at + 64 * (j // 2) + 4 * i + e])
+    if j % 2 == 0:
+        return byte & 31
+    return (byte >> 5) | ((int(r[at + 256 + 4 * i + e]) >> (2 * k)) & 3) << 3
+
+
+def nibble_or_five(r: np.ndarray, at: int, i: int, j: int, e: int, five: bool) -> int:
+    """Element 4 j + e of row i in the unit at r[at:]: four pieces of nibbles (register j < 4 the low
+    nibbles of piece j, j >= 4 the high ones of piece j - 4), or the Q5 types' five pieces."""
+    if five:
+        return five_bits(r, at, i, j, e)
+    return (int(r[at + 64 * (j % 4) + 4 * i + e]) >> (4 * (j // 4))) & 15
+
+
 def check_strided_against_float64(qtype, n_in: int, rng) -> None:
     """Every other row of a fused weight, repacked: one token against float64 on the dequantized
     rows, and bit for bit the file layout's int8 product."""
@@ -123,9 +139,9 @@ def test_r16_against_float64_and_strided_source():
 
 @q5_r16
 def test_r16_q5_0_against_float64_and_layout():
-    """Q5_0: the byte layout r16.h describes (the low four bits as MXFP4's pieces, then per block
-    eight 64-bit masks whose bit 4 i + e of mask j is row i's fifth bit of element 4 j + e, the f16
-    scales after the codes, zero padding), and a strided source against float64."""
+    """Q5_0: the byte layout r16.h describes (per block five pieces of 5-bit fields whose code of
+    element 4 j + e of row i is the file's, the f16 scales after the codes, zero padding), and a
+    strided source against float64."""
     rng = np.random.default_rng(12)
     n_in, n_out = 96, 13
     w = blocks_of(T.Q5_0, 1, n_out, n_in, rng)[0]
@@ -137,20 +153,16 @@ def test_r16_q5_0_against_float64_and_layout():
         for b in range(nb):
             assert bytes(r[320 * nb + 32 * b + 2 * i:320 * nb + 32 * b + 2 * i + 2]) == bytes(row[b, :2])
             qh = int.from_bytes(bytes(row[b, 2:6]), "little")
-            for j in range(4):
-                assert bytes(r[320 * b + 64 * j + 4 * i:320 * b + 64 * j + 4 * i + 4]) == bytes(row[b, 6 + 4 * j:10 + 4 * j])
-            masks = r[320 * b + 256:320 * b + 320].view("<u8")
-            for j in range(8):
-                for e in range(4):
-                    assert (int(masks[j]) >> (4 * i + e)) & 1 == (qh >> (4 * j + e)) & 1
+            for el in range(32):
+                code = (int(row[b, 6 + el % 16]) >> (4 * (el // 16))) & 15 | ((qh >> el) & 1) << 4
+                assert five_bits(r, 320 * b, i, el // 4, el % 4) == code
     assert not r[352 * nb:].any()
     check_strided_against_float64(T.Q5_0, 2880, rng)
 
 
 @pytest.mark.parametrize("qtype", [pytest.param(T[n], id=n, marks=needs_r16(T[n])) for n in ("Q4_0", "Q4_1", "Q5_1")])
 def test_r16_q4_0_q4_1_q5_1_layout_and_float64(qtype):
-    """Q4_0, Q4_1 and Q5_1: the codes as MXFP4's pieces (Q5_1 then the eight fifth-bit masks, as
-    Q5_0's), then per block the rows' f16 d (Q4_0: code - 8) and, with a minimum, their f16 m, zero
+    """Q4_0, Q4_1 and Q5_1: the codes as MXFP4's pieces (Q5_1: as Q5_0's five pieces), then per block the rows' f16 d (Q4_0: code - 8) and, with a minimum, their f16 m, zero
     padding; the values that layout gives are gguf-py's dequantization of the file's rows (missing
     rows repeat the last one); a strided source against float64."""
     rng = np.random.default_rng(14)
@@ -166,14 +178,9 @@ def test_r16_q4_0_q4_1_q5_1_layout_and_float64(qtype):
         for b in range(nb):
             d = r[code * nb + scale * b + 2 * i:][:2].view(np.float16)[0].astype(np.float32)
             m = r[code * nb + 64 * b + 32 + 2 * i:][:2].view(np.float16)[0].astype(np.float32) if has_min else None
-            masks = r[code * b + 256:code * b + 320].view("<u8") if fifth else np.zeros(8, np.uint64)
-            for j in range(4):
-                q = r[code * b + 64 * j + 4 * i:][:4].astype(np.int64)
-                for e in range(4):
-                    lo = (q[e] & 15) + 16 * ((int(masks[j]) >> (4 * i + e)) & 1)
-                    hi = (q[e] >> 4) + 16 * ((int(masks[j + 4]) >> (4 * i + e)) & 1)
-                    for at, c in ((32 * b + 4 * j + e, lo), (32 * b + 16 + 4 * j + e, hi)):
-                        got[at] = d * np.float32(c) + m if has_min else d * np.float32(c - 8)
+            for el in range(32):
+                c = nibble_or_five(r, code * b, i, el // 4, el % 4, fifth)
+                got[32 * b + el] = d * np.float32(c) + m if has_min else d * np.float32(c - 8)
         np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
     assert not r[(code + scale) * nb:].any()
     check_strided_against_float64(qtype, 2880, rng)
@@ -183,7 +190,7 @@ def test_r16_q4_0_q4_1_q5_1_layout_and_float64(qtype):
                                    pytest.param(T.Q5_K, id="Q5_K", marks=needs_r16(T.Q5_K))])
 def test_r16_k_quants_layout_and_float64(qtype):
     """Q4_K, Q5_K: the values r16.h's layout gives (codes as MXFP4's pieces per sub-block, Q5_K's
-    then as Q5_0's fifth-bit masks, unpacked 6-bit scales and minimums, f16 d and dmin) are gguf-py's
+    as Q5_0's five pieces, unpacked 6-bit scales and minimums, f16 d and dmin) are gguf-py's
     dequantization of the file's rows (missing rows repeat the last one), and a strided source
     multiplies as float64 says."""
     rng = np.random.default_rng(13)
@@ -202,15 +209,9 @@ def test_r16_k_quants_layout_and_float64(qtype):
             for sub in range(8):
                 sc, mn = np.float32(sc_area[b, 16 * sub + i]), np.float32(sc_area[b, 128 + 16 * sub + i])
                 at = 8 * cs * b + cs * sub
-                masks = r[at + 256:at + 320].view("<u8") if cs == 320 else np.zeros(8, np.uint64)
-                for j in range(4):
-                    q = r[at + 64 * j + 4 * i:at + 64 * j + 4 * i + 4].astype(np.int64)
-                    for e in range(4):
-                        lo = (q[e] & 15) + 16 * ((int(masks[j]) >> (4 * i + e)) & 1)
-                        hi = (q[e] >> 4) + 16 * ((int(masks[j + 4]) >> (4 * i + e)) & 1)
-                        base = 256 * b + 32 * sub + 4 * j + e
-                        got[base] = (d * sc) * np.float32(lo) - dmin * mn
-                        got[base + 16] = (d * sc) * np.float32(hi) - dmin * mn
+                for el in range(32):
+                    c = nibble_or_five(r, at, i, el // 4, el % 4, cs == 320)
+                    got[256 * b + 32 * sub + el] = (d * sc) * np.float32(c) - dmin * mn
         np.testing.assert_array_equal(got, want[min(i, n_out - 1)])
     check_strided_against_float64(qtype, 2816, rng)
     with pytest.raises(ValueError, match="no R16 form"):

@@ -1,6 +1,6 @@
 """Two builds of pyengine on one model, timed in alternation: the paired speed ratio of a change.
 
-    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2]
+    python bench/ab_builds.py MODEL.gguf SITE_A SITE_B [--test tg|pp] [-n 12] [-r 20] [-t 2] [--each]
                               [--b-no-repack | --b-without TYPE[,TYPE...]]
 
 SITE_A / SITE_B: folders holding a built `pyengine` package (e.g. `pip install --no-deps --target
@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=12, help="decode steps per block, or prefill tokens (default 12)")
     ap.add_argument("-r", "--rounds", type=int, default=20, help="blocks per build (default 20)")
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--each", action="store_true",
+                    help="print every round's pair too (to split the rounds by the memory mode they drew)")
     b_mode = ap.add_mutually_exclusive_group()
     b_mode.add_argument("--b-no-repack", action="store_true", help="B without the repack cache (Engine(repack=False))")
     b_mode.add_argument("--b-without", default="", metavar="TYPES",
@@ -113,6 +115,9 @@ def main() -> int:
             procs[i].stdin.write(f"{args.test} {args.n}\n")
             procs[i].stdin.flush()
             rates[i].append(float(procs[i].stdout.readline()))
+        if args.each:
+            print(f"round {r + 1}: A {rates[0][-1]:.2f} B {rates[1][-1]:.2f} tok/s, B/A {rates[1][-1] / rates[0][-1]:.3f}",
+                  flush=True)
     for p in procs:
         p.stdin.close()
         p.wait()

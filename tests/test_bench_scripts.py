@@ -219,18 +219,21 @@ def test_streamed_file_is_the_model_without_a_cache(tmp_path):
     assert compare_llamacpp.streamed_file(str(model)) == str(model)
 
 
-@pytest.mark.parametrize("test,flags", [("tg", []), ("pp", []), ("tg", ["--b-no-repack"]),
+@pytest.mark.parametrize("test,flags", [("tg", []), ("pp", ["--each"]), ("tg", ["--b-no-repack"]),
                                         ("tg", ["--b-without", "q8_0,q5_0"])])
 def test_ab_builds_pairs_two_builds(tiny, test, flags):
     """bench/ab_builds.py: both workers start, take turns, and the paired ratio line comes out (the
     same build twice here, so the ratios are about 1; their values are timing, not checked);
     --b-no-repack: B on the file's layout, A on the repack cache; --b-without: B on the cache but
-    for the named types."""
+    for the named types; --each: a line per round before it."""
     r = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(tiny[0]), "", "", "--test", test,
                         "-n", "3", "-r", "2", "-t", "1", *flags], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    line = r.stdout.strip().splitlines()[-1]
+    lines = r.stdout.strip().splitlines()
+    line = lines[-1]
     assert line.startswith(f"{test}3, 2 rounds, 1 threads: A median ") and "paired B/A median" in line
+    each = [x for x in lines if x.startswith("round ")]
+    assert [x.split(":")[0] for x in each] == (["round 1", "round 2"] if "--each" in flags else [])
     ratios = [float(x) for x in line.split("range [")[1].rstrip("]").split(", ")]
     assert 0 < ratios[0] <= ratios[1]
 

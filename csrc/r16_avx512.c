@@ -123,9 +123,9 @@ PE_AI void store_rows8(__m512 acc[][8], const int n_tok, int nr, float *out, int
     }
 }
 
-/* Q4_1, Q5_0, Q5_1 (32-blocks with a fifth bit or a minimum): each 64-byte load gives two code
- * registers (low nibbles, then the high ones after a 16-bit shift, both masked to four bits), and
- * with a fifth bit each register its own 64-bit mask (a masked add of 16); then the file layout's
+/* Q4_1, Q5_0, Q5_1 (32-blocks with a fifth bit or a minimum): the code registers (Q4_1: each
+ * 64-byte load's low nibbles, then its high ones after a 16-bit shift; the Q5 types: their five
+ * pieces of 5-bit fields, r16_codes_avx512.h); then the file layout's
  * steps (dot_q8k_avx512.c's 32-block kernel): Q5_0's 16 times the block's combined code sum taken
  * off in int32, one conversion, one multiply-add with d_w * (d_x / 254), with a minimum one more of
  * m_w with (d_x / 254) times that code sum, into the accumulator of block b mod 8, and the row's
@@ -160,8 +160,8 @@ PE_AI void group_b(const int type, const uint8_t *group, int64_t nb, int nr, con
 /* The 16 rows' f16 values at p (a K-quant group's d or dmin). */
 PE_AI __m512 f16_rows(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
 
-/* Q4_K and Q5_K, per sub-block of 32 (one 32-element unit of the activations): four loads give eight
- * code registers (low nibbles, high nibbles; Q5_K: plus 16 by the sub-block's fifth-bit masks, as
+/* Q4_K and Q5_K, per sub-block of 32 (one 32-element unit of the activations): the eight code
+ * registers (Q4_K: four loads' low and high nibbles; Q5_K: the five pieces of 5-bit fields, as
  * Q5_0's), the row's d * sc and dmin * m converted from the unpacked scale bytes; then the file
  * layout's steps (dot_q8k_avx512.c's Q4_K/Q5_K kernel): one conversion, one multiply-add with (d * sc)
  * * (d_x / 254), one negated multiply-add of dmin * m with d_x / 254 times the unit's combined code
@@ -219,8 +219,8 @@ PE_AI __m512 reduce16(const __m512 l[16]) {
     return _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
 }
 
-/* Q3_K and Q6_K (sub-blocks of 16), per 32-element unit: the codes (Q3_K: 2-bit fields plus the
- * third-bit masks, Q6_K: nibbles plus 2-bit fields), then per sub-block the file layout's steps
+/* Q3_K and Q6_K (sub-blocks of 16), per 32-element unit: the codes (Q3_K: three pieces of 3-bit
+ * fields, Q6_K: nibbles plus 2-bit fields), then per sub-block the file layout's steps
  * (dot_q8k_avx512.c's sub-blocks-of-16 kernel): the offset (4, 32) times the sub-block's combined code
  * sum taken off in int32, one conversion, one multiply-add with (d * sc) * (d_x / 254) into the
  * accumulator of sub-block s, and the row's result summed as that kernel's _mm512_reduce_add_ps sums

@@ -31,6 +31,15 @@ pe_weight pe_r16_weight(int type, const uint8_t *data, int64_t n_in, int64_t n_o
                        pe_r16_bytes(type, n_in, n_out, 1), 1, PE_LAYOUT_R16};
 }
 
+int pe_r16_pf_cursors = 4;
+
+/* PYENGINE_R16_PF_CURSORS (1 or 4), else 1 on AMD CPUs and 4 on the others (r16.h says why). */
+__attribute__((constructor)) static void pick_pf_cursors(void) {
+    const char *v = getenv("PYENGINE_R16_PF_CURSORS");
+    if (v && (strcmp(v, "1") == 0 || strcmp(v, "4") == 0)) pe_r16_pf_cursors = v[0] - '0';
+    else pe_r16_pf_cursors = pe_cpu_is_amd() ? 1 : 4;
+}
+
 int pe_r16_one_token_rows(int type) {
     const char *v = getenv("PYENGINE_DECODE_LAYOUT");
     if (v && strcmp(v, "rows") == 0) return 1;

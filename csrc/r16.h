@@ -115,21 +115,28 @@ static inline void pe_r16_prefetch_line(const uint8_t *p) {
 #endif
 }
 
-/* How many cursors pe_r16_prefetch_codes spreads a group's codes over (below). */
-#define PE_R16_PF_CURSORS 4
+/* How many cursors pe_r16_prefetch_codes spreads a group's codes over: 1 on AMD CPUs, 4 on the
+ * others; PYENGINE_R16_PF_CURSORS=1 or 4 says which (for A/B runs). Set when the library loads
+ * (r16.c), read by the kernels' prefetch steps. Why it depends on the CPU: more cursors keep more
+ * reads in flight per thread than one, and on the Intel box (kernel bench, 2026-12-05) two instead
+ * of one took the R16 forms of the 32-block formats from 83-92 % to 91-99 % of the probe, the
+ * K-quants' from 74-82 % to 79-95 %, 4-token Q8_0 from 23 to 28 GB/s (four instead of two: decode
+ * 1.006-1.014x paired end to end). On the Zen 4 VM one cursor decoded the MXFP4 synth file 1.017x
+ * and 1.032x faster than four in two paired runs (bench/ab_builds.py, tg16, 24 pairs each, both
+ * memory modes; bench/RESULTS.md, seventeenth session). */
+extern int pe_r16_pf_cursors;
 
 /* The codes at [at, at + n) of a group (at pf; NULL: nothing) whose codes take `total` bytes, into
- * L2 from PE_R16_PF_CURSORS cursors, one in each quarter of the codes: the step's n / 64 lines go
- * round-robin to the cursors, so each line of the group is prefetched once, as the kernel reads
- * n bytes. More cursors keep more reads in flight per thread than one: in the kernel bench (Intel
- * box, 2026-12-05) two instead of one took the R16 forms of the 32-block formats from 83-92 % to
- * 91-99 % of the probe, the K-quants' from 74-82 % to 79-95 %, 4-token Q8_0 from 23 to 28 GB/s.
- * Four instead of two (2026-12-06) is within the kernel bench's noise, and paired end to end
- * (bench/ab_builds.py, tg16, 12 pairs each) decode 1.007-1.014x on the MXFP4 synth file and
- * 1.006x on the Q4_K_M-style one. */
+ * L2: with one cursor in order, with four from one cursor in each quarter of the codes (the step's
+ * n / 64 lines round-robin to the cursors), so each line of the group is prefetched once, as the
+ * kernel reads n bytes. */
 static inline void pe_r16_prefetch_codes(const uint8_t *pf, int64_t total, int64_t at, int n) {
     if (!pf) return;
-    enum { K = PE_R16_PF_CURSORS };
+    if (pe_r16_pf_cursors == 1) {
+        for (int k = 0; k < n / 64; k++) pe_r16_prefetch_line(pf + at + 64 * k);
+        return;
+    }
+    enum { K = 4 };
     const int64_t part = (total / 64 + K - 1) / K * 64; /* cursor c starts at c * part */
     /* Steps of whole rounds of the cursors (MXFP4, Q4_0, Q4_1, Q4_K: 256 bytes; Q8_0: 512): line
      * at / 64 + k goes to cursor k % K, so the addresses are loop invariants plus constants. The

@@ -42,6 +42,7 @@ cdef extern from "r16.h":
     void pe_r16_repack(const pe_weight *src, int64_t n_expert, uint8_t *dst, int n_threads) nogil
     pe_r16_dot_fn pe_r16_dot_get(int type)
     int pe_r16_one_token_rows(int type)
+    int pe_r16_pf_cursors
 
 cdef extern from "ops.h":
     void pe_rmsnorm(float *out, const float *x, const float *g, int64_t n, float eps) nogil
@@ -157,6 +158,12 @@ def r16_one_token_rows(int ggml_type) -> bool:
     """Whether one-token products of a repacked matrix of the type read its rows in the file's layout
     instead (PYENGINE_DECODE_LAYOUT, else Q8_0 on AMD CPUs: csrc/r16.h)."""
     return pe_r16_one_token_rows(ggml_type) != 0
+
+
+def r16_prefetch_cursors() -> int:
+    """How many cursors the R16 kernels prefetch a group's codes from (PYENGINE_R16_PF_CURSORS, else
+    1 on AMD CPUs and 4 on the others: csrc/r16.h); the products' bits do not depend on it."""
+    return pe_r16_pf_cursors
 
 
 def r16_bytes(int64_t n_in, int64_t n_out, int64_t n_expert, int ggml_type=MXFP4) -> int:

@@ -5,6 +5,11 @@ invisible in the logits): checked for 1-8 tokens (the decode kernel), 9+ tokens 
 tiles), 1 and 2 threads, row counts that are not a multiple of 16, several experts with strided
 source rows, and against float64 on the same two-digit activations."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -358,3 +363,25 @@ def test_r16_at_a_lower_level(level, tmp_path):
     assert sorted(there.files) == sorted(k for k in here.files if level != "avx2" or k.startswith("MXFP4-"))
     for k in there.files:
         assert np.array_equal(there[k], here[k]), k
+
+
+@pytest.mark.skipif(not K.r16_available(int(T.MXFP4)), reason="no R16 kernel on this CPU")
+@pytest.mark.parametrize("cursors", [1, 4])
+def test_r16_prefetch_cursors_change_no_bits(cursors, tmp_path):
+    """PYENGINE_R16_PF_CURSORS (how many cursors the R16 kernels prefetch a group's codes from,
+    csrc/r16.h) in a child: the setting takes effect, and every type's R16 products (groups that
+    prefetch the group two later among them) are this process's bits."""
+    there = tmp_path / "there.npz"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pyengine import _model as K; "
+            f"assert K.r16_prefetch_cursors() == {cursors}, K.r16_prefetch_cursors(); import test_r16 as t; "
+            f"t.check_r16_rows({str(there)!r}); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYENGINE_SIMD"} | {"PYENGINE_R16_PF_CURSORS": str(cursors)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert K.r16_prefetch_cursors() in (1, 4)
+    check_r16_rows(str(tmp_path / "here.npz"))
+    a, b = np.load(there), np.load(tmp_path / "here.npz")
+    assert sorted(a.files) == sorted(b.files) and a.files
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k

@@ -167,9 +167,10 @@ def test_r16_q5_0_against_float64_and_layout():
 
 @pytest.mark.parametrize("qtype", [pytest.param(T[n], id=n, marks=needs_r16(T[n])) for n in ("Q4_0", "Q4_1", "Q5_1")])
 def test_r16_q4_0_q4_1_q5_1_layout_and_float64(qtype):
-    """Q4_0, Q4_1 and Q5_1: the codes as MXFP4's pieces (Q5_1: as Q5_0's five pieces), then per block the rows' f16 d (Q4_0: code - 8) and, with a minimum, their f16 m, zero
-    padding; the values that layout gives are gguf-py's dequantization of the file's rows (missing
-    rows repeat the last one); a strided source against float64."""
+    """Q4_0, Q4_1 and Q5_1: the codes as MXFP4's pieces (Q5_1: as Q5_0's five pieces), then per
+    block the rows' f16 d (Q4_0: code - 8) and, with a minimum, their f16 m, zero padding; the
+    values that layout gives are gguf-py's dequantization of the file's rows (missing rows repeat
+    the last one); a strided source against float64."""
     rng = np.random.default_rng(14)
     n_in, n_out = 96, 13
     w = blocks_of(qtype, 1, n_out, n_in, rng)[0]
@@ -258,8 +259,7 @@ def test_r16_sub_blocks_of_16_layout_and_float64(qtype):
                 for j in range(8):
                     for e in range(4):
                         if qtype == T.Q6_K:
-                            nib = int(r[at + 64 * (j % 4) + 4 * i + e])
-                            code = ((nib >> 4) if j >= 4 else nib & 15) | crumbs(at + 256, i, j, e) << 4
+                            code = nibble_or_five(r, at, i, j, e, False) | crumbs(at + 256, i, j, e) << 4
                         elif qtype == T.Q3_K:
                             code = three_bits(at, i, j, e)
                         else:
@@ -365,7 +365,6 @@ def test_r16_at_a_lower_level(level, tmp_path):
         assert np.array_equal(there[k], here[k]), k
 
 
-@pytest.mark.skipif(not K.r16_available(int(T.MXFP4)), reason="no R16 kernel on this CPU")
 @pytest.mark.parametrize("cursors", [1, 4])
 def test_r16_prefetch_cursors_change_no_bits(cursors, tmp_path):
     """PYENGINE_R16_PF_CURSORS (how many cursors the R16 kernels prefetch a group's codes from,

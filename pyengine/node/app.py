@@ -416,6 +416,17 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def respond(request: Request, req: Any, jobs: list[Job], outs: list[ChatOutput | TextOutput],
+                      t0: float) -> Response:
+        """The choices' answer, as the request asked: streamed as server-sent events, or collected
+        into one JSON body."""
+        choices.share_identity(outs)
+        if req.stream:
+            return stream(request, jobs, outs, req.include_usage(), t0)
+        result = await collect(request, jobs, outs)
+        state.response_ms.append((time.perf_counter() - t0) * 1e3)
+        return JSONResponse(result)
+
     extra = {"system_fingerprint": FINGERPRINT}
 
     @app.post("/v1/chat/completions")
@@ -432,12 +443,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
                          (req.top_logprobs or 0) if req.logprobs else None, constraint=spec)
         outs = [ChatOutput(backend.tokenizer, state.model_name(), bool(req.logprobs), extra, reasoning_alias=True,
                            index=i) for i in range(len(jobs))]
-        choices.share_identity(outs)
-        if req.stream:
-            return stream(request, jobs, outs, req.include_usage(), t0)
-        result = await collect(request, jobs, outs)
-        state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        return JSONResponse(result)
+        return await respond(request, req, jobs, outs, t0)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -462,12 +468,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         echo = await run_in_threadpool(backend.detokenize, prompt) if req.echo else ""
         outs = [TextOutput(backend.tokenizer, state.model_name(), echo, bool(req.echo), req.logprobs is not None,
                            extra, index=i) for i in range(len(jobs))]
-        choices.share_identity(outs)
-        if req.stream:
-            return stream(request, jobs, outs, req.include_usage(), t0)
-        result = await collect(request, jobs, outs)
-        state.response_ms.append((time.perf_counter() - t0) * 1e3)
-        return JSONResponse(result)
+        return await respond(request, req, jobs, outs, t0)
 
     @app.get("/v1/models")
     @app.get("/models")

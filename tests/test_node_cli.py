@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-from node_server import free_port
+from node_server import free_port, wait_ready
 
 TESTS = Path(__file__).resolve().parent
 
@@ -84,15 +84,7 @@ def test_sigterm_ends_streams_with_an_error_chunk_and_exits(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.05)
+        wait_ready(proc, url, timeout=30)
         assert httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                              "max_tokens": 3}).status_code == 200
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,

@@ -11,12 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from node_server import free_port
+from node_server import free_port, wait_ready
 
 from pyengine.demo_model import write_demo_model
 
@@ -29,19 +28,6 @@ def serve(cwd: Path, port: int, sigint=signal.SIG_DFL) -> subprocess.Popen:
                              "--port", str(port), "--ctx-size", "512", "--threads", "1"],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
-
-
-def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the node never became ready"
-        time.sleep(0.1)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -128,10 +128,9 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
     import signal
     import subprocess
     import sys
-    import time
 
     import httpx
-    from node_server import free_port
+    from node_server import free_port, wait_ready
 
     models = tmp_path / "models"
     (models / "gpt-oss_tiny").mkdir(parents=True)
@@ -143,15 +142,7 @@ def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path)
                             cwd=tmp_path, env=dict(os.environ), stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_ready(proc, url, timeout=60)
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "gpt-oss:tiny"
         for name in ("gpt-oss:tiny", "gpt-oss-tiny", "gpt-oss_tiny"):
             r = httpx.post(f"{url}/v1/chat/completions", json={

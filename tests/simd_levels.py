@@ -19,14 +19,21 @@ ORDER = ["scalar", "avx2", "avx512vnni", "avx512"]
 LOWER = ["scalar", "avx2"]
 
 
+def in_child(module: str, *calls: str, env: dict[str, str], cwd: Path, setup: str = "", timeout: int = 300) -> None:
+    """The calls of tests/`module`.py in a fresh interpreter with environment `env`, after `setup`
+    (statements, each ending in "; ", that assert the child sees what the caller set up); fails the
+    test with the child's stderr if any of it raises."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); {setup}import {module} as t; "
+            + "; ".join(f"t.{c}" for c in calls) + "; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def at_level(level: str, module: str, *calls: str, cwd: Path, timeout: int = 300) -> None:
     if ORDER.index(pyengine.simd_level()) < ORDER.index(level):
         pytest.skip(f"this CPU has no {level}")
     seen = "avx512" if level == "avx512vnni" else level
     hidden = "from pyengine._cpu import avx512_extensions as x; assert x() == (), x(); " if level == "avx512vnni" else ""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import pyengine; "
-            f"assert pyengine.simd_level() == {seen!r}, pyengine.simd_level(); {hidden}import {module} as t; "
-            + "; ".join(f"t.{c}" for c in calls) + "; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYENGINE_SIMD": level, "PATH": ""}, cwd=cwd,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    in_child(module, *calls, env={"PYENGINE_SIMD": level, "PATH": ""}, cwd=cwd, timeout=timeout,
+             setup=f"import pyengine; assert pyengine.simd_level() == {seen!r}, pyengine.simd_level(); {hidden}")

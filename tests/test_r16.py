@@ -6,15 +6,12 @@ tiles), 1 and 2 threads, row counts that are not a multiple of 16, several exper
 source rows, and against float64 on the same two-digit activations."""
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyengine import _model as K
-from simd_levels import at_level
+from simd_levels import at_level, in_child
 from test_quants import SIZES, T, random_blocks, reference
 
 pytestmark = pytest.mark.skipif(not K.r16_available(), reason="no R16 kernel on this CPU (it needs AVX2)")
@@ -357,10 +354,16 @@ def test_r16_at_a_lower_level(level, tmp_path):
     file layout's int8 bits there (decode, and prompts where there are no tiles), and the same bits
     as this process's R16 kernels."""
     at_level(level, "test_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", cwd=tmp_path)
+    # AVX2: MXFP4 alone, and no tiles; the tiles' results where both processes have them
+    same_as_here(tmp_path, lambda k: level != "avx2" or k.startswith("MXFP4-"))
+
+
+def same_as_here(tmp_path, keep=lambda k: True) -> None:
+    """A child's check_r16_rows results (tmp_path / there.npz) are this process's, bit for bit, and
+    hold exactly the results of this process's that `keep` names."""
     check_r16_rows(str(tmp_path / "here.npz"))
     there, here = np.load(tmp_path / "there.npz"), np.load(tmp_path / "here.npz")
-    # AVX2: MXFP4 alone, and no tiles; the tiles' results where both processes have them
-    assert sorted(there.files) == sorted(k for k in here.files if level != "avx2" or k.startswith("MXFP4-"))
+    assert sorted(there.files) == sorted(k for k in here.files if keep(k)) and there.files
     for k in there.files:
         assert np.array_equal(there[k], here[k]), k
 
@@ -370,17 +373,9 @@ def test_r16_prefetch_cursors_change_no_bits(cursors, tmp_path):
     """PYENGINE_R16_PF_CURSORS (how many cursors the R16 kernels prefetch a group's codes from,
     csrc/r16.h) in a child: the setting takes effect, and every type's R16 products (groups that
     prefetch the group two later among them) are this process's bits."""
-    there = tmp_path / "there.npz"
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pyengine import _model as K; "
-            f"assert K.r16_prefetch_cursors() == {cursors}, K.r16_prefetch_cursors(); import test_r16 as t; "
-            f"t.check_r16_rows({str(there)!r}); print('ok')")
     env = {k: v for k, v in os.environ.items() if k != "PYENGINE_SIMD"} | {"PYENGINE_R16_PF_CURSORS": str(cursors)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    in_child("test_r16", f"check_r16_rows({str(tmp_path / 'there.npz')!r})", env=env, cwd=tmp_path,
+             setup=f"from pyengine import _model as K; assert K.r16_prefetch_cursors() == {cursors}, "
+                   "K.r16_prefetch_cursors(); ")
     assert K.r16_prefetch_cursors() in (1, 4)
-    check_r16_rows(str(tmp_path / "here.npz"))
-    a, b = np.load(there), np.load(tmp_path / "here.npz")
-    assert sorted(a.files) == sorted(b.files) and a.files
-    for k in a.files:
-        assert np.array_equal(a[k], b[k]), k
+    same_as_here(tmp_path)

@@ -2,7 +2,7 @@
  * measured memory read bandwidth.
  *
  *   pyengine-bench-kernels [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth]
- *                          [--bandwidth-file PATH] [--bandwidth-map PATH]
+ *                          [--bandwidth-file PATH] [--bandwidth-map PATH] [--placement N]
  *
  * For every weight type: a one-token matrix-vector product (decode: bound by reading the weights,
  * reported in GB/s of weight bytes and as a share of the bandwidth probed right before and after
@@ -18,6 +18,7 @@
  * denormal slow paths); the timing does not depend on the values. Best of REPS runs. */
 #include <math.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -233,18 +234,93 @@ static double best_read_rate(const uint8_t *p, size_t bytes, int threads, int re
     return sink == 42 ? 0 : bytes / best / 1e9;
 }
 
+static uint8_t *probe_buf; /* kept: the probe runs again next to every kernel */
+
 static double bandwidth(int threads, size_t bytes) {
-    static uint8_t *buf; /* kept: the probe runs again next to every kernel */
     static size_t have;
+    uint8_t *buf = probe_buf;
     if (have != bytes) {
         free(buf);
-        buf = big_alloc(bytes);
+        probe_buf = buf = big_alloc(bytes);
         have = buf ? bytes : 0;
         if (!buf) return 0;
 #pragma omp parallel for num_threads(threads)
         for (int64_t i = 0; i < (int64_t)(bytes / 8); i++) ((uint64_t *)buf)[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
     }
     return best_read_rate(buf, bytes, threads, 14);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median of v[0, n) (sorted in place); 0 when n is 0. */
+static double median(double *v, int n) {
+    if (n == 0) return 0;
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* Where the two threads run, against what they read (--placement): per sample, the one-way latency of
+ * a cache line handed back and forth between thread 0 and thread 1 (a ping-pong on one atomic, 20,000
+ * round trips), then one pass of both threads over the probe's buffer (one stream each). Why: on the
+ * Zen 4 dev VM the two-thread read rate flips between ~33 and ~60-66 GB/s within seconds, and the
+ * flips follow the line's latency: ~25-45 ns when the two vCPUs sit on one core complex (its one
+ * link to memory shared: the slow mode), ~160 ns when they sit on two (two links: the fast mode,
+ * bench/RESULTS.md, nineteenth session). Prints "latency_ns GB/s" a sample, then the median read
+ * rate of the samples at under and over twice the lowest latency. Returns 0, 1 when fewer than two
+ * threads run. */
+static int placement(int samples) {
+    static _Alignas(64) _Atomic int line;
+    enum { TRIPS = 20000 };
+    const size_t bytes = PROBE_BYTES;
+    if (bandwidth(2, bytes) <= 0) return 1; /* allocates and fills the probe's buffer */
+    double *lat = malloc(sizeof(double) * samples), *gbs = malloc(sizeof(double) * samples);
+    double *bins = malloc(sizeof(double) * samples); /* the rates, near ones from the front, far ones from the back */
+    int ok = lat && gbs && bins;
+    for (int s = 0; ok && s < samples; s++) {
+        atomic_store(&line, 0);
+        uint64_t sink = 0;
+#pragma omp parallel num_threads(2) reduction(^ : sink)
+        {
+            const int me = omp_get_thread_num();
+            if (omp_get_num_threads() < 2) {
+                if (me == 0) ok = 0;
+            } else {
+#pragma omp barrier
+                const double t0 = now();
+                for (int i = 0; i < TRIPS; i++) { /* thread 0 writes odd values, thread 1 even ones */
+                    while (atomic_load_explicit(&line, memory_order_acquire) != 2 * i + me) {}
+                    atomic_store_explicit(&line, 2 * i + me + 1, memory_order_release);
+                }
+                if (me == 0) lat[s] = (now() - t0) / TRIPS / 2 * 1e9;
+#pragma omp barrier
+                const double t1 = now();
+                sink ^= stream_read(probe_buf + bytes / 2 * (size_t)me, bytes / 2, 1);
+#pragma omp barrier
+                if (me == 0) gbs[s] = bytes / (now() - t1) / 1e9;
+            }
+        }
+        if (sink == 42) printf(" "); /* the reads must not be optimized away */
+        if (ok) printf("%.1f %.1f\n", lat[s], gbs[s]);
+        fflush(stdout);
+        const struct timespec pause = {0, 30 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+    }
+    if (ok) {
+        double lo = 1e30;
+        int n_near = 0, n_far = 0;
+        for (int s = 0; s < samples; s++) lo = fmin(lo, lat[s]);
+        for (int s = 0; s < samples; s++) {
+            if (lat[s] < 2 * lo) bins[n_near++] = gbs[s];
+            else bins[samples - 1 - n_far++] = gbs[s];
+        }
+        printf("under %.0f ns: %d samples, median %.1f GB/s; over: %d samples, median %.1f GB/s\n", 2 * lo, n_near,
+               median(bins, n_near), n_far, median(bins + n_near, n_far));
+    }
+    free(lat), free(gbs), free(bins);
+    return !ok;
 }
 
 /* A file's pages mapped as the engine maps its weights (read-only, MADV_HUGEPAGE) and paged in (from
@@ -499,6 +575,7 @@ int main(int argc, char **argv) {
     int only_bw = 0, only_peak = 0;
     const char *bw_file = NULL; /* --bandwidth-file: only that file's read rate */
     const char *bw_map = NULL;  /* --bandwidth-map: that file's read rate window by window */
+    int placement_samples = -1; /* --placement N: N samples of the two threads' latency and read rate */
     int mib_given = 0;
     const char *only_types = NULL; /* -T: comma-separated type names, NULL: all */
     for (int i = 1; i < argc; i++) {
@@ -510,8 +587,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--int8-peak")) only_peak = 1;
         else if (!strcmp(argv[i], "--bandwidth-file") && i + 1 < argc) bw_file = argv[++i];
         else if (!strcmp(argv[i], "--bandwidth-map") && i + 1 < argc) bw_map = argv[++i];
+        else if (!strcmp(argv[i], "--placement") && i + 1 < argc) placement_samples = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--int8-peak]\n\n"
+            printf("usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--placement N] [--int8-peak]\n\n"
                    "Times the C core's kernels at gpt-oss-20b shapes next to the machine's memory read bandwidth:\n"
                    "per weight type a one-token product (decode, GB/s of weights and %% of the bandwidth), a\n"
                    "4-token one (a decode step of 4 sequences, GB/s of weights) and a 64-token one (prefill,\n"
@@ -530,15 +608,23 @@ int main(int argc, char **argv) {
                    "  --bandwidth-map PATH\n"
                    "                the same rate per window of PATH (-m MIB, default 1024), a line each, then the\n"
                    "                slowest and fastest: where in the file slow memory is\n"
+                   "  --placement N N samples of the latency of a cache line handed between two threads and\n"
+                   "                their read rate right after, then the median rate at near and far latency:\n"
+                   "                whether the memory's speed follows where the two cores sit\n"
                    "  --int8-peak   only the int8 multiply-add peak (vpdpbusd, AVX-512 VNNI; every thread at\n"
                    "                once), printed as G multiply-adds/s (for scripts): prefill's ceiling\n", argv[0], threads, mib);
             return 0;
         } else {
-            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--int8-peak] (-h for help)\n", argv[0]);
+            fprintf(stderr, "usage: %s [-t THREADS] [-r REPS] [-m MIB] [-T TYPES] [--bandwidth] [--bandwidth-file PATH] [--bandwidth-map PATH] [--placement N] [--int8-peak] (-h for help)\n", argv[0]);
             return 2;
         }
     }
     if (threads < 1 || reps < 1 || mib < 1) { fprintf(stderr, "-t, -r and -m must be >= 1\n"); return 2; }
+    if (placement_samples >= 0) { /* where the two threads sit, against what they read */
+        if (placement_samples < 1) { fprintf(stderr, "--placement needs N >= 1\n"); return 2; }
+        if (placement(placement_samples)) { fprintf(stderr, "--placement needs two threads and the probe's buffer\n"); return 1; }
+        return 0;
+    }
     if (bw_file) { /* the read rate of a model's pages in the page cache, for scripts */
         const double gbs = file_bandwidth(bw_file, threads);
         if (gbs <= 0) { fprintf(stderr, "%s: cannot map it (or under 4 KiB a thread)\n", bw_file); return 1; }

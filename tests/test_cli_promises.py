@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -317,3 +318,30 @@ def test_the_kernel_harness_maps_a_files_read_rate_by_window(tmp_path):
     assert summary == f"slowest {min(rates):.2f} GB/s, fastest {max(rates):.2f} GB/s", r.stdout
     r = subprocess.run([exe, "--bandwidth-map", tmp_path / "missing.bin"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "missing.bin" in r.stderr and not r.stdout
+
+
+def test_the_kernel_harness_samples_where_its_two_threads_sit():
+    """`pyengine-bench-kernels --placement N` prints N samples of "latency_ns GB/s" (a cache line
+    handed between two threads, then their read rate), then how many fell under and over twice the
+    lowest latency with each bin's median rate; N < 1 is exit 2, and a team held to one thread
+    (OMP_THREAD_LIMIT=1) exit 1 saying it needs two."""
+    exe = Path(sys.executable).parent / "pyengine-bench-kernels"
+    if not exe.exists():
+        pytest.skip("pyengine-bench-kernels is installed by `pip install .` next to the interpreter")
+    r = subprocess.run([exe, "--placement", "5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    *samples, summary = r.stdout.splitlines()
+    pairs = [tuple(map(float, s.split())) for s in samples]
+    assert len(pairs) == 5 and all(lat > 0 and gbs > 0.1 for lat, gbs in pairs), r.stdout
+    m = re.fullmatch(r"under (\d+) ns: (\d+) samples, median ([\d.]+) GB/s; over: (\d+) samples, median ([\d.]+) GB/s",
+                     summary)
+    assert m, summary
+    cut, n_near, near, n_far, far = int(m[1]), int(m[2]), float(m[3]), int(m[4]), float(m[5])
+    assert n_near >= 1 and n_near + n_far == 5, summary
+    assert cut == pytest.approx(2 * min(lat for lat, _ in pairs), abs=0.6), summary
+    rates = [gbs for _, gbs in pairs]
+    assert min(rates) - 0.05 <= near <= max(rates) + 0.05 and (n_far == 0) == (far == 0), summary
+    assert subprocess.run([exe, "--placement", "0"], capture_output=True, timeout=30).returncode == 2
+    one = subprocess.run([exe, "--placement", "2"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_THREAD_LIMIT": "1"})
+    assert one.returncode == 1 and "needs two threads" in one.stderr and not one.stdout

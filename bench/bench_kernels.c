@@ -234,20 +234,25 @@ static double best_read_rate(const uint8_t *p, size_t bytes, int threads, int re
     return sink == 42 ? 0 : bytes / best / 1e9;
 }
 
-static uint8_t *probe_buf; /* kept: the probe runs again next to every kernel */
-
-static double bandwidth(int threads, size_t bytes) {
+/* The probe's buffer of `bytes`, allocated and filled on the first call (the threads writing their
+ * own slices) and kept: the probe runs again next to every kernel. NULL when it cannot be allocated. */
+static const uint8_t *probe_buffer(int threads, size_t bytes) {
+    static uint8_t *buf;
     static size_t have;
-    uint8_t *buf = probe_buf;
     if (have != bytes) {
         free(buf);
-        probe_buf = buf = big_alloc(bytes);
+        buf = big_alloc(bytes);
         have = buf ? bytes : 0;
-        if (!buf) return 0;
+        if (!buf) return NULL;
 #pragma omp parallel for num_threads(threads)
         for (int64_t i = 0; i < (int64_t)(bytes / 8); i++) ((uint64_t *)buf)[i] = (uint64_t)i * 0x9E3779B97F4A7C15ull;
     }
-    return best_read_rate(buf, bytes, threads, 14);
+    return buf;
+}
+
+static double bandwidth(int threads, size_t bytes) {
+    const uint8_t *buf = probe_buffer(threads, bytes);
+    return buf ? best_read_rate(buf, bytes, threads, 14) : 0;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -275,7 +280,8 @@ static int placement(int samples) {
     static _Alignas(64) _Atomic int line;
     enum { TRIPS = 20000 };
     const size_t bytes = PROBE_BYTES;
-    if (bandwidth(2, bytes) <= 0) return 1; /* allocates and fills the probe's buffer */
+    const uint8_t *buf = probe_buffer(2, bytes);
+    if (!buf) return 1;
     double *lat = malloc(sizeof(double) * samples), *gbs = malloc(sizeof(double) * samples);
     double *bins = malloc(sizeof(double) * samples); /* the rates, near ones from the front, far ones from the back */
     int ok = lat && gbs && bins;
@@ -297,7 +303,7 @@ static int placement(int samples) {
                 if (me == 0) lat[s] = (now() - t0) / TRIPS / 2 * 1e9;
 #pragma omp barrier
                 const double t1 = now();
-                sink ^= stream_read(probe_buf + bytes / 2 * (size_t)me, bytes / 2, 1);
+                sink ^= stream_read(buf + bytes / 2 * (size_t)me, bytes / 2, 1);
 #pragma omp barrier
                 if (me == 0) gbs[s] = bytes / (now() - t1) / 1e9;
             }

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from node_server import free_port, run_node, serve_app
+from node_server import free_port, run_node, serve_app, wait_ready
 
 from pyengine.demo_model import write_demo_model
 from pyengine.node.config import NodeConfig
@@ -260,15 +260,7 @@ def test_the_api_key_can_stay_out_of_the_command_line(demo, tmp_path, how):
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, url, timeout=60)
         assert key not in " ".join(args)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200

@@ -189,5 +189,8 @@ def _check(hp: GptOssHParams, r: _Reader) -> None:
                              f"{r.key('expert_count')} ({hp.n_expert})")
     if hp.head_dim % 2:
         raise ModelLoadError(f"Key {r.key('attention.key_length')} must be even for RoPE, got {hp.head_dim}")
+    for key, base in (("rope.freq_base", hp.rope_base), ("rope.freq_base_swa", hp.rope_base_swa)):
+        if base <= 1:  # frequencies base^(-2i/d) must fall with i; YaRN divides by log(base)
+            raise ModelLoadError(f"Key {r.key(key)} must be greater than 1, got {base}")
     if hp.rope_scaling == "yarn" and hp.rope_factor < 1:
         raise ModelLoadError(f"Key {r.key('rope.scaling.factor')} must be >= 1 with YaRN, got {hp.rope_factor}")

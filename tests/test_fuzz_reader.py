@@ -1,4 +1,5 @@
-"""No input crashes the process: truncated and bit-flipped GGUF files only ever raise ModelLoadError.
+"""No input crashes the process: truncated and bit-flipped GGUF files only ever raise ModelLoadError
+(or load and decode).
 
 Run in-process on purpose: a segfault in the compiled string walker would take pytest down with it."""
 
@@ -11,6 +12,7 @@ from gguf_factory import write_gptoss_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyengine import Engine
 from pyengine.commands.validate import validate
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import GGUFFile
@@ -31,7 +33,7 @@ def seeds(tmp_path_factory):
 
 
 def exercise(path: Path) -> None:
-    """Everything a user can do with a file: open, read every key, validate deeply."""
+    """Everything a user can do with a file: open, read every key, validate deeply, decode."""
     try:
         with GGUFFile(path) as f:
             for key in f.metadata:
@@ -43,6 +45,12 @@ def exercise(path: Path) -> None:
     except ModelLoadError as e:
         assert str(e)
     assert all(isinstance(p, str) and p for p in validate(str(path), deep=True))
+    try:  # a file that loads goes on into the C core: a forward pass over whatever bytes it holds
+        engine = Engine(str(path), n_ctx=32, verbose=False)
+    except ModelLoadError as e:
+        assert str(e)
+        return
+    assert engine.eval([1, 2, 3]).shape == (1100,)
 
 
 # More examples for a long local hunt: PYENGINE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_reader.py
@@ -88,3 +96,5 @@ def test_exercise_accepts_the_seeds(seeds, tmp_path):
         assert validate(str(path), deep=True) == []
         with open_model(path) as mf:
             assert np.asarray(mf.metadata["tokenizer.ggml.token_type"]).size == 1100
+        # the fuzzed files' way into the C core is open: every seed loads and decodes
+        assert np.isfinite(Engine(str(path), n_ctx=32, verbose=False).eval([1, 2, 3])).all()

@@ -201,6 +201,8 @@ def test_unknown_architecture(tmp_path):
     ("expert_used_count", (9, VT.UINT32), "must not exceed gptoss.expert_count"),
     ("block_count", (10**9, VT.UINT32), "Key gptoss.block_count must be from 1 to 4096"),
     ("attention.layer_norm_rms_epsilon", (float("nan"), VT.FLOAT32), "finite positive"),
+    ("rope.freq_base", (1.0, VT.FLOAT32), "Key gptoss.rope.freq_base must be greater than 1, got 1.0"),
+    ("rope.freq_base_swa", (0.5, VT.FLOAT32), "Key gptoss.rope.freq_base_swa must be greater than 1, got 0.5"),
 ])
 def test_wrong_hyperparameter_values(tmp_path, key, value, message):
     path = tmp_path / "m.gguf"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import collections
 import logging
+import math
 from collections.abc import Iterable, Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -334,6 +335,11 @@ class Core:
         bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad} is outside the vocabulary (0..{n_vocab - 1})")
+        for token, bias in req.params.logit_bias.items():
+            if not 0 <= token < n_vocab:
+                raise ValueError(f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})")
+            if math.isnan(bias):
+                raise ValueError(f"logit_bias of token {token} is NaN")
         if len(prompt) >= n_ctx:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {n_ctx}")
         if req.max_tokens is not None and req.max_tokens < 1:

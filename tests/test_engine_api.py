@@ -219,3 +219,10 @@ def test_bad_arguments_raise_before_generating(eng):
         eng.generate(list(range(1000, 1000 + N_CTX)), max_tokens=2)
     with pytest.raises(ValueError):
         eng.apply_chat_template([{"role": "wizard", "content": "x"}])
+    # logit_bias is checked with the rest of the request, not when the first token is sampled
+    n_past = eng.n_past
+    with pytest.raises(ValueError, match="logit_bias token 100000000000000000000 is outside the vocabulary"):
+        eng.generate([1, 2], max_tokens=2, logit_bias={10**20: 1.0})
+    with pytest.raises(ValueError, match="logit_bias of token 5 is NaN"):
+        eng.create_completion("x", max_tokens=2, logit_bias={5: float("nan")})
+    assert eng.n_past == n_past

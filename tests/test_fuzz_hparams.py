@@ -19,7 +19,9 @@ from pyengine.errors import ModelLoadError
 KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "expert_feed_forward_length",
         "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
         "attention.layer_norm_rms_epsilon", "attention.sliding_window", "expert_count", "expert_used_count",
-        "rope.freq_base", "rope.scaling.factor", "rope.scaling.original_context_length")
+        "attention.sliding_window_pattern", "rope.freq_base", "rope.freq_base_swa", "rope.scaling.type",
+        "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.yarn_beta_fast",
+        "rope.scaling.yarn_beta_slow")
 # Around the tiny file's real sizes (64 wide, 4 heads of 16, 4 experts, 2 used) and the type limits.
 INTS = (0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 96, 128, 4095, 65536, 2**31 - 1, 2**31, 2**32 - 1)
 FLOATS = (0.0, -0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf"), float("-inf"), 0.5, 2.0)
@@ -27,7 +29,10 @@ FLOATS = (0.0, -0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf"), float("-inf"
 VALUE = st.one_of(st.tuples(st.sampled_from(INTS), st.just(VT.UINT32)),
                   st.tuples(st.sampled_from(FLOATS), st.just(VT.FLOAT32)),
                   st.tuples(st.sampled_from((-1, -2**31, 2**40)), st.just(VT.INT64)),
-                  st.tuples(st.just("abc"), st.just(VT.STRING)))
+                  st.tuples(st.sampled_from(("abc", "yarn", "none", "linear")), st.just(VT.STRING)),
+                  st.tuples(st.sampled_from((True, False)), st.just(VT.BOOL)),
+                  st.tuples(st.lists(st.booleans(), min_size=1, max_size=3), st.just(VT.ARRAY)),
+                  st.tuples(st.lists(st.sampled_from(INTS[:8]), min_size=1, max_size=3), st.just(VT.ARRAY)))
 
 EXAMPLES = int(os.environ.get("PYENGINE_FUZZ_EXAMPLES", "200"))
 

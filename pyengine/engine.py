@@ -21,6 +21,7 @@ from pyengine import constrain, cuda
 from pyengine._model import DEFAULT_KV_CACHE_TYPE, KVCache, Model, kv_cache_type
 from pyengine.chat_template import apply_chat_template
 from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
+from pyengine.errors import ContextMemoryError
 from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
@@ -163,13 +164,18 @@ class Engine:
 
     def _choose_n_ctx(self, n_ctx: int | None) -> int:
         trained = int(self.hparams.n_ctx_train)
+        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        free = cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
         if n_ctx:
             if n_ctx > trained:
                 logger.warning("n_ctx=%d is larger than the model's trained context %d", n_ctx, trained)
+            need = per_pos * int(n_ctx) + fixed
+            if free is not None and need > free:  # refused here, not by an allocation that fails or an OOM kill
+                raise ContextMemoryError(f"n_ctx={n_ctx} needs {need / 2 ** 30:.1f} GiB of KV cache and "
+                                 f"{free / 2 ** 30:.1f} GiB is available: use a smaller n_ctx "
+                                 f"(or a q8_0 KV cache, half the size of f16)")
             return int(n_ctx)
-        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
         n = min(trained, MAX_DEFAULT_CTX)
-        free = cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
         if free is not None and per_pos:
             fits = int((free * KV_MEMORY_SHARE - fixed) // per_pos)
             if fits < n:

@@ -11,3 +11,7 @@ class DeviceError(ModelLoadError):
 
 class OptionError(ModelLoadError):
     """A command-line option has a value this engine does not take (e.g. an unknown KV cache type)."""
+
+
+class ContextMemoryError(ModelLoadError):
+    """The context asked for needs more KV cache memory than the device has available."""

@@ -54,7 +54,7 @@ def test_run_raw_is_a_plain_completion(model, tmp_path):
     assert r.stdout == "Once upon a time" + expected + "\n"
 
 
-def test_run_rejects_an_empty_or_too_long_prompt_and_a_missing_model(model, tmp_path):
+def test_run_rejects_an_empty_or_too_long_prompt_a_missing_model_and_a_huge_context(model, tmp_path):
     r = pyengine("run", model, "   ", cwd=tmp_path)
     assert r.returncode == 2 and "the prompt is empty" in r.stderr
     r = pyengine("run", model, "word " * 300, "--n-ctx", "128", cwd=tmp_path)
@@ -63,6 +63,8 @@ def test_run_rejects_an_empty_or_too_long_prompt_and_a_missing_model(model, tmp_
     assert r.returncode == 1 and "does not fit" in r.stderr and "Traceback" not in r.stderr
     r = pyengine("run", tmp_path / "nope.gguf", "hi", cwd=tmp_path)
     assert r.returncode == 1 and "[ERROR] Model file not found" in r.stderr and "Traceback" not in r.stderr
+    r = pyengine("run", model, "hi", "--n-ctx", 10 ** 12, cwd=tmp_path)  # a context no memory holds
+    assert r.returncode == 1 and "[ERROR] n_ctx=1000000000000 needs" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_chat_keeps_the_conversation_and_reuses_its_cache(model, tmp_path):

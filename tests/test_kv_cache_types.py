@@ -24,9 +24,11 @@ import dataclasses
 
 import pyengine
 from pyengine import _model, _quants
+from pyengine import engine as engine_mod
 from pyengine.bench import BenchResult, markdown
 from pyengine.convert import write_gguf
 from pyengine.demo_model import RandomWeights, demo_config
+from pyengine.errors import ContextMemoryError
 from pyengine.hf_tokenizer import GGUFTokenizer
 from pyengine.quants import dequantize
 
@@ -306,10 +308,24 @@ def test_memory_uses_the_element_size(model_path):
 
 def test_default_context_fits_more_positions_with_smaller_types(model_path, monkeypatch):
     # 6 MiB free: the default n_ctx is what half of it holds, so it follows the element size
-    monkeypatch.setattr(pyengine.engine, "available_memory", lambda: 6 * 2 ** 20)
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 6 * 2 ** 20)
     n = {name: pyengine.Engine(model_path, n_threads=1, cache_type_k=name, cache_type_v=name).n_ctx
          for name in ("f32", "f16")}
     assert n["f16"] > 1.5 * n["f32"]
+
+
+def test_an_explicit_context_that_does_not_fit_is_refused_before_allocating(model_path, monkeypatch):
+    # 6 MiB free: 1024 positions fit, a context of 10**11 positions (a typo'd -c) is refused with the
+    # sizes, where it used to fail inside numpy's allocation (or, when it overcommits, in an OOM kill)
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 6 * 2 ** 20)
+    assert pyengine.Engine(model_path, n_ctx=1024, n_threads=1).n_ctx == 1024
+    with pytest.raises(ContextMemoryError, match=r"n_ctx=100000000000 needs .* GiB of KV cache and 0.0 GiB is available"):
+        pyengine.Engine(model_path, n_ctx=10 ** 11, n_threads=1)
+    per_pos, fixed = pyengine.Engine(model_path, n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "q8_0", "q8_0")
+    fits = (6 * 2 ** 20 - fixed) // per_pos  # the q8_0 cache holds more positions in the same memory
+    assert pyengine.Engine(model_path, n_ctx=fits, n_threads=1, cache_type_k="q8_0", cache_type_v="q8_0").n_ctx == fits
+    with pytest.raises(ContextMemoryError):
+        pyengine.Engine(model_path, n_ctx=fits, n_threads=1)  # f16 at the same n_ctx does not fit
 
 
 def test_default_is_f16_and_names_are_checked(model_path):

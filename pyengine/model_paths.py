@@ -86,6 +86,8 @@ def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike
     explicit = isinstance(path_or_name, os.PathLike) or os.sep in text or bool(os.altsep and os.altsep in text)
     if explicit and path.is_dir():
         raise ModelLoadError(_folder_message(text, path))
+    if explicit and path.exists():  # a device, a FIFO, a socket: nothing to map
+        raise ModelLoadError(f"{text} is not a regular file, so not a GGUF file")
     if explicit:
         raise ModelLoadError(f"Model file not found: {text}")
     try:

@@ -63,6 +63,8 @@ def test_info_accepts_a_name_and_models_dir(model, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("[ERROR] Invalid model name '.hidden'")
     r = cli("info", "../etc/x", "--models-dir", model.parent, cwd=tmp_path)  # a path: used as given
     assert r.returncode == 1 and r.stderr == "[ERROR] Model file not found: ../etc/x\n"
+    r = cli("info", "/dev/null", cwd=tmp_path)  # there, but not a file
+    assert r.returncode == 1 and r.stderr == "[ERROR] /dev/null is not a regular file, so not a GGUF file\n"
 
 
 def test_validate_ok_and_deep(model, tmp_path):

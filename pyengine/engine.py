@@ -162,19 +162,30 @@ class Engine:
                      self.n_ctx, self.n_threads, self.n_batch, self._cache.nbytes / 2 ** 20, self.cache_type_k,
                      self.cache_type_v)
 
+    def _free_memory(self) -> int | None:
+        """Bytes a KV cache may take: MemAvailable, or the GPU's free memory (None: unknown)."""
+        return cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
+
+    def check_kv_fits(self, n_ctx: int, n_caches: int = 1) -> None:
+        """ContextMemoryError when n_caches KV caches of n_ctx positions exceed the free memory: refused
+        up front, not by an allocation that fails or, where memory is overcommitted, an OOM kill."""
+        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        need, free = n_caches * (per_pos * n_ctx + fixed), self._free_memory()
+        if free is not None and need > free:
+            caches = f"{n_caches} KV caches of n_ctx={n_ctx} need" if n_caches > 1 else f"n_ctx={n_ctx} needs"
+            raise ContextMemoryError(f"{caches} {need / 2 ** 30:.1f} GiB of KV cache and "
+                                     f"{free / 2 ** 30:.1f} GiB is available: use a smaller context "
+                                     f"(or a q8_0 KV cache, half the size of f16)")
+
     def _choose_n_ctx(self, n_ctx: int | None) -> int:
         trained = int(self.hparams.n_ctx_train)
-        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
-        free = cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
         if n_ctx:
             if n_ctx > trained:
                 logger.warning("n_ctx=%d is larger than the model's trained context %d", n_ctx, trained)
-            need = per_pos * int(n_ctx) + fixed
-            if free is not None and need > free:  # refused here, not by an allocation that fails or an OOM kill
-                raise ContextMemoryError(f"n_ctx={n_ctx} needs {need / 2 ** 30:.1f} GiB of KV cache and "
-                                 f"{free / 2 ** 30:.1f} GiB is available: use a smaller n_ctx "
-                                 f"(or a q8_0 KV cache, half the size of f16)")
+            self.check_kv_fits(int(n_ctx))
             return int(n_ctx)
+        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        free = self._free_memory()
         n = min(trained, MAX_DEFAULT_CTX)
         if free is not None and per_pos:
             fits = int((free * KV_MEMORY_SHARE - fixed) // per_pos)

@@ -16,8 +16,9 @@ import pytest
 import vocab
 from node_server import run_node
 
-from pyengine import harmony_stream
+from pyengine import engine as engine_mod, harmony_stream
 from pyengine.engine import Engine
+from pyengine.errors import ContextMemoryError
 from pyengine.model_file import open_model
 from pyengine.node.config import NodeConfig
 from pyengine.node.engine_backend import EngineBackend
@@ -166,6 +167,15 @@ def test_default_context_is_shared_between_slots(model_path):
     four = EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, threads=1))
     assert four.info.n_ctx == max(512, one.info.n_ctx // 4)
     assert {four.new_cache().n_ctx for _ in range(4)} == {four.info.n_ctx}
+
+
+def test_every_slots_cache_must_fit_in_memory(model_path, monkeypatch):
+    # memory for 3 caches of 1024 positions: -c 2048 -np 2 loads, -c 4096 -np 4 is refused up front
+    per_pos, fixed = Engine(open_model(model_path), n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "f16", "f16")
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 3 * (1024 * per_pos + fixed))
+    assert EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=2048, threads=1)).info.n_ctx == 1024
+    with pytest.raises(ContextMemoryError, match=r"^4 KV caches of n_ctx=1024 need .* GiB of KV cache and"):
+        EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=4096, threads=1))
 
 
 def test_library_and_node_give_the_same_tokens_for_the_same_request(served, model_path):

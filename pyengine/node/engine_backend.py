@@ -43,6 +43,7 @@ class EngineBackend(Backend):
         if n_ctx is None and n_slots > 1:
             # The engine's default context fits one KV cache in memory; n_slots caches share it.
             engine = Engine(model_file, n_ctx=max(MIN_SLOT_CTX, engine.n_ctx // n_slots), **opts)
+        engine.check_kv_fits(engine.n_ctx, n_slots)  # every slot's cache, not only the first
         self.engine = engine  # its model, tokenizer and core serve every slot
         self._spare: Cache | None = engine._cache  # the first slot's cache
         self.tokenizer = engine.tokenizer

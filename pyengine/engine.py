@@ -166,11 +166,14 @@ class Engine:
         """Bytes a KV cache may take: MemAvailable, or the GPU's free memory (None: unknown)."""
         return cuda.backend().mem_info()[0] if self.device != "cpu" else available_memory()
 
-    def check_kv_fits(self, n_ctx: int, n_caches: int = 1) -> None:
-        """ContextMemoryError when n_caches KV caches of n_ctx positions exceed the free memory: refused
-        up front, not by an allocation that fails or, where memory is overcommitted, an OOM kill."""
+    def check_kv_fits(self, n_ctx: int, n_caches: int = 1, held: int = 0) -> None:
+        """ContextMemoryError when n_caches KV caches of n_ctx positions exceed the free memory plus
+        `held` (bytes of those caches already taken from it): refused up front, not by an allocation
+        that fails or, where memory is overcommitted, an OOM kill."""
         per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
         need, free = n_caches * (per_pos * n_ctx + fixed), self._free_memory()
+        if free is not None:
+            free += held
         if free is not None and need > free:
             caches = f"{n_caches} KV caches of n_ctx={n_ctx} need" if n_caches > 1 else f"n_ctx={n_ctx} needs"
             raise ContextMemoryError(f"{caches} {need / 2 ** 30:.1f} GiB of KV cache and "

@@ -130,7 +130,11 @@ def test_a_copy_that_does_not_fit_is_a_clear_error(model, monkeypatch):
     mf = open_model(model)
     with pytest.raises(ModelLoadError, match=r"--no-mmap: the weights take .* GB and only 0\.00 GB .* mapped"):
         resident_copy(mf.tensors, {}, available=1000)
-    monkeypatch.setattr(engine_mod, "available_memory", lambda: 1000)
+    # memory for the KV cache of 64 positions (the mapped default needs nothing else), not for a copy
+    per_pos, fixed = Engine(model, n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "f16", "f16")
+    kv = 64 * per_pos + fixed
+    assert kv < sum(t.data.nbytes for t in mf.tensors.values())
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: kv)
     with pytest.raises(ModelLoadError, match="--no-mmap"):
         Engine(model, n_ctx=64, n_threads=1, use_mmap=False)
     assert Engine(model, n_ctx=64, n_threads=1).n_vocab == DIMS["n_vocab"]

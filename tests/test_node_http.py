@@ -292,7 +292,9 @@ def test_malformed_json_and_bad_completion_prompts(node):
                                                  headers={"content-type": "application/json"}), 400)["message"]
     _error(httpx.post(f"{url}/v1/chat/completions", content=b"[1, 2]"), 400)
     _error(httpx.post(f"{url}/v1/completions", json={"prompt": [5, -1]}), 400)
-    _error(httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b"]}), 400)
+    for batch in (["a", "b"], [[1, 2], [3]]):  # OpenAI's batches of prompts: one per request here
+        err = _error(httpx.post(f"{url}/v1/completions", json={"prompt": batch}), 400)
+        assert err["param"] == "prompt" and "only one prompt per request is supported" in err["message"]
     _error(httpx.post(f"{url}/detokenize", json={"tokens": [10 ** 9]}), 400)
     _error(httpx.get(f"{url}/v1/nothing-here"), 404)
 

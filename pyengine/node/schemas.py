@@ -306,11 +306,19 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
     suffix: Annotated[str | None, _nullable({"type": "string", "maxLength": 0})] = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_a_batch(cls, v: Any) -> Any:
+        # OpenAI's batch of token lists ([[1, 2], [3]]): say what is wrong, not which union arm failed
+        if isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+            raise ValueError("only one prompt per request is supported (send one request per prompt)")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
         if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
-            raise ValueError("only one prompt per request is supported")
+            raise ValueError("only one prompt per request is supported (send one request per prompt)")
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
         return v

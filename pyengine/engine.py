@@ -172,9 +172,10 @@ class Engine:
         that fails or, where memory is overcommitted, an OOM kill."""
         per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
         need, free = n_caches * (per_pos * n_ctx + fixed), self._free_memory()
-        if free is not None:
-            free += held
-        if free is not None and need > free:
+        if free is None:  # unknown: no check
+            return
+        free += held
+        if need > free:
             caches = f"{n_caches} KV caches of n_ctx={n_ctx} need" if n_caches > 1 else f"n_ctx={n_ctx} needs"
             raise ContextMemoryError(f"{caches} {need / 2 ** 30:.1f} GiB of KV cache and "
                                      f"{free / 2 ** 30:.1f} GiB is available: use a smaller context "

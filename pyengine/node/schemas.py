@@ -308,16 +308,11 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _not_a_batch(cls, v: Any) -> Any:
-        # OpenAI's batch of token lists ([[1, 2], [3]]): say what is wrong, not which union arm failed
-        if isinstance(v, list) and v and all(isinstance(x, list) for x in v):
-            raise ValueError("only one prompt per request is supported (send one request per prompt)")
-        return v
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], str) and len(v) != 1:
+    def _one_prompt(cls, v: Any) -> Any:
+        # OpenAI's batches (several strings, or token lists [[1, 2], [3]]) are refused before the type
+        # check, so the message says what is wrong rather than which arm of the union failed
+        if isinstance(v, list) and v and (all(isinstance(x, list) for x in v)
+                                          or (all(isinstance(x, str) for x in v) and len(v) != 1)):
             raise ValueError("only one prompt per request is supported (send one request per prompt)")
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")

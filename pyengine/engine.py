@@ -181,6 +181,12 @@ class Engine:
                                      f"{free / 2 ** 30:.1f} GiB is available: use a smaller context "
                                      f"(or a q8_0 KV cache, half the size of f16)")
 
+    def check_slots_fit(self, n_slots: int) -> None:
+        """ContextMemoryError unless n_slots KV caches of this engine's n_ctx fit, its own cache
+        being the first: on a GPU that one is already allocated (counted back into the free
+        memory); on the CPU its pages come from calloc, so MemAvailable does not count it yet."""
+        self.check_kv_fits(self.n_ctx, n_slots, held=self._cache.nbytes if self.device != "cpu" else 0)
+
     def _choose_n_ctx(self, n_ctx: int | None) -> int:
         trained = int(self.hparams.n_ctx_train)
         if n_ctx:

@@ -328,6 +328,23 @@ def test_an_explicit_context_that_does_not_fit_is_refused_before_allocating(mode
         pyengine.Engine(model_path, n_ctx=fits, n_threads=1)  # f16 at the same n_ctx does not fit
 
 
+def test_slots_count_the_engines_own_cache_once_it_holds_device_memory(model_path, monkeypatch):
+    # free memory for exactly two caches: on the CPU the first cache's calloc'd pages are not yet
+    # taken, so two slots fit and three do not; on a GPU the first cache is already allocated, so
+    # the same check with one cache's worth left free still admits two slots
+    eng = pyengine.Engine(model_path, n_ctx=1024, n_threads=1)
+    size = eng._cache.nbytes
+    monkeypatch.setattr(eng, "_free_memory", lambda: 2 * size)
+    eng.check_slots_fit(2)
+    with pytest.raises(ContextMemoryError, match=r"^3 KV caches of n_ctx=1024 need"):
+        eng.check_slots_fit(3)
+    monkeypatch.setattr(eng, "device", "cuda:0")
+    monkeypatch.setattr(eng, "_free_memory", lambda: size)
+    eng.check_slots_fit(2)
+    with pytest.raises(ContextMemoryError, match=r"^3 KV caches of n_ctx=1024 need"):
+        eng.check_slots_fit(3)
+
+
 def test_default_is_f16_and_names_are_checked(model_path):
     eng = pyengine.Engine(model_path, n_ctx=64, n_threads=1)
     assert (eng.cache_type_k, eng.cache_type_v) == ("f16", "f16")

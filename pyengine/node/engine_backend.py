@@ -43,9 +43,7 @@ class EngineBackend(Backend):
         if n_ctx is None and n_slots > 1:
             # The engine's default context fits one KV cache in memory; n_slots caches share it.
             engine = Engine(model_file, n_ctx=max(MIN_SLOT_CTX, engine.n_ctx // n_slots), **opts)
-        # every slot's cache, not only the first (which a GPU has already taken; host pages come
-        # from calloc, so MemAvailable does not count the first cache yet)
-        engine.check_kv_fits(engine.n_ctx, n_slots, held=engine._cache.nbytes if engine.device != "cpu" else 0)
+        engine.check_slots_fit(n_slots)  # every slot's cache, not only the first
         self.engine = engine  # its model, tokenizer and core serve every slot
         self._spare: Cache | None = engine._cache  # the first slot's cache
         self.tokenizer = engine.tokenizer

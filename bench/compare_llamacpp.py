@@ -1,7 +1,8 @@
 """pyengine and llama.cpp (llama-cpp-python) on the same GGUFs, in one run, side by side.
 
     python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
-                                     [--rounds 1] [-d 0] [--no-extra-bufts] [--only pyengine|llama.cpp]
+                                     [--rounds 1] [-d 0] [--no-extra-bufts] [--flash-attn]
+                                     [--only pyengine|llama.cpp]
                                      [--exact] [--no-mmap] [--device cuda] [--bandwidth GB/S]
                                      [--int8-peak G/S]
 
@@ -46,7 +47,9 @@ digits make two, so half of that limit is its own ceiling. No limit where there 
 --rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
-without the repacked buffers only. --exact runs pyengine with exact=True (float32 activations
+without the repacked buffers only. --flash-attn adds a third llama.cpp configuration: the repacked
+one with flash attention on (llama-bench's -fa 1; llama-cpp-python's default is off), which may
+be faster at depth (-d), where attention over the cache takes a share of every token. --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
 --no-mmap runs pyengine with use_mmap=False: its weights copied into anonymous memory at load, as
 llama.cpp's repacked buffers are (then there is no page cache to probe).
@@ -103,7 +106,7 @@ def child_pyengine(args) -> list[dict]:
     return _rows(Runner(eng.reset, eng.eval), eng.n_vocab, _base(args, backend, eng.n_threads), args)
 
 
-def child_llamacpp(args, repacked: bool) -> list[dict]:
+def child_llamacpp(args, repacked: bool, flash_attn: bool = False) -> list[dict]:
     import llama_cpp
 
     from pyengine.llama_cpp_peer import open_llama
@@ -111,15 +114,16 @@ def child_llamacpp(args, repacked: bool) -> list[dict]:
     gpu = {"n_gpu_layers": -1, "flash_attn": True} if args.device != "cpu" else {}
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("this llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
+    fa = {"flash_attn": True} if flash_attn else {}
     llm = open_llama(args.model, extra_bufts=repacked,
                      n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t,
-                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False, **gpu)
+                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False, **{**gpu, **fa})
     backend = f"llama.cpp {llama_cpp.__version__}" + (" CUDA" if gpu else "") + (
-        " repacked" if repacked else " (no extra bufts)")
+        " repacked" if repacked else " (no extra bufts)") + (" flash-attn" if fa else "")
     return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
 
 
-CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain")
+CHILDREN = ("pyengine", "llama.cpp", "llama.cpp-plain", "llama.cpp-fa")
 
 
 def llama_system_info() -> str | None:
@@ -290,6 +294,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run every engine this many times, order alternating")
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="also run llama.cpp's repacked configuration with flash attention on")
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
     ap.add_argument("--no-mmap", action="store_true", help="pyengine with use_mmap=False (weights copied at load)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
@@ -301,9 +307,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.flash_attn and args.no_extra_bufts:
+        ap.error("--flash-attn adds the repacked configuration with flash attention: not with --no-extra-bufts")
     if args.child:
         args.model = args.models[0]
-        rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(args, args.child == "llama.cpp")
+        rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(
+            args, args.child != "llama.cpp-plain", flash_attn=args.child == "llama.cpp-fa")
         print(json.dumps(rows))
         return 0
 
@@ -313,7 +322,9 @@ def main() -> int:
     print(f"`python bench/compare_llamacpp.py {' '.join(sys.argv[1:])}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(f"kernels: {kernel_levels(args.only)}\n")
-    llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
+    llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:3]
+    if llama and args.flash_attn:
+        llama += ("llama.cpp-fa",)
     engines = (() if args.only == "llama.cpp" else ("pyengine",)) + llama
     files = {model: open_model(model) for model in args.models}
     if llama:

@@ -168,11 +168,19 @@ def test_compare_script_runs_several_files(tiny):
                f"multiply-adds: limit {100e9 / macs:.2f} tok/s" in out
         assert f"| {path.name} | pp8 |" in out and f"| {path.name} | tg4 |" in out
     assert "MXFP4 MoE" in out and "Q4_K - Medium" in out  # llama-bench's table tells the two files apart
-    pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp")
     r = subprocess.run([*args[:3], *args[4:]], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.startswith(f"| {tiny[0].name} | tg4 |"))
     assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")
+    assert "flash-attn" not in r.stdout
+    # --flash-attn: a third configuration, the repacked one with flash attention, at depth
+    r = subprocess.run([*args[:3], "-d", "8", "--flash-attn", *args[4:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    backends = {c.split("|")[4].strip() for c in r.stdout.splitlines() if c.startswith("| ")}
+    assert {b for b in backends if b.startswith("llama.cpp")} >= {
+        f"llama.cpp {llama_cpp.__version__} repacked", f"llama.cpp {llama_cpp.__version__} (no extra bufts)",
+        f"llama.cpp {llama_cpp.__version__} repacked flash-attn"}
 
 
 def test_compare_stops_at_once_on_a_file_llama_cpp_cannot_read(tmp_path):

@@ -1,7 +1,7 @@
 """pyengine and llama.cpp (llama-cpp-python) on the same GGUFs, in one run, side by side.
 
     python bench/compare_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
-                                     [--rounds 1] [-d 0] [--no-extra-bufts] [--flash-attn]
+                                     [--rounds 1] [-d 0] [--no-extra-bufts] [--no-flash-attn]
                                      [--only pyengine|llama.cpp]
                                      [--exact] [--no-mmap] [--device cuda] [--bandwidth GB/S]
                                      [--int8-peak G/S]
@@ -9,9 +9,10 @@
 Both are timed by the same loop (pyengine.bench.time_test: random token ids, a warm-up run, then
 `reps` repetitions of pp<N> = one batched eval and tg<N> = N one-token evals), each engine in its
 own child process (one after the other, so they never share the CPU, and a crash of one is
-reported, not fatal). llama.cpp runs in both CPU configurations: its default, with the repacked
-weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that have it), and
-without them; a configuration that crashes is reported, and each test's ratio is taken against the
+reported, not fatal). llama.cpp runs in three CPU configurations: its default, with the repacked
+weight buffers ("extra buffer types": CPU_REPACK, and AMX on Intel CPUs that have it), the same
+with flash attention on (llama-bench's -fa 1; llama-cpp-python's Llama defaults to off), and
+without the repacked buffers; a configuration that crashes is reported, and each test's ratio is taken against the
 faster configuration that ran (named in the ratio table). On Intel CPUs with AMX, a llama-cpp-python
 built natively (the package index's sdist, pip's default) puts Q8_0 weights in ggml's AMX buffer
 type and its repacked configuration crashes (SIGSEGV in the first evaluation: built with GCC 12, whose
@@ -47,9 +48,9 @@ digits make two, so half of that limit is its own ceiling. No limit where there 
 --rounds K runs the whole sequence K times, the engines' order reversed every other round, merges
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
-without the repacked buffers only. --flash-attn adds a third llama.cpp configuration: the repacked
-one with flash attention on (llama-bench's -fa 1; llama-cpp-python's default is off), which may
-be faster at depth (-d), where attention over the cache takes a share of every token. --exact runs pyengine with exact=True (float32 activations
+without the repacked buffers only; --no-flash-attn leaves out the configuration with flash
+attention (one child process less; at depth 0 it was within 1 % of the other, at depth 4096 the
+fastest, bench/RESULTS.md). --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
 --no-mmap runs pyengine with use_mmap=False: its weights copied into anonymous memory at load, as
 llama.cpp's repacked buffers are (then there is no page cache to probe).
@@ -294,8 +295,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run every engine this many times, order alternating")
     ap.add_argument("-d", "--n-depth", type=int, default=0)
     ap.add_argument("--no-extra-bufts", action="store_true")
-    ap.add_argument("--flash-attn", action="store_true",
-                    help="also run llama.cpp's repacked configuration with flash attention on")
+    ap.add_argument("--no-flash-attn", action="store_true",
+                    help="leave out llama.cpp's repacked configuration with flash attention on")
     ap.add_argument("--exact", action="store_true", help="pyengine with exact=True (float32 activations)")
     ap.add_argument("--no-mmap", action="store_true", help="pyengine with use_mmap=False (weights copied at load)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: see above")
@@ -307,8 +308,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    if args.flash_attn and args.no_extra_bufts:
-        ap.error("--flash-attn adds the repacked configuration with flash attention: not with --no-extra-bufts")
     if args.child:
         args.model = args.models[0]
         rows = child_pyengine(args) if args.child == "pyengine" else child_llamacpp(
@@ -322,9 +321,9 @@ def main() -> int:
     print(f"`python bench/compare_llamacpp.py {' '.join(sys.argv[1:])}` · load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print(f"kernels: {kernel_levels(args.only)}\n")
-    llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:3]
-    if llama and args.flash_attn:
-        llama += ("llama.cpp-fa",)
+    llama = () if args.only == "pyengine" else ("llama.cpp-plain",) if args.no_extra_bufts else CHILDREN[1:]
+    if args.no_flash_attn or args.device != "cpu":  # on the GPU every configuration has flash attention on
+        llama = tuple(c for c in llama if c != "llama.cpp-fa")
     engines = (() if args.only == "llama.cpp" else ("pyengine",)) + llama
     files = {model: open_model(model) for model in args.models}
     if llama:

@@ -173,14 +173,19 @@ def test_compare_script_runs_several_files(tiny):
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.startswith(f"| {tiny[0].name} | tg4 |"))
     assert "llama.cpp" in line.split("|")[5] and line.split("|")[6].strip().endswith("x")
-    assert "flash-attn" not in r.stdout
-    # --flash-attn: a third configuration, the repacked one with flash attention, at depth
-    r = subprocess.run([*args[:3], "-d", "8", "--flash-attn", *args[4:]], capture_output=True, text=True, timeout=300)
+    # three configurations: repacked, repacked with flash attention, plain; --no-flash-attn drops one
+    def backends(out: str) -> set[str]:
+        cells = [c.split("|")[4].strip() for c in out.splitlines() if c.startswith("| ")]  # llama-bench's column
+        return {c for c in cells if c.startswith("llama.cpp")}
+
+    version = llama_cpp.__version__
+    assert backends(r.stdout) == {f"llama.cpp {version} repacked", f"llama.cpp {version} (no extra bufts)",
+                                  f"llama.cpp {version} repacked flash-attn"}
+    r = subprocess.run([*args[:3], "-d", "8", "--no-flash-attn", *args[4:]], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
-    backends = {c.split("|")[4].strip() for c in r.stdout.splitlines() if c.startswith("| ")}
-    assert {b for b in backends if b.startswith("llama.cpp")} >= {
-        f"llama.cpp {llama_cpp.__version__} repacked", f"llama.cpp {llama_cpp.__version__} (no extra bufts)",
-        f"llama.cpp {llama_cpp.__version__} repacked flash-attn"}
+    assert backends(r.stdout) == {f"llama.cpp {version} repacked", f"llama.cpp {version} (no extra bufts)"}
+    assert f"| {tiny[0].name} | tg4 @ d8 |" in r.stdout
 
 
 def test_compare_stops_at_once_on_a_file_llama_cpp_cannot_read(tmp_path):

@@ -49,8 +49,8 @@ digits make two, so half of that limit is its own ceiling. No limit where there 
 each engine's repetitions over the rounds (the t/s columns) and reports the median of its per-round
 shares: engines compared over the same stretch of time, not minutes apart. --no-extra-bufts runs llama.cpp
 without the repacked buffers only; --no-flash-attn leaves out the configuration with flash
-attention (one child process less; at depth 0 it was within 1 % of the other, at depth 4096 the
-fastest, bench/RESULTS.md). --exact runs pyengine with exact=True (float32 activations
+attention (one child process less; it was llama.cpp's fastest configuration in every test of
+bench/RESULTS.md's twenty-second session, at depth 0 and 4096). --exact runs pyengine with exact=True (float32 activations
 everywhere; by default quantized weights get int8 activations, as llama.cpp always does).
 --no-mmap runs pyengine with use_mmap=False: its weights copied into anonymous memory at load, as
 llama.cpp's repacked buffers are (then there is no page cache to probe).
@@ -115,12 +115,12 @@ def child_llamacpp(args, repacked: bool, flash_attn: bool = False) -> list[dict]
     gpu = {"n_gpu_layers": -1, "flash_attn": True} if args.device != "cpu" else {}
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("this llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
-    fa = {"flash_attn": True} if flash_attn else {}
     llm = open_llama(args.model, extra_bufts=repacked,
                      n_ctx=args.n_depth + max(args.p, args.n) + 16, n_threads=args.t,
-                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False, **{**gpu, **fa})
+                     n_threads_batch=args.t, n_batch=args.b, n_ubatch=args.b, verbose=False,
+                     **gpu | ({"flash_attn": True} if flash_attn else {}))
     backend = f"llama.cpp {llama_cpp.__version__}" + (" CUDA" if gpu else "") + (
-        " repacked" if repacked else " (no extra bufts)") + (" flash-attn" if fa else "")
+        " repacked" if repacked else " (no extra bufts)") + (" flash-attn" if flash_attn else "")
     return _rows(Runner(llm.reset, llm.eval), llm.n_vocab(), _base(args, backend, args.t), args)
 
 

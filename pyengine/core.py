@@ -85,17 +85,20 @@ class ToolCall:
 
 @dataclass
 class Finished:
-    """The sequence ended: reason "stop", "length" or "tool_calls"; token counts for usage."""
+    """The sequence ended: reason "stop", "length" or "tool_calls"; token counts for usage
+    (reasoning_tokens: the generated tokens inside reasoning text, part of completion_tokens)."""
 
     reason: str
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0
 
     def usage(self) -> dict[str, object]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Sequence:
         self.logits: np.ndarray | None = None
         self.chosen: int | None = None  # the next token when the model picked it (argmax_only)
         self.tool_calls = 0
+        self.reasoning_tokens = 0
         self.cancelled = False
         self.done = False
 
@@ -250,7 +254,9 @@ class Sequence:
                 events += self._finish("tool_calls" if calls else "stop", flushed=True)
             return events, []
         if self.parser is not None:
+            was_reasoning = self.parser.in_reasoning
             deltas = self.parser.feed(token)
+            self.reasoning_tokens += int(was_reasoning and self.parser.in_reasoning)
         else:
             text = self.decoder.decode(self.core.tokenizer.token_to_piece(token))
             deltas = [Delta("content", text, [self.n_generated - 1])]
@@ -313,7 +319,7 @@ class Sequence:
             return events
         self._release(events, self.stops.flush(), cut=False)
         self.done = True
-        events.append(Finished(reason, len(self.req.prompt), self.n_cached, self.n_generated))
+        events.append(Finished(reason, len(self.req.prompt), self.n_cached, self.n_generated, self.reasoning_tokens))
         return events
 
 

@@ -120,6 +120,12 @@ class TokenParser:
             return self._content_mark(mark)
         return self._between_token(mark, token, pos)
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Inside the text of an analysis (reasoning) message: a token fed now, with this still
+        true after it, is a reasoning token (usage's reasoning_tokens)."""
+        return self._state == "content" and self._kind == "reasoning"
+
     def finish(self) -> list[Delta]:
         out: list[Delta] = []
         if self._state == "header" and any(b.strip() for m, b in self._items if m is None):

@@ -40,7 +40,7 @@ def total(fins: list[Finished]) -> Finished:
     """One request's usage over its choices: the prompt once, every choice's completion tokens."""
     first = fins[0]
     return Finished(first.reason, first.prompt_tokens, first.cached_tokens,
-                    sum(f.completion_tokens for f in fins))
+                    sum(f.completion_tokens for f in fins), sum(f.reasoning_tokens for f in fins))
 
 
 def merge_results(outs: list[Output], dones: list[Done]) -> dict[str, Any]:

@@ -123,6 +123,36 @@ def test_greedy_chat_two_slots_at_once(served, model_path):
             assert not any(mark in text for mark in CONTROL)
 
 
+def test_greedy_response_matches_reference(served, model_path):
+    """/v1/responses on the real engine: the instructions, the earlier turns of a function call and
+    its output reach the prompt through the real renderer, and the items hold the greedy reference."""
+    url, backend = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    tool = {"type": "function", "name": "lookup", "description": "Look a word up",
+            "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}
+    items = [{"role": "user", "content": "Define Dom."},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Look."}]},
+             {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": '{"word": "Dom"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "a cathedral"}]
+    r = client.responses.create(model="gpt-oss-tiny", input=items, instructions="Be brief.", tools=[tool],
+                                max_output_tokens=10, temperature=0, reasoning={"effort": "low"})
+    chat = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Define Dom."},
+            {"role": "assistant", "content": None, "thinking": "Look.", "tool_calls": [
+                {"id": "call_1", "name": "lookup", "arguments": '{"word": "Dom"}'}]},
+            {"role": "tool", "content": "a cathedral", "tool_call_id": "call_1", "name": None}]
+    prompt = backend.render_chat(chat, [{k: v for k, v in tool.items() if k != "type"}], "low")
+    text = backend.detokenize(prompt)
+    assert "Be brief." in text and "<|start|>functions.lookup to=assistant" in text and "a cathedral" in text
+    ref = greedy_reference(model_path, prompt, 10, backend.tokenizer.eog_ids)
+    expected = harmony_stream.parse(ref, backend.tokenizer)
+    got = {i.type: i for i in r.output}
+    assert expected["content"] or expected["reasoning_content"]
+    assert (got["message"].content[0].text if "message" in got else None) == expected["content"]
+    assert (got["reasoning"].content[0].text if "reasoning" in got else None) == expected["reasoning_content"]
+    assert r.usage.input_tokens == len(prompt) and r.usage.output_tokens == len(ref)
+    assert r.status == ("incomplete" if len(ref) == 10 and ref[-1] not in backend.tokenizer.eog_ids else "completed")
+
+
 def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path):
     import os
     import shutil

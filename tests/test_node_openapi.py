@@ -58,7 +58,8 @@ def test_openapi_documents_every_route_and_body(node):
                    ("/health", "get"), ("/metrics", "get"), ("/tokenize", "post"), ("/detokenize", "post"),
                    ("/pull", "post"), ("/chat/completions", "post"), ("/completions", "post"), ("/models", "get"),
                    ("/v1/models/{model_id}", "get"), ("/props", "get"), ("/slots", "get"),
-                   ("/apply-template", "post")}
+                   ("/apply-template", "post"), ("/v1/responses", "post"), ("/responses", "post"),
+                   ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete")}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}

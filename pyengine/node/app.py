@@ -29,12 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__, constrain
-from pyengine.node import choices, cors, llama_routes, openapi, webui
+from pyengine.node import choices, cors, llama_routes, openapi, responses, webui
 from pyengine.core import Event
 from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
 from pyengine.node.pull import PullRefused, Pulls, clean_leftovers
+from pyengine.node.responses_output import ResponseOutput
 from pyengine.node.scheduler import Done, Failed, Job, QueueFull, Scheduler, ShuttingDown
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.node.schemas import (
@@ -44,6 +45,7 @@ from pyengine.node.schemas import (
     DetokenizeRequest,
     Message,
     PullRequest,
+    ResponsesRequest,
     TokenizeRequest,
     bad_request,
     parse_body,
@@ -469,6 +471,102 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         outs = [TextOutput(backend.tokenizer, state.model_name(), echo, bool(req.echo), req.logprobs is not None,
                            extra, index=i) for i in range(len(jobs))]
         return await respond(request, req, jobs, outs, t0)
+
+    stored = responses.ResponseStore()
+    # chat parameter names in errors -> the Responses request's own
+    responses_param = {"response_format": "text", "max_completion_tokens": "max_output_tokens", "messages": "input",
+                       "logprobs": "include", "top_logprobs": "top_logprobs"}
+
+    def responses_echo(req: ResponsesRequest, chat: ChatCompletionRequest) -> dict[str, Any]:
+        """The request's settings a response object repeats."""
+        fmt = req.text.format if req.text and req.text.format else {"type": "text"}
+        return {"instructions": req.instructions, "previous_response_id": req.previous_response_id,
+                "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+                "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": req.parallel_tool_calls is not False,
+                "temperature": req.temperature, "top_p": req.top_p, "max_output_tokens": req.max_output_tokens,
+                "reasoning": {"effort": chat.effort() or "medium", "summary": None}, "text": {"format": fmt},
+                "metadata": req.metadata or {}, "store": req.store, "truncation": "disabled",
+                "top_logprobs": req.top_logprobs, "background": False}
+
+    def sse_event(event: dict[str, Any]) -> str:
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def responses_create(request: Request) -> Response:
+        t0 = time.perf_counter()
+        req = parse_body(await request.body(), ResponsesRequest)
+        backend, _ = state.ready()
+        check_model(req.model, backend)
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id:
+            history = stored.messages(req.previous_response_id)
+            if history is None:
+                raise APIError(404, f"Previous response with id {req.previous_response_id[:100]!r} not found "
+                               "(responses are kept in this node's memory while it runs, and only with store: true)",
+                               "invalid_request_error", "previous_response_not_found", "previous_response_id")
+        try:
+            chat, conversation = responses.chat_request(req, history)
+            params = _sampling(chat, backend.info.n_vocab)
+            prompt, tools = await render_chat(backend, chat)
+            spec = await run_in_threadpool(_constraint, backend, chat, tools, chat.tool_choice)
+            job, = make_jobs(request, prompt, chat, params, True, chat.token_limit(), "responses",
+                             (chat.top_logprobs or 0) if chat.logprobs else None, constraint=spec)
+        except APIError as e:
+            e.param = responses_param.get(e.param or "", e.param)
+            raise
+        out = ResponseOutput(backend.tokenizer, state.model_name(), responses_echo(req, chat), bool(chat.logprobs))
+
+        def finish(obj: dict[str, Any]) -> None:
+            state.response_ms.append((time.perf_counter() - t0) * 1e3)
+            if req.store:
+                stored.put(obj, conversation + responses.output_messages(*out.answer()))
+
+        if not req.stream:
+            try:
+                done = await collect_one(request, job, out)
+            finally:
+                state.scheduler.withdraw(job)
+            obj = out.result(done.finished)
+            finish(obj)
+            return JSONResponse(obj)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for event in out.head():
+                    yield sse_event(event)
+                async for _, ev in choices.merged_events([job]):
+                    if isinstance(ev, list):
+                        for event in out.chunk(ev):
+                            yield sse_event(event)
+                    elif isinstance(ev, Failed):
+                        yield sse_event(out.failed(ev.message, ev.type))
+                    else:
+                        for event in out.tail(ev.finished):
+                            yield sse_event(event)
+                        finish(event["response"])
+            finally:
+                state.scheduler.withdraw(job)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/responses/{response_id}")
+    @app.get("/responses/{response_id}")
+    async def responses_get(response_id: str) -> JSONResponse:
+        obj = stored.response(response_id)
+        if obj is None:
+            raise APIError(404, f"No response with id {response_id[:100]!r} is stored on this node",
+                           "not_found_error", "response_not_found", "response_id")
+        return JSONResponse(obj)
+
+    @app.delete("/v1/responses/{response_id}")
+    @app.delete("/responses/{response_id}")
+    async def responses_delete(response_id: str) -> JSONResponse:
+        if not stored.delete(response_id):
+            raise APIError(404, f"No response with id {response_id[:100]!r} is stored on this node",
+                           "not_found_error", "response_not_found", "response_id")
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     @app.get("/v1/models")
     @app.get("/models")

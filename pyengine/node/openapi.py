@@ -20,6 +20,7 @@ from pyengine.node.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     PullRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 
@@ -49,11 +50,16 @@ class PromptTokensDetails(_Doc):
     cached_tokens: int
 
 
+class CompletionTokensDetails(_Doc):
+    reasoning_tokens: int
+
+
 class Usage(_Doc):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class ResponseToolCall(_Doc):
@@ -147,6 +153,41 @@ class TextCompletionChunk(_Doc):
     choices: list[TextChunkChoice]
     usage: Usage | None = None
     timings: dict[str, float] | None = None
+
+
+class ResponseUsage(_Doc):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(_Doc):
+    """A Responses API response: output items of type reasoning, message and function_call."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None
+    error: dict[str, str] | None
+    incomplete_details: dict[str, str] | None
+
+
+class ResponseEvent(_Doc):
+    """One event of a streamed response (response.created ... response.completed)."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseDeleted(_Doc):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
 
 
 class ModelEntry(_Doc):
@@ -261,7 +302,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     why = {400: "Invalid request (malformed JSON, a bad parameter, or a prompt over the context)",
            401: "Missing or wrong API key (only with --api-key)",
            403: "A path pull outside the folders this node copies from (--pull-source)",
-           404: "The request names a model this node does not serve",
+           404: "The request names a model this node does not serve, or a response it does not hold",
            409: "A pull of this model id is already running",
            413: "The request body is larger than the node's limit (--max-body-mb)",
            500: "Generation failed for this request",
@@ -280,6 +321,17 @@ def _sse(chunk: type[BaseModel]) -> dict[str, Any]:
         "description": "`data: {chunk}` events, then `data: [DONE]` (when `stream` is true)"}}}
 
 
+def _sse_events() -> dict[str, Any]:
+    """A streamed response's events: `event:` its type, `data:` the event as JSON; no [DONE]."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"$ref": REF.format(model="ResponseEvent")}}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"type": "string"}, "data": payload},
+        "description": "`event: TYPE` / `data: {event}` pairs, ending with response.completed, "
+                       "response.incomplete or response.failed (when `stream` is true)"}}}
+
+
 def _ok(description: str, content: dict[str, Any], *errors: int) -> dict[str, Any]:
     return {"200": {"description": description, "content": content}, **_errors(*errors)}
 
@@ -293,6 +345,12 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/v1/completions", "post"): (CompletionRequest, _ok(
         "A text completion, or its SSE stream", {**_json(TextCompletion), **_sse(TextCompletionChunk)},
         *GENERATION_ERRORS)),
+    ("/v1/responses", "post"): (ResponsesRequest, _ok(
+        "A response (OpenAI's Responses API), or its SSE stream of events",
+        {**_json(ResponseObject), **_sse_events()}, *GENERATION_ERRORS)),
+    ("/v1/responses/{response_id}", "get"): (None, _ok("A stored response", _json(ResponseObject), 401, 404)),
+    ("/v1/responses/{response_id}", "delete"): (None, _ok("The stored response is deleted", _json(ResponseDeleted),
+                                                          401, 404)),
     ("/v1/models", "get"): (None, _ok("The loaded model", _json(ModelList), 401)),
     ("/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
     ("/v1/health", "get"): (None, _ok("Ready", _json(HealthOk), 503)),
@@ -316,10 +374,12 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
 }
 # llama-server's and OpenAI's un-prefixed spellings of the same operations
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
+           "/responses": "/v1/responses", "/responses/{response_id}": "/v1/responses/{response_id}",
            "/models": "/v1/models", "/models/{model_id}": "/v1/models/{model_id}"}
 ROUTES.update({(alias, method): ROUTES[(path, method)] for (path, method) in list(ROUTES)
                for alias, target in ALIASES.items() if target == path})
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
+                   ResponseObject, ResponseEvent, ResponseDeleted,
                    ModelList, ModelEntry, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted,
                    PullState, Props, SlotState, AppliedTemplate)
 

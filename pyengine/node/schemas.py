@@ -60,6 +60,12 @@ _RESPONSE_FORMAT = {"type": "object", "properties": {
     "schema": {"type": ["object", "boolean"]},
     "json_schema": {"type": "object", "properties": {"schema": {"type": ["object", "boolean"]}}}}}
 _TEMPLATE_KWARGS = {"type": "object", "properties": {"reasoning_effort": {"enum": ["low", "medium", "high", None]}}}
+_RESPONSES_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "required": ["type", "name"],
+    "properties": {"type": {"const": "function"}, "name": {"type": "string"}}}]}
+_TEXT_FORMAT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"enum": ["text", "json_object", "json_schema"]}, "schema": {"type": ["object", "boolean"]}}}
+_INPUT = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]}
 URL_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
 DIGEST_PATTERN = r"^(sha256:)?[0-9a-fA-F]{64}$"
 _PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
@@ -324,6 +330,103 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
         return v
+
+
+class ResponsesTool(_Open):
+    """A Responses API tool: only functions (flat: name, description, parameters at the top)."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _function(self) -> ResponsesTool:
+        if self.type != "function":
+            raise ValueError(f"tool type {self.type[:40]!r} is not supported: this node runs function tools only")
+        if not self.name:
+            raise ValueError("a function tool needs a name")
+        return self
+
+
+class ResponsesReasoning(_Open):
+    effort: Literal["low", "medium", "high"] | None = None
+    summary: str | None = None  # accepted; the reasoning comes whole, as reasoning_text content
+
+
+class ResponsesText(_Open):
+    format: Annotated[dict[str, Any] | None, _nullable(_TEXT_FORMAT)] = None
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if v.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError("text.format.type must be text, json_object or json_schema")
+        if "schema" in v and not isinstance(v["schema"], (dict, bool)):
+            raise ValueError("text.format.schema must be an object or a boolean")
+        if v["type"] == "json_schema" and "schema" not in v:
+            raise ValueError("text.format of type json_schema needs a schema (an object or a boolean)")
+        return v
+
+
+class ResponsesRequest(_Open):
+    """POST /v1/responses (OpenAI's Responses API): run as a chat request (pyengine.node.responses
+    turns the input items into chat messages); input items are checked there."""
+
+    model: str | None = None
+    input: Annotated[str | list[dict[str, Any]], WithJsonSchema(_INPUT)]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _nullable(_RESPONSES_TOOL_CHOICE)] = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    reasoning: ResponsesReasoning | None = None
+    text: ResponsesText | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
+    metadata: dict[str, str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, v: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be an empty list")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> ResponsesRequest:
+        if self.truncation == "auto":
+            raise ValueError('truncation "auto" is not supported: an input over the context is a 400 error '
+                             '(truncation "disabled")')
+        if self.background:
+            raise ValueError("background responses are not supported: send the request and wait, or stream it")
+        choice = self.tool_choice
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise ValueError("tool_choice must be none, auto, required or a function object")
+        if isinstance(choice, dict) and not (choice.get("type") == "function" and isinstance(choice.get("name"), str)):
+            raise ValueError('tool_choice must be {"type": "function", "name": ...}')
+        return self
+
+    def logprobs(self) -> int | None:
+        """Top-logprob count of each answer token, when include asks for output_text logprobs."""
+        wanted = "message.output_text.logprobs" in (self.include or [])
+        return (self.top_logprobs or 0) if wanted else None
 
 
 class TokenizeRequest(_Open):

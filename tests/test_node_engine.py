@@ -143,6 +143,7 @@ def test_greedy_response_matches_reference(served, model_path):
     prompt = backend.render_chat(chat, [{k: v for k, v in tool.items() if k != "type"}], "low")
     text = backend.detokenize(prompt)
     assert "Be brief." in text and "<|start|>functions.lookup to=assistant" in text and "a cathedral" in text
+    assert "<|channel|>analysis<|message|>Look.<|end|>" in text  # reasoning passed back before a tool call stays
     ref = greedy_reference(model_path, prompt, 10, backend.tokenizer.eog_ids)
     expected = harmony_stream.parse(ref, backend.tokenizer)
     got = {i.type: i for i in r.output}

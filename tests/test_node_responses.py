@@ -110,6 +110,14 @@ def test_function_call_and_its_output_follow_up():
         assert tool["name"] == "get_weather"
         assert '<|start|>functions.get_weather<|channel|>commentary<|message|>{"sky": "clear"}' in backend.last_prompt_text
 
+        # the same follow-up through previous_response_id: the stored call names the tool result
+        r3 = client.responses.create(model="scripted-oss", previous_response_id=r.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}])
+        assert r3.output_text == "It is sunny in Köln."
+        assert [m["role"] for m in backend.last_messages] == ["user", "assistant", "tool"]
+        assert backend.last_messages[2]["name"] == "get_weather"
+        assert backend.last_messages[1]["thinking"] == r.output[0].content[0].text
+
         events = list(client.responses.create(model="scripted-oss", input="Weather?", tools=[WEATHER], stream=True))
         args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
         (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]

@@ -5,9 +5,9 @@ start-up reaches the command line's handler (one quiet exit 130) rather than an 
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Engine", "ModelLoadError", "dequantize", "simd_level"]
+__all__ = ["__version__", "Engine", "EngineState", "ModelLoadError", "dequantize", "simd_level"]
 
-_LAZY = {"Engine": "pyengine.engine", "ModelLoadError": "pyengine.errors",
+_LAZY = {"Engine": "pyengine.engine", "EngineState": "pyengine.engine", "ModelLoadError": "pyengine.errors",
          "dequantize": "pyengine.quants", "simd_level": "pyengine._cpu"}
 
 

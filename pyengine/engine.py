@@ -234,6 +234,35 @@ class Engine:
         hold the keys position n needs, the prefix is recomputed."""
         self.runner.truncate(self._cache, n)
 
+    def save_state(self) -> EngineState:
+        """A copy of the KV cache's contents: the tokens it holds and the K/V rows they wrote
+        (llama-cpp-python's Llama.save_state). load_state puts it back, so a prompt evaluated once
+        can be continued later, after other prompts, without evaluating it again. It pickles.
+        NotImplementedError where the cache is not in host memory (CUDA)."""
+        rows = self.runner.used_rows(self._cache)
+        if rows is None:
+            raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
+        return EngineState(list(self._cache.tokens), [r.copy() for r in rows], self._state_key())
+
+    def load_state(self, state: EngineState) -> None:
+        """Make the KV cache hold what it held at save_state (the next generation reuses it as a
+        cached prefix). ValueError for a state of another model or KV cache type, or one that does
+        not fit this engine's context (nothing is changed then)."""
+        if not isinstance(state, EngineState):
+            raise TypeError(f"load_state takes an EngineState, not {type(state).__name__}")
+        if self.runner.used_rows(self._cache) is None:
+            raise NotImplementedError("load_state needs the KV cache in host memory (device='cpu')")
+        if state.key != self._state_key():
+            raise ValueError("this state was saved by an engine with another model or KV cache type")
+        if not self.runner.write_rows(self._cache, state.rows, state.tokens):
+            raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this engine's KV cache "
+                             f"(n_ctx={self.n_ctx}, n_batch={self.n_batch})")
+
+    def _state_key(self) -> tuple:
+        """What a saved state must match: the model file (name, size), its cache layout, the K/V types."""
+        return (os.path.basename(self.model_file.path), self.model_file.file_size, self._cache.native.layout,
+                self.cache_type_k, self.cache_type_v)
+
     # --- text, chat format and generation -------------------------------------------------
 
     @cached_property
@@ -391,6 +420,20 @@ class Engine:
         if stream:
             return _stream(out, steps, out.head())
         return out.result(_drain(out, steps))
+
+
+@dataclass
+class EngineState:
+    """An Engine's KV cache contents (Engine.save_state): the tokens, per layer the K then V rows
+    they wrote (numpy arrays), and what the engine that loads it must match."""
+
+    tokens: list[int]
+    rows: list[np.ndarray]
+    key: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.rows)
 
 
 @dataclass

@@ -140,24 +140,40 @@ class Runner:
 
     def copy_cache(self, src: Cache, dst: Cache) -> bool:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
-        of one request share their prompt this way). The CPU cache is head-major, (n_head_kv,
-        slots, row bytes) per layer: full layers copy each head's first n_past slots rounded up to
-        whole tiles of 16 (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16
-        slots, dimension by dimension: csrc/attention_heads.h), sliding rings the whole ring (position p lives in slot
-        p % slots). False, with `dst` untouched,
-        when the caches keep their rows where the host cannot copy them (CUDA) or differ in shape:
-        the caller then evaluates the prompt instead."""
-        a = [*getattr(src.native, "k", ()), *getattr(src.native, "v", ())]
-        b = [*getattr(dst.native, "k", ()), *getattr(dst.native, "v", ())]
-        if not a or len(a) != len(b) or src.n_ctx != dst.n_ctx or not all(
-                isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape and x.dtype == y.dtype
-                for x, y in zip(a, b)):
+        of one request share their prompt this way). False, with `dst` untouched, when the caches
+        keep their rows where the host cannot copy them (CUDA) or differ in shape: the caller then
+        evaluates the prompt instead."""
+        rows = self.used_rows(src)
+        return rows is not None and src.n_ctx == dst.n_ctx and self.write_rows(dst, rows, src.tokens)
+
+    @staticmethod
+    def used_rows(cache: Cache) -> list[np.ndarray] | None:
+        """Views of the K/V rows `cache`'s tokens wrote, every layer's K then V (None where the host
+        cannot read them: CUDA). The CPU cache is head-major, (n_head_kv, slots, row bytes) per
+        layer: full layers hold positions 0..n_past - 1 in their first slots, rounded up to whole
+        tiles of 16 (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16 slots,
+        dimension by dimension: csrc/attention_heads.h); a sliding ring is taken whole once
+        the tokens fill it (position p lives in slot p % slots)."""
+        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
+        if not arrays or not all(isinstance(x, np.ndarray) for x in arrays):
+            return None
+        n = -(-cache.n_past // 16) * 16
+        return [x[:, :min(n, x.shape[1]), :] for x in arrays]
+
+    @staticmethod
+    def write_rows(cache: Cache, rows: Sequence[np.ndarray], tokens: Sequence[int]) -> bool:
+        """Put `rows` (as used_rows gives them) into `cache`, which then holds `tokens`. False, with
+        `cache` untouched, when they do not fit its arrays (another model, context or cache type)."""
+        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
+        n = -(-len(tokens) // 16) * 16
+        if len(tokens) > cache.n_ctx or len(arrays) != len(rows) or not all(
+                isinstance(x, np.ndarray) and isinstance(r, np.ndarray) and r.dtype == x.dtype and r.ndim == 3
+                and r.shape[0] == x.shape[0] and r.shape[2] == x.shape[2] and r.shape[1] == min(n, x.shape[1])
+                for x, r in zip(arrays, rows)):
             return False
-        n = -(-src.n_past // 16) * 16
-        for x, y in zip(a, b):
-            slots = min(n, x.shape[-2])
-            y[..., :slots, :] = x[..., :slots, :]
-        dst.tokens = list(src.tokens)
+        for x, r in zip(arrays, rows):
+            x[:, :r.shape[1], :] = r
+        cache.tokens = list(tokens)
         return True
 
     def truncate(self, cache: Cache, n: int) -> None:

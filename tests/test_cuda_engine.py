@@ -147,6 +147,16 @@ def test_graph_follows_the_cache(gpu, swa_file):
     assert graph.graphs_active
 
 
+def test_save_and_load_state_need_a_host_cache(gpu, files):
+    eng = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True, device="cuda")
+    eng.eval(prompt(4, seed=23))
+    state = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True).save_state()
+    for call in (eng.save_state, lambda: eng.load_state(state)):
+        with pytest.raises(NotImplementedError, match="host memory"):
+            call()
+    assert eng.n_past == 4
+
+
 def test_profile_times_every_operation_once_per_call(gpu, files):
     """Profile mode: one (start, end) event pair per operation, read after the call; each decode
     step adds one call of every per-layer operation per layer, and the times fit in the wall time."""

@@ -97,6 +97,45 @@ def test_prefix_cache_reuses_the_conversation_and_agrees_with_a_fresh_context(mo
     np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], rtol=1e-4, atol=1e-4)
 
 
+def test_save_and_load_state_continue_a_prompt_bit_for_bit(model, eng):
+    import pickle
+
+    prompt = eng.apply_chat_template(CHAT + [
+        {"role": "assistant", "content": "Air molecules scatter short blue wavelengths more than red ones. " * 2},
+        {"role": "user", "content": "And why is the sunset red? Explain it with the light's path through the air."}])
+    assert len(prompt) > WINDOW + 64  # the sliding rings (window + n_batch slots) have wrapped
+    eng.reset()
+    eng.eval(prompt)
+    state = pickle.loads(pickle.dumps(eng.save_state()))  # a state pickles (a disk cache of prompts)
+    assert state.tokens == prompt and state.nbytes > 0
+    more = eng.tokenize(" Because short waves scatter more.")
+    want = eng.eval(more, logits_all=True)
+    eng.reset()
+    eng.eval(eng.tokenize("Something else entirely, to overwrite the cache. " * 12))
+    eng.load_state(state)
+    assert eng.n_past == len(prompt)
+    np.testing.assert_array_equal(eng.eval(more, logits_all=True), want)
+    eng.load_state(state)  # a generation after load_state takes the saved prompt from the cache
+    list(eng.generate(prompt + more, max_tokens=2, temperature=0))
+    assert eng.n_prompt_reused == len(prompt)
+
+    kv = {"cache_type_k": "f32", "cache_type_v": "f32", "n_batch": 64}
+    bigger = Engine(model[0], n_ctx=2 * N_CTX, n_threads=1, **kv)  # more context, another thread count
+    bigger.load_state(state)
+    np.testing.assert_array_equal(bigger.eval(more, logits_all=True), want)
+    with pytest.raises(ValueError, match="does not fit"):
+        Engine(model[0], n_ctx=64, n_threads=1, **kv).load_state(state)
+    with pytest.raises(ValueError, match="does not fit"):  # another n_batch: rings of another size
+        Engine(model[0], n_ctx=N_CTX, n_threads=1, cache_type_k="f32", cache_type_v="f32", n_batch=32).load_state(state)
+    other = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64)  # f16 cache: rows of another type
+    other.eval(more)
+    with pytest.raises(ValueError, match="KV cache type"):
+        other.load_state(state)
+    assert other.n_past == len(more)  # untouched
+    with pytest.raises(TypeError):
+        eng.load_state({"tokens": prompt})
+
+
 def test_create_completion_shape_stream_and_tokens(eng):
     openai = pytest.importorskip("openai")
     kw = dict(max_tokens=8, temperature=0.9, seed=123, logprobs=2)

@@ -176,13 +176,18 @@ class Runner:
         cache.tokens = list(tokens)
         return True
 
+    def can_rewind(self, cache: Cache, n: int) -> bool:
+        """Whether `cache` can keep its first n tokens without evaluating them again: the sliding
+        rings still hold the keys position n needs (or nothing is kept)."""
+        return cache.n_past - n <= cache.native.max_batch(self.model.window) or n == 0
+
     def truncate(self, cache: Cache, n: int) -> None:
         """Keep the first n tokens of `cache` (prefix reuse). When the sliding-window rings no
         longer hold the keys position n needs, the prefix is evaluated again."""
         if not 0 <= n <= cache.n_past:
             raise ValueError(f"truncate({n}): must be between 0 and n_past={cache.n_past}")
         keep = cache.tokens[:n]
-        if cache.n_past - n <= cache.native.max_batch(self.model.window) or not keep:
+        if self.can_rewind(cache, n):
             cache.tokens = keep
             return
         cache.reset()

@@ -154,6 +154,55 @@ def test_greedy_response_matches_reference(served, model_path):
     assert r.status == ("incomplete" if len(ref) == 10 and ref[-1] not in backend.tokenizer.eog_ids else "completed")
 
 
+@pytest.mark.parametrize("cache_ram", [64, 0])
+def test_prompt_cache_brings_back_a_conversation_another_took_the_slot_from(model_path, cache_ram):
+    """One slot, two conversations: A, then B (which takes A's slot), then A's next turn. With
+    --cache-ram, A's first turn comes back from host memory (its prompt counts as cached) and the
+    answer is still the independent greedy decode; without it, A's turn is evaluated again."""
+    import httpx
+
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=1, ctx_size=4 * N_CTX, threads=2))
+    with run_node(backend, parallel=1, cache_ram_mib=cache_ram) as (url, state):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+        def ask(messages):
+            r = client.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=6, temperature=0,
+                                               reasoning_effort="low")
+            return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+        def render(messages):
+            return backend.render_chat([{"role": m["role"], "content": m["content"], "thinking": None,
+                                         "tool_calls": None, "tool_call_id": None, "name": None} for m in messages],
+                                       None, "low")
+
+        a = [{"role": "user", "content": "Tell me about the cathedral of Köln and its two towers, " * 10}]
+        b = [{"role": "user", "content": "Something else: the rivers of Bavaria, one by one, " * 10}]
+        answer, _ = ask(a)
+        ask(b)
+        a2 = a + [{"role": "assistant", "content": answer or "ok"}, {"role": "user", "content": "And the bells?"}]
+        answer2, cached = ask(a2)
+        a_prompt, b_prompt = render(a), render(b)
+        shared = next(i for i, (x, y) in enumerate(zip(a_prompt, b_prompt)) if x != y)  # the system message
+        metrics = httpx.get(f"{url}/metrics").text
+        if cache_ram:
+            assert cached >= len(a_prompt) - 2  # the first turn's prompt, back from host memory
+            assert "pyengine_prompt_cache_restores 1" in metrics and state.scheduler.prompt_cache.restored == 1
+        else:
+            assert cached <= shared < len(a_prompt) // 2  # only the system message was still in the slot
+            assert state.scheduler.prompt_cache is None and "prompt_cache" not in metrics
+        prompt = render(a2)
+        ref = greedy_reference(model_path, prompt, 6, backend.tokenizer.eog_ids)
+        expected = harmony_stream.parse(ref, backend.tokenizer)
+        assert answer2 == expected["content"] and answer2
+        # the slot's rows (restored ones included) give the logprobs a fresh context gives
+        r = client.completions.create(model="gpt-oss-tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+        fresh = Engine(open_model(model_path), n_ctx=4 * N_CTX, n_threads=1)
+        tokens = prompt + backend.tokenize("".join(r.choices[0].logprobs.tokens), special=True)
+        rows = fresh.logits(tokens)[len(prompt) - 1:-1]
+        want = [float(log_softmax(row)[t]) for row, t in zip(rows, tokens[len(prompt):])]
+        np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs, want, atol=2e-3)
+
+
 def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path):
     import os
     import shutil

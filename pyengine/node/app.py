@@ -35,6 +35,7 @@ from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
 from pyengine.node.metrics import Metrics
 from pyengine.node.pull import PullRefused, Pulls, clean_leftovers
+from pyengine.node.prompt_cache import PromptCache
 from pyengine.node.responses_output import ResponseOutput
 from pyengine.node.scheduler import Done, Failed, Job, QueueFull, Scheduler, ShuttingDown
 from pyengine.openai_output import ChatOutput, TextOutput
@@ -75,13 +76,24 @@ class NodeState:
         try:
             backend = self.load_backend()
             self.scheduler = Scheduler(backend, self.config.parallel, self.config.max_queue,
-                                       self.metrics, self.config.verbose)
+                                       self.metrics, self.config.verbose, self._prompt_cache(backend))
             self.backend = backend
             self._gauges(self.scheduler)
         except Exception as e:  # noqa: BLE001 - any load failure is reported on /health and ends the CLI
             self.load_error = str(e)
             log.error("%s", e)
             self.on_load_error(str(e))
+
+    def _prompt_cache(self, backend: Backend) -> PromptCache | None:
+        """The host-memory prompt cache of --cache-ram (None when 0)."""
+        try:
+            from pyengine.engine import available_memory
+        except ImportError:  # a build without the compiled core
+            available = None
+        else:
+            available = available_memory()
+        limit = self.config.prompt_cache_bytes(available)
+        return PromptCache(backend.core.runner, limit) if limit > 0 else None
 
     def _gauges(self, s: Scheduler) -> None:
         m = self.metrics
@@ -92,6 +104,12 @@ class NodeState:
         m.gauge("slots_total", "Sequence slots (--parallel).", lambda: s.n_parallel)
         m.gauge("kv_cache_tokens", "Tokens held in the KV caches of all slots.", s.kv_tokens)
         m.gauge("kv_cache_usage_ratio", "Share of all slots' KV capacity in use.", lambda: s.kv_tokens() / capacity)
+        if s.prompt_cache is not None:
+            pc = s.prompt_cache
+            m.gauge("prompt_cache_bytes", "Bytes of slot contents kept in host memory (--cache-ram).", lambda: pc.nbytes)
+            m.gauge("prompt_cache_entries", "Slot contents kept in host memory.", lambda: len(pc.entries))
+            m.gauge("prompt_cache_restores", "Saved slot contents written back into a slot, since start.",
+                    lambda: pc.restored)
 
     def model_name(self) -> str:
         """The id replies carry: the first --alias, else the model's name."""

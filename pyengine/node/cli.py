@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=integer(1), default=None,
                    help="CPU threads (default: the physical cores this process may use)")
     p.add_argument("--max-queue", type=integer(0), default=None, help="requests allowed to wait (default 64)")
+    p.add_argument("--cache-ram", "-cram", type=integer(0), default=None, metavar="MIB",
+                   help="host memory in MiB for slot contents a new request would overwrite, written back when a "
+                        "later prompt continues them (default 8192, at most a quarter of the available memory; "
+                        "0: off; CPU caches only)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page "
                                                    "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE (first line)")
@@ -159,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
                                  models_dir=args.models_dir, ctx_size=args.ctx_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
+                                 cache_ram_mib=args.cache_ram,
                                  api_key=args.api_key or _api_key_file(args.api_key_file), verbose=args.verbose,
                                  router_url=args.router_url,
                                  pull_sources=tuple(args.pull_source or ()) or None,

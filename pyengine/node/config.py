@@ -45,6 +45,15 @@ class NodeConfig:
     cache_type_v: str = "f16"
     repack: bool = True  # MXFP4 experts from the repack cache file (off with --no-repack)
     use_mmap: bool = True  # weights read where the files are mapped (off with --no-mmap: copied at load)
+    cache_ram_mib: int | None = None  # prompt cache in host memory (--cache-ram); None: prompt_cache_bytes() decides
+
+    def prompt_cache_bytes(self, available: int | None) -> int:
+        """Bytes the prompt cache may hold: --cache-ram MiB, else llama-server's default of 8 GiB,
+        capped at a quarter of the memory available at start (`available`; the model's pages and
+        the KV caches need the rest)."""
+        if self.cache_ram_mib is not None:
+            return self.cache_ram_mib << 20
+        return min(8192 << 20, available // 4) if available is not None else 8192 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

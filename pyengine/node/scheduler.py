@@ -14,6 +14,10 @@ leader) evaluates the prompt; the others (followers) wait until it is in the lea
 those K/V rows into their own slots (Runner.copy_cache; a cache that cannot be copied evaluates
 the prompt itself) and from then on decode in the same batched steps as the leader.
 
+With a prompt cache (pyengine.node.prompt_cache, --cache-ram), a slot's contents that a new
+request would overwrite are saved to host memory first, and a request whose prompt continues a
+saved conversation gets it written back into its slot before it starts.
+
 Each step's events travel to the request's asyncio queue through `loop.call_soon_threadsafe`,
 so the event loop never blocks on the model."""
 
@@ -34,6 +38,7 @@ from pyengine.core import Failed as StepFailed
 from pyengine.core import Sequence as CoreSequence
 from pyengine.node.backend import Backend
 from pyengine.node.metrics import Metrics
+from pyengine.node.prompt_cache import PromptCache
 from pyengine.runner import Cache
 from pyengine.sampling import SamplingParams
 
@@ -105,13 +110,15 @@ class Scheduler:
     """Runs jobs on `n_parallel` slots of `backend`, at most `max_queue` waiting."""
 
     def __init__(self, backend: Backend, n_parallel: int = 1, max_queue: int = 64,
-                 metrics: Metrics | None = None, verbose: bool = False) -> None:
+                 metrics: Metrics | None = None, verbose: bool = False,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.backend = backend
         self.n_ctx = backend.info.n_ctx
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.verbose = verbose
         self.core = backend.core
+        self.prompt_cache = prompt_cache
         self.slots: list[Cache] = [backend.new_cache() for _ in range(n_parallel)]
         self.free: list[Cache] = list(reversed(self.slots))
         self.queue: collections.deque[list[Job]] = collections.deque()
@@ -247,6 +254,7 @@ class Scheduler:
             if not lead_gone and not seq.prompt_evaluated:
                 continue  # the leader's prompt is still being evaluated
             if not lead_gone and seq.cache.tokens == job.prompt:
+                self._keep(slot, job)
                 self.core.runner.copy_cache(seq.cache, slot)
             self.following.remove((job, slot))
             self._admit(job, slot)
@@ -257,8 +265,19 @@ class Scheduler:
         shared = slot.common_prefix(prompt)
         return shared - max(0, self.last_prompt_len.get(id(slot), 0) - shared), shared
 
+    def _keep(self, slot: Cache, job: Job) -> None:
+        """Save `slot`'s contents in the prompt cache when `job` would throw away part of the
+        prompt that the slot's last request left there (not merely the tokens that request
+        generated: a conversation's next turn re-renders them anyway)."""
+        if self.prompt_cache is not None:
+            shared = 0 if job.prompt_logprobs else slot.common_prefix(job.prompt)
+            if shared < self.last_prompt_len.get(id(slot), 0):
+                self.prompt_cache.save(slot)
+
     def _admit(self, job: Job, slot: Cache) -> None:
         job.t_start = time.perf_counter()
+        if self.prompt_cache is not None and (job.prompt_logprobs or not self.prompt_cache.restore_best(slot, job.prompt)):
+            self._keep(slot, job)
         try:
             job.seq = self.core.start(slot, Request(job.prompt, job.params, job.max_tokens, job.stops, job.logprobs,
                                                     job.chat, prompt_logprobs=job.prompt_logprobs,

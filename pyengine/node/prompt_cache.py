@@ -1,0 +1,99 @@
+"""Slot contents kept in host memory when a new request would overwrite them (llama-server's
+`--cache-ram`), and put back into a slot when a later prompt continues them.
+
+A node with fewer slots than conversations loses a conversation's KV cache as soon as another
+conversation takes its slot, and on a CPU re-evaluating a few thousand prompt tokens takes
+minutes. Before a slot's tokens are thrown away, the scheduler saves them here (the K/V rows
+they wrote: Runner.used_rows; gpt-oss-20b with an f16 cache: 48 KB a token, 24 KB past the
+sliding layers' rings);
+when a request is admitted and an entry shares a longer usable prefix with its prompt than the
+slot does, that entry is written into the slot first (Runner.write_rows) and the request then
+reuses it as it reuses any cached prefix. An entry moves back into the slot (it is saved again
+when that slot is next overwritten); the oldest entries go first when the bytes pass the limit.
+Only caches the host can read (the CPU's) take part. Used by the scheduler's worker thread only."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyengine.runner import Cache, Runner
+
+MIN_TOKENS = 32  # shorter contents are cheaper to evaluate again than to keep
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of a and b (slice comparisons: C speed, log steps)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo + 1 < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(eq=False)  # entries compare by identity (their rows are arrays)
+class Entry:
+    tokens: list[int]
+    rows: list[np.ndarray]
+    nbytes: int
+
+
+class PromptCache:
+    """At most `max_bytes` of saved slot contents, the newest kept."""
+
+    def __init__(self, runner: Runner, max_bytes: int) -> None:
+        self.runner, self.max_bytes = runner, max_bytes
+        self.entries: collections.deque[Entry] = collections.deque()
+        self.nbytes = 0
+        self.restored = 0  # entries written back into a slot
+        self.restored_tokens = 0
+
+    def save(self, slot: Cache) -> None:
+        """Keep a copy of what `slot` holds (skipped when it is short, cannot be read, is larger
+        than the whole limit, or is already a prefix of an entry); entries it extends go."""
+        tokens = slot.tokens
+        if len(tokens) < MIN_TOKENS:
+            return
+        rows = self.runner.used_rows(slot)
+        if rows is None:
+            return
+        size = sum(r.nbytes for r in rows)
+        if size > self.max_bytes or any(e.tokens[:len(tokens)] == tokens for e in self.entries):
+            return
+        for e in [e for e in self.entries if tokens[:len(e.tokens)] == e.tokens]:
+            self._drop(e)
+        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size))
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._drop(self.entries[0])
+
+    def usable(self, tokens: list[int], slot: Cache, prompt: list[int]) -> int:
+        """Prompt tokens a cache holding `tokens` would give `prompt` without evaluating them again."""
+        keep = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        return keep if keep > 0 and len(tokens) - keep <= slot.native.max_batch(self.runner.model.window) else 0
+
+    def restore_best(self, slot: Cache, prompt: list[int]) -> int:
+        """Put into `slot` the entry that gives `prompt` the most reuse, when it beats what the slot
+        holds (whose contents are saved first); the prompt tokens the slot now offers, or 0."""
+        own = self.usable(slot.tokens, slot, prompt)
+        best = max(self.entries, key=lambda e: self.usable(e.tokens, slot, prompt), default=None)
+        if best is None or self.usable(best.tokens, slot, prompt) <= own:
+            return 0
+        self.save(slot)
+        if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens):
+            return 0  # the save pushed it out, or it no longer fits this slot
+        self._drop(best)
+        self.restored += 1
+        self.restored_tokens += self.usable(best.tokens, slot, prompt)
+        return self.usable(slot.tokens, slot, prompt)
+
+    def _drop(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+        self.nbytes -= entry.nbytes

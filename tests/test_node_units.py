@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,27 @@ def test_config_flags_beat_environment(tmp_path):
     default = NodeConfig.from_env({})
     assert (default.port, default.host, default.router_url) == (8081, "127.0.0.1", None)
     assert default.models_dir == Path("~/.llm-router/models").expanduser()
+
+
+def test_prompt_cache_limit_flag_and_default():
+    from pyengine.node import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for argv, mib in ((["-m", "x"], None), (["-m", "x", "--cache-ram", "512"], 512), (["-m", "x", "-cram", "0"], 0)):
+        args = parser.parse_args(argv)
+        assert args.cache_ram == mib
+        assert NodeConfig.from_env({}, cache_ram_mib=args.cache_ram).cache_ram_mib == mib
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-m", "x", "--cache-ram", "-1"])
+    gib = 1 << 30
+    assert NodeConfig(cache_ram_mib=512).prompt_cache_bytes(64 * gib, 12 * gib) == 512 << 20
+    assert NodeConfig(cache_ram_mib=0).prompt_cache_bytes(64 * gib, 12 * gib) == 0
+    default = NodeConfig()
+    assert default.prompt_cache_bytes(64 * gib, 12 * gib) == 8 * gib  # llama-server's default
+    assert default.prompt_cache_bytes(20 * gib, 12 * gib) == 2 * gib  # a quarter of what the model leaves
+    assert default.prompt_cache_bytes(10 * gib, 12 * gib) == 0
+    assert default.prompt_cache_bytes(None, 12 * gib) == 8 * gib
 
 
 def test_model_names_the_node_answers_to():

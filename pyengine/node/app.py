@@ -92,7 +92,7 @@ class NodeState:
             available = None
         else:
             available = available_memory()
-        limit = self.config.prompt_cache_bytes(available)
+        limit = self.config.prompt_cache_bytes(available, backend.info.size_bytes)
         return PromptCache(backend.core.runner, limit) if limit > 0 else None
 
     def _gauges(self, s: Scheduler) -> None:

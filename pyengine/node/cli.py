@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=integer(0), default=None, help="requests allowed to wait (default 64)")
     p.add_argument("--cache-ram", "-cram", type=integer(0), default=None, metavar="MIB",
                    help="host memory in MiB for slot contents a new request would overwrite, written back when a "
-                        "later prompt continues them (default 8192, at most a quarter of the available memory; "
+                        "later prompt continues them (default 8192, at most a quarter of the memory available beyond the model; "
                         "0: off; CPU caches only)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page "
                                                    "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")

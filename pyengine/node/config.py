@@ -47,13 +47,15 @@ class NodeConfig:
     use_mmap: bool = True  # weights read where the files are mapped (off with --no-mmap: copied at load)
     cache_ram_mib: int | None = None  # prompt cache in host memory (--cache-ram); None: prompt_cache_bytes() decides
 
-    def prompt_cache_bytes(self, available: int | None) -> int:
+    def prompt_cache_bytes(self, available: int | None, model_bytes: int) -> int:
         """Bytes the prompt cache may hold: --cache-ram MiB, else llama-server's default of 8 GiB,
-        capped at a quarter of the memory available at start (`available`; the model's pages and
-        the KV caches need the rest)."""
+        capped at a quarter of the memory available at start (`available`, MemAvailable) beyond
+        the model file's size, so that the cache never crowds the model's own pages out of memory."""
         if self.cache_ram_mib is not None:
             return self.cache_ram_mib << 20
-        return min(8192 << 20, available // 4) if available is not None else 8192 << 20
+        if available is None:
+            return 8192 << 20
+        return max(0, min(8192 << 20, (available - model_bytes) // 4))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **flags: object) -> NodeConfig:

@@ -493,7 +493,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
     stored = responses.ResponseStore()
     # chat parameter names in errors -> the Responses request's own
     responses_param = {"response_format": "text", "max_completion_tokens": "max_output_tokens", "messages": "input",
-                       "logprobs": "include", "top_logprobs": "top_logprobs"}
+                       "logprobs": "include"}
 
     def responses_echo(req: ResponsesRequest, chat: ChatCompletionRequest) -> dict[str, Any]:
         """The request's settings a response object repeats."""

@@ -14,6 +14,20 @@ from typing import Any
 import numpy as np
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of a and b (slice comparisons: C speed, log steps)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo + 1 < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class Cache:
     """A KV cache (`native`, the C-side rings; None for a model that needs none) and the tokens
     it holds, in order. Only a Runner writes to it."""
@@ -33,11 +47,7 @@ class Cache:
 
     def common_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` this cache already holds."""
-        n = min(len(self.tokens), len(tokens))
-        for i in range(n):
-            if self.tokens[i] != tokens[i]:
-                return i
-        return n
+        return common_prefix(self.tokens, list(tokens))
 
     def reset(self) -> None:
         self.tokens = []
@@ -176,10 +186,12 @@ class Runner:
         cache.tokens = list(tokens)
         return True
 
-    def can_rewind(self, cache: Cache, n: int) -> bool:
-        """Whether `cache` can keep its first n tokens without evaluating them again: the sliding
-        rings still hold the keys position n needs (or nothing is kept)."""
-        return cache.n_past - n <= cache.native.max_batch(self.model.window) or n == 0
+    def can_rewind(self, cache: Cache, n: int, held: int | None = None) -> bool:
+        """Whether `cache`, holding `held` tokens (default: its own), can keep the first n without
+        evaluating them again: the sliding rings still hold the keys position n needs (or nothing
+        is kept)."""
+        held = cache.n_past if held is None else held
+        return held - n <= cache.native.max_batch(self.model.window) or n == 0
 
     def truncate(self, cache: Cache, n: int) -> None:
         """Keep the first n tokens of `cache` (prefix reuse). When the sliding-window rings no

@@ -12,7 +12,8 @@ import pytest
 from gguf import GGUFValueType
 
 from pyengine import Engine
-from pyengine.node.prompt_cache import MIN_TOKENS, PromptCache, common_prefix
+from pyengine.node.prompt_cache import MIN_TOKENS, PromptCache
+from pyengine.runner import common_prefix
 
 WINDOW = 16
 

@@ -19,23 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyengine.runner import Cache, Runner
+from pyengine.runner import Cache, Runner, common_prefix
 
 MIN_TOKENS = 32  # shorter contents are cheaper to evaluate again than to keep
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of a and b (slice comparisons: C speed, log steps)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo + 1 < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 @dataclass(eq=False)  # entries compare by identity (their rows are arrays)
@@ -53,7 +39,6 @@ class PromptCache:
         self.entries: collections.deque[Entry] = collections.deque()
         self.nbytes = 0
         self.restored = 0  # entries written back into a slot
-        self.restored_tokens = 0
 
     def save(self, slot: Cache) -> None:
         """Keep a copy of what `slot` holds (skipped when it is short, cannot be read, is larger
@@ -77,22 +62,21 @@ class PromptCache:
     def usable(self, tokens: list[int], slot: Cache, prompt: list[int]) -> int:
         """Prompt tokens a cache holding `tokens` would give `prompt` without evaluating them again."""
         keep = min(common_prefix(tokens, prompt), len(prompt) - 1)
-        return keep if keep > 0 and len(tokens) - keep <= slot.native.max_batch(self.runner.model.window) else 0
+        return keep if keep > 0 and self.runner.can_rewind(slot, keep, len(tokens)) else 0
 
     def restore_best(self, slot: Cache, prompt: list[int]) -> int:
         """Put into `slot` the entry that gives `prompt` the most reuse, when it beats what the slot
         holds (whose contents are saved first); the prompt tokens the slot now offers, or 0."""
-        own = self.usable(slot.tokens, slot, prompt)
-        best = max(self.entries, key=lambda e: self.usable(e.tokens, slot, prompt), default=None)
-        if best is None or self.usable(best.tokens, slot, prompt) <= own:
+        gain, best = max(((self.usable(e.tokens, slot, prompt), e) for e in self.entries),
+                         key=lambda pair: pair[0], default=(0, None))
+        if best is None or gain <= self.usable(slot.tokens, slot, prompt):
             return 0
         self.save(slot)
         if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens):
             return 0  # the save pushed it out, or it no longer fits this slot
         self._drop(best)
         self.restored += 1
-        self.restored_tokens += self.usable(best.tokens, slot, prompt)
-        return self.usable(slot.tokens, slot, prompt)
+        return gain
 
     def _drop(self, entry: Entry) -> None:
         self.entries.remove(entry)

@@ -22,10 +22,15 @@ import json
 import threading
 from typing import Any
 
-from pyengine.node.schemas import TEXT_PART_TYPES, ChatCompletionRequest, ResponsesRequest, bad_request
+from pyengine.node.schemas import (
+    TEXT_PART_TYPES,
+    ChatCompletionRequest,
+    ResponsesRequest,
+    SamplingFields,
+    bad_request,
+)
 
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-            "repetition_penalty", "seed")
+SAMPLING = tuple(SamplingFields.model_fields)  # passed to the chat request as they are
 
 
 def _text(content: Any, where: str) -> str:

@@ -204,12 +204,9 @@ class StreamOptions(_Open):
     include_usage: bool = False
 
 
-class _Sampling(_Open):
-    """Sampling fields shared by /v1/chat/completions and /v1/completions."""
+class SamplingFields(_Open):
+    """The sampler's settings every generation route takes (chat, completions, responses)."""
 
-    model: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
@@ -217,9 +214,17 @@ class _Sampling(_Open):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
+
+
+class _Sampling(SamplingFields):
+    """Sampling fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     repeat_penalty: float | None = Field(None, gt=0.0)
     logit_bias: Annotated[dict[str, float] | None, _nullable(_LOGIT_BIAS)] = None
-    seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
     n: Annotated[int, Field(ge=1, description="choices; at most the node's --parallel"), INTEGRAL] | None = None
@@ -372,7 +377,7 @@ class ResponsesText(_Open):
         return v
 
 
-class ResponsesRequest(_Open):
+class ResponsesRequest(SamplingFields):
     """POST /v1/responses (OpenAI's Responses API): run as a chat request (pyengine.node.responses
     turns the input items into chat messages); input items are checked there."""
 
@@ -393,14 +398,6 @@ class ResponsesRequest(_Open):
     metadata: dict[str, str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: Annotated[int, Field(ge=-1, description="-1 = random (llama.cpp)"), INTEGRAL] | None = None
 
     @field_validator("input")
     @classmethod

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "Engine", "EngineState", "ModelLoadError", "dequantize", "simd_level"]
 
-_LAZY = {"Engine": "pyengine.engine", "EngineState": "pyengine.engine", "ModelLoadError": "pyengine.errors",
+_LAZY = {"Engine": "pyengine.engine", "EngineState": "pyengine.engine_state", "ModelLoadError": "pyengine.errors",
          "dequantize": "pyengine.quants", "simd_level": "pyengine._cpu"}
 
 

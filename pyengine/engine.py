@@ -21,13 +21,14 @@ from pyengine import constrain, cuda
 from pyengine._model import DEFAULT_KV_CACHE_TYPE, KVCache, Model, kv_cache_type
 from pyengine.chat_template import apply_chat_template
 from pyengine.core import Core, Event, Failed, Finished, Request, Sampled, Text
+from pyengine.engine_state import EngineState
 from pyengine.errors import ContextMemoryError
 from pyengine.log import configure, logger
 from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.repack_cache import repacked_weights
 from pyengine.resident import resident_copy
-from pyengine.runner import Runner
+from pyengine.runner import Cache, Runner
 from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
 
@@ -237,30 +238,39 @@ class Engine:
     def save_state(self) -> EngineState:
         """A copy of the KV cache's contents: the tokens it holds and the K/V rows they wrote
         (llama-cpp-python's Llama.save_state). load_state puts it back, so a prompt evaluated once
-        can be continued later, after other prompts, without evaluating it again. It pickles.
-        NotImplementedError where the cache is not in host memory (CUDA)."""
-        rows = self.runner.used_rows(self._cache)
-        if rows is None:
-            raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
-        return EngineState(list(self._cache.tokens), [r.copy() for r in rows], self._state_key())
+        can be continued later, after other prompts, without evaluating it again. It pickles, and
+        EngineState.save writes it to a file. NotImplementedError where the cache is not in host
+        memory (CUDA)."""
+        return self.cache_state(self._cache)
 
     def load_state(self, state: EngineState) -> None:
         """Make the KV cache hold what it held at save_state (the next generation reuses it as a
         cached prefix). ValueError for a state of another model or KV cache type, or one that does
         not fit this engine's context (nothing is changed then)."""
+        self.restore_cache(self._cache, state)
+
+    def cache_state(self, cache: Cache) -> EngineState:
+        """save_state of any cache of this engine's model (the node's slots: POST /slots/{id})."""
+        rows = self.runner.used_rows(cache)
+        if rows is None:
+            raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
+        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache))
+
+    def restore_cache(self, cache: Cache, state: EngineState) -> None:
+        """load_state into any cache of this engine's model."""
         if not isinstance(state, EngineState):
             raise TypeError(f"load_state takes an EngineState, not {type(state).__name__}")
-        if self.runner.used_rows(self._cache) is None:
+        if self.runner.used_rows(cache) is None:
             raise NotImplementedError("load_state needs the KV cache in host memory (device='cpu')")
-        if state.key != self._state_key():
+        if state.key != self._state_key(cache):
             raise ValueError("this state was saved by an engine with another model or KV cache type")
-        if not self.runner.write_rows(self._cache, state.rows, state.tokens):
-            raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this engine's KV cache "
-                             f"(n_ctx={self.n_ctx}, n_batch={self.n_batch})")
+        if not self.runner.write_rows(cache, state.rows, state.tokens):
+            raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this KV cache "
+                             f"(n_ctx={cache.n_ctx}, n_batch={self.n_batch})")
 
-    def _state_key(self) -> tuple:
+    def _state_key(self, cache: Cache) -> tuple:
         """What a saved state must match: the model file (name, size), its cache layout, the K/V types."""
-        return (os.path.basename(self.model_file.path), self.model_file.file_size, self._cache.native.layout,
+        return (os.path.basename(self.model_file.path), self.model_file.file_size, cache.native.layout,
                 self.cache_type_k, self.cache_type_v)
 
     # --- text, chat format and generation -------------------------------------------------
@@ -420,20 +430,6 @@ class Engine:
         if stream:
             return _stream(out, steps, out.head())
         return out.result(_drain(out, steps))
-
-
-@dataclass
-class EngineState:
-    """An Engine's KV cache contents (Engine.save_state): the tokens, per layer the K then V rows
-    they wrote (numpy arrays), and what the engine that loads it must match."""
-
-    tokens: list[int]
-    rows: list[np.ndarray]
-    key: tuple
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows)
 
 
 @dataclass

@@ -136,6 +136,56 @@ def test_save_and_load_state_continue_a_prompt_bit_for_bit(model, eng):
         eng.load_state({"tokens": prompt})
 
 
+def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng, tmp_path):
+    from pyengine import EngineState
+    from pyengine.engine_state import StateFileError
+
+    prompt = eng.tokenize("A state file keeps a long prompt's KV cache from one process to the next. " * 8)
+    assert len(prompt) > WINDOW + 64  # the sliding rings have wrapped
+    eng.reset()
+    eng.eval(prompt)
+    path = tmp_path / "conversation.pyestate"
+    written = eng.save_state().save(path)
+    assert written == path.stat().st_size > 0 and [p.name for p in tmp_path.iterdir()] == [path.name]
+    more = eng.tokenize(" Then it goes on from there.")
+    want = eng.eval(more, logits_all=True)
+    other = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64, cache_type_k="f32", cache_type_v="f32")
+    state = EngineState.load(path)
+    assert state.tokens == prompt and state.key == eng.save_state().key
+    other.load_state(state)
+    np.testing.assert_array_equal(other.eval(more, logits_all=True), want)
+    with pytest.raises(ValueError, match="KV cache type"):  # read fine, refused by an f16 cache
+        Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64).load_state(state)
+
+    data = path.read_bytes()
+    rng = np.random.default_rng(5)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40  # inside the K/V rows: the archive's CRC-32 catches it
+    bad = {"empty": b"", "header only": data[:64], "a third": data[:len(data) // 3],
+           "all but the end": data[:-22], "one byte short": data[:-1], "flipped": bytes(flipped),
+           "random": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "text": b"PK\x03\x04 not a zip"}
+    for name, content in bad.items():
+        f = tmp_path / f"bad {name}"
+        f.write_bytes(content)
+        with pytest.raises(StateFileError, match=f"bad {name}"):
+            EngineState.load(f)
+    pickled = tmp_path / "pickled.npz"  # an object member needs pickle: never unpickled
+    np.savez(pickled, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
+             rows000=np.array([{"x": 1}], dtype=object))
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros((2, 2, 2), np.float32))
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, format=np.array("pyengine-state/1"), key=np.array("[]"), rows000=np.zeros((1, 1, 1)))
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
+             rows000=np.zeros(4, np.float32))
+    for f in (pickled, single, missing, flat):
+        with pytest.raises(StateFileError, match=f.name):
+            EngineState.load(f)
+    with pytest.raises(FileNotFoundError):
+        EngineState.load(tmp_path / "never written")
+
+
 def test_create_completion_shape_stream_and_tokens(eng):
     openai = pytest.importorskip("openai")
     kw = dict(max_tokens=8, temperature=0.9, seed=123, logprobs=2)

@@ -21,7 +21,9 @@ import pytest
 import vocab
 from scripted_model import ScriptedCore, ScriptedRunner
 
+from pyengine.engine_state import EngineState
 from pyengine.node.backend import Backend, ModelInfo
+from pyengine.runner import Cache
 from pyengine.tokenizer import Tokenizer
 
 oh = pytest.importorskip("openai_harmony")
@@ -93,6 +95,17 @@ class ScriptedBackend(Backend):
     def step_sizes(self) -> list[int]:
         """How many sequences each forward pass carried."""
         return self.runner.sizes
+
+    def save_slot(self, cache: Cache) -> EngineState:
+        """The tokens only: the scripted forward pass keeps no K/V rows."""
+        return EngineState(list(cache.tokens), [], (self.info.name,))
+
+    def restore_slot(self, cache: Cache, state: EngineState) -> None:
+        if state.key != (self.info.name,) or state.rows:
+            raise ValueError("this state was saved by an engine with another model or KV cache type")
+        if len(state.tokens) > cache.n_ctx:
+            raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this KV cache")
+        cache.tokens = list(state.tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                     reasoning_effort: str | None) -> list[int]:

@@ -203,6 +203,50 @@ def test_prompt_cache_brings_back_a_conversation_another_took_the_slot_from(mode
         np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs, want, atol=2e-3)
 
 
+def test_slot_files_carry_a_conversation_to_a_restarted_node_and_to_the_library(model_path, tmp_path):
+    """A slot saved to a file (POST /slots/0?action=save) by one node is restored into another
+    node's slot: the next turn reuses the first turn's prompt and still answers the independent
+    greedy decode; the library's Engine.load_state reads the same file and continues it too."""
+    import httpx
+
+    from pyengine import EngineState
+
+    def load():
+        return EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=4 * N_CTX, threads=2))
+
+    def ask(url, messages):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="gpt-oss-tiny", messages=messages, max_tokens=6, temperature=0,
+                                           reasoning_effort="low")
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+    first = [{"role": "user", "content": "Tell me about the cathedral of Köln and its two towers, " * 10}]
+    with run_node(load(), parallel=2, slot_save_path=tmp_path, cache_ram_mib=0) as (url, _):
+        answer, _ = ask(url, first)
+        slot = next(s["id"] for s in httpx.get(f"{url}/slots").json() if s["n_prompt_tokens_cached"])
+        saved = httpx.post(f"{url}/slots/{slot}?action=save", json={"filename": "koeln.slot"}).json()
+    backend = load()
+    nxt = first + [{"role": "assistant", "content": answer or "ok"}, {"role": "user", "content": "And the bells?"}]
+    prompt = backend.render_chat([{"role": m["role"], "content": m["content"], "thinking": None, "tool_calls": None,
+                                   "tool_call_id": None, "name": None} for m in nxt], None, "low")
+    first_prompt = backend.render_chat([{"role": "user", "content": first[0]["content"], "thinking": None,
+                                         "tool_calls": None, "tool_call_id": None, "name": None}], None, "low")
+    ref = greedy_reference(model_path, prompt, 6, backend.tokenizer.eog_ids)
+    with run_node(backend, parallel=2, slot_save_path=tmp_path, cache_ram_mib=0) as (url, _):
+        restored = httpx.post(f"{url}/slots/1?action=restore", json={"filename": "koeln.slot"}).json()
+        assert restored["n_restored"] == saved["n_saved"] >= len(first_prompt)
+        answer2, cached = ask(url, nxt)
+    assert cached >= len(first_prompt) - 2  # the first turn was not evaluated again
+    assert answer2 == harmony_stream.parse(ref, backend.tokenizer)["content"] and answer2
+
+    eng = Engine(open_model(model_path), n_ctx=N_CTX, n_threads=1)
+    eng.load_state(EngineState.load(tmp_path / "koeln.slot"))
+    shared = min(len(first_prompt) - 2, eng.n_past)
+    eng.truncate(shared)
+    out = [e.id for e in eng.generate(prompt, max_tokens=6, temperature=0, stop_token_ids=())]
+    assert eng.n_prompt_reused == shared and out[:len(ref)] == ref and out
+
+
 def test_cli_serves_a_model_by_name_from_the_models_folder(model_path, tmp_path):
     import os
     import shutil

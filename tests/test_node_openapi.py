@@ -32,7 +32,8 @@ CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.cont
 def node(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     backend = ScriptedBackend(delay=0.0, script=lambda prompt: SHORT_REPLY)
-    with run_node(backend, parallel=2, models_dir=models) as (url, state):
+    slot_files = tmp_path_factory.mktemp("slots")  # fuzzed names are written and read only in here
+    with run_node(backend, parallel=2, models_dir=models, slot_save_path=slot_files) as (url, state):
         yield url, state
 
 
@@ -59,7 +60,8 @@ def test_openapi_documents_every_route_and_body(node):
                    ("/pull", "post"), ("/chat/completions", "post"), ("/completions", "post"), ("/models", "get"),
                    ("/v1/models/{model_id}", "get"), ("/props", "get"), ("/slots", "get"),
                    ("/apply-template", "post"), ("/v1/responses", "post"), ("/responses", "post"),
-                   ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete")}
+                   ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete"),
+                   ("/slots/{id_slot}", "post")}
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}

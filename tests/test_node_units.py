@@ -86,6 +86,32 @@ def test_prompt_cache_limit_flag_and_default():
     assert default.prompt_cache_bytes(None, 12 * gib) == 8 * gib
 
 
+def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monkeypatch):
+    from pyengine.errors import ModelLoadError
+    from pyengine.node import cli
+
+    served = []
+
+    def serve(config, load):
+        served.append(config)
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args(["-m", "x"]).slot_save_path is None
+    assert NodeConfig.from_env({}, slot_save_path=None).slot_save_path is None  # off by default
+    folder = tmp_path / "a" / "slots"
+    assert cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(folder)])) == 0
+    assert served[-1].slot_save_path == folder and folder.is_dir()  # created, parents too
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert NodeConfig.from_env({}, slot_save_path="~/s").slot_save_path == tmp_path / "s"
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ModelLoadError, match="--slot-save-path"):
+        cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(tmp_path / "file")]))
+    assert len(served) == 1  # nothing served after the refusal
+
+
 def test_model_names_the_node_answers_to():
     info = ModelInfo("gpt-oss-20b", 4096, 131072, 201088, 1, 1, aliases=("gpt-oss_20b",))
     assert all(info.answers_to(n) for n in (None, "", "gpt-oss-20b", "GPT-OSS-20B", "gpt-oss:20b"))

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pyengine import __version__, constrain
-from pyengine.node import choices, cors, llama_routes, openapi, responses, webui
+from pyengine.node import choices, cors, llama_routes, openapi, responses, slot_files, webui
 from pyengine.core import Event
 from pyengine.node.backend import Backend
 from pyengine.node.config import NodeConfig
@@ -626,6 +626,7 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
 
     pulls = Pulls(config)
     llama_routes.install(app, state, render_chat)
+    slot_files.install(app, state)
 
     @app.post("/pull")
     async def pull(request: Request) -> JSONResponse:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyengine.core import Core
 from pyengine.runner import Cache
 from pyengine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pyengine.engine_state import EngineState
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,16 @@ class Backend(ABC):
     def chat_template_text(self) -> str:
         """The chat template text /props shows ("" when chats render with the built-in renderer only)."""
         return ""
+
+    def save_slot(self, cache: Cache) -> EngineState:
+        """A copy of what `cache` holds (POST /slots/{id}?action=save). NotImplementedError where
+        the cache cannot be read back (answered as 501)."""
+        raise NotImplementedError("this backend cannot save a slot's KV cache")
+
+    def restore_slot(self, cache: Cache, state: EngineState) -> None:
+        """Make `cache` hold `state` (POST /slots/{id}?action=restore); ValueError, with `cache`
+        untouched, for a state of another model or cache type or one that does not fit."""
+        raise NotImplementedError("this backend cannot restore a slot's KV cache")
 
     def describe(self) -> dict[str, Any]:
         """The model as /props shows it: arch, quantization (the weight type holding the most

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host memory in MiB for slot contents a new request would overwrite, written back when a "
                         "later prompt continues them (default 8192, at most a quarter of the memory available beyond the model; "
                         "0: off; CPU caches only)")
+    p.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder for slot files: POST /slots/{id}?action=save|restore writes and reads a slot's KV "
+                        "cache there (created if missing; default: off, as in llama-server)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health and the web page "
                                                    "(visible in ps: prefer env LLM_NODE_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from FILE (first line)")
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
                                  models_dir=args.models_dir, ctx_size=args.ctx_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
-                                 cache_ram_mib=args.cache_ram,
+                                 cache_ram_mib=args.cache_ram, slot_save_path=args.slot_save_path,
                                  api_key=args.api_key or _api_key_file(args.api_key_file), verbose=args.verbose,
                                  router_url=args.router_url,
                                  pull_sources=tuple(args.pull_source or ()) or None,
@@ -179,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
                              "(--ctx-size is the total of all --parallel slots)")
     if any(not a.strip() for a in config.aliases):
         raise ModelLoadError("--alias must not be empty")
+    if config.slot_save_path is not None:
+        try:
+            config.slot_save_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelLoadError(f"--slot-save-path {config.slot_save_path}: {e.strerror or e}") from None
     return serve(config, lambda: load_engine_backend(config))
 
 

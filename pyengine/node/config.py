@@ -46,6 +46,7 @@ class NodeConfig:
     repack: bool = True  # MXFP4 experts from the repack cache file (off with --no-repack)
     use_mmap: bool = True  # weights read where the files are mapped (off with --no-mmap: copied at load)
     cache_ram_mib: int | None = None  # prompt cache in host memory (--cache-ram); None: prompt_cache_bytes() decides
+    slot_save_path: Path | None = None  # the folder of POST /slots/{id} files (--slot-save-path); None: off
 
     def prompt_cache_bytes(self, available: int | None, model_bytes: int) -> int:
         """Bytes the prompt cache may hold: --cache-ram MiB, else llama-server's default of 8 GiB,
@@ -81,5 +82,6 @@ class NodeConfig:
             if value is not None and value is not False and value != []:
                 setattr(cfg, key, Path(value) if key == "models_dir" else value)
         cfg.models_dir = Path(cfg.models_dir).expanduser()
+        cfg.slot_save_path = Path(cfg.slot_save_path).expanduser() if cfg.slot_save_path else None
         cfg.pull_sources = tuple(Path(p).expanduser() for p in cfg.pull_sources)
         return cfg

@@ -14,6 +14,7 @@ import numpy as np
 
 from pyengine import chat_template, harmony
 from pyengine.engine import Engine
+from pyengine.engine_state import EngineState
 from pyengine.errors import ModelLoadError
 from pyengine.gguf_reader import type_name
 from pyengine.model_file import ModelFile, open_model
@@ -102,6 +103,12 @@ class EngineBackend(Backend):
             by_type[t.ggml_type] += int(np.prod(t.shape))
         return {**super().describe(), "arch": self.model_file.arch,
                 "quantization": type_name(by_type.most_common(1)[0][0]) if by_type else ""}
+
+    def save_slot(self, cache: Cache) -> EngineState:
+        return self.engine.cache_state(cache)
+
+    def restore_slot(self, cache: Cache, state: EngineState) -> None:
+        self.engine.restore_cache(cache, state)
 
     def new_cache(self) -> Cache:
         if self._spare is not None:

@@ -21,6 +21,7 @@ from pyengine.node.schemas import (
     DetokenizeRequest,
     PullRequest,
     ResponsesRequest,
+    SlotFileRequest,
     TokenizeRequest,
 )
 
@@ -294,6 +295,20 @@ class AppliedTemplate(_Doc):
     prompt: str
 
 
+class SlotAction(_Doc):
+    """POST /slots/{id_slot}: save (n_saved, n_written, timings.save_ms), restore (n_restored,
+    n_read, timings.restore_ms) or erase (n_erased), as llama-server answers them."""
+
+    id_slot: int
+    filename: str | None = None
+    n_saved: int | None = None
+    n_written: int | None = None
+    n_restored: int | None = None
+    n_read: int | None = None
+    n_erased: int | None = None
+    timings: dict[str, float] | None = None
+
+
 def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}
 
@@ -305,7 +320,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
            404: "The request names a model this node does not serve, or a response it does not hold",
            409: "A pull of this model id is already running",
            413: "The request body is larger than the node's limit (--max-body-mb)",
-           500: "Generation failed for this request",
+           500: "Generation failed for this request (or a slot file could not be written)",
+           501: "Slot files are off (no --slot-save-path), or this device's KV cache cannot be read back",
            503: "The model is loading, the queue is full, or the node is shutting down"}
     return {str(s): {"description": why[s], "content": _json(ErrorResponse)} for s in statuses}
 
@@ -371,7 +387,11 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]] = {
     ("/apply-template", "post"): (ApplyTemplateRequest, _ok("The prompt text the chat renders to",
                                                             _json(AppliedTemplate), 400, 401, 413, 503)),
     ("/v1/models/{model_id}", "get"): (None, _ok("One model", _json(ModelEntry), 401, 404)),
+    ("/slots/{id_slot}", "post"): (SlotFileRequest, _ok(
+        "The slot was saved to, restored from or erased (`action` = save, restore or erase; save and restore "
+        "name a `filename` in --slot-save-path)", _json(SlotAction), 400, 401, 413, 500, 501, 503)),
 }
+OPTIONAL_BODIES = {("/slots/{id_slot}", "post")}  # erase takes no body
 # llama-server's and OpenAI's un-prefixed spellings of the same operations
 ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions",
            "/responses": "/v1/responses", "/responses/{response_id}": "/v1/responses/{response_id}",
@@ -381,7 +401,7 @@ ROUTES.update({(alias, method): ROUTES[(path, method)] for (path, method) in lis
 RESPONSE_MODELS = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
                    ResponseObject, ResponseEvent, ResponseDeleted,
                    ModelList, ModelEntry, HealthOk, NodeStats, TokenizeResponse, DetokenizeResponse, PullAccepted,
-                   PullState, Props, SlotState, AppliedTemplate)
+                   PullState, Props, SlotState, AppliedTemplate, SlotAction)
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:
@@ -396,7 +416,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         op = doc["paths"][path][method]
         op["responses"] = responses
         if body:
-            op["requestBody"] = {"required": True, "content": _json(body)}
+            op["requestBody"] = {"required": (path, method) not in OPTIONAL_BODIES, "content": _json(body)}
     return doc
 
 

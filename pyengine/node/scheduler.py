@@ -18,6 +18,9 @@ With a prompt cache (pyengine.node.prompt_cache, --cache-ram), a slot's contents
 request would overwrite are saved to host memory first, and a request whose prompt continues a
 saved conversation gets it written back into its slot before it starts.
 
+Work on one slot's cache (saving it to a file, restoring it, erasing it: POST /slots/{id}) runs
+on the worker thread between steps, once no request holds that slot.
+
 Each step's events travel to the request's asyncio queue through `loop.call_soon_threadsafe`,
 so the event loop never blocks on the model."""
 
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyengine.constrain import Spec
 from pyengine.core import Event, Finished, PromptEvaluated, Request, Sampled
@@ -41,6 +46,9 @@ from pyengine.node.metrics import Metrics
 from pyengine.node.prompt_cache import PromptCache
 from pyengine.runner import Cache
 from pyengine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pyengine.engine_state import EngineState
 
 log = logging.getLogger("pyengine")
 
@@ -106,6 +114,15 @@ class Job:
             self.cancelled = True  # the event loop is gone
 
 
+@dataclass
+class SlotTask:
+    """`run(cache)` on slot `index`, once no request holds it; the outcome lands in `future`."""
+
+    index: int
+    run: Callable[[Cache], Any]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
 class Scheduler:
     """Runs jobs on `n_parallel` slots of `backend`, at most `max_queue` waiting."""
 
@@ -126,6 +143,7 @@ class Scheduler:
         self.following: list[tuple[Job, Cache]] = []
         self.last_prompt_len: dict[int, int] = {}
         self.last_job: dict[int, Job] = {}
+        self.slot_tasks: list[SlotTask] = []
         self.cond = threading.Condition()
         self.stopping: str | None = None
         self.steps = itertools.count()
@@ -171,6 +189,55 @@ class Scheduler:
             self.queue.append(group)
             self.cond.notify()
 
+    def save_slot(self, index: int) -> concurrent.futures.Future[EngineState]:
+        """A copy of what slot `index` holds (Backend.save_slot), taken once no request holds it."""
+        return self._on_slot(index, self.backend.save_slot)
+
+    def restore_slot(self, index: int, state: EngineState) -> concurrent.futures.Future[int]:
+        """Make slot `index` hold `state` once no request holds it (what it held goes to the prompt
+        cache first, when there is one); the tokens it then holds. A next prompt that continues
+        them picks this slot and reuses them."""
+        def run(slot: Cache) -> int:
+            if self.prompt_cache is not None:
+                self.prompt_cache.save(slot)
+            self.backend.restore_slot(slot, state)
+            self.last_prompt_len[id(slot)] = len(state.tokens)
+            self.last_job.pop(id(slot), None)
+            return len(state.tokens)
+        return self._on_slot(index, run)
+
+    def erase_slot(self, index: int) -> concurrent.futures.Future[int]:
+        """Empty slot `index` once no request holds it; the tokens it held."""
+        def run(slot: Cache) -> int:
+            n = slot.n_past
+            slot.reset()
+            self.last_prompt_len.pop(id(slot), None)
+            self.last_job.pop(id(slot), None)
+            return n
+        return self._on_slot(index, run)
+
+    def _on_slot(self, index: int, run: Callable[[Cache], Any]) -> concurrent.futures.Future:
+        if not 0 <= index < self.n_parallel:
+            raise IndexError(f"there is no slot {index} (slots 0..{self.n_parallel - 1})")
+        task = SlotTask(index, run)
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown(self.stopping)
+            self.slot_tasks.append(task)
+            self.cond.notify()
+        return task.future
+
+    def _run_slot_tasks(self) -> None:
+        """Run the slot tasks whose slot is free (worker thread; requests take slots on it too)."""
+        with self.cond:
+            ready = [t for t in self.slot_tasks if any(s is self.slots[t.index] for s in self.free)]
+            self.slot_tasks = [t for t in self.slot_tasks if t not in ready]
+        for task in ready:
+            try:
+                task.future.set_result(task.run(self.slots[task.index]))
+            except Exception as e:  # noqa: BLE001 - the caller gets it (a file it cannot restore, ...)
+                task.future.set_exception(e)
+
     def withdraw(self, job: Job) -> None:
         """Cancel `job`; if it is still waiting, drop it from the queue at once."""
         job.cancel()
@@ -194,10 +261,13 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not self.queue and not self.active and not self.following:
+                while not self.stopping and not self.queue and not self.active and not self.following \
+                        and not self.slot_tasks:
                     self.cond.wait()
                 if self.stopping:
                     break
+            self._run_slot_tasks()
+            with self.cond:
                 admitted = []
                 while self.queue and len(self.free) >= len(self.queue[0]):
                     for job in self.queue.popleft():
@@ -238,6 +308,10 @@ class Scheduler:
         waiting += [job for job, _ in self.following]
         for job in waiting:
             job.post(Failed(self.stopping, 503, "unavailable_error"))
+        with self.cond:
+            tasks, self.slot_tasks = self.slot_tasks, []
+        for task in tasks:
+            task.future.set_exception(ShuttingDown(self.stopping))
 
     def _start_followers(self) -> None:
         """Start each follower whose leader's prompt is now in the leader's cache, from a copy of

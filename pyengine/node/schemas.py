@@ -437,6 +437,12 @@ class DetokenizeRequest(_Open):
     tokens: list[Annotated[int, Field(ge=0), INTEGRAL]]
 
 
+class SlotFileRequest(_Open):
+    """POST /slots/{id}?action=save|restore: the file in --slot-save-path (erase needs none)."""
+
+    filename: str | None = None
+
+
 class PullRequest(_Open):
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": ["path"], "properties": {"path": {"type": "string", "minLength": 1}}},

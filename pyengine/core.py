@@ -141,7 +141,7 @@ class Sequence:
         tok = core.tokenizer
         prompt = req.prompt
         keep = 0 if req.prompt_logprobs else min(cache.common_prefix(prompt), len(prompt) - 1)
-        core.runner.truncate(cache, keep)
+        keep = core.runner.rewind(cache, keep)
         self.n_cached = keep
         self.pending = prompt[keep:]
         self.history = list(prompt)
@@ -205,7 +205,11 @@ class Sequence:
 
     def evaluated(self, tokens: list[int], logits: np.ndarray | int) -> list[Event]:
         """`tokens` from plan are in the cache now, followed by `logits` (every row's when
-        wants_all_logits), or by the next token itself when the model picked it (argmax_only)."""
+        wants_all_logits), or by the next token itself when the model picked it (argmax_only).
+        Once the whole prompt is in, the cache's sliding rings are checkpointed, so that a next
+        prompt that shares this one but not what is generated after it reuses it all."""
+        if not self.pending and not self.sampled:
+            self.core.runner.take_checkpoint(self.cache)
         if isinstance(logits, int):
             self.logits, self.chosen = None, logits
             return [] if self.sampled else [PromptEvaluated(len(tokens))]

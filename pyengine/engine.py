@@ -254,7 +254,7 @@ class Engine:
         rows = self.runner.used_rows(cache)
         if rows is None:
             raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
-        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache))
+        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache), cache.checkpoint)
 
     def restore_cache(self, cache: Cache, state: EngineState) -> None:
         """load_state into any cache of this engine's model."""
@@ -264,7 +264,7 @@ class Engine:
             raise NotImplementedError("load_state needs the KV cache in host memory (device='cpu')")
         if state.key != self._state_key(cache):
             raise ValueError("this state was saved by an engine with another model or KV cache type")
-        if not self.runner.write_rows(cache, state.rows, state.tokens):
+        if not self.runner.write_rows(cache, state.rows, state.tokens, state.checkpoint):
             raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this KV cache "
                              f"(n_ctx={cache.n_ctx}, n_batch={self.n_batch})")
 

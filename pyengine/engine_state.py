@@ -7,8 +7,11 @@ reads it with `EngineState.load(path)` and continues without evaluating the prom
 llama.cpp's state files are for).
 
 The file is a numpy .npz archive (uncompressed: the K/V rows do not shrink): `format`, `key` (the
-state's key as JSON: model file name and size, cache layout, K/V types), `tokens` (int32) and one
-array per K/V block, `rows000`, `rows001`, ... It is read without pickle, so a file from anywhere
+state's key as JSON: model file name and size, cache layout, K/V types), `tokens` (int32), one
+array per K/V block, `rows000`, `rows001`, ..., and the cache's checkpoint of its sliding rings
+when it has one (pyengine.runner.Checkpoint: `checkpoint_n`, `ring000`, ...), so that a restored
+conversation's next turn reuses its last prompt as the uninterrupted one would. It is read without
+pickle, so a file from anywhere
 can only ever yield arrays; anything else (truncated, another format, missing or malformed
 members) is a StateFileError naming the file. Written to a temporary file beside the target and
 renamed over it, so an interrupted save never leaves half a file under the name."""
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pyengine.runner import Checkpoint
 
 FORMAT = "pyengine-state/1"
 
@@ -44,16 +49,18 @@ class _Malformed(Exception):
 @dataclass
 class EngineState:
     """A KV cache's contents: the tokens, per layer the K then V rows they wrote (numpy arrays, as
-    pyengine.runner.Runner.used_rows gives them), and the key the engine that loads it must match
-    (model file name and size, cache layout, K/V types: Engine._state_key)."""
+    pyengine.runner.Runner.used_rows gives them), the key the engine that loads it must match
+    (model file name and size, cache layout, K/V types: Engine._state_key), and the cache's
+    checkpoint of its sliding rings (or None)."""
 
     tokens: list[int]
     rows: list[np.ndarray]
     key: tuple
+    checkpoint: Checkpoint | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows)
+        return sum(r.nbytes for r in self.rows) + (self.checkpoint.nbytes if self.checkpoint else 0)
 
     def save(self, path: str | os.PathLike) -> int:
         """Write this state to a file (replacing one there); the bytes written."""
@@ -61,6 +68,9 @@ class EngineState:
         arrays: dict[str, Any] = {"format": np.array(FORMAT), "key": np.array(json.dumps(self.key)),
                                   "tokens": np.asarray(self.tokens, dtype=np.int32)}
         arrays.update((f"rows{i:03d}", r) for i, r in enumerate(self.rows))
+        if self.checkpoint is not None:
+            arrays["checkpoint_n"] = np.array(self.checkpoint.n, dtype=np.int64)
+            arrays.update((f"ring{i:03d}", r) for i, r in enumerate(self.checkpoint.rings))
         fd, tmp = tempfile.mkstemp(prefix=".pyengine-state-", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -86,7 +96,7 @@ class EngineState:
                     from None
 
 
-def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple]:
+def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple, Checkpoint | None]:
     archive = np.load(f, allow_pickle=False)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _Malformed("not a pyengine state file (a single .npy array)")
@@ -98,13 +108,30 @@ def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple]:
         tokens = archive["tokens"]
         if tokens.ndim != 1 or tokens.dtype != np.int32:
             raise _Malformed("its tokens are not a list of int32 ids")
-        n_rows = len(names) - 3
-        if names - {"format", "key", "tokens"} != {f"rows{i:03d}" for i in range(n_rows)}:
-            raise _Malformed("its K/V members are not rows000, rows001, ... without a gap")
-        rows = [archive[f"rows{i:03d}"] for i in range(n_rows)]
-    if any(r.ndim != 3 or r.dtype.kind not in "uif" for r in rows):
-        raise _Malformed("a K/V member is not a 3-D numeric array")
-    return tokens.tolist(), rows, key
+        rows, rings = _blocks(archive, names, "rows"), _blocks(archive, names, "ring")
+        if names - {"format", "key", "tokens", "checkpoint_n"} != {f"rows{i:03d}" for i in range(len(rows))} | {
+                f"ring{i:03d}" for i in range(len(rings))}:
+            raise _Malformed("its members are not format, key, tokens, rows000.. and checkpoint_n, ring000..")
+        checkpoint = None
+        if "checkpoint_n" in names:
+            n = archive["checkpoint_n"]
+            if n.shape != () or n.dtype != np.int64 or not 0 < int(n) <= len(tokens) or not rings:
+                raise _Malformed("its checkpoint is not a token count within its tokens, with rings")
+            checkpoint = Checkpoint(int(n), tuple(rings))
+        elif rings:
+            raise _Malformed("it has checkpoint rings without checkpoint_n")
+    return tokens.tolist(), rows, key, checkpoint
+
+
+def _blocks(archive: Any, names: set[str], prefix: str) -> list[np.ndarray]:
+    """The 3-D numeric arrays prefix000, prefix001, ... up to the first gap."""
+    blocks = []
+    while f"{prefix}{len(blocks):03d}" in names:
+        block = archive[f"{prefix}{len(blocks):03d}"]
+        if block.ndim != 3 or block.dtype.kind not in "uif":
+            raise _Malformed(f"{prefix}{len(blocks):03d} is not a 3-D numeric array")
+        blocks.append(block)
+    return blocks
 
 
 def _tupled(value: Any) -> Any:

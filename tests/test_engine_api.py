@@ -97,6 +97,44 @@ def test_prefix_cache_reuses_the_conversation_and_agrees_with_a_fresh_context(mo
     np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], rtol=1e-4, atol=1e-4)
 
 
+def test_a_next_turn_reuses_its_prompt_after_a_generation_longer_than_the_rings(model, eng, monkeypatch, tmp_path):
+    """gpt-oss drops a turn's reasoning from the next turn's prompt, so the next prompt leaves the
+    cache right after the previous prompt, with the whole generation to rewind: more than the
+    sliding rings keep. The checkpoint the core takes at the end of each prompt brings their keys
+    back: the earlier prompt is not evaluated again, and the answer is a fresh context's."""
+    prompt = eng.apply_chat_template(CHAT)
+    eng.reset()
+    generated = [e.id for e in eng.generate(prompt, max_tokens=100, temperature=0, stop_token_ids=())]
+    assert len(generated) == 100 > eng.n_batch + 1 and len(prompt) > WINDOW
+    eng.save_state().save(tmp_path / "turn1.pyestate")  # the checkpoint goes into the file too
+    follow = prompt + eng.tokenize("<|channel|>final<|message|>Blue light scatters more.<|end|>"
+                                   "<|start|>user<|message|>And at sunset?<|end|><|start|>assistant", special=True)
+    evaluated = []
+    real_eval = eng.runner.eval
+
+    def counting(caches, tokens, *args, **kwargs):
+        evaluated.append(sum(len(t) for t in tokens))
+        return real_eval(caches, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "eval", counting)
+    reused = list(eng.generate(follow, max_tokens=8, temperature=0, logprobs=0, stop_token_ids=()))
+    assert eng.n_prompt_reused == len(prompt)
+    assert sum(evaluated) == len(follow) - len(prompt) + len(reused) - 1  # the earlier prompt: not again
+    fresh_eng = Engine(model[0], n_ctx=N_CTX, n_threads=1, cache_type_k="f32", cache_type_v="f32")
+    fresh = list(fresh_eng.generate(follow, max_tokens=8, temperature=0, logprobs=0, stop_token_ids=()))
+    assert [e.id for e in reused] == [e.id for e in fresh]
+    np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], rtol=1e-4, atol=1e-4)
+    from pyengine import EngineState  # the same turn in another engine, from the file turn 1 left
+
+    state = EngineState.load(tmp_path / "turn1.pyestate")
+    assert state.checkpoint.n == len(prompt) and len(state.tokens) == len(prompt) + 99
+    later = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64, cache_type_k="f32", cache_type_v="f32")
+    later.load_state(state)
+    again = list(later.generate(follow, max_tokens=8, temperature=0, logprobs=0, stop_token_ids=()))
+    assert later.n_prompt_reused == len(prompt)
+    assert [(e.id, e.logprob) for e in again] == [(e.id, e.logprob) for e in reused]
+
+
 def test_save_and_load_state_continue_a_prompt_bit_for_bit(model, eng):
     import pickle
 
@@ -156,6 +194,16 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
     np.testing.assert_array_equal(other.eval(more, logits_all=True), want)
     with pytest.raises(ValueError, match="KV cache type"):  # read fine, refused by an f16 cache
         Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64).load_state(state)
+    from pyengine.runner import Checkpoint
+
+    rings = eng.runner.rings(eng._cache)
+    for checkpoint in (Checkpoint(5, tuple(r[:, :-1] for r in rings)),  # rings of another size
+                       Checkpoint(len(prompt) + 1, tuple(rings)), Checkpoint(5, tuple(rings[:-1]))):
+        forged = EngineState(state.tokens, state.rows, state.key, checkpoint)
+        before = other.save_state()
+        with pytest.raises(ValueError, match="does not fit"):
+            other.load_state(forged)
+        assert other.save_state().tokens == before.tokens and other._cache.checkpoint is before.checkpoint
 
     data = path.read_bytes()
     rng = np.random.default_rng(5)
@@ -179,7 +227,13 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
     flat = tmp_path / "flat.npz"
     np.savez(flat, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
              rows000=np.zeros(4, np.float32))
-    for f in (pickled, single, missing, flat):
+    stray = tmp_path / "stray ring.npz"  # checkpoint rings without their token count
+    np.savez(stray, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
+             ring000=np.zeros((1, 1, 1), np.float32))
+    beyond = tmp_path / "beyond.npz"  # a checkpoint past the tokens
+    np.savez(beyond, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
+             checkpoint_n=np.array(4, np.int64), ring000=np.zeros((1, 1, 1), np.float32))
+    for f in (pickled, single, missing, flat, stray, beyond):
         with pytest.raises(StateFileError, match=f.name):
             EngineState.load(f)
     with pytest.raises(FileNotFoundError):

@@ -126,6 +126,34 @@ def test_truncate_then_continue_equals_fresh(models):
         assert np.array_equal(eng.eval(toks[keep:], logits_all=True), full[keep:])
 
 
+def test_rewind_to_a_checkpoint_past_the_rings_equals_fresh(models):
+    """Once more tokens follow a point than the sliding rings keep, the rings' checkpoint taken at
+    that point (pyengine.runner.Checkpoint) lets the cache rewind to it and continue bit for bit;
+    before the checkpoint the prefix is evaluated again."""
+    path, _ = models[("f32", "f32")]
+    eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=32)
+    toks = prompt(eng.n_vocab, n=420, seed=6)
+    full = eng.logits(toks)
+    runner, cache = eng.runner, eng._cache
+    ring = min(cache.native.n_slots)
+    assert ring < 200 < 200 + ring < 420  # the checkpoint's point is left far behind
+    eng.reset()
+    eng.eval(toks[:200])
+    runner.take_checkpoint(cache)
+    eng.eval(toks[200:200 + ring])
+    assert runner.reusable(cache, 250) == 200 and runner.reusable(cache, 199) == 0
+    assert runner.rewind(cache, 250) == 200 and eng.n_past == 200 and cache.checkpoint.n == 200
+    np.testing.assert_array_equal(eng.eval(toks[200:], logits_all=True), full[200:])
+    assert runner.rewind(cache, 200) == 200  # exactly to the checkpoint, from 420 tokens
+    np.testing.assert_array_equal(eng.eval(toks[200:], logits_all=True), full[200:])
+    eng.truncate(400)  # within the rings' reach: no checkpoint needed, the checkpoint stays
+    assert cache.checkpoint.n == 200
+    np.testing.assert_array_equal(eng.eval(toks[400:], logits_all=True), full[400:])
+    eng.truncate(150)  # before the checkpoint: evaluated again, the checkpoint gone
+    assert eng.n_past == 150 and cache.checkpoint is None
+    np.testing.assert_array_equal(eng.eval(toks[150:], logits_all=True), full[150:])
+
+
 @pytest.mark.parametrize("etype", ["f32", "mxfp4"])
 def test_ollama_layouts_give_identical_logits(tmp_path, etype):
     toks = prompt(300, n=200, seed=5)

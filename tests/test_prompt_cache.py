@@ -79,8 +79,35 @@ def test_what_is_saved_and_what_is_put_back(eng):
     empty = eng.runner.new_cache(eng.n_ctx)
     pc.save(filled(eng, a))
     far = a[:40] + tokens(5, 20, v)  # shares 40, but the entry's rings cannot rewind 60 tokens
-    assert pc.usable(pc.entries[0].tokens, empty, far) == 0 and pc.restore_best(empty, far) == 0
-    assert pc.usable(pc.entries[0].tokens, empty, a[:90]) == 89  # within reach of the rings
+    entry = pc.entries[0]
+    assert pc.usable(entry.tokens, entry.checkpoint, empty, far) == 0 and pc.restore_best(empty, far) == 0
+    assert pc.usable(entry.tokens, entry.checkpoint, empty, a[:90]) == 89  # within reach of the rings
+
+
+def test_an_entry_comes_back_to_its_prompt_past_what_the_rings_can_rewind(eng):
+    """A conversation's slot saved after a long generation (more tokens than the sliding rings can
+    rewind) still gives the next turn its whole earlier prompt: the entry keeps the checkpoint
+    taken at the prompt's end, and the restored slot continues bit for bit."""
+    v = eng.n_vocab
+    prompt, generated = tokens(12, 80, v), tokens(13, 60, v)  # 60 > n_batch + 1: past rewinding
+    slot = filled(eng, prompt)
+    eng.runner.take_checkpoint(slot)  # what the core does once a prompt is in
+    eng.runner.eval([slot], [generated])
+    pc = PromptCache(eng.runner, 64 << 20)
+    pc.save(slot)
+    assert pc.entries[0].checkpoint is slot.checkpoint and pc.entries[0].checkpoint.n == len(prompt)
+    eng.runner.truncate(slot, 0)
+    eng.runner.eval([slot], [tokens(14, 50, v)])  # another conversation takes the slot
+    follow = prompt + tokens(15, 12, v)  # the next turn: the reasoning is not rendered again
+    assert pc.restore_best(slot, follow) == len(prompt)
+    assert eng.runner.rewind(slot, len(prompt)) == len(prompt) and slot.tokens == prompt
+    got = eng.runner.eval([slot], [follow[len(prompt):]], logits_all=True)[0]
+    want = eng.runner.eval([filled(eng, prompt)], [follow[len(prompt):]], logits_all=True)[0]
+    np.testing.assert_array_equal(got, want)
+    bare = PromptCache(eng.runner, 64 << 20)  # the same contents without a checkpoint: unusable
+    other = filled(eng, prompt + generated)
+    bare.save(other)
+    assert bare.usable(bare.entries[0].tokens, None, other, follow) == 0
 
 
 def test_the_oldest_go_first_past_the_byte_limit(eng):

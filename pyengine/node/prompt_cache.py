@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyengine.runner import Cache, Runner, common_prefix
+from pyengine.runner import Cache, Checkpoint, Runner, common_prefix
 
 MIN_TOKENS = 32  # shorter contents are cheaper to evaluate again than to keep
 
@@ -29,6 +29,7 @@ class Entry:
     tokens: list[int]
     rows: list[np.ndarray]
     nbytes: int
+    checkpoint: Checkpoint | None  # the slot's, shared (checkpoints are never written to)
 
 
 class PromptCache:
@@ -49,30 +50,32 @@ class PromptCache:
         rows = self.runner.used_rows(slot)
         if rows is None:
             return
-        size = sum(r.nbytes for r in rows)
+        size = sum(r.nbytes for r in rows) + (slot.checkpoint.nbytes if slot.checkpoint else 0)
         if size > self.max_bytes or any(e.tokens[:len(tokens)] == tokens for e in self.entries):
             return
         for e in [e for e in self.entries if tokens[:len(e.tokens)] == e.tokens]:
             self._drop(e)
-        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size))
+        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size, slot.checkpoint))
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             self._drop(self.entries[0])
 
-    def usable(self, tokens: list[int], slot: Cache, prompt: list[int]) -> int:
-        """Prompt tokens a cache holding `tokens` would give `prompt` without evaluating them again."""
+    def usable(self, tokens: list[int], checkpoint: Checkpoint | None, slot: Cache, prompt: list[int]) -> int:
+        """Prompt tokens a cache holding `tokens` (and `checkpoint`) would give `prompt` without
+        evaluating them again (Runner.reusable)."""
         keep = min(common_prefix(tokens, prompt), len(prompt) - 1)
-        return keep if keep > 0 and self.runner.can_rewind(slot, keep, len(tokens)) else 0
+        return self.runner.reusable(slot, keep, len(tokens), checkpoint) if keep > 0 else 0
 
     def restore_best(self, slot: Cache, prompt: list[int]) -> int:
         """Put into `slot` the entry that gives `prompt` the most reuse, when it beats what the slot
         holds (whose contents are saved first); the prompt tokens the slot now offers, or 0."""
-        gain, best = max(((self.usable(e.tokens, slot, prompt), e) for e in self.entries),
+        gain, best = max(((self.usable(e.tokens, e.checkpoint, slot, prompt), e) for e in self.entries),
                          key=lambda pair: pair[0], default=(0, None))
-        if best is None or gain <= self.usable(slot.tokens, slot, prompt):
+        if best is None or gain <= self.usable(slot.tokens, slot.checkpoint, slot, prompt):
             return 0
         self.save(slot)
-        if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens):
+        if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens,
+                                                                                   best.checkpoint):
             return 0  # the save pushed it out, or it no longer fits this slot
         self._drop(best)
         self.restored += 1

@@ -335,8 +335,9 @@ class Scheduler:
 
     def _reuse_value(self, slot: Cache, prompt: list[int]) -> tuple[int, int]:
         """Prompt tokens `slot` would reuse minus the tokens of its last prompt that would be lost
-        (its generated tokens count for nothing: a next turn re-renders them anyway); then the reuse."""
-        shared = slot.common_prefix(prompt)
+        (its generated tokens count for nothing: a next turn re-renders them anyway); then the reuse.
+        Reuse is what the slot can rewind to (Runner.reusable), not merely what it shares."""
+        shared = self.core.runner.reusable(slot, min(slot.common_prefix(prompt), max(len(prompt) - 1, 0)))
         return shared - max(0, self.last_prompt_len.get(id(slot), 0) - shared), shared
 
     def _keep(self, slot: Cache, job: Job) -> None:

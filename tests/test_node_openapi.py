@@ -106,13 +106,17 @@ def operations(node):
 
 def _documented_refusal(r: httpx.Response, body: dict) -> bool:
     """The schema-valid bodies the node may still refuse: token ids past this model's vocabulary,
-    more choices (`n`) than the node has slots, and constraints it cannot enforce: schemas or grammars
-    the grammar parser refuses (the document cannot spell out GBNF), a required or named tool call
-    without such a tool."""
+    more choices (`n`) than the node has slots, an `id_slot` it does not have, and constraints it
+    cannot enforce: schemas or grammars the grammar parser refuses (the document cannot spell out
+    GBNF), a required or named tool call without such a tool."""
     if r.status_code != 400:
         return False
     if (body.get("n") or 1) > 2 and r.json()["error"]["param"] == "n":
         return True
+    id_slot = body.get("id_slot")
+    if id_slot is not None and (id_slot >= 2 or (id_slot >= 0 and (body.get("n") or 1) > 1)) \
+            and r.json()["error"]["param"] == "id_slot":
+        return True  # a slot this 2-slot node does not have, or a named slot for several choices
     constrained = any(body.get(k) is not None for k in ("response_format", "grammar", "json_schema")) \
         or body.get("tool_choice") not in (None, "auto", "none")
     if constrained and r.json()["error"]["param"] in ("response_format", "grammar", "json_schema", "tool_choice",

@@ -153,3 +153,53 @@ def test_a_busy_slot_is_saved_once_its_request_ends(tmp_path):
         r = answer["r"]
         assert saved["n_saved"] == slots(url)[0]["n_prompt_tokens_cached"]
         assert saved["n_saved"] >= r.usage.prompt_tokens + r.usage.completion_tokens - 1
+
+
+def test_a_request_can_name_its_slot(node):
+    """llama-server's id_slot: the request runs in that slot, not the one that reuses the most."""
+    url = node[0]
+    for i in range(2):
+        act(url, i, "erase")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+    def ask(**extra):
+        return client.chat.completions.create(model="scripted-oss", max_tokens=4, extra_body=extra,
+                                              messages=[{"role": "user", "content": "Pin me, please."}])
+
+    ask(id_slot=1)
+    assert [s["n_prompt_tokens_cached"] > 0 for s in slots(url)] == [False, True]
+    r = ask(id_slot=0)  # slot 1 holds this prompt, but the request named slot 0
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert all(s["n_prompt_tokens_cached"] > 0 for s in slots(url))
+    assert ask(id_slot=-1).usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1  # -1: any
+    for bad in (2, -2, "1", 1.5):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(id_slot=bad)
+        assert e.value.body["param"] == "id_slot", bad
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        ask(id_slot=0, n=2)
+
+
+def test_a_request_for_a_busy_slot_waits_while_others_go_first():
+    with run_node(ScriptedBackend(delay=0.02), parallel=2) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        ended = {}
+
+        def ask(name, max_tokens, **extra):
+            client.chat.completions.create(model="scripted-oss", max_tokens=max_tokens, extra_body=extra,
+                                           messages=[{"role": "user", "content": f"Request {name}."}])
+            ended[name] = time.monotonic()
+
+        long = threading.Thread(target=ask, args=("long", 40), kwargs={"id_slot": 0})
+        long.start()
+        deadline = time.monotonic() + 30
+        while not slots(url)[0]["is_processing"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        pinned = threading.Thread(target=ask, args=("pinned", 2), kwargs={"id_slot": 0})
+        pinned.start()
+        time.sleep(0.05)  # queued behind the long one's slot
+        ask("free", 2)  # takes slot 1 at once
+        for t in (long, pinned):
+            t.join(60)
+        assert ended["free"] < ended["long"] < ended["pinned"]

@@ -353,13 +353,17 @@ def create_app(config: NodeConfig, load_backend: Callable[[], Backend],
         if n > scheduler.n_parallel:
             raise bad_request(f"n={n} choices need {n} slots; this node has {scheduler.n_parallel} "
                               "(start it with a larger --parallel)", "n")
+        pinned = req.id_slot if req.id_slot is not None and req.id_slot >= 0 else None
+        if pinned is not None and (pinned >= scheduler.n_parallel or n > 1):
+            raise bad_request(f"id_slot {pinned} is not a slot of this node (0..{scheduler.n_parallel - 1})"
+                              if n == 1 else "id_slot takes one slot; it cannot go with n > 1", "id_slot")
         room = n_ctx - len(prompt)
         jobs: list[Job] = []
         for i in range(n):
             jobs.append(Job(prompt=prompt, params=choices.choice_params(params, i), chat=chat,
                             max_tokens=min(limit or room, room), stops=req.stop_list(), endpoint=endpoint,
                             loop=asyncio.get_running_loop(), logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint,
-                            request_id=request.scope["state"]["request_id"],
+                            request_id=request.scope["state"]["request_id"], slot=pinned,
                             leader=jobs[0] if i and not prompt_logprobs else None))
         try:
             scheduler.submit(jobs[0], jobs[1:])

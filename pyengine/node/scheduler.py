@@ -4,8 +4,9 @@ One slot per --parallel sequence, each a KV cache (pyengine.runner.Cache). New r
 between steps (continuous admission), each taking the free slot where reuse saves the most: prompt
 tokens already cached there minus the tokens of that slot's last prompt it would throw away (a
 conversation's next turn finds its own earlier turns; a new one takes an empty slot rather than
-evict another conversation for a shared system prompt); a cancelled request (client gone) leaves
-before the next step, so its slot is free within one step. Each iteration is one
+evict another conversation for a shared system prompt), or the slot it names (llama-server's
+id_slot: it waits for that one, and later requests may take free slots meanwhile); a cancelled
+request (client gone) leaves before the next step, so its slot is free within one step. Each iteration is one
 `Core.step(active sequences)`: one batched forward pass for all of them (continuous batching),
 the same core the library runs one sequence at a time.
 
@@ -91,6 +92,7 @@ class Job:
     prompt_logprobs: bool = False
     constraint: Spec | None = None
     request_id: str = ""
+    slot: int | None = None  # the slot it must run in (llama-server's id_slot); None: the scheduler picks
     leader: Job | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -268,12 +270,7 @@ class Scheduler:
                     break
             self._run_slot_tasks()
             with self.cond:
-                admitted = []
-                while self.queue and len(self.free) >= len(self.queue[0]):
-                    for job in self.queue.popleft():
-                        slot = max(self.free, key=lambda s: self._reuse_value(s, job.prompt))
-                        self.free.remove(slot)
-                        admitted.append((job, slot))
+                admitted = self._take_slots()
             for job, slot in admitted:
                 if job.leader is None:
                     self._admit(job, slot)
@@ -312,6 +309,29 @@ class Scheduler:
             tasks, self.slot_tasks = self.slot_tasks, []
         for task in tasks:
             task.future.set_exception(ShuttingDown(self.stopping))
+
+    def _take_slots(self) -> list[tuple[Job, Cache]]:
+        """The waiting jobs that get a slot now, in order (under the lock): each group takes the
+        free slots that reuse the most; a job pinned to a slot (Job.slot) waits for that one, and
+        the jobs behind it may go first; the first unpinned group that does not fit stops the rest."""
+        admitted = []
+        for group in list(self.queue):
+            pinned = group[0].slot
+            if pinned is not None:
+                wanted = self.slots[pinned]
+                if any(s is wanted for s in self.free):
+                    self.queue.remove(group)
+                    self.free.remove(wanted)
+                    admitted.append((group[0], wanted))
+                continue
+            if len(self.free) < len(group):
+                break
+            self.queue.remove(group)
+            for job in group:
+                slot = max(self.free, key=lambda s: self._reuse_value(s, job.prompt))
+                self.free.remove(slot)
+                admitted.append((job, slot))
+        return admitted
 
     def _start_followers(self) -> None:
         """Start each follower whose leader's prompt is now in the leader's cache, from a copy of

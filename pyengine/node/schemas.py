@@ -228,6 +228,8 @@ class _Sampling(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     stop: Annotated[str | list[str] | None, _nullable(_STOP)] = None
     n: Annotated[int, Field(ge=1, description="choices; at most the node's --parallel"), INTEGRAL] | None = None
+    id_slot: Annotated[int, Field(ge=-1, description="the slot to run in (llama-server's; -1: the free slot "
+                                                     "that reuses the most, as when absent)"), INTEGRAL] | None = None
     # constrained decoding (pyengine.constrain checks them against the parser; 400 if invalid)
     response_format: Annotated[dict[str, Any] | None, _nullable(_RESPONSE_FORMAT)] = None
     grammar: str | None = Field(None, description="GBNF grammar (llama-server); 400 if the parser refuses it")

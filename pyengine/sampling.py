@@ -9,6 +9,7 @@ Logprobs describe the model's own distribution: log-softmax of the raw logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):  # inf or NaN would turn every probability into NaN
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not all(math.isfinite(b) or b == -math.inf for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be finite (or -inf, which bans the token)")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -197,13 +203,15 @@ class Sampler:
             sub = x if ids is None else x[ids]
             keep = sub >= np.max(sub) + np.log(p.min_p)
             ids = np.flatnonzero(keep) if ids is None else ids[keep]
-        # subtract the maximum before dividing, so a tiny temperature cannot make inf - inf
-        if ids is not None:
-            sub = x[ids]
-            return ids, np.exp((sub - np.max(sub)) / p.temperature)
-        np.subtract(x, best, out=x)
-        if p.temperature != 1.0:
-            np.divide(x, p.temperature, out=x)
+        # subtract the maximum before dividing, so a tiny temperature cannot make inf - inf (it
+        # only sends the others to -inf, probability 0: no warning needed)
+        with np.errstate(over="ignore"):
+            if ids is not None:
+                sub = x[ids]
+                return ids, np.exp((sub - np.max(sub)) / p.temperature)
+            np.subtract(x, best, out=x)
+            if p.temperature != 1.0:
+                np.divide(x, p.temperature, out=x)
         return None, np.exp(x, out=x)
 
     def _top_p(self, x: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.ndarray:

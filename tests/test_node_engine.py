@@ -86,6 +86,24 @@ def test_greedy_completion_matches_reference_streamed_and_not(served, model_path
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens > 0
 
 
+def test_batch_size_flag_chunks_prompts_and_keeps_the_answer(model_path):
+    """-b / --batch-size: a slot reads a prompt n_batch tokens per step; the answer is unchanged."""
+    backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=1, ctx_size=N_CTX, threads=2, n_batch=16))
+    assert backend.engine.n_batch == 16
+    steps = []
+    real_step = backend.core.step
+    backend.core.step = lambda seqs: steps.append(len(seqs[0].pending)) or real_step(seqs)
+    with run_node(backend, parallel=1) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        prompt = "<|start|>user<|message|>" + "Tell me about the bridges of Köln, one by one. " * 5 + \
+            "<|end|><|start|>assistant"
+        ids = backend.tokenize(prompt, special=True)
+        r = client.completions.create(model="gpt-oss-tiny", prompt=prompt, max_tokens=6, temperature=0)
+    ref = greedy_reference(model_path, ids, 6, backend.tokenizer.eog_ids)
+    assert r.choices[0].text == backend.tokenizer.decode([t for t in ref if t not in backend.tokenizer.eog_ids])
+    assert len(ids) > 4 * 16 and sum(1 for p in steps if p > 0) >= len(ids) // 16  # 16 prompt tokens a step
+
+
 def test_greedy_chat_two_slots_at_once(served, model_path):
     url, backend = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)

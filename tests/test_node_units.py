@@ -100,6 +100,9 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     assert parser.parse_args(["-m", "x"]).slot_save_path is None
+    assert parser.parse_args(["-m", "x"]).batch_size is None and parser.parse_args(["-m", "x", "-b", "64"]).batch_size == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-m", "x", "--batch-size", "0"])
     assert NodeConfig.from_env({}, slot_save_path=None).slot_save_path is None  # off by default
     folder = tmp_path / "a" / "slots"
     assert cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(folder)])) == 0

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total context, split evenly across the --parallel slots as in llama-server "
                         "(-c 8192 -np 4: 2048 tokens per slot; default: what memory allows, up to the "
                         "model's training context per slot)")
+    p.add_argument("--batch-size", "-b", type=integer(1), default=None, metavar="N",
+                   help="prompt tokens one slot evaluates per step (default 512). Smaller keeps the other "
+                        "slots' tokens coming while a long prompt is read; larger reads prompts faster")
     p.add_argument("--parallel", "-np", type=integer(1), default=None, help="sequences served at once (default 1)")
     p.add_argument("--alias", "-a", action="append", default=None, metavar="NAME",
                    help="a model id to serve under (repeatable; the first is the id /v1/models shows first)")
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_body_mb is not None and args.max_body_mb <= 0:
         raise ModelLoadError("--max-body-mb must be positive")
     config = NodeConfig.from_env(model=args.model, host=args.host, port=args.port,
-                                 models_dir=args.models_dir, ctx_size=args.ctx_size,
+                                 models_dir=args.models_dir, ctx_size=args.ctx_size, n_batch=args.batch_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
                                  cache_ram_mib=args.cache_ram, slot_save_path=args.slot_save_path,
                                  api_key=args.api_key or _api_key_file(args.api_key_file), verbose=args.verbose,

@@ -23,6 +23,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     ctx_size: int | None = None
+    n_batch: int | None = None  # prompt tokens a slot evaluates per step (-b); None: the engine's default
     parallel: int = 1
     threads: int | None = None
     api_key: str | None = None

@@ -348,8 +348,9 @@ class Core:
         for token, bias in req.params.logit_bias.items():
             if not 0 <= token < n_vocab:
                 raise ValueError(f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})")
-            if math.isnan(bias):
-                raise ValueError(f"logit_bias of token {token} is NaN")
+            if math.isnan(bias) or bias == math.inf:  # both would make every probability NaN
+                raise ValueError(f"logit_bias of token {token} is {'NaN' if math.isnan(bias) else '+inf'} "
+                                 "(-inf bans a token)")
         if len(prompt) >= n_ctx:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {n_ctx}")
         if req.max_tokens is not None and req.max_tokens < 1:

@@ -46,8 +46,6 @@ class SamplingParams:
         for name in ("temperature", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):  # inf or NaN would turn every probability into NaN
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if not all(math.isfinite(b) or b == -math.inf for b in self.logit_bias.values()):
-            raise ValueError("logit_bias values must be finite (or -inf, which bans the token)")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:

@@ -368,4 +368,8 @@ def test_bad_arguments_raise_before_generating(eng):
         eng.generate([1, 2], max_tokens=2, logit_bias={10**20: 1.0})
     with pytest.raises(ValueError, match="logit_bias of token 5 is NaN"):
         eng.create_completion("x", max_tokens=2, logit_bias={5: float("nan")})
+    with pytest.raises(ValueError, match=r"logit_bias of token 6 is \+inf"):
+        eng.create_completion("x", max_tokens=2, logit_bias={6: float("inf")})
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        eng.create_completion("x", max_tokens=2, temperature=float("inf"))
     assert eng.n_past == n_past

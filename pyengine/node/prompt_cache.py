@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyengine.runner import Cache, Checkpoint, Runner, common_prefix
+from pyengine.runner import Cache, Checkpoint, Runner
 
 MIN_TOKENS = 32  # shorter contents are cheaper to evaluate again than to keep
 
@@ -60,18 +60,14 @@ class PromptCache:
         while self.nbytes > self.max_bytes:
             self._drop(self.entries[0])
 
-    def usable(self, tokens: list[int], checkpoint: Checkpoint | None, slot: Cache, prompt: list[int]) -> int:
-        """Prompt tokens a cache holding `tokens` (and `checkpoint`) would give `prompt` without
-        evaluating them again (Runner.reusable)."""
-        keep = min(common_prefix(tokens, prompt), len(prompt) - 1)
-        return self.runner.reusable(slot, keep, len(tokens), checkpoint) if keep > 0 else 0
-
     def restore_best(self, slot: Cache, prompt: list[int]) -> int:
-        """Put into `slot` the entry that gives `prompt` the most reuse, when it beats what the slot
-        holds (whose contents are saved first); the prompt tokens the slot now offers, or 0."""
-        gain, best = max(((self.usable(e.tokens, e.checkpoint, slot, prompt), e) for e in self.entries),
+        """Put into `slot` the entry that gives `prompt` the most reuse (Runner.prompt_reuse), when
+        it beats what the slot holds (whose contents are saved first); the prompt tokens the slot
+        now offers, or 0."""
+        reuse = self.runner.prompt_reuse
+        gain, best = max(((reuse(slot, prompt, e.tokens, e.checkpoint), e) for e in self.entries),
                          key=lambda pair: pair[0], default=(0, None))
-        if best is None or gain <= self.usable(slot.tokens, slot.checkpoint, slot, prompt):
+        if best is None or gain <= reuse(slot, prompt):
             return 0
         self.save(slot)
         if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens,

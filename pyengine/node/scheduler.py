@@ -116,7 +116,7 @@ class Job:
             self.cancelled = True  # the event loop is gone
 
 
-@dataclass
+@dataclass(eq=False)  # tasks compare by identity
 class SlotTask:
     """`run(cache)` on slot `index`, once no request holds it; the outcome lands in `future`."""
 
@@ -356,8 +356,8 @@ class Scheduler:
     def _reuse_value(self, slot: Cache, prompt: list[int]) -> tuple[int, int]:
         """Prompt tokens `slot` would reuse minus the tokens of its last prompt that would be lost
         (its generated tokens count for nothing: a next turn re-renders them anyway); then the reuse.
-        Reuse is what the slot can rewind to (Runner.reusable), not merely what it shares."""
-        shared = self.core.runner.reusable(slot, min(slot.common_prefix(prompt), max(len(prompt) - 1, 0)))
+        Reuse is what the slot can rewind to (Runner.prompt_reuse), not merely what it shares."""
+        shared = self.core.runner.prompt_reuse(slot, prompt)
         return shared - max(0, self.last_prompt_len.get(id(slot), 0) - shared), shared
 
     def _keep(self, slot: Cache, job: Job) -> None:

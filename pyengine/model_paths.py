@@ -6,8 +6,8 @@ resolves to the first existing of:
   <dir>/NAME  when NAME ends in .gguf
   <dir>/<id>/model.gguf               (the router's convention: ':' -> '_', '_latest' when untagged,
                                        so gpt-oss:20b -> gpt-oss_20b/model.gguf)
-A name is one path component (no '/', '\\', '..', NUL, no leading '.'), so the path a name builds
-always lies inside the models folder. Confinement applies to that name, not to where the
+A name is one plain path component (is_plain_name: no '/', '\\', no leading '.', printable, at most
+255 bytes), so the path a name builds always lies inside the models folder. Confinement applies to that name, not to where the
 folder's own entries point: a symlink the folder's owner put there (gpt-oss_20b/model.gguf ->
 an Ollama blob in ~/.ollama/models/blobs/) is followed, as the README tells users to serve such blobs."""
 
@@ -21,6 +21,22 @@ from pyengine.errors import ModelLoadError
 
 MODELS_DIR_ENV = "LLM_NODE_MODELS_DIR"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+MAX_NAME_BYTES = 255  # one file or folder name on the common Linux file systems
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether `name`, joined to a folder, names an entry of that folder and nothing else: not
+    empty, no separator, no leading dot ('.', '..', hidden entries), only printable characters (no
+    NUL, controls, format or unassigned code points), at most MAX_NAME_BYTES of UTF-8. The one rule
+    under model names (here), pulled model ids (pyengine/node/pull.py) and slot file names
+    (pyengine/node/slot_files.py), which each add their own."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    return (0 < size <= MAX_NAME_BYTES and not name.startswith(".") and name.isprintable()
+            and not separators & set(name))
 
 
 def default_models_dir() -> Path:
@@ -35,10 +51,7 @@ def router_dir_name(model_id: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    bad = (not name or name in (".", "..") or name.startswith(".") or "\0" in name
-           or "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name)
-           or Path(name).is_absolute())
-    if bad:
+    if not is_plain_name(name):
         raise ModelLoadError(f"Invalid model name {name!r}: a name is a single file or folder name "
                              f"inside the models folder")
 
@@ -55,6 +68,14 @@ def _candidates(name: str, root: Path) -> list[Path]:
     return found
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also where a candidate built from a long name is too long to exist."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def glob_escape(text: str) -> str:
     """Escape glob metacharacters so a name matches only itself."""
     return re.sub(r"([*?\[])", r"[\1]", text)
@@ -69,7 +90,7 @@ def resolve_model_name(name: str, models_dir: str | os.PathLike | None = None) -
     if not root.is_dir():
         raise ModelLoadError(f"Model {name!r} not found: the models folder {root} does not exist")
     for candidate in _candidates(name, root):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     raise ModelLoadError(f"Model {name!r} not found in {root} (looked for {name}.gguf and "
                          f"{router_dir_name(name)}/model.gguf)")

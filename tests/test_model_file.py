@@ -323,6 +323,19 @@ def test_symlinks_the_folder_owner_made_are_followed(models_dir):
         resolve_model_name("dangling", models_dir)
 
 
+def test_model_names_are_one_plain_entry_name(models_dir):
+    """Names from a request: control and format characters, lone surrogates and names over 255
+    bytes are invalid; a name whose candidates run past the file system's limit (NAME_latest) is
+    "not found", not an OSError."""
+    for name in ("tab\tname", "nul\x00", "rtl\u202e", "\ud800", "x" * 256, "é" * 128, ".", ".."):
+        with pytest.raises(ModelLoadError, match="Invalid model name"):
+            resolve_model_name(name, models_dir)
+    write_gptoss_gguf(models_dir / ("y" * 250 + ".gguf"), arch="gptoss")
+    assert resolve_model_name("y" * 250, models_dir).name == "y" * 250 + ".gguf"
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_model_name("z" * 250, models_dir)
+
+
 def test_vocabulary_must_match_the_embedding(tmp_path):
     path = tmp_path / "m.gguf"
     write_gptoss_gguf(path, extra_keys={"tokenizer.ggml.tokens": (["a", "b"], VT.ARRAY)}, n_vocab=300)

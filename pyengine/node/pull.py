@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from pyengine.model_paths import router_dir_name
+from pyengine.model_paths import MAX_NAME_BYTES, is_plain_name, router_dir_name
 from pyengine.node.config import NodeConfig
 from pyengine.node.schemas import PullRequest
 
@@ -40,7 +40,6 @@ log = logging.getLogger("pyengine")
 CHUNK = 8 << 20
 FINAL = "model.gguf"
 PART_RE = re.compile(r"model\.gguf\.[0-9a-f]*\.?part")  # ours, and the old fixed `model.gguf.part`
-MAX_NAME_BYTES = 255  # one folder name on every common file system
 
 
 class PullRefused(ValueError):
@@ -55,8 +54,7 @@ class PullRefused(ValueError):
 def target_path(models_dir: Path, model: str) -> Path:
     """Where the router's storage convention puts `model`; ValueError for an id that is not one
     folder name (a `/`, a `\\` or a leading dot could escape the models folder)."""
-    if (not model or model.startswith(".") or "/" in model or "\\" in model
-            or not model.isprintable() or len(router_dir_name(model).encode("utf-8", "replace")) > MAX_NAME_BYTES):
+    if not model or model.startswith(".") or not is_plain_name(router_dir_name(model)):
         raise ValueError(f"invalid model id {model[:80]!r}: one printable folder name of at most "
                          f"{MAX_NAME_BYTES - len('_latest')} bytes, not starting with a dot")
     return Path(models_dir) / router_dir_name(model) / FINAL

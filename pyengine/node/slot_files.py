@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,26 +23,22 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from pyengine.engine_state import EngineState, StateFileError
+from pyengine.model_paths import is_plain_name
 from pyengine.node.scheduler import Scheduler, ShuttingDown
 from pyengine.node.schemas import APIError, SlotFileRequest, bad_request, parse_body
 
 if TYPE_CHECKING:
     from pyengine.node.app import NodeState
 
-MAX_NAME_BYTES = 255  # one path component on Linux file systems
 RESERVED = set('/\\:*?"<>|')
 
 
 def valid_filename(name: str) -> bool:
-    """Whether `name` is a plain file name for the slot folder (llama-server's rules, plus no
-    leading dot: hidden names are where a save's temporary file lives)."""
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return (0 < size <= MAX_NAME_BYTES and name == name.strip() and not name.startswith(".")
-            and not name.endswith(".") and not RESERVED & set(name)
-            and all(unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name))
+    """Whether `name` is a plain file name for the slot folder (pyengine/model_paths.py
+    is_plain_name, which also keeps hidden names out: a save's temporary file is one) with
+    llama-server's further rules: no surrounding spaces, no trailing dot, no reserved character."""
+    return (is_plain_name(name) and name == name.strip() and not name.endswith(".")
+            and not RESERVED & set(name))
 
 
 def not_supported(message: str) -> APIError:

@@ -103,7 +103,11 @@ class Engine:
     `engine.repacked` says whether the cache is in use. use_mmap: keep the weights in the mapped
     files (default True: instant load, small RSS); False on the CPU copies them into anonymous memory
     at load (llama.cpp's --no-mmap: seconds more at load, the weights' size in RSS, and on machines
-    where the page cache reads slower than fresh memory a faster decode; pyengine/resident.py)."""
+    where the page cache reads slower than fresh memory a faster decode; pyengine/resident.py).
+    ctx_checkpoints: most checkpoints of the sliding-window rings the KV cache keeps (default 8,
+    llama-server's --ctx-checkpoints; ~16 MB each for gpt-oss-20b with the f16 cache; 0: none),
+    so that a prompt that drops the model's reasoning, edits or repeats an earlier turn is not
+    evaluated from the start (pyengine/runner.py Checkpoint)."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
@@ -111,7 +115,8 @@ class Engine:
                  models_dir: str | os.PathLike | None = None, yarn_truncate: bool = False,
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True, use_mmap: bool = True) -> None:
+                 cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True, use_mmap: bool = True,
+                 ctx_checkpoints: int = 8) -> None:
         configure(verbose)
         self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")
@@ -121,6 +126,8 @@ class Engine:
             raise ValueError(f"n_batch must be >= 1, got {n_batch}")
         if n_ctx is not None and int(n_ctx) < 0:
             raise ValueError(f"n_ctx must be >= 0, got {n_ctx}")
+        if int(ctx_checkpoints) < 0:
+            raise ValueError(f"ctx_checkpoints must be >= 0, got {ctx_checkpoints}")
         self.model_file = model if isinstance(model, ModelFile) else open_model(model, models_dir)
         self.hparams = self.model_file.hparams
         self.metadata: dict[str, Any] = self.model_file.metadata
@@ -156,7 +163,8 @@ class Engine:
         self.n_ctx = self._choose_n_ctx(n_ctx)
         cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
         self.runner = Runner(self._model, self.n_threads, self.n_batch,
-                             partial(cache, type_k=self.cache_type_k, type_v=self.cache_type_v))
+                             partial(cache, type_k=self.cache_type_k, type_v=self.cache_type_v),
+                             int(ctx_checkpoints))
         self._cache = self.runner.new_cache(self.n_ctx)
         self.n_prompt_reused = 0  # prompt tokens the last generation took from the KV cache
         logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (K %s, V %s)", self.device,
@@ -254,7 +262,7 @@ class Engine:
         rows = self.runner.used_rows(cache)
         if rows is None:
             raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
-        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache), cache.checkpoint)
+        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache), cache.checkpoints)
 
     def restore_cache(self, cache: Cache, state: EngineState) -> None:
         """load_state into any cache of this engine's model."""
@@ -264,7 +272,7 @@ class Engine:
             raise NotImplementedError("load_state needs the KV cache in host memory (device='cpu')")
         if state.key != self._state_key(cache):
             raise ValueError("this state was saved by an engine with another model or KV cache type")
-        if not self.runner.write_rows(cache, state.rows, state.tokens, state.checkpoint):
+        if not self.runner.write_rows(cache, state.rows, state.tokens, state.checkpoints):
             raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this KV cache "
                              f"(n_ctx={cache.n_ctx}, n_batch={self.n_batch})")
 

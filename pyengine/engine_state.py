@@ -8,9 +8,11 @@ llama.cpp's state files are for).
 
 The file is a numpy .npz archive (uncompressed: the K/V rows do not shrink): `format`, `key` (the
 state's key as JSON: model file name and size, cache layout, K/V types), `tokens` (int32), one
-array per K/V block, `rows000`, `rows001`, ..., and the cache's checkpoint of its sliding rings
-when it has one (pyengine.runner.Checkpoint: `checkpoint_n`, `ring000`, ...), so that a restored
-conversation's next turn reuses its last prompt as the uninterrupted one would. It is read without
+array per K/V block, `rows000`, `rows001`, ..., and the cache's checkpoints of its sliding rings
+when it has some (pyengine.runner.Checkpoint: `checkpoint_n`, their token counts, oldest first, and
+`ring000`, ... , the first checkpoint's rings, then the second's; a file of the first version of
+this layout holds one count as a scalar), so that a restored conversation's next turn reuses its
+earlier prompts as the uninterrupted one would. It is read without
 pickle, so a file from anywhere can only ever yield arrays; anything else (truncated, another
 format, missing or malformed members) is a StateFileError naming the file. Written to a temporary file beside the target and
 renamed over it, so an interrupted save never leaves half a file under the name."""
@@ -50,16 +52,16 @@ class EngineState:
     """A KV cache's contents: the tokens, per layer the K then V rows they wrote (numpy arrays, as
     pyengine.runner.Runner.used_rows gives them), the key the engine that loads it must match
     (model file name and size, cache layout, K/V types: Engine._state_key), and the cache's
-    checkpoint of its sliding rings (or None)."""
+    checkpoints of its sliding rings, oldest first."""
 
     tokens: list[int]
     rows: list[np.ndarray]
     key: tuple
-    checkpoint: Checkpoint | None = None
+    checkpoints: tuple[Checkpoint, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows) + (self.checkpoint.nbytes if self.checkpoint else 0)
+        return sum(r.nbytes for r in self.rows) + sum(c.nbytes for c in self.checkpoints)
 
     def save(self, path: str | os.PathLike) -> int:
         """Write this state to a file (replacing one there); the bytes written."""
@@ -67,9 +69,10 @@ class EngineState:
         arrays: dict[str, Any] = {"format": np.array(FORMAT), "key": np.array(json.dumps(self.key)),
                                   "tokens": np.asarray(self.tokens, dtype=np.int32)}
         arrays.update((f"rows{i:03d}", r) for i, r in enumerate(self.rows))
-        if self.checkpoint is not None:
-            arrays["checkpoint_n"] = np.array(self.checkpoint.n, dtype=np.int64)
-            arrays.update((f"ring{i:03d}", r) for i, r in enumerate(self.checkpoint.rings))
+        if self.checkpoints:
+            arrays["checkpoint_n"] = np.array([c.n for c in self.checkpoints], dtype=np.int64)
+            rings = [r for c in self.checkpoints for r in c.rings]
+            arrays.update((f"ring{i:03d}", r) for i, r in enumerate(rings))
         fd, tmp = tempfile.mkstemp(prefix=".pyengine-state-", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -95,7 +98,7 @@ class EngineState:
                     from None
 
 
-def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple, Checkpoint | None]:
+def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple, tuple[Checkpoint, ...]]:
     archive = np.load(f, allow_pickle=False)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _Malformed("not a pyengine state file (a single .npy array)")
@@ -111,15 +114,21 @@ def _members(f: Any) -> tuple[list[int], list[np.ndarray], tuple, Checkpoint | N
         if names - {"format", "key", "tokens", "checkpoint_n"} != {f"rows{i:03d}" for i in range(len(rows))} | {
                 f"ring{i:03d}" for i in range(len(rings))}:
             raise _Malformed("its members are not format, key, tokens, rows000.. and checkpoint_n, ring000..")
-        checkpoint = None
+        checkpoints: tuple[Checkpoint, ...] = ()
         if "checkpoint_n" in names:
-            n = archive["checkpoint_n"]
-            if n.shape != () or n.dtype != np.int64 or not 0 < int(n) <= len(tokens) or not rings:
-                raise _Malformed("its checkpoint is not a token count within its tokens, with rings")
-            checkpoint = Checkpoint(int(n), tuple(rings))
+            counts = archive["checkpoint_n"]
+            counts = counts.reshape(1) if counts.ndim == 0 else counts
+            per = len(rings) // max(len(counts), 1)
+            if (counts.ndim != 1 or counts.dtype != np.int64 or not counts.size or not per
+                    or per * len(counts) != len(rings) or not 0 < counts[0] or not counts[-1] <= len(tokens)
+                    or not np.all(np.diff(counts) > 0)):
+                raise _Malformed("its checkpoints are not increasing token counts within its tokens, "
+                                 "with the same number of rings each")
+            checkpoints = tuple(Checkpoint(int(n), tuple(rings[k * per:(k + 1) * per]))
+                                for k, n in enumerate(counts))
         elif rings:
             raise _Malformed("it has checkpoint rings without checkpoint_n")
-    return tokens.tolist(), rows, key, checkpoint
+    return tokens.tolist(), rows, key, checkpoints
 
 
 def _blocks(archive: Any, names: set[str], prefix: str) -> list[np.ndarray]:

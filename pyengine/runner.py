@@ -38,7 +38,9 @@ class Checkpoint:
     than that follow the point, their rings no longer hold the keys it needs. A checkpoint taken at
     the end of each prompt (pyengine.core) brings those rings back: a conversation's next turn,
     which drops the reasoning the model generated after that prompt, then reuses the whole earlier
-    prompt instead of evaluating it again (Runner.rewind). Never written to once taken."""
+    prompt instead of evaluating it again (Runner.rewind); a prompt that leaves the cache a little
+    before that point (the same prompt again, an edited last message) rewinds from the checkpoint as
+    from a cache that holds n tokens. Never written to once taken."""
 
     n: int
     rings: tuple[np.ndarray, ...]
@@ -50,14 +52,14 @@ class Checkpoint:
 
 class Cache:
     """A KV cache (`native`, the C-side rings; None for a model that needs none) and the tokens
-    it holds, in order, with the checkpoint of its sliding rings at some earlier point (or None).
+    it holds, in order, with checkpoints of its sliding rings at earlier points (oldest first).
     Only a Runner writes to it."""
 
     def __init__(self, native: Any, n_ctx: int) -> None:
         self.native = native
         self.n_ctx = int(n_ctx)
         self.tokens: list[int] = []
-        self.checkpoint: Checkpoint | None = None
+        self.checkpoints: tuple[Checkpoint, ...] = ()
 
     @property
     def n_past(self) -> int:
@@ -73,21 +75,26 @@ class Cache:
 
     def reset(self) -> None:
         self.tokens = []
-        self.checkpoint = None
+        self.checkpoints = ()
 
 
 class Runner:
     """Evaluates tokens into caches with `model` (pyengine._model.Model or a CUDA model).
 
     n_batch: most tokens of one sequence per forward call (longer inputs take several rounds).
-    `cache_type(model, n_ctx, n_batch)` builds the native cache."""
+    `cache_type(model, n_ctx, n_batch)` builds the native cache. n_checkpoints: most checkpoints a
+    cache keeps (llama-server's --ctx-checkpoints, default 8 as there); 0 takes none."""
 
-    def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None) -> None:
+    def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None,
+                 n_checkpoints: int = 8) -> None:
         self.model = model
         self.n_vocab = int(model.n_vocab)
         self.n_threads = int(n_threads)
         self.n_batch = int(n_batch)
         self.cache_type = cache_type
+        if n_checkpoints < 0:
+            raise ValueError(f"n_checkpoints must be >= 0, not {n_checkpoints}")
+        self.n_checkpoints = int(n_checkpoints)
 
     def new_cache(self, n_ctx: int) -> Cache:
         return Cache(self.cache_type(self.model, n_ctx, self.n_batch), n_ctx)
@@ -177,7 +184,7 @@ class Runner:
         keep their rows where the host cannot copy them (CUDA) or differ in shape: the caller then
         evaluates the prompt instead."""
         rows = self.used_rows(src)
-        return rows is not None and src.n_ctx == dst.n_ctx and self.write_rows(dst, rows, src.tokens, src.checkpoint)
+        return rows is not None and src.n_ctx == dst.n_ctx and self.write_rows(dst, rows, src.tokens, src.checkpoints)
 
     @staticmethod
     def used_rows(cache: Cache) -> list[np.ndarray] | None:
@@ -202,10 +209,11 @@ class Runner:
 
     @classmethod
     def write_rows(cls, cache: Cache, rows: Sequence[np.ndarray], tokens: Sequence[int],
-                   checkpoint: Checkpoint | None = None) -> bool:
+                   checkpoints: Sequence[Checkpoint] = ()) -> bool:
         """Put `rows` (as used_rows gives them) into `cache`, which then holds `tokens` and
-        `checkpoint` (shared: never written to). False, with `cache` untouched, when they do not
-        fit its arrays (another model, context or cache type)."""
+        `checkpoints` (shared: never written to; at increasing counts within the tokens). False,
+        with `cache` untouched, when they do not fit its arrays (another model, context or cache
+        type)."""
         arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
         n = -(-len(tokens) // 16) * 16
         if len(tokens) > cache.n_ctx or len(arrays) != len(rows) or not all(
@@ -213,16 +221,18 @@ class Runner:
                 and r.shape[0] == x.shape[0] and r.shape[2] == x.shape[2] and r.shape[1] == min(n, x.shape[1])
                 for x, r in zip(arrays, rows)):
             return False
-        if checkpoint is not None:
-            rings = cls.rings(cache) or []
-            if not 0 < checkpoint.n <= len(tokens) or len(rings) != len(checkpoint.rings) or not all(
-                    isinstance(r, np.ndarray) and r.dtype == x.dtype and r.shape == x.shape
-                    for x, r in zip(rings, checkpoint.rings)):
-                return False
+        counts = [c.n for c in checkpoints]
+        if counts != sorted(set(counts)) or not all(0 < n <= len(tokens) for n in counts):
+            return False
+        rings = (cls.rings(cache) or []) if checkpoints else []
+        if not all(len(rings) == len(c.rings) and all(
+                isinstance(r, np.ndarray) and r.dtype == x.dtype and r.shape == x.shape
+                for x, r in zip(rings, c.rings)) for c in checkpoints):
+            return False
         for x, r in zip(arrays, rows):
             x[:, :r.shape[1], :] = r
         cache.tokens = list(tokens)
-        cache.checkpoint = checkpoint
+        cache.checkpoints = tuple(checkpoints)
         return True
 
     @staticmethod
@@ -237,32 +247,47 @@ class Runner:
         return rings or None
 
     def take_checkpoint(self, cache: Cache) -> None:
-        """Remember `cache`'s sliding rings as they are now (see Checkpoint); for gpt-oss-20b with
-        the f16 cache and n_batch 512, a copy of ~16 MB."""
-        rings = self.rings(cache)
+        """Remember `cache`'s sliding rings as they are now (see Checkpoint; for gpt-oss-20b with
+        the f16 cache and n_batch 512, a copy of ~16 MB), in place of one at the same count; past
+        n_checkpoints the oldest goes."""
+        rings = self.rings(cache) if self.n_checkpoints else None
         if rings is not None:
-            cache.checkpoint = Checkpoint(cache.n_past, tuple(r.copy() for r in rings))
+            kept = tuple(c for c in cache.checkpoints if c.n < cache.n_past)
+            new = Checkpoint(cache.n_past, tuple(r.copy() for r in rings))
+            cache.checkpoints = (*kept, new)[-self.n_checkpoints:]
 
-    def reusable(self, cache: Cache, n: int, held: int | None = None, checkpoint: Checkpoint | None = None) -> int:
+    def reusable(self, cache: Cache, n: int, held: int | None = None,
+                 checkpoints: Sequence[Checkpoint] = ()) -> int:
         """How many of the first n tokens a cache like `cache` that holds `held` tokens and
-        `checkpoint` (default: `cache`'s own) keeps without evaluating any: n when the sliding
-        rings still hold the keys position n needs; else the checkpoint's count, when it was taken
-        at or before n; else 0."""
+        `checkpoints` (default: `cache`'s own) keeps without evaluating any (`_rewind_source`)."""
         if held is None:
-            held, checkpoint = cache.n_past, cache.checkpoint
+            held, checkpoints = cache.n_past, cache.checkpoints
+        return self._rewind_source(cache, n, held, checkpoints)[0]
+
+    def _rewind_source(self, cache: Cache, n: int, held: int,
+                       checkpoints: Sequence[Checkpoint]) -> tuple[int, Checkpoint | None]:
+        """The tokens kept rewinding to n and the checkpoint whose rings that takes (None: the
+        rings as they are): n when the sliding rings still hold the keys position n needs, or
+        those of a checkpoint taken at most a rewind's reach after n; else the count of the latest
+        checkpoint at or before n; else 0."""
         if self._rings_reach(cache, held, n):
-            return n
-        return checkpoint.n if checkpoint is not None and checkpoint.n <= n else 0
+            return n, None
+        best: tuple[int, Checkpoint | None] = (0, None)
+        for c in checkpoints:
+            kept = c.n if c.n <= n else n if self._rings_reach(cache, c.n, n) else 0
+            if kept > best[0]:
+                best = (kept, c)
+        return best
 
     def prompt_reuse(self, cache: Cache, prompt: Sequence[int], tokens: list[int] | None = None,
-                     checkpoint: Checkpoint | None = None) -> int:
-        """Prompt tokens a cache like `cache` holding `tokens` and `checkpoint` (default: its own)
+                     checkpoints: Sequence[Checkpoint] = ()) -> int:
+        """Prompt tokens a cache like `cache` holding `tokens` and `checkpoints` (default: its own)
         gives `prompt` without evaluating any: their shared prefix, short of the prompt's last token
         (whose logits the next token needs), as far back as the cache can rewind (`reusable`)."""
         if tokens is None:
-            tokens, checkpoint = cache.tokens, cache.checkpoint
+            tokens, checkpoints = cache.tokens, cache.checkpoints
         keep = min(common_prefix(tokens, list(prompt)), len(prompt) - 1)
-        return self.reusable(cache, keep, len(tokens), checkpoint) if keep > 0 else 0
+        return self.reusable(cache, keep, len(tokens), checkpoints) if keep > 0 else 0
 
     def _rings_reach(self, cache: Cache, held: int, n: int) -> bool:
         """Whether a cache like `cache` holding `held` tokens still has, in its sliding rings, the
@@ -271,18 +296,16 @@ class Runner:
 
     def rewind(self, cache: Cache, n: int) -> int:
         """Keep as many of the first n tokens of `cache` as it can without evaluating any
-        (`reusable`; rewinding to its checkpoint puts the checkpoint's rings back); the tokens
-        kept. The caller evaluates the rest."""
+        (`reusable`; rewinding through a checkpoint puts its rings back); the tokens kept. The
+        caller evaluates the rest. Checkpoints past what is kept go."""
         if not 0 <= n <= cache.n_past:
             raise ValueError(f"truncate({n}): must be between 0 and n_past={cache.n_past}")
-        kept = self.reusable(cache, n)
-        cp = cache.checkpoint
-        if not self._rings_reach(cache, cache.n_past, kept):  # back to the checkpoint (kept == cp.n):
-            for ring, saved in zip(self.rings(cache), cp.rings):  # its rings replace what came later
+        kept, source = self._rewind_source(cache, n, cache.n_past, cache.checkpoints)
+        if source is not None:  # its rings replace what came later
+            for ring, saved in zip(self.rings(cache), source.rings):
                 ring[...] = saved
         cache.tokens = cache.tokens[:kept]
-        if cp is not None and cp.n > kept:
-            cache.checkpoint = None
+        cache.checkpoints = tuple(c for c in cache.checkpoints if c.n <= kept)
         return kept
 
     def truncate(self, cache: Cache, n: int) -> None:

@@ -127,12 +127,75 @@ def test_a_next_turn_reuses_its_prompt_after_a_generation_longer_than_the_rings(
     from pyengine import EngineState  # the same turn in another engine, from the file turn 1 left
 
     state = EngineState.load(tmp_path / "turn1.pyestate")
-    assert state.checkpoint.n == len(prompt) and len(state.tokens) == len(prompt) + 99
+    assert [c.n for c in state.checkpoints] == [len(prompt)] and len(state.tokens) == len(prompt) + 99
     later = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64, cache_type_k="f32", cache_type_v="f32")
     later.load_state(state)
     again = list(later.generate(follow, max_tokens=8, temperature=0, logprobs=0, stop_token_ids=()))
     assert later.n_prompt_reused == len(prompt)
     assert [(e.id, e.logprob) for e in again] == [(e.id, e.logprob) for e in reused]
+
+
+def test_a_repeated_turn_and_a_branch_from_an_earlier_turn_reuse_checkpoints(model, eng):
+    """The same prompt again (a regenerated answer) rewinds through the checkpoint at its end to
+    one token short of it. A prompt that leaves the cache inside a later turn, further before that
+    turn's checkpoint than the rings reach, rewinds to the earlier turn's checkpoint: several are
+    kept (Engine(ctx_checkpoints=...)); with one kept it is evaluated from the start. The answers
+    are a fresh engine's."""
+    def turn(prompt: list[int], engine: Engine = eng) -> list[tuple[int, float]]:
+        return [(e.id, e.logprob) for e in engine.generate(prompt, max_tokens=70, temperature=0, logprobs=0,
+                                                            stop_token_ids=())]
+
+    def after(text: str) -> list[int]:
+        return prompt1 + eng.tokenize(f"<|channel|>final<|message|>{text}<|end|><|start|>user<|message|>"
+                                      "And at sunset?<|end|><|start|>assistant", special=True)
+
+    prompt1 = eng.apply_chat_template(CHAT)
+    long_answer = after(" ".join(["Blue light scatters more than red light does."] * 8))
+    branch = after("Rayleigh.")
+    fresh = Engine(model[0], n_ctx=N_CTX, n_threads=1, cache_type_k="f32", cache_type_v="f32")
+    for kept in (8, 1):
+        eng.runner.n_checkpoints = kept
+        eng.reset()
+        first = turn(prompt1)
+        assert turn(prompt1) == first and eng.n_prompt_reused == len(prompt1) - 1
+        turn(long_answer)
+        assert eng.n_prompt_reused == len(prompt1)
+        assert [c.n for c in eng._cache.checkpoints] == [len(prompt1), len(long_answer)][-kept:]
+        shared = eng._cache.common_prefix(branch)
+        assert len(long_answer) - shared > eng.runner.n_batch + 1  # past the later checkpoint's reach
+        got = turn(branch)
+        assert eng.n_prompt_reused == (len(prompt1) if kept > 1 else 0)
+        np.testing.assert_allclose(np.array(got), np.array(turn(branch, fresh)), rtol=1e-4, atol=1e-4)
+    eng.runner.n_checkpoints = 8
+    with pytest.raises(ValueError, match="ctx_checkpoints"):
+        Engine(model[0], n_ctx=N_CTX, ctx_checkpoints=-1)
+
+
+def test_state_files_keep_every_checkpoint_and_read_the_one_checkpoint_layout(eng, tmp_path):
+    """A state file holds all of a cache's checkpoints (counts, then each one's rings in order);
+    a file from before several were kept (one count as a scalar) still loads."""
+    from pyengine.engine_state import EngineState
+
+    prompt = eng.apply_chat_template(CHAT)
+    eng.reset()
+    for end in (40, len(prompt)):
+        eng.eval(prompt[eng.n_past:end])
+        eng.runner.take_checkpoint(eng._cache)
+    state = eng.save_state()
+    state.save(tmp_path / "two")
+    back = EngineState.load(tmp_path / "two")
+    assert [c.n for c in back.checkpoints] == [40, len(prompt)]
+    for saved, read in zip(state.checkpoints, back.checkpoints):
+        assert len(saved.rings) == len(read.rings) and all(map(np.array_equal, saved.rings, read.rings))
+    with np.load(tmp_path / "two") as archive:
+        members = {k: archive[k] for k in archive.files if not k.startswith(("ring", "checkpoint_n"))}
+    last = state.checkpoints[-1].rings
+    np.savez(tmp_path / "one.npz", **members, checkpoint_n=np.array(len(prompt), np.int64),
+             **{f"ring{i:03d}": r for i, r in enumerate(last)})
+    old = EngineState.load(tmp_path / "one.npz")
+    assert [c.n for c in old.checkpoints] == [len(prompt)] and all(map(np.array_equal, old.checkpoints[0].rings, last))
+    eng.load_state(old)
+    assert eng.runner.reusable(eng._cache, 45) == 45 and [c.n for c in eng._cache.checkpoints] == [len(prompt)]
 
 
 def test_save_and_load_state_continue_a_prompt_bit_for_bit(model, eng):
@@ -197,13 +260,15 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
     from pyengine.runner import Checkpoint
 
     rings = eng.runner.rings(eng._cache)
-    for checkpoint in (Checkpoint(5, tuple(r[:, :-1] for r in rings)),  # rings of another size
-                       Checkpoint(len(prompt) + 1, tuple(rings)), Checkpoint(5, tuple(rings[:-1]))):
-        forged = EngineState(state.tokens, state.rows, state.key, checkpoint)
+    for checkpoints in ((Checkpoint(5, tuple(r[:, :-1] for r in rings)),),  # rings of another size
+                        (Checkpoint(len(prompt) + 1, tuple(rings)),), (Checkpoint(5, tuple(rings[:-1])),),
+                        (Checkpoint(5, tuple(rings)), Checkpoint(3, tuple(rings))),  # not in order
+                        (Checkpoint(5, tuple(rings)), Checkpoint(5, tuple(rings)))):
+        forged = EngineState(state.tokens, state.rows, state.key, checkpoints)
         before = other.save_state()
         with pytest.raises(ValueError, match="does not fit"):
             other.load_state(forged)
-        assert other.save_state().tokens == before.tokens and other._cache.checkpoint is before.checkpoint
+        assert other.save_state().tokens == before.tokens and other._cache.checkpoints == before.checkpoints
 
     data = path.read_bytes()
     rng = np.random.default_rng(5)
@@ -233,7 +298,13 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
     beyond = tmp_path / "beyond.npz"  # a checkpoint past the tokens
     np.savez(beyond, format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32),
              checkpoint_n=np.array(4, np.int64), ring000=np.zeros((1, 1, 1), np.float32))
-    for f in (pickled, single, missing, flat, stray, beyond):
+    base = dict(format=np.array("pyengine-state/1"), key=np.array("[]"), tokens=np.zeros(3, np.int32))
+    ring = np.zeros((1, 1, 1), np.float32)
+    unordered = tmp_path / "unordered.npz"  # checkpoints' counts must increase
+    np.savez(unordered, **base, checkpoint_n=np.array([2, 1], np.int64), ring000=ring, ring001=ring)
+    uneven = tmp_path / "uneven.npz"  # three rings for two checkpoints
+    np.savez(uneven, **base, checkpoint_n=np.array([1, 2], np.int64), ring000=ring, ring001=ring, ring002=ring)
+    for f in (pickled, single, missing, flat, stray, beyond, unordered, uneven):
         with pytest.raises(StateFileError, match=f.name):
             EngineState.load(f)
     with pytest.raises(FileNotFoundError):

@@ -127,31 +127,53 @@ def test_truncate_then_continue_equals_fresh(models):
 
 
 def test_rewind_to_a_checkpoint_past_the_rings_equals_fresh(models):
-    """Once more tokens follow a point than the sliding rings keep, the rings' checkpoint taken at
-    that point (pyengine.runner.Checkpoint) lets the cache rewind to it and continue bit for bit;
-    before the checkpoint the prefix is evaluated again."""
+    """Once more tokens follow a point than the sliding rings keep, a checkpoint of the rings taken
+    at or a little after that point (pyengine.runner.Checkpoint) lets the cache rewind to it and
+    continue bit for bit: to the latest checkpoint before it, or to the point itself from a
+    checkpoint at most a rewind's reach after it; further back the prefix is evaluated again."""
     path, _ = models[("f32", "f32")]
     eng = pyengine.Engine(path, n_ctx=1024, n_threads=2, n_batch=32)
     toks = prompt(eng.n_vocab, n=420, seed=6)
     full = eng.logits(toks)
     runner, cache = eng.runner, eng._cache
-    ring = min(cache.native.n_slots)
-    assert ring < 200 < 200 + ring < 420  # the checkpoint's point is left far behind
+    ring, reach = min(cache.native.n_slots), cache.native.max_batch(eng.runner.model.window)
+    assert reach < 80 and ring < 200 < 200 + ring < 420  # the checkpoints' points are left far behind
+
+    def continues(n: int, kept: int) -> None:
+        assert runner.rewind(cache, n) == kept and eng.n_past == kept
+        np.testing.assert_array_equal(eng.eval(toks[kept:], logits_all=True), full[kept:])
+
     eng.reset()
-    eng.eval(toks[:200])
-    runner.take_checkpoint(cache)
+    for end in (120, 200):
+        eng.eval(toks[eng.n_past:end])
+        runner.take_checkpoint(cache)
     eng.eval(toks[200:200 + ring])
-    assert runner.reusable(cache, 250) == 200 and runner.reusable(cache, 199) == 0
-    assert runner.rewind(cache, 250) == 200 and eng.n_past == 200 and cache.checkpoint.n == 200
-    np.testing.assert_array_equal(eng.eval(toks[200:], logits_all=True), full[200:])
-    assert runner.rewind(cache, 200) == 200  # exactly to the checkpoint, from 420 tokens
-    np.testing.assert_array_equal(eng.eval(toks[200:], logits_all=True), full[200:])
-    eng.truncate(400)  # within the rings' reach: no checkpoint needed, the checkpoint stays
-    assert cache.checkpoint.n == 200
+    assert [c.n for c in cache.checkpoints] == [120, 200]
+    assert [runner.reusable(cache, n) for n in (250, 200, 199, 200 - reach, 199 - reach, 119, 119 - reach)] == [
+        200, 200, 199, 200 - reach, 120, 119, 0]
+    continues(250, 200)
+    continues(200, 200)  # exactly to the checkpoint, from 420 tokens
+    eng.truncate(400)  # within the rings' reach: no checkpoint needed, the checkpoints stay
+    assert [c.n for c in cache.checkpoints] == [120, 200]
     np.testing.assert_array_equal(eng.eval(toks[400:], logits_all=True), full[400:])
-    eng.truncate(150)  # before the checkpoint: evaluated again, the checkpoint gone
-    assert eng.n_past == 150 and cache.checkpoint is None
-    np.testing.assert_array_equal(eng.eval(toks[150:], logits_all=True), full[150:])
+    continues(190, 190)  # from the checkpoint at 200, which goes (what follows 190 may change)
+    assert [c.n for c in cache.checkpoints] == [120]
+    continues(150, 120)  # the older checkpoint
+    continues(119, 119)
+    assert cache.checkpoints == ()
+    eng.truncate(50)  # before every checkpoint: evaluated again
+    assert eng.n_past == 50
+    np.testing.assert_array_equal(eng.eval(toks[50:], logits_all=True), full[50:])
+    runner.n_checkpoints = 2  # at most two kept, the newest; one at the same count is replaced
+    runner.truncate(cache, 50)
+    for end in (60, 70, 80, 80):
+        if end > eng.n_past:
+            eng.eval(toks[eng.n_past:end])
+        runner.take_checkpoint(cache)
+    assert [c.n for c in cache.checkpoints] == [70, 80]
+    runner.n_checkpoints = 0
+    runner.take_checkpoint(cache)
+    assert [c.n for c in cache.checkpoints] == [70, 80]
 
 
 @pytest.mark.parametrize("etype", ["f32", "mxfp4"])

@@ -103,6 +103,12 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
     assert parser.parse_args(["-m", "x"]).batch_size is None and parser.parse_args(["-m", "x", "-b", "64"]).batch_size == 64
     with pytest.raises(SystemExit):
         parser.parse_args(["-m", "x", "--batch-size", "0"])
+    assert [parser.parse_args(["-m", "x", *a]).ctx_checkpoints for a in ([], ["--ctx-checkpoints", "0"],
+                                                                        ["--swa-checkpoints", "3"])] == [None, 0, 3]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-m", "x", "--ctx-checkpoints", "-1"])
+    assert cli.run(parser.parse_args(["-m", "x", "--ctx-checkpoints", "0"])) == 0 and served[-1].ctx_checkpoints == 0
+    assert cli.run(parser.parse_args(["-m", "x"])) == 0 and served[-1].ctx_checkpoints == 8
     assert NodeConfig.from_env({}, slot_save_path=None).slot_save_path is None  # off by default
     folder = tmp_path / "a" / "slots"
     assert cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(folder)])) == 0
@@ -112,7 +118,7 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ModelLoadError, match="--slot-save-path"):
         cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(tmp_path / "file")]))
-    assert len(served) == 1  # nothing served after the refusal
+    assert len(served) == 3  # nothing served after the refusal
 
 
 def test_model_names_the_node_answers_to():

@@ -80,8 +80,8 @@ def test_what_is_saved_and_what_is_put_back(eng):
     pc.save(filled(eng, a))
     far = a[:40] + tokens(5, 20, v)  # shares 40, but the entry's rings cannot rewind 60 tokens
     entry = pc.entries[0]
-    assert eng.runner.prompt_reuse(empty, far, entry.tokens, entry.checkpoint) == 0 and pc.restore_best(empty, far) == 0
-    assert eng.runner.prompt_reuse(empty, a[:90], entry.tokens, entry.checkpoint) == 89  # within reach of the rings
+    assert eng.runner.prompt_reuse(empty, far, entry.tokens, entry.checkpoints) == 0 and pc.restore_best(empty, far) == 0
+    assert eng.runner.prompt_reuse(empty, a[:90], entry.tokens, entry.checkpoints) == 89  # within reach of the rings
 
 
 def test_an_entry_comes_back_to_its_prompt_past_what_the_rings_can_rewind(eng):
@@ -95,7 +95,7 @@ def test_an_entry_comes_back_to_its_prompt_past_what_the_rings_can_rewind(eng):
     eng.runner.eval([slot], [generated])
     pc = PromptCache(eng.runner, 64 << 20)
     pc.save(slot)
-    assert pc.entries[0].checkpoint is slot.checkpoint and pc.entries[0].checkpoint.n == len(prompt)
+    assert pc.entries[0].checkpoints == slot.checkpoints and [c.n for c in slot.checkpoints] == [len(prompt)]
     eng.runner.truncate(slot, 0)
     eng.runner.eval([slot], [tokens(14, 50, v)])  # another conversation takes the slot
     follow = prompt + tokens(15, 12, v)  # the next turn: the reasoning is not rendered again
@@ -107,7 +107,7 @@ def test_an_entry_comes_back_to_its_prompt_past_what_the_rings_can_rewind(eng):
     bare = PromptCache(eng.runner, 64 << 20)  # the same contents without a checkpoint: unusable
     other = filled(eng, prompt + generated)
     bare.save(other)
-    assert eng.runner.prompt_reuse(other, follow, bare.entries[0].tokens, None) == 0
+    assert eng.runner.prompt_reuse(other, follow, bare.entries[0].tokens, ()) == 0
 
 
 def test_the_oldest_go_first_past_the_byte_limit(eng):

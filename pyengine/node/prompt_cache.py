@@ -29,7 +29,7 @@ class Entry:
     tokens: list[int]
     rows: list[np.ndarray]
     nbytes: int
-    checkpoint: Checkpoint | None  # the slot's, shared (checkpoints are never written to)
+    checkpoints: tuple[Checkpoint, ...]  # the slot's, shared (checkpoints are never written to)
 
 
 class PromptCache:
@@ -50,12 +50,12 @@ class PromptCache:
         rows = self.runner.used_rows(slot)
         if rows is None:
             return
-        size = sum(r.nbytes for r in rows) + (slot.checkpoint.nbytes if slot.checkpoint else 0)
+        size = sum(r.nbytes for r in rows) + sum(c.nbytes for c in slot.checkpoints)
         if size > self.max_bytes or any(e.tokens[:len(tokens)] == tokens for e in self.entries):
             return
         for e in [e for e in self.entries if tokens[:len(e.tokens)] == e.tokens]:
             self._drop(e)
-        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size, slot.checkpoint))
+        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size, slot.checkpoints))
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             self._drop(self.entries[0])
@@ -65,13 +65,13 @@ class PromptCache:
         it beats what the slot holds (whose contents are saved first); the prompt tokens the slot
         now offers, or 0."""
         reuse = self.runner.prompt_reuse
-        gain, best = max(((reuse(slot, prompt, e.tokens, e.checkpoint), e) for e in self.entries),
+        gain, best = max(((reuse(slot, prompt, e.tokens, e.checkpoints), e) for e in self.entries),
                          key=lambda pair: pair[0], default=(0, None))
         if best is None or gain <= reuse(slot, prompt):
             return 0
         self.save(slot)
         if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens,
-                                                                                   best.checkpoint):
+                                                                                   best.checkpoints):
             return 0  # the save pushed it out, or it no longer fits this slot
         self._drop(best)
         self.restored += 1

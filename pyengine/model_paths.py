@@ -13,8 +13,10 @@ an Ollama blob in ~/.ollama/models/blobs/) is followed, as the README tells user
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 from pyengine.errors import ModelLoadError
@@ -102,19 +104,26 @@ def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike
     resolve_model_name. Errors say what is wrong with what was passed (a folder, a missing file)."""
     path = Path(path_or_name).expanduser()
     text = os.fspath(path_or_name)
-    if path.is_file():
+    try:
+        mode: int | None = path.stat().st_mode
+    except OSError as e:  # missing, or a name too long to exist
+        if e.errno == errno.ENAMETOOLONG:
+            raise ModelLoadError(f"Model file not found: {text[:80]}... (a name longer than the file system "
+                                 f"allows)") from None
+        mode = None
+    if mode is not None and stat.S_ISREG(mode):
         return path
     explicit = isinstance(path_or_name, os.PathLike) or os.sep in text or bool(os.altsep and os.altsep in text)
-    if explicit and path.is_dir():
+    if explicit and mode is not None and stat.S_ISDIR(mode):
         raise ModelLoadError(_folder_message(text, path))
-    if explicit and path.exists():  # a device, a FIFO, a socket: nothing to map
+    if explicit and mode is not None:  # a device, a FIFO, a socket: nothing to map
         raise ModelLoadError(f"{text} is not a regular file, so not a GGUF file")
     if explicit:
         raise ModelLoadError(f"Model file not found: {text}")
     try:
         return resolve_model_name(text, models_dir)
     except ModelLoadError as e:
-        if path.is_dir():
+        if mode is not None and stat.S_ISDIR(mode):
             raise ModelLoadError(f"{_folder_message(text, path)}; nor is it a model name: {e}") from None
         if text.endswith(".gguf"):
             raise ModelLoadError(f"Model file not found: {text} (no such file here; as a name: {e})") from None

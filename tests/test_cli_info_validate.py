@@ -65,6 +65,9 @@ def test_info_accepts_a_name_and_models_dir(model, tmp_path):
     assert r.returncode == 1 and r.stderr == "[ERROR] Model file not found: ../etc/x\n"
     r = cli("info", "/dev/null", cwd=tmp_path)  # there, but not a file
     assert r.returncode == 1 and r.stderr == "[ERROR] /dev/null is not a regular file, so not a GGUF file\n"
+    for long in ("x" * 300, f"{tmp_path}/{'y' * 300}.gguf"):  # too long to exist: an error, not a traceback
+        r = cli("info", long, "--models-dir", model.parent, cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr.startswith("[ERROR] Model file not found: ") and "longer than the file system allows" in r.stderr
 
 
 def test_validate_ok_and_deep(model, tmp_path):

@@ -83,7 +83,8 @@ class Runner:
 
     n_batch: most tokens of one sequence per forward call (longer inputs take several rounds).
     `cache_type(model, n_ctx, n_batch)` builds the native cache. n_checkpoints: most checkpoints a
-    cache keeps (llama-server's --ctx-checkpoints, default 8 as there); 0 takes none."""
+    cache keeps (llama-server's --ctx-checkpoints, 8 by default as in llama.cpp's earlier
+    releases, which later raised it to 32; here each is ~16 MB for gpt-oss-20b); 0 takes none."""
 
     def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None,
                  n_checkpoints: int = 8) -> None:

@@ -541,3 +541,35 @@ cdef class CudaKVCache:
     def max_batch(self, int64_t window) -> int:
         """Most tokens one forward call may add without a sliding ring overwriting keys it needs."""
         return min(self.n_slots) - window + 1 if min(self.n_slots) < self.n_ctx else self.n_ctx
+
+    def _ring_parts(self) -> list:
+        """Per sliding layer that wraps (fewer slots than the context), K then V: the CPU-run
+        layers' arrays of cpu_cache, the GPU layers' device buffers."""
+        parts = []
+        for l, slots in enumerate(self.n_slots):
+            if slots >= self.n_ctx:
+                continue
+            if l < self.model.first_gpu_layer:
+                parts += [self.cpu_cache.k[l], self.cpu_cache.v[l]]
+            else:
+                parts += self.bufs[2 * (l - self.model.first_gpu_layer):2 * (l - self.model.first_gpu_layer) + 2]
+        return parts
+
+    def ring_copies(self) -> tuple:
+        """Host copies of the sliding rings, K and V per layer (the GPU layers' downloaded as
+        bytes): a checkpoint's contents (pyengine/runner.py Checkpoint), as KVCache.ring_copies."""
+        return tuple(p.copy() if isinstance(p, np.ndarray) else (<DevBuf> p).download((p.nbytes,), np.uint8)
+                     for p in self._ring_parts())
+
+    def put_rings(self, rings) -> None:
+        """Write arrays ring_copies gave back into the rings (a rewind to a checkpoint)."""
+        cdef cnp.ndarray host
+        cdef DevBuf buf
+        for part, saved in zip(self._ring_parts(), rings):
+            if isinstance(part, np.ndarray):
+                part[...] = saved
+                continue
+            buf, host = part, np.ascontiguousarray(saved, dtype=np.uint8)
+            if <size_t> host.nbytes != buf.nbytes:
+                raise ValueError(f"a ring of {buf.nbytes} bytes cannot take {host.nbytes}")
+            _check(pe_cu_copy_to_device(buf.p, cnp.PyArray_DATA(host), buf.nbytes))

@@ -347,6 +347,22 @@ cdef class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
+    @property
+    def rings(self) -> list:
+        """The sliding layers' K then V arrays that wrap (fewer slots than the context): what a
+        checkpoint copies (pyengine/runner.py Checkpoint)."""
+        ring = [l for l in range(self.n_layer) if self.n_slots[l] < self.n_ctx]
+        return [self.k[l] for l in ring] + [self.v[l] for l in ring]
+
+    def ring_copies(self) -> tuple:
+        """Copies of `rings` (a checkpoint's contents)."""
+        return tuple(x.copy() for x in self.rings)
+
+    def put_rings(self, rings) -> None:
+        """Write arrays ring_copies gave back into the rings (a rewind to a checkpoint)."""
+        for x, r in zip(self.rings, rings):
+            x[...] = r
+
     def _c_layers(self) -> int:
         """Address of the C pe_kv_layer array (for pyengine._cuda's split CPU/GPU caches; valid
         while this object lives)."""

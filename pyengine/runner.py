@@ -238,24 +238,20 @@ class Runner:
 
     @staticmethod
     def rings(cache: Cache) -> list[np.ndarray] | None:
-        """The sliding layers' K then V rings of `cache` (None where there are none or the host
-        cannot read them: CUDA)."""
-        arrays = Runner._host_arrays(cache)
-        if arrays is None:
+        """Host views of the sliding layers' K then V rings of `cache` (None where there are none
+        or the host cannot read them in place: CUDA)."""
+        if Runner._host_arrays(cache) is None:
             return None
-        slots = [*cache.native.n_slots, *cache.native.n_slots]
-        rings = [x for x, n in zip(arrays, slots) if n < cache.n_ctx]
-        return rings or None
+        return list(cache.native.rings) or None
 
     def take_checkpoint(self, cache: Cache) -> None:
         """Remember `cache`'s sliding rings as they are now (see Checkpoint; for gpt-oss-20b with
-        the f16 cache and n_batch 512, a copy of ~16 MB), in place of one at the same count; past
-        n_checkpoints the oldest goes."""
-        rings = self.rings(cache) if self.n_checkpoints else None
-        if rings is not None:
+        the f16 cache and n_batch 512, a copy of ~16 MB, from the device for a CUDA cache), in
+        place of one at the same count; past n_checkpoints the oldest goes."""
+        rings = cache.native.ring_copies() if self.n_checkpoints and cache.native is not None else ()
+        if rings:
             kept = tuple(c for c in cache.checkpoints if c.n < cache.n_past)
-            new = Checkpoint(cache.n_past, tuple(r.copy() for r in rings))
-            cache.checkpoints = (*kept, new)[-self.n_checkpoints:]
+            cache.checkpoints = (*kept, Checkpoint(cache.n_past, rings))[-self.n_checkpoints:]
 
     def reusable(self, cache: Cache, n: int, held: int | None = None,
                  checkpoints: Sequence[Checkpoint] = ()) -> int:
@@ -303,8 +299,7 @@ class Runner:
             raise ValueError(f"truncate({n}): must be between 0 and n_past={cache.n_past}")
         kept, source = self._rewind_source(cache, n, cache.n_past, cache.checkpoints)
         if source is not None:  # its rings replace what came later
-            for ring, saved in zip(self.rings(cache), source.rings):
-                ring[...] = saved
+            cache.native.put_rings(source.rings)
         cache.tokens = cache.tokens[:kept]
         cache.checkpoints = tuple(c for c in cache.checkpoints if c.n <= kept)
         return kept

@@ -147,6 +147,38 @@ def test_graph_follows_the_cache(gpu, swa_file):
     assert graph.graphs_active
 
 
+def test_checkpoints_rewind_past_the_rings_on_gpu(gpu, tmp_path):
+    """A CUDA cache's sliding-ring checkpoints (its rings copied to the host and back; here layer 0
+    runs on the CPU and slides, layer 2 slides on the GPU): rewinding further back than the rings
+    keep, to a checkpoint or from one taken a little after the point, continues as a fresh context
+    on the same device that evaluated the same chunks."""
+    path = tmp_path / "swa3.gguf"
+    write_gptoss_gguf(path, arch="gpt-oss", n_layer=3, seed=6, drop_keys=("attention.sliding_window",),
+                      extra_keys={"gpt-oss.attention.sliding_window": (16, GGUFValueType.UINT32)})
+    toks = prompt(36, seed=31)
+
+    def engine():
+        return pyengine.Engine(str(path), n_ctx=128, n_threads=2, exact=True, n_batch=8, device="cuda",
+                               n_gpu_layers=2)
+
+    eng, fresh = engine(), engine()
+    runner, cache = eng.runner, eng._cache
+    assert [n < 128 for n in cache.native.n_slots] == [True, False, True]
+    assert 20 - 18 <= cache.native.max_batch(16) < 36 - 25  # 25: past what the rings keep; 18: within reach of 20
+    eng.eval(toks[:20])
+    runner.take_checkpoint(cache)
+    eng.eval(toks[20:])
+    assert [c.n for c in cache.checkpoints] == [20]
+    for n, kept in ((25, 20), (18, 18)):  # to the checkpoint; from it
+        assert runner.rewind(cache, n) == kept
+        got = eng.eval(toks[kept:], logits_all=True)
+        fresh.reset()
+        fresh.eval(toks[:20])
+        fresh.truncate(kept)
+        assert rel(got, fresh.eval(toks[kept:], logits_all=True)) < 1e-6, n
+    assert cache.checkpoints == ()  # the rewind to 18 went before it
+
+
 def test_save_and_load_state_need_a_host_cache(gpu, files):
     eng = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True, device="cuda")
     eng.eval(prompt(4, seed=23))

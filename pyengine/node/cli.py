@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    dest="ctx_checkpoints",
                    help="checkpoints of the sliding-window layers' KV a slot keeps, one at the end of each prompt, so "
                         "that a next turn, an edited or repeated turn is not evaluated from the start (default 8, "
-                        "~16 MB each for gpt-oss-20b; 0: none; CPU caches only)")
+                        "~16 MB each for gpt-oss-20b, in host memory; 0: none)")
     p.add_argument("--slot-save-path", default=None, metavar="DIR",
                    help="folder for slot files: POST /slots/{id}?action=save|restore writes and reads a slot's KV "
                         "cache there (created if missing; default: off, as in llama-server)")

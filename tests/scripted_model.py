@@ -34,6 +34,9 @@ class Unbounded:
     def max_batch(self, window: int) -> int:
         return self.n_ctx
 
+    def ring_copies(self) -> tuple:
+        return ()  # no sliding rings: nothing to checkpoint
+
 
 class _Model:
     def __init__(self, n_vocab: int, n_layer: int = 2, n_expert: int = 4) -> None:

@@ -28,7 +28,7 @@ from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.repack_cache import repacked_weights
 from pyengine.resident import resident_copy
-from pyengine.runner import Cache, Runner
+from pyengine.runner import DEFAULT_CHECKPOINTS, Cache, Runner
 from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
 
@@ -116,7 +116,7 @@ class Engine:
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
                  cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True, use_mmap: bool = True,
-                 ctx_checkpoints: int = 8) -> None:
+                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
         configure(verbose)
         self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_CHECKPOINTS = 8  # sliding-ring checkpoints a cache keeps unless told (see Runner)
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of a and b (slice comparisons: C speed, log steps)."""
@@ -87,7 +89,7 @@ class Runner:
     releases, which later raised it to 32; here each is ~16 MB for gpt-oss-20b); 0 takes none."""
 
     def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None,
-                 n_checkpoints: int = 8) -> None:
+                 n_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
         self.model = model
         self.n_vocab = int(model.n_vocab)
         self.n_threads = int(n_threads)

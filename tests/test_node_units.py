@@ -109,6 +109,12 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
         parser.parse_args(["-m", "x", "--ctx-checkpoints", "-1"])
     assert cli.run(parser.parse_args(["-m", "x", "--ctx-checkpoints", "0"])) == 0 and served[-1].ctx_checkpoints == 0
     assert cli.run(parser.parse_args(["-m", "x"])) == 0 and served[-1].ctx_checkpoints == 8
+    from pyengine.commands import _terminal  # run and chat take the same flag into Engine(ctx_checkpoints=)
+    from pyengine.commands._device import cache_options
+
+    terminal = argparse.ArgumentParser()
+    _terminal.add_arguments(terminal)
+    assert [cache_options(terminal.parse_args(["m", *a]))["ctx_checkpoints"] for a in ([], ["--ctx-checkpoints", "2"])] == [8, 2]
     assert NodeConfig.from_env({}, slot_save_path=None).slot_save_path is None  # off by default
     folder = tmp_path / "a" / "slots"
     assert cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(folder)])) == 0

@@ -31,6 +31,11 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repack", action="store_true",
                    help="decode every weight from the model file's layout, without the repack cache file "
                         "(MODEL.gguf.pyengine-r16) that is otherwise built beside the model on first load")
+    p.add_argument("--ctx-checkpoints", "--swa-checkpoints", type=integer(0), default=None, metavar="N",
+                   dest="ctx_checkpoints",
+                   help="checkpoints of the sliding-window layers' KV a cache (a slot) keeps, one at the end of each "
+                        "prompt, so that a next turn, a regenerated or edited turn is not evaluated from the start "
+                        "(default 8, ~16 MB each for gpt-oss-20b, in host memory; 0: none)")
     p.add_argument("--no-mmap", action="store_true",
                    help="copy the weights into process memory at load instead of reading them where the files "
                         "are mapped (seconds more at load, the weights' size in RSS; faster decode where the "
@@ -41,9 +46,11 @@ def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """Engine keyword arguments of the KV cache and weight-memory flags; an unknown type is an OptionError."""
     from pyengine._model import DEFAULT_KV_CACHE_TYPE, kv_cache_type
     from pyengine.errors import OptionError
+    from pyengine.runner import DEFAULT_CHECKPOINTS
     try:
         return {"cache_type_k": kv_cache_type(args.cache_type_k or DEFAULT_KV_CACHE_TYPE, "--cache-type-k"),
                 "cache_type_v": kv_cache_type(args.cache_type_v or DEFAULT_KV_CACHE_TYPE, "--cache-type-v"),
-                "repack": not args.no_repack, "use_mmap": not args.no_mmap}
+                "repack": not args.no_repack, "use_mmap": not args.no_mmap,
+                "ctx_checkpoints": DEFAULT_CHECKPOINTS if args.ctx_checkpoints is None else args.ctx_checkpoints}
     except ValueError as e:
         raise OptionError(str(e)) from None

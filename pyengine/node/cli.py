@@ -63,11 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host memory in MiB for slot contents a new request would overwrite, written back when a "
                         "later prompt continues them (default 8192, at most a quarter of the memory available beyond the model; "
                         "0: off; CPU caches only)")
-    p.add_argument("--ctx-checkpoints", "--swa-checkpoints", type=integer(0), default=None, metavar="N",
-                   dest="ctx_checkpoints",
-                   help="checkpoints of the sliding-window layers' KV a slot keeps, one at the end of each prompt, so "
-                        "that a next turn, an edited or repeated turn is not evaluated from the start (default 8, "
-                        "~16 MB each for gpt-oss-20b, in host memory; 0: none)")
     p.add_argument("--slot-save-path", default=None, metavar="DIR",
                    help="folder for slot files: POST /slots/{id}?action=save|restore writes and reads a slot's KV "
                         "cache there (created if missing; default: off, as in llama-server)")
@@ -175,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
                                  models_dir=args.models_dir, ctx_size=args.ctx_size, n_batch=args.batch_size,
                                  parallel=args.parallel, threads=args.threads, max_queue=args.max_queue,
                                  cache_ram_mib=args.cache_ram, slot_save_path=args.slot_save_path,
-                                 ctx_checkpoints=args.ctx_checkpoints,
                                  api_key=args.api_key or _api_key_file(args.api_key_file), verbose=args.verbose,
                                  router_url=args.router_url,
                                  pull_sources=tuple(args.pull_source or ()) or None,

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyengine.runner import DEFAULT_CHECKPOINTS
+
 DEFAULT_MODELS_DIR = Path("~/.llm-router/models")
 # A full 131,072-token context as JSON token ids is under 1 MiB, as text a few MiB at most.
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -48,7 +50,7 @@ class NodeConfig:
     use_mmap: bool = True  # weights read where the files are mapped (off with --no-mmap: copied at load)
     cache_ram_mib: int | None = None  # prompt cache in host memory (--cache-ram); None: prompt_cache_bytes() decides
     slot_save_path: Path | None = None  # the folder of POST /slots/{id} files (--slot-save-path); None: off
-    ctx_checkpoints: int = 8  # sliding-ring checkpoints a slot keeps (--ctx-checkpoints)
+    ctx_checkpoints: int = DEFAULT_CHECKPOINTS  # sliding-ring checkpoints a slot keeps (--ctx-checkpoints)
 
     def prompt_cache_bytes(self, available: int | None, model_bytes: int) -> int:
         """Bytes the prompt cache may hold: --cache-ram MiB, else llama-server's default of 8 GiB,

@@ -20,7 +20,7 @@ from pyengine.gguf_reader import type_name
 from pyengine.model_file import ModelFile, open_model
 from pyengine.node.backend import Backend, ModelInfo
 from pyengine.node.config import NodeConfig
-from pyengine.runner import Cache
+from pyengine.runner import DEFAULT_CHECKPOINTS, Cache
 
 MIN_SLOT_CTX = 512
 
@@ -35,7 +35,7 @@ class EngineBackend(Backend):
                  device: str = "cpu", n_gpu_layers: int | None = None, cpu_moe: bool = False,
                  chat_template: str | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  repack: bool = True, use_mmap: bool = True, n_batch: int | None = None,
-                 ctx_checkpoints: int = 8) -> None:
+                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
         self.model_file = model_file
         self.chat_template = chat_template
         opts = dict(n_threads=n_threads, verbose=verbose, device=device, n_gpu_layers=n_gpu_layers,

@@ -128,6 +128,7 @@ class Engine:
             raise ValueError(f"n_ctx must be >= 0, got {n_ctx}")
         if int(ctx_checkpoints) < 0:
             raise ValueError(f"ctx_checkpoints must be >= 0, got {ctx_checkpoints}")
+        self.ctx_checkpoints = int(ctx_checkpoints)
         self.model_file = model if isinstance(model, ModelFile) else open_model(model, models_dir)
         self.hparams = self.model_file.hparams
         self.metadata: dict[str, Any] = self.model_file.metadata
@@ -164,7 +165,7 @@ class Engine:
         cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
         self.runner = Runner(self._model, self.n_threads, self.n_batch,
                              partial(cache, type_k=self.cache_type_k, type_v=self.cache_type_v),
-                             int(ctx_checkpoints))
+                             self.ctx_checkpoints)
         self._cache = self.runner.new_cache(self.n_ctx)
         self.n_prompt_reused = 0  # prompt tokens the last generation took from the KV cache
         logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (K %s, V %s)", self.device,
@@ -179,7 +180,7 @@ class Engine:
         """ContextMemoryError when n_caches KV caches of n_ctx positions exceed the free memory plus
         `held` (bytes of those caches already taken from it): refused up front, not by an allocation
         that fails or, where memory is overcommitted, an OOM kill."""
-        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        per_pos, fixed = self._kv_bytes(n_ctx)
         need, free = n_caches * (per_pos * n_ctx + fixed), self._free_memory()
         if free is None:  # unknown: no check
             return
@@ -189,6 +190,16 @@ class Engine:
             raise ContextMemoryError(f"{caches} {need / 2 ** 30:.1f} GiB of KV cache and "
                                      f"{free / 2 ** 30:.1f} GiB is available: use a smaller context "
                                      f"(or a q8_0 KV cache, half the size of f16)")
+
+    def _kv_bytes(self, n_ctx: int | None = None) -> tuple[int, int]:
+        """(bytes per context position, fixed bytes) of one KV cache of this engine. On the CPU the
+        fixed part counts the copies of the sliding rings its checkpoints may hold (ctx_checkpoints;
+        none where the rings do not wrap in n_ctx): they take the same memory. A CUDA cache's
+        checkpoints live in host memory, not in the device memory checked here."""
+        per_pos, rings = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        wraps = n_ctx is None or n_ctx > self.hparams.sliding_window + self.n_batch
+        copies = self.ctx_checkpoints if self.device == "cpu" and wraps else 0
+        return per_pos, rings * (1 + copies)
 
     def check_slots_fit(self, n_slots: int) -> None:
         """ContextMemoryError unless n_slots KV caches of this engine's n_ctx fit, its own cache
@@ -203,7 +214,7 @@ class Engine:
                 logger.warning("n_ctx=%d is larger than the model's trained context %d", n_ctx, trained)
             self.check_kv_fits(int(n_ctx))
             return int(n_ctx)
-        per_pos, fixed = self._model.kv_bytes_per_token(self.n_batch, self.cache_type_k, self.cache_type_v)
+        per_pos, fixed = self._kv_bytes()
         free = self._free_memory()
         n = min(trained, MAX_DEFAULT_CTX)
         if free is not None and per_pos:

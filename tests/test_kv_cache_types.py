@@ -306,10 +306,13 @@ def test_memory_uses_the_element_size(model_path):
     assert mixed._cache.nbytes == (sizes["q8_0"] + sizes["f32"]) // 2
 
 
+NO_COPIES = {"ctx_checkpoints": 0}  # sizes below without the rings' checkpoint copies (counted: the test after)
+
+
 def test_default_context_fits_more_positions_with_smaller_types(model_path, monkeypatch):
     # 6 MiB free: the default n_ctx is what half of it holds, so it follows the element size
     monkeypatch.setattr(engine_mod, "available_memory", lambda: 6 * 2 ** 20)
-    n = {name: pyengine.Engine(model_path, n_threads=1, cache_type_k=name, cache_type_v=name).n_ctx
+    n = {name: pyengine.Engine(model_path, n_threads=1, cache_type_k=name, cache_type_v=name, **NO_COPIES).n_ctx
          for name in ("f32", "f16")}
     assert n["f16"] > 1.5 * n["f32"]
 
@@ -318,21 +321,21 @@ def test_an_explicit_context_that_does_not_fit_is_refused_before_allocating(mode
     # 6 MiB free: 1024 positions fit, a context of 10**11 positions (a typo'd -c) is refused with the
     # sizes, where it used to fail inside numpy's allocation (or, when it overcommits, in an OOM kill)
     monkeypatch.setattr(engine_mod, "available_memory", lambda: 6 * 2 ** 20)
-    assert pyengine.Engine(model_path, n_ctx=1024, n_threads=1).n_ctx == 1024
+    assert pyengine.Engine(model_path, n_ctx=1024, n_threads=1, **NO_COPIES).n_ctx == 1024
     with pytest.raises(ContextMemoryError, match=r"n_ctx=100000000000 needs .* GiB of KV cache and 0.0 GiB is available"):
-        pyengine.Engine(model_path, n_ctx=10 ** 11, n_threads=1)
-    per_pos, fixed = pyengine.Engine(model_path, n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "q8_0", "q8_0")
-    fits = (6 * 2 ** 20 - fixed) // per_pos  # the q8_0 cache holds more positions in the same memory
-    assert pyengine.Engine(model_path, n_ctx=fits, n_threads=1, cache_type_k="q8_0", cache_type_v="q8_0").n_ctx == fits
+        pyengine.Engine(model_path, n_ctx=10 ** 11, n_threads=1, **NO_COPIES)
+    per_pos, rings = pyengine.Engine(model_path, n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "q8_0", "q8_0")
+    fits = (6 * 2 ** 20 - rings) // per_pos  # the q8_0 cache holds more positions in the same memory
+    assert pyengine.Engine(model_path, n_ctx=fits, n_threads=1, cache_type_k="q8_0", cache_type_v="q8_0", **NO_COPIES).n_ctx == fits
     with pytest.raises(ContextMemoryError):
-        pyengine.Engine(model_path, n_ctx=fits, n_threads=1)  # f16 at the same n_ctx does not fit
+        pyengine.Engine(model_path, n_ctx=fits, n_threads=1, **NO_COPIES)  # f16 at the same n_ctx does not fit
 
 
 def test_slots_count_the_engines_own_cache_once_it_holds_device_memory(model_path, monkeypatch):
     # free memory for exactly two caches: on the CPU the first cache's calloc'd pages are not yet
     # taken, so two slots fit and three do not; on a GPU the first cache is already allocated, so
     # the same check with one cache's worth left free still admits two slots
-    eng = pyengine.Engine(model_path, n_ctx=1024, n_threads=1)
+    eng = pyengine.Engine(model_path, n_ctx=1024, n_threads=1, **NO_COPIES)
     size = eng._cache.nbytes
     monkeypatch.setattr(eng, "_free_memory", lambda: 2 * size)
     eng.check_slots_fit(2)
@@ -343,6 +346,22 @@ def test_slots_count_the_engines_own_cache_once_it_holds_device_memory(model_pat
     eng.check_slots_fit(2)
     with pytest.raises(ContextMemoryError, match=r"^3 KV caches of n_ctx=1024 need"):
         eng.check_slots_fit(3)
+
+
+def test_ring_checkpoints_count_in_what_slots_need(model_path, monkeypatch):
+    """On the CPU each cache's checkpoints (ctx_checkpoints copies of its sliding rings at most)
+    take the same memory, so the slots' check counts them; on a GPU they are in host memory."""
+    eng = pyengine.Engine(model_path, n_ctx=1024, n_threads=1, ctx_checkpoints=3)
+    size, rings = eng._cache.nbytes, sum(r.nbytes for r in eng.runner.rings(eng._cache))
+    assert rings > 0
+    monkeypatch.setattr(eng, "_free_memory", lambda: 2 * (size + 3 * rings))
+    eng.check_slots_fit(2)
+    monkeypatch.setattr(eng, "_free_memory", lambda: 2 * (size + 3 * rings) - 1)
+    with pytest.raises(ContextMemoryError, match=r"^2 KV caches of n_ctx=1024 need"):
+        eng.check_slots_fit(2)
+    monkeypatch.setattr(eng, "device", "cuda:0")
+    monkeypatch.setattr(eng, "_free_memory", lambda: size)  # one more cache's worth on the device
+    eng.check_slots_fit(2)
 
 
 def test_default_is_f16_and_names_are_checked(model_path):

@@ -313,9 +313,10 @@ def test_default_context_is_shared_between_slots(model_path):
 
 
 def test_every_slots_cache_must_fit_in_memory(model_path, monkeypatch):
-    # memory for 3 caches of 1024 positions: -c 2048 -np 2 loads, -c 4096 -np 4 is refused up front
-    per_pos, fixed = Engine(open_model(model_path), n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "f16", "f16")
-    monkeypatch.setattr(engine_mod, "available_memory", lambda: 3 * (1024 * per_pos + fixed))
+    # memory for 3 caches of 1024 positions (with the 8 checkpoint copies of their rings each):
+    # -c 2048 -np 2 loads, -c 4096 -np 4 is refused up front
+    per_pos, rings = Engine(open_model(model_path), n_ctx=64, n_threads=1)._model.kv_bytes_per_token(512, "f16", "f16")
+    monkeypatch.setattr(engine_mod, "available_memory", lambda: 3 * (1024 * per_pos + 9 * rings))
     assert EngineBackend.load(NodeConfig(model=str(model_path), parallel=2, ctx_size=2048, threads=1)).info.n_ctx == 1024
     with pytest.raises(ContextMemoryError, match=r"^4 KV caches of n_ctx=1024 need .* GiB of KV cache and"):
         EngineBackend.load(NodeConfig(model=str(model_path), parallel=4, ctx_size=4096, threads=1))

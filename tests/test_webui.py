@@ -299,6 +299,37 @@ def test_chat_streams_the_reply_and_stop_frees_the_slot(browser, demo_node, scre
     browser.save_screenshot(str(screenshots / "webui-chat.png"))
 
 
+def test_regenerate_asks_the_last_message_again_from_the_slots_cache(browser, demo_node):
+    """Regenerate replaces the last reply with a new one to the same conversation (greedy here: the
+    same answer), the node taking that whole prompt but its last token from the slot's cache; the
+    chat then goes on from the new reply."""
+    url = demo_node
+    open_page(browser, url)
+    wait_for(lambda: by_id(browser, "model-name").text == "gpt-oss-demo", what="the model name")
+    set_options(browser)
+    regenerate = by_id(browser, "regenerate")
+    assert regenerate.get_attribute("disabled") is not None  # nothing to ask again yet
+    say(browser, "Name three rivers.")
+    wait_for(lambda: replies(browser) and finished(browser), 60, "the reply")
+    first = replies(browser)[0].find_element("css selector", ".answer").text
+
+    def counters() -> tuple[float, float]:
+        return gauge(url, "prompt_tokens_total"), gauge(url, "prompt_tokens_cached_total")
+
+    prompt0, cached0 = counters()
+    regenerate.click()
+    wait_for(lambda: finished(browser) and regenerate.get_attribute("disabled") is None, 60, "the new reply")
+    assert [m.text for m in browser.find_elements("css selector", "#messages .msg.user")] == ["Name three rivers."]
+    (reply,) = replies(browser)
+    assert first and reply.find_element("css selector", ".answer").text == first
+    prompt1, cached1 = counters()
+    assert cached1 - cached0 == prompt1 - prompt0 - 1 > 0
+    say(browser, "And three lakes?")
+    wait_for(lambda: len(replies(browser)) == 2 and finished(browser), 60, "the next turn")
+    assert len(browser.find_elements("css selector", "#messages .msg.user")) == 2
+    assert console_errors(browser) == []
+
+
 def test_status_shows_the_model_and_expert_heatmap_matching_metrics(browser, demo_node, screenshots):
     url = demo_node
     open_page(browser, url)

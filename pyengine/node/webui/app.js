@@ -13,6 +13,7 @@
     history: [],        // the conversation as sent to the API
     chat: 0,            // which conversation that is ("New chat" starts the next)
     controller: null,   // AbortController of the running request
+    last: null,         // the last exchange: {text, bubbles, pushed (entries it added to history)}
     statusTimer: null,
     absent: new Set(),  // optional routes this node does not have (404 once)
   };
@@ -213,6 +214,7 @@
   function busy(running) {
     $("send").disabled = running;
     $("stop").disabled = !running;
+    $("regenerate").disabled = running || !page.last;
   }
 
   async function send(text) {
@@ -266,16 +268,30 @@
       }
     } finally {
       page.controller = null;
-      busy(false);
       reply.draw();
+      let pushed = 0;
       if (ok && chat === page.chat) {
         page.history.push(turn);
         const m = reply.message();
         if (m) page.history.push(m);
+        pushed = m ? 2 : 1;
       } else if (!ok) {
         user.classList.add("failed");
       }
+      if (chat === page.chat) page.last = { text, bubbles: [user, reply.root], pushed };
+      busy(false);
     }
+  }
+
+  // The last message again, in place of its reply (or of its failure): the same conversation up to
+  // it, so the node takes that prompt from the slot's cache (its checkpoint at the prompt's end).
+  function regenerate() {
+    const last = page.last;
+    if (page.controller || !last) return;
+    page.last = null;
+    for (const el of last.bubbles) el.remove();
+    page.history.splice(page.history.length - last.pushed, last.pushed);
+    send(last.text);
   }
 
   function stop() {
@@ -286,6 +302,8 @@
     stop();
     page.chat++;
     page.history = [];
+    page.last = null;
+    busy(false);
     $("messages").replaceChildren($("empty-hint"));
     $("empty-hint").hidden = false;
   }
@@ -500,6 +518,7 @@
       }
     });
     $("stop").addEventListener("click", stop);
+    $("regenerate").addEventListener("click", regenerate);
     $("clear").addEventListener("click", newChat);
     $("key-button").addEventListener("click", () => askKey("The API key this page sends to the node."));
     $("key-save").addEventListener("click", saveKey);

@@ -545,14 +545,14 @@ cdef class CudaKVCache:
     def _ring_parts(self) -> list:
         """Per sliding layer that wraps (fewer slots than the context), K then V: the CPU-run
         layers' arrays of cpu_cache, the GPU layers' device buffers."""
-        parts = []
+        parts, first = [], self.model.first_gpu_layer
         for l, slots in enumerate(self.n_slots):
             if slots >= self.n_ctx:
                 continue
-            if l < self.model.first_gpu_layer:
+            if l < first:
                 parts += [self.cpu_cache.k[l], self.cpu_cache.v[l]]
             else:
-                parts += self.bufs[2 * (l - self.model.first_gpu_layer):2 * (l - self.model.first_gpu_layer) + 2]
+                parts += self.bufs[2 * (l - first):2 * (l - first) + 2]  # its K and V (__init__'s order)
         return parts
 
     def ring_copies(self) -> tuple:

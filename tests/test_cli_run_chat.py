@@ -67,6 +67,22 @@ def test_run_rejects_an_empty_or_too_long_prompt_a_missing_model_and_a_huge_cont
     assert r.returncode == 1 and "[ERROR] n_ctx=1000000000000 needs" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_chat_regen_answers_the_last_message_again_from_the_cache(model, tmp_path):
+    """/regen drops the last answer and asks the same conversation again: greedy, the same answer,
+    and the whole prompt but its last token comes from the KV cache."""
+    r = pyengine("chat", model, "--temperature", "0", "-n", "8", "--reasoning-effort", "low", "--stats",
+                 stdin="/regen\nHello there\n/regen\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[ERROR] /regen: no answer to replace yet" in r.stderr
+    stats = [line for line in r.stderr.splitlines() if "prompt tokens in" in line]
+    prompts = [int(line.split("[INFO] ")[1].split()[0]) for line in stats]
+    reused = [int(line.split("reused ")[1].split()[0]) for line in stats]
+    assert len(stats) == 2 and prompts[0] == prompts[1] and reused == [0, prompts[1] - 1]
+    first = greedy_reply(model, [{"role": "user", "content": "Hello there"}], 8)
+    if first["content"]:
+        assert r.stdout.count(first["content"]) == 2
+
+
 def test_chat_keeps_the_conversation_and_reuses_its_cache(model, tmp_path):
     r = pyengine("chat", model, "--temperature", "0", "-n", "8", "--reasoning-effort", "low", "--stats",
                  stdin="Hello there\n\nTell me more\n/reset\nHello there\n", cwd=tmp_path)

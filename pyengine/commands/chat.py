@@ -1,7 +1,9 @@
 """Interactive chat: `pyengine chat MODEL` (reasoning dimmed, the answer plain).
 
 Each turn renders the whole conversation in harmony; the prompt-prefix cache means only the new
-turn is evaluated. Commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply."""
+turn is evaluated. Commands: /regen answers the last message again (its prompt comes from the KV
+cache, through the checkpoint of the sliding rings taken at its end), /reset starts over, /exit (or
+Ctrl-D) quits; Ctrl-C stops a reply."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"pyengine chat: {eng.model_file.name} (n_ctx {eng.n_ctx}). /reset, /exit; Ctrl-C stops a reply.")
+        print(f"pyengine chat: {eng.model_file.name} (n_ctx {eng.n_ctx}). /regen, /reset, /exit; "
+              "Ctrl-C stops a reply.")
     while True:
         try:
             line = _read("> " if interactive else "")
@@ -43,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
         if line.strip() == "/reset":
             messages = list(system)
             continue
-        messages.append({"role": "user", "content": line})
+        if line.strip() == "/regen":
+            if not messages or messages[-1]["role"] != "assistant":
+                print("[ERROR] /regen: no answer to replace yet", file=sys.stderr)
+                continue
+            messages.pop()  # the same conversation up to the last message: asked again
+        else:
+            messages.append({"role": "user", "content": line})
         ids = eng.apply_chat_template(messages, reasoning_effort=args.reasoning_effort)
         if len(ids) >= eng.n_ctx:
             print(f"[ERROR] the conversation ({len(ids)} tokens) no longer fits n_ctx={eng.n_ctx}; /reset",

@@ -217,10 +217,10 @@ class Runner:
         `checkpoints` (shared: never written to; at increasing counts within the tokens). False,
         with `cache` untouched, when they do not fit its arrays (another model, context or cache
         type)."""
-        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
+        arrays = cls._host_arrays(cache) or []
         n = -(-len(tokens) // 16) * 16
         if len(tokens) > cache.n_ctx or len(arrays) != len(rows) or not all(
-                isinstance(x, np.ndarray) and isinstance(r, np.ndarray) and r.dtype == x.dtype and r.ndim == 3
+                isinstance(r, np.ndarray) and r.dtype == x.dtype and r.ndim == 3
                 and r.shape[0] == x.shape[0] and r.shape[2] == x.shape[2] and r.shape[1] == min(n, x.shape[1])
                 for x, r in zip(arrays, rows)):
             return False

@@ -113,8 +113,9 @@ def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike
         mode = None
     if mode is not None and stat.S_ISREG(mode):
         return path
+    is_dir = mode is not None and stat.S_ISDIR(mode)
     explicit = isinstance(path_or_name, os.PathLike) or os.sep in text or bool(os.altsep and os.altsep in text)
-    if explicit and mode is not None and stat.S_ISDIR(mode):
+    if explicit and is_dir:
         raise ModelLoadError(_folder_message(text, path))
     if explicit and mode is not None:  # a device, a FIFO, a socket: nothing to map
         raise ModelLoadError(f"{text} is not a regular file, so not a GGUF file")
@@ -123,7 +124,7 @@ def resolve_model(path_or_name: str | os.PathLike, models_dir: str | os.PathLike
     try:
         return resolve_model_name(text, models_dir)
     except ModelLoadError as e:
-        if mode is not None and stat.S_ISDIR(mode):
+        if is_dir:
             raise ModelLoadError(f"{_folder_message(text, path)}; nor is it a model name: {e}") from None
         if text.endswith(".gguf"):
             raise ModelLoadError(f"Model file not found: {text} (no such file here; as a name: {e})") from None

@@ -121,3 +121,32 @@ def test_the_oldest_go_first_past_the_byte_limit(eng):
     small = PromptCache(eng.runner, one - 1)  # larger than the whole limit: not kept
     small.save(filled(eng, tokens(11, 64, v)))
     assert not small.entries and small.nbytes == 0
+
+
+def test_a_checkpoint_two_entries_share_is_counted_once(eng):
+    """Two branches of one conversation saved from one slot share the checkpoint at their common
+    prompt's end: the limit counts its bytes once, so both fit where counting it twice would have
+    evicted the first."""
+    v = eng.n_vocab
+    prompt = tokens(16, 80, v)
+    slot = filled(eng, prompt)
+    eng.runner.take_checkpoint(slot)
+    eng.runner.eval([slot], [tokens(17, 60, v)])  # a first answer, then saved
+    rows_a = sum(r.nbytes for r in eng.runner.used_rows(slot))
+    checkpoint = slot.checkpoints[0]
+    pc = PromptCache(eng.runner, 64 << 20)
+    pc.save(slot)
+    assert eng.runner.rewind(slot, len(prompt)) == len(prompt)  # a second answer from the same prompt
+    eng.runner.eval([slot], [tokens(18, 70, v)])
+    rows_b = sum(r.nbytes for r in eng.runner.used_rows(slot))
+    assert slot.checkpoints == (checkpoint,) and checkpoint.nbytes > 0
+    pc.max_bytes = rows_a + rows_b + checkpoint.nbytes
+    pc.save(slot)
+    assert len(pc.entries) == 2 and pc.nbytes == rows_a + rows_b + checkpoint.nbytes
+    other = filled(eng, tokens(19, 40, v))  # one more entry: the oldest branch goes; the checkpoint stays with B
+    rows_c = sum(r.nbytes for r in eng.runner.used_rows(other))
+    assert rows_c <= rows_a
+    pc.save(other)
+    assert [len(e.tokens) for e in pc.entries] == [len(prompt) + 70, 40]
+    assert pc.nbytes == rows_b + checkpoint.nbytes + rows_c
+

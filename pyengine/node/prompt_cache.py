@@ -9,7 +9,8 @@ sliding layers' rings);
 when a request is admitted and an entry shares a longer usable prefix with its prompt than the
 slot does, that entry is written into the slot first (Runner.write_rows) and the request then
 reuses it as it reuses any cached prefix. An entry moves back into the slot (it is saved again
-when that slot is next overwritten); the oldest entries go first when the bytes pass the limit.
+when that slot is next overwritten); the oldest entries go first when the bytes pass the limit
+(a checkpoint that entries share, branches of one conversation, counted once).
 Only caches the host can read (the CPU's) take part. Used by the scheduler's worker thread only."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MIN_TOKENS = 32  # shorter contents are cheaper to evaluate again than to keep
 class Entry:
     tokens: list[int]
     rows: list[np.ndarray]
-    nbytes: int
+    rows_bytes: int
     checkpoints: tuple[Checkpoint, ...]  # the slot's, shared (checkpoints are never written to)
 
 
@@ -38,8 +39,14 @@ class PromptCache:
     def __init__(self, runner: Runner, max_bytes: int) -> None:
         self.runner, self.max_bytes = runner, max_bytes
         self.entries: collections.deque[Entry] = collections.deque()
-        self.nbytes = 0
         self.restored = 0  # entries written back into a slot
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: every entry's rows, and each checkpoint once (entries saved from one slot
+        share the checkpoints they both hold)."""
+        shared = {id(c): c.nbytes for e in self.entries for c in e.checkpoints}
+        return sum(e.rows_bytes for e in self.entries) + sum(shared.values())
 
     def save(self, slot: Cache) -> None:
         """Keep a copy of what `slot` holds (skipped when it is short, cannot be read, is larger
@@ -50,15 +57,15 @@ class PromptCache:
         rows = self.runner.used_rows(slot)
         if rows is None:
             return
-        size = sum(r.nbytes for r in rows) + sum(c.nbytes for c in slot.checkpoints)
-        if size > self.max_bytes or any(e.tokens[:len(tokens)] == tokens for e in self.entries):
+        rows_bytes = sum(r.nbytes for r in rows)
+        if rows_bytes + sum(c.nbytes for c in slot.checkpoints) > self.max_bytes or any(
+                e.tokens[:len(tokens)] == tokens for e in self.entries):
             return
         for e in [e for e in self.entries if tokens[:len(e.tokens)] == e.tokens]:
-            self._drop(e)
-        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], size, slot.checkpoints))
-        self.nbytes += size
+            self.entries.remove(e)
+        self.entries.append(Entry(list(tokens), [r.copy() for r in rows], rows_bytes, slot.checkpoints))
         while self.nbytes > self.max_bytes:
-            self._drop(self.entries[0])
+            self.entries.popleft()
 
     def restore_best(self, slot: Cache, prompt: list[int]) -> int:
         """Put into `slot` the entry that gives `prompt` the most reuse (Runner.prompt_reuse), when
@@ -73,10 +80,6 @@ class PromptCache:
         if all(e is not best for e in self.entries) or not self.runner.write_rows(slot, best.rows, best.tokens,
                                                                                    best.checkpoints):
             return 0  # the save pushed it out, or it no longer fits this slot
-        self._drop(best)
+        self.entries.remove(best)
         self.restored += 1
         return gain
-
-    def _drop(self, entry: Entry) -> None:
-        self.entries.remove(entry)
-        self.nbytes -= entry.nbytes

@@ -207,8 +207,10 @@ class Sequence:
         """`tokens` from plan are in the cache now, followed by `logits` (every row's when
         wants_all_logits), or by the next token itself when the model picked it (argmax_only).
         Once the whole prompt is in, the cache's sliding rings are checkpointed, so that a next
-        prompt that shares this one but not what is generated after it reuses it all."""
-        if not self.pending and not self.sampled:
+        prompt that shares this one but not what is generated after it reuses it all; inside a
+        long prompt, every checkpoint_min_step tokens (Runner.checkpoint_due), so that one that
+        leaves it in the middle reuses all but the tokens after the checkpoint before that point."""
+        if not self.sampled and (not self.pending or self.core.runner.checkpoint_due(self.cache)):
             self.core.runner.take_checkpoint(self.cache)
         if isinstance(logits, int):
             self.logits, self.chosen = None, logits

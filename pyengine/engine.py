@@ -28,7 +28,7 @@ from pyengine.model_file import ModelFile, open_model
 from pyengine.openai_output import ChatOutput, TextOutput
 from pyengine.repack_cache import repacked_weights
 from pyengine.resident import resident_copy
-from pyengine.runner import DEFAULT_CHECKPOINTS, Cache, Runner
+from pyengine.runner import DEFAULT_CHECKPOINT_MIN_STEP, DEFAULT_CHECKPOINTS, Cache, Runner
 from pyengine.sampling import LLAMA_CPP_CHAT_TEMPERATURE, LLAMA_CPP_DEFAULTS, SamplingParams
 from pyengine.tokenizer import Tokenizer
 
@@ -107,7 +107,10 @@ class Engine:
     ctx_checkpoints: most checkpoints of the sliding-window rings the KV cache keeps (default 8,
     llama-server's --ctx-checkpoints; ~16 MB each for gpt-oss-20b with the f16 cache; 0: none),
     so that a prompt that drops the model's reasoning, edits or repeats an earlier turn is not
-    evaluated from the start (pyengine/runner.py Checkpoint)."""
+    evaluated from the start (pyengine/runner.py Checkpoint). checkpoint_min_step: one more
+    checkpoint every this many tokens inside a long prompt (default 4096, llama-server's
+    --checkpoint-min-step; 0 or -1: only at prompt ends), so that a prompt that changes one in
+    its middle is evaluated from the checkpoint before the change, not from the start."""
 
     def __init__(self, model: str | os.PathLike | ModelFile, n_ctx: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, seed: int | None = None,
@@ -116,7 +119,8 @@ class Engine:
                  exact: bool = False, device: str = "cpu", cpu_moe: bool = False,
                  cuda_graphs: bool = True, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
                  cache_type_v: str = DEFAULT_KV_CACHE_TYPE, repack: bool = True, use_mmap: bool = True,
-                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
+                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS,
+                 checkpoint_min_step: int = DEFAULT_CHECKPOINT_MIN_STEP) -> None:
         configure(verbose)
         self.cache_type_k = kv_cache_type(cache_type_k, "cache_type_k")
         self.cache_type_v = kv_cache_type(cache_type_v, "cache_type_v")
@@ -129,6 +133,9 @@ class Engine:
         if int(ctx_checkpoints) < 0:
             raise ValueError(f"ctx_checkpoints must be >= 0, got {ctx_checkpoints}")
         self.ctx_checkpoints = int(ctx_checkpoints)
+        if int(checkpoint_min_step) < -1:
+            raise ValueError(f"checkpoint_min_step must be >= -1, got {checkpoint_min_step}")
+        self.checkpoint_min_step = int(checkpoint_min_step)
         self.model_file = model if isinstance(model, ModelFile) else open_model(model, models_dir)
         self.hparams = self.model_file.hparams
         self.metadata: dict[str, Any] = self.model_file.metadata
@@ -165,7 +172,7 @@ class Engine:
         cache = cuda.backend().CudaKVCache if kind == "cuda" else KVCache
         self.runner = Runner(self._model, self.n_threads, self.n_batch,
                              partial(cache, type_k=self.cache_type_k, type_v=self.cache_type_v),
-                             self.ctx_checkpoints)
+                             self.ctx_checkpoints, self.checkpoint_min_step)
         self._cache = self.runner.new_cache(self.n_ctx)
         self.n_prompt_reused = 0  # prompt tokens the last generation took from the KV cache
         logger.debug("device=%s n_ctx=%d n_threads=%d n_batch=%d KV cache %.1f MiB (K %s, V %s)", self.device,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_CHECKPOINTS = 8  # sliding-ring checkpoints a cache keeps unless told (see Runner)
+DEFAULT_CHECKPOINT_MIN_STEP = 4096  # prompt tokens between checkpoints inside one long prompt (see Runner)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -38,7 +39,8 @@ class Checkpoint:
     The full-attention layers keep every position, so rewinding a cache to any point is cheap for
     them; the sliding layers keep only their last window + n_batch positions, so once more tokens
     than that follow the point, their rings no longer hold the keys it needs. A checkpoint taken at
-    the end of each prompt (pyengine.core) brings those rings back: a conversation's next turn,
+    the end of each prompt, and every checkpoint_min_step tokens inside a long one (pyengine.core),
+    brings those rings back: a conversation's next turn,
     which drops the reasoning the model generated after that prompt, then reuses the whole earlier
     prompt instead of evaluating it again (Runner.rewind); a prompt that leaves the cache a little
     before that point (the same prompt again, an edited last message) rewinds from the checkpoint as
@@ -86,10 +88,15 @@ class Runner:
     n_batch: most tokens of one sequence per forward call (longer inputs take several rounds).
     `cache_type(model, n_ctx, n_batch)` builds the native cache. n_checkpoints: most checkpoints a
     cache keeps (llama-server's --ctx-checkpoints, 8 by default as in llama.cpp's earlier
-    releases, which later raised it to 32; here each is ~16 MB for gpt-oss-20b); 0 takes none."""
+    releases, which later raised it to 32; here each is ~16 MB for gpt-oss-20b); 0 takes none.
+    checkpoint_min_step: inside a prompt, a checkpoint once this many tokens followed the latest
+    (llama-server's --checkpoint-min-step, 8192 there; 4096 here, where a CPU reads a 20b prompt at
+    ~50 tokens/s, so that an edit inside a long prompt evaluates at most ~80 s of it again); 0 or
+    -1: checkpoints at prompt ends only."""
 
     def __init__(self, model: Any, n_threads: int, n_batch: int, cache_type: Any = None,
-                 n_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
+                 n_checkpoints: int = DEFAULT_CHECKPOINTS,
+                 checkpoint_min_step: int = DEFAULT_CHECKPOINT_MIN_STEP) -> None:
         self.model = model
         self.n_vocab = int(model.n_vocab)
         self.n_threads = int(n_threads)
@@ -98,6 +105,9 @@ class Runner:
         if n_checkpoints < 0:
             raise ValueError(f"n_checkpoints must be >= 0, not {n_checkpoints}")
         self.n_checkpoints = int(n_checkpoints)
+        if checkpoint_min_step < -1:
+            raise ValueError(f"checkpoint_min_step must be >= -1, not {checkpoint_min_step}")
+        self.checkpoint_min_step = int(checkpoint_min_step)
 
     def new_cache(self, n_ctx: int) -> Cache:
         return Cache(self.cache_type(self.model, n_ctx, self.n_batch), n_ctx)
@@ -254,6 +264,12 @@ class Runner:
         if rings:
             kept = tuple(c for c in cache.checkpoints if c.n < cache.n_past)
             cache.checkpoints = (*kept, Checkpoint(cache.n_past, rings))[-self.n_checkpoints:]
+
+    def checkpoint_due(self, cache: Cache) -> bool:
+        """Whether a prompt being evaluated into `cache` has gone checkpoint_min_step tokens past its
+        latest checkpoint (or the start), so that the next is taken before the prompt ends."""
+        last = cache.checkpoints[-1].n if cache.checkpoints else 0
+        return 0 < self.checkpoint_min_step <= cache.n_past - last
 
     def reusable(self, cache: Cache, n: int, held: int | None = None,
                  checkpoints: Sequence[Checkpoint] = ()) -> int:

@@ -171,6 +171,36 @@ def test_a_repeated_turn_and_a_branch_from_an_earlier_turn_reuse_checkpoints(mod
         Engine(model[0], n_ctx=N_CTX, ctx_checkpoints=-1)
 
 
+def test_checkpoints_inside_a_long_prompt_serve_a_change_in_its_middle(model, eng):
+    """A long prompt is checkpointed every checkpoint_min_step tokens as well as at its end. A next
+    prompt that changes it in the middle, further back than the later checkpoints reach, rewinds to
+    the latest checkpoint before the change; with the step off (0) it is evaluated from the start.
+    The answers are a fresh engine's."""
+    text = " ".join(f"Fact {i}: light of wavelength {400 + 7 * i} nm scatters as its inverse fourth power."
+                    for i in range(20))
+    prompt = eng.apply_chat_template([CHAT[0], {"role": "user", "content": text}])
+    assert 384 < len(prompt) < N_CTX - 20
+    change = 256 + 20  # the first token changed: after the checkpoint at 256, out of reach of those at 384 and the end
+    assert 384 - change > eng.runner.n_batch + 1
+    edited = prompt[:change] + eng.tokenize(" Facts differ.") + prompt[change + 4:]
+    fresh = Engine(model[0], n_ctx=N_CTX, n_threads=1, cache_type_k="f32", cache_type_v="f32")
+    want = [(e.id, e.logprob) for e in fresh.generate(edited, max_tokens=6, temperature=0, logprobs=0,
+                                                       stop_token_ids=())]
+    for step in (128, 0):
+        eng.runner.checkpoint_min_step = step
+        eng.reset()
+        list(eng.generate(prompt, max_tokens=2, temperature=0, stop_token_ids=()))
+        # n_batch = 64 tokens a chunk from the start: one whenever 128 followed the latest, and one at the end
+        assert [c.n for c in eng._cache.checkpoints] == ([128, 256, 384] if step else []) + [len(prompt)]
+        got = [(e.id, e.logprob) for e in eng.generate(edited, max_tokens=6, temperature=0, logprobs=0,
+                                                        stop_token_ids=())]
+        assert eng.n_prompt_reused == (256 if step else 0)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+    eng.runner.checkpoint_min_step = 4096
+    with pytest.raises(ValueError, match="checkpoint_min_step"):
+        Engine(model[0], n_ctx=N_CTX, checkpoint_min_step=-2)
+
+
 def test_state_files_keep_every_checkpoint_and_read_the_one_checkpoint_layout(eng, tmp_path):
     """A state file holds all of a cache's checkpoints (counts, then each one's rings in order);
     a file from before several were kept (one count as a scalar) still loads."""

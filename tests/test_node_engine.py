@@ -89,8 +89,9 @@ def test_greedy_completion_matches_reference_streamed_and_not(served, model_path
 def test_batch_size_flag_chunks_prompts_and_keeps_the_answer(model_path):
     """-b / --batch-size: a slot reads a prompt n_batch tokens per step; the answer is unchanged."""
     backend = EngineBackend.load(NodeConfig(model=str(model_path), parallel=1, ctx_size=N_CTX, threads=2, n_batch=16,
-                                            ctx_checkpoints=3))
+                                            ctx_checkpoints=3, checkpoint_min_step=64))
     assert backend.engine.n_batch == 16 and backend.engine.runner.n_checkpoints == 3  # --ctx-checkpoints too
+    assert backend.engine.runner.checkpoint_min_step == 64  # and --checkpoint-min-step
     steps = []
     real_step = backend.core.step
     backend.core.step = lambda seqs: steps.append(len(seqs[0].pending)) or real_step(seqs)

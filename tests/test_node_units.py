@@ -115,6 +115,13 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
     terminal = argparse.ArgumentParser()
     _terminal.add_arguments(terminal)
     assert [cache_options(terminal.parse_args(["m", *a]))["ctx_checkpoints"] for a in ([], ["--ctx-checkpoints", "2"])] == [8, 2]
+    # --checkpoint-min-step and llama-server's other spellings; -1 (llama.cpp's "off") is taken, -2 is not
+    assert [cache_options(terminal.parse_args(["m", *a]))["checkpoint_min_step"] for a in (
+        [], ["--checkpoint-min-step", "1024"], ["-cms", "0"], ["--checkpoint-every-n-tokens", "-1"], ["-cpent", "64"])
+    ] == [4096, 1024, 0, -1, 64]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-m", "x", "--checkpoint-min-step", "-2"])
+    assert cli.run(parser.parse_args(["-m", "x", "-cms", "2048"])) == 0 and served[-1].checkpoint_min_step == 2048
     assert NodeConfig.from_env({}, slot_save_path=None).slot_save_path is None  # off by default
     folder = tmp_path / "a" / "slots"
     assert cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(folder)])) == 0
@@ -124,7 +131,7 @@ def test_slot_save_path_flag_creates_the_folder_or_fails_clearly(tmp_path, monke
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ModelLoadError, match="--slot-save-path"):
         cli.run(parser.parse_args(["-m", "x", "--slot-save-path", str(tmp_path / "file")]))
-    assert len(served) == 3  # nothing served after the refusal
+    assert len(served) == 4  # nothing served after the refusal
 
 
 def test_model_names_the_node_answers_to():

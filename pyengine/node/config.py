@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyengine.runner import DEFAULT_CHECKPOINTS
+from pyengine.runner import DEFAULT_CHECKPOINT_MIN_STEP, DEFAULT_CHECKPOINTS
 
 DEFAULT_MODELS_DIR = Path("~/.llm-router/models")
 # A full 131,072-token context as JSON token ids is under 1 MiB, as text a few MiB at most.
@@ -51,6 +51,7 @@ class NodeConfig:
     cache_ram_mib: int | None = None  # prompt cache in host memory (--cache-ram); None: prompt_cache_bytes() decides
     slot_save_path: Path | None = None  # the folder of POST /slots/{id} files (--slot-save-path); None: off
     ctx_checkpoints: int = DEFAULT_CHECKPOINTS  # sliding-ring checkpoints a slot keeps (--ctx-checkpoints)
+    checkpoint_min_step: int = DEFAULT_CHECKPOINT_MIN_STEP  # tokens between checkpoints inside a prompt
 
     def prompt_cache_bytes(self, available: int | None, model_bytes: int) -> int:
         """Bytes the prompt cache may hold: --cache-ram MiB, else llama-server's default of 8 GiB,

@@ -20,7 +20,7 @@ from pyengine.gguf_reader import type_name
 from pyengine.model_file import ModelFile, open_model
 from pyengine.node.backend import Backend, ModelInfo
 from pyengine.node.config import NodeConfig
-from pyengine.runner import DEFAULT_CHECKPOINTS, Cache
+from pyengine.runner import DEFAULT_CHECKPOINT_MIN_STEP, DEFAULT_CHECKPOINTS, Cache
 
 MIN_SLOT_CTX = 512
 
@@ -35,12 +35,14 @@ class EngineBackend(Backend):
                  device: str = "cpu", n_gpu_layers: int | None = None, cpu_moe: bool = False,
                  chat_template: str | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  repack: bool = True, use_mmap: bool = True, n_batch: int | None = None,
-                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
+                 ctx_checkpoints: int = DEFAULT_CHECKPOINTS,
+                 checkpoint_min_step: int = DEFAULT_CHECKPOINT_MIN_STEP) -> None:
         self.model_file = model_file
         self.chat_template = chat_template
         opts = dict(n_threads=n_threads, verbose=verbose, device=device, n_gpu_layers=n_gpu_layers,
                     cpu_moe=cpu_moe, cache_type_k=cache_type_k, cache_type_v=cache_type_v, repack=repack,
-                    use_mmap=use_mmap, ctx_checkpoints=ctx_checkpoints, **({"n_batch": n_batch} if n_batch else {}))
+                    use_mmap=use_mmap, ctx_checkpoints=ctx_checkpoints,
+                    checkpoint_min_step=checkpoint_min_step, **({"n_batch": n_batch} if n_batch else {}))
         engine = Engine(model_file, n_ctx=n_ctx, **opts)
         if n_ctx is None and n_slots > 1:
             # The engine's default context fits one KV cache in memory; n_slots caches share it.
@@ -81,7 +83,7 @@ class EngineBackend(Backend):
         return cls(mf, config.parallel, per_slot, config.threads, config.verbose,
                    config.model if by_name else None, config.device, config.n_gpu_layers, config.cpu_moe,
                    template, config.cache_type_k, config.cache_type_v, config.repack, config.use_mmap,
-                   config.n_batch, config.ctx_checkpoints)
+                   config.n_batch, config.ctx_checkpoints, config.checkpoint_min_step)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                     reasoning_effort: str | None) -> list[int]:

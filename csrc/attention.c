@@ -46,6 +46,8 @@ void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok,
     }
 }
 
+int pe_kv_keys_tiled(int type) { return kv_keys_tiled(type); }
+
 /* K/V head g's n_slots rows of head_dim elements: keys tiled where kv_keys_tiled says so. */
 static kv_rows kv_rows_of(const uint8_t *base, int type, int64_t n_slots, int head_dim, int g, int keys) {
     const size_t row = pe_row_size(type, head_dim);

@@ -27,6 +27,10 @@ typedef struct {
 void pe_kv_store(pe_kv_layer *kv, const float *k, const float *v, int64_t n_tok, int64_t pos0, int64_t kv_dim,
                  int head_dim);
 
+/* Whether this process keeps keys of the cache type in tiles (above; attention_heads.h): a copy of a
+ * cache's rows reads back right only where the answer is the same (pyengine's state files say it). */
+int pe_kv_keys_tiled(int type);
+
 /* out[t][h*head_dim..] = attention of query head h of token t (position pos0 + t) over keys j <= p
  * (and p - j < window when window > 0); sinks[h] joins the softmax denominator unscaled. The keys
  * of the n_tok tokens must already be stored. Returns 0, or -1 when scratch cannot be allocated. */

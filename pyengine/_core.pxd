@@ -20,6 +20,7 @@ cdef extern from "attention.h":
         uint8_t *v
         int64_t n_slots
         int type_k, type_v
+    int pe_kv_keys_tiled(int type)
 
 cdef extern from "moe.h":
     ctypedef struct pe_moe:

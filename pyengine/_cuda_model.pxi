@@ -542,34 +542,82 @@ cdef class CudaKVCache:
         """Most tokens one forward call may add without a sliding ring overwriting keys it needs."""
         return min(self.n_slots) - window + 1 if min(self.n_slots) < self.n_ctx else self.n_ctx
 
-    def _ring_parts(self) -> list:
-        """Per sliding layer that wraps (fewer slots than the context), K then V: the CPU-run
-        layers' arrays of cpu_cache, the GPU layers' device buffers."""
-        parts, first = [], self.model.first_gpu_layer
+    def _parts(self, bint rings_only) -> list:
+        """Every layer's K, then every layer's V (with rings_only: of the sliding layers that wrap,
+        fewer slots than the context): a CPU-run layer's array of cpu_cache, or a GPU layer's
+        (device buffer, its slots, bytes of one slot's row: the rows lie slot by slot, all heads
+        of slot r at r * row)."""
+        cdef int first = self.model.first_gpu_layer
+        ks, vs = [], []
         for l, slots in enumerate(self.n_slots):
-            if slots >= self.n_ctx:
+            if rings_only and slots >= self.n_ctx:
                 continue
             if l < first:
-                parts += [self.cpu_cache.k[l], self.cpu_cache.v[l]]
+                ks.append(self.cpu_cache.k[l])
+                vs.append(self.cpu_cache.v[l])
             else:
-                parts += self.bufs[2 * (l - first):2 * (l - first) + 2]  # its K and V (__init__'s order)
-        return parts
+                k, v = self.bufs[2 * (l - first)], self.bufs[2 * (l - first) + 1]  # __init__'s order
+                ks.append((k, slots, k.nbytes // slots))
+                vs.append((v, slots, v.nbytes // slots))
+        return ks + vs
+
+    @staticmethod
+    def _shapes(parts, int64_t n) -> list:
+        """(shape, dtype) of the first n slots (at most all) of each of _parts' parts, as host arrays."""
+        return [((p.shape[0], min(n, p.shape[1]), p.shape[2]), p.dtype) if isinstance(p, np.ndarray)
+                else ((1, min(n, p[1]), p[2]), np.dtype(np.uint8)) for p in parts]
+
+    @staticmethod
+    def _copies(parts, shapes) -> list:
+        """Host arrays of the first slots of each part, shaped as shapes says (the GPU's downloaded)."""
+        return [p[:, :s[1], :] if isinstance(p, np.ndarray) else (<DevBuf> p[0]).download(s, np.uint8)
+                for p, (s, _) in zip(parts, shapes)]
+
+    @staticmethod
+    def _write(parts, arrays) -> None:
+        """Each array (shaped as _shapes says, checked by the callers) into the first slots of its part."""
+        cdef cnp.ndarray host
+        cdef DevBuf buf
+        for part, a in zip(parts, arrays):
+            if isinstance(part, np.ndarray):
+                part[:, :a.shape[1], :] = a
+                continue
+            buf, host = part[0], np.ascontiguousarray(a, dtype=np.uint8)
+            if <size_t> host.nbytes > buf.nbytes:
+                raise ValueError(f"{buf.nbytes} bytes of KV cache cannot take {host.nbytes}")
+            _check(pe_cu_copy_to_device(buf.p, cnp.PyArray_DATA(host), host.nbytes))
+
+    def ring_shapes(self) -> list:
+        """(shape, dtype) of each array ring_copies gives."""
+        return self._shapes(self._parts(True), self.n_ctx)
 
     def ring_copies(self) -> tuple:
-        """Host copies of the sliding rings, K and V per layer (the GPU layers' downloaded as
-        bytes): a checkpoint's contents (pyengine/runner.py Checkpoint), as KVCache.ring_copies."""
-        return tuple(p.copy() if isinstance(p, np.ndarray) else (<DevBuf> p).download((p.nbytes,), np.uint8)
-                     for p in self._ring_parts())
+        """Host copies of the sliding rings (the GPU layers' downloaded as bytes, one row a slot): a
+        checkpoint's contents (pyengine/runner.py Checkpoint), as KVCache.ring_copies."""
+        parts = self._parts(True)
+        host = self._copies(parts, self._shapes(parts, self.n_ctx))
+        return tuple(a.copy() if isinstance(p, np.ndarray) else a for p, a in zip(parts, host))  # views copied
 
     def put_rings(self, rings) -> None:
         """Write arrays ring_copies gave back into the rings (a rewind to a checkpoint)."""
-        cdef cnp.ndarray host
-        cdef DevBuf buf
-        for part, saved in zip(self._ring_parts(), rings):
-            if isinstance(part, np.ndarray):
-                part[...] = saved
-                continue
-            buf, host = part, np.ascontiguousarray(saved, dtype=np.uint8)
-            if <size_t> host.nbytes != buf.nbytes:
-                raise ValueError(f"a ring of {buf.nbytes} bytes cannot take {host.nbytes}")
-            _check(pe_cu_copy_to_device(buf.p, cnp.PyArray_DATA(host), buf.nbytes))
+        self._write(self._parts(True), rings)
+
+    @property
+    def row_format(self) -> tuple:
+        """As KVCache.row_format: the GPU layers' rows slot by slot from first_gpu_layer on, the
+        layers before it as the CPU keeps them."""
+        return ("cuda", self.model.first_gpu_layer, None if self.cpu_cache is None else self.cpu_cache.row_format)
+
+    def row_shapes(self, int64_t n_past) -> list:
+        """(shape, dtype) of each array used_rows(n_past) gives."""
+        return self._shapes(self._parts(False), -(-n_past // 16) * 16)
+
+    def used_rows(self, int64_t n_past) -> list:
+        """Host arrays of the K then V rows that n_past tokens wrote, as KVCache.used_rows (the
+        CPU-run layers' views of cpu_cache, the GPU layers' first slots downloaded)."""
+        parts = self._parts(False)
+        return self._copies(parts, self._shapes(parts, -(-n_past // 16) * 16))
+
+    def put_rows(self, rows) -> None:
+        """Write arrays shaped as row_shapes says (checked by the caller: Runner.write_rows) back."""
+        self._write(self._parts(False), rows)

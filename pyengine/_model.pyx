@@ -10,7 +10,7 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
 
-from _core cimport PE_LAYOUT_ROWS, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
+from _core cimport PE_LAYOUT_ROWS, pe_kv_keys_tiled, pe_kv_layer, pe_layer, pe_model, pe_moe, pe_seq, pe_weight
 
 cnp.import_array()
 
@@ -362,6 +362,33 @@ cdef class KVCache:
         """Write arrays ring_copies gave back into the rings (a rewind to a checkpoint)."""
         for x, r in zip(self.rings, rings):
             x[...] = r
+
+    def ring_shapes(self) -> list:
+        """(shape, dtype) of each array ring_copies gives."""
+        return [(x.shape, x.dtype) for x in self.rings]
+
+    @property
+    def row_format(self) -> tuple:
+        """How the rows lie beyond the layout and types, which a copy of them (used_rows) must
+        find again to be read right: head-major, the keys in tiles of 16 where this process keeps
+        them so (the element types on AVX-512 CPUs: csrc/attention_heads.h)."""
+        return ("cpu", "key tiles of 16" if pe_kv_keys_tiled(KV_CACHE_TYPES[self.type_k]) else "rows")
+
+    def used_rows(self, int64_t n_past) -> list:
+        """Views of the K then V rows that n_past tokens wrote, every layer's K, then every V: a
+        full layer's first slots rounded up to whole tiles of 16, a sliding ring whole once the
+        tokens fill it (position p lives in slot p % slots)."""
+        return [x[:, :s[0][1], :] for x, s in zip([*self.k, *self.v], self.row_shapes(n_past))]
+
+    def row_shapes(self, int64_t n_past) -> list:
+        """(shape, dtype) of each array used_rows(n_past) gives."""
+        n = -(-n_past // 16) * 16
+        return [((x.shape[0], min(n, x.shape[1]), x.shape[2]), x.dtype) for x in [*self.k, *self.v]]
+
+    def put_rows(self, rows) -> None:
+        """Write arrays shaped as row_shapes says (checked by the caller: Runner.write_rows) back."""
+        for x, r in zip([*self.k, *self.v], rows):
+            x[:, :r.shape[1], :] = r
 
     def _c_layers(self) -> int:
         """Address of the C pe_kv_layer array (for pyengine._cuda's split CPU/GPU caches; valid

@@ -265,8 +265,9 @@ class Engine:
         """A copy of the KV cache's contents: the tokens it holds and the K/V rows they wrote
         (llama-cpp-python's Llama.save_state). load_state puts it back, so a prompt evaluated once
         can be continued later, after other prompts, without evaluating it again. It pickles, and
-        EngineState.save writes it to a file. NotImplementedError where the cache is not in host
-        memory (CUDA)."""
+        EngineState.save writes it to a file. On CUDA the rows are downloaded (and uploaded by
+        load_state); a state loads only into an engine whose cache keeps rows the same way (the
+        same device kind and layer split, and on the CPU the same SIMD level's key tiles)."""
         return self.cache_state(self._cache)
 
     def load_state(self, state: EngineState) -> None:
@@ -279,25 +280,28 @@ class Engine:
         """save_state of any cache of this engine's model (the node's slots: POST /slots/{id})."""
         rows = self.runner.used_rows(cache)
         if rows is None:
-            raise NotImplementedError("save_state needs the KV cache in host memory (device='cpu')")
-        return EngineState(list(cache.tokens), [r.copy() for r in rows], self._state_key(cache), cache.checkpoints)
+            raise NotImplementedError("this KV cache has no rows to save")
+        return EngineState(list(cache.tokens), [r.copy() if r.base is not None else r for r in rows],
+                           self._state_key(cache), cache.checkpoints)
 
     def restore_cache(self, cache: Cache, state: EngineState) -> None:
         """load_state into any cache of this engine's model."""
         if not isinstance(state, EngineState):
             raise TypeError(f"load_state takes an EngineState, not {type(state).__name__}")
-        if self.runner.used_rows(cache) is None:
-            raise NotImplementedError("load_state needs the KV cache in host memory (device='cpu')")
-        if state.key != self._state_key(cache):
-            raise ValueError("this state was saved by an engine with another model or KV cache type")
+        key = self._state_key(cache)
+        # states written before keys carried the row format (CPU caches only) read as this CPU's, as then
+        if state.key != key and not (state.key == key[:-1] and key[-1][0] == "cpu"):
+            raise ValueError("this state was saved by an engine with another model or KV cache type, "
+                             "or one that keeps the cache's rows another way (device, layer split, CPU level)")
         if not self.runner.write_rows(cache, state.rows, state.tokens, state.checkpoints):
             raise ValueError(f"this state ({len(state.tokens)} tokens) does not fit this KV cache "
                              f"(n_ctx={cache.n_ctx}, n_batch={self.n_batch})")
 
     def _state_key(self, cache: Cache) -> tuple:
-        """What a saved state must match: the model file (name, size), its cache layout, the K/V types."""
+        """What a saved state must match: the model file (name, size), its cache layout, the K/V
+        types and how the cache keeps its rows (KVCache / CudaKVCache.row_format)."""
         return (os.path.basename(self.model_file.path), self.model_file.file_size, cache.native.layout,
-                self.cache_type_k, self.cache_type_v)
+                self.cache_type_k, self.cache_type_v, cache.native.row_format)
 
     # --- text, chat format and generation -------------------------------------------------
 

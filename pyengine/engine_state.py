@@ -51,7 +51,8 @@ class _Malformed(Exception):
 class EngineState:
     """A KV cache's contents: the tokens, per layer the K then V rows they wrote (numpy arrays, as
     pyengine.runner.Runner.used_rows gives them), the key the engine that loads it must match
-    (model file name and size, cache layout, K/V types: Engine._state_key), and the cache's
+    (model file name and size, cache layout, K/V types, how the cache keeps its rows:
+    Engine._state_key), and the cache's
     checkpoints of its sliding rings, oldest first."""
 
     tokens: list[int]

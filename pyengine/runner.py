@@ -32,6 +32,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+def _fits(array: Any, shape: tuple[tuple[int, ...], np.dtype]) -> bool:
+    """Whether `array` is a numpy array of the (shape, dtype) a native cache asks for."""
+    return isinstance(array, np.ndarray) and array.shape == tuple(shape[0]) and array.dtype == shape[1]
+
+
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
     """Copies of a cache's sliding-window rings as they were when it held its first `n` tokens.
@@ -193,68 +198,43 @@ class Runner:
 
     def copy_cache(self, src: Cache, dst: Cache) -> bool:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
-        of one request share their prompt this way). False, with `dst` untouched, when the caches
-        keep their rows where the host cannot copy them (CUDA) or differ in shape: the caller then
-        evaluates the prompt instead."""
+        of one request share their prompt this way). False, with `dst` untouched, when the rows
+        cannot be copied or the caches differ in shape: the caller then evaluates the prompt instead."""
         rows = self.used_rows(src)
         return rows is not None and src.n_ctx == dst.n_ctx and self.write_rows(dst, rows, src.tokens, src.checkpoints)
 
     @staticmethod
     def used_rows(cache: Cache) -> list[np.ndarray] | None:
-        """Views of the K/V rows `cache`'s tokens wrote, every layer's K then V (None where the host
-        cannot read them: CUDA). The CPU cache is head-major, (n_head_kv, slots, row bytes) per
-        layer: full layers hold positions 0..n_past - 1 in their first slots, rounded up to whole
-        tiles of 16 (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16 slots,
-        dimension by dimension: csrc/attention_heads.h); a sliding ring is taken whole once
-        the tokens fill it (position p lives in slot p % slots)."""
-        arrays = Runner._host_arrays(cache)
-        if arrays is None:
-            return None
-        n = -(-cache.n_past // 16) * 16
-        return [x[:, :min(n, x.shape[1]), :] for x in arrays]
+        """Host arrays of the K/V rows `cache`'s tokens wrote, every layer's K then V (None where
+        the cache has none to copy), in the native cache's own row format (`row_format`, part of
+        a saved state's key): on the CPU head-major views, (n_head_kv, slots, row bytes) per layer,
+        full layers' positions 0..n_past - 1 in their first slots rounded up to whole tiles of 16
+        (on AVX-512 CPUs the keys of f32/f16/bf16 caches sit in tiles of 16 slots, dimension by
+        dimension: csrc/attention_heads.h), a sliding ring whole once the tokens fill it (position
+        p lives in slot p % slots); on CUDA the GPU layers' rows downloaded slot by slot."""
+        return None if cache.native is None else cache.native.used_rows(cache.n_past)
 
     @staticmethod
-    def _host_arrays(cache: Cache) -> list[np.ndarray] | None:
-        """Every layer's K then V array of `cache` (None where there are none or the host cannot
-        read them: CUDA)."""
-        arrays = [*getattr(cache.native, "k", ()), *getattr(cache.native, "v", ())]
-        return arrays if arrays and all(isinstance(x, np.ndarray) for x in arrays) else None
-
-    @classmethod
-    def write_rows(cls, cache: Cache, rows: Sequence[np.ndarray], tokens: Sequence[int],
+    def write_rows(cache: Cache, rows: Sequence[np.ndarray], tokens: Sequence[int],
                    checkpoints: Sequence[Checkpoint] = ()) -> bool:
         """Put `rows` (as used_rows gives them) into `cache`, which then holds `tokens` and
         `checkpoints` (shared: never written to; at increasing counts within the tokens). False,
-        with `cache` untouched, when they do not fit its arrays (another model, context or cache
-        type)."""
-        arrays = cls._host_arrays(cache) or []
-        n = -(-len(tokens) // 16) * 16
-        if len(tokens) > cache.n_ctx or len(arrays) != len(rows) or not all(
-                isinstance(r, np.ndarray) and r.dtype == x.dtype and r.ndim == 3
-                and r.shape[0] == x.shape[0] and r.shape[2] == x.shape[2] and r.shape[1] == min(n, x.shape[1])
-                for x, r in zip(arrays, rows)):
+        with `cache` untouched, when they do not fit it (another model, context, cache type or
+        row format)."""
+        shapes = None if cache.native is None or len(tokens) > cache.n_ctx else cache.native.row_shapes(len(tokens))
+        if shapes is None or len(rows) != len(shapes) or not all(_fits(r, s) for r, s in zip(rows, shapes)):
             return False
         counts = [c.n for c in checkpoints]
         if counts != sorted(set(counts)) or not all(0 < n <= len(tokens) for n in counts):
             return False
-        rings = (cls.rings(cache) or []) if checkpoints else []
-        if not all(len(rings) == len(c.rings) and all(
-                isinstance(r, np.ndarray) and r.dtype == x.dtype and r.shape == x.shape
-                for x, r in zip(rings, c.rings)) for c in checkpoints):
+        rings = cache.native.ring_shapes() if checkpoints else []
+        if not all(len(c.rings) == len(rings) and all(_fits(r, s) for r, s in zip(c.rings, rings))
+                   for c in checkpoints):
             return False
-        for x, r in zip(arrays, rows):
-            x[:, :r.shape[1], :] = r
+        cache.native.put_rows(rows)
         cache.tokens = list(tokens)
         cache.checkpoints = tuple(checkpoints)
         return True
-
-    @staticmethod
-    def rings(cache: Cache) -> list[np.ndarray] | None:
-        """Host views of the sliding layers' K then V rings of `cache` (None where there are none
-        or the host cannot read them in place: CUDA)."""
-        if Runner._host_arrays(cache) is None:
-            return None
-        return list(cache.native.rings) or None
 
     def take_checkpoint(self, cache: Cache) -> None:
         """Remember `cache`'s sliding rings as they are now (see Checkpoint; for gpt-oss-20b with

@@ -37,6 +37,12 @@ class Unbounded:
     def ring_copies(self) -> tuple:
         return ()  # no sliding rings: nothing to checkpoint
 
+    def used_rows(self, n_past: int) -> None:
+        return None  # no K/V rows to copy (the prompt cache, state files and n > 1 sharing skip it)
+
+    def row_shapes(self, n_past: int) -> None:
+        return None
+
 
 class _Model:
     def __init__(self, n_vocab: int, n_layer: int = 2, n_expert: int = 4) -> None:

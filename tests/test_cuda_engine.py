@@ -179,14 +179,51 @@ def test_checkpoints_rewind_past_the_rings_on_gpu(gpu, tmp_path):
     assert cache.checkpoints == ()  # the rewind to 18 went before it
 
 
-def test_save_and_load_state_need_a_host_cache(gpu, files):
-    eng = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True, device="cuda")
-    eng.eval(prompt(4, seed=23))
-    state = pyengine.Engine(str(files[("q8_0", "mxfp4")]), n_ctx=64, n_threads=2, exact=True).save_state()
-    for call in (eng.save_state, lambda: eng.load_state(state)):
-        with pytest.raises(NotImplementedError, match="host memory"):
-            call()
-    assert eng.n_past == 4
+def test_states_prompt_cache_and_copies_of_a_gpu_cache(gpu, tmp_path):
+    """A CUDA cache's rows (its GPU layers' downloaded slot by slot, its CPU layers' as the CPU keeps
+    them) and ring checkpoints go into a state file and back into another engine on the device, into
+    the node's prompt cache and back, and into another cache (the n > 1 choices): each continues as
+    the uninterrupted cache. States of other row formats are refused both ways."""
+    from pyengine.node.prompt_cache import PromptCache
+
+    path = tmp_path / "swa3.gguf"
+    write_gptoss_gguf(path, arch="gpt-oss", n_layer=3, seed=6, drop_keys=("attention.sliding_window",),
+                      extra_keys={"gpt-oss.attention.sliding_window": (16, GGUFValueType.UINT32)})
+    toks, more = prompt(36, seed=32), prompt(5, seed=33)
+
+    def engine(**opts):
+        return pyengine.Engine(str(path), n_ctx=128, n_threads=2, exact=True, n_batch=8, **opts)
+
+    eng, later = engine(device="cuda", n_gpu_layers=2), engine(device="cuda", n_gpu_layers=2)
+    eng.eval(toks[:20])
+    eng.runner.take_checkpoint(eng._cache)
+    eng.eval(toks[20:])  # past what the rings keep of position 20
+    state = eng.save_state()
+    assert state.key[-1] == ("cuda", 1, ("cpu", "key tiles of 16" if pyengine.simd_level() == "avx512" else "rows"))
+    state.save(tmp_path / "gpu.pyestate")
+    want = eng.eval(more, logits_all=True)
+    later.load_state(pyengine.EngineState.load(tmp_path / "gpu.pyestate"))
+    assert later.n_past == 36 and [c.n for c in later._cache.checkpoints] == [20]
+    assert rel(later.eval(more, logits_all=True), want) < 1e-6
+    assert later.runner.rewind(later._cache, 24) == 20  # through the file's checkpoint
+    later.eval(toks[20:])
+    assert rel(later.eval(more, logits_all=True), want) < 1e-6
+    for other in (engine(), engine(device="cuda", n_gpu_layers=3)):  # CPU rows; no CPU-run layer
+        with pytest.raises(ValueError, match="another way"):
+            other.load_state(state)
+        with pytest.raises(ValueError, match="another way"):
+            eng.load_state(other.save_state())
+    runner, slot = eng.runner, eng.runner.new_cache(128)  # the prompt cache and n > 1 copies
+    eng.truncate(36)
+    pc = PromptCache(runner, 64 << 20)
+    pc.save(eng._cache)
+    runner.truncate(eng._cache, 0)
+    runner.eval([eng._cache], [prompt(30, seed=34)])  # another conversation takes the cache
+    assert pc.restore_best(eng._cache, [*toks, *more]) == 36
+    assert rel(eng.eval(more, logits_all=True), want) < 1e-6
+    eng.truncate(36)
+    assert runner.copy_cache(eng._cache, slot) and slot.tokens == list(toks)
+    assert rel(runner.eval([slot], [more], logits_all=True)[0], want) < 1e-6
 
 
 def test_profile_times_every_operation_once_per_call(gpu, files):

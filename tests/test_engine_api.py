@@ -287,9 +287,12 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
     np.testing.assert_array_equal(other.eval(more, logits_all=True), want)
     with pytest.raises(ValueError, match="KV cache type"):  # read fine, refused by an f16 cache
         Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64).load_state(state)
+    older = EngineState(state.tokens, state.rows, state.key[:-1], state.checkpoints)  # a key without the row format
+    other.load_state(older)  # files from before it are read as this CPU's, as they were
+    np.testing.assert_array_equal(other.eval(more, logits_all=True), want)
     from pyengine.runner import Checkpoint
 
-    rings = eng.runner.rings(eng._cache)
+    rings = eng._cache.native.rings
     for checkpoints in ((Checkpoint(5, tuple(r[:, :-1] for r in rings)),),  # rings of another size
                         (Checkpoint(len(prompt) + 1, tuple(rings)),), (Checkpoint(5, tuple(rings[:-1])),),
                         (Checkpoint(5, tuple(rings)), Checkpoint(3, tuple(rings))),  # not in order
@@ -339,6 +342,44 @@ def test_state_files_outlive_the_engine_and_refuse_what_they_are_not(model, eng,
             EngineState.load(f)
     with pytest.raises(FileNotFoundError):
         EngineState.load(tmp_path / "never written")
+
+
+def check_state_of_another_cpu_level(model_path: str, state_path: str, own_path: str) -> None:
+    """(Run at a capped SIMD level by the test below.) The state file of the AVX-512 process is
+    refused, and this level's own state is written for that process to refuse."""
+    from pyengine import EngineState
+
+    eng = Engine(model_path, n_ctx=N_CTX, n_threads=1, n_batch=64)
+    try:
+        eng.load_state(EngineState.load(state_path))
+        raise AssertionError("a state with keys in AVX-512 tiles was loaded into a cache of plain rows")
+    except ValueError as e:
+        assert "another way" in str(e), e
+    eng.eval(eng.tokenize("Plain rows here."))
+    eng.save_state().save(own_path)
+
+
+def test_states_of_another_cpu_level_are_refused(model, tmp_path):
+    """The f16 keys lie in tiles of 16 slots on AVX-512 CPUs and in plain rows below (the layout the
+    attention loop of the process's SIMD level reads): a state carries its format in its key, so a
+    state file moved to a machine (or a process capped by PYENGINE_SIMD) of the other kind is
+    refused, not read into attention as garbage."""
+    from simd_levels import at_level
+
+    from pyengine import EngineState, simd_level
+
+    if simd_level() != "avx512":
+        pytest.skip("the keys lie in tiles only on AVX-512 CPUs")
+    eng = Engine(model[0], n_ctx=N_CTX, n_threads=1, n_batch=64)
+    eng.eval(eng.tokenize("Keys in tiles of sixteen slots. " * 4))
+    assert eng.save_state().key[-1] == ("cpu", "key tiles of 16")
+    eng.save_state().save(tmp_path / "tiles.pyestate")
+    at_level("avx2", "test_engine_api", f"check_state_of_another_cpu_level({str(model[0])!r}, "
+             f"{str(tmp_path / 'tiles.pyestate')!r}, {str(tmp_path / 'rows.pyestate')!r})", cwd=tmp_path)
+    rows = EngineState.load(tmp_path / "rows.pyestate")
+    assert rows.key[-1] == ("cpu", "rows")
+    with pytest.raises(ValueError, match="another way"):
+        eng.load_state(rows)
 
 
 def test_create_completion_shape_stream_and_tokens(eng):

@@ -352,7 +352,7 @@ def test_ring_checkpoints_count_in_what_slots_need(model_path, monkeypatch):
     """On the CPU each cache's checkpoints (ctx_checkpoints copies of its sliding rings at most)
     take the same memory, so the slots' check counts them; on a GPU they are in host memory."""
     eng = pyengine.Engine(model_path, n_ctx=1024, n_threads=1, ctx_checkpoints=3)
-    size, rings = eng._cache.nbytes, sum(r.nbytes for r in eng.runner.rings(eng._cache))
+    size, rings = eng._cache.nbytes, sum(r.nbytes for r in eng._cache.native.rings)
     assert rings > 0
     monkeypatch.setattr(eng, "_free_memory", lambda: 2 * (size + 3 * rings))
     eng.check_slots_fit(2)

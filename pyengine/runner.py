@@ -199,9 +199,11 @@ class Runner:
     def copy_cache(self, src: Cache, dst: Cache) -> bool:
         """Make `dst` hold what `src` holds by copying K/V rows, no forward pass (the n > 1 choices
         of one request share their prompt this way). False, with `dst` untouched, when the rows
-        cannot be copied or the caches differ in shape: the caller then evaluates the prompt instead."""
-        rows = self.used_rows(src)
-        return rows is not None and src.n_ctx == dst.n_ctx and self.write_rows(dst, rows, src.tokens, src.checkpoints)
+        cannot be copied, or the caches differ in shape or keep their rows another way (`row_format`):
+        the caller then evaluates the prompt instead."""
+        rows = None if src.n_ctx != dst.n_ctx or getattr(src.native, "row_format", None) != getattr(
+            dst.native, "row_format", None) else self.used_rows(src)
+        return rows is not None and self.write_rows(dst, rows, src.tokens, src.checkpoints)
 
     @staticmethod
     def used_rows(cache: Cache) -> list[np.ndarray] | None:

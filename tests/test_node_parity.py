@@ -311,11 +311,23 @@ def test_n_choices_without_a_copyable_cache_evaluate_the_prompt_each(node, monke
     assert two["usage"]["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
 
 
-def test_copy_cache_declines_cuda_caches(model_path, monkeypatch):
-    """A CUDA cache keeps its rows on the device, where the host cannot copy them (checked on the
-    CUDA emulator: the kernels' own source compiled for the CPU)."""
+def test_copy_cache_declines_caches_that_keep_their_rows_another_way(tmp_path, monkeypatch):
+    """The n > 1 choices copy a cache only into one of the same context that keeps its rows the same
+    way: a CUDA cache's (on the CUDA emulator: the kernels' own source compiled for the CPU) into
+    a CPU cache, or into one of another context, is declined, and the choice evaluates the prompt
+    itself; between two CUDA caches it is a copy (continuations: tests/test_cuda_engine.py). With
+    one K/V head the two kinds' row arrays have the same shapes: only the row format tells them apart."""
+    from gguf_factory import write_gptoss_gguf
+
     monkeypatch.setenv("PYENGINE_CUDA_EMULATOR", "1")
-    eng = Engine(open_model(model_path), n_ctx=64, n_threads=1, device="cuda")
-    src, dst = eng.runner.new_cache(64), eng.runner.new_cache(64)
-    src.tokens = [1, 2, 3]  # what it holds does not matter: the copy is refused before reading
-    assert not eng.runner.copy_cache(src, dst) and dst.n_past == 0
+    path = tmp_path / "one-kv-head.gguf"
+    write_gptoss_gguf(path, arch="gpt-oss", n_head_kv=1, seed=3)
+    gpu = Engine(open_model(path), n_ctx=64, n_threads=1, device="cuda")
+    cpu = Engine(open_model(path), n_ctx=64, n_threads=1)
+    assert gpu._cache.native.row_shapes(3) == cpu._cache.native.row_shapes(3)
+    src = gpu.runner.new_cache(64)
+    gpu.runner.eval([src], [[1, 2, 3]])
+    for dst in (cpu.runner.new_cache(64), gpu.runner.new_cache(32)):
+        assert not gpu.runner.copy_cache(src, dst) and dst.n_past == 0
+    dst = gpu.runner.new_cache(64)
+    assert gpu.runner.copy_cache(src, dst) and dst.tokens == [1, 2, 3]

@@ -2,7 +2,7 @@
 inside prompts (Engine(checkpoint_min_step=N), default 4096) and with checkpoints only at prompt
 ends (0).
 
-    python bench/prompt_edit.py MODEL.gguf [--prompt 5000] [--edit-at 4500] [--step 4096] [-t 2] [-b 512]
+    python bench/prompt_edit.py MODEL.gguf [--prompt 6000] [--edit-at 5000] [--step 4096] [-t 2] [-b 512]
 
 A chat prompt of about --prompt tokens (a long document in one user message) is evaluated, then
 the same prompt with one sentence replaced about --edit-at tokens in (an agent that trims an old
@@ -22,8 +22,8 @@ from pyengine.runner import common_prefix
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a gpt-oss .gguf file")
-    ap.add_argument("--prompt", type=int, default=5000, help="the prompt, about this many tokens")
-    ap.add_argument("--edit-at", type=int, default=4500, help="the changed sentence, about this many tokens in")
+    ap.add_argument("--prompt", type=int, default=6000, help="the prompt, about this many tokens")
+    ap.add_argument("--edit-at", type=int, default=5000, help="the changed sentence, about this many tokens in")
     ap.add_argument("--step", type=int, default=4096, help="checkpoint_min_step compared with 0")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-b", "--batch-size", type=int, default=512)

@@ -615,8 +615,7 @@ cdef class CudaKVCache:
     def used_rows(self, int64_t n_past) -> list:
         """Host arrays of the K then V rows that n_past tokens wrote, as KVCache.used_rows (the
         CPU-run layers' views of cpu_cache, the GPU layers' first slots downloaded)."""
-        parts = self._parts(False)
-        return self._copies(parts, self._shapes(parts, -(-n_past // 16) * 16))
+        return self._copies(self._parts(False), self.row_shapes(n_past))
 
     def put_rows(self, rows) -> None:
         """Write arrays shaped as row_shapes says (checked by the caller: Runner.write_rows) back."""

@@ -11,7 +11,8 @@ slot does, that entry is written into the slot first (Runner.write_rows) and the
 reuses it as it reuses any cached prefix. An entry moves back into the slot (it is saved again
 when that slot is next overwritten); the oldest entries go first when the bytes pass the limit
 (a checkpoint that entries share, branches of one conversation, counted once).
-Only caches the host can read (the CPU's) take part. Used by the scheduler's worker thread only."""
+A CUDA slot's rows are downloaded into host memory and uploaded back (CudaKVCache.used_rows /
+put_rows); a cache without rows to copy takes no part. Used by the scheduler's worker thread only."""
 
 from __future__ import annotations
 
